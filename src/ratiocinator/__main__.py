@@ -1,0 +1,5 @@
+"""``python -m ratiocinator`` is the ``ratiocinator`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""The compute backend interface: acquire a host, prepare its workspace, launch a run,
+stream its output, cancel it, release the host, and price it.
+
+The executor only ever talks to this interface, so local, SSH, marketplace and
+cluster backends are interchangeable. A host offers *slots*: one slot runs one
+process at a time and owns a fixed set of GPU indices.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..spec import LoadedSpec
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"slot{self.index}" + (f":gpu{','.join(map(str, self.gpus))}" if self.gpus else "")
+
+
+@dataclass
+class Host:
+    name: str
+    slots: tuple[Slot, ...]
+    price_per_hour: float
+    info: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HardwareFinding:
+    """How the backend treats one hardware field of the spec."""
+
+    field: str
+    status: Literal["ok", "unmet", "not_applicable", "unknown"]
+    detail: str
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A prepared checkout on a host: where runs start and what their environment adds."""
+
+    checkout: Path
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    run_id: int
+    argv: tuple[str, ...]
+    cwd: Path
+    env: dict[str, str]
+    slot: Slot
+    log_dir: Path
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int | None
+    signal: int | None
+
+
+Stream = Literal["stdout", "stderr"]
+
+
+class RunHandle(abc.ABC):
+    """A live process on a host."""
+
+    pid: int | None = None
+    pid_start: int | None = None
+
+    @abc.abstractmethod
+    def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """Raw chunks as they arrive, until both streams are closed."""
+
+    @abc.abstractmethod
+    async def wait(self) -> ExitInfo:
+        """Wait for the process to exit (its output may still be draining)."""
+
+    @abc.abstractmethod
+    async def cancel(self, grace_s: float = 5.0) -> None:
+        """Stop the process and everything it started: polite signal, then a kill."""
+
+    @abc.abstractmethod
+    async def reap_strays(self) -> None:
+        """Kill what the process left running after it exited (children holding pipes)."""
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
+        """Every hardware field: satisfied, unmet, unknown, or not applicable here."""
+
+    @abc.abstractmethod
+    async def acquire(self, loaded: LoadedSpec) -> Host:
+        """A host with slots sized by the spec's GPUs and concurrency."""
+
+    @abc.abstractmethod
+    async def prepare(
+        self, host: Host, loaded: LoadedSpec, commit: str, *, on_output: Callable[[str], None] | None = None
+    ) -> Workspace:
+        """Clone at ``commit``, install deps, run ``deps.verify``."""
+
+    @abc.abstractmethod
+    async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
+        """Start the runner process in the slot; never through a shell."""
+
+    @abc.abstractmethod
+    async def release(self, host: Host) -> None:
+        """Give the host back (for rented hosts: stop paying)."""
+
+    @abc.abstractmethod
+    def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
+        """Kill a run left behind by a dead orchestrator; True if something was killed."""

@@ -1,0 +1,189 @@
+"""The local backend: runs on this machine, one process group per run.
+
+Each run gets its own session (so a timeout or Ctrl-C kills its children too), its
+GPU slot through ``CUDA_VISIBLE_DEVICES``, and an argv that no shell ever parses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from .. import workspace as ws
+from ..errors import BackendError
+from ..hardware import compare_local, probe_machine
+from ..spec import LoadedSpec
+from .base import Backend, ExitInfo, HardwareFinding, Host, LaunchRequest, RunHandle, Slot, Stream, Workspace
+
+CHUNK = 1 << 16
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot (field 22 of /proc/PID/stat): tells PID reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _kill_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+class LocalRunHandle(RunHandle):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.pid_start = process_start_time(proc.pid)
+        self._exit: ExitInfo | None = None
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(maxsize=64)
+
+        async def pump(name: Stream, reader: asyncio.StreamReader) -> None:
+            try:
+                while chunk := await reader.read(CHUNK):
+                    await queue.put((name, chunk))
+            finally:
+                await queue.put(None)
+
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)), asyncio.create_task(pump("stderr", self.proc.stderr))]
+        open_streams = 2
+        try:
+            while open_streams:
+                item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait(self) -> ExitInfo:
+        if self._exit is None:
+            code = await self.proc.wait()
+            self._exit = ExitInfo(exit_code=None, signal=-code) if code < 0 else ExitInfo(exit_code=code, signal=None)
+        return self._exit
+
+    async def cancel(self, grace_s: float = 5.0) -> None:
+        _kill_group(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace_s)
+        except asyncio.TimeoutError:
+            pass
+        _kill_group(self.proc.pid, signal.SIGKILL)
+
+    async def reap_strays(self) -> None:
+        _kill_group(self.proc.pid, signal.SIGKILL)
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
+        return compare_local(loaded.spec.hardware, probe_machine(self.home))
+
+    def slots(self, loaded: LoadedSpec) -> tuple[Slot, ...]:
+        spec = loaded.spec
+        per_run = spec.hardware.num_gpus
+        if per_run:
+            gpus = probe_machine(self.home).gpus
+            capacity = len(gpus) // per_run
+            if capacity == 0:
+                raise BackendError(
+                    f"the spec needs {per_run} GPU(s) per run, this machine has {len(gpus)}",
+                    hint="set hardware.num_gpus: 0 to run on the CPU, or use a machine with GPUs",
+                )
+            count = min(spec.concurrency or capacity, capacity)
+            return tuple(Slot(i, tuple(range(i * per_run, (i + 1) * per_run))) for i in range(count))
+        return tuple(Slot(i) for i in range(spec.concurrency or 1))
+
+    async def acquire(self, loaded: LoadedSpec) -> Host:
+        facts = probe_machine(self.home)
+        info = {"cpus": str(facts.cpus), "gpus": ", ".join(facts.gpus) or "none"}
+        if facts.ram_gb is not None:
+            info["ram_gb"] = f"{facts.ram_gb:.1f}"
+        if facts.cuda_version:
+            info["cuda"] = facts.cuda_version
+        return Host(name=f"local:{os.uname().nodename}", slots=self.slots(loaded), price_per_hour=loaded.spec.hardware.price_per_hour, info=info)
+
+    async def prepare(
+        self, host: Host, loaded: LoadedSpec, commit: str, *, on_output: Callable[[str], None] | None = None
+    ) -> Workspace:
+        spec = loaded.spec
+        repo = ws.resolve_repo_url(spec.repo_url, loaded.path.parent)
+        cache = self.home / "repos"
+        checkout = await asyncio.to_thread(ws.checkout, repo, commit, cache, lfs_timeout_s=spec.download_timeout_s)
+        deps = ws.DepsConfig(
+            pre_install=tuple(spec.deps.pre_install),
+            requirements=spec.deps.requirements,
+            exclude_from_requirements=tuple(spec.deps.exclude_from_requirements),
+            verify=spec.deps.verify,
+            download_timeout_s=spec.download_timeout_s,
+        )
+        prepared = await asyncio.to_thread(ws.prepare_env, checkout, deps, self.home / "envs", on_output=on_output)
+        env = dict(prepared.env)
+        if spec.deps.verify:
+            await asyncio.to_thread(
+                ws.run_verify, checkout, spec.deps.verify, {**os.environ, **env}, timeout_s=spec.download_timeout_s
+            )
+        return Workspace(checkout=checkout, env=env)
+
+    async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
+        env = dict(request.env)
+        if request.slot.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *request.argv,
+                cwd=request.cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                limit=CHUNK,
+            )
+        except OSError as exc:
+            raise BackendError(f"cannot start {request.argv[0]}: {exc.strerror}") from None
+        return LocalRunHandle(proc)
+
+    async def release(self, host: Host) -> None:
+        """Nothing is rented locally."""
+
+    def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
+        alive_start = process_start_time(pid)
+        if alive_start is not None and pid_start is not None and alive_start != pid_start:
+            return False  # the PID now belongs to an unrelated process
+        return _kill_group(pid, signal.SIGKILL)
+
+
+def runner_argv(checkout: Path, runner_script: str, python: str) -> tuple[str, ...]:
+    """How to start the runner: its shebang if executable, else by file type."""
+    path = checkout / runner_script
+    if os.access(path, os.X_OK):
+        with open(path, "rb") as fh:
+            if fh.read(2) == b"#!":
+                return (str(path),)
+    if path.suffix == ".py":
+        return (python, str(path))
+    return ("bash", str(path))

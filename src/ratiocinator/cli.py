@@ -1,0 +1,312 @@
+"""The ``ratiocinator`` command line.
+
+Exit codes: 0 done, 1 the work failed (checks, all runs), 2 usage or spec error,
+130 interrupted. A user error prints what, where and how to fix it — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RatiocinatorError, UsageError
+from .ledger import Ledger
+from .pipeline import Paths, Research, inspect_code, make_backend, plan_summary
+from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
+from .progress import LiveProgress, PlainProgress
+from .report import write_report
+from .spec import load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _State:
+    home: Path = Path(".ratiocinator")
+
+
+state = _State()
+
+
+def friendly(fn: F) -> F:
+    """User errors become a message and an exit code; Ctrl-C becomes 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RatiocinatorError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main_options(
+    home: Annotated[Path, typer.Option("--home", envvar="RATIOCINATOR_HOME", help="ledger, workspaces and reports")] = Path(".ratiocinator"),
+) -> None:
+    state.home = home
+
+
+SpecArg = Annotated[Path, typer.Argument(help="research spec (YAML)", show_default=False)]
+
+
+@app.command()
+@friendly
+def validate(spec: SpecArg) -> None:
+    """Parse and check a spec; summarise it (exit 2 on errors)."""
+    loaded = load_spec(spec)
+    s = loaded.spec
+    direction = "maximize" if s.maximize else "minimize"
+    out.print(f"[bold]{loaded.path}[/bold]: valid spec '{loaded.name}' (sha256 {loaded.sha256[:12]})")
+    rows = [
+        ("topic", s.topic if len(s.topic) < 160 else s.topic[:157] + "..."),
+        ("goal", f"{direction} {s.goal_metric} ({s.metrics.protocol}" + (f", prefix {s.metrics.json_prefix!r})" if s.metrics.protocol == "json_line" else ")")),
+        ("code", f"{s.repo_url} @ {s.repo_branch}, runner {s.runner_script}"),
+        ("deps", f"{len(s.deps.pre_install)} pre_install command(s), requirements {s.deps.requirements or '-'}"
+                 f" (excluding {', '.join(s.deps.exclude_from_requirements) or 'nothing'}), verify {'yes' if s.deps.verify else 'no'}"),
+        ("data", s.data.source + (f" ({s.data.path})" if s.data.path else "")),
+        ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g}, download_timeout_s {s.download_timeout_s:g}"),
+        ("runs", _arms_line(loaded)),
+        ("backend", f"{s.backend}, concurrency {s.concurrency or 'auto'}"),
+        ("paper", s.title),
+    ]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    findings = make_backend(loaded, Paths(state.home)).check_hardware(loaded)
+    if findings:
+        hw = Table(title=f"hardware on the {s.backend} backend", title_justify="left", box=None, pad_edge=False)
+        for col in ("field", "status", "detail"):
+            hw.add_column(col)
+        colors = {"ok": "green", "unmet": "red", "not_applicable": "yellow", "unknown": "yellow"}
+        for f in findings:
+            hw.add_row(f.field, f"[{colors[f.status]}]{f.status.replace('_', ' ')}[/]", f.detail)
+        out.print(hw)
+
+
+def _arms_line(loaded: Any) -> str:
+    s = loaded.spec
+    if not s.arms and not s.factors:
+        return "no arms or factors yet — `ratiocinator plan` explains how to add them"
+    try:
+        plan = plan_iteration(loaded)
+    except RatiocinatorError as exc:
+        return f"plan problem: {exc.message}"
+    return f"{len(plan.arms)} arm(s) × {plan.replicates} replicate(s) = {len(plan.arms) * plan.replicates} runs, baseline {plan.baseline}"
+
+
+@app.command()
+@friendly
+def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
+    """Arms, runs, knobs, commit and worst-case cost; runs nothing."""
+    loaded = load_spec(spec)
+    the_plan = plan_iteration(loaded)
+    code = inspect_code(loaded, Paths(state.home))
+    ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
+    price = loaded.spec.hardware.price_per_hour
+    summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
+    data = {
+        "experiment": loaded.name,
+        "commit": code.commit,
+        "repo": code.repo,
+        "runner_script": loaded.spec.runner_script,
+        "baseline": the_plan.baseline,
+        **summary,
+        "max_dollars": loaded.spec.max_dollars,
+        "price_per_hour": price,
+        "arms": [
+            {"name": a.name, "env": a.env, "args": list(a.args), "description": a.description,
+             "ignored_knobs": [i.knob for i in ignored if i.arm == a.name]}
+            for a in the_plan.arms
+        ],
+        "ignored_knobs": [{"arm": i.arm, "knob": i.knob, "where": i.where} for i in ignored],
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        out.print(f"[bold]{loaded.name}[/bold] at commit {code.commit[:12]} ({code.repo})")
+        table = Table(box=None, pad_edge=False)
+        for col in ("arm", "knobs", "runs"):
+            table.add_column(col)
+        for a in the_plan.arms:
+            knobs = " ".join(f"{k}={v}" for k, v in a.env.items()) + (" " + " ".join(a.args) if a.args else "")
+            mark = " (baseline)" if a.name == the_plan.baseline else ""
+            table.add_row(a.name + mark, knobs or "-", str(the_plan.replicates))
+        out.print(table)
+        out.print(
+            f"{summary['arms']} arms × {summary['replicates']} replicates = {summary['runs']} runs;"
+            f" worst case ${summary['worst_case_dollars']:.4f} (${price:g}/h × {loaded.spec.train_timeout_s:g}s per run)"
+            f" against max_dollars ${loaded.spec.max_dollars:.2f}"
+        )
+    if ignored:
+        refuse_ignored_knobs(loaded, the_plan, code.knobs)
+
+
+@app.command()
+@friendly
+def knobs(spec: SpecArg) -> None:
+    """The knobs the runner reads (environment variables and flags), with defaults."""
+    loaded = load_spec(spec)
+    code = inspect_code(loaded, Paths(state.home))
+    report = code.knobs
+    table = Table(title=f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}", title_justify="left", box=None, pad_edge=False)
+    for col in ("knob", "kind", "default", "read at"):
+        table.add_column(col)
+    for knob in report.knobs.values():
+        sources = ", ".join(knob.sources[:3]) + (f" (+{len(knob.sources) - 3})" if len(knob.sources) > 3 else "")
+        table.add_row(knob.name, knob.kind, "-" if knob.default is None else knob.default, sources)
+    out.print(table)
+    out.print(f"scanned {len(report.files)} file(s): {', '.join(report.files[:8])}{' ...' if len(report.files) > 8 else ''}")
+    if report.dynamic:
+        out.print(f"[yellow]environment read with computed names at {', '.join(report.dynamic[:8])}[/] — declare such knobs under extra_knobs")
+    for problem in report.unreadable:
+        out.print(f"[yellow]not scanned: {problem}[/]")
+
+
+@app.command()
+@friendly
+def research(
+    spec: SpecArg,
+    new: Annotated[bool, typer.Option("--new", help="start a fresh experiment instead of resuming")] = False,
+) -> None:
+    """The whole pipeline: plan, prepare, run every arm, record, report. Resumable."""
+    loaded = load_spec(spec)
+    interactive = sys.stdout.isatty()
+    progress = LiveProgress() if interactive else PlainProgress()
+    job = Research(loaded, state.home, progress=progress, new=new)
+    if isinstance(progress, LiveProgress):
+        with progress:
+            outcome = job.run()
+    else:
+        outcome = job.run()
+    out.print(f"experiment {outcome.experiment_id}: {outcome.status} — {outcome.succeeded} succeeded, {outcome.failed} failed")
+    if outcome.message:
+        out.print(outcome.message, markup=False)
+    if outcome.report_dir is not None:
+        out.print(f"report: {outcome.report_dir / 'report.html'}")
+        out.print(f"        {outcome.report_dir / 'report.md'}")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+@friendly
+def status(experiment: Annotated[str | None, typer.Argument(help="experiment id, id prefix or name")] = None) -> None:
+    """Experiments and their runs, from the ledger."""
+    ledger = _ledger()
+    if experiment is None:
+        table = Table(box=None, pad_edge=False)
+        for col in ("experiment", "status", "ok", "failed", "running", "spent", "updated"):
+            table.add_column(col)
+        for exp in ledger.experiments():
+            runs = ledger.runs(exp.id)
+            spent, _ = ledger.money(exp.id)
+            table.add_row(
+                exp.id, exp.status, str(sum(r.status == "succeeded" for r in runs)),
+                str(sum(r.status == "failed" for r in runs)), str(sum(r.status == "running" for r in runs)),
+                f"${spent:.4f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(exp.updated_at)),
+            )
+        out.print(table if table.row_count else "no experiments yet")
+        return
+    exp = ledger.find_experiment(experiment)
+    spent, reserved = ledger.money(exp.id)
+    out.print(f"[bold]{exp.id}[/bold] {exp.status} — commit {(exp.commit_sha or '?')[:12]}, ${spent:.4f} spent, ${reserved:.4f} reserved")
+    if exp.note:
+        out.print(exp.note, markup=False)
+    goal = _goal(exp.spec_text)
+    metrics = ledger.run_metrics(exp.id)
+    table = Table(box=None, pad_edge=False)
+    for col in ("run", "arm", "rep", "try", "status", goal or "goal", "time", "why"):
+        table.add_column(col)
+    for r in ledger.runs(exp.id):
+        value, finite = metrics.get(r.id, {}).get(goal, (None, True)) if goal else (None, True)
+        shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
+        color = {"succeeded": "green", "failed": "red", "running": "cyan", "interrupted": "yellow"}.get(r.status, "")
+        why = f"{r.failure}: {r.reason}" if r.failure else r.reason
+        table.add_row(str(r.id), r.arm, str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]", shown,
+                      f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", why[:100])
+    out.print(table)
+
+
+@app.command()
+@friendly
+def runs(
+    experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")],
+    as_json: Annotated[bool, typer.Option("--json", help="print every run as JSON")] = False,
+) -> None:
+    """Every run of an experiment (all attempts), with config and final metrics."""
+    ledger = _ledger()
+    exp = ledger.find_experiment(experiment)
+    metrics = ledger.run_metrics(exp.id)
+    rows = []
+    for r in ledger.runs(exp.id):
+        rows.append({
+            "run_id": r.id, "experiment": exp.id, "arm": r.arm, "replicate": r.replicate, "seed": r.seed,
+            "attempt": r.attempt, "status": r.status, "failure": r.failure, "reason": r.reason,
+            "exit_code": r.exit_code, "signal": r.signal, "started_at": r.started_at, "ended_at": r.ended_at,
+            "duration_s": r.duration_s, "host": r.host, "slot": r.slot, "commit": r.commit_sha, "env": r.env,
+            "argv": r.argv, "cost": r.cost, "log_dir": r.log_dir, "out_dir": r.out_dir,
+            "metrics": {k: (v if finite else None) for k, (v, finite) in metrics.get(r.id, {}).items()},
+            "nonfinite_metrics": sorted(k for k, (_, finite) in metrics.get(r.id, {}).items() if not finite),
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("run", "arm", "rep", "seed", "try", "status", "metrics"):
+        table.add_column(col)
+    for row in rows:
+        shown = ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=non-finite" for k, v in sorted(row["metrics"].items())[:6])
+        table.add_row(str(row["run_id"]), row["arm"], str(row["replicate"]), str(row["seed"]), str(row["attempt"]), row["status"], shown)
+    out.print(table)
+
+
+@app.command()
+@friendly
+def report(experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")]) -> None:
+    """(Re)write an experiment's report from the ledger."""
+    ledger = _ledger()
+    exp = ledger.find_experiment(experiment)
+    paths = write_report(ledger, exp.id, Paths(state.home).report(exp.id))
+    out.print(f"report: {paths.html}")
+    out.print(f"        {paths.md}")
+
+
+def _ledger() -> Ledger:
+    path = Paths(state.home).ledger
+    if not path.exists():
+        raise UsageError(f"no ledger at {path}", hint="run `ratiocinator research SPEC` first, or pass --home")
+    return Ledger(path)
+
+
+def _goal(spec_text: str) -> str | None:
+    try:
+        data = yaml.safe_load(spec_text)
+    except yaml.YAMLError:
+        return None
+    return data.get("goal_metric") if isinstance(data, dict) else None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,351 @@
+"""Runs planned runs on a backend's slots: budget, launch, stream, time out, record.
+
+One asyncio task per live run. Output is written to the run's log files and parsed
+into metric points while the process is alive; points reach the ledger in batches so a
+runner printing a million lines costs little. Every run ends in exactly one terminal
+ledger row (``succeeded``/``failed``), or ``interrupted`` when the orchestrator is
+stopped, in which case a resume re-runs it as a new attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.base import Backend, ExitInfo, Host, LaunchRequest, RunHandle, Slot, Workspace
+from .budget import Budget, run_cost
+from .ledger import Ledger
+from .metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
+from .planning import Plan, PlannedRun
+from .spec import LoadedSpec
+
+POINT_BATCH = 5000
+POINT_FLUSH_S = 1.0
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    arm: str
+    replicate: int
+    status: str
+    failure: str | None
+    reason: str
+    goal: float | None
+
+
+class ProgressSink:
+    """What the executor tells the display; the default tells nobody."""
+
+    def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None: ...
+
+    def run_finished(self, result: RunResult) -> None: ...
+
+    def money(self, spent: float, reserved: float) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class ExecutionSummary:
+    results: list[RunResult] = field(default_factory=list)
+    not_launched: list[PlannedRun] = field(default_factory=list)
+    budget_stop: str | None = None
+
+
+def runner_environment(
+    base: dict[str, str],
+    workspace: Workspace,
+    knobs: dict[str, str],
+    *,
+    arm: str,
+    run_id: int,
+    seed: int,
+    seed_env: str | None,
+    out_dir: Path,
+    trial: bool,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The runner's environment: ours first, then the workspace, the knobs, and the run's identity."""
+    env = {k: v for k, v in base.items() if not k.startswith("RATIOCINATOR_")}
+    env.update(workspace.env)
+    env.update(extra or {})
+    env.update(knobs)
+    env.update(
+        RATIOCINATOR_ARM=arm,
+        RATIOCINATOR_RUN_ID=str(run_id),
+        RATIOCINATOR_SEED=str(seed),
+        RATIOCINATOR_OUT_DIR=str(out_dir),
+        RATIOCINATOR_TRIAL="1" if trial else "0",
+        PYTHONUNBUFFERED=env.get("PYTHONUNBUFFERED", "1"),
+    )
+    if seed_env:
+        env[seed_env] = str(seed)
+    return env
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        backend: Backend,
+        host: Host,
+        workspace: Workspace,
+        loaded: LoadedSpec,
+        plan: Plan,
+        experiment_id: str,
+        commit: str,
+        arm_ids: dict[str, int],
+        argv: tuple[str, ...],
+        runs_dir: Path,
+        budget: Budget,
+        progress: ProgressSink | None = None,
+        extra_env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.backend = backend
+        self.host = host
+        self.workspace = workspace
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.plan = plan
+        self.experiment_id = experiment_id
+        self.commit = commit
+        self.arm_ids = arm_ids
+        self.argv = argv
+        self.runs_dir = runs_dir
+        self.budget = budget
+        self.progress = progress or ProgressSink()
+        self.extra_env = extra_env or {}
+        self.base_env = dict(os.environ if base_env is None else base_env)
+
+    async def run(self, pending: list[PlannedRun]) -> ExecutionSummary:
+        """Launch ``pending`` in order on free slots until done or the budget says stop."""
+        summary = ExecutionSummary()
+        free: asyncio.Queue[Slot] = asyncio.Queue()
+        for slot in self.host.slots:
+            free.put_nowait(slot)
+        launched: list[asyncio.Task[RunResult]] = []
+        try:
+            for index, planned in enumerate(pending):
+                slot = await free.get()
+                charge = self.budget.reserve_run(self.host.price_per_hour, self.spec.train_timeout_s)
+                if charge is None:
+                    free.put_nowait(slot)
+                    spent, reserved = self.budget.spent_and_reserved()
+                    summary.budget_stop = (
+                        f"budget: the next run could cost up to ${self.host.price_per_hour * self.spec.train_timeout_s / 3600:.4f}"
+                        f" and ${spent:.4f} spent + ${reserved:.4f} reserved of ${self.spec.max_dollars:.2f} leaves too little"
+                    )
+                    summary.not_launched = pending[index:]
+                    self.ledger.event(self.experiment_id, "budget_stop", summary.budget_stop, level="warning",
+                                      not_launched=len(summary.not_launched))
+                    self.progress.message(summary.budget_stop)
+                    break
+                task = asyncio.create_task(self._run_one(planned, slot, charge))
+                task.add_done_callback(lambda _t, s=slot: free.put_nowait(s))
+                launched.append(task)
+                self._report_money()
+            summary.results.extend(await asyncio.gather(*launched))
+        except BaseException:
+            for task in launched:
+                task.cancel()
+            await asyncio.gather(*launched, return_exceptions=True)
+            raise
+        summary.results.sort(key=lambda r: r.run_id)
+        return summary
+
+    def _report_money(self) -> None:
+        self.progress.money(*self.budget.spent_and_reserved())
+
+    async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int) -> RunResult:
+        arm = self.plan.arm(planned.arm)
+        run_id = self.ledger.start_run(
+            experiment_id=self.experiment_id,
+            arm_id=self.arm_ids[arm.name],
+            replicate=planned.replicate,
+            seed=planned.seed,
+            host=self.host.name,
+            slot=slot.label,
+            commit_sha=self.commit,
+            env=arm.env,
+            argv=[*self.argv, *arm.args],
+            run_root=self.runs_dir,
+        )
+        self.ledger.attach_charge(charge, run_id)
+        run_dir = self.runs_dir / str(run_id)
+        out_dir = run_dir / "out"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        env = runner_environment(
+            self.base_env, self.workspace, arm.env,
+            arm=arm.name, run_id=run_id, seed=planned.seed, seed_env=self.spec.seed_env,
+            out_dir=out_dir, trial=False, extra=self.extra_env,
+        )
+        request = LaunchRequest(
+            run_id=run_id, argv=(*self.argv, *arm.args), cwd=self.workspace.checkout, env=env,
+            slot=slot, log_dir=run_dir, out_dir=out_dir,
+        )
+        self.progress.run_started(run_id, arm.name, planned.replicate, slot)
+        started = time.time()
+        stream = _RunStream(self.ledger, run_id, run_dir, make_parser(
+            self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
+        ))
+        handle: RunHandle | None = None
+        try:
+            try:
+                handle = await self.backend.launch(self.host, request)
+            except Exception as exc:  # the backend could not start the process at all
+                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False,
+                                    failure="infra", reason=f"could not start the runner: {exc}")
+            self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
+            exit_info, timed_out = await self._supervise(handle, stream)
+            return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out)
+        except asyncio.CancelledError:
+            if handle is not None:
+                await asyncio.shield(handle.cancel(grace_s=2.0))
+            stream.close()
+            elapsed = time.time() - started
+            self.ledger.finish_run(
+                run_id, status="interrupted", failure=None, reason="the orchestrator was interrupted",
+                exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
+                cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
+            )
+            self.budget.settle(charge, run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s))
+            raise
+
+    async def _supervise(self, handle: RunHandle, stream: _RunStream) -> tuple[ExitInfo, bool]:
+        """Stream output while waiting for exit; kill the whole group at the timeout."""
+        consumer = asyncio.create_task(stream.consume(handle))
+        timed_out = False
+        try:
+            exit_info = await asyncio.wait_for(asyncio.shield(handle.wait()), self.spec.train_timeout_s)
+        except asyncio.TimeoutError:
+            timed_out = True
+            await handle.cancel()
+            exit_info = await handle.wait()
+        except asyncio.CancelledError:
+            consumer.cancel()
+            raise
+        # The runner is gone; whatever it left behind must not outlive it (nor hold its pipes open).
+        await handle.reap_strays()
+        await consumer
+        return exit_info, timed_out
+
+    def _finish(
+        self,
+        planned: PlannedRun,
+        arm: str,
+        run_id: int,
+        charge: int,
+        started: float,
+        stream: _RunStream,
+        exit_info: ExitInfo | None,
+        timed_out: bool,
+        *,
+        failure: str | None = None,
+        reason: str = "",
+    ) -> RunResult:
+        stream.close()
+        ended = time.time()
+        goal = self.spec.goal_metric
+        final = stream.summary.final
+        if failure is None:
+            failure, reason = classify(exit_info, timed_out, self.spec.train_timeout_s, goal, final, stream)
+        status = "failed" if failure else "succeeded"
+        cost = run_cost(self.host.price_per_hour, ended - started, self.spec.train_timeout_s)
+        self.ledger.finish_run(
+            run_id, status=status, failure=failure, reason=reason,
+            exit_code=exit_info.exit_code if exit_info else None, signal=exit_info.signal if exit_info else None,
+            final=final, counts=stream.summary.counts, cost=cost, ended_at=ended,
+        )
+        self.budget.settle(charge, cost)
+        value = final.get(goal)
+        result = RunResult(run_id, arm, planned.replicate, status, failure, reason,
+                           value if value is not None and math.isfinite(value) and not failure else None)
+        self.progress.run_finished(result)
+        self._report_money()
+        return result
+
+
+def classify(
+    exit_info: ExitInfo | None, timed_out: bool, timeout_s: float, goal: str, final: dict[str, float], stream: _RunStream
+) -> tuple[str | None, str]:
+    """(failure class or None, reason). Exit 0 without a finite goal metric is a failure."""
+    if timed_out:
+        return "timeout", f"killed after the {timeout_s:g}s train_timeout_s"
+    assert exit_info is not None
+    if exit_info.signal is not None:
+        return "killed", f"terminated by signal {exit_info.signal}"
+    if exit_info.exit_code:
+        return "exit_nonzero", f"exit code {exit_info.exit_code}" + stream.last_words()
+    if goal not in final:
+        seen = ", ".join(sorted(final)[:10]) or "none"
+        note = f"; {stream.parser.problem_count} malformed metric line(s)" if stream.parser.problem_count else ""
+        return "no_metrics", f"exited 0 without reporting '{goal}' (metrics seen: {seen}{note})"
+    if not math.isfinite(final[goal]):
+        return "nan_divergence", f"final {goal} is {final[goal]}"
+    return None, ""
+
+
+class _RunStream:
+    """Per-run sink: log files, line splitting, metric parsing, batched ledger writes."""
+
+    def __init__(self, ledger: Ledger, run_id: int, run_dir: Path, parser: MetricParser) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.parser = parser
+        self.summary = MetricSummary()
+        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+        self.pending: list[MetricPoint] = []
+        self.last_flush = time.monotonic()
+        self.tail: list[str] = []
+
+    async def consume(self, handle: RunHandle) -> None:
+        async for name, chunk in handle.output():
+            log = self.logs[name]
+            log.write(chunk)
+            log.flush()
+            self._lines(name, self.splitters[name].feed(chunk))
+        for name, splitter in self.splitters.items():
+            self._lines(name, splitter.flush())
+        self._flush_points()
+
+    def _lines(self, name: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        feed = self.parser.feed_line
+        pending = self.pending
+        for line in lines:
+            points = feed(line)
+            if points:
+                pending.extend(points)
+        if name == "stderr":
+            self.tail = (self.tail + lines)[-5:]
+        if len(pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S:
+            self._flush_points()
+
+    def _flush_points(self) -> None:
+        if self.pending:
+            self.summary.add(self.pending)
+            self.ledger.add_points(self.run_id, self.pending)
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+    def last_words(self) -> str:
+        meaningful = [line.strip() for line in self.tail if line.strip()]
+        return f": {meaningful[-1][:300]}" if meaningful else ""
+
+    def close(self) -> None:
+        self._flush_points()
+        for log in self.logs.values():
+            if not log.closed:
+                log.close()

@@ -1,0 +1,521 @@
+"""The ledger: one SQLite file (WAL) holding every experiment, arm, run attempt,
+metric point, event and dollar.
+
+Every state change is one transaction, so a ``kill -9`` at any instant leaves the
+ledger consistent: a run is either not started, ``running`` (to be reconciled as
+``interrupted`` on resume) or finished with its metrics. Readers (``status``,
+``report``) can open the file while an experiment writes to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiments (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    spec_path    TEXT NOT NULL,
+    spec_text    TEXT NOT NULL,
+    spec_sha256  TEXT NOT NULL,
+    backend      TEXT NOT NULL,
+    commit_sha   TEXT,
+    status       TEXT NOT NULL,
+    note         TEXT NOT NULL DEFAULT '',
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS experiments_by_spec ON experiments(name, spec_sha256);
+
+CREATE TABLE IF NOT EXISTS arms (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    iteration     INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    env_json      TEXT NOT NULL,
+    args_json     TEXT NOT NULL,
+    factors_json  TEXT NOT NULL,
+    description   TEXT NOT NULL,
+    is_baseline   INTEGER NOT NULL,
+    UNIQUE (experiment_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    arm_id        INTEGER NOT NULL REFERENCES arms(id),
+    replicate     INTEGER NOT NULL,
+    seed          INTEGER NOT NULL,
+    attempt       INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    failure       TEXT,
+    reason        TEXT NOT NULL DEFAULT '',
+    exit_code     INTEGER,
+    signal        INTEGER,
+    started_at    REAL NOT NULL,
+    ended_at      REAL,
+    host          TEXT NOT NULL,
+    slot          TEXT NOT NULL,
+    commit_sha    TEXT NOT NULL,
+    env_json      TEXT NOT NULL,
+    argv_json     TEXT NOT NULL,
+    pid           INTEGER,
+    pid_start     INTEGER,
+    log_dir       TEXT NOT NULL,
+    out_dir       TEXT NOT NULL,
+    cost          REAL,
+    UNIQUE (arm_id, replicate, attempt)
+);
+CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment_id, status);
+
+CREATE TABLE IF NOT EXISTS metric_points (
+    run_id  INTEGER NOT NULL REFERENCES runs(id),
+    seq     INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    step    INTEGER,
+    value   REAL
+);
+CREATE INDEX IF NOT EXISTS points_by_run ON metric_points(run_id, name, seq);
+
+CREATE TABLE IF NOT EXISTS run_metrics (
+    run_id   INTEGER NOT NULL REFERENCES runs(id),
+    name     TEXT NOT NULL,
+    value    REAL,
+    finite   INTEGER NOT NULL,
+    n_points INTEGER NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT,
+    run_id        INTEGER,
+    ts            REAL NOT NULL,
+    level         TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    message       TEXT NOT NULL,
+    data_json     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_by_experiment ON events(experiment_id, ts);
+
+CREATE TABLE IF NOT EXISTS charges (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    run_id        INTEGER REFERENCES runs(id),
+    kind          TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    reserved      REAL NOT NULL,
+    settled       REAL,
+    created_at    REAL NOT NULL,
+    settled_at    REAL,
+    note          TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS charges_by_experiment ON charges(experiment_id, state);
+"""
+
+# A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
+# the textual value survives in the run's log.
+TERMINAL = ("succeeded", "failed")
+MONEY_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    name: str
+    spec_path: str
+    spec_text: str
+    spec_sha256: str
+    backend: str
+    commit_sha: str | None
+    status: str
+    note: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ArmRow:
+    id: int
+    experiment_id: str
+    iteration: int
+    name: str
+    env: dict[str, str]
+    args: list[str]
+    factors: dict[str, str]
+    description: str
+    is_baseline: bool
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    experiment_id: str
+    arm_id: int
+    arm: str
+    replicate: int
+    seed: int
+    attempt: int
+    status: str
+    failure: str | None
+    reason: str
+    exit_code: int | None
+    signal: int | None
+    started_at: float
+    ended_at: float | None
+    host: str
+    slot: str
+    commit_sha: str
+    env: dict[str, str]
+    argv: list[str]
+    pid: int | None
+    pid_start: int | None
+    log_dir: str
+    out_dir: str
+    cost: float | None
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+
+def _float_or_none(value: float) -> float | None:
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+class Ledger:
+    """Typed access to the ledger file; one instance per process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise UsageError(f"{self.path}: cannot open the ledger: {exc}") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"{self.path}: ledger schema v{version} is newer than this Ratiocinator (v{SCHEMA_VERSION})",
+                hint="upgrade ratiocinator, or use another --home",
+            )
+        if version < SCHEMA_VERSION:
+            self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, so check-then-write (budget) is atomic across processes."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- experiments -------------------------------------------------------------
+
+    def create_experiment(self, *, id: str, name: str, spec_path: str, spec_text: str, spec_sha256: str, backend: str) -> Experiment:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?)",
+                (id, name, spec_path, spec_text, spec_sha256, backend, now, now),
+            )
+        return self.experiment(id)
+
+    def experiment(self, id: str) -> Experiment:
+        row = self.db.execute("SELECT * FROM experiments WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no experiment '{id}' in {self.path}", hint="`ratiocinator status` lists the experiments")
+        return Experiment(**dict(row))
+
+    def find_experiment(self, ref: str) -> Experiment:
+        """By exact id, unique id prefix, or name (the newest experiment of that name)."""
+        rows = self.db.execute(
+            "SELECT id FROM experiments WHERE id = ? OR id LIKE ? ESCAPE '\\' OR name = ? ORDER BY created_at DESC",
+            (ref, ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%", ref),
+        ).fetchall()
+        exact = [r["id"] for r in rows if r["id"] == ref]
+        if exact:
+            return self.experiment(exact[0])
+        ids = [r["id"] for r in rows]
+        by_name = self.db.execute("SELECT id FROM experiments WHERE name = ? ORDER BY created_at DESC", (ref,)).fetchall()
+        if by_name:
+            return self.experiment(by_name[0]["id"])
+        if len(ids) == 1:
+            return self.experiment(ids[0])
+        if len(ids) > 1:
+            raise UsageError(f"'{ref}' matches several experiments: {', '.join(ids[:8])}", hint="give more of the id")
+        raise UsageError(f"no experiment '{ref}' in {self.path}", hint="`ratiocinator status` lists the experiments")
+
+    def experiments_for_spec(self, name: str, spec_sha256: str) -> list[Experiment]:
+        rows = self.db.execute(
+            "SELECT * FROM experiments WHERE name = ? AND spec_sha256 = ? ORDER BY created_at",
+            (name, spec_sha256),
+        ).fetchall()
+        return [Experiment(**dict(r)) for r in rows]
+
+    def experiments(self) -> list[Experiment]:
+        return [Experiment(**dict(r)) for r in self.db.execute("SELECT * FROM experiments ORDER BY created_at")]
+
+    def experiment_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM experiments")}
+
+    def update_experiment(self, id: str, *, status: str | None = None, note: str | None = None, commit_sha: str | None = None) -> None:
+        with self.transaction() as db:
+            if status is not None:
+                db.execute("UPDATE experiments SET status = ? WHERE id = ?", (status, id))
+            if note is not None:
+                db.execute("UPDATE experiments SET note = ? WHERE id = ?", (note, id))
+            if commit_sha is not None:
+                db.execute("UPDATE experiments SET commit_sha = ? WHERE id = ?", (commit_sha, id))
+            db.execute("UPDATE experiments SET updated_at = ? WHERE id = ?", (time.time(), id))
+
+    # -- arms --------------------------------------------------------------------
+
+    def record_arms(self, experiment_id: str, iteration: int, arms: Iterable[Any], baseline: str) -> None:
+        """Insert the iteration's arms; re-recording the same arms on resume is a no-op."""
+        with self.transaction() as db:
+            for arm in arms:
+                db.execute(
+                    "INSERT INTO arms (experiment_id, iteration, name, env_json, args_json, factors_json, description, is_baseline)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment_id, name) DO NOTHING",
+                    (
+                        experiment_id,
+                        iteration,
+                        arm.name,
+                        json.dumps(arm.env, sort_keys=True),
+                        json.dumps(list(arm.args)),
+                        json.dumps(arm.factors, sort_keys=True),
+                        arm.description,
+                        int(arm.name == baseline),
+                    ),
+                )
+
+    def arms(self, experiment_id: str) -> list[ArmRow]:
+        rows = self.db.execute("SELECT * FROM arms WHERE experiment_id = ? ORDER BY id", (experiment_id,)).fetchall()
+        return [
+            ArmRow(
+                id=r["id"],
+                experiment_id=r["experiment_id"],
+                iteration=r["iteration"],
+                name=r["name"],
+                env=json.loads(r["env_json"]),
+                args=json.loads(r["args_json"]),
+                factors=json.loads(r["factors_json"]),
+                description=r["description"],
+                is_baseline=bool(r["is_baseline"]),
+            )
+            for r in rows
+        ]
+
+    # -- runs --------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        experiment_id: str,
+        arm_id: int,
+        replicate: int,
+        seed: int,
+        host: str,
+        slot: str,
+        commit_sha: str,
+        env: dict[str, str],
+        argv: list[str],
+        run_root: Path,
+    ) -> int:
+        """Record a new attempt as ``running`` with its directory ``run_root/<run id>``.
+
+        Attempt numbers count per (arm, replicate).
+        """
+        with self.transaction() as db:
+            attempt = db.execute(
+                "SELECT COALESCE(MAX(attempt), 0) + 1 FROM runs WHERE arm_id = ? AND replicate = ?",
+                (arm_id, replicate),
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO runs (experiment_id, arm_id, replicate, seed, attempt, status, started_at, host, slot,"
+                " commit_sha, env_json, argv_json, log_dir, out_dir)"
+                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, '', '')",
+                (experiment_id, arm_id, replicate, seed, attempt, time.time(), host, slot, commit_sha,
+                 json.dumps(env, sort_keys=True), json.dumps(argv)),
+            )
+            run_id = int(cur.lastrowid)
+            run_dir = Path(run_root) / str(run_id)
+            db.execute(
+                "UPDATE runs SET log_dir = ?, out_dir = ? WHERE id = ?", (str(run_dir), str(run_dir / "out"), run_id)
+            )
+            return run_id
+
+    def set_run_process(self, run_id: int, pid: int, pid_start: int | None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET pid = ?, pid_start = ? WHERE id = ?", (pid, pid_start, run_id))
+
+    def add_points(self, run_id: int, points: Iterable[Any]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO metric_points (run_id, seq, name, step, value) VALUES (?, ?, ?, ?, ?)",
+                ((run_id, p.seq, p.name, p.step, _float_or_none(p.value)) for p in points),
+            )
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        failure: str | None,
+        reason: str,
+        exit_code: int | None,
+        signal: int | None,
+        final: dict[str, float],
+        counts: dict[str, int],
+        cost: float | None,
+        ended_at: float | None = None,
+    ) -> None:
+        """Terminal state, final metrics and cost in one transaction."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?, cost = ?"
+                " WHERE id = ?",
+                (status, failure, reason, exit_code, signal, ended_at or time.time(), cost, run_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO run_metrics (run_id, name, value, finite, n_points) VALUES (?, ?, ?, ?, ?)",
+                (
+                    (run_id, name, _float_or_none(value), int(_float_or_none(value) is not None), counts.get(name, 0))
+                    for name, value in final.items()
+                ),
+            )
+
+    def runs(self, experiment_id: str, *, status: str | None = None) -> list[RunRow]:
+        query = (
+            "SELECT runs.*, arms.name AS arm FROM runs JOIN arms ON arms.id = runs.arm_id"
+            " WHERE runs.experiment_id = ?" + (" AND runs.status = ?" if status else "") + " ORDER BY runs.id"
+        )
+        params: tuple = (experiment_id, status) if status else (experiment_id,)
+        return [self._run_row(r) for r in self.db.execute(query, params)]
+
+    def run(self, run_id: int) -> RunRow:
+        row = self.db.execute(
+            "SELECT runs.*, arms.name AS arm FROM runs JOIN arms ON arms.id = runs.arm_id WHERE runs.id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise UsageError(f"no run {run_id} in {self.path}")
+        return self._run_row(row)
+
+    @staticmethod
+    def _run_row(r: sqlite3.Row) -> RunRow:
+        d = dict(r)
+        d["env"] = json.loads(d.pop("env_json"))
+        d["argv"] = json.loads(d.pop("argv_json"))
+        return RunRow(**d)
+
+    def run_metrics(self, experiment_id: str) -> dict[int, dict[str, tuple[float | None, bool]]]:
+        """{run_id: {metric: (value or None if non-finite, finite)}}."""
+        out: dict[int, dict[str, tuple[float | None, bool]]] = {}
+        for r in self.db.execute(
+            "SELECT m.run_id, m.name, m.value, m.finite FROM run_metrics m JOIN runs ON runs.id = m.run_id"
+            " WHERE runs.experiment_id = ?",
+            (experiment_id,),
+        ):
+            out.setdefault(r["run_id"], {})[r["name"]] = (r["value"], bool(r["finite"]))
+        return out
+
+    def points(self, run_id: int, name: str) -> list[tuple[int, int | None, float | None]]:
+        """(seq, step, value) of one metric of one run, in order."""
+        return [
+            (r[0], r[1], r[2])
+            for r in self.db.execute(
+                "SELECT seq, step, value FROM metric_points WHERE run_id = ? AND name = ? ORDER BY seq", (run_id, name)
+            )
+        ]
+
+    def terminal_replicates(self, experiment_id: str) -> set[tuple[str, int]]:
+        """(arm name, replicate) pairs that already have a finished (succeeded/failed) attempt."""
+        rows = self.db.execute(
+            "SELECT arms.name, runs.replicate FROM runs JOIN arms ON arms.id = runs.arm_id"
+            " WHERE runs.experiment_id = ? AND runs.status IN ('succeeded', 'failed')",
+            (experiment_id,),
+        )
+        return {(r[0], r[1]) for r in rows}
+
+    # -- events ------------------------------------------------------------------
+
+    def event(self, experiment_id: str | None, kind: str, message: str, *, level: str = "info", run_id: int | None = None, **data: Any) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events (experiment_id, run_id, ts, level, kind, message, data_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, run_id, time.time(), level, kind, message, json.dumps(data, default=str, sort_keys=True)),
+            )
+
+    def events(self, experiment_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM events WHERE experiment_id = ? ORDER BY id", (experiment_id,))
+        return [{**dict(r), "data": json.loads(r["data_json"])} for r in rows]
+
+    # -- money -------------------------------------------------------------------
+
+    def reserve(self, experiment_id: str, *, amount: float, limit: float, kind: str, run_id: int | None = None, note: str = "") -> int | None:
+        """Atomically reserve ``amount`` if spent + reserved + amount stays within ``limit``.
+
+        Returns the charge id, or None when the reservation would overrun.
+        """
+        with self.transaction() as db:
+            committed = db.execute(
+                "SELECT COALESCE(SUM(CASE state WHEN 'reserved' THEN reserved ELSE settled END), 0)"
+                " FROM charges WHERE experiment_id = ? AND state != 'released'",
+                (experiment_id,),
+            ).fetchone()[0]
+            if committed + amount > limit + MONEY_EPSILON:
+                return None
+            cur = db.execute(
+                "INSERT INTO charges (experiment_id, run_id, kind, state, reserved, created_at, note) VALUES (?, ?, ?, 'reserved', ?, ?, ?)",
+                (experiment_id, run_id, kind, amount, time.time(), note),
+            )
+            return int(cur.lastrowid)
+
+    def attach_charge(self, charge_id: int, run_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE charges SET run_id = ? WHERE id = ?", (run_id, charge_id))
+
+    def settle(self, charge_id: int, amount: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE charges SET state = 'settled', settled = ?, settled_at = ? WHERE id = ? AND state = 'reserved'",
+                (amount, time.time(), charge_id),
+            )
+
+    def open_charges(self, experiment_id: str) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT * FROM charges WHERE experiment_id = ? AND state = 'reserved'", (experiment_id,)
+        ).fetchall()
+
+    def money(self, experiment_id: str) -> tuple[float, float]:
+        """(spent, reserved) dollars for an experiment."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'settled' THEN settled ELSE 0 END), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'reserved' THEN reserved ELSE 0 END), 0)"
+            " FROM charges WHERE experiment_id = ?",
+            (experiment_id,),
+        ).fetchone()
+        return float(row[0]), float(row[1])

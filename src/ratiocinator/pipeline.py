@@ -1,0 +1,336 @@
+"""The ``research`` job from spec to report, resumable after any interruption.
+
+    spec → plan → code (commit, knobs, LFS) → host + workspace → runs → ledger → report
+
+Re-running the same command with the same spec resumes the same experiment: runs that
+finished are kept, runs the previous orchestrator left ``running`` are reconciled as
+``interrupted`` (their processes killed) and run again as new attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import workspace as ws
+from .backends.base import Backend, HardwareFinding
+from .backends.local import LocalBackend, runner_argv
+from .budget import Budget, run_cost, run_worst_case
+from .errors import BackendError, PlanError, UsageError
+from .executor import ExecutionSummary, Executor, ProgressSink
+from .knobs import KnobReport, discover_knobs
+from .ledger import Experiment, Ledger
+from .planner import Planner, SpecPlanner
+from .planning import Plan, refuse_ignored_knobs
+from .report import write_report
+from .spec import LoadedSpec
+
+FINISHED = ("completed", "budget_exhausted")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Everything under ``--home``."""
+
+    home: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.home / "ledger.db"
+
+    @property
+    def repos(self) -> Path:
+        return self.home / "repos"
+
+    def runs(self, experiment_id: str) -> Path:
+        return self.home / "runs" / experiment_id
+
+    def report(self, experiment_id: str) -> Path:
+        return self.home / "reports" / experiment_id
+
+    def lock(self, experiment_id: str) -> Path:
+        return self.home / "locks" / f"{experiment_id}.lock"
+
+
+def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
+    if loaded.spec.backend == "local":
+        return LocalBackend(paths.home)
+    raise UsageError(f"{loaded.where('backend')}: backend '{loaded.spec.backend}' is not available")
+
+
+def refuse_unmet_hardware(findings: list[HardwareFinding], loaded: LoadedSpec) -> None:
+    unmet = [f for f in findings if f.status == "unmet"]
+    if unmet:
+        lines = "\n  ".join(f"{loaded.where('hardware', f.field)}: hardware.{f.field}: {f.detail}" for f in unmet)
+        raise BackendError(
+            f"this machine does not meet the spec's hardware requirements:\n  {lines}",
+            hint="run where the hardware is available, or relax the hardware section of the spec",
+        )
+
+
+# -- the code ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodeView:
+    """The runner's code at the commit that will run, as seen before anything runs."""
+
+    repo: str
+    commit: str
+    checkout: Path
+    knobs: KnobReport
+
+
+def resolve_commit(loaded: LoadedSpec, paths: Paths) -> tuple[str, str]:
+    repo = ws.resolve_repo_url(loaded.spec.repo_url, loaded.path.parent)
+    return repo, ws.resolve_commit(repo, loaded.spec.repo_branch, paths.repos, timeout_s=loaded.spec.download_timeout_s)
+
+
+def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None) -> CodeView:
+    """Check out the commit (cached) and read which knobs its runner reads."""
+    repo = ws.resolve_repo_url(loaded.spec.repo_url, loaded.path.parent)
+    if commit is None:
+        repo, commit = resolve_commit(loaded, paths)
+    checkout = ws.checkout(repo, commit, paths.repos, lfs_timeout_s=loaded.spec.download_timeout_s)
+    if not (checkout / loaded.spec.runner_script).is_file():
+        raise PlanError(
+            f"{loaded.where('runner_script')}: runner_script '{loaded.spec.runner_script}' does not exist at commit {commit[:12]}",
+            hint="the path is relative to the repository root; is the file committed on that branch?",
+        )
+    return CodeView(repo=repo, commit=commit, checkout=checkout, knobs=discover_knobs(checkout, loaded.spec.runner_script))
+
+
+def data_env(loaded: LoadedSpec) -> dict[str, str]:
+    data = loaded.spec.data
+    if data.source != "local":
+        return {}
+    path = Path(data.path or "").expanduser()
+    if not path.is_absolute():
+        path = loaded.path.parent / path
+    if not path.is_dir():
+        raise UsageError(f"{loaded.where('data', 'path')}: data.path {path} is not a directory")
+    return {"RATIOCINATOR_DATA_DIR": str(path.resolve())}
+
+
+# -- experiments --------------------------------------------------------------------
+
+
+def open_experiment(ledger: Ledger, loaded: LoadedSpec, *, new: bool) -> tuple[Experiment, bool]:
+    """(experiment, resumed): the latest one for this exact spec unless ``new`` is asked."""
+    existing = ledger.experiments_for_spec(loaded.name, loaded.sha256)
+    if existing and not new:
+        return existing[-1], True
+    base = f"{loaded.name}-{loaded.sha256[:8]}"
+    taken = ledger.experiment_ids()
+    exp_id = base
+    n = 2
+    while exp_id in taken:
+        exp_id, n = f"{base}-{n}", n + 1
+    experiment = ledger.create_experiment(
+        id=exp_id, name=loaded.name, spec_path=str(loaded.path), spec_text=loaded.text,
+        spec_sha256=loaded.sha256, backend=loaded.spec.backend,
+    )
+    return experiment, False
+
+
+@contextmanager
+def experiment_lock(path: Path) -> Iterator[None]:
+    """One orchestrator per experiment: a second one would record runs twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise UsageError(
+                f"experiment {path.stem} is already being run by {holder}",
+                hint="wait for it to finish, or stop it (Ctrl-C) and run the command again to resume",
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_per_hour: float, timeout_s: float) -> int:
+    """Runs left ``running`` by a dead orchestrator: kill leftovers, mark interrupted, settle money."""
+    count = 0
+    now = time.time()
+    for run in ledger.runs(experiment.id, status="running"):
+        killed = bool(run.pid) and backend.kill_orphan(run.pid, run.pid_start)
+        elapsed = now - run.started_at
+        cost = run_cost(price_per_hour, elapsed, timeout_s)
+        ledger.finish_run(
+            run.id, status="interrupted", failure=None,
+            reason="the orchestrator stopped while this run was live" + ("; its leftover processes were killed" if killed else ""),
+            exit_code=None, signal=None, final={}, counts={}, cost=cost, ended_at=now,
+        )
+        ledger.event(experiment.id, "reconciled", f"run {run.id} marked interrupted", run_id=run.id, killed=killed)
+        count += 1
+    for charge in ledger.open_charges(experiment.id):
+        ledger.settle(charge["id"], min(charge["reserved"], run_cost(price_per_hour, now - charge["created_at"], timeout_s)))
+    return count
+
+
+# -- the job ----------------------------------------------------------------------
+
+
+@dataclass
+class ResearchOutcome:
+    experiment_id: str
+    status: str
+    report_dir: Path | None
+    succeeded: int
+    failed: int
+    message: str
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "interrupted":
+            return 130
+        return 0 if self.succeeded else 1
+
+
+class Research:
+    """One invocation of ``ratiocinator research``."""
+
+    def __init__(self, loaded: LoadedSpec, home: Path, *, progress: ProgressSink | None = None, new: bool = False,
+                 planner: Planner | None = None) -> None:
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.paths = Paths(home)
+        self.progress = progress or ProgressSink()
+        self.new = new
+        self.planner = planner or SpecPlanner(loaded)
+
+    def run(self) -> ResearchOutcome:
+        self.planner.check()  # planning errors (no arms, bad baseline) surface before the ledger is touched
+        backend = make_backend(self.loaded, self.paths)
+        findings = backend.check_hardware(self.loaded)
+        refuse_unmet_hardware(findings, self.loaded)
+        ledger = Ledger(self.paths.ledger)
+        try:
+            experiment, resumed = open_experiment(ledger, self.loaded, new=self.new)
+            if resumed and experiment.status in FINISHED:
+                report = write_report(ledger, experiment.id, self.paths.report(experiment.id))
+                counts = _counts(ledger, experiment.id)
+                return ResearchOutcome(experiment.id, experiment.status, report.md.parent, counts[0], counts[1],
+                                       f"experiment {experiment.id} already finished ({experiment.status}); use --new to run it again")
+            with experiment_lock(self.paths.lock(experiment.id)):
+                return self._run_locked(ledger, backend, experiment, resumed, findings)
+        finally:
+            ledger.close()
+
+    def _run_locked(self, ledger: Ledger, backend: Backend, experiment: Experiment, resumed: bool,
+                    findings: list[HardwareFinding]) -> ResearchOutcome:
+        spec = self.spec
+        exp_id = experiment.id
+        price = backend_price(self.loaded)
+        if resumed:
+            n = reconcile(ledger, backend, experiment, price, spec.train_timeout_s)
+            self.progress.message(f"resuming {exp_id}" + (f" ({n} interrupted run(s) will run again)" if n else ""))
+        ledger.update_experiment(exp_id, status="running")
+        ledger.event(exp_id, "hardware", "hardware findings", findings=[f.__dict__ for f in findings])
+        try:
+            outcome = asyncio.run(self._run_async(ledger, backend, experiment))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            ledger.update_experiment(exp_id, status="interrupted", note="interrupted; run the same command to resume")
+            ledger.event(exp_id, "interrupted", "the orchestrator was interrupted", level="warning")
+            counts = _counts(ledger, exp_id)
+            return ResearchOutcome(exp_id, "interrupted", None, counts[0], counts[1],
+                                   "interrupted; run the same command again to resume")
+        except BaseException as exc:
+            ledger.update_experiment(exp_id, status="failed", note=str(exc).splitlines()[0][:500])
+            ledger.event(exp_id, "error", str(exc), level="error")
+            raise
+        return outcome
+
+    async def _run_async(self, ledger: Ledger, backend: Backend, experiment: Experiment) -> ResearchOutcome:
+        _cancel_on_sigterm()
+        spec = self.spec
+        exp_id = experiment.id
+        if experiment.commit_sha:
+            commit = experiment.commit_sha
+        else:
+            _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
+            ledger.update_experiment(exp_id, commit_sha=commit)
+        code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
+        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, knobs=sorted(code.knobs.knobs))
+        self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
+
+        host = await backend.acquire(self.loaded)
+        ledger.event(exp_id, "host", f"host {host.name}", name=host.name, slots=[s.label for s in host.slots],
+                     price_per_hour=host.price_per_hour, **host.info)
+        budget = Budget(ledger, exp_id, spec.max_dollars)
+        try:
+            self.progress.message("preparing the workspace (clone, deps, verify)")
+            workspace = await backend.prepare(host, self.loaded, commit)
+            argv = runner_argv(workspace.checkout, spec.runner_script, "python")
+            extra_env = data_env(self.loaded)
+            status, note = "completed", ""
+            for iteration in range(1, spec.max_iterations + 1):
+                decision = self.planner.next_iteration(iteration, ledger, exp_id)
+                ledger.event(exp_id, "decision", decision.reason, iteration=iteration, has_plan=decision.plan is not None)
+                if decision.plan is None:
+                    note = decision.reason
+                    break
+                plan = decision.plan
+                refuse_ignored_knobs(self.loaded, plan, code.knobs)
+                ledger.record_arms(exp_id, iteration, plan.arms, plan.baseline)
+                arm_ids = {a.name: a.id for a in ledger.arms(exp_id)}
+                done = ledger.terminal_replicates(exp_id)
+                pending = [r for r in plan.runs() if (r.arm, r.replicate) not in done]
+                ledger.event(exp_id, "plan", f"iteration {iteration}: {len(plan.arms)} arms, {len(pending)} runs to go",
+                             iteration=iteration, arms=[a.name for a in plan.arms], pending=len(pending),
+                             worst_case=run_worst_case(price, spec.train_timeout_s) * len(pending))
+                self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates, {len(pending)} runs to go")
+                executor = Executor(
+                    ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
+                    experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
+                    budget=budget, progress=self.progress, extra_env=extra_env,
+                )
+                summary: ExecutionSummary = await executor.run(pending)
+                if summary.budget_stop:
+                    status, note = "budget_exhausted", summary.budget_stop
+                    break
+        finally:
+            await backend.release(host)
+        ledger.update_experiment(exp_id, status=status, note=note)
+        report = write_report(ledger, exp_id, self.paths.report(exp_id))
+        succeeded, failed = _counts(ledger, exp_id)
+        return ResearchOutcome(exp_id, status, report.md.parent, succeeded, failed, note)
+
+
+def backend_price(loaded: LoadedSpec) -> float:
+    return loaded.spec.hardware.price_per_hour
+
+
+def _counts(ledger: Ledger, experiment_id: str) -> tuple[int, int]:
+    runs = ledger.runs(experiment_id)
+    return sum(r.status == "succeeded" for r in runs), sum(r.status == "failed" for r in runs)
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM stops the orchestrator like Ctrl-C: runs are killed and marked interrupted."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+def plan_summary(plan: Plan, price: float, timeout_s: float) -> dict[str, float | int]:
+    runs = len(plan.arms) * plan.replicates
+    return {"arms": len(plan.arms), "replicates": plan.replicates, "runs": runs,
+            "worst_case_dollars": run_worst_case(price, timeout_s) * runs}

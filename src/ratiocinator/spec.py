@@ -1,0 +1,288 @@
+"""The research spec: what to study, where the code is, and what may be spent.
+
+The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
+``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
+``extra_knobs``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
+are documented in the README. Unknown keys are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+from .specfile import Loc, format_validation_error, line_for, load_yaml_with_lines
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+\-]{0,99}$")
+# Variables the backend owns; an arm setting them would break pinning or bookkeeping.
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PATH", "VIRTUAL_ENV"})
+RESERVED_PREFIX = "RATIOCINATOR_"
+
+Scalar = str | int | float | bool
+
+
+def scalar_to_env(value: Scalar) -> str:
+    """Environment values are strings; booleans keep their YAML spelling."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_env_name(name: str, what: str) -> str:
+    if not ENV_NAME.match(name):
+        raise ValueError(f"{what} '{name}' is not a valid environment variable name (letters, digits, _; not starting with a digit)")
+    if name in RESERVED_ENV or name.startswith(RESERVED_PREFIX):
+        raise ValueError(f"{what} '{name}' is set by Ratiocinator itself and cannot be an experiment knob")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(_Strict):
+    """What the runs need; each backend honours or reports every field."""
+
+    gpu: str | None = None
+    num_gpus: int = Field(0, ge=0)
+    min_cpu_ram_gb: float | None = Field(None, ge=0)
+    min_inet_down: float | None = Field(None, ge=0)
+    min_cuda_version: str | None = None
+    max_dph: float | None = Field(None, ge=0)
+    disk_gb: float | None = Field(None, ge=0)
+    image: str | None = None
+    price_per_hour: float = Field(0.0, ge=0, description="local/SSH price used for budget accounting")
+
+    @field_validator("min_cuda_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: object) -> object:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("min_cuda_version")
+    @classmethod
+    def _version_form(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+){0,2}", value):
+            raise ValueError("expected a version like 12.0 or \"12.4\"")
+        return value
+
+
+class Data(_Strict):
+    source: Literal["none", "local"] = "none"
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_for_local(self) -> Data:
+        if self.source == "local" and not self.path:
+            raise ValueError("data.source 'local' needs data.path (a directory, exported to runs as RATIOCINATOR_DATA_DIR)")
+        if self.source == "none" and self.path:
+            raise ValueError("data.path is set but data.source is 'none'; set source: local to use it")
+        return self
+
+
+class Deps(_Strict):
+    pre_install: list[str] = []
+    requirements: str | None = None
+    exclude_from_requirements: list[str] = []
+    verify: str | None = None
+
+
+class Metrics(_Strict):
+    protocol: Literal["json_line", "key_value", "regex"] = "json_line"
+    json_prefix: str = Field("METRICS:", min_length=1)
+    patterns: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _patterns_for_regex(self) -> Metrics:
+        if self.protocol == "regex" and not self.patterns:
+            raise ValueError("protocol 'regex' needs metrics.patterns: {metric_name: 'regex with one (group)'}")
+        for name, pattern in self.patterns.items():
+            try:
+                groups = re.compile(pattern).groups
+            except re.error as exc:
+                raise ValueError(f"metrics.patterns.{name}: invalid regex: {exc}") from None
+            if groups != 1:
+                raise ValueError(f"metrics.patterns.{name}: the regex must have exactly one (group), it has {groups}")
+        return self
+
+
+class Arm(_Strict):
+    """One configuration: knobs as environment variables, optional runner flags."""
+
+    name: str
+    env: dict[str, Scalar] = {}
+    args: dict[str, Scalar | None] = {}
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _arm_name(cls, value: str) -> str:
+        if not ARM_NAME.match(value):
+            raise ValueError("arm names use letters, digits and _.,=+- (at most 100 characters, not starting with punctuation)")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        for key in value:
+            _check_env_name(key, "knob")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _flags(cls, value: dict[str, Scalar | None]) -> dict[str, Scalar | None]:
+        for flag in value:
+            if not re.fullmatch(r"--?[A-Za-z0-9][A-Za-z0-9_\-]*", flag):
+                raise ValueError(f"runner flag '{flag}' must look like --name or -n")
+        return value
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Spec(_Strict):
+    """A research spec (seed fields first, then extensions)."""
+
+    name: str | None = None
+    topic: str = Field(min_length=1)
+    goal_metric: str = Field(min_length=1)
+    maximize: bool
+    repo_url: str = Field(min_length=1)
+    repo_branch: str = "HEAD"
+    runner_script: str = Field(min_length=1)
+    hardware: Hardware = Hardware()
+    data: Data = Data()
+    deps: Deps = Deps()
+    metrics: Metrics = Metrics()
+    max_iterations: PositiveInt = 1
+    max_dollars: float = Field(0.0, ge=0)
+    train_timeout_s: float = Field(3600.0, gt=0)
+    download_timeout_s: float = Field(600.0, gt=0)
+    paper_title: str | None = None
+
+    arms: list[Arm] = []
+    factors: dict[str, list[Scalar]] = {}
+    design: Literal["grid", "ablation"] = "grid"
+    baseline: str | dict[str, Scalar] | None = None
+    replicates: PositiveInt = 3
+    seed_env: str | None = None
+    concurrency: PositiveInt | None = None
+    backend: Literal["local"] = "local"
+    extra_knobs: list[str] = []
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", value):
+            raise ValueError("name uses letters, digits and _.- (at most 64 characters)")
+        return value
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, value: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        for name, levels in value.items():
+            _check_env_name(name, "factor")
+            if not levels:
+                raise ValueError(f"factor '{name}' has no values")
+            rendered = [scalar_to_env(v) for v in levels]
+            if len(set(rendered)) != len(rendered):
+                raise ValueError(f"factor '{name}' lists a value twice: {rendered}")
+        return value
+
+    @field_validator("seed_env")
+    @classmethod
+    def _seed_env(cls, value: str | None) -> str | None:
+        return None if value is None else _check_env_name(value, "seed_env")
+
+    @field_validator("extra_knobs")
+    @classmethod
+    def _extra_knobs(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.startswith("-"):
+                _check_env_name(name, "extra knob")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Spec:
+        if self.metrics.protocol == "regex" and self.goal_metric not in self.metrics.patterns:
+            raise ValueError(
+                f"goal_metric '{self.goal_metric}' has no entry in metrics.patterns "
+                f"(has: {', '.join(sorted(self.metrics.patterns))})"
+            )
+        if isinstance(self.baseline, dict):
+            if not self.factors:
+                raise ValueError("baseline is a mapping of factor values, but the spec has no factors")
+            missing = set(self.factors) - set(self.baseline)
+            extra = set(self.baseline) - set(self.factors)
+            if missing or extra:
+                raise ValueError(
+                    "baseline must give one value for every factor"
+                    + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
+                    + (f"; not a factor: {', '.join(sorted(extra))}" if extra else "")
+                )
+            for name, value in self.baseline.items():
+                levels = [scalar_to_env(v) for v in self.factors[name]]
+                if scalar_to_env(value) not in levels:
+                    raise ValueError(f"baseline {name}={scalar_to_env(value)} is not one of the factor's values {levels}")
+        if self.design == "ablation" and self.factors and self.baseline is None:
+            raise ValueError("design 'ablation' varies one factor at a time from the baseline: set baseline: {FACTOR: value, ...}")
+        if self.seed_env and any(self.seed_env in arm.env for arm in self.arms):
+            raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; arms must not set it")
+        if self.seed_env and self.seed_env in self.factors:
+            raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.paper_title or f"{self.name or 'Experiment'}: {self.goal_metric}"
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec plus where it came from (for hashing, resume and error lines)."""
+
+    spec: Spec
+    path: Path
+    text: str
+    sha256: str
+    lines: dict[Loc, int]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or re.sub(r"[^A-Za-z0-9_.\-]", "-", self.path.stem)[:64]
+
+    def where(self, *loc: str | int) -> str:
+        """``file:line`` for a location in the spec, for error messages."""
+        line = line_for(tuple(loc), self.lines)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read, parse and validate a spec file; every failure is a SpecError (exit 2)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: the spec is not UTF-8 text (byte {exc.start})") from None
+    data, lines = load_yaml_with_lines(text, path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: the spec must be a mapping of keys to values, got {type(data).__name__}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, Spec, path, lines) from None
+    return LoadedSpec(spec=spec, path=path.resolve(), text=text, sha256=hashlib.sha256(raw).hexdigest(), lines=lines)

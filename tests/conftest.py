@@ -1,0 +1,70 @@
+"""Shared fixtures: a real git repo holding a runner, a spec pointing at it, and the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gitrepo import GitRepo
+from ratiocinator.ledger import Ledger
+
+CLI = [sys.executable, "-m", "ratiocinator"]
+
+
+@dataclass
+class Study:
+    """A target repository, a spec file and a --home, in one temp dir."""
+
+    root: Path
+    repo: GitRepo
+    home: Path
+
+    def commit(self, files: dict[str, str], executable: tuple[str, ...] = ("run.sh",)) -> str:
+        for name, content in files.items():
+            target = self.repo.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(textwrap.dedent(content).lstrip())
+        for name in executable:
+            if (self.repo.path / name).exists():
+                (self.repo.path / name).chmod(0o755)
+        return self.repo.commit({})
+
+    def spec(self, name: str = "study", **fields: object) -> Path:
+        data: dict[str, object] = {
+            "name": name,
+            "topic": "a test study",
+            "goal_metric": "score",
+            "maximize": True,
+            "repo_url": str(self.repo.path),
+            "repo_branch": "main",
+            "runner_script": "run.sh",
+            "replicates": 1,
+            "train_timeout_s": 30,
+        }
+        data.update(fields)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, "--home", str(self.home), *args], capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **(env or {})}, cwd=self.root,
+        )
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.home / "ledger.db")
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Study:
+    repo = GitRepo(tmp_path / "repo")
+    repo.commit({"README.md": "target\n"}, "init")
+    return Study(root=tmp_path, repo=repo, home=tmp_path / "home")
