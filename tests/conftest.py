@@ -49,6 +49,8 @@ class Study:
             "train_timeout_s": 30,
         }
         data.update(fields)
+        if "arms" not in data and "factors" not in data:
+            data["arms"] = [{"name": "a"}]
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path

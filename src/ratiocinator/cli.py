@@ -27,7 +27,7 @@ from .progress import LiveProgress, PlainProgress
 from .report import write_report
 from .spec import load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -274,6 +274,7 @@ class Research:
         ledger.event(exp_id, "host", f"host {host.name}", name=host.name, slots=[s.label for s in host.slots],
                      price_per_hour=host.price_per_hour, **host.info)
         budget = Budget(ledger, exp_id, spec.max_dollars)
+        price = host.price_per_hour
         try:
             self.progress.message("preparing the workspace (clone, deps, verify)")
             workspace = await backend.prepare(host, self.loaded, commit)

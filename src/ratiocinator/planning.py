@@ -56,6 +56,8 @@ def factor_arm_name(levels: dict[str, str]) -> str:
 
 
 def _factor_arms(spec: Spec) -> list[PlannedArm]:
+    if not spec.factors:
+        return []
     names = list(spec.factors)
     levels = {n: [scalar_to_env(v) for v in spec.factors[n]] for n in names}
     if spec.design == "grid":

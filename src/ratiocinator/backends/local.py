@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from .. import workspace as ws
 from ..errors import BackendError
@@ -44,23 +47,51 @@ def _kill_group(pgid: int, sig: int) -> bool:
 
 
 class LocalRunHandle(RunHandle):
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    """A child process watched through a pidfd, so its exit is seen even while
+    a stray grandchild still holds its pipes open (asyncio's own subprocess
+    transport only reports exit once every pipe has closed)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.pid_start = process_start_time(proc.pid)
-        self._exit: ExitInfo | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            if not self._exited.done():
+                self._exited.set_result(None)
+
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):  # no pidfd: a thread blocks in waitpid instead
+            threading.Thread(target=lambda: (self.proc.wait(), loop.call_soon_threadsafe(exited)), daemon=True).start()
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            exited()
+
+        loop.add_reader(pidfd, readable)
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(maxsize=64)
 
-        async def pump(name: Stream, reader: asyncio.StreamReader) -> None:
+        async def pump(name: Stream, pipe: Any) -> None:
+            reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
             try:
                 while chunk := await reader.read(CHUNK):
                     await queue.put((name, chunk))
             finally:
+                transport.close()
                 await queue.put(None)
 
-        assert self.proc.stdout is not None and self.proc.stderr is not None
         tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)), asyncio.create_task(pump("stderr", self.proc.stderr))]
         open_streams = 2
         try:
@@ -76,15 +107,14 @@ class LocalRunHandle(RunHandle):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self) -> ExitInfo:
-        if self._exit is None:
-            code = await self.proc.wait()
-            self._exit = ExitInfo(exit_code=None, signal=-code) if code < 0 else ExitInfo(exit_code=code, signal=None)
-        return self._exit
+        await asyncio.shield(self._exited)
+        code = self.proc.wait()
+        return ExitInfo(exit_code=None, signal=-code) if code < 0 else ExitInfo(exit_code=code, signal=None)
 
     async def cancel(self, grace_s: float = 5.0) -> None:
         _kill_group(self.proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), grace_s)
+            await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
         except asyncio.TimeoutError:
             pass
         _kill_group(self.proc.pid, signal.SIGKILL)
@@ -153,15 +183,9 @@ class LocalBackend(Backend):
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *request.argv,
-                cwd=request.cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                limit=CHUNK,
+            proc = subprocess.Popen(
+                request.argv, cwd=request.cwd, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             )
         except OSError as exc:
             raise BackendError(f"cannot start {request.argv[0]}: {exc.strerror}") from None
