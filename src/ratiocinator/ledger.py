@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import UsageError
 
 SCHEMA_VERSION = 1
@@ -79,14 +81,19 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment_id, status);
 
-CREATE TABLE IF NOT EXISTS metric_points (
-    run_id  INTEGER NOT NULL REFERENCES runs(id),
-    seq     INTEGER NOT NULL,
-    name    TEXT NOT NULL,
-    step    INTEGER,
-    value   REAL
+-- Time series are stored in chunks of packed little-endian arrays (seq int64, step
+-- int64 with NO_STEP for none, value float64 with NaN/inf kept): a runner printing a
+-- million points costs a few hundred rows, not a million.
+CREATE TABLE IF NOT EXISTS metric_chunks (
+    run_id     INTEGER NOT NULL REFERENCES runs(id),
+    name       TEXT NOT NULL,
+    first_seq  INTEGER NOT NULL,
+    n          INTEGER NOT NULL,
+    seqs       BLOB NOT NULL,
+    steps      BLOB NOT NULL,
+    vals       BLOB NOT NULL,
+    PRIMARY KEY (run_id, name, first_seq)
 );
-CREATE INDEX IF NOT EXISTS points_by_run ON metric_points(run_id, name, seq);
 
 CREATE TABLE IF NOT EXISTS run_metrics (
     run_id   INTEGER NOT NULL REFERENCES runs(id),
@@ -128,6 +135,7 @@ CREATE INDEX IF NOT EXISTS charges_by_experiment ON charges(experiment_id, state
 # the textual value survives in the run's log.
 TERMINAL = ("succeeded", "failed")
 MONEY_EPSILON = 1e-9
+NO_STEP = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True)
@@ -373,10 +381,23 @@ class Ledger:
             db.execute("UPDATE runs SET pid = ?, pid_start = ? WHERE id = ?", (pid, pid_start, run_id))
 
     def add_points(self, run_id: int, points: Iterable[Any]) -> None:
+        """Append a batch of metric points (objects with name, seq, step, value), one chunk per metric."""
+        grouped: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        for p in points:
+            series = grouped.get(p.name)
+            if series is None:
+                series = grouped[p.name] = ([], [], [])
+            series[0].append(p.seq)
+            series[1].append(NO_STEP if p.step is None else p.step)
+            series[2].append(p.value)
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO metric_points (run_id, seq, name, step, value) VALUES (?, ?, ?, ?, ?)",
-                ((run_id, p.seq, p.name, p.step, _float_or_none(p.value)) for p in points),
+                "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (run_id, name, seqs[0], len(seqs), np.asarray(seqs, "<i8").tobytes(),
+                     np.asarray(steps, "<i8").tobytes(), np.asarray(vals, "<f8").tobytes())
+                    for name, (seqs, steps, vals) in grouped.items()
+                ),
             )
 
     def finish_run(
@@ -442,14 +463,26 @@ class Ledger:
             out.setdefault(r["run_id"], {})[r["name"]] = (r["value"], bool(r["finite"]))
         return out
 
+    def series(self, run_id: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seq, step, value) arrays of one metric of one run, in order; step is NO_STEP where absent."""
+        rows = self.db.execute(
+            "SELECT seqs, steps, vals FROM metric_chunks WHERE run_id = ? AND name = ? ORDER BY first_seq", (run_id, name)
+        ).fetchall()
+        if not rows:
+            empty = np.empty(0, dtype="<i8")
+            return empty, empty.copy(), np.empty(0, dtype="<f8")
+        return tuple(np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows]) for i, dt in enumerate(("<i8", "<i8", "<f8")))  # type: ignore[return-value]
+
     def points(self, run_id: int, name: str) -> list[tuple[int, int | None, float | None]]:
-        """(seq, step, value) of one metric of one run, in order."""
+        """(seq, step, value) of one metric of one run, in order; non-finite values as None."""
+        seqs, steps, vals = self.series(run_id, name)
         return [
-            (r[0], r[1], r[2])
-            for r in self.db.execute(
-                "SELECT seq, step, value FROM metric_points WHERE run_id = ? AND name = ? ORDER BY seq", (run_id, name)
-            )
+            (int(q), None if t == NO_STEP else int(t), float(v) if np.isfinite(v) else None)
+            for q, t, v in zip(seqs, steps, vals)
         ]
+
+    def point_names(self, run_id: int) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? ORDER BY name", (run_id,))]
 
     def terminal_replicates(self, experiment_id: str) -> set[tuple[str, int]]:
         """(arm name, replicate) pairs that already have a finished (succeeded/failed) attempt."""

@@ -1,0 +1,173 @@
+"""Orchestrator overhead, measured side by side in one run.
+
+1. 200 no-op arms through the local backend's executor against the same 200 runner
+   invocations through `xargs -P` at the same concurrency. Prints the wall-clock ratio
+   (target ≤ 1.15).
+2. One runner printing 1,000,000 `METRICS:` lines: orchestrator wall time relative to
+   the same runner writing to /dev/null, and the orchestrator's peak RSS (target:
+   bounded, under 200 MB).
+
+Usage: python bench/overhead.py [--arms 200] [--concurrency 2] [--lines 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ratiocinator.backends.base import Workspace
+from ratiocinator.backends.local import LocalBackend, runner_argv
+from ratiocinator.budget import Budget
+from ratiocinator.executor import Executor
+from ratiocinator.ledger import Ledger
+from ratiocinator.planning import plan_iteration
+from ratiocinator.spec import load_spec
+
+NOOP_RUNNER = '#!/usr/bin/env bash\necho "METRICS: {\\"score\\": ${K:-0}}"\n'
+CHATTY_RUNNER = """#!/usr/bin/env python3
+import os, sys
+n = int(os.environ.get("LINES", "1000000"))
+out = sys.stdout
+for i in range(n):
+    out.write('METRICS: {"step": %d, "loss": %.6f}\\n' % (i, 1.0 / (i + 1)))
+out.write('METRICS: {"score": 1.0}\\n')
+out.flush()
+"""
+
+
+def make_repo(root: Path, script: str) -> Path:
+    repo = root / "repo"
+    repo.mkdir()
+    (repo / "run.sh").write_text(script)
+    (repo / "run.sh").chmod(0o755)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "bench",
+           "GIT_COMMITTER_EMAIL": "b@x", "GIT_CONFIG_GLOBAL": os.devnull}
+    for args in (["init", "-q", "--initial-branch=main"], ["add", "-A"], ["commit", "-qm", "bench"]):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
+    return repo
+
+
+def write_spec(root: Path, repo: Path, factors: dict[str, list[int]], concurrency: int, timeout_s: float = 600) -> Path:
+    spec = root / "bench.yaml"
+    lines = [
+        "name: bench", "topic: orchestrator overhead", "goal_metric: score", "maximize: true",
+        f"repo_url: {repo}", "repo_branch: main", "runner_script: run.sh", "replicates: 1",
+        f"concurrency: {concurrency}", f"train_timeout_s: {timeout_s}", "factors:",
+    ]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in factors.items()]
+    spec.write_text("\n".join(lines) + "\n")
+    return spec
+
+
+async def run_executor(spec_path: Path, home: Path, goal: str = "score") -> tuple[float, int]:
+    """Time only the execution phase: runs through the local backend into a real ledger."""
+    loaded = load_spec(spec_path)
+    if goal != loaded.spec.goal_metric:
+        raise SystemExit("bench spec mismatch")
+    plan = plan_iteration(loaded)
+    backend = LocalBackend(home)
+    ledger = Ledger(home / "ledger.db")
+    exp = ledger.create_experiment(id="bench", name="bench", spec_path=str(spec_path), spec_text=loaded.text,
+                                   spec_sha256=loaded.sha256, backend="local")
+    host = await backend.acquire(loaded)
+    workspace = Workspace(checkout=Path(loaded.spec.repo_url), env={})
+    ledger.record_arms(exp.id, 1, plan.arms, plan.baseline)
+    executor = Executor(
+        ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=loaded, plan=plan,
+        experiment_id=exp.id, commit="0" * 40, arm_ids={a.name: a.id for a in ledger.arms(exp.id)},
+        argv=runner_argv(workspace.checkout, loaded.spec.runner_script, "python3"), runs_dir=home / "runs",
+        budget=Budget(ledger, exp.id, 0.0),
+    )
+    started = time.perf_counter()
+    summary = await executor.run(plan.runs())
+    elapsed = time.perf_counter() - started
+    ok = sum(r.status == "succeeded" for r in summary.results)
+    ledger.close()
+    return elapsed, ok
+
+
+def xargs_time(repo: Path, arms: int, concurrency: int) -> float:
+    """The same runner, `arms` times, through xargs -P with the knob set per invocation."""
+    started = time.perf_counter()
+    subprocess.run(
+        ["xargs", "-P", str(concurrency), "-I{}", "env", "K={}", str(repo / "run.sh")],
+        input="\n".join(str(i) for i in range(arms)) + "\n", text=True, stdout=subprocess.DEVNULL, check=True, cwd=repo,
+    )
+    return time.perf_counter() - started
+
+
+def bench_noop(arms: int, concurrency: int, rounds: int) -> None:
+    ours, theirs = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            repo = make_repo(root, NOOP_RUNNER)
+            spec = write_spec(root, repo, {"K": list(range(arms))}, concurrency)
+            theirs.append(xargs_time(repo, arms, concurrency))
+            elapsed, ok = asyncio.run(run_executor(spec, root / "home"))
+            if ok != arms:
+                raise SystemExit(f"only {ok} of {arms} no-op runs succeeded")
+            ours.append(elapsed)
+    o, t = statistics.median(ours), statistics.median(theirs)
+    print(f"no-op arms: {arms} runs at concurrency {concurrency}, median of {rounds} alternating rounds")
+    print(f"  xargs -P {concurrency}:          {t:7.3f} s")
+    print(f"  ratiocinator executor: {o:7.3f} s   ({o / arms * 1000:.2f} ms per run incl. ledger)")
+    print(f"  ratio: {o / t:.3f}  (target ≤ 1.15)")
+
+
+def chatty_child(lines: int) -> None:
+    """Run in a fresh process so ru_maxrss is the orchestrator's own peak."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        repo = make_repo(root, CHATTY_RUNNER)
+        spec = write_spec(root, repo, {"LINES": [lines]}, 1)
+        elapsed, ok = asyncio.run(run_executor(spec, root / "home", goal="score"))
+        points = Ledger(root / "home" / "ledger.db").db.execute("SELECT SUM(n) FROM metric_chunks").fetchone()[0]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"elapsed": elapsed, "peak_mb": peak_mb, "points": points, "ok": ok}))
+
+
+def bench_chatty(lines: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(Path(tmp), CHATTY_RUNNER)
+        started = time.perf_counter()
+        subprocess.run([str(repo / "run.sh")], env={**os.environ, "LINES": str(lines)}, stdout=subprocess.DEVNULL, check=True)
+        alone = time.perf_counter() - started
+    child = subprocess.run([sys.executable, __file__, "--chatty-child", str(lines)], capture_output=True, text=True, check=True)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"chatty runner: {lines:,} METRICS lines (2 metrics each)")
+    print(f"  runner → /dev/null:        {alone:7.3f} s")
+    print(f"  runner → orchestrator:     {result['elapsed']:7.3f} s   ({result['points']:,} points in the ledger)")
+    print(f"  ratio: {result['elapsed'] / alone:.2f}")
+    print(f"  orchestrator peak RSS: {result['peak_mb']:.0f} MB  (target < 200 MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--chatty-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.chatty_child:
+        chatty_child(args.chatty_child)
+        return
+    if shutil.which("xargs") is None:
+        raise SystemExit("xargs is needed for the side-by-side comparison")
+    bench_noop(args.arms, args.concurrency, args.rounds)
+    bench_chatty(args.lines)
+
+
+if __name__ == "__main__":
+    main()
