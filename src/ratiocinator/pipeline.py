@@ -267,7 +267,7 @@ class Research:
             _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
             ledger.update_experiment(exp_id, commit_sha=commit)
         code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
-        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, knobs=sorted(code.knobs.knobs))
+        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, knobs=sorted(code.knobs.knobs))
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
 
         host = await backend.acquire(self.loaded)

@@ -236,7 +236,7 @@ def _setup(
     rows = [
         ("Experiment", f"{experiment.id} ({experiment.name}), status {experiment.status}, backend {experiment.backend}"),
         ("Topic", spec.topic),
-        ("Repository", spec.repo_url),
+        ("Repository", _resolved_repo(ledger, experiment.id, spec.repo_url)),
         ("Branch", spec.repo_branch),
         ("Commit", commit),
         ("Runner script", spec.runner_script),
@@ -398,11 +398,40 @@ def _goal_figure(summary: ExperimentSummary) -> _Figure | None:
     direction = "higher" if summary.maximize else "lower"
     ax.set_title(f"{goal} per arm ({direction} is better): mean ± std, dots are runs", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    zoomed = _zoom_to_data(ax, [v for a in arms for v in a.metrics[goal].values]
+                           + [a.metrics[goal].mean + s * (a.metrics[goal].std or 0.0) for a in arms for s in (-1, 1)])
     omitted = len(summary.arms) - len(arms)
     caption = f"{goal} per arm: bar at the mean over succeeded runs, error bar ± one sample std, one dot per run."
+    if zoomed:
+        caption += " The axis is zoomed to the data and does not start at zero: compare bar tops, not bar lengths."
     if omitted:
         caption += f" {omitted} arm(s) without a finite {goal} are not shown."
     return _Figure(GOAL_FIGURE, _png(fig), caption)
+
+
+def _resolved_repo(ledger: Ledger, experiment_id: str, written: str) -> str:
+    """The repository as cloned (a relative path in the spec means little in a report)."""
+    for event in ledger.events(experiment_id):
+        repo = event["data"].get("repo") if event["kind"] == "code" else None
+        if repo and repo != written:
+            return f"{written} ({repo})"
+    return written
+
+
+def _zoom_to_data(ax: Any, values: Sequence[float]) -> bool:
+    """Zoom the y axis when the spread between arms is tiny next to the values themselves.
+
+    Bars from zero make a 0.92 vs 0.90 difference invisible; hiding it would mislead more
+    than a truncated axis that the caption announces.
+    """
+    low, high = min(values), max(values)
+    bottom, top = ax.get_ylim()
+    spread = high - low
+    if spread <= 0 or spread > 0.25 * (top - bottom):
+        return False
+    pad = 0.15 * spread
+    ax.set_ylim(low - pad, high + pad)
+    return True
 
 
 def _curve_metric(ledger: Ledger, runs: Sequence[RunRow], names: Sequence[str]) -> tuple[str, dict[int, _Points]] | None:
