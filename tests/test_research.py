@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
-from conftest import Study
+from conftest import CLI, Study
+from ratiocinator.ledger import Ledger
 
 GOOD_RUNNER = """
 #!/usr/bin/env bash
@@ -291,3 +293,15 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_relative_home_gives_runners_absolute_paths(study: Study) -> None:
+    study.commit({"run.sh": GOOD_RUNNER})
+    spec = study.spec(arms=[{"name": "a"}])
+    done = subprocess.run([*CLI, "--home", "rel-home", "research", str(spec)], cwd=study.root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ledger = Ledger(study.root / "rel-home" / "ledger.db")
+    (run,) = ledger.runs(ledger.experiments()[-1].id)
+    assert Path(run.out_dir).is_absolute() and Path(run.out_dir, "env.txt").exists()
+    assert Path(run.out_dir).is_relative_to(study.root / "rel-home")

@@ -63,7 +63,7 @@ def friendly(fn: F) -> F:
 def main_options(
     home: Annotated[Path, typer.Option("--home", envvar="RATIOCINATOR_HOME", help="ledger, workspaces and reports")] = Path(".ratiocinator"),
 ) -> None:
-    state.home = home
+    state.home = home.expanduser().resolve()
 
 
 SpecArg = Annotated[Path, typer.Argument(help="research spec (YAML)", show_default=False)]

@@ -210,7 +210,7 @@ class Research:
                  planner: Planner | None = None) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
-        self.paths = Paths(home)
+        self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
         self.progress = progress or ProgressSink()
         self.new = new
         self.planner = planner or SpecPlanner(loaded)
