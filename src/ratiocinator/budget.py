@@ -35,9 +35,6 @@ class Budget:
             self.experiment_id, amount=amount, limit=self.limit, kind="compute", note=f"${price_per_hour:g}/h × {timeout_s:g}s"
         )
 
-    def settle(self, charge_id: int, amount: float) -> None:
-        self.ledger.settle(charge_id, amount)
-
     def spent_and_reserved(self) -> tuple[float, float]:
         return self.ledger.money(self.experiment_id)
 

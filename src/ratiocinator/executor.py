@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .backends.base import Backend, ExitInfo, Host, LaunchRequest, RunHandle, Slot, Workspace
 from .budget import Budget, run_cost
@@ -178,11 +179,13 @@ class Executor:
             env=arm.env,
             argv=[*self.argv, *arm.args],
             run_root=self.runs_dir,
+            charge_id=charge,
         )
-        self.ledger.attach_charge(charge, run_id)
         run_dir = self.runs_dir / str(run_id)
         out_dir = run_dir / "out"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Directory and file creation can take milliseconds on some filesystems; off the loop,
+        # they overlap with other runs instead of serialising every launch.
+        logs = await asyncio.to_thread(_open_run_dir, run_dir, out_dir)
         env = runner_environment(
             self.base_env, self.workspace, arm.env,
             arm=arm.name, run_id=run_id, seed=planned.seed, seed_env=self.spec.seed_env,
@@ -194,7 +197,7 @@ class Executor:
         )
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
         started = time.time()
-        stream = _RunStream(self.ledger, run_id, run_dir, make_parser(
+        stream = _RunStream(self.ledger, run_id, logs, make_parser(
             self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
         ))
         handle: RunHandle | None = None
@@ -211,13 +214,14 @@ class Executor:
             if handle is not None:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
             stream.close()
+            leftover = stream.drain()
             elapsed = time.time() - started
             self.ledger.finish_run(
                 run_id, status="interrupted", failure=None, reason="the orchestrator was interrupted",
                 exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
                 cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
+                points=leftover, settle_charge=charge,
             )
-            self.budget.settle(charge, run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s))
             raise
 
     async def _supervise(self, handle: RunHandle, stream: _RunStream) -> tuple[ExitInfo, bool]:
@@ -253,6 +257,7 @@ class Executor:
         reason: str = "",
     ) -> RunResult:
         stream.close()
+        leftover = stream.drain()
         ended = time.time()
         goal = self.spec.goal_metric
         final = stream.summary.final
@@ -264,8 +269,8 @@ class Executor:
             run_id, status=status, failure=failure, reason=reason,
             exit_code=exit_info.exit_code if exit_info else None, signal=exit_info.signal if exit_info else None,
             final=final, counts=stream.summary.counts, cost=cost, ended_at=ended,
+            points=leftover, settle_charge=charge,
         )
-        self.budget.settle(charge, cost)
         value = final.get(goal)
         result = RunResult(run_id, arm, planned.replicate, status, failure, reason,
                            value if value is not None and math.isfinite(value) and not failure else None)
@@ -294,17 +299,21 @@ def classify(
     return None, ""
 
 
+def _open_run_dir(run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
+    out_dir.mkdir(parents=True)
+    return {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+
+
 class _RunStream:
     """Per-run sink: log files, line splitting, metric parsing, batched ledger writes."""
 
-    def __init__(self, ledger: Ledger, run_id: int, run_dir: Path, parser: MetricParser) -> None:
+    def __init__(self, ledger: Ledger, run_id: int, logs: dict[str, BinaryIO], parser: MetricParser) -> None:
         self.ledger = ledger
         self.run_id = run_id
         self.parser = parser
         self.summary = MetricSummary()
         self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.logs = {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+        self.logs = logs
         self.pending: list[MetricPoint] = []
         self.last_flush = time.monotonic()
         self.tail: list[str] = []
@@ -317,7 +326,6 @@ class _RunStream:
             self._lines(name, self.splitters[name].feed(chunk))
         for name, splitter in self.splitters.items():
             self._lines(name, splitter.flush())
-        self._flush_points()
 
     def _lines(self, name: str, lines: list[str]) -> None:
         if not lines:
@@ -334,18 +342,24 @@ class _RunStream:
             self._flush_points()
 
     def _flush_points(self) -> None:
-        if self.pending:
-            self.summary.add(self.pending)
-            self.ledger.add_points(self.run_id, self.pending)
-            self.pending = []
+        """Mid-run: points reach the ledger while the run is alive (a crash keeps them)."""
+        points = self.drain()
+        if points:
+            self.ledger.add_points(self.run_id, points)
         self.last_flush = time.monotonic()
+
+    def drain(self) -> list[MetricPoint]:
+        """Points not yet in the ledger, counted into the summary; the caller records them."""
+        points, self.pending = self.pending, []
+        if points:
+            self.summary.add(points)
+        return points
 
     def last_words(self) -> str:
         meaningful = [line.strip() for line in self.tail if line.strip()]
         return f": {meaningful[-1][:300]}" if meaningful else ""
 
     def close(self) -> None:
-        self._flush_points()
         for log in self.logs.values():
             if not log.closed:
                 log.close()

@@ -352,6 +352,7 @@ class Ledger:
         env: dict[str, str],
         argv: list[str],
         run_root: Path,
+        charge_id: int | None = None,
     ) -> int:
         """Record a new attempt as ``running`` with its directory ``run_root/<run id>``.
 
@@ -374,6 +375,8 @@ class Ledger:
             db.execute(
                 "UPDATE runs SET log_dir = ?, out_dir = ? WHERE id = ?", (str(run_dir), str(run_dir / "out"), run_id)
             )
+            if charge_id is not None:
+                db.execute("UPDATE charges SET run_id = ? WHERE id = ?", (run_id, charge_id))
             return run_id
 
     def set_run_process(self, run_id: int, pid: int, pid_start: int | None) -> None:
@@ -382,6 +385,11 @@ class Ledger:
 
     def add_points(self, run_id: int, points: Iterable[Any]) -> None:
         """Append a batch of metric points (objects with name, seq, step, value), one chunk per metric."""
+        with self.transaction() as db:
+            self._insert_points(db, run_id, points)
+
+    @staticmethod
+    def _insert_points(db: sqlite3.Connection, run_id: int, points: Iterable[Any]) -> None:
         grouped: dict[str, tuple[list[int], list[int], list[float]]] = {}
         for p in points:
             series = grouped.get(p.name)
@@ -390,7 +398,7 @@ class Ledger:
             series[0].append(p.seq)
             series[1].append(NO_STEP if p.step is None else p.step)
             series[2].append(p.value)
-        with self.transaction() as db:
+        if grouped:
             db.executemany(
                 "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -413,9 +421,14 @@ class Ledger:
         counts: dict[str, int],
         cost: float | None,
         ended_at: float | None = None,
+        points: Iterable[Any] = (),
+        settle_charge: int | None = None,
     ) -> None:
-        """Terminal state, final metrics and cost in one transaction."""
+        """Terminal state, the last metric points, final metrics and the settled cost in one transaction."""
         with self.transaction() as db:
+            self._insert_points(db, run_id, points)
+            if settle_charge is not None:
+                self._settle(db, settle_charge, cost or 0.0)
             db.execute(
                 "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?, cost = ?"
                 " WHERE id = ?",
@@ -527,16 +540,16 @@ class Ledger:
             )
             return int(cur.lastrowid)
 
-    def attach_charge(self, charge_id: int, run_id: int) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE charges SET run_id = ? WHERE id = ?", (run_id, charge_id))
-
     def settle(self, charge_id: int, amount: float) -> None:
         with self.transaction() as db:
-            db.execute(
-                "UPDATE charges SET state = 'settled', settled = ?, settled_at = ? WHERE id = ? AND state = 'reserved'",
-                (amount, time.time(), charge_id),
-            )
+            self._settle(db, charge_id, amount)
+
+    @staticmethod
+    def _settle(db: sqlite3.Connection, charge_id: int, amount: float) -> None:
+        db.execute(
+            "UPDATE charges SET state = 'settled', settled = ?, settled_at = ? WHERE id = ? AND state = 'reserved'",
+            (amount, time.time(), charge_id),
+        )
 
     def open_charges(self, experiment_id: str) -> list[sqlite3.Row]:
         return self.db.execute(
