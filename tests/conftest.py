@@ -70,3 +70,12 @@ def study(tmp_path: Path) -> Study:
     repo = GitRepo(tmp_path / "repo")
     repo.commit({"README.md": "target\n"}, "init")
     return Study(root=tmp_path, repo=repo, home=tmp_path / "home")
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie awaiting its parent's wait() counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False

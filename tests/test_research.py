@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
-from conftest import CLI, Study
+from conftest import CLI, Study, process_alive
 from ratiocinator.ledger import Ledger
 
 GOOD_RUNNER = """
@@ -117,7 +116,7 @@ def test_timeout_kills_the_whole_process_group(study: Study) -> None:
     (run,) = _runs(study)
     assert run.status == "failed" and run.failure == "timeout"
     for pid in Path(run.out_dir, "child.pid").read_text().split():
-        assert not _alive(int(pid)), f"child {pid} survived the timeout"
+        assert not process_alive(int(pid)), f"child {pid} survived the timeout"
 
 
 def test_children_left_behind_by_a_finished_run_are_reaped(study: Study) -> None:
@@ -131,7 +130,7 @@ def test_children_left_behind_by_a_finished_run_are_reaped(study: Study) -> None
     assert done.returncode == 0, done.stderr
     (run,) = _runs(study)
     assert run.status == "succeeded"
-    assert not _alive(int(Path(run.out_dir, "child.pid").read_text()))
+    assert not process_alive(int(Path(run.out_dir, "child.pid").read_text()))
 
 
 def test_arm_setting_an_ignored_knob_is_refused_before_anything_runs(study: Study) -> None:
@@ -281,18 +280,6 @@ def test_deps_verify_failure_shows_its_output(study: Study) -> None:
     spec = study.spec(arms=[{"name": "a"}], deps={"verify": "python3 -c 'import not_a_module_xyz'"})
     done = study.cli("research", str(spec))
     assert done.returncode == 1 and "not_a_module_xyz" in done.stderr and "Traceback" in done.stderr.split("error:", 1)[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def test_relative_home_gives_runners_absolute_paths(study: Study) -> None:

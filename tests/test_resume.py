@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import CLI, Study
+from conftest import CLI, Study, process_alive
 
 SLOW_RUNNER = """
 #!/usr/bin/env bash
@@ -53,14 +53,6 @@ def _finished_replicates(study: Study) -> Counter[tuple[str, int]]:
     return Counter((r.arm, r.replicate) for r in ledger.runs(exp.id) if r.status in ("succeeded", "failed"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
 def test_kill_9_then_rerun_resumes_without_rerunning_finished_runs(study: Study) -> None:
     study.commit({"run.sh": SLOW_RUNNER})
     spec = study.spec(factors={"K": [1, 2, 3, 4, 5]}, replicates=2, concurrency=2, seed_env=None)
@@ -101,7 +93,7 @@ def test_kill_9_then_rerun_resumes_without_rerunning_finished_runs(study: Study)
         assert row.status == "interrupted" and "orchestrator stopped" in row.reason
         retry = [r for r in runs if (r.arm, r.replicate) == (orphan.arm, orphan.replicate) and r.status == "succeeded"]
         assert len(retry) == 1 and retry[0].attempt == orphan.attempt + 1
-        assert not _alive(orphan.pid)
+        assert not process_alive(orphan.pid)
     spent, reserved = ledger.money(exp.id)
     assert reserved == 0
 
@@ -124,7 +116,7 @@ def test_ctrl_c_interrupts_cleanly_and_the_rerun_finishes(study: Study) -> None:
     interrupted = ledger.runs(exp.id, status="interrupted")
     assert len(interrupted) == 2 and not ledger.runs(exp.id, status="running")
     for run in interrupted:
-        assert not _alive(run.pid)
+        assert not process_alive(run.pid)
     rerun = study.cli("research", str(spec), env={"INVOCATION_LOG": str(log)})
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _finished_replicates(study) == Counter({(f"K={k}", 0): 1 for k in (1, 2, 3)})
