@@ -292,3 +292,16 @@ def test_relative_home_gives_runners_absolute_paths(study: Study) -> None:
     (run,) = ledger.runs(ledger.experiments()[-1].id)
     assert Path(run.out_dir).is_absolute() and Path(run.out_dir, "env.txt").exists()
     assert Path(run.out_dir).is_relative_to(study.root / "rel-home")
+
+
+def test_setup_failure_fixed_upstream_is_picked_up_by_the_rerun(study: Study) -> None:
+    study.commit({"run.sh": "#!/usr/bin/env bash\necho \"METRICS: {\\\"score\\\": 1}\"\n"})
+    spec = study.spec(arms=[{"name": "a", "env": {"LR": 0.1}}])
+    first = study.cli("research", str(spec))
+    assert first.returncode == 2 and "LR" in first.stderr
+    fixed = study.commit({"run.sh": GOOD_RUNNER})
+    second = study.cli("research", str(spec))
+    assert second.returncode == 0, second.stdout + second.stderr
+    ledger = study.ledger()
+    (exp,) = ledger.experiments()
+    assert exp.commit_sha == fixed and ledger.runs(exp.id)[0].commit_sha == fixed

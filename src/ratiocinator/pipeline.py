@@ -261,9 +261,9 @@ class Research:
         _cancel_on_sigterm()
         spec = self.spec
         exp_id = experiment.id
-        if experiment.commit_sha:
-            commit = experiment.commit_sha
-        else:
+        if experiment.commit_sha and ledger.runs(exp_id):
+            commit = experiment.commit_sha  # every run of an experiment uses one commit
+        else:  # nothing ran yet (first start, or a setup failure the user may have fixed upstream)
             _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
             ledger.update_experiment(exp_id, commit_sha=commit)
         code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
