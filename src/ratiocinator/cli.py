@@ -24,8 +24,10 @@ from .ledger import Ledger
 from .pipeline import Paths, Research, inspect_code, make_backend, plan_summary
 from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
 from .progress import LiveProgress, PlainProgress
-from .report import write_report
+from .compare import compare_experiments, comparison_json
+from .publish import ReportFiles, write_report
 from .spec import load_spec
+from .verify import read_facts, verify_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -33,6 +35,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_MISMATCHES_SHOWN = 50
 
 
 class _State:
@@ -204,9 +207,8 @@ def research(
     out.print(f"experiment {outcome.experiment_id}: {outcome.status} — {outcome.succeeded} succeeded, {outcome.failed} failed")
     if outcome.message:
         out.print(outcome.message, markup=False)
-    if outcome.report_dir is not None:
-        out.print(f"report: {outcome.report_dir / 'report.html'}")
-        out.print(f"        {outcome.report_dir / 'report.md'}")
+    if outcome.report is not None:
+        _print_report(outcome.report)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -284,13 +286,99 @@ def runs(
 
 @app.command()
 @friendly
-def report(experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")]) -> None:
-    """(Re)write an experiment's report from the ledger."""
+def report(
+    experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")],
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="build paper.pdf when pdflatex is installed")] = True,
+) -> None:
+    """(Re)write an experiment's paper, figures and exports from the ledger."""
     ledger = _ledger()
     exp = ledger.find_experiment(experiment)
-    paths = write_report(ledger, exp.id, Paths(state.home).report(exp.id))
-    out.print(f"report: {paths.html}")
-    out.print(f"        {paths.md}")
+    files = write_report(ledger, exp.id, Paths(state.home).report(exp.id), pdf=pdf)
+    _print_report(files)
+
+
+def _print_report(files: ReportFiles) -> None:
+    out.print(f"paper:   {files.html}")
+    out.print(f"         {files.md}")
+    out.print(f"         {files.tex}")
+    out.print(f"         {files.pdf}" if files.pdf else f"         ({files.pdf_note})")
+    out.print(f"exports: runs.csv, runs.json, results.tsv, aggregated_metrics.json in {files.dir}")
+    out.print(f"{files.n_facts} numbers traced to their runs in {files.facts.name}; check with `ratiocinator verify {files.dir}`")
+
+
+@app.command()
+@friendly
+def verify(report_dir: Annotated[Path, typer.Argument(help="a report directory (holds facts.json)")]) -> None:
+    """Recompute every number of a report from the ledger; exit 1 on any mismatch."""
+    recorded = read_facts(report_dir)
+    ledger = _ledger_for(recorded)
+    result = verify_report(ledger, report_dir)
+    if result.ok:
+        out.print(f"verified: {result.facts} numbers, {result.citations} citations in {', '.join(result.documents)} "
+                  f"match the ledger ({ledger.path})")
+        return
+    for line in result.mismatches[:MAX_MISMATCHES_SHOWN]:
+        err.print(f"mismatch: {line}", markup=False)
+    if len(result.mismatches) > MAX_MISMATCHES_SHOWN:
+        err.print(f"... and {len(result.mismatches) - MAX_MISMATCHES_SHOWN} more", markup=False)
+    err.print(f"error: {len(result.mismatches)} mismatch(es) between {report_dir} and the ledger; "
+              f"rewrite it with `ratiocinator report {result.experiment_id}`", markup=False)
+    raise typer.Exit(1)
+
+
+def _ledger_for(recorded: dict) -> Ledger:
+    """The --home ledger if it holds the experiment, else the ledger the report was written from."""
+    candidates = [Paths(state.home).ledger]
+    if recorded.get("ledger"):
+        candidates.append(Path(recorded["ledger"]))
+    for path in candidates:
+        if path.exists():
+            ledger = Ledger(path)
+            if ledger.db.execute("SELECT 1 FROM experiments WHERE id = ?", (recorded["experiment_id"],)).fetchone():
+                return ledger
+            ledger.close()
+    raise UsageError(f"no ledger holds experiment {recorded['experiment_id']} (looked in {', '.join(map(str, candidates))})",
+                     hint="pass --home with the directory the experiment ran in")
+
+
+@app.command()
+@friendly
+def compare(
+    a: Annotated[str, typer.Argument(help="experiment A (id, id prefix or name)")],
+    b: Annotated[str, typer.Argument(help="experiment B, compared against A")],
+    metric: Annotated[str | None, typer.Option("--metric", help="metric to compare (default: the shared goal metric)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Two experiments' arms side by side: n, mean, 95% CI, and B − A with Welch/Holm."""
+    result = compare_experiments(_ledger(), a, b, metric=metric)
+    if as_json:
+        out.print_json(json.dumps(comparison_json(result)))
+        return
+    direction = "higher" if result.maximize else "lower"
+    table = Table(title=f"{result.metric} ({direction} is better): A = {result.a}, B = {result.b}")
+    for column in ("arm", "A n", "A mean [95% CI]", "B n", "B mean [95% CI]", "B − A [95% CI]", "p (Holm)", "g", "verdict"):
+        table.add_column(column)
+    for pair in result.pairs:
+        c = pair.comparison
+        table.add_row(
+            pair.arm, _n(pair.a), _mean_ci(pair.a), _n(pair.b), _mean_ci(pair.b),
+            "—" if c is None or c.diff is None else f"{c.diff:.4g} " + (f"[{c.diff_ci.low:.4g}, {c.diff_ci.high:.4g}]" if c.diff_ci else ""),
+            "—" if pair.p_holm is None else f"{pair.p_holm:.3g}",
+            "—" if c is None or c.hedges_g is None else f"{c.hedges_g:.3g}",
+            pair.verdict,
+        )
+    out.print(table)
+
+
+def _n(goal: Any) -> str:
+    return "—" if goal is None else str(goal.describe.n)
+
+
+def _mean_ci(goal: Any) -> str:
+    if goal is None or goal.describe.mean is None:
+        return "—"
+    d = goal.describe
+    return f"{d.mean:.4g}" + (f" [{d.ci.low:.4g}, {d.ci.high:.4g}]" if d.ci else "")
 
 
 def _ledger() -> Ledger:

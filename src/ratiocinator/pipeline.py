@@ -29,7 +29,7 @@ from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
 from .planner import Planner, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
-from .report import write_report
+from .publish import ReportFiles, write_report
 from .spec import LoadedSpec
 
 FINISHED = ("completed", "budget_exhausted")
@@ -191,7 +191,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
 class ResearchOutcome:
     experiment_id: str
     status: str
-    report_dir: Path | None
+    report: ReportFiles | None
     succeeded: int
     failed: int
     message: str
@@ -226,7 +226,7 @@ class Research:
             if resumed and experiment.status in FINISHED:
                 report = write_report(ledger, experiment.id, self.paths.report(experiment.id))
                 counts = _counts(ledger, experiment.id)
-                return ResearchOutcome(experiment.id, experiment.status, report.md.parent, counts[0], counts[1],
+                return ResearchOutcome(experiment.id, experiment.status, report, counts[0], counts[1],
                                        f"experiment {experiment.id} already finished ({experiment.status}); use --new to run it again")
             with experiment_lock(self.paths.lock(experiment.id)):
                 return self._run_locked(ledger, backend, experiment, resumed, findings)
@@ -311,7 +311,7 @@ class Research:
         ledger.update_experiment(exp_id, status=status, note=note)
         report = write_report(ledger, exp_id, self.paths.report(exp_id))
         succeeded, failed = _counts(ledger, exp_id)
-        return ResearchOutcome(exp_id, status, report.md.parent, succeeded, failed, note)
+        return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
 
 
 def backend_price(loaded: LoadedSpec) -> float:

@@ -1,0 +1,700 @@
+"""The paper's figures, drawn from the inference and the ledger's metric points.
+
+Each figure is a ``matplotlib.figure.Figure`` built directly on an Agg canvas (never
+pyplot, so no figure stays registered anywhere) under a fixed style, and saved twice
+from the same object: a PNG for HTML/Markdown and a vector PDF (TrueType fonts, which
+paper venues accept where Type 3 fonts are rejected) for LaTeX. Output is deterministic
+for a given matplotlib: the PNG carries no software tag and the PDF no creation date.
+
+Captions describe what is drawn and never quote a number computed from the results,
+so every number of the paper stays a traceable fact; counts of arms are the exception.
+Every arm keeps one color in every figure (``arm_colors``), from the Okabe-Ito
+palette, which stays distinguishable under the common color-vision deficiencies.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import matplotlib.style
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from .inference import ALPHA, Inference, Verdict
+from .ledger import NO_STEP
+from .stats import CONFIDENCE
+
+if TYPE_CHECKING:
+    from .ledger import Ledger, RunRow
+
+GOAL_STEM = "fig_goal"
+CURVES_STEM = "fig_curves"
+MAIN_EFFECTS_STEM = "fig_main_effects"
+COST_STEM = "fig_cost"
+
+FIGURE_DPI = 100
+# Okabe & Ito (2008), black swapped for grey (black is the color of dots and error
+# bars) and yellow last (it is faint on white).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#999999", "#F0E442")
+INK = "#222222"
+# Above this many arms, or with labels longer than this, arm axes are laid out
+# horizontally (one row per arm, labels left of the axis, read without tilting).
+HORIZONTAL_ARMS = 12
+HORIZONTAL_LABEL = 24
+LABEL_WIDTH = 28
+LABEL_LINES = 4
+MAX_WIDTH_IN = 14.0
+MAX_HEIGHT_IN = 40.0
+# A learning curve with fewer points than this gets a marker on every point.
+MARKER_POINTS = 30
+_STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.edgecolor": INK,
+    "text.color": INK,
+    "axes.labelcolor": INK,
+    "xtick.color": INK,
+    "ytick.color": INK,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "svg.hashsalt": "ratiocinator",
+}
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """One rendered figure: ``{stem}.png`` for HTML/Markdown, ``{stem}.pdf`` for LaTeX."""
+
+    stem: str
+    caption: str
+    png: bytes
+    pdf: bytes
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """A figure before rendering: what tests and callers can inspect."""
+
+    stem: str
+    figure: Figure
+    caption: str
+
+
+# -- rendering -----------------------------------------------------------------------
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """Matplotlib's defaults plus ours, whatever a matplotlibrc or caller has set; restored on exit."""
+    with matplotlib.style.context(["default", _STYLE]):
+        yield
+
+
+def render(drawing: Drawing) -> FigureFile:
+    """PNG (dpi 100) and vector PDF of one drawing, both cropped to their content."""
+    fig = drawing.figure
+    FigureCanvasAgg(fig)
+    with _style():
+        png, pdf = io.BytesIO(), io.BytesIO()
+        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(pdf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    fig.clear()
+    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue())
+
+
+def _rendered(drawing: Drawing | None) -> FigureFile | None:
+    return None if drawing is None else render(drawing)
+
+
+def _new_figure(width: float, height: float, *, constrained: bool = False) -> Figure:
+    """A figure on its own Agg canvas. Saving crops to the content (``bbox_inches="tight"``), so
+    labels reaching past the edge are kept; constrained layout, slow with many labels, is only
+    used to space several panels."""
+    fig = Figure(figsize=(min(width, MAX_WIDTH_IN), min(height, MAX_HEIGHT_IN)), layout="constrained" if constrained else None)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# -- labels and colors -----------------------------------------------------------------
+
+
+def wrap_label(text: str, width: int = LABEL_WIDTH, max_lines: int = LABEL_LINES) -> str:
+    """Break a long arm name into lines after ``,``, spaces, ``;`` or ``/``; cut very long names with an ellipsis."""
+    if len(text) <= width:
+        return text
+    tokens: list[str] = []
+    current = ""
+    for ch in text:
+        current += ch
+        if ch in ", ;/":
+            tokens.append(current)
+            current = ""
+    if current:
+        tokens.append(current)
+    lines: list[str] = []
+    line = ""
+    for token in tokens:
+        while len(token) > width:  # one token longer than a line: hard break
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(token[:width])
+            token = token[width:]
+        if len(line) + len(token.rstrip()) > width and line:
+            lines.append(line)
+            line = ""
+        line += token
+    if line:
+        lines.append(line)
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+def _goal_rank(inference: Inference) -> list[str]:
+    """Arm names, best goal mean first; arms without a mean last, in spec order."""
+    sign = -1.0 if inference.summary.maximize else 1.0
+    with_mean = [g for g in inference.goals if g.describe.mean is not None]
+    ranked = sorted(with_mean, key=lambda g: sign * g.describe.mean)  # type: ignore[operator]
+    return [g.name for g in ranked] + [g.name for g in inference.goals if g.describe.mean is None]
+
+
+def arm_colors(inference: Inference) -> dict[str, str]:
+    """One color per arm, the same in every figure.
+
+    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms colors
+    must repeat, so they are handed out baseline first, then by goal rank: the arms a
+    learning-curve figure draws (the baseline and the best) stay distinct.
+    """
+    names = [a.name for a in inference.summary.arms]
+    if len(names) > len(PALETTE):
+        ranked = _goal_rank(inference)
+        if inference.baseline is not None:
+            ranked = [inference.baseline, *(n for n in ranked if n != inference.baseline)]
+        names = ranked + [n for n in names if n not in ranked]
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _arm_label(inference: Inference, name: str) -> str:
+    marks = []
+    if name == inference.baseline:
+        marks.append("baseline")
+    comparison = inference.comparison(name)
+    if comparison is not None and comparison.verdict is Verdict.IMPROVEMENT:
+        marks.append("▲ improvement")
+    elif comparison is not None and comparison.verdict is Verdict.REGRESSION:
+        marks.append("▼ regression")
+    label = wrap_label(name)
+    return f"{label}\n({', '.join(marks)})" if marks else label
+
+
+@dataclass(frozen=True)
+class _ArmAxis:
+    """Where arms sit on a categorical axis: columns, or rows for many or long labels."""
+
+    horizontal: bool
+    labels: tuple[str, ...]
+    fontsize: float
+
+    @staticmethod
+    def of(labels: Sequence[str]) -> _ArmAxis:
+        longest = max((max(len(line) for line in label.split("\n")) for label in labels), default=0)
+        horizontal = len(labels) > HORIZONTAL_ARMS or longest > HORIZONTAL_LABEL
+        fontsize = 8.0 if len(labels) <= 40 else max(5.0, 8.0 - (len(labels) - 40) / 20)
+        return _ArmAxis(horizontal, tuple(labels), fontsize)
+
+    def extent(self) -> float:
+        """Inches the arm axis needs."""
+        lines = sum(max(1, label.count("\n") + 1) for label in self.labels)
+        per_line = self.fontsize / 72 * 1.25
+        if self.horizontal:
+            return max(2.4, lines * per_line + 0.25 * len(self.labels) + 0.8)
+        return max(3.0, 0.75 * len(self.labels) + 1.2)
+
+    def apply(self, ax: Any) -> None:
+        positions = range(len(self.labels))
+        if self.horizontal:
+            ax.set_yticks(positions, self.labels, fontsize=self.fontsize)
+            ax.set_ylim(len(self.labels) - 0.5, -0.5)  # first arm on top
+        else:
+            tilt = len(self.labels) > 3 or any(len(line) > 12 for label in self.labels for line in label.split("\n"))
+            ax.set_xticks(positions, self.labels, fontsize=self.fontsize,
+                          rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                          rotation_mode="anchor" if tilt else "default")
+            ax.set_xlim(-0.6, len(self.labels) - 0.4)
+
+
+def _zoom_to_data(ax: Any, values: Sequence[float], *, axis: str = "y") -> bool:
+    """Zoom the value axis when the spread between arms is tiny next to the values themselves.
+
+    Bars from zero make a 0.92 vs 0.90 difference invisible; hiding it would mislead more
+    than a truncated axis that the caption announces.
+    """
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return False
+    low, high = min(values), max(values)
+    get, set_ = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    bottom, top = get()
+    spread = high - low
+    if spread <= 0 or spread > 0.25 * (top - bottom):
+        return False
+    pad = 0.15 * spread
+    set_(low - pad, high + pad)
+    return True
+
+
+def _jitter(n: int, width: float = 0.18) -> np.ndarray:
+    return np.linspace(-width, width, n) if n > 1 else np.zeros(max(n, 0))
+
+
+def _ci_text() -> str:
+    return f"{CONFIDENCE:.0%} t confidence interval"
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+# -- goal metric per arm --------------------------------------------------------------
+
+
+def draw_goal(inference: Inference) -> Drawing | None:
+    """Goal metric per arm: bar at the mean, CI error bar, a dot per run, baseline and verdicts marked."""
+    summary = inference.summary
+    goal = summary.goal_metric
+    goals = [g for g in inference.goals if g.describe.mean is not None]
+    if not goals:
+        return None
+    colors = arm_colors(inference)
+    layout = _ArmAxis.of([_arm_label(inference, g.name) for g in goals])
+    extent = layout.extent()
+    fig = _new_figure(7.0, extent) if layout.horizontal else _new_figure(extent, 4.2)
+    ax = fig.add_subplot()
+    horizontal = layout.horizontal
+    bar = ax.barh if horizontal else ax.bar
+    value_axis = "x" if horizontal else "y"
+    shown: list[float] = []
+    marked = {"improvement": False, "regression": False}
+    for i, g in enumerate(goals):
+        d = g.describe
+        mean = float(d.mean)  # type: ignore[arg-type]
+        comparison = inference.comparison(g.name)
+        verdict = comparison.verdict if comparison is not None else None
+        hatch = "//" if verdict is Verdict.IMPROVEMENT else "\\\\" if verdict is Verdict.REGRESSION else None
+        if verdict is Verdict.IMPROVEMENT:
+            marked["improvement"] = True
+        elif verdict is Verdict.REGRESSION:
+            marked["regression"] = True
+        bar(i, mean, 0.6, color=colors[g.name], alpha=0.6, edgecolor=INK, linewidth=0.6, hatch=hatch)
+        shown.append(mean)
+        if d.ci is not None:
+            err = [[mean - d.ci.low], [d.ci.high - mean]]
+            kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4, "linewidth": 1.2, "zorder": 4}
+            ax.errorbar(mean, i, xerr=err, **kw) if horizontal else ax.errorbar(i, mean, yerr=err, **kw)
+            shown += [d.ci.low, d.ci.high]
+        values = np.asarray(g.stats.values, dtype=float)
+        offsets = i + _jitter(values.size)
+        size = 14 if values.size <= 20 else 6
+        alpha = 0.9 if values.size <= 20 else 0.5
+        if horizontal:
+            ax.scatter(values, offsets, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
+        else:
+            ax.scatter(offsets, values, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
+        shown += values.tolist()
+    base = next((g for g in goals if g.name == inference.baseline), None)
+    if base is not None and len(goals) > 1:
+        line = ax.axvline if horizontal else ax.axhline
+        line(float(base.describe.mean), color=INK, linestyle="--", linewidth=0.9, zorder=1)  # type: ignore[arg-type]
+    layout.apply(ax)
+    direction = "higher" if summary.maximize else "lower"
+    (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
+    ax.grid(axis=value_axis, alpha=0.3)
+    zoomed = _zoom_to_data(ax, shown, axis=value_axis)
+
+    handles: list[Any] = [
+        Line2D([], [], color=INK, marker="o", linestyle="none", markersize=4, label="run"),
+        Line2D([], [], color=INK, marker="|", linestyle="-", markersize=8, label=f"{CONFIDENCE:.0%} CI of the mean"),
+    ]
+    if base is not None and len(goals) > 1:
+        handles.append(Line2D([], [], color=INK, linestyle="--", linewidth=0.9, label="baseline mean"))
+    if marked["improvement"]:
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="improvement"))
+    if marked["regression"]:
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="regression"))
+    if horizontal:
+        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), frameon=False)
+    else:
+        ax.legend(handles=handles, loc="best", framealpha=0.85)
+
+    caption = (
+        f"{goal} per arm ({direction} is better). Each bar is the mean of the arm's succeeded runs, its error bar "
+        f"the {_ci_text()} of that mean, and each dot one run's final value."
+    )
+    if base is not None and len(goals) > 1:
+        caption += " The dashed line marks the baseline's mean."
+    if inference.comparisons:
+        caption += (
+            f" Hatched bars, labelled improvement or regression, differ from the baseline in a Holm-corrected "
+            f"Welch test at level {ALPHA:g} by more than the baseline's run-to-run standard deviation."
+        )
+        if not any(marked.values()):
+            caption += " No arm does."
+    if any(g.describe.ci is None for g in goals):
+        caption += " An arm with a single run has no error bar."
+    if zoomed:
+        caption += " The value axis is zoomed to the data and does not start at zero: compare bar ends, not bar lengths."
+    omitted = len(inference.goals) - len(goals)
+    if omitted:
+        caption += f" {_plural(omitted, 'arm')} without a finite {goal} value {'is' if omitted == 1 else 'are'} not shown."
+    return Drawing(GOAL_STEM, fig, caption)
+
+
+def goal_figure(inference: Inference) -> FigureFile | None:
+    with _style():
+        return _rendered(draw_goal(inference))
+
+
+# -- learning curves ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """One arm's mean curve over its succeeded runs."""
+
+    arm: str
+    n_runs: int
+    x: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray | None  # the band, None with a single run
+    high: np.ndarray | None
+
+
+def _curve_arms(inference: Inference, runs: Sequence[RunRow], max_arms: int) -> tuple[list[str], int]:
+    """The arms to draw (spec order) and how many had succeeded runs to draw from."""
+    with_runs = {r.arm for r in runs if r.status == "succeeded"}
+    candidates = [a.name for a in inference.summary.arms if a.name in with_runs]
+    if len(candidates) <= max_arms:
+        return candidates, len(candidates)
+    chosen: list[str] = []
+    if inference.baseline in candidates:
+        chosen.append(inference.baseline)  # type: ignore[arg-type]
+    for name in _goal_rank(inference):
+        if len(chosen) >= max_arms:
+            break
+        if name in candidates and name not in chosen:
+            chosen.append(name)
+    keep = set(chosen)
+    return [n for n in candidates if n in keep], len(candidates)
+
+
+_Series = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _load(ledger: Ledger, run_ids: Sequence[int], metric: str) -> dict[int, _Series] | None:
+    """Every run's series of ``metric``, or None when no run has two finite points of it."""
+    series = {rid: ledger.series(rid, metric) for rid in run_ids}
+    if any(np.count_nonzero(np.isfinite(v)) >= 2 for _, _, v in series.values()):
+        return series
+    return None
+
+
+def _aggregate(arm: str, per_run: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Curve | None:
+    """Mean (and band) across runs at each x, over the runs with a finite value there."""
+    xs, vs = [], []
+    n_runs = 0
+    for x, v in per_run:
+        if x.size > 1 and np.any(np.diff(x) <= 0):  # a step logged twice: its last value counts
+            _, first_in_reversed = np.unique(x[::-1], return_index=True)
+            keep = x.size - 1 - first_in_reversed
+            x, v = x[keep], v[keep]
+        finite = np.isfinite(v)
+        if not finite.any():
+            continue
+        n_runs += 1
+        xs.append(x[finite])
+        vs.append(v[finite])
+    if not n_runs:
+        return None
+    x_all = np.concatenate(xs)
+    v_all = np.concatenate(vs)
+    ux, inverse = np.unique(x_all, return_inverse=True)
+    count = np.bincount(inverse, minlength=ux.size).astype(float)
+    mean = np.bincount(inverse, weights=v_all, minlength=ux.size) / count
+    if n_runs == 1:
+        return _Curve(arm, 1, ux, mean, None, None)
+    if n_runs == 2:
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate(([0], np.cumsum(count[:-1]).astype(np.int64)))
+        low = np.minimum.reduceat(v_all[order], starts)
+        high = np.maximum.reduceat(v_all[order], starts)
+        return _Curve(arm, 2, ux, mean, low, high)
+    sq = np.bincount(inverse, weights=(v_all - mean[inverse]) ** 2, minlength=ux.size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count >= 2, np.sqrt(sq / (count - 1)), np.nan)
+    return _Curve(arm, n_runs, ux, mean, mean - std, mean + std)
+
+
+def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> Drawing | None:
+    """Per arm, the mean learning curve over its succeeded runs with a spread band."""
+    summary = inference.summary
+    arms, n_candidates = _curve_arms(inference, runs, max(1, max_arms))
+    if not arms:
+        return None
+    drawn = set(arms)
+    run_ids: dict[str, list[int]] = {a: [] for a in arms}
+    for r in runs:
+        if r.status == "succeeded" and r.arm in drawn:
+            run_ids[r.arm].append(r.id)
+    all_ids = [rid for a in arms for rid in run_ids[a]]
+    names = list(summary.metrics)
+    names += [n for n in ledger.point_names(all_ids[0]) if n not in names]
+    metric, series = None, None
+    for name in names:
+        series = _load(ledger, all_ids, name)
+        if series is not None:
+            metric = name
+            break
+    if metric is None or series is None:
+        return None
+
+    use_steps = all(not np.any(step == NO_STEP) for _, step, _ in series.values())
+    curves: list[_Curve] = []
+    for a in arms:
+        per_run = []
+        for rid in run_ids[a]:
+            _, step, value = series[rid]
+            if value.size:
+                per_run.append((step if use_steps else np.arange(value.size), value))
+        curve = _aggregate(a, per_run)
+        if curve is not None:
+            curves.append(curve)
+    if not curves:
+        return None
+
+    colors = arm_colors(inference)
+    labels = {c.arm: wrap_label(c.arm) + (" (baseline)" if c.arm == inference.baseline else "") for c in curves}
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    for c in curves:
+        color = colors[c.arm]
+        marker = "." if c.x.size < MARKER_POINTS else None
+        ax.plot(c.x, c.mean, color=color, linewidth=1.4, marker=marker, label=labels[c.arm],
+                linestyle="--" if c.arm == inference.baseline else "-")
+        if c.low is not None and c.high is not None:
+            ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.18, linewidth=0)
+    ax.set_xlabel("step" if use_steps else f"report index (k-th value of {metric} a run reported)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    long_legend = len(curves) > 4 or any(len(line) > 20 for lb in labels.values() for line in lb.split("\n"))
+    if long_legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(loc="best", framealpha=0.85)
+
+    caption = (
+        f"Learning curves of {metric}: per arm, the mean over its succeeded runs at each "
+        + ("step" if use_steps else "report index (runs did not report steps, so the k-th values are aligned)")
+        + ", over the runs that reported a finite value there; failed and interrupted runs are not drawn."
+    )
+    bands = {c.n_runs >= 3 for c in curves if c.n_runs >= 2}
+    if True in bands:
+        caption += " Shaded bands span ± one sample standard deviation across runs"
+        caption += "; for an arm with two runs, the band spans the two runs (min to max)." if False in bands else "."
+    elif False in bands:
+        caption += " Shaded bands span the two runs of an arm (min to max)."
+    if any(c.n_runs == 1 for c in curves):
+        caption += " An arm with a single run has no band."
+    if inference.baseline in labels:
+        caption += " The dashed line is the baseline."
+    if metric != summary.goal_metric:
+        caption += f" {summary.goal_metric} is not drawn: no run reported it more than once."
+    if n_candidates > len(arms):
+        best = len(arms) - (1 if inference.baseline in drawn else 0)
+        who = f"the baseline and the {best} arms" if inference.baseline in drawn else f"the {best} arms"
+        caption += f" Of {n_candidates} arms with succeeded runs, only {who} with the best mean {summary.goal_metric} are drawn."
+    missing = len(arms) - len(curves)
+    if missing:
+        caption += f" {_plural(missing, 'arm')} reported no finite {metric} point and {'is' if missing == 1 else 'are'} absent."
+    return Drawing(CURVES_STEM, fig, caption)
+
+
+def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> FigureFile | None:
+    with _style():
+        return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
+
+
+# -- main effects ---------------------------------------------------------------------
+
+
+def draw_main_effects(inference: Inference) -> Drawing | None:
+    """One panel per factor: each level's mean goal value with its CI, levels in spec order."""
+    analysis = inference.factors
+    if analysis is None:
+        return None
+    effects = [e for e in analysis.effects if any(lv.describe.mean is not None for lv in e.levels)]
+    if not effects:
+        return None
+    goal = inference.summary.goal_metric
+    ncols = min(len(effects), 4)
+    nrows = math.ceil(len(effects) / ncols)
+    most_levels = max(len(e.levels) for e in effects)
+    panel_width = max(2.6, 0.9 + 0.55 * most_levels)
+    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=True)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    shown: list[float] = []
+    single = False
+    for k, effect in enumerate(effects):
+        ax = axes[k // ncols][k % ncols]
+        labels = [wrap_label(lv.level, 14, 3) for lv in effect.levels]
+        for i, lv in enumerate(effect.levels):
+            d = lv.describe
+            if d.mean is None:
+                continue
+            if d.ci is not None:
+                err = [[d.mean - d.ci.low], [d.ci.high - d.mean]]
+                ax.errorbar(i, d.mean, yerr=err, fmt="o", color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
+                shown += [d.ci.low, d.ci.high]
+            else:
+                single = True
+                ax.plot(i, d.mean, "o", color=PALETTE[0], markersize=5)
+                shown.append(d.mean)
+        tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
+        ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                      rotation_mode="anchor" if tilt else "default")
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_title(wrap_label(effect.factor, 30, 2) + (" *" if effect.significant else ""))
+        ax.grid(axis="y", alpha=0.3)
+        if k % ncols == 0:
+            ax.set_ylabel(goal)
+    for k in range(len(effects), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+
+    held = any(e.pooling.startswith("other factors held") for e in effects)
+    pooled = any(e.pooling.startswith("pooled") for e in effects)
+    caption = (
+        f"Main effects on {goal}: one panel per factor, levels in the spec's order; each point is the mean goal "
+        f"value of the succeeded runs at that level, its error bar the {_ci_text()} of that mean."
+    )
+    if pooled:
+        caption += " A level pools the runs of every arm at that level, over the other factors' levels."
+    if held:
+        caption += " A level uses only the arms whose other factors sit at the baseline's levels."
+    if single:
+        caption += " A level with a single run has no error bar."
+    if any(e.significant for e in effects):
+        caption += f" An asterisk marks a factor whose ANOVA term is significant after Holm correction at level {ALPHA:g}."
+    elif analysis.anova is not None:
+        caption += " No factor's ANOVA term is significant after Holm correction."
+    return Drawing(MAIN_EFFECTS_STEM, fig, caption)
+
+
+def main_effects_figure(inference: Inference) -> FigureFile | None:
+    with _style():
+        return _rendered(draw_main_effects(inference))
+
+
+# -- cost and wall time --------------------------------------------------------------
+
+
+def _time_unit(seconds: Sequence[float]) -> tuple[str, float]:
+    top = max(seconds, default=0.0)
+    if top >= 7200:
+        return "h", 3600.0
+    if top >= 180:
+        return "min", 60.0
+    return "s", 1.0
+
+
+def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
+    """Total dollars per arm, and every run's wall time per arm with the succeeded runs' mean ± std."""
+    arms = [a.name for a in inference.summary.arms if any(r.arm == a.name for r in runs)]
+    costs = {a: [r.cost for r in runs if r.arm == a and r.cost is not None] for a in arms}
+    has_cost = any(c for values in costs.values() for c in values)
+    timed = [r for r in runs if r.arm in set(arms) and r.duration_s is not None and r.duration_s >= 0]
+    if not arms or (not has_cost and not timed):
+        return None
+    colors = arm_colors(inference)
+    layout = _ArmAxis(True, tuple(_arm_label(inference, a) for a in arms), _ArmAxis.of([a for a in arms]).fontsize)
+    panels = int(has_cost) + int(bool(timed))
+    fig = _new_figure(4.0 * panels + 1.5, layout.extent())
+    axes = fig.subplots(1, panels, sharey=True, squeeze=False, gridspec_kw={"wspace": 0.08})[0]
+    k = 0
+    caption_parts = []
+    if has_cost:
+        ax = axes[k]
+        k += 1
+        for i, a in enumerate(arms):
+            ax.barh(i, sum(costs[a]), 0.6, color=colors[a], alpha=0.8, edgecolor=INK, linewidth=0.6)
+        ax.set_xlabel("total cost ($)")
+        ax.grid(axis="x", alpha=0.3)
+        where = "Left" if timed else "Per arm"
+        caption_parts.append(f"{where}: the dollars each arm cost, summed over all of its attempts, failed ones included.")
+    if timed:
+        ax = axes[k]
+        unit, scale = _time_unit([r.duration_s for r in timed])  # type: ignore[misc]
+        any_failed = False
+        for i, a in enumerate(arms):
+            mine = [r for r in timed if r.arm == a]
+            ok = np.asarray([r.duration_s for r in mine if r.status == "succeeded"], dtype=float) / scale
+            other = np.asarray([r.duration_s for r in mine if r.status != "succeeded"], dtype=float) / scale
+            if ok.size:
+                std = float(ok.std(ddof=1)) if ok.size >= 2 else None
+                ax.errorbar(float(ok.mean()), i, xerr=std, fmt="D", color=colors[a], ecolor=INK, markeredgecolor=INK,
+                            capsize=4, markersize=6, zorder=4)
+                ax.scatter(ok, i + 0.25 + _jitter(ok.size, 0.08), color=INK, s=8, zorder=5, linewidths=0)
+            if other.size:
+                any_failed = True
+                ax.scatter(other, i + 0.25 + _jitter(other.size, 0.08), facecolors="none", edgecolors=INK, s=12,
+                           zorder=5, linewidths=0.8)
+        ax.set_xlabel(f"wall time per run ({unit})")
+        ax.set_xlim(left=0)
+        ax.grid(axis="x", alpha=0.3)
+        where = "Right" if has_cost else "Per arm"
+        part = (f"{where}: wall time of each run (dots), with a diamond at the mean over the arm's succeeded runs and "
+                "an error bar of ± one sample standard deviation.")
+        if any_failed:
+            part += " Hollow dots are runs that did not succeed."
+        caption_parts.append(part)
+    layout.apply(axes[0])
+    for ax in axes[1:]:
+        ax.tick_params(axis="y", left=False)
+    caption = " ".join(caption_parts)
+    if not has_cost:
+        caption += " No run recorded a dollar cost."
+    return Drawing(COST_STEM, fig, caption)
+
+
+def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | None:
+    with _style():
+        return _rendered(draw_cost(inference, runs))
+
+
+# -- all of them -----------------------------------------------------------------------
+
+
+def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> list[FigureFile]:
+    """The figures the data supports, in paper order: goal, curves, main effects, cost."""
+    figures = [
+        goal_figure(inference),
+        curves_figure(ledger, inference, runs),
+        main_effects_figure(inference),
+        cost_figure(inference, runs),
+    ]
+    return [f for f in figures if f is not None]
