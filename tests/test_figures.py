@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 from matplotlib.colors import to_hex
 
 from ratiocinator import figures
@@ -58,18 +59,23 @@ class Book:
         self.replicates: dict[str, int] = {}
 
     def run(self, arm: str, final: float | None, *, curve: Sequence[float] = (), steps: bool = True,
-            status: str = "succeeded", cost: float | None = 0.02, seconds: float = 30.0, metric: str = "acc") -> int:
+            status: str = "succeeded", cost: float | None = 0.02, seconds: float = 30.0, metric: str = "acc",
+            extra: dict[str, list[float]] | None = None) -> int:
         replicate = self.replicates.get(arm, 0)
         self.replicates[arm] = replicate + 1
         run_id = self.ledger.start_run(
             experiment_id=self.id, arm_id=self.arm_ids[arm], replicate=replicate, seed=replicate, host="localhost",
             slot="slot0", commit_sha="c0ffee", env={}, argv=["python", "train.py"], run_root=self.tmp / "runs",
         )
-        points = [MetricPoint(name=metric, value=float(v), step=10 * i if steps else None, seq=i) for i, v in enumerate(curve)]
+        series = {metric: list(curve), **(extra or {})}
+        points = [MetricPoint(name=name, value=float(v), step=10 * i if steps else None, seq=i)
+                  for name, values in series.items() for i, v in enumerate(values)]
+        finals = {} if final is None else {metric: final}
+        finals.update({name: values[-1] for name, values in (extra or {}).items()})
         started = self.ledger.run(run_id).started_at
         self.ledger.finish_run(
             run_id, status=status, failure=None if status == "succeeded" else "crash", reason="", exit_code=0,
-            signal=None, final={} if final is None else {metric: final}, counts={metric: len(curve)}, cost=cost,
+            signal=None, final=finals, counts={name: len(values) for name, values in series.items()}, cost=cost,
             ended_at=started + seconds, points=points,
         )
         return run_id
@@ -167,9 +173,9 @@ def test_goal_figure_draws_means_cis_runs_and_verdicts(tmp_path: Path) -> None:
     bars = ax.patches
     assert [round(b.get_height(), 9) for b in bars] == [round(float(np.mean(v)), 9) for v in PLANTED.values()]
     assert [b.get_hatch() for b in bars] == [None, "//", "\\\\"]
-    dots = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if c.get_offsets().shape[0] and
-                           hasattr(c, "get_sizes") and len(c.get_offsets()) in (2, 3) and c.get_offsets()[0, 1] > 0.3])
-    assert sorted(dots.tolist()) == sorted(v for vs in PLANTED.values() for v in vs)
+    dots = next(c for c in ax.collections if isinstance(c, PathCollection)).get_offsets()
+    assert dots[:, 1].tolist() == [v for vs in PLANTED.values() for v in vs]  # one dot per run, in its arm's column
+    assert np.round(dots[:, 0]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
     # The CI drawn is the inference's t interval of the mean.
     lo, hi = ax.get_ylim()
     ci = inference.goal("fast").describe.ci
@@ -231,8 +237,7 @@ def test_single_point_curves_fall_back_to_another_metric_or_none(tmp_path: Path)
     book = Book(tmp_path, arms("a"))
     book.run("a", 0.5, curve=[0.5])
     assert curves_figure(book.ledger, book.inference(), book.runs) is None
-    rid = book.run("a", 0.6, curve=[0.6])
-    book.ledger.add_points(rid, [MetricPoint(name="loss", value=v, step=i, seq=i) for i, v in enumerate((3.0, 2.0, 1.0))])
+    book.run("a", 0.6, curve=[0.6], extra={"loss": [3.0, 2.0, 1.0]})
     drawing = draw_curves(book.ledger, book.inference(), book.runs)
     assert drawing is not None
     assert drawing.figure.axes[0].get_ylabel() == "loss"
@@ -365,7 +370,9 @@ def test_hundred_arms_with_long_names_render(tmp_path: Path) -> None:
     assert all(len(line) <= figures.LABEL_WIDTH for t in ax.get_yticklabels() for line in t.get_text().split("\n"))
     width, height = goal.figure.get_size_inches()
     assert width <= figures.MAX_WIDTH_IN and height <= figures.MAX_HEIGHT_IN
-    assert len(set(arm_colors(inference).values())) == len(PALETTE)
+    colors = arm_colors(inference)
+    assert {n for n, c in colors.items() if c != figures.OTHER_COLOR} == {names[0], *names[-7:]}  # baseline + best
+    assert "Only the baseline and the 7 arms with the best mean acc have a color of their own" in goal.caption
 
 
 @pytest.mark.parametrize(

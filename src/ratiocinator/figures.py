@@ -41,9 +41,11 @@ MAIN_EFFECTS_STEM = "fig_main_effects"
 COST_STEM = "fig_cost"
 
 FIGURE_DPI = 100
-# Okabe & Ito (2008), black swapped for grey (black is the color of dots and error
-# bars) and yellow last (it is faint on white).
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#999999", "#F0E442")
+# Okabe & Ito (2008), with black (the color of dots and error bars here) swapped for
+# Paul Tol's wine, and yellow last (it is faint on white).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#F0E442")
+# Arms past the palette: a hundred arms cannot have a hundred distinguishable colors.
+OTHER_COLOR = "#BBBBBB"
 INK = "#222222"
 # Above this many arms, or with labels longer than this, arm axes are laid out
 # horizontally (one row per arm, labels left of the axis, read without tilting).
@@ -53,6 +55,8 @@ LABEL_WIDTH = 28
 LABEL_LINES = 4
 MAX_WIDTH_IN = 14.0
 MAX_HEIGHT_IN = 40.0
+# A column of more arms than this gets its value axis repeated on top.
+TOP_AXIS_ARMS = 25
 # A learning curve with fewer points than this gets a marker on every point.
 MARKER_POINTS = 30
 _STYLE = {
@@ -107,11 +111,16 @@ def _style() -> Iterator[None]:
 def render(drawing: Drawing) -> FigureFile:
     """PNG (dpi 100) and vector PDF of one drawing, both cropped to their content."""
     fig = drawing.figure
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     with _style():
+        # One layout pass finds the content's box for both files (text layout is the slow
+        # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
+        fig.set_dpi(FIGURE_DPI)
+        fig.draw_without_rendering()
+        box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
         png, pdf = io.BytesIO(), io.BytesIO()
-        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches="tight", metadata={"Software": None})
-        fig.savefig(pdf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None})
+        fig.savefig(pdf, format="pdf", bbox_inches=box, metadata={"CreationDate": None})
     fig.clear()
     return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue())
 
@@ -178,17 +187,19 @@ def _goal_rank(inference: Inference) -> list[str]:
 def arm_colors(inference: Inference) -> dict[str, str]:
     """One color per arm, the same in every figure.
 
-    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms colors
-    must repeat, so they are handed out baseline first, then by goal rank: the arms a
-    learning-curve figure draws (the baseline and the best) stay distinct.
+    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms, the
+    baseline and the best arms by goal mean (the ones the learning-curve figure draws)
+    take the palette and every other arm is grey: repeating colors would suggest
+    groups that do not exist.
     """
     names = [a.name for a in inference.summary.arms]
-    if len(names) > len(PALETTE):
-        ranked = _goal_rank(inference)
-        if inference.baseline is not None:
-            ranked = [inference.baseline, *(n for n in ranked if n != inference.baseline)]
-        names = ranked + [n for n in names if n not in ranked]
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+    if len(names) <= len(PALETTE):
+        return {name: PALETTE[i] for i, name in enumerate(names)}
+    ranked = _goal_rank(inference)
+    if inference.baseline is not None:
+        ranked = [inference.baseline, *(n for n in ranked if n != inference.baseline)]
+    ranked += [n for n in names if n not in set(ranked)]
+    return {name: PALETTE[i] if i < len(PALETTE) else OTHER_COLOR for i, name in enumerate(ranked)}
 
 
 def _arm_label(inference: Inference, name: str) -> str:
@@ -268,6 +279,16 @@ def _ci_text() -> str:
     return f"{CONFIDENCE:.0%} t confidence interval"
 
 
+def _grey_note(inference: Inference, shown: Sequence[str], what: str) -> str:
+    """The caption's word on grey arms, when there are more arms than colors."""
+    colors = arm_colors(inference)
+    if not any(colors[name] == OTHER_COLOR for name in shown):
+        return ""
+    best = len(PALETTE) - (1 if inference.baseline is not None else 0)
+    who = f"the baseline and the {best} arms" if inference.baseline is not None else f"the {best} arms"
+    return f" Only {who} with the best mean {inference.summary.goal_metric} have a color of their own; grey {what} are the other arms."
+
+
 def _plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
@@ -290,34 +311,36 @@ def draw_goal(inference: Inference) -> Drawing | None:
     horizontal = layout.horizontal
     bar = ax.barh if horizontal else ax.bar
     value_axis = "x" if horizontal else "y"
-    shown: list[float] = []
-    marked = {"improvement": False, "regression": False}
-    for i, g in enumerate(goals):
-        d = g.describe
-        mean = float(d.mean)  # type: ignore[arg-type]
-        comparison = inference.comparison(g.name)
-        verdict = comparison.verdict if comparison is not None else None
-        hatch = "//" if verdict is Verdict.IMPROVEMENT else "\\\\" if verdict is Verdict.REGRESSION else None
+    # One artist per kind (bars, error bars, dots) rather than per arm: a hundred arms stay quick to draw.
+    positions = np.arange(len(goals))
+    means = np.asarray([g.describe.mean for g in goals], dtype=float)
+    bars = bar(positions, means, 0.6, color=[colors[g.name] for g in goals], alpha=0.6, edgecolor=INK, linewidth=0.6)
+    verdicts = [getattr(inference.comparison(g.name), "verdict", None) for g in goals]
+    for patch, verdict in zip(bars.patches, verdicts):
         if verdict is Verdict.IMPROVEMENT:
-            marked["improvement"] = True
+            patch.set_hatch("//")
         elif verdict is Verdict.REGRESSION:
-            marked["regression"] = True
-        bar(i, mean, 0.6, color=colors[g.name], alpha=0.6, edgecolor=INK, linewidth=0.6, hatch=hatch)
-        shown.append(mean)
-        if d.ci is not None:
-            err = [[mean - d.ci.low], [d.ci.high - mean]]
-            kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4, "linewidth": 1.2, "zorder": 4}
-            ax.errorbar(mean, i, xerr=err, **kw) if horizontal else ax.errorbar(i, mean, yerr=err, **kw)
-            shown += [d.ci.low, d.ci.high]
-        values = np.asarray(g.stats.values, dtype=float)
-        offsets = i + _jitter(values.size)
-        size = 14 if values.size <= 20 else 6
-        alpha = 0.9 if values.size <= 20 else 0.5
-        if horizontal:
-            ax.scatter(values, offsets, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
-        else:
-            ax.scatter(offsets, values, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
-        shown += values.tolist()
+            patch.set_hatch("\\\\")
+    marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
+    with_ci = [(i, g.describe) for i, g in enumerate(goals) if g.describe.ci is not None]
+    shown = means.tolist()
+    if with_ci:
+        at = np.asarray([i for i, _ in with_ci], dtype=float)
+        center = means[at.astype(int)]
+        low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
+        high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
+        err = np.vstack([center - low, high - center])
+        kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4 if len(goals) <= 40 else 2, "linewidth": 1.2, "zorder": 4}
+        ax.errorbar(center, at, xerr=err, **kw) if horizontal else ax.errorbar(at, center, yerr=err, **kw)
+        shown += low.tolist() + high.tolist()
+    values = [np.asarray(g.stats.values, dtype=float) for g in goals]
+    dots = np.concatenate(values)
+    offsets = np.concatenate([i + _jitter(v.size) for i, v in enumerate(values)])
+    most = max(v.size for v in values)
+    size, alpha = (14, 0.9) if most <= 20 else (6, 0.5)
+    xy = (dots, offsets) if horizontal else (offsets, dots)
+    ax.scatter(*xy, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
+    shown += dots.tolist()
     base = next((g for g in goals if g.name == inference.baseline), None)
     if base is not None and len(goals) > 1:
         line = ax.axvline if horizontal else ax.axhline
@@ -327,6 +350,8 @@ def draw_goal(inference: Inference) -> Drawing | None:
     (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
     ax.grid(axis=value_axis, alpha=0.3)
     zoomed = _zoom_to_data(ax, shown, axis=value_axis)
+    if horizontal and len(goals) > TOP_AXIS_ARMS:
+        ax.tick_params(axis="x", top=True, labeltop=True)
 
     handles: list[Any] = [
         Line2D([], [], color=INK, marker="o", linestyle="none", markersize=4, label="run"),
@@ -360,6 +385,7 @@ def draw_goal(inference: Inference) -> Drawing | None:
         caption += " An arm with a single run has no error bar."
     if zoomed:
         caption += " The value axis is zoomed to the data and does not start at zero: compare bar ends, not bar lengths."
+    caption += _grey_note(inference, [g.name for g in goals], "bars")
     omitted = len(inference.goals) - len(goals)
     if omitted:
         caption += f" {_plural(omitted, 'arm')} without a finite {goal} value {'is' if omitted == 1 else 'are'} not shown."
@@ -463,8 +489,9 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
         if r.status == "succeeded" and r.arm in drawn:
             run_ids[r.arm].append(r.id)
     all_ids = [rid for a in arms for rid in run_ids[a]]
-    names = list(summary.metrics)
-    names += [n for n in ledger.point_names(all_ids[0]) if n not in names]
+    names = list(summary.metrics)  # the goal first, then what succeeded runs reported
+    for a in arms:  # a metric that was only streamed, never final, still counts
+        names += [n for n in ledger.point_names(run_ids[a][0]) if n not in names]
     metric, series = None, None
     for name in names:
         series = _load(ledger, all_ids, name)
@@ -624,45 +651,56 @@ def _time_unit(seconds: Sequence[float]) -> tuple[str, float]:
 
 def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
     """Total dollars per arm, and every run's wall time per arm with the succeeded runs' mean ± std."""
-    arms = [a.name for a in inference.summary.arms if any(r.arm == a.name for r in runs)]
-    costs = {a: [r.cost for r in runs if r.arm == a and r.cost is not None] for a in arms}
+    by_arm: dict[str, list[RunRow]] = {}
+    for r in runs:
+        by_arm.setdefault(r.arm, []).append(r)
+    arms = [a.name for a in inference.summary.arms if a.name in by_arm]
+    costs = {a: [r.cost for r in by_arm[a] if r.cost is not None] for a in arms}
     has_cost = any(c for values in costs.values() for c in values)
-    timed = [r for r in runs if r.arm in set(arms) and r.duration_s is not None and r.duration_s >= 0]
-    if not arms or (not has_cost and not timed):
+    timed = {a: [r for r in by_arm[a] if r.duration_s is not None and r.duration_s >= 0] for a in arms}
+    has_time = any(timed.values())
+    if not arms or (not has_cost and not has_time):
         return None
     colors = arm_colors(inference)
-    layout = _ArmAxis(True, tuple(_arm_label(inference, a) for a in arms), _ArmAxis.of([a for a in arms]).fontsize)
-    panels = int(has_cost) + int(bool(timed))
+    labels = [_arm_label(inference, a) for a in arms]
+    layout = _ArmAxis(True, tuple(labels), _ArmAxis.of(labels).fontsize)
+    panels = int(has_cost) + int(has_time)
     fig = _new_figure(4.0 * panels + 1.5, layout.extent())
     axes = fig.subplots(1, panels, sharey=True, squeeze=False, gridspec_kw={"wspace": 0.08})[0]
-    k = 0
+    positions = np.arange(len(arms))
     caption_parts = []
     if has_cost:
-        ax = axes[k]
-        k += 1
-        for i, a in enumerate(arms):
-            ax.barh(i, sum(costs[a]), 0.6, color=colors[a], alpha=0.8, edgecolor=INK, linewidth=0.6)
+        ax = axes[0]
+        ax.barh(positions, [sum(costs[a]) for a in arms], 0.6, color=[colors[a] for a in arms], alpha=0.8,
+                edgecolor=INK, linewidth=0.6)
         ax.set_xlabel("total cost ($)")
         ax.grid(axis="x", alpha=0.3)
-        where = "Left" if timed else "Per arm"
+        where = "Left" if has_time else "Per arm"
         caption_parts.append(f"{where}: the dollars each arm cost, summed over all of its attempts, failed ones included.")
-    if timed:
-        ax = axes[k]
-        unit, scale = _time_unit([r.duration_s for r in timed])  # type: ignore[misc]
-        any_failed = False
+    if has_time:
+        ax = axes[-1]
+        unit, scale = _time_unit([r.duration_s for rs in timed.values() for r in rs])  # type: ignore[misc]
+        ok_x, ok_y, other_x, other_y, mean_at, mean_x, mean_err, mean_color = [], [], [], [], [], [], [], []
         for i, a in enumerate(arms):
-            mine = [r for r in timed if r.arm == a]
-            ok = np.asarray([r.duration_s for r in mine if r.status == "succeeded"], dtype=float) / scale
-            other = np.asarray([r.duration_s for r in mine if r.status != "succeeded"], dtype=float) / scale
+            ok = np.asarray([r.duration_s for r in timed[a] if r.status == "succeeded"], dtype=float) / scale
+            other = np.asarray([r.duration_s for r in timed[a] if r.status != "succeeded"], dtype=float) / scale
+            ok_x.append(ok)
+            ok_y.append(i + 0.25 + _jitter(ok.size, 0.08))
+            other_x.append(other)
+            other_y.append(i + 0.25 + _jitter(other.size, 0.08))
             if ok.size:
-                std = float(ok.std(ddof=1)) if ok.size >= 2 else None
-                ax.errorbar(float(ok.mean()), i, xerr=std, fmt="D", color=colors[a], ecolor=INK, markeredgecolor=INK,
-                            capsize=4, markersize=6, zorder=4)
-                ax.scatter(ok, i + 0.25 + _jitter(ok.size, 0.08), color=INK, s=8, zorder=5, linewidths=0)
-            if other.size:
-                any_failed = True
-                ax.scatter(other, i + 0.25 + _jitter(other.size, 0.08), facecolors="none", edgecolors=INK, s=12,
-                           zorder=5, linewidths=0.8)
+                mean_at.append(i)
+                mean_x.append(float(ok.mean()))
+                mean_err.append(float(ok.std(ddof=1)) if ok.size >= 2 else 0.0)
+                mean_color.append(colors[a])
+        if mean_at:
+            ax.errorbar(mean_x, mean_at, xerr=mean_err, fmt="none", ecolor=INK, capsize=3, linewidth=1.0, zorder=4)
+            ax.scatter(mean_x, mean_at, marker="D", c=mean_color, edgecolors=INK, s=36, linewidths=0.6, zorder=5)
+        ax.scatter(np.concatenate(ok_x), np.concatenate(ok_y), color=INK, s=8, zorder=5, linewidths=0)
+        any_failed = any(x.size for x in other_x)
+        if any_failed:
+            ax.scatter(np.concatenate(other_x), np.concatenate(other_y), facecolors="none", edgecolors=INK, s=12,
+                       zorder=5, linewidths=0.8)
         ax.set_xlabel(f"wall time per run ({unit})")
         ax.set_xlim(left=0)
         ax.grid(axis="x", alpha=0.3)
@@ -673,9 +711,12 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
             part += " Hollow dots are runs that did not succeed."
         caption_parts.append(part)
     layout.apply(axes[0])
+    for ax in axes:
+        if len(arms) > TOP_AXIS_ARMS:
+            ax.tick_params(axis="x", top=True, labeltop=True)
     for ax in axes[1:]:
         ax.tick_params(axis="y", left=False)
-    caption = " ".join(caption_parts)
+    caption = " ".join(caption_parts) + _grey_note(inference, arms, "bars and diamonds")
     if not has_cost:
         caption += " No run recorded a dollar cost."
     return Drawing(COST_STEM, fig, caption)
