@@ -56,6 +56,20 @@ class PlantedStudy:
         self.replicates: dict[str, int] = {}
 
     @classmethod
+    def open(cls, home: Path, exp_id: str) -> PlantedStudy:
+        """An experiment already in ``home/ledger.db``, to add runs to."""
+        study = cls.__new__(cls)
+        study.home, study.id = home, exp_id
+        study.ledger = Ledger(home / "ledger.db")
+        experiment = study.ledger.experiment(exp_id)
+        study.text, study.sha = experiment.spec_text, experiment.spec_sha256
+        study.arm_ids = {a.name: a.id for a in study.ledger.arms(exp_id)}
+        study.replicates = {}
+        for run in study.ledger.runs(exp_id):
+            study.replicates[run.arm] = max(study.replicates.get(run.arm, 0), run.replicate + 1)
+        return study
+
+    @classmethod
     def arms(cls, **envs: dict[str, str]) -> list[PlannedArm]:
         return [PlannedArm(name=name, env=env) for name, env in envs.items()]
 

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats as sps
 
 from planted import PlantedStudy
+from ratiocinator.analysis import best_arm, metric_stats
 from ratiocinator.facts import Kind, format_value
 from ratiocinator.planning import PlannedArm
 from ratiocinator.publish import write_report
@@ -285,3 +286,15 @@ def test_paper_tex_compiles_to_pdf_even_with_hostile_text(tmp_path: Path) -> Non
     assert files.pdf.read_bytes().startswith(b"%PDF")
     assert (study.report_dir / "fig_goal.pdf").read_bytes().startswith(b"%PDF")
     assert "U+65E5" in files.tex.read_text()  # a glyph pdflatex lacks is named, not dropped
+
+
+def test_metric_stats_keep_non_finite_and_missing_values_apart() -> None:
+    finals = {1: {"m": (2.0, True)}, 2: {"m": (2.0, True)}, 3: {"m": (None, False)}, 4: {}}
+    equal = metric_stats("m", [1, 2, 3, 4], finals)
+    assert (equal.n, equal.mean, equal.std, equal.min, equal.max) == (2, 2.0, 0.0, 2.0, 2.0)
+    assert (equal.nonfinite_run_ids, equal.missing_run_ids) == ((3,), (4,))
+    empty = metric_stats("m", [3, 4], finals)
+    assert (empty.n, empty.mean, empty.std, empty.min, empty.max, empty.min_run_id) == (0, None, None, None, None, None)
+    inf = metric_stats("m", [5], {5: {"m": (math.inf, True)}})
+    assert (inf.n, inf.nonfinite_run_ids) == (0, (5,))
+    assert best_arm([], "m", maximize=True) is None

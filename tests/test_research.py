@@ -58,7 +58,7 @@ def test_full_study_records_every_run_metric_and_env(study: Study) -> None:
     assert "some stderr chatter" in Path(fast.log_dir, "stderr.log").read_text()
     assert fast.commit_sha == study.repo.head() and fast.env == {"LR": "0.5", "DEPTH": "3"}
     report_dir = study.home / "reports" / exp.id
-    assert (report_dir / "report.md").exists() and (report_dir / "report.html").exists()
+    assert all((report_dir / name).exists() for name in ("paper.md", "paper.html", "paper.tex", "facts.json", "runs.csv"))
 
 
 def test_misbehaving_runners_are_recorded_truthfully(study: Study) -> None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 import yaml
@@ -24,10 +24,10 @@ from .ledger import Ledger
 from .pipeline import Paths, Research, inspect_code, make_backend, plan_summary
 from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
 from .progress import LiveProgress, PlainProgress
-from .compare import compare_experiments, comparison_json
-from .publish import ReportFiles, write_report
 from .spec import load_spec
-from .verify import read_facts, verify_report
+
+if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
+    from .publish import ReportFiles
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -291,6 +291,8 @@ def report(
     pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="build paper.pdf when pdflatex is installed")] = True,
 ) -> None:
     """(Re)write an experiment's paper, figures and exports from the ledger."""
+    from .publish import write_report
+
     ledger = _ledger()
     exp = ledger.find_experiment(experiment)
     files = write_report(ledger, exp.id, Paths(state.home).report(exp.id), pdf=pdf)
@@ -310,6 +312,8 @@ def _print_report(files: ReportFiles) -> None:
 @friendly
 def verify(report_dir: Annotated[Path, typer.Argument(help="a report directory (holds facts.json)")]) -> None:
     """Recompute every number of a report from the ledger; exit 1 on any mismatch."""
+    from .verify import read_facts, verify_report
+
     recorded = read_facts(report_dir)
     ledger = _ledger_for(recorded)
     result = verify_report(ledger, report_dir)
@@ -350,6 +354,8 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
 ) -> None:
     """Two experiments' arms side by side: n, mean, 95% CI, and B − A with Welch/Holm."""
+    from .compare import compare_experiments, comparison_json
+
     result = compare_experiments(_ledger(), a, b, metric=metric)
     if as_json:
         out.print_json(json.dumps(comparison_json(result)))

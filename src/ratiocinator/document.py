@@ -14,9 +14,12 @@ import html
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .facts import FactBook, provenance, split
-from .figures import FigureFile
+
+if TYPE_CHECKING:
+    from .figures import FigureFile
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -90,7 +93,7 @@ def _with_facts(text: str, book: FactBook, escape: Callable[[str], str], token: 
 
 # -- Markdown ------------------------------------------------------------------------
 
-MD_FACT = re.compile(r'\[([^\]\n]*)\]\(#(f[0-9]+)(?: "(?:[^"\\]|\\.)*")?\)')
+MD_FACT = re.compile(r"(?<!\\)\[([^\[\]\n]*)\]\(#(f[0-9]+)\)")
 
 
 def _md_escape(text: str) -> str:

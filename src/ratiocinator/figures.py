@@ -14,12 +14,13 @@ palette, which stays distinguishable under the common color-vision deficiencies.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import matplotlib.style
 import numpy as np
@@ -27,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.transforms import offset_copy
 
 from .inference import ALPHA, Inference, Verdict
 from .ledger import NO_STEP
@@ -34,6 +36,9 @@ from .stats import CONFIDENCE
 
 if TYPE_CHECKING:
     from .ledger import Ledger, RunRow
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 GOAL_STEM = "fig_goal"
 CURVES_STEM = "fig_curves"
@@ -73,6 +78,7 @@ _STYLE = {
     "axes.labelcolor": INK,
     "xtick.color": INK,
     "ytick.color": INK,
+    "text.parse_math": False,  # an arm named "lr=$a$" is a name, not mathtext
     "pdf.fonttype": 42,
     "ps.fonttype": 42,
     "svg.hashsalt": "ratiocinator",
@@ -106,6 +112,17 @@ def _style() -> Iterator[None]:
     """Matplotlib's defaults plus ours, whatever a matplotlibrc or caller has set; restored on exit."""
     with matplotlib.style.context(["default", _STYLE]):
         yield
+
+
+def _styled(draw: Callable[P, R]) -> Callable[P, R]:
+    """Build a figure under the fixed style, so a drawing looks the same however it is later saved."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _style():
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
 def render(drawing: Drawing) -> FigureFile:
@@ -235,7 +252,7 @@ class _ArmAxis:
         lines = sum(max(1, label.count("\n") + 1) for label in self.labels)
         per_line = self.fontsize / 72 * 1.25
         if self.horizontal:
-            return max(2.4, lines * per_line + 0.25 * len(self.labels) + 0.8)
+            return max(2.4, lines * per_line + 0.15 * len(self.labels) + 0.8)
         return max(3.0, 0.75 * len(self.labels) + 1.2)
 
     def apply(self, ax: Any) -> None:
@@ -296,6 +313,7 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 # -- goal metric per arm --------------------------------------------------------------
 
 
+@_styled
 def draw_goal(inference: Inference) -> Drawing | None:
     """Goal metric per arm: bar at the mean, CI error bar, a dot per run, baseline and verdicts marked."""
     summary = inference.summary
@@ -350,7 +368,8 @@ def draw_goal(inference: Inference) -> Drawing | None:
     (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
     ax.grid(axis=value_axis, alpha=0.3)
     zoomed = _zoom_to_data(ax, shown, axis=value_axis)
-    if horizontal and len(goals) > TOP_AXIS_ARMS:
+    top_axis = horizontal and len(goals) > TOP_AXIS_ARMS
+    if top_axis:
         ax.tick_params(axis="x", top=True, labeltop=True)
 
     handles: list[Any] = [
@@ -363,10 +382,12 @@ def draw_goal(inference: Inference) -> Drawing | None:
         handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="improvement"))
     if marked["regression"]:
         handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="regression"))
-    if horizontal:
-        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), frameon=False)
-    else:
-        ax.legend(handles=handles, loc="best", framealpha=0.85)
+    # Above the axes, where it can cover no bar.
+    width = fig.get_size_inches()[0]
+    ncol = len(handles) if horizontal or width >= 6 else 2 if width < 4.5 else 3
+    above = offset_copy(ax.transAxes, fig=fig, y=0.3 if top_axis else 0.0, units="inches")  # clear of top tick labels
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), bbox_transform=above, ncol=ncol,
+              frameon=False, borderaxespad=0.2, handlelength=1.6, columnspacing=1.2)
 
     caption = (
         f"{goal} per arm ({direction} is better). Each bar is the mean of the arm's succeeded runs, its error bar "
@@ -393,8 +414,8 @@ def draw_goal(inference: Inference) -> Drawing | None:
 
 
 def goal_figure(inference: Inference) -> FigureFile | None:
-    with _style():
-        return _rendered(draw_goal(inference))
+    """``fig_goal``: the goal metric per arm (see ``draw_goal``); None when no arm has a finite value."""
+    return _rendered(draw_goal(inference))
 
 
 # -- learning curves ------------------------------------------------------------------
@@ -477,6 +498,7 @@ def _aggregate(arm: str, per_run: Sequence[tuple[np.ndarray, np.ndarray]]) -> _C
     return _Curve(arm, n_runs, ux, mean, mean - std, mean + std)
 
 
+@_styled
 def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> Drawing | None:
     """Per arm, the mean learning curve over its succeeded runs with a spread band."""
     summary = inference.summary
@@ -526,7 +548,7 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
                 linestyle="--" if c.arm == inference.baseline else "-")
         if c.low is not None and c.high is not None:
             ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.18, linewidth=0)
-    ax.set_xlabel("step" if use_steps else f"report index (k-th value of {metric} a run reported)")
+    ax.set_xlabel("step" if use_steps else f"report index (k-th {metric} value of a run)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     long_legend = len(curves) > 4 or any(len(line) > 20 for lb in labels.values() for line in lb.split("\n"))
@@ -551,7 +573,7 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
     if inference.baseline in labels:
         caption += " The dashed line is the baseline."
     if metric != summary.goal_metric:
-        caption += f" {summary.goal_metric} is not drawn: no run reported it more than once."
+        caption += f" {summary.goal_metric} is not drawn: no drawn run reported more than one finite value of it."
     if n_candidates > len(arms):
         best = len(arms) - (1 if inference.baseline in drawn else 0)
         who = f"the baseline and the {best} arms" if inference.baseline in drawn else f"the {best} arms"
@@ -563,13 +585,14 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
 
 
 def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> FigureFile | None:
-    with _style():
-        return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
+    """``fig_curves``: mean learning curves (see ``draw_curves``); None when no metric was streamed twice."""
+    return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
 
 
 # -- main effects ---------------------------------------------------------------------
 
 
+@_styled
 def draw_main_effects(inference: Inference) -> Drawing | None:
     """One panel per factor: each level's mean goal value with its CI, levels in spec order."""
     analysis = inference.factors
@@ -585,7 +608,6 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
     panel_width = max(2.6, 0.9 + 0.55 * most_levels)
     fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=True)
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
-    shown: list[float] = []
     single = False
     for k, effect in enumerate(effects):
         ax = axes[k // ncols][k % ncols]
@@ -597,11 +619,9 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
             if d.ci is not None:
                 err = [[d.mean - d.ci.low], [d.ci.high - d.mean]]
                 ax.errorbar(i, d.mean, yerr=err, fmt="o", color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
-                shown += [d.ci.low, d.ci.high]
             else:
                 single = True
                 ax.plot(i, d.mean, "o", color=PALETTE[0], markersize=5)
-                shown.append(d.mean)
         tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
         ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
                       rotation_mode="anchor" if tilt else "default")
@@ -629,12 +649,14 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
         caption += f" An asterisk marks a factor whose ANOVA term is significant after Holm correction at level {ALPHA:g}."
     elif analysis.anova is not None:
         caption += " No factor's ANOVA term is significant after Holm correction."
+    elif analysis.why_no_anova:
+        caption += f" No factor is tested: {analysis.why_no_anova}."
     return Drawing(MAIN_EFFECTS_STEM, fig, caption)
 
 
 def main_effects_figure(inference: Inference) -> FigureFile | None:
-    with _style():
-        return _rendered(draw_main_effects(inference))
+    """``fig_main_effects``: level means per factor; None without a factor analysis."""
+    return _rendered(draw_main_effects(inference))
 
 
 # -- cost and wall time --------------------------------------------------------------
@@ -649,6 +671,7 @@ def _time_unit(seconds: Sequence[float]) -> tuple[str, float]:
     return "s", 1.0
 
 
+@_styled
 def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
     """Total dollars per arm, and every run's wall time per arm with the succeeded runs' mean ± std."""
     by_arm: dict[str, list[RunRow]] = {}
@@ -723,8 +746,8 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
 
 
 def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | None:
-    with _style():
-        return _rendered(draw_cost(inference, runs))
+    """``fig_cost``: dollars and wall time per arm; None when no run has a cost or a duration."""
+    return _rendered(draw_cost(inference, runs))
 
 
 # -- all of them -----------------------------------------------------------------------

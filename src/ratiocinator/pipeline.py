@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import workspace as ws
 from .backends.base import Backend, HardwareFinding
@@ -29,7 +30,6 @@ from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
 from .planner import Planner, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
-from .publish import ReportFiles, write_report
 from .spec import LoadedSpec
 
 FINISHED = ("completed", "budget_exhausted")
@@ -187,6 +187,10 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
 # -- the job ----------------------------------------------------------------------
 
 
+if TYPE_CHECKING:
+    from .publish import ReportFiles
+
+
 @dataclass
 class ResearchOutcome:
     experiment_id: str
@@ -224,7 +228,7 @@ class Research:
         try:
             experiment, resumed = open_experiment(ledger, self.loaded, new=self.new)
             if resumed and experiment.status in FINISHED:
-                report = write_report(ledger, experiment.id, self.paths.report(experiment.id))
+                report = _write_report(ledger, experiment.id, self.paths.report(experiment.id))
                 counts = _counts(ledger, experiment.id)
                 return ResearchOutcome(experiment.id, experiment.status, report, counts[0], counts[1],
                                        f"experiment {experiment.id} already finished ({experiment.status}); use --new to run it again")
@@ -309,7 +313,7 @@ class Research:
         finally:
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
-        report = write_report(ledger, exp_id, self.paths.report(exp_id))
+        report = _write_report(ledger, exp_id, self.paths.report(exp_id))
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
 
@@ -335,3 +339,10 @@ def plan_summary(plan: Plan, price: float, timeout_s: float) -> dict[str, float 
     runs = len(plan.arms) * plan.replicates
     return {"arms": len(plan.arms), "replicates": plan.replicates, "runs": runs,
             "worst_case_dollars": run_worst_case(price, timeout_s) * runs}
+
+
+def _write_report(ledger: Ledger, experiment_id: str, out_dir: Path) -> ReportFiles:
+    """The paper, imported late: planning and running never load the report stack (scipy, matplotlib)."""
+    from .publish import write_report
+
+    return write_report(ledger, experiment_id, out_dir)
