@@ -133,7 +133,8 @@ def render(drawing: Drawing) -> FigureFile:
         # One layout pass finds the content's box for both files (text layout is the slow
         # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
         fig.set_dpi(FIGURE_DPI)
-        fig.draw_without_rendering()
+        if fig.get_layout_engine() is not None:  # panels are placed at draw time
+            fig.draw_without_rendering()
         box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
         png, pdf = io.BytesIO(), io.BytesIO()
         fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None})
