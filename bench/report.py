@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached ledger")
     parser.add_argument("--build-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.runs, args.points, args.arms_per_factor, args.repeat) < 1:
+        parser.error("--runs, --points, --arms-per-factor and --repeat must be at least 1")
     if args.build_child:
         build_ledger(Path(args.build_child), args.runs, args.points, args.arms_per_factor)
         return

@@ -234,7 +234,7 @@ def test_no_values_no_points_no_runs_give_no_figures(tmp_path: Path) -> None:
     assert curves_figure(book.ledger, inference, book.runs) is None
     assert goal_figure(inference) is not None
     cost = assert_files(cost_figure(inference, book.runs), "fig_cost")  # durations exist, dollars do not
-    assert "No run recorded a dollar cost" in cost.caption
+    assert "No run recorded a non-zero dollar cost" in cost.caption
 
 
 def test_single_point_curves_fall_back_to_another_metric_or_none(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_full_study_records_every_run_metric_and_env(study: Study) -> None:
                       replicates=2, seed_env="SEED", concurrency=2)
     done = study.cli("research", str(spec))
     assert done.returncode == 0, done.stderr + done.stdout
-    assert "report:" in done.stdout
+    assert "paper:" in done.stdout
     runs = _runs(study)
     assert len(runs) == 6 and all(r.status == "succeeded" for r in runs)
     ledger = study.ledger()

@@ -341,7 +341,7 @@ def render_latex(title: str, blocks: Sequence[Block], book: FactBook) -> str:
         elif isinstance(block, Figure):
             body.append(
                 "\\begin{figure}[htbp]\n\\centering\n"
-                rf"\includegraphics[width=\linewidth,height=0.45\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
+                rf"\includegraphics[width=\linewidth,height=0.85\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
                 f"\n\\caption{{{tex_escape(block.file.caption)}}}\n\\end{{figure}}"
             )
         else:

@@ -742,7 +742,7 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
         ax.tick_params(axis="y", left=False)
     caption = " ".join(caption_parts) + _grey_note(inference, arms, "bars and diamonds")
     if not has_cost:
-        caption += " No run recorded a dollar cost."
+        caption += " No run recorded a non-zero dollar cost, so cost is not drawn."
     return Drawing(COST_STEM, fig, caption)
 
 
