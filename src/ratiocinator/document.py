@@ -246,22 +246,22 @@ _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
 """
 
 
+_TEX_TABLE = str.maketrans({
+    **_TEX_SPECIAL,
+    **_TEX_UNICODE,
+    "\n": " ",
+    # Arm names are long unbroken runs of k=v,k=v: let them wrap.
+    ",": r",\allowbreak{}",
+    "=": r"=\allowbreak{}",
+})
+# What pdflatex with T1 + utf8 inputenc can set: ASCII and Latin-1/Latin Extended-A.
+_TEX_UNSUPPORTED = re.compile(r"[^\x00-\x7f\u00a0-\u017f]")
+
+
 def tex_escape(text: str) -> str:
-    out = []
-    for ch in clean(text):
-        if ch in _TEX_SPECIAL:
-            out.append(_TEX_SPECIAL[ch])
-        elif ch in ",=":  # arm names are long unbroken runs of k=v,k=v: let them wrap
-            out.append(ch + r"\allowbreak{}")
-        elif ch in _TEX_UNICODE:
-            out.append(_TEX_UNICODE[ch])
-        elif ch == "\n":
-            out.append(" ")
-        elif ord(ch) < 0x80 or 0xA0 <= ord(ch) < 0x180:
-            out.append(ch)
-        else:  # pdflatex has no glyph for it: name the code point rather than fail the build
-            out.append(rf"\texttt{{U+{ord(ch):04X}}}")
-    return "".join(out)
+    escaped = clean(text).translate(_TEX_TABLE)
+    # A glyph pdflatex lacks is named by its code point rather than failing the build.
+    return _TEX_UNSUPPORTED.sub(lambda m: rf"\texttt{{U+{ord(m.group()):04X}}}", escaped)
 
 
 def _tex_unescape(text: str) -> str:

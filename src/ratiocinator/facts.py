@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 
 
@@ -55,6 +56,16 @@ class Fact:
     @property
     def text(self) -> str:
         return format_value(self.kind, self.value)
+
+    @cached_property
+    def runs_text(self) -> str:
+        return run_ranges(self.run_ids) if self.run_ids else "none (from the spec)"
+
+    @cached_property
+    def hover(self) -> str:
+        n = len(self.run_ids)
+        runs = self.runs_text if len(self.runs_text) <= HOVER_RUNS_CHARS else f"{n:,} runs, listed in the appendix"
+        return f"{self.label} · run{'s' if n != 1 else ''} {runs}"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -117,23 +128,38 @@ def split(text: str) -> list[str]:
 
 
 def run_ranges(run_ids: Sequence[int]) -> str:
-    """``1–3, 7, 9–12``: run ids compressed into ranges so 10,000 runs stay one short line."""
+    """``1–3, 7, 9–99 step 10``: run ids as runs of evenly spaced ids, so 10,000 runs stay short.
+
+    Runs are recorded one replicate of every arm at a time, so an arm's ids step by the
+    number of arms; a plain list of them would fill pages.
+    """
     if not run_ids:
         return "none"
     ids = sorted(set(run_ids))
     parts: list[str] = []
-    start = prev = ids[0]
-    for run_id in [*ids[1:], None]:
-        if run_id is not None and run_id == prev + 1:
-            prev = run_id
-            continue
-        parts.append(str(start) if start == prev else f"{start}–{prev}")
-        if run_id is not None:
-            start = prev = run_id
+    i = 0
+    while i < len(ids):
+        j = i
+        if i + 1 < len(ids):
+            step = ids[i + 1] - ids[i]
+            while j + 1 < len(ids) and ids[j + 1] - ids[j] == step:
+                j += 1
+            if j - i < 2 and step != 1:  # two ids a step apart read better listed
+                j = i
+        if j == i:
+            parts.append(str(ids[i]))
+        elif ids[j] - ids[i] == j - i:
+            parts.append(f"{ids[i]}–{ids[j]}")
+        else:
+            parts.append(f"{ids[i]}–{ids[j]} step {ids[i + 1] - ids[i]}")
+        i = j + 1
     return ", ".join(parts)
+
+
+# Past this length the hover text names the count and leaves the ids to the appendix row.
+HOVER_RUNS_CHARS = 240
 
 
 def provenance(fact: Fact) -> str:
     """What a reader sees on hover: the label and the runs."""
-    runs = run_ranges(fact.run_ids)
-    return f"{fact.label} · run{'s' if len(fact.run_ids) != 1 else ''} {runs}"
+    return fact.hover

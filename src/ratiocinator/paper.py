@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from .analysis import ArmSummary, Finals, MetricStats, summarize_experiment
 from .document import Abstract, Block, Bullets, Code, Fields, Figure, Heading, Paragraph, Table, clean
 from .errors import SpecError
-from .facts import MISSING, FactBook, Kind, run_ranges
+from .facts import MISSING, FactBook, Kind
 from .figures import FigureFile, all_figures
 from .inference import ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference, Verdict, infer
 from .ledger import Experiment, Ledger, RunRow
@@ -47,6 +47,7 @@ class Paper:
     book: FactBook
     inference: Inference
     runs: tuple[RunRow, ...]
+    finals: Finals
     figures: tuple[FigureFile, ...]
 
 
@@ -74,7 +75,7 @@ def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> 
     w = _Writer(ledger, experiment, spec, runs, inference)
     drawn = tuple(all_figures(ledger, inference, runs)) if figures else ()
     blocks = w.build({f.stem: f for f in drawn})
-    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), drawn)
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn)
 
 
 # -- formatting helpers -----------------------------------------------------------------
@@ -112,6 +113,9 @@ class _Writer:
         self.experiment = experiment
         self.spec = spec
         self.runs = list(runs)
+        self.by_arm: dict[int, list[RunRow]] = defaultdict(list)
+        for run in self.runs:
+            self.by_arm[run.arm_id].append(run)
         self.inf = inference
         self.summary = inference.summary
         self.goal = spec.goal_metric
@@ -612,7 +616,7 @@ class _Writer:
         spent, reserved = self.ledger.money(self.experiment.id)
         rows = []
         for arm in self.summary.arms:
-            runs = [r for r in self.runs if r.arm_id == arm.arm.id]
+            runs = self.by_arm[arm.arm.id]
             costed = [r for r in runs if r.cost is not None]
             timed = [r for r in runs if r.duration_s is not None]
             cost = sum(r.cost or 0.0 for r in costed) if costed else None
@@ -695,7 +699,7 @@ class _Writer:
             setup.append(spec.deps.verify)
         rows = []
         for arm in self.summary.arms:
-            seeds = sorted({r.seed for r in self.runs if r.arm_id == arm.arm.id})
+            seeds = sorted({r.seed for r in self.by_arm[arm.arm.id]})
             env = {**arm.arm.env, "RATIOCINATOR_SEED": "$SEED"}
             if spec.seed_env:
                 env[spec.seed_env] = "$SEED"
@@ -726,7 +730,7 @@ class _Writer:
     def runner_argv(self, arm: ArmSummary) -> list[str]:
         """The command line the arm's runs were started with, relative to the checkout."""
         script = self.spec.runner_script
-        recorded = next((r.argv for r in self.runs if r.arm_id == arm.arm.id and r.argv), None)
+        recorded = next((r.argv for r in self.by_arm[arm.arm.id] if r.argv), None)
         if recorded is None:
             return [*(["python", script] if script.endswith(".py") else ["bash", script]), *arm.arm.args]
         suffix = "/" + script
@@ -736,17 +740,13 @@ class _Writer:
 
     def fact_appendix(self) -> list[Block]:
         facts = list(self.book)
-        rows = tuple((f.id, self.book.ref(f), f.label, _runs_cell(f.run_ids)) for f in facts)
+        rows = tuple((f.id, self.book.ref(f), f.label, f.runs_text) for f in facts)
         return [
             Heading("Appendix: every number and its runs", 1),
             Paragraph("Each number in this paper links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT` lists "
                       "them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
             Table(("Id", "Value", "What", "Runs"), rows, anchors=tuple(f.id for f in facts)),
         ]
-
-
-def _runs_cell(run_ids: Sequence[int]) -> str:
-    return run_ranges(run_ids) if run_ids else "— (from the spec)"
 
 
 def _anova_fact(fa: FactorAnalysis, term: str, what: str, goal: str) -> tuple[float | None, Kind, str]:

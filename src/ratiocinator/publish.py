@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .document import fact_occurrences, render_html, render_latex, render_markdown
-from .exports import write_atomic, write_results_tsv, write_runs_csv, write_runs_json
+from .exports import LedgerRows, json_records, write_atomic, write_results_tsv, write_runs_csv, write_runs_json
 from .inference import Inference
 from .ledger import Ledger
 from .paper import Paper, build_paper
@@ -61,12 +61,14 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
     }
     for name, text in rendered.items():
         write_atomic(out_dir / name, text)
-    write_atomic(out_dir / FACTS_FILE, json.dumps(_facts_document(ledger, paper, rendered), indent=2, ensure_ascii=False) + "\n")
+    head, facts = _facts_document(ledger, paper, rendered)
+    write_atomic(out_dir / FACTS_FILE, json_records(head, "facts", facts))
 
-    write_runs_json(ledger, experiment_id, out_dir / "runs.json")
-    write_runs_csv(ledger, experiment_id, out_dir / "runs.csv")
+    rows = LedgerRows(list(paper.runs), {a.summary.arm.id: a.summary.arm for a in paper.inference.goals}, dict(paper.finals))
+    write_runs_json(ledger, experiment_id, out_dir / "runs.json", rows)
+    write_runs_csv(ledger, experiment_id, out_dir / "runs.csv", rows)
     write_results_tsv(ledger, experiment_id, out_dir / "results.tsv", goal_metric=paper.spec.goal_metric,
-                      arm_status=paper.inference.arm_keeps())
+                      arm_status=paper.inference.arm_keeps(), rows=rows)
     write_atomic(out_dir / "aggregated_metrics.json",
                  json.dumps(aggregated_metrics(paper.inference), indent=2, allow_nan=False) + "\n")
 
@@ -75,7 +77,7 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
                        out_dir / FACTS_FILE, len(paper.book))
 
 
-def _facts_document(ledger: Ledger, paper: Paper, rendered: dict[str, str]) -> dict[str, Any]:
+def _facts_document(ledger: Ledger, paper: Paper, rendered: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every fact, and how often each appears in each document, for ``verify``."""
     occurrences: dict[str, dict[str, int]] = {}
     for name, text in rendered.items():
@@ -83,13 +85,13 @@ def _facts_document(ledger: Ledger, paper: Paper, rendered: dict[str, str]) -> d
         for fid, _ in fact_occurrences(DOCUMENTS[name], text):
             counts[fid] = counts.get(fid, 0) + 1
         occurrences[name] = counts
-    return {
+    head = {
         "experiment_id": paper.experiment.id,
         "ledger": str(ledger.path.resolve()),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "documents": occurrences,
-        "facts": [f.to_json() for f in paper.book],
     }
+    return head, [f.to_json() for f in paper.book]
 
 
 def aggregated_metrics(inference: Inference) -> dict[str, Any]:
