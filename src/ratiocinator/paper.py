@@ -275,6 +275,7 @@ class _Writer:
             for e in inf.factors.effects:
                 hypotheses.append(f"H({e.factor}): the level of {e.factor} affects {self.goal}.")
         if hypotheses:
+            blocks.append(Paragraph("The hypotheses the runs test, one per arm against the baseline and one per factor:"))
             blocks.append(Bullets(tuple(hypotheses)))
             blocks.append(Paragraph(
                 f"Each arm is compared with the baseline by a two-sided Welch t-test at α = {ALPHA}, with the "
