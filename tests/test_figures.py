@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.axes
 import numpy as np
 import pytest
-from matplotlib.collections import PathCollection
+from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.colors import to_hex
 
 from ratiocinator import figures
@@ -124,6 +125,12 @@ def numbers(text: str) -> set[str]:
 def assert_no_result_numbers(caption: str, counts: Sequence[int] = ()) -> None:
     """A caption may name counts and the fixed test levels, never a value computed from the runs."""
     assert numbers(caption) <= CONSTANT_NUMBERS | {str(c) for c in counts}, caption
+
+
+def arm_labels(ax: matplotlib.axes.Axes) -> list[str]:
+    """The arm labels of a horizontal arm axis: tick labels, or texts beside the axis with many arms."""
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    return ticks or [t.get_text() for t in ax.texts]
 
 
 def legend_labels(drawing: figures.Drawing) -> list[str]:
@@ -328,8 +335,10 @@ def test_factorial_design_gives_one_panel_per_factor(tmp_path: Path) -> None:
     assert panels[0].get_ylabel() == "acc"
     # The plotted level means are the inference's.
     lr_means = [lv.describe.mean for lv in inference.factors.effect("lr").levels]
-    drawn = [line.get_ydata()[0] for line in panels[0].lines if len(line.get_xdata()) == 1 and line.get_marker() == "o"]
-    assert np.allclose(drawn, lr_means)
+    points = [line for line in panels[0].lines if line.get_marker() == "o"]
+    assert len(points) == 1  # one artist for the levels, not one per level
+    assert points[0].get_xdata().tolist() == [0, 1, 2]
+    assert np.allclose(points[0].get_ydata(), lr_means)
     assert_no_result_numbers(drawing.caption)
     out = all_figures(book.ledger, inference, book.runs)
     assert [f.stem for f in out] == ["fig_goal", "fig_main_effects", "fig_cost"]
@@ -366,18 +375,92 @@ def test_hundred_arms_with_long_names_render(tmp_path: Path) -> None:
     assert_no_result_numbers(fig.caption, counts=[100, 7])
     curves = draw_curves(book.ledger, inference, book.runs)
     assert curves is not None and len(legend_labels(curves)) == 8
-    cost = draw_cost(inference, book.runs)  # the same row layout as the goal figure; drawn, not rendered, for speed
-    assert cost is not None and len(cost.figure.axes[0].get_yticklabels()) == 100
     goal = draw_goal(inference)
     assert goal is not None
     ax = goal.figure.axes[0]
-    assert len(ax.get_yticklabels()) == 100  # arms are rows
-    assert all(len(line) <= figures.LABEL_WIDTH for t in ax.get_yticklabels() for line in t.get_text().split("\n"))
+    labels = arm_labels(ax)
+    assert len(labels) == 100  # arms are rows
+    assert all(len(line) <= figures.LABEL_WIDTH for label in labels for line in label.split("\n"))
+    # Every name starts with the same setting: only the first row spells it out.
+    assert labels[0].startswith("optimizer=adamw,") and labels[0].endswith("(baseline)")
+    assert not any("optimizer" in label for label in labels[1:])
+    assert labels[1].replace("\n", "").startswith("lr=0.0001,weight_decay=0.01,")
+    assert "only the first row spells it out" in goal.caption
+    cost = draw_cost(inference, book.runs)  # the same row layout as the goal figure; drawn, not rendered, for speed
+    assert cost is not None and arm_labels(cost.figure.axes[0]) == labels
     width, height = goal.figure.get_size_inches()
     assert width <= figures.MAX_WIDTH_IN and height <= figures.MAX_HEIGHT_IN
     colors = arm_colors(inference)
     assert {n for n, c in colors.items() if c != figures.OTHER_COLOR} == {names[0], *names[-7:]}  # baseline + best
     assert "Only the baseline and the 7 arms with the best mean acc have a color of their own" in goal.caption
+
+
+LRS = ("0.001", "0.01", "0.1", "0.3", "1.0", "3.0")
+WIDTHS = ("8", "16", "32", "64", "128")
+
+
+def many_factor_arms(tmp_path: Path) -> Book:
+    """A 6 x 5 grid (more arms than figures.COMPACT_ARMS) whose goal rises with lr."""
+    grid = [PlannedArm(name=f"lr={lr},width={w}", env={"LR": lr, "W": w}, factors={"lr": lr, "width": w})
+            for lr in LRS for w in WIDTHS]
+    book = Book(tmp_path, grid)
+    rng = np.random.default_rng(1)
+    for arm in grid:
+        for _ in range(3):
+            book.run(arm.name, 0.5 + 0.05 * LRS.index(arm.factors["lr"]) + rng.normal(0, 0.005), seconds=20 + rng.random())
+    return book
+
+
+def test_many_factor_arms_are_grouped_rows_with_compact_marks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    book = many_factor_arms(tmp_path)
+    inference = book.inference()
+    assert len(LRS) * len(WIDTHS) > figures.COMPACT_ARMS
+    goal = draw_goal(inference)
+    assert goal is not None
+    ax = goal.figure.axes[0]
+    assert ax.get_yticklabels() == []  # many arms: labels are texts beside the axis, not ticks
+    labels = arm_labels(ax)
+    # A run of arms with the same lr is a group; only its first row names the lr. An arrow marks a verdict.
+    assert labels[:7] == ["lr=0.001,width=8 (baseline)", "width=16", "width=32", "width=64", "width=128",
+                          "lr=0.01,width=8 ▲", "width=16 ▲"]
+    separators = sorted(line.get_ydata()[0] for line in ax.lines if list(line.get_xdata()) == [0, 1])
+    assert separators == [4.5, 9.5, 14.5, 19.5, 24.5]
+    # The bars: one collection per hatch, one bar per arm, ending at the arm's mean.
+    bars = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert sum(len(c.get_paths()) for c in bars) == 30
+    assert {c.get_hatch() for c in bars} == {None, "//"}
+    ends = sorted(round(float(p.vertices[:, 0].max()), 9) for c in bars for p in c.get_paths())
+    assert ends == sorted(round(g.describe.mean, 9) for g in inference.goals)  # type: ignore[arg-type]
+    assert "▲ improvement" in legend_labels(goal)
+    assert "▲ (improvement)" in goal.caption and "parted from the next by a faint line" in goal.caption
+    assert_no_result_numbers(goal.caption, counts=[7])
+    # The cost figure lays the arms out the same way.
+    cost = draw_cost(inference, book.runs)
+    assert cost is not None
+    assert arm_labels(cost.figure.axes[0]) == labels
+    for panel in cost.figure.axes:
+        assert sorted(line.get_ydata()[0] for line in panel.lines if list(line.get_xdata()) == [0, 1]) == separators
+    assert "parted from the next by a faint line" in cost.caption
+    assert_no_result_numbers(cost.caption, counts=[7])
+    # Dense dots are rasterized in the PDF (the rest stays vector), and rendering stays deterministic.
+    monkeypatch.setattr(figures, "RASTER_POINTS", 50)
+    goal = draw_goal(inference)
+    assert goal is not None
+    dots = [c for c in goal.figure.axes[0].collections if isinstance(c, PathCollection)]
+    assert len(dots) == 1 and dots[0].get_rasterized()
+    first, second = render(goal), render(draw_goal(inference))  # type: ignore[arg-type]
+    assert first.png == second.png and first.pdf == second.pdf
+    assert b"/Subtype /Image" in first.pdf
+    assert_files(first, "fig_goal")
+
+
+def test_few_arms_keep_vector_dots_and_tick_labels(tmp_path: Path) -> None:
+    drawing = draw_goal(planted(tmp_path).inference())
+    assert drawing is not None
+    ax = drawing.figure.axes[0]
+    assert [c.get_rasterized() for c in ax.collections if isinstance(c, PathCollection)] == [False]
+    assert len(ax.texts) == 0 and len(ax.get_xticklabels()) == 3
+    assert b"/Subtype /Image" not in render(drawing).pdf
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,13 @@
 Each figure is a ``matplotlib.figure.Figure`` built directly on an Agg canvas (never
 pyplot, so no figure stays registered anywhere) under a fixed style, and saved twice
 from the same object: a PNG for HTML/Markdown and a vector PDF (TrueType fonts, which
-paper venues accept where Type 3 fonts are rejected) for LaTeX. Output is deterministic
-for a given matplotlib: the PNG carries no software tag and the PDF no creation date.
+paper venues accept where Type 3 fonts are rejected) for LaTeX; only a cloud of
+thousands of run dots is rasterized inside the PDF. Output is deterministic for a given
+matplotlib: the PNG carries no software tag and the PDF no creation date.
+
+Text dominates the drawing time of a figure with many arms, so above ``COMPACT_ARMS``
+arms the labels say less (a verdict as an arrow; a group of arms sharing their first
+setting names it once) and are plain texts rather than ticks, and bars are collections.
 
 Captions describe what is drawn and never quote a number computed from the results,
 so every number of the paper stays a traceable fact; counts of arms are the exception.
@@ -19,16 +24,17 @@ import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import matplotlib.style
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.transforms import offset_copy
+from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from .inference import ALPHA, Inference, Verdict
 from .ledger import NO_STEP
@@ -46,6 +52,12 @@ MAIN_EFFECTS_STEM = "fig_main_effects"
 COST_STEM = "fig_cost"
 
 FIGURE_DPI = 100
+# Dots of more runs than RASTER_POINTS are rasterized in the PDF, at RASTER_DPI: thousands
+# of vector markers make a slow and heavy PDF, and a cloud of them shows no single one anyway.
+RASTER_DPI = 150
+RASTER_POINTS = 1000
+# zlib level of the PNG: 3 packs these figures tighter than the default 6, in about two thirds of the time.
+PNG_COMPRESSION = 3
 # Okabe & Ito (2008), with black (the color of dots and error bars here) swapped for
 # Paul Tol's wine, and yellow last (it is faint on white).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#F0E442")
@@ -62,6 +74,11 @@ MAX_WIDTH_IN = 14.0
 MAX_HEIGHT_IN = 40.0
 # A column of more arms than this gets its value axis repeated on top.
 TOP_AXIS_ARMS = 25
+# Above this many arms, an arm label marks a verdict with its arrow alone (see _arm_label).
+COMPACT_ARMS = 25
+# Points between an arm label and its axis when labels are texts rather than ticks (as ticks
+# they sit the tick length plus its pad away; those rows have no tick marks).
+LABEL_PAD_PT = 4.0
 # A learning curve with fewer points than this gets a marker on every point.
 MARKER_POINTS = 30
 _STYLE = {
@@ -133,12 +150,15 @@ def render(drawing: Drawing) -> FigureFile:
         # One layout pass finds the content's box for both files (text layout is the slow
         # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
         fig.set_dpi(FIGURE_DPI)
-        if fig.get_layout_engine() is not None:  # panels are placed at draw time
+        if fig.get_layout_engine() is not None:  # panels are placed at draw time...
             fig.draw_without_rendering()
+            fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
         box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
         png, pdf = io.BytesIO(), io.BytesIO()
-        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None})
-        fig.savefig(pdf, format="pdf", bbox_inches=box, metadata={"CreationDate": None})
+        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
+                    pil_kwargs={"compress_level": PNG_COMPRESSION})
+        # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
+        fig.savefig(pdf, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
     fig.clear()
     return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue())
 
@@ -220,26 +240,50 @@ def arm_colors(inference: Inference) -> dict[str, str]:
     return {name: PALETTE[i] if i < len(PALETTE) else OTHER_COLOR for i, name in enumerate(ranked)}
 
 
-def _arm_label(inference: Inference, name: str) -> str:
-    marks = []
-    if name == inference.baseline:
-        marks.append("baseline")
+def _arm_label(inference: Inference, name: str, *, compact: bool = False, shown: str | None = None) -> str:
+    """An arm's axis label: its wrapped name (or ``shown``), with the baseline and a verdict marked.
+
+    ``compact`` (many arms) marks a verdict with its arrow alone, on the name's last line when
+    it fits: a hundred repeats of "(▲ improvement)" double the text to read (and to draw) and
+    say nothing the hatching and the legend do not.
+    """
     comparison = inference.comparison(name)
-    if comparison is not None and comparison.verdict is Verdict.IMPROVEMENT:
+    verdict = None if comparison is None else comparison.verdict
+    label = wrap_label(name if shown is None else shown)
+    if compact:
+        marks = ["(baseline)"] if name == inference.baseline else []
+        marks += ["▲"] if verdict is Verdict.IMPROVEMENT else ["▼"] if verdict is Verdict.REGRESSION else []
+        if not marks:
+            return label
+        suffix = " ".join(marks)
+        last = label.rsplit("\n", 1)[-1]
+        return f"{label} {suffix}" if len(last) + 1 + len(suffix) <= LABEL_WIDTH else f"{label}\n{suffix}"
+    marks = ["baseline"] if name == inference.baseline else []
+    if verdict is Verdict.IMPROVEMENT:
         marks.append("▲ improvement")
-    elif comparison is not None and comparison.verdict is Verdict.REGRESSION:
+    elif verdict is Verdict.REGRESSION:
         marks.append("▼ regression")
-    label = wrap_label(name)
     return f"{label}\n({', '.join(marks)})" if marks else label
+
+
+def _first_setting(name: str) -> str | None:
+    """``lr=0.1`` of an arm named by its settings, ``lr=0.1,width=64``; None for other names."""
+    head, comma, rest = name.partition(",")
+    return head if comma and rest and "=" in head else None
 
 
 @dataclass(frozen=True)
 class _ArmAxis:
-    """Where arms sit on a categorical axis: columns, or rows for many or long labels."""
+    """Where arms sit on a categorical axis: columns, or rows for many or long labels.
+
+    ``groups`` (many arms named by their settings; empty otherwise) are the rows that start a
+    run of arms sharing their first setting; the other rows of a run show only the rest of their name.
+    """
 
     horizontal: bool
     labels: tuple[str, ...]
     fontsize: float
+    groups: tuple[int, ...] = ()
 
     @staticmethod
     def of(labels: Sequence[str]) -> _ArmAxis:
@@ -247,6 +291,22 @@ class _ArmAxis:
         horizontal = len(labels) > HORIZONTAL_ARMS or longest > HORIZONTAL_LABEL
         fontsize = 8.0 if len(labels) <= 40 else max(5.0, 8.0 - (len(labels) - 40) / 20)
         return _ArmAxis(horizontal, tuple(labels), fontsize)
+
+    @staticmethod
+    def of_arms(inference: Inference, names: Sequence[str]) -> _ArmAxis:
+        """The axis of these arms, in this order, labelled by ``_arm_label``.
+
+        Many arms named by their settings are grouped: a hundred rows that begin with the
+        same ten ``lr=...`` are harder to scan, and twice the text to draw, than ten groups.
+        """
+        if len(names) <= COMPACT_ARMS:
+            return _ArmAxis.of([_arm_label(inference, n) for n in names])
+        firsts = [_first_setting(n) for n in names]
+        short = [i > 0 and firsts[i] is not None and firsts[i] == firsts[i - 1] for i in range(len(names))]
+        labels = [_arm_label(inference, n, compact=True, shown=n.partition(",")[2] if cut else None)
+                  for n, cut in zip(names, short)]
+        groups = tuple(i for i in range(len(names)) if not short[i]) if any(short) else ()
+        return replace(_ArmAxis.of(labels), groups=groups)
 
     def extent(self) -> float:
         """Inches the arm axis needs."""
@@ -256,9 +316,24 @@ class _ArmAxis:
             return max(2.4, lines * per_line + 0.15 * len(self.labels) + 0.8)
         return max(3.0, 0.75 * len(self.labels) + 1.2)
 
+    @property
+    def many(self) -> bool:
+        """More arms than ``COMPACT_ARMS``: compact labels, drawn as texts; bars as collections."""
+        return len(self.labels) > COMPACT_ARMS
+
     def apply(self, ax: Any) -> None:
         positions = range(len(self.labels))
-        if self.horizontal:
+        if self.horizontal and self.many:
+            # Plain texts rather than ticks: a tick is five artists, and a hundred of them
+            # cost more to build and draw than the labels they carry.
+            ax.set_yticks([])
+            at = offset_copy(blended_transform_factory(ax.transAxes, ax.transData), fig=ax.get_figure(),
+                             x=-LABEL_PAD_PT, units="points")
+            for i, label in enumerate(self.labels):
+                ax.text(0.0, i, label, transform=at, fontsize=self.fontsize, ha="right", va="center")
+            ax.set_ylim(len(self.labels) - 0.5, -0.5)
+            self.separate(ax)
+        elif self.horizontal:
             ax.set_yticks(positions, self.labels, fontsize=self.fontsize)
             ax.set_ylim(len(self.labels) - 0.5, -0.5)  # first arm on top
         else:
@@ -267,6 +342,51 @@ class _ArmAxis:
                           rotation=30 if tilt else 0, ha="right" if tilt else "center",
                           rotation_mode="anchor" if tilt else "default")
             ax.set_xlim(-0.6, len(self.labels) - 0.4)
+
+    def separate(self, ax: Any) -> None:
+        """A faint line between groups of rows (see ``groups``)."""
+        for row in self.groups[1:]:
+            ax.axhline(row - 0.5, color=INK, linewidth=0.6, alpha=0.35, zorder=0.5)
+
+    def group_note(self) -> str:
+        """The caption's word on grouped rows."""
+        if not self.groups:
+            return ""
+        if len(self.groups) == 1:
+            return " Every arm shares the first setting of its name; only the first row spells it out."
+        return (" Consecutive arms that share the first setting of their name form a group, parted from the next"
+                " by a faint line; only the group's first row spells that setting out.")
+
+
+_HATCH = {Verdict.IMPROVEMENT: "//", Verdict.REGRESSION: "\\\\"}
+BAR_WIDTH = 0.6
+
+
+def _bars(ax: Any, values: np.ndarray, colors: Sequence[str], *, alpha: float, horizontal: bool,
+          hatches: Sequence[str | None] | None = None, many: bool = False) -> None:
+    """A bar from zero per arm, at positions 0, 1, ...; hatched where ``hatches`` says.
+
+    With many arms the bars are one collection per hatch rather than a patch each: a hundred
+    patches cost more to build and to draw than the bars are worth.
+    """
+    hatches = list(hatches) if hatches is not None else [None] * len(values)
+    if not many:
+        bars = (ax.barh if horizontal else ax.bar)(np.arange(len(values)), values, BAR_WIDTH, color=colors,
+                                                   alpha=alpha, edgecolor=INK, linewidth=0.6)
+        for patch, hatch in zip(bars.patches, hatches):
+            patch.set_hatch(hatch)
+        return
+    half = BAR_WIDTH / 2
+    for hatch in dict.fromkeys(hatches):  # first-seen order, so the output is deterministic
+        idx = [i for i, h in enumerate(hatches) if h == hatch]
+        boxes = [[(0, i - half), (values[i], i - half), (values[i], i + half), (0, i + half)] for i in idx]
+        if not horizontal:
+            boxes = [[(y, x) for x, y in box] for box in boxes]
+        bars = PolyCollection(boxes, facecolors=[colors[i] for i in idx], edgecolors=INK, linewidths=0.6,
+                              alpha=alpha, hatch=hatch, zorder=1)
+        (bars.sticky_edges.x if horizontal else bars.sticky_edges.y).append(0.0)
+        ax.add_collection(bars, autolim=True)
+    ax.autoscale_view()
 
 
 def _zoom_to_data(ax: Any, values: Sequence[float], *, axis: str = "y") -> bool:
@@ -323,23 +443,17 @@ def draw_goal(inference: Inference) -> Drawing | None:
     if not goals:
         return None
     colors = arm_colors(inference)
-    layout = _ArmAxis.of([_arm_label(inference, g.name) for g in goals])
+    layout = _ArmAxis.of_arms(inference, [g.name for g in goals])
     extent = layout.extent()
     fig = _new_figure(7.0, extent) if layout.horizontal else _new_figure(extent, 4.2)
     ax = fig.add_subplot()
     horizontal = layout.horizontal
-    bar = ax.barh if horizontal else ax.bar
     value_axis = "x" if horizontal else "y"
     # One artist per kind (bars, error bars, dots) rather than per arm: a hundred arms stay quick to draw.
-    positions = np.arange(len(goals))
     means = np.asarray([g.describe.mean for g in goals], dtype=float)
-    bars = bar(positions, means, 0.6, color=[colors[g.name] for g in goals], alpha=0.6, edgecolor=INK, linewidth=0.6)
     verdicts = [getattr(inference.comparison(g.name), "verdict", None) for g in goals]
-    for patch, verdict in zip(bars.patches, verdicts):
-        if verdict is Verdict.IMPROVEMENT:
-            patch.set_hatch("//")
-        elif verdict is Verdict.REGRESSION:
-            patch.set_hatch("\\\\")
+    hatches = [_HATCH.get(v) for v in verdicts]
+    _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches, many=layout.many)
     marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
     with_ci = [(i, g.describe) for i, g in enumerate(goals) if g.describe.ci is not None]
     shown = means.tolist()
@@ -358,7 +472,7 @@ def draw_goal(inference: Inference) -> Drawing | None:
     most = max(v.size for v in values)
     size, alpha = (14, 0.9) if most <= 20 else (6, 0.5)
     xy = (dots, offsets) if horizontal else (offsets, dots)
-    ax.scatter(*xy, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0)
+    ax.scatter(*xy, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0, rasterized=dots.size > RASTER_POINTS)
     shown += dots.tolist()
     base = next((g for g in goals if g.name == inference.baseline), None)
     if base is not None and len(goals) > 1:
@@ -380,9 +494,9 @@ def draw_goal(inference: Inference) -> Drawing | None:
     if base is not None and len(goals) > 1:
         handles.append(Line2D([], [], color=INK, linestyle="--", linewidth=0.9, label="baseline mean"))
     if marked["improvement"]:
-        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="improvement"))
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="▲ improvement"))
     if marked["regression"]:
-        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="regression"))
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="▼ regression"))
     # Above the axes, where it can cover no bar.
     width = fig.get_size_inches()[0]
     ncol = len(handles) if horizontal or width >= 6 else 2 if width < 4.5 else 3
@@ -398,7 +512,9 @@ def draw_goal(inference: Inference) -> Drawing | None:
         caption += " The dashed line marks the baseline's mean."
     if inference.comparisons:
         caption += (
-            f" Hatched bars, labelled improvement or regression, differ from the baseline in a Holm-corrected "
+            " Hatched bars, " + ("with ▲ (improvement) or ▼ (regression) after the arm's name" if layout.many
+                                 else "labelled improvement or regression")
+            + f", differ from the baseline in a Holm-corrected "
             f"Welch test at level {ALPHA:g} by more than the baseline's run-to-run standard deviation."
         )
         if not any(marked.values()):
@@ -407,7 +523,7 @@ def draw_goal(inference: Inference) -> Drawing | None:
         caption += " An arm with a single run has no error bar."
     if zoomed:
         caption += " The value axis is zoomed to the data and does not start at zero: compare bar ends, not bar lengths."
-    caption += _grey_note(inference, [g.name for g in goals], "bars")
+    caption += layout.group_note() + _grey_note(inference, [g.name for g in goals], "bars")
     omitted = len(inference.goals) - len(goals)
     if omitted:
         caption += f" {_plural(omitted, 'arm')} without a finite {goal} value {'is' if omitted == 1 else 'are'} not shown."
@@ -613,16 +729,19 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
     for k, effect in enumerate(effects):
         ax = axes[k // ncols][k % ncols]
         labels = [wrap_label(lv.level, 14, 3) for lv in effect.levels]
-        for i, lv in enumerate(effect.levels):
-            d = lv.describe
-            if d.mean is None:
-                continue
-            if d.ci is not None:
-                err = [[d.mean - d.ci.low], [d.ci.high - d.mean]]
-                ax.errorbar(i, d.mean, yerr=err, fmt="o", color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
-            else:
-                single = True
-                ax.plot(i, d.mean, "o", color=PALETTE[0], markersize=5)
+        # One errorbar for the levels with a CI and one plot for those without, not an artist per level.
+        levels = [(i, lv.describe) for i, lv in enumerate(effect.levels) if lv.describe.mean is not None]
+        with_ci = [(i, d) for i, d in levels if d.ci is not None]
+        without = [(i, d) for i, d in levels if d.ci is None]
+        if with_ci:
+            mean = np.asarray([d.mean for _, d in with_ci], dtype=float)
+            low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
+            high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
+            ax.errorbar([i for i, _ in with_ci], mean, yerr=np.vstack([mean - low, high - mean]), fmt="o",
+                        color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
+        if without:
+            single = True
+            ax.plot([i for i, _ in without], [d.mean for _, d in without], "o", color=PALETTE[0], markersize=5)
         tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
         ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
                       rotation_mode="anchor" if tilt else "default")
@@ -686,17 +805,15 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
     if not arms or (not has_cost and not has_time):
         return None
     colors = arm_colors(inference)
-    labels = [_arm_label(inference, a) for a in arms]
-    layout = _ArmAxis(True, tuple(labels), _ArmAxis.of(labels).fontsize)
+    layout = replace(_ArmAxis.of_arms(inference, arms), horizontal=True)
     panels = int(has_cost) + int(has_time)
     fig = _new_figure(4.0 * panels + 1.5, layout.extent())
     axes = fig.subplots(1, panels, sharey=True, squeeze=False, gridspec_kw={"wspace": 0.08})[0]
-    positions = np.arange(len(arms))
     caption_parts = []
     if has_cost:
         ax = axes[0]
-        ax.barh(positions, [sum(costs[a]) for a in arms], 0.6, color=[colors[a] for a in arms], alpha=0.8,
-                edgecolor=INK, linewidth=0.6)
+        _bars(ax, np.asarray([sum(costs[a]) for a in arms], dtype=float), [colors[a] for a in arms], alpha=0.8,
+              horizontal=True, many=layout.many)
         ax.set_xlabel("total cost ($)")
         ax.grid(axis="x", alpha=0.3)
         where = "Left" if has_time else "Per arm"
@@ -720,7 +837,9 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
         if mean_at:
             ax.errorbar(mean_x, mean_at, xerr=mean_err, fmt="none", ecolor=INK, capsize=3, linewidth=1.0, zorder=4)
             ax.scatter(mean_x, mean_at, marker="D", c=mean_color, edgecolors=INK, s=36, linewidths=0.6, zorder=5)
-        ax.scatter(np.concatenate(ok_x), np.concatenate(ok_y), color=INK, s=8, zorder=5, linewidths=0)
+        ok_dots = np.concatenate(ok_x)
+        ax.scatter(ok_dots, np.concatenate(ok_y), color=INK, s=8, zorder=5, linewidths=0,
+                   rasterized=ok_dots.size > RASTER_POINTS)
         any_failed = any(x.size for x in other_x)
         if any_failed:
             ax.scatter(np.concatenate(other_x), np.concatenate(other_y), facecolors="none", edgecolors=INK, s=12,
@@ -740,7 +859,8 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
             ax.tick_params(axis="x", top=True, labeltop=True)
     for ax in axes[1:]:
         ax.tick_params(axis="y", left=False)
-    caption = " ".join(caption_parts) + _grey_note(inference, arms, "bars and diamonds")
+        layout.separate(ax)
+    caption = " ".join(caption_parts) + layout.group_note() + _grey_note(inference, arms, "bars and diamonds")
     if not has_cost:
         caption += " No run recorded a non-zero dollar cost, so cost is not drawn."
     return Drawing(COST_STEM, fig, caption)
