@@ -163,7 +163,7 @@ def ordered_counts(counter: Counter[str], order: Sequence[str] = ()) -> dict[str
 
 
 def summarize_arm(arm: ArmRow, runs: Sequence[RunRow], finals: Finals, metrics: Sequence[str]) -> ArmSummary:
-    """Summarize one arm from all of its runs (every status, every attempt)."""
+    """Summarize one arm from all of its runs (every status, every attempt); other arms' runs are ignored."""
     runs = [r for r in runs if r.arm_id == arm.id]
     succeeded = tuple(r.id for r in runs if r.status == "succeeded")
     return ArmSummary(
@@ -202,7 +202,10 @@ def summarize_experiment(
     succeeded = {r.id for r in runs if r.status == "succeeded"}
     reported = {name for run_id in succeeded for name in finals.get(run_id, {})}
     metrics = (goal_metric, *sorted(reported - {goal_metric}))
-    summaries = tuple(summarize_arm(arm, runs, finals, metrics) for arm in arms)
+    by_arm: dict[int, list[RunRow]] = {arm.id: [] for arm in arms}
+    for run in runs:
+        by_arm.setdefault(run.arm_id, []).append(run)
+    summaries = tuple(summarize_arm(arm, by_arm[arm.id], finals, metrics) for arm in arms)
     return ExperimentSummary(
         experiment_id=experiment_id,
         goal_metric=goal_metric,

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from enum import Enum
 
 
@@ -133,9 +133,13 @@ def run_ranges(run_ids: Sequence[int]) -> str:
     Runs are recorded one replicate of every arm at a time, so an arm's ids step by the
     number of arms; a plain list of them would fill pages.
     """
-    if not run_ids:
+    return _run_ranges(tuple(sorted(set(run_ids))))
+
+
+@lru_cache(maxsize=4096)  # an arm's dozen facts share one run set
+def _run_ranges(ids: tuple[int, ...]) -> str:
+    if not ids:
         return "none"
-    ids = sorted(set(run_ids))
     parts: list[str] = []
     i = 0
     while i < len(ids):
