@@ -2,7 +2,7 @@
 
 Arms are matched by name (the same knobs give the same name); each matched pair is
 tested with Welch's t-test (B against A), Holm-corrected across the pairs, and judged
-against A's replicate spread the way a report judges arms against its baseline.
+against A's replicate spread by the same rules a report judges arms against its baseline.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .inference import ALPHA, ArmGoal, Inference, arm_goals
+from .inference import ArmGoal, Inference, Verdict, arm_goals, judge, noise_floor
 from .ledger import Ledger
 from .paper import analyse
 from .stats import Comparison, holm, welch
@@ -35,17 +35,8 @@ class ExperimentComparison:
     pairs: tuple[ArmPair, ...]
 
 
-def _verdict(c: Comparison, p_holm: float | None, floor: float | None, maximize: bool) -> str:
-    if c.n_baseline < 2 or c.n_other < 2:
-        return "too few runs"
-    if c.p is None or p_holm is None:
-        return "untestable (no variance)" if c.diff else "identical"
-    if floor is not None and abs(c.diff or 0.0) <= floor:
-        return "within noise floor"
-    if p_holm >= ALPHA:
-        return "not significant"
-    better = (c.diff or 0.0) > 0 if maximize else (c.diff or 0.0) < 0
-    return "B better" if better else "B worse"
+# Verdicts of B's arm against A's, in the words of a side-by-side table.
+_WORDING = {Verdict.IMPROVEMENT: "B better", Verdict.REGRESSION: "B worse"}
 
 
 def compare_experiments(ledger: Ledger, a_ref: str, b_ref: str, *, metric: str | None = None) -> ExperimentComparison:
@@ -73,7 +64,9 @@ def compare_experiments(ledger: Ledger, a_ref: str, b_ref: str, *, metric: str |
         if test is None:
             verdict = "only in A" if b is None else "only in B"
         else:
-            verdict = _verdict(test, adjusted[name], a.describe.std if a else None, a_spec.maximize)
+            assert a is not None
+            judged, _ = judge(test, adjusted[name], noise_floor(a), a_spec.maximize)
+            verdict = _WORDING.get(judged, judged.value)
         pairs.append(ArmPair(name, a, b, test, adjusted.get(name), verdict))
     return ExperimentComparison(a_exp.id, b_exp.id, metric, a_spec.maximize, tuple(pairs))
 

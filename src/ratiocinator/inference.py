@@ -123,6 +123,13 @@ class FactorAnalysis:
     def effect(self, factor: str) -> FactorEffect:
         return next(e for e in self.effects if e.factor == factor)
 
+    def p_holm(self, term: str) -> float | None:
+        """The Holm-adjusted p of an ANOVA term: a factor or an interaction."""
+        for e in self.effects:
+            if e.factor == term:
+                return e.p_holm
+        return next((i.p_holm for i in self.interactions if i.row.term == term), None)
+
 
 @dataclass(frozen=True)
 class Inference:
@@ -188,7 +195,8 @@ def noise_floor(goal: ArmGoal) -> NoiseFloor:
     )
 
 
-def _verdict(c: Comparison, p_holm: float | None, floor: NoiseFloor, maximize: bool) -> tuple[Verdict, str]:
+def judge(c: Comparison, p_holm: float | None, floor: NoiseFloor, maximize: bool) -> tuple[Verdict, str]:
+    """The verdict on one comparison against the reference arm whose spread is ``floor``, and why."""
     if c.n_baseline < 2 or c.n_other < 2:
         return Verdict.TOO_FEW_RUNS, (
             f"a test needs at least 2 succeeded runs on each side (baseline {c.n_baseline}, arm {c.n_other})"
@@ -221,7 +229,7 @@ def compare_to_baseline(goals: Sequence[ArmGoal], baseline: str, maximize: bool)
     adjusted = holm([t.p for t in tests])
     out = []
     for goal, test, p_holm in zip(others, tests, adjusted):
-        verdict, reason = _verdict(test, p_holm, floor, maximize)
+        verdict, reason = judge(test, p_holm, floor, maximize)
         out.append(BaselineComparison(goal.name, baseline, test, p_holm, verdict, reason, base.stats.run_ids + goal.stats.run_ids))
     return floor, tuple(out)
 

@@ -26,7 +26,7 @@ from .document import Abstract, Block, Bullets, Code, Fields, Figure, Heading, P
 from .errors import SpecError
 from .facts import MISSING, FactBook, Kind
 from .figures import FigureFile, all_figures
-from .inference import ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference, Verdict, infer
+from .inference import ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference, NoiseFloor, Verdict, infer
 from .ledger import Experiment, Ledger, RunRow
 from .spec import Spec
 
@@ -145,6 +145,9 @@ class _Writer:
                     "boot_low": "95% bootstrap CI lower bound", "boot_high": "95% bootstrap CI upper bound"}[what]
             return self.fact(f"arm[{arm}].{self.goal}.{what}", value, Kind.METRIC, f"{name} of {self.goal} for arm {arm}", s.run_ids)
         return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label, s.run_ids)
+
+    def noise_std(self, floor: NoiseFloor) -> str:
+        return self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
 
     def interval(self, low: str, high: str) -> str:
         return MISSING if MISSING in (low, high) else f"[{low}, {high}]"
@@ -401,7 +404,7 @@ class _Writer:
         if not inf.comparisons or inf.noise_floor is None:
             return []
         floor = inf.noise_floor
-        std = self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
+        std = self.noise_std(floor)
         spread = self.fact("noise.range", floor.range, Kind.METRIC, f"replicate range (max − min) of baseline {floor.arm}", floor.run_ids)
         if floor.std is None:
             floor_text = (f"The baseline {floor.arm} has fewer than two succeeded runs, so the noise floor is unknown and no "
@@ -461,8 +464,7 @@ class _Writer:
             label = "ANOVA"
             rows = []
             for row in a.rows:
-                p_holm = next((e.p_holm for e in fa.effects if e.factor == row.term),
-                              next((i.p_holm for i in fa.interactions if i.row.term == row.term), None))
+                p_holm = fa.p_holm(row.term)
                 key = f"anova[{row.term}]"
                 rows.append((
                     row.term,
@@ -529,7 +531,7 @@ class _Writer:
                 text += f", and its level means span {spread_fact}"
                 if floor is not None and floor.std is not None:
                     inside = spread <= floor.std
-                    std = self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
+                    std = self.noise_std(floor)
                     text += f", {'inside' if inside else 'beyond'} the noise floor of {std}"
             out.append(text + ".")
         for i in fa.interactions:
@@ -659,7 +661,7 @@ class _Writer:
         floor = inf.noise_floor
         if floor is not None and floor.std is not None:
             inside = [c.arm for c in inf.comparisons if c.verdict is Verdict.WITHIN_NOISE]
-            std = self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
+            std = self.noise_std(floor)
             items.append(f"Noise floor: replicates of the baseline spread by a standard deviation of {std}; "
                          + (f"{len(inside)} arm(s) differ from it by no more than that." if inside else
                             "no arm's difference was inside it."))
@@ -756,8 +758,7 @@ def _anova_fact(fa: FactorAnalysis, term: str, what: str, goal: str) -> tuple[fl
         return row.f, Kind.STAT, f"ANOVA F statistic of {term}"
     if what == "eta":
         return row.partial_eta_sq, Kind.STAT, f"ANOVA partial η² of {term}"
-    p_holm = next((e.p_holm for e in fa.effects if e.factor == term), next((i.p_holm for i in fa.interactions if i.row.term == term), None))
-    return p_holm, Kind.P, f"ANOVA Holm-adjusted p-value of {term}"
+    return fa.p_holm(term), Kind.P, f"ANOVA Holm-adjusted p-value of {term}"
 
 
 def _log_tail(log_dir: Path) -> tuple[Path, str] | None:
