@@ -150,7 +150,7 @@ def test_runs_json_has_one_faithful_record_per_run(exported: Exported, tmp_path:
     width = by["WIDTH=8", 0]
     assert width["knobs"] == {"WIDTH": "8"} and width["factors"] == {"WIDTH": "8"} and width["args"] == []
     crash = by["crash", 0]
-    assert (crash["status"], crash["failure"], crash["exit_code"]) == ("failed", "exit_nonzero", 3)
+    assert (crash["status"], crash["failure"], crash["exit_code"]) == ("failed", "oom", 3)
     assert "CUDA out of memory" in crash["reason"] and "score" not in crash["metrics"]
     nan = by["nan", 1]
     assert (nan["status"], nan["failure"]) == ("failed", "nan_divergence")
@@ -196,7 +196,7 @@ def test_runs_csv_columns_and_values_round_trip(exported: Exported, tmp_path: Pa
     assert by["WIDTH=8", 1]["args"] == "" and base["factor.WIDTH"] == ""
     assert by["nan", 0]["metric.score"] == "" and by["nan", 0]["nonfinite_metrics"] == "score"
     assert by["alt", 1]["metric.grad_norm"] == "" and by["alt", 1]["nonfinite_metrics"] == "grad_norm"
-    assert by["crash", 1]["metric.score"] == "" and by["crash", 1]["failure"] == "exit_nonzero"
+    assert by["crash", 1]["metric.score"] == "" and by["crash", 1]["failure"] == "oom"
     for row in rows:  # a metric cell is empty or a finite number, never the text nan/inf
         assert all(row[c] == "" or math.isfinite(float(row[c])) for c in row if c.startswith("metric."))
 
@@ -221,7 +221,7 @@ def test_results_tsv_is_the_autoresearch_format(exported: Exported, tmp_path: Pa
     assert by["alt", 0] == (sha, "0.740000", "3.3", "discard", "alt: alternative (replicate 0, seed 0)")
     crash = by["crash", 1]
     assert crash[:4] == (sha, "0.000000", "0.0", "crash")
-    assert crash[4].startswith("crash (replicate 1, seed 1) — exit_nonzero: ") and "CUDA out of memory" in crash[4]
+    assert crash[4].startswith("crash (replicate 1, seed 1) — oom: ") and "CUDA out of memory" in crash[4]
     nan = by["nan", 0]
     assert nan[:4] == (sha, "0.000000", "0.0", "crash")  # its peak_vram_mb is not reported for a crash
     assert nan[4].startswith("nan (replicate 0, seed 0) — nan_divergence: ")

@@ -247,15 +247,15 @@ def test_failed_runs_are_listed_by_class_with_log_tails(tmp_path: Path) -> None:
     study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}), baseline_arm="base")
     study.plant({"base": BASE, "fast": FAST})
     stderr = "".join(f"\x1b[31merror line {i}\x1b[0m <script>\n" for i in range(1, 51))
-    crashed = study.run("fast", status="failed", failure="exit_nonzero", reason="runner exited with code 3", exit_code=3,
+    crashed = study.run("fast", status="failed", failure="unknown", reason="runner exited with code 3", exit_code=3,
                         stderr=stderr, stdout="stdout is not shown when stderr has text\n")
     timed_out = [study.run("base", status="failed", failure="timeout", reason="killed after 120 s", exit_code=None, signal=9,
                            stderr="", stdout=f"epoch {i}\n") for i in range(3)]
     _, md, html = write(study)
 
     section = md.split("## Failure analysis", 1)[1].split("## Cost", 1)[0]
-    assert row(section, "timeout")[1:] == ["3", "base (3)"]
-    assert row(section, "exit\\_nonzero")[1:] == ["1", "fast (1)"]
+    assert row(section, "timeout")[1:] == ["killed at the spec's train\\_timeout\\_s", "3", "base (3)"]
+    assert row(section, "unknown")[1:] == ["failed without recognisable evidence", "1", "fast (1)"]
     assert f"Run {crashed}: arm fast" in section
     for i in range(31, 51):
         assert f"error line {i} <script>" in section

@@ -69,14 +69,15 @@ def test_misbehaving_runners_are_recorded_truthfully(study: Study) -> None:
           crash) echo "Traceback: boom" >&2; exit 3 ;;
           nan)   echo 'METRICS: {"score": NaN, "loss": 1.0}' ;;
           nanside) echo 'METRICS: {"score": 1.5, "loss": Infinity}' ;;
-          none)  echo "trained on 0 samples" ;;
+          none)  echo "done" ;;
+          empty) echo "trained on 0 samples"; echo 'METRICS: {"score": 0.0}' ;;
           bigline) head -c 10000000 /dev/zero | tr '\\0' 'x'; echo; echo 'METRICS: {"score": 2}' ;;
           garbage) head -c 200000 /dev/urandom; echo; echo 'METRICS: {"score": 3}' ;;
           signal) kill -KILL $$ ;;
           badjson) echo 'METRICS: {"score": oops'; echo 'METRICS: {"score": 4}' ;;
         esac
     """})
-    modes = ["crash", "nan", "nanside", "none", "bigline", "garbage", "signal", "badjson"]
+    modes = ["crash", "nan", "nanside", "none", "empty", "bigline", "garbage", "signal", "badjson"]
     spec = study.spec(arms=[{"name": m, "env": {"MODE": m}} for m in modes], concurrency=2)
     done = study.cli("research", str(spec), timeout=180)
     assert done.returncode == 0, done.stderr + done.stdout  # some runs succeeded
@@ -84,18 +85,22 @@ def test_misbehaving_runners_are_recorded_truthfully(study: Study) -> None:
     exp = ledger.experiments()[-1]
     runs = {r.arm: r for r in ledger.runs(exp.id)}
     finals = ledger.run_metrics(exp.id)
-    assert runs["crash"].status == "failed" and runs["crash"].failure == "exit_nonzero" and runs["crash"].exit_code == 3
-    assert "Traceback: boom" in runs["crash"].reason
+    # "Traceback: boom" is no Python traceback: without recognisable evidence the class is unknown
+    assert runs["crash"].status == "failed" and runs["crash"].failure == "unknown" and runs["crash"].exit_code == 3
+    assert "Traceback: boom" in runs["crash"].reason and "exit code 3" in runs["crash"].evidence["evidence"]
     assert runs["nan"].failure == "nan_divergence" and finals[runs["nan"].id]["score"] == (None, False)
-    assert runs["nanside"].status == "succeeded" and finals[runs["nanside"].id]["loss"] == (None, False)
+    # a finite goal with a diverged loss is a suspicious success, not a result
+    assert runs["nanside"].failure == "nan_divergence" and finals[runs["nanside"].id]["loss"] == (None, False)
+    assert "final loss = inf" in runs["nanside"].evidence["evidence"]
     assert runs["none"].failure == "no_metrics" and "score" in runs["none"].reason
+    assert runs["empty"].failure == "degenerate_data" and "trained on 0 samples" in runs["empty"].evidence["evidence"]
     assert runs["bigline"].status == "succeeded" and finals[runs["bigline"].id]["score"] == (2.0, True)
     assert Path(runs["bigline"].log_dir, "stdout.log").stat().st_size > 10_000_000
     assert runs["garbage"].status == "succeeded" and finals[runs["garbage"].id]["score"] == (3.0, True)
     assert runs["signal"].failure == "killed" and runs["signal"].signal == 9
     assert runs["badjson"].status == "succeeded" and finals[runs["badjson"].id]["score"] == (4.0, True)
     status = study.cli("status", exp.id)
-    assert status.returncode == 0 and "exit_nonzero" in status.stdout and "no_metrics" in status.stdout
+    assert status.returncode == 0 and "unknown" in status.stdout and "no_metrics" in status.stdout
 
 
 def test_timeout_kills_the_whole_process_group(study: Study) -> None:
@@ -191,12 +196,13 @@ def test_budget_is_enforced_not_displayed(study: Study) -> None:
     assert "budget" in done.stdout and done.returncode == 1
 
 
-def test_run_that_cannot_start_is_infra_failure(study: Study) -> None:
+def test_runner_whose_interpreter_is_missing_fails_once_and_is_not_retried(study: Study) -> None:
     study.commit({"run.sh": "#!/nonexistent/interpreter\necho hi\n"})
-    done = study.cli("research", str(study.spec(arms=[{"name": "a"}], extra_knobs=[])))
+    done = study.cli("research", str(study.spec(arms=[{"name": "a"}], extra_knobs=[])), "--skip-check")
     assert done.returncode == 1, done.stdout + done.stderr
     (run,) = _runs(study)
-    assert run.status == "failed" and run.failure == "infra"
+    assert run.status == "failed" and run.failure == "missing_dependency" and not run.transient
+    assert "interpreter named in its #! line" in run.reason
 
 
 def test_key_value_and_regex_protocols(study: Study) -> None:

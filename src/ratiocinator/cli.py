@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -249,6 +250,11 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
         table.add_row(str(r.id), r.arm, str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]", shown,
                       f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", why[:100])
     out.print(table)
+    classes = Counter(r.failure for r in ledger.runs(exp.id) if r.status == "failed" and r.failure)
+    if classes:
+        retried = sum(r.transient for r in ledger.runs(exp.id) if r.status == "failed")
+        out.print("failures by class: " + ", ".join(f"{name} {n}" for name, n in classes.most_common())
+                  + (f" ({retried} transient, retried)" if retried else ""), markup=False)
 
 
 @app.command()
@@ -269,6 +275,8 @@ def runs(
             "exit_code": r.exit_code, "signal": r.signal, "started_at": r.started_at, "ended_at": r.ended_at,
             "duration_s": r.duration_s, "host": r.host, "slot": r.slot, "commit": r.commit_sha, "env": r.env,
             "argv": r.argv, "cost": r.cost, "log_dir": r.log_dir, "out_dir": r.out_dir,
+            "evidence": r.evidence.get("evidence", []), "failure_detail": r.evidence.get("detail", {}),
+            "transient": r.transient,
             "metrics": {k: (v if finite else None) for k, (v, finite) in metrics.get(r.id, {}).items()},
             "nonfinite_metrics": sorted(k for k, (_, finite) in metrics.get(r.id, {}).items() if not finite),
         })

@@ -3,8 +3,10 @@
 One asyncio task per live run. Output is written to the run's log files and parsed
 into metric points while the process is alive; points reach the ledger in batches so a
 runner printing a million lines costs little. Every run ends in exactly one terminal
-ledger row (``succeeded``/``failed``), or ``interrupted`` when the orchestrator is
-stopped, in which case a resume re-runs it as a new attempt.
+ledger row (``succeeded``/``failed``, with its failure class and evidence), or
+``interrupted`` when the orchestrator is stopped, in which case a resume re-runs it as a
+new attempt. Transient failures are retried with backoff as new attempts; when the first
+runs all fail with one deterministic class, nothing more is launched.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .backends.base import Backend, ExitInfo, Host, LaunchRequest, RunHandle, Slot, Workspace
+from .backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
 from .budget import Budget, run_cost
+from .failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
 from .ledger import Ledger
 from .metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
 from .planning import Plan, PlannedRun
@@ -37,6 +40,7 @@ class RunResult:
     failure: str | None
     reason: str
     goal: float | None
+    transient: bool = False
 
 
 class ProgressSink:
@@ -56,6 +60,7 @@ class ExecutionSummary:
     results: list[RunResult] = field(default_factory=list)
     not_launched: list[PlannedRun] = field(default_factory=list)
     budget_stop: str | None = None
+    early_stop: str | None = None
 
 
 def runner_environment(
@@ -89,6 +94,14 @@ def runner_environment(
     return env
 
 
+class _Wake:
+    """Queue token: a run ended for good, so the launch loop re-checks what is left."""
+
+
+WAKE = _Wake()
+MAX_RETRY_BACKOFF_S = 300.0
+
+
 class Executor:
     def __init__(
         self,
@@ -115,6 +128,7 @@ class Executor:
         self.workspace = workspace
         self.loaded = loaded
         self.spec = loaded.spec
+        self.policy = loaded.spec.failure_policy
         self.plan = plan
         self.experiment_id = experiment_id
         self.commit = commit
@@ -125,42 +139,122 @@ class Executor:
         self.progress = progress or ProgressSink()
         self.extra_env = extra_env or {}
         self.base_env = dict(os.environ if base_env is None else base_env)
+        self.live: dict[int, bool] = {}  # run id -> another run shared the host while it was alive
+        self.transient_failures = ledger.transient_failures(experiment_id)
+        # The experiment's first finished runs (transient failures aside), for the early stop.
+        self.first_outcomes: list[str | None] = [
+            r.failure for r in ledger.runs(experiment_id) if r.status in ("succeeded", "failed") and not r.transient
+        ][: self.policy.stop_after]
+        self.early_stop: str | None = None
 
     async def run(self, pending: list[PlannedRun]) -> ExecutionSummary:
-        """Launch ``pending`` in order on free slots until done or the budget says stop."""
+        """Launch ``pending`` on free slots until done, the budget says stop, or failures say stop.
+
+        A transiently failed run goes back into the queue after its backoff, as a new
+        attempt; the loop ends when every run has ended for good.
+        """
         summary = ExecutionSummary()
         free: asyncio.Queue[Slot] = asyncio.Queue()
         for slot in self.host.slots:
             free.put_nowait(slot)
+        work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
+        for planned in pending:
+            work.put_nowait(planned)
+        open_runs = len(pending)  # queued, live or waiting to retry
         launched: list[asyncio.Task[RunResult]] = []
+        retries: dict[asyncio.Task[None], PlannedRun] = {}
+
+        stopping = False
+
+        def ended(task: asyncio.Task[RunResult], planned: PlannedRun, slot: Slot) -> None:
+            nonlocal open_runs
+            free.put_nowait(slot)
+            if task.cancelled() or task.exception() is not None:
+                return
+            result = task.result()
+            if self._should_retry(result) and not (stopping or self.early_stop):
+                retry = asyncio.create_task(self._retry_later(result, planned, work))
+                retries[retry] = planned
+                retry.add_done_callback(lambda t: retries.pop(t, None))
+                return
+            open_runs -= 1
+            work.put_nowait(WAKE)
+
         try:
-            for index, planned in enumerate(pending):
+            while open_runs:
+                planned = await work.get()
+                if isinstance(planned, _Wake):
+                    continue
                 slot = await free.get()
-                charge = self.budget.reserve_run(self.host.price_per_hour, self.spec.train_timeout_s)
-                if charge is None:
+                stop = self.early_stop or self._reserve_or_stop(summary)
+                if isinstance(stop, str):
+                    stopping = True
                     free.put_nowait(slot)
-                    spent, reserved = self.budget.spent_and_reserved()
-                    summary.budget_stop = (
-                        f"budget: the next run could cost up to ${self.host.price_per_hour * self.spec.train_timeout_s / 3600:.4f}"
-                        f" and ${spent:.4f} spent + ${reserved:.4f} reserved of ${self.spec.max_dollars:.2f} leaves too little"
-                    )
-                    summary.not_launched = pending[index:]
-                    self.ledger.event(self.experiment_id, "budget_stop", summary.budget_stop, level="warning",
-                                      not_launched=len(summary.not_launched))
-                    self.progress.message(summary.budget_stop)
+                    waiting = list(retries.values())
+                    for task in list(retries):
+                        task.cancel()
+                    summary.not_launched = [planned, *waiting] + [p for p in _drain(work) if not isinstance(p, _Wake)]
+                    if self.early_stop:
+                        summary.early_stop = self.early_stop
                     break
-                task = asyncio.create_task(self._run_one(planned, slot, charge))
-                task.add_done_callback(lambda _t, s=slot: free.put_nowait(s))
+                task = asyncio.create_task(self._run_one(planned, slot, stop))
+                task.add_done_callback(lambda t, p=planned, s=slot: ended(t, p, s))
                 launched.append(task)
                 self._report_money()
             summary.results.extend(await asyncio.gather(*launched))
         except BaseException:
-            for task in launched:
+            for task in [*launched, *retries]:
                 task.cancel()
-            await asyncio.gather(*launched, return_exceptions=True)
+            await asyncio.gather(*launched, *retries, return_exceptions=True)
             raise
         summary.results.sort(key=lambda r: r.run_id)
         return summary
+
+    def _reserve_or_stop(self, summary: ExecutionSummary) -> int | str:
+        """A charge id for the next run, or why it may not launch."""
+        charge = self.budget.reserve_run(self.host.price_per_hour, self.spec.train_timeout_s)
+        if charge is not None:
+            return charge
+        spent, reserved = self.budget.spent_and_reserved()
+        summary.budget_stop = (
+            f"budget: the next run could cost up to ${self.host.price_per_hour * self.spec.train_timeout_s / 3600:.4f}"
+            f" and ${spent:.4f} spent + ${reserved:.4f} reserved of ${self.spec.max_dollars:.2f} leaves too little"
+        )
+        self.ledger.event(self.experiment_id, "budget_stop", summary.budget_stop, level="warning")
+        self.progress.message(summary.budget_stop)
+        return summary.budget_stop
+
+    def _should_retry(self, result: RunResult) -> bool:
+        if not result.transient:
+            return False
+        key = (result.arm, result.replicate)
+        self.transient_failures[key] = failures = self.transient_failures.get(key, 0) + 1
+        return failures < self.policy.max_attempts
+
+    async def _retry_later(self, result: RunResult, planned: PlannedRun, work: asyncio.Queue[PlannedRun | _Wake]) -> None:
+        failures = self.transient_failures[(result.arm, result.replicate)]
+        delay = min(self.policy.retry_backoff_s * 2 ** (failures - 1), MAX_RETRY_BACKOFF_S)
+        message = (f"run {result.run_id} ({result.arm} #{result.replicate}) failed transiently ({result.failure});"
+                   f" attempt {failures + 1} of {self.policy.max_attempts} in {delay:g}s")
+        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure, delay_s=delay)
+        self.progress.message(message)
+        await asyncio.sleep(delay)
+        work.put_nowait(planned)
+
+    def _note_outcome(self, result: RunResult) -> None:
+        """The early stop: the experiment's first runs all failed with one deterministic class."""
+        if result.transient or len(self.first_outcomes) >= self.policy.stop_after:
+            return
+        self.first_outcomes.append(result.failure)
+        classes = set(self.first_outcomes)
+        if len(self.first_outcomes) == self.policy.stop_after and len(classes) == 1 and None not in classes:
+            failure = classes.pop()
+            self.early_stop = (
+                f"stopped early: the first {self.policy.stop_after} runs all failed with {failure}"
+                f" (last: {result.reason[:200]}); fix the code and run again with --new"
+            )
+            self.ledger.event(self.experiment_id, "early_stop", self.early_stop, level="error", failure=failure)
+            self.progress.message(self.early_stop)
 
     def _report_money(self) -> None:
         self.progress.money(*self.budget.spent_and_reserved())
@@ -180,6 +274,10 @@ class Executor:
             run_root=self.runs_dir,
             charge_id=charge,
         )
+        self.live[run_id] = bool(self.live)
+        for other in self.live:
+            if other != run_id and not self.live[other]:
+                self.live[other] = True
         run_dir = self.runs_dir / str(run_id)
         out_dir = run_dir / "out"
         # Directory and file creation can take milliseconds on some filesystems; off the loop,
@@ -196,6 +294,7 @@ class Executor:
         )
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
         started = time.time()
+        oom_before = self.backend.oom_kills(self.host)
         stream = _RunStream(self.ledger, run_id, logs, make_parser(
             self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
         ))
@@ -204,17 +303,22 @@ class Executor:
             try:
                 handle = await self.backend.launch(self.host, request)
             except Exception as exc:  # the backend could not start the process at all
-                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False,
-                                    failure="infra", reason=f"could not start the runner: {exc}")
+                cause = Diagnosis(
+                    Failure(exc.failure) if isinstance(exc, LaunchFailure) else Failure.INFRA,
+                    f"could not start the runner: {exc}", (str(exc)[:300],),
+                    transient=exc.transient if isinstance(exc, LaunchFailure) else True,
+                )
+                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, cause)
             self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
             exit_info, timed_out = await self._supervise(handle, stream)
-            return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out)
+            return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
         except asyncio.CancelledError:
             if handle is not None:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
             stream.close()
             leftover = stream.drain()
             elapsed = time.time() - started
+            self.live.pop(run_id, None)
             self.ledger.finish_run(
                 run_id, status="interrupted", failure=None, reason="the orchestrator was interrupted",
                 exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
@@ -251,51 +355,52 @@ class Executor:
         stream: _RunStream,
         exit_info: ExitInfo | None,
         timed_out: bool,
-        *,
-        failure: str | None = None,
-        reason: str = "",
+        oom_before: int | None,
+        diagnosis: Diagnosis | None = None,
     ) -> RunResult:
         stream.close()
         leftover = stream.drain()
         ended = time.time()
         goal = self.spec.goal_metric
         final = stream.summary.final
-        if failure is None:
-            failure, reason = classify(exit_info, timed_out, self.spec.train_timeout_s, goal, final, stream)
+        shared = self.live.pop(run_id, False)
+        if diagnosis is None:
+            assert exit_info is not None
+            oom_after = self.backend.oom_kills(self.host)
+            run_dir = self.runs_dir / str(run_id)
+            diagnosis = diagnose(RunEvidence(
+                exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out,
+                timeout_s=self.spec.train_timeout_s, goal=goal, final=final,
+                stdout=read_log(run_dir / "stdout.log"), stderr=read_log(run_dir / "stderr.log"),
+                checkout=self.workspace.checkout, shared_host=shared,
+                oom_kills=(oom_after - oom_before) if oom_before is not None and oom_after is not None else 0,
+                malformed_metric_lines=stream.parser.problem_count,
+            ))
+        failure = diagnosis.failure.value if diagnosis.failure else None
         status = "failed" if failure else "succeeded"
         cost = run_cost(self.host.price_per_hour, ended - started, self.spec.train_timeout_s)
         self.ledger.finish_run(
-            run_id, status=status, failure=failure, reason=reason,
+            run_id, status=status, failure=failure, reason=diagnosis.reason,
             exit_code=exit_info.exit_code if exit_info else None, signal=exit_info.signal if exit_info else None,
             final=final, counts=stream.summary.counts, cost=cost, ended_at=ended,
             points=leftover, settle_charge=charge,
+            evidence=diagnosis.to_json() if failure else {}, transient=diagnosis.transient,
         )
         value = final.get(goal)
-        result = RunResult(run_id, arm, planned.replicate, status, failure, reason,
-                           value if value is not None and math.isfinite(value) and not failure else None)
+        result = RunResult(run_id, arm, planned.replicate, status, failure, diagnosis.reason,
+                           value if value is not None and math.isfinite(value) and not failure else None,
+                           diagnosis.transient)
+        self._note_outcome(result)
         self.progress.run_finished(result)
         self._report_money()
         return result
 
 
-def classify(
-    exit_info: ExitInfo | None, timed_out: bool, timeout_s: float, goal: str, final: dict[str, float], stream: _RunStream
-) -> tuple[str | None, str]:
-    """(failure class or None, reason). Exit 0 without a finite goal metric is a failure."""
-    if timed_out:
-        return "timeout", f"killed after the {timeout_s:g}s train_timeout_s"
-    assert exit_info is not None
-    if exit_info.signal is not None:
-        return "killed", f"terminated by signal {exit_info.signal}"
-    if exit_info.exit_code:
-        return "exit_nonzero", f"exit code {exit_info.exit_code}" + stream.last_words()
-    if goal not in final:
-        seen = ", ".join(sorted(final)[:10]) or "none"
-        note = f"; {stream.parser.problem_count} malformed metric line(s)" if stream.parser.problem_count else ""
-        return "no_metrics", f"exited 0 without reporting '{goal}' (metrics seen: {seen}{note})"
-    if not math.isfinite(final[goal]):
-        return "nan_divergence", f"final {goal} is {final[goal]}"
-    return None, ""
+def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _open_run_dir(run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
@@ -315,7 +420,6 @@ class _RunStream:
         self.logs = logs
         self.pending: list[MetricPoint] = []
         self.last_flush = time.monotonic()
-        self.tail: list[str] = []
 
     async def consume(self, handle: RunHandle) -> None:
         async for name, chunk in handle.output():
@@ -335,8 +439,6 @@ class _RunStream:
             points = feed(line)
             if points:
                 pending.extend(points)
-        if name == "stderr":
-            self.tail = (self.tail + lines)[-5:]
         if len(pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S:
             self._flush_points()
 
@@ -353,10 +455,6 @@ class _RunStream:
         if points:
             self.summary.add(points)
         return points
-
-    def last_words(self) -> str:
-        meaningful = [line.strip() for line in self.tail if line.strip()]
-        return f": {meaningful[-1][:300]}" if meaningful else ""
 
     def close(self) -> None:
         for log in self.logs.values():

@@ -120,3 +120,36 @@ def compare_local(hw: Hardware, facts: MachineFacts) -> list[HardwareFinding]:
         else:
             out.append(HardwareFinding("max_dph", "not_applicable", "the local machine is not rented (price_per_hour is 0)"))
     return out
+
+
+def oom_kill_count() -> int:
+    """Kernel OOM kills seen so far: machine-wide (/proc/vmstat) plus this process's memory cgroup.
+
+    Only ever compared with an earlier reading: an increase while a run was alive, and the
+    run dying of SIGKILL, means the OOM killer took it. Unreadable counters count as 0.
+    """
+    total = _counter(Path("/proc/vmstat"), "oom_kill")
+    try:
+        cgroups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return total
+    for line in cgroups:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        relative = path.lstrip("/")
+        if hierarchy == "0" and not controllers:  # cgroup v2: subtree events
+            total += _counter(Path("/sys/fs/cgroup") / relative / "memory.events", "oom_kill")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            total += _counter(Path("/sys/fs/cgroup/memory") / relative / "memory.oom_control", "oom_kill")
+    return total
+
+
+def _counter(path: Path, name: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

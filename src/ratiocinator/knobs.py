@@ -44,6 +44,9 @@ class KnobReport:
     files: tuple[str, ...]
     dynamic: tuple[str, ...]
     unreadable: tuple[str, ...]
+    # Every file read as Python, in scan order, including those that failed to parse (which
+    # `files` leaves out): a syntax check must cover exactly what the runner reaches.
+    python_files: tuple[str, ...] = ()
     # Every option string of each argparse knob ("--lr" -> ("--lr", "-l")); `arg_flags` needs
     # the aliases, which `Knob` has no room for.
     flag_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
@@ -92,6 +95,7 @@ class _Scan:
         self._files: list[str] = []
         self._dynamic: list[str] = []
         self._unreadable: list[str] = []
+        self._python_files: list[str] = []
 
     def run(self, runner: Path) -> KnobReport:
         self._enqueue(runner, None, frozenset())
@@ -103,6 +107,7 @@ class _Scan:
             files=tuple(self._files),
             dynamic=tuple(dict.fromkeys(self._dynamic)),
             unreadable=tuple(self._unreadable),
+            python_files=tuple(self._python_files),
             flag_aliases=aliases,
         )
 
@@ -125,6 +130,7 @@ class _Scan:
             self._unreadable.append(f"{rel}: cannot be read ({exc.strerror or exc})")
             return
         if (language or _language(path, data)) == "py":
+            self._python_files.append(rel)
             self._scan_python(path, rel, data, shadowed)
         else:
             self._scan_shell(path, rel, data, shadowed)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS runs (
     log_dir       TEXT NOT NULL,
     out_dir       TEXT NOT NULL,
     cost          REAL,
+    evidence_json TEXT NOT NULL DEFAULT '{}',
+    transient     INTEGER NOT NULL DEFAULT 0,
     UNIQUE (arm_id, replicate, attempt)
 );
 CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment_id, status);
@@ -130,6 +132,13 @@ CREATE TABLE IF NOT EXISTS charges (
 );
 CREATE INDEX IF NOT EXISTS charges_by_experiment ON charges(experiment_id, state);
 """
+
+# Upgrades from each older schema version, applied in order inside one transaction.
+MIGRATIONS: dict[int, str] = {
+    # v2: the evidence behind each run's failure class, and whether the class is transient (retryable).
+    2: "ALTER TABLE runs ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
+       "ALTER TABLE runs ADD COLUMN transient INTEGER NOT NULL DEFAULT 0;",
+}
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
 # the textual value survives in the run's log.
@@ -192,6 +201,8 @@ class RunRow:
     log_dir: str
     out_dir: str
     cost: float | None
+    evidence: dict[str, Any]
+    transient: bool
 
     @property
     def duration_s(self) -> float | None:
@@ -223,7 +234,9 @@ class Ledger:
                 hint="upgrade ratiocinator, or use another --home",
             )
         if version < SCHEMA_VERSION:
-            self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+            fresh = self.db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'runs'").fetchone()[0] == 0
+            upgrades = "" if fresh else "\n".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+            self.db.executescript(f"BEGIN IMMEDIATE;\n{upgrades}\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
 
     def close(self) -> None:
         self.db.close()
@@ -423,6 +436,8 @@ class Ledger:
         ended_at: float | None = None,
         points: Iterable[Any] = (),
         settle_charge: int | None = None,
+        evidence: dict[str, Any] | None = None,
+        transient: bool = False,
     ) -> None:
         """Terminal state, the last metric points, final metrics and the settled cost in one transaction."""
         with self.transaction() as db:
@@ -430,9 +445,10 @@ class Ledger:
             if settle_charge is not None:
                 self._settle(db, settle_charge, cost or 0.0)
             db.execute(
-                "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?, cost = ?"
-                " WHERE id = ?",
-                (status, failure, reason, exit_code, signal, ended_at or time.time(), cost, run_id),
+                "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?, cost = ?,"
+                " evidence_json = ?, transient = ? WHERE id = ?",
+                (status, failure, reason, exit_code, signal, ended_at or time.time(), cost,
+                 json.dumps(evidence or {}, sort_keys=True, default=str), int(transient), run_id),
             )
             db.executemany(
                 "INSERT OR REPLACE INTO run_metrics (run_id, name, value, finite, n_points) VALUES (?, ?, ?, ?, ?)",
@@ -463,7 +479,17 @@ class Ledger:
         d = dict(r)
         d["env"] = json.loads(d.pop("env_json"))
         d["argv"] = json.loads(d.pop("argv_json"))
+        d["evidence"] = json.loads(d.pop("evidence_json"))
+        d["transient"] = bool(d["transient"])
         return RunRow(**d)
+
+    def reclassify_run(self, run_id: int, *, failure: str, reason: str, evidence: dict[str, Any]) -> None:
+        """A finished run judged after the fact (say, constant metrics across arms): failed, with why."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = 'failed', failure = ?, reason = ?, evidence_json = ?, transient = 0 WHERE id = ?",
+                (failure, reason, json.dumps(evidence, sort_keys=True, default=str), run_id),
+            )
 
     def run_metrics(self, experiment_id: str) -> dict[int, dict[str, tuple[float | None, bool]]]:
         """{run_id: {metric: (value or None if non-finite, finite)}}."""
@@ -497,14 +523,31 @@ class Ledger:
     def point_names(self, run_id: int) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? ORDER BY name", (run_id,))]
 
-    def terminal_replicates(self, experiment_id: str) -> set[tuple[str, int]]:
-        """(arm name, replicate) pairs that already have a finished (succeeded/failed) attempt."""
+    def terminal_replicates(self, experiment_id: str, max_attempts: int = 1) -> set[tuple[str, int]]:
+        """(arm name, replicate) pairs that are done: succeeded, failed deterministically, or out of retries.
+
+        A transient failure (``transient`` set) leaves its replicate open until it has failed
+        transiently ``max_attempts`` times.
+        """
         rows = self.db.execute(
-            "SELECT arms.name, runs.replicate FROM runs JOIN arms ON arms.id = runs.arm_id"
-            " WHERE runs.experiment_id = ? AND runs.status IN ('succeeded', 'failed')",
+            "SELECT arms.name, runs.replicate,"
+            " SUM(runs.status = 'succeeded' OR (runs.status = 'failed' AND runs.transient = 0)),"
+            " SUM(runs.status = 'failed' AND runs.transient = 1)"
+            " FROM runs JOIN arms ON arms.id = runs.arm_id WHERE runs.experiment_id = ?"
+            " GROUP BY arms.name, runs.replicate",
             (experiment_id,),
         )
-        return {(r[0], r[1]) for r in rows}
+        return {(r[0], r[1]) for r in rows if r[2] or r[3] >= max_attempts}
+
+    def transient_failures(self, experiment_id: str) -> dict[tuple[str, int], int]:
+        """How many times each (arm name, replicate) has failed transiently."""
+        rows = self.db.execute(
+            "SELECT arms.name, runs.replicate, COUNT(*) FROM runs JOIN arms ON arms.id = runs.arm_id"
+            " WHERE runs.experiment_id = ? AND runs.status = 'failed' AND runs.transient = 1"
+            " GROUP BY arms.name, runs.replicate",
+            (experiment_id,),
+        )
+        return {(r[0], r[1]): r[2] for r in rows}
 
     # -- events ------------------------------------------------------------------
 

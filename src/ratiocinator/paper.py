@@ -25,6 +25,7 @@ from .analysis import ArmSummary, Finals, MetricStats, summarize_experiment
 from .document import Abstract, Block, Bullets, Code, Fields, Figure, Heading, Paragraph, Table, clean
 from .errors import SpecError
 from .facts import MISSING, FactBook, Kind
+from .failures import DESCRIPTIONS
 from .figures import FigureFile, all_figures
 from .inference import ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference, NoiseFloor, Verdict, infer
 from .ledger import Experiment, Ledger, RunRow
@@ -573,11 +574,21 @@ class _Writer:
         rows = []
         for cls, runs in sorted(by_class.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             arms = Counter(r.arm for r in runs)
-            rows.append((cls, self.count(f"failures[{cls}].runs", len(runs), f"runs that ended as {cls}", [r.id for r in runs]),
+            rows.append((cls, DESCRIPTIONS.get(cls, "stopped before it finished" if cls == "interrupted" else ""),
+                         self.count(f"failures[{cls}].runs", len(runs), f"runs that ended as {cls}", [r.id for r in runs]),
                          ", ".join(f"{arm} ({n})" for arm, n in arms.items())))
-        blocks.append(Paragraph("Runs that did not succeed, by failure class (a failed run is retried under the same seed "
-                                "only when the experiment is resumed; every attempt is listed)."))
-        blocks.append(Table(("Failure class", "Runs", "Arms (runs)"), tuple(rows)))
+        policy = self.spec.failure_policy
+        blocks.append(Paragraph(
+            "Runs that did not succeed, by failure class; each class was decided from the run's own evidence "
+            "(its exit code or signal and the log lines quoted below). Only transient classes (infra, and host memory "
+            f"exhaustion while other runs shared the host) were retried, as new attempts, up to {policy.max_attempts} "
+            "attempts per replicate; deterministic failures were never repeated. Every attempt is listed."))
+        transient = [r for r in bad if r.transient]
+        if transient:
+            blocks.append(Paragraph(
+                f"{self.count('failures.transient', len(transient), 'transient failures that were retried', [r.id for r in transient])}"
+                " of these failures were transient and their replicate was attempted again."))
+        blocks.append(Table(("Failure class", "Meaning", "Runs", "Arms (runs)"), tuple(rows)))
         for cls, runs in sorted(by_class.items()):
             for run in runs[:EXAMPLES_PER_FAILURE]:
                 blocks += self.failed_run(run)
@@ -593,6 +604,7 @@ class _Writer:
                 ("Status", run.status),
                 ("Failure", run.failure or "—"),
                 ("Reason", run.reason or "—"),
+                *(("Evidence", line) for line in run.evidence.get("evidence", [])),
                 ("Exit code", "—" if run.exit_code is None else str(run.exit_code)),
                 ("Signal", "—" if run.signal is None else str(run.signal)),
                 ("Logs", run.log_dir or "—"),

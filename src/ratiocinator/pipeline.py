@@ -26,13 +26,14 @@ from .backends.local import LocalBackend, runner_argv
 from .budget import Budget, run_cost, run_worst_case
 from .errors import BackendError, PlanError, UsageError
 from .executor import ExecutionSummary, Executor, ProgressSink
+from .failures import ArmOutcome, Failure, constant_across_arms
 from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
 from .planner import Planner, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
 from .spec import LoadedSpec
 
-FINISHED = ("completed", "budget_exhausted")
+FINISHED = ("completed", "budget_exhausted", "stopped")
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class Research:
                 refuse_ignored_knobs(self.loaded, plan, code.knobs)
                 ledger.record_arms(exp_id, iteration, plan.arms, plan.baseline)
                 arm_ids = {a.name: a.id for a in ledger.arms(exp_id)}
-                done = ledger.terminal_replicates(exp_id)
+                done = ledger.terminal_replicates(exp_id, spec.failure_policy.max_attempts)
                 pending = [r for r in plan.runs() if (r.arm, r.replicate) not in done]
                 ledger.event(exp_id, "plan", f"iteration {iteration}: {len(plan.arms)} arms, {len(pending)} runs to go",
                              iteration=iteration, arms=[a.name for a in plan.arms], pending=len(pending),
@@ -307,8 +308,16 @@ class Research:
                     budget=budget, progress=self.progress, extra_env=extra_env,
                 )
                 summary: ExecutionSummary = await executor.run(pending)
+                if summary.early_stop:
+                    status, note = "stopped", summary.early_stop
+                    break
                 if summary.budget_stop:
                     status, note = "budget_exhausted", summary.budget_stop
+                    break
+                degenerate = flag_constant_metric(ledger, exp_id, spec.goal_metric)
+                if degenerate:
+                    status, note = "stopped", f"stopped: {degenerate}"
+                    self.progress.message(note)
                     break
         finally:
             await backend.release(host)
@@ -316,6 +325,30 @@ class Research:
         report = _write_report(ledger, exp_id, self.paths.report(exp_id))
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
+
+
+def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str | None:
+    """Fail every run of arms that differ yet report one identical goal value; say why, or None."""
+    metrics = ledger.run_metrics(experiment_id)
+    arms = {a.name: a for a in ledger.arms(experiment_id)}
+    by_arm: dict[str, list[tuple[int, float]]] = {}
+    for run in ledger.runs(experiment_id, status="succeeded"):
+        value = metrics.get(run.id, {}).get(goal, (None, False))[0]
+        if value is not None:
+            by_arm.setdefault(run.arm, []).append((run.id, value))
+    outcomes = [
+        ArmOutcome(name, tuple(sorted(arms[name].env.items())) + tuple(("arg", a) for a in arms[name].args), tuple(runs))
+        for name, runs in by_arm.items()
+    ]
+    diagnosis = constant_across_arms(outcomes, goal)
+    if diagnosis is None:
+        return None
+    for outcome in outcomes:
+        for run_id, _ in outcome.runs:
+            ledger.reclassify_run(run_id, failure=Failure.DEGENERATE_DATA.value, reason=diagnosis.reason,
+                                  evidence=diagnosis.to_json())
+    ledger.event(experiment_id, "degenerate", diagnosis.reason, level="error", **diagnosis.to_json())
+    return diagnosis.reason
 
 
 def backend_price(loaded: LoadedSpec) -> float:

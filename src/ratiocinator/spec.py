@@ -2,7 +2,7 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
+``extra_knobs``, ``failure_policy``, ``check``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
 are documented in the README. Unknown keys are errors, never silently dropped.
 """
 
@@ -26,6 +26,7 @@ RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PATH", "VIRTUAL_ENV"})
 RESERVED_PREFIX = "RATIOCINATOR_"
 
 Scalar = str | int | float | bool
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 def scalar_to_env(value: Scalar) -> str:
@@ -114,6 +115,24 @@ class Metrics(_Strict):
         return self
 
 
+class FailurePolicy(_Strict):
+    """What a failed run costs: transient failures are retried, deterministic ones never."""
+
+    max_attempts: PositiveInt = Field(3, description="attempts per replicate; only transient failures (infra, shared-host oom) retry")
+    retry_backoff_s: float = Field(10.0, ge=0, description="wait before the first retry; doubles per attempt, at most 300 s")
+    stop_after: PositiveInt = Field(3, description="stop when the first N finished runs all fail with one deterministic class")
+
+
+class Check(_Strict):
+    """The readiness review run before ``research`` spends anything."""
+
+    smoke: bool = True
+    smoke_timeout_s: float = Field(120.0, gt=0, description="wall limit of each trial-mode smoke run")
+    allow_unchanged_knobs: list[str] = Field(
+        [], description="knobs allowed to change nothing in trial mode (say, EPOCHS capped by the runner)"
+    )
+
+
 class Arm(_Strict):
     """One configuration: knobs as environment variables, optional runner flags."""
 
@@ -145,9 +164,6 @@ class Arm(_Strict):
         return value
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
 class Spec(_Strict):
     """A research spec (seed fields first, then extensions)."""
 
@@ -177,6 +193,8 @@ class Spec(_Strict):
     concurrency: PositiveInt | None = None
     backend: Literal["local"] = "local"
     extra_knobs: list[str] = []
+    failure_policy: FailurePolicy = FailurePolicy()
+    check: Check = Check()
 
     @field_validator("name")
     @classmethod

@@ -63,6 +63,19 @@ class LaunchRequest:
     out_dir: Path
 
 
+class LaunchFailure(Exception):
+    """The backend could not start a run; ``transient`` says whether trying again could help.
+
+    A lost connection is transient (``infra``); a runner whose interpreter does not exist
+    is not, and its class says why (``missing_dependency``).
+    """
+
+    def __init__(self, message: str, *, transient: bool, failure: str = "infra") -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.failure = failure
+
+
 @dataclass(frozen=True)
 class ExitInfo:
     exit_code: int | None
@@ -114,7 +127,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
-        """Start the runner process in the slot; never through a shell."""
+        """Start the runner process in the slot; never through a shell. Raises `LaunchFailure`."""
 
     @abc.abstractmethod
     async def release(self, host: Host) -> None:
@@ -123,3 +136,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run left behind by a dead orchestrator; True if something was killed."""
+
+    def oom_kills(self, host: Host) -> int | None:
+        """The host's kernel OOM-kill counter (compared before and after a run); None when unknown."""
+        return None

@@ -7,6 +7,7 @@ GPU slot through ``CUDA_VISIBLE_DEVICES``, and an argv that no shell ever parses
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -17,9 +18,20 @@ from typing import Any
 
 from .. import workspace as ws
 from ..errors import BackendError
-from ..hardware import compare_local, probe_machine
+from ..hardware import compare_local, oom_kill_count, probe_machine
 from ..spec import LoadedSpec
-from .base import Backend, ExitInfo, HardwareFinding, Host, LaunchRequest, RunHandle, Slot, Stream, Workspace
+from .base import (
+    Backend,
+    ExitInfo,
+    HardwareFinding,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Stream,
+    Workspace,
+)
 
 CHUNK = 1 << 16
 
@@ -123,6 +135,17 @@ class LocalRunHandle(RunHandle):
         _kill_group(self.proc.pid, signal.SIGKILL)
 
 
+def launch_failure(argv: tuple[str, ...], exc: OSError) -> LaunchFailure:
+    """A missing or unusable runner/interpreter fails every attempt alike; anything else may pass."""
+    what = f"cannot start {argv[0]}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOENT, errno.ENOEXEC, errno.EACCES, errno.ENOTDIR):
+        hint = {errno.ENOENT: "the runner or the interpreter named in its #! line does not exist",
+                errno.EACCES: "the runner is not executable (chmod +x) or its interpreter is not",
+                errno.ENOEXEC: "the runner has no valid #! line or is not a program"}.get(exc.errno, "")
+        return LaunchFailure(f"{what} ({hint})" if hint else what, transient=False, failure="missing_dependency")
+    return LaunchFailure(what, transient=True)
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -188,11 +211,14 @@ class LocalBackend(Backend):
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             )
         except OSError as exc:
-            raise BackendError(f"cannot start {request.argv[0]}: {exc.strerror}") from None
+            raise launch_failure(request.argv, exc) from None
         return LocalRunHandle(proc)
 
     async def release(self, host: Host) -> None:
         """Nothing is rented locally."""
+
+    def oom_kills(self, host: Host) -> int | None:
+        return oom_kill_count()
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         alive_start = process_start_time(pid)
