@@ -17,8 +17,9 @@ Script entries are consumed one per request, whichever endpoint it hits:
 * ``str`` or ``Reply(text, input_tokens=, output_tokens=, finish_reason=)``: a successful
   reply (streamed as SSE when the request asks for ``stream``). Token counts default to
   ``len(prompt text) // 4 + 1`` and ``len(reply) // 4 + 1``.
-* ``Fail(status, message=, retry_after=)``: that HTTP status with the provider's JSON error
-  body and, if given, a ``Retry-After`` header.
+* ``Fail(status, message=, retry_after=, mid_stream=)``: that HTTP status with the provider's
+  JSON error body and, if given, a ``Retry-After`` header; with ``mid_stream=True`` a streamed
+  request instead gets HTTP 200 and then an error event (as overloaded servers do).
 * ``Delay(seconds, then=)``: wait before answering with ``then``, to make a client time out.
 
 A request with nothing left in the script gets HTTP 400 "no scripted response left", and
@@ -55,6 +56,7 @@ class Fail:
     status: int
     message: str | None = None
     retry_after: float | str | None = None
+    mid_stream: bool = False  # for a streamed request: HTTP 200, then an error event instead of the reply
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ class LlmServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, name="llmserver", daemon=True).start()
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="llmserver", daemon=True
+        ).start()
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
@@ -197,6 +201,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry = entry.then
         if entry is None:
             self._json(400, _error_body(kind, 400, "llmserver: no scripted response left"))
+            return
+        if isinstance(entry, Fail) and entry.mid_stream and body.get("stream"):
+            error = _error_body(kind, entry.status, entry.message or f"llmserver: scripted error mid-stream ({entry.status})")
+            self._sse([("error" if kind == "anthropic" else None, error)], openai=kind == "openai")
             return
         if isinstance(entry, Fail):
             headers = {"retry-after": str(entry.retry_after)} if entry.retry_after is not None else {}

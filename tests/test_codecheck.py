@@ -262,11 +262,12 @@ def test_todo_comments_count_only_inside_function_bodies(tmp_path):
             return "TODO in a string is data"
     """})
     findings = placeholders(tmp_path, ["train.py"])
+    note = "comment in the body of function `{}`: check that the work it notes is done"
     assert [(f.line, f.message) for f in findings] == [
-        (6, "function `train` has a TODO comment in its body: check that the work it notes is done"),
-        (8, "function `train` has a FIXME comment in its body: check that the work it notes is done"),
-        (10, "function `train.inner` has a XXX comment in its body: check that the work it notes is done"),
-        (12, "function `train` has a TODO comment in its body: check that the work it notes is done"),
+        (6, "TODO " + note.format("train")),
+        (8, "FIXME " + note.format("train")),
+        (10, "XXX " + note.format("train.inner")),
+        (12, "TODO " + note.format("train")),
     ]
     assert findings[1].excerpt == "loss = 1.0  # FIXME: real loss"
 
@@ -300,6 +301,7 @@ def test_omitted_code_phrases_in_comments_and_strings(tmp_path):
         # implement a faster kernel one day
         fill_in_value = 0
         message = "please fill in the form below"
+        note = f"{y} steps omitted for brevity"
     """})
     findings = placeholders(tmp_path, ["model.py"])
     assert [(f.line, f.message) for f in findings] == [
@@ -308,6 +310,7 @@ def test_omitted_code_phrases_in_comments_and_strings(tmp_path):
         (17, 'a comment says code was left out ("same as above"): put the code back'),
         (18, 'a comment says code was left out ("Your code here"): put the code back'),
         (19, 'a string says code was left out ("rest of the implementation"): put the code back'),
+        (28, 'a string says code was left out ("omitted for brevity"): put the code back'),
     ]
     assert findings[1].excerpt == "Details omitted for brevity."
 
@@ -413,7 +416,7 @@ def test_unparseable_line_is_located_in_the_included_file(tmp_path, offline_env)
     write(tmp_path, {"extra.txt": "rcheck-alpha\nnot a requirement\n"})
     [finding] = check(tmp_path, offline_env, "# base\n-r extra.txt\n")
     assert finding.kind == "invalid_requirement"
-    assert finding.message.startswith("pip cannot parse the requirement 'not a requirement':")
+    assert finding.message.startswith("pip cannot parse the requirement 'not a requirement'")
     assert (finding.where(), finding.excerpt) == ("extra.txt:2", "not a requirement")
 
 

@@ -52,7 +52,12 @@ def ask(provider, text: str = "hi", **kwargs) -> Completion:
 
 def assert_no_key(*things: object) -> None:
     for thing in things:
-        text = thing if isinstance(thing, str) else json.dumps(thing, default=repr) if isinstance(thing, (dict, list)) else repr(thing)
+        if isinstance(thing, str):
+            text = thing
+        elif isinstance(thing, (dict, list)):
+            text = json.dumps(thing, default=repr)
+        else:
+            text = repr(thing)
         assert KEY not in text, f"API key leaked into: {text[:300]}"
 
 
@@ -217,6 +222,14 @@ def test_structured_gives_up_after_max_attempts(server: LlmServer) -> None:
     assert len(server.requests) == 3
 
 
+def test_structured_unavailable_keeps_the_paid_replies(server: LlmServer) -> None:
+    server.script("not json", Fail(503), Fail(503))
+    provider = make_provider(server.config("openai", max_retries=1), {})
+    with pytest.raises(LlmUnavailable) as caught:
+        ask_structured(provider, system="s", user="u", schema=Plan)
+    assert [c.text for c in caught.value.completions] == ["not json"]
+
+
 def test_structured_truncated_reply_is_told_so(server: LlmServer) -> None:
     server.script(Reply('{"arms": [{"name": "ba', finish_reason="length"), GOOD)
     result = ask_structured(make_provider(server.config("openai"), {}), system="s", user="u", schema=Plan)
@@ -252,18 +265,28 @@ def test_429_with_retry_after_then_success(server: LlmServer, provider_name: str
     assert time.monotonic() - started >= 0.9, "Retry-After: 1 must be waited out"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("provider_name", PROVIDERS)
-def test_500s_past_the_cap_raise_unavailable(server: LlmServer, provider_name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_500s_past_the_cap_raise_unavailable(
+    server: LlmServer, provider_name: str, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     server.script(Fail(500), Fail(503), Fail(500))
     provider = make_provider(server.config(provider_name, model="big-model", max_retries=2), {})
     with caplog.at_level(logging.WARNING, logger="ratiocinator.llm"), pytest.raises(LlmUnavailable) as caught:
-        ask(provider)
+        ask(provider, stream=stream)
     err = caught.value
     assert isinstance(err, RatiocinatorError) and not isinstance(err, LlmError)
     assert (err.attempts, err.status, err.provider, err.model) == (3, 500, provider_name, "big-model")
     assert "HTTP 500" in str(err) and "3 attempts" in str(err) and "big-model" in str(err) and provider_name in str(err)
     assert len(server.requests) == 3
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("provider_name", PROVIDERS)
+def test_error_event_mid_stream_is_retried(server: LlmServer, provider_name: str) -> None:
+    server.script(Fail(529, message="Overloaded", mid_stream=True), "recovered")
+    completion = ask(make_provider(server.config(provider_name), {}), stream=True)
+    assert (completion.text, completion.attempts) == ("recovered", 2)
 
 
 def test_backoff_doubles(server: LlmServer) -> None:
@@ -327,7 +350,9 @@ def test_other_client_errors_fail_at_once(server: LlmServer, status: int) -> Non
 
 @pytest.mark.parametrize("provider_name", PROVIDERS)
 @pytest.mark.parametrize("failure", ["401", "500-exhausted", "timeout"])
-def test_key_never_leaks_from_errors(server: LlmServer, provider_name: str, failure: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_key_never_leaks_from_errors(
+    server: LlmServer, provider_name: str, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
     echo = f"Incorrect API key provided: {KEY}"  # a server that echoes the key back in full
     script = {"401": [Fail(401, message=echo)], "500-exhausted": [Fail(500, message=echo)] * 2, "timeout": [Delay(3)] * 2}
     server.script(*script[failure])

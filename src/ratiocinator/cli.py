@@ -22,13 +22,14 @@ from rich.table import Table
 
 from .errors import RatiocinatorError, UsageError
 from .ledger import Ledger
-from .pipeline import Paths, Research, inspect_code, make_backend, plan_summary
+from .pipeline import Paths, Research, check_spec, inspect_code, make_backend, plan_summary
 from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
 from .progress import LiveProgress, PlainProgress
 from .spec import load_spec
 
 if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
     from .publish import ReportFiles
+    from .readiness import Readiness
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -191,15 +192,60 @@ def knobs(spec: SpecArg) -> None:
 
 @app.command()
 @friendly
+def check(
+    spec: SpecArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke/--no-smoke", help="run each distinct arm once in trial mode")] = True,
+    llm: Annotated[bool, typer.Option("--llm/--no-llm", help="add the configured LLM's review (claims verified)")] = True,
+) -> None:
+    """Readiness review: static checks, smoke runs, cross-arm comparison. Exit 0 ready, 1 not ready."""
+    loaded = load_spec(spec)
+    say = (lambda m: err.print(m, markup=False)) if as_json else (lambda m: out.print(m, markup=False))
+    result = check_spec(loaded, state.home, smoke=smoke, use_llm=llm, on_message=say)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_readiness(result)
+    raise typer.Exit(0 if result.is_code_ready else 1)
+
+
+def _print_readiness(result: Readiness) -> None:
+    colors = {"passed": "green", "failed": "red", "warning": "yellow", "skipped": "dim"}
+    for c in result.checks:
+        out.print(f"[{colors[c.status]}]{c.status:>7}[/] [bold]{c.name}[/]: ", end="")
+        out.print(c.summary, markup=False)
+        if c.status in ("failed", "warning"):
+            for item in c.evidence[:8]:
+                out.print("          " + _evidence_text(item), markup=False)
+    verdict = "[green]ready[/]" if result.is_code_ready else "[red]not ready[/]"
+    out.print(f"code at {(result.commit or '?')[:12]}: {verdict}")
+
+
+def _evidence_text(item: dict[str, Any]) -> str:
+    if "verdict" in item:  # an LLM claim
+        return f"{item['verdict']}: {item.get('description', '')} — {item.get('evidence', '')}"
+    if "class" in item:  # a smoke run
+        lines = " | ".join(item.get("evidence", [])[:3])
+        return f"{item['arm']}: {item['class'] or 'ok'} — {lines} (logs: {item.get('log_dir', '')})"
+    where = f"{item['file']}:{item['line']}" if item.get("file") and item.get("line") else item.get("file") or ""
+    text = item.get("message") or item.get("excerpt") or ", ".join(f"{k}={v}" for k, v in item.items())
+    excerpt = f"  | {item['excerpt']}" if item.get("excerpt") and item.get("message") else ""
+    return f"{where}: {text}{excerpt}" if where else f"{text}{excerpt}"
+
+
+@app.command()
+@friendly
 def research(
     spec: SpecArg,
     new: Annotated[bool, typer.Option("--new", help="start a fresh experiment instead of resuming")] = False,
+    skip_check: Annotated[bool, typer.Option("--skip-check", help="skip the readiness review (the report says so)")] = False,
+    llm_review: Annotated[bool, typer.Option("--llm-review/--no-llm-review", help="include the LLM in the readiness review")] = True,
 ) -> None:
-    """The whole pipeline: plan, prepare, run every arm, record, report. Resumable."""
+    """The whole pipeline: check, plan, prepare, run every arm, record, report. Resumable."""
     loaded = load_spec(spec)
     interactive = sys.stdout.isatty()
     progress = LiveProgress() if interactive else PlainProgress()
-    job = Research(loaded, state.home, progress=progress, new=new)
+    job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, use_llm=llm_review)
     if isinstance(progress, LiveProgress):
         with progress:
             outcome = job.run()

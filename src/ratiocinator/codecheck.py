@@ -420,7 +420,7 @@ def _text_findings(rel: str, lines: list[str], tokens: list[tokenize.TokenInfo],
             elif (marker := _MARKER.search(token.string)) and (qualname := _innermost(spans, line)):
                 word = (marker.group(1) or marker.group(2)).upper()
                 findings.append(Finding(
-                    "placeholder", f"function `{qualname}` has a {word} comment in its body: "
+                    "placeholder", f"{word} comment in the body of function `{qualname}`: "
                     "check that the work it notes is done",
                     file=rel, line=line, excerpt=_line(lines, line)))
         elif token.type == tokenize.STRING or token.type == _FSTRING_MIDDLE:
@@ -443,7 +443,11 @@ _NOT_FOUND = re.compile(
     r"(?: \(from versions: (?P<versions>[^)]*)\))?$"
 )
 _CONFLICT = re.compile(r"^ERROR: Cannot install (?P<what>.+) because these package versions have conflicting")
-_INVALID = re.compile(r"^ERROR: Invalid requirement: (?P<req>.+?): (?P<why>.+)$")
+# pip >= 24: "Invalid requirement: 'x y': why", the line number lines later; older: one line.
+_INVALID = re.compile(
+    r"^ERROR: Invalid requirement: (?P<req>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")(?:: (?P<why>.+?))?"
+    r"(?: \(from line \d+ of .+\))?$"
+)
 _FROM_LINE = re.compile(r"\(from line (?P<line>\d+) of ")
 _FILE_LINE = re.compile(r"-r (?P<file>\S+) \(line (?P<line>\d+)\)")
 _USER_REQUESTED = re.compile(r"^The user requested (?P<req>.+)$")
@@ -632,15 +636,14 @@ def _pip_failure(code: int, output: list[str], requirements: str, sources: list[
         else:
             shown = f"{', '.join(listed[:3])}, …, {', '.join(listed[-3:])}"
             why = f"pip found only the versions {shown} ({len(listed)} in all)"
-        if parent:
-            origin = _origin(parent, sources, filtered)
-            shown = origin[0] if origin[0].startswith("`") else f"`{origin[0]}`"
-            message = f"`{requirement}`, which {shown} requires, cannot be installed: {why}"
-            findings.append(_at("unresolvable_requirement", message, origin[1], requirements, lines))
-        else:
+        if parent and not _FILE_LINE.search(parent):  # a dependency of `parent`
+            shown, source = _origin(parent, sources, filtered)
+            message = f"`{requirement}`, which `{shown}` requires, cannot be installed: {why}"
+        else:  # a line of the file, which pip may name as "-r FILE (line N)"
+            source = _origin(parent, sources, filtered)[1] if parent else None
+            source = source or _by_name(sources, requirement)
             message = f"`{requirement}` cannot be installed: {why}"
-            findings.append(_at("unresolvable_requirement", message, _by_name(sources, requirement),
-                                requirements, lines))
+        findings.append(_at("unresolvable_requirement", message, source, requirements, lines))
     findings += _conflicts(output, requirements, sources, filtered)
     findings += _invalid(output, requirements, sources, filtered)
     if network:
@@ -704,11 +707,11 @@ def _invalid(output: list[str], requirements: str, sources: list[_RequirementLin
     """Lines pip cannot parse, located through pip's "(from line N of ...)"."""
     for index, line in enumerate(output):
         if invalid := _INVALID.match(line):
-            following = output[index + 1: index + 4]
-            number = next((int(m["line"]) for m in map(_FROM_LINE.search, following) if m), None)
+            following = [] if _FROM_LINE.search(line) else output[index + 1: index + 4]
+            number = next((int(m["line"]) for m in map(_FROM_LINE.search, [line, *following]) if m), None)
             source = _by_filtered_line(sources, filtered, number) if number else None
-            yield _at("invalid_requirement",
-                      f"pip cannot parse the requirement {invalid['req']}: {invalid['why']}",
+            why = f": {invalid['why']}" if invalid["why"] else ""
+            yield _at("invalid_requirement", f"pip cannot parse the requirement {invalid['req']}{why}",
                       source, requirements, [line, *following])
 
 

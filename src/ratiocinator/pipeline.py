@@ -14,17 +14,17 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import workspace as ws
-from .backends.base import Backend, HardwareFinding
+from .backends.base import Backend, HardwareFinding, Host, Workspace
 from .backends.local import LocalBackend, runner_argv
 from .budget import Budget, run_cost, run_worst_case
-from .errors import BackendError, PlanError, UsageError
+from .errors import BackendError, PlanError, UsageError, WorkspaceError
 from .executor import ExecutionSummary, Executor, ProgressSink
 from .failures import ArmOutcome, Failure, constant_across_arms
 from .knobs import KnobReport, discover_knobs
@@ -212,13 +212,15 @@ class Research:
     """One invocation of ``ratiocinator research``."""
 
     def __init__(self, loaded: LoadedSpec, home: Path, *, progress: ProgressSink | None = None, new: bool = False,
-                 planner: Planner | None = None) -> None:
+                 planner: Planner | None = None, check: bool = True, use_llm: bool = True) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
         self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
         self.progress = progress or ProgressSink()
         self.new = new
         self.planner = planner or SpecPlanner(loaded)
+        self.check = check
+        self.use_llm = use_llm
 
     def run(self) -> ResearchOutcome:
         self.planner.check()  # planning errors (no arms, bad baseline) surface before the ledger is touched
@@ -286,6 +288,7 @@ class Research:
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env = data_env(self.loaded)
             status, note = "completed", ""
+            reviewed = False
             for iteration in range(1, spec.max_iterations + 1):
                 decision = self.planner.next_iteration(iteration, ledger, exp_id)
                 ledger.event(exp_id, "decision", decision.reason, iteration=iteration, has_plan=decision.plan is not None)
@@ -301,6 +304,12 @@ class Research:
                 ledger.event(exp_id, "plan", f"iteration {iteration}: {len(plan.arms)} arms, {len(pending)} runs to go",
                              iteration=iteration, arms=[a.name for a in plan.arms], pending=len(pending),
                              worst_case=run_worst_case(price, spec.train_timeout_s) * len(pending))
+                if pending and not reviewed:
+                    reviewed = True
+                    problem = await self._review(ledger, exp_id, commit, code, plan, backend, host, workspace, argv, extra_env)
+                    if problem:
+                        status, note = "not_ready", problem
+                        break
                 self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates, {len(pending)} runs to go")
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
@@ -322,9 +331,52 @@ class Research:
         finally:
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
-        report = _write_report(ledger, exp_id, self.paths.report(exp_id))
+        report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
+
+    async def _review(self, ledger: Ledger, exp_id: str, commit: str, code: CodeView, plan: Plan, backend: Backend,
+                      host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str]) -> str | None:
+        """The readiness review before the first paid run; why the code is not ready, or None."""
+        from .readiness import review
+
+        if not self.check:
+            ledger.event(exp_id, "readiness_skipped", "the readiness review was skipped (--skip-check)", level="warning",
+                         commit=commit)
+            self.progress.message("readiness review skipped (--skip-check)")
+            return None
+        earlier = [e for e in ledger.events(exp_id) if e["kind"] == "readiness" and e["data"].get("commit") == commit
+                   and e["data"].get("is_code_ready")]
+        if earlier:
+            self.progress.message(f"readiness review passed earlier at commit {commit[:12]}")
+            return None
+        self.progress.message("readiness review: static checks, smoke runs, cross-arm comparison")
+        arms = len({(tuple(sorted(a.env.items())), tuple(a.args)) for a in plan.arms})
+        smoke_s = self.spec.check.smoke_timeout_s
+        charge = ledger.reserve(exp_id, amount=run_worst_case(host.price_per_hour, smoke_s) * arms, limit=self.spec.max_dollars,
+                                kind="smoke", note=f"{arms} smoke run(s) × {smoke_s:g}s")
+        started = time.time()
+        try:
+            readiness = await review(
+                loaded=self.loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
+                workspace=workspace, argv=argv, smoke_dir=self.paths.runs(exp_id) / "smoke", smoke=charge is not None,
+                smoke_off_reason=f"max_dollars cannot cover {arms} smoke run(s) of {smoke_s:g}s",
+                use_llm=self.use_llm, extra_env=extra_env, commit=commit, on_message=self.progress.message,
+            )
+        finally:
+            if charge is not None:
+                ledger.settle(charge, min(run_worst_case(host.price_per_hour, smoke_s) * arms,
+                                          run_cost(host.price_per_hour, time.time() - started, smoke_s * arms)))
+        data = readiness.to_json()
+        ledger.event(exp_id, "readiness", "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
+                     level="info" if readiness.is_code_ready else "error", **data)
+        for check in readiness.checks:
+            if check.status in ("failed", "warning"):
+                self.progress.message(f"check {check.name}: {check.status} — {check.summary}")
+        if readiness.is_code_ready:
+            return None
+        return (f"not ready: {readiness.code_issue}; nothing was run. Fix the code (`ratiocinator check SPEC` shows the"
+                " evidence) and run again, or pass --skip-check to run anyway")
 
 
 def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str | None:
@@ -379,3 +431,58 @@ def _write_report(ledger: Ledger, experiment_id: str, out_dir: Path) -> ReportFi
     from .publish import write_report
 
     return write_report(ledger, experiment_id, out_dir)
+
+
+# -- the readiness review on its own (`ratiocinator check`) ---------------------------------
+
+
+if TYPE_CHECKING:
+    from .readiness import Readiness
+
+
+def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
+               on_message: Callable[[str], None] | None = None) -> Readiness:
+    """The review ``research`` runs first, without an experiment: nothing is written to the ledger."""
+    from .planning import plan_iteration
+    from .readiness import CheckResult, Readiness, review
+
+    paths = Paths(Path(home).expanduser().resolve())
+    plan = plan_iteration(loaded)
+    try:
+        code = inspect_code(loaded, paths)
+    except PlanError as exc:  # the runner is not in the checkout
+        return Readiness([CheckResult("runner", "failed", exc.message, ({"hint": exc.hint or ""},))])
+    except WorkspaceError as exc:  # clone, fetch or LFS content
+        name = "lfs" if "LFS" in exc.message else "checkout"
+        return Readiness([CheckResult(name, "failed", exc.message, ({"hint": exc.hint or ""},))])
+    backend = make_backend(loaded, paths)
+    unmet = [f for f in backend.check_hardware(loaded) if f.status == "unmet"]
+
+    async def run() -> Readiness:
+        off = ""
+        workspace = host = None
+        if unmet:
+            off = "this machine does not meet the spec's hardware: " + "; ".join(f"{f.field}: {f.detail}" for f in unmet)
+        else:
+            host = await backend.acquire(loaded)
+        try:
+            if host is not None:
+                try:
+                    workspace = await backend.prepare(host, loaded, code.commit)
+                except WorkspaceError as exc:
+                    off = f"the workspace could not be prepared: {exc.message}"
+            result = await review(
+                loaded=loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
+                workspace=workspace, argv=runner_argv(code.checkout, loaded.spec.runner_script, "python"),
+                smoke_dir=paths.home / "checks" / f"{loaded.name}-{loaded.sha256[:8]}", smoke=smoke and not off,
+                smoke_off_reason=off or "disabled (--no-smoke)", use_llm=use_llm, extra_env=data_env(loaded),
+                commit=code.commit, on_message=on_message,
+            )
+            if off.startswith("the workspace"):
+                result.checks.insert(0, CheckResult("deps", "failed", off))
+            return result
+        finally:
+            if host is not None:
+                await backend.release(host)
+
+    return asyncio.run(run())

@@ -1,40 +1,35 @@
 """The harness inside each sandboxed child of `ratiocinator.execeval`: confine, run, report.
 
 The parent starts it as `python -I -c <this source> JOB_FILE` in a fresh session and a
-fresh temp dir. It reads and deletes the job file, drops privileges (when started as
-root) and lowers its resource limits, then runs the program and the instrumented tests
-in one `__main__` namespace. It writes JSON records carrying the job's random token to
-a private pipe: `started` once confined, and one final record only when the tests ran to
-the end, raised, or did not compile. A sample that leaves any other way (`os._exit`, a
-signal, a kill) leaves no final record, so neither printing nor exiting can pass for
-success.
+fresh temp dir. It reads and deletes the job file (a marshal of the already compiled
+program and instrumented tests), drops privileges when started as root, lowers its
+resource limits, then runs the program and the tests in one `__main__` namespace. It
+writes JSON records carrying the job's random token to a private pipe: `started` once
+confined, and one final record only when the tests ran to the end or raised. A sample
+that leaves any other way (`os._exit`, a signal, a kill) leaves no final record, so
+neither printing nor exiting can pass for success.
 
-The tests are rewritten so every `assert` reports whether it ran and held, and every
-top-level `check*`/`test*` function reports that it was called: that is how the parent
-tells "the tests passed" from "no test ever ran".
+The parent rewrote the tests so that every `assert` calls the assert hook with its
+condition and every top-level `check*`/`test*` function calls the checker hook first;
+the hooks installed here count what actually ran.
 
-Stdlib only, and it must not import ratiocinator: it runs as a plain `-c` script.
+Stdlib only, it must not import ratiocinator, and it imports as little as it can:
+interpreter start-up is most of the cost of a sample.
 """
 
 from __future__ import annotations
 
-import ast
 import builtins
-import json
-import linecache
+import marshal
 import os
 import resource
 import sys
-import traceback
 import types
+from _json import encode_basestring_ascii
 
 HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
-# Names no source code can spell, so the program cannot shadow the hooks by accident.
-ASSERT_HOOK = "<ratiocinator assert>"
-CHECKER_HOOK = "<ratiocinator checker>"
-CHECKER_PREFIXES = ("check", "test")
 # Freed before reporting a MemoryError, so the report itself can be built.
 RESERVE_BYTES = 4 * 1024 * 1024
 MESSAGE_CHARS = 2000
@@ -59,8 +54,8 @@ class Tally:
         self.checkers_called: set[str] = set()
 
     def on_assert(self, value: object) -> bool:
-        self.asserts_executed += 1
         held = bool(value)
+        self.asserts_executed += 1
         if not held:
             self.asserts_failed += 1
         return held
@@ -69,30 +64,21 @@ class Tally:
         self.checkers_called.add(name)
 
 
-class _CountAsserts(ast.NodeTransformer):
-    """`assert cond, msg` -> `assert <hook>(cond), msg`: same truth test, now counted."""
-
-    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
-        self.generic_visit(node)
-        call = ast.Call(func=ast.Name(id=ASSERT_HOOK, ctx=ast.Load()), args=[node.test], keywords=[])
-        node.test = ast.copy_location(call, node.test)
-        return node
-
-
-def instrument_test(source: str) -> tuple[types.CodeType, list[str]]:
-    """Compile the test code with counted asserts; returns the code and its top-level checkers."""
-    tree = ast.parse(source, TEST_FILE)
-    checkers = []
-    for stmt in tree.body:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name.startswith(CHECKER_PREFIXES):
-            checkers.append(stmt.name)
-            call = ast.Call(func=ast.Name(id=CHECKER_HOOK, ctx=ast.Load()), args=[ast.Constant(stmt.name)], keywords=[])
-            hook = ast.copy_location(ast.Expr(call), stmt.body[0])
-            has_docstring = isinstance(stmt.body[0], ast.Expr) and isinstance(stmt.body[0].value, ast.Constant) \
-                and isinstance(stmt.body[0].value.value, str)
-            stmt.body.insert(1 if has_docstring else 0, hook)
-    tree = ast.fix_missing_locations(_CountAsserts().visit(tree))
-    return compile(tree, TEST_FILE, "exec", dont_inherit=True, optimize=0), checkers
+def to_json(value: object) -> str:
+    """JSON for the few types a record holds, without importing json (and with it, re)."""
+    if value is None or value is True or value is False:
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value) if value - value == 0 else "null"
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(to_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{encode_basestring_ascii(str(k))}:{to_json(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -114,7 +100,9 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
 
     def prctl(*args: int) -> None:
-        if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
+        # Always five arguments: some options reject nonzero leftovers in the unused ones.
+        padded = (args + (0, 0, 0, 0))[:5]
+        if libc.prctl(*(ctypes.c_ulong(a) for a in padded)) != 0:
             error = ctypes.get_errno()
             raise OSError(error, f"prctl{args}: {os.strerror(error)}")
 
@@ -165,29 +153,20 @@ def _describe(exc: BaseException) -> str:
         return f"<{type(exc).__name__} whose str() failed>"
 
 
-def _frame(summary: traceback.FrameSummary | None) -> dict | None:
+def _frame(summary: object) -> dict | None:
     if summary is None:
         return None
     return {"file": summary.filename, "line": summary.lineno, "function": summary.name}
 
 
-def _syntax_record(exc: BaseException, where: str) -> dict:
-    line = getattr(exc, "lineno", None)
-    text = getattr(exc, "text", None)
-    return {
-        "status": "syntax_error",
-        "phase": "compile",
-        "raised_in": where,
-        "error_type": type(exc).__name__,
-        "message": _clip(getattr(exc, "msg", None) or _describe(exc), MESSAGE_CHARS),
-        "frame": {"file": PROGRAM_FILE if where == "program" else TEST_FILE, "line": line, "function": None},
-        "user_frame": None,
-        "source_line": _clip(text.strip() if isinstance(text, str) else None, SOURCE_LINE_CHARS),
-        "offset": getattr(exc, "offset", None),
-    }
+def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
+    """Type, message, frames and traceback of what stopped the sample; also printed to stderr."""
+    import linecache
+    import traceback
 
-
-def _exception_record(exc: BaseException, phase: str) -> dict:
+    # Let tracebacks quote the program's and the tests' own lines.
+    for filename, source in ((PROGRAM_FILE, job["program_source"]), (TEST_FILE, job["test_source"])):
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == HARNESS_FILE:
         tb = tb.tb_next
@@ -223,25 +202,9 @@ def _exception_record(exc: BaseException, phase: str) -> dict:
     }
 
 
-def _remember_source(filename: str, source: str) -> None:
-    """Let tracebacks show the program's and the tests' own lines."""
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-
-
 def run_sample(job: dict) -> dict:
-    """Compile, run the program, run the tests, call `check(entry_point)` when due; never raises."""
+    """Run the program, the tests, then `check(entry_point)` when due; never raises."""
     reserve = [bytearray(RESERVE_BYTES)]
-    try:
-        program = compile(job["program"], PROGRAM_FILE, "exec", dont_inherit=True, optimize=0)
-    except (SyntaxError, ValueError, RecursionError) as exc:
-        return _syntax_record(exc, "program")
-    try:
-        test, checkers = instrument_test(job["test"])
-    except (SyntaxError, ValueError, RecursionError) as exc:
-        return _syntax_record(exc, "test")
-    _remember_source(PROGRAM_FILE, job["program"])
-    _remember_source(TEST_FILE, job["test"])
-
     tally = Tally()
     module = types.ModuleType("__main__")
     namespace = module.__dict__
@@ -249,11 +212,11 @@ def run_sample(job: dict) -> dict:
     sys.modules["__main__"] = module
     phase = "program"
     try:
-        exec(program, namespace)
+        exec(job["program"], namespace)
         phase = "test"
-        namespace[ASSERT_HOOK] = tally.on_assert
-        namespace[CHECKER_HOOK] = tally.on_checker
-        exec(test, namespace)
+        namespace[job["assert_hook"]] = tally.on_assert
+        namespace[job["checker_hook"]] = tally.on_checker
+        exec(job["test"], namespace)
         entry_point = job["entry_point"]
         check = namespace.get("check")
         if entry_point and isinstance(check, types.FunctionType) and check.__code__.co_filename == TEST_FILE:
@@ -265,13 +228,12 @@ def run_sample(job: dict) -> dict:
             check(namespace[entry_point])
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
         reserve.clear()
-        record = _exception_record(exc, phase)
+        record = _exception_record(exc, phase, job)
     else:
         record = {"status": "completed", "phase": phase}
     record.update(
         asserts_executed=tally.asserts_executed,
         asserts_failed=tally.asserts_failed,
-        checkers_defined=checkers,
         checkers_called=sorted(tally.checkers_called),
     )
     return record
@@ -284,15 +246,15 @@ def _finish(status: int) -> None:
             stream.flush()
         except BaseException:  # noqa: BLE001
             pass
-    os._exit(status)
+    os._exit(status & 0xFF)
 
 
 def _emitter(fd: int, token: str):
     """Bind everything writing a record needs now, before any sample code can rebind it."""
-    write, dumps = os.write, json.dumps
+    write, encode = os.write, to_json
 
     def emit(record: dict) -> None:
-        data = memoryview((dumps({**record, "token": token}) + "\n").encode())
+        data = memoryview((encode({**record, "token": token}) + "\n").encode("ascii"))
         while data:
             data = data[write(fd, data):]
 
@@ -301,8 +263,8 @@ def _emitter(fd: int, token: str):
 
 def main(job_path: str) -> None:
     harness_pid = os.getpid()
-    with open(job_path, encoding="utf-8") as handle:
-        job = json.load(handle)
+    with open(job_path, "rb") as handle:
+        job = marshal.load(handle)
     os.unlink(job_path)
     emit = _emitter(job.pop("result_fd"), job.pop("token"))
     try:
@@ -314,7 +276,7 @@ def main(job_path: str) -> None:
     sys.argv = [PROGRAM_FILE]
     record = run_sample(job)
     if os.getpid() != harness_pid:
-        # A process the sample forked ran out of the harness: it must not report.
+        # A process the sample forked ran on into the harness: it must not report.
         _finish(record.get("exit_status", 0) if record["status"] == "exception" else 0)
     record.pop("exit_status", None)
     emit(record)

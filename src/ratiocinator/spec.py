@@ -2,7 +2,7 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``failure_policy``, ``check``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
+``extra_knobs``, ``failure_policy``, ``check``, ``llm``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
 are documented in the README. Unknown keys are errors, never silently dropped.
 """
 
@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .llm.config import LlmConfig
 from .specfile import Loc, format_validation_error, line_for, load_yaml_with_lines
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -195,6 +196,7 @@ class Spec(_Strict):
     extra_knobs: list[str] = []
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
+    llm: LlmConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -248,6 +248,11 @@ class PreparedEnv:
     log_path: Path | None  # where install output went
 
 
+def venv_base_python() -> str:
+    """The interpreter run venvs are built from: this one's base, not the orchestrator's own venv."""
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
 def prepare_env(
     checkout: Path,
     deps: DepsConfig,
@@ -268,7 +273,7 @@ def prepare_env(
         return PreparedEnv(venv=None, env=overrides, log_path=None)
 
     base_env = dict(os.environ if base_env is None else base_env)
-    base_python = getattr(sys, "_base_executable", None) or sys.executable
+    base_python = venv_base_python()
     filtered = None
     if deps.requirements is not None:
         filtered = filter_requirements(checkout / deps.requirements, deps.exclude_from_requirements)

@@ -62,7 +62,9 @@ class LlmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    provider: ProviderName = Field(description="openai: any OpenAI-compatible chat-completions server; anthropic: the Messages API")
+    provider: ProviderName = Field(
+        description="openai: any OpenAI-compatible chat-completions server; anthropic: the Messages API"
+    )
     model: str = Field(min_length=1, description="model name as the server knows it")
     base_url: str | None = Field(
         None,

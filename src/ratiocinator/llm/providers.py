@@ -29,7 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal
 
@@ -271,7 +271,9 @@ class SdkProvider(Provider):
     def _completion(self, request: dict[str, Any], reply: _Reply, attempts: int, latency_s: float) -> Completion:
         input_tokens, output_tokens = reply.input_tokens, reply.output_tokens
         if input_tokens is None or output_tokens is None:
-            log.warning("LLM %s/%s: the server reported no token usage; estimating from text length", self.name, self.config.model)
+            log.warning(
+                "LLM %s/%s: the server reported no token usage; estimating from text length", self.name, self.config.model
+            )
             if input_tokens is None:
                 input_tokens = math.ceil(len(json.dumps(request)) / CHARS_PER_TOKEN)
             if output_tokens is None:
@@ -294,7 +296,7 @@ class SdkProvider(Provider):
         return f"{self.name} model '{self.config.model}' at {self.config.endpoint}"
 
     def _unavailable(self, failure: _Failure, attempts: int) -> LlmUnavailable:
-        status = f"HTTP {failure.status}" if failure.status else "no response"
+        status = f"HTTP {failure.status}" if failure.status else "no usable reply"
         return LlmUnavailable(
             f"{self._where()} is unavailable ({status}) after {attempts} attempt{'s' if attempts != 1 else ''}: {failure.detail}",
             hint="the research loop pauses here and resumes later; check the server or the provider's status page, "
@@ -315,7 +317,9 @@ class SdkProvider(Provider):
                 hint = "no key was sent: with a custom base_url set llm.api_key_env to the variable holding this server's key"
         elif status == 403:
             what = "refused access (HTTP 403)"
-            hint = f"check that the key in ${env} may use model '{self.config.model}'" if env else "check the server's access rules"
+            hint = (
+                f"check that the key in ${env} may use model '{self.config.model}'" if env else "check the server's access rules"
+            )
         elif status == 404:
             what = "does not know the endpoint or model (HTTP 404)"
             hint = "check llm.model and llm.base_url" + (
@@ -406,8 +410,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 class OpenAIProvider(SdkProvider):
@@ -448,7 +452,8 @@ class OpenAIProvider(SdkProvider):
         if not completion.choices:
             return _Reply(completion.model, "", None, *_openai_usage(completion.usage), data)
         choice = completion.choices[0]
-        return _Reply(completion.model, choice.message.content or "", choice.finish_reason, *_openai_usage(completion.usage), data)
+        text = choice.message.content or ""
+        return _Reply(completion.model, text, choice.finish_reason, *_openai_usage(completion.usage), data)
 
     def _send_streaming(self, client: Any, request: dict[str, Any]) -> _Reply:
         parts: list[str] = []
@@ -550,7 +555,9 @@ class AnthropicProvider(SdkProvider):
         input_tokens = None
         if usage is not None and usage.input_tokens is not None:
             # Cache writes and reads are input too, and billed; count them so cost errs high, not low.
-            input_tokens = usage.input_tokens + (usage.cache_creation_input_tokens or 0) + (usage.cache_read_input_tokens or 0)
+            written = getattr(usage, "cache_creation_input_tokens", None) or 0
+            read = getattr(usage, "cache_read_input_tokens", None) or 0
+            input_tokens = usage.input_tokens + written + read
         output_tokens = usage.output_tokens if usage is not None else None
         return _Reply(message.model, text, message.stop_reason, input_tokens, output_tokens, data)
 

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .providers import Completion, LlmError, Message, Provider
+from .providers import Completion, LlmError, LlmUnavailable, Message, Provider
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -72,18 +72,16 @@ def json_candidates(text: str) -> list[dict[str, Any]]:
     return found
 
 
-def _parse_problem(text: str) -> str:
-    """Why the reply held no JSON object, quoting the decoder's complaint where there is one."""
-    fenced = [m.group(2) for m in _FENCE.finditer(text)]
-    start, end = text.find("{"), text.rfind("}")
-    guess = fenced[0] if fenced else text[start : end + 1] if 0 <= start < end else None
-    if guess is None:
-        return "Your reply contains no JSON object."
+def _parse_problem(text: str) -> str | None:
+    """Why the reply's first JSON-looking text does not parse, or None when it does."""
+    start = text.find("{")
+    if start == -1:
+        return "Your reply contains no JSON object; the answer must be a single {...} object."
     try:
-        json.loads(guess)
+        json.JSONDecoder().raw_decode(text, start)
     except ValueError as exc:
         return f"Your reply is not valid JSON: {exc}."
-    return "Your reply contains no JSON object (the JSON found is not an object)."
+    return None
 
 
 def _validation_problem(exc: ValidationError) -> str:
@@ -114,7 +112,7 @@ def ask_structured(
     `check` returns problems (empty when fine) that go back to the model verbatim, like
     validation errors. After `max_attempts` replies the last problem is raised as an
     `LlmError` carrying all completions. `LlmUnavailable` from the provider propagates
-    unchanged, so the research loop can pause.
+    (so the research loop can pause) with the completions made before it attached.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -123,7 +121,11 @@ def ask_structured(
     completions: list[Completion] = []
     problem = ""
     for _ in range(max_attempts):
-        completion = provider.complete(messages, system=full_system, max_tokens=max_tokens)
+        try:
+            completion = provider.complete(messages, system=full_system, max_tokens=max_tokens)
+        except LlmUnavailable as exc:
+            exc.completions[:0] = completions  # the replies already paid for stay accountable
+            raise
         completions.append(completion)
         value, problem = _judge(completion.text, schema, check)
         if value is not None:
@@ -146,8 +148,9 @@ def ask_structured(
 def _judge(text: str, schema: type[M], check: Callable[[M], list[str]] | None) -> tuple[M | None, str]:
     """The first candidate that validates, and the problem to feed back when none is acceptable."""
     candidates = json_candidates(text)
+    broken = _parse_problem(text)
     if not candidates:
-        return None, _parse_problem(text)
+        return None, broken or "Your reply contains no JSON object; the answer must be a single {...} object."
     errors: list[ValidationError] = []
     for candidate in candidates:
         try:
@@ -159,4 +162,6 @@ def _judge(text: str, schema: type[M], check: Callable[[M], list[str]] | None) -
         if problems:
             return None, "Your JSON is well-formed but was rejected:\n" + "\n".join(f"- {p}" for p in problems)
         return value, ""
+    if broken:  # the objects that did parse are fragments of the broken one: lead with the syntax error
+        return None, f"{broken}\n(The parts that do parse do not match the schema either.)"
     return None, _validation_problem(errors[0])

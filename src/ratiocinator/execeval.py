@@ -1,0 +1,902 @@
+"""Execution-aware evaluation of generated code: run each sample's tests in a sandbox, say why it fails.
+
+Why: an evaluator that trusts an exit status can be fooled. One published harness
+scored 164 of 164 `return None` HumanEval completions as passing because the test file
+defined `check(candidate)` and never called it. Here every sample runs in its own
+confined subprocess (the harness in `sandbox_child.py`), its tests are instrumented so
+we know whether any assertion or checker actually ran, and only a record written on a
+private pipe after the tests ran to the end can make a sample pass.
+
+Input (`load_samples`): JSONL, one object per line, blank lines skipped.
+  HumanEval style: `prompt`, `completion`, `test`, optional `entry_point`, `task_id`.
+      The program is `prompt + completion`; after `test` ran, the harness calls
+      `check(<entry_point>)` when the test code defines `check`, as HumanEval does.
+  Plain style: `code` (the whole program), `test` (run after it), optional `id`.
+  Either style: optional `timeout_s` (seconds, overrides `Limits.timeout_s`).
+  Other fields are ignored. `id` defaults to `task_id`, else `line N`.
+
+Labels, first matching rule wins:
+  syntax_error   the program or the test code does not compile (`evidence.raised_in` says which).
+  memory_error   MemoryError anywhere, or death with no report and the memory limit as cause.
+  wrong_output   an AssertionError whose innermost program/test frame is in the test code,
+                 or an assertion of the tests that failed and whose AssertionError was caught.
+  runtime_error  any other exception, `error_type` naming it. Leaving early is one too:
+                 sys.exit()/exit()/quit()/raise SystemExit -> `SystemExit`; KeyboardInterrupt
+                 -> `KeyboardInterrupt`; a process that ends with no report (os._exit, a
+                 crash) -> `SystemExit` when it exited with a status, else the signal name
+                 (`SIGSEGV`, ...). An AssertionError raised in the program's own code is a
+                 runtime_error too.
+  timeout        the wall-clock limit (parent kills the whole sandbox) or the CPU limit.
+  no_tests_ran   the tests completed but a top-level `check*`/`test*` function of the test
+                 code was never called, or no assertion of the test code executed and no such
+                 checker was called.
+  success        the tests completed, at least one assertion executed or checker was called,
+                 every checker the test code defines was called, and no assertion failed.
+Assertions are counted by rewriting `assert c, m` in the test code to `assert <hook>(c), m`;
+calls by a hook inserted at the top of each top-level `check*`/`test*` function.
+Asserts in the program itself never count. Checks that are not `assert` statements (e.g.
+unittest's `self.assertEqual`) only count when made inside such a checker function.
+
+JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
+  {"id": str, "label": one of LABELS, "error_type": str | null, "message": str,
+   "duration_s": float, "exit_code": int | null, "signal": str | null ("SIGKILL", ...),
+   "stdout_tail": str, "stderr_tail": str  (the last `Limits.capture_kb` KiB of each),
+   "evidence": {
+     "phase": "compile" | "program" | "test" | "check" | null   (where the harness was),
+     "raised_in": "program" | "test" | null   (innermost frame of the sample's own code),
+     "frame": {"file", "line", "function"} | null   (last traceback frame),
+     "user_frame": {"file", "line", "function"} | null   (innermost program/test frame),
+     "source_line": str | null, "traceback": str | null, "errno": int | null,
+     "asserts_executed": int | null, "asserts_failed": int | null,
+     "checkers_defined": [str] | null, "checkers_called": [str] | null,
+     "limit_hit": "wall_time" | "cpu_time" | "memory" | "file_size" | "processes" | null,
+     "reported": bool   (the harness delivered its final record),
+     "cpu_s": float, "max_rss_mb": float, "stdout_bytes": int, "stderr_bytes": int,
+     "killed_processes": int   (sandbox processes still alive at the end, then killed)}}
+`summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
+"runtime_error_types": {error_type: n}}.
+
+Sandbox, per sample: `python -I` in a new session, a fresh temp dir as cwd and HOME, a
+minimal environment, stdin from /dev/null, stdout/stderr read continuously and kept to a
+bounded tail, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in the child before any sample code runs,
+a wall-clock limit enforced by the parent, and at the end every process of the sandbox
+(its session, its process group, and processes carrying its environment marker or, as
+root, its uid) is SIGKILLed, whatever the sample did. Run as root, each concurrent sample
+gets its own unprivileged uid (from SANDBOX_UID_BASE, claimed with lock files) and keeps
+no capability except read access to files when the interpreter lives in a root-only
+directory; RLIMIT_NPROC then caps exactly that sample and it cannot signal anything else.
+Run as a normal user, RLIMIT_NPROC counts all of that user's tasks, so the cap is set to
+the tasks alive at start plus `max_processes`, and a deliberately hostile sample could
+still signal the evaluator (same uid); use root, a container or a dedicated user for that.
+Code that introspects the harness inside its own process can forge a record; the sandbox
+bounds what samples can do to the machine, it does not hide the harness from them.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import json
+import marshal
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import CodeType
+from typing import Any
+
+from ratiocinator.errors import RatiocinatorError, UsageError
+
+LABELS = ("success", "wrong_output", "runtime_error", "syntax_error", "timeout", "memory_error", "no_tests_ran")
+SANDBOX_UID_BASE = 2_000_000_000
+SANDBOX_UID_SPAN = 4096
+MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
+HARNESS_SOURCE = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
+RECORD_BYTES = 1024 * 1024
+PROGRAM_FILE = "<program>"
+TEST_FILE = "<test>"
+# Names no source code can spell, so the program cannot shadow the hooks by accident.
+ASSERT_HOOK = "<ratiocinator assert>"
+CHECKER_HOOK = "<ratiocinator checker>"
+CHECKER_PREFIXES = ("check", "test")
+DRAIN_S = 2.0
+KILL_S = 5.0
+
+
+class SandboxError(RatiocinatorError):
+    """The sandbox itself could not be set up; no sample was judged."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sample may use. `cpu_s=None` means the sample's wall-clock timeout."""
+
+    timeout_s: float = 10.0
+    cpu_s: float | None = None
+    memory_mb: int = 1024
+    file_size_mb: int = 16
+    max_processes: int = 32
+    capture_kb: int = 64
+
+    def __post_init__(self) -> None:
+        rules = (("timeout_s", 0, True), ("cpu_s", 0, True), ("memory_mb", 64, False), ("file_size_mb", 0, False),
+                 ("max_processes", 0, False), ("capture_kb", 0, False))
+        for name, bound, exclusive in rules:
+            value = getattr(self, name)
+            if name == "cpu_s" and value is None:
+                continue
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > bound if exclusive else value >= bound)
+            if not valid:
+                raise UsageError(f"invalid limit {name}={value!r}",
+                                 hint=f"{name} must be a finite number {'>' if exclusive else '>='} {bound}")
+
+    def cpu_seconds(self, timeout_s: float) -> int:
+        return max(1, math.ceil(self.cpu_s if self.cpu_s is not None else timeout_s))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One program and the tests to run after it."""
+
+    id: str
+    program: str
+    test: str
+    entry_point: str | None = None
+    timeout_s: float | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The label of one sample and the evidence for it."""
+
+    id: str
+    label: str
+    error_type: str | None
+    message: str
+    evidence: dict[str, Any]
+    duration_s: float
+    exit_code: int | None
+    signal: str | None
+    stdout_tail: str
+    stderr_tail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "label": self.label,
+            "error_type": self.error_type,
+            "message": self.message,
+            "duration_s": round(self.duration_s, 4),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "stdout_tail": self.stdout_tail,
+            "stderr_tail": self.stderr_tail,
+            "evidence": self.evidence,
+        }
+
+
+# ---------------------------------------------------------------- loading samples
+
+
+def load_samples(path: str | Path) -> list[Sample]:
+    """Parse a JSONL file of samples; any problem is a UsageError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"samples file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read samples file {path}: {exc.strerror}") from None
+    samples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})",
+                             hint="each non-blank line must be one JSON object") from None
+        samples.append(sample_from_json(obj, where=f"{path}:{number}", line=number))
+    if not samples:
+        raise UsageError(f"{path}: no samples (the file is empty or blank)")
+    return samples
+
+
+def sample_from_json(obj: object, *, where: str, line: int | None = None) -> Sample:
+    """Build a Sample from one decoded JSONL object; `where` prefixes error messages."""
+    hint = ("give either `code` and `test` (plain style) or `prompt`, `completion`, `test` "
+            "and optionally `entry_point` (HumanEval style)")
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}", hint=hint)
+
+    def text(key: str, required: bool) -> str | None:
+        if key not in obj:
+            if required:
+                raise UsageError(f"{where}: missing field {key!r}", hint=hint)
+            return None
+        value = obj[key]
+        if not isinstance(value, str):
+            raise UsageError(f"{where}: field {key!r} must be a string, got {type(value).__name__}", hint=hint)
+        return value
+
+    if "code" in obj and ("prompt" in obj or "completion" in obj):
+        raise UsageError(f"{where}: both `code` and `prompt`/`completion` given; which is the program?", hint=hint)
+    if "code" in obj:
+        program = text("code", True)
+    elif "prompt" in obj or "completion" in obj:
+        program = text("prompt", True) + text("completion", True)
+    else:
+        raise UsageError(f"{where}: no program: missing field 'code' (or 'prompt' and 'completion')", hint=hint)
+    test = text("test", True)
+    entry_point = text("entry_point", False) or None
+    if entry_point is not None and not entry_point.isidentifier():
+        raise UsageError(f"{where}: entry_point {entry_point!r} is not a Python identifier", hint=hint)
+
+    timeout_s = obj.get("timeout_s")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise UsageError(f"{where}: field 'timeout_s' must be a positive number, got {timeout_s!r}")
+
+    sample_id = None
+    for key in ("id", "task_id"):
+        value = obj.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise UsageError(f"{where}: field {key!r} must be a string or an integer, got {type(value).__name__}")
+        sample_id = str(value)
+        break
+    if sample_id is None:
+        sample_id = f"line {line}" if line is not None else where
+    return Sample(id=sample_id, program=program, test=test, entry_point=entry_point,
+                  timeout_s=float(timeout_s) if timeout_s is not None else None, line=line)
+
+
+# ---------------------------------------------------------------- compiling
+
+
+class _CountAsserts(ast.NodeTransformer):
+    """`assert cond, msg` -> `assert <hook>(cond), msg`: the same truth test, now counted."""
+
+    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+        self.generic_visit(node)
+        call = ast.Call(func=ast.Name(id=ASSERT_HOOK, ctx=ast.Load()), args=[node.test], keywords=[])
+        node.test = ast.copy_location(call, node.test)
+        return node
+
+
+def instrument_test(source: str) -> tuple[CodeType, list[str]]:
+    """Compile test code with counted asserts and announced checkers; returns the code and checker names.
+
+    Checkers are the top-level `def`s whose names start with `check` or `test`; each gets
+    a call to the checker hook as its first statement (after any docstring).
+    """
+    tree = ast.parse(source, TEST_FILE)
+    checkers = []
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name.startswith(CHECKER_PREFIXES):
+            checkers.append(stmt.name)
+            call = ast.Call(func=ast.Name(id=CHECKER_HOOK, ctx=ast.Load()), args=[ast.Constant(stmt.name)],
+                            keywords=[])
+            first = stmt.body[0]
+            has_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str)
+            stmt.body.insert(1 if has_docstring else 0, ast.copy_location(ast.Expr(call), first))
+    tree = ast.fix_missing_locations(_CountAsserts().visit(tree))
+    return compile(tree, TEST_FILE, "exec", dont_inherit=True, optimize=0), checkers
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    program: CodeType
+    test: CodeType
+    checkers: list[str]
+
+
+def _compile(sample: Sample) -> _Compiled | tuple[BaseException, str]:
+    """Compile in the parent: the child then needs no parser, and a syntax error needs no child."""
+    try:
+        program = compile(sample.program, PROGRAM_FILE, "exec", dont_inherit=True, optimize=0)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return exc, "program"
+    try:
+        test, checkers = instrument_test(sample.test)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return exc, "test"
+    return _Compiled(program, test, checkers)
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _stat_of(pid: int) -> tuple[bytes, int, int] | None:
+    """(state, process group, session) of a live process, from /proc/PID/stat."""
+    data = _read_bytes(f"/proc/{pid}/stat")
+    if data is None:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return fields[0], int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _status_of(pid: int) -> tuple[int, int] | None:
+    """(real uid, thread count) from /proc/PID/status; /proc ownership is unreliable after setuid."""
+    data = _read_bytes(f"/proc/{pid}/status")
+    if data is None:
+        return None
+    uid = threads = None
+    for line in data.splitlines():
+        if line.startswith(b"Uid:"):
+            uid = int(line.split()[1])
+        elif line.startswith(b"Threads:"):
+            threads = int(line.split()[1])
+    return (uid, threads or 1) if uid is not None else None
+
+
+def _pids() -> Iterator[int]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def _tasks_of_user(uid: int) -> int:
+    """Tasks (processes and threads, zombies included) whose real uid is `uid`: what RLIMIT_NPROC counts."""
+    total = 0
+    for pid in _pids():
+        status = _status_of(pid)
+        if status is not None and status[0] == uid:
+            total += status[1]
+    return total
+
+
+def _sandbox_pids(session: int | None, uid: int | None, marker: bytes) -> list[int]:
+    """Live processes of one sandbox: its session or group, its uid (as root), or its marker."""
+    found = []
+    me = os.getpid()
+    own_uid = os.getuid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        state = _stat_of(pid)
+        if state is None or state[0] in (b"Z", b"X", b"x"):
+            continue
+        if session is not None and session in (state[1], state[2]):
+            found.append(pid)
+            continue
+        status = _status_of(pid)
+        if status is None:
+            continue
+        if uid is not None:
+            if status[0] == uid:
+                found.append(pid)
+        elif status[0] == own_uid and marker:
+            environ = _read_bytes(f"/proc/{pid}/environ")
+            if environ is not None and marker in environ.split(b"\0"):
+                found.append(pid)
+    return found
+
+
+def _kill_sandbox(session: int | None, uid: int | None, marker: bytes) -> int:
+    """SIGKILL every process of the sandbox until none is left; returns how many were killed."""
+    if session is not None:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(session, signal.SIGKILL)
+    killed: set[int] = set()
+    deadline = time.monotonic() + KILL_S
+    while time.monotonic() < deadline:
+        alive = [pid for pid in _sandbox_pids(session, uid, marker) if pid != session]
+        if not alive:
+            break
+        for pid in alive:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.005)
+    return len(killed)
+
+
+# ---------------------------------------------------------------- identities
+
+
+def _world_reachable(path: str) -> bool:
+    """Could a user with no privileges and no groups read `path`?"""
+    path = os.path.realpath(path)
+    parts = Path(path).parents
+    try:
+        for parent in parts:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+        return bool(os.stat(path).st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+def _interpreter_needs_read_search() -> bool:
+    paths = sysconfig.get_paths()
+    needed = [sys.executable, paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]]
+    return not all(_world_reachable(p) for p in needed if os.path.exists(p))
+
+
+def _uid_range_mapped(start: int, count: int) -> bool:
+    data = _read_bytes("/proc/self/uid_map")
+    if data is None:
+        return True
+    for line in data.decode().splitlines():
+        inside, _, length = (int(x) for x in line.split())
+        if inside <= start and start + count <= inside + length:
+            return True
+    return False
+
+
+class _Identities:
+    """Who a sample runs as: the caller's own uid, or (as root) one claimed unprivileged uid per slot."""
+
+    def __init__(self, slots: int) -> None:
+        self.uids: list[int] | None = None
+        self.keep_read_search = False
+        self._locks: list[int] = []
+        self._free: list[int] = []
+        self._lock = threading.Lock()
+        self.slots = slots
+        if os.geteuid() != 0:
+            return
+        if not _uid_range_mapped(SANDBOX_UID_BASE, SANDBOX_UID_SPAN):
+            raise SandboxError(
+                f"running as root, but uids {SANDBOX_UID_BASE}..{SANDBOX_UID_BASE + SANDBOX_UID_SPAN - 1} "
+                "are not mapped in this user namespace, so samples cannot be confined",
+                hint="run the evaluation as a non-root user")
+        self.keep_read_search = _interpreter_needs_read_search()
+        lock_dir = Path(tempfile.gettempdir()) / "ratiocinator-sandbox-uids"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(lock_dir)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+            raise SandboxError(f"{lock_dir} is not a directory owned by root", hint="remove it and retry")
+        for uid in range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_SPAN):
+            fd = os.open(lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._locks.append(fd)
+            self._free.append(uid)
+            if len(self._free) == slots:
+                break
+        if not self._free:
+            self.close()
+            raise SandboxError(f"all {SANDBOX_UID_SPAN} sandbox uids are claimed by other evaluations",
+                               hint=f"wait for them, or remove stale locks in {lock_dir}")
+        self.uids = list(self._free)
+        self.slots = len(self._free)
+        for uid in self.uids:
+            # Leftovers of an evaluator that died mid-sample.
+            _kill_sandbox(None, uid, b"")
+
+    @contextmanager
+    def lease(self) -> Iterator[int | None]:
+        if self.uids is None:
+            yield None
+            return
+        with self._lock:
+            uid = self._free.pop()
+        try:
+            yield uid
+        finally:
+            with self._lock:
+                self._free.append(uid)
+
+    def close(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+
+# ---------------------------------------------------------------- one sample
+
+
+class _Tail:
+    """The last `limit` bytes of a stream, and how many bytes it had in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.total = 0
+        self._data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self._data += chunk
+        if len(self._data) > 2 * self.limit + 65536:
+            del self._data[:-self.limit]
+
+    def text(self) -> str:
+        return bytes(self._data[-self.limit:] if self.limit else b"").decode("utf-8", errors="replace")
+
+
+class _Cancelled(Exception):
+    """The evaluation was interrupted; the sample's sandbox has been killed."""
+
+
+def _minimal_env(workdir: str, marker: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        # One BLAS/OpenMP thread: reproducible, and threads count against max_processes.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        MARKER_VARIABLE: marker,
+    }
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a sandbox dir even if the sample made parts of it unwritable."""
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            with suppress(OSError):
+                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _spawn(argv: list[str], workdir: str, env: dict[str, str], result_w: int) -> subprocess.Popen:
+    for attempt in range(6):
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=workdir, env=env, start_new_session=True, pass_fds=(result_w,))
+        except BlockingIOError:
+            # The machine is briefly out of processes (another sandbox's fork bomb being killed).
+            if attempt == 5:
+                raise SandboxError("cannot start a sandbox process: the system is out of processes") from None
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _has_exited(pid: int) -> bool:
+    """Has `pid` exited? Peeks with WNOWAIT so the zombie stays until the sandbox is swept."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def run_sample(sample: Sample, limits: Limits = Limits(), *, uid: int | None = None,
+               keep_read_search: bool = False, cancel: threading.Event | None = None) -> SampleResult:
+    """Run one sample in a fresh sandbox and label it. `evaluate` is the usual entry point."""
+    timeout_s = sample.timeout_s if sample.timeout_s is not None else limits.timeout_s
+    cpu_s = limits.cpu_seconds(timeout_s)
+    workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
+    token = secrets.token_hex(16)
+    marker = secrets.token_hex(12)
+    result_r, result_w = os.pipe()
+    proc = None
+    try:
+        nproc = _tasks_of_user(uid if uid is not None else os.getuid()) + 1 + limits.max_processes
+        job = {
+            "token": token,
+            "result_fd": result_w,
+            "program": sample.program,
+            "test": sample.test,
+            "entry_point": sample.entry_point,
+            "sandbox_uid": uid,
+            "keep_read_search": keep_read_search,
+            "limits": {
+                "cpu_s": cpu_s,
+                "memory_bytes": int(limits.memory_mb * 1024 * 1024),
+                "file_size_bytes": int(limits.file_size_mb * 1024 * 1024),
+                "nproc": nproc,
+            },
+        }
+        job_path = os.path.join(workdir, ".job.json")
+        fd = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w", encoding="utf-8") as handle:
+            json.dump(job, handle)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        argv = [sys.executable, "-I", "-c", HARNESS_SOURCE, job_path]
+        started = time.monotonic()
+        proc = _spawn(argv, workdir, _minimal_env(workdir, marker), result_w)
+        os.close(result_w)
+        result_w = -1
+        run = _watch(proc, result_r, started + timeout_s, limits.capture_kb * 1024, cancel)
+        duration = time.monotonic() - started
+        killed = _kill_sandbox(proc.pid, uid, f"{MARKER_VARIABLE}={marker}".encode())
+        run.drain(time.monotonic() + DRAIN_S)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if run.cancelled:
+            raise _Cancelled()
+        return _judge(sample, limits, run, token, proc.returncode, duration, usage, killed, timeout_s, cpu_s)
+    finally:
+        if result_w != -1:
+            os.close(result_w)
+        if proc is not None:
+            if proc.returncode is None:
+                _kill_sandbox(proc.pid, uid, f"{MARKER_VARIABLE}={marker}".encode())
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                stream.close()
+        os.close(result_r)
+        _remove_tree(workdir)
+
+
+@dataclass
+class _Run:
+    """What the parent saw of one sandbox: its output, its records, and how it ended."""
+
+    selector: selectors.BaseSelector
+    stdout: _Tail
+    stderr: _Tail
+    records: bytearray = field(default_factory=bytearray)
+    timed_out: bool = False
+    cancelled: bool = False
+
+    def read(self, key: selectors.SelectorKey) -> None:
+        chunk = os.read(key.fd, 65536)
+        if not chunk:
+            self.selector.unregister(key.fileobj)
+        elif key.data == "records":
+            if len(self.records) < RECORD_BYTES:
+                self.records += chunk
+        else:
+            getattr(self, key.data).add(chunk)
+
+    def drain(self, deadline: float) -> None:
+        """Read what is left once no writer remains; give up at `deadline` on a leaked writer."""
+        while self.selector.get_map() and (remaining := deadline - time.monotonic()) > 0:
+            for key, _ in self.selector.select(remaining):
+                self.read(key)
+        self.selector.close()
+
+
+def _watch(proc: subprocess.Popen, result_r: int, deadline: float, capture: int,
+           cancel: threading.Event | None) -> _Run:
+    """Read the sandbox's streams until its main process exits, the deadline passes, or we are cancelled."""
+    selector = selectors.DefaultSelector()
+    run = _Run(selector=selector, stdout=_Tail(capture), stderr=_Tail(capture))
+    selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
+    selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    selector.register(result_r, selectors.EVENT_READ, "records")
+    pidfd = None
+    with suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(proc.pid)
+        selector.register(pidfd, selectors.EVENT_READ, "exit")
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                run.timed_out = True
+                return run
+            if cancel is not None and cancel.is_set():
+                run.cancelled = True
+                return run
+            for key, _ in selector.select(min(remaining, 0.25 if pidfd is not None else 0.05)):
+                if key.data == "exit":
+                    return run
+                run.read(key)
+            if pidfd is None and _has_exited(proc.pid):
+                return run
+    finally:
+        if pidfd is not None:
+            selector.unregister(pidfd)
+            os.close(pidfd)
+
+
+# ---------------------------------------------------------------- judging
+
+
+def _records(run: _Run, token: str) -> list[dict]:
+    found = []
+    for line in bytes(run.records).splitlines():
+        with suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("token") == token:
+                found.append(record)
+    return found
+
+
+def _judge(sample: Sample, limits: Limits, run: _Run, token: str, returncode: int, duration: float,
+           usage: Any, killed: int, timeout_s: float, cpu_s: int) -> SampleResult:
+    records = _records(run, token)
+    started = any(r.get("status") == "started" for r in records)
+    finals = [r for r in records if r.get("status") in ("completed", "exception", "syntax_error", "sandbox_error")]
+    final = finals[-1] if finals else None
+    stderr_tail = run.stderr.text()
+    if final is not None and final["status"] == "sandbox_error":
+        raise SandboxError(f"the sandbox for sample {sample.id!r} could not confine it: {final.get('message')}")
+    if final is None and not started and not run.timed_out:
+        raise SandboxError(f"the sandbox for sample {sample.id!r} failed to start (exit status {returncode})",
+                           hint=stderr_tail.strip()[-2000:] or None)
+
+    exit_code = returncode if returncode >= 0 else None
+    signal_name = _signal_name(-returncode) if returncode < 0 else None
+    used_cpu = usage.ru_utime + usage.ru_stime
+    max_rss_mb = usage.ru_maxrss / 1024
+    evidence: dict[str, Any] = {
+        "phase": None, "raised_in": None, "frame": None, "user_frame": None, "source_line": None,
+        "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
+        "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": final is not None,
+        "cpu_s": round(used_cpu, 3), "max_rss_mb": round(max_rss_mb, 1),
+        "stdout_bytes": run.stdout.total, "stderr_bytes": run.stderr.total, "killed_processes": killed,
+    }
+    if final is not None:
+        for key in ("phase", "raised_in", "frame", "user_frame", "source_line", "traceback", "errno",
+                    "asserts_executed", "asserts_failed", "checkers_defined", "checkers_called"):
+            evidence[key] = final.get(key)
+        label, error_type, message = _label_from_record(final, evidence, limits)
+    else:
+        label, error_type, message = _label_without_record(run, signal_name, returncode, used_cpu, max_rss_mb,
+                                                           stderr_tail, evidence, limits, timeout_s, cpu_s)
+    return SampleResult(id=sample.id, label=label, error_type=error_type, message=message, evidence=evidence,
+                        duration_s=duration, exit_code=exit_code, signal=signal_name,
+                        stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _label_from_record(record: dict, evidence: dict[str, Any], limits: Limits) -> tuple[str, str | None, str]:
+    status = record["status"]
+    error_type = record.get("error_type")
+    message = record.get("message") or ""
+    if status == "syntax_error":
+        line = (record.get("frame") or {}).get("line")
+        return "syntax_error", error_type, f"{message} ({record.get('raised_in')} line {line})"
+    if status == "exception":
+        if error_type == "MemoryError":
+            evidence["limit_hit"] = "memory"
+            return "memory_error", error_type, message or f"MemoryError under the {limits.memory_mb} MiB memory limit"
+        if error_type == "AssertionError" and record.get("raised_in") == "test":
+            return "wrong_output", error_type, message or f"assertion failed: {record.get('source_line') or '?'}"
+        errno = record.get("errno")
+        if errno == 27:  # EFBIG: RLIMIT_FSIZE
+            evidence["limit_hit"] = "file_size"
+        elif errno == 11 and "fork" in (record.get("traceback") or ""):  # EAGAIN from fork: RLIMIT_NPROC
+            evidence["limit_hit"] = "processes"
+        return "runtime_error", error_type, message
+    defined, called = record["checkers_defined"], record["checkers_called"]
+    if record["asserts_failed"]:
+        return "wrong_output", "AssertionError", (
+            f"{record['asserts_failed']} assertion(s) of the tests failed, but their AssertionError was caught")
+    never_called = [name for name in defined if name not in called]
+    if never_called:
+        names = ", ".join(f"{name}()" for name in never_called)
+        return "no_tests_ran", None, f"the tests define {names} but never call {'it' if len(never_called) == 1 else 'them'}"
+    if not record["asserts_executed"] and not called:
+        return "no_tests_ran", None, "the tests executed no assertion and called no check*/test* function"
+    return "success", None, ""
+
+
+def _label_without_record(run: _Run, signal_name: str | None, returncode: int, used_cpu: float, max_rss_mb: float,
+                          stderr_tail: str, evidence: dict[str, Any], limits: Limits, timeout_s: float,
+                          cpu_s: int) -> tuple[str, str | None, str]:
+    if run.timed_out:
+        evidence["limit_hit"] = "wall_time"
+        return "timeout", None, f"still running after the {timeout_s:g} s wall-clock limit; killed"
+    if signal_name == "SIGXCPU" or (signal_name == "SIGKILL" and used_cpu >= cpu_s - 0.05):
+        evidence["limit_hit"] = "cpu_time"
+        return "timeout", None, f"used up the {cpu_s} s CPU limit; killed by {signal_name}"
+    if "MemoryError" in stderr_tail or "Cannot allocate memory" in stderr_tail or "out of memory" in stderr_tail \
+            or (signal_name == "SIGKILL" and max_rss_mb >= 0.9 * limits.memory_mb):
+        evidence["limit_hit"] = "memory"
+        return "memory_error", "MemoryError", f"died out of memory (limit {limits.memory_mb} MiB) before reporting"
+    if signal_name == "SIGXFSZ":
+        evidence["limit_hit"] = "file_size"
+    if signal_name is not None:
+        return "runtime_error", signal_name, f"killed by {signal_name} before the tests completed"
+    return "runtime_error", "SystemExit", (
+        f"the process exited with status {returncode} before the tests completed (os._exit() or a crash)")
+
+
+# ---------------------------------------------------------------- many samples
+
+
+def evaluate(samples: Iterable[Sample], *, limits: Limits = Limits(), workers: int | None = None,
+             on_result: Callable[[SampleResult], None] | None = None) -> list[SampleResult]:
+    """Run every sample in its own sandbox, `workers` at a time; results in input order.
+
+    `on_result` is called in the calling thread as each sample finishes (completion order).
+    On KeyboardInterrupt every running sandbox is killed before it propagates.
+    """
+    samples = list(samples)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"invalid number of workers: {workers!r}", hint="workers must be an integer >= 1")
+    if not samples:
+        return []
+    identities = _Identities(min(workers, len(samples)))
+    cancel = threading.Event()
+    results: list[SampleResult | None] = [None] * len(samples)
+
+    def one(sample: Sample) -> SampleResult:
+        with identities.lease() as uid:
+            return run_sample(sample, limits, uid=uid, keep_read_search=identities.keep_read_search, cancel=cancel)
+
+    try:
+        with ThreadPoolExecutor(max_workers=identities.slots, thread_name_prefix="exec-eval") as pool:
+            futures = {pool.submit(one, sample): index for index, sample in enumerate(samples)}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    results[futures[future]] = result
+                    if on_result is not None:
+                        on_result(result)
+            except BaseException:
+                cancel.set()
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        identities.close()
+    return [r for r in results if r is not None]
+
+
+def summarize(results: Sequence[SampleResult]) -> dict[str, Any]:
+    """Counts per label (every label present), pass rate, and which runtime errors occurred."""
+    counts = {label: 0 for label in LABELS}
+    for result in results:
+        counts[result.label] += 1
+    total = len(results)
+    errors = Counter(r.error_type or "?" for r in results if r.label == "runtime_error")
+    return {
+        "total": total,
+        "passed": counts["success"],
+        "pass_rate": round(counts["success"] / total, 6) if total else 0.0,
+        "counts": counts,
+        "runtime_error_types": dict(sorted(errors.items())),
+    }
+
+
+def results_json(results: Sequence[SampleResult]) -> list[dict[str, Any]]:
+    return [result.to_json() for result in results]
+
+
+def format_results(results: Sequence[SampleResult]) -> str:
+    """One line per sample, then the summary: for terminals, where JSON is not asked for."""
+    width = max((len(r.id) for r in results), default=2)
+    lines = []
+    for r in results:
+        detail = " ".join(part for part in (r.error_type, r.message.splitlines()[0] if r.message else "") if part)
+        lines.append(f"{r.id:<{width}}  {r.label:<13}  {r.duration_s:6.2f}s  {detail[:120]}".rstrip())
+    summary = summarize(results)
+    counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items() if n)
+    lines.append(f"{summary['passed']}/{summary['total']} passed ({summary['pass_rate']:.1%}); {counts or 'no samples'}")
+    return "\n".join(lines)
