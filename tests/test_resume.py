@@ -14,6 +14,11 @@ from conftest import CLI, Study, process_alive
 
 SLOW_RUNNER = """
 #!/usr/bin/env bash
+if [ "$RATIOCINATOR_TRIAL" = 1 ]; then
+  echo "smoke $RATIOCINATOR_ARM" >> "$INVOCATION_LOG"
+  echo "METRICS: {\\"score\\": ${K:-0}}"
+  exit 0
+fi
 echo "start $RATIOCINATOR_ARM $RATIOCINATOR_SEED $$" >> "$INVOCATION_LOG"
 sleep "${NAP:-2}"
 echo "end $RATIOCINATOR_ARM $RATIOCINATOR_SEED $$" >> "$INVOCATION_LOG"
@@ -87,6 +92,9 @@ def test_kill_9_then_rerun_resumes_without_rerunning_finished_runs(study: Study)
     starts = Counter(tuple(line.split()[1:3]) for line in log.read_text().splitlines() if line.startswith("start"))
     for arm, replicate in before.values():
         assert starts[(arm, str(replicate))] == 1, f"{arm} #{replicate} ran twice"
+    # the readiness review passed before the kill: the resumed run does not repeat its smoke runs
+    smoke = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("smoke"))
+    assert smoke == Counter({f"K={k}": 1 for k in range(1, 6)})
     # the in-flight runs became `interrupted` attempts and were run again as new attempts
     for orphan in orphans:
         row = ledger.run(orphan.id)

@@ -100,13 +100,19 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
+from ratiocinator import sandbox_child  # noqa: F401 - imported here so its bytecode is cached for the children
 from ratiocinator.errors import RatiocinatorError, UsageError
 
 LABELS = ("success", "wrong_output", "runtime_error", "syntax_error", "timeout", "memory_error", "no_tests_ran")
 SANDBOX_UID_BASE = 2_000_000_000
 SANDBOX_UID_SPAN = 4096
 MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
-HARNESS_SOURCE = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
+# The child imports the harness (from its cached bytecode: compiling it would cost more
+# than running most samples) from the directory holding this package, which it then
+# takes off sys.path again; `-I` keeps the environment and the cwd out of it.
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.sandbox_child as harness; "
+             "del sys.path[0]; harness.main(sys.argv[2])")
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
@@ -126,7 +132,12 @@ class SandboxError(RatiocinatorError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one sample may use. `cpu_s=None` means the sample's wall-clock timeout."""
+    """What one sample may use.
+
+    `cpu_s=None` means the sample's wall-clock timeout plus one second: the wall clock then
+    decides for single-threaded code, and threads burning several cores are still cut off.
+    `max_processes` counts the processes and threads a sample may add to its own.
+    """
 
     timeout_s: float = 10.0
     cpu_s: float | None = None
@@ -149,7 +160,7 @@ class Limits:
                                  hint=f"{name} must be a finite number {'>' if exclusive else '>='} {bound}")
 
     def cpu_seconds(self, timeout_s: float) -> int:
-        return max(1, math.ceil(self.cpu_s if self.cpu_s is not None else timeout_s))
+        return max(1, math.ceil(self.cpu_s)) if self.cpu_s is not None else math.ceil(timeout_s) + 1
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,8 @@ def load_samples(path: str | Path) -> list[Sample]:
     except OSError as exc:
         raise UsageError(f"cannot read samples file {path}: {exc.strerror}") from None
     samples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on newlines only: str.splitlines() would also split at U+2028 inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -338,92 +350,111 @@ def _read_bytes(path: str) -> bytes | None:
         return None
 
 
-def _stat_of(pid: int) -> tuple[bytes, int, int] | None:
-    """(state, process group, session) of a live process, from /proc/PID/stat."""
-    data = _read_bytes(f"/proc/{pid}/stat")
-    if data is None:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return fields[0], int(fields[2]), int(fields[3])
-    except (IndexError, ValueError):
-        return None
+@dataclass(frozen=True)
+class _Proc:
+    """One process, from /proc/PID/stat and the owner of /proc/PID (its euid while dumpable)."""
+
+    pid: int
+    state: bytes
+    pgrp: int
+    session: int
+    threads: int
+    owner: int
+
+    @property
+    def dead(self) -> bool:
+        return self.state in (b"Z", b"X", b"x")
 
 
-def _status_of(pid: int) -> tuple[int, int] | None:
-    """(real uid, thread count) from /proc/PID/status; /proc ownership is unreliable after setuid."""
-    data = _read_bytes(f"/proc/{pid}/status")
-    if data is None:
-        return None
-    uid = threads = None
-    for line in data.splitlines():
-        if line.startswith(b"Uid:"):
-            uid = int(line.split()[1])
-        elif line.startswith(b"Threads:"):
-            threads = int(line.split()[1])
-    return (uid, threads or 1) if uid is not None else None
-
-
-def _pids() -> Iterator[int]:
+def _processes() -> Iterator[_Proc]:
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            yield int(name)
+        if not name.isdigit():
+            continue
+        data = _read_bytes(f"/proc/{name}/stat")
+        if data is None:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        try:
+            owner = os.stat(f"/proc/{name}").st_uid
+            yield _Proc(int(name), fields[0], int(fields[2]), int(fields[3]), int(fields[17]), owner)
+        except (OSError, IndexError, ValueError):
+            continue
+
+
+def _real_uid(pid: int) -> int | None:
+    """The real uid from /proc/PID/status: slower than `_Proc.owner`, but right for undumpable processes."""
+    data = _read_bytes(f"/proc/{pid}/status")
+    for line in (data or b"").splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    return None
 
 
 def _tasks_of_user(uid: int) -> int:
-    """Tasks (processes and threads, zombies included) whose real uid is `uid`: what RLIMIT_NPROC counts."""
-    total = 0
-    for pid in _pids():
-        status = _status_of(pid)
-        if status is not None and status[0] == uid:
-            total += status[1]
-    return total
+    """Tasks (processes and threads, zombies included) owned by `uid`: what RLIMIT_NPROC counts."""
+    return sum(proc.threads for proc in _processes() if proc.owner == uid)
 
 
-def _sandbox_pids(session: int | None, uid: int | None, marker: bytes) -> list[int]:
-    """Live processes of one sandbox: its session or group, its uid (as root), or its marker."""
-    found = []
-    me = os.getpid()
-    own_uid = os.getuid()
-    for pid in _pids():
-        if pid == me:
+def _sweep(session: int | None, uid: int | None, marker: bytes) -> tuple[list[int], int]:
+    """Live processes of one sandbox, and the zombies its uid still holds (root mode).
+
+    A process belongs to the sandbox if it is in the sandbox's session or process group,
+    or (as root) runs as the sandbox's uid, or (as a normal user) carries its marker in
+    its environment, which is how daemons that called setsid() are still found.
+    """
+    alive, zombies = [], 0
+    me, own_uid = os.getpid(), os.getuid()
+    for proc in _processes():
+        if proc.pid in (me, session):
             continue
-        state = _stat_of(pid)
-        if state is None or state[0] in (b"Z", b"X", b"x"):
-            continue
-        if session is not None and session in (state[1], state[2]):
-            found.append(pid)
-            continue
-        status = _status_of(pid)
-        if status is None:
-            continue
-        if uid is not None:
-            if status[0] == uid:
-                found.append(pid)
-        elif status[0] == own_uid and marker:
-            environ = _read_bytes(f"/proc/{pid}/environ")
+        if proc.dead:
+            zombies += uid is not None and proc.owner == uid
+        elif session is not None and session in (proc.pgrp, proc.session):
+            alive.append(proc.pid)
+        elif uid is not None:
+            if proc.owner == uid:
+                alive.append(proc.pid)
+        elif proc.owner == own_uid and marker:
+            environ = _read_bytes(f"/proc/{proc.pid}/environ")
             if environ is not None and marker in environ.split(b"\0"):
-                found.append(pid)
-    return found
+                alive.append(proc.pid)
+    return alive, zombies
 
 
-def _kill_sandbox(session: int | None, uid: int | None, marker: bytes) -> int:
-    """SIGKILL every process of the sandbox until none is left; returns how many were killed."""
-    if session is not None:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(session, signal.SIGKILL)
+def _kill_sandbox(session: int | None, uid: int | None, marker: bytes) -> tuple[int, int]:
+    """SIGKILL every process of the sandbox until none is left; returns (killed, zombies left).
+
+    The main process (`session`) is killed with its process group but not counted.
+    """
     killed: set[int] = set()
     deadline = time.monotonic() + KILL_S
-    while time.monotonic() < deadline:
-        alive = [pid for pid in _sandbox_pids(session, uid, marker) if pid != session]
-        if not alive:
-            break
+    while True:
+        alive, zombies = _sweep(session, uid, marker)
+        if session is not None:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(session, signal.SIGKILL)
+        if not alive or time.monotonic() > deadline:
+            return len(killed), zombies
         for pid in alive:
             with suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
             killed.add(pid)
         time.sleep(0.005)
-    return len(killed)
+
+
+def _kill_uid(uid: int) -> int:
+    """Kill every live process whose real uid is `uid`, undumpable ones included."""
+    killed = 0
+    for _ in range(100):
+        alive = [p.pid for p in _processes() if not p.dead and (p.owner == uid or _real_uid(p.pid) == uid)]
+        if not alive:
+            break
+        for pid in alive:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += len(alive)
+        time.sleep(0.01)
+    return killed
 
 
 # ---------------------------------------------------------------- identities
@@ -432,9 +463,8 @@ def _kill_sandbox(session: int | None, uid: int | None, marker: bytes) -> int:
 def _world_reachable(path: str) -> bool:
     """Could a user with no privileges and no groups read `path`?"""
     path = os.path.realpath(path)
-    parts = Path(path).parents
     try:
-        for parent in parts:
+        for parent in Path(path).parents:
             if not os.stat(parent).st_mode & stat.S_IXOTH:
                 return False
         return bool(os.stat(path).st_mode & stat.S_IROTH)
@@ -459,24 +489,34 @@ def _uid_range_mapped(start: int, count: int) -> bool:
     return False
 
 
+@dataclass
+class _Identity:
+    """Who one sample runs as: `uid` None is the caller's own uid (not root)."""
+
+    uid: int | None = None
+    keep_read_search: bool = False
+    # Tasks the uid still holds from earlier samples (killed, not yet reaped by init):
+    # RLIMIT_NPROC counts them, so the next sample's cap is raised by as many.
+    zombies: int = 0
+
+
 class _Identities:
-    """Who a sample runs as: the caller's own uid, or (as root) one claimed unprivileged uid per slot."""
+    """The identities of one evaluation: the caller's own, or (as root) one claimed unprivileged uid per slot."""
 
     def __init__(self, slots: int) -> None:
-        self.uids: list[int] | None = None
-        self.keep_read_search = False
         self._locks: list[int] = []
-        self._free: list[int] = []
+        self._free: list[_Identity] = []
+        self._claimed: list[int] = []
         self._lock = threading.Lock()
-        self.slots = slots
         if os.geteuid() != 0:
+            self._free = [_Identity() for _ in range(slots)]
             return
         if not _uid_range_mapped(SANDBOX_UID_BASE, SANDBOX_UID_SPAN):
             raise SandboxError(
                 f"running as root, but uids {SANDBOX_UID_BASE}..{SANDBOX_UID_BASE + SANDBOX_UID_SPAN - 1} "
                 "are not mapped in this user namespace, so samples cannot be confined",
                 hint="run the evaluation as a non-root user")
-        self.keep_read_search = _interpreter_needs_read_search()
+        keep_read_search = _interpreter_needs_read_search()
         lock_dir = Path(tempfile.gettempdir()) / "ratiocinator-sandbox-uids"
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(lock_dir)
@@ -490,36 +530,38 @@ class _Identities:
                 os.close(fd)
                 continue
             self._locks.append(fd)
-            self._free.append(uid)
-            if len(self._free) == slots:
+            self._claimed.append(uid)
+            if len(self._claimed) == slots:
                 break
-        if not self._free:
-            self.close()
+        if not self._claimed:
             raise SandboxError(f"all {SANDBOX_UID_SPAN} sandbox uids are claimed by other evaluations",
                                hint=f"wait for them, or remove stale locks in {lock_dir}")
-        self.uids = list(self._free)
-        self.slots = len(self._free)
-        for uid in self.uids:
-            # Leftovers of an evaluator that died mid-sample.
-            _kill_sandbox(None, uid, b"")
+        for uid in self._claimed:
+            _kill_uid(uid)  # whatever an evaluator that died mid-sample left behind
+            self._free.append(_Identity(uid, keep_read_search, _tasks_of_user(uid)))
+
+    @property
+    def slots(self) -> int:
+        return len(self._free)
 
     @contextmanager
-    def lease(self) -> Iterator[int | None]:
-        if self.uids is None:
-            yield None
-            return
+    def lease(self) -> Iterator[_Identity]:
         with self._lock:
-            uid = self._free.pop()
+            identity = self._free.pop()
         try:
-            yield uid
+            yield identity
         finally:
             with self._lock:
-                self._free.append(uid)
+                self._free.append(identity)
 
     def close(self) -> None:
+        """Sweep each uid once more, also for processes that made themselves undumpable, and unlock it."""
+        for uid in self._claimed:
+            _kill_uid(uid)
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+        self._claimed.clear()
 
 
 # ---------------------------------------------------------------- one sample
@@ -547,7 +589,8 @@ class _Cancelled(Exception):
     """The evaluation was interrupted; the sample's sandbox has been killed."""
 
 
-def _minimal_env(workdir: str, marker: str) -> dict[str, str]:
+def _minimal_env(workdir: str, marker_value: str) -> dict[str, str]:
+    """PATH, a UTF-8 locale, HOME and TMPDIR in the sandbox dir, the marker; nothing from our environment."""
     return {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "LANG": "C.UTF-8",
@@ -558,16 +601,18 @@ def _minimal_env(workdir: str, marker: str) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        MARKER_VARIABLE: marker,
+        MARKER_VARIABLE: marker_value,
     }
 
 
 def _remove_tree(path: str) -> None:
-    """Remove a sandbox dir even if the sample made parts of it unwritable."""
+    """Remove a sandbox dir even if the sample made parts of it unwritable (its processes are all dead)."""
     for root, dirs, _ in os.walk(path):
         for name in dirs:
-            with suppress(OSError):
-                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+            target = os.path.join(root, name)
+            if not os.path.islink(target):
+                with suppress(OSError):
+                    os.chmod(target, 0o700)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -593,59 +638,72 @@ def _has_exited(pid: int) -> bool:
     return info is not None
 
 
-def run_sample(sample: Sample, limits: Limits = Limits(), *, uid: int | None = None,
-               keep_read_search: bool = False, cancel: threading.Event | None = None) -> SampleResult:
-    """Run one sample in a fresh sandbox and label it. `evaluate` is the usual entry point."""
+def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: threading.Event) -> SampleResult:
+    """Compile one sample, run it in a fresh sandbox as `identity`, and label it."""
+    compiled = _compile(sample)
+    if not isinstance(compiled, _Compiled):
+        return _syntax_result(sample, *compiled)
     timeout_s = sample.timeout_s if sample.timeout_s is not None else limits.timeout_s
     cpu_s = limits.cpu_seconds(timeout_s)
     workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
     token = secrets.token_hex(16)
-    marker = secrets.token_hex(12)
+    marker_value = secrets.token_hex(12)
+    marker = f"{MARKER_VARIABLE}={marker_value}".encode()
     result_r, result_w = os.pipe()
-    proc = None
+    proc: subprocess.Popen | None = None
+    run: _Run | None = None
+    uid = identity.uid
     try:
-        nproc = _tasks_of_user(uid if uid is not None else os.getuid()) + 1 + limits.max_processes
+        tasks = _tasks_of_user(os.getuid()) if uid is None else identity.zombies
         job = {
             "token": token,
             "result_fd": result_w,
-            "program": sample.program,
-            "test": sample.test,
+            "program": compiled.program,
+            "test": compiled.test,
+            "program_source": sample.program,
+            "test_source": sample.test,
             "entry_point": sample.entry_point,
+            "assert_hook": ASSERT_HOOK,
+            "checker_hook": CHECKER_HOOK,
             "sandbox_uid": uid,
-            "keep_read_search": keep_read_search,
+            "keep_read_search": identity.keep_read_search,
             "limits": {
                 "cpu_s": cpu_s,
                 "memory_bytes": int(limits.memory_mb * 1024 * 1024),
                 "file_size_bytes": int(limits.file_size_mb * 1024 * 1024),
-                "nproc": nproc,
+                # RLIMIT_NPROC counts every task of the uid: those there now, the harness, then the allowance.
+                "nproc": tasks + 1 + limits.max_processes,
             },
         }
-        job_path = os.path.join(workdir, ".job.json")
-        fd = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "w", encoding="utf-8") as handle:
-            json.dump(job, handle)
+        job_path = os.path.join(workdir, ".job")
+        with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            marshal.dump(job, handle)
         if uid is not None:
             os.chown(workdir, uid, uid)
-        argv = [sys.executable, "-I", "-c", HARNESS_SOURCE, job_path]
+        argv = [sys.executable, "-I", "-c", BOOTSTRAP, PACKAGE_ROOT, job_path]
         started = time.monotonic()
-        proc = _spawn(argv, workdir, _minimal_env(workdir, marker), result_w)
+        proc = _spawn(argv, workdir, _minimal_env(workdir, marker_value), result_w)
         os.close(result_w)
         result_w = -1
         run = _watch(proc, result_r, started + timeout_s, limits.capture_kb * 1024, cancel)
         duration = time.monotonic() - started
-        killed = _kill_sandbox(proc.pid, uid, f"{MARKER_VARIABLE}={marker}".encode())
+        killed, identity.zombies = _kill_sandbox(proc.pid, uid, marker)
         run.drain(time.monotonic() + DRAIN_S)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if run.cancelled:
             raise _Cancelled()
-        return _judge(sample, limits, run, token, proc.returncode, duration, usage, killed, timeout_s, cpu_s)
+        ended = _Ended(returncode=proc.returncode, duration_s=duration, cpu_s=usage.ru_utime + usage.ru_stime,
+                       max_rss_mb=usage.ru_maxrss / 1024, killed=killed, timeout_s=timeout_s, cpu_limit_s=cpu_s)
+        return _judge(sample, compiled, limits, run, token, ended)
     finally:
         if result_w != -1:
             os.close(result_w)
+        if run is not None:
+            run.selector.close()
         if proc is not None:
             if proc.returncode is None:
-                _kill_sandbox(proc.pid, uid, f"{MARKER_VARIABLE}={marker}".encode())
+                _, identity.zombies = _kill_sandbox(proc.pid, uid, marker)
                 proc.wait()
             for stream in (proc.stdout, proc.stderr):
                 stream.close()
@@ -698,7 +756,8 @@ def _watch(proc: subprocess.Popen, result_r: int, deadline: float, capture: int,
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                run.timed_out = True
+                # Past the deadline, but it may have ended on its own just now: then that is the outcome.
+                run.timed_out = not _has_exited(proc.pid)
                 return run
             if cancel is not None and cancel.is_set():
                 run.cancelled = True
@@ -721,48 +780,80 @@ def _watch(proc: subprocess.Popen, result_r: int, deadline: float, capture: int,
 def _records(run: _Run, token: str) -> list[dict]:
     found = []
     for line in bytes(run.records).splitlines():
-        with suppress(ValueError):
+        with suppress(ValueError, RecursionError):
             record = json.loads(line)
             if isinstance(record, dict) and record.get("token") == token:
                 found.append(record)
     return found
 
 
-def _judge(sample: Sample, limits: Limits, run: _Run, token: str, returncode: int, duration: float,
-           usage: Any, killed: int, timeout_s: float, cpu_s: int) -> SampleResult:
+@dataclass(frozen=True)
+class _Ended:
+    """How the sandbox's main process ended, and what it used."""
+
+    returncode: int
+    duration_s: float
+    cpu_s: float
+    max_rss_mb: float
+    killed: int
+    timeout_s: float
+    cpu_limit_s: int
+
+
+def _evidence(**known: Any) -> dict[str, Any]:
+    evidence: dict[str, Any] = {
+        "phase": None, "raised_in": None, "frame": None, "user_frame": None, "source_line": None,
+        "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
+        "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": False,
+        "cpu_s": 0.0, "max_rss_mb": 0.0, "stdout_bytes": 0, "stderr_bytes": 0, "killed_processes": 0,
+    }
+    evidence.update(known)
+    return evidence
+
+
+def _syntax_result(sample: Sample, exc: BaseException, where: str) -> SampleResult:
+    line = getattr(exc, "lineno", None)
+    text = getattr(exc, "text", None)
+    message = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+    evidence = _evidence(
+        phase="compile", raised_in=where,
+        frame={"file": PROGRAM_FILE if where == "program" else TEST_FILE, "line": line, "function": None},
+        source_line=text.strip()[:500] if isinstance(text, str) else None,
+    )
+    return SampleResult(id=sample.id, label="syntax_error", error_type=type(exc).__name__,
+                        message=f"{message} ({where} line {line})" if line else f"{message} ({where})",
+                        evidence=evidence, duration_s=0.0, exit_code=None, signal=None, stdout_tail="", stderr_tail="")
+
+
+def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token: str, ended: _Ended) -> SampleResult:
     records = _records(run, token)
     started = any(r.get("status") == "started" for r in records)
-    finals = [r for r in records if r.get("status") in ("completed", "exception", "syntax_error", "sandbox_error")]
+    finals = [r for r in records if r.get("status") in ("completed", "exception", "sandbox_error")]
     final = finals[-1] if finals else None
     stderr_tail = run.stderr.text()
     if final is not None and final["status"] == "sandbox_error":
         raise SandboxError(f"the sandbox for sample {sample.id!r} could not confine it: {final.get('message')}")
     if final is None and not started and not run.timed_out:
-        raise SandboxError(f"the sandbox for sample {sample.id!r} failed to start (exit status {returncode})",
+        raise SandboxError(f"the sandbox for sample {sample.id!r} failed to start (exit status {ended.returncode})",
                            hint=stderr_tail.strip()[-2000:] or None)
 
-    exit_code = returncode if returncode >= 0 else None
+    returncode = ended.returncode
     signal_name = _signal_name(-returncode) if returncode < 0 else None
-    used_cpu = usage.ru_utime + usage.ru_stime
-    max_rss_mb = usage.ru_maxrss / 1024
-    evidence: dict[str, Any] = {
-        "phase": None, "raised_in": None, "frame": None, "user_frame": None, "source_line": None,
-        "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
-        "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": final is not None,
-        "cpu_s": round(used_cpu, 3), "max_rss_mb": round(max_rss_mb, 1),
-        "stdout_bytes": run.stdout.total, "stderr_bytes": run.stderr.total, "killed_processes": killed,
-    }
+    evidence = _evidence(
+        checkers_defined=compiled.checkers, reported=final is not None, cpu_s=round(ended.cpu_s, 3),
+        max_rss_mb=round(ended.max_rss_mb, 1), stdout_bytes=run.stdout.total, stderr_bytes=run.stderr.total,
+        killed_processes=ended.killed,
+    )
     if final is not None:
         for key in ("phase", "raised_in", "frame", "user_frame", "source_line", "traceback", "errno",
-                    "asserts_executed", "asserts_failed", "checkers_defined", "checkers_called"):
+                    "asserts_executed", "asserts_failed", "checkers_called"):
             evidence[key] = final.get(key)
         label, error_type, message = _label_from_record(final, evidence, limits)
     else:
-        label, error_type, message = _label_without_record(run, signal_name, returncode, used_cpu, max_rss_mb,
-                                                           stderr_tail, evidence, limits, timeout_s, cpu_s)
+        label, error_type, message = _label_without_record(run, ended, signal_name, stderr_tail, evidence, limits)
     return SampleResult(id=sample.id, label=label, error_type=error_type, message=message, evidence=evidence,
-                        duration_s=duration, exit_code=exit_code, signal=signal_name,
-                        stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
+                        duration_s=ended.duration_s, exit_code=returncode if returncode >= 0 else None,
+                        signal=signal_name, stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
 
 
 def _signal_name(number: int) -> str:
@@ -773,56 +864,52 @@ def _signal_name(number: int) -> str:
 
 
 def _label_from_record(record: dict, evidence: dict[str, Any], limits: Limits) -> tuple[str, str | None, str]:
-    status = record["status"]
     error_type = record.get("error_type")
     message = record.get("message") or ""
-    if status == "syntax_error":
-        line = (record.get("frame") or {}).get("line")
-        return "syntax_error", error_type, f"{message} ({record.get('raised_in')} line {line})"
-    if status == "exception":
+    if record["status"] == "exception":
         if error_type == "MemoryError":
             evidence["limit_hit"] = "memory"
-            return "memory_error", error_type, message or f"MemoryError under the {limits.memory_mb} MiB memory limit"
+            return "memory_error", error_type, message or f"MemoryError under the {limits.memory_mb:g} MiB memory limit"
         if error_type == "AssertionError" and record.get("raised_in") == "test":
             return "wrong_output", error_type, message or f"assertion failed: {record.get('source_line') or '?'}"
         errno = record.get("errno")
         if errno == 27:  # EFBIG: RLIMIT_FSIZE
             evidence["limit_hit"] = "file_size"
-        elif errno == 11 and "fork" in (record.get("traceback") or ""):  # EAGAIN from fork: RLIMIT_NPROC
+        elif errno == 11 and "fork" in (record.get("traceback") or ""):  # EAGAIN from fork(): RLIMIT_NPROC
             evidence["limit_hit"] = "processes"
         return "runtime_error", error_type, message
-    defined, called = record["checkers_defined"], record["checkers_called"]
-    if record["asserts_failed"]:
+    defined, called = evidence["checkers_defined"], record.get("checkers_called") or []
+    if record.get("asserts_failed"):
         return "wrong_output", "AssertionError", (
             f"{record['asserts_failed']} assertion(s) of the tests failed, but their AssertionError was caught")
     never_called = [name for name in defined if name not in called]
     if never_called:
         names = ", ".join(f"{name}()" for name in never_called)
         return "no_tests_ran", None, f"the tests define {names} but never call {'it' if len(never_called) == 1 else 'them'}"
-    if not record["asserts_executed"] and not called:
+    if not record.get("asserts_executed") and not called:
         return "no_tests_ran", None, "the tests executed no assertion and called no check*/test* function"
     return "success", None, ""
 
 
-def _label_without_record(run: _Run, signal_name: str | None, returncode: int, used_cpu: float, max_rss_mb: float,
-                          stderr_tail: str, evidence: dict[str, Any], limits: Limits, timeout_s: float,
-                          cpu_s: int) -> tuple[str, str | None, str]:
+def _label_without_record(run: _Run, ended: _Ended, signal_name: str | None, stderr_tail: str,
+                          evidence: dict[str, Any], limits: Limits) -> tuple[str, str | None, str]:
+    """No final record: the sample left before its tests finished; find out why from how it ended."""
     if run.timed_out:
         evidence["limit_hit"] = "wall_time"
-        return "timeout", None, f"still running after the {timeout_s:g} s wall-clock limit; killed"
-    if signal_name == "SIGXCPU" or (signal_name == "SIGKILL" and used_cpu >= cpu_s - 0.05):
+        return "timeout", None, f"still running after the {ended.timeout_s:g} s wall-clock limit; killed"
+    if signal_name == "SIGXCPU" or (signal_name == "SIGKILL" and ended.cpu_s >= ended.cpu_limit_s - 0.05):
         evidence["limit_hit"] = "cpu_time"
-        return "timeout", None, f"used up the {cpu_s} s CPU limit; killed by {signal_name}"
-    if "MemoryError" in stderr_tail or "Cannot allocate memory" in stderr_tail or "out of memory" in stderr_tail \
-            or (signal_name == "SIGKILL" and max_rss_mb >= 0.9 * limits.memory_mb):
+        return "timeout", None, f"used up the {ended.cpu_limit_s} s CPU limit; killed by {signal_name}"
+    out_of_memory = any(sign in stderr_tail for sign in ("MemoryError", "Cannot allocate memory", "out of memory"))
+    if out_of_memory or (signal_name == "SIGKILL" and ended.max_rss_mb >= 0.9 * limits.memory_mb):
         evidence["limit_hit"] = "memory"
-        return "memory_error", "MemoryError", f"died out of memory (limit {limits.memory_mb} MiB) before reporting"
+        return "memory_error", "MemoryError", f"died out of memory (limit {limits.memory_mb:g} MiB) before reporting"
     if signal_name == "SIGXFSZ":
         evidence["limit_hit"] = "file_size"
     if signal_name is not None:
         return "runtime_error", signal_name, f"killed by {signal_name} before the tests completed"
     return "runtime_error", "SystemExit", (
-        f"the process exited with status {returncode} before the tests completed (os._exit() or a crash)")
+        f"the process exited with status {ended.returncode} before the tests completed (os._exit() or a crash)")
 
 
 # ---------------------------------------------------------------- many samples
@@ -847,8 +934,8 @@ def evaluate(samples: Iterable[Sample], *, limits: Limits = Limits(), workers: i
     results: list[SampleResult | None] = [None] * len(samples)
 
     def one(sample: Sample) -> SampleResult:
-        with identities.lease() as uid:
-            return run_sample(sample, limits, uid=uid, keep_read_search=identities.keep_read_search, cancel=cancel)
+        with identities.lease() as identity:
+            return _run_sample(sample, limits, identity, cancel)
 
     try:
         with ThreadPoolExecutor(max_workers=identities.slots, thread_name_prefix="exec-eval") as pool:

@@ -27,6 +27,7 @@ LOG_TAIL_BYTES = 64 * 1024
 LOG_HEAD_BYTES = 16 * 1024
 MAX_EVIDENCE = 6
 EVIDENCE_CHARS = 300
+CONSTANT_MIN_RUNS = 4  # fewer identical values can be a coincidence (a small eval set's accuracy)
 
 
 class Failure(StrEnum):
@@ -446,10 +447,11 @@ def constant_across_arms(arms: Iterable[ArmOutcome], goal: str) -> Diagnosis | N
     """Arms that differ in configuration but whose every run reports the very same goal value.
 
     Seeds and knobs both move a real metric; a value identical to the last bit across
-    all of them means the data or the knobs never reached the model.
+    all of them (at least ``CONSTANT_MIN_RUNS`` runs) means the data or the knobs never
+    reached the model.
     """
     arms = [a for a in arms if a.runs]
-    if len({a.config for a in arms}) < 2:
+    if len({a.config for a in arms}) < 2 or sum(len(a.runs) for a in arms) < CONSTANT_MIN_RUNS:
         return None
     values = {value for a in arms for _, value in a.runs}
     if len(values) != 1:

@@ -212,7 +212,8 @@ class Research:
     """One invocation of ``ratiocinator research``."""
 
     def __init__(self, loaded: LoadedSpec, home: Path, *, progress: ProgressSink | None = None, new: bool = False,
-                 planner: Planner | None = None, check: bool = True, use_llm: bool = True) -> None:
+                 planner: Planner | None = None, check: bool = True, use_llm: bool = True,
+                 backend: Backend | None = None) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
         self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
@@ -221,10 +222,11 @@ class Research:
         self.planner = planner or SpecPlanner(loaded)
         self.check = check
         self.use_llm = use_llm
+        self.backend = backend
 
     def run(self) -> ResearchOutcome:
         self.planner.check()  # planning errors (no arms, bad baseline) surface before the ledger is touched
-        backend = make_backend(self.loaded, self.paths)
+        backend = self.backend or make_backend(self.loaded, self.paths)
         findings = backend.check_hardware(self.loaded)
         refuse_unmet_hardware(findings, self.loaded)
         ledger = Ledger(self.paths.ledger)

@@ -1,7 +1,8 @@
 """The harness inside each sandboxed child of `ratiocinator.execeval`: confine, run, report.
 
-The parent starts it as `python -I -c <this source> JOB_FILE` in a fresh session and a
-fresh temp dir. It reads and deletes the job file (a marshal of the already compiled
+The parent starts `python -I` in a fresh session and a fresh temp dir (as root when the
+evaluator is root: the harness drops privileges itself), which imports this module and
+calls `main(JOB_FILE)`. It reads and deletes the job file (a marshal of the already compiled
 program and instrumented tests), drops privileges when started as root, lowers its
 resource limits, then runs the program and the tests in one `__main__` namespace. It
 writes JSON records carrying the job's random token to a private pipe: `started` once
@@ -13,8 +14,8 @@ The parent rewrote the tests so that every `assert` calls the assert hook with i
 condition and every top-level `check*`/`test*` function calls the checker hook first;
 the hooks installed here count what actually ran.
 
-Stdlib only, it must not import ratiocinator, and it imports as little as it can:
-interpreter start-up is most of the cost of a sample.
+Stdlib only, no other ratiocinator module, and as few imports as it can: interpreter
+start-up is most of the cost of a sample.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
 # Freed before reporting a MemoryError, so the report itself can be built.
-RESERVE_BYTES = 4 * 1024 * 1024
+RESERVE_BYTES = 1024 * 1024
 MESSAGE_CHARS = 2000
 TRACEBACK_CHARS = 4000
 SOURCE_LINE_CHARS = 500
 
 # Linux constants for prctl(2) and capset(2).
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -125,6 +127,9 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     if keep_read_search:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+    # Changing uid made the process undumpable, which hides its owner in /proc; the parent
+    # finds the sandbox's processes by that owner.
+    prctl(PR_SET_DUMPABLE, 1)
 
 
 def confine(job: dict) -> None:
@@ -198,11 +203,10 @@ def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
         "user_frame": _frame(innermost),
         "source_line": _clip((innermost.line or None) if innermost else None, SOURCE_LINE_CHARS),
         "traceback": _clip(text, TRACEBACK_CHARS, keep_end=True),
-        "exit_status": exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1,
     }
 
 
-def run_sample(job: dict) -> dict:
+def run_sample(job: dict, harness_pid: int) -> dict:
     """Run the program, the tests, then `check(entry_point)` when due; never raises."""
     reserve = [bytearray(RESERVE_BYTES)]
     tally = Tally()
@@ -228,8 +232,12 @@ def run_sample(job: dict) -> dict:
             check(namespace[entry_point])
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
         reserve.clear()
+        if os.getpid() != harness_pid:
+            _leave_fork(exc)
         record = _exception_record(exc, phase, job)
     else:
+        if os.getpid() != harness_pid:
+            _finish(0)
         record = {"status": "completed", "phase": phase}
     record.update(
         asserts_executed=tally.asserts_executed,
@@ -247,6 +255,15 @@ def _finish(status: int) -> None:
         except BaseException:  # noqa: BLE001
             pass
     os._exit(status & 0xFF)
+
+
+def _leave_fork(exc: BaseException) -> None:
+    """A process the sample forked ran on into the harness: one line to stderr, never a record."""
+    try:
+        sys.stderr.write(f"{type(exc).__name__} in forked process {os.getpid()}: {_describe(exc)[:200]}\n")
+    except BaseException:  # noqa: BLE001
+        pass
+    _finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
 
 
 def _emitter(fd: int, token: str):
@@ -274,11 +291,7 @@ def main(job_path: str) -> None:
         _finish(3)
     emit({"status": "started"})
     sys.argv = [PROGRAM_FILE]
-    record = run_sample(job)
-    if os.getpid() != harness_pid:
-        # A process the sample forked ran on into the harness: it must not report.
-        _finish(record.get("exit_status", 0) if record["status"] == "exception" else 0)
-    record.pop("exit_status", None)
+    record = run_sample(job, harness_pid)
     emit(record)
     _finish(0)
 

@@ -1,0 +1,137 @@
+"""Sandboxed evaluation throughput, measured side by side in one run.
+
+N small HumanEval-like samples (correct, wrong, crashing and `return None` completions of
+ten tasks) go through `ratiocinator.execeval.evaluate` with its default workers, and
+through the plainest possible harness: a sequential loop of
+`subprocess.run([python, "-c", program + test + "check(entry)"], timeout=...)`, with no
+sandbox, no limits and no labels. Prints both rates in samples/second and their ratio
+(median of alternating rounds), and checks that both agree on which samples pass.
+
+Usage: python bench/exec_eval.py [--samples 200] [--rounds 3] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from ratiocinator.execeval import Limits, Sample, evaluate
+
+# (entry point, prompt, correct body, wrong body, crashing body, tests)
+TASKS = [
+    ("add", "def add(a: int, b: int) -> int:\n    \"\"\"Return a + b.\"\"\"\n",
+     "    return a + b\n", "    return a - b\n", "    return a + b / 0\n",
+     "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-4, 4) == 0\n"),
+    ("is_palindrome", "def is_palindrome(text: str) -> bool:\n    \"\"\"Is text the same backwards?\"\"\"\n",
+     "    return text == text[::-1]\n", "    return text == text[1:]\n", "    return text[len(text)] == text\n",
+     "def check(candidate):\n    assert candidate('') is True\n    assert candidate('aba') is True\n"
+     "    assert candidate('ab') is False\n"),
+    ("fib", "def fib(n: int) -> int:\n    \"\"\"The n-th Fibonacci number.\"\"\"\n",
+     "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+     "    return n\n", "    return fib(n - 1) + fib(n - 2)\n",
+     "def check(candidate):\n    assert candidate(0) == 0\n    assert candidate(10) == 55\n"),
+    ("max_element", "def max_element(values: list) -> int:\n    \"\"\"The largest element.\"\"\"\n",
+     "    return max(values)\n", "    return values[0]\n", "    return sorted(values)[len(values)]\n",
+     "def check(candidate):\n    assert candidate([1, 2, 3]) == 3\n    assert candidate([5, 3, -5, 2]) == 5\n"),
+    ("count_vowels", "def count_vowels(s: str) -> int:\n    \"\"\"How many vowels s has.\"\"\"\n",
+     "    return sum(c in 'aeiouAEIOU' for c in s)\n", "    return len(s)\n", "    return int(s)\n",
+     "def check(candidate):\n    assert candidate('abcde') == 2\n    assert candidate('ACEDY') == 2\n"),
+    ("reverse_words", "def reverse_words(s: str) -> str:\n    \"\"\"The words of s in reverse order.\"\"\"\n",
+     "    return ' '.join(reversed(s.split()))\n", "    return s[::-1]\n", "    return ' '.join(s.split()[::0])\n",
+     "def check(candidate):\n    assert candidate('a b c') == 'c b a'\n    assert candidate('hi') == 'hi'\n"),
+    ("factorial", "def factorial(n: int) -> int:\n    \"\"\"n!\"\"\"\n",
+     "    out = 1\n    for k in range(2, n + 1):\n        out *= k\n    return out\n",
+     "    return n * (n - 1)\n", "    return factorial(n + 1) // (n + 1)\n",
+     "def check(candidate):\n    assert candidate(0) == 1\n    assert candidate(5) == 120\n"),
+    ("gcd", "def gcd(a: int, b: int) -> int:\n    \"\"\"Greatest common divisor.\"\"\"\n",
+     "    while b:\n        a, b = b, a % b\n    return a\n", "    return min(a, b)\n", "    return a % 0\n",
+     "def check(candidate):\n    assert candidate(12, 18) == 6\n    assert candidate(7, 5) == 1\n"),
+    ("is_prime", "def is_prime(n: int) -> bool:\n    \"\"\"Is n prime?\"\"\"\n",
+     "    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))\n",
+     "    return n % 2 == 1\n", "    return n.is_prime()\n",
+     "def check(candidate):\n    assert candidate(2) is True\n    assert candidate(9) is False\n"
+     "    assert candidate(97) is True\n"),
+    ("flatten", "def flatten(nested: list) -> list:\n    \"\"\"One level of nesting removed.\"\"\"\n",
+     "    return [x for inner in nested for x in inner]\n", "    return nested\n", "    return sum(nested)\n",
+     "def check(candidate):\n    assert candidate([[1], [2, 3]]) == [1, 2, 3]\n    assert candidate([]) == []\n"),
+]
+# Of every 10 samples: 6 correct, 2 wrong, 1 crashing, 1 `return None`.
+KINDS = ["correct"] * 6 + ["wrong"] * 2 + ["crash", "none"]
+
+
+def build_samples(n: int) -> list[Sample]:
+    samples = []
+    for i in range(n):
+        entry, prompt, correct, wrong, crash, test = TASKS[i % len(TASKS)]
+        kind = KINDS[(i // len(TASKS)) % len(KINDS)]
+        body = {"correct": correct, "wrong": wrong, "crash": crash, "none": "    return None\n"}[kind]
+        samples.append(Sample(id=f"{entry}-{i}-{kind}", program=prompt + body, test=test, entry_point=entry))
+    return samples
+
+
+def sequential_subprocess(samples: list[Sample], timeout_s: float) -> tuple[float, list[bool]]:
+    """The naive harness: one unconfined `python -c` per sample, one after another."""
+    passed = []
+    started = time.perf_counter()
+    for sample in samples:
+        source = f"{sample.program}\n{sample.test}\ncheck({sample.entry_point})\n"
+        try:
+            done = subprocess.run([sys.executable, "-c", source], capture_output=True, timeout=timeout_s)
+            passed.append(done.returncode == 0)
+        except subprocess.TimeoutExpired:
+            passed.append(False)
+    return time.perf_counter() - started, passed
+
+
+def sandboxed(samples: list[Sample], limits: Limits, workers: int | None) -> tuple[float, list[bool], Counter]:
+    started = time.perf_counter()
+    results = evaluate(samples, limits=limits, workers=workers)
+    elapsed = time.perf_counter() - started
+    return elapsed, [r.label == "success" for r in results], Counter(r.label for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args()
+
+    samples = build_samples(args.samples)
+    limits = Limits(timeout_s=args.timeout)
+    workers = args.workers or os.cpu_count() or 1
+    print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
+          f"Python {platform.python_version()}, {'root: one sandbox uid per worker' if os.geteuid() == 0 else 'non-root'}")
+    print(f"samples: {len(samples)} HumanEval-like ({Counter(s.id.rsplit('-', 1)[1] for s in samples)})")
+
+    ours, theirs = [], []
+    for round_number in range(args.rounds):
+        # Alternate which goes first, so neither always gets the warm caches.
+        order = ("ours", "theirs") if round_number % 2 == 0 else ("theirs", "ours")
+        for who in order:
+            if who == "ours":
+                elapsed, our_pass, labels = sandboxed(samples, limits, args.workers)
+                ours.append(elapsed)
+            else:
+                elapsed, their_pass = sequential_subprocess(samples, args.timeout)
+                theirs.append(elapsed)
+    o, t = statistics.median(ours), statistics.median(theirs)
+    n = len(samples)
+    print(f"labels: {dict(sorted(labels.items()))}")
+    agree = sum(a == b for a, b in zip(our_pass, their_pass))
+    print(f"pass/fail agreement with the naive harness: {agree}/{n}")
+    print(f"median of {args.rounds} alternating rounds:")
+    print(f"  sequential subprocess.run (no sandbox):  {t:7.3f} s   {n / t:7.1f} samples/s")
+    print(f"  execeval.evaluate, {workers} workers (sandbox):  {o:7.3f} s   {n / o:7.1f} samples/s")
+    print(f"  ratio (evaluate / sequential, samples/s): {t / o:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
