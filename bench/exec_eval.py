@@ -30,8 +30,8 @@ TASKS = [
      "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-4, 4) == 0\n"),
     ("is_palindrome", "def is_palindrome(text: str) -> bool:\n    \"\"\"Is text the same backwards?\"\"\"\n",
      "    return text == text[::-1]\n", "    return text == text[1:]\n", "    return text[len(text)] == text\n",
-     "def check(candidate):\n    assert candidate('') is True\n    assert candidate('aba') is True\n"
-     "    assert candidate('ab') is False\n"),
+     ("def check(candidate):\n    assert candidate('') is True\n    assert candidate('aba') is True\n"
+      "    assert candidate('ab') is False\n")),
     ("fib", "def fib(n: int) -> int:\n    \"\"\"The n-th Fibonacci number.\"\"\"\n",
      "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
      "    return n\n", "    return fib(n - 1) + fib(n - 2)\n",
@@ -55,8 +55,8 @@ TASKS = [
     ("is_prime", "def is_prime(n: int) -> bool:\n    \"\"\"Is n prime?\"\"\"\n",
      "    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))\n",
      "    return n % 2 == 1\n", "    return n.is_prime()\n",
-     "def check(candidate):\n    assert candidate(2) is True\n    assert candidate(9) is False\n"
-     "    assert candidate(97) is True\n"),
+     ("def check(candidate):\n    assert candidate(2) is True\n    assert candidate(9) is False\n"
+      "    assert candidate(97) is True\n")),
     ("flatten", "def flatten(nested: list) -> list:\n    \"\"\"One level of nesting removed.\"\"\"\n",
      "    return [x for inner in nested for x in inner]\n", "    return nested\n", "    return sum(nested)\n",
      "def check(candidate):\n    assert candidate([[1], [2, 3]]) == [1, 2, 3]\n    assert candidate([]) == []\n"),
@@ -82,7 +82,8 @@ def sequential_subprocess(samples: list[Sample], timeout_s: float) -> tuple[floa
     for sample in samples:
         source = f"{sample.program}\n{sample.test}\ncheck({sample.entry_point})\n"
         try:
-            done = subprocess.run([sys.executable, "-c", source], capture_output=True, timeout=timeout_s)
+            done = subprocess.run([sys.executable, "-c", source], capture_output=True, timeout=timeout_s,
+                                  check=False)
             passed.append(done.returncode == 0)
         except subprocess.TimeoutExpired:
             passed.append(False)
@@ -107,30 +108,32 @@ def main() -> None:
     samples = build_samples(args.samples)
     limits = Limits(timeout_s=args.timeout)
     workers = args.workers or os.cpu_count() or 1
+    identity = "root: one unprivileged sandbox uid per worker" if os.geteuid() == 0 else "non-root"
     print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
-          f"Python {platform.python_version()}, {'root: one sandbox uid per worker' if os.geteuid() == 0 else 'non-root'}")
-    print(f"samples: {len(samples)} HumanEval-like ({Counter(s.id.rsplit('-', 1)[1] for s in samples)})")
+          f"Python {platform.python_version()}, {identity}, load average {os.getloadavg()[0]:.2f}")
+    print(f"samples: {len(samples)} HumanEval-like, {dict(Counter(s.id.rsplit('-', 1)[1] for s in samples))}")
 
-    ours, theirs = [], []
+    times: dict[str, list[float]] = {"naive": [], "one": [], "all": []}
     for round_number in range(args.rounds):
-        # Alternate which goes first, so neither always gets the warm caches.
-        order = ("ours", "theirs") if round_number % 2 == 0 else ("theirs", "ours")
+        # Rotate which goes first, so none always gets the warm caches.
+        order = ["naive", "one", "all"]
+        order = order[round_number % 3:] + order[:round_number % 3]
         for who in order:
-            if who == "ours":
-                elapsed, our_pass, labels = sandboxed(samples, limits, args.workers)
-                ours.append(elapsed)
-            else:
+            if who == "naive":
                 elapsed, their_pass = sequential_subprocess(samples, args.timeout)
-                theirs.append(elapsed)
-    o, t = statistics.median(ours), statistics.median(theirs)
+            else:
+                elapsed, our_pass, labels = sandboxed(samples, limits, 1 if who == "one" else workers)
+            times[who].append(elapsed)
     n = len(samples)
-    print(f"labels: {dict(sorted(labels.items()))}")
-    agree = sum(a == b for a, b in zip(our_pass, their_pass))
-    print(f"pass/fail agreement with the naive harness: {agree}/{n}")
-    print(f"median of {args.rounds} alternating rounds:")
-    print(f"  sequential subprocess.run (no sandbox):  {t:7.3f} s   {n / t:7.1f} samples/s")
-    print(f"  execeval.evaluate, {workers} workers (sandbox):  {o:7.3f} s   {n / o:7.1f} samples/s")
-    print(f"  ratio (evaluate / sequential, samples/s): {t / o:.2f}x")
+    naive, one, many = (statistics.median(times[k]) for k in ("naive", "one", "all"))
+    agree = sum(a == b for a, b in zip(our_pass, their_pass, strict=True))
+    print(f"labels: {dict(sorted(labels.items()))}; pass/fail agreement with the naive loop: {agree}/{n}")
+    print(f"median of {args.rounds} rotated rounds:")
+    print(f"  sequential subprocess.run, no sandbox:    {naive:7.3f} s  {n / naive:7.1f} samples/s")
+    print(f"  evaluate(), 1 worker:                     {one:7.3f} s  {n / one:7.1f} samples/s"
+          f"  ({(one - naive) / n * 1000:+.1f} ms per sample for the sandbox)")
+    print(f"  evaluate(), {workers} workers (default):         {many:7.3f} s  {n / many:7.1f} samples/s")
+    print(f"  ratio, default evaluate() over the sequential loop: {naive / many:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,27 +15,33 @@ Input (`load_samples`): JSONL, one object per line, blank lines skipped.
   Either style: optional `timeout_s` (seconds, overrides `Limits.timeout_s`).
   Other fields are ignored. `id` defaults to `task_id`, else `line N`.
 
-Labels, first matching rule wins:
-  syntax_error   the program or the test code does not compile (`evidence.raised_in` says which).
-  memory_error   MemoryError anywhere, or death with no report and the memory limit as cause.
-  wrong_output   an AssertionError whose innermost program/test frame is in the test code,
-                 or an assertion of the tests that failed and whose AssertionError was caught.
-  runtime_error  any other exception, `error_type` naming it. Leaving early is one too:
-                 sys.exit()/exit()/quit()/raise SystemExit -> `SystemExit`; KeyboardInterrupt
-                 -> `KeyboardInterrupt`; a process that ends with no report (os._exit, a
-                 crash) -> `SystemExit` when it exited with a status, else the signal name
-                 (`SIGSEGV`, ...). An AssertionError raised in the program's own code is a
-                 runtime_error too.
-  timeout        the wall-clock limit (parent kills the whole sandbox) or the CPU limit.
-  no_tests_ran   the tests completed but a top-level `check*`/`test*` function of the test
-                 code was never called, or no assertion of the test code executed and no such
-                 checker was called.
+Labels. The program and the tests are compiled in the parent first:
+  syntax_error   either does not compile (`evidence.raised_in` says which); nothing runs.
+Then, when the harness delivered its final record (the tests completed or raised):
+  memory_error   MemoryError.
+  wrong_output   AssertionError whose innermost program/test frame is in the test code; or
+                 the tests completed but one of their assertions failed and its
+                 AssertionError was caught (e.g. by a try/except in the tests).
+  runtime_error  any other exception, `error_type` naming it; an AssertionError raised in the
+                 program's own code is one too. Leaving early is one: sys.exit(), exit(),
+                 quit(), raise SystemExit -> `SystemExit` (whatever the status, 0 included);
+                 KeyboardInterrupt -> `KeyboardInterrupt`.
+  no_tests_ran   the tests completed, but a top-level `check*`/`test*` function of the test
+                 code was never called, or no assertion of the test code executed and no
+                 such checker was called.
   success        the tests completed, at least one assertion executed or checker was called,
                  every checker the test code defines was called, and no assertion failed.
-Assertions are counted by rewriting `assert c, m` in the test code to `assert <hook>(c), m`;
-calls by a hook inserted at the top of each top-level `check*`/`test*` function.
-Asserts in the program itself never count. Checks that are not `assert` statements (e.g.
-unittest's `self.assertEqual`) only count when made inside such a checker function.
+Without a final record (the process ended or was killed before the tests finished):
+  timeout        the wall-clock limit passed (the parent kills the whole sandbox), or the CPU
+                 limit killed it (SIGXCPU, or SIGKILL at the hard limit).
+  memory_error   its stderr shows MemoryError, or it was SIGKILLed near the memory limit.
+  runtime_error  otherwise: `SystemExit` when it exited with a status (os._exit(0) included:
+                 exiting is never success), else the signal's name (`SIGSEGV`, ...).
+An executed assertion is one whose condition was evaluated: `assert c, m` in the test code
+is rewritten to `assert <hook>(c), m`, and each top-level `check*`/`test*` function of the
+test code starts with a call to another hook. Asserts in the program never count. Checks
+that are not `assert` statements (unittest's `self.assertEqual`, `if ...: raise`) only
+count through the checker they run in.
 
 JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
   {"id": str, "label": one of LABELS, "error_type": str | null, "message": str,
@@ -50,26 +56,33 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
      "asserts_executed": int | null, "asserts_failed": int | null,
      "checkers_defined": [str] | null, "checkers_called": [str] | null,
      "limit_hit": "wall_time" | "cpu_time" | "memory" | "file_size" | "processes" | null,
-     "reported": bool   (the harness delivered its final record),
+     "reported": bool   (a sandbox ran and its harness delivered the final record),
      "cpu_s": float, "max_rss_mb": float, "stdout_bytes": int, "stderr_bytes": int,
      "killed_processes": int   (sandbox processes still alive at the end, then killed)}}
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
-Sandbox, per sample: `python -I` in a new session, a fresh temp dir as cwd and HOME, a
-minimal environment, stdin from /dev/null, stdout/stderr read continuously and kept to a
-bounded tail, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in the child before any sample code runs,
-a wall-clock limit enforced by the parent, and at the end every process of the sandbox
-(its session, its process group, and processes carrying its environment marker or, as
-root, its uid) is SIGKILLed, whatever the sample did. Run as root, each concurrent sample
-gets its own unprivileged uid (from SANDBOX_UID_BASE, claimed with lock files) and keeps
-no capability except read access to files when the interpreter lives in a root-only
-directory; RLIMIT_NPROC then caps exactly that sample and it cannot signal anything else.
-Run as a normal user, RLIMIT_NPROC counts all of that user's tasks, so the cap is set to
-the tasks alive at start plus `max_processes`, and a deliberately hostile sample could
-still signal the evaluator (same uid); use root, a container or a dedicated user for that.
-Code that introspects the harness inside its own process can forge a record; the sandbox
-bounds what samples can do to the machine, it does not hide the harness from them.
+Sandbox, per sample: `python -I` in a new session, a fresh temp dir as cwd, HOME and
+TMPDIR, a minimal environment (PATH, a UTF-8 locale, a marker; nothing else of ours),
+stdin from /dev/null, stdout/stderr read continuously and kept to a bounded tail,
+RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in the child before any sample code runs, a wall-clock
+limit enforced by the parent, and at the end every process of the sandbox (its session,
+its process group, and processes carrying its environment marker or, as root, its uid)
+is SIGKILLed, whatever the sample did.
+  As root, each concurrent sample runs as its own unprivileged uid (from SANDBOX_UID_BASE,
+claimed with lock files so concurrent evaluations do not share one) with no capabilities
+and no_new_privs, so RLIMIT_NPROC caps exactly that sample and it can signal nothing but
+itself. One exception: when the interpreter lives in a directory other users cannot
+enter (e.g. /root/.pyenv), the sample keeps CAP_DAC_READ_SEARCH so Python can start and
+import, which also lets it read (not write) any file; install Python world-readable to
+avoid that.
+  As a normal user, RLIMIT_NPROC counts all of that user's tasks, so each sample's cap is
+the user's tasks at its start plus `max_processes`: concurrent samples share what is left,
+and a fork bomb can briefly make another sample's fork() fail. A deliberately hostile
+sample could also signal the evaluator (same uid); run as root, in a container or as a
+dedicated user for that.
+  Code that introspects the harness inside its own process could forge a record; the
+sandbox bounds what samples can do to the machine, it does not hide the harness from them.
 """
 
 from __future__ import annotations
@@ -885,7 +898,8 @@ def _label_from_record(record: dict, evidence: dict[str, Any], limits: Limits) -
     never_called = [name for name in defined if name not in called]
     if never_called:
         names = ", ".join(f"{name}()" for name in never_called)
-        return "no_tests_ran", None, f"the tests define {names} but never call {'it' if len(never_called) == 1 else 'them'}"
+        pronoun = "it" if len(never_called) == 1 else "them"
+        return "no_tests_ran", None, f"the tests define {names} but never call {pronoun}"
     if not record.get("asserts_executed") and not called:
         return "no_tests_ran", None, "the tests executed no assertion and called no check*/test* function"
     return "success", None, ""
@@ -953,7 +967,7 @@ def evaluate(samples: Iterable[Sample], *, limits: Limits = Limits(), workers: i
                 raise
     finally:
         identities.close()
-    return [r for r in results if r is not None]
+    return [r for r in results if r is not None]  # all set: every future completed
 
 
 def summarize(results: Sequence[SampleResult]) -> dict[str, Any]:
@@ -985,5 +999,6 @@ def format_results(results: Sequence[SampleResult]) -> str:
         lines.append(f"{r.id:<{width}}  {r.label:<13}  {r.duration_s:6.2f}s  {detail[:120]}".rstrip())
     summary = summarize(results)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items() if n)
-    lines.append(f"{summary['passed']}/{summary['total']} passed ({summary['pass_rate']:.1%}); {counts or 'no samples'}")
+    lines.append(f"{summary['passed']}/{summary['total']} passed ({summary['pass_rate']:.1%}); "
+                 f"{counts or 'no samples'}")
     return "\n".join(lines)

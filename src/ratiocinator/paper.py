@@ -330,6 +330,7 @@ class _Writer:
             ("Budget", f"{_value(float(spec.max_dollars))} dollars (max_dollars)"),
             ("Timeouts", f"training {spec.train_timeout_s} s per run, download {spec.download_timeout_s} s"),
             ("Spec", f"{experiment.spec_path} (sha256 {experiment.spec_sha256})"),
+            ("Readiness review", self.readiness()),
         ]
         return [
             Heading("Setup", 1),
@@ -337,6 +338,21 @@ class _Writer:
                       "numbers elsewhere link to the appendix row that lists the runs they come from."),
             Fields(tuple(rows)),
         ]
+
+    def readiness(self) -> str:
+        """What the pre-run review found, from its ledger event (or that it was skipped)."""
+        events = [e for e in self.ledger.events(self.experiment.id) if e["kind"] in ("readiness", "readiness_skipped")]
+        if not events:
+            return "not recorded"
+        last = events[-1]
+        if last["kind"] == "readiness_skipped":
+            return "skipped (--skip-check): the code was not reviewed before runs were paid for"
+        checks = last["data"].get("checks", [])
+        counts = Counter(c["status"] for c in checks)
+        shown = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        notes = "; ".join(f"{c['name']}: {c['summary']}" for c in checks if c["status"] in ("failed", "warning"))
+        verdict = "ready" if last["data"].get("is_code_ready") else "not ready"
+        return f"{verdict} ({shown})" + (f"; {notes}" if notes else "")
 
     def resolved_repo(self) -> str:
         written = self.spec.repo_url
@@ -695,6 +711,9 @@ class _Writer:
             items.append(f"Untested: the comparisons of {', '.join(untestable)} with the baseline could not be tested (see the verdicts).")
         if inf.factors is not None and inf.factors.anova is None:
             items.append(f"No analysis of variance: {inf.factors.why_no_anova}.")
+        if self.readiness().startswith("skipped"):
+            items.append("Unreviewed code: the readiness review (static checks and trial-mode smoke runs) was skipped, "
+                         "so problems it catches, such as a knob that changes nothing, were not ruled out.")
         items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats arms as "
                      "independent samples and does not use that pairing, which makes it conservative.")
         items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the metric is "
