@@ -286,9 +286,10 @@ def test_file_size_limit(batch: dict[str, SampleResult]) -> None:
 
 
 def test_cpu_limit_is_a_timeout() -> None:
-    [result] = evaluate([plain("spin", "while True:\n    pass\n")], limits=Limits(timeout_s=10.0, cpu_s=1))
+    [result] = evaluate([plain("spin", "while True:\n    pass\n")], limits=Limits(timeout_s=20.0, cpu_s=1))
     assert (result.label, result.evidence["limit_hit"]) == ("timeout", "cpu_time"), result.to_json()
-    assert result.duration_s < 5.0
+    assert result.signal == "SIGXCPU"
+    assert result.duration_s < 10.0
 
 
 def sandbox_processes() -> list[str]:
@@ -331,7 +332,8 @@ def test_fork_bombs_leave_nothing_behind_and_the_evaluator_carries_on() -> None:
         """), "assert True\n", timeout_s=2.0),
     ]
     started = time.monotonic()
-    results = {r.id: r for r in evaluate(hostile, limits=Limits(max_processes=16))}
+    # One at a time, so the result does not depend on the user's shared process pool when not root.
+    results = {r.id: r for r in evaluate(hostile, limits=Limits(max_processes=16), workers=1)}
     assert time.monotonic() - started < 20
     assert results["fork-bomb"].label == "runtime_error"
     assert results["fork-bomb"].evidence["limit_hit"] == "processes"
