@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the work failed (checks, all runs), 2 usage or spec error,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -231,6 +232,45 @@ def _evidence_text(item: dict[str, Any]) -> str:
     text = item.get("message") or item.get("excerpt") or ", ".join(f"{k}={v}" for k, v in item.items())
     excerpt = f"  | {item['excerpt']}" if item.get("excerpt") and item.get("message") else ""
     return f"{where}: {text}{excerpt}" if where else f"{text}{excerpt}"
+
+
+@app.command("exec-eval")
+@friendly
+def exec_eval(
+    samples: Annotated[Path, typer.Argument(help="JSONL: {prompt, completion, test, entry_point} or {code, test} per line")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary and every sample's result as JSON")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="samples at once (default: CPU count)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="wall-clock seconds per sample (a sample's own timeout_s wins)")] = 10.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="address-space limit per sample")] = 1024,
+    out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
+) -> None:
+    """Execution-aware evaluation: run each generated sample against its tests in a sandbox and label the outcome."""
+    from .execeval import Limits, evaluate, format_results, load_samples, results_json, summarize
+    from .exports import write_atomic
+
+    loaded = load_samples(samples)
+    limits = Limits(timeout_s=timeout, memory_mb=memory_mb)
+    done = 0
+
+    def progress(_result: Any) -> None:
+        nonlocal done
+        done += 1
+        if sys.stderr.isatty():
+            err.print(f"\r{done}/{len(loaded)} evaluated", end="", markup=False)
+
+    results = evaluate(loaded, limits=limits, workers=workers, on_result=progress)
+    if sys.stderr.isatty():
+        err.print()
+    document = {"samples": str(samples), "limits": dataclasses.asdict(limits), "summary": summarize(results),
+                "results": results_json(results)}
+    if out_file is not None:
+        write_atomic(out_file, json.dumps(document, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(document, indent=2))
+    else:
+        out.print(format_results(results), markup=False)
+        if out_file is not None:
+            out.print(f"results: {out_file}", markup=False)
 
 
 @app.command()
