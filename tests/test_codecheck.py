@@ -270,6 +270,7 @@ def test_todo_comments_count_only_inside_function_bodies(tmp_path):
         (12, "TODO " + note.format("train")),
     ]
     assert findings[1].excerpt == "loss = 1.0  # FIXME: real loss"
+    assert {f.kind for f in findings} == {"todo_note"}  # a note, not missing code
 
 
 def test_omitted_code_phrases_in_comments_and_strings(tmp_path):

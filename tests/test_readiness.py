@@ -15,7 +15,7 @@ import os
 
 
 def main():
-    lr = float(os.environ.get("LR", "0.1"))
+    lr = float(os.environ.get("LR", "0.1"))  # TODO: a schedule
     with open(os.path.join(os.environ["RATIOCINATOR_OUT_DIR"], "trial.txt"), "w") as fh:
         fh.write(os.environ["RATIOCINATOR_TRIAL"])
     print(f'METRICS: {{"loss": {1.0 / lr}}}')
@@ -104,7 +104,8 @@ def test_clean_code_is_ready_and_smoke_runs_are_in_trial_mode(study: Study) -> N
     assert code == 0, result
     assert result["is_code_ready"] is True and result["code_issue"] == "" and len(result["commit"]) == 40
     statuses = {c["name"]: c["status"] for c in result["checks"]}
-    assert statuses == {"runner": "passed", "syntax": "passed", "placeholders": "passed", "requirements": "skipped",
+    # a TODO in a body is a note worth showing, not missing code: a warning that does not block
+    assert statuses == {"runner": "passed", "syntax": "passed", "placeholders": "warning", "requirements": "skipped",
                         "lfs": "passed", "knobs": "passed", "smoke": "passed", "cross_arm": "passed",
                         "llm_review": "skipped"}
     for arm in _checks(result)["smoke"]["evidence"]:

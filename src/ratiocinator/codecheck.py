@@ -39,7 +39,8 @@ _EVIDENCE_LINES = 20
 class Finding:
     """One checked problem, with where it is and what shows it.
 
-    Kinds: ``syntax_error``, ``placeholder``, ``requirements_missing``,
+    Kinds: ``syntax_error``, ``placeholder`` (missing code), ``todo_note`` (a TODO/FIXME/XXX
+    comment in a function body), ``requirements_missing``,
     ``invalid_requirement``, ``unresolvable_requirement``, ``requirements_error`` (pip
     failed for another reason), ``requirements_unchecked`` (the check could not decide:
     timeout, no pip, unreachable index) and ``lfs_pointer``.
@@ -420,7 +421,7 @@ def _text_findings(rel: str, lines: list[str], tokens: list[tokenize.TokenInfo],
             elif (marker := _MARKER.search(token.string)) and (qualname := _innermost(spans, line)):
                 word = (marker.group(1) or marker.group(2)).upper()
                 findings.append(Finding(
-                    "placeholder", f"{word} comment in the body of function `{qualname}`: "
+                    "todo_note", f"{word} comment in the body of function `{qualname}`: "
                     "check that the work it notes is done",
                     file=rel, line=line, excerpt=_line(lines, line)))
         elif token.type == tokenize.STRING or token.type == _FSTRING_MIDDLE:

@@ -148,7 +148,7 @@ def static_checks(loaded: LoadedSpec, checkout: Path, knobs: KnobReport, plan: P
 
 def _is_note(finding: Finding) -> bool:
     """A TODO/FIXME comment is a note to a reader; a stub body or omitted code is missing logic."""
-    return finding.kind == "placeholder" and finding.message.lower().startswith(("todo", "fixme", "xxx", "comment"))
+    return finding.kind == "todo_note"
 
 
 def runner_check(checkout: Path, runner_script: str, env: Mapping[str, str]) -> CheckResult:
