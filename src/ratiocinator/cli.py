@@ -120,7 +120,7 @@ def _arms_line(loaded: Any) -> str:
         plan = plan_iteration(loaded)
     except RatiocinatorError as exc:
         return f"plan problem: {exc.message}"
-    return f"{len(plan.arms)} arm(s) × {plan.replicates} replicate(s) = {len(plan.arms) * plan.replicates} runs, baseline {plan.baseline}"
+    return f"{len(plan.arms)} arm(s) × {plan.replicates} replicate(s) = {plan.n_runs} runs, baseline {plan.baseline}"
 
 
 @app.command()
@@ -159,7 +159,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         for a in the_plan.arms:
             knobs = " ".join(f"{k}={v}" for k, v in a.env.items()) + (" " + " ".join(a.args) if a.args else "")
             mark = " (baseline)" if a.name == the_plan.baseline else ""
-            table.add_row(a.name + mark, knobs or "-", str(the_plan.replicates))
+            table.add_row(a.name + mark, knobs or "-", str(the_plan.replicates_of(a.name)))
         out.print(table)
         out.print(
             f"{summary['arms']} arms × {summary['replicates']} replicates = {summary['runs']} runs;"
@@ -280,12 +280,15 @@ def research(
     new: Annotated[bool, typer.Option("--new", help="start a fresh experiment instead of resuming")] = False,
     skip_check: Annotated[bool, typer.Option("--skip-check", help="skip the readiness review (the report says so)")] = False,
     llm_review: Annotated[bool, typer.Option("--llm-review/--no-llm-review", help="include the LLM in the readiness review")] = True,
+    replay: Annotated[str | None, typer.Option("--replay", metavar="EXP",
+                                               help="answer every LLM call from EXP's recorded calls (no network)")] = None,
 ) -> None:
     """The whole pipeline: check, plan, prepare, run every arm, record, report. Resumable."""
     loaded = load_spec(spec)
     interactive = sys.stdout.isatty()
     progress = LiveProgress() if interactive else PlainProgress()
-    job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, use_llm=llm_review)
+    job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, llm_review=llm_review,
+                   replay_from=replay)
     if isinstance(progress, LiveProgress):
         with progress:
             outcome = job.run()

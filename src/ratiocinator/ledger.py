@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -131,6 +131,30 @@ CREATE TABLE IF NOT EXISTS charges (
     note          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS charges_by_experiment ON charges(experiment_id, state);
+
+-- Every LLM call: what was asked (the request body, never a key), what came back, what it
+-- cost. A replay answers from these rows instead of the network.
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT REFERENCES experiments(id),
+    stage         TEXT NOT NULL,
+    iteration     INTEGER NOT NULL,
+    ordinal       INTEGER NOT NULL,
+    provider      TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    prompt_sha256 TEXT NOT NULL,
+    request_json  TEXT NOT NULL,
+    response_json TEXT NOT NULL,
+    text          TEXT NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost          REAL NOT NULL,
+    latency_s     REAL NOT NULL,
+    attempts      INTEGER NOT NULL,
+    replayed_from INTEGER,
+    created_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS llm_calls_by_experiment ON llm_calls(experiment_id, stage, iteration, ordinal);
 """
 
 # Upgrades from each older schema version, applied in order inside one transaction.
@@ -138,6 +162,7 @@ MIGRATIONS: dict[int, str] = {
     # v2: the evidence behind each run's failure class, and whether the class is transient (retryable).
     2: "ALTER TABLE runs ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
        "ALTER TABLE runs ADD COLUMN transient INTEGER NOT NULL DEFAULT 0;",
+    3: "",  # v3: the llm_calls table, created by SCHEMA
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
@@ -160,6 +185,28 @@ class Experiment:
     note: str
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class LlmCallRow:
+    id: int
+    experiment_id: str | None
+    stage: str
+    iteration: int
+    ordinal: int
+    provider: str
+    model: str
+    prompt_sha256: str
+    request: dict[str, Any]
+    response: dict[str, Any]
+    text: str
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    latency_s: float
+    attempts: int
+    replayed_from: int | None
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -561,6 +608,46 @@ class Ledger:
     def events(self, experiment_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM events WHERE experiment_id = ? ORDER BY id", (experiment_id,))
         return [{**dict(r), "data": json.loads(r["data_json"])} for r in rows]
+
+    # -- LLM calls ---------------------------------------------------------------
+
+    def record_llm_call(self, experiment_id: str | None, *, stage: str, iteration: int, provider: str, model: str,
+                        prompt_sha256: str, request: dict[str, Any], response: dict[str, Any], text: str,
+                        input_tokens: int, output_tokens: int, cost: float, latency_s: float, attempts: int,
+                        replayed_from: int | None = None) -> LlmCallRow:
+        """Append one call; its ordinal counts the calls of the same stage and iteration so far."""
+        with self.transaction() as db:
+            ordinal = db.execute(
+                "SELECT COUNT(*) FROM llm_calls WHERE experiment_id IS ? AND stage = ? AND iteration = ?",
+                (experiment_id, stage, iteration),
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO llm_calls (experiment_id, stage, iteration, ordinal, provider, model, prompt_sha256,"
+                " request_json, response_json, text, input_tokens, output_tokens, cost, latency_s, attempts,"
+                " replayed_from, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, stage, iteration, ordinal, provider, model, prompt_sha256,
+                 json.dumps(request, sort_keys=True, default=str), json.dumps(response, sort_keys=True, default=str),
+                 text, input_tokens, output_tokens, cost, latency_s, attempts, replayed_from, time.time()),
+            )
+            call_id = int(cur.lastrowid)
+        return self.llm_call(call_id)
+
+    def llm_call(self, call_id: int) -> LlmCallRow:
+        row = self.db.execute("SELECT * FROM llm_calls WHERE id = ?", (call_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no LLM call {call_id} in {self.path}")
+        return self._llm_row(row)
+
+    def llm_calls(self, experiment_id: str, *, stage: str | None = None) -> list[LlmCallRow]:
+        query = "SELECT * FROM llm_calls WHERE experiment_id = ?" + (" AND stage = ?" if stage else "") + " ORDER BY id"
+        return [self._llm_row(r) for r in self.db.execute(query, (experiment_id, stage) if stage else (experiment_id,))]
+
+    @staticmethod
+    def _llm_row(r: sqlite3.Row) -> LlmCallRow:
+        d = dict(r)
+        d["request"] = json.loads(d.pop("request_json"))
+        d["response"] = json.loads(d.pop("response_json"))
+        return LlmCallRow(**d)
 
     # -- money -------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from .document import Abstract, Block, Bullets, Code, Fields, Figure, Heading, P
 from .errors import SpecError
 from .facts import MISSING, FactBook, Kind
 from .failures import DESCRIPTIONS
+from .narrative import check_narrative, config_numbers, recorded_narrative
 from .figures import FigureFile, all_figures
 from .inference import ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference, NoiseFloor, Verdict, infer
 from .ledger import Experiment, Ledger, RunRow
@@ -192,6 +193,7 @@ class _Writer:
         blocks += self.failures()
         blocks += self.cost()
         blocks += self.threats()
+        blocks += self.discussion()
         blocks += self.reproducibility()
         blocks += self.fact_appendix()  # last: it lists every fact cited above
         return blocks
@@ -719,6 +721,32 @@ class _Writer:
         items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the metric is "
                      f"computed by the target repository's own code, which this study did not audit.")
         return [Heading("Threats to validity", 1), Bullets(tuple(items))]
+
+    # -- discussion (LLM-written, verified) ---------------------------------------------
+
+    def discussion(self) -> list[Block]:
+        recorded = recorded_narrative(self.ledger, self.experiment.id)
+        if recorded is None:
+            return []
+        narrative, model = recorded
+        arms = [a.arm for a in self.summary.arms]
+        spec = self.spec
+        allowed = config_numbers([*(v for a in arms for v in a.env.values()), *(a.name for a in arms),
+                                  str(spec.replicates), str(spec.max_iterations), "95%"])
+        checked = check_narrative(narrative, model, self.book, allowed)
+        blocks: list[Block] = [
+            Heading("Discussion", 1),
+            Paragraph(f"Written by the language model {model} from this paper's facts. Every number in it was checked "
+                      "against the ledger and links to its fact; configuration values are quoted from the spec."),
+            *(Paragraph(p) for p in checked.paragraphs),
+        ]
+        if checked.removed:
+            blocks.append(Paragraph(f"Removed from the model's text because they state numbers the ledger does not "
+                                    f"support ({len(checked.removed)} sentence{'s' if len(checked.removed) != 1 else ''}; "
+                                    "not results of this study):"))
+            blocks.append(Bullets(tuple(f"“{sentence}” (unsupported: {', '.join(numbers)})"
+                                        for sentence, numbers in checked.removed)))
+        return blocks
 
     # -- reproducibility ----------------------------------------------------------------
 

@@ -29,11 +29,16 @@ from .executor import ExecutionSummary, Executor, ProgressSink
 from .failures import ArmOutcome, Failure, constant_across_arms
 from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
-from .planner import Planner, SpecPlanner
+from .llm.config import LlmConfig, llm_from_env
+from .llm.providers import LlmError, LlmUnavailable, make_provider
+from .llm.session import LlmBudgetExceeded, LlmSession
+from .planner import Decision, Planner, PlanningContext, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
 from .spec import LoadedSpec
 
 FINISHED = ("completed", "budget_exhausted", "stopped")
+# Variables a runner never sees: the LLM layer's own (its key above all).
+LLM_ENV_PREFIX = "RATIOCINATOR_LLM_"
 
 
 @dataclass(frozen=True)
@@ -212,16 +217,20 @@ class Research:
     """One invocation of ``ratiocinator research``."""
 
     def __init__(self, loaded: LoadedSpec, home: Path, *, progress: ProgressSink | None = None, new: bool = False,
-                 planner: Planner | None = None, check: bool = True, use_llm: bool = True,
-                 backend: Backend | None = None) -> None:
+                 planner: Planner | None = None, check: bool = True, llm_review: bool = True,
+                 backend: Backend | None = None, replay_from: str | None = None,
+                 environ: dict[str, str] | None = None) -> None:
         self.loaded = loaded
         self.spec = loaded.spec
         self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
         self.progress = progress or ProgressSink()
-        self.new = new
-        self.planner = planner or SpecPlanner(loaded)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.llm_config = loaded.spec.llm or llm_from_env(self.environ)
+        self.replay_from = replay_from
+        self.new = new or replay_from is not None  # a replay is a new experiment answering from an old one
+        self.planner = planner or default_planner(loaded, llm=self.llm_config is not None or replay_from is not None)
         self.check = check
-        self.use_llm = use_llm
+        self.llm_review = llm_review
         self.backend = backend
 
     def run(self) -> ResearchOutcome:
@@ -231,6 +240,8 @@ class Research:
         refuse_unmet_hardware(findings, self.loaded)
         ledger = Ledger(self.paths.ledger)
         try:
+            if self.replay_from is not None:
+                self.replay_from = ledger.find_experiment(self.replay_from).id
             experiment, resumed = open_experiment(ledger, self.loaded, new=self.new)
             if resumed and experiment.status in FINISHED:
                 report = _write_report(ledger, experiment.id, self.paths.report(experiment.id))
@@ -254,6 +265,18 @@ class Research:
         ledger.event(exp_id, "hardware", "hardware findings", findings=[f.__dict__ for f in findings])
         try:
             outcome = asyncio.run(self._run_async(ledger, backend, experiment))
+        except LlmUnavailable as exc:  # the provider is down or throttling past the retries: pause, resumably
+            note = f"paused: {exc.message}; run the same command to resume (finished runs and decisions are kept)"
+            ledger.update_experiment(exp_id, status="paused", note=note)
+            ledger.event(exp_id, "paused", str(exc), level="warning")
+            counts = _counts(ledger, exp_id)
+            return ResearchOutcome(exp_id, "paused", None, counts[0], counts[1], note)
+        except LlmBudgetExceeded as exc:
+            ledger.update_experiment(exp_id, status="budget_exhausted", note=exc.message)
+            ledger.event(exp_id, "budget_stop", exc.message, level="warning")
+            counts = _counts(ledger, exp_id)
+            report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
+            return ResearchOutcome(exp_id, "budget_exhausted", report, counts[0], counts[1], exc.message)
         except (KeyboardInterrupt, asyncio.CancelledError):
             ledger.update_experiment(exp_id, status="interrupted", note="interrupted; run the same command to resume")
             ledger.event(exp_id, "interrupted", "the orchestrator was interrupted", level="warning")
@@ -284,6 +307,7 @@ class Research:
                      price_per_hour=host.price_per_hour, **host.info)
         budget = Budget(ledger, exp_id, spec.max_dollars)
         price = host.price_per_hour
+        llm = self._llm_session(ledger, exp_id)
         try:
             self.progress.message("preparing the workspace (clone, deps, verify)")
             workspace = await backend.prepare(host, self.loaded, commit)
@@ -292,8 +316,8 @@ class Research:
             status, note = "completed", ""
             reviewed = False
             for iteration in range(1, spec.max_iterations + 1):
-                decision = self.planner.next_iteration(iteration, ledger, exp_id)
-                ledger.event(exp_id, "decision", decision.reason, iteration=iteration, has_plan=decision.plan is not None)
+                decision = await asyncio.to_thread(self._decide, PlanningContext(
+                    iteration, ledger, exp_id, code.knobs, budget, price, spec.train_timeout_s, llm))
                 if decision.plan is None:
                     note = decision.reason
                     break
@@ -308,7 +332,8 @@ class Research:
                              worst_case=run_worst_case(price, spec.train_timeout_s) * len(pending))
                 if pending and not reviewed:
                     reviewed = True
-                    problem = await self._review(ledger, exp_id, commit, code, plan, backend, host, workspace, argv, extra_env)
+                    problem = await self._review(ledger, exp_id, commit, code, plan, backend, host, workspace, argv,
+                                                 extra_env, llm)
                     if problem:
                         status, note = "not_ready", problem
                         break
@@ -316,7 +341,7 @@ class Research:
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
                     experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
-                    budget=budget, progress=self.progress, extra_env=extra_env,
+                    budget=budget, progress=self.progress, extra_env=extra_env, base_env=self.runner_env(),
                 )
                 summary: ExecutionSummary = await executor.run(pending)
                 if summary.early_stop:
@@ -333,12 +358,66 @@ class Research:
         finally:
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
+        if llm is not None and ledger.runs(exp_id, status="succeeded"):
+            await asyncio.to_thread(self._narrate, ledger, exp_id, llm)
         report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
 
+    def runner_env(self) -> dict[str, str]:
+        """The orchestrator's environment minus the LLM's settings and key: runners never need them."""
+        hidden = {self.llm_config.key_env} if self.llm_config is not None and self.llm_config.key_env else set()
+        return {k: v for k, v in self.environ.items() if k not in hidden and not k.startswith(LLM_ENV_PREFIX)}
+
+    def _llm_session(self, ledger: Ledger, exp_id: str) -> LlmSession | None:
+        """The experiment's LLM: a replay of another experiment's calls, the configured provider, or none."""
+        if self.replay_from is not None:
+            calls = ledger.llm_calls(self.replay_from)
+            config = self.llm_config or (LlmConfig(provider=calls[0].provider, model=calls[0].model) if calls else None)
+            if config is None:
+                raise UsageError(f"experiment {self.replay_from} recorded no LLM calls; there is nothing to replay",
+                                 hint="`ratiocinator status` lists experiments; replay one that was planned by an LLM")
+            ledger.event(exp_id, "replay", f"LLM calls answered from experiment {self.replay_from}", source=self.replay_from)
+            return LlmSession(ledger, exp_id, config, self.spec.max_dollars, replay_from=self.replay_from)
+        if self.llm_config is None:
+            return None
+        return LlmSession(ledger, exp_id, self.llm_config, self.spec.max_dollars,
+                          inner=make_provider(self.llm_config, self.environ))
+
+    def _narrate(self, ledger: Ledger, exp_id: str, llm: LlmSession) -> None:
+        """The LLM's discussion of the results, recorded for the paper; a failure leaves the paper without it."""
+        from .writer import write_narrative
+
+        if ledger.llm_calls(exp_id, stage="write"):
+            return  # written before an interruption; the paper re-reads it from the ledger
+        self.progress.message("writing the discussion with the LLM (every number is checked against the ledger)")
+        try:
+            write_narrative(ledger, exp_id, llm.provider("write"))
+        except (LlmError, LlmUnavailable, LlmBudgetExceeded) as exc:
+            ledger.event(exp_id, "narrative_failed", f"the LLM discussion was not written: {exc.message}", level="warning")
+            self.progress.message(f"the LLM discussion was not written: {exc.message}")
+
+    def _decide(self, context: PlanningContext) -> Decision:
+        """The iteration's decision: the one recorded earlier (a resume), else the planner's, recorded now.
+
+        Recording the plan itself, not only that a decision was made, is what lets a resumed
+        experiment continue with the same arms whatever planner (or model) chose them.
+        """
+        ledger, exp_id, iteration = context.ledger, context.experiment_id, context.iteration
+        for event in reversed(ledger.events(exp_id)):
+            if event["kind"] == "decision" and event["data"].get("iteration") == iteration and "plan" in event["data"]:
+                data = event["data"]
+                plan = Plan.from_json(data["plan"]) if data.get("plan") else None
+                return Decision(plan, event["message"], data.get("record", {}))
+        decision = self.planner.next_iteration(context)
+        ledger.event(exp_id, "decision", decision.reason, iteration=iteration, planner=self.planner.name,
+                     has_plan=decision.plan is not None, plan=decision.plan.to_json() if decision.plan else None,
+                     record=decision.record)
+        return decision
+
     async def _review(self, ledger: Ledger, exp_id: str, commit: str, code: CodeView, plan: Plan, backend: Backend,
-                      host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str]) -> str | None:
+                      host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str],
+                      llm: LlmSession | None) -> str | None:
         """The readiness review before the first paid run; why the code is not ready, or None."""
         from .readiness import review
 
@@ -363,7 +442,10 @@ class Research:
                 loaded=self.loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
                 workspace=workspace, argv=argv, smoke_dir=self.paths.runs(exp_id) / "smoke", smoke=charge is not None,
                 smoke_off_reason=f"max_dollars cannot cover {arms} smoke run(s) of {smoke_s:g}s",
-                use_llm=self.use_llm, extra_env=extra_env, commit=commit, on_message=self.progress.message,
+                llm_config=llm.config if llm is not None and self.llm_review else None,
+                llm_provider=(lambda: llm.provider("review")) if llm is not None else None,
+                llm_off_reason="disabled (--no-llm-review)" if llm is not None else "no LLM configured",
+                extra_env=extra_env, environ=self.runner_env(), commit=commit, on_message=self.progress.message,
             )
         finally:
             if charge is not None:
@@ -405,6 +487,15 @@ def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str |
     return diagnosis.reason
 
 
+def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
+    """The LLM planner when a model is configured (or replayed), else the spec's arms."""
+    if llm:
+        from .llm_planner import LlmPlanner
+
+        return LlmPlanner(loaded)
+    return SpecPlanner(loaded)
+
+
 def backend_price(loaded: LoadedSpec) -> float:
     return loaded.spec.hardware.price_per_hour
 
@@ -423,7 +514,7 @@ def _cancel_on_sigterm() -> None:
 
 
 def plan_summary(plan: Plan, price: float, timeout_s: float) -> dict[str, float | int]:
-    runs = len(plan.arms) * plan.replicates
+    runs = plan.n_runs
     return {"arms": len(plan.arms), "replicates": plan.replicates, "runs": runs,
             "worst_case_dollars": run_worst_case(price, timeout_s) * runs}
 
@@ -445,11 +536,15 @@ if TYPE_CHECKING:
 def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
                on_message: Callable[[str], None] | None = None) -> Readiness:
     """The review ``research`` runs first, without an experiment: nothing is written to the ledger."""
-    from .planning import plan_iteration
+    from .planning import PlannedArm, plan_iteration
     from .readiness import CheckResult, Readiness, review
 
     paths = Paths(Path(home).expanduser().resolve())
-    plan = plan_iteration(loaded)
+    if loaded.spec.arms or loaded.spec.factors:
+        plan = plan_iteration(loaded)
+    else:  # the arms will come from a planner: smoke-test the code with its own defaults
+        plan = Plan((PlannedArm("defaults", {}, (), "the code's own defaults"),), "defaults", 1)
+    config = (loaded.spec.llm or llm_from_env(os.environ)) if use_llm else None
     try:
         code = inspect_code(loaded, paths)
     except PlanError as exc:  # the runner is not in the checkout
@@ -477,7 +572,10 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 loaded=loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
                 workspace=workspace, argv=runner_argv(code.checkout, loaded.spec.runner_script, "python"),
                 smoke_dir=paths.home / "checks" / f"{loaded.name}-{loaded.sha256[:8]}", smoke=smoke and not off,
-                smoke_off_reason=off or "disabled (--no-smoke)", use_llm=use_llm, extra_env=data_env(loaded),
+                smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
+                llm_provider=lambda: make_provider(config, os.environ),
+                llm_off_reason="disabled (--no-llm)" if not use_llm else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
+                extra_env=data_env(loaded),
                 commit=code.commit, on_message=on_message,
             )
             if off.startswith("the workspace"):

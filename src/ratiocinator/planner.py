@@ -9,17 +9,45 @@ the results of earlier iterations from the ledger.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from .budget import Budget, run_worst_case
+from .knobs import KnobReport
 from .ledger import Ledger
 from .planning import Plan, plan_iteration
 from .spec import LoadedSpec
 
+if TYPE_CHECKING:
+    from .llm.session import LlmSession
+
 
 @dataclass(frozen=True)
 class Decision:
+    """A plan (or None: stop) with its stated reason; ``record`` is what else the planner wants kept."""
+
     plan: Plan | None
     reason: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanningContext:
+    """What a planner may look at when it decides an iteration."""
+
+    iteration: int
+    ledger: Ledger
+    experiment_id: str
+    knobs: KnobReport
+    budget: Budget
+    price_per_hour: float
+    train_timeout_s: float
+    llm: LlmSession | None = None  # the experiment's LLM (live or replaying), when one is configured
+
+    @property
+    def run_worst_case(self) -> float:
+        """What one more run may cost at most (reserved before it starts)."""
+        return run_worst_case(self.price_per_hour, self.train_timeout_s)
 
 
 class Planner(abc.ABC):
@@ -29,8 +57,8 @@ class Planner(abc.ABC):
         """Raise a PlanError now if the planner cannot plan at all (before the ledger is touched)."""
 
     @abc.abstractmethod
-    def next_iteration(self, iteration: int, ledger: Ledger, experiment_id: str) -> Decision:
-        """The plan for ``iteration`` (1-based), or a stop with its reason."""
+    def next_iteration(self, context: PlanningContext) -> Decision:
+        """The plan for ``context.iteration`` (1-based), or a stop with its reason."""
 
 
 class SpecPlanner(Planner):
@@ -44,7 +72,7 @@ class SpecPlanner(Planner):
     def check(self) -> None:
         plan_iteration(self.loaded)
 
-    def next_iteration(self, iteration: int, ledger: Ledger, experiment_id: str) -> Decision:
-        if iteration == 1:
+    def next_iteration(self, context: PlanningContext) -> Decision:
+        if context.iteration == 1:
             return Decision(plan_iteration(self.loaded), "the spec's arms and factors")
         return Decision(None, "the spec planner proposes no further iterations (no LLM or search planner configured)")

@@ -33,22 +33,50 @@ class PlannedRun:
 
 @dataclass(frozen=True)
 class Plan:
-    """The arms of one iteration and the runs they expand to."""
+    """The arms of one iteration and the runs they expand to.
+
+    ``replicates`` is every arm's target number of replicates; ``arm_replicates`` raises
+    it for some arms (confirmation replicates of a promising arm in a later iteration).
+    Replicates an arm already has in the ledger are not run again.
+    """
 
     arms: tuple[PlannedArm, ...]
     baseline: str
     replicates: int
+    arm_replicates: dict[str, int] = field(default_factory=dict)
+
+    def replicates_of(self, arm: str) -> int:
+        return self.arm_replicates.get(arm, self.replicates)
+
+    @property
+    def n_runs(self) -> int:
+        return sum(self.replicates_of(a.name) for a in self.arms)
 
     def runs(self) -> list[PlannedRun]:
         """Replicate-major order, so a budget cut leaves every arm with similar n."""
+        most = max((self.replicates_of(a.name) for a in self.arms), default=0)
         return [
             PlannedRun(arm=arm.name, replicate=r, seed=r)
-            for r in range(self.replicates)
+            for r in range(most)
             for arm in self.arms
+            if r < self.replicates_of(arm.name)
         ]
 
     def arm(self, name: str) -> PlannedArm:
         return next(a for a in self.arms if a.name == name)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "arms": [{"name": a.name, "env": a.env, "args": list(a.args), "description": a.description, "factors": a.factors}
+                     for a in self.arms],
+            "baseline": self.baseline, "replicates": self.replicates, "arm_replicates": self.arm_replicates,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        arms = tuple(PlannedArm(a["name"], dict(a["env"]), tuple(a["args"]), a["description"], dict(a["factors"]))
+                     for a in data["arms"])
+        return cls(arms, data["baseline"], int(data["replicates"]), {k: int(v) for k, v in data["arm_replicates"].items()})
 
 
 def factor_arm_name(levels: dict[str, str]) -> str:
@@ -110,7 +138,9 @@ def plan_iteration(loaded: LoadedSpec) -> Plan:
                 "      - {name: ce-loss, env: {LOSS: ce}}\n"
                 "  or a factor grid, e.g.\n"
                 "    factors: {LOSS: [mse, ce], DIM: [64, 128]}\n"
-                "  (an LLM planner that proposes arms from the topic is not configured)"
+                "  or let an LLM design the arms from the topic: add an `llm:` section, e.g.\n"
+                "    llm: {provider: openai, model: gpt-4o-mini}   # key in OPENAI_API_KEY\n"
+                "  (or set RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL)"
             ),
         )
     seen: dict[str, int] = {}

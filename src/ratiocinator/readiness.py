@@ -39,6 +39,7 @@ from .workspace import venv_base_python
 
 if TYPE_CHECKING:
     from .llm.config import LlmConfig
+    from .llm.providers import Provider
 
 Status = Literal["passed", "failed", "warning", "skipped"]
 BLOCKS_SMOKE = ("runner", "syntax", "requirements", "knobs")
@@ -255,21 +256,14 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
 # -- LLM review ----------------------------------------------------------------------------------
 
 
-def llm_config(loaded: LoadedSpec, environ: Mapping[str, str]) -> LlmConfig | None:
-    from .llm.config import llm_from_env
-
-    return loaded.spec.llm or llm_from_env(environ)
-
-
-def llm_check(config: LlmConfig, loaded: LoadedSpec, checkout: Path, files: Sequence[str],
-              environ: Mapping[str, str]) -> CheckResult:
+def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: LoadedSpec, checkout: Path,
+              files: Sequence[str]) -> CheckResult:
     """The model's review, merged only through claims the checkout confirms."""
-    from .llm.providers import make_provider
     from .review import run_review
 
     spec = loaded.spec
     try:
-        outcome = run_review(make_provider(config, environ), topic=spec.topic, goal=spec.goal_metric,
+        outcome = run_review(provider(), topic=spec.topic, goal=spec.goal_metric,
                              runner=spec.runner_script, checkout=checkout, files=files)
     except RatiocinatorError as exc:
         return CheckResult("llm_review", "warning", f"the LLM review could not run: {exc.message}",
@@ -306,9 +300,11 @@ async def review(
     smoke_dir: Path,
     smoke: bool = True,
     smoke_off_reason: str = "disabled (--no-smoke)",
-    use_llm: bool = True,
+    llm_config: LlmConfig | None = None,
+    llm_provider: Callable[[], Provider] | None = None,
+    llm_off_reason: str = "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
     extra_env: dict[str, str] | None = None,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,  # the runners' environment
     commit: str | None = None,
     on_message: Callable[[str], None] | None = None,
 ) -> Readiness:
@@ -334,11 +330,10 @@ async def review(
                                    on_done=lambda o: say(f"smoke {o.arm.name}: " + (
                                        "ok" if o.ok else f"{o.diagnosis.failure} — {o.diagnosis.reason}")))
         result.checks += smoke_checks(outcomes, loaded.spec.check.allow_unchanged_knobs)
-    config = llm_config(loaded, environ) if use_llm else None
-    if config is None:
-        result.checks.append(CheckResult("llm_review", "skipped",
-                                         "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)" if use_llm else "disabled (--no-llm)"))
+    if llm_config is None or llm_provider is None:
+        result.checks.append(CheckResult("llm_review", "skipped", llm_off_reason))
     else:
-        say(f"LLM review with {config.model}")
-        result.checks.append(await asyncio.to_thread(llm_check, config, loaded, checkout, list(knobs.files), environ))
+        say(f"LLM review with {llm_config.model}")
+        result.checks.append(await asyncio.to_thread(llm_check, llm_config, llm_provider, loaded, checkout,
+                                                     list(knobs.files)))
     return result

@@ -2,19 +2,36 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``failure_policy``, ``check``, ``llm``, ``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``)
-are documented in the README. Unknown keys are errors, never silently dropped.
+``extra_knobs``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
+``metrics.patterns``) are documented in the README. Unknown keys are errors, never silently dropped.
+
+``search`` is what the offline (no-LLM) planner explores after iteration 1::
+
+    search:
+      space:                                     # knob -> range or choices
+        LR: {low: 1.0e-4, high: 1.0e-1, log: true}
+        LAYERS: {low: 1, high: 8, step: 1}       # integers when low, high (and step) are integers
+        ARCH: {choices: [gcn, gat, gin, sage]}
+      arms_per_iteration: 4                      # new configurations per later iteration
+      confirm_top: 1                             # best arms that get confirmation replicates
+      confirm_replicates: 2                      # extra replicates for each of them (0: none)
+      seed: 0                                    # sampler seed: same ledger, same proposals
+
+A knob that is both a factor and a search dimension must have its factor levels inside
+the dimension, so the first iteration's arms can seed the search.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import SpecError
 from .llm.config import LlmConfig
@@ -165,6 +182,129 @@ class Arm(_Strict):
         return value
 
 
+class SearchDimension(_Strict):
+    """One knob's search range: ``choices``, or ``low``/``high`` with an optional ``log`` or ``step``.
+
+    Integer when low, high (and step) are all integers, so LAYERS: {low: 1, high: 8}
+    never proposes 2.5 to a runner that calls int() on it.
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Scalar] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        # Said here, with the nearest key: the generic unknown-key message cannot see
+        # inside the space mapping's values.
+        if isinstance(data, dict):
+            valid = list(cls.model_fields)
+            for key in data:
+                if key not in valid:
+                    near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                    suggestion = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+                    raise ValueError(f"unknown key '{key}' in a search dimension — {suggestion}")
+        return data
+
+    @field_validator("low", "high", "step", mode="before")
+    @classmethod
+    def _not_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")  # noqa: TRY004 (pydantic reports ValueError only)
+        return value
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _scalar_choices(cls, value: object) -> object:
+        # One message instead of pydantic's four (one per member of the Scalar union).
+        if isinstance(value, list):
+            for item in value:
+                if not isinstance(item, (str, int, float, bool)):
+                    raise ValueError(f"choices must be strings, numbers or booleans; got {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("a search dimension is either {choices: [...]} or {low, high}, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            rendered = [scalar_to_env(v) for v in self.choices]
+            if len(set(rendered)) != len(rendered):
+                raise ValueError(f"choices lists a value twice: {rendered}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a search dimension needs low and high (a range) or choices (a list of values)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.step is not None:
+            if self.step <= 0:
+                raise ValueError(f"step must be positive (got {self.step})")
+            if self.log:
+                raise ValueError("log and step cannot be combined; use one")
+            ratio = (self.high - self.low) / self.step
+            if abs(ratio - round(ratio)) > 1e-9 * max(1.0, abs(ratio)):
+                raise ValueError(f"high - low ({self.high} - {self.low}) must be a multiple of step ({self.step})")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step) if v is not None)
+
+    def value_of(self, text: str) -> Scalar | None:
+        """The dimension's value for a knob's environment string, or None if it lies outside."""
+        if self.choices is not None:
+            return next((c for c in self.choices if scalar_to_env(c) == text), None)
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        assert self.low is not None and self.high is not None
+        if not math.isfinite(number) or not self.low <= number <= self.high:
+            return None
+        if self.is_int:
+            if not number.is_integer() or (int(number) - self.low) % (self.step or 1):
+                return None
+            return int(number)
+        if self.step is not None:
+            k = round((number - self.low) / self.step)
+            if abs(number - (self.low + k * self.step)) > 1e-9 * max(1.0, abs(self.step)):
+                return None
+            return self.low + k * self.step  # on the grid exactly, as a sampler computes it
+        return number
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {[scalar_to_env(c) for c in self.choices]}"
+        extra = " (log scale)" if self.log else f" in steps of {self.step}" if self.step is not None else ""
+        return f"{'an integer' if self.is_int else 'a number'} in [{self.low}, {self.high}]{extra}"
+
+
+class Search(_Strict):
+    """What the offline planner explores after iteration 1, and how it confirms what it finds."""
+
+    space: dict[str, SearchDimension]
+    arms_per_iteration: PositiveInt = 4
+    confirm_top: int = Field(1, ge=0)
+    confirm_replicates: int = Field(2, ge=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not value:
+            raise ValueError("search.space names no knobs; give each knob a range {low, high} or {choices: [...]}")
+        for name in value:
+            _check_env_name(name, "search knob")
+        return value
+
+
 class Spec(_Strict):
     """A research spec (seed fields first, then extensions)."""
 
@@ -197,6 +337,7 @@ class Spec(_Strict):
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
     llm: LlmConfig | None = None
+    search: Search | None = None  # last: its validator reads factors and seed_env
 
     @field_validator("name")
     @classmethod
@@ -228,6 +369,26 @@ class Spec(_Strict):
         for name in value:
             if not name.startswith("-"):
                 _check_env_name(name, "extra knob")
+        return value
+
+    @field_validator("search")
+    @classmethod
+    def _search_fits_factors(cls, value: Search | None, info: ValidationInfo) -> Search | None:
+        """Factor levels outside the space could not seed the search (and would say the space is wrong)."""
+        if value is None:
+            return value
+        if info.data.get("seed_env") in value.space:
+            raise ValueError(f"seed_env '{info.data['seed_env']}' is set per replicate; it cannot be a search knob")
+        for name, levels in (info.data.get("factors") or {}).items():
+            dim = value.space.get(name)
+            if dim is None:
+                continue
+            outside = [scalar_to_env(v) for v in levels if dim.value_of(scalar_to_env(v)) is None]
+            if outside:
+                raise ValueError(
+                    f"factor '{name}' has level{'s' if len(outside) > 1 else ''} {', '.join(outside)} outside"
+                    f" search.space.{name} ({dim.describe()}); widen the range or change the levels"
+                )
         return value
 
     @model_validator(mode="after")
