@@ -206,3 +206,28 @@ def test_an_unavailable_provider_pauses_the_experiment_and_the_same_command_resu
         resumed = study.cli("research", str(spec), "--no-llm-review", env=_env(server))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert study.ledger().experiments()[-1].id == exp.id and study.ledger().experiment(exp.id).status == "completed"
+
+
+def test_plan_shows_the_llm_design_and_its_cost_and_research_runs_exactly_that(study: Study) -> None:
+    study.commit({"run.py": RUNNER}, executable=())
+    spec = _spec(study, hardware={"price_per_hour": 36}, train_timeout_s=10, max_dollars=5)  # $0.10 per run at worst
+    with LlmServer() as server:
+        server.script(json.dumps(_design_with(3)))
+        shown = study.cli("plan", str(spec), "--json", env=_env(server, RATIOCINATOR_LLM_MAX_TOKENS="1000"))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    data = json.loads(shown.stdout)
+    assert [a["name"] for a in data["arms"]] == ["gat-mse-64", "ce", "gcn"] and data["baseline"] == "gat-mse-64"
+    assert data["runs"] == 6 and abs(data["worst_case_dollars"] - 0.6) < 1e-9
+    assert data["designed_by"]["model"] == "planner-1" and data["designed_by"]["hypotheses"]
+    # design + review + discussion (one iteration): 3 calls of ~3,000 prompt tokens and 1,000 reply tokens
+    assert data["llm"]["calls"] == 3 and abs(data["llm"]["per_call_dollars"] - (3000 * 1 + 1000 * 2) / 1e6) < 1e-9
+
+    with LlmServer() as server:
+        server.script(json.dumps(READY), json.dumps({"paragraphs": ["As planned."]}))  # no second design call
+        done = study.cli("research", str(spec), env=_env(server), timeout=300)
+        asked = len(server.requests)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert asked == 2
+    exp = study.ledger().experiments()[-1]
+    assert exp.id == data["designed_by"]["experiment"] and [a[0] for a in _arms(study, exp.id)] == ["gat-mse-64", "ce", "gcn"]
+    assert [c.stage for c in study.ledger().llm_calls(exp.id)] == ["design", "review", "write"]

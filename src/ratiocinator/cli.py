@@ -126,9 +126,20 @@ def _arms_line(loaded: Any) -> str:
 @app.command()
 @friendly
 def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
-    """Arms, runs, knobs, commit and worst-case cost; runs nothing."""
+    """Arms, runs, knobs, commit and worst-case cost (compute and LLM); runs nothing.
+
+    Without arms or factors in the spec and with an LLM configured, the LLM designs them
+    now; the design is recorded, and `research` runs exactly that plan.
+    """
     loaded = load_spec(spec)
-    the_plan = plan_iteration(loaded)
+    job = Research(loaded, state.home)
+    designed_by = None
+    if not (loaded.spec.arms or loaded.spec.factors) and job.llm_config is not None:
+        exp_id, the_plan, decision = job.plan_first_iteration()
+        designed_by = {"experiment": exp_id, "model": job.llm_config.model, "reason": decision.reason,
+                       "hypotheses": decision.record.get("hypotheses", [])}
+    else:
+        the_plan = plan_iteration(loaded)
     code = inspect_code(loaded, Paths(state.home))
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
     price = loaded.spec.hardware.price_per_hour
@@ -148,6 +159,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
             for a in the_plan.arms
         ],
         "ignored_knobs": [{"arm": i.arm, "knob": i.knob, "where": i.where} for i in ignored],
+        "designed_by": designed_by,
+        "llm": job.llm_estimate(),
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -166,6 +179,17 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
             f" worst case ${summary['worst_case_dollars']:.4f} (${price:g}/h × {loaded.spec.train_timeout_s:g}s per run)"
             f" against max_dollars ${loaded.spec.max_dollars:.2f}"
         )
+        if designed_by:
+            out.print(f"designed by {designed_by['model']} (recorded in {designed_by['experiment']}; `research` runs this plan):",
+                      markup=False)
+            for h in designed_by["hypotheses"]:
+                out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
+        if data["llm"]:
+            llm = data["llm"]
+            out.print(f"LLM: up to {llm['calls']} calls × ${llm['per_call_dollars']:.4f} worst case"
+                      f" (~{llm['assumed_prompt_tokens']:,} prompt tokens + {llm['max_tokens']:,} reply tokens)"
+                      f" = ${llm['worst_case_dollars']:.4f}; compute + LLM ≤ ${summary['worst_case_dollars'] + llm['worst_case_dollars']:.4f}",
+                      markup=False)
     if ignored:
         refuse_ignored_knobs(loaded, the_plan, code.knobs)
 

@@ -30,13 +30,15 @@ from .failures import ArmOutcome, Failure, constant_across_arms
 from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
 from .llm.config import LlmConfig, llm_from_env
-from .llm.providers import LlmError, LlmUnavailable, make_provider
+from .llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
 from .llm.session import LlmBudgetExceeded, LlmSession
 from .planner import Decision, Planner, PlanningContext, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
 from .spec import LoadedSpec
 
 FINISHED = ("completed", "budget_exhausted", "stopped")
+# For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
+ESTIMATED_PROMPT_CHARS = 12_000
 # Variables a runner never sees: the LLM layer's own (its key above all).
 LLM_ENV_PREFIX = "RATIOCINATOR_LLM_"
 
@@ -363,6 +365,36 @@ class Research:
         report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
+
+    def plan_first_iteration(self) -> tuple[str, Plan, Decision]:
+        """Decide iteration 1 now (an LLM design) and record it, so `research` later runs exactly this plan."""
+        ledger = Ledger(self.paths.ledger)
+        try:
+            experiment, _ = open_experiment(ledger, self.loaded, new=self.new)
+            with experiment_lock(self.paths.lock(experiment.id)):
+                _, commit = resolve_commit(self.loaded, self.paths)
+                if not ledger.runs(experiment.id):
+                    ledger.update_experiment(experiment.id, commit_sha=commit,
+                                             status="planned" if experiment.status == "created" else None)
+                code = inspect_code(self.loaded, self.paths, experiment.commit_sha if ledger.runs(experiment.id) else commit)
+                budget = Budget(ledger, experiment.id, self.spec.max_dollars)
+                context = PlanningContext(1, ledger, experiment.id, code.knobs, budget, backend_price(self.loaded),
+                                          self.spec.train_timeout_s, self._llm_session(ledger, experiment.id))
+                decision = self._decide(context)
+        finally:
+            ledger.close()
+        if decision.plan is None:
+            raise PlanError(f"the planner proposes nothing to run: {decision.reason}")
+        return experiment.id, decision.plan, decision
+
+    def llm_estimate(self) -> dict[str, float | int] | None:
+        """Worst-case LLM dollars for a whole experiment: design, review, each later iteration, the discussion."""
+        if self.llm_config is None:
+            return None
+        calls = 1 + 1 + (self.spec.max_iterations - 1) + 1
+        per_call = estimate_cost(self.llm_config, ESTIMATED_PROMPT_CHARS, None)
+        return {"calls": calls, "per_call_dollars": per_call, "worst_case_dollars": calls * per_call,
+                "assumed_prompt_tokens": ESTIMATED_PROMPT_CHARS // 4, "max_tokens": self.llm_config.max_tokens}
 
     def runner_env(self) -> dict[str, str]:
         """The orchestrator's environment minus the LLM's settings and key: runners never need them."""
