@@ -88,7 +88,9 @@ sandbox bounds what samples can do to the machine, it does not hide the harness 
 from __future__ import annotations
 
 import ast
+import errno
 import fcntl
+import functools
 import json
 import marshal
 import math
@@ -97,6 +99,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -113,19 +116,20 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
-from ratiocinator import sandbox_child  # noqa: F401 - imported here so its bytecode is cached for the children
+from ratiocinator import sandbox_child  # imported here also so that its bytecode is cached for the zygotes
 from ratiocinator.errors import RatiocinatorError, UsageError
 
 LABELS = ("success", "wrong_output", "runtime_error", "syntax_error", "timeout", "memory_error", "no_tests_ran")
 SANDBOX_UID_BASE = 2_000_000_000
 SANDBOX_UID_SPAN = 4096
 MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
-# The child imports the harness (from its cached bytecode: compiling it would cost more
-# than running most samples) from the directory holding this package, which it then
-# takes off sys.path again; `-I` keeps the environment and the cwd out of it.
+# The zygote imports the harness (from its cached bytecode) from the directory holding
+# this package, which it then takes off sys.path again; `-I` keeps the environment and
+# the cwd out of it. It then serves on the socket whose fd is its last argument.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.sandbox_child as harness; "
-             "del sys.path[0]; harness.main(sys.argv[2])")
+ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.sandbox_child as harness; "
+                    "del sys.path[0]; harness.serve(int(sys.argv[2]))")
+ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
@@ -135,6 +139,9 @@ CHECKER_HOOK = "<ratiocinator checker>"
 CHECKER_PREFIXES = ("check", "test")
 DRAIN_S = 2.0
 KILL_S = 5.0
+# How long a zygote may take to kill and reap a sample's processes once asked (it gives up
+# killing after its own KILL_S and then waits for them).
+ZYGOTE_KILL_S = sandbox_child.KILL_S + 5.0
 
 
 class SandboxError(RatiocinatorError):
@@ -339,6 +346,16 @@ class _Compiled:
     checkers: list[str]
 
 
+@functools.lru_cache(maxsize=512)
+def _instrumented(source: str) -> tuple[CodeType, tuple[str, ...]]:
+    """`instrument_test`, once per distinct test: many samples (n completions per task) share their tests.
+
+    Code objects are immutable, so sharing one between samples shares nothing they can change.
+    """
+    code, checkers = instrument_test(source)
+    return code, tuple(checkers)
+
+
 def _compile(sample: Sample) -> _Compiled | tuple[BaseException, str]:
     """Compile in the parent: the child then needs no parser, and a syntax error needs no child."""
     try:
@@ -346,10 +363,10 @@ def _compile(sample: Sample) -> _Compiled | tuple[BaseException, str]:
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         return exc, "program"
     try:
-        test, checkers = instrument_test(sample.test)
+        test, checkers = _instrumented(sample.test)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         return exc, "test"
-    return _Compiled(program, test, checkers)
+    return _Compiled(program, test, list(checkers))
 
 
 # ---------------------------------------------------------------- /proc

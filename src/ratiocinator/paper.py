@@ -292,7 +292,21 @@ class _Writer:
         else:
             blocks.append(Paragraph("The study has a single arm, so it states no comparative hypothesis; it measures that arm's "
                                     f"{self.goal} and its replicate spread."))
+        blocks += self.planner_decisions()
         return blocks
+
+    def planner_decisions(self) -> list[Block]:
+        """What the planner decided each iteration and why (an LLM's hypotheses, a search's proposals)."""
+        decisions = [e for e in self.ledger.events(self.experiment.id) if e["kind"] == "decision" and "plan" in e["data"]]
+        if not decisions or all(e["data"].get("planner") == "spec" for e in decisions):
+            return []
+        items = []
+        for e in decisions:
+            data = e["data"]
+            items.append(f"Iteration {data['iteration']} ({data.get('planner', 'planner')}): {e['message']}")
+            items += [f"Hypothesis (iteration {data['iteration']}): {h['statement']} — arms {', '.join(h['arms'])}"
+                      for h in data.get("record", {}).get("hypotheses", [])]
+        return [Paragraph("How the arms were chosen, as the planner recorded it:"), Bullets(tuple(items))]
 
     # -- setup ---------------------------------------------------------------------------
 

@@ -1,30 +1,70 @@
-"""The harness inside each sandboxed child of `ratiocinator.execeval`: confine, run, report.
+"""The harness of `ratiocinator.execeval`: a fork server (zygote), and in each fork: confine, run, report.
 
-The parent starts `python -I` in a fresh session and a fresh temp dir (as root when the
-evaluator is root: the harness drops privileges itself), which imports this module and
-calls `main(JOB_FILE)`. It reads and deletes the job file (a marshal of the already compiled
-program and instrumented tests), drops privileges when started as root, lowers its
-resource limits, then runs the program and the tests in one `__main__` namespace. It
-writes JSON records carrying the job's random token to a private pipe: `started` once
-confined, and one final record only when the tests ran to the end or raised. A sample
-that leaves any other way (`os._exit`, a signal, a kill) leaves no final record, so
-neither printing nor exiting can pass for success.
+Why a zygote: starting `python -I` and importing this harness cost about 25 ms of CPU per
+sample, far more than running a typical sample. Instead the parent starts one zygote per
+worker: `python -I` in its own session, in `/`, with a minimal environment, as root when
+the evaluator is root. It imports this module and the few stdlib modules a sample or a
+report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
+a private socketpair, the sample's sandbox dir and the write ends of its stdout, stderr
+and result pipes, and forks a child that becomes the sandbox. The zygote never runs,
+loads or reads sample code or sample data (the job is a file only the child reads), so
+every sample starts from the same pristine interpreter: a fork of the clean zygote,
+never of a used process. What the zygote learns of a sample is its pids, its wait
+status and its rusage.
+
+The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
+stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
+sandbox dir as cwd, HOME and TMPDIR. Then `main`: read and delete the job file (a marshal
+of the already compiled program and instrumented tests), drop privileges when root,
+lower the resource limits, run the program and the tests in one fresh `__main__`
+namespace. It writes JSON records carrying the job's random token to fd 3: `started`
+once confined, and one final record only when the tests ran to the end or raised. A
+sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final record,
+so neither printing nor exiting can pass for success.
+
+The zygote is a child subreaper (PR_SET_CHILD_SUBREAPER): whatever a sample forks, a
+daemon that called setsid() and lost its parent included, stays a descendant of the
+zygote. So when the sample's main process ends, or the parent asks (timeout, cancel),
+the zygote kills exactly the sample's processes (the tree under it, walked through
+/proc/PID/task/TID/children) and reaps every one of them: no scan of all of /proc, no
+signal to a pid it does not hold, no zombie left to count against the next sample's
+RLIMIT_NPROC. Then it reports the main process's wait status and rusage.
+
+What samples can do to a zygote. It is single-threaded (fork is safe) and undumpable
+(no ptrace, no /proc/PID/mem, fd or environ access by processes of the same uid). As
+root, samples run as other uids and can neither signal nor otherwise touch it. As a
+normal user they share its uid: they can kill it (the parent notices, labels the
+sample `SandboxLost`, sweeps its processes the old way and starts a fresh zygote) or
+change its resource limits, priority, CPU affinity or scheduling policy, which its
+children would inherit; the zygote checks those before every fork and retires when
+they changed (the parent then starts a fresh one). They could do as much to the
+evaluator itself, which is why hostile samples should be run as root.
+  One thing samples of one zygote share that fresh interpreters would not: the hash
+seed of str and bytes (PYTHONHASHSEED is drawn once per zygote), so set iteration order
+of strings is the same for every sample of a worker.
 
 The parent rewrote the tests so that every `assert` calls the assert hook with its
 condition and every top-level `check*`/`test*` function calls the checker hook first;
 the hooks installed here count what actually ran.
 
-Stdlib only, no other ratiocinator module, and as few imports as it can: interpreter
-start-up is most of the cost of a sample.
+Stdlib only, no other ratiocinator module.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
+import fcntl
+import importlib
 import marshal
 import os
 import resource
+import select
+import signal
+import socket
+import struct
 import sys
+import time
 import types
 from _json import encode_basestring_ascii
 
@@ -37,9 +77,29 @@ MESSAGE_CHARS = 2000
 TRACEBACK_CHARS = 4000
 SOURCE_LINE_CHARS = 500
 
+# The sample's fds in its sandbox: 0, 1, 2, and its private result pipe.
+RESULT_FD = 3
+JOB_FILE = ".job"
+# Imported by the zygote so that no sample pays for them: what the harness needs to report
+# an exception, and what generated code imports most (HumanEval's `from typing import List`).
+# Stdlib modules without per-process state (no RNG, no cached environment).
+PRELOAD = ("traceback", "linecache", "typing", "math", "re", "collections", "itertools", "functools", "heapq",
+           "bisect", "string")
+# How long the zygote keeps killing a sample's processes before it just waits for them.
+KILL_S = 5.0
+
+# The zygote's protocol: one datagram per message on a SOCK_SEQPACKET socketpair.
+REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: the stdout, stderr and result pipes' write ends
+REQUEST_KILL = b"K"  # end the running sample now (wall-clock limit, cancel); ignored when none runs
+# Replies: kind, pid, wait status (errno for FAILED), utime, stime, maxrss KiB, processes killed,
+# and whether the main process had ended before a REQUEST_KILL arrived.
+REPLY = struct.Struct("=ciiddqi?")
+READY, STARTED, FAILED, DONE = b"Y", b"S", b"F", b"D"
+
 # Linux constants for prctl(2) and capset(2).
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
@@ -83,6 +143,17 @@ def to_json(value: object) -> str:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(*args: int) -> None:
+    # Always five arguments: some options reject nonzero leftovers in the unused ones.
+    padded = (args + (0, 0, 0, 0))[:5]
+    if LIBC.prctl(*(ctypes.c_ulong(a) for a in padded)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl{args}: {os.strerror(error)}")
+
+
 def _lower_limit(which: int, soft: int, hard: int) -> None:
     _, current_hard = resource.getrlimit(which)
     if current_hard != resource.RLIM_INFINITY:
@@ -97,17 +168,6 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     starts keeps it) only when the interpreter or its libraries sit in a directory other
     users cannot enter, such as /root/.pyenv. No new privileges can be gained after this.
     """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def prctl(*args: int) -> None:
-        # Always five arguments: some options reject nonzero leftovers in the unused ones.
-        padded = (args + (0, 0, 0, 0))[:5]
-        if libc.prctl(*(ctypes.c_ulong(a) for a in padded)) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"prctl{args}: {os.strerror(error)}")
-
     class CapHeader(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
@@ -121,7 +181,7 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     kept = 1 << CAP_DAC_READ_SEARCH if keep_read_search else 0
     data = (CapData * 2)()
     data[0].effective = data[0].permitted = data[0].inheritable = kept
-    if libc.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+    if LIBC.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"capset: {os.strerror(error)}")
     if keep_read_search:
@@ -278,12 +338,13 @@ def _emitter(fd: int, token: str):
     return emit
 
 
-def main(job_path: str) -> None:
+def main(job_path: str, result_fd: int) -> None:
+    """Read the job, confine, announce, run, report; never returns."""
     harness_pid = os.getpid()
     with open(job_path, "rb") as handle:
         job = marshal.load(handle)
     os.unlink(job_path)
-    emit = _emitter(job.pop("result_fd"), job.pop("token"))
+    emit = _emitter(result_fd, job.pop("token"))
     try:
         confine(job)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -296,5 +357,234 @@ def main(job_path: str) -> None:
     _finish(0)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1])
+# ---------------------------------------------------------------- the zygote
+
+
+def _become_sandbox(control: socket.socket, fds: list[int], workdir: str) -> None:
+    """In a fresh fork of the zygote: a new session, its own stdio and result fd and no other, then the job."""
+    try:
+        os.setsid()
+        control.close()
+        # Its own /dev/null: the zygote's stdin is one open file shared by every fork, and
+        # a sample could change its flags (O_NONBLOCK) for the samples after it.
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (stdin, *fds)]
+        for target, fd in enumerate(moved):
+            os.dup2(fd, target)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > RESULT_FD:
+                try:
+                    os.close(int(name))
+                except OSError:  # the listing's own fd, closed already
+                    pass
+        os.chdir(workdir)
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        # Forks of an undumpable zygote are undumpable: /proc would hide their owner, and
+        # core-dump settings aside, a sample's processes are found by it (root mode).
+        prctl(PR_SET_DUMPABLE, 1)
+        main(os.path.join(workdir, JOB_FILE), RESULT_FD)
+    except BaseException:  # noqa: BLE001 - shown to the parent in the sample's stderr
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001, S110
+            pass
+    finally:
+        os._exit(3)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of `pid`."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found = []
+    for tid in tids:
+        data = _read(f"/proc/{pid}/task/{tid}/children")
+        if data is None:
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):  # a kernel without CONFIG_PROC_CHILDREN
+                return _children_by_scan(pid)
+            continue
+        found.extend(int(child) for child in data.split())
+    return found
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            data = _read(f"/proc/{name}/stat")
+            fields = data[data.rfind(b")") + 2:].split() if data else []
+            if len(fields) > 1 and fields[1] == str(pid).encode():
+                found.append(int(name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    data = _read(f"/proc/{pid}/stat")
+    return data is not None and data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X", b"x", b"")
+
+
+def _descendants(main: int) -> list[int]:
+    """Every live process under the zygote, the main process excepted: all that is left of the sample."""
+    found: list[int] = []
+    pending = _children(os.getpid())
+    seen = set()
+    while pending:
+        pid = pending.pop()
+        if pid in seen or not _alive(pid):
+            continue
+        seen.add(pid)
+        if pid != main:
+            found.append(pid)
+        pending.extend(_children(pid))
+    return found
+
+
+def _end_sample(main: int) -> tuple[int, int, object]:
+    """SIGKILL the sample's whole process tree and reap all of it; returns (others killed, wait status, rusage).
+
+    Only the zygote's own unreaped descendants are signalled (their pids cannot be reused),
+    and the main process's group only while the main process is unreaped.
+    """
+    killed: set[int] = set()
+    status, usage = None, None
+    deadline = time.monotonic() + KILL_S
+    while True:
+        if time.monotonic() < deadline:
+            for pid in _descendants(main):
+                killed.add(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if status is None:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(main, signal.SIGKILL)
+                    except OSError:
+                        pass
+        reaped = False
+        while True:
+            try:
+                # Past the deadline something will not die (uninterruptible sleep): wait for it.
+                pid, wait_status, rusage = os.wait4(-1, os.WNOHANG if time.monotonic() < deadline else 0)
+            except ChildProcessError:
+                return len(killed), status if status is not None else 0, usage
+            if pid == 0:
+                break
+            reaped = True
+            if pid == main:
+                status, usage = wait_status, rusage
+        if not reaped:
+            time.sleep(0.001)
+
+
+def _exited(pid: int) -> bool:
+    """Has our child `pid` ended? Peeks with WNOWAIT: it stays unreaped (and its pid ours) until `_end_sample`."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _await_end(control: socket.socket, pid: int) -> tuple[bool, bool]:
+    """Wait until the sample's main process ends or the parent asks to kill it; returns (ended first, parent gone)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while True:
+            for fd, _ in poller.poll(None if pidfd is not None else 50):
+                if fd == pidfd:
+                    return True, False
+                try:
+                    message = control.recv(4096)
+                except OSError:
+                    message = b""
+                if not message:
+                    return _exited(pid), True
+                if message[:1] == REQUEST_KILL:
+                    return _exited(pid), False
+            if pidfd is None and _exited(pid):
+                return True, False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _inheritable_state() -> tuple:
+    """What forks inherit and a same-uid process could change from outside: limits, priority, CPUs, policy."""
+    limits = tuple(resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource))
+                   if name.startswith("RLIMIT_"))
+    return limits, os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), os.sched_getscheduler(0)
+
+
+def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0, usage: object = None,
+           killed: int = 0, ended_first: bool = False) -> None:
+    utime, stime, maxrss = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss) if usage is not None else (0.0, 0.0, 0)
+    control.send(REPLY.pack(kind, pid, status, utime, stime, maxrss, killed, ended_first))
+
+
+def serve(control_fd: int) -> None:
+    """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_DUMPABLE, 0)
+    control = socket.socket(fileno=control_fd)
+    pristine = _inheritable_state()
+    _reply(control, READY)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 4096, 3)
+        except OSError:
+            return
+        if not message:
+            return  # the evaluator closed its end, or died
+        if message[:1] != REQUEST_RUN or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            continue  # a kill that crossed the end of its sample
+        if _inheritable_state() != pristine:
+            sys.stderr.write("zygote: its limits, priority, CPU affinity or scheduling policy were changed; retiring\n")
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            _reply(control, FAILED, status=exc.errno or 0)
+            continue
+        if pid == 0:
+            _become_sandbox(control, fds, os.fsdecode(message[1:]))
+            os._exit(3)  # not reached: the sandbox leaves through os._exit
+        for fd in fds:
+            os.close(fd)
+        try:
+            _reply(control, STARTED, pid)
+            ended_first, parent_gone = _await_end(control, pid)
+        except OSError:
+            ended_first, parent_gone = False, True
+        killed, status, usage = _end_sample(pid)
+        if parent_gone:
+            return
+        try:
+            _reply(control, DONE, pid, status, usage, killed, ended_first)
+        except OSError:
+            return
