@@ -212,6 +212,8 @@ class ResearchOutcome:
     def exit_code(self) -> int:
         if self.status == "interrupted":
             return 130
+        if self.status in ("paused", "not_ready"):
+            return 1  # not done: the same command continues once the cause is fixed
         return 0 if self.succeeded else 1
 
 
@@ -397,9 +399,7 @@ class Research:
                 "assumed_prompt_tokens": ESTIMATED_PROMPT_CHARS // 4, "max_tokens": self.llm_config.max_tokens}
 
     def runner_env(self) -> dict[str, str]:
-        """The orchestrator's environment minus the LLM's settings and key: runners never need them."""
-        hidden = {self.llm_config.key_env} if self.llm_config is not None and self.llm_config.key_env else set()
-        return {k: v for k, v in self.environ.items() if k not in hidden and not k.startswith(LLM_ENV_PREFIX)}
+        return runner_env(self.environ, self.llm_config)
 
     def _llm_session(self, ledger: Ledger, exp_id: str) -> LlmSession | None:
         """The experiment's LLM: a replay of another experiment's calls, the configured provider, or none."""
@@ -519,6 +519,12 @@ def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str |
     return diagnosis.reason
 
 
+def runner_env(environ: dict[str, str], config: LlmConfig | None) -> dict[str, str]:
+    """The orchestrator's environment minus the LLM's settings and key: runners never need them."""
+    hidden = {config.key_env} if config is not None and config.key_env else set()
+    return {k: v for k, v in environ.items() if k not in hidden and not k.startswith(LLM_ENV_PREFIX)}
+
+
 def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
     """The LLM planner when a model is configured (or replayed), else the spec's arms."""
     if llm:
@@ -576,7 +582,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
         plan = plan_iteration(loaded)
     else:  # the arms will come from a planner: smoke-test the code with its own defaults
         plan = Plan((PlannedArm("defaults", {}, (), "the code's own defaults"),), "defaults", 1)
-    config = (loaded.spec.llm or llm_from_env(os.environ)) if use_llm else None
+    configured = loaded.spec.llm or llm_from_env(os.environ)
+    config = configured if use_llm else None
     try:
         code = inspect_code(loaded, paths)
     except PlanError as exc:  # the runner is not in the checkout
@@ -605,6 +612,7 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 workspace=workspace, argv=runner_argv(code.checkout, loaded.spec.runner_script, "python"),
                 smoke_dir=paths.home / "checks" / f"{loaded.name}-{loaded.sha256[:8]}", smoke=smoke and not off,
                 smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
+                environ=runner_env(dict(os.environ), configured),
                 llm_provider=lambda: make_provider(config, os.environ),
                 llm_off_reason="disabled (--no-llm)" if not use_llm else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
                 extra_env=data_env(loaded),
