@@ -116,7 +116,8 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
-from ratiocinator import sandbox_child  # imported here also so that its bytecode is cached for the zygotes
+# The harness: its protocol constants, and imported here so that the zygotes find its bytecode cached.
+from ratiocinator import sandbox_child
 from ratiocinator.errors import RatiocinatorError, UsageError
 
 LABELS = ("success", "wrong_output", "runtime_error", "syntax_error", "timeout", "memory_error", "no_tests_ran")
@@ -521,13 +522,15 @@ def _uid_range_mapped(start: int, count: int) -> bool:
 
 @dataclass
 class _Identity:
-    """Who one sample runs as: `uid` None is the caller's own uid (not root)."""
+    """Who one sample runs as (`uid` None is the caller's own uid, not root), and the zygote that forks it."""
 
     uid: int | None = None
     keep_read_search: bool = False
-    # Tasks the uid still holds from earlier samples (killed, not yet reaped by init):
-    # RLIMIT_NPROC counts them, so the next sample's cap is raised by as many.
+    # Tasks the uid still holds (killed, not yet reaped by init) from before it was claimed,
+    # or from a sample whose zygote was lost: RLIMIT_NPROC counts them, so the next sample's
+    # cap is raised by as many. A zygote itself reaps every process of its samples.
     zombies: int = 0
+    zygote: _Zygote | None = None
 
 
 class _Identities:
@@ -536,10 +539,12 @@ class _Identities:
     def __init__(self, slots: int) -> None:
         self._locks: list[int] = []
         self._free: list[_Identity] = []
+        self._all: list[_Identity] = []
         self._claimed: list[int] = []
         self._lock = threading.Lock()
         if os.geteuid() != 0:
             self._free = [_Identity() for _ in range(slots)]
+            self._all = list(self._free)
             return
         if not _uid_range_mapped(SANDBOX_UID_BASE, SANDBOX_UID_SPAN):
             raise SandboxError(
@@ -569,6 +574,7 @@ class _Identities:
         for uid in self._claimed:
             _kill_uid(uid)  # whatever an evaluator that died mid-sample left behind
             self._free.append(_Identity(uid, keep_read_search, _tasks_of_user(uid)))
+        self._all = list(self._free)
 
     @property
     def slots(self) -> int:
@@ -585,7 +591,11 @@ class _Identities:
                 self._free.append(identity)
 
     def close(self) -> None:
-        """Sweep each uid once more, also for processes that made themselves undumpable, and unlock it."""
+        """Stop the zygotes, sweep each uid once more (undumpable processes included), and unlock it."""
+        for identity in self._all:
+            if identity.zygote is not None:
+                identity.zygote.close()
+                identity.zygote = None
         for uid in self._claimed:
             _kill_uid(uid)
         for fd in self._locks:
@@ -619,14 +629,12 @@ class _Cancelled(Exception):
     """The evaluation was interrupted; the sample's sandbox has been killed."""
 
 
-def _minimal_env(workdir: str, marker_value: str) -> dict[str, str]:
-    """PATH, a UTF-8 locale, HOME and TMPDIR in the sandbox dir, the marker; nothing from our environment."""
+def _minimal_env(marker_value: str) -> dict[str, str]:
+    """PATH, a UTF-8 locale, the marker; nothing from our environment. The sandbox adds HOME and TMPDIR."""
     return {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
-        "HOME": workdir,
-        "TMPDIR": workdir,
         # One BLAS/OpenMP thread: reproducible, and threads count against max_processes.
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
@@ -637,6 +645,9 @@ def _minimal_env(workdir: str, marker_value: str) -> dict[str, str]:
 
 def _remove_tree(path: str) -> None:
     """Remove a sandbox dir even if the sample made parts of it unwritable (its processes are all dead)."""
+    with suppress(OSError):
+        os.rmdir(path)  # most samples leave it empty
+        return
     for root, dirs, _ in os.walk(path):
         for name in dirs:
             target = os.path.join(root, name)
@@ -646,11 +657,125 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _spawn(argv: list[str], workdir: str, env: dict[str, str], result_w: int) -> subprocess.Popen:
+@dataclass(frozen=True)
+class _Reply:
+    """One message of a zygote (`sandbox_child.REPLY`)."""
+
+    kind: bytes
+    pid: int
+    status: int
+    utime: float
+    stime: float
+    maxrss_kb: int
+    killed: int
+    ended_first: bool
+
+
+class _ZygoteLost(Exception):
+    """The zygote died or stopped answering."""
+
+
+class _Zygote:
+    """One fork server (`sandbox_child.serve`): a started harness that forks a fresh sandbox per sample.
+
+    Why: `python -I` plus the harness import cost ~25 ms of CPU per sample; a fork of a
+    process that has done both costs ~1 ms. Its environment is the sandbox's minimal one
+    with a marker unique to this zygote, which every process it forks carries in
+    /proc/PID/environ: that is how a sample's processes are still found, as a normal user,
+    should the zygote itself be killed.
+    """
+
+    def __init__(self) -> None:
+        marker_value = secrets.token_hex(12)
+        self.marker = f"{MARKER_VARIABLE}={marker_value}".encode()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno())]
+        try:
+            self.proc = _start_process(argv, _minimal_env(marker_value), theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        reply = self.receive(ZYGOTE_START_S)
+        if reply is None or reply.kind != sandbox_child.READY:
+            hint = self.discard()
+            raise SandboxError("the sandbox's fork server (zygote) failed to start", hint=hint)
+
+    def receive(self, timeout: float) -> _Reply | None:
+        """Its next reply; None when it is gone, said nothing for `timeout` seconds, or said nonsense."""
+        try:
+            self.sock.settimeout(timeout)
+            data = self.sock.recv(256)
+        except OSError:
+            return None
+        if len(data) != sandbox_child.REPLY.size:
+            return None
+        return _Reply(*sandbox_child.REPLY.unpack(data))
+
+    def start(self, workdir: str, fds: Sequence[int]) -> int:
+        """Fork the sandbox for `workdir` with `fds`: its stdout, stderr, result pipe and job; returns its pid."""
+        for attempt in range(6):
+            try:
+                socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN + os.fsencode(workdir)], list(fds))
+            except OSError:
+                raise _ZygoteLost() from None
+            reply = self.receive(ZYGOTE_START_S)
+            if reply is None or reply.kind not in (sandbox_child.STARTED, sandbox_child.FAILED):
+                raise _ZygoteLost()
+            if reply.kind == sandbox_child.STARTED:
+                return reply.pid
+            if reply.status != errno.EAGAIN or attempt == 5:
+                raise SandboxError(f"cannot start a sandbox process: {os.strerror(reply.status)}")
+            # The machine is briefly out of processes (another sandbox's fork bomb being killed).
+            time.sleep(0.05 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def kill(self) -> None:
+        """Ask it to end the running sample now; its DONE reply follows once every process is reaped."""
+        with suppress(OSError):
+            self.sock.settimeout(1.0)
+            self.sock.send(sandbox_child.REQUEST_KILL)
+
+    def close(self) -> None:
+        """Let it go: a closed socket ends its loop (killing a running sample first); SIGKILL if it lingers."""
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=ZYGOTE_KILL_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def discard(self) -> str | None:
+        """SIGKILL it (it is lost or failed); returns the last of what it wrote to stderr."""
+        with suppress(OSError):
+            self.proc.kill()
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=ZYGOTE_KILL_S)
+        text = None
+        with suppress(OSError, ValueError, TypeError):
+            os.set_blocking(self.proc.stderr.fileno(), False)
+            text = (self.proc.stderr.read(65536) or b"").decode("utf-8", errors="replace").strip()[-2000:] or None
+        self.close()
+        return text
+
+
+def _anonymous_file() -> int:
+    """A read-write fd on a file with no name (its own open file, never shared)."""
+    try:
+        return os.memfd_create("ratiocinator-job", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        return os.dup(tempfile.TemporaryFile().fileno())
+
+
+def _start_process(argv: list[str], env: dict[str, str], keep_fd: int) -> subprocess.Popen:
     for attempt in range(6):
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=workdir, env=env, start_new_session=True, pass_fds=(result_w,))
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    cwd="/", env=env, start_new_session=True, pass_fds=(keep_fd,))
         except BlockingIOError:
             # The machine is briefly out of processes (another sandbox's fork bomb being killed).
             if attempt == 5:
@@ -659,17 +784,26 @@ def _spawn(argv: list[str], workdir: str, env: dict[str, str], result_w: int) ->
     raise AssertionError("unreachable")
 
 
-def _has_exited(pid: int) -> bool:
-    """Has `pid` exited? Peeks with WNOWAIT so the zombie stays until the sandbox is swept."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
+def _fork_sandbox(identity: _Identity, workdir: str, fds: Sequence[int]) -> tuple[_Zygote, int]:
+    """Fork the sample's sandbox from its worker's zygote, starting a fresh zygote when there is none or it is gone."""
+    hint = None
+    for _ in range(2):
+        if identity.zygote is None:
+            identity.zygote = _Zygote()
+        zygote = identity.zygote
+        try:
+            return zygote, zygote.start(workdir, fds)
+        except _ZygoteLost:
+            # Killed, or it retired because its limits were changed from outside (see sandbox_child).
+            identity.zygote = None
+            hint = zygote.discard()
+            # Had it forked before it died, that fork must not live on beside the next one.
+            _kill_sandbox(None, identity.uid, zygote.marker)
+    raise SandboxError("the sandbox's fork server (zygote) died twice in a row", hint=hint)
 
 
 def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: threading.Event) -> SampleResult:
-    """Compile one sample, run it in a fresh sandbox as `identity`, and label it."""
+    """Compile one sample, run it in a fresh fork of its worker's zygote as `identity`, and label it."""
     compiled = _compile(sample)
     if not isinstance(compiled, _Compiled):
         return _syntax_result(sample, *compiled)
@@ -677,17 +811,13 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
     cpu_s = limits.cpu_seconds(timeout_s)
     workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
     token = secrets.token_hex(16)
-    marker_value = secrets.token_hex(12)
-    marker = f"{MARKER_VARIABLE}={marker_value}".encode()
-    result_r, result_w = os.pipe()
-    proc: subprocess.Popen | None = None
+    fds: list[int] = []
     run: _Run | None = None
     uid = identity.uid
     try:
         tasks = _tasks_of_user(os.getuid()) if uid is None else identity.zombies
         job = {
             "token": token,
-            "result_fd": result_w,
             "program": compiled.program,
             "test": compiled.test,
             "program_source": sample.program,
@@ -705,39 +835,54 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
                 "nproc": tasks + 1 + limits.max_processes,
             },
         }
-        job_path = os.path.join(workdir, ".job")
-        with open(os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
-            marshal.dump(job, handle)
+        # The job goes in a memfd rather than a file in the sandbox dir: nothing on disk (on
+        # ext4 mounted with `discard`, removing a dir that held a file took ~3.5 ms).
+        job_fd = _anonymous_file()
+        fds.append(job_fd)
+        data = memoryview(marshal.dumps(job))
+        while data:
+            data = data[os.write(job_fd, data):]
         if uid is not None:
             os.chown(workdir, uid, uid)
-        argv = [sys.executable, "-I", "-c", BOOTSTRAP, PACKAGE_ROOT, job_path]
+        for _ in range(3):
+            fds.extend(os.pipe())
+        _, out_r, out_w, err_r, err_w, result_r, result_w = fds
         started = time.monotonic()
-        proc = _spawn(argv, workdir, _minimal_env(workdir, marker_value), result_w)
-        os.close(result_w)
-        result_w = -1
-        run = _watch(proc, result_r, started + timeout_s, limits.capture_kb * 1024, cancel)
+        zygote, pid = _fork_sandbox(identity, workdir, (out_w, err_w, result_w, job_fd))
+        for fd in (out_w, err_w, result_w, job_fd):
+            os.close(fd)
+            fds.remove(fd)
+        capture = limits.capture_kb * 1024
+        run = _Run(selector=selectors.DefaultSelector(), stdout=_Tail(capture), stderr=_Tail(capture))
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr"), (result_r, "records")):
+            run.selector.register(fd, selectors.EVENT_READ, name)
+        done = _watch(run, zygote, started + timeout_s, cancel)
         duration = time.monotonic() - started
-        killed, identity.zombies = _kill_sandbox(proc.pid, uid, marker)
+        if done is None:
+            # The zygote died (as a normal user a sample can kill it) or stopped answering:
+            # find and kill the sandbox's processes the slow way, by session, uid or marker.
+            identity.zygote = None
+            zygote.discard()
+            killed, identity.zombies = _kill_sandbox(pid, uid, zygote.marker)
+            run.drain(time.monotonic() + DRAIN_S)
+            if run.cancelled:
+                raise _Cancelled()
+            return _lost_result(sample, compiled, run, duration, killed)
         run.drain(time.monotonic() + DRAIN_S)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if run.cancelled:
             raise _Cancelled()
-        ended = _Ended(returncode=proc.returncode, duration_s=duration, cpu_s=usage.ru_utime + usage.ru_stime,
-                       max_rss_mb=usage.ru_maxrss / 1024, killed=killed, timeout_s=timeout_s, cpu_limit_s=cpu_s)
+        # Past the deadline, but it may have ended on its own just before: then that is the outcome.
+        run.timed_out = run.timed_out and not done.ended_first
+        ended = _Ended(returncode=os.waitstatus_to_exitcode(done.status), duration_s=duration,
+                       cpu_s=done.utime + done.stime, max_rss_mb=done.maxrss_kb / 1024, killed=done.killed,
+                       timeout_s=timeout_s, cpu_limit_s=cpu_s)
         return _judge(sample, compiled, limits, run, token, ended)
     finally:
-        if result_w != -1:
-            os.close(result_w)
         if run is not None:
             run.selector.close()
-        if proc is not None:
-            if proc.returncode is None:
-                _, identity.zombies = _kill_sandbox(proc.pid, uid, marker)
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                stream.close()
-        os.close(result_r)
+        for fd in fds:
+            with suppress(OSError):
+                os.close(fd)
         _remove_tree(workdir)
 
 
@@ -770,38 +915,34 @@ class _Run:
         self.selector.close()
 
 
-def _watch(proc: subprocess.Popen, result_r: int, deadline: float, capture: int,
-           cancel: threading.Event | None) -> _Run:
-    """Read the sandbox's streams until its main process exits, the deadline passes, or we are cancelled."""
-    selector = selectors.DefaultSelector()
-    run = _Run(selector=selector, stdout=_Tail(capture), stderr=_Tail(capture))
-    selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    selector.register(result_r, selectors.EVENT_READ, "records")
-    pidfd = None
-    with suppress(AttributeError, OSError):
-        pidfd = os.pidfd_open(proc.pid)
-        selector.register(pidfd, selectors.EVENT_READ, "exit")
+def _watch(run: _Run, zygote: _Zygote, deadline: float, cancel: threading.Event | None) -> _Reply | None:
+    """Read the sandbox's streams until its zygote reports the end; at the deadline or on cancel, ask it to kill.
+
+    Returns the zygote's DONE reply (sent once every process of the sample is dead and
+    reaped), or None when the zygote died or did not answer in time.
+    """
+    selector = run.selector
+    selector.register(zygote.sock, selectors.EVENT_READ, "zygote")
+    give_up: float | None = None
     try:
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # Past the deadline, but it may have ended on its own just now: then that is the outcome.
-                run.timed_out = not _has_exited(proc.pid)
-                return run
-            if cancel is not None and cancel.is_set():
-                run.cancelled = True
-                return run
-            for key, _ in selector.select(min(remaining, 0.25 if pidfd is not None else 0.05)):
-                if key.data == "exit":
-                    return run
+            now = time.monotonic()
+            if give_up is None:
+                run.timed_out = now >= deadline
+                run.cancelled = not run.timed_out and cancel is not None and cancel.is_set()
+                if run.timed_out or run.cancelled:
+                    zygote.kill()
+                    give_up = now + ZYGOTE_KILL_S
+            elif now >= give_up:
+                return None
+            wait = (give_up if give_up is not None else deadline) - now
+            for key, _ in selector.select(max(0.0, min(wait, 0.25))):
+                if key.data == "zygote":
+                    reply = zygote.receive(1.0)
+                    return reply if reply is not None and reply.kind == sandbox_child.DONE else None
                 run.read(key)
-            if pidfd is None and _has_exited(proc.pid):
-                return run
     finally:
-        if pidfd is not None:
-            selector.unregister(pidfd)
-            os.close(pidfd)
+        selector.unregister(zygote.sock)
 
 
 # ---------------------------------------------------------------- judging
@@ -884,6 +1025,17 @@ def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token
     return SampleResult(id=sample.id, label=label, error_type=error_type, message=message, evidence=evidence,
                         duration_s=ended.duration_s, exit_code=returncode if returncode >= 0 else None,
                         signal=signal_name, stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
+
+
+def _lost_result(sample: Sample, compiled: _Compiled, run: _Run, duration: float, killed: int) -> SampleResult:
+    """Its zygote died mid-sample, so its exit status and rusage are unknown: never a success."""
+    evidence = _evidence(checkers_defined=compiled.checkers, stdout_bytes=run.stdout.total,
+                         stderr_bytes=run.stderr.total, killed_processes=killed)
+    return SampleResult(id=sample.id, label="runtime_error", error_type="SandboxLost",
+                        message=("the zygote that forked the sandbox died or stopped answering while the sample ran "
+                                 "(as a normal user, a sample can kill it), so how the sample ended is unknown"),
+                        evidence=evidence, duration_s=duration, exit_code=None, signal=None,
+                        stdout_tail=run.stdout.text(), stderr_tail=run.stderr.text())
 
 
 def _signal_name(number: int) -> str:

@@ -5,17 +5,17 @@ sample, far more than running a typical sample. Instead the parent starts one zy
 worker: `python -I` in its own session, in `/`, with a minimal environment, as root when
 the evaluator is root. It imports this module and the few stdlib modules a sample or a
 report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
-a private socketpair, the sample's sandbox dir and the write ends of its stdout, stderr
-and result pipes, and forks a child that becomes the sandbox. The zygote never runs,
-loads or reads sample code or sample data (the job is a file only the child reads), so
+a private socketpair, the sample's sandbox dir, the write ends of its stdout, stderr and
+result pipes and an fd holding its job, and forks a child that becomes the sandbox. The zygote never runs,
+loads or reads sample code or sample data (the job comes in a memfd only the child reads), so
 every sample starts from the same pristine interpreter: a fork of the clean zygote,
 never of a used process. What the zygote learns of a sample is its pids, its wait
 status and its rusage.
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
-sandbox dir as cwd, HOME and TMPDIR. Then `main`: read and delete the job file (a marshal
-of the already compiled program and instrumented tests), drop privileges when root,
+sandbox dir as cwd, HOME and TMPDIR. Then `main`: read and close the job (a marshal of
+the already compiled program and instrumented tests), drop privileges when root,
 lower the resource limits, run the program and the tests in one fresh `__main__`
 namespace. It writes JSON records carrying the job's random token to fd 3: `started`
 once confined, and one final record only when the tests ran to the end or raised. A
@@ -55,6 +55,7 @@ from __future__ import annotations
 import builtins
 import ctypes
 import fcntl
+import gc
 import importlib
 import marshal
 import os
@@ -79,7 +80,6 @@ SOURCE_LINE_CHARS = 500
 
 # The sample's fds in its sandbox: 0, 1, 2, and its private result pipe.
 RESULT_FD = 3
-JOB_FILE = ".job"
 # Imported by the zygote so that no sample pays for them: what the harness needs to report
 # an exception, and what generated code imports most (HumanEval's `from typing import List`).
 # Stdlib modules without per-process state (no RNG, no cached environment).
@@ -89,7 +89,8 @@ PRELOAD = ("traceback", "linecache", "typing", "math", "re", "collections", "ite
 KILL_S = 5.0
 
 # The zygote's protocol: one datagram per message on a SOCK_SEQPACKET socketpair.
-REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: the stdout, stderr and result pipes' write ends
+REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: stdout, stderr and result pipe write ends, the job
+REQUEST_FDS = 4
 REQUEST_KILL = b"K"  # end the running sample now (wall-clock limit, cancel); ignored when none runs
 # Replies: kind, pid, wait status (errno for FAILED), utime, stime, maxrss KiB, processes killed,
 # and whether the main process had ended before a REQUEST_KILL arrived.
@@ -338,12 +339,12 @@ def _emitter(fd: int, token: str):
     return emit
 
 
-def main(job_path: str, result_fd: int) -> None:
+def main(job_fd: int, result_fd: int) -> None:
     """Read the job, confine, announce, run, report; never returns."""
     harness_pid = os.getpid()
-    with open(job_path, "rb") as handle:
+    with open(job_fd, "rb") as handle:
+        handle.seek(0)
         job = marshal.load(handle)
-    os.unlink(job_path)
     emit = _emitter(result_fd, job.pop("token"))
     try:
         confine(job)
@@ -368,21 +369,21 @@ def _become_sandbox(control: socket.socket, fds: list[int], workdir: str) -> Non
         # Its own /dev/null: the zygote's stdin is one open file shared by every fork, and
         # a sample could change its flags (O_NONBLOCK) for the samples after it.
         stdin = os.open(os.devnull, os.O_RDONLY)
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (stdin, *fds)]
+        *moved, job_fd = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, *fds)]
         for target, fd in enumerate(moved):
             os.dup2(fd, target)
         for name in os.listdir("/proc/self/fd"):
-            if int(name) > RESULT_FD:
+            if int(name) > RESULT_FD and int(name) != job_fd:
                 try:
                     os.close(int(name))
                 except OSError:  # the listing's own fd, closed already
                     pass
         os.chdir(workdir)
         os.environ["HOME"] = os.environ["TMPDIR"] = workdir
-        # Forks of an undumpable zygote are undumpable: /proc would hide their owner, and
-        # core-dump settings aside, a sample's processes are found by it (root mode).
+        # Forks of an undumpable zygote are undumpable, and /proc would hide their owner;
+        # the parent's fallback sweep (should the zygote die) finds them by it.
         prctl(PR_SET_DUMPABLE, 1)
-        main(os.path.join(workdir, JOB_FILE), RESULT_FD)
+        main(job_fd, RESULT_FD)
     except BaseException:  # noqa: BLE001 - shown to the parent in the sample's stderr
         try:
             import traceback
@@ -545,6 +546,10 @@ def serve(control_fd: int) -> None:
     """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code."""
     for name in PRELOAD:
         importlib.import_module(name)
+    # Everything the zygote holds goes to the permanent generation: a fork's garbage
+    # collections then never walk it, which would copy every page it sits on (~5 ms a sample).
+    gc.collect()
+    gc.freeze()
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     prctl(PR_SET_DUMPABLE, 0)
     control = socket.socket(fileno=control_fd)
@@ -557,7 +562,7 @@ def serve(control_fd: int) -> None:
             return
         if not message:
             return  # the evaluator closed its end, or died
-        if message[:1] != REQUEST_RUN or len(fds) != 3:
+        if message[:1] != REQUEST_RUN or len(fds) != REQUEST_FDS:
             for fd in fds:
                 os.close(fd)
             continue  # a kill that crossed the end of its sample

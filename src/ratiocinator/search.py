@@ -8,11 +8,19 @@ sees exactly what was measured:
 * every arm whose knobs lie in the space, and whose other knobs and flags match the
   baseline's, is a trial: COMPLETE with the mean goal of its succeeded finite runs, or
   FAIL when it has none (a crash says nothing about the goal, and TPE ignores FAIL
-  trials; the ledger still keeps the configuration from being proposed again);
+  trials; the ledger still keeps the configuration from being proposed again). A space
+  knob an arm leaves unset takes the runner's default where its code shows one; arms
+  that still fall outside are skipped, and the record says why;
 * TPE is asked for ``arms_per_iteration`` configurations the ledger does not hold yet;
   an asked configuration that is a duplicate is told PRUNED, which TPE ranks below every
   completed trial, so it steers away from a point it cannot use;
-* the ``confirm_top`` best arms get ``confirm_replicates`` more replicates, once each.
+* the ``confirm_top`` best arms get ``confirm_replicates`` more replicates, once each
+  (an arm is raised to ``replicates + confirm_replicates`` and never past it);
+* the runs are cut to what the budget covers at their worst case, proposals first.
+
+It stops, with the reason, when the spec has no ``search`` section, when a search knob
+is one the runner never reads, when the budget cannot pay for a run, or when there is
+nothing new to propose and nothing to confirm.
 
 Proposals are named like factor arms (``LR=0.003162,ARCH=gat``); floats are written
 with 4 significant digits (more only where needed to stay inside the range or on the
