@@ -115,6 +115,11 @@ def validate(spec: SpecArg) -> None:
 def _arms_line(loaded: Any) -> str:
     s = loaded.spec
     if not s.arms and not s.factors:
+        if s.search is not None:
+            return (f"no arms or factors: iteration 1 samples {s.search.arms_per_iteration} configuration(s) from"
+                    f" search.space ({', '.join(s.search.space)})")
+        if s.llm is not None:
+            return f"no arms or factors: the LLM ({s.llm.model}) designs them from the topic"
         return "no arms or factors yet — `ratiocinator plan` explains how to add them"
     try:
         plan = plan_iteration(loaded)
@@ -134,9 +139,10 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     loaded = load_spec(spec)
     job = Research(loaded, state.home)
     designed_by = None
-    if not (loaded.spec.arms or loaded.spec.factors) and job.llm_config is not None:
+    if not (loaded.spec.arms or loaded.spec.factors) and (job.llm_config is not None or loaded.spec.search is not None):
         exp_id, the_plan, decision = job.plan_first_iteration()
-        designed_by = {"experiment": exp_id, "model": job.llm_config.model, "reason": decision.reason,
+        designed_by = {"experiment": exp_id, "planner": job.planner.name, "reason": decision.reason,
+                       "model": job.llm_config.model if job.llm_config is not None else None,
                        "hypotheses": decision.record.get("hypotheses", [])}
     else:
         the_plan = plan_iteration(loaded)
@@ -180,7 +186,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
             f" against max_dollars ${loaded.spec.max_dollars:.2f}"
         )
         if designed_by:
-            out.print(f"designed by {designed_by['model']} (recorded in {designed_by['experiment']}; `research` runs this plan):",
+            out.print(f"designed by the {designed_by['planner']} planner{' (' + designed_by['model'] + ')' if designed_by['model'] else ''}"
+                      f" — {designed_by['reason']}; recorded in {designed_by['experiment']}, `research` runs this plan",
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)

@@ -526,11 +526,16 @@ def runner_env(environ: dict[str, str], config: LlmConfig | None) -> dict[str, s
 
 
 def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
-    """The LLM planner when a model is configured (or replayed), else the spec's arms."""
+    """The LLM planner when a model is configured (or replayed), else a search over the spec's
+    search space when it declares one, else the spec's own arms."""
     if llm:
         from .llm_planner import LlmPlanner
 
         return LlmPlanner(loaded)
+    if loaded.spec.search is not None:
+        from .search import SearchPlanner
+
+        return SearchPlanner(loaded)
     return SpecPlanner(loaded)
 
 
