@@ -487,17 +487,7 @@ class OpenAIProvider(SdkProvider):
     def _kind(self, exc: Exception) -> str | None:
         import openai
 
-        if isinstance(exc, openai.APITimeoutError):
-            return "timeout"
-        if isinstance(exc, openai.APIConnectionError):
-            return "connection"
-        if isinstance(exc, openai.APIStatusError):
-            return "status"
-        if isinstance(exc, openai.APIError):
-            return "api"
-        if isinstance(exc, openai.OpenAIError):
-            return "sdk"
-        return None
+        return _sdk_error_kind(exc, openai, openai.OpenAIError)
 
 
 def _openai_usage(usage: Any) -> tuple[int | None, int | None]:
@@ -564,17 +554,16 @@ class AnthropicProvider(SdkProvider):
     def _kind(self, exc: Exception) -> str | None:
         import anthropic
 
-        if isinstance(exc, anthropic.APITimeoutError):
-            return "timeout"
-        if isinstance(exc, anthropic.APIConnectionError):
-            return "connection"
-        if isinstance(exc, anthropic.APIStatusError):
-            return "status"
-        if isinstance(exc, anthropic.APIError):
-            return "api"
-        if isinstance(exc, anthropic.AnthropicError):
-            return "sdk"
-        return None
+        return _sdk_error_kind(exc, anthropic, anthropic.AnthropicError)
+
+
+def _sdk_error_kind(exc: Exception, sdk: Any, base: type[Exception]) -> str | None:
+    """Both SDKs share one exception hierarchy shape; the most specific class decides."""
+    for cls, kind in ((sdk.APITimeoutError, "timeout"), (sdk.APIConnectionError, "connection"),
+                      (sdk.APIStatusError, "status"), (sdk.APIError, "api"), (base, "sdk")):
+        if isinstance(exc, cls):
+            return kind
+    return None
 
 
 _PROVIDERS: dict[str, type[SdkProvider]] = {"openai": OpenAIProvider, "anthropic": AnthropicProvider}
