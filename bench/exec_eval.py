@@ -1,11 +1,13 @@
 """Sandboxed evaluation throughput, measured side by side in one run.
 
 N small HumanEval-like samples (correct, wrong, crashing and `return None` completions of
-ten tasks) go through `ratiocinator.execeval.evaluate` with its default workers, and
-through the plainest possible harness: a sequential loop of
+ten tasks) go through `ratiocinator.execeval.evaluate` with its default workers and with
+one worker, and through the plainest possible harness: a sequential loop of
 `subprocess.run([python, "-c", program + test + "check(entry)"], timeout=...)`, with no
-sandbox, no limits and no labels. Prints both rates in samples/second and their ratio
-(median of alternating rounds), and checks that both agree on which samples pass.
+sandbox, no limits and no labels. Prints the machine, the three rates in samples/second
+(median of rounds whose order rotates, with the spread over rounds), the ratio of default
+`evaluate()` over the loop, and checks that both agree on which samples pass. Each
+`evaluate()` call includes starting its zygotes (one per worker).
 
 Usage: python bench/exec_eval.py [--samples 200] [--rounds 3] [--workers N]
 """
@@ -18,8 +20,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 from ratiocinator.execeval import Limits, Sample, evaluate
 
@@ -97,6 +101,31 @@ def sandboxed(samples: list[Sample], limits: Limits, workers: int | None) -> tup
     return elapsed, [r.label == "success" for r in results], Counter(r.label for r in results)
 
 
+def machine() -> str:
+    """CPU model and count, memory, kernel, Python, who we run as, the temp dir's filesystem."""
+    def read(path: str) -> list[str]:
+        try:
+            return Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+
+    model = next((line.split(":", 1)[1].strip() for line in read("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown CPU")
+    mem_kb = next((int(line.split()[1]) for line in read("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    # Where the sandbox dirs go, and how: with `discard`, removing a dir that held files waits on the disk.
+    tmp = tempfile.gettempdir()
+    mounts = [m for m in (line.split() for line in read("/proc/mounts")) if len(m) > 3
+              and (tmp == m[1] or tmp.startswith(m[1].rstrip("/") + "/"))]
+    fs = "?"
+    if mounts:
+        best = max(mounts, key=lambda m: len(m[1]))
+        flags = [o for o in best[3].split(",") if o in ("discard", "sync", "dirsync")]
+        fs = f"{best[2]} ({','.join(flags) or 'async'})"
+    identity = "root: one unprivileged sandbox uid per worker" if os.geteuid() == 0 else "non-root"
+    return (f"{model}, {os.cpu_count()} CPUs, {mem_kb / 1024 / 1024:.1f} GiB, {platform.machine()}, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, {identity}, temp dir {tmp} on {fs}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200)
@@ -108,9 +137,8 @@ def main() -> None:
     samples = build_samples(args.samples)
     limits = Limits(timeout_s=args.timeout)
     workers = args.workers or os.cpu_count() or 1
-    identity = "root: one unprivileged sandbox uid per worker" if os.geteuid() == 0 else "non-root"
-    print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
-          f"Python {platform.python_version()}, {identity}, load average {os.getloadavg()[0]:.2f}")
+    print(f"machine: {machine()}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"samples: {len(samples)} HumanEval-like, {dict(Counter(s.id.rsplit('-', 1)[1] for s in samples))}")
 
     times: dict[str, list[float]] = {"naive": [], "one": [], "all": []}
@@ -127,13 +155,21 @@ def main() -> None:
     n = len(samples)
     naive, one, many = (statistics.median(times[k]) for k in ("naive", "one", "all"))
     agree = sum(a == b for a, b in zip(our_pass, their_pass, strict=True))
+    print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"labels: {dict(sorted(labels.items()))}; pass/fail agreement with the naive loop: {agree}/{n}")
+
+    def spread(key: str) -> str:
+        rates = sorted(n / t for t in times[key])
+        return f"(rounds {rates[0]:.1f}..{rates[-1]:.1f})"
+
     print(f"median of {args.rounds} rotated rounds:")
-    print(f"  sequential subprocess.run, no sandbox:    {naive:7.3f} s  {n / naive:7.1f} samples/s")
-    print(f"  evaluate(), 1 worker:                     {one:7.3f} s  {n / one:7.1f} samples/s"
-          f"  ({(one - naive) / n * 1000:+.1f} ms per sample for the sandbox)")
-    print(f"  evaluate(), {workers} workers (default):         {many:7.3f} s  {n / many:7.1f} samples/s")
-    print(f"  ratio, default evaluate() over the sequential loop: {naive / many:.2f}x")
+    print(f"  sequential subprocess.run, no sandbox: {naive:7.3f} s  {n / naive:7.1f} samples/s  {spread('naive')}"
+          f"  {naive / n * 1000:.1f} ms per sample")
+    print(f"  evaluate(), 1 worker:                  {one:7.3f} s  {n / one:7.1f} samples/s  {spread('one')}"
+          f"  {one / n * 1000:.1f} ms per sample ({(one - naive) / n * 1000:+.1f} ms vs the loop)")
+    print(f"  evaluate(), {workers} workers (default):     {many:7.3f} s  {n / many:7.1f} samples/s  {spread('all')}")
+    print(f"  ratio, default evaluate() over the sequential loop: {naive / many:.2f}x"
+          f"  (1 worker over the loop: {naive / one:.2f}x)")
 
 
 if __name__ == "__main__":

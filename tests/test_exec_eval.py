@@ -292,8 +292,8 @@ def test_cpu_limit_is_a_timeout() -> None:
     assert result.duration_s < 10.0
 
 
-def sandbox_processes() -> list[str]:
-    """Live processes named TAG: the hostile samples below rename themselves so."""
+def sandbox_processes(zombies: bool = False) -> list[str]:
+    """Processes named TAG (live ones only unless `zombies`): the hostile samples below rename themselves so."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -304,7 +304,7 @@ def sandbox_processes() -> list[str]:
             continue
         comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
         state = stat[stat.rfind(b")") + 2:].split()[0]
-        if comm == TAG and state not in (b"Z", b"X"):
+        if comm == TAG and (zombies or state not in (b"Z", b"X")):
             found.append(name)
     return found
 
@@ -341,9 +341,124 @@ def test_fork_bombs_leave_nothing_behind_and_the_evaluator_carries_on() -> None:
     assert results["patient-fork-bomb"].evidence["killed_processes"] >= 1
     assert results["escaping-daemon"].label == "success"
     assert results["escaping-daemon"].evidence["killed_processes"] == 1
-    assert sandbox_processes() == []
+    # Not even zombies: the zygote is their subreaper and reaps every one before reporting.
+    assert sandbox_processes(zombies=True) == []
     [after] = evaluate([humaneval("after", "    return a + b\n")])
     assert after.label == "success"
+
+
+# Run one after the other by one worker, so by the same zygote: the first changes whatever
+# interpreter and process state it can, the second must see none of it.
+POLLUTER = plain("polluter", """
+    import builtins, fcntl, gc, math, os, sys, threading, time, typing
+    print(os.getppid())
+    builtins.len = lambda obj: 42
+    math.pi = 3
+    typing.List = None
+    sys.modules["leftover_module"] = sys
+    sys.path.insert(0, "/leftover")
+    sys.setrecursionlimit(100)
+    os.environ["LEFTOVER"] = "1"
+    with open("leftover.txt", "w") as handle:
+        handle.write("x")
+    gc.disable()
+    fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK)
+    threading.Thread(target=time.sleep, args=(100,)).start()
+    leftover = 1
+""", "assert leftover == 1\n")
+PRISTINE = plain("pristine", """
+    import fcntl, gc, math, os, sys, threading, typing
+    print(os.getppid())
+
+
+    def is_open(fd):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+""", """
+    assert len([1, 2]) == 2
+    assert math.pi > 3.14
+    assert typing.List is not None
+    assert "leftover_module" not in sys.modules
+    assert "/leftover" not in sys.path
+    assert sys.getrecursionlimit() == 1000
+    assert "LEFTOVER" not in os.environ
+    assert os.listdir(".") == [] and os.getcwd() == os.environ["HOME"] == os.environ["TMPDIR"]
+    assert gc.isenabled()
+    assert not fcntl.fcntl(0, fcntl.F_GETFL) & os.O_NONBLOCK
+    assert threading.active_count() == 1
+    assert "leftover" not in globals()
+    assert [fd for fd in range(256) if is_open(fd)] == [0, 1, 2, 3]
+""")
+
+
+def test_a_zygote_forks_each_sample_from_a_pristine_state() -> None:
+    polluter, pristine = evaluate([POLLUTER, PRISTINE], workers=1)
+    assert polluter.label == "success", polluter.to_json()
+    assert pristine.label == "success", pristine.to_json()
+    # The same zygote forked both (their parent), so the second really came after the first.
+    assert polluter.stdout_tail == pristine.stdout_tail != ""
+
+
+ZYGOTE_PROBE = """
+    import os, resource
+    zygote = os.getppid()
+
+
+    def refused(action):
+        try:
+            action()
+        except PermissionError:
+            return True
+        return False
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user, samples share the zygote's uid")
+def test_as_root_a_sample_cannot_touch_its_zygote() -> None:
+    probe = plain("probe", ZYGOTE_PROBE, """
+        assert refused(lambda: os.kill(zygote, 0))
+        assert refused(lambda: open(f"/proc/{zygote}/environ", "rb").read())
+        assert refused(lambda: open(f"/proc/{zygote}/mem", "rb"))
+        assert refused(lambda: open(f"/proc/{zygote}/fd/0", "rb"))
+        assert refused(lambda: resource.prlimit(zygote, resource.RLIMIT_NOFILE))
+        assert refused(lambda: os.setpriority(os.PRIO_PROCESS, zygote, 19))
+        assert refused(lambda: os.sched_setaffinity(zygote, {0}))
+    """)
+    results = evaluate([probe, humaneval("after", "    return a + b\n")], workers=1)
+    assert [r.label for r in results] == ["success", "success"], results[0].to_json()
+
+
+def zygotes_of_this_process() -> list[int]:
+    """Children of this test process still running a zygote's loop."""
+    found = []
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        for child in Path(f"/proc/{os.getpid()}/task/{tid}/children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"harness.serve" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_an_interrupted_evaluation_kills_its_sandboxes_and_zygotes() -> None:
+    class Stop(Exception):
+        pass
+
+    def stop(result: SampleResult) -> None:
+        raise Stop(result.id)
+
+    sleeper = plain("sleeper", "import time\n" + RENAME + "time.sleep(1000)\n", timeout_s=60.0)
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        evaluate([humaneval("quick", "    return a + b\n"), sleeper], workers=2, on_result=stop)
+    assert time.monotonic() - started < 15
+    assert sandbox_processes() == []
+    assert zygotes_of_this_process() == []
 
 
 def test_results_in_input_order_and_on_result_sees_each() -> None:
@@ -462,8 +577,36 @@ samples = [
 ]
 # One at a time: as an ordinary user all samples share the user's RLIMIT_NPROC pool.
 results = evaluate(samples, limits=Limits(timeout_s=5, max_processes=8), workers=1)
+# Same uid as its zygote: it cannot read or trace it (undumpable), but it can kill it or
+# change its limits; the zygote is then replaced, and the next sample sees none of it.
+probe = textwrap.dedent('''
+    import os, resource
+    zygote = os.getppid()
+    def refused(action):
+        try:
+            action()
+        except PermissionError:
+            return True
+        return False
+''')
+hostile = [
+    Sample(id="private", program=probe, test=textwrap.dedent('''
+        assert refused(lambda: open(f"/proc/{{zygote}}/environ", "rb").read())
+        assert refused(lambda: open(f"/proc/{{zygote}}/mem", "rb"))
+        assert refused(lambda: open(f"/proc/{{zygote}}/fd/0", "rb"))
+    ''')),
+    Sample(id="lower-limit", program="import os, resource\\n"
+           "resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (100, 100))\\n", test="assert True\\n"),
+    Sample(id="limit-untouched", program="import resource\\n",
+           test="assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] != 100\\n"),
+    Sample(id="kill-zygote", program="import os, time\\n" + rename + "os.kill(os.getppid(), 9)\\ntime.sleep(100)\\n",
+           test="assert True\\n"),
+    Sample(id="after", program="def f():\\n    return 1\\n", test="assert f() == 1\\n"),
+]
+more = evaluate(hostile, limits=Limits(timeout_s=5), workers=1)
 print(json.dumps({{"uid": os.getuid(), "labels": [r.label for r in results],
-                  "limit": results[1].evidence["limit_hit"], "killed": results[2].evidence["killed_processes"]}}))
+                  "limit": results[1].evidence["limit_hit"], "killed": results[2].evidence["killed_processes"],
+                  "hostile": [[r.id, r.label, r.error_type] for r in more]}}))
 """
 
 
@@ -482,5 +625,8 @@ def test_as_an_ordinary_user_the_process_cap_and_sweep_still_hold() -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report == {"uid": 65534, "labels": ["success", "runtime_error", "success"], "limit": "processes",
-                      "killed": 1}
+                      "killed": 1, "hostile": [["private", "success", None], ["lower-limit", "success", None],
+                                               ["limit-untouched", "success", None],
+                                               ["kill-zygote", "runtime_error", "SandboxLost"],
+                                               ["after", "success", None]]}
     assert sandbox_processes() == []

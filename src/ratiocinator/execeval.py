@@ -37,6 +37,8 @@ Without a final record (the process ended or was killed before the tests finishe
   memory_error   its stderr shows MemoryError, or it was SIGKILLed near the memory limit.
   runtime_error  otherwise: `SystemExit` when it exited with a status (os._exit(0) included:
                  exiting is never success), else the signal's name (`SIGSEGV`, ...).
+                 `SandboxLost` whatever the records say, when the zygote that forked the
+                 sandbox died mid-sample (as a normal user, a sample can kill it).
 An executed assertion is one whose condition was evaluated: `assert c, m` in the test code
 is rewritten to `assert <hook>(c), m`, and each top-level `check*`/`test*` function of the
 test code starts with a call to another hook. Asserts in the program never count. Checks
@@ -62,13 +64,24 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
-Sandbox, per sample: `python -I` in a new session, a fresh temp dir as cwd, HOME and
-TMPDIR, a minimal environment (PATH, a UTF-8 locale, a marker; nothing else of ours),
-stdin from /dev/null, stdout/stderr read continuously and kept to a bounded tail,
-RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in the child before any sample code runs, a wall-clock
-limit enforced by the parent, and at the end every process of the sandbox (its session,
-its process group, and processes carrying its environment marker or, as root, its uid)
-is SIGKILLed, whatever the sample did.
+Sandbox, per sample: a fresh fork of a zygote (below) in a new session, a fresh temp dir
+as cwd, HOME and TMPDIR, a minimal environment (PATH, a UTF-8 locale, a marker; nothing
+else of ours), its own /dev/null as stdin, stdout/stderr read continuously and kept to a
+bounded tail, no fd but those and its result pipe, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in
+the child before any sample code runs, a wall-clock limit enforced by the parent, and at
+the end every process of the sandbox is SIGKILLed and reaped, whatever the sample did.
+  Zygotes (`sandbox_child.serve`): one per worker, started once per `evaluate` call as
+`python -I` (as root when we are root, in its own session, with the minimal environment),
+which imports the harness and a few stdlib modules once and then forks one child per
+sample; the child confines itself exactly as a fresh interpreter did. This replaced a
+`python -I` start per sample (~25 ms of CPU, more than most samples take). A zygote
+never runs or reads sample code, so every sample starts from the same pristine
+interpreter state, never from a used process; samples of one worker share only its str
+hash seed. The zygote is a child subreaper, so every process a sample starts stays its
+descendant (setsid daemons whose parent exited included): it kills and reaps exactly that
+tree and reports the wait status and rusage. Should a zygote die, the sandbox is swept
+the old way: its session and process group, and processes carrying the zygote's
+environment marker or, as root, the sample's uid.
   As root, each concurrent sample runs as its own unprivileged uid (from SANDBOX_UID_BASE,
 claimed with lock files so concurrent evaluations do not share one) with no capabilities
 and no_new_privs, so RLIMIT_NPROC caps exactly that sample and it can signal nothing but
@@ -79,8 +92,11 @@ avoid that.
   As a normal user, RLIMIT_NPROC counts all of that user's tasks, so each sample's cap is
 the user's tasks at its start plus `max_processes`: concurrent samples share what is left,
 and a fork bomb can briefly make another sample's fork() fail. A deliberately hostile
-sample could also signal the evaluator (same uid); run as root, in a container or as a
-dedicated user for that.
+sample could also signal the evaluator or its zygote (same uid; the zygote is undumpable,
+so not ptrace, /proc/PID/mem or fds): a killed zygote labels its sample `SandboxLost` and
+is replaced, and one whose limits, priority, CPU affinity or scheduling policy were
+changed retires before its next fork. Run as root, in a container or as a dedicated user
+for hostile samples. As root, samples can do none of that to a zygote.
   Code that introspects the harness inside its own process could forge a record; the
 sandbox bounds what samples can do to the machine, it does not hide the harness from them.
 """
@@ -140,9 +156,9 @@ CHECKER_HOOK = "<ratiocinator checker>"
 CHECKER_PREFIXES = ("check", "test")
 DRAIN_S = 2.0
 KILL_S = 5.0
-# How long a zygote may take to kill and reap a sample's processes once asked (it gives up
-# killing after its own KILL_S and then waits for them).
-ZYGOTE_KILL_S = sandbox_child.KILL_S + 5.0
+# How long a zygote may take to kill and reap a sample's processes once asked, before it
+# is itself killed and the sample swept the slow way.
+ZYGOTE_KILL_S = KILL_S + 5.0
 
 
 class SandboxError(RatiocinatorError):
@@ -422,8 +438,23 @@ def _real_uid(pid: int) -> int | None:
 
 
 def _tasks_of_user(uid: int) -> int:
-    """Tasks (processes and threads, zombies included) owned by `uid`: what RLIMIT_NPROC counts."""
-    return sum(proc.threads for proc in _processes() if proc.owner == uid)
+    """Tasks (processes and threads, zombies included) owned by `uid`: what RLIMIT_NPROC counts.
+
+    Only the user's own processes have their stat read: this runs once per sample as a normal user.
+    """
+    tasks = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+        except OSError:
+            continue
+        data = _read_bytes(f"/proc/{name}/stat")
+        with suppress(IndexError, ValueError, AttributeError):
+            tasks += int(data[data.rfind(b")") + 2:].split()[17])
+    return tasks
 
 
 def _sweep(session: int | None, uid: int | None, marker: bytes) -> tuple[list[int], int]:
@@ -592,10 +623,13 @@ class _Identities:
 
     def close(self) -> None:
         """Stop the zygotes, sweep each uid once more (undumpable processes included), and unlock it."""
+        zygotes = [identity.zygote for identity in self._all if identity.zygote is not None]
+        for zygote in zygotes:
+            zygote.sock.close()  # all of them told first: each then ends in parallel
         for identity in self._all:
-            if identity.zygote is not None:
-                identity.zygote.close()
-                identity.zygote = None
+            identity.zygote = None
+        for zygote in zygotes:
+            zygote.close()
         for uid in self._claimed:
             _kill_uid(uid)
         for fd in self._locks:

@@ -6,11 +6,11 @@ worker: `python -I` in its own session, in `/`, with a minimal environment, as r
 the evaluator is root. It imports this module and the few stdlib modules a sample or a
 report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
 a private socketpair, the sample's sandbox dir, the write ends of its stdout, stderr and
-result pipes and an fd holding its job, and forks a child that becomes the sandbox. The zygote never runs,
-loads or reads sample code or sample data (the job comes in a memfd only the child reads), so
-every sample starts from the same pristine interpreter: a fork of the clean zygote,
-never of a used process. What the zygote learns of a sample is its pids, its wait
-status and its rusage.
+result pipes and an fd holding its job, and forks a child that becomes the sandbox. The
+zygote never runs, loads or reads sample code or sample data (the job comes in a memfd
+only the child reads), so every sample starts from the same pristine interpreter: a
+fork of the clean zygote, never of a used process. What the zygote learns of a sample
+is its pids, its wait status and its rusage.
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
@@ -58,6 +58,7 @@ import fcntl
 import gc
 import importlib
 import marshal
+import mmap
 import os
 import resource
 import select
@@ -72,7 +73,9 @@ from _json import encode_basestring_ascii
 HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
-# Freed before reporting a MemoryError, so the report itself can be built.
+# Address space freed before reporting a MemoryError, so the report itself can be built
+# under RLIMIT_AS. An anonymous mapping, never touched: a bytearray would be zero-filled,
+# faulting in 256 pages per sample (~1 ms).
 RESERVE_BYTES = 1024 * 1024
 MESSAGE_CHARS = 2000
 TRACEBACK_CHARS = 4000
@@ -81,12 +84,11 @@ SOURCE_LINE_CHARS = 500
 # The sample's fds in its sandbox: 0, 1, 2, and its private result pipe.
 RESULT_FD = 3
 # Imported by the zygote so that no sample pays for them: what the harness needs to report
-# an exception, and what generated code imports most (HumanEval's `from typing import List`).
-# Stdlib modules without per-process state (no RNG, no cached environment).
-PRELOAD = ("traceback", "linecache", "typing", "math", "re", "collections", "itertools", "functools", "heapq",
-           "bisect", "string")
-# How long the zygote keeps killing a sample's processes before it just waits for them.
-KILL_S = 5.0
+# an exception (traceback imports ast and unicodedata lazily, for its carets), and what
+# generated code imports most (HumanEval's `from typing import List`). Stdlib modules
+# without per-process state (no RNG, no cached environment).
+PRELOAD = ("traceback", "linecache", "ast", "unicodedata", "typing", "math", "re", "collections", "itertools",
+           "functools", "heapq", "bisect", "string")
 
 # The zygote's protocol: one datagram per message on a SOCK_SEQPACKET socketpair.
 REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: stdout, stderr and result pipe write ends, the job
@@ -148,6 +150,7 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def prctl(*args: int) -> None:
+    """prctl(2), which Python does not wrap; raises OSError on failure."""
     # Always five arguments: some options reject nonzero leftovers in the unused ones.
     padded = (args + (0, 0, 0, 0))[:5]
     if LIBC.prctl(*(ctypes.c_ulong(a) for a in padded)) != 0:
@@ -269,7 +272,7 @@ def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
 
 def run_sample(job: dict, harness_pid: int) -> dict:
     """Run the program, the tests, then `check(entry_point)` when due; never raises."""
-    reserve = [bytearray(RESERVE_BYTES)]
+    reserve = [mmap.mmap(-1, RESERVE_BYTES)]
     tally = Tally()
     module = types.ModuleType("__main__")
     namespace = module.__dict__
@@ -456,31 +459,32 @@ def _end_sample(main: int) -> tuple[int, int, object]:
     """SIGKILL the sample's whole process tree and reap all of it; returns (others killed, wait status, rusage).
 
     Only the zygote's own unreaped descendants are signalled (their pids cannot be reused),
-    and the main process's group only while the main process is unreaped.
+    and the main process's group only while the main process is unreaped. Each killed
+    process's children become the zygote's, so the walk repeats until none is left. A
+    process that never dies (uninterruptible sleep) keeps it here: the parent then gives
+    up on this zygote, kills it and sweeps the sample the slow way.
     """
     killed: set[int] = set()
     status, usage = None, None
-    deadline = time.monotonic() + KILL_S
+    pause = 0.001
     while True:
-        if time.monotonic() < deadline:
-            for pid in _descendants(main):
-                killed.add(pid)
+        for pid in _descendants(main):
+            killed.add(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if status is None:
+            for kill in (os.killpg, os.kill):
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    kill(main, signal.SIGKILL)
                 except OSError:
                     pass
-            if status is None:
-                for kill in (os.killpg, os.kill):
-                    try:
-                        kill(main, signal.SIGKILL)
-                    except OSError:
-                        pass
         reaped = False
         while True:
             try:
-                # Past the deadline something will not die (uninterruptible sleep): wait for it.
-                pid, wait_status, rusage = os.wait4(-1, os.WNOHANG if time.monotonic() < deadline else 0)
-            except ChildProcessError:
+                pid, wait_status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:  # none left: the main process was reaped, and all the rest
                 return len(killed), status if status is not None else 0, usage
             if pid == 0:
                 break
@@ -488,7 +492,8 @@ def _end_sample(main: int) -> tuple[int, int, object]:
             if pid == main:
                 status, usage = wait_status, rusage
         if not reaped:
-            time.sleep(0.001)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _exited(pid: int) -> bool:
@@ -529,10 +534,12 @@ def _await_end(control: socket.socket, pid: int) -> tuple[bool, bool]:
             os.close(pidfd)
 
 
+RLIMITS = tuple(getattr(resource, name) for name in sorted(dir(resource)) if name.startswith("RLIMIT_"))
+
+
 def _inheritable_state() -> tuple:
     """What forks inherit and a same-uid process could change from outside: limits, priority, CPUs, policy."""
-    limits = tuple(resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource))
-                   if name.startswith("RLIMIT_"))
+    limits = tuple(resource.getrlimit(which) for which in RLIMITS)
     return limits, os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), os.sched_getscheduler(0)
 
 
@@ -543,7 +550,17 @@ def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0, u
 
 
 def serve(control_fd: int) -> None:
-    """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code."""
+    """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code.
+
+    Leaves with os._exit, without the interpreter's finalization, once the parent closes its end.
+    """
+    try:
+        _serve(control_fd)
+    finally:
+        os._exit(0)
+
+
+def _serve(control_fd: int) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     # Everything the zygote holds goes to the permanent generation: a fork's garbage
@@ -557,7 +574,7 @@ def serve(control_fd: int) -> None:
     _reply(control, READY)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(control, 4096, 3)
+            message, fds, _, _ = socket.recv_fds(control, 4096, REQUEST_FDS)
         except OSError:
             return
         if not message:
