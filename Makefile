@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench bench-report clean
+.PHONY: run test bench bench-report bench-exec-eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(VENV)/.installed-test
 
 bench-report: $(VENV)/.installed-test
 	$(BIN)/python bench/report.py
+
+bench-exec-eval: $(VENV)/.installed-test
+	$(BIN)/python bench/exec_eval.py
 
 clean:
 	rm -rf $(VENV) .ratiocinator
