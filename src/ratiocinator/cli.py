@@ -530,5 +530,69 @@ def _goal(spec_text: str) -> str | None:
     return data.get("goal_metric") if isinstance(data, dict) else None
 
 
+# -- autoresearch: the keep/discard loop over an agent's code edits --------------------
+
+ProgramArg = Annotated[Path, typer.Argument(help="autoresearch program (YAML)", show_default=False)]
+
+
+@app.command()
+@friendly
+def autoresearch(
+    program: ProgramArg,
+    max_iterations: Annotated[int | None, typer.Option("--max-iterations", min=0,
+                                                       help="stop after this many agent attempts in all (overrides the program)")] = None,
+) -> None:
+    """Edit, check, commit, run, keep or discard — until stopped; the same command resumes."""
+    from .autoresearch import AutoResearch, load_program
+
+    loaded = load_program(program)
+    outcome = AutoResearch(loaded, state.home, max_iterations=max_iterations,
+                           echo=lambda line: out.print(line, markup=False)).run()
+    best = "" if outcome.best_metric is None else f"; best {loaded.program.metric.name} {outcome.best_metric:.6f} at {(outcome.best_commit or '')[:7]}"
+    out.print(f"autoresearch {outcome.tag}: {outcome.status} — {outcome.reason}{best}", markup=False)
+    out.print(f"report: {outcome.report_dir / 'report.md'} (results.tsv, progress.png beside it)", markup=False)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command("autoresearch-log")
+@friendly
+def autoresearch_log(
+    program: ProgramArg,
+    as_json: Annotated[bool, typer.Option("--json", help="every attempt as JSON, diffs included")] = False,
+    apply: Annotated[int | None, typer.Option("--apply", metavar="ATTEMPT", help="recreate this attempt id as a new branch")] = None,
+    branch: Annotated[str | None, typer.Option("--branch", help="name of the branch --apply creates")] = None,
+) -> None:
+    """Every attempt of a session from the ledger; --apply ID --branch NAME recreates any of them."""
+    from rich.markup import escape
+
+    from .autoresearch import load_program
+    from .autoresearch.log import apply_attempt, open_session, session_record
+
+    loaded = load_program(program)
+    if (apply is None) != (branch is None):
+        raise UsageError("--apply and --branch go together: --apply ATTEMPT_ID --branch NEW_BRANCH")
+    store, session = open_session(loaded, state.home)
+    try:
+        if apply is not None and branch is not None:
+            commit = apply_attempt(store, session, apply, branch)
+            out.print(f"branch {branch} at {commit[:12]}: attempt {apply} applied to its parent", markup=False)
+            return
+        attempts = store.attempts(session.id)
+        if as_json:
+            print(json.dumps(session_record(session, attempts), indent=2))
+            return
+        name = loaded.program.metric.name
+        table = Table(title=f"autoresearch {session.tag} ({session.status}) on {session.branch}", title_justify="left",
+                      box=None, pad_edge=False)
+        for column in ("id", "#", "worker", "status", name, "commit", "hypothesis"):
+            table.add_column(column)
+        for a in attempts:
+            table.add_row(str(a.id), str(a.iteration), str(a.worker), a.status, "" if a.metric is None else f"{a.metric:.6f}",
+                          (a.commit_sha or "")[:7], escape("baseline" if a.is_baseline else a.hypothesis))
+        out.print(table)
+    finally:
+        store.close()
+
+
 def main() -> None:
     app()

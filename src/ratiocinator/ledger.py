@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -155,6 +155,68 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     created_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS llm_calls_by_experiment ON llm_calls(experiment_id, stage, iteration, ordinal);
+
+-- Autoresearch (`ratiocinator autoresearch`): one session per run tag, every attempt of
+-- every worker with its full diff, and the money each run reserved and spent. Methods are
+-- in ratiocinator.autoresearch.store.
+CREATE TABLE IF NOT EXISTS ar_sessions (
+    id             INTEGER PRIMARY KEY,
+    tag            TEXT NOT NULL UNIQUE,
+    repo           TEXT NOT NULL,
+    branch         TEXT NOT NULL,
+    base_branch    TEXT NOT NULL,
+    base_commit    TEXT NOT NULL,
+    program_path   TEXT NOT NULL,
+    program_text   TEXT NOT NULL,
+    program_sha256 TEXT NOT NULL,
+    protected_json TEXT NOT NULL DEFAULT '{}',
+    best_commit    TEXT,
+    best_attempt   INTEGER,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS ar_attempts (
+    id             INTEGER PRIMARY KEY,
+    session_id     INTEGER NOT NULL REFERENCES ar_sessions(id),
+    worker         INTEGER NOT NULL,
+    iteration      INTEGER NOT NULL,
+    parent_commit  TEXT NOT NULL,
+    commit_sha     TEXT,
+    agent_ref      TEXT NOT NULL DEFAULT '',
+    hypothesis     TEXT NOT NULL DEFAULT '',
+    diff           BLOB NOT NULL DEFAULT x'',
+    status         TEXT NOT NULL,
+    metric         REAL,
+    secondary_json TEXT NOT NULL DEFAULT '{}',
+    values_json    TEXT NOT NULL DEFAULT '[]',
+    log_tail       TEXT NOT NULL DEFAULT '',
+    log_path       TEXT NOT NULL DEFAULT '',
+    pid            INTEGER,
+    pid_start      INTEGER,
+    started_at     REAL NOT NULL,
+    ended_at       REAL,
+    agent_s        REAL,
+    run_s          REAL NOT NULL DEFAULT 0,
+    cost           REAL NOT NULL DEFAULT 0,
+    reason         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS ar_attempts_by_session ON ar_attempts(session_id, iteration);
+
+CREATE TABLE IF NOT EXISTS ar_charges (
+    id          INTEGER PRIMARY KEY,
+    session_id  INTEGER NOT NULL REFERENCES ar_sessions(id),
+    attempt_id  INTEGER REFERENCES ar_attempts(id),
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reserved    REAL NOT NULL,
+    settled     REAL,
+    created_at  REAL NOT NULL,
+    settled_at  REAL
+);
+CREATE INDEX IF NOT EXISTS ar_charges_by_session ON ar_charges(session_id, state);
 """
 
 # Upgrades from each older schema version, applied in order inside one transaction.
@@ -163,6 +225,7 @@ MIGRATIONS: dict[int, str] = {
     2: "ALTER TABLE runs ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
        "ALTER TABLE runs ADD COLUMN transient INTEGER NOT NULL DEFAULT 0;",
     3: "",  # v3: the llm_calls table, created by SCHEMA
+    4: "",  # v4: the autoresearch tables (ar_sessions, ar_attempts, ar_charges), created by SCHEMA
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
