@@ -310,7 +310,12 @@ class Executor:
                 )
                 return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, cause)
             self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
-            exit_info, timed_out = await self._supervise(handle, stream)
+            try:
+                exit_info, timed_out = await self._supervise(handle, stream)
+            except LaunchFailure as exc:  # the backend lost the run's host mid-run
+                lost = Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
+                                 transient=exc.transient)
+                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, lost)
             return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
         except asyncio.CancelledError:
             if handle is not None:
@@ -339,6 +344,9 @@ class Executor:
             exit_info = await handle.wait()
         except asyncio.CancelledError:
             consumer.cancel()
+            raise
+        except LaunchFailure:  # the host is gone: its output() has ended too
+            await consumer
             raise
         # The runner is gone; whatever it left behind must not outlive it (nor hold its pipes open).
         await handle.reap_strays()

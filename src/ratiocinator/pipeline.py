@@ -70,6 +70,10 @@ class Paths:
 def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
     if loaded.spec.backend == "local":
         return LocalBackend(paths.home)
+    if loaded.spec.backend == "ssh":
+        from .backends.ssh import SshBackend  # asyncssh loads only for SSH experiments
+
+        return SshBackend(loaded.spec.hosts, paths.home)
     raise UsageError(f"{loaded.where('backend')}: backend '{loaded.spec.backend}' is not available")
 
 
@@ -540,7 +544,11 @@ def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
 
 
 def backend_price(loaded: LoadedSpec) -> float:
-    return loaded.spec.hardware.price_per_hour
+    """The price a run is charged at: the spec's, or on SSH hosts the dearest host's."""
+    spec = loaded.spec
+    if spec.backend == "ssh":
+        return max(h.price_per_hour if h.price_per_hour is not None else spec.hardware.price_per_hour for h in spec.hosts)
+    return spec.hardware.price_per_hour
 
 
 def _counts(ledger: Ledger, experiment_id: str) -> tuple[int, int]:

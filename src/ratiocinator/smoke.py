@@ -135,6 +135,10 @@ async def _smoke_one(
     timed_out = False
     try:
         exit_info = await asyncio.wait_for(asyncio.shield(handle.wait()), timeout_s)
+    except LaunchFailure as exc:  # the backend lost the host mid-run
+        await consumer
+        return SmokeOutcome(arm, Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
+                                           transient=exc.transient), series, run_dir, time.monotonic() - started)
     except asyncio.TimeoutError:
         timed_out = True
         await handle.cancel()

@@ -2,7 +2,7 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
+``extra_knobs``, ``hosts``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
 ``metrics.patterns``) are documented in the README. Unknown keys are errors, never silently dropped.
 
 ``search`` is what the offline (no-LLM) planner explores after iteration 1::
@@ -149,6 +149,39 @@ class Check(_Strict):
     allow_unchanged_knobs: list[str] = Field(
         [], description="knobs allowed to change nothing in trial mode (say, EPOCHS capped by the runner)"
     )
+
+
+class SshHost(_Strict):
+    """One machine of ``hosts:`` in the spec (``backend: ssh``); its private key never leaves this machine."""
+
+    host: str = Field(description="name or address to connect to")
+    port: int = Field(22, ge=1, le=65535)
+    user: str | None = Field(None, description="login name; default: the SSH config's or the local user")
+    identity_file: str | None = Field(None, description="private key to log in with (stays local); default: agent and ~/.ssh/id_*")
+    known_hosts: str | None = Field(None, description="known_hosts file to trust; default ~/.ssh/known_hosts")
+    trust_on_first_use: bool = Field(False, description="pin an unknown host key on first connect in <home>/ssh_known_hosts")
+    workdir: str = Field("~/.ratiocinator", description="base directory on the host (checkouts, venvs, runs)")
+    slots: int = Field(1, ge=1, description="concurrent runs on this host")
+    gpus: list[int] | None = Field(None, description="GPU indices runs may be pinned to (CUDA_VISIBLE_DEVICES)")
+    python: str = Field("python3", description="interpreter on the host for the launcher and the venvs")
+    price_per_hour: float | None = Field(None, ge=0, description="default: hardware.price_per_hour")
+    env_forward: list[str] = Field(["*"], description="glob patterns of orchestrator variables runs may see")
+
+    @field_validator("host", "python", "workdir")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip() or any(c in value for c in "\n\r\0"):
+            raise ValueError("must be a non-empty single line")
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.user + '@' if self.user else ''}{self.host}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH writes this host in known_hosts."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
 class Arm(_Strict):
@@ -332,7 +365,8 @@ class Spec(_Strict):
     replicates: PositiveInt = 3
     seed_env: str | None = None
     concurrency: PositiveInt | None = None
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ssh"] = "local"
+    hosts: list[SshHost] = []
     extra_knobs: list[str] = []
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
@@ -417,6 +451,10 @@ class Spec(_Strict):
             raise ValueError("design 'ablation' varies one factor at a time from the baseline: set baseline: {FACTOR: value, ...}")
         if self.seed_env and any(self.seed_env in arm.env for arm in self.arms):
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; arms must not set it")
+        if self.backend == "ssh" and not self.hosts:
+            raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
+        if self.backend != "ssh" and self.hosts:
+            raise ValueError("hosts: is only used with backend: ssh")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
         return self
