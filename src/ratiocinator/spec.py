@@ -33,9 +33,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import SpecError
 from .llm.config import LlmConfig
-from .specfile import Loc, format_validation_error, line_for, load_yaml_with_lines
+from .specfile import Loc, format_validation_error, line_for, read_mapping
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+\-]{0,99}$")
@@ -487,19 +486,7 @@ class LoadedSpec:
 def load_spec(path: str | Path) -> LoadedSpec:
     """Read, parse and validate a spec file; every failure is a SpecError (exit 2)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: the spec is not UTF-8 text (byte {exc.start})") from None
-    data, lines = load_yaml_with_lines(text, path)
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}:1: the spec must be a mapping of keys to values, got {type(data).__name__}")
+    raw, text, data, lines = read_mapping(path, "spec")
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:

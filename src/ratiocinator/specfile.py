@@ -26,6 +26,24 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that keeps the node tree so marks survive construction."""
 
 
+def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dict[Loc, int]]:
+    """A YAML file that must be a mapping: its bytes, text, data and key lines; errors say which file and why."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: the {what} is not UTF-8 text (byte {exc.start})") from None
+    data, lines = load_yaml_with_lines(text, path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: the {what} must be a mapping of keys to values, got {type(data).__name__}")
+    return raw, text, data, lines
+
+
 def load_yaml_with_lines(text: str, path: Path) -> tuple[Any, dict[Loc, int]]:
     """Parse ``text`` and return (data, {location path: 1-based line})."""
     try:

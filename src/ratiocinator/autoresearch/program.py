@@ -36,7 +36,7 @@ from pydantic import (
 
 from ..errors import SpecError
 from ..llm.config import LlmConfig
-from ..specfile import Loc, format_validation_error, line_for, load_yaml_with_lines
+from ..specfile import Loc, format_validation_error, line_for, read_mapping
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]*$")
@@ -247,19 +247,7 @@ class LoadedProgram:
 def load_program(path: str | Path) -> LoadedProgram:
     """Read, parse and validate a program file; every failure is a SpecError (exit 2)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: program file not found") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the program: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: the program is not UTF-8 text (byte {exc.start})") from None
-    data, lines = load_yaml_with_lines(text, path)
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}:1: the program must be a mapping of keys to values, got {type(data).__name__}")
+    raw, text, data, lines = read_mapping(path, "program")
     try:
         program = Program.model_validate(data)
     except ValidationError as exc:

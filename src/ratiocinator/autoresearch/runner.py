@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends.local import process_start_time
 from ..metrics import LineSplitter, MetricSummary, make_parser
 from .program import Metric
 
@@ -47,20 +48,6 @@ class RunOutcome:
     duration_s: float = 0.0
     log_tail: str = ""
     reason: str = ""
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks since boot (/proc/PID/stat field 22): tells PID reuse apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
