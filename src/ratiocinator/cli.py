@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -351,6 +352,7 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
                 f"${spent:.4f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(exp.updated_at)),
             )
         out.print(table if table.row_count else "no experiments yet")
+        _print_live_instances(ledger)
         return
     exp = ledger.find_experiment(experiment)
     spent, reserved = ledger.money(exp.id)
@@ -528,6 +530,42 @@ def _goal(spec_text: str) -> str | None:
     except yaml.YAMLError:
         return None
     return data.get("goal_metric") if isinstance(data, dict) else None
+
+
+def _print_live_instances(ledger: Ledger) -> int:
+    """Rented instances still alive per the ledger, with age and cost so far; how many."""
+    from . import instances as inst
+
+    live = inst.rows(ledger, live=True)
+    now = time.time()
+    for row in live:
+        age = now - row.created_at
+        out.print(f"instance {row.id}  {row.provider}:{row.provider_id or '?'}  {row.gpu_name or '?'}  ${row.dph:g}/h"
+                  f"  {row.state}  age {age / 60:.1f} min  ~${row.dph * age / 3600:.4f} so far"
+                  f"  deadline {time.strftime('%H:%M:%S', time.localtime(row.deadline)) if row.deadline else '-'}",
+                  markup=False)
+    return len(live)
+
+
+@app.command("instances")
+@friendly
+def instances_cmd(
+    reap: Annotated[bool, typer.Option("--reap", help="destroy every rented instance the ledger knows is live")] = False,
+) -> None:
+    """Rented instances the ledger knows are live, with age and cost so far; --reap destroys them all."""
+    from . import instances as inst
+    from .spec import VastConfig
+
+    ledger = _ledger()
+    if not _print_live_instances(ledger):
+        out.print("no live instances")
+    if reap:
+        api = inst.VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
+        results = inst.reap(ledger, api)
+        for r in results:
+            out.print(f"{r.provider_id or '-'}: {r.outcome} {r.detail}", markup=False)
+        if any(r.outcome == "error" for r in results):
+            raise typer.Exit(1)
 
 
 # -- autoresearch: the keep/discard loop over an agent's code edits --------------------

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -217,6 +217,29 @@ CREATE TABLE IF NOT EXISTS ar_charges (
     settled_at  REAL
 );
 CREATE INDEX IF NOT EXISTS ar_charges_by_session ON ar_charges(session_id, state);
+
+-- Every rented machine (instances.py), written before the rent call so a crash never
+-- leaves an instance the ledger does not know; `instances --reap` destroys the live ones.
+CREATE TABLE IF NOT EXISTS instances (
+    id            INTEGER PRIMARY KEY,
+    experiment_id TEXT,
+    provider      TEXT NOT NULL,
+    provider_id   TEXT,
+    label         TEXT NOT NULL,
+    offer_json    TEXT NOT NULL DEFAULT '{}',
+    gpu_name      TEXT NOT NULL DEFAULT '',
+    dph           REAL NOT NULL,
+    state         TEXT NOT NULL,
+    deadline      REAL NOT NULL,
+    created_at    REAL NOT NULL,
+    running_at    REAL,
+    destroyed_at  REAL,
+    cost          REAL,
+    cost_source   TEXT NOT NULL DEFAULT '',
+    charges_json  TEXT NOT NULL DEFAULT '[]',
+    note          TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS instances_by_state ON instances(state);
 """
 
 # Upgrades from each older schema version, applied in order inside one transaction.
@@ -226,6 +249,7 @@ MIGRATIONS: dict[int, str] = {
        "ALTER TABLE runs ADD COLUMN transient INTEGER NOT NULL DEFAULT 0;",
     3: "",  # v3: the llm_calls table, created by SCHEMA
     4: "",  # v4: the autoresearch tables (ar_sessions, ar_attempts, ar_charges), created by SCHEMA
+    5: "",  # v5: the instances table (rented machines), created by SCHEMA
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and

@@ -74,6 +74,11 @@ def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
         from .backends.ssh import SshBackend  # asyncssh loads only for SSH experiments
 
         return SshBackend(loaded.spec.hosts, paths.home)
+    if loaded.spec.backend == "vast":
+        from .backends.vast import VastBackend, VastSettings
+
+        settings = VastSettings(**loaded.spec.vast.model_dump()) if loaded.spec.vast else VastSettings()
+        return VastBackend(paths.home, settings=settings)
     raise UsageError(f"{loaded.where('backend')}: backend '{loaded.spec.backend}' is not available")
 
 
@@ -266,6 +271,12 @@ class Research:
         spec = self.spec
         exp_id = experiment.id
         price = backend_price(self.loaded)
+        if backend.name == "vast":  # rented instances: charge this experiment, and destroy what a dead run left
+            from . import instances
+
+            backend.bind(ledger, exp_id)  # type: ignore[attr-defined]
+            for reaped in instances.reconcile_at_startup(ledger, backend.api, exp_id):  # type: ignore[attr-defined]
+                ledger.event(exp_id, "instance_reaped", f"{reaped.provider_id}: {reaped.outcome}", detail=reaped.detail)
         if resumed:
             n = reconcile(ledger, backend, experiment, price, spec.train_timeout_s)
             self.progress.message(f"resuming {exp_id}" + (f" ({n} interrupted run(s) will run again)" if n else ""))

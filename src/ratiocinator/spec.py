@@ -2,7 +2,7 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``hosts``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
+``extra_knobs``, ``hosts``, ``vast``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
 ``metrics.patterns``) are documented in the README. Unknown keys are errors, never silently dropped.
 
 ``search`` is what the offline (no-LLM) planner explores after iteration 1::
@@ -181,6 +181,23 @@ class SshHost(_Strict):
     def known_hosts_name(self) -> str:
         """How OpenSSH writes this host in known_hosts."""
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+class VastConfig(_Strict):
+    """Renting on the Vast.ai marketplace (``backend: vast``); the key comes from ``VAST_API_KEY``."""
+
+    base_url: str = "https://console.vast.ai/api/v0"
+    instances: PositiveInt | None = Field(None, description="instances rented for the experiment (default: concurrency / slots_per_instance)")
+    slots_per_instance: PositiveInt = 1
+    boot_timeout_s: float = Field(600.0, gt=0, description="an instance not reachable by SSH by then is destroyed")
+    setup_allowance_s: float = Field(900.0, ge=0, description="clone and deps, paid once per instance")
+    work_s: float | None = Field(None, gt=0, description="billed work per instance (default: its share of runs × train_timeout_s)")
+    min_reliability: float = Field(0.95, ge=0, le=1)
+    verified: bool = True
+    allow_mixed_gpus: bool = False
+    ssh_user: str = "root"
+    workdir: str = "~/.ratiocinator"
+    storage_per_gb_month: float = Field(0.10, ge=0)
 
 
 class Arm(_Strict):
@@ -364,8 +381,9 @@ class Spec(_Strict):
     replicates: PositiveInt = 3
     seed_env: str | None = None
     concurrency: PositiveInt | None = None
-    backend: Literal["local", "ssh"] = "local"
+    backend: Literal["local", "ssh", "vast"] = "local"
     hosts: list[SshHost] = []
+    vast: VastConfig | None = None
     extra_knobs: list[str] = []
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
@@ -454,6 +472,8 @@ class Spec(_Strict):
             raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
         if self.backend != "ssh" and self.hosts:
             raise ValueError("hosts: is only used with backend: ssh")
+        if self.backend != "vast" and self.vast is not None:
+            raise ValueError("vast: is only used with backend: vast")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
         return self

@@ -1,0 +1,454 @@
+"""The Vast.ai backend (``backend: vast``): rent the cheapest matching offers, then run over SSH.
+
+* **Offers** are searched with every hardware field of the spec (plus reliability and
+  verified), cheapest first; all instances of an experiment share one GPU model unless
+  ``allow_mixed_gpus``.
+* **Money**: an instance's worst case is its price × its TTL (boot + setup + the work it
+  may do); that is reserved against ``max_dollars`` before the rent call, and settled at
+  destroy time with the provider's billing when it answers, else lifetime × price. The
+  instance cost is the truth for the experiment, so the host's ``price_per_hour`` is 0:
+  per-run reservations would count the same dollars twice.
+* **Safety**: the ledger row exists before the rent call (see `instances`); the instance
+  runs a watchdog from ``onstart`` that destroys it at its deadline even if the
+  orchestrator is killed; `release` destroys, and so does an ``atexit`` hook.
+* **Reuse**: the instances are rented once per experiment; boot, clone and deps are paid
+  once per instance; every later step is the SSH backend's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import math
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .. import instances as inst
+from ..errors import BackendError
+from ..ledger import Ledger
+from ..spec import LoadedSpec, SshHost
+from .base import (Backend, ExitInfo, HardwareFinding, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Stream,
+                   Workspace)
+from .ssh import SshBackend, SshSlot
+
+
+@dataclass(frozen=True)
+class VastSettings:
+    """The ``vast:`` block of a spec (integration pending); defaults follow Vast's usual figures."""
+
+    base_url: str = inst.DEFAULT_BASE_URL
+    instances: int | None = None  # default: ceil(concurrency / slots_per_instance), else 1
+    slots_per_instance: int = 1
+    boot_timeout_s: float = 600.0
+    setup_allowance_s: float = 900.0  # clone + deps, paid once per instance
+    work_s: float | None = None  # billed work per instance; default: its share of the spec's runs × train_timeout_s
+    min_reliability: float = 0.95
+    verified: bool = True
+    allow_mixed_gpus: bool = False
+    ssh_user: str = "root"
+    workdir: str = "~/.ratiocinator"  # on the instance
+    storage_per_gb_month: float = 0.10  # $/GB/month, Vast's typical storage rate
+    poll_s: float = 5.0
+    ssh_probe_s: float = 5.0  # how long one SSH attempt may take while the instance boots
+
+
+@dataclass(frozen=True)
+class VastSlot(SshSlot):
+    """A slot that names the instance and its GPU model, so each run's ledger row says what it ran on."""
+
+    instance: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.instance}/{SshSlot.label.fget(self)}"  # type: ignore[attr-defined]
+
+
+def offer_query(loaded: LoadedSpec, settings: VastSettings) -> dict[str, Any]:
+    """The ``POST /bundles/`` query for the spec's hardware: every field becomes a filter."""
+    hw = loaded.spec.hardware
+    q: dict[str, Any] = {"rentable": {"eq": True}, "rented": {"eq": False}, "type": "on-demand",
+                         "order": [["dph_total", "asc"]], "num_gpus": {"gte": max(hw.num_gpus, 1)},
+                         "reliability2": {"gte": settings.min_reliability}}
+    if settings.verified:
+        q["verified"] = {"eq": True}
+    if hw.gpu:
+        q["gpu_name"] = {"eq": hw.gpu}
+    if hw.min_cpu_ram_gb is not None:
+        q["cpu_ram"] = {"gte": hw.min_cpu_ram_gb * 1024}  # MB
+    if hw.min_inet_down is not None:
+        q["inet_down"] = {"gte": hw.min_inet_down}
+    if hw.min_cuda_version is not None:
+        q["cuda_max_good"] = {"gte": float(".".join(hw.min_cuda_version.split(".")[:2]))}
+    if hw.max_dph is not None:
+        q["dph_total"] = {"lte": hw.max_dph}
+    if hw.disk_gb is not None:
+        q["disk_space"] = {"gte": hw.disk_gb}
+    return q
+
+
+def matches(offer: dict[str, Any], query: dict[str, Any]) -> bool:
+    """Re-check an offer against the query locally: a marketplace answer is not trusted blindly."""
+    for key, cond in query.items():
+        if not isinstance(cond, dict):
+            continue
+        value = offer.get(key)
+        for op, want in cond.items():
+            if value is None:
+                return False
+            if (op == "eq" and value != want) or (op == "gte" and value < want) or (op == "lte" and value > want):
+                return False
+    return True
+
+
+def pick_offers(offers: list[dict[str, Any]], n: int, allow_mixed: bool) -> list[dict[str, Any]]:
+    """The n cheapest offers; without mixing, from the GPU model whose n cheapest cost least in total."""
+    offers = sorted(offers, key=lambda o: float(o.get("dph_total", math.inf)))
+    if allow_mixed:
+        return offers[:n]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for o in offers:
+        by_model.setdefault(str(o.get("gpu_name")), []).append(o)
+    full = [group[:n] for group in by_model.values() if len(group) >= n]
+    if not full:
+        return []
+    return min(full, key=lambda g: sum(float(o["dph_total"]) for o in g))
+
+
+def watchdog(deadline: float, label: str) -> str:
+    """The ``onstart`` script: destroy this instance at ``deadline`` (re-read from a file, so it can be extended).
+
+    Vast exposes ``CONTAINER_ID`` and ``CONTAINER_API_KEY`` inside instances; when the API call
+    fails the container is stopped instead (``kill 1``), which at least ends GPU billing.
+    """
+    return (
+        f"echo {int(deadline)} > /root/.ratiocinator_deadline; echo {label} > /root/.ratiocinator_label; "
+        "(while [ \"$(date +%s)\" -lt \"$(cat /root/.ratiocinator_deadline)\" ]; do sleep 15; done; "
+        "curl -s -X DELETE -H \"Authorization: Bearer $CONTAINER_API_KEY\" "
+        "\"https://console.vast.ai/api/v0/instances/$CONTAINER_ID/\" || true; sleep 30; kill 1) "
+        f">/dev/null 2>&1 & # RC_DEADLINE={int(deadline)}"
+    )
+
+
+@dataclass
+class _Rented:
+    row_id: int
+    provider_id: str
+    offer: dict[str, Any]
+    ssh: SshHost | None = None
+
+
+class VastRunHandle(RunHandle):
+    """The SSH handle, plus: a host that stops answering is checked with the API; gone means ``lost``."""
+
+    def __init__(self, inner: RunHandle, backend: VastBackend, rented: _Rented) -> None:
+        self.inner, self.backend, self.rented = inner, backend, rented
+        self.pid, self.pid_start = inner.pid, inner.pid_start
+
+    def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        return self.inner.output()
+
+    async def wait(self) -> ExitInfo:
+        try:
+            return await self.inner.wait()
+        except LaunchFailure as exc:
+            if await self.backend._vanished(self.rented):
+                raise LaunchFailure(f"instance {self.rented.provider_id} vanished mid-run ({exc})", transient=True,
+                                    failure="infra") from None
+            raise
+
+    async def cancel(self, grace_s: float = 5.0) -> None:
+        await self.inner.cancel(grace_s)
+
+    async def reap_strays(self) -> None:
+        await self.inner.reap_strays()
+
+
+class VastBackend(Backend):
+    name = "vast"
+
+    def __init__(self, home: Path, *, settings: VastSettings | None = None, api_key: str | None = None,
+                 experiment_id: str | None = None, ledger: Ledger | None = None, ssh_options: dict[str, Any] | None = None) -> None:
+        self.home = Path(home).expanduser().resolve()
+        self.settings = settings or VastSettings()
+        key = api_key if api_key is not None else os.environ.get("VAST_API_KEY", "")
+        self.api = inst.VastApi(key, self.settings.base_url)
+        self._ledger = ledger
+        self.experiment_id = experiment_id
+        self.ssh_options = ssh_options or {}
+        self.rented: list[_Rented] = []
+        self.ssh: SshBackend | None = None
+        self.storage_dph = 0.0
+        self.notes: list[str] = []
+        atexit.register(self._destroy_all_sync)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def bind(self, ledger: Ledger, experiment_id: str) -> None:
+        """Charges and instance rows belong to this experiment (pipeline calls this before acquire)."""
+        self._ledger, self.experiment_id = ledger, experiment_id
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.home / "ledger.db")
+        return self._ledger
+
+    def _bound_experiment(self, loaded: LoadedSpec) -> str:
+        if self.experiment_id is None:  # not bound: the running experiment of this spec
+            for exp in reversed(self.ledger.experiments()):
+                if exp.status == "running" and exp.spec_sha256 == loaded.sha256:
+                    self.experiment_id = exp.id
+                    break
+        if self.experiment_id is None:
+            raise BackendError("the vast backend needs its experiment to reserve money against",
+                               hint="call backend.bind(ledger, experiment_id) before acquire()")
+        return self.experiment_id
+
+    def ssh_key(self) -> Path:
+        """This home's own key pair for instances; only the .pub is ever sent to Vast."""
+        key = self.home / "vast" / "id_ed25519"
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ratiocinator-vast", "-f", str(key)],
+                           check=True)
+        return key
+
+    # -- hardware ------------------------------------------------------------------------
+
+    def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
+        hw = loaded.spec.hardware
+        query = offer_query(loaded, self.settings)
+        try:
+            offers = [o for o in self.api.search_offers(query) if matches(o, query)]
+        except BackendError as exc:
+            return [HardwareFinding("offers", "unknown", f"offer search failed: {exc}")]
+        n = self._instance_count(loaded)
+        picked = pick_offers(offers, n, self.settings.allow_mixed_gpus)
+        out = []
+        fields = {"gpu": hw.gpu, "num_gpus": hw.num_gpus or None, "min_cpu_ram_gb": hw.min_cpu_ram_gb,
+                  "min_inet_down": hw.min_inet_down, "min_cuda_version": hw.min_cuda_version, "max_dph": hw.max_dph,
+                  "disk_gb": hw.disk_gb}
+        detail = (f"{len(offers)} matching offer(s); cheapest {picked[0]['gpu_name']} at ${picked[0]['dph_total']:g}/h"
+                  if picked else f"no {n} offer(s) match (one GPU model unless allow_mixed_gpus): {query}")
+        for name, value in fields.items():
+            if value is not None:
+                out.append(HardwareFinding(name, "ok" if picked else "unmet", detail))
+        if hw.image:
+            out.append(HardwareFinding("image", "ok", f"instances run {hw.image}"))
+        if not out or not picked:
+            out.append(HardwareFinding("offers", "ok" if picked else "unmet", detail))
+        return out
+
+    def _instance_count(self, loaded: LoadedSpec) -> int:
+        if self.settings.instances:
+            return self.settings.instances
+        return math.ceil((loaded.spec.concurrency or 1) / self.settings.slots_per_instance)
+
+    def ttl_s(self, loaded: LoadedSpec, n_instances: int) -> float:
+        """An instance's whole life: boot + setup + its share of the runs (every attempt)."""
+        spec = loaded.spec
+        work = self.settings.work_s
+        if work is None:
+            runs = max(len(spec.arms), 1) * spec.replicates * spec.failure_policy.max_attempts * spec.max_iterations
+            waves = math.ceil(runs / (n_instances * self.settings.slots_per_instance))
+            work = waves * spec.train_timeout_s
+        return self.settings.boot_timeout_s + self.settings.setup_allowance_s + work
+
+    # -- acquire -------------------------------------------------------------------------
+
+    async def acquire(self, loaded: LoadedSpec) -> Host:
+        exp_id = self._bound_experiment(loaded)
+        n = self._instance_count(loaded)
+        query = offer_query(loaded, self.settings)
+        offers = [o for o in await asyncio.to_thread(self.api.search_offers, query) if matches(o, query)]
+        picked = pick_offers(offers, n, self.settings.allow_mixed_gpus)
+        if not picked:
+            raise BackendError(f"no Vast.ai offer matches the spec's hardware ({len(offers)} offer(s) for {n} instance(s),"
+                               f" one GPU model each unless allow_mixed_gpus); query: {query}",
+                               hint="relax hardware (gpu, max_dph, min_cuda_version, ...) or vast.min_reliability")
+        disk = loaded.spec.hardware.disk_gb or 32.0
+        self.storage_dph = disk * self.settings.storage_per_gb_month / (30 * 24)
+        ttl = self.ttl_s(loaded, len(picked))
+        try:
+            await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk) for offer in picked))
+            slots, info = await self._connect(loaded)
+        except BaseException:
+            await self._destroy_all("acquire failed")
+            raise
+        names = ",".join(f"{r.provider_id}:{r.offer.get('gpu_name')}" for r in self.rented)
+        return Host(name=f"vast:{names}", slots=slots, price_per_hour=0.0, info=info)
+
+    async def _rent(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float, disk: float) -> None:
+        dph = float(offer["dph_total"])
+        worst = (dph + self.storage_dph) * ttl / 3600.0
+        charge = self.ledger.reserve(exp_id, amount=worst, limit=loaded.spec.max_dollars, kind="instance",
+                                     note=f"vast offer {offer['id']} {offer.get('gpu_name')} ${dph:g}/h × TTL {ttl:g}s")
+        if charge is None:
+            spent, reserved = self.ledger.money(exp_id)
+            raise BackendError(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s could cost ${worst:.2f};"
+                               f" max_dollars ${loaded.spec.max_dollars:g} has ${spent:.2f} spent and ${reserved:.2f} reserved",
+                               hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
+        deadline = time.time() + ttl
+        row = inst.record_requested(self.ledger, experiment_id=exp_id, provider="vast", offer=offer, deadline=deadline,
+                                    charges=[charge])
+        rented = _Rented(row.id, "", offer)
+        self.rented.append(rented)
+        body = {"client_id": "me", "image": loaded.spec.hardware.image or "pytorch/pytorch:latest", "disk": disk,
+                "onstart": watchdog(deadline, row.label), "runtype": "ssh", "label": row.label}
+        rented.provider_id = str(await asyncio.to_thread(self.api.rent, int(offer["id"]), body))
+        inst.update(self.ledger, row.id, provider_id=rented.provider_id, state="booting")
+        pub = self.ssh_key().with_suffix(".pub").read_text()
+        await asyncio.to_thread(self.api.attach_ssh_key, rented.provider_id, pub)
+        boot_deadline = time.monotonic() + self.settings.boot_timeout_s
+        while True:
+            shown = await asyncio.to_thread(self.api.show, rented.provider_id)
+            if shown is None:
+                raise BackendError(f"instance {rented.provider_id} disappeared while booting")
+            if shown.get("actual_status") == "running" and shown.get("ssh_host") and shown.get("ssh_port"):
+                break
+            if time.monotonic() > boot_deadline:
+                raise BackendError(f"instance {rented.provider_id} did not boot within {self.settings.boot_timeout_s:g}s"
+                                   f" (status {shown.get('actual_status')!r}); destroyed",
+                                   hint="raise vast.boot_timeout_s, or exclude slow hosts with a higher min_reliability")
+            await asyncio.sleep(self.settings.poll_s)
+        gpus = list(range(int(offer.get("num_gpus", 0)))) if loaded.spec.hardware.num_gpus else None
+        rented.ssh = SshHost(host=str(shown["ssh_host"]), port=int(shown["ssh_port"]), user=self.settings.ssh_user,
+                             identity_file=str(self.ssh_key()), known_hosts=str(self.home / "vast" / "known_hosts"),
+                             trust_on_first_use=True, workdir=self.settings.workdir, slots=self.settings.slots_per_instance,
+                             gpus=gpus)
+        inst.update(self.ledger, row.id, state="running", running_at=time.time(), gpu_name=str(shown.get("gpu_name", "")))
+
+    async def _connect(self, loaded: LoadedSpec) -> tuple[tuple[Slot, ...], dict[str, str]]:
+        """SSH into every instance (sshd may come up after 'running'), then wrap the slots with the GPU model."""
+        hosts = [r.ssh for r in self.rented if r.ssh is not None]
+        self.ssh = SshBackend(hosts, self.home, **self.ssh_options)
+        for m in self.ssh.machines:
+            m.reconnect_budget_s, budget = min(self.settings.ssh_probe_s, m.reconnect_budget_s), m.reconnect_budget_s
+        deadline = time.monotonic() + self.settings.boot_timeout_s
+        while True:
+            try:
+                host = await self.ssh.acquire(loaded)
+                break
+            except BackendError as exc:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"SSH to the rented instance(s) failed for {self.settings.boot_timeout_s:g}s: {exc}",
+                                       hint="the instances were destroyed; check the image runs sshd (runtype ssh)") from None
+                await asyncio.sleep(self.settings.poll_s)
+        for m in self.ssh.machines:
+            m.reconnect_budget_s = budget
+        by_label = {r.ssh.label: r for r in self.rented if r.ssh is not None}
+        slots: list[Slot] = []
+        for s in host.slots:
+            assert isinstance(s, SshSlot)
+            r = by_label[s.machine]
+            slots.append(VastSlot(s.index, s.gpus, s.machine, f"vast{r.provider_id}:{r.offer.get('gpu_name')}"))
+        info = dict(host.info)
+        for r in self.rented:
+            info[f"vast {r.provider_id}"] = (f"{r.offer.get('gpu_name')} x{r.offer.get('num_gpus')} at"
+                                             f" ${r.offer.get('dph_total')}/h, offer {r.offer.get('id')}, ledger row {r.row_id}")
+        return tuple(slots), info
+
+    # -- the rest is SSH -----------------------------------------------------------------
+
+    def _require_ssh(self) -> SshBackend:
+        if self.ssh is None:
+            raise LaunchFailure("no instance is rented (acquire() did not run)", transient=False)
+        return self.ssh
+
+    async def prepare(self, host: Host, loaded: LoadedSpec, commit: str, *,
+                      on_output: Callable[[str], None] | None = None) -> Workspace:
+        return await self._require_ssh().prepare(host, loaded, commit, on_output=on_output)
+
+    async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
+        ssh = self._require_ssh()
+        machine = ssh._machine(request.slot)
+        rented = next(r for r in self.rented if r.ssh is not None and r.ssh.label == machine.config.label)
+        row = inst.get(self.ledger, rented.row_id)
+        if row.state not in ("running",):
+            raise LaunchFailure(f"instance {rented.provider_id} is {row.state}", transient=False, failure="infra")
+        try:
+            handle = await ssh.launch(host, replace(request, slot=request.slot))
+        except LaunchFailure as exc:
+            if await self._vanished(rented):
+                raise LaunchFailure(f"instance {rented.provider_id} vanished: {exc}", transient=True) from None
+            raise
+        return VastRunHandle(handle, self, rented)
+
+    async def _vanished(self, rented: _Rented) -> bool:
+        """Ask the API whether the instance still exists; a vanished one is marked ``lost`` and settled."""
+        try:
+            shown = await asyncio.to_thread(self.api.show, rented.provider_id)
+        except BackendError:
+            return False
+        if shown is not None and shown.get("actual_status") not in inst.DOWN_STATUSES:
+            return False
+        now = time.time()
+        inst.update(self.ledger, rented.row_id, state="lost", destroyed_at=now, note="vanished at the provider mid-run")
+        await asyncio.to_thread(inst.settle, self.ledger, inst.get(self.ledger, rented.row_id), self.api,
+                                end=now, storage_dph=self.storage_dph)
+        return True
+
+    async def release(self, host: Host) -> None:
+        if self.ssh is not None:
+            await self.ssh.release(host)
+        await self._destroy_all("work ended")
+
+    async def _destroy_all(self, why: str) -> None:
+        await asyncio.to_thread(self._destroy_all_sync, why)
+
+    def _destroy_all_sync(self, why: str = "orchestrator exiting") -> None:
+        """Destroy every instance this backend rented that is still live, and settle it (idempotent)."""
+        for rented in list(self.rented):
+            try:
+                row = inst.get(self.ledger, rented.row_id)
+            except Exception:  # noqa: BLE001 - the ledger closed at exit: the reaper will finish
+                continue
+            if row.state not in inst.LIVE_STATES:
+                continue
+            now = time.time()
+            if rented.provider_id:
+                inst.update(self.ledger, row.id, state="destroying")
+                try:
+                    self.api.destroy(rented.provider_id)
+                except BackendError as exc:
+                    self.notes.append(f"destroying {rented.provider_id} failed: {exc}; `ratiocinator instances --reap` retries")
+                    continue
+            inst.update(self.ledger, row.id, state="destroyed", destroyed_at=now, note=why)
+            _, source = inst.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
+                                    end=now, storage_dph=self.storage_dph)
+            if "unavailable" in source:
+                self.notes.append(f"instance {rented.provider_id}: cost from {source}")
+            if rented.ssh is not None:
+                _forget_host_key(self.home / "ssh_known_hosts", rented.ssh)
+
+    def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
+        """Runs die with their instance; the reaper destroys instances, so only a live SSH record can be killed."""
+        return (self.ssh or SshBackend([SshHost(host="unused")], self.home)).kill_orphan(pid, pid_start)
+
+
+def _forget_host_key(pin_file: Path, host: SshHost) -> None:
+    """A destroyed instance's SSH endpoint is reused by Vast for others: drop its pinned key."""
+    try:
+        lines = pin_file.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    name = host.known_hosts_name + " "
+    kept, skip_note = [], False
+    for line in reversed(lines):
+        if line.startswith(name):
+            skip_note = True
+            continue
+        if skip_note and line.startswith("# pinned on first use") and host.label in line:
+            skip_note = False
+            continue
+        skip_note = False
+        kept.append(line)
+    pin_file.write_text("".join(reversed(kept)))
+
+
+__all__ = ["VastBackend", "VastRunHandle", "VastSettings", "VastSlot", "offer_query", "pick_offers", "watchdog"]

@@ -1,0 +1,288 @@
+"""The Vast backend end to end: a fake Vast API on loopback (vastserver.py) whose instances'
+SSH endpoints are a real sshd (sshd.py), so rent → boot → deploy → run → destroy really happens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import Study
+from ratiocinator import instances as inst
+from ratiocinator.backends.vast import VastBackend, VastSettings, offer_query, pick_offers, watchdog
+from ratiocinator.errors import BackendError
+from ratiocinator.ledger import Ledger
+from ratiocinator.pipeline import Research
+from ratiocinator.spec import load_spec
+from sshd import Sshd, free_port, sshd  # noqa: F401 - the fixture
+from vastserver import API_KEY, FakeVast, VastServer, offer
+
+RUNNER = """
+#!/usr/bin/env bash
+set -euo pipefail
+echo 'METRICS: {"step": 1, "loss": 2.0}'
+if [ "${MODE:-fast}" = slow ]; then sleep "${SLEEP_S:-20}"; fi
+echo "METRICS: {\\"score\\": $(( ${BONUS:-0} + ${SEED:-0} ))}"
+"""
+
+
+@pytest.fixture
+def vast(sshd: Sshd) -> Iterator[VastServer]:
+    server = VastServer(FakeVast(ssh_port=sshd.port, authorized_keys=sshd.root / "authorized_keys"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _settings(server: VastServer, sshd: Sshd, study: Study, **fields: object) -> VastSettings:
+    base = VastSettings(base_url=server.url, boot_timeout_s=10, setup_allowance_s=60, poll_s=0.1, ssh_probe_s=2,
+                        ssh_user=sshd.user, workdir=str(study.root / "remote"))
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+def _backend(server: VastServer, sshd: Sshd, study: Study, **fields: object) -> VastBackend:
+    return VastBackend(study.home, settings=_settings(server, sshd, study, **fields), api_key=API_KEY,
+                       ssh_options={"reconnect_budget_s": 3, "connect_timeout_s": 5, "alive_check_s": 1})
+
+
+def _spec(study: Study, **fields: object) -> Path:
+    study.commit({"run.sh": RUNNER})
+    return study.spec(**{"seed_env": "SEED", "train_timeout_s": 60, "max_dollars": 5.0,
+                         "hardware": {"gpu": "RTX_4090", "num_gpus": 1, "min_cuda_version": "12.1", "max_dph": 1.0,
+                                      "disk_gb": 50, "min_cpu_ram_gb": 16, "min_inet_down": 100},
+                         **fields})
+
+
+def _runner_pids(study: Study) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in (study.root / "remote" / "runs").glob("*/pid")]
+
+
+def _kill_runners(study: Study) -> None:
+    for pid in _runner_pids(study):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def test_offer_query_honours_every_hardware_field(study: Study) -> None:
+    loaded = load_spec(_spec(study))
+    q = offer_query(loaded, VastSettings(min_reliability=0.98))
+    assert q["gpu_name"] == {"eq": "RTX_4090"} and q["num_gpus"] == {"gte": 1}
+    assert q["cpu_ram"] == {"gte": 16 * 1024} and q["inet_down"] == {"gte": 100}
+    assert q["cuda_max_good"] == {"gte": 12.1} and q["dph_total"] == {"lte": 1.0} and q["disk_space"] == {"gte": 50}
+    assert q["reliability2"] == {"gte": 0.98} and q["verified"] == {"eq": True} and q["order"] == [["dph_total", "asc"]]
+    offers = [offer(1, "A", 0.3), offer(2, "B", 0.2), offer(3, "A", 0.35), offer(4, "B", 0.9)]
+    assert [o["id"] for o in pick_offers(offers, 2, allow_mixed=False)] == [1, 3]  # one model, cheapest pair
+    assert [o["id"] for o in pick_offers(offers, 2, allow_mixed=True)] == [2, 1]
+    assert "RC_DEADLINE=1234" in watchdog(1234.5, "ratiocinator-7")
+
+
+def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
+                 replicates=2)
+    backend = _backend(vast, sshd, study)
+    outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert outcome.status == "completed", outcome.message
+    fake = vast.fake
+    assert [c for c in fake.calls if c[0] == "PUT"] == [("PUT", "/api/v0/asks/1/")]  # one rent: the cheap 4090
+    assert fake.live() == [] and len(fake.destroyed) == 1
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = ledger.runs(exp.id)
+    assert len(runs) == 4 and all(r.status == "succeeded" for r in runs)
+    assert all(":RTX_4090/" in r.slot and r.slot.startswith(f"vast{fake.destroyed[0]}") for r in runs)  # GPU per run
+    (row,) = inst.rows(ledger)
+    assert row.state == "destroyed" and row.provider_id == str(fake.destroyed[0]) and row.gpu_name == "RTX_4090"
+    assert row.created_at < row.deadline and row.cost is not None and row.cost > 0
+    rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies) if m == "PUT")
+    assert rent_body["label"] == row.label and f"RC_DEADLINE={int(row.deadline)}" in rent_body["onstart"]
+    assert rent_body["disk"] == 50 and rent_body["runtype"] == "ssh"
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(row.cost) and spent <= 5.0
+    # Only the public key went to the provider.
+    assert all("PRIVATE" not in json.dumps(b) for b in fake.bodies if b)
+
+
+def test_no_matching_offer_rents_nothing(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, hardware={"gpu": "H100_SXM", "num_gpus": 1})
+    backend = _backend(vast, sshd, study)
+    findings = backend.check_hardware(load_spec(spec))
+    assert any(f.status == "unmet" and "no 1 offer(s) match" in f.detail for f in findings)
+    with pytest.raises(Exception, match="(?i)hardware|offer"):
+        Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert not [c for c in vast.fake.calls if c[0] == "PUT"] and inst.rows(study.ledger()) == []
+
+
+def _acquire_only(backend: VastBackend, spec: Path, study: Study) -> tuple[Ledger, str]:
+    """An experiment row to charge against, then acquire (expected to fail) outside the pipeline."""
+    import asyncio
+
+    from ratiocinator.pipeline import open_experiment
+
+    ledger = study.ledger()
+    loaded = load_spec(spec)
+    exp, _ = open_experiment(ledger, loaded, new=True)
+    backend.bind(ledger, exp.id)
+    asyncio.run(backend.acquire(loaded))
+    return ledger, exp.id
+
+
+def test_boot_timeout_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    vast.fake.boot_s = math.inf
+    backend = _backend(vast, sshd, study, boot_timeout_s=1.0)
+    with pytest.raises(BackendError, match="did not boot within 1s"):
+        _acquire_only(backend, _spec(study), study)
+    assert vast.fake.live() == [] and len(vast.fake.destroyed) == 1
+    (row,) = inst.rows(study.ledger())
+    assert row.state == "destroyed" and row.note == "acquire failed" and row.cost is not None
+
+
+def test_ssh_refused_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    vast.fake.ssh_port = free_port()  # nothing listens there
+    backend = _backend(vast, sshd, study, boot_timeout_s=2.0)
+    with pytest.raises(BackendError, match="SSH to the rented instance"):
+        _acquire_only(backend, _spec(study), study)
+    assert vast.fake.live() == []
+    (row,) = inst.rows(study.ledger())
+    assert row.state == "destroyed"
+
+
+def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    vast.fake.billing_fails = True
+    spec = _spec(study)
+    backend = _backend(vast, sshd, study)
+    outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert outcome.status == "completed", outcome.message
+    (row,) = inst.rows(study.ledger())
+    assert row.cost_source.startswith("lifetime × price (billing unavailable: Vast.ai API GET /users/me/invoices"
+                                      " answered HTTP 500")
+    expected = (row.destroyed_at - row.created_at) / 3600 * (row.dph + backend.storage_dph)  # type: ignore[operator]
+    assert row.cost == pytest.approx(expected, rel=1e-6)
+    assert any("billing unavailable" in n for n in backend.notes)
+
+
+def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    import threading
+
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
+                 failure_policy={"max_attempts": 1})
+    backend = _backend(vast, sshd, study)
+
+    def vanish() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline and not _runner_pids(study):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        (live,) = vast.fake.live()
+        vast.fake.vanish(live["id"])
+        sshd.drop_connections()  # the host is gone: its connections die and its SSH endpoint stops answering
+        sshd.stop()
+
+    thread = threading.Thread(target=vanish)
+    thread.start()
+    try:
+        outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    finally:
+        thread.join()
+        _kill_runners(study)
+    ledger = study.ledger()
+    (run,) = ledger.runs(ledger.experiments()[-1].id)
+    assert run.status == "failed" and run.failure == "infra" and "vanished" in run.reason, (run.status, run.reason, outcome)
+    (row,) = inst.rows(ledger)
+    assert row.state == "lost" and row.cost is not None
+    assert vast.fake.live() == []
+
+
+ORCHESTRATOR = """
+import json, sys
+from pathlib import Path
+from ratiocinator.backends.vast import VastBackend, VastSettings
+from ratiocinator.pipeline import Research
+from ratiocinator.spec import load_spec
+spec, home, settings, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+backend = VastBackend(Path(home), settings=VastSettings(**settings), api_key=key)
+Research(load_spec(Path(spec)), Path(home), backend=backend, check=False).run()
+"""
+
+
+def _orchestrate(vast: VastServer, sshd: Sshd, study: Study, spec: Path, **fields: object) -> subprocess.Popen[str]:
+    settings = _settings(vast, sshd, study, **fields).__dict__
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, str(spec), str(study.home), json.dumps(settings), API_KEY],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_run(study: Study, proc: subprocess.Popen[str]) -> None:
+    deadline = time.time() + 40
+    while time.time() < deadline and not _runner_pids(study):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    assert _runner_pids(study), "the run never started"
+
+
+def test_kill_9_then_reap_leaves_nothing_live(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 30}}])
+    proc = _orchestrate(vast, sshd, study, spec)
+    try:
+        _wait_for_run(study, proc)
+        assert len(vast.fake.live()) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_runners(study)
+    assert len(vast.fake.live()) == 1  # the orchestrator died without destroying it
+    ledger = study.ledger()
+    (row,) = inst.rows(ledger, live=True)
+    assert row.deadline > time.time()  # the TTL is recorded
+    reaped = inst.reap(ledger, inst.VastApi(API_KEY, vast.url))
+    assert [(r.provider_id, r.outcome) for r in reaped] == [(row.provider_id, "destroyed")]
+    assert vast.fake.live() == [] and inst.rows(ledger, live=True) == []
+    exp_id = ledger.experiments()[-1].id
+    assert ledger.money(exp_id)[1] == pytest.approx(0.0)  # no reservation left open: the instance is paid
+    assert inst.reap(ledger, inst.VastApi(API_KEY, vast.url)) == []  # idempotent
+
+
+def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 30}}], train_timeout_s=5)
+    proc = _orchestrate(vast, sshd, study, spec, boot_timeout_s=2, setup_allowance_s=4, work_s=1)
+    try:
+        _wait_for_run(study, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_runners(study)
+    (row,) = inst.rows(study.ledger(), live=True)
+    while time.time() < row.deadline + 1.0:
+        time.sleep(0.1)
+    assert vast.fake.live() == []  # the host's watchdog fired: nothing survives a kill -9
+    reaped = inst.reap(study.ledger(), inst.VastApi(API_KEY, vast.url), expired_only=True)
+    assert [r.outcome for r in reaped] == ["already_gone"] and reaped[0].detail == "past its self-destruct deadline"
+
+
+def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    ledger = study.ledger()
+    row = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
+                                charges=[])
+    api = inst.VastApi(API_KEY, vast.url)
+    api.rent(1, {"client_id": "me", "image": "x", "disk": 10, "onstart": "", "runtype": "ssh", "label": row.label})
+    stray = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
+                                  charges=[])  # crashed before renting at all
+    reaped = {r.row_id: r.outcome for r in inst.reap(ledger, api)}
+    assert reaped == {row.id: "destroyed", stray.id: "already_gone"} and vast.fake.live() == []
+    assert {r.state for r in inst.rows(ledger)} == {"destroyed"}

@@ -1,0 +1,205 @@
+"""A loopback fake of the Vast.ai REST API (``/api/v0``), for the Vast backend's tests.
+
+Shapes follow the public API documentation (https://docs.vast.ai/api): the fields the
+backend uses are
+
+* ``POST /bundles/`` (search offers): query ``{field: {"eq"|"gte"|"lte": value}, "order": ...,
+  "type": ...}`` → ``{"offers": [{id, gpu_name, num_gpus, cpu_ram (MB), inet_down (Mbps),
+  cuda_max_good, dph_total, disk_space, reliability2, verified, rentable, rented}]}``;
+* ``PUT /asks/{offer_id}/`` (rent) body ``{client_id, image, disk, onstart, runtype, label}``
+  → ``{"success": true, "new_contract": <instance id>}``;
+* ``GET /instances/{id}/`` → ``{"instances": {id, actual_status, ssh_host, ssh_port,
+  public_ipaddr, dph_total, gpu_name, num_gpus, label, start_date}}`` (404 once destroyed);
+* ``GET /instances/`` → ``{"instances": [...]}``; ``DELETE /instances/{id}/`` → ``{"success": true}``;
+* ``POST /instances/{id}/ssh/`` body ``{"ssh_key": "<public key>"}``;
+* ``GET /users/me/invoices`` → ``{"invoices": [{instance_id, amount, ...}]}``.
+
+Every instance's SSH endpoint is what the test says (a real sshd on 127.0.0.1). Faults:
+``boot_s`` (time in ``loading``; ``math.inf`` never boots), ``ssh_port`` (a closed port:
+SSH refused), ``billing_fails``, `vanish` (the host dies). The fake honours the
+self-destruct deadline the ``onstart`` script carries (``RC_DEADLINE=<epoch>``): past it,
+the instance is destroyed by the "host" itself, as the real watchdog would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+API_KEY = "test-vast-key"
+
+
+def offer(id: int, gpu_name: str = "RTX_4090", dph: float = 0.40, **fields: Any) -> dict[str, Any]:
+    return {"id": id, "gpu_name": gpu_name, "num_gpus": 1, "cpu_ram": 64000, "inet_down": 800.0, "cuda_max_good": 12.4,
+            "dph_total": dph, "disk_space": 200.0, "reliability2": 0.99, "verified": True, "rentable": True,
+            "rented": False, **fields}
+
+
+@dataclass
+class FakeVast:
+    ssh_port: int
+    offers: list[dict[str, Any]] = field(default_factory=lambda: [offer(1, dph=0.40), offer(2, "A100", 1.10)])
+    boot_s: float = 0.2
+    billing_fails: bool = False
+    instances: dict[int, dict[str, Any]] = field(default_factory=dict)
+    destroyed: list[int] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    bodies: list[Any] = field(default_factory=list)
+    next_id: int = 1000
+    authorized_keys: Path | None = None  # the test sshd's: an attached key is appended, as Vast installs it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- state ------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Boot what has waited long enough; the host kills an instance past its deadline."""
+        now = time.time()
+        with self.lock:
+            for iid, inst in list(self.instances.items()):
+                if inst["_deadline"] is not None and now >= inst["_deadline"]:
+                    self._remove(iid, "ttl")
+                elif inst["actual_status"] == "loading" and now - inst["start_date"] >= self.boot_s:
+                    inst["actual_status"] = "running"
+
+    def _remove(self, iid: int, why: str) -> None:
+        self.instances.pop(iid, None)
+        self.destroyed.append(iid)
+
+    def vanish(self, iid: int) -> None:
+        with self.lock:
+            self._remove(iid, "vanished")
+
+    def live(self) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            return list(self.instances.values())
+
+    def _public(self, inst: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inst.items() if not k.startswith("_")}
+
+    def _matches(self, o: dict[str, Any], query: dict[str, Any]) -> bool:
+        for key, cond in query.items():
+            if not isinstance(cond, dict):
+                continue
+            for op, want in cond.items():
+                value = o.get(key)
+                if value is None or (op == "eq" and value != want) or (op == "gte" and value < want) or (
+                        op == "lte" and value > want):
+                    return False
+        return True
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        self.calls.append((method, path))
+        self.bodies.append(body)
+        self.tick()
+        if m := re.fullmatch(r"/api/v0/bundles/", path):
+            found = [o for o in self.offers if self._matches(o, body or {})]
+            return 200, {"offers": sorted(found, key=lambda o: o["dph_total"])}
+        if (m := re.fullmatch(r"/api/v0/asks/(\d+)/", path)) and method == "PUT":
+            o = next((o for o in self.offers if o["id"] == int(m.group(1))), None)
+            if o is None:
+                return 404, {"success": False, "error": "no_such_ask"}
+            deadline = re.search(r"RC_DEADLINE=(\d+)", body.get("onstart", ""))
+            with self.lock:
+                self.next_id += 1
+                iid = self.next_id
+                self.instances[iid] = {
+                    "id": iid, "actual_status": "loading", "ssh_host": "127.0.0.1", "ssh_port": self.ssh_port,
+                    "public_ipaddr": "127.0.0.1", "dph_total": o["dph_total"], "gpu_name": o["gpu_name"],
+                    "num_gpus": o["num_gpus"], "label": body.get("label"), "start_date": time.time(),
+                    "image_uuid": body.get("image"), "_deadline": float(deadline.group(1)) if deadline else None,
+                    "_onstart": body.get("onstart", ""), "_ssh_keys": [],
+                }
+            return 200, {"success": True, "new_contract": iid}
+        if m := re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path):
+            inst = self.instances.get(int(m.group(1)))
+            if inst is None:
+                return 404, {"success": False}
+            inst["_ssh_keys"].append(body["ssh_key"])
+            if self.authorized_keys is not None:
+                with open(self.authorized_keys, "a") as fh:
+                    fh.write(body["ssh_key"].strip() + "\n")
+            return 200, {"success": True}
+        if m := re.fullmatch(r"/api/v0/instances/(\d+)/", path):
+            iid = int(m.group(1))
+            with self.lock:
+                inst = self.instances.get(iid)
+                if inst is None:
+                    return 404, {"success": False, "error": "no_such_instance"}
+                if method == "DELETE":
+                    self._remove(iid, "destroyed")
+                    return 200, {"success": True}
+                return 200, {"instances": self._public(inst)}
+        if path == "/api/v0/instances/":
+            with self.lock:
+                return 200, {"instances": [self._public(i) for i in self.instances.values()]}
+        if path == "/api/v0/users/me/invoices":
+            if self.billing_fails:
+                return 500, {"error": "billing backend down"}
+            return 200, {"invoices": []}
+        return 404, {"error": f"no route {method} {path}"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeVast
+
+    def _serve(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {API_KEY}":
+            self._reply(401, {"error": "bad api key"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        code, reply = self.fake.handle(self.command, self.path, body)
+        self._reply(code, reply)
+
+    def _reply(self, code: int, reply: Any) -> None:
+        data = json.dumps(reply).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = _serve
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class VastServer:
+    """The fake on a free loopback port, in a daemon thread; ``url`` is the API base."""
+
+    def __init__(self, fake: FakeVast) -> None:
+        handler = type("Handler", (_Handler,), {"fake": fake})
+        self.fake = fake
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self._stop = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, daemon=True)  # the TTL happens without API calls too
+        self.ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.2):
+            self.fake.tick()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/api/v0"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+__all__ = ["API_KEY", "FakeVast", "VastServer", "math", "offer"]
