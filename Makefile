@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench bench-report bench-exec-eval clean
+.PHONY: run test bench bench-report bench-exec-eval bench-market clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-report: $(VENV)/.installed-test
 
 bench-exec-eval: $(VENV)/.installed-test
 	$(BIN)/python bench/exec_eval.py
+
+bench-market: $(VENV)/.installed-test
+	$(BIN)/python bench/market.py
 
 clean:
 	rm -rf $(VENV) .ratiocinator
