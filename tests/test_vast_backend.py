@@ -286,3 +286,16 @@ def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Ssh
     reaped = {r.row_id: r.outcome for r in inst.reap(ledger, api)}
     assert reaped == {row.id: "destroyed", stray.id: "already_gone"} and vast.fake.live() == []
     assert {r.state for r in inst.rows(ledger)} == {"destroyed"}
+
+
+def test_plan_shows_matching_offers_and_rents_nothing(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, backend="vast", vast={"base_url": vast.url, "boot_timeout_s": 10})
+    env = {"VAST_API_KEY": API_KEY}
+    shown = study.cli("plan", str(spec), "--json", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["backend"] == "vast"
+    assert any(f["status"] == "ok" and "matching offer(s); cheapest RTX_4090" in f["detail"] for f in data["hardware"])
+    assert not [c for c in vast.fake.calls if c[0] == "PUT"]  # plan rents nothing
+    listed = study.cli("instances", env=env)
+    assert listed.returncode == 2 and "no ledger" in listed.stderr  # plan wrote nothing: no ledger, no instance

@@ -168,6 +168,9 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         "ignored_knobs": [{"arm": i.arm, "knob": i.knob, "where": i.where} for i in ignored],
         "designed_by": designed_by,
         "llm": job.llm_estimate(),
+        "backend": loaded.spec.backend,
+        # Where runs would go: matching offers (vast), cluster resources (ray), hosts (ssh), this machine.
+        "hardware": [f.__dict__ for f in make_backend(loaded, Paths(state.home)).check_hardware(loaded)],
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -192,6 +195,10 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
+        if loaded.spec.backend != "local":
+            seen = {(f["status"], f["detail"]) for f in data["hardware"]}
+            for status, detail in sorted(seen):
+                out.print(f"{loaded.spec.backend}: {status} — {detail}", markup=False)
         if data["llm"]:
             llm = data["llm"]
             out.print(f"LLM: up to {llm['calls']} calls × ${llm['per_call_dollars']:.4f} worst case"
