@@ -148,6 +148,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     else:
         the_plan = plan_iteration(loaded)
     code = inspect_code(loaded, Paths(state.home))
+    where = make_backend(loaded, Paths(state.home))
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
     price = loaded.spec.hardware.price_per_hour
     summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
@@ -170,7 +171,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         "llm": job.llm_estimate(),
         "backend": loaded.spec.backend,
         # Where runs would go: matching offers (vast), cluster resources (ray), hosts (ssh), this machine.
-        "hardware": [f.__dict__ for f in make_backend(loaded, Paths(state.home)).check_hardware(loaded)],
+        "hardware": [f.__dict__ for f in where.check_hardware(loaded)],
+        "cluster": where.cluster_summary() if loaded.spec.backend == "ray" else None,  # type: ignore[attr-defined]
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -195,6 +197,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
+        if data["cluster"]:
+            out.print(data["cluster"], markup=False)
         if loaded.spec.backend != "local":
             seen = {(f["status"], f["detail"]) for f in data["hardware"]}
             for status, detail in sorted(seen):

@@ -79,6 +79,12 @@ def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
 
         settings = VastSettings(**loaded.spec.vast.model_dump()) if loaded.spec.vast else VastSettings()
         return VastBackend(paths.home, settings=settings)
+    if loaded.spec.backend == "ray":
+        from .backends.ray_backend import RayBackend  # Ray is an optional extra, imported only here
+
+        ray = loaded.spec.ray
+        return RayBackend(loaded.spec.ray_address, paths.home, num_cpus_per_run=ray.num_cpus_per_run, workdir=ray.workdir,
+                          schedule_timeout_s=ray.schedule_timeout_s, env_forward=tuple(ray.env_forward))
     raise UsageError(f"{loaded.where('backend')}: backend '{loaded.spec.backend}' is not available")
 
 

@@ -2,7 +2,7 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``hosts``, ``vast``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
+``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
 ``metrics.patterns``) are documented in the README. Unknown keys are errors, never silently dropped.
 
 ``search`` is what the offline (no-LLM) planner explores after iteration 1::
@@ -200,6 +200,15 @@ class VastConfig(_Strict):
     storage_per_gb_month: float = Field(0.10, ge=0)
 
 
+class RaySettings(_Strict):
+    """Running on an existing Ray cluster (``backend: ray``, ``ray_address``)."""
+
+    num_cpus_per_run: float = Field(1.0, gt=0)
+    workdir: str | None = Field(None, description="per-node root for checkouts, venvs and run dirs")
+    schedule_timeout_s: float = Field(600.0, gt=0, description="a run no node takes by then fails as infra")
+    env_forward: list[str] = Field([], description="inherited variables (fnmatch patterns) sent to runs")
+
+
 class Arm(_Strict):
     """One configuration: knobs as environment variables, optional runner flags."""
 
@@ -381,9 +390,11 @@ class Spec(_Strict):
     replicates: PositiveInt = 3
     seed_env: str | None = None
     concurrency: PositiveInt | None = None
-    backend: Literal["local", "ssh", "vast"] = "local"
+    backend: Literal["local", "ssh", "vast", "ray"] = "local"
     hosts: list[SshHost] = []
     vast: VastConfig | None = None
+    ray_address: str | None = Field(None, description="Ray cluster address (host:port, ray://..., or auto)")
+    ray: RaySettings = RaySettings()
     extra_knobs: list[str] = []
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
@@ -474,6 +485,8 @@ class Spec(_Strict):
             raise ValueError("hosts: is only used with backend: ssh")
         if self.backend != "vast" and self.vast is not None:
             raise ValueError("vast: is only used with backend: vast")
+        if self.backend != "ray" and self.ray_address:
+            raise ValueError("ray_address: is only used with backend: ray")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
         return self
