@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .errors import RatiocinatorError, UsageError
 from .ledger import Ledger
-from .pipeline import Paths, Research, check_spec, inspect_code, make_backend, plan_summary
+from .pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
 from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
 from .progress import LiveProgress, PlainProgress
 from .spec import load_spec
@@ -150,7 +150,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     code = inspect_code(loaded, Paths(state.home))
     where = make_backend(loaded, Paths(state.home))
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
-    price = loaded.spec.hardware.price_per_hour
+    price = backend_price(loaded)
     summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
     data = {
         "experiment": loaded.name,
