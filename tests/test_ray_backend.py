@@ -186,5 +186,7 @@ def test_only_the_runs_own_and_named_variables_reach_the_node(monkeypatch: pytes
     monkeypatch.setenv("WANDB_API_KEY", "k")
     monkeypatch.setenv("UNRELATED", "u")
     backend = RayBackend("127.0.0.1:1", tmp_path, env_forward=("WANDB_*",))
-    env = {**os.environ, "RATIOCINATOR_RUN_ID": "3", "LR": "0.1", "PATH": "/elsewhere", "RAY_ADDRESS": "x"}
+    # as runner_environment builds it: the orchestrator's environment without its own RATIOCINATOR_* settings
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RATIOCINATOR_")}
+    env = {**inherited, "RATIOCINATOR_RUN_ID": "3", "LR": "0.1", "PATH": "/elsewhere", "RAY_ADDRESS": "x"}
     assert backend._forwarded_env(env) == {"WANDB_API_KEY": "k", "RATIOCINATOR_RUN_ID": "3", "LR": "0.1"}
