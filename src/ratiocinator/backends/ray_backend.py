@@ -51,6 +51,7 @@ from .base import (
     Stream,
     Workspace,
 )
+from .artifacts import safe_link, write_skipped
 from .local import launch_failure, process_start_time
 
 NAMESPACE = "ratiocinator"
@@ -227,7 +228,7 @@ class RunActor:
                 mode = os.lstat(path).st_mode
                 if stat.S_ISLNK(mode):
                     target = os.readlink(path)
-                    if target and not target.startswith("/") and ".." not in target.split("/"):
+                    if safe_link(target):
                         entries.append((rel, "link", target.encode()))
                     else:
                         skipped.append(f"{rel} -> {target}")
@@ -256,10 +257,7 @@ def _write_artifacts(entries: list[tuple[str, str, bytes]], skipped: list[str], 
             os.symlink(data.decode(), dest)
         else:
             dest.write_bytes(data)
-    if skipped:
-        (log_dir / "artifacts_skipped.txt").write_text(
-            "Not copied from the node's RATIOCINATOR_OUT_DIR (links must be relative and stay inside it):\n"
-            + "".join(f"  {line}\n" for line in skipped))
+    write_skipped(log_dir, "node", skipped)
 
 
 # -- the orchestrator's side --------------------------------------------------------------

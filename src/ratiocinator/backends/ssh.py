@@ -50,6 +50,7 @@ from .. import workspace as ws
 from ..errors import BackendError, WorkspaceError
 from ..spec import LoadedSpec, SshHost
 from . import remote
+from .artifacts import safe_link, write_skipped
 from .base import (
     Backend,
     ExitInfo,
@@ -451,11 +452,6 @@ class SshRunHandle(RunHandle):
         await self._signal(signal.SIGKILL)
 
 
-def _safe_link(target: str) -> bool:
-    """A link may be recreated only if it can only descend: relative, no ``..``."""
-    return bool(target) and not target.startswith("/") and ".." not in target.split("/")
-
-
 async def collect_artifacts(machine: _Machine, remote_out: str, local_out: Path, log_dir: Path) -> None:
     """Copy the remote out dir into ``local_out`` over SFTP, never following a symlink."""
     skipped: list[str] = []
@@ -479,7 +475,7 @@ async def collect_artifacts(machine: _Machine, remote_out: str, local_out: Path,
                 mode = attrs.permissions or 0
                 if stat.S_ISLNK(mode):
                     target = await sftp.readlink(source)
-                    if _safe_link(target):
+                    if safe_link(target):
                         dest.unlink(missing_ok=True)
                         os.symlink(target, dest)
                     else:
@@ -498,10 +494,7 @@ async def collect_artifacts(machine: _Machine, remote_out: str, local_out: Path,
         await walk("")
 
     await machine.call(copy)
-    if skipped:
-        (log_dir / "artifacts_skipped.txt").write_text(
-            "Not copied from the host's RATIOCINATOR_OUT_DIR (links must be relative and stay inside it):\n"
-            + "".join(f"  {line}\n" for line in skipped))
+    write_skipped(log_dir, "host", skipped)
 
 
 # -- the backend ---------------------------------------------------------------------------
