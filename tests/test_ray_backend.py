@@ -29,7 +29,7 @@ echo nested > "$RATIOCINATOR_OUT_DIR/sub/file.txt"
 ln -s sub/file.txt "$RATIOCINATOR_OUT_DIR/inside_link"
 ln -s /etc/passwd "$RATIOCINATOR_OUT_DIR/escape_abs"
 echo "$RATIOCINATOR_RAY_NODE $$" >> "$MARKS/started"
-for i in $(seq 1 600); do [ -e "$MARKS/go" ] && break; sleep 0.1; done
+for i in $(seq 1 3000); do [ -e "$MARKS/go" ] && break; sleep 0.1; done  # outwaits the test's 240 s
 [ -e "$MARKS/go" ] || { echo "never told to go" >&2; exit 3; }
 if [ "${MODE:-}" = slow ] && [ ! -e "$MARKS/killed" ]; then sleep 120; fi
 echo "stderr chatter" >&2
@@ -47,7 +47,7 @@ wait
 def _spec(study: Study, marks: Path, **fields: object) -> Path:
     study.commit({"run.sh": RUNNER, "spawn.sh": SPAWN}, executable=("run.sh", "spawn.sh"))
     marks.mkdir(exist_ok=True)
-    return study.spec(**{"seed_env": "SEED", "train_timeout_s": 300,
+    return study.spec(**{"seed_env": "SEED", "train_timeout_s": 420,
                          "failure_policy": {"retry_backoff_s": 0, "max_attempts": 3}, **fields})
 
 
