@@ -311,3 +311,35 @@ def test_setup_failure_fixed_upstream_is_picked_up_by_the_rerun(study: Study) ->
     ledger = study.ledger()
     (exp,) = ledger.experiments()
     assert exp.commit_sha == fixed and ledger.runs(exp.id)[0].commit_sha == fixed
+
+
+def test_points_of_a_run_gone_quiet_reach_the_ledger_while_it_runs(study: Study) -> None:
+    """One metric line, then silence: the point must not wait for the next line (or the end)."""
+    marks = study.root / "marks"
+    marks.mkdir()
+    study.commit({"run.sh": f"""
+        #!/usr/bin/env bash
+        echo 'METRICS: {{"step": 1, "loss": 2.5}}'
+        touch {marks}/printed
+        for i in $(seq 1 600); do [ -e {marks}/go ] && break; sleep 0.1; done
+        echo 'METRICS: {{"score": 1}}'
+    """})
+    spec = study.spec(train_timeout_s=120)
+    proc = subprocess.Popen([*CLI, "--home", str(study.home), "research", str(spec), "--skip-check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=study.root)
+    try:
+        deadline = time.time() + 60
+        points: list = []
+        while time.time() < deadline and not points:
+            if (marks / "printed").exists():
+                ledger = study.ledger()
+                runs = ledger.runs(ledger.experiments()[-1].id)
+                points = ledger.points(runs[0].id, "loss") if runs else []
+            time.sleep(0.2)
+        running = _runs(study)[0].status
+    finally:
+        (marks / "go").touch()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert points and running == "running"
+    assert [(step, value) for _, step, value in points] == [(1, 2.5)]

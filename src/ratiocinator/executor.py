@@ -430,13 +430,24 @@ class _RunStream:
         self.last_flush = time.monotonic()
 
     async def consume(self, handle: RunHandle) -> None:
-        async for name, chunk in handle.output():
-            log = self.logs[name]
-            log.write(chunk)
-            log.flush()
-            self._lines(name, self.splitters[name].feed(chunk))
-        for name, splitter in self.splitters.items():
-            self._lines(name, splitter.flush())
+        ticker = asyncio.create_task(self._flush_quiet_runs())
+        try:
+            async for name, chunk in handle.output():
+                log = self.logs[name]
+                log.write(chunk)
+                log.flush()
+                self._lines(name, self.splitters[name].feed(chunk))
+            for name, splitter in self.splitters.items():
+                self._lines(name, splitter.flush())
+        finally:
+            ticker.cancel()
+
+    async def _flush_quiet_runs(self) -> None:
+        """A run that prints a metric and then works silently for an hour still shows it within a second."""
+        while True:
+            await asyncio.sleep(POINT_FLUSH_S)
+            if self.pending and time.monotonic() - self.last_flush >= POINT_FLUSH_S:
+                self._flush_points()
 
     def _lines(self, name: str, lines: list[str]) -> None:
         if not lines:
