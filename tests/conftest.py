@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from gitrepo import GitRepo
+
+pytest_plugins = ("sshd", "raycluster")  # their fixtures: sshd, ray_cluster
 from ratiocinator.ledger import Ledger
 
 CLI = [sys.executable, "-m", "ratiocinator"]

@@ -65,6 +65,8 @@ class Sshd:
     def write_config(self) -> None:
         lines = [
             "ListenAddress 127.0.0.1",
+            "ListenAddress 127.0.0.2",  # more loopback names, so one sshd can stand for several machines
+            "ListenAddress 127.0.0.3",
             f"Port {self.port}",
             f"HostKey {self.host_key}",
             f"PidFile {self.root / 'sshd.pid'}",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Study, process_alive
-from raycluster import RayCluster, ray_cluster  # noqa: F401 - the fixture
+from raycluster import RayCluster
 
 from ratiocinator.backends.base import LaunchRequest, Slot
 from ratiocinator.pipeline import Research

@@ -18,7 +18,7 @@ from ratiocinator.backends.ssh import HostLost, SshBackend, SshHost
 from ratiocinator.errors import BackendError
 from ratiocinator.pipeline import Research
 from ratiocinator.spec import load_spec
-from sshd import Sshd, sshd  # noqa: F401 - the fixture
+from sshd import Sshd
 
 SECRET = "s3cr3t-" + "x" * 12
 

@@ -24,7 +24,7 @@ from ratiocinator.errors import BackendError
 from ratiocinator.ledger import Ledger
 from ratiocinator.pipeline import Research
 from ratiocinator.spec import load_spec
-from sshd import Sshd, free_port, sshd  # noqa: F401 - the fixture
+from sshd import Sshd, free_port
 from vastserver import API_KEY, FakeVast, VastServer, offer
 
 RUNNER = """
@@ -86,7 +86,7 @@ def test_offer_query_honours_every_hardware_field(study: Study) -> None:
     offers = [offer(1, "A", 0.3), offer(2, "B", 0.2), offer(3, "A", 0.35), offer(4, "B", 0.9)]
     assert [o["id"] for o in pick_offers(offers, 2, allow_mixed=False)] == [1, 3]  # one model, cheapest pair
     assert [o["id"] for o in pick_offers(offers, 2, allow_mixed=True)] == [2, 1]
-    assert "RC_DEADLINE=1234" in watchdog(1234.5, "ratiocinator-7")
+    assert "RC_DEADLINE=1234 RC_DEADLINE_FILE=~/w/deadline" in watchdog(1234.5, "ratiocinator-7", "~/w/deadline")
 
 
 def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: VastServer, study: Study) -> None:
@@ -146,7 +146,7 @@ def test_boot_timeout_destroys_the_instance(sshd: Sshd, vast: VastServer, study:
         _acquire_only(backend, _spec(study), study)
     assert vast.fake.live() == [] and len(vast.fake.destroyed) == 1
     (row,) = inst.rows(study.ledger())
-    assert row.state == "destroyed" and row.note == "acquire failed" and row.cost is not None
+    assert row.state == "destroyed" and row.note == "renting failed" and row.cost is not None
 
 
 def test_ssh_refused_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:

@@ -18,7 +18,10 @@ Every instance's SSH endpoint is what the test says (a real sshd on 127.0.0.1). 
 ``boot_s`` (time in ``loading``; ``math.inf`` never boots), ``ssh_port`` (a closed port:
 SSH refused), ``billing_fails``, `vanish` (the host dies). The fake honours the
 self-destruct deadline the ``onstart`` script carries (``RC_DEADLINE=<epoch>``): past it,
-the instance is destroyed by the "host" itself, as the real watchdog would.
+the instance is destroyed by the "host" itself, as the real watchdog would; like the real
+watchdog, it re-reads the deadline file the script names (``RC_DEADLINE_FILE=<path>``), so
+an extension written over SSH is honoured. Live instances get distinct SSH host names for
+the one sshd (``ssh_hosts``), as real instances have distinct endpoints.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class FakeVast:
     next_id: int = 1000
     authorized_keys: Path | None = None  # the test sshd's: an attached key is appended, as Vast installs it
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ssh_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "127.0.0.2", "127.0.0.3")
 
     # -- state ------------------------------------------------------------------------
 
@@ -63,10 +67,18 @@ class FakeVast:
         now = time.time()
         with self.lock:
             for iid, inst in list(self.instances.items()):
-                if inst["_deadline"] is not None and now >= inst["_deadline"]:
+                if inst["_deadline"] is not None and now >= self._deadline(inst):
                     self._remove(iid, "ttl")
                 elif inst["actual_status"] == "loading" and now - inst["start_date"] >= self.boot_s:
                     inst["actual_status"] = "running"
+
+    @staticmethod
+    def _deadline(inst: dict[str, Any]) -> float:
+        path = inst["_deadline_file"]
+        try:
+            return float(Path(path).read_text().strip()) if path else inst["_deadline"]
+        except (OSError, ValueError):
+            return inst["_deadline"]
 
     def _remove(self, iid: int, why: str) -> None:
         self.instances.pop(iid, None)
@@ -109,15 +121,19 @@ class FakeVast:
             if o is None:
                 return 404, {"success": False, "error": "no_such_ask"}
             deadline = re.search(r"RC_DEADLINE=(\d+)", body.get("onstart", ""))
+            deadline_file = re.search(r"RC_DEADLINE_FILE=(/\S+)", body.get("onstart", ""))
             with self.lock:
                 self.next_id += 1
                 iid = self.next_id
+                taken = {i["ssh_host"] for i in self.instances.values()}
+                name = next((h for h in self.ssh_hosts if h not in taken), self.ssh_hosts[0])
                 self.instances[iid] = {
-                    "id": iid, "actual_status": "loading", "ssh_host": "127.0.0.1", "ssh_port": self.ssh_port,
+                    "id": iid, "actual_status": "loading", "ssh_host": name, "ssh_port": self.ssh_port,
                     "public_ipaddr": "127.0.0.1", "dph_total": o["dph_total"], "gpu_name": o["gpu_name"],
                     "num_gpus": o["num_gpus"], "label": body.get("label"), "start_date": time.time(),
                     "image_uuid": body.get("image"), "_deadline": float(deadline.group(1)) if deadline else None,
                     "_onstart": body.get("onstart", ""), "_ssh_keys": [],
+                    "_deadline_file": deadline_file.group(1) if deadline_file else None,
                 }
             return 200, {"success": True, "new_contract": iid}
         if m := re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path):

@@ -15,12 +15,15 @@ import asyncio
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
 from .budget import Budget, run_cost
+from .capacity import SlotPool, expected_wait_s, should_give_back
+from .errors import BackendError, BudgetError
 from .failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
 from .ledger import Ledger
 from .metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
@@ -29,6 +32,7 @@ from .spec import LoadedSpec
 
 POINT_BATCH = 5000
 POINT_FLUSH_S = 1.0
+IDLE_CHECK_S = 15.0  # how often idle billed slots are weighed again while the last runs go on
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Executor:
         progress: ProgressSink | None = None,
         extra_env: dict[str, str] | None = None,
         base_env: dict[str, str] | None = None,
+        last_iteration: bool = True,
     ) -> None:
         self.ledger = ledger
         self.backend = backend
@@ -140,6 +145,9 @@ class Executor:
         self.extra_env = extra_env or {}
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.live: dict[int, bool] = {}  # run id -> another run shared the host while it was alive
+        self.started_at: dict[int, float] = {}  # live run id -> when it started (for the idle-slot rule)
+        self.last_iteration = last_iteration  # no later iteration will want the slots this one leaves idle
+        self._giving_back: list[asyncio.Task[None]] = []
         self.transient_failures = ledger.transient_failures(experiment_id)
         # The experiment's first finished runs (transient failures aside), for the early stop.
         self.first_outcomes: list[str | None] = [
@@ -151,24 +159,32 @@ class Executor:
         """Launch ``pending`` on free slots until done, the budget says stop, or failures say stop.
 
         A transiently failed run goes back into the queue after its backoff, as a new
-        attempt; the loop ends when every run has ended for good.
+        attempt; the loop ends when every run has ended for good. On a backend whose idle
+        slots are billed, slots with no work left are given back (see `capacity`), and
+        capacity is rented again when queued work finds none.
         """
         summary = ExecutionSummary()
-        free: asyncio.Queue[Slot] = asyncio.Queue()
-        for slot in self.host.slots:
-            free.put_nowait(slot)
+        pool = SlotPool(s for s in self.host.slots if self.backend.slot_usable(s))
         work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
         for planned in pending:
             work.put_nowait(planned)
         open_runs = len(pending)  # queued, live or waiting to retry
+        live = 0
         launched: list[asyncio.Task[RunResult]] = []
         retries: dict[asyncio.Task[None], PlannedRun] = {}
-
+        self._giving_back: list[asyncio.Task[None]] = []
         stopping = False
 
+        def idle_check() -> None:
+            self._give_back_idle(pool, queued=open_runs - live, stopping=stopping or bool(self.early_stop))
+
         def ended(task: asyncio.Task[RunResult], planned: PlannedRun, slot: Slot) -> None:
-            nonlocal open_runs
-            free.put_nowait(slot)
+            nonlocal open_runs, live
+            live -= 1
+            if self.backend.slot_usable(slot):
+                pool.put(slot)
+            else:
+                pool.drop(slot)
             if task.cancelled() or task.exception() is not None:
                 return
             result = task.result()
@@ -179,36 +195,105 @@ class Executor:
                 return
             open_runs -= 1
             work.put_nowait(WAKE)
+            idle_check()
 
+        watcher = asyncio.create_task(self._watch_idle(idle_check)) if self.backend.idle_slots_cost else None
         try:
+            if self.backend.idle_slots_cost and pending:
+                stop = await self._replenish(pool, len(pending), summary)  # capacity given back earlier comes back
+                if stop:
+                    summary.not_launched = list(pending)
+                    open_runs = 0
             while open_runs:
                 planned = await work.get()
                 if isinstance(planned, _Wake):
                     continue
-                slot = await free.get()
-                stop = self.early_stop or self._reserve_or_stop(summary)
+                slot = await pool.take()
+                stop = None
+                while slot is None and stop is None:  # every slot was lost or given back: rent again
+                    stop = await self._replenish(pool, open_runs - live, summary)
+                    slot = None if stop else await pool.take()
+                if stop is None:
+                    assert slot is not None
+                    stop = self.early_stop or self._reserve_or_stop(summary)
+                if isinstance(stop, int):
+                    assert slot is not None
+                    refused = await self.backend.secure(self.host, slot, self.spec.train_timeout_s)
+                    if refused:
+                        self.ledger.settle(stop, 0.0)
+                        stop = self._budget_stop(summary, refused)
                 if isinstance(stop, str):
                     stopping = True
-                    free.put_nowait(slot)
+                    if slot is not None:
+                        pool.put(slot)
                     waiting = list(retries.values())
                     for task in list(retries):
                         task.cancel()
                     summary.not_launched = [planned, *waiting] + [p for p in _drain(work) if not isinstance(p, _Wake)]
                     if self.early_stop:
                         summary.early_stop = self.early_stop
+                    idle_check()
                     break
+                assert slot is not None
                 task = asyncio.create_task(self._run_one(planned, slot, stop))
+                live += 1
                 task.add_done_callback(lambda t, p=planned, s=slot: ended(t, p, s))
                 launched.append(task)
                 self._report_money()
+                if work.empty():
+                    idle_check()
             summary.results.extend(await asyncio.gather(*launched))
+            await asyncio.gather(*self._giving_back)
         except BaseException:
             for task in [*launched, *retries]:
                 task.cancel()
-            await asyncio.gather(*launched, *retries, return_exceptions=True)
+            await asyncio.gather(*launched, *retries, *self._giving_back, return_exceptions=True)
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         summary.results.sort(key=lambda r: r.run_id)
         return summary
+
+    async def _replenish(self, pool: SlotPool, runs_left: int, summary: ExecutionSummary) -> str | None:
+        """Capacity for ``runs_left`` runs (the backend rents and prepares it); why not, when money says no."""
+        try:
+            self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
+        except BudgetError as exc:
+            return self._budget_stop(summary, exc.message)
+        added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+        if added:
+            message = f"capacity for {runs_left} queued run(s): {', '.join(s.label for s in added)}"
+            self.ledger.event(self.experiment_id, "capacity", message, slots=[s.label for s in added])
+            self.progress.message(message)
+        if not pool.usable:
+            raise BackendError(f"the {self.backend.name} backend has no slot left to run {runs_left} queued run(s)",
+                               hint="its instances were lost or could not be replaced; run the same command to resume")
+        return None
+
+    async def _watch_idle(self, check: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            check()
+
+    def _give_back_idle(self, pool: SlotPool, *, queued: int, stopping: bool) -> None:
+        """Free slots with no queued work left are given back when holding them costs more (see `capacity`)."""
+        if not self.backend.idle_slots_cost or queued > 0 or not pool.free:
+            return
+        durations = [d for r in self.ledger.runs(self.experiment_id)
+                     if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
+        wait = expected_wait_s(self.started_at.values(), durations, time.time())
+        reacquire = self.backend.reacquire_s()
+        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
+            return
+        why = ("nothing more will be launched" if stopping else "no work left in the experiment's last iteration"
+               if self.last_iteration else f"the iteration's last runs need ~{wait:.0f}s more, getting it back"
+               f" costs ~{reacquire:.0f}s")
+        for slot in list(pool.free):
+            pool.drop(slot)
+            self.ledger.event(self.experiment_id, "slot_released", f"gave back {slot.label}: {why}",
+                              slot=slot.label, expected_wait_s=wait, reacquire_s=reacquire)
+            self._giving_back.append(asyncio.create_task(self.backend.release_slot(self.host, slot)))
 
     def _reserve_or_stop(self, summary: ExecutionSummary) -> int | str:
         """A charge id for the next run, or why it may not launch."""
@@ -216,10 +301,13 @@ class Executor:
         if charge is not None:
             return charge
         spent, reserved = self.budget.spent_and_reserved()
-        summary.budget_stop = (
+        return self._budget_stop(summary, (
             f"budget: the next run could cost up to ${self.host.price_per_hour * self.spec.train_timeout_s / 3600:.4f}"
             f" and ${spent:.4f} spent + ${reserved:.4f} reserved of ${self.spec.max_dollars:.2f} leaves too little"
-        )
+        ))
+
+    def _budget_stop(self, summary: ExecutionSummary, why: str) -> str:
+        summary.budget_stop = why
         self.ledger.event(self.experiment_id, "budget_stop", summary.budget_stop, level="warning")
         self.progress.message(summary.budget_stop)
         return summary.budget_stop
@@ -293,7 +381,7 @@ class Executor:
             slot=slot, log_dir=run_dir, out_dir=out_dir,
         )
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
-        started = time.time()
+        started = self.started_at[run_id] = time.time()
         oom_before = self.backend.oom_kills(self.host)
         stream = _RunStream(self.ledger, run_id, logs, make_parser(
             self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
@@ -324,6 +412,7 @@ class Executor:
             leftover = stream.drain()
             elapsed = time.time() - started
             self.live.pop(run_id, None)
+            self.started_at.pop(run_id, None)
             self.ledger.finish_run(
                 run_id, status="interrupted", failure=None, reason="the orchestrator was interrupted",
                 exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
@@ -372,6 +461,7 @@ class Executor:
         goal = self.spec.goal_metric
         final = stream.summary.final
         shared = self.live.pop(run_id, False)
+        self.started_at.pop(run_id, None)
         if diagnosis is None:
             assert exit_info is not None
             oom_after = self.backend.oom_kills(self.host)

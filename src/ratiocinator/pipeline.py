@@ -367,8 +367,10 @@ class Research:
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
                     experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
                     budget=budget, progress=self.progress, extra_env=extra_env, base_env=self.runner_env(),
+                    last_iteration=iteration == spec.max_iterations,
                 )
                 summary: ExecutionSummary = await executor.run(pending)
+                host = executor.host  # capacity may have been given back or rented again
                 if summary.early_stop:
                     status, note = "stopped", summary.early_stop
                     break

@@ -137,6 +137,33 @@ class Backend(abc.ABC):
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run left behind by a dead orchestrator; True if something was killed."""
 
+    # -- elastic capacity: only backends whose idle slots cost money override these ----------
+
+    #: True when an idle slot is billed (a rented instance): the executor then gives back the
+    #: slots it has no work for, and asks for capacity again when work comes back.
+    idle_slots_cost = False
+
+    def slot_usable(self, slot: Slot) -> bool:
+        """Whether a run may still start in ``slot`` (False once its instance was lost or given back)."""
+        return True
+
+    def reacquire_s(self) -> float:
+        """Billed seconds to get a given-back slot back (boot + setup), so holding one idle can be weighed against it."""
+        return 0.0
+
+    async def release_slot(self, host: Host, slot: Slot) -> None:
+        """The executor has no more work for ``slot``; a rented instance is destroyed once none of its slots has any."""
+
+    async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
+        """The host with capacity again for ``runs_left`` queued runs (rented, prepared); raises
+        `~ratiocinator.errors.BudgetError` when the budget cannot pay for it."""
+        return host
+
+    async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
+        """Make sure ``slot`` stays paid for ``run_s`` more seconds (a rented instance's self-destruct
+        deadline); None when it does, else why the budget refuses."""
+        return None
+
     def oom_kills(self, host: Host) -> int | None:
         """The host's kernel OOM-kill counter (compared before and after a run); None when unknown."""
         return None

@@ -516,6 +516,8 @@ class SshBackend(Backend):
         self.poll_s = poll_s
         self.alive_check_s = alive_check_s
         self.default_price = default_price_per_hour
+        self._connect_timeout_s, self._keepalive_s = connect_timeout_s, keepalive_s
+        self._reconnect_budget_s = reconnect_budget_s
         self.machines = [_Machine(h, self.home, reconnect_budget_s=reconnect_budget_s,
                                   connect_timeout_s=connect_timeout_s, keepalive_s=keepalive_s) for h in self.hosts]
         self._by_slot: dict[int, _Machine] = {}
@@ -555,9 +557,18 @@ class SshBackend(Backend):
         return max(h.price_per_hour if h.price_per_hour is not None else default for h in self.hosts)
 
     def _slots(self, loaded: LoadedSpec) -> tuple[SshSlot, ...]:
+        slots = []
+        self._by_slot = {}
+        for index, (machine, gpus) in enumerate(self._host_slots(self.machines, loaded)):
+            slots.append(SshSlot(index, gpus, machine.config.label))
+            self._by_slot[index] = machine
+        return tuple(slots)
+
+    def _host_slots(self, machines: Sequence[_Machine], loaded: LoadedSpec) -> list[tuple[_Machine, tuple[int, ...]]]:
+        """(machine, GPU indices) per slot, interleaved across machines, capped at the spec's concurrency."""
         per_run = loaded.spec.hardware.num_gpus
         per_host: list[list[tuple[_Machine, tuple[int, ...]]]] = []
-        for i, machine in enumerate(self.machines):
+        for i, machine in enumerate(machines):
             cfg = machine.config
             if per_run:
                 gpus = cfg.gpus or []
@@ -574,16 +585,48 @@ class SshBackend(Backend):
         interleaved = [entry for group in _zip_longest(per_host) for entry in group]
         if loaded.spec.concurrency:
             interleaved = interleaved[: loaded.spec.concurrency]
-        slots = []
-        self._by_slot = {}
-        for index, (machine, gpus) in enumerate(interleaved):
-            slots.append(SshSlot(index, gpus, machine.config.label))
-            self._by_slot[index] = machine
-        return tuple(slots)
+        return interleaved
 
     async def acquire(self, loaded: LoadedSpec) -> Host:
         """Connect to every host (verifying its key) and size the slots."""
         slots = self._slots(loaded)
+        info = await self._probe(self.machines)
+        name = "ssh:" + ",".join(m.config.label for m in self.machines)
+        return Host(name=name, slots=slots, price_per_hour=self._price(loaded), info=info)
+
+    async def add_hosts(self, hosts: Sequence[SshHost], loaded: LoadedSpec, *, probe_budget_s: float | None = None
+                        ) -> tuple[tuple[SshSlot, ...], dict[str, str]]:
+        """Join more hosts after `acquire` (rented replacements): probe them, and give their slots fresh indices.
+
+        ``probe_budget_s`` bounds the first connection (a booting host: the caller retries).
+        """
+        machines = [_Machine(h, self.home, reconnect_budget_s=probe_budget_s or self._reconnect_budget_s,
+                             connect_timeout_s=self._connect_timeout_s, keepalive_s=self._keepalive_s) for h in hosts]
+        try:
+            info = await self._probe(machines)
+        except BaseException:
+            await asyncio.gather(*(m.close() for m in machines), return_exceptions=True)
+            raise
+        for machine in machines:
+            machine.reconnect_budget_s = self._reconnect_budget_s
+        start = max(self._by_slot, default=-1) + 1
+        slots = []
+        for machine, gpus in self._host_slots(machines, loaded):
+            slots.append(SshSlot(start + len(slots), gpus, machine.config.label))
+            self._by_slot[slots[-1].index] = machine
+        self.machines.extend(machines)
+        self.hosts.extend(hosts)
+        return tuple(slots), info
+
+    async def drop_host(self, label: str) -> None:
+        """Forget a host (a destroyed instance): close its connection; its slots stop resolving."""
+        gone = [m for m in self.machines if m.config.label == label]
+        self.machines = [m for m in self.machines if m.config.label != label]
+        self.hosts = [h for h in self.hosts if h.label != label]
+        self._by_slot = {i: m for i, m in self._by_slot.items() if m.config.label != label}
+        await asyncio.gather(*(m.close() for m in gone), return_exceptions=True)
+
+    async def _probe(self, machines: Sequence[_Machine]) -> dict[str, str]:
         info: dict[str, str] = {}
 
         async def probe(machine: _Machine) -> None:
@@ -604,15 +647,19 @@ class SshBackend(Backend):
                 f"{facts.get('hostname')}, {facts.get('cpus')} cpus, {facts.get('ram_gb', '?')} GB RAM,"
                 f" python {facts.get('python')}, host key {key}")
 
-        await asyncio.gather(*(probe(m) for m in self.machines))
-        name = "ssh:" + ",".join(m.config.label for m in self.machines)
-        return Host(name=name, slots=slots, price_per_hour=self._price(loaded), info=info)
+        await asyncio.gather(*(probe(m) for m in machines))
+        return info
 
     # -- the workspace -------------------------------------------------------------------
 
     async def prepare(
         self, host: Host, loaded: LoadedSpec, commit: str, *, on_output: Callable[[str], None] | None = None
     ) -> Workspace:
+        return await self.prepare_hosts([m.config.label for m in self.machines], loaded, commit, on_output=on_output)
+
+    async def prepare_hosts(self, labels: Sequence[str], loaded: LoadedSpec, commit: str, *,
+                            on_output: Callable[[str], None] | None = None) -> Workspace:
+        """Prepare the workspace on the named hosts only (hosts that joined after `prepare`)."""
         spec = loaded.spec
         repo = ws.resolve_repo_url(spec.repo_url, loaded.path.parent)
         checkout = await asyncio.to_thread(ws.checkout, repo, commit, self.home / "repos",
@@ -631,7 +678,7 @@ class SshBackend(Backend):
             },
         }
         await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output)
-                               for m in self.machines))
+                               for m in self.machines if m.config.label in labels))
         self._local_checkout = checkout
         return Workspace(checkout=checkout, env={"RATIOCINATOR_WORKSPACE": str(checkout)})
 

@@ -21,15 +21,16 @@ import asyncio
 import atexit
 import math
 import os
+import shlex
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import instances as inst
-from ..errors import BackendError
+from ..errors import BackendError, BudgetError
 from ..ledger import Ledger
 from ..spec import LoadedSpec, SshHost
 from .base import (Backend, ExitInfo, HardwareFinding, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Stream,
@@ -119,18 +120,26 @@ def pick_offers(offers: list[dict[str, Any]], n: int, allow_mixed: bool) -> list
     return min(full, key=lambda g: sum(float(o["dph_total"]) for o in g))
 
 
-def watchdog(deadline: float, label: str) -> str:
-    """The ``onstart`` script: destroy this instance at ``deadline`` (re-read from a file, so it can be extended).
+def deadline_file(workdir: str) -> str:
+    """Where an instance keeps its self-destruct deadline: under the workdir, which SSH resolves the same way."""
+    return workdir.rstrip("/") + "/deadline"
+
+
+def watchdog(deadline: float, label: str, path: str) -> str:
+    """The ``onstart`` script: destroy this instance at the deadline in ``path``, re-read every 15 s so
+    `VastBackend.secure` can extend it over SSH.
 
     Vast exposes ``CONTAINER_ID`` and ``CONTAINER_API_KEY`` inside instances; when the API call
     fails the container is stopped instead (``kill 1``), which at least ends GPU billing.
     """
+    quoted = '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
     return (
-        f"echo {int(deadline)} > /root/.ratiocinator_deadline; echo {label} > /root/.ratiocinator_label; "
-        "(while [ \"$(date +%s)\" -lt \"$(cat /root/.ratiocinator_deadline)\" ]; do sleep 15; done; "
+        f"F={quoted}; mkdir -p \"$(dirname \"$F\")\"; echo {int(deadline)} > \"$F\"; "
+        f"echo {label} > \"$(dirname \"$F\")/label\"; "
+        "(while [ \"$(date +%s)\" -lt \"$(cat \"$F\" 2>/dev/null || echo 0)\" ]; do sleep 15; done; "
         "curl -s -X DELETE -H \"Authorization: Bearer $CONTAINER_API_KEY\" "
         "\"https://console.vast.ai/api/v0/instances/$CONTAINER_ID/\" || true; sleep 30; kill 1) "
-        f">/dev/null 2>&1 & # RC_DEADLINE={int(deadline)}"
+        f">/dev/null 2>&1 & # RC_DEADLINE={int(deadline)} RC_DEADLINE_FILE={path}"
     )
 
 
@@ -140,6 +149,13 @@ class _Rented:
     provider_id: str
     offer: dict[str, Any]
     ssh: SshHost | None = None
+    slots: list[VastSlot] = field(default_factory=list)
+    released: set[VastSlot] = field(default_factory=set)
+    ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
+
+    @property
+    def given_back(self) -> bool:
+        return bool(self.slots) and set(self.slots) <= self.released
 
 
 class VastRunHandle(RunHandle):
@@ -168,8 +184,12 @@ class VastRunHandle(RunHandle):
         await self.inner.reap_strays()
 
 
+DEADLINE_SLACK_S = 120.0  # a run's deadline covers its timeout plus collecting its artifacts
+
+
 class VastBackend(Backend):
     name = "vast"
+    idle_slots_cost = True
 
     def __init__(self, home: Path, *, settings: VastSettings | None = None, api_key: str | None = None,
                  experiment_id: str | None = None, ledger: Ledger | None = None, ssh_options: dict[str, Any] | None = None) -> None:
@@ -184,6 +204,10 @@ class VastBackend(Backend):
         self.ssh: SshBackend | None = None
         self.storage_dph = 0.0
         self.notes: list[str] = []
+        self.gpu_model: str | None = None  # every instance's, unless allow_mixed_gpus
+        self._commit: str | None = None  # what prepare() deployed: replacements get the same
+        self._max_dollars = 0.0
+        self._info: dict[str, str] = {}
         atexit.register(self._destroy_all_sync)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -263,8 +287,19 @@ class VastBackend(Backend):
 
     async def acquire(self, loaded: LoadedSpec) -> Host:
         exp_id = self._bound_experiment(loaded)
+        self._max_dollars = loaded.spec.max_dollars
         n = self._instance_count(loaded)
+        await self._rent_batch(loaded, exp_id, n, self.ttl_s(loaded, n))
+        return self._host()
+
+    async def _rent_batch(self, loaded: LoadedSpec, exp_id: str, n: int, ttl: float) -> list[_Rented]:
+        """Rent ``n`` instances (one GPU model: the experiment's, once chosen) and connect to them.
+
+        Whatever this call rented is destroyed when any step fails.
+        """
         query = offer_query(loaded, self.settings)
+        if self.gpu_model is not None and not self.settings.allow_mixed_gpus:
+            query["gpu_name"] = {"eq": self.gpu_model}
         offers = [o for o in await asyncio.to_thread(self.api.search_offers, query) if matches(o, query)]
         picked = pick_offers(offers, n, self.settings.allow_mixed_gpus)
         if not picked:
@@ -273,33 +308,37 @@ class VastBackend(Backend):
                                hint="relax hardware (gpu, max_dph, min_cuda_version, ...) or vast.min_reliability")
         disk = loaded.spec.hardware.disk_gb or 32.0
         self.storage_dph = disk * self.settings.storage_per_gb_month / (30 * 24)
-        ttl = self.ttl_s(loaded, len(picked))
+        batch: list[_Rented] = []
         try:
-            await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk) for offer in picked))
-            slots, info = await self._connect(loaded)
+            await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk, batch) for offer in picked))
+            await self._connect(loaded, batch)
         except BaseException:
-            await self._destroy_all("acquire failed")
+            await asyncio.to_thread(self._destroy_sync, batch, "renting failed")
             raise
-        names = ",".join(f"{r.provider_id}:{r.offer.get('gpu_name')}" for r in self.rented)
-        return Host(name=f"vast:{names}", slots=slots, price_per_hour=0.0, info=info)
+        if self.gpu_model is None:
+            self.gpu_model = str(picked[0].get("gpu_name"))
+        return batch
 
-    async def _rent(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float, disk: float) -> None:
+    async def _rent(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float, disk: float,
+                    batch: list[_Rented]) -> None:
         dph = float(offer["dph_total"])
         worst = (dph + self.storage_dph) * ttl / 3600.0
         charge = self.ledger.reserve(exp_id, amount=worst, limit=loaded.spec.max_dollars, kind="instance",
                                      note=f"vast offer {offer['id']} {offer.get('gpu_name')} ${dph:g}/h × TTL {ttl:g}s")
         if charge is None:
             spent, reserved = self.ledger.money(exp_id)
-            raise BackendError(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s could cost ${worst:.2f};"
-                               f" max_dollars ${loaded.spec.max_dollars:g} has ${spent:.2f} spent and ${reserved:.2f} reserved",
-                               hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
+            raise BudgetError(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s could cost ${worst:.2f};"
+                              f" max_dollars ${loaded.spec.max_dollars:g} has ${spent:.2f} spent and ${reserved:.2f} reserved",
+                              hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
         deadline = time.time() + ttl
         row = inst.record_requested(self.ledger, experiment_id=exp_id, provider="vast", offer=offer, deadline=deadline,
                                     charges=[charge])
         rented = _Rented(row.id, "", offer)
         self.rented.append(rented)
+        batch.append(rented)
         body = {"client_id": "me", "image": loaded.spec.hardware.image or "pytorch/pytorch:latest", "disk": disk,
-                "onstart": watchdog(deadline, row.label), "runtype": "ssh", "label": row.label}
+                "onstart": watchdog(deadline, row.label, deadline_file(self.settings.workdir)), "runtype": "ssh",
+                "label": row.label}
         rented.provider_id = str(await asyncio.to_thread(self.api.rent, int(offer["id"]), body))
         inst.update(self.ledger, row.id, provider_id=rented.provider_id, state="booting")
         pub = self.ssh_key().with_suffix(".pub").read_text()
@@ -323,35 +362,143 @@ class VastBackend(Backend):
                              gpus=gpus)
         inst.update(self.ledger, row.id, state="running", running_at=time.time(), gpu_name=str(shown.get("gpu_name", "")))
 
-    async def _connect(self, loaded: LoadedSpec) -> tuple[tuple[Slot, ...], dict[str, str]]:
-        """SSH into every instance (sshd may come up after 'running'), then wrap the slots with the GPU model."""
-        hosts = [r.ssh for r in self.rented if r.ssh is not None]
-        self.ssh = SshBackend(hosts, self.home, **self.ssh_options)
-        for m in self.ssh.machines:
-            m.reconnect_budget_s, budget = min(self.settings.ssh_probe_s, m.reconnect_budget_s), m.reconnect_budget_s
+    async def _connect(self, loaded: LoadedSpec, batch: list[_Rented]) -> None:
+        """SSH into the batch's instances (sshd may come up after 'running'), and give them their slots."""
+        hosts = [r.ssh for r in batch if r.ssh is not None]
         deadline = time.monotonic() + self.settings.boot_timeout_s
         while True:
             try:
-                host = await self.ssh.acquire(loaded)
+                if self.ssh is None:
+                    ssh = SshBackend(hosts, self.home, **self.ssh_options)
+                    for m in ssh.machines:
+                        m.reconnect_budget_s, budget = min(self.settings.ssh_probe_s, m.reconnect_budget_s), m.reconnect_budget_s
+                    try:
+                        host = await ssh.acquire(loaded)
+                    except BaseException:
+                        await ssh.release(Host("", (), 0.0))
+                        raise
+                    for m in ssh.machines:
+                        m.reconnect_budget_s = budget
+                    self.ssh, slots, info = ssh, host.slots, host.info
+                else:
+                    slots, info = await self.ssh.add_hosts(hosts, loaded, probe_budget_s=self.settings.ssh_probe_s)
                 break
             except BackendError as exc:
                 if time.monotonic() > deadline:
                     raise BackendError(f"SSH to the rented instance(s) failed for {self.settings.boot_timeout_s:g}s: {exc}",
                                        hint="the instances were destroyed; check the image runs sshd (runtype ssh)") from None
                 await asyncio.sleep(self.settings.poll_s)
-        for m in self.ssh.machines:
-            m.reconnect_budget_s = budget
-        by_label = {r.ssh.label: r for r in self.rented if r.ssh is not None}
-        slots: list[Slot] = []
-        for s in host.slots:
+        by_label = {r.ssh.label: r for r in batch if r.ssh is not None}
+        for s in slots:
             assert isinstance(s, SshSlot)
             r = by_label[s.machine]
-            slots.append(VastSlot(s.index, s.gpus, s.machine, f"vast{r.provider_id}:{r.offer.get('gpu_name')}"))
-        info = dict(host.info)
-        for r in self.rented:
-            info[f"vast {r.provider_id}"] = (f"{r.offer.get('gpu_name')} x{r.offer.get('num_gpus')} at"
-                                             f" ${r.offer.get('dph_total')}/h, offer {r.offer.get('id')}, ledger row {r.row_id}")
-        return tuple(slots), info
+            r.slots.append(VastSlot(s.index, s.gpus, s.machine, f"vast{r.provider_id}:{r.offer.get('gpu_name')}"))
+        self._info.update(info)
+        for r in batch:
+            self._info[f"vast {r.provider_id}"] = (f"{r.offer.get('gpu_name')} x{r.offer.get('num_gpus')} at"
+                                                   f" ${r.offer.get('dph_total')}/h, offer {r.offer.get('id')},"
+                                                   f" ledger row {r.row_id}")
+
+    def _live(self) -> list[_Rented]:
+        return [r for r in self.rented if r.slots and not r.given_back
+                and inst.get(self.ledger, r.row_id).state == "running"]
+
+    def _host(self) -> Host:
+        """One host whose slots are every usable slot of every live instance."""
+        live = self._live()
+        names = ",".join(f"{r.provider_id}:{r.offer.get('gpu_name')}" for r in live)
+        slots = tuple(s for r in live for s in r.slots if s not in r.released)
+        return Host(name=f"vast:{names}", slots=slots, price_per_hour=0.0, info=dict(self._info))
+
+    # -- elastic capacity ----------------------------------------------------------------
+
+    def _owner(self, slot: Slot) -> _Rented | None:
+        return next((r for r in self.rented if slot in r.slots), None)
+
+    def slot_usable(self, slot: Slot) -> bool:
+        rented = self._owner(slot)
+        return (rented is not None and slot not in rented.released
+                and inst.get(self.ledger, rented.row_id).state == "running")
+
+    def reacquire_s(self) -> float:
+        """Measured rent → prepared time of this experiment's instances (their mean)."""
+        measured = [r.ready_s for r in self.rented if r.ready_s is not None]
+        if measured:
+            return sum(measured) / len(measured)
+        return self.settings.boot_timeout_s + self.settings.setup_allowance_s
+
+    async def release_slot(self, host: Host, slot: Slot) -> None:
+        rented = self._owner(slot)
+        if rented is None:
+            return
+        rented.released.add(slot)  # type: ignore[arg-type]
+        if rented.given_back:
+            if self.ssh is not None and rented.ssh is not None:
+                await self.ssh.drop_host(rented.ssh.label)
+            await asyncio.to_thread(self._destroy_sync, [rented], "no work left for it")
+
+    async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
+        """Rent (and prepare) instances given back or lost, up to what ``runs_left`` runs can use."""
+        live = self._live()
+        per = self.settings.slots_per_instance
+        want = min(self._instance_count(loaded), max(math.ceil(runs_left / per), 1))
+        missing = want - len(live)
+        if missing <= 0 or self._commit is None:
+            return self._host()
+        spec = loaded.spec
+        waves = math.ceil(runs_left * spec.failure_policy.max_attempts / (want * per))
+        ttl = self.settings.boot_timeout_s + self.settings.setup_allowance_s + waves * spec.train_timeout_s
+        batch = await self._rent_batch(loaded, self._bound_experiment(loaded), missing, ttl)
+        try:
+            assert self.ssh is not None
+            await self.ssh.prepare_hosts([r.ssh.label for r in batch if r.ssh is not None], loaded, self._commit)
+        except BaseException:
+            for r in batch:
+                if self.ssh is not None and r.ssh is not None:
+                    await self.ssh.drop_host(r.ssh.label)
+            await asyncio.to_thread(self._destroy_sync, batch, "preparing a replacement failed")
+            raise
+        self._mark_ready(batch)
+        return self._host()
+
+    async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
+        """Push the instance's self-destruct deadline past this run's timeout when it is too close.
+
+        The extension is reserved against ``max_dollars`` first (None = refused, the budget
+        stops the experiment), then written to the deadline file the watchdog re-reads.
+        """
+        rented = self._owner(slot)
+        if rented is None or self.ssh is None:
+            return None
+        row = inst.get(self.ledger, rented.row_id)
+        needed = time.time() + run_s + DEADLINE_SLACK_S
+        if row.deadline >= needed:
+            return None
+        extra_s = needed - row.deadline
+        amount = (row.dph + self.storage_dph) * extra_s / 3600.0
+        exp_id, limit = row.experiment_id or "", self._max_dollars
+        charge = self.ledger.reserve(exp_id, amount=amount, limit=limit, kind="instance",
+                                     note=f"vast {rented.provider_id}: deadline +{extra_s:.0f}s")
+        if charge is None:
+            spent, reserved = self.ledger.money(exp_id)
+            return (f"budget: keeping instance {rented.provider_id} alive {extra_s:.0f}s longer for the next run could"
+                    f" cost ${amount:.4f}, and ${spent:.4f} spent + ${reserved:.4f} reserved of ${limit:.2f} leaves too little")
+        machine = self.ssh._machine(slot)
+
+        async def write(_: Any, sftp: Any) -> None:
+            async with sftp.open(deadline_file(machine.workdir), "w") as fh:
+                await fh.write(f"{int(needed)}\n")
+
+        try:
+            await machine.call(write)
+        except (LaunchFailure, OSError, BackendError) as exc:
+            self.ledger.settle(charge, 0.0)
+            self.notes.append(f"instance {rented.provider_id}: extending its deadline failed ({exc}); it may stop mid-run")
+            return None
+        inst.update(self.ledger, row.id, deadline=needed, charges=[*row.charges, charge])
+        self.ledger.event(exp_id, "instance_extended", f"instance {rented.provider_id}: deadline +{extra_s:.0f}s",
+                          provider_id=rented.provider_id, deadline=needed, reserved=amount)
+        return None
 
     # -- the rest is SSH -----------------------------------------------------------------
 
@@ -362,12 +509,22 @@ class VastBackend(Backend):
 
     async def prepare(self, host: Host, loaded: LoadedSpec, commit: str, *,
                       on_output: Callable[[str], None] | None = None) -> Workspace:
-        return await self._require_ssh().prepare(host, loaded, commit, on_output=on_output)
+        workspace = await self._require_ssh().prepare(host, loaded, commit, on_output=on_output)
+        self._commit = commit
+        self._mark_ready(self.rented)
+        return workspace
+
+    def _mark_ready(self, batch: list[_Rented]) -> None:
+        now = time.time()
+        for r in batch:
+            if r.ready_s is None and r.slots:
+                r.ready_s = now - inst.get(self.ledger, r.row_id).created_at
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         ssh = self._require_ssh()
-        machine = ssh._machine(request.slot)
-        rented = next(r for r in self.rented if r.ssh is not None and r.ssh.label == machine.config.label)
+        rented = self._owner(request.slot)
+        if rented is None:
+            raise LaunchFailure(f"slot {request.slot.label} belongs to no instance this backend rented", transient=False)
         row = inst.get(self.ledger, rented.row_id)
         if row.state not in ("running",):
             raise LaunchFailure(f"instance {rented.provider_id} is {row.state}", transient=False, failure="infra")
@@ -403,7 +560,10 @@ class VastBackend(Backend):
 
     def _destroy_all_sync(self, why: str = "orchestrator exiting") -> None:
         """Destroy every instance this backend rented that is still live, and settle it (idempotent)."""
-        for rented in list(self.rented):
+        self._destroy_sync(list(self.rented), why)
+
+    def _destroy_sync(self, batch: list[_Rented], why: str) -> None:
+        for rented in batch:
             try:
                 row = inst.get(self.ledger, rented.row_id)
             except Exception:  # noqa: BLE001 - the ledger closed at exit: the reaper will finish
