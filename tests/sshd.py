@@ -57,6 +57,8 @@ class Sshd:
     client_key: Path
     host_key: Path
     proc: subprocess.Popen[bytes] | None = None
+    # Several loopback addresses, so one sshd can stand for several machines (each its own endpoint).
+    addresses: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
     @property
     def config(self) -> Path:
@@ -64,9 +66,7 @@ class Sshd:
 
     def write_config(self) -> None:
         lines = [
-            "ListenAddress 127.0.0.1",
-            "ListenAddress 127.0.0.2",  # more loopback names, so one sshd can stand for several machines
-            "ListenAddress 127.0.0.3",
+            *(f"ListenAddress {address}" for address in self.addresses),
             f"Port {self.port}",
             f"HostKey {self.host_key}",
             f"PidFile {self.root / 'sshd.pid'}",
@@ -94,7 +94,7 @@ class Sshd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd exited {self.proc.returncode}:\n{(self.root / 'sshd.log').read_text()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.addresses[0], self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
@@ -125,6 +125,13 @@ class Sshd:
             except ProcessLookupError:
                 pass
         return len(pids)
+
+    def listen_only(self, *addresses: str) -> None:
+        """Restart listening on ``addresses`` only: the machines behind the others are gone."""
+        self.stop()
+        self.addresses = addresses
+        self.write_config()
+        self.start()
 
     def new_host_key(self) -> None:
         """Restart with a different host key: what a MITM (or a reinstall) looks like."""

@@ -299,3 +299,143 @@ def test_plan_shows_matching_offers_and_rents_nothing(sshd: Sshd, vast: VastServ
     assert not [c for c in vast.fake.calls if c[0] == "PUT"]  # plan rents nothing
     listed = study.cli("instances", env=env)
     assert listed.returncode == 2 and "no ledger" in listed.stderr  # plan wrote nothing: no ledger, no instance
+
+
+def _events(ledger: Ledger, exp_id: str, kind: str) -> list:
+    return [e for e in ledger.events(exp_id) if e["kind"] == kind]
+
+
+def _three_4090s(server: VastServer) -> None:
+    server.fake.offers = [offer(1, dph=0.40), offer(3, dph=0.45), offer(4, dph=0.50), offer(2, "A100", 1.10)]
+
+
+def test_idle_instance_is_given_back_while_the_last_run_goes_on(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    _three_4090s(vast)
+    spec = _spec(study, arms=[{"name": "fast", "env": {"BONUS": 20}},
+                              {"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 8}}], concurrency=2)
+    outcome = Research(load_spec(spec), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = {r.arm: r for r in ledger.runs(exp.id)}
+    assert {a: r.status for a, r in runs.items()} == {"fast": "succeeded", "slow": "succeeded"}
+    rows = {row.provider_id: row for row in inst.rows(ledger)}
+    assert len(rows) == 2 and all(row.state == "destroyed" for row in rows.values()) and vast.fake.live() == []
+    fast_box = rows[runs["fast"].slot.split(":")[0].removeprefix("vast")]
+    slow_box = rows[runs["slow"].slot.split(":")[0].removeprefix("vast")]
+    # The last iteration has nothing more for the fast run's instance: it is destroyed at once, not held.
+    assert fast_box.destroyed_at is not None and runs["slow"].ended_at is not None
+    assert fast_box.destroyed_at < runs["slow"].ended_at - 4
+    assert fast_box.note == "no work left for it" and slow_box.destroyed_at >= runs["slow"].ended_at
+    released = _events(ledger, exp.id, "slot_released")  # each instance the moment its work ended
+    assert [e["data"]["slot"].split(":")[0] for e in released] == [f"vast{fast_box.provider_id}", f"vast{slow_box.provider_id}"]
+    assert all("last iteration" in e["message"] for e in released)
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in rows.values()))
+
+
+def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iteration(
+        sshd: Sshd, vast: VastServer, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ratiocinator import executor
+
+    _three_4090s(vast)
+    monkeypatch.setattr(executor, "IDLE_CHECK_S", 0.5)
+    spec = _spec(study, arms=[{"name": "fast", "env": {"BONUS": 20}},
+                              {"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}], concurrency=2,
+                 max_iterations=2, search={"space": {"BONUS": {"choices": [20]}}, "arms_per_iteration": 1,
+                                           "confirm_top": 1, "confirm_replicates": 2},
+                 failure_policy={"max_attempts": 1})
+    outcome = Research(load_spec(spec), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = ledger.runs(exp.id)
+    assert sorted((r.arm, r.replicate, r.status) for r in runs) == [
+        ("fast", 0, "succeeded"), ("fast", 1, "succeeded"), ("fast", 2, "succeeded"), ("slow", 0, "succeeded")]
+    slow = next(r for r in runs if r.arm == "slow")
+    first, held, again = inst.rows(ledger)  # in rent order
+    fast_box = first if slow.slot.startswith(f"vast{held.provider_id}:") else held
+    # Iteration 1: the fast run's instance idled while the slow run still had ~15 s to go, more than
+    # renting one again costs here (a second or two): it was given back.
+    assert fast_box.destroyed_at is not None and fast_box.destroyed_at < slow.ended_at - 5
+    released = _events(ledger, exp.id, "slot_released")
+    assert "getting it back costs" in released[0]["message"]
+    # Iteration 2 wants two slots for its two confirmation runs: one instance is rented again, same GPU model.
+    assert again.created_at > slow.ended_at and again.gpu_name == fast_box.gpu_name == "RTX_4090"
+    assert _events(ledger, exp.id, "capacity")
+    assert {r.slot.split(":")[0] for r in runs if r.replicate > 0} == {f"vast{p}" for p in (
+        again.provider_id, (held if fast_box is first else first).provider_id)}
+    assert vast.fake.live() == [] and all(row.state == "destroyed" for row in inst.rows(ledger))
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in inst.rows(ledger)))
+
+
+def test_vanished_instance_is_replaced_and_the_run_retried(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    _three_4090s(vast)
+    import threading
+
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 6, "BONUS": 3}}],
+                 failure_policy={"max_attempts": 2, "retry_backoff_s": 0})
+    backend = _backend(vast, sshd, study)
+
+    def vanish() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline and not _runner_pids(study):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        (live,) = vast.fake.live()
+        vast.fake.vanish(live["id"])
+        _kill_runners(study)  # the machine died with its processes
+        sshd.drop_connections()
+        sshd.listen_only("127.0.0.2", "127.0.0.3")  # its endpoint stops answering; other machines still do
+
+    thread = threading.Thread(target=vanish)
+    thread.start()
+    try:
+        outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    finally:
+        thread.join()
+        _kill_runners(study)
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    lost_run, retried = ledger.runs(ledger.experiments()[-1].id)
+    assert lost_run.status == "failed" and lost_run.failure == "infra" and "vanished" in lost_run.reason
+    assert retried.status == "succeeded" and retried.attempt == 2
+    lost, replacement = inst.rows(ledger)
+    assert lost.state == "lost" and replacement.state == "destroyed"
+    assert retried.slot.startswith(f"vast{replacement.provider_id}:RTX_4090/")
+    assert vast.fake.live() == []
+
+
+def test_deadline_is_extended_before_a_run_would_outlive_it(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    # TTL 2 + 4 + 1 = 7 s: without an extension the host's watchdog would kill the 10 s run.
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 10}}], train_timeout_s=15)
+    backend = _backend(vast, sshd, study, boot_timeout_s=2, setup_allowance_s=4, work_s=1)
+    outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    (run,) = ledger.runs(exp.id)
+    assert run.status == "succeeded", run.reason
+    (row,) = inst.rows(ledger)
+    assert row.deadline >= run.started_at + 15 + 100 and len(row.charges) == 2
+    assert int((study.root / "remote" / "deadline").read_text()) == int(row.deadline)  # what the watchdog reads
+    (extended,) = _events(ledger, exp.id, "instance_extended")
+    assert extended["data"]["provider_id"] == row.provider_id
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(row.cost)
+
+
+def test_extension_the_budget_cannot_pay_stops_without_launching(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 10}}], train_timeout_s=15,
+                 max_dollars=0.005)  # the 7 s rental fits; another 135 s at $0.40/h does not
+    backend = _backend(vast, sshd, study, boot_timeout_s=2, setup_allowance_s=4, work_s=1)
+    outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert outcome.status == "budget_exhausted" and "keeping instance" in outcome.message, outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    assert ledger.runs(exp.id) == []
+    (row,) = inst.rows(ledger)
+    assert row.state == "destroyed" and vast.fake.live() == []
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent <= 0.005

@@ -58,7 +58,8 @@ class FakeVast:
     next_id: int = 1000
     authorized_keys: Path | None = None  # the test sshd's: an attached key is appended, as Vast installs it
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ssh_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "127.0.0.2", "127.0.0.3")
+    ssh_hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    retired: set[str] = field(default_factory=set)  # endpoints of vanished hosts: never handed out again
 
     # -- state ------------------------------------------------------------------------
 
@@ -81,11 +82,16 @@ class FakeVast:
             return inst["_deadline"]
 
     def _remove(self, iid: int, why: str) -> None:
-        self.instances.pop(iid, None)
+        inst = self.instances.pop(iid, None)
         self.destroyed.append(iid)
+        if inst is not None:  # the machine is on the market again
+            for o in self.offers:
+                if o["id"] == inst["_offer"]:
+                    o["rented"] = False
 
     def vanish(self, iid: int) -> None:
         with self.lock:
+            self.retired.add(self.instances[iid]["ssh_host"])
             self._remove(iid, "vanished")
 
     def live(self) -> list[dict[str, Any]]:
@@ -118,22 +124,23 @@ class FakeVast:
             return 200, {"offers": sorted(found, key=lambda o: o["dph_total"])}
         if (m := re.fullmatch(r"/api/v0/asks/(\d+)/", path)) and method == "PUT":
             o = next((o for o in self.offers if o["id"] == int(m.group(1))), None)
-            if o is None:
+            if o is None or o["rented"]:
                 return 404, {"success": False, "error": "no_such_ask"}
             deadline = re.search(r"RC_DEADLINE=(\d+)", body.get("onstart", ""))
             deadline_file = re.search(r"RC_DEADLINE_FILE=(/\S+)", body.get("onstart", ""))
             with self.lock:
                 self.next_id += 1
                 iid = self.next_id
-                taken = {i["ssh_host"] for i in self.instances.values()}
+                taken = {i["ssh_host"] for i in self.instances.values()} | self.retired
                 name = next((h for h in self.ssh_hosts if h not in taken), self.ssh_hosts[0])
+                o["rented"] = True  # one machine, one renter
                 self.instances[iid] = {
                     "id": iid, "actual_status": "loading", "ssh_host": name, "ssh_port": self.ssh_port,
                     "public_ipaddr": "127.0.0.1", "dph_total": o["dph_total"], "gpu_name": o["gpu_name"],
                     "num_gpus": o["num_gpus"], "label": body.get("label"), "start_date": time.time(),
                     "image_uuid": body.get("image"), "_deadline": float(deadline.group(1)) if deadline else None,
                     "_onstart": body.get("onstart", ""), "_ssh_keys": [],
-                    "_deadline_file": deadline_file.group(1) if deadline_file else None,
+                    "_deadline_file": deadline_file.group(1) if deadline_file else None, "_offer": o["id"],
                 }
             return 200, {"success": True, "new_contract": iid}
         if m := re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path):

@@ -15,10 +15,6 @@ from collections.abc import Iterable
 
 from .backends.base import Slot
 
-#: A live run already past the typical duration is still expected to need this share of it.
-OVERRUN_SHARE = 0.1
-
-
 class SlotPool:
     """Free and usable slots; a slot leaves for good when it is lost or given back."""
 
@@ -65,15 +61,20 @@ class SlotPool:
             await self._changed.wait()
 
 
-def expected_wait_s(live_starts: Iterable[float], durations: list[float], now: float) -> float | None:
-    """Seconds until the last live run is expected to end (runs take the median finished duration).
+def remaining_s(elapsed: float, durations: list[float], timeout_s: float) -> float:
+    """Expected seconds left for a run ``elapsed`` seconds in: the mean excess of the finished runs that
+    lasted longer; past every one of them, as long again as it has run (never past its timeout)."""
+    longer = [d - elapsed for d in durations if d > elapsed]
+    if longer:
+        return statistics.fmean(longer)
+    return max(min(elapsed, timeout_s - elapsed), 0.0)
 
-    None when no run has finished yet: there is nothing to estimate from.
-    """
+
+def expected_wait_s(live_starts: Iterable[float], durations: list[float], now: float, timeout_s: float) -> float | None:
+    """Seconds until the last live run is expected to end; None when no run has finished to estimate from."""
     if not durations:
         return None
-    typical = statistics.median(durations)
-    return max((max(start + typical - now, OVERRUN_SHARE * typical) for start in live_starts), default=0.0)
+    return max((remaining_s(now - start, durations, timeout_s) for start in live_starts), default=0.0)
 
 
 def should_give_back(*, last_iteration: bool, stopping: bool, wait_s: float | None, reacquire_s: float) -> bool:
@@ -83,4 +84,4 @@ def should_give_back(*, last_iteration: bool, stopping: bool, wait_s: float | No
     return wait_s is not None and wait_s > reacquire_s
 
 
-__all__ = ["OVERRUN_SHARE", "SlotPool", "expected_wait_s", "should_give_back"]
+__all__ = ["SlotPool", "expected_wait_s", "remaining_s", "should_give_back"]

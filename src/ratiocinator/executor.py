@@ -282,7 +282,7 @@ class Executor:
             return
         durations = [d for r in self.ledger.runs(self.experiment_id)
                      if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
-        wait = expected_wait_s(self.started_at.values(), durations, time.time())
+        wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
         reacquire = self.backend.reacquire_s()
         if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
             return
