@@ -113,6 +113,14 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     assert reserved == 0 and spent == pytest.approx(row.cost) and spent <= 5.0
     # Only the public key went to the provider.
     assert all("PRIVATE" not in json.dumps(b) for b in fake.bodies if b)
+    # The paper counts money per instance, and gives each arm its runs' share of it.
+    assert outcome.report is not None
+    paper = outcome.report.md.read_text()
+    assert "Rented instances" in paper and f"vast:{row.provider_id}" in paper and "split by wall time" in paper
+    by_key = {f["key"]: f for f in json.loads(outcome.report.facts.read_text())["facts"]}
+    arm_costs = [by_key[f"cost.arm[{arm}]"]["value"] for arm in ("low", "high")]
+    assert all(c > 0 for c in arm_costs) and sum(arm_costs) == pytest.approx(row.cost)
+    assert by_key[f"instance[{row.id}].cost"]["value"] == pytest.approx(row.cost)
 
 
 def test_no_matching_offer_rents_nothing(sshd: Sshd, vast: VastServer, study: Study) -> None:

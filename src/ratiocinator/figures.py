@@ -36,6 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
+from . import instances
 from .inference import ALPHA, Inference, Verdict
 from .ledger import NO_STEP
 from .stats import CONFIDENCE
@@ -880,6 +881,15 @@ def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) ->
         goal_figure(inference),
         curves_figure(ledger, inference, runs),
         main_effects_figure(inference),
-        cost_figure(inference, runs),
+        cost_figure(inference, _with_instance_shares(ledger, inference, runs)),
     ]
     return [f for f in figures if f is not None]
+
+
+def _with_instance_shares(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> Sequence[RunRow]:
+    """On rented instances money is per instance: each run carries its wall-time share of its instance's cost."""
+    rented = instances.rows(ledger, experiment_id=inference.summary.experiment_id)
+    if not rented:
+        return runs
+    shares = instances.run_shares(rented, {r.id: (r.slot or "", r.duration_s or 0.0) for r in runs})
+    return [replace(r, cost=shares.get(r.id)) for r in runs]

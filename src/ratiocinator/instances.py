@@ -232,6 +232,29 @@ def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
     return cost, source
 
 
+def runs_on(row: InstanceRow, slots: dict[int, str]) -> list[int]:
+    """The run ids whose slot (``vast<provider id>:<gpu>/...``) names this instance."""
+    prefix = f"vast{row.provider_id}:"
+    return [run_id for run_id, slot in slots.items() if row.provider_id and slot.startswith(prefix)]
+
+
+def run_shares(instance_rows: list[InstanceRow], runs: dict[int, tuple[str, float]]) -> dict[int, float]:
+    """Each instance's settled cost split over the runs it served, by wall time (boot, setup and idle included).
+
+    ``runs``: run id -> (slot label, wall seconds). An instance that served no run keeps its cost
+    to itself (it shows in the instances table, not in any arm).
+    """
+    shares: dict[int, float] = {}
+    slots = {run_id: slot for run_id, (slot, _) in runs.items()}
+    for row in instance_rows:
+        served = runs_on(row, slots)
+        total = sum(runs[r][1] for r in served)
+        for run_id in served:
+            shares[run_id] = shares.get(run_id, 0.0) + (row.cost or 0.0) * (
+                runs[run_id][1] / total if total > 0 else 1.0 / len(served))
+    return shares
+
+
 # -- the reaper -------------------------------------------------------------------------------
 
 
@@ -302,4 +325,4 @@ def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str) -> li
 
 
 __all__ = ["BillingUnavailable", "InstanceRow", "Reaped", "VastApi", "VastError", "get", "lifetime_cost", "reap",
-           "reconcile_at_startup", "record_requested", "rows", "settle", "update"]
+           "reconcile_at_startup", "record_requested", "rows", "run_shares", "runs_on", "settle", "update"]

@@ -25,6 +25,7 @@ from .analysis import ArmSummary, Finals, MetricStats, summarize_experiment
 from .document import Abstract, Block, Bullets, Code, Fields, Figure, Heading, Paragraph, Table, clean
 from .errors import SpecError
 from .facts import MISSING, FactBook, Kind
+from . import instances
 from .failures import DESCRIPTIONS
 from .narrative import check_narrative, config_numbers, recorded_narrative
 from .figures import FigureFile, all_figures
@@ -661,33 +662,63 @@ class _Writer:
 
     def cost(self) -> list[Block]:
         spent, reserved = self.ledger.money(self.experiment.id)
+        rented = instances.rows(self.ledger, experiment_id=self.experiment.id)
+        shares = instances.run_shares(rented, {r.id: (r.slot or "", r.duration_s or 0.0) for r in self.runs})
         rows = []
         for arm in self.summary.arms:
             runs = self.by_arm[arm.arm.id]
-            costed = [r for r in runs if r.cost is not None]
+            costed = [r for r in runs if (r.id in shares if rented else r.cost is not None)]
             timed = [r for r in runs if r.duration_s is not None]
-            cost = sum(r.cost or 0.0 for r in costed) if costed else None
+            cost = sum(shares[r.id] if rented else r.cost or 0.0 for r in costed) if costed else None
             total = sum(r.duration_s or 0.0 for r in timed) if timed else None
             mean = total / len(timed) if timed else None
             rows.append((
                 arm.name,
                 self.count(f"arm[{arm.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {arm.name}", arm.run_ids),
-                self.fact(f"cost.arm[{arm.name}]", cost, Kind.MONEY, f"dollars charged to arm {arm.name}", [r.id for r in costed]),
+                self.fact(f"cost.arm[{arm.name}]", cost, Kind.MONEY,
+                          f"dollars of rented-instance cost allotted to arm {arm.name} by wall time" if rented
+                          else f"dollars charged to arm {arm.name}", [r.id for r in costed]),
                 self.fact(f"time.arm[{arm.name}].total", total, Kind.SECONDS, f"wall seconds of all runs of arm {arm.name}", [r.id for r in timed]),
                 self.fact(f"time.arm[{arm.name}].mean", mean, Kind.SECONDS, f"mean wall seconds per run of arm {arm.name}", [r.id for r in timed]),
             ))
         text = f"Spent {self.spent_fact(spent)} of the {self.limit_fact()} budget"
         if reserved:
             text += f"; {self.fact('cost.reserved', reserved, Kind.MONEY, 'dollars still reserved by unfinished runs', [])} is still reserved by unfinished runs"
-        price = self.spec.hardware.price_per_hour
-        text += (f". Each run is charged the host's price per hour ({_value(float(price))} dollars, from the spec) for its wall "
-                 "time; before a run starts, its worst case (price × timeout) is reserved so the budget can never be overrun.")
+        if rented:
+            text += (". Compute was rented by the instance, so money is counted per instance: its lifetime × price"
+                     " (or the provider's billing), boot, setup and idle time included; before each instance was rented,"
+                     " its worst case (price × its self-destruct deadline) was reserved so the budget could never be"
+                     " overrun. An arm's cost below is its runs' share of their instances' cost, split by wall time.")
+        else:
+            price = self.spec.hardware.price_per_hour
+            text += (f". Each run is charged the host's price per hour ({_value(float(price))} dollars, from the spec) for its wall "
+                     "time; before a run starts, its worst case (price × timeout) is reserved so the budget can never be overrun.")
         return [
             Heading("Cost", 1),
             Paragraph(text),
             Table(("Arm", "Runs", "Cost", "Wall time, all runs (s)", "Wall time per run (s)"), tuple(rows)),
+            *(self.instance_table(rented) if rented else []),
             *self.figure("fig_cost"),
         ]
+
+    def instance_table(self, rented: list[instances.InstanceRow]) -> list[Block]:
+        slots = {r.id: r.slot or "" for r in self.runs}
+        rows = []
+        for row in rented:
+            served = instances.runs_on(row, slots)
+            end = row.destroyed_at
+            life = (end - row.created_at) if end is not None else None
+            rows.append((
+                f"{row.provider}:{row.provider_id or '(never rented)'}", row.gpu_name or "?", _value(row.dph),
+                self.fact(f"instance[{row.id}].lifetime", life, Kind.SECONDS, f"seconds instance {row.provider_id} was rented",
+                          served),
+                self.count(f"instance[{row.id}].runs", len(served), f"runs instance {row.provider_id} served", served),
+                self.fact(f"instance[{row.id}].cost", row.cost, Kind.MONEY, f"dollars instance {row.provider_id} cost",
+                          served),
+                f"{row.state}; {row.cost_source or 'not settled'}",
+            ))
+        return [Paragraph("Rented instances (each run's slot names its instance and GPU model):"),
+                Table(("Instance", "GPU", "$/h", "Rented (s)", "Runs", "Cost", "State; cost from"), tuple(rows))]
 
     # -- threats -------------------------------------------------------------------------
 

@@ -9,10 +9,15 @@
   instance cost is the truth for the experiment, so the host's ``price_per_hour`` is 0:
   per-run reservations would count the same dollars twice.
 * **Safety**: the ledger row exists before the rent call (see `instances`); the instance
-  runs a watchdog from ``onstart`` that destroys it at its deadline even if the
-  orchestrator is killed; `release` destroys, and so does an ``atexit`` hook.
+  runs a watchdog from ``onstart`` that destroys it at the deadline in its deadline file
+  even if the orchestrator is killed; `secure` pushes that deadline out (reserving the
+  money first) before a run could outlive it; `release` destroys, and so does an
+  ``atexit`` hook.
 * **Reuse**: the instances are rented once per experiment; boot, clone and deps are paid
   once per instance; every later step is the SSH backend's.
+* **Elastic**: an instance whose slots the executor gave back is destroyed at once
+  (`release_slot`); `replenish` rents replacements (same GPU model) for given-back or
+  lost ones when queued work needs them.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .ssh import SshBackend, SshSlot
 
 @dataclass(frozen=True)
 class VastSettings:
-    """The ``vast:`` block of a spec (integration pending); defaults follow Vast's usual figures."""
+    """The ``vast:`` block of a spec; defaults follow Vast's usual figures."""
 
     base_url: str = inst.DEFAULT_BASE_URL
     instances: int | None = None  # default: ceil(concurrency / slots_per_instance), else 1
