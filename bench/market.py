@@ -22,8 +22,8 @@ Strategies:
 
 * ``per-arm``: every run rents its own instance (boot + setup + run, then destroy): what
   the published Ratiocinator does; computed directly from the same draws;
-* ``reuse, held``: N instances rented once, runs queued onto them; every instance is held
-  until the experiment's last run ends;
+* ``reuse, held``: N instances rented once, runs queued onto each as soon as it is ready;
+  every instance is held until the experiment's last run ends;
 * ``reuse, early release``: what `VastBackend` does: the executor gives an idle instance
   back when the experiment's last iteration has no work left for it, or mid-experiment
   when the iteration's remaining runs are expected to outlast renting one again; the next
@@ -159,6 +159,8 @@ class SimMarket(Backend):
         self.idle_slots_cost = early_release
         self.instances: list[_Instance] = []
         self._rentals = iter(draws.rentals)
+        self._arrivals: list[asyncio.Task[None]] = []
+        self._grew = asyncio.Event()
 
     def now(self) -> float:
         return time.monotonic() / self.scale  # simulated seconds
@@ -166,8 +168,7 @@ class SimMarket(Backend):
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
         return []
 
-    async def _rent(self, k: int) -> Host:
-        """Rent k instances at once and wait for every one to boot and be set up (as the Vast backend does)."""
+    def _rent(self, k: int) -> list[_Instance]:
         batch = []
         for _ in range(k):
             boot, setup = next(self._rentals)
@@ -175,14 +176,29 @@ class SimMarket(Backend):
             price = next(p for p in self.draws.prices if p not in rented)  # the cheapest machine still on offer
             batch.append(_Instance(Slot(len(self.instances)), price, boot, setup, self.now()))
             self.instances.append(batch[-1])
-        await asyncio.sleep(max(i.boot_s + i.setup_s for i in batch) * self.scale)
-        return self._host()
+        return batch
 
     def _host(self) -> Host:
-        return Host("sim", tuple(i.slot for i in self.instances if i.destroyed_at is None), 0.0)
+        now = self.now()
+        return Host("sim", tuple(i.slot for i in self.instances
+                                 if i.destroyed_at is None and i.rented_at + i.boot_s + i.setup_s <= now), 0.0)
 
     async def acquire(self, loaded: LoadedSpec) -> Host:
-        return await self._rent(self.n)
+        """As the Vast backend: all rented at once, back when the first is ready; the rest join via `grown`."""
+        batch = sorted(self._rent(self.n), key=lambda i: i.boot_s + i.setup_s)
+        await asyncio.sleep((batch[0].boot_s + batch[0].setup_s) * self.scale)
+        self._grew = asyncio.Event()
+        self._arrivals = [asyncio.create_task(self._arrive(i)) for i in batch[1:]]
+        return self._host()
+
+    async def _arrive(self, instance: _Instance) -> None:
+        await asyncio.sleep(max(instance.rented_at + instance.boot_s + instance.setup_s - self.now(), 0.0) * self.scale)
+        self._grew.set()
+
+    async def grown(self) -> Host:
+        await self._grew.wait()
+        self._grew.clear()
+        return self._host()
 
     async def prepare(self, host: Host, loaded: LoadedSpec, commit: str, *,
                       on_output: Callable[[str], None] | None = None) -> Workspace:
@@ -204,11 +220,17 @@ class SimMarket(Backend):
         self.instances[slot.index].destroyed_at = self.now()
 
     async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
+        """As the Vast backend: replacements are rented together and waited for."""
         live = sum(i.destroyed_at is None for i in self.instances)
         missing = min(self.n, runs_left) - live
-        return await self._rent(missing) if missing > 0 else self._host()
+        if missing > 0:
+            batch = self._rent(missing)
+            await asyncio.sleep(max(i.boot_s + i.setup_s for i in batch) * self.scale)
+        return self._host()
 
     async def release(self, host: Host) -> None:
+        for task in self._arrivals:
+            task.cancel()
         for i in self.instances:
             if i.destroyed_at is None:
                 i.destroyed_at = self.now()

@@ -447,3 +447,24 @@ def test_extension_the_budget_cannot_pay_stops_without_launching(sshd: Sshd, vas
     assert row.state == "destroyed" and vast.fake.live() == []
     spent, reserved = ledger.money(exp.id)
     assert reserved == 0 and spent <= 0.005
+
+
+def test_runs_start_on_the_first_instance_up_and_a_slow_one_joins_when_ready(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    _three_4090s(vast)
+    vast.fake.boot_s_by_offer = {3: 5.0}  # the second cheapest machine boots slowly
+    spec = _spec(study, factors={"BONUS": [1, 2, 3, 4, 5], "MODE": ["slow"], "SLEEP_S": [3]}, concurrency=2)
+    outcome = Research(load_spec(spec), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = sorted(ledger.runs(exp.id), key=lambda r: r.started_at)
+    assert len(runs) == 5 and all(r.status == "succeeded" for r in runs)
+    fast, slow = sorted(inst.rows(ledger), key=lambda row: row.running_at or 0)
+    assert fast.offer["id"] == 1 and slow.offer["id"] == 3
+    # Nobody waited for the slow machine: runs began before it had even booted ...
+    assert slow.running_at is not None and runs[0].started_at < slow.running_at
+    # ... and it took runs once it was ready.
+    assert any(r.slot.startswith(f"vast{slow.provider_id}:") for r in runs)
+    assert any(e["message"].startswith("ready:") for e in _events(ledger, exp.id, "capacity"))
+    assert vast.fake.live() == [] and {row.state for row in inst.rows(ledger)} == {"destroyed"}

@@ -59,6 +59,7 @@ class FakeVast:
     authorized_keys: Path | None = None  # the test sshd's: an attached key is appended, as Vast installs it
     lock: threading.Lock = field(default_factory=threading.Lock)
     ssh_hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    boot_s_by_offer: dict[int, float] = field(default_factory=dict)  # slower machines than ``boot_s``
     retired: set[str] = field(default_factory=set)  # endpoints of vanished hosts: never handed out again
 
     # -- state ------------------------------------------------------------------------
@@ -70,7 +71,8 @@ class FakeVast:
             for iid, inst in list(self.instances.items()):
                 if inst["_deadline"] is not None and now >= self._deadline(inst):
                     self._remove(iid, "ttl")
-                elif inst["actual_status"] == "loading" and now - inst["start_date"] >= self.boot_s:
+                elif inst["actual_status"] == "loading" and now - inst["start_date"] >= self.boot_s_by_offer.get(
+                        inst["_offer"], self.boot_s):
                     inst["actual_status"] = "running"
 
     @staticmethod

@@ -197,7 +197,9 @@ class Executor:
             work.put_nowait(WAKE)
             idle_check()
 
-        watcher = asyncio.create_task(self._watch_idle(idle_check)) if self.backend.idle_slots_cost else None
+        watchers = [asyncio.create_task(self._watch_growth(pool, idle_check))]
+        if self.backend.idle_slots_cost:
+            watchers.append(asyncio.create_task(self._watch_idle(idle_check)))
         try:
             if self.backend.idle_slots_cost and pending:
                 stop = await self._replenish(pool, len(pending), summary)  # capacity given back earlier comes back
@@ -250,7 +252,7 @@ class Executor:
             await asyncio.gather(*launched, *retries, *self._giving_back, return_exceptions=True)
             raise
         finally:
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
         summary.results.sort(key=lambda r: r.run_id)
         return summary
@@ -270,6 +272,16 @@ class Executor:
             raise BackendError(f"the {self.backend.name} backend has no slot left to run {runs_left} queued run(s)",
                                hint="its instances were lost or could not be replaced; run the same command to resume")
         return None
+
+    async def _watch_growth(self, pool: SlotPool, idle_check: Callable[[], None]) -> None:
+        """Instances still booting when the runs began join the pool the moment they are ready."""
+        while True:
+            self.host = await self.backend.grown()
+            added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+            if added:
+                self.ledger.event(self.experiment_id, "capacity", f"ready: {', '.join(s.label for s in added)}",
+                                  slots=[s.label for s in added])
+                idle_check()  # arrived after the queue ran dry: nothing for it to do
 
     async def _watch_idle(self, check: Callable[[], None]) -> None:
         while True:

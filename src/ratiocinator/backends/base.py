@@ -9,6 +9,7 @@ process at a time and owns a fixed set of GPU indices.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,12 @@ class Backend(abc.ABC):
         """The host with capacity again for ``runs_left`` queued runs (rented, prepared); raises
         `~ratiocinator.errors.BudgetError` when the budget cannot pay for it."""
         return host
+
+    async def grown(self) -> Host:
+        """Wait until more slots are ready (instances still booting when the runs began) and return the
+        host with them; a backend that never grows never returns."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
         """Make sure ``slot`` stays paid for ``run_s`` more seconds (a rented instance's self-destruct

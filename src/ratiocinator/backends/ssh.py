@@ -507,8 +507,9 @@ class SshBackend(Backend):
 
     def __init__(self, hosts: Sequence[SshHost], home: Path, *, reconnect_budget_s: float = 120.0,
                  connect_timeout_s: float = 20.0, keepalive_s: float = 5.0, poll_s: float = 0.25,
-                 alive_check_s: float = 10.0, default_price_per_hour: float | None = None) -> None:
-        if not hosts:
+                 alive_check_s: float = 10.0, default_price_per_hour: float | None = None,
+                 allow_empty: bool = False) -> None:
+        if not hosts and not allow_empty:  # a backend that adds hosts as it rents them may start with none
             raise BackendError("backend: ssh needs at least one entry under hosts:",
                                hint="add hosts: [{host: gpu-box.example.org, user: me}] to the spec")
         self.home = Path(home).expanduser().resolve()

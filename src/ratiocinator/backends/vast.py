@@ -157,6 +157,7 @@ class _Rented:
     slots: list[VastSlot] = field(default_factory=list)
     released: set[VastSlot] = field(default_factory=set)
     ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
+    preparing: bool = False
 
     @property
     def given_back(self) -> bool:
@@ -213,6 +214,9 @@ class VastBackend(Backend):
         self._commit: str | None = None  # what prepare() deployed: replacements get the same
         self._max_dollars = 0.0
         self._info: dict[str, str] = {}
+        self._arrivals: list[asyncio.Task[list[_Rented]]] = []  # instances of the first batch still coming up
+        self._commit_event: asyncio.Event | None = None
+        self._grew: asyncio.Event | None = None
         atexit.register(self._destroy_all_sync)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -291,17 +295,111 @@ class VastBackend(Backend):
     # -- acquire -------------------------------------------------------------------------
 
     async def acquire(self, loaded: LoadedSpec) -> Host:
+        """Rent the experiment's instances in parallel and return as soon as the first answers SSH.
+
+        The others keep booting in the background and join through `grown` once prepared, so
+        no instance idles (billed) waiting for the slowest one. One that fails is destroyed and
+        noted; only when every one fails does acquire fail.
+        """
         exp_id = self._bound_experiment(loaded)
         self._max_dollars = loaded.spec.max_dollars
         n = self._instance_count(loaded)
-        await self._rent_batch(loaded, exp_id, n, self.ttl_s(loaded, n))
+        picked = await self._pick(loaded, n)
+        ttl, disk = self.ttl_s(loaded, len(picked)), loaded.spec.hardware.disk_gb or 32.0
+        tasks = [asyncio.create_task(self._bring_up(loaded, exp_id, offer, ttl, disk)) for offer in picked]
+        pending: set[asyncio.Task[list[_Rented]]] = set(tasks)
+        errors: list[BaseException] = []
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                errors += [t.exception() for t in done if t.exception() is not None]  # type: ignore[misc]
+                if any(t.exception() is None for t in done):
+                    break
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if not any(t.done() and t.exception() is None for t in tasks):
+            raise errors[0]
+        for exc in errors:
+            self._note_arrival_failure(exc)
+        self._arrivals = [asyncio.create_task(self._arrive(loaded, t)) for t in pending]
+        for t in self._arrivals:
+            t.add_done_callback(self._arrived)
         return self._host()
 
-    async def _rent_batch(self, loaded: LoadedSpec, exp_id: str, n: int, ttl: float) -> list[_Rented]:
-        """Rent ``n`` instances (one GPU model: the experiment's, once chosen) and connect to them.
+    async def _bring_up(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float,
+                        disk: float) -> list[_Rented]:
+        """Rent one instance and connect to it; destroyed again when either fails."""
+        batch: list[_Rented] = []
+        try:
+            await self._rent(loaded, exp_id, offer, ttl, disk, batch)
+            await self._connect(loaded, batch)
+        except BaseException:
+            await self._scrap(batch, "renting failed")
+            raise
+        return batch
 
-        Whatever this call rented is destroyed when any step fails.
-        """
+    async def _arrive(self, loaded: LoadedSpec, connecting: asyncio.Task[list[_Rented]]) -> list[_Rented]:
+        """An instance that was not up when acquire returned: once connected and the commit known, prepare it."""
+        batch = await connecting
+        try:
+            await self._commit_known().wait()
+            await self._prepare_batch(loaded, batch)
+        except BaseException:
+            await self._scrap(batch, "preparing it failed")
+            raise
+        return batch
+
+    async def _scrap(self, batch: list[_Rented], why: str) -> None:
+        for r in batch:
+            if self.ssh is not None and r.ssh is not None and r.slots:
+                await self.ssh.drop_host(r.ssh.label)
+        await asyncio.to_thread(self._destroy_sync, batch, why)
+
+    def _commit_known(self) -> asyncio.Event:
+        if self._commit_event is None:
+            self._commit_event = asyncio.Event()
+            if self._commit is not None:
+                self._commit_event.set()
+        return self._commit_event
+
+    def _growth(self) -> asyncio.Event:
+        if self._grew is None:
+            self._grew = asyncio.Event()
+        return self._grew
+
+    def _arrived(self, task: asyncio.Task[list[_Rented]]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            self._note_arrival_failure(task.exception())  # type: ignore[arg-type]
+        self._growth().set()
+
+    def _note_arrival_failure(self, exc: BaseException) -> None:
+        note = f"an instance of the first batch failed and was destroyed: {str(exc).splitlines()[0][:300]}"
+        self.notes.append(note)
+        if self.experiment_id is not None:
+            self.ledger.event(self.experiment_id, "instance_failed", note, level="warning")
+
+    async def grown(self) -> Host:
+        await self._growth().wait()
+        self._grew = None
+        return self._host()
+
+    async def _prepare_batch(self, loaded: LoadedSpec, batch: list[_Rented]) -> None:
+        """Prepare the instances of ``batch`` nobody is preparing yet (prepare() and arrivals share this)."""
+        mine = [r for r in batch if r.slots and not r.preparing]
+        for r in mine:
+            r.preparing = True
+        if mine:
+            assert self.ssh is not None and self._commit is not None
+            await self.ssh.prepare_hosts([r.ssh.label for r in mine if r.ssh is not None], loaded, self._commit)
+            self._mark_ready(mine)
+
+    async def _pick(self, loaded: LoadedSpec, n: int) -> list[dict[str, Any]]:
+        """The ``n`` offers to rent (one GPU model: the experiment's, once chosen)."""
         query = offer_query(loaded, self.settings)
         if self.gpu_model is not None and not self.settings.allow_mixed_gpus:
             query["gpu_name"] = {"eq": self.gpu_model}
@@ -311,17 +409,23 @@ class VastBackend(Backend):
             raise BackendError(f"no Vast.ai offer matches the spec's hardware ({len(offers)} offer(s) for {n} instance(s),"
                                f" one GPU model each unless allow_mixed_gpus); query: {query}",
                                hint="relax hardware (gpu, max_dph, min_cuda_version, ...) or vast.min_reliability")
+        if self.gpu_model is None:
+            self.gpu_model = str(picked[0].get("gpu_name"))
         disk = loaded.spec.hardware.disk_gb or 32.0
         self.storage_dph = disk * self.settings.storage_per_gb_month / (30 * 24)
+        return picked
+
+    async def _rent_batch(self, loaded: LoadedSpec, exp_id: str, n: int, ttl: float) -> list[_Rented]:
+        """Rent ``n`` instances and connect to them; whatever this call rented is destroyed when a step fails."""
+        picked = await self._pick(loaded, n)
+        disk = loaded.spec.hardware.disk_gb or 32.0
         batch: list[_Rented] = []
         try:
             await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk, batch) for offer in picked))
             await self._connect(loaded, batch)
         except BaseException:
-            await asyncio.to_thread(self._destroy_sync, batch, "renting failed")
+            await self._scrap(batch, "renting failed")
             raise
-        if self.gpu_model is None:
-            self.gpu_model = str(picked[0].get("gpu_name"))
         return batch
 
     async def _rent(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float, disk: float,
@@ -370,23 +474,12 @@ class VastBackend(Backend):
     async def _connect(self, loaded: LoadedSpec, batch: list[_Rented]) -> None:
         """SSH into the batch's instances (sshd may come up after 'running'), and give them their slots."""
         hosts = [r.ssh for r in batch if r.ssh is not None]
+        if self.ssh is None:
+            self.ssh = SshBackend([], self.home, allow_empty=True, **self.ssh_options)
         deadline = time.monotonic() + self.settings.boot_timeout_s
         while True:
             try:
-                if self.ssh is None:
-                    ssh = SshBackend(hosts, self.home, **self.ssh_options)
-                    for m in ssh.machines:
-                        m.reconnect_budget_s, budget = min(self.settings.ssh_probe_s, m.reconnect_budget_s), m.reconnect_budget_s
-                    try:
-                        host = await ssh.acquire(loaded)
-                    except BaseException:
-                        await ssh.release(Host("", (), 0.0))
-                        raise
-                    for m in ssh.machines:
-                        m.reconnect_budget_s = budget
-                    self.ssh, slots, info = ssh, host.slots, host.info
-                else:
-                    slots, info = await self.ssh.add_hosts(hosts, loaded, probe_budget_s=self.settings.ssh_probe_s)
+                slots, info = await self.ssh.add_hosts(hosts, loaded, probe_budget_s=self.settings.ssh_probe_s)
                 break
             except BackendError as exc:
                 if time.monotonic() > deadline:
@@ -405,7 +498,8 @@ class VastBackend(Backend):
                                                    f" ledger row {r.row_id}")
 
     def _live(self) -> list[_Rented]:
-        return [r for r in self.rented if r.slots and not r.given_back
+        """Instances that can take runs: connected, not given back, running, and prepared once prepare() ran."""
+        return [r for r in self.rented if r.slots and not r.given_back and (self._commit is None or r.ready_s is not None)
                 and inst.get(self.ledger, r.row_id).state == "running"]
 
     def _host(self) -> Host:
@@ -447,7 +541,7 @@ class VastBackend(Backend):
         live = self._live()
         per = self.settings.slots_per_instance
         want = min(self._instance_count(loaded), max(math.ceil(runs_left / per), 1))
-        missing = want - len(live)
+        missing = want - len(live) - sum(not t.done() for t in self._arrivals)
         if missing <= 0 or self._commit is None:
             return self._host()
         spec = loaded.spec
@@ -458,10 +552,7 @@ class VastBackend(Backend):
             assert self.ssh is not None
             await self.ssh.prepare_hosts([r.ssh.label for r in batch if r.ssh is not None], loaded, self._commit)
         except BaseException:
-            for r in batch:
-                if self.ssh is not None and r.ssh is not None:
-                    await self.ssh.drop_host(r.ssh.label)
-            await asyncio.to_thread(self._destroy_sync, batch, "preparing a replacement failed")
+            await self._scrap(batch, "preparing a replacement failed")
             raise
         self._mark_ready(batch)
         return self._host()
@@ -514,9 +605,14 @@ class VastBackend(Backend):
 
     async def prepare(self, host: Host, loaded: LoadedSpec, commit: str, *,
                       on_output: Callable[[str], None] | None = None) -> Workspace:
-        workspace = await self._require_ssh().prepare(host, loaded, commit, on_output=on_output)
         self._commit = commit
-        self._mark_ready(self.rented)
+        self._commit_known().set()  # instances still arriving prepare themselves
+        mine = [r for r in self.rented if r.slots and not r.preparing]
+        for r in mine:
+            r.preparing = True
+        workspace = await self._require_ssh().prepare_hosts([r.ssh.label for r in mine if r.ssh is not None], loaded,
+                                                            commit, on_output=on_output)
+        self._mark_ready(mine)
         return workspace
 
     def _mark_ready(self, batch: list[_Rented]) -> None:
@@ -556,6 +652,9 @@ class VastBackend(Backend):
         return True
 
     async def release(self, host: Host) -> None:
+        for task in self._arrivals:
+            task.cancel()
+        await asyncio.gather(*self._arrivals, return_exceptions=True)
         if self.ssh is not None:
             await self.ssh.release(host)
         await self._destroy_all("work ended")
