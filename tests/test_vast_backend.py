@@ -368,10 +368,11 @@ def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iterati
     assert fast_box.destroyed_at is not None and fast_box.destroyed_at < slow.ended_at - 5
     released = _events(ledger, exp.id, "slot_released")
     assert "getting it back costs" in released[0]["message"]
-    # Iteration 2 wants two slots for its two confirmation runs: one instance is rented again, same GPU model.
+    # Iteration 2 wants two slots for its two confirmation runs: one instance is rented back, same GPU model.
     assert again.created_at > slow.ended_at and again.gpu_name == fast_box.gpu_name == "RTX_4090"
     assert _events(ledger, exp.id, "capacity")
-    assert {r.slot.split(":")[0] for r in runs if r.replicate > 0} == {f"vast{p}" for p in (
+    # The held instance starts them at once; the one rented back joins when it is ready.
+    assert {r.slot.split(":")[0] for r in runs if r.replicate > 0} <= {f"vast{p}" for p in (
         again.provider_id, (held if fast_box is first else first).provider_id)}
     assert vast.fake.live() == [] and all(row.state == "destroyed" for row in inst.rows(ledger))
     spent, reserved = ledger.money(exp.id)

@@ -200,12 +200,12 @@ class Executor:
         watchers = [asyncio.create_task(self._watch_growth(pool, idle_check))]
         if self.backend.idle_slots_cost:
             watchers.append(asyncio.create_task(self._watch_idle(idle_check)))
+        topup: asyncio.Task[None] | None = None
+        if self.backend.idle_slots_cost and pending and pool.usable:
+            # Capacity given back earlier comes back while the slots still held start at once.
+            topup = asyncio.create_task(self._top_up(pool, len(pending)))
+            watchers.append(topup)
         try:
-            if self.backend.idle_slots_cost and pending:
-                stop = await self._replenish(pool, len(pending), summary)  # capacity given back earlier comes back
-                if stop:
-                    summary.not_launched = list(pending)
-                    open_runs = 0
             while open_runs:
                 planned = await work.get()
                 if isinstance(planned, _Wake):
@@ -213,8 +213,15 @@ class Executor:
                 slot = await pool.take()
                 stop = None
                 while slot is None and stop is None:  # every slot was lost or given back: rent again
-                    stop = await self._replenish(pool, open_runs - live, summary)
-                    slot = None if stop else await pool.take()
+                    if topup is not None and not topup.done():
+                        await asyncio.shield(topup)  # what it rents may be enough
+                    else:
+                        try:
+                            await self._replenish(pool, open_runs - live)
+                        except BudgetError as exc:
+                            stop = self._budget_stop(summary, exc.message)
+                            break
+                    slot = await pool.take()
                 if stop is None:
                     assert slot is not None
                     stop = self.early_stop or self._reserve_or_stop(summary)
@@ -254,15 +261,13 @@ class Executor:
         finally:
             for watcher in watchers:
                 watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)  # a cancelled rental destroys what it rented
         summary.results.sort(key=lambda r: r.run_id)
         return summary
 
-    async def _replenish(self, pool: SlotPool, runs_left: int, summary: ExecutionSummary) -> str | None:
-        """Capacity for ``runs_left`` runs (the backend rents and prepares it); why not, when money says no."""
-        try:
-            self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
-        except BudgetError as exc:
-            return self._budget_stop(summary, exc.message)
+    async def _replenish(self, pool: SlotPool, runs_left: int) -> None:
+        """Capacity for ``runs_left`` runs (the backend rents and prepares it); `BudgetError` when money says no."""
+        self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
         added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
         if added:
             message = f"capacity for {runs_left} queued run(s): {', '.join(s.label for s in added)}"
@@ -271,8 +276,16 @@ class Executor:
         if not pool.usable:
             raise BackendError(f"the {self.backend.name} backend has no slot left to run {runs_left} queued run(s)",
                                hint="its instances were lost or could not be replaced; run the same command to resume")
-        return None
 
+    async def _top_up(self, pool: SlotPool, runs_left: int) -> None:
+        """Rent back toward full capacity in the background; a refusal only means fewer slots."""
+        try:
+            await self._replenish(pool, runs_left)
+        except (BackendError, BudgetError) as exc:
+            message = (f"could not rent capacity back ({exc.message.splitlines()[0]});"
+                       f" going on with {len(pool.usable)} slot(s)")
+            self.ledger.event(self.experiment_id, "capacity", message, level="warning")
+            self.progress.message(message)
     async def _watch_growth(self, pool: SlotPool, idle_check: Callable[[], None]) -> None:
         """Instances still booting when the runs began join the pool the moment they are ready."""
         while True:
