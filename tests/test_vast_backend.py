@@ -10,8 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ratiocinator import instances as inst
 from ratiocinator.backends.vast import VastBackend, VastSettings, offer_query, pick_offers, watchdog
 from ratiocinator.errors import BackendError
 from ratiocinator.ledger import Ledger
-from ratiocinator.pipeline import Research
+from ratiocinator.pipeline import Research, ResearchOutcome
 from ratiocinator.spec import load_spec
 from sshd import Sshd, free_port
 from vastserver import API_KEY, FakeVast, VastServer, offer
@@ -181,13 +182,9 @@ def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: Vast
     assert any("billing unavailable" in n for n in backend.notes)
 
 
-def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: VastServer, study: Study) -> None:
-    import threading
-
-    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
-                 failure_policy={"max_attempts": 1})
-    backend = _backend(vast, sshd, study)
-
+def _research_while_the_instance_vanishes(vast: VastServer, study: Study, spec: Path, backend: VastBackend,
+                                          host_dies: Callable[[], None]) -> ResearchOutcome:
+    """Run the study; once a run has started, the provider loses its instance, then ``host_dies``."""
     def vanish() -> None:
         deadline = time.time() + 30
         while time.time() < deadline and not _runner_pids(study):
@@ -195,16 +192,27 @@ def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: Vast
         time.sleep(0.3)
         (live,) = vast.fake.live()
         vast.fake.vanish(live["id"])
-        sshd.drop_connections()  # the host is gone: its connections die and its SSH endpoint stops answering
-        sshd.stop()
+        host_dies()
 
     thread = threading.Thread(target=vanish)
     thread.start()
     try:
-        outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+        return Research(load_spec(spec), study.home, backend=backend, check=False).run()
     finally:
         thread.join()
         _kill_runners(study)
+
+
+def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
+                 failure_policy={"max_attempts": 1})
+    backend = _backend(vast, sshd, study)
+
+    def host_dies() -> None:  # its connections die and its SSH endpoint stops answering
+        sshd.drop_connections()
+        sshd.stop()
+
+    outcome = _research_while_the_instance_vanishes(vast, study, spec, backend, host_dies)
     ledger = study.ledger()
     (run,) = ledger.runs(ledger.experiments()[-1].id)
     assert run.status == "failed" and run.failure == "infra" and "vanished" in run.reason, (run.status, run.reason, outcome)
@@ -217,7 +225,7 @@ ORCHESTRATOR = """
 import json, sys
 from pathlib import Path
 from ratiocinator.backends.vast import VastBackend, VastSettings
-from ratiocinator.pipeline import Research
+from ratiocinator.pipeline import Research, ResearchOutcome
 from ratiocinator.spec import load_spec
 spec, home, settings, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 backend = VastBackend(Path(home), settings=VastSettings(**settings), api_key=key)
@@ -381,30 +389,16 @@ def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iterati
 
 def test_vanished_instance_is_replaced_and_the_run_retried(sshd: Sshd, vast: VastServer, study: Study) -> None:
     _three_4090s(vast)
-    import threading
-
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 6, "BONUS": 3}}],
                  failure_policy={"max_attempts": 2, "retry_backoff_s": 0})
     backend = _backend(vast, sshd, study)
 
-    def vanish() -> None:
-        deadline = time.time() + 30
-        while time.time() < deadline and not _runner_pids(study):
-            time.sleep(0.05)
-        time.sleep(0.3)
-        (live,) = vast.fake.live()
-        vast.fake.vanish(live["id"])
+    def host_dies() -> None:
         _kill_runners(study)  # the machine died with its processes
         sshd.drop_connections()
         sshd.listen_only("127.0.0.2", "127.0.0.3")  # its endpoint stops answering; other machines still do
 
-    thread = threading.Thread(target=vanish)
-    thread.start()
-    try:
-        outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
-    finally:
-        thread.join()
-        _kill_runners(study)
+    outcome = _research_while_the_instance_vanishes(vast, study, spec, backend, host_dies)
     assert outcome.status == "completed", outcome.message
     ledger = study.ledger()
     lost_run, retried = ledger.runs(ledger.experiments()[-1].id)
