@@ -172,7 +172,7 @@ class Executor:
         live = 0
         launched: list[asyncio.Task[RunResult]] = []
         retries: dict[asyncio.Task[None], PlannedRun] = {}
-        self._giving_back: list[asyncio.Task[None]] = []
+        self._giving_back = []
         stopping = False
 
         def idle_check() -> None:
@@ -286,6 +286,7 @@ class Executor:
                        f" going on with {len(pool.usable)} slot(s)")
             self.ledger.event(self.experiment_id, "capacity", message, level="warning")
             self.progress.message(message)
+
     async def _watch_growth(self, pool: SlotPool, idle_check: Callable[[], None]) -> None:
         """Instances still booting when the runs began join the pool the moment they are ready."""
         while True:
@@ -311,9 +312,12 @@ class Executor:
         reacquire = self.backend.reacquire_s()
         if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
             return
-        why = ("nothing more will be launched" if stopping else "no work left in the experiment's last iteration"
-               if self.last_iteration else f"the iteration's last runs need ~{wait:.0f}s more, getting it back"
-               f" costs ~{reacquire:.0f}s")
+        if stopping:
+            why = "nothing more will be launched"
+        elif self.last_iteration:
+            why = "no work left in the experiment's last iteration"
+        else:
+            why = f"the iteration's last runs need ~{wait:.0f}s more, getting it back costs ~{reacquire:.0f}s"
         for slot in list(pool.free):
             pool.drop(slot)
             self.ledger.event(self.experiment_id, "slot_released", f"gave back {slot.label}: {why}",

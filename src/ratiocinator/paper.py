@@ -687,7 +687,7 @@ class _Writer:
         if rented:
             text += (". Compute was rented by the instance, so money is counted per instance: its lifetime × price"
                      " (or the provider's billing), boot, setup and idle time included; before each instance was rented,"
-                     " its worst case (price × its self-destruct deadline) was reserved so the budget could never be"
+                     " its worst case (price × the time to its self-destruct deadline) was reserved so the budget could never be"
                      " overrun. An arm's cost below is its runs' share of their instances' cost, split by wall time.")
         else:
             price = self.spec.hardware.price_per_hour

@@ -549,19 +549,19 @@ class VastBackend(Backend):
         ttl = self.settings.boot_timeout_s + self.settings.setup_allowance_s + waves * spec.train_timeout_s
         batch = await self._rent_batch(loaded, self._bound_experiment(loaded), missing, ttl)
         try:
-            assert self.ssh is not None
-            await self.ssh.prepare_hosts([r.ssh.label for r in batch if r.ssh is not None], loaded, self._commit)
+            await self._prepare_batch(loaded, batch)
         except BaseException:
             await self._scrap(batch, "preparing a replacement failed")
             raise
-        self._mark_ready(batch)
         return self._host()
 
     async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
         """Push the instance's self-destruct deadline past this run's timeout when it is too close.
 
-        The extension is reserved against ``max_dollars`` first (None = refused, the budget
-        stops the experiment), then written to the deadline file the watchdog re-reads.
+        The extension is reserved against ``max_dollars`` first (refused: the reason is
+        returned and the budget stops the experiment), then written to the deadline file the
+        watchdog re-reads. A failed write is noted and the run goes ahead: if the instance
+        then dies at its old deadline, the run is lost as ``infra`` and retried elsewhere.
         """
         rented = self._owner(slot)
         if rented is None or self.ssh is None:
