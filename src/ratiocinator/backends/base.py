@@ -109,6 +109,28 @@ class RunHandle(abc.ABC):
         """Kill what the process left running after it exited (children holding pipes)."""
 
 
+class FollowedRunHandle(RunHandle):
+    """A handle whose follower task (polling a remote host or node) queues output and settles the exit.
+
+    Subclasses start their follower after `_start_following`; it puts ``(stream, chunk)``
+    items on ``_chunks``, a ``None`` when output ends, and settles ``_exited``.
+    """
+
+    def _start_following(self) -> None:
+        self._chunks: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue()
+        self._exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._exited.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        while (item := await self._chunks.get()) is not None:
+            yield item
+        self._chunks.put_nowait(None)  # a second reader ends too
+
+    async def wait(self) -> ExitInfo:
+        """The exit status once the output is drained and the artifacts are back; a lost host raises `LaunchFailure`."""
+        return await asyncio.shield(self._exited)
+
+
 class Backend(abc.ABC):
     name: str
 

@@ -32,7 +32,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,13 @@ from ..spec import LoadedSpec
 from .base import (
     Backend,
     ExitInfo,
+    FollowedRunHandle,
     HardwareFinding,
     Host,
     LaunchFailure,
     LaunchRequest,
     RunHandle,
     Slot,
-    Stream,
     Workspace,
 )
 from .artifacts import safe_link, write_skipped
@@ -263,7 +263,7 @@ def _write_artifacts(entries: list[tuple[str, str, bytes]], skipped: list[str], 
 # -- the orchestrator's side --------------------------------------------------------------
 
 
-class RayRunHandle(RunHandle):
+class RayRunHandle(FollowedRunHandle):
     """Polls the run actor for output and exit; a lost actor or node ends it as ``infra``."""
 
     def __init__(self, actor: Any, info: dict[str, Any], local_out: Path, log_dir: Path, *, poll_s: float) -> None:
@@ -274,8 +274,7 @@ class RayRunHandle(RunHandle):
         self.node_id: str = info["node_id"]
         self.worker_pid: int = info["worker_pid"]
         self.local_out, self.log_dir, self.poll_s = local_out, log_dir, poll_s
-        self._chunks: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue()
-        self._exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._start_following()
         self._cancelling = False
         self._follower = asyncio.create_task(self._follow())
 
@@ -312,14 +311,6 @@ class RayRunHandle(RunHandle):
                 raise
         finally:
             self._chunks.put_nowait(None)
-
-    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
-        while (item := await self._chunks.get()) is not None:
-            yield item
-        self._chunks.put_nowait(None)  # a second reader ends too
-
-    async def wait(self) -> ExitInfo:
-        return await asyncio.shield(self._exited)
 
     async def _signal(self, sig: int) -> None:
         try:

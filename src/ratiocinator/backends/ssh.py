@@ -39,7 +39,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ from .artifacts import safe_link, write_skipped
 from .base import (
     Backend,
     ExitInfo,
+    FollowedRunHandle,
     HardwareFinding,
     Host,
     LaunchFailure,
@@ -356,7 +357,7 @@ async def _read_json(sftp: asyncssh.SFTPClient, path: str) -> Any:
         return None  # mid-write; written atomically, so the next poll sees it whole
 
 
-class SshRunHandle(RunHandle):
+class SshRunHandle(FollowedRunHandle):
     """A run on a host, followed by polling its files over the host's connection."""
 
     def __init__(self, machine: _Machine, rundir: str, local_out: Path, log_dir: Path, pid: int, pid_start: int | None,
@@ -370,9 +371,7 @@ class SshRunHandle(RunHandle):
         self.record = record
         self.poll_s = poll_s
         self.alive_check_s = alive_check_s
-        self._queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue()
-        self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
-        self._exit.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+        self._start_following()
         self._task = asyncio.create_task(self._follow())
 
     async def _follow(self) -> None:
@@ -399,7 +398,7 @@ class SshRunHandle(RunHandle):
                 status, chunks = await self.machine.call(tick)
                 for name, data in chunks:
                     offsets[name] += len(data)
-                    self._queue.put_nowait((name, data))
+                    self._chunks.put_nowait((name, data))
                 if status is not None:
                     break
                 if time.monotonic() - last_alive > self.alive_check_s:
@@ -416,23 +415,14 @@ class SshRunHandle(RunHandle):
                 await asyncio.sleep(self.poll_s)
             await collect_artifacts(self.machine, f"{rundir}/out", self.local_out, self.log_dir)
             self.record.unlink(missing_ok=True)  # ended: nothing left for kill_orphan
-            self._exit.set_result(ExitInfo(exit_code=status.get("exit_code"), signal=status.get("signal")))
+            self._exited.set_result(ExitInfo(exit_code=status.get("exit_code"), signal=status.get("signal")))
         except LaunchFailure as exc:
-            self._exit.set_exception(exc)
+            self._exited.set_exception(exc)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the run, as infra
-            self._exit.set_exception(LaunchFailure(f"following the run on {self.machine.config.label} failed: {exc!r}",
+            self._exited.set_exception(LaunchFailure(f"following the run on {self.machine.config.label} failed: {exc!r}",
                                                    transient=True))
         finally:  # on a lost host the record stays: the run may live on, for reconcile to kill
-            self._queue.put_nowait(None)
-
-    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
-        while (item := await self._queue.get()) is not None:
-            yield item
-        self._queue.put_nowait(None)  # a second reader ends too
-
-    async def wait(self) -> ExitInfo:
-        """The exit status, once the logs are drained and the artifacts copied; raises `HostLost`."""
-        return await asyncio.shield(self._exit)
+            self._chunks.put_nowait(None)
 
     async def _signal(self, sig: int) -> None:
         try:
@@ -443,7 +433,7 @@ class SshRunHandle(RunHandle):
     async def cancel(self, grace_s: float = 5.0) -> None:
         await self._signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(self._exit), grace_s)
+            await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
         except (asyncio.TimeoutError, LaunchFailure):
             pass
         await self._signal(signal.SIGKILL)
