@@ -10,7 +10,9 @@ billed amount). Reservations interleave as concurrent runs would. Real `Ledger`.
 from __future__ import annotations
 
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ratiocinator import instances as inst
@@ -67,3 +69,36 @@ def test_spend_never_exceeds_max_dollars(tmp_path: Path) -> None:
     ledger.db.execute("PRAGMA synchronous=OFF")  # speed only; atomicity is the same
     for i in range(EXPERIMENTS):
         _experiment(ledger, rng, i)
+
+
+def test_one_ledger_shared_by_threads_keeps_reservations_atomic(tmp_path: Path) -> None:
+    """The executor's loop and backend worker threads (instance destroy, settle) share one Ledger.
+
+    With one connection for all threads, a worker's BEGIN failed ("cannot start a transaction
+    within a transaction") whenever the loop was inside one; each thread now has its own.
+    """
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.db.execute(
+        "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, note, created_at, updated_at)"
+        " VALUES ('e', 'p', '', '', '', 'vast', 'running', '', 0, 0)")
+    limit, amount, per_thread = 10.0, 0.25, 40
+    start = threading.Barrier(8)
+
+    def reserve_and_settle() -> list[int]:
+        start.wait()
+        kept = []
+        for i in range(per_thread):
+            charge = ledger.reserve("e", amount=amount, limit=limit, kind="run")
+            if charge is not None and i % 2:
+                ledger.settle(charge, 0.0)  # a run that cost nothing frees its reservation
+            elif charge is not None:
+                kept.append(charge)
+        return kept
+
+    with ThreadPoolExecutor(8) as pool:
+        kept = [c for got in pool.map(lambda _: reserve_and_settle(), range(8)) for c in got]
+    spent, reserved = ledger.money("e")
+    assert spent == 0.0
+    assert reserved == len(kept) * amount <= limit
+    assert len(kept) == limit / amount  # every reservation the limit allowed was granted, none beyond
+    ledger.close()

@@ -10,6 +10,7 @@ serialises the writers.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,10 @@ class Store:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.db = ledger.db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.ledger.db
 
     def close(self) -> None:
         self.ledger.close()
