@@ -159,7 +159,7 @@ class SimMarket(Backend):
         self.idle_slots_cost = early_release
         self.instances: list[_Instance] = []
         self._rentals = iter(draws.rentals)
-        self._arrivals: list[asyncio.Task[None]] = []
+        self._arrivals: dict[asyncio.Task[None], _Instance] = {}
         self._grew = asyncio.Event()
 
     def now(self) -> float:
@@ -188,12 +188,14 @@ class SimMarket(Backend):
         batch = sorted(self._rent(self.n), key=lambda i: i.boot_s + i.setup_s)
         await asyncio.sleep((batch[0].boot_s + batch[0].setup_s) * self.scale)
         self._grew = asyncio.Event()
-        self._arrivals = [asyncio.create_task(self._arrive(i)) for i in batch[1:]]
+        for i in batch[1:]:
+            self._arrivals[asyncio.create_task(self._arrive(i, grow=True))] = i
         return self._host()
 
-    async def _arrive(self, instance: _Instance) -> None:
+    async def _arrive(self, instance: _Instance, *, grow: bool) -> None:
         await asyncio.sleep(max(instance.rented_at + instance.boot_s + instance.setup_s - self.now(), 0.0) * self.scale)
-        self._grew.set()
+        if grow:
+            self._grew.set()
 
     async def grown(self) -> Host:
         await self._grew.wait()
@@ -220,17 +222,26 @@ class SimMarket(Backend):
         self.instances[slot.index].destroyed_at = self.now()
 
     async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
-        """As the Vast backend: replacements are rented together and waited for."""
-        live = sum(i.destroyed_at is None for i in self.instances)
+        """As the Vast backend: replacements are rented together and waited for (unless stopped meanwhile)."""
+        live = sum(i.destroyed_at is None for i in self.instances)  # those still arriving included
         missing = min(self.n, runs_left) - live
         if missing > 0:
-            batch = self._rent(missing)
-            await asyncio.sleep(max(i.boot_s + i.setup_s for i in batch) * self.scale)
+            batch = {asyncio.create_task(self._arrive(i, grow=False)): i for i in self._rent(missing)}
+            self._arrivals.update(batch)
+            await asyncio.wait(batch)
         return self._host()
 
+    def arriving(self) -> int:
+        return sum(not t.done() for t in self._arrivals)
+
+    async def stop_arrivals(self, why: str) -> None:
+        for task, instance in self._arrivals.items():
+            if not task.done():
+                task.cancel()
+                instance.destroyed_at = self.now()
+
     async def release(self, host: Host) -> None:
-        for task in self._arrivals:
-            task.cancel()
+        await self.stop_arrivals("work ended")
         for i in self.instances:
             if i.destroyed_at is None:
                 i.destroyed_at = self.now()

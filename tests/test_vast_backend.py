@@ -463,3 +463,30 @@ def test_runs_start_on_the_first_instance_up_and_a_slow_one_joins_when_ready(
     assert any(r.slot.startswith(f"vast{slow.provider_id}:") for r in runs)
     assert any(e["message"].startswith("ready:") for e in _events(ledger, exp.id, "capacity"))
     assert vast.fake.live() == [] and {row.state for row in inst.rows(ledger)} == {"destroyed"}
+
+
+def test_instance_still_booting_when_the_queue_runs_dry_is_not_waited_for(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    _three_4090s(vast)
+    vast.fake.boot_s_by_offer = {3: 100.0}  # the second machine would come up long after the work ran out
+    spec = _spec(study, arms=[{"name": "short", "env": {"MODE": "slow", "SLEEP_S": 2}},
+                              {"name": "long", "env": {"MODE": "slow", "SLEEP_S": 8}}], concurrency=2)
+    backend = _backend(vast, sshd, study, boot_timeout_s=120)
+    outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = sorted(ledger.runs(exp.id), key=lambda r: r.started_at)
+    assert [r.status for r in runs] == ["succeeded", "succeeded"]
+    up, booting = sorted(inst.rows(ledger), key=lambda row: row.offer["id"])
+    assert booting.offer["id"] == 3 and booting.running_at is None
+    assert all(r.slot.startswith(f"vast{up.provider_id}:") for r in runs)
+    # The second run took the last queued work: the machine still booting was destroyed then, not
+    # when the experiment ended (~8 s later) or when it would have finished booting.
+    assert booting.destroyed_at is not None and booting.destroyed_at < runs[1].ended_at - 4
+    assert booting.note == "no work left in the experiment's last iteration"
+    (stopped,) = _events(ledger, exp.id, "arrivals_stopped")
+    assert stopped["data"]["instances"] == 1
+    assert vast.fake.live() == [] and {row.state for row in inst.rows(ledger)} == {"destroyed"}
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in inst.rows(ledger)))

@@ -209,6 +209,8 @@ class Executor:
             while open_runs:
                 planned = await work.get()
                 if isinstance(planned, _Wake):
+                    if work.empty():  # the last queued run may have launched just before this wake
+                        idle_check()
                     continue
                 slot = await pool.take()
                 stop = None
@@ -265,7 +267,7 @@ class Executor:
         summary.results.sort(key=lambda r: r.run_id)
         return summary
 
-    async def _replenish(self, pool: SlotPool, runs_left: int) -> None:
+    async def _rent_back(self, pool: SlotPool, runs_left: int) -> None:
         """Capacity for ``runs_left`` runs (the backend rents and prepares it); `BudgetError` when money says no."""
         self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
         added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
@@ -273,6 +275,10 @@ class Executor:
             message = f"capacity for {runs_left} queued run(s): {', '.join(s.label for s in added)}"
             self.ledger.event(self.experiment_id, "capacity", message, slots=[s.label for s in added])
             self.progress.message(message)
+
+    async def _replenish(self, pool: SlotPool, runs_left: int) -> None:
+        """`_rent_back` for queued runs that found no slot; `BackendError` when there is still none."""
+        await self._rent_back(pool, runs_left)
         if not pool.usable:
             raise BackendError(f"the {self.backend.name} backend has no slot left to run {runs_left} queued run(s)",
                                hint="its instances were lost or could not be replaced; run the same command to resume")
@@ -280,7 +286,7 @@ class Executor:
     async def _top_up(self, pool: SlotPool, runs_left: int) -> None:
         """Rent back toward full capacity in the background; a refusal only means fewer slots."""
         try:
-            await self._replenish(pool, runs_left)
+            await self._rent_back(pool, runs_left)
         except (BackendError, BudgetError) as exc:
             message = (f"could not rent capacity back ({exc.message.splitlines()[0]});"
                        f" going on with {len(pool.usable)} slot(s)")
@@ -303,8 +309,12 @@ class Executor:
             check()
 
     def _give_back_idle(self, pool: SlotPool, *, queued: int, stopping: bool) -> None:
-        """Free slots with no queued work left are given back when holding them costs more (see `capacity`)."""
-        if not self.backend.idle_slots_cost or queued > 0 or not pool.free:
+        """Free slots with no queued work left are given back when holding them costs more (see `capacity`).
+
+        Capacity still arriving (booting, or rented back) is stopped on the same terms: it has no run to take.
+        """
+        arriving = self.backend.arriving()
+        if not self.backend.idle_slots_cost or queued > 0 or not (pool.free or arriving):
             return
         durations = [d for r in self.ledger.runs(self.experiment_id)
                      if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
@@ -323,6 +333,8 @@ class Executor:
             self.ledger.event(self.experiment_id, "slot_released", f"gave back {slot.label}: {why}",
                               slot=slot.label, expected_wait_s=wait, reacquire_s=reacquire)
             self._giving_back.append(asyncio.create_task(self.backend.release_slot(self.host, slot)))
+        if arriving:
+            self._giving_back.append(asyncio.create_task(self.backend.stop_arrivals(why)))
 
     def _reserve_or_stop(self, summary: ExecutionSummary) -> int | str:
         """A charge id for the next run, or why it may not launch."""

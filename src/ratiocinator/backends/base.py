@@ -188,6 +188,16 @@ class Backend(abc.ABC):
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
+    def arriving(self) -> int:
+        """Instances rented but not ready yet (booting, or being prepared); a fixed-capacity backend has none."""
+        return 0
+
+    async def stop_arrivals(self, why: str) -> None:
+        """No queued run will use what is still arriving: stop renting it and destroy what was rented.
+
+        A backend with nothing in `arriving` has nothing to stop.
+        """
+
     async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
         """Make sure ``slot`` stays paid for ``run_s`` more seconds (a rented instance's self-destruct
         deadline); None when it does, else why the budget refuses."""

@@ -28,6 +28,7 @@ import math
 import os
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -214,9 +215,13 @@ class VastBackend(Backend):
         self._commit: str | None = None  # what prepare() deployed: replacements get the same
         self._max_dollars = 0.0
         self._info: dict[str, str] = {}
-        self._arrivals: list[asyncio.Task[list[_Rented]]] = []  # instances of the first batch still coming up
+        # Rentals still coming up (the first batch's late instances, replacements), each with how many
+        # instances it brings: `stop_arrivals` cancels them when no queued run needs them.
+        self._arrivals: dict[asyncio.Task[Any], int] = {}
+        self._stop_why: str | None = None  # why arrivals are being cancelled: the note on what they rented
         self._commit_event: asyncio.Event | None = None
         self._grew: asyncio.Event | None = None
+        self._destroy_lock = threading.Lock()
         atexit.register(self._destroy_all_sync)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -324,9 +329,10 @@ class VastBackend(Backend):
             raise errors[0]
         for exc in errors:
             self._note_arrival_failure(exc)
-        self._arrivals = [asyncio.create_task(self._arrive(loaded, t)) for t in pending]
-        for t in self._arrivals:
-            t.add_done_callback(self._arrived)
+        for t in pending:
+            arrival = asyncio.create_task(self._arrive(loaded, t))
+            arrival.add_done_callback(self._arrived)
+            self._arrivals[arrival] = 1
         return self._host()
 
     async def _bring_up(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float,
@@ -337,7 +343,7 @@ class VastBackend(Backend):
             await self._rent(loaded, exp_id, offer, ttl, disk, batch)
             await self._connect(loaded, batch)
         except BaseException:
-            await self._scrap(batch, "renting failed")
+            await self._scrap(batch, self._stop_why or "renting failed")
             raise
         return batch
 
@@ -348,7 +354,7 @@ class VastBackend(Backend):
             await self._commit_known().wait()
             await self._prepare_batch(loaded, batch)
         except BaseException:
-            await self._scrap(batch, "preparing it failed")
+            await self._scrap(batch, self._stop_why or "preparing it failed")
             raise
         return batch
 
@@ -424,7 +430,7 @@ class VastBackend(Backend):
             await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk, batch) for offer in picked))
             await self._connect(loaded, batch)
         except BaseException:
-            await self._scrap(batch, "renting failed")
+            await self._scrap(batch, self._stop_why or "renting failed")
             raise
         return batch
 
@@ -537,23 +543,63 @@ class VastBackend(Backend):
             await asyncio.to_thread(self._destroy_sync, [rented], "no work left for it")
 
     async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
-        """Rent (and prepare) instances given back or lost, up to what ``runs_left`` runs can use."""
+        """Rent (and prepare) instances given back or lost, up to what ``runs_left`` runs can use.
+
+        Returns without new capacity when `stop_arrivals` cancelled the rental meanwhile.
+        """
         live = self._live()
         per = self.settings.slots_per_instance
         want = min(self._instance_count(loaded), max(math.ceil(runs_left / per), 1))
-        missing = want - len(live) - sum(not t.done() for t in self._arrivals)
+        missing = want - len(live) - self.arriving()
         if missing <= 0 or self._commit is None:
             return self._host()
         spec = loaded.spec
         waves = math.ceil(runs_left * spec.failure_policy.max_attempts / (want * per))
         ttl = self.settings.boot_timeout_s + self.settings.setup_allowance_s + waves * spec.train_timeout_s
-        batch = await self._rent_batch(loaded, self._bound_experiment(loaded), missing, ttl)
+        renting = asyncio.create_task(self._replace(loaded, missing, ttl))
+        self._arrivals[renting] = missing
+        try:
+            await asyncio.wait({renting})
+        except BaseException:  # the caller gave up: so does the rental (it destroys what it rented)
+            renting.cancel()
+            await asyncio.gather(renting, return_exceptions=True)
+            raise
+        finally:
+            self._arrivals.pop(renting, None)
+        if not renting.cancelled():
+            renting.result()  # its error, if any
+        return self._host()
+
+    async def _replace(self, loaded: LoadedSpec, n: int, ttl: float) -> None:
+        batch = await self._rent_batch(loaded, self._bound_experiment(loaded), n, ttl)
         try:
             await self._prepare_batch(loaded, batch)
         except BaseException:
-            await self._scrap(batch, "preparing a replacement failed")
+            await self._scrap(batch, self._stop_why or "preparing a replacement failed")
             raise
-        return self._host()
+
+    def arriving(self) -> int:
+        return sum(n for task, n in self._arrivals.items() if not task.done())
+
+    async def stop_arrivals(self, why: str) -> None:
+        coming = self.arriving()
+        if coming and self.experiment_id is not None:
+            self.ledger.event(self.experiment_id, "arrivals_stopped",
+                              f"stopped renting {coming} instance(s) still coming up: {why}", instances=coming)
+        await self._cancel_arrivals(why)
+
+    async def _cancel_arrivals(self, why: str) -> None:
+        """Cancel every rental still coming up; each destroys what it rented, noting ``why``."""
+        tasks = [t for t in self._arrivals if not t.done()]
+        self._stop_why = why
+        try:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._stop_why = None
+        for task in tasks:
+            self._arrivals.pop(task, None)
 
     async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
         """Push the instance's self-destruct deadline past this run's timeout when it is too close.
@@ -652,9 +698,7 @@ class VastBackend(Backend):
         return True
 
     async def release(self, host: Host) -> None:
-        for task in self._arrivals:
-            task.cancel()
-        await asyncio.gather(*self._arrivals, return_exceptions=True)
+        await self._cancel_arrivals("work ended")
         if self.ssh is not None:
             await self.ssh.release(host)
         await self._destroy_all("work ended")
@@ -668,27 +712,31 @@ class VastBackend(Backend):
 
     def _destroy_sync(self, batch: list[_Rented], why: str) -> None:
         for rented in batch:
+            with self._destroy_lock:  # two worker threads (a give-back, a cancelled rental) never settle one twice
+                self._destroy_one(rented, why)
+
+    def _destroy_one(self, rented: _Rented, why: str) -> None:
+        try:
+            row = inst.get(self.ledger, rented.row_id)
+        except Exception:  # noqa: BLE001 - the ledger closed at exit: the reaper will finish
+            return
+        if row.state not in inst.LIVE_STATES:
+            return
+        now = time.time()
+        if rented.provider_id:
+            inst.update(self.ledger, row.id, state="destroying")
             try:
-                row = inst.get(self.ledger, rented.row_id)
-            except Exception:  # noqa: BLE001 - the ledger closed at exit: the reaper will finish
-                continue
-            if row.state not in inst.LIVE_STATES:
-                continue
-            now = time.time()
-            if rented.provider_id:
-                inst.update(self.ledger, row.id, state="destroying")
-                try:
-                    self.api.destroy(rented.provider_id)
-                except BackendError as exc:
-                    self.notes.append(f"destroying {rented.provider_id} failed: {exc}; `ratiocinator instances --reap` retries")
-                    continue
-            inst.update(self.ledger, row.id, state="destroyed", destroyed_at=now, note=why)
-            _, source = inst.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
-                                    end=now, storage_dph=self.storage_dph)
-            if "unavailable" in source:
-                self.notes.append(f"instance {rented.provider_id}: cost from {source}")
-            if rented.ssh is not None:
-                _forget_host_key(self.home / "ssh_known_hosts", rented.ssh)
+                self.api.destroy(rented.provider_id)
+            except BackendError as exc:
+                self.notes.append(f"destroying {rented.provider_id} failed: {exc}; `ratiocinator instances --reap` retries")
+                return
+        inst.update(self.ledger, row.id, state="destroyed", destroyed_at=now, note=why)
+        _, source = inst.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
+                                end=now, storage_dph=self.storage_dph)
+        if "unavailable" in source:
+            self.notes.append(f"instance {rented.provider_id}: cost from {source}")
+        if rented.ssh is not None:
+            _forget_host_key(self.home / "ssh_known_hosts", rented.ssh)
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Runs die with their instance; the reaper destroys instances, so only a live SSH record can be killed."""
