@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -38,6 +39,13 @@ class Study:
                 (self.repo.path / name).chmod(0o755)
         return self.repo.commit({})
 
+    def commit_lfs(self, files: dict[str, bytes], pattern: str = "*.bin") -> str:
+        """Commit ``files`` under Git LFS (content in the repo's LFS store, pointers in git)."""
+        require_git_lfs()
+        self.repo.git("lfs", "install", "--local")  # the test repo ignores the machine's git config
+        self.repo.git("lfs", "track", pattern)
+        return self.repo.commit(files, "data under LFS")
+
     def spec(self, name: str = "study", **fields: object) -> Path:
         data: dict[str, object] = {
             "name": name,
@@ -65,6 +73,15 @@ class Study:
 
     def ledger(self) -> Ledger:
         return Ledger(self.home / "ledger.db")
+
+
+def require_git_lfs() -> None:
+    """git-lfs, or a skip (a failure when CI requires it: RATIOCINATOR_REQUIRE_GIT_LFS=1)."""
+    if shutil.which("git-lfs") is not None:
+        return
+    if os.environ.get("RATIOCINATOR_REQUIRE_GIT_LFS") == "1":
+        pytest.fail("git-lfs not found, and RATIOCINATOR_REQUIRE_GIT_LFS=1: install git-lfs")
+    pytest.skip("git-lfs not found: install it to run the tests of data under Git LFS")
 
 
 @pytest.fixture

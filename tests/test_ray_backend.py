@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import threading
 import time
@@ -190,3 +191,33 @@ def test_only_the_runs_own_and_named_variables_reach_the_node(monkeypatch: pytes
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("RATIOCINATOR_")}
     env = {**inherited, "RATIOCINATOR_RUN_ID": "3", "LR": "0.1", "PATH": "/elsewhere", "RAY_ADDRESS": "x"}
     assert backend._forwarded_env(env) == {"WANDB_API_KEY": "k", "RATIOCINATOR_RUN_ID": "3", "LR": "0.1"}
+
+
+LFS_RUNNER = """
+#!/usr/bin/env bash
+set -euo pipefail
+echo "seed ${SEED}" >&2
+sha256sum data/blob.bin | cut -d' ' -f1 > "$RATIOCINATOR_OUT_DIR/sha256.txt"
+echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
+"""
+
+
+def test_files_under_git_lfs_reach_every_node_with_their_content(ray_cluster: RayCluster, study: Study) -> None:
+    blob = os.urandom(4096)
+    study.commit({"run.sh": LFS_RUNNER})
+    study.commit_lfs({"data/blob.bin": blob})
+    assert study.repo.git("show", "HEAD:data/blob.bin").startswith("version https://git-lfs")  # git holds a pointer
+    spec = study.spec(seed_env="SEED", train_timeout_s=120, replicates=2)
+    outcome = Research(load_spec(spec), study.home, backend=_backend(ray_cluster, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs = ledger.runs(exp.id)
+    assert len(runs) == 2 and all(r.status == "succeeded" for r in runs), [(r.failure, r.reason) for r in runs]
+    finals = ledger.run_metrics(exp.id)
+    for run in runs:
+        assert finals[run.id]["score"][0] == len(blob)
+        assert (Path(run.out_dir) / "sha256.txt").read_text().strip() == hashlib.sha256(blob).hexdigest()
+    # Every node that fits a run was prepared with the content, not the pointer.
+    blobs = [p for p in (study.root / "ray-nodes" / "nodes").glob("*/checkouts/*/data/blob.bin")]
+    assert len(blobs) == 2 and all(p.read_bytes() == blob for p in blobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -282,3 +283,28 @@ def test_backend_ssh_in_the_spec_runs_the_whole_pipeline_with_its_readiness_revi
     bad = study.spec(name="nohosts", backend="ssh")
     refused = study.cli("validate", str(bad))
     assert refused.returncode == 2 and "backend: ssh needs hosts" in refused.stderr
+
+
+LFS_RUNNER = """
+#!/usr/bin/env bash
+set -euo pipefail
+echo "seed ${SEED}" >&2
+sha256sum data/blob.bin | cut -d' ' -f1 > "$RATIOCINATOR_OUT_DIR/sha256.txt"
+echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
+"""
+
+
+def test_files_under_git_lfs_reach_the_host_with_their_content(sshd: Sshd, study: Study) -> None:
+    blob = os.urandom(4096)
+    study.commit({"run.sh": LFS_RUNNER})
+    study.commit_lfs({"data/blob.bin": blob})
+    assert study.repo.git("show", "HEAD:data/blob.bin").startswith("version https://git-lfs")  # git holds a pointer
+    spec = study.spec(seed_env="SEED", train_timeout_s=60)
+    outcome = Research(load_spec(spec), study.home, backend=_backend(sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    (run,) = ledger.runs(exp.id)
+    assert run.status == "succeeded", (run.failure, run.reason)
+    assert ledger.run_metrics(exp.id)[run.id]["score"][0] == len(blob)
+    assert (Path(run.out_dir) / "sha256.txt").read_text().strip() == hashlib.sha256(blob).hexdigest()

@@ -137,6 +137,18 @@ def checkout(repo_url: str, commit: str, cache_dir: Path, *, lfs_timeout_s: floa
     return dest
 
 
+def lfs_files(checkout: Path) -> list[str]:
+    """Files under Git LFS in the checkout: a bundle of the commit carries only their pointers,
+    so a backend that clones from one ships these files' content alongside."""
+    attributes = [p for p in checkout.rglob(".gitattributes") if ".git" not in p.relative_to(checkout).parts]
+    if not any("filter=lfs" in p.read_text(errors="replace") for p in attributes):
+        return []
+    listed = _git(["lfs", "ls-files", "--name-only"], cwd=checkout)
+    if listed.returncode != 0:
+        return []
+    return [line for line in listed.stdout.splitlines() if line.strip()]
+
+
 def find_lfs_pointers(checkout: Path) -> list[str]:
     """Tracked files that are still Git LFS pointers instead of their content."""
     listed = _git_ok(["ls-files", "-z"], cwd=checkout, what=f"listing files of {checkout}")

@@ -109,9 +109,13 @@ def _node_dir(root: str) -> Path:
     return Path(root) / "nodes" / node_id[:16]
 
 
-def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any],
+def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
                       verify: str | None = None) -> dict[str, Any]:
-    """This node's checkout of ``commit`` and its venv, built once (locked, keyed like workspace.py)."""
+    """This node's checkout of ``commit`` and its venv, built once (locked, keyed like workspace.py).
+
+    ``lfs`` maps the commit's Git LFS files to object refs of their content: the bundle holds
+    only pointers, and the node need not reach the LFS server (nor have git-lfs: smudging is off).
+    """
     base = _node_dir(root)
     checkout = base / "checkouts" / commit
     checkout.parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +126,13 @@ def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any
                 bundle_path.write_bytes(bundle)
                 staged = Path(tmp) / "checkout"
                 what = f"cloning commit {commit[:12]} from its bundle on node {base.name}"
-                ws._git_ok(["clone", "--quiet", "--no-checkout", str(bundle_path), str(staged)], what=what)
-                ws._git_ok(["checkout", "--quiet", "--detach", commit], cwd=staged, what=what)
+                no_smudge = {"GIT_LFS_SKIP_SMUDGE": "1"}
+                ws._git_ok(["clone", "--quiet", "--no-checkout", str(bundle_path), str(staged)], what=what,
+                           extra_env=no_smudge)
+                ws._git_ok(["checkout", "--quiet", "--detach", commit], cwd=staged, what=what, extra_env=no_smudge)
                 ws._git_ok(["remote", "remove", "origin"], cwd=staged, what=what)
+                for name, ref in lfs.items():  # one file in memory at a time
+                    (staged / name).write_bytes(_ray().get(ref))
                 os.rename(staged, checkout)
     lines: list[str] = []
     prepared = ws.prepare_env(checkout, ws.DepsConfig(**deps), base / "envs", on_output=lines.append)
@@ -134,8 +142,9 @@ def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any
             "node_id": _ray().get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
-def _prepare_on_node(root: str, bundle: bytes, commit: str, deps: dict[str, Any], verify: str | None) -> dict[str, Any]:
-    return _ensure_workspace(root, bundle, commit, deps, verify)
+def _prepare_on_node(root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
+                     verify: str | None) -> dict[str, Any]:
+    return _ensure_workspace(root, bundle, commit, deps, lfs, verify)
 
 
 def _child_setup() -> None:
@@ -171,8 +180,9 @@ class RunActor:
         self.proc: subprocess.Popen[bytes] | None = None
         self.rundir: Path | None = None
 
-    def start(self, root: str, bundle: bytes, commit: str, deps: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-        prepared = _ensure_workspace(root, bundle, commit, deps)
+    def start(self, root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
+              run: dict[str, Any]) -> dict[str, Any]:
+        prepared = _ensure_workspace(root, bundle, commit, deps, lfs)
         checkout = prepared["checkout"]
         self.rundir = rundir = _node_dir(root) / "runs" / run["tag"]
         out = rundir / "out"
@@ -358,6 +368,7 @@ class RayBackend(Backend):
         self.poll_s = poll_s
         self.env_forward = tuple(env_forward)
         self._bundle: Any = None  # ObjectRef of the commit's git bundle
+        self._lfs: dict[str, Any] = {}  # the commit's Git LFS files -> ObjectRef of their content
         self._job: dict[str, Any] | None = None
         self._local_checkout: Path | None = None
         self._tag = secrets.token_hex(4)
@@ -453,6 +464,8 @@ class RayBackend(Backend):
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._make_bundle, checkout, commit)
         self._bundle = ray.put(bundle)
+        lfs = await asyncio.to_thread(ws.lfs_files, checkout)
+        self._lfs = {name: ray.put(await asyncio.to_thread((checkout / name).read_bytes)) for name in lfs}
         self._job = {"commit": commit, "deps": {
             "pre_install": tuple(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "exclude_from_requirements": tuple(spec.deps.exclude_from_requirements),
@@ -462,7 +475,7 @@ class RayBackend(Backend):
         task = ray.remote(num_cpus=0, max_retries=0)(_prepare_on_node)
         nodes = [n for n in await asyncio.to_thread(self._nodes) if self._fits(n["Resources"], spec.hardware.num_gpus)]
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            self.workdir, self._bundle, commit, self._job["deps"], spec.deps.verify) for n in nodes]
+            self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify) for n in nodes]
         for node, ref in zip(nodes, refs):
             try:
                 result = await _get(ref)
@@ -511,7 +524,8 @@ class RayBackend(Backend):
                "local_checkout": str(self._local_checkout), "local_out": str(request.out_dir)}
         try:
             info = await asyncio.wait_for(
-                _get(actor.start.remote(self.workdir, self._bundle, self._job["commit"], self._job["deps"], run)),
+                _get(actor.start.remote(self.workdir, self._bundle, self._job["commit"], self._job["deps"], self._lfs,
+                                        run)),
                 self.schedule_timeout_s)
         except TimeoutError:
             _kill_actor(actor)

@@ -656,7 +656,7 @@ class SshBackend(Backend):
         checkout = await asyncio.to_thread(ws.checkout, repo, commit, self.home / "repos",
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._bundle, checkout, commit)
-        lfs = await asyncio.to_thread(_lfs_files, checkout)
+        lfs = await asyncio.to_thread(ws.lfs_files, checkout)
         filtered = None
         if spec.deps.requirements is not None:
             filtered = ws.filter_requirements(checkout / spec.deps.requirements, tuple(spec.deps.exclude_from_requirements))
@@ -898,17 +898,6 @@ def _zip_longest(groups: list[list[T]]) -> list[list[T]]:
     for depth in range(max((len(g) for g in groups), default=0)):
         rounds.append([g[depth] for g in groups if depth < len(g)])
     return rounds
-
-
-def _lfs_files(checkout: Path) -> list[str]:
-    """Files under Git LFS in the checkout: the bundle carries their pointers, so they are uploaded."""
-    attributes = [p for p in checkout.rglob(".gitattributes") if ".git" not in p.relative_to(checkout).parts]
-    if not any("filter=lfs" in p.read_text(errors="replace") for p in attributes):
-        return []
-    listed = ws._git(["lfs", "ls-files", "--name-only"], cwd=checkout)
-    if listed.returncode != 0:
-        return []
-    return [line for line in listed.stdout.splitlines() if line.strip()]
 
 
 def _raise_step_failure(done: asyncssh.SSHCompletedProcess, label: str, where: str, what: str) -> None:
