@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -146,6 +147,36 @@ def test_cancel_kills_the_remote_process_group(ray_cluster: RayCluster, study: S
     pids, exit_info = asyncio.run(scenario())
     assert _wait_for(lambda: not any(process_alive(p) for p in pids), 10), pids
     assert exit_info.signal is not None
+
+
+def test_orphan_of_a_dead_orchestrator_is_killed_on_its_node_by_pid_and_start_time(
+        ray_cluster: RayCluster, study: Study) -> None:
+    marks = study.root / "marks"
+    loaded = load_spec(_spec(study, marks))
+    backend = _backend(ray_cluster, study)
+
+    async def scenario() -> tuple[list[int], object]:
+        host = await backend.acquire(loaded)
+        workspace = await backend.prepare(host, loaded, study.repo.head())
+        out = study.root / "run" / "out"
+        out.mkdir(parents=True)
+        request = LaunchRequest(run_id=1, argv=(str(workspace.checkout / "spawn.sh"),), cwd=workspace.checkout,
+                                env={"MARKS": str(marks)}, slot=Slot(0), log_dir=out.parent, out_dir=out)
+        handle = await backend.launch(host, request)
+        assert _wait_for(lambda: (marks / "pids").exists(), 60)
+        pids = [int(p) for p in (marks / "pids").read_text().split()]
+        # A later orchestrator knows only the ledger's (pid, pid start time), as after `kill -9` and a resume.
+        later = _backend(ray_cluster, study)
+        assert handle.pid_start is not None
+        assert not await asyncio.to_thread(later.kill_orphan, handle.pid, handle.pid_start + 1)  # a reused pid
+        assert not await asyncio.to_thread(later.kill_orphan, 999_999_999, 1)  # never recorded
+        assert all(process_alive(p) for p in pids)
+        assert await asyncio.to_thread(later.kill_orphan, handle.pid, handle.pid_start)
+        return pids, await asyncio.wait_for(handle.wait(), 30)
+
+    pids, exit_info = asyncio.run(scenario())
+    assert _wait_for(lambda: not any(process_alive(p) for p in pids), 10), pids  # its whole process group
+    assert exit_info.signal == signal.SIGKILL
 
 
 def test_killed_node_marks_its_run_infra_and_the_retry_succeeds_on_another_node(
