@@ -151,6 +151,12 @@ def test_an_llm_claiming_a_syntax_error_in_valid_code_is_refuted(study: Study) -
     assert claims[1]["evidence"].startswith("main is defined at train.py:")
     usage = next(e for e in llm["evidence"] if "model" in e)
     assert usage["input_tokens"] == 900 and usage["output_tokens"] == 80 and usage["model_says_ready"] is False
+    # The paid call is in the ledger (no experiment: `check` runs none), as every LLM call is.
+    (call_id,) = usage["ledger_call_ids"]
+    call = study.ledger().llm_call(call_id)
+    assert (call.experiment_id, call.stage, call.model) == (None, "review", "reviewer-1")
+    assert call.input_tokens == 900 and call.output_tokens == 80 and "train.py does not parse" in call.text
+    assert call.request["messages"][-1]["content"] == prompt
 
 
 def test_confirmed_llm_claims_fail_the_review_and_opinions_only_warn(study: Study) -> None:

@@ -31,7 +31,7 @@ from .knobs import KnobReport, discover_knobs
 from .ledger import Experiment, Ledger
 from .llm.config import LlmConfig, llm_from_env
 from .llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
-from .llm.session import LlmBudgetExceeded, LlmSession
+from .llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
 from .planner import Decision, Planner, PlanningContext, SpecPlanner
 from .planning import Plan, refuse_ignored_knobs
 from .spec import LoadedSpec
@@ -605,7 +605,8 @@ if TYPE_CHECKING:
 
 def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
                on_message: Callable[[str], None] | None = None) -> Readiness:
-    """The review ``research`` runs first, without an experiment: nothing is written to the ledger."""
+    """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
+    the ledger (with no experiment), so what was paid for can be audited."""
     from .planning import PlannedArm, plan_iteration
     from .readiness import CheckResult, Readiness, review
 
@@ -625,6 +626,12 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
         return Readiness([CheckResult(name, "failed", exc.message, ({"hint": exc.hint or ""},))])
     backend = make_backend(loaded, paths)
     unmet = [f for f in backend.check_hardware(loaded) if f.status == "unmet"]
+    opened: list[Ledger] = []
+
+    def reviewer() -> RecordingProvider:
+        assert config is not None
+        opened.append(Ledger(paths.ledger))
+        return RecordingProvider(make_provider(config, os.environ), opened[-1], "review")
 
     async def run() -> Readiness:
         off = ""
@@ -645,7 +652,7 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 smoke_dir=paths.home / "checks" / f"{loaded.name}-{loaded.sha256[:8]}", smoke=smoke and not off,
                 smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
                 environ=runner_env(dict(os.environ), configured),
-                llm_provider=lambda: make_provider(config, os.environ),
+                llm_provider=reviewer,
                 llm_off_reason="disabled (--no-llm)" if not use_llm else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
                 extra_env=data_env(loaded),
                 commit=code.commit, on_message=on_message,
@@ -657,4 +664,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
             if host is not None:
                 await backend.release(host)
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    finally:
+        for ledger in opened:
+            ledger.close()

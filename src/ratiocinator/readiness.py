@@ -259,11 +259,13 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
 def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: LoadedSpec, checkout: Path,
               files: Sequence[str]) -> CheckResult:
     """The model's review, merged only through claims the checkout confirms."""
+    from .llm.session import RecordingProvider
     from .review import run_review
 
     spec = loaded.spec
+    reviewer = provider()
     try:
-        outcome = run_review(provider(), topic=spec.topic, goal=spec.goal_metric,
+        outcome = run_review(reviewer, topic=spec.topic, goal=spec.goal_metric,
                              runner=spec.runner_script, checkout=checkout, files=files)
     except RatiocinatorError as exc:
         return CheckResult("llm_review", "warning", f"the LLM review could not run: {exc.message}",
@@ -271,7 +273,8 @@ def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: Loade
     evidence = tuple(c.to_json() for c in outcome.claims) + (
         {"model": config.model, "model_says_ready": outcome.model_ready, "model_issue": outcome.model_issue,
          "cost_dollars": outcome.cost_dollars, "input_tokens": sum(c.input_tokens for c in outcome.completions),
-         "output_tokens": sum(c.output_tokens for c in outcome.completions)},)
+         "output_tokens": sum(c.output_tokens for c in outcome.completions),
+         **({"ledger_call_ids": reviewer.recorded} if isinstance(reviewer, RecordingProvider) else {})},)
     refuted = f"; {len(outcome.refuted)} claim(s) refuted by the checkout and dropped" if outcome.refuted else ""
     if outcome.confirmed:
         return CheckResult("llm_review", "failed",

@@ -128,6 +128,30 @@ class LlmSession:
                           cost_dollars=0.0, request=source.request, response=source.response, attempts=0)
 
 
+class RecordingProvider(Provider):
+    """A provider used outside any experiment (the standalone `check`): each call is recorded in
+    the ledger with no experiment, so it can be audited; there is no experiment budget to charge."""
+
+    def __init__(self, inner: Provider, ledger: Ledger, stage: str) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.stage = stage
+        self.config = inner.config
+        self.recorded: list[int] = []  # ledger ids of the calls made through this provider
+
+    def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int | None = None,
+                 stream: bool = False) -> Completion:
+        completion = self.inner.complete(messages, system=system, max_tokens=max_tokens, stream=stream)
+        row = self.ledger.record_llm_call(
+            None, stage=self.stage, iteration=0, provider=completion.provider, model=completion.model,
+            prompt_sha256=prompt_sha256(messages, system), request=completion.request, response=completion.response,
+            text=completion.text, input_tokens=completion.input_tokens, output_tokens=completion.output_tokens,
+            cost=completion.cost_dollars, latency_s=completion.latency_s, attempts=completion.attempts,
+        )
+        self.recorded.append(row.id)
+        return completion
+
+
 class _StageProvider(Provider):
     """The session seen by one stage: calls are tagged with the stage and iteration."""
 
