@@ -233,7 +233,11 @@ echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
 """
 
 
-def test_files_under_git_lfs_reach_every_node_with_their_content(ray_cluster: RayCluster, study: Study) -> None:
+def test_files_under_git_lfs_reach_every_node_with_their_content(
+        ray_cluster: RayCluster, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ratiocinator.backends import ray_backend
+
+    monkeypatch.setattr(ray_backend, "LFS_CHUNK", 1000)  # the 4096-byte file travels as 5 objects
     blob = os.urandom(4096)
     study.commit({"run.sh": LFS_RUNNER})
     study.commit_lfs({"data/blob.bin": blob})

@@ -56,6 +56,7 @@ from .local import launch_failure, process_start_time
 
 NAMESPACE = "ratiocinator"
 CHUNK = 1 << 20
+LFS_CHUNK = 64 << 20  # bytes per object-store object when shipping a Git LFS file to the nodes
 RUN_RECORDS = "ray_runs"
 # The orchestrator's own variables that describe its machine, not the node's.
 MACHINE_LOCAL = frozenset({
@@ -113,8 +114,8 @@ def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any
                       verify: str | None = None) -> dict[str, Any]:
     """This node's checkout of ``commit`` and its venv, built once (locked, keyed like workspace.py).
 
-    ``lfs`` maps the commit's Git LFS files to object refs of their content: the bundle holds
-    only pointers, and the node need not reach the LFS server (nor have git-lfs: smudging is off).
+    ``lfs`` maps the commit's Git LFS files to object refs of their content, in chunks: the bundle
+    holds only pointers, and the node need not reach the LFS server (nor have git-lfs: smudging is off).
     """
     base = _node_dir(root)
     checkout = base / "checkouts" / commit
@@ -131,8 +132,10 @@ def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any
                            extra_env=no_smudge)
                 ws._git_ok(["checkout", "--quiet", "--detach", commit], cwd=staged, what=what, extra_env=no_smudge)
                 ws._git_ok(["remote", "remove", "origin"], cwd=staged, what=what)
-                for name, ref in lfs.items():  # one file in memory at a time
-                    (staged / name).write_bytes(_ray().get(ref))
+                for name, chunks in lfs.items():
+                    with open(staged / name, "wb") as fh:
+                        for ref in chunks:  # one chunk in memory at a time
+                            fh.write(_ray().get(ref))
                 os.rename(staged, checkout)
     lines: list[str] = []
     prepared = ws.prepare_env(checkout, ws.DepsConfig(**deps), base / "envs", on_output=lines.append)
@@ -368,7 +371,7 @@ class RayBackend(Backend):
         self.poll_s = poll_s
         self.env_forward = tuple(env_forward)
         self._bundle: Any = None  # ObjectRef of the commit's git bundle
-        self._lfs: dict[str, Any] = {}  # the commit's Git LFS files -> ObjectRef of their content
+        self._lfs: dict[str, list[Any]] = {}  # the commit's Git LFS files -> ObjectRefs of their content's chunks
         self._job: dict[str, Any] | None = None
         self._local_checkout: Path | None = None
         self._tag = secrets.token_hex(4)
@@ -464,8 +467,7 @@ class RayBackend(Backend):
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._make_bundle, checkout, commit)
         self._bundle = ray.put(bundle)
-        lfs = await asyncio.to_thread(ws.lfs_files, checkout)
-        self._lfs = {name: ray.put(await asyncio.to_thread((checkout / name).read_bytes)) for name in lfs}
+        self._lfs = {name: await self._put_chunks(checkout / name) for name in await asyncio.to_thread(ws.lfs_files, checkout)}
         self._job = {"commit": commit, "deps": {
             "pre_install": tuple(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "exclude_from_requirements": tuple(spec.deps.exclude_from_requirements),
@@ -489,6 +491,15 @@ class RayBackend(Backend):
                     on_output(f"[{node['NodeID'][:12]}] {line}")
         self._local_checkout = checkout
         return Workspace(checkout=checkout, env={"RATIOCINATOR_WORKSPACE": str(checkout)})
+
+    async def _put_chunks(self, path: Path) -> list[Any]:
+        """``path``'s content in the object store, LFS_CHUNK bytes per object, so no file is ever whole in memory."""
+        ray = self.connect()
+        refs = []
+        with open(path, "rb") as fh:
+            while chunk := await asyncio.to_thread(fh.read, LFS_CHUNK):
+                refs.append(ray.put(chunk))
+        return refs
 
     def _make_bundle(self, checkout: Path, commit: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
