@@ -94,6 +94,11 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
                  replicates=2)
     backend = _backend(vast, sshd, study)
+    now = int(time.time())
+    vast.fake.charges += [  # the account's other charges, around this one's: never counted as this instance's
+        {"start": now, "end": now + 60, "type": "instance", "source": "instance-424242", "amount": 9.5},
+        {"start": now, "end": now + 60, "type": "volume", "source": "volume-7", "amount": 3.25}]
+    vast.fake.charges_page_size = 1  # one charge per page: the client follows next_token
     outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
     assert outcome.status == "completed", outcome.message
     fake = vast.fake
@@ -107,6 +112,10 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     (row,) = inst.rows(ledger)
     assert row.state == "destroyed" and row.provider_id == str(fake.destroyed[0]) and row.gpu_name == "RTX_4090"
     assert row.created_at < row.deadline and row.cost is not None and row.cost > 0
+    # The cost is the provider's charge for this instance (GPU and bandwidth items), not lifetime × price.
+    (charge,) = [c for c in fake.charges if c["source"] == f"instance-{row.provider_id}"]
+    assert row.cost_source == "provider billing" and row.cost == pytest.approx(charge["amount"])
+    assert len([p for m, p in fake.calls if m == "GET" and p.startswith("/api/v0/charges/")]) == 2  # two pages
     rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies) if m == "PUT")
     assert rent_body["label"] == row.label and f"RC_DEADLINE={int(row.deadline)}" in rent_body["onstart"]
     assert rent_body["disk"] == 50 and rent_body["runtype"] == "ssh"
@@ -160,12 +169,14 @@ def test_boot_timeout_destroys_the_instance(sshd: Sshd, vast: VastServer, study:
 
 def test_ssh_refused_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.ssh_port = free_port()  # nothing listens there
+    vast.fake.bill_instances = False  # its charge is not listed yet when it is settled
     backend = _backend(vast, sshd, study, boot_timeout_s=2.0)
     with pytest.raises(BackendError, match="SSH to the rented instance"):
         _acquire_only(backend, _spec(study), study)
     assert vast.fake.live() == []
     (row,) = inst.rows(study.ledger())
     assert row.state == "destroyed"
+    assert row.cost_source == "lifetime × price (the provider's charges do not list this instance yet)"
 
 
 def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: VastServer, study: Study) -> None:
@@ -175,7 +186,7 @@ def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: Vast
     outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
     assert outcome.status == "completed", outcome.message
     (row,) = inst.rows(study.ledger())
-    assert row.cost_source.startswith("lifetime × price (billing unavailable: Vast.ai API GET /users/me/invoices"
+    assert row.cost_source.startswith("lifetime × price (billing unavailable: Vast.ai API GET /charges/"
                                       " answered HTTP 500")
     expected = (row.destroyed_at - row.created_at) / 3600 * (row.dph + backend.storage_dph)  # type: ignore[operator]
     assert row.cost == pytest.approx(expected, rel=1e-6)

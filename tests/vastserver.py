@@ -12,11 +12,15 @@ backend uses are
   public_ipaddr, dph_total, gpu_name, num_gpus, label, start_date}}`` (404 once destroyed);
 * ``GET /instances/`` → ``{"instances": [...]}``; ``DELETE /instances/{id}/`` → ``{"success": true}``;
 * ``POST /instances/{id}/ssh/`` body ``{"ssh_key": "<public key>"}``;
-* ``GET /users/me/invoices`` → ``{"invoices": [{instance_id, amount, ...}]}``.
+* ``GET /charges/?select_filters={"day": {"gte", "lte"}, "type": {"in": [...]}}[&next_token=...]`` →
+  ``{"success", "count", "total", "next_token", "results": [{start, end, type, source: "instance-<id>",
+  description, amount, metadata, items}]}`` (docs.vast.ai/api-reference/billing/show-charges); a
+  destroyed instance is billed its lifetime × $/h plus a bandwidth item, unless ``bill_instances`` is off
+  (its charge not listed yet).
 
 Every instance's SSH endpoint is what the test says (a real sshd on 127.0.0.1). Faults:
 ``boot_s`` (time in ``loading``; ``math.inf`` never boots), ``ssh_port`` (a closed port:
-SSH refused), ``billing_fails``, `vanish` (the host dies). The fake honours the
+SSH refused), ``billing_fails`` (the charges endpoint answers 500), `vanish` (the host dies). The fake honours the
 self-destruct deadline the ``onstart`` script carries (``RC_DEADLINE=<epoch>``): past it,
 the instance is destroyed by the "host" itself, as the real watchdog would; like the real
 watchdog, it re-reads the deadline file the script names (``RC_DEADLINE_FILE=<path>``), so
@@ -26,11 +30,13 @@ the one sshd (``ssh_hosts``), as real instances have distinct endpoints.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,6 +67,10 @@ class FakeVast:
     ssh_hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
     boot_s_by_offer: dict[int, float] = field(default_factory=dict)  # slower machines than ``boot_s``
     retired: set[str] = field(default_factory=set)  # endpoints of vanished hosts: never handed out again
+    charges: list[dict[str, Any]] = field(default_factory=list)  # the account's, as GET /charges/ lists them
+    charges_page_size: int = 20
+    bill_instances: bool = True
+    bandwidth_dollars: float = 0.0005  # each instance's bandwidth item: billing differs from lifetime × price
 
     # -- state ------------------------------------------------------------------------
 
@@ -86,6 +96,19 @@ class FakeVast:
     def _remove(self, iid: int, why: str) -> None:
         inst = self.instances.pop(iid, None)
         self.destroyed.append(iid)
+        if inst is not None and self.bill_instances:
+            start, end = inst["start_date"], time.time()
+            gpu = round((end - start) / 3600 * inst["dph_total"], 6)
+            self.charges.append({
+                "start": int(start), "end": int(end), "type": "instance", "source": f"instance-{iid}",
+                "description": f"Instance {iid} Charges", "amount": gpu + self.bandwidth_dollars,
+                "metadata": {"label": inst["label"]},
+                "items": [{"start": int(start), "end": int(end), "type": "gpu", "source": None,
+                           "description": f"{(end - start) / 3600:.3f} hours at ${inst['dph_total']}/hour",
+                           "amount": gpu, "metadata": {}, "items": []},
+                          {"start": int(start), "end": int(end), "type": "bandwidth", "source": None,
+                           "description": "bandwidth", "amount": self.bandwidth_dollars, "metadata": {}, "items": []}],
+            })
         if inst is not None:  # the machine is on the market again
             for o in self.offers:
                 if o["id"] == inst["_offer"]:
@@ -167,11 +190,30 @@ class FakeVast:
         if path == "/api/v0/instances/":
             with self.lock:
                 return 200, {"instances": [self._public(i) for i in self.instances.values()]}
-        if path == "/api/v0/users/me/invoices":
+        url = urllib.parse.urlsplit(path)
+        if url.path == "/api/v0/charges/" and method == "GET":
             if self.billing_fails:
                 return 500, {"error": "billing backend down"}
-            return 200, {"invoices": []}
+            return self._charges(urllib.parse.parse_qs(url.query))
         return 404, {"error": f"no route {method} {path}"}
+
+
+    def _charges(self, query: dict[str, list[str]]) -> tuple[int, Any]:
+        try:
+            filters = json.loads(query["select_filters"][0])
+            gte, lte = int(filters["day"]["gte"]), int(filters["day"]["lte"])
+        except (KeyError, ValueError, TypeError):
+            return 400, {"success": False, "error": "select_filters with a day range (gte, lte) is required"}
+        types = (filters.get("type") or {}).get("in")
+        with self.lock:
+            rows = [c for c in self.charges
+                    if c["end"] >= gte and c["start"] <= lte and (types is None or c["type"] in types)]
+        offset = int(base64.b64decode(query["next_token"][0])) if "next_token" in query else 0
+        page = rows[offset:offset + self.charges_page_size]
+        more = offset + self.charges_page_size < len(rows)
+        return 200, {"success": True, "count": len(page), "total": len(rows),
+                     "next_token": base64.b64encode(str(offset + self.charges_page_size).encode()).decode() if more else None,
+                     "results": page}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
 LABEL_PREFIX = "ratiocinator-"
 LIVE_STATES = ("requested", "booting", "running", "destroying")
 DOWN_STATUSES = ("exited", "offline", "stopped", "deleted")
+MAX_CHARGE_PAGES = 100
 
 
 class VastError(BackendError):
@@ -54,6 +56,7 @@ class VastApi:
 
     def _call(self, method: str, path: str, *, body: Any = None, missing_ok: bool = False) -> Any:
         data = None if body is None else json.dumps(body).encode()
+        where = path.split("?", 1)[0]  # errors name the endpoint, not its (long) query
         req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=self._headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -62,15 +65,15 @@ class VastApi:
             if exc.code == 404 and missing_ok:
                 return None
             detail = exc.read().decode("utf-8", "replace")[:300]
-            raise VastError(f"Vast.ai API {method} {path} answered HTTP {exc.code}: {detail}",
+            raise VastError(f"Vast.ai API {method} {where} answered HTTP {exc.code}: {detail}",
                             hint="an HTTP 401/403 means the API key is wrong or lacks permission") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise VastError(f"Vast.ai API {method} {path} failed: {getattr(exc, 'reason', exc)}",
+            raise VastError(f"Vast.ai API {method} {where} failed: {getattr(exc, 'reason', exc)}",
                             hint="check the network and the API base URL") from None
         try:
             return json.loads(text)
         except ValueError:
-            raise VastError(f"Vast.ai API {method} {path} answered non-JSON: {text[:200]}") from None
+            raise VastError(f"Vast.ai API {method} {where} answered non-JSON: {text[:200]}") from None
 
     def search_offers(self, query: dict[str, Any]) -> list[dict[str, Any]]:
         return list(self._call("POST", "/bundles/", body=query).get("offers", []))
@@ -102,15 +105,31 @@ class VastApi:
             raise BackendError("refusing to send a private key to Vast.ai")  # only the .pub ever leaves
         self._call("POST", f"/instances/{instance_id}/ssh/", body={"ssh_key": public_key.strip()})
 
-    def invoices(self) -> list[dict[str, Any]]:
-        try:
-            reply = self._call("GET", "/users/me/invoices")
-        except VastError as exc:
-            raise BillingUnavailable(str(exc)) from None
-        items = reply.get("invoices") if isinstance(reply, dict) else None
-        if not isinstance(items, list):
-            raise BillingUnavailable(f"unexpected invoices reply: {json.dumps(reply)[:200]}")
-        return items
+    def instance_charges(self, start: float, end: float) -> list[dict[str, Any]]:
+        """The account's instance charges for the days of [start, end] (``GET /charges/``, every page).
+
+        Each is ``{start, end, type, source: "instance-<id>", description, amount, metadata, items}``;
+        the charge of a day may still be missing shortly after it (then the instance is not listed).
+        """
+        day = 86_400
+        filters = {"day": {"gte": int(start) // day * day, "lte": (int(end) // day + 1) * day - 1},
+                   "type": {"in": ["instance"]}}
+        results: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(MAX_CHARGE_PAGES):
+            query = {"select_filters": json.dumps(filters), **({"next_token": token} if token else {})}
+            try:
+                reply = self._call("GET", "/charges/?" + urllib.parse.urlencode(query))
+            except VastError as exc:
+                raise BillingUnavailable(str(exc)) from None
+            page = reply.get("results") if isinstance(reply, dict) else None
+            if not isinstance(page, list):
+                raise BillingUnavailable(f"unexpected charges reply: {json.dumps(reply)[:200]}")
+            results += [r for r in page if isinstance(r, dict)]
+            token = reply.get("next_token")
+            if not token:
+                return results
+        raise BillingUnavailable(f"the charges did not end within {MAX_CHARGE_PAGES} pages")
 
 
 # -- ledger rows ---------------------------------------------------------------------------
@@ -194,14 +213,14 @@ def lifetime_cost(row: InstanceRow, end: float, storage_dph: float = 0.0) -> flo
     return hours * (row.dph + storage_dph)
 
 
-def billed_cost(api: VastApi, row: InstanceRow) -> float | None:
-    """The provider's own charge for this instance, when the invoices list it (None when they do not)."""
-    total, seen = 0.0, False
-    for item in api.invoices():
-        if str(item.get("instance_id")) == str(row.provider_id):
-            total += float(item.get("amount", 0.0))
-            seen = True
-    return total if seen else None
+def billed_cost(api: VastApi, row: InstanceRow, end: float) -> float | None:
+    """The provider's own charge for this instance (GPU, storage, bandwidth), None while it lists none."""
+    source = f"instance-{row.provider_id}"
+    amounts = [r.get("amount") for r in api.instance_charges(row.created_at, end) if r.get("source") == source]
+    try:
+        return sum(float(a) for a in amounts) if amounts else None
+    except (TypeError, ValueError):
+        raise BillingUnavailable(f"a charge of {source} has no numeric amount: {amounts[:3]}") from None
 
 
 def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float, storage_dph: float = 0.0) -> tuple[float, str]:
@@ -213,11 +232,11 @@ def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
     cost, source = lifetime_cost(row, end, storage_dph), "lifetime × price"
     if api is not None and row.provider_id is not None:
         try:
-            billed = billed_cost(api, row)
+            billed = billed_cost(api, row, end)
             if billed is not None:
                 cost, source = billed, "provider billing"
             else:
-                source += " (the invoices do not list this instance yet)"
+                source += " (the provider's charges do not list this instance yet)"
         except BillingUnavailable as exc:
             source += f" (billing unavailable: {str(exc)[:200]})"
     left = cost
