@@ -263,8 +263,9 @@ def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: Loade
     from .review import run_review
 
     spec = loaded.spec
-    reviewer = provider()
+    reviewer: Provider | None = None
     try:
+        reviewer = provider()  # may raise: no key, no SDK
         outcome = run_review(reviewer, topic=spec.topic, goal=spec.goal_metric,
                              runner=spec.runner_script, checkout=checkout, files=files)
     except RatiocinatorError as exc:
