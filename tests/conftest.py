@@ -21,6 +21,16 @@ from ratiocinator.ledger import Ledger
 CLI = [sys.executable, "-m", "ratiocinator"]
 
 
+# Hashes the LFS-tracked data/blob.bin into its out dir and reports its size as the goal.
+LFS_RUNNER = """
+#!/usr/bin/env bash
+set -euo pipefail
+echo "seed ${SEED}" >&2
+sha256sum data/blob.bin | cut -d' ' -f1 > "$RATIOCINATOR_OUT_DIR/sha256.txt"
+echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
+"""
+
+
 @dataclass
 class Study:
     """A target repository, a spec file and a --home, in one temp dir."""
@@ -38,6 +48,14 @@ class Study:
             if (self.repo.path / name).exists():
                 (self.repo.path / name).chmod(0o755)
         return self.repo.commit({})
+
+    def commit_lfs_blob(self, size: int = 4096) -> bytes:
+        """`LFS_RUNNER` over a random data/blob.bin committed under Git LFS; returns the blob."""
+        blob = os.urandom(size)
+        self.commit({"run.sh": LFS_RUNNER})
+        self.commit_lfs({"data/blob.bin": blob})
+        assert self.repo.git("show", "HEAD:data/blob.bin").startswith("version https://git-lfs")  # git has a pointer
+        return blob
 
     def commit_lfs(self, files: dict[str, bytes], pattern: str = "*.bin") -> str:
         """Commit ``files`` under Git LFS (content in the repo's LFS store, pointers in git)."""

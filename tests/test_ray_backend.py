@@ -14,9 +14,9 @@ import pytest
 from conftest import Study, process_alive
 from raycluster import RayCluster
 
-from ratiocinator.backends.base import LaunchRequest, Slot
+from ratiocinator.backends.base import Host, LaunchRequest, RunHandle, Slot
 from ratiocinator.pipeline import Research
-from ratiocinator.spec import load_spec
+from ratiocinator.spec import LoadedSpec, load_spec
 
 pytest.importorskip("ray", reason="the Ray backend's tests need `pip install 'ratiocinator[ray]'`")
 from ratiocinator.backends.ray_backend import RayBackend
@@ -120,6 +120,22 @@ def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
     assert [p.parent.parent.name for p in checkouts if not p.name.endswith(".lock")] == sorted(n[:16] for n in nodes)
 
 
+async def _launch_spawner(backend: RayBackend, host: Host, loaded: LoadedSpec, study: Study,
+                          marks: Path) -> tuple[RunHandle, list[int]]:
+    """spawn.sh launched on the cluster, once it has written its own pid and its child's."""
+    workspace = await backend.prepare(host, loaded, study.repo.head())
+    out = study.root / "run" / "out"
+    out.mkdir(parents=True)
+    request = LaunchRequest(run_id=1, argv=(str(workspace.checkout / "spawn.sh"),), cwd=workspace.checkout,
+                            env={"MARKS": str(marks)}, slot=Slot(0), log_dir=out.parent, out_dir=out)
+    handle = await backend.launch(host, request)
+    for _ in range(600):
+        if (marks / "pids").exists():
+            break
+        await asyncio.sleep(0.1)
+    return handle, [int(p) for p in (marks / "pids").read_text().split()]
+
+
 def test_cancel_kills_the_remote_process_group(ray_cluster: RayCluster, study: Study) -> None:
     marks = study.root / "marks"
     spec = _spec(study, marks)
@@ -129,17 +145,7 @@ def test_cancel_kills_the_remote_process_group(ray_cluster: RayCluster, study: S
     async def scenario() -> tuple[list[int], object]:
         host = await backend.acquire(loaded)
         assert len(host.slots) == 4 and host.info["cpus"] == "4"
-        workspace = await backend.prepare(host, loaded, study.repo.head())
-        out = study.root / "run" / "out"
-        out.mkdir(parents=True)
-        request = LaunchRequest(run_id=1, argv=(str(workspace.checkout / "spawn.sh"),), cwd=workspace.checkout,
-                                env={"MARKS": str(marks)}, slot=Slot(0), log_dir=out.parent, out_dir=out)
-        handle = await backend.launch(host, request)
-        for _ in range(600):
-            if (marks / "pids").exists():
-                break
-            await asyncio.sleep(0.1)
-        pids = [int(p) for p in (marks / "pids").read_text().split()]
+        handle, pids = await _launch_spawner(backend, host, loaded, study, marks)
         assert all(process_alive(p) for p in pids)
         await handle.cancel(grace_s=2.0)
         return pids, await asyncio.wait_for(handle.wait(), 10)
@@ -156,15 +162,7 @@ def test_orphan_of_a_dead_orchestrator_is_killed_on_its_node_by_pid_and_start_ti
     backend = _backend(ray_cluster, study)
 
     async def scenario() -> tuple[list[int], object]:
-        host = await backend.acquire(loaded)
-        workspace = await backend.prepare(host, loaded, study.repo.head())
-        out = study.root / "run" / "out"
-        out.mkdir(parents=True)
-        request = LaunchRequest(run_id=1, argv=(str(workspace.checkout / "spawn.sh"),), cwd=workspace.checkout,
-                                env={"MARKS": str(marks)}, slot=Slot(0), log_dir=out.parent, out_dir=out)
-        handle = await backend.launch(host, request)
-        assert _wait_for(lambda: (marks / "pids").exists(), 60)
-        pids = [int(p) for p in (marks / "pids").read_text().split()]
+        handle, pids = await _launch_spawner(backend, await backend.acquire(loaded), loaded, study, marks)
         # A later orchestrator knows only the ledger's (pid, pid start time), as after `kill -9` and a resume.
         later = _backend(ray_cluster, study)
         assert handle.pid_start is not None
@@ -224,24 +222,12 @@ def test_only_the_runs_own_and_named_variables_reach_the_node(monkeypatch: pytes
     assert backend._forwarded_env(env) == {"WANDB_API_KEY": "k", "RATIOCINATOR_RUN_ID": "3", "LR": "0.1"}
 
 
-LFS_RUNNER = """
-#!/usr/bin/env bash
-set -euo pipefail
-echo "seed ${SEED}" >&2
-sha256sum data/blob.bin | cut -d' ' -f1 > "$RATIOCINATOR_OUT_DIR/sha256.txt"
-echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
-"""
-
-
 def test_files_under_git_lfs_reach_every_node_with_their_content(
         ray_cluster: RayCluster, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     from ratiocinator.backends import ray_backend
 
     monkeypatch.setattr(ray_backend, "LFS_CHUNK", 1000)  # the 4096-byte file travels as 5 objects
-    blob = os.urandom(4096)
-    study.commit({"run.sh": LFS_RUNNER})
-    study.commit_lfs({"data/blob.bin": blob})
-    assert study.repo.git("show", "HEAD:data/blob.bin").startswith("version https://git-lfs")  # git holds a pointer
+    blob = study.commit_lfs_blob()
     spec = study.spec(seed_env="SEED", train_timeout_s=120, replicates=2)
     outcome = Research(load_spec(spec), study.home, backend=_backend(ray_cluster, study), check=False).run()
     assert outcome.status == "completed", outcome.message

@@ -285,20 +285,8 @@ def test_backend_ssh_in_the_spec_runs_the_whole_pipeline_with_its_readiness_revi
     assert refused.returncode == 2 and "backend: ssh needs hosts" in refused.stderr
 
 
-LFS_RUNNER = """
-#!/usr/bin/env bash
-set -euo pipefail
-echo "seed ${SEED}" >&2
-sha256sum data/blob.bin | cut -d' ' -f1 > "$RATIOCINATOR_OUT_DIR/sha256.txt"
-echo "METRICS: {\\"score\\": $(stat -c %s data/blob.bin)}"
-"""
-
-
 def test_files_under_git_lfs_reach_the_host_with_their_content(sshd: Sshd, study: Study) -> None:
-    blob = os.urandom(4096)
-    study.commit({"run.sh": LFS_RUNNER})
-    study.commit_lfs({"data/blob.bin": blob})
-    assert study.repo.git("show", "HEAD:data/blob.bin").startswith("version https://git-lfs")  # git holds a pointer
+    blob = study.commit_lfs_blob()
     spec = study.spec(seed_env="SEED", train_timeout_s=60)
     outcome = Research(load_spec(spec), study.home, backend=_backend(sshd, study), check=False).run()
     assert outcome.status == "completed", outcome.message
