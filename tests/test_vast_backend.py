@@ -169,14 +169,14 @@ def test_boot_timeout_destroys_the_instance(sshd: Sshd, vast: VastServer, study:
 
 def test_ssh_refused_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.ssh_port = free_port()  # nothing listens there
-    vast.fake.bill_instances = False  # its charge is not listed yet when it is settled
-    backend = _backend(vast, sshd, study, boot_timeout_s=2.0)
+    vast.fake.charge_lag_s = 3600  # its charge, when settled, is listed but does not cover its lifetime yet
+    backend = _backend(vast, sshd, study, boot_timeout_s=8.0)  # it lives past BILLING_SLACK_S
     with pytest.raises(BackendError, match="SSH to the rented instance"):
         _acquire_only(backend, _spec(study), study)
     assert vast.fake.live() == []
     (row,) = inst.rows(study.ledger())
     assert row.state == "destroyed"
-    assert row.cost_source == "lifetime × price (the provider's charges do not list this instance yet)"
+    assert row.cost_source == "lifetime × price (the provider's charges do not cover this instance's lifetime yet)"
 
 
 def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: VastServer, study: Study) -> None:

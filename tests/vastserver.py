@@ -15,8 +15,8 @@ backend uses are
 * ``GET /charges/?select_filters={"day": {"gte", "lte"}, "type": {"in": [...]}}[&next_token=...]`` →
   ``{"success", "count", "total", "next_token", "results": [{start, end, type, source: "instance-<id>",
   description, amount, metadata, items}]}`` (docs.vast.ai/api-reference/billing/show-charges); a
-  destroyed instance is billed its lifetime × $/h plus a bandwidth item, unless ``bill_instances`` is off
-  (its charge not listed yet).
+  destroyed instance is billed its lifetime × $/h plus a bandwidth item; ``charge_lag_s`` lists it
+  only up to that long before its end, as the provider's charges lag.
 
 Every instance's SSH endpoint is what the test says (a real sshd on 127.0.0.1). Faults:
 ``boot_s`` (time in ``loading``; ``math.inf`` never boots), ``ssh_port`` (a closed port:
@@ -69,7 +69,7 @@ class FakeVast:
     retired: set[str] = field(default_factory=set)  # endpoints of vanished hosts: never handed out again
     charges: list[dict[str, Any]] = field(default_factory=list)  # the account's, as GET /charges/ lists them
     charges_page_size: int = 20
-    bill_instances: bool = True
+    charge_lag_s: float = 0.0
     bandwidth_dollars: float = 0.0005  # each instance's bandwidth item: billing differs from lifetime × price
 
     # -- state ------------------------------------------------------------------------
@@ -96,8 +96,9 @@ class FakeVast:
     def _remove(self, iid: int, why: str) -> None:
         inst = self.instances.pop(iid, None)
         self.destroyed.append(iid)
-        if inst is not None and self.bill_instances:
-            start, end = inst["start_date"], time.time()
+        if inst is not None:
+            start = inst["start_date"]
+            end = max(start, time.time() - self.charge_lag_s)
             gpu = round((end - start) / 3600 * inst["dph_total"], 6)
             self.charges.append({
                 "start": int(start), "end": int(end), "type": "instance", "source": f"instance-{iid}",
@@ -109,8 +110,7 @@ class FakeVast:
                           {"start": int(start), "end": int(end), "type": "bandwidth", "source": None,
                            "description": "bandwidth", "amount": self.bandwidth_dollars, "metadata": {}, "items": []}],
             })
-        if inst is not None:  # the machine is on the market again
-            for o in self.offers:
+            for o in self.offers:  # the machine is on the market again
                 if o["id"] == inst["_offer"]:
                     o["rented"] = False
 

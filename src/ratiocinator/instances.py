@@ -27,6 +27,7 @@ LABEL_PREFIX = "ratiocinator-"
 LIVE_STATES = ("requested", "booting", "running", "destroying")
 DOWN_STATUSES = ("exited", "offline", "stopped", "deleted")
 MAX_CHARGE_PAGES = 100
+BILLING_SLACK_S = 5.0  # clock skew and whole seconds: a charge ending this close to the end covers it
 
 
 class VastError(BackendError):
@@ -214,13 +215,16 @@ def lifetime_cost(row: InstanceRow, end: float, storage_dph: float = 0.0) -> flo
 
 
 def billed_cost(api: VastApi, row: InstanceRow, end: float) -> float | None:
-    """The provider's own charge for this instance (GPU, storage, bandwidth), None while it lists none."""
+    """The provider's own charge for this instance (GPU, storage, bandwidth); None until the charges
+    listed cover its whole lifetime (they lag), so a partial bill never understates what was spent."""
     source = f"instance-{row.provider_id}"
-    amounts = [r.get("amount") for r in api.instance_charges(row.created_at, end) if r.get("source") == source]
+    charges = [r for r in api.instance_charges(row.created_at, end) if r.get("source") == source]
     try:
-        return sum(float(a) for a in amounts) if amounts else None
-    except (TypeError, ValueError):
-        raise BillingUnavailable(f"a charge of {source} has no numeric amount: {amounts[:3]}") from None
+        amount = sum(float(r["amount"]) for r in charges)
+        covered_until = max((float(r["end"]) for r in charges), default=0.0)
+    except (KeyError, TypeError, ValueError):
+        raise BillingUnavailable(f"a charge of {source} lacks a numeric amount or end: {charges[:2]}") from None
+    return amount if covered_until >= end - BILLING_SLACK_S else None
 
 
 def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float, storage_dph: float = 0.0) -> tuple[float, str]:
@@ -236,7 +240,7 @@ def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
             if billed is not None:
                 cost, source = billed, "provider billing"
             else:
-                source += " (the provider's charges do not list this instance yet)"
+                source += " (the provider's charges do not cover this instance's lifetime yet)"
         except BillingUnavailable as exc:
             source += f" (billing unavailable: {str(exc)[:200]})"
     left = cost
