@@ -192,6 +192,26 @@ def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: Vast
     assert row.cost == pytest.approx(expected, rel=1e-6)
     assert any("billing unavailable" in n for n in backend.notes)
 
+    # Later, `instances --reconcile` records what the provider billed in place of the estimate.
+    env = {"VAST_API_KEY": API_KEY, "VAST_API_URL": vast.url}
+    down = study.cli("instances", "--reconcile", env=env)
+    assert down.returncode == 1 and "the provider's charges could not be read" in down.stderr
+    assert "Traceback" not in down.stderr and inst.get(study.ledger(), row.id).cost == row.cost  # nothing lost
+    vast.fake.billing_fails = False
+    done = study.cli("instances", "--reconcile", env=env)
+    assert done.returncode == 0, done.stderr
+    (charge,) = [c for c in vast.fake.charges if c["source"] == f"instance-{row.provider_id}"]
+    assert f"${charge['amount']:.4f} billed" in done.stdout
+    ledger = study.ledger()
+    billed = inst.get(ledger, row.id)
+    assert billed.cost == pytest.approx(charge["amount"]) and billed.cost_source.startswith("provider billing (reconciled")
+    exp = ledger.experiments()[-1]
+    assert ledger.money(exp.id) == (pytest.approx(charge["amount"]), 0.0)
+    (event,) = _events(ledger, exp.id, "instance_reconciled")
+    assert event["data"]["estimated"] == pytest.approx(row.cost) and event["data"]["billed"] == pytest.approx(charge["amount"])
+    again = study.cli("instances", "--reconcile", env=env)
+    assert again.returncode == 0 and "nothing to reconcile" in again.stdout
+
 
 def _research_while_the_instance_vanishes(vast: VastServer, study: Study, spec: Path, backend: VastBackend,
                                           host_dies: Callable[[], None]) -> ResearchOutcome:

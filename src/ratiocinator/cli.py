@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .errors import RatiocinatorError, UsageError
+from .errors import BackendError, RatiocinatorError, UsageError
 from .ledger import Ledger
 from .pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
 from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
@@ -562,21 +562,39 @@ def _print_live_instances(ledger: Ledger) -> int:
 @friendly
 def instances_cmd(
     reap: Annotated[bool, typer.Option("--reap", help="destroy every rented instance the ledger knows is live")] = False,
+    reconcile: Annotated[bool, typer.Option(
+        "--reconcile", help="replace ended instances' lifetime × price estimates by the provider's charges, once listed")] = False,
 ) -> None:
-    """Rented instances the ledger knows are live, with age and cost so far; --reap destroys them all."""
+    """Rented instances the ledger knows are live, with age and cost so far; --reap destroys them all;
+    --reconcile records what the provider billed for those that ended."""
     from . import instances as inst
     from .spec import VastConfig
 
     ledger = _ledger()
     if not _print_live_instances(ledger):
         out.print("no live instances")
+    if not (reap or reconcile):
+        return
+    api = inst.VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
     if reap:
-        api = inst.VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
         results = inst.reap(ledger, api)
         for r in results:
             out.print(f"{r.provider_id or '-'}: {r.outcome} {r.detail}", markup=False)
         if any(r.outcome == "error" for r in results):
             raise typer.Exit(1)
+    if reconcile:
+        try:
+            fixed = inst.reconcile_billing(ledger, api)
+        except inst.BillingUnavailable as exc:
+            raise BackendError(f"the provider's charges could not be read: {exc}",
+                             hint="costs keep their lifetime × price estimate; run --reconcile again later") from None
+        for r in fixed:
+            out.print(f"{r.provider_id}: ${r.estimated:.4f} (lifetime × price) → ${r.billed:.4f} billed"
+                      f" ({r.experiment_id or 'no experiment'})", markup=False)
+        if not fixed:
+            out.print("nothing to reconcile: every ended instance's cost is billed, or its charges are not listed yet")
+        else:
+            out.print("`ratiocinator report EXP` rewrites a paper with the billed costs")
 
 
 # -- autoresearch: the keep/discard loop over an agent's code edits --------------------

@@ -243,16 +243,59 @@ def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
                 source += " (the provider's charges do not cover this instance's lifetime yet)"
         except BillingUnavailable as exc:
             source += f" (billing unavailable: {str(exc)[:200]})"
+    _fill_charges(ledger, row, cost, state="reserved")
+    update(ledger, row.id, cost=cost, cost_source=source)
+    return cost, source
+
+
+def _fill_charges(ledger: Ledger, row: InstanceRow, cost: float, *, state: str) -> None:
+    """Spread ``cost`` over the instance's charges in ``state``, in order, each capped at what it reserved."""
     left = cost
     for charge_id in row.charges:
         r = ledger.db.execute("SELECT reserved, state FROM charges WHERE id = ?", (charge_id,)).fetchone()
-        if r is None or r["state"] != "reserved":
+        if r is None or r["state"] != state:
             continue
         part = min(left, float(r["reserved"]))
-        ledger.settle(charge_id, part)
+        if state == "reserved":
+            ledger.settle(charge_id, part)
+        else:
+            ledger.resettle(charge_id, part)
         left -= part
-    update(ledger, row.id, cost=cost, cost_source=source)
-    return cost, source
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    row_id: int
+    provider_id: str
+    experiment_id: str | None
+    estimated: float  # what was settled at the end: lifetime × price
+    billed: float
+
+
+def reconcile_billing(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None) -> list[Reconciled]:
+    """Replace the lifetime × price estimate of ended instances by the provider's charge, once listed.
+
+    At destroy time the provider's charges usually lag, so the cost settled then is the clock's;
+    this records what the provider billed (instances.cost, and the experiment's charges, each
+    still capped at what it reserved), with an ``instance_reconciled`` event.
+    """
+    out: list[Reconciled] = []
+    for row in rows(ledger, experiment_id=experiment_id):
+        if (row.state in LIVE_STATES or row.provider_id is None or row.destroyed_at is None
+                or not row.cost_source.startswith("lifetime × price")):
+            continue
+        billed = billed_cost(api, row, row.destroyed_at)  # BillingUnavailable: the caller says so
+        if billed is None:
+            continue
+        _fill_charges(ledger, row, billed, state="settled")
+        update(ledger, row.id, cost=billed, cost_source=f"provider billing (reconciled {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
+        estimated = row.cost or 0.0
+        if row.experiment_id is not None:
+            ledger.event(row.experiment_id, "instance_reconciled",
+                         f"instance {row.provider_id}: ${estimated:.4f} (lifetime × price) → ${billed:.4f} billed",
+                         provider_id=row.provider_id, estimated=estimated, billed=billed)
+        out.append(Reconciled(row.id, row.provider_id, row.experiment_id, estimated, billed))
+    return out
 
 
 def runs_on(row: InstanceRow, slots: dict[int, str]) -> list[int]:

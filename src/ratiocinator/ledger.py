@@ -784,6 +784,12 @@ class Ledger:
         with self.transaction() as db:
             self._settle(db, charge_id, amount)
 
+    def resettle(self, charge_id: int, amount: float) -> None:
+        """Correct a settled charge (the provider's bill arrived after the estimate); never above its reservation."""
+        with self.transaction() as db:
+            db.execute("UPDATE charges SET settled = MIN(?, reserved), settled_at = ? WHERE id = ? AND state = 'settled'",
+                       (amount, time.time(), charge_id))
+
     @staticmethod
     def _settle(db: sqlite3.Connection, charge_id: int, amount: float) -> None:
         db.execute(
