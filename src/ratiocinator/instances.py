@@ -217,8 +217,12 @@ def lifetime_cost(row: InstanceRow, end: float, storage_dph: float = 0.0) -> flo
 def billed_cost(api: VastApi, row: InstanceRow, end: float) -> float | None:
     """The provider's own charge for this instance (GPU, storage, bandwidth); None until the charges
     listed cover its whole lifetime (they lag), so a partial bill never understates what was spent."""
+    return _billed(api.instance_charges(row.created_at, end), row, end)
+
+
+def _billed(listed: list[dict[str, Any]], row: InstanceRow, end: float) -> float | None:
     source = f"instance-{row.provider_id}"
-    charges = [r for r in api.instance_charges(row.created_at, end) if r.get("source") == source]
+    charges = [r for r in listed if r.get("source") == source]
     try:
         amount = sum(float(r["amount"]) for r in charges)
         covered_until = max((float(r["end"]) for r in charges), default=0.0)
@@ -279,12 +283,17 @@ def reconcile_billing(ledger: Ledger, api: VastApi, *, experiment_id: str | None
     this records what the provider billed (instances.cost, and the experiment's charges, each
     still capped at what it reserved), with an ``instance_reconciled`` event.
     """
+    ended = [row for row in rows(ledger, experiment_id=experiment_id)
+             if row.state not in LIVE_STATES and row.provider_id is not None and row.destroyed_at is not None
+             and row.cost_source.startswith("lifetime × price")]
+    if not ended:
+        return []
+    # One listing for them all (BillingUnavailable: the caller says so).
+    listed = api.instance_charges(min(r.created_at for r in ended), max(r.destroyed_at or 0.0 for r in ended))
     out: list[Reconciled] = []
-    for row in rows(ledger, experiment_id=experiment_id):
-        if (row.state in LIVE_STATES or row.provider_id is None or row.destroyed_at is None
-                or not row.cost_source.startswith("lifetime × price")):
-            continue
-        billed = billed_cost(api, row, row.destroyed_at)  # BillingUnavailable: the caller says so
+    for row in ended:
+        assert row.destroyed_at is not None and row.provider_id is not None
+        billed = _billed(listed, row, row.destroyed_at)
         if billed is None:
             continue
         _fill_charges(ledger, row, billed, state="settled")

@@ -32,6 +32,17 @@ def prompt_sha256(messages: list[Message], system: str | None) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def record_call(ledger: Ledger, experiment_id: str | None, stage: str, iteration: int, digest: str,
+                completion: Completion) -> LlmCallRow:
+    """One live call as a ledger row (never a key: the request body is what the SDK sent)."""
+    return ledger.record_llm_call(
+        experiment_id, stage=stage, iteration=iteration, provider=completion.provider, model=completion.model,
+        prompt_sha256=digest, request=completion.request, response=completion.response, text=completion.text,
+        input_tokens=completion.input_tokens, output_tokens=completion.output_tokens, cost=completion.cost_dollars,
+        latency_s=completion.latency_s, attempts=completion.attempts,
+    )
+
+
 @dataclass
 class LlmSession:
     """The experiment's LLM: live (``inner`` set) or replaying ``replay_from``'s calls."""
@@ -94,12 +105,7 @@ class LlmSession:
             self.ledger.settle(charge, 0.0)
             raise
         self.ledger.settle(charge, completion.cost_dollars)
-        self.ledger.record_llm_call(
-            self.experiment_id, stage=stage, iteration=iteration, provider=completion.provider, model=completion.model,
-            prompt_sha256=digest, request=completion.request, response=completion.response, text=completion.text,
-            input_tokens=completion.input_tokens, output_tokens=completion.output_tokens, cost=completion.cost_dollars,
-            latency_s=completion.latency_s, attempts=completion.attempts,
-        )
+        record_call(self.ledger, self.experiment_id, stage, iteration, digest, completion)
         return completion
 
     def _replay(self, stage: str, iteration: int, digest: str) -> Completion:
@@ -142,13 +148,7 @@ class RecordingProvider(Provider):
     def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int | None = None,
                  stream: bool = False) -> Completion:
         completion = self.inner.complete(messages, system=system, max_tokens=max_tokens, stream=stream)
-        row = self.ledger.record_llm_call(
-            None, stage=self.stage, iteration=0, provider=completion.provider, model=completion.model,
-            prompt_sha256=prompt_sha256(messages, system), request=completion.request, response=completion.response,
-            text=completion.text, input_tokens=completion.input_tokens, output_tokens=completion.output_tokens,
-            cost=completion.cost_dollars, latency_s=completion.latency_s, attempts=completion.attempts,
-        )
-        self.recorded.append(row.id)
+        self.recorded.append(record_call(self.ledger, None, self.stage, 0, prompt_sha256(messages, system), completion).id)
         return completion
 
 
