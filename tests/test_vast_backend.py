@@ -21,6 +21,7 @@ import pytest
 from conftest import Study
 from ratiocinator import instances as inst
 from ratiocinator.backends.vast import VastBackend, VastSettings, offer_query, pick_offers, watchdog
+from ratiocinator.backends.vast_api import VastApi
 from ratiocinator.errors import BackendError
 from ratiocinator.ledger import Ledger
 from ratiocinator.pipeline import Research, ResearchOutcome
@@ -48,7 +49,7 @@ def vast(sshd: Sshd) -> Iterator[VastServer]:
 
 def _settings(server: VastServer, sshd: Sshd, study: Study, **fields: object) -> VastSettings:
     base = VastSettings(base_url=server.url, boot_timeout_s=10, setup_allowance_s=60, poll_s=0.1, ssh_probe_s=2,
-                        ssh_user=sshd.user, workdir=str(study.root / "remote"))
+                        ssh_user=sshd.user, workdir=str(study.root / "remote"), api_backoff_s=0.05)
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
@@ -295,12 +296,12 @@ def test_kill_9_then_reap_leaves_nothing_live(sshd: Sshd, vast: VastServer, stud
     ledger = study.ledger()
     (row,) = inst.rows(ledger, live=True)
     assert row.deadline > time.time()  # the TTL is recorded
-    reaped = inst.reap(ledger, inst.VastApi(API_KEY, vast.url))
+    reaped = inst.reap(ledger, VastApi(API_KEY, vast.url))
     assert [(r.provider_id, r.outcome) for r in reaped] == [(row.provider_id, "destroyed")]
     assert vast.fake.live() == [] and inst.rows(ledger, live=True) == []
     exp_id = ledger.experiments()[-1].id
     assert ledger.money(exp_id)[1] == pytest.approx(0.0)  # no reservation left open: the instance is paid
-    assert inst.reap(ledger, inst.VastApi(API_KEY, vast.url)) == []  # idempotent
+    assert inst.reap(ledger, VastApi(API_KEY, vast.url)) == []  # idempotent
 
 
 def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServer, study: Study) -> None:
@@ -318,7 +319,7 @@ def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServe
     while time.time() < row.deadline + 1.0:
         time.sleep(0.1)
     assert vast.fake.live() == []  # the host's watchdog fired: nothing survives a kill -9
-    reaped = inst.reap(study.ledger(), inst.VastApi(API_KEY, vast.url), expired_only=True)
+    reaped = inst.reap(study.ledger(), VastApi(API_KEY, vast.url), expired_only=True)
     assert [r.outcome for r in reaped] == ["already_gone"] and reaped[0].detail == "past its self-destruct deadline"
 
 
@@ -326,7 +327,7 @@ def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Ssh
     ledger = study.ledger()
     row = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
                                 charges=[])
-    api = inst.VastApi(API_KEY, vast.url)
+    api = VastApi(API_KEY, vast.url)
     api.rent(1, {"client_id": "me", "image": "x", "disk": 10, "onstart": "", "runtype": "ssh", "label": row.label})
     stray = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
                                   charges=[])  # crashed before renting at all

@@ -558,28 +558,53 @@ def _print_live_instances(ledger: Ledger) -> int:
     return len(live)
 
 
+def _print_left_alone(left: list[Any]) -> None:
+    """Instances the reaper would not touch (another home's label), named so the user can act."""
+    if not left:
+        return
+    table = Table(title=f"left alone: {len(left)} instance(s) that may be another Ratiocinator home's",
+                  title_justify="left", box=None, pad_edge=False)
+    for column in ("provider id", "label", "state", "$/h"):  # never cut: they are what the user acts on
+        table.add_column(column, no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for r in left:
+        table.add_row(r.provider_id, r.label, r.status, "?" if r.dph is None else f"{r.dph:g}", r.detail)
+    out.print(table)
+    out.print("they may be another user's or project's; `ratiocinator instances --reap --all-homes` destroys them too",
+              markup=False)
+
+
 @app.command("instances")
 @friendly
 def instances_cmd(
-    reap: Annotated[bool, typer.Option("--reap", help="destroy every rented instance the ledger knows is live")] = False,
+    reap: Annotated[bool, typer.Option(
+        "--reap", help="destroy what this home rented that may be live: its live rows, and listed instances"
+                       " with its label whose row is closed or missing")] = False,
+    all_homes: Annotated[bool, typer.Option(
+        "--all-homes", help="with --reap: also destroy instances labelled by other Ratiocinator homes")] = False,
     reconcile: Annotated[bool, typer.Option(
         "--reconcile", help="replace ended instances' lifetime × price estimates by the provider's charges, once listed")] = False,
 ) -> None:
-    """Rented instances the ledger knows are live, with age and cost so far; --reap destroys them all;
+    """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
     from . import instances as inst
+    from .backends.vast_api import VastApi
     from .spec import VastConfig
 
+    if all_homes and not reap:
+        raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
     ledger = _ledger()
     if not _print_live_instances(ledger):
         out.print("no live instances")
     if not (reap or reconcile):
         return
-    api = inst.VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
+    api = VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
     if reap:
-        results = inst.reap(ledger, api)
+        results = inst.reap(ledger, api, all_homes=all_homes)
         for r in results:
-            out.print(f"{r.provider_id or '-'}: {r.outcome} {r.detail}", markup=False)
+            if r.outcome != "left_alone":
+                out.print(f"{r.provider_id or '-'}: {r.outcome}{f' {r.label}' if r.label else ''} ({r.detail})", markup=False)
+        _print_left_alone([r for r in results if r.outcome == "left_alone"])
         if any(r.outcome == "error" for r in results):
             raise typer.Exit(1)
     if reconcile:

@@ -56,3 +56,10 @@ class BudgetError(RatiocinatorError):
     """Launching would (or could) overrun the dollar budget."""
 
     exit_code = 1
+
+
+class CredentialsError(BackendError):
+    """A provider refused the credentials: nothing more can be rented, read or destroyed with them,
+    so the experiment stops rather than treating what it cannot see as gone."""
+
+    exit_code = 1

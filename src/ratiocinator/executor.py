@@ -23,7 +23,7 @@ from typing import BinaryIO
 from .backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
 from .budget import Budget, run_cost
 from .capacity import SlotPool, expected_wait_s, should_give_back
-from .errors import BackendError, BudgetError
+from .errors import BackendError, BudgetError, CredentialsError
 from .failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
 from .ledger import Ledger
 from .metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
@@ -431,6 +431,8 @@ class Executor:
         try:
             try:
                 handle = await self.backend.launch(self.host, request)
+            except CredentialsError:  # handled below: the experiment stops
+                raise
             except Exception as exc:  # the backend could not start the process at all
                 cause = Diagnosis(
                     Failure(exc.failure) if isinstance(exc, LaunchFailure) else Failure.INFRA,
@@ -449,18 +451,27 @@ class Executor:
         except asyncio.CancelledError:
             if handle is not None:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
-            stream.close()
-            leftover = stream.drain()
-            elapsed = time.time() - started
-            self.live.pop(run_id, None)
-            self.started_at.pop(run_id, None)
-            self.ledger.finish_run(
-                run_id, status="interrupted", failure=None, reason="the orchestrator was interrupted",
-                exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
-                cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
-                points=leftover, settle_charge=charge,
-            )
+            self._interrupted(run_id, charge, stream, started, "the orchestrator was interrupted")
             raise
+        except CredentialsError as exc:  # nothing more can be rented, checked or destroyed: the experiment stops
+            if handle is not None:
+                await asyncio.shield(handle.cancel(grace_s=2.0))
+            self._interrupted(run_id, charge, stream, started, f"stopped: {exc.message}")
+            raise
+
+    def _interrupted(self, run_id: int, charge: int, stream: _RunStream, started: float, reason: str) -> None:
+        """The run ends unfinished (a resume runs it again as a new attempt)."""
+        stream.close()
+        leftover = stream.drain()
+        elapsed = time.time() - started
+        self.live.pop(run_id, None)
+        self.started_at.pop(run_id, None)
+        self.ledger.finish_run(
+            run_id, status="interrupted", failure=None, reason=reason,
+            exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
+            cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
+            points=leftover, settle_charge=charge,
+        )
 
     async def _supervise(self, handle: RunHandle, stream: _RunStream) -> tuple[ExitInfo, bool]:
         """Stream output while waiting for exit; kill the whole group at the timeout."""

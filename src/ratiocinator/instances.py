@@ -1,136 +1,47 @@
-"""Rented instances: the Vast.ai REST client, the ``instances`` ledger rows, and the reaper.
+"""Rented instances: the ``instances`` ledger rows, their money, and the reaper.
 
 Safety rests on three things: a ledger row is written (``requested``) *before* the rent
-call, and the instance carries a label naming that row, so a crash between the call and
-the ledger update still leaves it findable by listing the account's instances; every
-instance has a self-destruct deadline (its TTL), recorded in the row; and `reap`
-destroys every instance the ledger thinks may be live (plus any labelled instance the
-provider lists that the ledger has closed), and settles its money.
+call, and the instance carries a label naming this home and that row
+(``ratiocinator-<home id>-<row>``), so a crash between the call and the ledger update still
+leaves it findable by listing the account's instances, and no other home (another user of
+the account, another project) can mistake it for its own; every instance has a
+self-destruct deadline (its TTL), recorded in the row; and `reap` destroys every instance
+the ledger thinks may be live, plus instances with this home's label whose row is closed
+or missing, and settles its money. Instances labelled by other homes are left alone and
+named, unless the caller asks for them too.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from .backends.vast_api import BillingUnavailable, VastApi, VastAuthError, VastError, is_gone
 from .errors import BackendError
 from .ledger import Ledger
 
-DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
 LABEL_PREFIX = "ratiocinator-"
 LIVE_STATES = ("requested", "booting", "running", "destroying")
-DOWN_STATUSES = ("exited", "offline", "stopped", "deleted")
-MAX_CHARGE_PAGES = 100
 BILLING_SLACK_S = 5.0  # clock skew and whole seconds: a charge ending this close to the end covers it
+_LABEL = re.compile(re.escape(LABEL_PREFIX) + r"(?:(?P<home>[0-9a-f]{8})-)?(?P<row>\d+)")
 
 
-class VastError(BackendError):
-    """The Vast.ai API refused or failed a call."""
+def label_for(home_id: str, row_id: int) -> str:
+    """``ratiocinator-<home id>-<row id>``: unique across homes, so no reaper takes another home's instance."""
+    return f"{LABEL_PREFIX}{home_id}-{row_id}"
 
 
-class BillingUnavailable(Exception):
-    """The billing endpoint failed: costs fall back to lifetime × price, and say so."""
-
-
-class VastApi:
-    """The handful of Vast.ai endpoints the backend uses (stdlib HTTP, sync; async callers use a thread).
-
-    The key travels only in the ``Authorization`` header and never appears in an error.
-    """
-
-    def __init__(self, api_key: str, base_url: str = DEFAULT_BASE_URL, *, timeout_s: float = 30.0) -> None:
-        if not api_key:
-            raise BackendError("no Vast.ai API key", hint="export VAST_API_KEY=... (from https://cloud.vast.ai/account/)")
-        self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-                         "Content-Type": "application/json"}
-
-    def __repr__(self) -> str:  # never the key
-        return f"VastApi({self.base_url!r})"
-
-    def _call(self, method: str, path: str, *, body: Any = None, missing_ok: bool = False) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        where = path.split("?", 1)[0]  # errors name the endpoint, not its (long) query
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=self._headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                text = resp.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404 and missing_ok:
-                return None
-            detail = exc.read().decode("utf-8", "replace")[:300]
-            raise VastError(f"Vast.ai API {method} {where} answered HTTP {exc.code}: {detail}",
-                            hint="an HTTP 401/403 means the API key is wrong or lacks permission") from None
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise VastError(f"Vast.ai API {method} {where} failed: {getattr(exc, 'reason', exc)}",
-                            hint="check the network and the API base URL") from None
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise VastError(f"Vast.ai API {method} {where} answered non-JSON: {text[:200]}") from None
-
-    def search_offers(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(self._call("POST", "/bundles/", body=query).get("offers", []))
-
-    def rent(self, offer_id: int, body: dict[str, Any]) -> int:
-        reply = self._call("PUT", f"/asks/{offer_id}/", body=body)
-        if not reply.get("success") or reply.get("new_contract") is None:
-            raise VastError(f"renting offer {offer_id} failed: {json.dumps(reply)[:300]}",
-                            hint="the offer may have been taken; searching again picks another")
-        return int(reply["new_contract"])
-
-    def show(self, instance_id: int | str) -> dict[str, Any] | None:
-        """The instance, or None when the provider no longer knows it."""
-        reply = self._call("GET", f"/instances/{instance_id}/", missing_ok=True)
-        if not reply:
-            return None
-        inst = reply.get("instances")
-        return inst if isinstance(inst, dict) and inst else None
-
-    def list(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/instances/").get("instances", []))
-
-    def destroy(self, instance_id: int | str) -> bool:
-        """True when destroyed now, False when it was already gone."""
-        return self._call("DELETE", f"/instances/{instance_id}/", missing_ok=True) is not None
-
-    def attach_ssh_key(self, instance_id: int | str, public_key: str) -> None:
-        if "PRIVATE" in public_key:
-            raise BackendError("refusing to send a private key to Vast.ai")  # only the .pub ever leaves
-        self._call("POST", f"/instances/{instance_id}/ssh/", body={"ssh_key": public_key.strip()})
-
-    def instance_charges(self, start: float, end: float) -> list[dict[str, Any]]:
-        """The account's instance charges for the days of [start, end] (``GET /charges/``, every page).
-
-        Each is ``{start, end, type, source: "instance-<id>", description, amount, metadata, items}``;
-        the charge of a day may still be missing shortly after it (then the instance is not listed).
-        """
-        day = 86_400
-        filters = {"day": {"gte": int(start) // day * day, "lte": (int(end) // day + 1) * day - 1},
-                   "type": {"in": ["instance"]}}
-        results: list[dict[str, Any]] = []
-        token: str | None = None
-        for _ in range(MAX_CHARGE_PAGES):
-            query = {"select_filters": json.dumps(filters), **({"next_token": token} if token else {})}
-            try:
-                reply = self._call("GET", "/charges/?" + urllib.parse.urlencode(query))
-            except VastError as exc:
-                raise BillingUnavailable(str(exc)) from None
-            page = reply.get("results") if isinstance(reply, dict) else None
-            if not isinstance(page, list):
-                raise BillingUnavailable(f"unexpected charges reply: {json.dumps(reply)[:200]}")
-            results += [r for r in page if isinstance(r, dict)]
-            token = reply.get("next_token")
-            if not token:
-                return results
-        raise BillingUnavailable(f"the charges did not end within {MAX_CHARGE_PAGES} pages")
+def label_owner(label: str, home_id: str) -> str | None:
+    """Whose instance a label names: ``mine`` (this home), ``other`` (another home, or the scheme before
+    labels carried a home id, which cannot tell homes apart), or None (not rented by Ratiocinator)."""
+    if not label.startswith(LABEL_PREFIX):
+        return None
+    m = _LABEL.fullmatch(label)
+    return "mine" if m is not None and m.group("home") == home_id else "other"
 
 
 # -- ledger rows ---------------------------------------------------------------------------
@@ -168,14 +79,15 @@ def record_requested(ledger: Ledger, *, experiment_id: str | None, provider: str
                      deadline: float, charges: list[int]) -> InstanceRow:
     """The row written before renting; its id names the instance (label) so a crash leaves it findable."""
     now = time.time()
+    home = ledger.home_id()
     with ledger.transaction() as db:
         cur = db.execute(
             "INSERT INTO instances (experiment_id, provider, label, offer_json, gpu_name, dph, state, deadline,"
             " created_at, charges_json) VALUES (?, ?, '', ?, ?, ?, 'requested', ?, ?, ?)",
             (experiment_id, provider, json.dumps(offer), str(offer.get("gpu_name", "")),
              float(offer.get("dph_total", 0.0)), deadline, now, json.dumps(charges)))
-        row_id = int(cur.lastrowid)
-        db.execute("UPDATE instances SET label = ? WHERE id = ?", (f"{LABEL_PREFIX}{row_id}", row_id))
+        row_id = int(cur.lastrowid or 0)
+        db.execute("UPDATE instances SET label = ? WHERE id = ?", (label_for(home, row_id), row_id))
     return get(ledger, row_id)
 
 
@@ -337,14 +249,44 @@ def run_shares(instance_rows: list[InstanceRow], runs: dict[int, tuple[str, floa
 class Reaped:
     row_id: int | None
     provider_id: str
-    outcome: str  # destroyed | already_gone | orphan_destroyed | error
+    outcome: str  # destroyed | already_gone | orphan_destroyed | left_alone | error
     detail: str = ""
+    label: str = ""
+    status: str = ""  # the provider's actual_status, for what is named rather than destroyed
+    dph: float | None = None
 
 
-def _destroy_row(ledger: Ledger, api: VastApi, row: InstanceRow, listed: dict[str, dict[str, Any]], why: str) -> Reaped:
+class _Listing:
+    """The account's instances, listed once per reap and only when needed."""
+
+    def __init__(self, api: VastApi) -> None:
+        self.api = api
+        self._rows: list[dict[str, Any]] | None = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = [i for i in self.api.list() if not is_gone(i)]
+        return self._rows
+
+    def labelled(self, label: str) -> dict[str, Any] | None:
+        return next((i for i in self.rows if i.get("label") == label), None)
+
+
+def _named(row_id: int | None, listed: dict[str, Any], outcome: str, detail: str) -> Reaped:
+    dph = listed.get("dph_total")
+    return Reaped(row_id, str(listed.get("id")), outcome, detail, label=str(listed.get("label") or ""),
+                  status=str(listed.get("actual_status") or listed.get("cur_state") or "?"),
+                  dph=float(dph) if isinstance(dph, (int, float)) else None)
+
+
+def _destroy_row(ledger: Ledger, api: VastApi, row: InstanceRow, listing: _Listing, why: str, *,
+                 all_homes: bool) -> Reaped:
     provider_id = row.provider_id
     if provider_id is None:  # crashed between the rent call and the ledger update: find it by label
-        match = next((i for i in listed.values() if i.get("label") == row.label), None)
+        match = listing.labelled(row.label)
+        if match is not None and label_owner(row.label, ledger.home_id()) != "mine" and not all_homes:
+            return _named(row.id, match, "left_alone", "label from before home ids: may be another home's")
         provider_id = str(match["id"]) if match else None
     now = time.time()
     if provider_id is None:
@@ -354,43 +296,59 @@ def _destroy_row(ledger: Ledger, api: VastApi, row: InstanceRow, listed: dict[st
     update(ledger, row.id, provider_id=provider_id, state="destroying")
     try:
         gone_now = api.destroy(provider_id)
-    except VastError as exc:
+    except VastAuthError:
+        raise
+    except VastError as exc:  # the row stays live (destroying): the next reap tries again
         return Reaped(row.id, provider_id, "error", str(exc))
     update(ledger, row.id, state="destroyed", destroyed_at=now, note=why)
     settle(ledger, get(ledger, row.id), api, end=now)
     return Reaped(row.id, provider_id, "destroyed" if gone_now else "already_gone", why)
 
 
-def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expired_only: bool = False) -> list[Reaped]:
+def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expired_only: bool = False,
+         all_homes: bool = False) -> list[Reaped]:
     """Destroy every instance the ledger knows may be live (``expired_only``: only those past their deadline).
 
-    Also destroys instances the provider lists with one of our labels whose ledger row is
-    closed or missing (left by a crash); with ``experiment_id`` only that experiment's.
+    Without ``experiment_id`` or ``expired_only``, the account's whole list is swept too:
+    instances carrying this home's label whose row is closed or missing (left by a crash) are
+    destroyed; instances carrying another home's label (or the label scheme before home ids)
+    are left alone and returned as ``left_alone``, unless ``all_homes``. Instances without a
+    Ratiocinator label are never touched. A refused key (`VastAuthError`) stops the reap:
+    what it destroyed so far is recorded, and nothing is taken for gone.
     """
-    listed = {str(i.get("id")): i for i in api.list()}
+    listing = _Listing(api)
     out: list[Reaped] = []
     now = time.time()
     for row in rows(ledger, live=True, experiment_id=experiment_id):
         if expired_only and row.deadline > now:
             continue
         why = "past its self-destruct deadline" if row.deadline <= now else "reaped"
-        out.append(_destroy_row(ledger, api, row, listed, why))
+        out.append(_destroy_row(ledger, api, row, listing, why, all_homes=all_homes))
+    if experiment_id is not None or expired_only:
+        return out
     handled = {r.provider_id for r in out}
-    if experiment_id is None and not expired_only:
-        known = {r.label: r for r in rows(ledger)}
-        for inst in listed.values():
-            label = str(inst.get("label") or "")
-            if (not label.startswith(LABEL_PREFIX) or inst.get("actual_status") in ("deleted",)
-                    or str(inst.get("id")) in handled):
-                continue
-            row = known.get(label)
-            if row is not None and row.state in LIVE_STATES:
-                continue  # handled above
-            try:
-                api.destroy(inst["id"])
-                out.append(Reaped(row.id if row else None, str(inst["id"]), "orphan_destroyed", label))
-            except VastError as exc:
-                out.append(Reaped(row.id if row else None, str(inst["id"]), "error", str(exc)))
+    home = ledger.home_id()
+    known = {r.label: r for r in rows(ledger)}
+    for listed in listing.rows:
+        label, provider_id = str(listed.get("label") or ""), str(listed.get("id"))
+        owner = label_owner(label, home)
+        row = known.get(label) if owner == "mine" else None
+        if owner is None or provider_id in handled or (row is not None and row.state in LIVE_STATES):
+            continue
+        if owner == "other" and not all_homes:
+            m = _LABEL.fullmatch(label)
+            why = "label from before home ids" if m is not None and m.group("home") is None else "another home's label"
+            out.append(_named(None, listed, "left_alone", why))
+            continue
+        try:
+            api.destroy(provider_id)
+        except VastAuthError:
+            raise
+        except VastError as exc:
+            out.append(_named(row.id if row else None, listed, "error", str(exc)))
+            continue
+        detail = "this home's label, its ledger row closed or missing" if owner == "mine" else "another home's (--all-homes)"
+        out.append(_named(row.id if row else None, listed, "orphan_destroyed", detail))
     return out
 
 
@@ -399,5 +357,5 @@ def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str) -> li
     return reap(ledger, api, experiment_id=experiment_id)
 
 
-__all__ = ["BillingUnavailable", "InstanceRow", "Reaped", "VastApi", "VastError", "get", "lifetime_cost", "reap",
+__all__ = ["BillingUnavailable", "InstanceRow", "Reaped", "get", "label_for", "label_owner", "lifetime_cost", "reap",
            "reconcile_at_startup", "record_requested", "rows", "run_shares", "runs_on", "settle", "update"]

@@ -10,6 +10,7 @@ ledger consistent: a run is either not started, ``running`` (to be reconciled as
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -241,6 +242,12 @@ CREATE TABLE IF NOT EXISTS instances (
     note          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_by_state ON instances(state);
+
+-- Facts about the home itself: its random id (home_id), which labels what it rents.
+CREATE TABLE IF NOT EXISTS home (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 # Upgrades from each older schema version, applied in order inside one transaction.
@@ -251,6 +258,7 @@ MIGRATIONS: dict[int, str] = {
     3: "",  # v3: the llm_calls table, created by SCHEMA
     4: "",  # v4: the autoresearch tables (ar_sessions, ar_attempts, ar_charges), created by SCHEMA
     5: "",  # v5: the instances table (rented machines), created by SCHEMA
+    6: "",  # v6: the home table (the home's id), created by SCHEMA
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
@@ -357,6 +365,7 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._home_id: str | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -408,6 +417,17 @@ class Ledger:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def home_id(self) -> str:
+        """This home's random id, made once: the labels of what it rents carry it, so two homes on one
+        provider account never take each other's instances for their own."""
+        home = self._home_id
+        if home is None:
+            with self.transaction() as db:
+                db.execute("INSERT OR IGNORE INTO home (key, value) VALUES ('home_id', ?)", (secrets.token_hex(4),))
+                home = str(db.execute("SELECT value FROM home WHERE key = 'home_id'").fetchone()[0])
+            self._home_id = home
+        return home
 
     # -- experiments -------------------------------------------------------------
 

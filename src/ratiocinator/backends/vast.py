@@ -36,19 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import instances as inst
-from ..errors import BackendError, BudgetError
+from ..errors import BackendError, BudgetError, CredentialsError
 from ..ledger import Ledger
 from ..spec import LoadedSpec, SshHost
 from .base import (Backend, ExitInfo, HardwareFinding, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Stream,
                    Workspace)
 from .ssh import SshBackend, SshSlot
+from .vast_api import DEFAULT_BASE_URL, STILL_BILLING_DOWN, RetryPolicy, VastApi, VastError, is_gone
 
 
 @dataclass(frozen=True)
 class VastSettings:
     """The ``vast:`` block of a spec; defaults follow Vast's usual figures."""
 
-    base_url: str = inst.DEFAULT_BASE_URL
+    base_url: str = DEFAULT_BASE_URL
     instances: int | None = None  # default: ceil(concurrency / slots_per_instance), else 1
     slots_per_instance: int = 1
     boot_timeout_s: float = 600.0
@@ -62,6 +63,10 @@ class VastSettings:
     storage_per_gb_month: float = 0.10  # $/GB/month, Vast's typical storage rate
     poll_s: float = 5.0
     ssh_probe_s: float = 5.0  # how long one SSH attempt may take while the instance boots
+    health_check_s: float = 60.0  # a launch re-reads its instance from the API when the last read is older
+    api_attempts: int = 6  # tries per API call on 429, 5xx, timeouts and dropped connections
+    api_backoff_s: float = 1.0  # the first retry's wait (doubling, with jitter, up to 30 s)
+    destroy_confirm_s: float = 60.0  # how long a destroy waits to see the instance gone
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class _Rented:
     released: set[VastSlot] = field(default_factory=set)
     ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
     preparing: bool = False
+    checked_at: float = 0.0  # monotonic time the API last showed it running
 
     @property
     def given_back(self) -> bool:
@@ -203,7 +209,9 @@ class VastBackend(Backend):
         self.home = Path(home).expanduser().resolve()
         self.settings = settings or VastSettings()
         key = api_key if api_key is not None else os.environ.get("VAST_API_KEY", "")
-        self.api = inst.VastApi(key, self.settings.base_url)
+        self.api = VastApi(key, self.settings.base_url, confirm_s=self.settings.destroy_confirm_s,
+                           poll_s=min(self.settings.poll_s, 1.0),
+                           retry=RetryPolicy(attempts=self.settings.api_attempts, first_wait_s=self.settings.api_backoff_s))
         self._ledger = ledger
         self.experiment_id = experiment_id
         self.ssh_options = ssh_options or {}
@@ -222,6 +230,7 @@ class VastBackend(Backend):
         self._commit_event: asyncio.Event | None = None
         self._grew: asyncio.Event | None = None
         self._destroy_lock = threading.Lock()
+        self._destroy_failures: dict[int, BackendError] = {}  # row id -> why its destroy failed (the row stays live)
         atexit.register(self._destroy_all_sync)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -464,6 +473,7 @@ class VastBackend(Backend):
             if shown is None:
                 raise BackendError(f"instance {rented.provider_id} disappeared while booting")
             if shown.get("actual_status") == "running" and shown.get("ssh_host") and shown.get("ssh_port"):
+                rented.checked_at = time.monotonic()
                 break
             if time.monotonic() > boot_deadline:
                 raise BackendError(f"instance {rented.provider_id} did not boot within {self.settings.boot_timeout_s:g}s"
@@ -675,6 +685,8 @@ class VastBackend(Backend):
         row = inst.get(self.ledger, rented.row_id)
         if row.state not in ("running",):
             raise LaunchFailure(f"instance {rented.provider_id} is {row.state}", transient=False, failure="infra")
+        if time.monotonic() - rented.checked_at >= self.settings.health_check_s and await self._vanished(rented):
+            raise LaunchFailure(f"instance {rented.provider_id} is no longer running at the provider", transient=True)
         try:
             handle = await ssh.launch(host, replace(request, slot=request.slot))
         except LaunchFailure as exc:
@@ -684,13 +696,26 @@ class VastBackend(Backend):
         return VastRunHandle(handle, self, rented)
 
     async def _vanished(self, rented: _Rented) -> bool:
-        """Ask the API whether the instance still exists; a vanished one is marked ``lost`` and settled."""
+        """Ask the API whether the instance can still run anything.
+
+        Gone at the provider: the row is ``lost`` and settled. Down but still billing
+        (stopped, exited, offline, ...): it is destroyed first, and stays live in the ledger
+        until that is confirmed. An API failure is no answer (False); a refused key
+        (`CredentialsError`) stops the experiment: what cannot be seen is never taken for gone.
+        """
         try:
             shown = await asyncio.to_thread(self.api.show, rented.provider_id)
+        except CredentialsError:
+            raise
         except BackendError:
             return False
-        if shown is not None and shown.get("actual_status") not in inst.DOWN_STATUSES:
+        status = None if shown is None else shown.get("actual_status")
+        if not is_gone(shown) and status not in STILL_BILLING_DOWN:
+            rented.checked_at = time.monotonic()
             return False
+        if not is_gone(shown):  # it cannot run, but it bills until destroyed
+            await asyncio.to_thread(self._destroy_sync, [rented], f"{status} at the provider mid-experiment")
+            return True
         now = time.time()
         inst.update(self.ledger, rented.row_id, state="lost", destroyed_at=now, note="vanished at the provider mid-run")
         await asyncio.to_thread(inst.settle, self.ledger, inst.get(self.ledger, rented.row_id), self.api,
@@ -698,10 +723,22 @@ class VastBackend(Backend):
         return True
 
     async def release(self, host: Host) -> None:
+        """Destroy every instance; raise when any may still be billing (its row stays live for the reaper)."""
         await self._cancel_arrivals("work ended")
         if self.ssh is not None:
             await self.ssh.release(host)
         await self._destroy_all("work ended")
+        left = [r for r in self.rented if inst.get(self.ledger, r.row_id).state in inst.LIVE_STATES]
+        if left:
+            failures = [self._destroy_failures.get(r.row_id) for r in left]
+            why = "; ".join(f"instance {r.provider_id or '?'}: {f.message if f else 'not destroyed'}"
+                            for r, f in zip(left, failures))
+            deadlines = ", ".join(f"{r.provider_id or '?'} at {time.strftime('%H:%M', time.localtime(inst.get(self.ledger, r.row_id).deadline))}"
+                                  for r in left)
+            error = CredentialsError if any(isinstance(f, CredentialsError) for f in failures) else BackendError
+            raise error(f"{len(left)} rented instance(s) could not be destroyed and may still bill: {why}",
+                        hint=f"each destroys itself at its deadline ({deadlines}); `ratiocinator instances --reap`"
+                             " destroys them now (once the key works)")
 
     async def _destroy_all(self, why: str) -> None:
         await asyncio.to_thread(self._destroy_all_sync, why)
@@ -727,9 +764,15 @@ class VastBackend(Backend):
             inst.update(self.ledger, row.id, state="destroying")
             try:
                 self.api.destroy(rented.provider_id)
-            except BackendError as exc:
-                self.notes.append(f"destroying {rented.provider_id} failed: {exc}; `ratiocinator instances --reap` retries")
+            except BackendError as exc:  # a refused key too: the row stays live, never taken for gone
+                self._destroy_failures[row.id] = exc
+                message = f"destroying instance {rented.provider_id} failed: {exc.message}"
+                self.notes.append(f"{message}; `ratiocinator instances --reap` retries")
+                if row.experiment_id is not None:
+                    self.ledger.event(row.experiment_id, "instance_destroy_failed", message, level="error",
+                                      provider_id=rented.provider_id)
                 return
+        self._destroy_failures.pop(row.id, None)
         inst.update(self.ledger, row.id, state="destroyed", destroyed_at=now, note=why)
         _, source = inst.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
                                 end=now, storage_dph=self.storage_dph)
