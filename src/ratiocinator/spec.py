@@ -198,6 +198,10 @@ class VastConfig(_Strict):
     ssh_user: str = "root"
     workdir: str = "~/.ratiocinator"
     storage_per_gb_month: float = Field(0.10, ge=0)
+    health_check_s: float = Field(60.0, ge=0, description="a launch re-reads its instance when the last read is older")
+    api_attempts: PositiveInt = Field(6, description="tries per API call on 429, 5xx, timeouts and dropped connections")
+    api_backoff_s: float = Field(1.0, gt=0, description="the first retry's wait (doubling with jitter, up to 30 s)")
+    destroy_confirm_s: float = Field(60.0, gt=0, description="how long a destroy waits to see the instance gone")
 
 
 class RaySettings(_Strict):
