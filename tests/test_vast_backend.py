@@ -22,12 +22,12 @@ from conftest import Study
 from ratiocinator import instances as inst
 from ratiocinator.backends.vast import VastBackend, VastSettings, offer_query, pick_offers, watchdog
 from ratiocinator.backends.vast_api import VastApi
-from ratiocinator.errors import BackendError
+from ratiocinator.errors import BackendError, CredentialsError
 from ratiocinator.ledger import Ledger
 from ratiocinator.pipeline import Research, ResearchOutcome
 from ratiocinator.spec import load_spec
 from sshd import Sshd, free_port
-from vastserver import API_KEY, FakeVast, VastServer, offer
+from vastserver import API_KEY, FakeVast, Fault, VastServer, offer
 
 RUNNER = """
 #!/usr/bin/env bash
@@ -215,15 +215,17 @@ def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: Vast
 
 
 def _research_while_the_instance_vanishes(vast: VastServer, study: Study, spec: Path, backend: VastBackend,
-                                          host_dies: Callable[[], None]) -> ResearchOutcome:
-    """Run the study; once a run has started, the provider loses its instance, then ``host_dies``."""
+                                          host_dies: Callable[[], None],
+                                          provider: Callable[[int], None] | None = None) -> ResearchOutcome:
+    """Run the study; once a run has started, the provider loses its instance (or ``provider`` does
+    something else to it), then ``host_dies``."""
     def vanish() -> None:
         deadline = time.time() + 30
         while time.time() < deadline and not _runner_pids(study):
             time.sleep(0.05)
         time.sleep(0.3)
         (live,) = vast.fake.live()
-        vast.fake.vanish(live["id"])
+        (provider or vast.fake.vanish)(live["id"])
         host_dies()
 
     thread = threading.Thread(target=vanish)
@@ -522,3 +524,106 @@ def test_instance_still_booting_when_the_queue_runs_dry_is_not_waited_for(
     assert vast.fake.live() == [] and {row.state for row in inst.rows(ledger)} == {"destroyed"}
     spent, reserved = ledger.money(exp.id)
     assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in inst.rows(ledger)))
+
+
+# -- the provider's errors, end to end ------------------------------------------------------------
+
+
+def test_an_experiment_rides_out_a_storm_of_429s_5xx_and_dropped_connections(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
+                 replicates=2)
+    # Every other API call of the experiment fails first: throttled, a gateway error, a reset, a lost answer.
+    storm = [Fault(429, retry_after=0.05), None, Fault(503), None, Fault(drop=True), None, Fault(502, after=True), None]
+    vast.fake.inject(storm * 8)
+    outcome = Research(load_spec(spec), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    assert len(vast.fake.faults_served) >= 8  # the storm really hit the experiment's calls
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    assert [r.status for r in ledger.runs(exp.id)] == ["succeeded"] * 4
+    (row,) = inst.rows(ledger)  # one instance: no rent was repeated after a lost answer
+    assert row.state == "destroyed" and vast.fake.destroyed == [int(row.provider_id or 0)] and vast.fake.live() == []
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(row.cost)
+
+
+def test_a_rent_whose_answer_is_lost_is_adopted_not_rented_twice(sshd: Sshd, vast: VastServer, study: Study) -> None:
+    vast.fake.inject([Fault(503, after=True)], method="PUT", path="/api/v0/asks/.*")  # rented, then "503"
+    outcome = Research(load_spec(_spec(study)), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    (row,) = inst.rows(study.ledger())
+    assert [m for m, _ in vast.fake.calls if m == "PUT"] == ["PUT"]  # rented once, found again by its label
+    assert row.state == "destroyed" and vast.fake.destroyed == [int(row.provider_id or 0)] and vast.fake.live() == []
+
+
+def test_a_key_revoked_mid_experiment_stops_it_and_destroys_nothing_by_mistake(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 2}}], replicates=3)
+    backend = _backend(vast, sshd, study, health_check_s=0)  # every launch re-reads its instance
+
+    def revoke() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline and not _runner_pids(study):
+            time.sleep(0.05)
+        vast.fake.api_keys.clear()  # the user rotated the key at the provider
+
+    thread = threading.Thread(target=revoke)
+    thread.start()
+    try:
+        with pytest.raises(CredentialsError, match="refused the API key") as err:
+            Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    finally:
+        thread.join()
+        _kill_runners(study)
+    assert "instances --reap" in str(err.value)
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    assert exp.status == "failed" and "refused the API key" in exp.note
+    assert not [r for r in ledger.runs(exp.id) if r.failure == "infra"]  # not mistaken for a lost host
+    # Nothing was taken for gone: the instance still exists and its row is live, deadline and all.
+    (live,) = vast.fake.live()
+    (row,) = inst.rows(ledger, live=True)
+    assert row.provider_id == str(live["id"]) and row.deadline > time.time()
+    assert any(e["kind"] == "instance_destroy_failed" for e in ledger.events(exp.id))
+    # Once the key works again, the reaper destroys it and the money is settled.
+    vast.fake.api_keys.add(API_KEY)
+    assert [r.outcome for r in inst.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
+    assert vast.fake.live() == [] and ledger.money(exp.id)[1] == pytest.approx(0.0)
+
+
+def test_an_instance_stopped_at_the_provider_is_destroyed_not_taken_for_gone(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
+                 failure_policy={"max_attempts": 1})
+    backend = _backend(vast, sshd, study)
+
+    def host_dies() -> None:
+        _kill_runners(study)
+        sshd.drop_connections()
+        sshd.stop()
+
+    outcome = _research_while_the_instance_vanishes(vast, study, spec, backend, host_dies, provider=vast.fake.stop)
+    ledger = study.ledger()
+    (run,) = ledger.runs(ledger.experiments()[-1].id)
+    assert run.status == "failed" and run.failure == "infra", (run.reason, outcome)
+    (row,) = inst.rows(ledger)
+    # A stopped instance still bills its storage: it was destroyed by us, not recorded as lost.
+    assert row.state == "destroyed" and "exited at the provider" in row.note
+    assert vast.fake.destroyed == [int(row.provider_id or 0)] and vast.fake.live() == []
+
+
+def test_a_destroy_the_provider_does_not_do_keeps_the_instance_live_for_the_reaper(
+        sshd: Sshd, vast: VastServer, study: Study) -> None:
+    vast.fake.refuse_destroys = 100
+    with pytest.raises(BackendError, match="could not be destroyed and may still bill") as err:
+        Research(load_spec(_spec(study)), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert '"success": false' in str(err.value) and "instances --reap" in str(err.value)
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    assert [r.status for r in ledger.runs(exp.id)] == ["succeeded"]  # the work was done
+    (row,) = inst.rows(ledger, live=True)
+    assert row.state == "destroying" and len(vast.fake.live()) == 1
+    vast.fake.refuse_destroys = 0
+    assert [r.outcome for r in inst.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
+    assert vast.fake.live() == [] and ledger.money(exp.id)[1] == pytest.approx(0.0)

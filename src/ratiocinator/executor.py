@@ -99,7 +99,11 @@ def runner_environment(
 
 
 class _Wake:
-    """Queue token: a run ended for good, so the launch loop re-checks what is left."""
+    """Queue token: a run ended for good, so the launch loop re-checks what is left; with ``error``,
+    a run's task raised (the backend's credentials were refused, say) and the loop stops with it."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
 
 
 WAKE = _Wake()
@@ -185,7 +189,10 @@ class Executor:
                 pool.put(slot)
             else:
                 pool.drop(slot)
-            if task.cancelled() or task.exception() is not None:
+            if task.cancelled():
+                return
+            if (error := task.exception()) is not None:
+                work.put_nowait(_Wake(error))
                 return
             result = task.result()
             if self._should_retry(result) and not (stopping or self.early_stop):
@@ -209,6 +216,8 @@ class Executor:
             while open_runs:
                 planned = await work.get()
                 if isinstance(planned, _Wake):
+                    if planned.error is not None:
+                        raise planned.error
                     if work.empty():  # the last queued run may have launched just before this wake
                         idle_check()
                     continue
