@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ratiocinator.execeval import Limits, Sample, evaluate
+from ratiocinator.execeval.evaluate import Limits, Sample, evaluate
 
 # (entry point, prompt, correct body, wrong body, crashing body, tests)
 TASKS = [

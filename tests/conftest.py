@@ -16,7 +16,7 @@ import yaml
 from gitrepo import GitRepo
 
 pytest_plugins = ("sshd", "raycluster")  # their fixtures: sshd, ray_cluster
-from ratiocinator.ledger import Ledger
+from ratiocinator.store.ledger import Ledger
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 

@@ -40,7 +40,7 @@ from ratiocinator.autoresearch.program import Metric
 from ratiocinator.autoresearch.runner import run_experiment
 from ratiocinator.autoresearch.store import Attempt, Store
 from ratiocinator.errors import SpecError, UsageError
-from ratiocinator.ledger import Ledger
+from ratiocinator.store.ledger import Ledger
 
 DATA = Path(__file__).parent / "data" / "autoresearch"
 TARGET = DATA / "target"

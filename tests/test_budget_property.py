@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ratiocinator import instances as inst
-from ratiocinator.budget import Budget, run_cost
-from ratiocinator.ledger import Ledger
+from ratiocinator.store import instances as inst
+from ratiocinator.store.budget import Budget, run_cost
+from ratiocinator.store.ledger import Ledger
 
 EXPERIMENTS = 2000
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from ratiocinator.backends.base import Slot
-from ratiocinator.capacity import SlotPool, expected_wait_s, remaining_s, should_give_back
+from ratiocinator.execution.capacity import SlotPool, expected_wait_s, remaining_s, should_give_back
 
 
 def test_remaining_time_is_the_mean_excess_of_longer_finished_runs() -> None:

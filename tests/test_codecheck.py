@@ -14,17 +14,11 @@ from pathlib import Path
 import pytest
 from gitrepo import GitRepo
 
-from ratiocinator.codecheck import (
-    Finding,
-    lfs_pointer_findings,
-    placeholders,
-    python_syntax_errors,
-    reached_python_files,
-    requirements_findings,
-)
+from ratiocinator.check.static import (Finding, lfs_pointer_findings, placeholders, python_syntax_errors,
+    reached_python_files, requirements_findings)
 from ratiocinator.errors import WorkspaceError
-from ratiocinator.knobs import discover_knobs
-from ratiocinator.workspace import LFS_POINTER_PREFIX
+from ratiocinator.repo.knobs import discover_knobs
+from ratiocinator.repo.workspace import LFS_POINTER_PREFIX
 
 
 def write(root: Path, files: dict[str, str | bytes]) -> Path:

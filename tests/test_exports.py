@@ -16,15 +16,9 @@ from conftest import Study
 from gitrepo import GitRepo
 
 from ratiocinator.errors import UsageError
-from ratiocinator.exports import (
-    RUN_COLUMNS,
-    results_tsv_rows,
-    run_records,
-    write_results_tsv,
-    write_runs_csv,
-    write_runs_json,
-)
-from ratiocinator.ledger import Ledger, RunRow
+from ratiocinator.report.exports import (RUN_COLUMNS, results_tsv_rows, run_records, write_results_tsv, write_runs_csv,
+    write_runs_json)
+from ratiocinator.store.ledger import Ledger, RunRow
 
 RUNNER = """
 import argparse

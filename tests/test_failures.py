@@ -10,9 +10,10 @@ import pytest
 from conftest import Study
 from ratiocinator.backends.base import Host, LaunchFailure, LaunchRequest, RunHandle
 from ratiocinator.backends.local import LocalBackend
-from ratiocinator.failures import Failure, Frame, RunEvidence, constant_across_arms, diagnose, last_exception, user_frame, ArmOutcome
+from ratiocinator.execution.failures import (Failure, Frame, RunEvidence, constant_across_arms, diagnose,
+    last_exception, user_frame, ArmOutcome)
 from ratiocinator.pipeline import Research
-from ratiocinator.spec import load_spec
+from ratiocinator.spec.models import load_spec
 
 TRAIN_PY = '''
 import os

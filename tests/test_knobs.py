@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ratiocinator.errors import PlanError
-from ratiocinator.knobs import Knob, KnobReport, discover_knobs
+from ratiocinator.repo.knobs import Knob, KnobReport, discover_knobs
 
 
 def repo(root: Path, files: dict[str, str]) -> Path:

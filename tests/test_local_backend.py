@@ -13,8 +13,8 @@ from pathlib import Path
 
 from conftest import Study
 from ratiocinator.backends.local import LocalBackend, process_start_time
-from ratiocinator.hardware import MachineFacts, compare_local
-from ratiocinator.spec import Hardware
+from ratiocinator.backends.hardware import MachineFacts, compare_local
+from ratiocinator.spec.models import Hardware
 
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
 if [ "$1" = "--query-gpu=name" ]; then

@@ -10,13 +10,8 @@ import tracemalloc
 
 import pytest
 
-from ratiocinator import metrics
-from ratiocinator.metrics import (
-    LineSplitter,
-    MetricPoint,
-    MetricSummary,
-    make_parser,
-)
+from ratiocinator.execution import metrics
+from ratiocinator.execution.metrics import LineSplitter, MetricPoint, MetricSummary, make_parser
 
 
 def split_all(chunks: list[bytes], **kwargs: int) -> tuple[list[str], LineSplitter]:

@@ -14,10 +14,10 @@ import pytest
 from scipy import stats as sps
 
 from planted import PlantedStudy
-from ratiocinator.analysis import best_arm, metric_stats
-from ratiocinator.facts import Kind, format_value
-from ratiocinator.planning import PlannedArm
-from ratiocinator.publish import write_report
+from ratiocinator.analysis.summary import best_arm, metric_stats
+from ratiocinator.report.facts import Kind, format_value
+from ratiocinator.planning.plan import PlannedArm
+from ratiocinator.report.publish import write_report
 
 LINK = re.compile(r"\[([^\]]*)\]\(#f[0-9]+\)")
 

@@ -16,7 +16,7 @@ from raycluster import RayCluster
 
 from ratiocinator.backends.base import Host, LaunchRequest, RunHandle, Slot
 from ratiocinator.pipeline import Research
-from ratiocinator.spec import LoadedSpec, load_spec
+from ratiocinator.spec.models import LoadedSpec, load_spec
 
 pytest.importorskip("ray", reason="the Ray backend's tests need `pip install 'ratiocinator[ray]'`")
 from ratiocinator.backends.ray_backend import RayBackend

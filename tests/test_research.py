@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from conftest import CLI, Study, process_alive
-from ratiocinator.ledger import Ledger
+from ratiocinator.store.ledger import Ledger
 
 GOOD_RUNNER = """
 #!/usr/bin/env bash

@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from planted import PlantedStudy
-from ratiocinator.budget import Budget
+from ratiocinator.store.budget import Budget
 from ratiocinator.errors import PlanError, SpecError
-from ratiocinator.knobs import Knob, KnobReport, discover_knobs
-from ratiocinator.planner import PlanningContext
-from ratiocinator.planning import PlannedArm, factor_arm_name, plan_iteration
-from ratiocinator.search import NO_SPACE, SearchPlanner, distribution, format_value
-from ratiocinator.spec import LoadedSpec, SearchDimension, load_spec
+from ratiocinator.repo.knobs import Knob, KnobReport, discover_knobs
+from ratiocinator.planning.planner import PlanningContext
+from ratiocinator.planning.plan import PlannedArm, factor_arm_name, plan_iteration
+from ratiocinator.planning.search import NO_SPACE, SearchPlanner, distribution, format_value
+from ratiocinator.spec.models import LoadedSpec, SearchDimension, load_spec
 
 MINIMAL = """\
 topic: t

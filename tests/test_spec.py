@@ -11,8 +11,8 @@ import pytest
 
 from conftest import CLI, Study
 from ratiocinator.errors import PlanError, SpecError
-from ratiocinator.planning import plan_iteration
-from ratiocinator.spec import load_spec
+from ratiocinator.planning.plan import plan_iteration
+from ratiocinator.spec.models import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "specs" / "gnn_generation.yaml"

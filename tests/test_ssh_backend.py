@@ -18,7 +18,7 @@ from ratiocinator.backends.remote import start_ticks
 from ratiocinator.backends.ssh import HostLost, SshBackend, SshHost
 from ratiocinator.errors import BackendError
 from ratiocinator.pipeline import Research
-from ratiocinator.spec import load_spec
+from ratiocinator.spec.models import load_spec
 from sshd import Sshd
 
 SECRET = "s3cr3t-" + "x" * 12

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-import ratiocinator.stats as rstats
-from ratiocinator.stats import (
-    BOOTSTRAP_MIN_N,
-    Interval,
-    anova,
-    describe,
-    holm,
-    marginal_means,
-    welch,
-)
+import ratiocinator.analysis.stats as rstats
+from ratiocinator.analysis.stats import BOOTSTRAP_MIN_N, Interval, anova, describe, holm, marginal_means, welch
 
 REL = 1e-9
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
-from ratiocinator import instances as inst
-from ratiocinator.backends.vast_api import RetryPolicy, VastApi, VastAuthError, VastError, v1_root
+from ratiocinator.store import instances as inst
+from ratiocinator.backends.vast.api import RetryPolicy, VastApi, VastAuthError, VastError, v1_root
 from ratiocinator.errors import BackendError
-from ratiocinator.ledger import Ledger
+from ratiocinator.store.ledger import Ledger
 from vastserver import API_KEY, MAX_PAGE, FakeVast, Fault, VastServer, offer
 
 FAST = RetryPolicy(attempts=4, first_wait_s=0.01, max_wait_s=0.05)

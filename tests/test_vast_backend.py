@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
-from ratiocinator import instances as inst
-from ratiocinator.backends.vast import VastBackend, VastSettings, offer_query, pick_offers, watchdog
-from ratiocinator.backends.vast_api import VastApi
+from ratiocinator.store import instances as inst
+from ratiocinator.backends.vast.backend import VastBackend, VastSettings, offer_query, pick_offers, watchdog
+from ratiocinator.backends.vast.api import VastApi
 from ratiocinator.errors import BackendError, CredentialsError
-from ratiocinator.ledger import Ledger
+from ratiocinator.store.ledger import Ledger
 from ratiocinator.pipeline import Research, ResearchOutcome
-from ratiocinator.spec import load_spec
+from ratiocinator.spec.models import load_spec
 from sshd import Sshd, free_port
 from vastserver import API_KEY, FakeVast, Fault, VastServer, offer
 
@@ -386,7 +386,7 @@ def test_idle_instance_is_given_back_while_the_last_run_goes_on(sshd: Sshd, vast
 
 def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iteration(
         sshd: Sshd, vast: VastServer, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ratiocinator import executor
+    from ratiocinator.execution import executor
 
     _three_4090s(vast)
     monkeypatch.setattr(executor, "IDLE_CHECK_S", 0.5)

@@ -21,19 +21,8 @@ import pytest
 from gitrepo import GitRepo, git
 
 from ratiocinator.errors import WorkspaceError
-from ratiocinator.workspace import (
-    FILTERED_REQUIREMENTS,
-    LFS_POINTER_PREFIX,
-    DepsConfig,
-    PreparedEnv,
-    checkout,
-    filter_requirements,
-    find_lfs_pointers,
-    prepare_env,
-    resolve_commit,
-    resolve_repo_url,
-    run_verify,
-)
+from ratiocinator.repo.workspace import (FILTERED_REQUIREMENTS, LFS_POINTER_PREFIX, DepsConfig, PreparedEnv, checkout,
+    filter_requirements, find_lfs_pointers, prepare_env, resolve_commit, resolve_repo_url, run_verify)
 
 
 @pytest.fixture

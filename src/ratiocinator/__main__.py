@@ -1,5 +1,5 @@
 """``python -m ratiocinator`` is the ``ratiocinator`` command."""
 
-from .cli import main
+from ratiocinator.cli import main
 
 main()

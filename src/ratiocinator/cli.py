@@ -22,16 +22,16 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BackendError, RatiocinatorError, UsageError
-from .ledger import Ledger
-from .pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
-from .planning import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
-from .progress import LiveProgress, PlainProgress
-from .spec import load_spec
+from ratiocinator.errors import BackendError, RatiocinatorError, UsageError
+from ratiocinator.store.ledger import Ledger
+from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
+from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
+from ratiocinator.execution.progress import LiveProgress, PlainProgress
+from ratiocinator.spec.models import load_spec
 
 if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
-    from .publish import ReportFiles
-    from .readiness import Readiness
+    from ratiocinator.report.publish import ReportFiles
+    from ratiocinator.check.readiness import Readiness
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -288,8 +288,8 @@ def exec_eval(
     out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
 ) -> None:
     """Execution-aware evaluation: run each generated sample against its tests in a sandbox and label the outcome."""
-    from .execeval import Limits, evaluate, format_results, load_samples, results_json, summarize
-    from .exports import write_atomic
+    from ratiocinator.execeval.evaluate import Limits, evaluate, format_results, load_samples, results_json, summarize
+    from ratiocinator.report.exports import write_atomic
 
     loaded = load_samples(samples)
     limits = Limits(timeout_s=timeout, memory_mb=memory_mb)
@@ -432,7 +432,7 @@ def report(
     pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="build paper.pdf when pdflatex is installed")] = True,
 ) -> None:
     """(Re)write an experiment's paper, figures and exports from the ledger."""
-    from .publish import write_report
+    from ratiocinator.report.publish import write_report
 
     ledger = _ledger()
     exp = ledger.find_experiment(experiment)
@@ -453,7 +453,7 @@ def _print_report(files: ReportFiles) -> None:
 @friendly
 def verify(report_dir: Annotated[Path, typer.Argument(help="a report directory (holds facts.json)")]) -> None:
     """Recompute every number of a report from the ledger; exit 1 on any mismatch."""
-    from .verify import read_facts, verify_report
+    from ratiocinator.report.verify import read_facts, verify_report
 
     recorded = read_facts(report_dir)
     ledger = _ledger_for(recorded)
@@ -495,7 +495,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
 ) -> None:
     """Two experiments' arms side by side: n, mean, 95% CI, and B − A with Welch/Holm."""
-    from .compare import compare_experiments, comparison_json
+    from ratiocinator.report.compare import compare_experiments, comparison_json
 
     result = compare_experiments(_ledger(), a, b, metric=metric)
     if as_json:
@@ -545,7 +545,7 @@ def _goal(spec_text: str) -> str | None:
 
 def _print_live_instances(ledger: Ledger) -> int:
     """Rented instances still alive per the ledger, with age and cost so far; how many."""
-    from . import instances as inst
+    from ratiocinator.store import instances as inst
 
     live = inst.rows(ledger, live=True)
     now = time.time()
@@ -587,9 +587,9 @@ def instances_cmd(
 ) -> None:
     """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
-    from . import instances as inst
-    from .backends.vast_api import VastApi
-    from .spec import VastConfig
+    from ratiocinator.store import instances as inst
+    from ratiocinator.backends.vast.api import VastApi
+    from ratiocinator.spec.models import VastConfig
 
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
@@ -635,7 +635,7 @@ def autoresearch(
                                                        help="stop after this many agent attempts in all (overrides the program)")] = None,
 ) -> None:
     """Edit, check, commit, run, keep or discard — until stopped; the same command resumes."""
-    from .autoresearch import AutoResearch, load_program
+    from ratiocinator.autoresearch import AutoResearch, load_program
 
     loaded = load_program(program)
     outcome = AutoResearch(loaded, state.home, max_iterations=max_iterations,
@@ -657,8 +657,8 @@ def autoresearch_log(
     """Every attempt of a session from the ledger; --apply ID --branch NAME recreates any of them."""
     from rich.markup import escape
 
-    from .autoresearch import load_program
-    from .autoresearch.log import apply_attempt, open_session, session_record
+    from ratiocinator.autoresearch import load_program
+    from ratiocinator.autoresearch.log import apply_attempt, open_session, session_record
 
     loaded = load_program(program)
     if (apply is None) != (branch is None):

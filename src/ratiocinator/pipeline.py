@@ -20,21 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import workspace as ws
-from .backends.base import Backend, HardwareFinding, Host, Workspace
-from .backends.local import LocalBackend, runner_argv
-from .budget import Budget, run_cost, run_worst_case
-from .errors import BackendError, PlanError, UsageError, WorkspaceError
-from .executor import ExecutionSummary, Executor, ProgressSink
-from .failures import ArmOutcome, Failure, constant_across_arms
-from .knobs import KnobReport, discover_knobs
-from .ledger import Experiment, Ledger
-from .llm.config import LlmConfig, llm_from_env
-from .llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
-from .llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
-from .planner import Decision, Planner, PlanningContext, SpecPlanner
-from .planning import Plan, refuse_ignored_knobs
-from .spec import LoadedSpec
+from ratiocinator.repo import workspace as ws
+from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
+from ratiocinator.backends.local import LocalBackend, runner_argv
+from ratiocinator.store.budget import Budget, run_cost, run_worst_case
+from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
+from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink
+from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
+from ratiocinator.repo.knobs import KnobReport, discover_knobs
+from ratiocinator.store.ledger import Experiment, Ledger
+from ratiocinator.llm.config import LlmConfig, llm_from_env
+from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
+from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
+from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
+from ratiocinator.planning.plan import Plan, refuse_ignored_knobs
+from ratiocinator.spec.models import LoadedSpec
 
 FINISHED = ("completed", "budget_exhausted", "stopped")
 # For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
@@ -71,16 +71,16 @@ def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
     if loaded.spec.backend == "local":
         return LocalBackend(paths.home)
     if loaded.spec.backend == "ssh":
-        from .backends.ssh import SshBackend  # asyncssh loads only for SSH experiments
+        from ratiocinator.backends.ssh import SshBackend  # asyncssh loads only for SSH experiments
 
         return SshBackend(loaded.spec.hosts, paths.home)
     if loaded.spec.backend == "vast":
-        from .backends.vast import VastBackend, VastSettings
+        from ratiocinator.backends.vast.backend import VastBackend, VastSettings
 
         settings = VastSettings(**loaded.spec.vast.model_dump()) if loaded.spec.vast else VastSettings()
         return VastBackend(paths.home, settings=settings)
     if loaded.spec.backend == "ray":
-        from .backends.ray_backend import RayBackend  # Ray is an optional extra, imported only here
+        from ratiocinator.backends.ray_backend import RayBackend  # Ray is an optional extra, imported only here
 
         ray = loaded.spec.ray
         return RayBackend(loaded.spec.ray_address, paths.home, num_cpus_per_run=ray.num_cpus_per_run, workdir=ray.workdir,
@@ -211,7 +211,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
 
 
 if TYPE_CHECKING:
-    from .publish import ReportFiles
+    from ratiocinator.report.publish import ReportFiles
 
 
 @dataclass
@@ -278,7 +278,7 @@ class Research:
         exp_id = experiment.id
         price = backend_price(self.loaded)
         if backend.name == "vast":  # rented instances: charge this experiment, and destroy what a dead run left
-            from . import instances
+            from ratiocinator.store import instances
 
             backend.bind(ledger, exp_id)  # type: ignore[attr-defined]
             for reaped in instances.reconcile_at_startup(ledger, backend.api, exp_id):  # type: ignore[attr-defined]
@@ -441,7 +441,7 @@ class Research:
 
     def _narrate(self, ledger: Ledger, exp_id: str, llm: LlmSession) -> None:
         """The LLM's discussion of the results, recorded for the paper; a failure leaves the paper without it."""
-        from .writer import write_narrative
+        from ratiocinator.report.writer import write_narrative
 
         if ledger.llm_calls(exp_id, stage="write"):
             return  # written before an interruption; the paper re-reads it from the ledger
@@ -474,7 +474,7 @@ class Research:
                       host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str],
                       llm: LlmSession | None) -> str | None:
         """The readiness review before the first paid run; why the code is not ready, or None."""
-        from .readiness import review
+        from ratiocinator.check.readiness import review
 
         if not self.check:
             ledger.event(exp_id, "readiness_skipped", "the readiness review was skipped (--skip-check)", level="warning",
@@ -552,11 +552,11 @@ def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
     """The LLM planner when a model is configured (or replayed), else a search over the spec's
     search space when it declares one, else the spec's own arms."""
     if llm:
-        from .llm_planner import LlmPlanner
+        from ratiocinator.planning.llm_planner import LlmPlanner
 
         return LlmPlanner(loaded)
     if loaded.spec.search is not None:
-        from .search import SearchPlanner
+        from ratiocinator.planning.search import SearchPlanner
 
         return SearchPlanner(loaded)
     return SpecPlanner(loaded)
@@ -591,7 +591,7 @@ def plan_summary(plan: Plan, price: float, timeout_s: float) -> dict[str, float 
 
 def _write_report(ledger: Ledger, experiment_id: str, out_dir: Path) -> ReportFiles:
     """The paper, imported late: planning and running never load the report stack (scipy, matplotlib)."""
-    from .publish import write_report
+    from ratiocinator.report.publish import write_report
 
     return write_report(ledger, experiment_id, out_dir)
 
@@ -600,15 +600,15 @@ def _write_report(ledger: Ledger, experiment_id: str, out_dir: Path) -> ReportFi
 
 
 if TYPE_CHECKING:
-    from .readiness import Readiness
+    from ratiocinator.check.readiness import Readiness
 
 
 def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
                on_message: Callable[[str], None] | None = None) -> Readiness:
     """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
     the ledger (with no experiment), so what was paid for can be audited."""
-    from .planning import PlannedArm, plan_iteration
-    from .readiness import CheckResult, Readiness, review
+    from ratiocinator.planning.plan import PlannedArm, plan_iteration
+    from ratiocinator.check.readiness import CheckResult, Readiness, review
 
     paths = Paths(Path(home).expanduser().resolve())
     if loaded.spec.arms or loaded.spec.factors:

@@ -8,7 +8,7 @@ parallel, resumable, and losing nothing.
 
 from __future__ import annotations
 
-from .loop import AutoResearch, Outcome
-from .program import LoadedProgram, Program, load_program
+from ratiocinator.autoresearch.loop import AutoResearch, Outcome
+from ratiocinator.autoresearch.program import LoadedProgram, Program, load_program
 
 __all__ = ["AutoResearch", "LoadedProgram", "Outcome", "Program", "load_program"]

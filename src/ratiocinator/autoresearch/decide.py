@@ -72,7 +72,7 @@ def noise_aware(candidate: Sequence[float], best: Sequence[float], *, k: int, fl
     summary = f"mean {name} {mean:.6f} over {len(candidate)} runs vs the best's {best_mean:.6f}"
     if gain <= floor:
         return Decision("discard", f"{summary}: improvement {gain:+.6f} is within the noise floor {floor:.6f}")
-    from ..stats import welch  # scipy loads only for noise-aware sessions
+    from ratiocinator.analysis.stats import welch  # scipy loads only for noise-aware sessions
 
     test = welch(best, candidate, confidence=confidence)
     alpha = 1 - confidence

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RatiocinatorError
+from ratiocinator.errors import RatiocinatorError
 
 # Used only when the repository has no identity of its own, so a fresh CI machine works;
 # a configured user.name/user.email always wins.

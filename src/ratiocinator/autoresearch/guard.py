@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .gitops import Change
+from ratiocinator.autoresearch.gitops import Change
 
 _WILD = re.compile(r"[*?\[]")
 HASH_CHUNK = 1 << 20

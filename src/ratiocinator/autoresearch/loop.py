@@ -38,32 +38,21 @@ from typing import Any
 
 import yaml
 
-from ..budget import run_cost, run_worst_case
-from ..errors import RatiocinatorError, SpecError, UsageError
-from ..ledger import Ledger
-from ..llm.config import llm_from_env
-from ..llm.providers import Completion, LlmUnavailable
-from .agents import (
-    LOOP_DIR,
-    Agent,
-    AgentFailures,
-    AgentStopped,
-    CommandAgent,
-    GiveUp,
-    LlmAgent,
-    PatchAgent,
-    Turn,
-    quote_files,
-    stop_orphan_agent,
-)
-from .decide import Decision, noise_aware, noise_floor, strictly_better
-from .gitops import Git, GitError
-from .guard import check_edit, matches_any, protected_hashes
-from .program import LoadedProgram, Program
-from .prompt import build_prompt
-from .results import write_outputs
-from .runner import RunOutcome, kill_orphan, run_experiment
-from .store import Attempt, Session, Store
+from ratiocinator.store.budget import run_cost, run_worst_case
+from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
+from ratiocinator.store.ledger import Ledger
+from ratiocinator.llm.config import llm_from_env
+from ratiocinator.llm.providers import Completion, LlmUnavailable
+from ratiocinator.autoresearch.agents import (LOOP_DIR, Agent, AgentFailures, AgentStopped, CommandAgent, GiveUp,
+    LlmAgent, PatchAgent, Turn, quote_files, stop_orphan_agent)
+from ratiocinator.autoresearch.decide import Decision, noise_aware, noise_floor, strictly_better
+from ratiocinator.autoresearch.gitops import Git, GitError
+from ratiocinator.autoresearch.guard import check_edit, matches_any, protected_hashes
+from ratiocinator.autoresearch.program import LoadedProgram, Program
+from ratiocinator.autoresearch.prompt import build_prompt
+from ratiocinator.autoresearch.results import write_outputs
+from ratiocinator.autoresearch.runner import RunOutcome, kill_orphan, run_experiment
+from ratiocinator.autoresearch.store import Attempt, Session, Store
 
 MAX_INTEGRATION_ROUNDS = 3
 EXIT_INTERRUPTED = 130

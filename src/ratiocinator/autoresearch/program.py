@@ -34,9 +34,9 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import SpecError
-from ..llm.config import LlmConfig
-from ..specfile import Loc, format_validation_error, line_for, read_mapping
+from ratiocinator.errors import SpecError
+from ratiocinator.llm.config import LlmConfig
+from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]*$")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .agents import GIVE_UP_NAME, HYPOTHESIS_NAME, LOOP_DIR
-from .program import LoadedProgram
-from .store import Attempt
+from ratiocinator.autoresearch.agents import GIVE_UP_NAME, HYPOTHESIS_NAME, LOOP_DIR
+from ratiocinator.autoresearch.program import LoadedProgram
+from ratiocinator.autoresearch.store import Attempt
 
 MAX_ROWS = 60
 

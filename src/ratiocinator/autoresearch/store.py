@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
-from ..ledger import MONEY_EPSILON, Ledger
+from ratiocinator.errors import UsageError
+from ratiocinator.store.ledger import MONEY_EPSILON, Ledger
 
 STATUSES = ("running", "baseline", "keep", "discard", "crash", "violation", "interrupted")
 FINISHED = ("baseline", "keep", "discard", "crash", "violation", "interrupted")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..spec import LoadedSpec
+from ratiocinator.spec.models import LoadedSpec
 
 
 @dataclass(frozen=True)

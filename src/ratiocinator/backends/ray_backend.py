@@ -36,23 +36,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import workspace as ws
-from ..errors import BackendError, WorkspaceError
-from ..spec import LoadedSpec
-from .base import (
-    Backend,
-    ExitInfo,
-    FollowedRunHandle,
-    HardwareFinding,
-    Host,
-    LaunchFailure,
-    LaunchRequest,
-    RunHandle,
-    Slot,
-    Workspace,
-)
-from .artifacts import safe_link, write_skipped
-from .local import launch_failure, process_start_time
+from ratiocinator.repo import workspace as ws
+from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.backends.base import (Backend, ExitInfo, FollowedRunHandle, HardwareFinding, Host, LaunchFailure,
+    LaunchRequest, RunHandle, Slot, Workspace)
+from ratiocinator.backends.artifacts import safe_link, write_skipped
+from ratiocinator.backends.local import launch_failure, process_start_time
 
 NAMESPACE = "ratiocinator"
 CHUNK = 1 << 20

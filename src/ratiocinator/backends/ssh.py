@@ -46,25 +46,14 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .. import workspace as ws
-from ..errors import BackendError, WorkspaceError
-from ..spec import LoadedSpec, SshHost
-from . import remote
-from .artifacts import safe_link, write_skipped
-from .base import (
-    Backend,
-    ExitInfo,
-    FollowedRunHandle,
-    HardwareFinding,
-    Host,
-    LaunchFailure,
-    LaunchRequest,
-    RunHandle,
-    Slot,
-    Stream,
-    Workspace,
-)
-from .local import launch_failure
+from ratiocinator.repo import workspace as ws
+from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.spec.models import LoadedSpec, SshHost
+from ratiocinator.backends import remote
+from ratiocinator.backends.artifacts import safe_link, write_skipped
+from ratiocinator.backends.base import (Backend, ExitInfo, FollowedRunHandle, HardwareFinding, Host, LaunchFailure,
+    LaunchRequest, RunHandle, Slot, Stream, Workspace)
+from ratiocinator.backends.local import launch_failure
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import SpecError
+from ratiocinator.errors import SpecError
 
 ProviderName = Literal["openai", "anthropic"]
 

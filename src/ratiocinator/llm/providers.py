@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal
 
-from ..errors import RatiocinatorError
-from .config import LlmConfig
+from ratiocinator.errors import RatiocinatorError
+from ratiocinator.llm.config import LlmConfig
 
 log = logging.getLogger("ratiocinator.llm")
 

@@ -16,10 +16,10 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..errors import RatiocinatorError
-from ..ledger import Ledger, LlmCallRow
-from .config import LlmConfig
-from .providers import Completion, LlmError, Message, Provider, estimate_cost
+from ratiocinator.errors import RatiocinatorError
+from ratiocinator.store.ledger import Ledger, LlmCallRow
+from ratiocinator.llm.config import LlmConfig
+from ratiocinator.llm.providers import Completion, LlmError, Message, Provider, estimate_cost
 
 
 class LlmBudgetExceeded(RatiocinatorError):

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .providers import Completion, LlmError, LlmUnavailable, Message, Provider
+from ratiocinator.llm.providers import Completion, LlmError, LlmUnavailable, Message, Provider
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,0 +1,1 @@
+"""Statistics over the ledger: per-arm summaries, tests, effect sizes, the noise floor."""

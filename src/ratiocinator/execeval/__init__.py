@@ -1,0 +1,1 @@
+"""Execution-aware evaluation of generated code, in a sandbox."""

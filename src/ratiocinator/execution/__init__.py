@@ -1,0 +1,1 @@
+"""Running the plan: executor, elastic capacity, metric parsing, failure diagnosis, progress."""

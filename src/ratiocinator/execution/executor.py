@@ -1,0 +1,632 @@
+"""Runs planned runs on a backend's slots: budget, launch, stream, time out, record.
+
+One asyncio task per live run. Output is written to the run's log files and parsed
+into metric points while the process is alive; points reach the ledger in batches so a
+runner printing a million lines costs little. Every run ends in exactly one terminal
+ledger row (``succeeded``/``failed``, with its failure class and evidence), or
+``interrupted`` when the orchestrator is stopped, in which case a resume re-runs it as a
+new attempt. Transient failures are retried with backoff as new attempts; when the first
+runs all fail with one deterministic class, nothing more is launched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ratiocinator.backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
+from ratiocinator.store.budget import Budget, run_cost
+from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
+from ratiocinator.errors import BackendError, BudgetError, CredentialsError
+from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
+from ratiocinator.store.ledger import Ledger
+from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
+from ratiocinator.planning.plan import Plan, PlannedRun
+from ratiocinator.spec.models import LoadedSpec
+
+POINT_BATCH = 5000
+POINT_FLUSH_S = 1.0
+IDLE_CHECK_S = 15.0  # how often idle billed slots are weighed again while the last runs go on
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    arm: str
+    replicate: int
+    status: str
+    failure: str | None
+    reason: str
+    goal: float | None
+    transient: bool = False
+
+
+class ProgressSink:
+    """What the executor tells the display; the default tells nobody."""
+
+    def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None: ...
+
+    def run_finished(self, result: RunResult) -> None: ...
+
+    def money(self, spent: float, reserved: float) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class ExecutionSummary:
+    results: list[RunResult] = field(default_factory=list)
+    not_launched: list[PlannedRun] = field(default_factory=list)
+    budget_stop: str | None = None
+    early_stop: str | None = None
+
+
+def runner_environment(
+    base: dict[str, str],
+    workspace: Workspace,
+    knobs: dict[str, str],
+    *,
+    arm: str,
+    run_id: int,
+    seed: int,
+    seed_env: str | None,
+    out_dir: Path,
+    trial: bool,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The runner's environment: ours first, then the workspace, the knobs, and the run's identity."""
+    env = {k: v for k, v in base.items() if not k.startswith("RATIOCINATOR_")}
+    env.update(workspace.env)
+    env.update(extra or {})
+    env.update(knobs)
+    env.update(
+        RATIOCINATOR_ARM=arm,
+        RATIOCINATOR_RUN_ID=str(run_id),
+        RATIOCINATOR_SEED=str(seed),
+        RATIOCINATOR_OUT_DIR=str(out_dir),
+        RATIOCINATOR_TRIAL="1" if trial else "0",
+        PYTHONUNBUFFERED=env.get("PYTHONUNBUFFERED", "1"),
+    )
+    if seed_env:
+        env[seed_env] = str(seed)
+    return env
+
+
+class _Wake:
+    """Queue token: a run ended for good, so the launch loop re-checks what is left; with ``error``,
+    a run's task raised (the backend's credentials were refused, say) and the loop stops with it."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+WAKE = _Wake()
+MAX_RETRY_BACKOFF_S = 300.0
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        backend: Backend,
+        host: Host,
+        workspace: Workspace,
+        loaded: LoadedSpec,
+        plan: Plan,
+        experiment_id: str,
+        commit: str,
+        arm_ids: dict[str, int],
+        argv: tuple[str, ...],
+        runs_dir: Path,
+        budget: Budget,
+        progress: ProgressSink | None = None,
+        extra_env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
+        last_iteration: bool = True,
+    ) -> None:
+        self.ledger = ledger
+        self.backend = backend
+        self.host = host
+        self.workspace = workspace
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.policy = loaded.spec.failure_policy
+        self.plan = plan
+        self.experiment_id = experiment_id
+        self.commit = commit
+        self.arm_ids = arm_ids
+        self.argv = argv
+        self.runs_dir = runs_dir
+        self.budget = budget
+        self.progress = progress or ProgressSink()
+        self.extra_env = extra_env or {}
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.live: dict[int, bool] = {}  # run id -> another run shared the host while it was alive
+        self.started_at: dict[int, float] = {}  # live run id -> when it started (for the idle-slot rule)
+        self.last_iteration = last_iteration  # no later iteration will want the slots this one leaves idle
+        self._giving_back: list[asyncio.Task[None]] = []
+        self.transient_failures = ledger.transient_failures(experiment_id)
+        # The experiment's first finished runs (transient failures aside), for the early stop.
+        self.first_outcomes: list[str | None] = [
+            r.failure for r in ledger.runs(experiment_id) if r.status in ("succeeded", "failed") and not r.transient
+        ][: self.policy.stop_after]
+        self.early_stop: str | None = None
+
+    async def run(self, pending: list[PlannedRun]) -> ExecutionSummary:
+        """Launch ``pending`` on free slots until done, the budget says stop, or failures say stop.
+
+        A transiently failed run goes back into the queue after its backoff, as a new
+        attempt; the loop ends when every run has ended for good. On a backend whose idle
+        slots are billed, slots with no work left are given back (see `capacity`), and
+        capacity is rented again when queued work finds none.
+        """
+        summary = ExecutionSummary()
+        pool = SlotPool(s for s in self.host.slots if self.backend.slot_usable(s))
+        work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
+        for planned in pending:
+            work.put_nowait(planned)
+        open_runs = len(pending)  # queued, live or waiting to retry
+        live = 0
+        launched: list[asyncio.Task[RunResult]] = []
+        retries: dict[asyncio.Task[None], PlannedRun] = {}
+        self._giving_back = []
+        stopping = False
+
+        def idle_check() -> None:
+            self._give_back_idle(pool, queued=open_runs - live, stopping=stopping or bool(self.early_stop))
+
+        def ended(task: asyncio.Task[RunResult], planned: PlannedRun, slot: Slot) -> None:
+            nonlocal open_runs, live
+            live -= 1
+            if self.backend.slot_usable(slot):
+                pool.put(slot)
+            else:
+                pool.drop(slot)
+            if task.cancelled():
+                return
+            if (error := task.exception()) is not None:
+                work.put_nowait(_Wake(error))
+                return
+            result = task.result()
+            if self._should_retry(result) and not (stopping or self.early_stop):
+                retry = asyncio.create_task(self._retry_later(result, planned, work))
+                retries[retry] = planned
+                retry.add_done_callback(lambda t: retries.pop(t, None))
+                return
+            open_runs -= 1
+            work.put_nowait(WAKE)
+            idle_check()
+
+        watchers = [asyncio.create_task(self._watch_growth(pool, idle_check))]
+        if self.backend.idle_slots_cost:
+            watchers.append(asyncio.create_task(self._watch_idle(idle_check)))
+        topup: asyncio.Task[None] | None = None
+        if self.backend.idle_slots_cost and pending and pool.usable:
+            # Capacity given back earlier comes back while the slots still held start at once.
+            topup = asyncio.create_task(self._top_up(pool, len(pending)))
+            watchers.append(topup)
+        try:
+            while open_runs:
+                planned = await work.get()
+                if isinstance(planned, _Wake):
+                    if planned.error is not None:
+                        raise planned.error
+                    if work.empty():  # the last queued run may have launched just before this wake
+                        idle_check()
+                    continue
+                slot = await pool.take()
+                stop = None
+                while slot is None and stop is None:  # every slot was lost or given back: rent again
+                    if topup is not None and not topup.done():
+                        await asyncio.shield(topup)  # what it rents may be enough
+                    else:
+                        try:
+                            await self._replenish(pool, open_runs - live)
+                        except BudgetError as exc:
+                            stop = self._budget_stop(summary, exc.message)
+                            break
+                    slot = await pool.take()
+                if stop is None:
+                    assert slot is not None
+                    stop = self.early_stop or self._reserve_or_stop(summary)
+                if isinstance(stop, int):
+                    assert slot is not None
+                    refused = await self.backend.secure(self.host, slot, self.spec.train_timeout_s)
+                    if refused:
+                        self.ledger.settle(stop, 0.0)
+                        stop = self._budget_stop(summary, refused)
+                if isinstance(stop, str):
+                    stopping = True
+                    if slot is not None:
+                        pool.put(slot)
+                    waiting = list(retries.values())
+                    for task in list(retries):
+                        task.cancel()
+                    summary.not_launched = [planned, *waiting] + [p for p in _drain(work) if not isinstance(p, _Wake)]
+                    if self.early_stop:
+                        summary.early_stop = self.early_stop
+                    idle_check()
+                    break
+                assert slot is not None
+                task = asyncio.create_task(self._run_one(planned, slot, stop))
+                live += 1
+                task.add_done_callback(lambda t, p=planned, s=slot: ended(t, p, s))
+                launched.append(task)
+                self._report_money()
+                if work.empty():
+                    idle_check()
+            summary.results.extend(await asyncio.gather(*launched))
+            await asyncio.gather(*self._giving_back)
+        except BaseException:
+            for task in [*launched, *retries]:
+                task.cancel()
+            await asyncio.gather(*launched, *retries, *self._giving_back, return_exceptions=True)
+            raise
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)  # a cancelled rental destroys what it rented
+        summary.results.sort(key=lambda r: r.run_id)
+        return summary
+
+    async def _rent_back(self, pool: SlotPool, runs_left: int) -> None:
+        """Capacity for ``runs_left`` runs (the backend rents and prepares it); `BudgetError` when money says no."""
+        self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
+        added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+        if added:
+            message = f"capacity for {runs_left} queued run(s): {', '.join(s.label for s in added)}"
+            self.ledger.event(self.experiment_id, "capacity", message, slots=[s.label for s in added])
+            self.progress.message(message)
+
+    async def _replenish(self, pool: SlotPool, runs_left: int) -> None:
+        """`_rent_back` for queued runs that found no slot; `BackendError` when there is still none."""
+        await self._rent_back(pool, runs_left)
+        if not pool.usable:
+            raise BackendError(f"the {self.backend.name} backend has no slot left to run {runs_left} queued run(s)",
+                               hint="its instances were lost or could not be replaced; run the same command to resume")
+
+    async def _top_up(self, pool: SlotPool, runs_left: int) -> None:
+        """Rent back toward full capacity in the background; a refusal only means fewer slots."""
+        try:
+            await self._rent_back(pool, runs_left)
+        except (BackendError, BudgetError) as exc:
+            message = (f"could not rent capacity back ({exc.message.splitlines()[0]});"
+                       f" going on with {len(pool.usable)} slot(s)")
+            self.ledger.event(self.experiment_id, "capacity", message, level="warning")
+            self.progress.message(message)
+
+    async def _watch_growth(self, pool: SlotPool, idle_check: Callable[[], None]) -> None:
+        """Instances still booting when the runs began join the pool the moment they are ready."""
+        while True:
+            self.host = await self.backend.grown()
+            added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+            if added:
+                self.ledger.event(self.experiment_id, "capacity", f"ready: {', '.join(s.label for s in added)}",
+                                  slots=[s.label for s in added])
+                idle_check()  # arrived after the queue ran dry: nothing for it to do
+
+    async def _watch_idle(self, check: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            check()
+
+    def _give_back_idle(self, pool: SlotPool, *, queued: int, stopping: bool) -> None:
+        """Free slots with no queued work left are given back when holding them costs more (see `capacity`).
+
+        Capacity still arriving (booting, or rented back) is stopped on the same terms: it has no run to take.
+        """
+        arriving = self.backend.arriving()
+        if not self.backend.idle_slots_cost or queued > 0 or not (pool.free or arriving):
+            return
+        durations = [d for r in self.ledger.runs(self.experiment_id)
+                     if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
+        wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
+        reacquire = self.backend.reacquire_s()
+        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
+            return
+        if stopping:
+            why = "nothing more will be launched"
+        elif self.last_iteration:
+            why = "no work left in the experiment's last iteration"
+        else:
+            why = f"the iteration's last runs need ~{wait:.0f}s more, getting it back costs ~{reacquire:.0f}s"
+        for slot in list(pool.free):
+            pool.drop(slot)
+            self.ledger.event(self.experiment_id, "slot_released", f"gave back {slot.label}: {why}",
+                              slot=slot.label, expected_wait_s=wait, reacquire_s=reacquire)
+            self._giving_back.append(asyncio.create_task(self.backend.release_slot(self.host, slot)))
+        if arriving:
+            self._giving_back.append(asyncio.create_task(self.backend.stop_arrivals(why)))
+
+    def _reserve_or_stop(self, summary: ExecutionSummary) -> int | str:
+        """A charge id for the next run, or why it may not launch."""
+        charge = self.budget.reserve_run(self.host.price_per_hour, self.spec.train_timeout_s)
+        if charge is not None:
+            return charge
+        spent, reserved = self.budget.spent_and_reserved()
+        return self._budget_stop(summary, (
+            f"budget: the next run could cost up to ${self.host.price_per_hour * self.spec.train_timeout_s / 3600:.4f}"
+            f" and ${spent:.4f} spent + ${reserved:.4f} reserved of ${self.spec.max_dollars:.2f} leaves too little"
+        ))
+
+    def _budget_stop(self, summary: ExecutionSummary, why: str) -> str:
+        summary.budget_stop = why
+        self.ledger.event(self.experiment_id, "budget_stop", summary.budget_stop, level="warning")
+        self.progress.message(summary.budget_stop)
+        return summary.budget_stop
+
+    def _should_retry(self, result: RunResult) -> bool:
+        if not result.transient:
+            return False
+        key = (result.arm, result.replicate)
+        self.transient_failures[key] = failures = self.transient_failures.get(key, 0) + 1
+        return failures < self.policy.max_attempts
+
+    async def _retry_later(self, result: RunResult, planned: PlannedRun, work: asyncio.Queue[PlannedRun | _Wake]) -> None:
+        failures = self.transient_failures[(result.arm, result.replicate)]
+        delay = min(self.policy.retry_backoff_s * 2 ** (failures - 1), MAX_RETRY_BACKOFF_S)
+        message = (f"run {result.run_id} ({result.arm} #{result.replicate}) failed transiently ({result.failure});"
+                   f" attempt {failures + 1} of {self.policy.max_attempts} in {delay:g}s")
+        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure, delay_s=delay)
+        self.progress.message(message)
+        await asyncio.sleep(delay)
+        work.put_nowait(planned)
+
+    def _note_outcome(self, result: RunResult) -> None:
+        """The early stop: the experiment's first runs all failed with one deterministic class."""
+        if result.transient or len(self.first_outcomes) >= self.policy.stop_after:
+            return
+        self.first_outcomes.append(result.failure)
+        classes = set(self.first_outcomes)
+        if len(self.first_outcomes) == self.policy.stop_after and len(classes) == 1 and None not in classes:
+            failure = classes.pop()
+            self.early_stop = (
+                f"stopped early: the first {self.policy.stop_after} runs all failed with {failure}"
+                f" (last: {result.reason[:200]}); fix the code and run again with --new"
+            )
+            self.ledger.event(self.experiment_id, "early_stop", self.early_stop, level="error", failure=failure)
+            self.progress.message(self.early_stop)
+
+    def _report_money(self) -> None:
+        self.progress.money(*self.budget.spent_and_reserved())
+
+    async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int) -> RunResult:
+        arm = self.plan.arm(planned.arm)
+        run_id = self.ledger.start_run(
+            experiment_id=self.experiment_id,
+            arm_id=self.arm_ids[arm.name],
+            replicate=planned.replicate,
+            seed=planned.seed,
+            host=self.host.name,
+            slot=slot.label,
+            commit_sha=self.commit,
+            env=arm.env,
+            argv=[*self.argv, *arm.args],
+            run_root=self.runs_dir,
+            charge_id=charge,
+        )
+        self.live[run_id] = bool(self.live)
+        for other in self.live:
+            if other != run_id and not self.live[other]:
+                self.live[other] = True
+        run_dir = self.runs_dir / str(run_id)
+        out_dir = run_dir / "out"
+        # Directory and file creation can take milliseconds on some filesystems; off the loop,
+        # they overlap with other runs instead of serialising every launch.
+        logs = await asyncio.to_thread(_open_run_dir, run_dir, out_dir)
+        env = runner_environment(
+            self.base_env, self.workspace, arm.env,
+            arm=arm.name, run_id=run_id, seed=planned.seed, seed_env=self.spec.seed_env,
+            out_dir=out_dir, trial=False, extra=self.extra_env,
+        )
+        request = LaunchRequest(
+            run_id=run_id, argv=(*self.argv, *arm.args), cwd=self.workspace.checkout, env=env,
+            slot=slot, log_dir=run_dir, out_dir=out_dir,
+        )
+        self.progress.run_started(run_id, arm.name, planned.replicate, slot)
+        started = self.started_at[run_id] = time.time()
+        oom_before = self.backend.oom_kills(self.host)
+        stream = _RunStream(self.ledger, run_id, logs, make_parser(
+            self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
+        ))
+        handle: RunHandle | None = None
+        try:
+            try:
+                handle = await self.backend.launch(self.host, request)
+            except CredentialsError:  # handled below: the experiment stops
+                raise
+            except Exception as exc:  # the backend could not start the process at all
+                cause = Diagnosis(
+                    Failure(exc.failure) if isinstance(exc, LaunchFailure) else Failure.INFRA,
+                    f"could not start the runner: {exc}", (str(exc)[:300],),
+                    transient=exc.transient if isinstance(exc, LaunchFailure) else True,
+                )
+                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, cause)
+            self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
+            try:
+                exit_info, timed_out = await self._supervise(handle, stream)
+            except LaunchFailure as exc:  # the backend lost the run's host mid-run
+                lost = Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
+                                 transient=exc.transient)
+                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, lost)
+            return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
+        except asyncio.CancelledError:
+            if handle is not None:
+                await asyncio.shield(handle.cancel(grace_s=2.0))
+            self._interrupted(run_id, charge, stream, started, "the orchestrator was interrupted")
+            raise
+        except CredentialsError as exc:  # nothing more can be rented, checked or destroyed: the experiment stops
+            if handle is not None:
+                await asyncio.shield(handle.cancel(grace_s=2.0))
+            self._interrupted(run_id, charge, stream, started, f"stopped: {exc.message}")
+            raise
+
+    def _interrupted(self, run_id: int, charge: int, stream: _RunStream, started: float, reason: str) -> None:
+        """The run ends unfinished (a resume runs it again as a new attempt)."""
+        stream.close()
+        leftover = stream.drain()
+        elapsed = time.time() - started
+        self.live.pop(run_id, None)
+        self.started_at.pop(run_id, None)
+        self.ledger.finish_run(
+            run_id, status="interrupted", failure=None, reason=reason,
+            exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
+            cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
+            points=leftover, settle_charge=charge,
+        )
+
+    async def _supervise(self, handle: RunHandle, stream: _RunStream) -> tuple[ExitInfo, bool]:
+        """Stream output while waiting for exit; kill the whole group at the timeout."""
+        consumer = asyncio.create_task(stream.consume(handle))
+        timed_out = False
+        try:
+            exit_info = await asyncio.wait_for(asyncio.shield(handle.wait()), self.spec.train_timeout_s)
+        except asyncio.TimeoutError:
+            timed_out = True
+            await handle.cancel()
+            exit_info = await handle.wait()
+        except asyncio.CancelledError:
+            consumer.cancel()
+            raise
+        except LaunchFailure:  # the host is gone: its output() has ended too
+            await consumer
+            raise
+        # The runner is gone; whatever it left behind must not outlive it (nor hold its pipes open).
+        await handle.reap_strays()
+        await consumer
+        return exit_info, timed_out
+
+    def _finish(
+        self,
+        planned: PlannedRun,
+        arm: str,
+        run_id: int,
+        charge: int,
+        started: float,
+        stream: _RunStream,
+        exit_info: ExitInfo | None,
+        timed_out: bool,
+        oom_before: int | None,
+        diagnosis: Diagnosis | None = None,
+    ) -> RunResult:
+        stream.close()
+        leftover = stream.drain()
+        ended = time.time()
+        goal = self.spec.goal_metric
+        final = stream.summary.final
+        shared = self.live.pop(run_id, False)
+        self.started_at.pop(run_id, None)
+        if diagnosis is None:
+            assert exit_info is not None
+            oom_after = self.backend.oom_kills(self.host)
+            run_dir = self.runs_dir / str(run_id)
+            diagnosis = diagnose(RunEvidence(
+                exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out,
+                timeout_s=self.spec.train_timeout_s, goal=goal, final=final,
+                stdout=read_log(run_dir / "stdout.log"), stderr=read_log(run_dir / "stderr.log"),
+                checkout=self.workspace.checkout, shared_host=shared,
+                oom_kills=(oom_after - oom_before) if oom_before is not None and oom_after is not None else 0,
+                malformed_metric_lines=stream.parser.problem_count,
+            ))
+        failure = diagnosis.failure.value if diagnosis.failure else None
+        status = "failed" if failure else "succeeded"
+        cost = run_cost(self.host.price_per_hour, ended - started, self.spec.train_timeout_s)
+        self.ledger.finish_run(
+            run_id, status=status, failure=failure, reason=diagnosis.reason,
+            exit_code=exit_info.exit_code if exit_info else None, signal=exit_info.signal if exit_info else None,
+            final=final, counts=stream.summary.counts, cost=cost, ended_at=ended,
+            points=leftover, settle_charge=charge,
+            evidence=diagnosis.to_json() if failure else {}, transient=diagnosis.transient,
+        )
+        value = final.get(goal)
+        result = RunResult(run_id, arm, planned.replicate, status, failure, diagnosis.reason,
+                           value if value is not None and math.isfinite(value) and not failure else None,
+                           diagnosis.transient)
+        self._note_outcome(result)
+        self.progress.run_finished(result)
+        self._report_money()
+        return result
+
+
+def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _open_run_dir(run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
+    out_dir.mkdir(parents=True)
+    return {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+
+
+class _RunStream:
+    """Per-run sink: log files, line splitting, metric parsing, batched ledger writes."""
+
+    def __init__(self, ledger: Ledger, run_id: int, logs: dict[str, BinaryIO], parser: MetricParser) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.parser = parser
+        self.summary = MetricSummary()
+        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.logs = logs
+        self.pending: list[MetricPoint] = []
+        self.last_flush = time.monotonic()
+
+    async def consume(self, handle: RunHandle) -> None:
+        ticker = asyncio.create_task(self._flush_quiet_runs())
+        try:
+            async for name, chunk in handle.output():
+                log = self.logs[name]
+                log.write(chunk)
+                log.flush()
+                self._lines(name, self.splitters[name].feed(chunk))
+            for name, splitter in self.splitters.items():
+                self._lines(name, splitter.flush())
+        finally:
+            ticker.cancel()
+
+    async def _flush_quiet_runs(self) -> None:
+        """A run that prints a metric and then works silently for an hour still shows it within a second."""
+        while True:
+            await asyncio.sleep(POINT_FLUSH_S)
+            if self.pending and time.monotonic() - self.last_flush >= POINT_FLUSH_S:
+                self._flush_points()
+
+    def _lines(self, name: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        feed = self.parser.feed_line
+        pending = self.pending
+        for line in lines:
+            points = feed(line)
+            if points:
+                pending.extend(points)
+        if len(pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S:
+            self._flush_points()
+
+    def _flush_points(self) -> None:
+        """Mid-run: points reach the ledger while the run is alive (a crash keeps them)."""
+        points = self.drain()
+        if points:
+            self.ledger.add_points(self.run_id, points)
+        self.last_flush = time.monotonic()
+
+    def drain(self) -> list[MetricPoint]:
+        """Points not yet in the ledger, counted into the summary; the caller records them."""
+        points, self.pending = self.pending, []
+        if points:
+            self.summary.add(points)
+        return points
+
+    def close(self) -> None:
+        for log in self.logs.values():
+            if not log.closed:
+                log.close()

@@ -1,0 +1,895 @@
+"""The paper's figures, drawn from the inference and the ledger's metric points.
+
+Each figure is a ``matplotlib.figure.Figure`` built directly on an Agg canvas (never
+pyplot, so no figure stays registered anywhere) under a fixed style, and saved twice
+from the same object: a PNG for HTML/Markdown and a vector PDF (TrueType fonts, which
+paper venues accept where Type 3 fonts are rejected) for LaTeX; only a cloud of
+thousands of run dots is rasterized inside the PDF. Output is deterministic for a given
+matplotlib: the PNG carries no software tag and the PDF no creation date.
+
+Text dominates the drawing time of a figure with many arms, so above ``COMPACT_ARMS``
+arms the labels say less (a verdict as an arrow; a group of arms sharing their first
+setting names it once) and are plain texts rather than ticks, and bars are collections.
+
+Captions describe what is drawn and never quote a number computed from the results,
+so every number of the paper stays a traceable fact; counts of arms are the exception.
+Every arm keeps one color in every figure (``arm_colors``), from the Okabe-Ito
+palette, which stays distinguishable under the common color-vision deficiencies.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import matplotlib.style
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.transforms import blended_transform_factory, offset_copy
+
+from ratiocinator.store import instances
+from ratiocinator.analysis.inference import ALPHA, Inference, Verdict
+from ratiocinator.store.ledger import NO_STEP
+from ratiocinator.analysis.stats import CONFIDENCE
+
+if TYPE_CHECKING:
+    from ratiocinator.store.ledger import Ledger, RunRow
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+GOAL_STEM = "fig_goal"
+CURVES_STEM = "fig_curves"
+MAIN_EFFECTS_STEM = "fig_main_effects"
+COST_STEM = "fig_cost"
+
+FIGURE_DPI = 100
+# Dots of more runs than RASTER_POINTS are rasterized in the PDF, at RASTER_DPI: thousands
+# of vector markers make a slow and heavy PDF, and a cloud of them shows no single one anyway.
+RASTER_DPI = 150
+RASTER_POINTS = 1000
+# zlib level of the PNG: 3 packs these figures tighter than the default 6, in about two thirds of the time.
+PNG_COMPRESSION = 3
+# Okabe & Ito (2008), with black (the color of dots and error bars here) swapped for
+# Paul Tol's wine, and yellow last (it is faint on white).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#F0E442")
+# Arms past the palette: a hundred arms cannot have a hundred distinguishable colors.
+OTHER_COLOR = "#BBBBBB"
+INK = "#222222"
+# Above this many arms, or with labels longer than this, arm axes are laid out
+# horizontally (one row per arm, labels left of the axis, read without tilting).
+HORIZONTAL_ARMS = 12
+HORIZONTAL_LABEL = 24
+LABEL_WIDTH = 28
+LABEL_LINES = 4
+MAX_WIDTH_IN = 14.0
+MAX_HEIGHT_IN = 40.0
+# A column of more arms than this gets its value axis repeated on top.
+TOP_AXIS_ARMS = 25
+# Above this many arms, an arm label marks a verdict with its arrow alone (see _arm_label).
+COMPACT_ARMS = 25
+# Points between an arm label and its axis when labels are texts rather than ticks (as ticks
+# they sit the tick length plus its pad away; those rows have no tick marks).
+LABEL_PAD_PT = 4.0
+# A learning curve with fewer points than this gets a marker on every point.
+MARKER_POINTS = 30
+_STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.edgecolor": INK,
+    "text.color": INK,
+    "axes.labelcolor": INK,
+    "xtick.color": INK,
+    "ytick.color": INK,
+    "text.parse_math": False,  # an arm named "lr=$a$" is a name, not mathtext
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "svg.hashsalt": "ratiocinator",
+}
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """One rendered figure: ``{stem}.png`` for HTML/Markdown, ``{stem}.pdf`` for LaTeX."""
+
+    stem: str
+    caption: str
+    png: bytes
+    pdf: bytes
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """A figure before rendering: what tests and callers can inspect."""
+
+    stem: str
+    figure: Figure
+    caption: str
+
+
+# -- rendering -----------------------------------------------------------------------
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """Matplotlib's defaults plus ours, whatever a matplotlibrc or caller has set; restored on exit."""
+    with matplotlib.style.context(["default", _STYLE]):
+        yield
+
+
+def _styled(draw: Callable[P, R]) -> Callable[P, R]:
+    """Build a figure under the fixed style, so a drawing looks the same however it is later saved."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _style():
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+def render(drawing: Drawing) -> FigureFile:
+    """PNG (dpi 100) and vector PDF of one drawing, both cropped to their content."""
+    fig = drawing.figure
+    canvas = FigureCanvasAgg(fig)
+    with _style():
+        # One layout pass finds the content's box for both files (text layout is the slow
+        # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
+        fig.set_dpi(FIGURE_DPI)
+        if fig.get_layout_engine() is not None:  # panels are placed at draw time...
+            fig.draw_without_rendering()
+            fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
+        box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+        png, pdf = io.BytesIO(), io.BytesIO()
+        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
+                    pil_kwargs={"compress_level": PNG_COMPRESSION})
+        # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
+        fig.savefig(pdf, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+    fig.clear()
+    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue())
+
+
+def _rendered(drawing: Drawing | None) -> FigureFile | None:
+    return None if drawing is None else render(drawing)
+
+
+def _new_figure(width: float, height: float, *, constrained: bool = False) -> Figure:
+    """A figure on its own Agg canvas. Saving crops to the content (``bbox_inches="tight"``), so
+    labels reaching past the edge are kept; constrained layout, slow with many labels, is only
+    used to space several panels."""
+    fig = Figure(figsize=(min(width, MAX_WIDTH_IN), min(height, MAX_HEIGHT_IN)), layout="constrained" if constrained else None)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# -- labels and colors -----------------------------------------------------------------
+
+
+def wrap_label(text: str, width: int = LABEL_WIDTH, max_lines: int = LABEL_LINES) -> str:
+    """Break a long arm name into lines after ``,``, spaces, ``;`` or ``/``; cut very long names with an ellipsis."""
+    if len(text) <= width:
+        return text
+    tokens: list[str] = []
+    current = ""
+    for ch in text:
+        current += ch
+        if ch in ", ;/":
+            tokens.append(current)
+            current = ""
+    if current:
+        tokens.append(current)
+    lines: list[str] = []
+    line = ""
+    for token in tokens:
+        while len(token) > width:  # one token longer than a line: hard break
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(token[:width])
+            token = token[width:]
+        if len(line) + len(token.rstrip()) > width and line:
+            lines.append(line)
+            line = ""
+        line += token
+    if line:
+        lines.append(line)
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+def _goal_rank(inference: Inference) -> list[str]:
+    """Arm names, best goal mean first; arms without a mean last, in spec order."""
+    sign = -1.0 if inference.summary.maximize else 1.0
+    with_mean = [g for g in inference.goals if g.describe.mean is not None]
+    ranked = sorted(with_mean, key=lambda g: sign * g.describe.mean)  # type: ignore[operator]
+    return [g.name for g in ranked] + [g.name for g in inference.goals if g.describe.mean is None]
+
+
+def arm_colors(inference: Inference) -> dict[str, str]:
+    """One color per arm, the same in every figure.
+
+    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms, the
+    baseline and the best arms by goal mean (the ones the learning-curve figure draws)
+    take the palette and every other arm is grey: repeating colors would suggest
+    groups that do not exist.
+    """
+    names = [a.name for a in inference.summary.arms]
+    if len(names) <= len(PALETTE):
+        return {name: PALETTE[i] for i, name in enumerate(names)}
+    ranked = _goal_rank(inference)
+    if inference.baseline is not None:
+        ranked = [inference.baseline, *(n for n in ranked if n != inference.baseline)]
+    ranked += [n for n in names if n not in set(ranked)]
+    return {name: PALETTE[i] if i < len(PALETTE) else OTHER_COLOR for i, name in enumerate(ranked)}
+
+
+def _arm_label(inference: Inference, name: str, *, compact: bool = False, shown: str | None = None) -> str:
+    """An arm's axis label: its wrapped name (or ``shown``), with the baseline and a verdict marked.
+
+    ``compact`` (many arms) marks a verdict with its arrow alone, on the name's last line when
+    it fits: a hundred repeats of "(▲ improvement)" double the text to read (and to draw) and
+    say nothing the hatching and the legend do not.
+    """
+    comparison = inference.comparison(name)
+    verdict = None if comparison is None else comparison.verdict
+    label = wrap_label(name if shown is None else shown)
+    if compact:
+        marks = ["(baseline)"] if name == inference.baseline else []
+        marks += ["▲"] if verdict is Verdict.IMPROVEMENT else ["▼"] if verdict is Verdict.REGRESSION else []
+        if not marks:
+            return label
+        suffix = " ".join(marks)
+        last = label.rsplit("\n", 1)[-1]
+        return f"{label} {suffix}" if len(last) + 1 + len(suffix) <= LABEL_WIDTH else f"{label}\n{suffix}"
+    marks = ["baseline"] if name == inference.baseline else []
+    if verdict is Verdict.IMPROVEMENT:
+        marks.append("▲ improvement")
+    elif verdict is Verdict.REGRESSION:
+        marks.append("▼ regression")
+    return f"{label}\n({', '.join(marks)})" if marks else label
+
+
+def _first_setting(name: str) -> str | None:
+    """``lr=0.1`` of an arm named by its settings, ``lr=0.1,width=64``; None for other names."""
+    head, comma, rest = name.partition(",")
+    return head if comma and rest and "=" in head else None
+
+
+@dataclass(frozen=True)
+class _ArmAxis:
+    """Where arms sit on a categorical axis: columns, or rows for many or long labels.
+
+    ``groups`` (many arms named by their settings; empty otherwise) are the rows that start a
+    run of arms sharing their first setting; the other rows of a run show only the rest of their name.
+    """
+
+    horizontal: bool
+    labels: tuple[str, ...]
+    fontsize: float
+    groups: tuple[int, ...] = ()
+
+    @staticmethod
+    def of(labels: Sequence[str]) -> _ArmAxis:
+        longest = max((max(len(line) for line in label.split("\n")) for label in labels), default=0)
+        horizontal = len(labels) > HORIZONTAL_ARMS or longest > HORIZONTAL_LABEL
+        fontsize = 8.0 if len(labels) <= 40 else max(5.0, 8.0 - (len(labels) - 40) / 20)
+        return _ArmAxis(horizontal, tuple(labels), fontsize)
+
+    @staticmethod
+    def of_arms(inference: Inference, names: Sequence[str]) -> _ArmAxis:
+        """The axis of these arms, in this order, labelled by ``_arm_label``.
+
+        Many arms named by their settings are grouped: a hundred rows that begin with the
+        same ten ``lr=...`` are harder to scan, and twice the text to draw, than ten groups.
+        """
+        if len(names) <= COMPACT_ARMS:
+            return _ArmAxis.of([_arm_label(inference, n) for n in names])
+        firsts = [_first_setting(n) for n in names]
+        short = [i > 0 and firsts[i] is not None and firsts[i] == firsts[i - 1] for i in range(len(names))]
+        labels = [_arm_label(inference, n, compact=True, shown=n.partition(",")[2] if cut else None)
+                  for n, cut in zip(names, short)]
+        groups = tuple(i for i in range(len(names)) if not short[i]) if any(short) else ()
+        return replace(_ArmAxis.of(labels), groups=groups)
+
+    def extent(self) -> float:
+        """Inches the arm axis needs."""
+        lines = sum(max(1, label.count("\n") + 1) for label in self.labels)
+        per_line = self.fontsize / 72 * 1.25
+        if self.horizontal:
+            return max(2.4, lines * per_line + 0.15 * len(self.labels) + 0.8)
+        return max(3.0, 0.75 * len(self.labels) + 1.2)
+
+    @property
+    def many(self) -> bool:
+        """More arms than ``COMPACT_ARMS``: compact labels, drawn as texts; bars as collections."""
+        return len(self.labels) > COMPACT_ARMS
+
+    def apply(self, ax: Any) -> None:
+        positions = range(len(self.labels))
+        if self.horizontal and self.many:
+            # Plain texts rather than ticks: a tick is five artists, and a hundred of them
+            # cost more to build and draw than the labels they carry.
+            ax.set_yticks([])
+            at = offset_copy(blended_transform_factory(ax.transAxes, ax.transData), fig=ax.get_figure(),
+                             x=-LABEL_PAD_PT, units="points")
+            for i, label in enumerate(self.labels):
+                ax.text(0.0, i, label, transform=at, fontsize=self.fontsize, ha="right", va="center")
+            ax.set_ylim(len(self.labels) - 0.5, -0.5)
+            self.separate(ax)
+        elif self.horizontal:
+            ax.set_yticks(positions, self.labels, fontsize=self.fontsize)
+            ax.set_ylim(len(self.labels) - 0.5, -0.5)  # first arm on top
+        else:
+            tilt = len(self.labels) > 3 or any(len(line) > 12 for label in self.labels for line in label.split("\n"))
+            ax.set_xticks(positions, self.labels, fontsize=self.fontsize,
+                          rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                          rotation_mode="anchor" if tilt else "default")
+            ax.set_xlim(-0.6, len(self.labels) - 0.4)
+
+    def separate(self, ax: Any) -> None:
+        """A faint line between groups of rows (see ``groups``)."""
+        for row in self.groups[1:]:
+            ax.axhline(row - 0.5, color=INK, linewidth=0.6, alpha=0.35, zorder=0.5)
+
+    def group_note(self) -> str:
+        """The caption's word on grouped rows."""
+        if not self.groups:
+            return ""
+        if len(self.groups) == 1:
+            return " Every arm shares the first setting of its name; only the first row spells it out."
+        return (" Consecutive arms that share the first setting of their name form a group, parted from the next"
+                " by a faint line; only the group's first row spells that setting out.")
+
+
+_HATCH = {Verdict.IMPROVEMENT: "//", Verdict.REGRESSION: "\\\\"}
+BAR_WIDTH = 0.6
+
+
+def _bars(ax: Any, values: np.ndarray, colors: Sequence[str], *, alpha: float, horizontal: bool,
+          hatches: Sequence[str | None] | None = None, many: bool = False) -> None:
+    """A bar from zero per arm, at positions 0, 1, ...; hatched where ``hatches`` says.
+
+    With many arms the bars are one collection per hatch rather than a patch each: a hundred
+    patches cost more to build and to draw than the bars are worth.
+    """
+    hatches = list(hatches) if hatches is not None else [None] * len(values)
+    if not many:
+        bars = (ax.barh if horizontal else ax.bar)(np.arange(len(values)), values, BAR_WIDTH, color=colors,
+                                                   alpha=alpha, edgecolor=INK, linewidth=0.6)
+        for patch, hatch in zip(bars.patches, hatches):
+            patch.set_hatch(hatch)
+        return
+    half = BAR_WIDTH / 2
+    for hatch in dict.fromkeys(hatches):  # first-seen order, so the output is deterministic
+        idx = [i for i, h in enumerate(hatches) if h == hatch]
+        boxes = [[(0, i - half), (values[i], i - half), (values[i], i + half), (0, i + half)] for i in idx]
+        if not horizontal:
+            boxes = [[(y, x) for x, y in box] for box in boxes]
+        bars = PolyCollection(boxes, facecolors=[colors[i] for i in idx], edgecolors=INK, linewidths=0.6,
+                              alpha=alpha, hatch=hatch, zorder=1)
+        (bars.sticky_edges.x if horizontal else bars.sticky_edges.y).append(0.0)
+        ax.add_collection(bars, autolim=True)
+    ax.autoscale_view()
+
+
+def _zoom_to_data(ax: Any, values: Sequence[float], *, axis: str = "y") -> bool:
+    """Zoom the value axis when the spread between arms is tiny next to the values themselves.
+
+    Bars from zero make a 0.92 vs 0.90 difference invisible; hiding it would mislead more
+    than a truncated axis that the caption announces.
+    """
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return False
+    low, high = min(values), max(values)
+    get, set_ = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    bottom, top = get()
+    spread = high - low
+    if spread <= 0 or spread > 0.25 * (top - bottom):
+        return False
+    pad = 0.15 * spread
+    set_(low - pad, high + pad)
+    return True
+
+
+def _jitter(n: int, width: float = 0.18) -> np.ndarray:
+    return np.linspace(-width, width, n) if n > 1 else np.zeros(max(n, 0))
+
+
+def _ci_text() -> str:
+    return f"{CONFIDENCE:.0%} t confidence interval"
+
+
+def _grey_note(inference: Inference, shown: Sequence[str], what: str) -> str:
+    """The caption's word on grey arms, when there are more arms than colors."""
+    colors = arm_colors(inference)
+    if not any(colors[name] == OTHER_COLOR for name in shown):
+        return ""
+    best = len(PALETTE) - (1 if inference.baseline is not None else 0)
+    who = f"the baseline and the {best} arms" if inference.baseline is not None else f"the {best} arms"
+    return f" Only {who} with the best mean {inference.summary.goal_metric} have a color of their own; grey {what} are the other arms."
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+# -- goal metric per arm --------------------------------------------------------------
+
+
+@_styled
+def draw_goal(inference: Inference) -> Drawing | None:
+    """Goal metric per arm: bar at the mean, CI error bar, a dot per run, baseline and verdicts marked."""
+    summary = inference.summary
+    goal = summary.goal_metric
+    goals = [g for g in inference.goals if g.describe.mean is not None]
+    if not goals:
+        return None
+    colors = arm_colors(inference)
+    layout = _ArmAxis.of_arms(inference, [g.name for g in goals])
+    extent = layout.extent()
+    fig = _new_figure(7.0, extent) if layout.horizontal else _new_figure(extent, 4.2)
+    ax = fig.add_subplot()
+    horizontal = layout.horizontal
+    value_axis = "x" if horizontal else "y"
+    # One artist per kind (bars, error bars, dots) rather than per arm: a hundred arms stay quick to draw.
+    means = np.asarray([g.describe.mean for g in goals], dtype=float)
+    verdicts = [getattr(inference.comparison(g.name), "verdict", None) for g in goals]
+    hatches = [_HATCH.get(v) for v in verdicts]
+    _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches, many=layout.many)
+    marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
+    with_ci = [(i, g.describe) for i, g in enumerate(goals) if g.describe.ci is not None]
+    shown = means.tolist()
+    if with_ci:
+        at = np.asarray([i for i, _ in with_ci], dtype=float)
+        center = means[at.astype(int)]
+        low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
+        high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
+        err = np.vstack([center - low, high - center])
+        kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4 if len(goals) <= 40 else 2, "linewidth": 1.2, "zorder": 4}
+        ax.errorbar(center, at, xerr=err, **kw) if horizontal else ax.errorbar(at, center, yerr=err, **kw)
+        shown += low.tolist() + high.tolist()
+    values = [np.asarray(g.stats.values, dtype=float) for g in goals]
+    dots = np.concatenate(values)
+    offsets = np.concatenate([i + _jitter(v.size) for i, v in enumerate(values)])
+    most = max(v.size for v in values)
+    size, alpha = (14, 0.9) if most <= 20 else (6, 0.5)
+    xy = (dots, offsets) if horizontal else (offsets, dots)
+    ax.scatter(*xy, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0, rasterized=dots.size > RASTER_POINTS)
+    shown += dots.tolist()
+    base = next((g for g in goals if g.name == inference.baseline), None)
+    if base is not None and len(goals) > 1:
+        line = ax.axvline if horizontal else ax.axhline
+        line(float(base.describe.mean), color=INK, linestyle="--", linewidth=0.9, zorder=1)  # type: ignore[arg-type]
+    layout.apply(ax)
+    direction = "higher" if summary.maximize else "lower"
+    (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
+    ax.grid(axis=value_axis, alpha=0.3)
+    zoomed = _zoom_to_data(ax, shown, axis=value_axis)
+    top_axis = horizontal and len(goals) > TOP_AXIS_ARMS
+    if top_axis:
+        ax.tick_params(axis="x", top=True, labeltop=True)
+
+    handles: list[Any] = [
+        Line2D([], [], color=INK, marker="o", linestyle="none", markersize=4, label="run"),
+        Line2D([], [], color=INK, marker="|", linestyle="-", markersize=8, label=f"{CONFIDENCE:.0%} CI of the mean"),
+    ]
+    if base is not None and len(goals) > 1:
+        handles.append(Line2D([], [], color=INK, linestyle="--", linewidth=0.9, label="baseline mean"))
+    if marked["improvement"]:
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="▲ improvement"))
+    if marked["regression"]:
+        handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="▼ regression"))
+    # Above the axes, where it can cover no bar.
+    width = fig.get_size_inches()[0]
+    ncol = len(handles) if horizontal or width >= 6 else 2 if width < 4.5 else 3
+    above = offset_copy(ax.transAxes, fig=fig, y=0.3 if top_axis else 0.0, units="inches")  # clear of top tick labels
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), bbox_transform=above, ncol=ncol,
+              frameon=False, borderaxespad=0.2, handlelength=1.6, columnspacing=1.2)
+
+    caption = (
+        f"{goal} per arm ({direction} is better). Each bar is the mean of the arm's succeeded runs, its error bar "
+        f"the {_ci_text()} of that mean, and each dot one run's final value."
+    )
+    if base is not None and len(goals) > 1:
+        caption += " The dashed line marks the baseline's mean."
+    if inference.comparisons:
+        caption += (
+            " Hatched bars, " + ("with ▲ (improvement) or ▼ (regression) after the arm's name" if layout.many
+                                 else "labelled improvement or regression")
+            + f", differ from the baseline in a Holm-corrected "
+            f"Welch test at level {ALPHA:g} by more than the baseline's run-to-run standard deviation."
+        )
+        if not any(marked.values()):
+            caption += " No arm does."
+    if any(g.describe.ci is None for g in goals):
+        caption += " An arm with a single run has no error bar."
+    if zoomed:
+        caption += " The value axis is zoomed to the data and does not start at zero: compare bar ends, not bar lengths."
+    caption += layout.group_note() + _grey_note(inference, [g.name for g in goals], "bars")
+    omitted = len(inference.goals) - len(goals)
+    if omitted:
+        caption += f" {_plural(omitted, 'arm')} without a finite {goal} value {'is' if omitted == 1 else 'are'} not shown."
+    return Drawing(GOAL_STEM, fig, caption)
+
+
+def goal_figure(inference: Inference) -> FigureFile | None:
+    """``fig_goal``: the goal metric per arm (see ``draw_goal``); None when no arm has a finite value."""
+    return _rendered(draw_goal(inference))
+
+
+# -- learning curves ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """One arm's mean curve over its succeeded runs."""
+
+    arm: str
+    n_runs: int
+    x: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray | None  # the band, None with a single run
+    high: np.ndarray | None
+
+
+def _curve_arms(inference: Inference, runs: Sequence[RunRow], max_arms: int) -> tuple[list[str], int]:
+    """The arms to draw (spec order) and how many had succeeded runs to draw from."""
+    with_runs = {r.arm for r in runs if r.status == "succeeded"}
+    candidates = [a.name for a in inference.summary.arms if a.name in with_runs]
+    if len(candidates) <= max_arms:
+        return candidates, len(candidates)
+    chosen: list[str] = []
+    if inference.baseline in candidates:
+        chosen.append(inference.baseline)  # type: ignore[arg-type]
+    for name in _goal_rank(inference):
+        if len(chosen) >= max_arms:
+            break
+        if name in candidates and name not in chosen:
+            chosen.append(name)
+    keep = set(chosen)
+    return [n for n in candidates if n in keep], len(candidates)
+
+
+_Series = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _load(ledger: Ledger, run_ids: Sequence[int], metric: str) -> dict[int, _Series] | None:
+    """Every run's series of ``metric``, or None when no run has two finite points of it."""
+    series = {rid: ledger.series(rid, metric) for rid in run_ids}
+    if any(np.count_nonzero(np.isfinite(v)) >= 2 for _, _, v in series.values()):
+        return series
+    return None
+
+
+def _aggregate(arm: str, per_run: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Curve | None:
+    """Mean (and band) across runs at each x, over the runs with a finite value there."""
+    xs, vs = [], []
+    n_runs = 0
+    for x, v in per_run:
+        if x.size > 1 and np.any(np.diff(x) <= 0):  # a step logged twice: its last value counts
+            _, first_in_reversed = np.unique(x[::-1], return_index=True)
+            keep = x.size - 1 - first_in_reversed
+            x, v = x[keep], v[keep]
+        finite = np.isfinite(v)
+        if not finite.any():
+            continue
+        n_runs += 1
+        xs.append(x[finite])
+        vs.append(v[finite])
+    if not n_runs:
+        return None
+    x_all = np.concatenate(xs)
+    v_all = np.concatenate(vs)
+    ux, inverse = np.unique(x_all, return_inverse=True)
+    count = np.bincount(inverse, minlength=ux.size).astype(float)
+    mean = np.bincount(inverse, weights=v_all, minlength=ux.size) / count
+    if n_runs == 1:
+        return _Curve(arm, 1, ux, mean, None, None)
+    if n_runs == 2:
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate(([0], np.cumsum(count[:-1]).astype(np.int64)))
+        low = np.minimum.reduceat(v_all[order], starts)
+        high = np.maximum.reduceat(v_all[order], starts)
+        return _Curve(arm, 2, ux, mean, low, high)
+    sq = np.bincount(inverse, weights=(v_all - mean[inverse]) ** 2, minlength=ux.size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count >= 2, np.sqrt(sq / (count - 1)), np.nan)
+    return _Curve(arm, n_runs, ux, mean, mean - std, mean + std)
+
+
+@_styled
+def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> Drawing | None:
+    """Per arm, the mean learning curve over its succeeded runs with a spread band."""
+    summary = inference.summary
+    arms, n_candidates = _curve_arms(inference, runs, max(1, max_arms))
+    if not arms:
+        return None
+    drawn = set(arms)
+    run_ids: dict[str, list[int]] = {a: [] for a in arms}
+    for r in runs:
+        if r.status == "succeeded" and r.arm in drawn:
+            run_ids[r.arm].append(r.id)
+    all_ids = [rid for a in arms for rid in run_ids[a]]
+    names = list(summary.metrics)  # the goal first, then what succeeded runs reported
+    for a in arms:  # a metric that was only streamed, never final, still counts
+        names += [n for n in ledger.point_names(run_ids[a][0]) if n not in names]
+    metric, series = None, None
+    for name in names:
+        series = _load(ledger, all_ids, name)
+        if series is not None:
+            metric = name
+            break
+    if metric is None or series is None:
+        return None
+
+    use_steps = all(not np.any(step == NO_STEP) for _, step, _ in series.values())
+    curves: list[_Curve] = []
+    for a in arms:
+        per_run = []
+        for rid in run_ids[a]:
+            _, step, value = series[rid]
+            if value.size:
+                per_run.append((step if use_steps else np.arange(value.size), value))
+        curve = _aggregate(a, per_run)
+        if curve is not None:
+            curves.append(curve)
+    if not curves:
+        return None
+
+    colors = arm_colors(inference)
+    labels = {c.arm: wrap_label(c.arm) + (" (baseline)" if c.arm == inference.baseline else "") for c in curves}
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    for c in curves:
+        color = colors[c.arm]
+        marker = "." if c.x.size < MARKER_POINTS else None
+        ax.plot(c.x, c.mean, color=color, linewidth=1.4, marker=marker, label=labels[c.arm],
+                linestyle="--" if c.arm == inference.baseline else "-")
+        if c.low is not None and c.high is not None:
+            ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.18, linewidth=0)
+    ax.set_xlabel("step" if use_steps else f"report index (k-th {metric} value of a run)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    long_legend = len(curves) > 4 or any(len(line) > 20 for lb in labels.values() for line in lb.split("\n"))
+    if long_legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(loc="best", framealpha=0.85)
+
+    caption = (
+        f"Learning curves of {metric}: per arm, the mean over its succeeded runs at each "
+        + ("step" if use_steps else "report index (runs did not report steps, so the k-th values are aligned)")
+        + ", over the runs that reported a finite value there; failed and interrupted runs are not drawn."
+    )
+    bands = {c.n_runs >= 3 for c in curves if c.n_runs >= 2}
+    if True in bands:
+        caption += " Shaded bands span ± one sample standard deviation across runs"
+        caption += "; for an arm with two runs, the band spans the two runs (min to max)." if False in bands else "."
+    elif False in bands:
+        caption += " Shaded bands span the two runs of an arm (min to max)."
+    if any(c.n_runs == 1 for c in curves):
+        caption += " An arm with a single run has no band."
+    if inference.baseline in labels:
+        caption += " The dashed line is the baseline."
+    if metric != summary.goal_metric:
+        caption += f" {summary.goal_metric} is not drawn: no drawn run reported more than one finite value of it."
+    if n_candidates > len(arms):
+        best = len(arms) - (1 if inference.baseline in drawn else 0)
+        who = f"the baseline and the {best} arms" if inference.baseline in drawn else f"the {best} arms"
+        caption += f" Of {n_candidates} arms with succeeded runs, only {who} with the best mean {summary.goal_metric} are drawn."
+    missing = len(arms) - len(curves)
+    if missing:
+        caption += f" {_plural(missing, 'arm')} reported no finite {metric} point and {'is' if missing == 1 else 'are'} absent."
+    return Drawing(CURVES_STEM, fig, caption)
+
+
+def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> FigureFile | None:
+    """``fig_curves``: mean learning curves (see ``draw_curves``); None when no metric was streamed twice."""
+    return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
+
+
+# -- main effects ---------------------------------------------------------------------
+
+
+@_styled
+def draw_main_effects(inference: Inference) -> Drawing | None:
+    """One panel per factor: each level's mean goal value with its CI, levels in spec order."""
+    analysis = inference.factors
+    if analysis is None:
+        return None
+    effects = [e for e in analysis.effects if any(lv.describe.mean is not None for lv in e.levels)]
+    if not effects:
+        return None
+    goal = inference.summary.goal_metric
+    ncols = min(len(effects), 4)
+    nrows = math.ceil(len(effects) / ncols)
+    most_levels = max(len(e.levels) for e in effects)
+    panel_width = max(2.6, 0.9 + 0.55 * most_levels)
+    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=True)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    single = False
+    for k, effect in enumerate(effects):
+        ax = axes[k // ncols][k % ncols]
+        labels = [wrap_label(lv.level, 14, 3) for lv in effect.levels]
+        # One errorbar for the levels with a CI and one plot for those without, not an artist per level.
+        levels = [(i, lv.describe) for i, lv in enumerate(effect.levels) if lv.describe.mean is not None]
+        with_ci = [(i, d) for i, d in levels if d.ci is not None]
+        without = [(i, d) for i, d in levels if d.ci is None]
+        if with_ci:
+            mean = np.asarray([d.mean for _, d in with_ci], dtype=float)
+            low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
+            high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
+            ax.errorbar([i for i, _ in with_ci], mean, yerr=np.vstack([mean - low, high - mean]), fmt="o",
+                        color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
+        if without:
+            single = True
+            ax.plot([i for i, _ in without], [d.mean for _, d in without], "o", color=PALETTE[0], markersize=5)
+        tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
+        ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                      rotation_mode="anchor" if tilt else "default")
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_title(wrap_label(effect.factor, 30, 2) + (" *" if effect.significant else ""))
+        ax.grid(axis="y", alpha=0.3)
+        if k % ncols == 0:
+            ax.set_ylabel(goal)
+    for k in range(len(effects), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+
+    held = any(e.pooling.startswith("other factors held") for e in effects)
+    pooled = any(e.pooling.startswith("pooled") for e in effects)
+    caption = (
+        f"Main effects on {goal}: one panel per factor, levels in the spec's order; each point is the mean goal "
+        f"value of the succeeded runs at that level, its error bar the {_ci_text()} of that mean."
+    )
+    if pooled:
+        caption += " A level pools the runs of every arm at that level, over the other factors' levels."
+    if held:
+        caption += " A level uses only the arms whose other factors sit at the baseline's levels."
+    if single:
+        caption += " A level with a single run has no error bar."
+    if any(e.significant for e in effects):
+        caption += f" An asterisk marks a factor whose ANOVA term is significant after Holm correction at level {ALPHA:g}."
+    elif analysis.anova is not None:
+        caption += " No factor's ANOVA term is significant after Holm correction."
+    elif analysis.why_no_anova:
+        caption += f" No factor is tested: {analysis.why_no_anova}."
+    return Drawing(MAIN_EFFECTS_STEM, fig, caption)
+
+
+def main_effects_figure(inference: Inference) -> FigureFile | None:
+    """``fig_main_effects``: level means per factor; None without a factor analysis."""
+    return _rendered(draw_main_effects(inference))
+
+
+# -- cost and wall time --------------------------------------------------------------
+
+
+def _time_unit(seconds: Sequence[float]) -> tuple[str, float]:
+    top = max(seconds, default=0.0)
+    if top >= 7200:
+        return "h", 3600.0
+    if top >= 180:
+        return "min", 60.0
+    return "s", 1.0
+
+
+@_styled
+def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
+    """Total dollars per arm, and every run's wall time per arm with the succeeded runs' mean ± std."""
+    by_arm: dict[str, list[RunRow]] = {}
+    for r in runs:
+        by_arm.setdefault(r.arm, []).append(r)
+    arms = [a.name for a in inference.summary.arms if a.name in by_arm]
+    costs = {a: [r.cost for r in by_arm[a] if r.cost is not None] for a in arms}
+    has_cost = any(c for values in costs.values() for c in values)
+    timed = {a: [r for r in by_arm[a] if r.duration_s is not None and r.duration_s >= 0] for a in arms}
+    has_time = any(timed.values())
+    if not arms or (not has_cost and not has_time):
+        return None
+    colors = arm_colors(inference)
+    layout = replace(_ArmAxis.of_arms(inference, arms), horizontal=True)
+    panels = int(has_cost) + int(has_time)
+    fig = _new_figure(4.0 * panels + 1.5, layout.extent())
+    axes = fig.subplots(1, panels, sharey=True, squeeze=False, gridspec_kw={"wspace": 0.08})[0]
+    caption_parts = []
+    if has_cost:
+        ax = axes[0]
+        _bars(ax, np.asarray([sum(costs[a]) for a in arms], dtype=float), [colors[a] for a in arms], alpha=0.8,
+              horizontal=True, many=layout.many)
+        ax.set_xlabel("total cost ($)")
+        ax.grid(axis="x", alpha=0.3)
+        where = "Left" if has_time else "Per arm"
+        caption_parts.append(f"{where}: the dollars each arm cost, summed over all of its attempts, failed ones included.")
+    if has_time:
+        ax = axes[-1]
+        unit, scale = _time_unit([r.duration_s for rs in timed.values() for r in rs])  # type: ignore[misc]
+        ok_x, ok_y, other_x, other_y, mean_at, mean_x, mean_err, mean_color = [], [], [], [], [], [], [], []
+        for i, a in enumerate(arms):
+            ok = np.asarray([r.duration_s for r in timed[a] if r.status == "succeeded"], dtype=float) / scale
+            other = np.asarray([r.duration_s for r in timed[a] if r.status != "succeeded"], dtype=float) / scale
+            ok_x.append(ok)
+            ok_y.append(i + 0.25 + _jitter(ok.size, 0.08))
+            other_x.append(other)
+            other_y.append(i + 0.25 + _jitter(other.size, 0.08))
+            if ok.size:
+                mean_at.append(i)
+                mean_x.append(float(ok.mean()))
+                mean_err.append(float(ok.std(ddof=1)) if ok.size >= 2 else 0.0)
+                mean_color.append(colors[a])
+        if mean_at:
+            ax.errorbar(mean_x, mean_at, xerr=mean_err, fmt="none", ecolor=INK, capsize=3, linewidth=1.0, zorder=4)
+            ax.scatter(mean_x, mean_at, marker="D", c=mean_color, edgecolors=INK, s=36, linewidths=0.6, zorder=5)
+        ok_dots = np.concatenate(ok_x)
+        ax.scatter(ok_dots, np.concatenate(ok_y), color=INK, s=8, zorder=5, linewidths=0,
+                   rasterized=ok_dots.size > RASTER_POINTS)
+        any_failed = any(x.size for x in other_x)
+        if any_failed:
+            ax.scatter(np.concatenate(other_x), np.concatenate(other_y), facecolors="none", edgecolors=INK, s=12,
+                       zorder=5, linewidths=0.8)
+        ax.set_xlabel(f"wall time per run ({unit})")
+        ax.set_xlim(left=0)
+        ax.grid(axis="x", alpha=0.3)
+        where = "Right" if has_cost else "Per arm"
+        part = (f"{where}: wall time of each run (dots), with a diamond at the mean over the arm's succeeded runs and "
+                "an error bar of ± one sample standard deviation.")
+        if any_failed:
+            part += " Hollow dots are runs that did not succeed."
+        caption_parts.append(part)
+    layout.apply(axes[0])
+    for ax in axes:
+        if len(arms) > TOP_AXIS_ARMS:
+            ax.tick_params(axis="x", top=True, labeltop=True)
+    for ax in axes[1:]:
+        ax.tick_params(axis="y", left=False)
+        layout.separate(ax)
+    caption = " ".join(caption_parts) + layout.group_note() + _grey_note(inference, arms, "bars and diamonds")
+    if not has_cost:
+        caption += " No run recorded a non-zero dollar cost, so cost is not drawn."
+    return Drawing(COST_STEM, fig, caption)
+
+
+def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | None:
+    """``fig_cost``: dollars and wall time per arm; None when no run has a cost or a duration."""
+    return _rendered(draw_cost(inference, runs))
+
+
+# -- all of them -----------------------------------------------------------------------
+
+
+def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> list[FigureFile]:
+    """The figures the data supports, in paper order: goal, curves, main effects, cost."""
+    figures = [
+        goal_figure(inference),
+        curves_figure(ledger, inference, runs),
+        main_effects_figure(inference),
+        cost_figure(inference, _with_instance_shares(ledger, inference, runs)),
+    ]
+    return [f for f in figures if f is not None]
+
+
+def _with_instance_shares(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> Sequence[RunRow]:
+    """On rented instances money is per instance: each run carries its wall-time share of its instance's cost."""
+    rented = instances.rows(ledger, experiment_id=inference.summary.experiment_id)
+    if not rented:
+        return runs
+    shares = instances.run_shares(rented, {r.id: (r.slot or "", r.duration_s or 0.0) for r in runs})
+    return [replace(r, cost=shares.get(r.id)) for r in runs]

@@ -1,0 +1,889 @@
+"""The paper: sections built from the ledger, every result number a traceable fact.
+
+``build_paper`` reads one experiment from the ledger (its stored spec, arms, runs,
+final metrics, events, charges) and the runs' log files, runs the statistics, and
+returns the document blocks plus the ``FactBook`` of every number cited. Building
+is deterministic, so ``ratiocinator verify`` rebuilds the facts the same way and
+compares. Prose is written from templates here; an LLM narrative added later cites
+the same facts.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ratiocinator.analysis.summary import ArmSummary, Finals, MetricStats, summarize_experiment
+from ratiocinator.report.document import (Abstract, Block, Bullets, Code, Fields, Figure, Heading, Paragraph, Table,
+    clean)
+from ratiocinator.errors import SpecError
+from ratiocinator.report.facts import MISSING, FactBook, Kind
+from ratiocinator.store import instances
+from ratiocinator.execution.failures import DESCRIPTIONS
+from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
+from ratiocinator.report.figures import FigureFile, all_figures
+from ratiocinator.analysis.inference import (ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference,
+    NoiseFloor, Verdict, infer)
+from ratiocinator.store.ledger import Experiment, Ledger, RunRow
+from ratiocinator.spec.models import Spec
+
+LOG_TAIL_LINES = 20
+# Only the end of a log is read, so a multi-gigabyte log costs no more than a small one.
+LOG_TAIL_BYTES = 64 * 1024
+LOG_LINE_CHARS = 400
+EXAMPLES_PER_FAILURE = 2
+HOST_KEYS = ("name", "cpus", "gpus", "ram_gb", "cuda")
+
+
+@dataclass(frozen=True)
+class Paper:
+    experiment: Experiment
+    spec: Spec
+    title: str
+    blocks: tuple[Block, ...]
+    book: FactBook
+    inference: Inference
+    runs: tuple[RunRow, ...]
+    finals: Finals
+    figures: tuple[FigureFile, ...]
+
+
+def experiment_spec(experiment: Experiment) -> Spec:
+    """The spec the experiment ran under, re-validated from the text stored with it."""
+    try:
+        return Spec.model_validate(yaml.safe_load(experiment.spec_text))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise SpecError(f"experiment {experiment.id}: its stored spec no longer validates: {exc}") from None
+
+
+def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[RunRow], Finals, Inference]:
+    experiment = ledger.experiment(experiment_id)
+    spec = experiment_spec(experiment)
+    runs = ledger.runs(experiment_id)
+    finals = ledger.run_metrics(experiment_id)
+    summary = summarize_experiment(
+        experiment_id, ledger.arms(experiment_id), runs, finals, goal_metric=spec.goal_metric, maximize=spec.maximize
+    )
+    return experiment, spec, runs, finals, infer(summary, spec.design)
+
+
+def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
+    experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
+    w = _Writer(ledger, experiment, spec, runs, inference)
+    drawn = tuple(all_figures(ledger, inference, runs)) if figures else ()
+    blocks = w.build({f.stem: f for f in drawn})
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn)
+
+
+# -- formatting helpers -----------------------------------------------------------------
+
+
+def _value(value: Any) -> str:
+    """A spec or event value in one line: floats at 4 significant digits, lists joined."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_value(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def _knobs(arm: ArmSummary) -> str:
+    parts = [f"{k}={v}" for k, v in arm.arm.env.items()]
+    if arm.arm.args:
+        parts.append(shlex.join(arm.arm.args))
+    return ", ".join(parts) or "(runner defaults)"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{word}{'' if n == 1 else 's'}"
+
+
+class _Writer:
+    """Writes the sections; every number goes through ``self.book``."""
+
+    def __init__(self, ledger: Ledger, experiment: Experiment, spec: Spec, runs: Sequence[RunRow], inference: Inference) -> None:
+        self.ledger = ledger
+        self.experiment = experiment
+        self.spec = spec
+        self.runs = list(runs)
+        self.by_arm: dict[int, list[RunRow]] = defaultdict(list)
+        for run in self.runs:
+            self.by_arm[run.arm_id].append(run)
+        self.inf = inference
+        self.summary = inference.summary
+        self.goal = spec.goal_metric
+        self.book = FactBook()
+
+    # -- facts ---------------------------------------------------------------------------
+
+    def fact(self, key: str, value: float | None, kind: Kind, label: str, run_ids: Sequence[int]) -> str:
+        return self.book.cite(key, value, kind, label, run_ids)
+
+    def count(self, key: str, value: int, label: str, run_ids: Sequence[int]) -> str:
+        return self.fact(key, value, Kind.COUNT, label, run_ids)
+
+    def arm_stat(self, goal: ArmGoal, what: str) -> str:
+        d, s = goal.describe, goal.stats
+        arm = goal.name
+        label = f"{what} of {self.goal} over the succeeded runs of arm {arm}"
+        if what == "n":
+            return self.count(f"arm[{arm}].{self.goal}.n", d.n, label, s.run_ids)
+        if what in ("min", "max"):
+            run = s.min_run_id if what == "min" else s.max_run_id
+            return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label, [run] if run else [])
+        if what in ("ci_low", "ci_high", "boot_low", "boot_high"):
+            interval = d.ci if what.startswith("ci") else d.bootstrap_ci
+            value = None if interval is None else (interval.low if what.endswith("low") else interval.high)
+            name = {"ci_low": "95% t CI lower bound", "ci_high": "95% t CI upper bound",
+                    "boot_low": "95% bootstrap CI lower bound", "boot_high": "95% bootstrap CI upper bound"}[what]
+            return self.fact(f"arm[{arm}].{self.goal}.{what}", value, Kind.METRIC, f"{name} of {self.goal} for arm {arm}", s.run_ids)
+        return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label, s.run_ids)
+
+    def noise_std(self, floor: NoiseFloor) -> str:
+        return self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
+
+    def interval(self, low: str, high: str) -> str:
+        return MISSING if MISSING in (low, high) else f"[{low}, {high}]"
+
+    def arm_ci(self, goal: ArmGoal) -> str:
+        return self.interval(self.arm_stat(goal, "ci_low"), self.arm_stat(goal, "ci_high"))
+
+    def arm_headline(self, goal: ArmGoal) -> str:
+        """``mean (95% CI [a, b], n = k)`` or, below two runs, the bare value."""
+        mean = self.arm_stat(goal, "mean")
+        if goal.describe.n >= 2:
+            return f"{mean} (95% CI {self.arm_ci(goal)}, n = {self.arm_stat(goal, 'n')})"
+        return f"{mean} (a single run, no interval)"
+
+    def cmp(self, c: BaselineComparison, what: str) -> str:
+        t = c.comparison
+        key = f"cmp[{c.arm}].{what}"
+        about = f"arm {c.arm} vs baseline {c.baseline}"
+        table = {
+            "diff": (t.diff, Kind.METRIC, f"difference of mean {self.goal}, {about}"),
+            "diff_low": (t.diff_ci.low if t.diff_ci else None, Kind.METRIC, f"95% Welch CI lower bound of the difference, {about}"),
+            "diff_high": (t.diff_ci.high if t.diff_ci else None, Kind.METRIC, f"95% Welch CI upper bound of the difference, {about}"),
+            "t": (t.t, Kind.STAT, f"Welch t statistic, {about}"),
+            "df": (t.df, Kind.STAT, f"Welch–Satterthwaite degrees of freedom, {about}"),
+            "p": (t.p, Kind.P, f"two-sided Welch p-value, {about}"),
+            "p_holm": (c.p_holm, Kind.P, f"Holm-adjusted p-value, {about}"),
+            "g": (t.hedges_g, Kind.STAT, f"Hedges' g, {about}"),
+            "sigma": (t.sigma_units, Kind.STAT, f"difference in units of the baseline's replicate std, {about}"),
+        }
+        value, kind, label = table[what]
+        return self.fact(key, value, kind, label, c.run_ids)
+
+    # -- the document ---------------------------------------------------------------------
+
+    def build(self, figures: dict[str, FigureFile]) -> list[Block]:
+        self.figures = figures
+        blocks: list[Block] = [Abstract(self.abstract())]
+        blocks += self.question()
+        blocks += self.setup()
+        blocks += self.results()
+        blocks += self.failures()
+        blocks += self.cost()
+        blocks += self.threats()
+        blocks += self.discussion()
+        blocks += self.reproducibility()
+        blocks += self.fact_appendix()  # last: it lists every fact cited above
+        return blocks
+
+    def figure(self, stem: str) -> list[Block]:
+        return [Figure(self.figures[stem])] if stem in self.figures else []
+
+    # -- abstract -----------------------------------------------------------------------
+
+    def run_counts(self) -> tuple[str, str]:
+        all_ids = [r.id for r in self.runs]
+        ok = [r.id for r in self.runs if r.status == "succeeded"]
+        return (
+            self.count("exp.runs.attempts", len(all_ids), "runs attempted (every status and attempt)", all_ids),
+            self.count("exp.runs.succeeded", len(ok), "runs that succeeded", ok),
+        )
+
+    def abstract(self) -> str:
+        spec, s = self.spec, self.summary
+        direction = "higher is better" if spec.maximize else "lower is better"
+        attempts, succeeded = self.run_counts()
+        commit = (self.experiment.commit_sha or "an unrecorded commit")[:12]
+        parts = [
+            f"Question: {spec.topic.strip()}",
+            f"We ran {len(s.arms)} {_plural(len(s.arms), 'arm')} with up to {spec.replicates} replicates each "
+            f"({attempts} runs, {succeeded} succeeded) of {spec.runner_script} at commit {commit}, "
+            f"measuring {self.goal} ({direction}).",
+        ]
+        parts.append(self.headline())
+        if self.inf.factors is not None:
+            findings = self.factor_findings(self.inf.factors)
+            if findings:
+                parts.append(findings[0])
+        spent, _ = self.ledger.money(self.experiment.id)
+        if spent == 0 and self.spec.hardware.price_per_hour == 0:
+            parts.append("The runs were free: the host's price per hour is 0.")
+        else:
+            parts.append(f"The study cost {self.spent_fact(spent)} of its {self.limit_fact()} budget.")
+        return " ".join(parts)
+
+    def headline(self) -> str:
+        inf, s = self.inf, self.summary
+        if s.n_succeeded == 0 or not any(g.describe.n for g in inf.goals):
+            return f"No run produced a finite {self.goal}, so the study has no result."
+        base = inf.goal(inf.baseline) if inf.baseline else None
+        if not inf.comparisons:
+            assert base is not None
+            return f"Arm {base.name} reached {self.goal} = {self.arm_headline(base)}."
+        if inf.improvements:
+            best = min(inf.improvements, key=lambda c: -(c.comparison.diff or 0) if s.maximize else (c.comparison.diff or 0))
+            goal = inf.goal(best.arm)
+            return (
+                f"The best improving arm, {best.arm}, reached {self.goal} = {self.arm_headline(goal)} against the "
+                f"baseline {base.name}'s {self.arm_headline(base)}: a difference of {self.cmp(best, 'diff')} "
+                f"(95% CI {self.interval(self.cmp(best, 'diff_low'), self.cmp(best, 'diff_high'))}, Holm-adjusted "
+                f"p = {self.cmp(best, 'p_holm')}), larger than the baseline's replicate spread."
+            )
+        top = s.best
+        text = f"No arm improved on the baseline {base.name} ({self.arm_headline(base)}) by a significant margin beyond its replicate spread."
+        if top is not None and top.name != base.name:
+            c = inf.comparison(top.name)
+            assert c is not None
+            text += (
+                f" The arm with the best mean, {top.name}, reached {self.arm_headline(inf.goal(top.name))}; "
+                f"its difference from the baseline, {self.cmp(c, 'diff')}, is judged {c.verdict.value} ({c.reason})."
+            )
+        return text
+
+    # -- question ------------------------------------------------------------------------
+
+    def question(self) -> list[Block]:
+        spec, inf = self.spec, self.inf
+        direction = "maximized" if spec.maximize else "minimized"
+        blocks: list[Block] = [
+            Heading("Question and hypotheses", 1),
+            Paragraph(f"{spec.topic.strip()} The goal metric is {self.goal}, to be {direction}; each run reports "
+                      f"it through the {spec.metrics.protocol} protocol and its final value is the run's result."),
+        ]
+        hypotheses = []
+        for i, c in enumerate(inf.comparisons, 1):
+            arm = self.summary.arm(c.arm)
+            what = arm.arm.description or _knobs(arm)
+            hypotheses.append(f"H{i}: arm {c.arm} ({what}) changes {self.goal} relative to the baseline {c.baseline}.")
+        if inf.factors is not None:
+            for e in inf.factors.effects:
+                hypotheses.append(f"H({e.factor}): the level of {e.factor} affects {self.goal}.")
+        if hypotheses:
+            blocks.append(Paragraph("The hypotheses the runs test, one per arm against the baseline and one per factor:"))
+            blocks.append(Bullets(tuple(hypotheses)))
+            blocks.append(Paragraph(
+                f"Each arm is compared with the baseline by a two-sided Welch t-test at α = {ALPHA}, with the "
+                f"Holm–Bonferroni correction across the {len(inf.comparisons)} comparisons. An arm counts as an "
+                f"improvement only when the corrected test rejects, the difference points the way the goal asks, "
+                f"and the difference exceeds the noise floor (the sample standard deviation of the baseline's replicates)."
+            ))
+        else:
+            blocks.append(Paragraph("The study has a single arm, so it states no comparative hypothesis; it measures that arm's "
+                                    f"{self.goal} and its replicate spread."))
+        blocks += self.planner_decisions()
+        return blocks
+
+    def planner_decisions(self) -> list[Block]:
+        """What the planner decided each iteration and why (an LLM's hypotheses, a search's proposals)."""
+        decisions = [e for e in self.ledger.events(self.experiment.id) if e["kind"] == "decision" and "plan" in e["data"]]
+        if not decisions or all(e["data"].get("planner") == "spec" for e in decisions):
+            return []
+        items = []
+        for e in decisions:
+            data = e["data"]
+            items.append(f"Iteration {data['iteration']} ({data.get('planner', 'planner')}): {e['message']}")
+            items += [f"Hypothesis (iteration {data['iteration']}): {h['statement']} — arms {', '.join(h['arms'])}"
+                      for h in data.get("record", {}).get("hypotheses", [])]
+        return [Paragraph("How the arms were chosen, as the planner recorded it:"), Bullets(tuple(items))]
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> list[Block]:
+        spec, experiment = self.spec, self.experiment
+        run_commits = sorted({r.commit_sha for r in self.runs if r.commit_sha and r.commit_sha != experiment.commit_sha})
+        commit = experiment.commit_sha or "not recorded"
+        if run_commits:
+            commit += f" (runs also used: {', '.join(run_commits)})"
+        design = (
+            f"{spec.design} over " + "; ".join(f"{k} ∈ {{{_value(v)}}}" for k, v in spec.factors.items())
+            if spec.factors else "explicit arms"
+        )
+        metrics = spec.metrics.protocol
+        if spec.metrics.protocol == "json_line":
+            metrics += f" (prefix {spec.metrics.json_prefix})"
+        elif spec.metrics.patterns:
+            metrics += f" ({_value(spec.metrics.patterns)})"
+        deps = spec.deps
+        excluded = f" (excluding {', '.join(deps.exclude_from_requirements)})" if deps.exclude_from_requirements else ""
+        rows = [
+            ("Experiment", f"{experiment.id} ({experiment.name}), status {experiment.status}, backend {experiment.backend}"),
+            ("Repository", self.resolved_repo()),
+            ("Branch", spec.repo_branch),
+            ("Commit", commit),
+            ("Runner script", spec.runner_script),
+            ("Arms", f"{len(self.summary.arms)} ({design}); baseline: {self.inf.baseline or 'none'}"),
+            ("Replicates per arm", str(spec.replicates) + (f" (seed in {spec.seed_env})" if spec.seed_env else "")),
+            ("Iterations (max)", str(spec.max_iterations)),
+            ("Hardware (spec)", _value(spec.hardware.model_dump(exclude_none=True))),
+            *self.host_rows(),
+            ("Data", spec.data.source + (f" ({spec.data.path})" if spec.data.path else "")),
+            ("Dependencies: pre-install", "; ".join(deps.pre_install) or "none"),
+            ("Dependencies: requirements", (deps.requirements or "none") + excluded),
+            ("Dependencies: verify", deps.verify or "none"),
+            ("Metrics protocol", metrics),
+            ("Budget", f"{_value(float(spec.max_dollars))} dollars (max_dollars)"),
+            ("Timeouts", f"training {spec.train_timeout_s} s per run, download {spec.download_timeout_s} s"),
+            ("Spec", f"{experiment.spec_path} (sha256 {experiment.spec_sha256})"),
+            ("Readiness review", self.readiness()),
+        ]
+        return [
+            Heading("Setup", 1),
+            Paragraph("Configuration values below are quoted from the spec stored with the experiment; result "
+                      "numbers elsewhere link to the appendix row that lists the runs they come from."),
+            Fields(tuple(rows)),
+        ]
+
+    def readiness(self) -> str:
+        """What the pre-run review found, from its ledger event (or that it was skipped)."""
+        events = [e for e in self.ledger.events(self.experiment.id) if e["kind"] in ("readiness", "readiness_skipped")]
+        if not events:
+            return "not recorded"
+        last = events[-1]
+        if last["kind"] == "readiness_skipped":
+            return "skipped (--skip-check): the code was not reviewed before runs were paid for"
+        checks = last["data"].get("checks", [])
+        counts = Counter(c["status"] for c in checks)
+        shown = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        notes = "; ".join(f"{c['name']}: {c['summary']}" for c in checks if c["status"] in ("failed", "warning"))
+        verdict = "ready" if last["data"].get("is_code_ready") else "not ready"
+        return f"{verdict} ({shown})" + (f"; {notes}" if notes else "")
+
+    def resolved_repo(self) -> str:
+        written = self.spec.repo_url
+        for event in self.ledger.events(self.experiment.id):
+            repo = event["data"].get("repo") if event["kind"] == "code" else None
+            if repo and repo != written:
+                return f"{written} ({repo})"
+        return written
+
+    def host_rows(self) -> list[tuple[str, str]]:
+        hosts: list[dict[str, Any]] = []
+        for event in self.ledger.events(self.experiment.id):
+            if event["kind"] == "host" and event["data"] not in hosts:
+                hosts.append(event["data"])
+        if not hosts:
+            return [("Host", "not recorded")]
+        ordered = [{**{k: h[k] for k in HOST_KEYS if k in h}, **h} for h in hosts]
+        if len(ordered) == 1:
+            return [("Host", _value(ordered[0]))]
+        return [(f"Host {i}", _value(h)) for i, h in enumerate(ordered, 1)]
+
+    # -- results -------------------------------------------------------------------------
+
+    def results(self) -> list[Block]:
+        blocks: list[Block] = [Heading("Results", 1)]
+        if not self.summary.arms:
+            return [*blocks, Paragraph("The ledger holds no arms for this experiment.")]
+        blocks += self.arm_table()
+        blocks += self.figure("fig_goal")
+        blocks += self.baseline_section()
+        if self.inf.factors is not None:
+            blocks += self.factor_section(self.inf.factors)
+        blocks += self.other_metrics()
+        curves = self.figure("fig_curves")
+        if curves:
+            blocks += [Heading("Learning curves", 2), *curves]
+        return blocks
+
+    def arm_table(self) -> list[Block]:
+        header = ("Arm", "Knobs", "Runs (succeeded / attempted)", "n", f"mean {self.goal}", "std", "SE",
+                  "95% CI (t)", "95% CI (bootstrap)", "min", "max")
+        rows = []
+        for goal in self.inf.goals:
+            arm = goal.summary
+            marks = [m for m, on in (("baseline", goal.name == self.inf.baseline), ("best mean", goal.name == self.summary.best_arm)) if on]
+            label = f"{goal.name} ({', '.join(marks)})" if marks else goal.name
+            ok = self.count(f"arm[{goal.name}].runs.succeeded", arm.n_succeeded, f"succeeded runs of arm {goal.name}", arm.succeeded_run_ids)
+            tried = self.count(f"arm[{goal.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {goal.name}", arm.run_ids)
+            boot = self.interval(self.arm_stat(goal, "boot_low"), self.arm_stat(goal, "boot_high"))
+            rows.append((label, _knobs(arm), f"{ok} / {tried}", self.arm_stat(goal, "n"), self.arm_stat(goal, "mean"),
+                         self.arm_stat(goal, "std"), self.arm_stat(goal, "se"), self.arm_ci(goal), boot,
+                         self.arm_stat(goal, "min"), self.arm_stat(goal, "max")))
+        excluded = [r for g in self.inf.goals for r in (*g.stats.nonfinite_run_ids, *g.stats.missing_run_ids)]
+        note = (
+            f"Statistics of {self.goal} over each arm's succeeded runs: sample standard deviation (ddof = 1), standard "
+            f"error, a 95% confidence interval from the t distribution, and a BCa bootstrap interval where an arm has at "
+            f"least 10 values. Failed runs are counted, never averaged; — marks a quantity undefined for the data (no "
+            f"spread from one value, no bootstrap below 10 values)."
+        )
+        if excluded:
+            note += f" Runs {', '.join(map(str, sorted(excluded)))} succeeded without a finite {self.goal} and are left out."
+        return [Heading(f"{self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
+
+    def baseline_section(self) -> list[Block]:
+        inf = self.inf
+        if not inf.comparisons or inf.noise_floor is None:
+            return []
+        floor = inf.noise_floor
+        std = self.noise_std(floor)
+        spread = self.fact("noise.range", floor.range, Kind.METRIC, f"replicate range (max − min) of baseline {floor.arm}", floor.run_ids)
+        if floor.std is None:
+            floor_text = (f"The baseline {floor.arm} has fewer than two succeeded runs, so the noise floor is unknown and no "
+                          "arm can be judged against it.")
+        else:
+            floor_text = (f"Noise floor: the baseline {floor.arm}'s replicates have a standard deviation of {std} "
+                          f"(range {spread}); a difference no larger than that is never called an improvement.")
+        header = ("Arm", "Δ mean vs baseline", "95% CI of Δ (Welch)", "t", "df", "p", "p (Holm)", "Hedges' g",
+                  "Δ in baseline σ", "Verdict")
+        rows = tuple(
+            (c.arm, self.cmp(c, "diff"), self.interval(self.cmp(c, "diff_low"), self.cmp(c, "diff_high")), self.cmp(c, "t"),
+             self.cmp(c, "df"), self.cmp(c, "p"), self.cmp(c, "p_holm"), self.cmp(c, "g"), self.cmp(c, "sigma"),
+             c.verdict.value)
+            for c in inf.comparisons
+        )
+        legend = (
+            f"Verdicts: improvement / regression — significant after Holm correction (α = {ALPHA}) and larger than the "
+            "noise floor, for / against the goal's direction; within noise floor — no larger than the baseline's replicate "
+            "standard deviation, whatever the test says; not significant — larger than the noise floor but the corrected "
+            "test does not reject; untestable — both arms gave identical values in every replicate, so there is no variance "
+            "to test against; too few runs — fewer than two succeeded runs on a side."
+        )
+        return [
+            Heading(f"Comparison with the baseline {floor.arm}", 2),
+            Paragraph(floor_text),
+            Paragraph(
+                f"Δ is an arm's mean minus the baseline's ({'higher' if self.spec.maximize else 'lower'} is better). "
+                "\"Δ in baseline σ\" divides Δ by the baseline's replicate standard deviation: a distance in units of "
+                "the noise, not a z-score and not a significance level. p-values are two-sided Welch tests; the Holm "
+                "column corrects them for the family of comparisons."
+            ),
+            Table(header, rows),
+            Paragraph(legend),
+        ]
+
+    def factor_section(self, fa: FactorAnalysis) -> list[Block]:
+        blocks: list[Block] = [Heading("Factor analysis", 2)]
+        for effect in fa.effects:
+            rows = []
+            for level in effect.levels:
+                key = f"factor[{effect.factor}].level[{level.level}]"
+                what = f"{self.goal} at {effect.factor}={level.level} ({effect.pooling})"
+                d = level.describe
+                ci = self.interval(
+                    self.fact(f"{key}.ci_low", d.ci.low if d.ci else None, Kind.METRIC, f"95% t CI lower bound of {what}", level.run_ids),
+                    self.fact(f"{key}.ci_high", d.ci.high if d.ci else None, Kind.METRIC, f"95% t CI upper bound of {what}", level.run_ids),
+                )
+                rows.append((level.level, self.count(f"{key}.n", d.n, f"runs pooled for {what}", level.run_ids),
+                             self.fact(f"{key}.mean", d.mean, Kind.METRIC, f"mean {what}", level.run_ids), ci))
+            blocks.append(Paragraph(f"Main effect of {effect.factor} ({effect.pooling}):"))
+            blocks.append(Table((effect.factor, "n", f"mean {self.goal}", "95% CI (t)"), tuple(rows)))
+        blocks += self.figure("fig_main_effects")
+        if fa.anova is None:
+            blocks.append(Paragraph(f"No analysis of variance: {fa.why_no_anova}."))
+        else:
+            a = fa.anova
+            label = "ANOVA"
+            rows = []
+            for row in a.rows:
+                p_holm = fa.p_holm(row.term)
+                key = f"anova[{row.term}]"
+                rows.append((
+                    row.term,
+                    self.fact(f"{key}.df", row.df, Kind.COUNT, f"{label} degrees of freedom of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.ss", row.sum_sq, Kind.STAT, f"{label} sum of squares of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.F", row.f, Kind.STAT, f"{label} F statistic of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.p", row.p, Kind.P, f"{label} p-value of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.p_holm", p_holm, Kind.P, f"{label} Holm-adjusted p-value of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.eta", row.partial_eta_sq, Kind.STAT, f"{label} partial η² of {row.term}", fa.run_ids),
+                ))
+            rows.append(("Residual", self.fact("anova.residual.df", a.residual_df, Kind.COUNT, "ANOVA residual degrees of freedom", fa.run_ids),
+                         self.fact("anova.residual.ss", a.residual_sum_sq, Kind.STAT, "ANOVA residual sum of squares", fa.run_ids),
+                         "", "", "", ""))
+            structure = "main effects and two-way interactions" if a.interactions else "main effects only"
+            if fa.design == "grid" and not a.interactions:
+                structure += " (interactions need every combination of levels observed and residual degrees of freedom left)"
+            blocks.append(Paragraph(f"Analysis of variance of {self.goal} over the succeeded runs ({a.kind}; {structure}); "
+                                    "p-values are Holm-corrected across the terms of the table."))
+            blocks.append(Table(("Term", "df", "Sum of squares", "F", "p", "p (Holm)", "partial η²"), tuple(rows)))
+        findings = self.factor_findings(fa)
+        if findings:
+            blocks += [Paragraph("Findings (each from a test in the table above):"), Bullets(tuple(findings))]
+        return blocks
+
+    def factor_findings(self, fa: FactorAnalysis) -> list[str]:
+        """Plain-language statements, each backed by a Holm-corrected ANOVA term and its numbers."""
+        if fa.anova is None:
+            return []
+        out: list[str] = []
+
+        def term(name: str, what: str) -> str:
+            return self.book.cite(f"anova[{name}].{what}", *_anova_fact(fa, name, what, self.goal), fa.run_ids)
+
+        significant = sorted((e for e in fa.effects if e.significant and e.anova_row is not None),
+                             key=lambda e: -(e.anova_row.partial_eta_sq or 0.0))
+        for e in significant:
+            best = e.best_level(self.spec.maximize)
+            best_text = ""
+            if best is not None:
+                mean = self.fact(f"factor[{e.factor}].level[{best.level}].mean", best.describe.mean, Kind.METRIC,
+                                 f"mean {self.goal} at {e.factor}={best.level} ({e.pooling})", best.run_ids)
+                best_text = f"; its best level is {e.factor}={best.level} with mean {self.goal} {mean}"
+            out.append(f"{e.factor} affects {self.goal} (F = {term(e.factor, 'F')}, Holm-adjusted p = {term(e.factor, 'p_holm')}, "
+                       f"partial η² = {term(e.factor, 'eta')}){best_text}.")
+        if significant:
+            top = significant[0]
+            others = [e for e in fa.effects if e is not top and e.anova_row is not None and e.anova_row.partial_eta_sq is not None
+                      and (top.anova_row.partial_eta_sq or 0) > e.anova_row.partial_eta_sq]
+            if others:
+                names = ", ".join(f"{e.factor} (partial η² = {term(e.factor, 'eta')})" for e in others)
+                out.insert(0, f"{top.factor} matters more than {', '.join(e.factor for e in others)} here: it explains the "
+                              f"larger share of variance (partial η² = {term(top.factor, 'eta')} against {names}).")
+        floor = self.inf.noise_floor
+        for e in fa.effects:
+            if e.significant or e.anova_row is None:
+                continue
+            spread = e.spread
+            text = (f"No detectable effect of {e.factor} (Holm-adjusted p = {term(e.factor, 'p_holm')}); absence of "
+                    f"evidence is not evidence of absence")
+            if spread is not None:
+                spread_fact = self.fact(f"factor[{e.factor}].spread", spread, Kind.METRIC,
+                                        f"largest minus smallest level mean of {e.factor}",
+                                        [r for lv in e.levels for r in lv.run_ids])
+                text += f", and its level means span {spread_fact}"
+                if floor is not None and floor.std is not None:
+                    inside = spread <= floor.std
+                    std = self.noise_std(floor)
+                    text += f", {'inside' if inside else 'beyond'} the noise floor of {std}"
+            out.append(text + ".")
+        for i in fa.interactions:
+            if i.significant:
+                a, b = i.row.term.split(" × ")
+                out.append(f"The effect of {a} depends on {b} (interaction F = {term(i.row.term, 'F')}, Holm-adjusted "
+                           f"p = {term(i.row.term, 'p_holm')}): read its main effect with care.")
+        return out
+
+    def other_metrics(self) -> list[Block]:
+        others = self.summary.metrics[1:]
+        if not others:
+            return []
+        rows = []
+        for arm in self.summary.arms:
+            cells = []
+            for metric in others:
+                stats: MetricStats = arm.metrics[metric]
+                mean = self.fact(f"arm[{arm.name}].{metric}.mean", stats.mean, Kind.METRIC, f"mean {metric} of arm {arm.name}", stats.run_ids)
+                std = self.fact(f"arm[{arm.name}].{metric}.std", stats.std, Kind.METRIC, f"std of {metric} of arm {arm.name}", stats.run_ids)
+                cells.append(mean if std == MISSING else f"{mean} ± {std}")
+            rows.append((arm.name, *cells))
+        return [
+            Heading("Other metrics", 2),
+            Paragraph("Final values of the other metrics the runs reported: mean ± sample standard deviation over succeeded runs."),
+            Table(("Arm", *others), tuple(rows)),
+        ]
+
+    # -- failures ------------------------------------------------------------------------
+
+    def failures(self) -> list[Block]:
+        blocks: list[Block] = [Heading("Failure analysis", 1)]
+        bad = [r for r in self.runs if r.status in ("failed", "interrupted")]
+        if not bad:
+            return [*blocks, Paragraph("No run failed or was interrupted.")]
+        by_class: dict[str, list[RunRow]] = defaultdict(list)
+        for run in bad:
+            by_class[run.failure or run.status].append(run)
+        rows = []
+        for cls, runs in sorted(by_class.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            arms = Counter(r.arm for r in runs)
+            rows.append((cls, DESCRIPTIONS.get(cls, "stopped before it finished" if cls == "interrupted" else ""),
+                         self.count(f"failures[{cls}].runs", len(runs), f"runs that ended as {cls}", [r.id for r in runs]),
+                         ", ".join(f"{arm} ({n})" for arm, n in arms.items())))
+        policy = self.spec.failure_policy
+        blocks.append(Paragraph(
+            "Runs that did not succeed, by failure class; each class was decided from the run's own evidence "
+            "(its exit code or signal and the log lines quoted below). Only transient classes (infra, and host memory "
+            f"exhaustion while other runs shared the host) were retried, as new attempts, up to {policy.max_attempts} "
+            "attempts per replicate; deterministic failures were never repeated. Every attempt is listed."))
+        transient = [r for r in bad if r.transient]
+        if transient:
+            blocks.append(Paragraph(
+                f"{self.count('failures.transient', len(transient), 'transient failures that were retried', [r.id for r in transient])}"
+                " of these failures were transient and their replicate was attempted again."))
+        blocks.append(Table(("Failure class", "Meaning", "Runs", "Arms (runs)"), tuple(rows)))
+        for cls, runs in sorted(by_class.items()):
+            for run in runs[:EXAMPLES_PER_FAILURE]:
+                blocks += self.failed_run(run)
+            if len(runs) > EXAMPLES_PER_FAILURE:
+                blocks.append(Paragraph(f"{len(runs) - EXAMPLES_PER_FAILURE} more {cls} runs: "
+                                        f"{', '.join(str(r.id) for r in runs[EXAMPLES_PER_FAILURE:])}."))
+        return blocks
+
+    def failed_run(self, run: RunRow) -> list[Block]:
+        blocks: list[Block] = [
+            Heading(f"Run {run.id}: arm {run.arm}, replicate {run.replicate}, attempt {run.attempt}", 2),
+            Fields((
+                ("Status", run.status),
+                ("Failure", run.failure or "—"),
+                ("Reason", run.reason or "—"),
+                *(("Evidence", line) for line in run.evidence.get("evidence", [])),
+                ("Exit code", "—" if run.exit_code is None else str(run.exit_code)),
+                ("Signal", "—" if run.signal is None else str(run.signal)),
+                ("Logs", run.log_dir or "—"),
+            )),
+        ]
+        tail = _log_tail(Path(run.log_dir)) if run.log_dir else None
+        if tail is None:
+            blocks.append(Paragraph(f"No log output: stderr.log and stdout.log in {run.log_dir} are missing or empty."))
+        else:
+            path, text = tail
+            blocks += [Paragraph(f"Last lines of {path}:"), Code(text)]
+        return blocks
+
+    # -- cost ----------------------------------------------------------------------------
+
+    def spent_fact(self, spent: float) -> str:
+        charged = [r.id for r in self.runs if r.cost is not None]
+        return self.fact("cost.spent", spent, Kind.MONEY, "dollars spent (settled charges)", charged)
+
+    def limit_fact(self) -> str:
+        return self.fact("cost.limit", float(self.spec.max_dollars), Kind.MONEY, "the budget (max_dollars in the spec)", [])
+
+    def cost(self) -> list[Block]:
+        spent, reserved = self.ledger.money(self.experiment.id)
+        rented = instances.rows(self.ledger, experiment_id=self.experiment.id)
+        shares = instances.run_shares(rented, {r.id: (r.slot or "", r.duration_s or 0.0) for r in self.runs})
+        rows = []
+        for arm in self.summary.arms:
+            runs = self.by_arm[arm.arm.id]
+            costed = [r for r in runs if (r.id in shares if rented else r.cost is not None)]
+            timed = [r for r in runs if r.duration_s is not None]
+            cost = sum(shares[r.id] if rented else r.cost or 0.0 for r in costed) if costed else None
+            total = sum(r.duration_s or 0.0 for r in timed) if timed else None
+            mean = total / len(timed) if timed else None
+            rows.append((
+                arm.name,
+                self.count(f"arm[{arm.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {arm.name}", arm.run_ids),
+                self.fact(f"cost.arm[{arm.name}]", cost, Kind.MONEY,
+                          f"dollars of rented-instance cost allotted to arm {arm.name} by wall time" if rented
+                          else f"dollars charged to arm {arm.name}", [r.id for r in costed]),
+                self.fact(f"time.arm[{arm.name}].total", total, Kind.SECONDS, f"wall seconds of all runs of arm {arm.name}", [r.id for r in timed]),
+                self.fact(f"time.arm[{arm.name}].mean", mean, Kind.SECONDS, f"mean wall seconds per run of arm {arm.name}", [r.id for r in timed]),
+            ))
+        text = f"Spent {self.spent_fact(spent)} of the {self.limit_fact()} budget"
+        if reserved:
+            text += f"; {self.fact('cost.reserved', reserved, Kind.MONEY, 'dollars still reserved by unfinished runs', [])} is still reserved by unfinished runs"
+        if rented:
+            text += (". Compute was rented by the instance, so money is counted per instance: its lifetime × price"
+                     " (or the provider's billing), boot, setup and idle time included; before each instance was rented,"
+                     " its worst case (price × the time to its self-destruct deadline) was reserved so the budget could never be"
+                     " overrun. An arm's cost below is its runs' share of their instances' cost, split by wall time.")
+        else:
+            price = self.spec.hardware.price_per_hour
+            text += (f". Each run is charged the host's price per hour ({_value(float(price))} dollars, from the spec) for its wall "
+                     "time; before a run starts, its worst case (price × timeout) is reserved so the budget can never be overrun.")
+        return [
+            Heading("Cost", 1),
+            Paragraph(text),
+            Table(("Arm", "Runs", "Cost", "Wall time, all runs (s)", "Wall time per run (s)"), tuple(rows)),
+            *(self.instance_table(rented) if rented else []),
+            *self.figure("fig_cost"),
+        ]
+
+    def instance_table(self, rented: list[instances.InstanceRow]) -> list[Block]:
+        slots = {r.id: r.slot or "" for r in self.runs}
+        rows = []
+        for row in rented:
+            served = instances.runs_on(row, slots)
+            end = row.destroyed_at
+            life = (end - row.created_at) if end is not None else None
+            rows.append((
+                f"{row.provider}:{row.provider_id or '(never rented)'}", row.gpu_name or "?", _value(row.dph),
+                self.fact(f"instance[{row.id}].lifetime", life, Kind.SECONDS, f"seconds instance {row.provider_id} was rented",
+                          served),
+                self.count(f"instance[{row.id}].runs", len(served), f"runs instance {row.provider_id} served", served),
+                self.fact(f"instance[{row.id}].cost", row.cost, Kind.MONEY, f"dollars instance {row.provider_id} cost",
+                          served),
+                f"{row.state}; {row.cost_source or 'not settled'}",
+            ))
+        return [Paragraph("Rented instances (each run's slot names its instance and GPU model):"),
+                Table(("Instance", "GPU", "$/h", "Rented (s)", "Runs", "Cost", "State; cost from"), tuple(rows))]
+
+    # -- threats -------------------------------------------------------------------------
+
+    def threats(self) -> list[Block]:
+        inf = self.inf
+        items: list[str] = []
+        small = [g for g in inf.goals if 0 < g.describe.n < SMALL_N]
+        if small:
+            items.append(f"Small samples: {len(small)} of {len(inf.goals)} arms have fewer than {SMALL_N} succeeded runs "
+                         f"({', '.join(g.name for g in small[:10])}{'…' if len(small) > 10 else ''}). Standard deviations from so few "
+                         "values are themselves uncertain and the intervals are wide; more replicates would tighten them.")
+        empty = [g.name for g in inf.goals if g.describe.n == 0]
+        if empty:
+            items.append(f"No result: arms {', '.join(empty)} have no succeeded run with a finite {self.goal} and are absent from every comparison.")
+        floor = inf.noise_floor
+        if floor is not None and floor.std is not None:
+            inside = [c.arm for c in inf.comparisons if c.verdict is Verdict.WITHIN_NOISE]
+            std = self.noise_std(floor)
+            items.append(f"Noise floor: replicates of the baseline spread by a standard deviation of {std}; "
+                         + (f"{len(inside)} arm(s) differ from it by no more than that." if inside else
+                            "no arm's difference was inside it."))
+        failed = [g for g in inf.goals if g.summary.n_attempts > g.summary.n_succeeded]
+        if failed:
+            items.append("Failed runs: " + ", ".join(f"{g.name} lost {g.summary.n_attempts - g.summary.n_succeeded} of "
+                                                      f"{g.summary.n_attempts}" for g in failed[:10])
+                         + (" …" if len(failed) > 10 else "")
+                         + ". If failures depend on the configuration (e.g. diverging seeds), the surviving runs are a biased sample.")
+        nonfinite = [r for g in inf.goals for r in g.stats.nonfinite_run_ids]
+        if nonfinite:
+            items.append(f"Non-finite results: runs {', '.join(map(str, nonfinite[:20]))} ended with a NaN or infinite "
+                         f"{self.goal}; they are excluded from the statistics, which flatters the arms they belong to.")
+        if len(inf.comparisons) > 1:
+            items.append(f"Multiple comparisons: {len(inf.comparisons)} arms are tested against one baseline; the Holm "
+                         "correction controls the family-wise error rate, so uncorrected p-values should not be read alone.")
+        untestable = [c.arm for c in inf.comparisons if c.verdict in (Verdict.UNTESTABLE, Verdict.TOO_FEW_RUNS)]
+        if untestable:
+            items.append(f"Untested: the comparisons of {', '.join(untestable)} with the baseline could not be tested (see the verdicts).")
+        if inf.factors is not None and inf.factors.anova is None:
+            items.append(f"No analysis of variance: {inf.factors.why_no_anova}.")
+        if self.readiness().startswith("skipped"):
+            items.append("Unreviewed code: the readiness review (static checks and trial-mode smoke runs) was skipped, "
+                         "so problems it catches, such as a knob that changes nothing, were not ruled out.")
+        items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats arms as "
+                     "independent samples and does not use that pairing, which makes it conservative.")
+        items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the metric is "
+                     f"computed by the target repository's own code, which this study did not audit.")
+        return [Heading("Threats to validity", 1), Bullets(tuple(items))]
+
+    # -- discussion (LLM-written, verified) ---------------------------------------------
+
+    def discussion(self) -> list[Block]:
+        recorded = recorded_narrative(self.ledger, self.experiment.id)
+        if recorded is None:
+            return []
+        narrative, model = recorded
+        arms = [a.arm for a in self.summary.arms]
+        spec = self.spec
+        allowed = config_numbers([*(v for a in arms for v in a.env.values()), *(a.name for a in arms),
+                                  str(spec.replicates), str(spec.max_iterations), "95%"])
+        checked = check_narrative(narrative, model, self.book, allowed)
+        blocks: list[Block] = [
+            Heading("Discussion", 1),
+            Paragraph(f"Written by the language model {model} from this paper's facts. Every number in it was checked "
+                      "against the ledger and links to its fact; configuration values are quoted from the spec."),
+            *(Paragraph(p) for p in checked.paragraphs),
+        ]
+        if checked.removed:
+            blocks.append(Paragraph(f"Removed from the model's text because they state numbers the ledger does not "
+                                    f"support ({len(checked.removed)} sentence{'s' if len(checked.removed) != 1 else ''}; "
+                                    "not results of this study):"))
+            blocks.append(Bullets(tuple(f"“{sentence}” (unsupported: {', '.join(numbers)})"
+                                        for sentence, numbers in checked.removed)))
+        return blocks
+
+    # -- reproducibility ----------------------------------------------------------------
+
+    def reproducibility(self) -> list[Block]:
+        spec, experiment = self.spec, self.experiment
+        commit = experiment.commit_sha or "<commit not recorded>"
+        setup = [f"git clone {shlex.quote(self.resolved_repo_url())} target && cd target && git checkout {commit}"]
+        setup += spec.deps.pre_install
+        if spec.deps.requirements:
+            setup.append(f"pip install -r {shlex.quote(spec.deps.requirements)}")
+        if spec.deps.verify:
+            setup.append(spec.deps.verify)
+        rows = []
+        for arm in self.summary.arms:
+            seeds = sorted({r.seed for r in self.by_arm[arm.arm.id]})
+            env = {**arm.arm.env, "RATIOCINATOR_SEED": "$SEED"}
+            if spec.seed_env:
+                env[spec.seed_env] = "$SEED"
+            assignments = " ".join(f"{k}={v if v == '$SEED' else shlex.quote(v)}" for k, v in env.items())
+            command = f"{assignments} {shlex.join(self.runner_argv(arm))}"
+            rows.append((arm.name, ", ".join(map(str, seeds)) or "none run", command))
+        return [
+            Heading("Reproducibility", 1),
+            Fields((
+                ("Spec sha256", experiment.spec_sha256),
+                ("Spec file", experiment.spec_path),
+                ("Commit", commit),
+                ("Rerun everything", f"ratiocinator research {shlex.quote(experiment.spec_path)} --new"),
+            )),
+            Paragraph("To reproduce one arm by hand, prepare the target at the recorded commit:"),
+            Code("\n".join(setup)),
+            Paragraph("then run, for each seed listed (SEED=…), the arm's command from the checkout:"),
+            Table(("Arm", "Seeds", "Command"), tuple(rows)),
+        ]
+
+    def resolved_repo_url(self) -> str:
+        for event in self.ledger.events(self.experiment.id):
+            repo = event["data"].get("repo") if event["kind"] == "code" else None
+            if repo:
+                return repo
+        return self.spec.repo_url
+
+    def runner_argv(self, arm: ArmSummary) -> list[str]:
+        """The command line the arm's runs were started with, relative to the checkout."""
+        script = self.spec.runner_script
+        recorded = next((r.argv for r in self.by_arm[arm.arm.id] if r.argv), None)
+        if recorded is None:
+            return [*(["python", script] if script.endswith(".py") else ["bash", script]), *arm.arm.args]
+        suffix = "/" + script
+        return [f"./{script}" if a.endswith(suffix) else a for a in recorded]
+
+    # -- the facts appendix --------------------------------------------------------------
+
+    def fact_appendix(self) -> list[Block]:
+        facts = list(self.book)
+        rows = tuple((f.id, self.book.ref(f), f.label, f.runs_text) for f in facts)
+        return [
+            Heading("Appendix: every number and its runs", 1),
+            Paragraph("Each number in this paper links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT` lists "
+                      "them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
+            Table(("Id", "Value", "What", "Runs"), rows, anchors=tuple(f.id for f in facts)),
+        ]
+
+
+def _anova_fact(fa: FactorAnalysis, term: str, what: str, goal: str) -> tuple[float | None, Kind, str]:
+    row = next(r for r in fa.anova.rows if r.term == term)  # type: ignore[union-attr]
+    if what == "F":
+        return row.f, Kind.STAT, f"ANOVA F statistic of {term}"
+    if what == "eta":
+        return row.partial_eta_sq, Kind.STAT, f"ANOVA partial η² of {term}"
+    return fa.p_holm(term), Kind.P, f"ANOVA Holm-adjusted p-value of {term}"
+
+
+def _log_tail(log_dir: Path) -> tuple[Path, str] | None:
+    """The last lines of stderr.log, or of stdout.log when stderr is missing or blank."""
+    for name in ("stderr.log", "stdout.log"):
+        path = log_dir / name
+        try:
+            with path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(size - LOG_TAIL_BYTES, 0))
+                data = fh.read()
+        except OSError:
+            continue
+        lines = clean(data.decode("utf-8", "replace")).split("\n")
+        if size > LOG_TAIL_BYTES:
+            lines = lines[1:]  # the first line was cut by the seek
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if lines:
+            tail = lines[-LOG_TAIL_LINES:]
+            return path, "\n".join(line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " …" for line in tail)
+    return None

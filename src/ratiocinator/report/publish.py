@@ -1,0 +1,165 @@
+"""Writes an experiment's report directory: the paper in three formats, its figures,
+``facts.json``, the exports, and the PDF when a LaTeX engine is installed.
+
+Everything is rebuilt from the ledger each time; files an earlier report wrote and
+this one does not (a figure whose data is gone, a PDF that no longer builds) are
+removed so nothing stale sits beside the new paper.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ratiocinator.report.document import fact_occurrences, render_html, render_latex, render_markdown
+from ratiocinator.report.exports import (LedgerRows, json_records, write_atomic, write_results_tsv, write_runs_csv,
+    write_runs_json)
+from ratiocinator.analysis.inference import Inference
+from ratiocinator.store.ledger import Ledger
+from ratiocinator.report.paper import Paper, build_paper
+
+DOCUMENTS = {"paper.md": "md", "paper.html": "html", "paper.tex": "tex"}
+FACTS_FILE = "facts.json"
+LATEX_ENGINE = "pdflatex"
+LATEX_TIMEOUT_S = 180
+# Files of earlier report layouts and of figures that may not be drawn this time.
+_OWNED_GLOBS = ("fig_*.png", "fig_*.pdf", "paper.pdf", "paper.log", "report.md", "report.html")
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    dir: Path
+    md: Path
+    html: Path
+    tex: Path
+    pdf: Path | None
+    pdf_note: str
+    facts: Path
+    n_facts: int
+
+
+def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool = True) -> ReportFiles:
+    paper = build_paper(ledger, experiment_id)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in _OWNED_GLOBS:
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
+    for figure in paper.figures:
+        write_atomic(out_dir / f"{figure.stem}.png", figure.png)
+        write_atomic(out_dir / f"{figure.stem}.pdf", figure.pdf)
+
+    rendered = {
+        "paper.md": render_markdown(paper.title, paper.blocks, paper.book),
+        "paper.html": render_html(paper.title, paper.blocks, paper.book),
+        "paper.tex": render_latex(paper.title, paper.blocks, paper.book),
+    }
+    for name, text in rendered.items():
+        write_atomic(out_dir / name, text)
+    head, facts = _facts_document(ledger, paper, rendered)
+    write_atomic(out_dir / FACTS_FILE, json_records(head, "facts", facts))
+
+    rows = LedgerRows(list(paper.runs), {a.summary.arm.id: a.summary.arm for a in paper.inference.goals}, dict(paper.finals))
+    write_runs_json(ledger, experiment_id, out_dir / "runs.json", rows)
+    write_runs_csv(ledger, experiment_id, out_dir / "runs.csv", rows)
+    write_results_tsv(ledger, experiment_id, out_dir / "results.tsv", goal_metric=paper.spec.goal_metric,
+                      arm_status=paper.inference.arm_keeps(), rows=rows)
+    write_atomic(out_dir / "aggregated_metrics.json",
+                 json.dumps(aggregated_metrics(paper.inference), indent=2, allow_nan=False) + "\n")
+
+    pdf_path, note = build_pdf(out_dir / "paper.tex") if pdf else (None, "PDF build not requested")
+    return ReportFiles(out_dir, out_dir / "paper.md", out_dir / "paper.html", out_dir / "paper.tex", pdf_path, note,
+                       out_dir / FACTS_FILE, len(paper.book))
+
+
+def _facts_document(ledger: Ledger, paper: Paper, rendered: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every fact, and how often each appears in each document, for ``verify``."""
+    occurrences: dict[str, dict[str, int]] = {}
+    for name, text in rendered.items():
+        counts: dict[str, int] = {}
+        for fid, _ in fact_occurrences(DOCUMENTS[name], text):
+            counts[fid] = counts.get(fid, 0) + 1
+        occurrences[name] = counts
+    head = {
+        "experiment_id": paper.experiment.id,
+        "ledger": str(ledger.path.resolve()),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "documents": occurrences,
+    }
+    return head, [f.to_json() for f in paper.book]
+
+
+def aggregated_metrics(inference: Inference) -> dict[str, Any]:
+    """The comparison summary other tools read: best proposed arm against the baseline.
+
+    ``gap_percent`` is signed so that positive always means better in the goal's
+    direction (for a minimized metric a lower proposed value gives a positive gap).
+    """
+    summary = inference.summary
+    goal = summary.goal_metric
+    metrics: dict[str, dict[str, float | None]] = {}
+    for arm in summary.arms:
+        for name, stats in arm.metrics.items():
+            for run_id, value in zip(stats.run_ids, stats.values):
+                metrics.setdefault(name, {})[str(run_id)] = value
+    arms = {
+        g.name: {
+            "n": g.describe.n, "mean": g.describe.mean, "std": g.describe.std,
+            "ci95": [g.describe.ci.low, g.describe.ci.high] if g.describe.ci else None,
+            "run_ids": list(g.stats.run_ids), "is_baseline": g.name == inference.baseline,
+        }
+        for g in inference.goals
+    }
+    base = inference.goal(inference.baseline) if inference.baseline else None
+    proposed = [g for g in inference.goals if g.name != inference.baseline and g.describe.mean is not None]
+    best = None
+    if proposed:
+        best = (max if summary.maximize else min)(proposed, key=lambda g: g.describe.mean)
+    gap = None
+    if best is not None and base is not None and base.describe.mean not in (None, 0):
+        raw = (best.describe.mean - base.describe.mean) / abs(base.describe.mean) * 100.0
+        gap = raw if summary.maximize else -raw
+    comparison = inference.comparison(best.name) if best is not None else None
+    return {
+        "experiment_id": summary.experiment_id,
+        "primary_metric": goal,
+        "maximize": summary.maximize,
+        "metrics": metrics,
+        "arms": arms,
+        "best_proposed": None if best is None else {"arm": best.name, "value": best.describe.mean, "run_ids": list(best.stats.run_ids)},
+        "best_baseline": None if base is None else {"arm": base.name, "value": base.describe.mean, "run_ids": list(base.stats.run_ids)},
+        "gap_percent": gap,
+        "gap_note": "(best proposed − baseline) / |baseline| × 100, sign flipped for a minimized metric: positive is better",
+        "verdict": None if comparison is None else comparison.verdict.value,
+        "p_holm": None if comparison is None else comparison.p_holm,
+    }
+
+
+def build_pdf(tex: Path) -> tuple[Path | None, str]:
+    """Compile ``paper.tex`` next to its figures; (pdf path, note). Never raises for a LaTeX failure."""
+    engine = shutil.which(LATEX_ENGINE)
+    if engine is None:
+        return None, f"no PDF: {LATEX_ENGINE} is not installed; paper.tex compiles with any TeX Live"
+    with tempfile.TemporaryDirectory(prefix="ratiocinator-tex-") as build:
+        command = [engine, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape",
+                   f"-output-directory={build}", tex.name]
+        for _ in range(2):  # the second pass resolves links and longtable widths
+            try:
+                done = subprocess.run(command, cwd=tex.parent, capture_output=True, timeout=LATEX_TIMEOUT_S,
+                                      stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                return None, f"no PDF: {LATEX_ENGINE} ran past {LATEX_TIMEOUT_S} s"
+            if done.returncode != 0:
+                log = Path(build) / "paper.log"
+                if log.exists():
+                    shutil.copyfile(log, tex.with_suffix(".log"))
+                return None, f"no PDF: {LATEX_ENGINE} failed (exit {done.returncode}); see {tex.with_suffix('.log')}"
+        pdf = tex.with_suffix(".pdf")
+        write_atomic(pdf, (Path(build) / "paper.pdf").read_bytes())
+    return pdf, f"built with {LATEX_ENGINE}"

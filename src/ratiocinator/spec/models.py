@@ -1,0 +1,531 @@
+"""The research spec: what to study, where the code is, and what may be spent.
+
+The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
+``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
+``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
+``metrics.patterns``) are documented in the README. Unknown keys are errors, never silently dropped.
+
+``search`` is what the offline (no-LLM) planner explores after iteration 1::
+
+    search:
+      space:                                     # knob -> range or choices
+        LR: {low: 1.0e-4, high: 1.0e-1, log: true}
+        LAYERS: {low: 1, high: 8, step: 1}       # integers when low, high (and step) are integers
+        ARCH: {choices: [gcn, gat, gin, sage]}
+      arms_per_iteration: 4                      # new configurations per later iteration
+      confirm_top: 1                             # best arms that get confirmation replicates
+      confirm_replicates: 2                      # extra replicates for each of them (0: none)
+      seed: 0                                    # sampler seed: same ledger, same proposals
+
+A knob that is both a factor and a search dimension must have its factor levels inside
+the dimension, so the first iteration's arms can seed the search.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from ratiocinator.llm.config import LlmConfig
+from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+\-]{0,99}$")
+# Variables the backend owns; an arm setting them would break pinning or bookkeeping.
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PATH", "VIRTUAL_ENV"})
+RESERVED_PREFIX = "RATIOCINATOR_"
+
+Scalar = str | int | float | bool
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def scalar_to_env(value: Scalar) -> str:
+    """Environment values are strings; booleans keep their YAML spelling."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _check_env_name(name: str, what: str) -> str:
+    if not ENV_NAME.match(name):
+        raise ValueError(f"{what} '{name}' is not a valid environment variable name (letters, digits, _; not starting with a digit)")
+    if name in RESERVED_ENV or name.startswith(RESERVED_PREFIX):
+        raise ValueError(f"{what} '{name}' is set by Ratiocinator itself and cannot be an experiment knob")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(_Strict):
+    """What the runs need; each backend honours or reports every field."""
+
+    gpu: str | None = None
+    num_gpus: int = Field(0, ge=0)
+    min_cpu_ram_gb: float | None = Field(None, ge=0)
+    min_inet_down: float | None = Field(None, ge=0)
+    min_cuda_version: str | None = None
+    max_dph: float | None = Field(None, ge=0)
+    disk_gb: float | None = Field(None, ge=0)
+    image: str | None = None
+    price_per_hour: float = Field(0.0, ge=0, description="local/SSH price used for budget accounting")
+
+    @field_validator("min_cuda_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: object) -> object:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("min_cuda_version")
+    @classmethod
+    def _version_form(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+){0,2}", value):
+            raise ValueError("expected a version like 12.0 or \"12.4\"")
+        return value
+
+
+class Data(_Strict):
+    source: Literal["none", "local"] = "none"
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_for_local(self) -> Data:
+        if self.source == "local" and not self.path:
+            raise ValueError("data.source 'local' needs data.path (a directory, exported to runs as RATIOCINATOR_DATA_DIR)")
+        if self.source == "none" and self.path:
+            raise ValueError("data.path is set but data.source is 'none'; set source: local to use it")
+        return self
+
+
+class Deps(_Strict):
+    pre_install: list[str] = []
+    requirements: str | None = None
+    exclude_from_requirements: list[str] = []
+    verify: str | None = None
+
+
+class Metrics(_Strict):
+    protocol: Literal["json_line", "key_value", "regex"] = "json_line"
+    json_prefix: str = Field("METRICS:", min_length=1)
+    patterns: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _patterns_for_regex(self) -> Metrics:
+        if self.protocol == "regex" and not self.patterns:
+            raise ValueError("protocol 'regex' needs metrics.patterns: {metric_name: 'regex with one (group)'}")
+        for name, pattern in self.patterns.items():
+            try:
+                groups = re.compile(pattern).groups
+            except re.error as exc:
+                raise ValueError(f"metrics.patterns.{name}: invalid regex: {exc}") from None
+            if groups != 1:
+                raise ValueError(f"metrics.patterns.{name}: the regex must have exactly one (group), it has {groups}")
+        return self
+
+
+class FailurePolicy(_Strict):
+    """What a failed run costs: transient failures are retried, deterministic ones never."""
+
+    max_attempts: PositiveInt = Field(3, description="attempts per replicate; only transient failures (infra, shared-host oom) retry")
+    retry_backoff_s: float = Field(10.0, ge=0, description="wait before the first retry; doubles per attempt, at most 300 s")
+    stop_after: PositiveInt = Field(3, description="stop when the first N finished runs all fail with one deterministic class")
+
+
+class Check(_Strict):
+    """The readiness review run before ``research`` spends anything."""
+
+    smoke: bool = True
+    smoke_timeout_s: float = Field(120.0, gt=0, description="wall limit of each trial-mode smoke run")
+    allow_unchanged_knobs: list[str] = Field(
+        [], description="knobs allowed to change nothing in trial mode (say, EPOCHS capped by the runner)"
+    )
+
+
+class SshHost(_Strict):
+    """One machine of ``hosts:`` in the spec (``backend: ssh``); its private key never leaves this machine."""
+
+    host: str = Field(description="name or address to connect to")
+    port: int = Field(22, ge=1, le=65535)
+    user: str | None = Field(None, description="login name; default: the SSH config's or the local user")
+    identity_file: str | None = Field(None, description="private key to log in with (stays local); default: agent and ~/.ssh/id_*")
+    known_hosts: str | None = Field(None, description="known_hosts file to trust; default ~/.ssh/known_hosts")
+    trust_on_first_use: bool = Field(False, description="pin an unknown host key on first connect in <home>/ssh_known_hosts")
+    workdir: str = Field("~/.ratiocinator", description="base directory on the host (checkouts, venvs, runs)")
+    slots: int = Field(1, ge=1, description="concurrent runs on this host")
+    gpus: list[int] | None = Field(None, description="GPU indices runs may be pinned to (CUDA_VISIBLE_DEVICES)")
+    python: str = Field("python3", description="interpreter on the host for the launcher and the venvs")
+    price_per_hour: float | None = Field(None, ge=0, description="default: hardware.price_per_hour")
+    env_forward: list[str] = Field(["*"], description="glob patterns of orchestrator variables runs may see")
+
+    @field_validator("host", "python", "workdir")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip() or any(c in value for c in "\n\r\0"):
+            raise ValueError("must be a non-empty single line")
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.user + '@' if self.user else ''}{self.host}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH writes this host in known_hosts."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+class VastConfig(_Strict):
+    """Renting on the Vast.ai marketplace (``backend: vast``); the key comes from ``VAST_API_KEY``."""
+
+    base_url: str = "https://console.vast.ai/api/v0"
+    instances: PositiveInt | None = Field(None, description="instances rented for the experiment (default: concurrency / slots_per_instance)")
+    slots_per_instance: PositiveInt = 1
+    boot_timeout_s: float = Field(600.0, gt=0, description="an instance not reachable by SSH by then is destroyed")
+    setup_allowance_s: float = Field(900.0, ge=0, description="clone and deps, paid once per instance")
+    work_s: float | None = Field(None, gt=0, description="billed work per instance (default: its share of runs × train_timeout_s)")
+    min_reliability: float = Field(0.95, ge=0, le=1)
+    verified: bool = True
+    allow_mixed_gpus: bool = False
+    ssh_user: str = "root"
+    workdir: str = "~/.ratiocinator"
+    storage_per_gb_month: float = Field(0.10, ge=0)
+    health_check_s: float = Field(60.0, ge=0, description="a launch re-reads its instance when the last read is older")
+    api_attempts: PositiveInt = Field(6, description="tries per API call on 429, 5xx, timeouts and dropped connections")
+    api_backoff_s: float = Field(1.0, gt=0, description="the first retry's wait (doubling with jitter, up to 30 s)")
+    destroy_confirm_s: float = Field(60.0, gt=0, description="how long a destroy waits to see the instance gone")
+
+
+class RaySettings(_Strict):
+    """Running on an existing Ray cluster (``backend: ray``, ``ray_address``)."""
+
+    num_cpus_per_run: float = Field(1.0, gt=0)
+    workdir: str | None = Field(None, description="per-node root for checkouts, venvs and run dirs")
+    schedule_timeout_s: float = Field(600.0, gt=0, description="a run no node takes by then fails as infra")
+    env_forward: list[str] = Field([], description="inherited variables (fnmatch patterns) sent to runs")
+
+
+class Arm(_Strict):
+    """One configuration: knobs as environment variables, optional runner flags."""
+
+    name: str
+    env: dict[str, Scalar] = {}
+    args: dict[str, Scalar | None] = {}
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _arm_name(cls, value: str) -> str:
+        if not ARM_NAME.match(value):
+            raise ValueError("arm names use letters, digits and _.,=+- (at most 100 characters, not starting with punctuation)")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        for key in value:
+            _check_env_name(key, "knob")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _flags(cls, value: dict[str, Scalar | None]) -> dict[str, Scalar | None]:
+        for flag in value:
+            if not re.fullmatch(r"--?[A-Za-z0-9][A-Za-z0-9_\-]*", flag):
+                raise ValueError(f"runner flag '{flag}' must look like --name or -n")
+        return value
+
+
+class SearchDimension(_Strict):
+    """One knob's search range: ``choices``, or ``low``/``high`` with an optional ``log`` or ``step``.
+
+    Integer when low, high (and step) are all integers, so LAYERS: {low: 1, high: 8}
+    never proposes 2.5 to a runner that calls int() on it.
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Scalar] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        # Said here, with the nearest key: the generic unknown-key message cannot see
+        # inside the space mapping's values.
+        if isinstance(data, dict):
+            valid = list(cls.model_fields)
+            for key in data:
+                if key not in valid:
+                    near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                    suggestion = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+                    raise ValueError(f"unknown key '{key}' in a search dimension — {suggestion}")
+        return data
+
+    @field_validator("low", "high", "step", mode="before")
+    @classmethod
+    def _not_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")  # noqa: TRY004 (pydantic reports ValueError only)
+        return value
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _scalar_choices(cls, value: object) -> object:
+        # One message instead of pydantic's four (one per member of the Scalar union).
+        if isinstance(value, list):
+            for item in value:
+                if not isinstance(item, (str, int, float, bool)):
+                    raise ValueError(f"choices must be strings, numbers or booleans; got {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("a search dimension is either {choices: [...]} or {low, high}, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            rendered = [scalar_to_env(v) for v in self.choices]
+            if len(set(rendered)) != len(rendered):
+                raise ValueError(f"choices lists a value twice: {rendered}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a search dimension needs low and high (a range) or choices (a list of values)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.step is not None:
+            if self.step <= 0:
+                raise ValueError(f"step must be positive (got {self.step})")
+            if self.log:
+                raise ValueError("log and step cannot be combined; use one")
+            ratio = (self.high - self.low) / self.step
+            if abs(ratio - round(ratio)) > 1e-9 * max(1.0, abs(ratio)):
+                raise ValueError(f"high - low ({self.high} - {self.low}) must be a multiple of step ({self.step})")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step) if v is not None)
+
+    def value_of(self, text: str) -> Scalar | None:
+        """The dimension's value for a knob's environment string, or None if it lies outside."""
+        if self.choices is not None:
+            return next((c for c in self.choices if scalar_to_env(c) == text), None)
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        assert self.low is not None and self.high is not None
+        if not math.isfinite(number) or not self.low <= number <= self.high:
+            return None
+        if self.is_int:
+            if not number.is_integer() or (int(number) - self.low) % (self.step or 1):
+                return None
+            return int(number)
+        if self.step is not None:
+            k = round((number - self.low) / self.step)
+            if abs(number - (self.low + k * self.step)) > 1e-9 * max(1.0, abs(self.step)):
+                return None
+            return self.low + k * self.step  # on the grid exactly, as a sampler computes it
+        return number
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {[scalar_to_env(c) for c in self.choices]}"
+        extra = " (log scale)" if self.log else f" in steps of {self.step}" if self.step is not None else ""
+        return f"{'an integer' if self.is_int else 'a number'} in [{self.low}, {self.high}]{extra}"
+
+
+class Search(_Strict):
+    """What the offline planner explores after iteration 1, and how it confirms what it finds."""
+
+    space: dict[str, SearchDimension]
+    arms_per_iteration: PositiveInt = 4
+    confirm_top: int = Field(1, ge=0)
+    confirm_replicates: int = Field(2, ge=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not value:
+            raise ValueError("search.space names no knobs; give each knob a range {low, high} or {choices: [...]}")
+        for name in value:
+            _check_env_name(name, "search knob")
+        return value
+
+
+class Spec(_Strict):
+    """A research spec (seed fields first, then extensions)."""
+
+    name: str | None = None
+    topic: str = Field(min_length=1)
+    goal_metric: str = Field(min_length=1)
+    maximize: bool
+    repo_url: str = Field(min_length=1)
+    repo_branch: str = "HEAD"
+    runner_script: str = Field(min_length=1)
+    hardware: Hardware = Hardware()
+    data: Data = Data()
+    deps: Deps = Deps()
+    metrics: Metrics = Metrics()
+    max_iterations: PositiveInt = 1
+    max_dollars: float = Field(0.0, ge=0)
+    train_timeout_s: float = Field(3600.0, gt=0)
+    download_timeout_s: float = Field(600.0, gt=0)
+    paper_title: str | None = None
+
+    arms: list[Arm] = []
+    factors: dict[str, list[Scalar]] = {}
+    design: Literal["grid", "ablation"] = "grid"
+    baseline: str | dict[str, Scalar] | None = None
+    replicates: PositiveInt = 3
+    seed_env: str | None = None
+    concurrency: PositiveInt | None = None
+    backend: Literal["local", "ssh", "vast", "ray"] = "local"
+    hosts: list[SshHost] = []
+    vast: VastConfig | None = None
+    ray_address: str | None = Field(None, description="Ray cluster address (host:port, ray://..., or auto)")
+    ray: RaySettings = RaySettings()
+    extra_knobs: list[str] = []
+    failure_policy: FailurePolicy = FailurePolicy()
+    check: Check = Check()
+    llm: LlmConfig | None = None
+    search: Search | None = None  # last: its validator reads factors and seed_env
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", value):
+            raise ValueError("name uses letters, digits and _.- (at most 64 characters)")
+        return value
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, value: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        for name, levels in value.items():
+            _check_env_name(name, "factor")
+            if not levels:
+                raise ValueError(f"factor '{name}' has no values")
+            rendered = [scalar_to_env(v) for v in levels]
+            if len(set(rendered)) != len(rendered):
+                raise ValueError(f"factor '{name}' lists a value twice: {rendered}")
+        return value
+
+    @field_validator("seed_env")
+    @classmethod
+    def _seed_env(cls, value: str | None) -> str | None:
+        return None if value is None else _check_env_name(value, "seed_env")
+
+    @field_validator("extra_knobs")
+    @classmethod
+    def _extra_knobs(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.startswith("-"):
+                _check_env_name(name, "extra knob")
+        return value
+
+    @field_validator("search")
+    @classmethod
+    def _search_fits_factors(cls, value: Search | None, info: ValidationInfo) -> Search | None:
+        """Factor levels outside the space could not seed the search (and would say the space is wrong)."""
+        if value is None:
+            return value
+        if info.data.get("seed_env") in value.space:
+            raise ValueError(f"seed_env '{info.data['seed_env']}' is set per replicate; it cannot be a search knob")
+        for name, levels in (info.data.get("factors") or {}).items():
+            dim = value.space.get(name)
+            if dim is None:
+                continue
+            outside = [scalar_to_env(v) for v in levels if dim.value_of(scalar_to_env(v)) is None]
+            if outside:
+                raise ValueError(
+                    f"factor '{name}' has level{'s' if len(outside) > 1 else ''} {', '.join(outside)} outside"
+                    f" search.space.{name} ({dim.describe()}); widen the range or change the levels"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Spec:
+        if self.metrics.protocol == "regex" and self.goal_metric not in self.metrics.patterns:
+            raise ValueError(
+                f"goal_metric '{self.goal_metric}' has no entry in metrics.patterns "
+                f"(has: {', '.join(sorted(self.metrics.patterns))})"
+            )
+        if isinstance(self.baseline, dict):
+            if not self.factors:
+                raise ValueError("baseline is a mapping of factor values, but the spec has no factors")
+            missing = set(self.factors) - set(self.baseline)
+            extra = set(self.baseline) - set(self.factors)
+            if missing or extra:
+                raise ValueError(
+                    "baseline must give one value for every factor"
+                    + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
+                    + (f"; not a factor: {', '.join(sorted(extra))}" if extra else "")
+                )
+            for name, value in self.baseline.items():
+                levels = [scalar_to_env(v) for v in self.factors[name]]
+                if scalar_to_env(value) not in levels:
+                    raise ValueError(f"baseline {name}={scalar_to_env(value)} is not one of the factor's values {levels}")
+        if self.design == "ablation" and self.factors and self.baseline is None:
+            raise ValueError("design 'ablation' varies one factor at a time from the baseline: set baseline: {FACTOR: value, ...}")
+        if self.seed_env and any(self.seed_env in arm.env for arm in self.arms):
+            raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; arms must not set it")
+        if self.backend == "ssh" and not self.hosts:
+            raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
+        if self.backend != "ssh" and self.hosts:
+            raise ValueError("hosts: is only used with backend: ssh")
+        if self.backend != "vast" and self.vast is not None:
+            raise ValueError("vast: is only used with backend: vast")
+        if self.backend != "ray" and self.ray_address:
+            raise ValueError("ray_address: is only used with backend: ray")
+        if self.seed_env and self.seed_env in self.factors:
+            raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.paper_title or f"{self.name or 'Experiment'}: {self.goal_metric}"
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec plus where it came from (for hashing, resume and error lines)."""
+
+    spec: Spec
+    path: Path
+    text: str
+    sha256: str
+    lines: dict[Loc, int]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name or re.sub(r"[^A-Za-z0-9_.\-]", "-", self.path.stem)[:64]
+
+    def where(self, *loc: str | int) -> str:
+        """``file:line`` for a location in the spec, for error messages."""
+        line = line_for(tuple(loc), self.lines)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read, parse and validate a spec file; every failure is a SpecError (exit 2)."""
+    path = Path(path)
+    raw, text, data, lines = read_mapping(path, "spec")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, Spec, path, lines) from None
+    return LoadedSpec(spec=spec, path=path.resolve(), text=text, sha256=hashlib.sha256(raw).hexdigest(), lines=lines)

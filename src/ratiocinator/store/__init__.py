@@ -1,0 +1,1 @@
+"""What is saved: the SQLite ledger, the budget over it, and rented-instance rows."""
