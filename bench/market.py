@@ -50,13 +50,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ratiocinator.backends.base import (Backend, ExitInfo, HardwareFinding, Host, LaunchRequest, RunHandle, Slot,
-    Stream, Workspace)
-from ratiocinator.store.budget import Budget
+from ratiocinator.backends.base import (
+    Backend,
+    ExitInfo,
+    HardwareFinding,
+    Host,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Stream,
+    Workspace,
+)
 from ratiocinator.execution.executor import Executor
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.planning.plan import plan_iteration
 from ratiocinator.spec.models import LoadedSpec, load_spec
+from ratiocinator.store.budget import Budget
+from ratiocinator.store.ledger import Ledger
 
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import NOOP_RUNNER, make_repo, write_spec  # noqa: E402 - the bench's shared helpers

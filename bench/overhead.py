@@ -27,11 +27,11 @@ from pathlib import Path
 
 from ratiocinator.backends.base import Workspace
 from ratiocinator.backends.local import LocalBackend, runner_argv
-from ratiocinator.store.budget import Budget
 from ratiocinator.execution.executor import Executor
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.planning.plan import plan_iteration
 from ratiocinator.spec.models import load_spec
+from ratiocinator.store.budget import Budget
+from ratiocinator.store.ledger import Ledger
 
 NOOP_RUNNER = '#!/usr/bin/env bash\necho "METRICS: {\\"score\\": ${K:-0}}"\n'
 CHATTY_RUNNER = """#!/usr/bin/env python3

@@ -50,10 +50,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ratiocinator.store.ledger import SCHEMA_VERSION, Ledger
 from ratiocinator.execution.metrics import MetricPoint
 from ratiocinator.planning.plan import PlannedArm, factor_arm_name
 from ratiocinator.report.publish import LATEX_ENGINE, write_report
+from ratiocinator.store.ledger import SCHEMA_VERSION, Ledger
 
 TARGET_S = 10.0
 EXPERIMENT = "bench-report"

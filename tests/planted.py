@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.execution.metrics import MetricPoint
 from ratiocinator.planning.plan import PlannedArm, factor_arm_name
+from ratiocinator.store.ledger import Ledger
 
 
 def spec_text(**overrides: object) -> str:

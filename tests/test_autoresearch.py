@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import CLI, process_alive
 from gitrepo import GIT_ENV, GitRepo, git
 from llmserver import LlmServer, Reply
-
 from ratiocinator.autoresearch import AutoResearch, load_program
 from ratiocinator.autoresearch.decide import noise_aware, noise_floor, strictly_better
 from ratiocinator.autoresearch.gitops import Change, Git

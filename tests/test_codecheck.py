@@ -12,10 +12,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from gitrepo import GitRepo
 
-from ratiocinator.check.static import (Finding, lfs_pointer_findings, placeholders, python_syntax_errors,
-    reached_python_files, requirements_findings)
+from gitrepo import GitRepo
+from ratiocinator.check.static import (
+    Finding,
+    lfs_pointer_findings,
+    placeholders,
+    python_syntax_errors,
+    reached_python_files,
+    requirements_findings,
+)
 from ratiocinator.errors import WorkspaceError
 from ratiocinator.repo.knobs import discover_knobs
 from ratiocinator.repo.workspace import LFS_POINTER_PREFIX

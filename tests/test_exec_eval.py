@@ -19,8 +19,17 @@ from pathlib import Path
 import pytest
 
 from ratiocinator.errors import UsageError
-from ratiocinator.execeval.evaluate import (LABELS, Limits, Sample, SampleResult, evaluate, format_results,
-    load_samples, results_json, summarize)
+from ratiocinator.execeval.evaluate import (
+    LABELS,
+    Limits,
+    Sample,
+    SampleResult,
+    evaluate,
+    format_results,
+    load_samples,
+    results_json,
+    summarize,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 

@@ -12,12 +12,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from conftest import Study
 from gitrepo import GitRepo
-
 from ratiocinator.errors import UsageError
-from ratiocinator.report.exports import (RUN_COLUMNS, results_tsv_rows, run_records, write_results_tsv, write_runs_csv,
-    write_runs_json)
+from ratiocinator.report.exports import (
+    RUN_COLUMNS,
+    results_tsv_rows,
+    run_records,
+    write_results_tsv,
+    write_runs_csv,
+    write_runs_json,
+)
 from ratiocinator.store.ledger import Ledger, RunRow
 
 RUNNER = """

@@ -10,8 +10,16 @@ import pytest
 from conftest import Study
 from ratiocinator.backends.base import Host, LaunchFailure, LaunchRequest, RunHandle
 from ratiocinator.backends.local import LocalBackend
-from ratiocinator.execution.failures import (Failure, Frame, RunEvidence, constant_across_arms, diagnose,
-    last_exception, user_frame, ArmOutcome)
+from ratiocinator.execution.failures import (
+    ArmOutcome,
+    Failure,
+    Frame,
+    RunEvidence,
+    constant_across_arms,
+    diagnose,
+    last_exception,
+    user_frame,
+)
 from ratiocinator.pipeline import Research
 from ratiocinator.spec.models import load_spec
 

@@ -14,14 +14,27 @@ import pytest
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.colors import to_hex
 
-from ratiocinator.report import figures
-from ratiocinator.analysis.summary import summarize_experiment
-from ratiocinator.report.figures import (FigureFile, all_figures, arm_colors, cost_figure, curves_figure, draw_cost,
-    draw_curves, draw_goal, draw_main_effects, goal_figure, main_effects_figure, render, wrap_label)
 from ratiocinator.analysis.inference import Inference, infer
-from ratiocinator.store.ledger import Ledger, RunRow
+from ratiocinator.analysis.summary import summarize_experiment
 from ratiocinator.execution.metrics import MetricPoint
 from ratiocinator.planning.plan import PlannedArm
+from ratiocinator.report import figures
+from ratiocinator.report.figures import (
+    FigureFile,
+    all_figures,
+    arm_colors,
+    cost_figure,
+    curves_figure,
+    draw_cost,
+    draw_curves,
+    draw_goal,
+    draw_main_effects,
+    goal_figure,
+    main_effects_figure,
+    render,
+    wrap_label,
+)
+from ratiocinator.store.ledger import Ledger, RunRow
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PDF = b"%PDF"

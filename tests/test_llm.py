@@ -19,8 +19,20 @@ from pydantic import BaseModel, ValidationError
 
 from llmserver import Delay, Fail, LlmServer, Reply
 from ratiocinator.errors import RatiocinatorError, SpecError
-from ratiocinator.llm import (Completion, LlmConfig, LlmError, LlmUnavailable, Message, OpenAIProvider, ask_structured,
-    estimate_cost, json_candidates, llm_from_env, make_provider, redact)
+from ratiocinator.llm import (
+    Completion,
+    LlmConfig,
+    LlmError,
+    LlmUnavailable,
+    Message,
+    OpenAIProvider,
+    ask_structured,
+    estimate_cost,
+    json_candidates,
+    llm_from_env,
+    make_provider,
+    redact,
+)
 
 KEY = "sk-test-LEAKCHECK-7d1f0c9e5b2a4e38a6"  # distinctive, so any leak is found by substring
 KEY_ENV = "TEST_LLM_KEY"

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from conftest import Study
-from ratiocinator.backends.local import LocalBackend, process_start_time
 from ratiocinator.backends.hardware import MachineFacts, compare_local
+from ratiocinator.backends.local import LocalBackend, process_start_time
 from ratiocinator.spec.models import Hardware
 
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash

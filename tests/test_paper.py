@@ -15,8 +15,8 @@ from scipy import stats as sps
 
 from planted import PlantedStudy
 from ratiocinator.analysis.summary import best_arm, metric_stats
-from ratiocinator.report.facts import Kind, format_value
 from ratiocinator.planning.plan import PlannedArm
+from ratiocinator.report.facts import Kind, format_value
 from ratiocinator.report.publish import write_report
 
 LINK = re.compile(r"\[([^\]]*)\]\(#f[0-9]+\)")

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Study, process_alive
-from raycluster import RayCluster
 
+from conftest import Study, process_alive
 from ratiocinator.backends.base import Host, LaunchRequest, RunHandle, Slot
 from ratiocinator.pipeline import Research
 from ratiocinator.spec.models import LoadedSpec, load_spec
+from raycluster import RayCluster
 
 pytest.importorskip("ray", reason="the Ray backend's tests need `pip install 'ratiocinator[ray]'`")
 from ratiocinator.backends.ray_backend import RayBackend

@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from planted import PlantedStudy
-from ratiocinator.store.budget import Budget
 from ratiocinator.errors import PlanError, SpecError
-from ratiocinator.repo.knobs import Knob, KnobReport, discover_knobs
-from ratiocinator.planning.planner import PlanningContext
 from ratiocinator.planning.plan import PlannedArm, factor_arm_name, plan_iteration
+from ratiocinator.planning.planner import PlanningContext
 from ratiocinator.planning.search import NO_SPACE, SearchPlanner, distribution, format_value
+from ratiocinator.repo.knobs import Knob, KnobReport, discover_knobs
 from ratiocinator.spec.models import LoadedSpec, SearchDimension, load_spec
+from ratiocinator.store.budget import Budget
 
 MINIMAL = """\
 topic: t

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
-from ratiocinator.store import instances as inst
 from ratiocinator.backends.vast.api import RetryPolicy, VastApi, VastAuthError, VastError, v1_root
 from ratiocinator.errors import BackendError
+from ratiocinator.store import instances as inst
 from ratiocinator.store.ledger import Ledger
 from vastserver import API_KEY, MAX_PAGE, FakeVast, Fault, VastServer, offer
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
-from ratiocinator.store import instances as inst
-from ratiocinator.backends.vast.backend import VastBackend, VastSettings, offer_query, pick_offers, watchdog
 from ratiocinator.backends.vast.api import VastApi
+from ratiocinator.backends.vast.backend import VastBackend, VastSettings, offer_query, pick_offers, watchdog
 from ratiocinator.errors import BackendError, CredentialsError
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.pipeline import Research, ResearchOutcome
 from ratiocinator.spec.models import load_spec
+from ratiocinator.store import instances as inst
+from ratiocinator.store.ledger import Ledger
 from sshd import Sshd, free_port
 from vastserver import API_KEY, FakeVast, Fault, VastServer, offer
 

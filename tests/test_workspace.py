@@ -18,11 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from gitrepo import GitRepo, git
 
+from gitrepo import GitRepo, git
 from ratiocinator.errors import WorkspaceError
-from ratiocinator.repo.workspace import (FILTERED_REQUIREMENTS, LFS_POINTER_PREFIX, DepsConfig, PreparedEnv, checkout,
-    filter_requirements, find_lfs_pointers, prepare_env, resolve_commit, resolve_repo_url, run_verify)
+from ratiocinator.repo.workspace import (
+    FILTERED_REQUIREMENTS,
+    LFS_POINTER_PREFIX,
+    DepsConfig,
+    PreparedEnv,
+    checkout,
+    filter_requirements,
+    find_lfs_pointers,
+    prepare_env,
+    resolve_commit,
+    resolve_repo_url,
+    run_verify,
+)
 
 
 @pytest.fixture

@@ -52,8 +52,8 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 API_KEY = "test-vast-key"

@@ -23,15 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError
-from ratiocinator.store.ledger import Ledger
+from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
 from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
-from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.spec.models import load_spec
+from ratiocinator.store.ledger import Ledger
 
 if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
-    from ratiocinator.report.publish import ReportFiles
     from ratiocinator.check.readiness import Readiness
+    from ratiocinator.report.publish import ReportFiles
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -587,9 +587,9 @@ def instances_cmd(
 ) -> None:
     """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
-    from ratiocinator.store import instances as inst
     from ratiocinator.backends.vast.api import VastApi
     from ratiocinator.spec.models import VastConfig
+    from ratiocinator.store import instances as inst
 
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")

@@ -20,21 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ratiocinator.repo import workspace as ws
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
 from ratiocinator.backends.local import LocalBackend, runner_argv
-from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
 from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
-from ratiocinator.repo.knobs import KnobReport, discover_knobs
-from ratiocinator.store.ledger import Experiment, Ledger
 from ratiocinator.llm.config import LlmConfig, llm_from_env
 from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
 from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
-from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
 from ratiocinator.planning.plan import Plan, refuse_ignored_knobs
+from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
+from ratiocinator.repo import workspace as ws
+from ratiocinator.repo.knobs import KnobReport, discover_knobs
 from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.store.budget import Budget, run_cost, run_worst_case
+from ratiocinator.store.ledger import Experiment, Ledger
 
 FINISHED = ("completed", "budget_exhausted", "stopped")
 # For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
@@ -607,8 +607,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                on_message: Callable[[str], None] | None = None) -> Readiness:
     """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
     the ledger (with no experiment), so what was paid for can be audited."""
-    from ratiocinator.planning.plan import PlannedArm, plan_iteration
     from ratiocinator.check.readiness import CheckResult, Readiness, review
+    from ratiocinator.planning.plan import PlannedArm, plan_iteration
 
     paths = Paths(Path(home).expanduser().resolve())
     if loaded.spec.arms or loaded.spec.factors:

@@ -15,9 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from ratiocinator.analysis.stats import (
+    Anova,
+    AnovaRow,
+    Comparison,
+    Describe,
+    LevelMean,
+    anova,
+    describe,
+    holm,
+    marginal_means,
+    welch,
+)
 from ratiocinator.analysis.summary import ArmSummary, ExperimentSummary, MetricStats
-from ratiocinator.analysis.stats import (Anova, AnovaRow, Comparison, Describe, LevelMean, anova, describe, holm,
-    marginal_means, welch)
 
 ALPHA = 0.05
 # Below this many replicates per arm the report warns that σ and every test are fragile.

@@ -40,12 +40,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from ratiocinator.llm.config import LlmConfig
-from ratiocinator.llm.providers import Completion, LlmError, estimate_cost, make_provider
-from ratiocinator.llm.structured import ask_structured
 from ratiocinator.autoresearch.gitops import Git
 from ratiocinator.autoresearch.guard import matches_any
 from ratiocinator.autoresearch.runner import kill_group, kill_orphan, process_start_time
+from ratiocinator.llm.config import LlmConfig
+from ratiocinator.llm.providers import Completion, LlmError, estimate_cost, make_provider
+from ratiocinator.llm.structured import ask_structured
 
 LOOP_DIR = ".autoresearch"
 PROMPT_NAME = "prompt.md"

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.errors import UsageError
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.autoresearch.gitops import Git
 from ratiocinator.autoresearch.program import LoadedProgram
 from ratiocinator.autoresearch.store import Attempt, Session, Store
+from ratiocinator.errors import UsageError
+from ratiocinator.store.ledger import Ledger
 
 
 def open_session(loaded: LoadedProgram, home: Path) -> tuple[Store, Session]:

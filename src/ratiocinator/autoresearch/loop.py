@@ -38,13 +38,19 @@ from typing import Any
 
 import yaml
 
-from ratiocinator.store.budget import run_cost, run_worst_case
-from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
-from ratiocinator.store.ledger import Ledger
-from ratiocinator.llm.config import llm_from_env
-from ratiocinator.llm.providers import Completion, LlmUnavailable
-from ratiocinator.autoresearch.agents import (LOOP_DIR, Agent, AgentFailures, AgentStopped, CommandAgent, GiveUp,
-    LlmAgent, PatchAgent, Turn, quote_files, stop_orphan_agent)
+from ratiocinator.autoresearch.agents import (
+    LOOP_DIR,
+    Agent,
+    AgentFailures,
+    AgentStopped,
+    CommandAgent,
+    GiveUp,
+    LlmAgent,
+    PatchAgent,
+    Turn,
+    quote_files,
+    stop_orphan_agent,
+)
 from ratiocinator.autoresearch.decide import Decision, noise_aware, noise_floor, strictly_better
 from ratiocinator.autoresearch.gitops import Git, GitError
 from ratiocinator.autoresearch.guard import check_edit, matches_any, protected_hashes
@@ -53,6 +59,11 @@ from ratiocinator.autoresearch.prompt import build_prompt
 from ratiocinator.autoresearch.results import write_outputs
 from ratiocinator.autoresearch.runner import RunOutcome, kill_orphan, run_experiment
 from ratiocinator.autoresearch.store import Attempt, Session, Store
+from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
+from ratiocinator.llm.config import llm_from_env
+from ratiocinator.llm.providers import Completion, LlmUnavailable
+from ratiocinator.store.budget import run_cost, run_worst_case
+from ratiocinator.store.ledger import Ledger
 
 MAX_INTEGRATION_ROUNDS = 3
 EXIT_INTERRUPTED = 130

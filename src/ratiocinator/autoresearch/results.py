@@ -26,9 +26,9 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from ratiocinator.report.exports import write_atomic
 from ratiocinator.autoresearch.program import Program
 from ratiocinator.autoresearch.store import Attempt, Session
+from ratiocinator.report.exports import write_atomic
 
 _TSV_BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 PLOT_NAME = "progress.png"

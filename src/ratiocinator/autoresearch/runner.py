@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ratiocinator.autoresearch.program import Metric
 from ratiocinator.backends.local import process_start_time
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
-from ratiocinator.autoresearch.program import Metric
 
 KILL_GRACE_S = 5.0
 POLL_S = 0.05

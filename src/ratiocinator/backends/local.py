@@ -16,12 +16,22 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.repo import workspace as ws
-from ratiocinator.errors import BackendError
+from ratiocinator.backends.base import (
+    Backend,
+    ExitInfo,
+    HardwareFinding,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Stream,
+    Workspace,
+)
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
+from ratiocinator.errors import BackendError
+from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
-from ratiocinator.backends.base import (Backend, ExitInfo, HardwareFinding, Host, LaunchFailure, LaunchRequest,
-    RunHandle, Slot, Stream, Workspace)
 
 CHUNK = 1 << 16
 

@@ -36,13 +36,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.repo import workspace as ws
-from ratiocinator.errors import BackendError, WorkspaceError
-from ratiocinator.spec.models import LoadedSpec
-from ratiocinator.backends.base import (Backend, ExitInfo, FollowedRunHandle, HardwareFinding, Host, LaunchFailure,
-    LaunchRequest, RunHandle, Slot, Workspace)
 from ratiocinator.backends.artifacts import safe_link, write_skipped
+from ratiocinator.backends.base import (
+    Backend,
+    ExitInfo,
+    FollowedRunHandle,
+    HardwareFinding,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Workspace,
+)
 from ratiocinator.backends.local import launch_failure, process_start_time
+from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.repo import workspace as ws
+from ratiocinator.spec.models import LoadedSpec
 
 NAMESPACE = "ratiocinator"
 CHUNK = 1 << 20

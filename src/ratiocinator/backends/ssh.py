@@ -46,14 +46,25 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from ratiocinator.repo import workspace as ws
-from ratiocinator.errors import BackendError, WorkspaceError
-from ratiocinator.spec.models import LoadedSpec, SshHost
 from ratiocinator.backends import remote
 from ratiocinator.backends.artifacts import safe_link, write_skipped
-from ratiocinator.backends.base import (Backend, ExitInfo, FollowedRunHandle, HardwareFinding, Host, LaunchFailure,
-    LaunchRequest, RunHandle, Slot, Stream, Workspace)
+from ratiocinator.backends.base import (
+    Backend,
+    ExitInfo,
+    FollowedRunHandle,
+    HardwareFinding,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Stream,
+    Workspace,
+)
 from ratiocinator.backends.local import launch_failure
+from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.repo import workspace as ws
+from ratiocinator.spec.models import LoadedSpec, SshHost
 
 T = TypeVar("T")
 

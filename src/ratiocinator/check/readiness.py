@@ -29,14 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ratiocinator.backends.base import Backend, Host, Workspace
-from ratiocinator.check.static import (Finding, lfs_pointer_findings, placeholders, python_syntax_errors,
-    requirements_findings)
-from ratiocinator.errors import RatiocinatorError
-from ratiocinator.repo.knobs import KnobReport
-from ratiocinator.planning.plan import Plan, find_ignored_knobs
 from ratiocinator.check.smoke import SmokeOutcome, distinct_arms, run_smoke, unchanged_knobs
-from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.check.static import (
+    Finding,
+    lfs_pointer_findings,
+    placeholders,
+    python_syntax_errors,
+    requirements_findings,
+)
+from ratiocinator.errors import RatiocinatorError
+from ratiocinator.planning.plan import Plan, find_ignored_knobs
+from ratiocinator.repo.knobs import KnobReport
 from ratiocinator.repo.workspace import venv_base_python
+from ratiocinator.spec.models import LoadedSpec
 
 if TYPE_CHECKING:
     from ratiocinator.llm.config import LlmConfig
@@ -260,8 +265,8 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
 def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: LoadedSpec, checkout: Path,
               files: Sequence[str]) -> CheckResult:
     """The model's review, merged only through claims the checkout confirms."""
-    from ratiocinator.llm.session import RecordingProvider
     from ratiocinator.check.review import run_review
+    from ratiocinator.llm.session import RecordingProvider
 
     spec = loaded.spec
     reviewer: Provider | None = None

@@ -132,9 +132,10 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
+from ratiocinator.errors import RatiocinatorError, UsageError
+
 # The harness: its protocol constants, and imported here so that the zygotes find its bytecode cached.
 from ratiocinator.execeval import sandbox_child
-from ratiocinator.errors import RatiocinatorError, UsageError
 
 LABELS = ("success", "wrong_output", "runtime_error", "syntax_error", "timeout", "memory_error", "no_tests_ran")
 SANDBOX_UID_BASE = 2_000_000_000

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from ratiocinator.backends.base import Slot
 
+
 class SlotPool:
     """Free and usable slots; a slot leaves for good when it is lost or given back."""
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ratiocinator.backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
-from ratiocinator.store.budget import Budget, run_cost
-from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
+from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
 from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
 from ratiocinator.planning.plan import Plan, PlannedRun
 from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.store.budget import Budget, run_cost
+from ratiocinator.store.ledger import Ledger
 
 POINT_BATCH = 5000
 POINT_FLUSH_S = 1.0

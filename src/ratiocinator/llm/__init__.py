@@ -7,8 +7,21 @@ provider builds its client, because the CLI starts on every command.
 from __future__ import annotations
 
 from ratiocinator.llm.config import ENV_VARS, LlmConfig, llm_from_env, looks_like_key
-from ratiocinator.llm.providers import (AnthropicProvider, Completion, LlmError, LlmUnavailable, Message,
-    OpenAIProvider, Provider, SdkProvider, call_cost, estimate_cost, make_provider, redact, redact_data)
+from ratiocinator.llm.providers import (
+    AnthropicProvider,
+    Completion,
+    LlmError,
+    LlmUnavailable,
+    Message,
+    OpenAIProvider,
+    Provider,
+    SdkProvider,
+    call_cost,
+    estimate_cost,
+    make_provider,
+    redact,
+    redact_data,
+)
 from ratiocinator.llm.structured import StructuredResult, ask_structured, json_candidates
 
 __all__ = [

@@ -17,9 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ratiocinator.errors import RatiocinatorError
-from ratiocinator.store.ledger import Ledger, LlmCallRow
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.llm.providers import Completion, LlmError, Message, Provider, estimate_cost
+from ratiocinator.store.ledger import Ledger, LlmCallRow
 
 
 class LlmBudgetExceeded(RatiocinatorError):

@@ -24,8 +24,8 @@ from pydantic import BaseModel, Field
 from ratiocinator.errors import PlanError
 from ratiocinator.llm.session import LlmSession
 from ratiocinator.llm.structured import ask_structured
-from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.planning.plan import Plan, PlannedArm, plan_iteration
+from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.spec.models import ARM_NAME, LoadedSpec, Scalar, scalar_to_env
 
 MAX_ATTEMPTS = 3

@@ -12,11 +12,11 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ratiocinator.store.budget import Budget, run_worst_case
-from ratiocinator.repo.knobs import KnobReport
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.planning.plan import Plan, plan_iteration
+from ratiocinator.repo.knobs import KnobReport
 from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.store.budget import Budget, run_worst_case
+from ratiocinator.store.ledger import Ledger
 
 if TYPE_CHECKING:
     from ratiocinator.llm.session import LlmSession

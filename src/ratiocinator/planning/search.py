@@ -42,10 +42,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from ratiocinator.errors import PlanError
-from ratiocinator.store.ledger import ArmRow, Ledger
-from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.planning.plan import Plan, PlannedArm, factor_arm_name, plan_iteration
+from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.spec.models import LoadedSpec, Scalar, Search, SearchDimension, scalar_to_env
+from ratiocinator.store.ledger import ArmRow, Ledger
 
 # Asks per wanted configuration before concluding the space holds nothing new.
 ASKS_PER_ARM = 16

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ratiocinator.errors import UsageError
 from ratiocinator.analysis.inference import ArmGoal, Inference, Verdict, arm_goals, judge, noise_floor
-from ratiocinator.store.ledger import Ledger
-from ratiocinator.report.paper import analyse
 from ratiocinator.analysis.stats import Comparison, holm, welch
+from ratiocinator.errors import UsageError
+from ratiocinator.report.paper import analyse
+from ratiocinator.store.ledger import Ledger
 
 
 @dataclass(frozen=True)

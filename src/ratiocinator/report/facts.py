@@ -14,8 +14,8 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
 from enum import Enum
+from functools import cached_property, lru_cache
 
 
 class Kind(str, Enum):

@@ -36,10 +36,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from ratiocinator.store import instances
 from ratiocinator.analysis.inference import ALPHA, Inference, Verdict
-from ratiocinator.store.ledger import NO_STEP
 from ratiocinator.analysis.stats import CONFIDENCE
+from ratiocinator.store import instances
+from ratiocinator.store.ledger import NO_STEP
 
 if TYPE_CHECKING:
     from ratiocinator.store.ledger import Ledger, RunRow

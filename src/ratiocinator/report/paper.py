@@ -21,19 +21,38 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ratiocinator.analysis.inference import (
+    ALPHA,
+    SMALL_N,
+    ArmGoal,
+    BaselineComparison,
+    FactorAnalysis,
+    Inference,
+    NoiseFloor,
+    Verdict,
+    infer,
+)
 from ratiocinator.analysis.summary import ArmSummary, Finals, MetricStats, summarize_experiment
-from ratiocinator.report.document import (Abstract, Block, Bullets, Code, Fields, Figure, Heading, Paragraph, Table,
-    clean)
 from ratiocinator.errors import SpecError
-from ratiocinator.report.facts import MISSING, FactBook, Kind
-from ratiocinator.store import instances
 from ratiocinator.execution.failures import DESCRIPTIONS
-from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
+from ratiocinator.report.document import (
+    Abstract,
+    Block,
+    Bullets,
+    Code,
+    Fields,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    clean,
+)
+from ratiocinator.report.facts import MISSING, FactBook, Kind
 from ratiocinator.report.figures import FigureFile, all_figures
-from ratiocinator.analysis.inference import (ALPHA, SMALL_N, ArmGoal, BaselineComparison, FactorAnalysis, Inference,
-    NoiseFloor, Verdict, infer)
-from ratiocinator.store.ledger import Experiment, Ledger, RunRow
+from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
 from ratiocinator.spec.models import Spec
+from ratiocinator.store import instances
+from ratiocinator.store.ledger import Experiment, Ledger, RunRow
 
 LOG_TAIL_LINES = 20
 # Only the end of a log is read, so a multi-gigabyte log costs no more than a small one.

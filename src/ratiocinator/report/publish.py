@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.report.document import fact_occurrences, render_html, render_latex, render_markdown
-from ratiocinator.report.exports import (LedgerRows, json_records, write_atomic, write_results_tsv, write_runs_csv,
-    write_runs_json)
 from ratiocinator.analysis.inference import Inference
-from ratiocinator.store.ledger import Ledger
+from ratiocinator.report.document import fact_occurrences, render_html, render_latex, render_markdown
+from ratiocinator.report.exports import (
+    LedgerRows,
+    json_records,
+    write_atomic,
+    write_results_tsv,
+    write_runs_csv,
+    write_runs_json,
+)
 from ratiocinator.report.paper import Paper, build_paper
+from ratiocinator.store.ledger import Ledger
 
 DOCUMENTS = {"paper.md": "md", "paper.html": "html", "paper.tex": "tex"}
 FACTS_FILE = "facts.json"

@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ratiocinator.report.document import fact_occurrences
 from ratiocinator.errors import UsageError
-from ratiocinator.store.ledger import Ledger
+from ratiocinator.report.document import fact_occurrences
 from ratiocinator.report.paper import build_paper
 from ratiocinator.report.publish import DOCUMENTS, FACTS_FILE
+from ratiocinator.store.ledger import Ledger
 
 
 @dataclass

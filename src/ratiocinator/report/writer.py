@@ -7,10 +7,10 @@ when the paper is built (`narrative.check_narrative`): instructions are not guar
 
 from __future__ import annotations
 
-from ratiocinator.store.ledger import Ledger
 from ratiocinator.llm.providers import Provider
 from ratiocinator.llm.structured import ask_structured
 from ratiocinator.report.narrative import Narrative
+from ratiocinator.store.ledger import Ledger
 
 MAX_FACTS_SHOWN = 400
 

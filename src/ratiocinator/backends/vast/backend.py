@@ -35,15 +35,31 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.store import instances as inst
-from ratiocinator.errors import BackendError, BudgetError, CredentialsError
-from ratiocinator.store.ledger import Ledger
-from ratiocinator.spec.models import LoadedSpec, SshHost
-from ratiocinator.backends.base import (Backend, ExitInfo, HardwareFinding, Host, LaunchFailure, LaunchRequest,
-    RunHandle, Slot, Stream, Workspace)
+from ratiocinator.backends.base import (
+    Backend,
+    ExitInfo,
+    HardwareFinding,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Stream,
+    Workspace,
+)
 from ratiocinator.backends.ssh import SshBackend, SshSlot
-from ratiocinator.backends.vast.api import (DEFAULT_BASE_URL, STILL_BILLING_DOWN, RetryPolicy, VastApi, VastError,
-    is_gone)
+from ratiocinator.backends.vast.api import (
+    DEFAULT_BASE_URL,
+    STILL_BILLING_DOWN,
+    RetryPolicy,
+    VastApi,
+    VastError,
+    is_gone,
+)
+from ratiocinator.errors import BackendError, BudgetError, CredentialsError
+from ratiocinator.spec.models import LoadedSpec, SshHost
+from ratiocinator.store import instances as inst
+from ratiocinator.store.ledger import Ledger
 
 
 @dataclass(frozen=True)
