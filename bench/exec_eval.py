@@ -1,7 +1,7 @@
 """Sandboxed evaluation throughput, measured side by side in one run.
 
 N small HumanEval-like samples (correct, wrong, crashing and `return None` completions of
-ten tasks) go through `ratiocinator.execeval.evaluate` with its default workers and with
+ten tasks) go through `ratiocinator.execeval.engine` with its default workers and with
 one worker, and through the plainest possible harness: a sequential loop of
 `subprocess.run([python, "-c", program + test + "check(entry)"], timeout=...)`, with no
 sandbox, no limits and no labels. Prints the machine, the three rates in samples/second
@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ratiocinator.execeval.evaluate import Limits, Sample, evaluate
+from ratiocinator.execeval.engine import Limits, Sample, evaluate
 
 # (entry point, prompt, correct body, wrong body, crashing body, tests)
 TASKS = [

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from ratiocinator.backends.base import (
     Backend,
+    ElasticCapacity,
     ExitInfo,
     HardwareFinding,
     Host,
@@ -61,6 +62,7 @@ from ratiocinator.backends.base import (
     Stream,
     Workspace,
 )
+from ratiocinator.errors import UsageError
 from ratiocinator.execution.executor import Executor
 from ratiocinator.planning.plan import plan_iteration
 from ratiocinator.spec.models import LoadedSpec, load_spec
@@ -158,14 +160,22 @@ class _SimHandle(RunHandle):
         return None
 
 
-class SimMarket(Backend):
-    """Instances with one slot each; rent = boot then setup (scaled sleeps); billing by the clock."""
+class SimMarket(Backend, ElasticCapacity):
+    """Instances with one slot each; rent = boot then setup (scaled sleeps); billing by the clock.
+    Elastic like the Vast backend; ``early_release`` says whether idle instances are given back."""
 
     name = "sim-market"
 
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> SimMarket:
+        raise UsageError("the simulated market is built by this benchmark from its draws, not from a spec")
+
+    def elastic(self) -> SimMarket:
+        return self
+
     def __init__(self, draws: Draws, n: int, scale: float, *, early_release: bool) -> None:
         self.draws, self.n, self.scale = draws, n, scale
-        self.idle_slots_cost = early_release
+        self.idle_billed = early_release
         self.instances: list[_Instance] = []
         self._rentals = iter(draws.rentals)
         self._arrivals: dict[asyncio.Task[None], _Instance] = {}

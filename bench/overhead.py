@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from ratiocinator.backends.base import Workspace
-from ratiocinator.backends.local import LocalBackend, runner_argv
+from ratiocinator.backends.local import LocalBackend
+from ratiocinator.execution.contract import runner_argv
 from ratiocinator.execution.executor import Executor
 from ratiocinator.planning.plan import plan_iteration
 from ratiocinator.spec.models import load_spec

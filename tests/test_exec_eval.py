@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ratiocinator.errors import UsageError
-from ratiocinator.execeval.evaluate import (
+from ratiocinator.execeval.engine import (
     LABELS,
     Limits,
     Sample,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from conftest import Study
 from ratiocinator.backends.hardware import MachineFacts, compare_local
-from ratiocinator.backends.local import LocalBackend, process_start_time
+from ratiocinator.backends.local import LocalBackend
+from ratiocinator.backends.process import process_start_time
 from ratiocinator.spec.models import Hardware
 
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash

@@ -25,6 +25,7 @@ from ratiocinator.errors import BackendError, CredentialsError
 from ratiocinator.pipeline import Research, ResearchOutcome
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store import instances as inst
+from ratiocinator.store.budget import Budget
 from ratiocinator.store.ledger import Ledger
 from sshd import Sshd, free_port
 from vastserver import API_KEY, FakeVast, Fault, VastServer, offer
@@ -153,7 +154,7 @@ def _acquire_only(backend: VastBackend, spec: Path, study: Study) -> tuple[Ledge
     ledger = study.ledger()
     loaded = load_spec(spec)
     exp, _ = open_experiment(ledger, loaded, new=True)
-    backend.bind(ledger, exp.id)
+    backend.attach(Budget(ledger, exp.id, loaded.spec.max_dollars))
     asyncio.run(backend.acquire(loaded))
     return ledger, exp.id
 

@@ -149,6 +149,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         the_plan = plan_iteration(loaded)
     code = inspect_code(loaded, Paths(state.home))
     where = make_backend(loaded, Paths(state.home))
+    findings = where.check_hardware(loaded)
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
     price = backend_price(loaded)
     summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
@@ -170,9 +171,9 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         "designed_by": designed_by,
         "llm": job.llm_estimate(),
         "backend": loaded.spec.backend,
-        # Where runs would go: matching offers (vast), cluster resources (ray), hosts (ssh), this machine.
-        "hardware": [f.__dict__ for f in where.check_hardware(loaded)],
-        "cluster": where.cluster_summary() if loaded.spec.backend == "ray" else None,  # type: ignore[attr-defined]
+        # Where runs would go: matching offers, cluster resources, hosts, this machine.
+        "hardware": [f.__dict__ for f in findings],
+        "where": where.describe(loaded, findings),
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -197,12 +198,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
-        if data["cluster"]:
-            out.print(data["cluster"], markup=False)
-        if loaded.spec.backend != "local":
-            seen = {(f["status"], f["detail"]) for f in data["hardware"]}
-            for status, detail in sorted(seen):
-                out.print(f"{loaded.spec.backend}: {status} — {detail}", markup=False)
+        for line in data["where"]:
+            out.print(line, markup=False)
         if data["llm"]:
             llm = data["llm"]
             out.print(f"LLM: up to {llm['calls']} calls × ${llm['per_call_dollars']:.4f} worst case"
@@ -288,7 +285,7 @@ def exec_eval(
     out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
 ) -> None:
     """Execution-aware evaluation: run each generated sample against its tests in a sandbox and label the outcome."""
-    from ratiocinator.execeval.evaluate import Limits, evaluate, format_results, load_samples, results_json, summarize
+    from ratiocinator.execeval.engine import Limits, evaluate, format_results, load_samples, results_json, summarize
     from ratiocinator.report.exports import write_atomic
 
     loaded = load_samples(samples)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
-from ratiocinator.backends.local import LocalBackend, runner_argv
 from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
+from ratiocinator.execution.contract import data_env, runner_argv
 from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
@@ -35,6 +36,7 @@ from ratiocinator.repo.knobs import KnobReport, discover_knobs
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.store.ledger import Experiment, Ledger
+from ratiocinator.store.paths import Paths
 
 FINISHED = ("completed", "budget_exhausted", "stopped")
 # For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
@@ -43,49 +45,8 @@ ESTIMATED_PROMPT_CHARS = 12_000
 LLM_ENV_PREFIX = "RATIOCINATOR_LLM_"
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Everything under ``--home``."""
-
-    home: Path
-
-    @property
-    def ledger(self) -> Path:
-        return self.home / "ledger.db"
-
-    @property
-    def repos(self) -> Path:
-        return self.home / "repos"
-
-    def runs(self, experiment_id: str) -> Path:
-        return self.home / "runs" / experiment_id
-
-    def report(self, experiment_id: str) -> Path:
-        return self.home / "reports" / experiment_id
-
-    def lock(self, experiment_id: str) -> Path:
-        return self.home / "locks" / f"{experiment_id}.lock"
-
-
 def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
-    if loaded.spec.backend == "local":
-        return LocalBackend(paths.home)
-    if loaded.spec.backend == "ssh":
-        from ratiocinator.backends.ssh import SshBackend  # asyncssh loads only for SSH experiments
-
-        return SshBackend(loaded.spec.hosts, paths.home)
-    if loaded.spec.backend == "vast":
-        from ratiocinator.backends.vast.backend import VastBackend, VastSettings
-
-        settings = VastSettings(**loaded.spec.vast.model_dump()) if loaded.spec.vast else VastSettings()
-        return VastBackend(paths.home, settings=settings)
-    if loaded.spec.backend == "ray":
-        from ratiocinator.backends.ray_backend import RayBackend  # Ray is an optional extra, imported only here
-
-        ray = loaded.spec.ray
-        return RayBackend(loaded.spec.ray_address, paths.home, num_cpus_per_run=ray.num_cpus_per_run, workdir=ray.workdir,
-                          schedule_timeout_s=ray.schedule_timeout_s, env_forward=tuple(ray.env_forward))
-    raise UsageError(f"{loaded.where('backend')}: backend '{loaded.spec.backend}' is not available")
+    return registry.make_backend(loaded, paths.home)
 
 
 def refuse_unmet_hardware(findings: list[HardwareFinding], loaded: LoadedSpec) -> None:
@@ -128,18 +89,6 @@ def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None) ->
             hint="the path is relative to the repository root; is the file committed on that branch?",
         )
     return CodeView(repo=repo, commit=commit, checkout=checkout, knobs=discover_knobs(checkout, loaded.spec.runner_script))
-
-
-def data_env(loaded: LoadedSpec) -> dict[str, str]:
-    data = loaded.spec.data
-    if data.source != "local":
-        return {}
-    path = Path(data.path or "").expanduser()
-    if not path.is_absolute():
-        path = loaded.path.parent / path
-    if not path.is_dir():
-        raise UsageError(f"{loaded.where('data', 'path')}: data.path {path} is not a directory")
-    return {"RATIOCINATOR_DATA_DIR": str(path.resolve())}
 
 
 # -- experiments --------------------------------------------------------------------
@@ -277,12 +226,7 @@ class Research:
         spec = self.spec
         exp_id = experiment.id
         price = backend_price(self.loaded)
-        if backend.name == "vast":  # rented instances: charge this experiment, and destroy what a dead run left
-            from ratiocinator.store import instances
-
-            backend.bind(ledger, exp_id)  # type: ignore[attr-defined]
-            for reaped in instances.reconcile_at_startup(ledger, backend.api, exp_id):  # type: ignore[attr-defined]
-                ledger.event(exp_id, "instance_reaped", f"{reaped.provider_id}: {reaped.outcome}", detail=reaped.detail)
+        backend.attach(Budget(ledger, exp_id, spec.max_dollars))  # rented instances: reserved through it
         if resumed:
             n = reconcile(ledger, backend, experiment, price, spec.train_timeout_s)
             self.progress.message(f"resuming {exp_id}" + (f" ({n} interrupted run(s) will run again)" if n else ""))
@@ -433,10 +377,10 @@ class Research:
                 raise UsageError(f"experiment {self.replay_from} recorded no LLM calls; there is nothing to replay",
                                  hint="`ratiocinator status` lists experiments; replay one that was planned by an LLM")
             ledger.event(exp_id, "replay", f"LLM calls answered from experiment {self.replay_from}", source=self.replay_from)
-            return LlmSession(ledger, exp_id, config, self.spec.max_dollars, replay_from=self.replay_from)
+            return LlmSession(Budget(ledger, exp_id, self.spec.max_dollars), config, replay_from=self.replay_from)
         if self.llm_config is None:
             return None
-        return LlmSession(ledger, exp_id, self.llm_config, self.spec.max_dollars,
+        return LlmSession(Budget(ledger, exp_id, self.spec.max_dollars), self.llm_config,
                           inner=make_provider(self.llm_config, self.environ))
 
     def _narrate(self, ledger: Ledger, exp_id: str, llm: LlmSession) -> None:
@@ -489,8 +433,9 @@ class Research:
         self.progress.message("readiness review: static checks, smoke runs, cross-arm comparison")
         arms = len({(tuple(sorted(a.env.items())), tuple(a.args)) for a in plan.arms})
         smoke_s = self.spec.check.smoke_timeout_s
-        charge = ledger.reserve(exp_id, amount=run_worst_case(host.price_per_hour, smoke_s) * arms, limit=self.spec.max_dollars,
-                                kind="smoke", note=f"{arms} smoke run(s) × {smoke_s:g}s")
+        budget = Budget(ledger, exp_id, self.spec.max_dollars)
+        charge = budget.reserve(run_worst_case(host.price_per_hour, smoke_s) * arms, kind="smoke",
+                                note=f"{arms} smoke run(s) × {smoke_s:g}s")
         started = time.time()
         try:
             readiness = await review(
@@ -504,7 +449,7 @@ class Research:
             )
         finally:
             if charge is not None:
-                ledger.settle(charge, min(run_worst_case(host.price_per_hour, smoke_s) * arms,
+                budget.settle(charge, min(run_worst_case(host.price_per_hour, smoke_s) * arms,
                                           run_cost(host.price_per_hour, time.time() - started, smoke_s * arms)))
         data = readiness.to_json()
         ledger.event(exp_id, "readiness", "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
@@ -563,11 +508,8 @@ def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
 
 
 def backend_price(loaded: LoadedSpec) -> float:
-    """The price a run is charged at: the spec's, or on SSH hosts the dearest host's."""
-    spec = loaded.spec
-    if spec.backend == "ssh":
-        return max(h.price_per_hour if h.price_per_hour is not None else spec.hardware.price_per_hour for h in spec.hosts)
-    return spec.hardware.price_per_hour
+    """The price a run is charged at, as the spec's backend prices it."""
+    return registry.backend_price(loaded)
 
 
 def _counts(ledger: Ledger, experiment_id: str) -> tuple[int, int]:
@@ -649,7 +591,7 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
             result = await review(
                 loaded=loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
                 workspace=workspace, argv=runner_argv(code.checkout, loaded.spec.runner_script, "python"),
-                smoke_dir=paths.home / "checks" / f"{loaded.name}-{loaded.sha256[:8]}", smoke=smoke and not off,
+                smoke_dir=paths.checks(f"{loaded.name}-{loaded.sha256[:8]}"), smoke=smoke and not off,
                 smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
                 environ=runner_env(dict(os.environ), configured),
                 llm_provider=reviewer,

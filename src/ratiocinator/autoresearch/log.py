@@ -18,11 +18,12 @@ from ratiocinator.autoresearch.program import LoadedProgram
 from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.errors import UsageError
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.paths import Paths
 
 
 def open_session(loaded: LoadedProgram, home: Path) -> tuple[Store, Session]:
     """The program's session in the ledger at ``home`` (a UsageError when there is none)."""
-    path = home / "ledger.db"
+    path = Paths(home).ledger
     if not path.exists():
         raise UsageError(f"no ledger at {path}", hint="run `ratiocinator autoresearch PROGRAM` first, or pass --home")
     store = Store(Ledger(path))

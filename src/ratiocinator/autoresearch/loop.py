@@ -64,6 +64,7 @@ from ratiocinator.llm.config import llm_from_env
 from ratiocinator.llm.providers import Completion, LlmUnavailable
 from ratiocinator.store.budget import run_cost, run_worst_case
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.paths import Paths
 
 MAX_INTEGRATION_ROUNDS = 3
 EXIT_INTERRUPTED = 130
@@ -84,7 +85,7 @@ class Outcome:
 
 
 def session_dir(home: Path, tag: str) -> Path:
-    return home / "autoresearch" / tag
+    return Paths(home).autoresearch(tag)
 
 
 class _Stop(Exception):
@@ -141,7 +142,7 @@ class AutoResearch:
         if not self.repo.is_repo():
             raise SpecError(f"{self.loaded.where('repo')}: {self.loaded.repo} is not a git repository",
                             hint="repo is relative to the program file")
-        store = Store(Ledger(self.home / "ledger.db"))
+        store = Store(Ledger(Paths(self.home).ledger))
         try:
             with self._session_lock():
                 return self._run(store)
@@ -382,7 +383,7 @@ class AutoResearch:
 
     def _baseline(self) -> None:
         assert self.session is not None
-        store = Store(Ledger(self.home / "ledger.db"))
+        store = Store(Ledger(Paths(self.home).ledger))
         try:
             session = store.session(self.session.id)
             base = session.best_commit or session.base_commit
@@ -570,7 +571,7 @@ class _Worker:
         self.current: Attempt | None = None  # the attempt in progress, finished here if an error cuts it short
 
     def run(self) -> None:
-        store = Store(Ledger(self.s.home / "ledger.db"))
+        store = Store(Ledger(Paths(self.s.home).ledger))
         try:
             agent = self.s.make_agent(self.worker, store)
             while True:

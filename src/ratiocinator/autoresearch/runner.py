@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ratiocinator.autoresearch.program import Metric
-from ratiocinator.backends.local import process_start_time
+from ratiocinator.backends.process import kill_group, process_start_time
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
 
 KILL_GRACE_S = 5.0
@@ -48,14 +48,6 @@ class RunOutcome:
     duration_s: float = 0.0
     log_tail: str = ""
     reason: str = ""
-
-
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def kill_orphan(pid: int, pid_start: int | None) -> bool:

@@ -13,9 +13,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ratiocinator.spec.models import LoadedSpec
+
+if TYPE_CHECKING:
+    from ratiocinator.store.budget import Budget
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,93 @@ class FollowedRunHandle(RunHandle):
         return await asyncio.shield(self._exited)
 
 
+class ElasticCapacity(abc.ABC):
+    """Capacity that comes and goes while runs go on (rented instances): a capability, not part of
+    every backend. The executor asks `Backend.elastic` for it; a fixed machine has none.
+
+    Slots join when late instances are ready (`grown`), stop being usable when their instance is
+    lost or given back (`slot_usable`), and come back on request (`replenish`). When ``idle_billed``,
+    an idle slot costs money like a busy one, so the executor gives back the slots it has no work
+    for (`release_slot`, `stop_arrivals`), weighing the wait for more work against `reacquire_s`.
+    """
+
+    #: An idle slot is billed: give back what has no work.
+    idle_billed: bool = True
+
+    @abc.abstractmethod
+    def slot_usable(self, slot: Slot) -> bool:
+        """Whether a run may still start in ``slot`` (False once its instance was lost or given back)."""
+
+    @abc.abstractmethod
+    def reacquire_s(self) -> float:
+        """Billed seconds to get a given-back slot back (boot + setup), weighed against holding one idle."""
+
+    @abc.abstractmethod
+    async def release_slot(self, host: Host, slot: Slot) -> None:
+        """No more work for ``slot``; an instance is destroyed once none of its slots has any."""
+
+    @abc.abstractmethod
+    async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
+        """The host with capacity again for ``runs_left`` queued runs (rented, prepared); raises
+        `~ratiocinator.errors.BudgetError` when the budget cannot pay for it."""
+
+    @abc.abstractmethod
+    async def grown(self) -> Host:
+        """Wait until more slots are ready (instances still booting when the runs began) and return
+        the host with them."""
+
+    @abc.abstractmethod
+    def arriving(self) -> int:
+        """Instances rented but not ready yet (booting, or being prepared)."""
+
+    @abc.abstractmethod
+    async def stop_arrivals(self, why: str) -> None:
+        """No queued run will use what is still arriving: stop renting it and destroy what was rented."""
+
+
+class InstanceDeadlines(abc.ABC):
+    """Hosts that destroy themselves at a deadline (a capability of rented instances): before a run
+    starts, its slot's deadline must outlast it."""
+
+    @abc.abstractmethod
+    async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
+        """Make sure ``slot`` stays paid for ``run_s`` more seconds; None when it does, else why the
+        budget refuses."""
+
+
 class Backend(abc.ABC):
+    """What every backend does: build itself from the spec, check the hardware, acquire a host,
+    prepare its workspace, launch runs, release, price and describe itself. Capabilities only
+    some have are asked for (`elastic`, `deadlines`), never stubbed here."""
+
     name: str
+
+    @classmethod
+    @abc.abstractmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> Backend:
+        """The backend the spec asks for, its settings read from the spec (see `registry`)."""
+
+    @classmethod
+    def price_per_hour(cls, loaded: LoadedSpec) -> float:
+        """What one run is charged per hour (``plan``'s estimate and each run's reservation)."""
+        return loaded.spec.hardware.price_per_hour
+
+    def describe(self, loaded: LoadedSpec, findings: list[HardwareFinding]) -> list[str]:
+        """Lines ``plan`` prints about where runs would go, from the hardware findings."""
+        return [f"{self.name}: {status} — {detail}" for status, detail in sorted({(f.status, f.detail) for f in findings})]
+
+    def attach(self, budget: Budget) -> None:
+        """Before `acquire`: the experiment this backend works for, through its budget (and ledger), for a
+        backend that spends beyond per-run prices (rented instances: reserved and charged through it, and
+        what a dead orchestrator left is destroyed)."""
+
+    def elastic(self) -> ElasticCapacity | None:
+        """Capacity that comes and goes, when this backend has it."""
+        return None
+
+    def deadlines(self) -> InstanceDeadlines | None:
+        """Self-destruct deadlines on its hosts, when this backend has them."""
+        return None
 
     @abc.abstractmethod
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
@@ -159,49 +247,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run left behind by a dead orchestrator; True if something was killed."""
-
-    # -- elastic capacity: only backends whose idle slots cost money override these ----------
-
-    #: True when an idle slot is billed (a rented instance): the executor then gives back the
-    #: slots it has no work for, and asks for capacity again when work comes back.
-    idle_slots_cost = False
-
-    def slot_usable(self, slot: Slot) -> bool:
-        """Whether a run may still start in ``slot`` (False once its instance was lost or given back)."""
-        return True
-
-    def reacquire_s(self) -> float:
-        """Billed seconds to get a given-back slot back (boot + setup), so holding one idle can be weighed against it."""
-        return 0.0
-
-    async def release_slot(self, host: Host, slot: Slot) -> None:
-        """The executor has no more work for ``slot``; a rented instance is destroyed once none of its slots has any."""
-
-    async def replenish(self, host: Host, loaded: LoadedSpec, runs_left: int) -> Host:
-        """The host with capacity again for ``runs_left`` queued runs (rented, prepared); raises
-        `~ratiocinator.errors.BudgetError` when the budget cannot pay for it."""
-        return host
-
-    async def grown(self) -> Host:
-        """Wait until more slots are ready (instances still booting when the runs began) and return the
-        host with them; a backend that never grows never returns."""
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    def arriving(self) -> int:
-        """Instances rented but not ready yet (booting, or being prepared); a fixed-capacity backend has none."""
-        return 0
-
-    async def stop_arrivals(self, why: str) -> None:
-        """No queued run will use what is still arriving: stop renting it and destroy what was rented.
-
-        A backend with nothing in `arriving` has nothing to stop.
-        """
-
-    async def secure(self, host: Host, slot: Slot, run_s: float) -> str | None:
-        """Make sure ``slot`` stays paid for ``run_s`` more seconds (a rented instance's self-destruct
-        deadline); None when it does, else why the budget refuses."""
-        return None
 
     def oom_kills(self, host: Host) -> int | None:
         """The host's kernel OOM-kill counter (compared before and after a run); None when unknown."""

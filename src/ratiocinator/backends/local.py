@@ -7,7 +7,6 @@ GPU slot through ``CUDA_VISIBLE_DEVICES``, and an argv that no shell ever parses
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import subprocess
@@ -21,7 +20,6 @@ from ratiocinator.backends.base import (
     ExitInfo,
     HardwareFinding,
     Host,
-    LaunchFailure,
     LaunchRequest,
     RunHandle,
     Slot,
@@ -29,33 +27,13 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
+from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
 from ratiocinator.errors import BackendError
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.store.paths import Paths
 
 CHUNK = 1 << 16
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time in clock ticks since boot (field 22 of /proc/PID/stat): tells PID reuse apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _kill_group(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 class LocalRunHandle(RunHandle):
@@ -124,30 +102,26 @@ class LocalRunHandle(RunHandle):
         return ExitInfo(exit_code=None, signal=-code) if code < 0 else ExitInfo(exit_code=code, signal=None)
 
     async def cancel(self, grace_s: float = 5.0) -> None:
-        _kill_group(self.proc.pid, signal.SIGTERM)
+        kill_group(self.proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
         except asyncio.TimeoutError:
             pass
-        _kill_group(self.proc.pid, signal.SIGKILL)
+        kill_group(self.proc.pid, signal.SIGKILL)
 
     async def reap_strays(self) -> None:
-        _kill_group(self.proc.pid, signal.SIGKILL)
-
-
-def launch_failure(argv: tuple[str, ...], exc: OSError) -> LaunchFailure:
-    """A missing or unusable runner/interpreter fails every attempt alike; anything else may pass."""
-    what = f"cannot start {argv[0]}: {exc.strerror or exc}"
-    if exc.errno in (errno.ENOENT, errno.ENOEXEC, errno.EACCES, errno.ENOTDIR):
-        hint = {errno.ENOENT: "the runner or the interpreter named in its #! line does not exist",
-                errno.EACCES: "the runner is not executable (chmod +x) or its interpreter is not",
-                errno.ENOEXEC: "the runner has no valid #! line or is not a program"}.get(exc.errno, "")
-        return LaunchFailure(f"{what} ({hint})" if hint else what, transient=False, failure="missing_dependency")
-    return LaunchFailure(what, transient=True)
+        kill_group(self.proc.pid, signal.SIGKILL)
 
 
 class LocalBackend(Backend):
     name = "local"
+
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> LocalBackend:
+        return cls(home)
+
+    def describe(self, loaded: LoadedSpec, findings: list[HardwareFinding]) -> list[str]:
+        return []  # `validate` shows this machine's findings; plan adds nothing
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -184,7 +158,7 @@ class LocalBackend(Backend):
     ) -> Workspace:
         spec = loaded.spec
         repo = ws.resolve_repo_url(spec.repo_url, loaded.path.parent)
-        cache = self.home / "repos"
+        cache = Paths(self.home).repos
         checkout = await asyncio.to_thread(ws.checkout, repo, commit, cache, lfs_timeout_s=spec.download_timeout_s)
         deps = ws.DepsConfig(
             pre_install=tuple(spec.deps.pre_install),
@@ -193,7 +167,7 @@ class LocalBackend(Backend):
             verify=spec.deps.verify,
             download_timeout_s=spec.download_timeout_s,
         )
-        prepared = await asyncio.to_thread(ws.prepare_env, checkout, deps, self.home / "envs", on_output=on_output)
+        prepared = await asyncio.to_thread(ws.prepare_env, checkout, deps, Paths(self.home).envs, on_output=on_output)
         env = dict(prepared.env)
         if spec.deps.verify:
             await asyncio.to_thread(
@@ -224,16 +198,4 @@ class LocalBackend(Backend):
         alive_start = process_start_time(pid)
         if alive_start is not None and pid_start is not None and alive_start != pid_start:
             return False  # the PID now belongs to an unrelated process
-        return _kill_group(pid, signal.SIGKILL)
-
-
-def runner_argv(checkout: Path, runner_script: str, python: str) -> tuple[str, ...]:
-    """How to start the runner: its shebang if executable, else by file type."""
-    path = checkout / runner_script
-    if os.access(path, os.X_OK):
-        with open(path, "rb") as fh:
-            if fh.read(2) == b"#!":
-                return (str(path),)
-    if path.suffix == ".py":
-        return (python, str(path))
-    return ("bash", str(path))
+        return kill_group(pid, signal.SIGKILL)

@@ -49,10 +49,12 @@ from ratiocinator.backends.base import (
     Slot,
     Workspace,
 )
-from ratiocinator.backends.local import launch_failure, process_start_time
+from ratiocinator.backends.process import launch_failure, process_start_time
 from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.execution import contract
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.store.paths import Paths
 
 NAMESPACE = "ratiocinator"
 CHUNK = 1 << 20
@@ -201,8 +203,8 @@ class RunActor:
         env = dict(os.environ)
         env.update(prepared["env"])
         env.update({k: translate(v) for k, v in run["env"].items()})
-        env.update(RATIOCINATOR_OUT_DIR=str(out), RATIOCINATOR_WORKSPACE=checkout,
-                   RATIOCINATOR_RAY_NODE=prepared["node_id"])
+        env.update({contract.OUT_DIR: str(out), contract.WORKSPACE: checkout,
+                    "RATIOCINATOR_RAY_NODE": prepared["node_id"]})
         argv = [translate(a) for a in run["argv"]]
         with open(rundir / "stdout.log", "wb") as so, open(rundir / "stderr.log", "wb") as se:
             try:
@@ -360,6 +362,15 @@ class RayBackend(Backend):
 
     name = "ray"
 
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> RayBackend:
+        ray = loaded.spec.ray
+        return cls(loaded.spec.ray_address, home, num_cpus_per_run=ray.num_cpus_per_run, workdir=ray.workdir,
+                   schedule_timeout_s=ray.schedule_timeout_s, env_forward=tuple(ray.env_forward))
+
+    def describe(self, loaded: LoadedSpec, findings: list[HardwareFinding]) -> list[str]:
+        return [self.cluster_summary(), *super().describe(loaded, findings)]
+
     def __init__(self, address: str | None, home: Path, *, num_cpus_per_run: float = 1.0,
                  workdir: str | None = None, schedule_timeout_s: float = 600.0, poll_s: float = 0.2,
                  env_forward: Sequence[str] = ()) -> None:
@@ -463,7 +474,7 @@ class RayBackend(Backend):
         ray = self.connect()
         spec = loaded.spec
         repo = ws.resolve_repo_url(spec.repo_url, loaded.path.parent)
-        checkout = await asyncio.to_thread(ws.checkout, repo, commit, self.home / "repos",
+        checkout = await asyncio.to_thread(ws.checkout, repo, commit, Paths(self.home).repos,
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._make_bundle, checkout, commit)
         self._bundle = ray.put(bundle)
@@ -490,7 +501,7 @@ class RayBackend(Backend):
                 for line in result["lines"]:
                     on_output(f"[{node['NodeID'][:12]}] {line}")
         self._local_checkout = checkout
-        return Workspace(checkout=checkout, env={"RATIOCINATOR_WORKSPACE": str(checkout)})
+        return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
 
     async def _put_chunks(self, path: Path) -> list[Any]:
         """``path``'s content in the object store, LFS_CHUNK bytes per object, so no file is ever whole in memory."""
@@ -517,7 +528,7 @@ class RayBackend(Backend):
         for key, value in env.items():
             if key in MACHINE_LOCAL or key.startswith(MACHINE_LOCAL_PREFIXES):
                 continue
-            inherited = not key.startswith("RATIOCINATOR_") and os.environ.get(key) == value
+            inherited = not contract.is_contract_variable(key) and os.environ.get(key) == value
             if inherited and not any(fnmatch.fnmatchcase(key, p) for p in self.env_forward):
                 continue
             out[key] = value

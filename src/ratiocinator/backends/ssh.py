@@ -61,15 +61,16 @@ from ratiocinator.backends.base import (
     Stream,
     Workspace,
 )
-from ratiocinator.backends.local import launch_failure
+from ratiocinator.backends.process import launch_failure
 from ratiocinator.errors import BackendError, WorkspaceError
+from ratiocinator.execution import contract
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec, SshHost
+from ratiocinator.store.paths import Paths
 
 T = TypeVar("T")
 
 READ_MAX = 1 << 22  # bytes per log read; a full read is followed at once by the next
-KNOWN_HOSTS_FILE = "ssh_known_hosts"
 RUN_RECORDS = "ssh_runs"
 # Variables that describe the orchestrator's machine, not the host: never forwarded when
 # inherited from the orchestrator's environment (the host's own login values apply).
@@ -158,7 +159,7 @@ class _Machine:
 
     @property
     def pin_file(self) -> Path:
-        return self.home / KNOWN_HOSTS_FILE
+        return Paths(self.home).ssh_known_hosts
 
     def known_hosts_files(self) -> list[Path]:
         user = Path(self.config.known_hosts or "~/.ssh/known_hosts").expanduser()
@@ -495,6 +496,17 @@ class SshBackend(Backend):
 
     name = "ssh"
 
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> SshBackend:
+        return cls(loaded.spec.hosts, home)
+
+    @classmethod
+    def price_per_hour(cls, loaded: LoadedSpec) -> float:
+        """The dearest host's price: any run may land on it."""
+        spec = loaded.spec
+        return max(h.price_per_hour if h.price_per_hour is not None else spec.hardware.price_per_hour
+                   for h in spec.hosts)
+
     def __init__(self, hosts: Sequence[SshHost], home: Path, *, reconnect_budget_s: float = 120.0,
                  connect_timeout_s: float = 20.0, keepalive_s: float = 5.0, poll_s: float = 0.25,
                  alive_check_s: float = 10.0, default_price_per_hour: float | None = None,
@@ -653,7 +665,7 @@ class SshBackend(Backend):
         """Prepare the workspace on the named hosts only (hosts that joined after `prepare`)."""
         spec = loaded.spec
         repo = ws.resolve_repo_url(spec.repo_url, loaded.path.parent)
-        checkout = await asyncio.to_thread(ws.checkout, repo, commit, self.home / "repos",
+        checkout = await asyncio.to_thread(ws.checkout, repo, commit, Paths(self.home).repos,
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._bundle, checkout, commit)
         lfs = await asyncio.to_thread(ws.lfs_files, checkout)
@@ -671,11 +683,11 @@ class SshBackend(Backend):
         await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output)
                                for m in self.machines if m.config.label in labels))
         self._local_checkout = checkout
-        return Workspace(checkout=checkout, env={"RATIOCINATOR_WORKSPACE": str(checkout)})
+        return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
 
     def _bundle(self, checkout: Path, commit: str) -> Path:
         """A git bundle of the commit (cached): the host clones it without any credentials."""
-        path = self.home / "ssh_bundles" / f"{commit}.bundle"
+        path = Paths(self.home).ssh_bundles / f"{commit}.bundle"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -761,7 +773,7 @@ class SshBackend(Backend):
         """
         env: dict[str, str] = {}
         for key, value in request.env.items():
-            if not key.startswith("RATIOCINATOR_") and os.environ.get(key) == value:
+            if not contract.is_contract_variable(key) and os.environ.get(key) == value:
                 if key in MACHINE_LOCAL or key.startswith(MACHINE_LOCAL_PREFIXES):
                     continue
                 if not any(fnmatch.fnmatchcase(key, p) for p in machine.config.env_forward):
@@ -769,9 +781,9 @@ class SshBackend(Backend):
             env[key] = translate(value)
         for key in ("PATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES"):
             env.pop(key, None)  # the launcher sets PATH and VIRTUAL_ENV from the host's venv
-        env["RATIOCINATOR_OUT_DIR"] = remote_out
+        env[contract.OUT_DIR] = remote_out
         if machine.checkout:
-            env["RATIOCINATOR_WORKSPACE"] = machine.checkout
+            env[contract.WORKSPACE] = machine.checkout
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
         return env

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ratiocinator.backends.base import Backend, Host, LaunchFailure, LaunchRequest, Slot, Workspace
-from ratiocinator.execution.executor import runner_environment
+from ratiocinator.execution.contract import runner_environment
 from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
 from ratiocinator.planning.plan import Plan, PlannedArm

@@ -20,9 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ratiocinator.backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
+from ratiocinator.backends.base import (
+    Backend,
+    ElasticCapacity,
+    ExitInfo,
+    Host,
+    LaunchFailure,
+    LaunchRequest,
+    RunHandle,
+    Slot,
+    Workspace,
+)
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
+from ratiocinator.execution.contract import runner_environment
 from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
 from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
 from ratiocinator.planning.plan import Plan, PlannedRun
@@ -67,37 +78,6 @@ class ExecutionSummary:
     early_stop: str | None = None
 
 
-def runner_environment(
-    base: dict[str, str],
-    workspace: Workspace,
-    knobs: dict[str, str],
-    *,
-    arm: str,
-    run_id: int,
-    seed: int,
-    seed_env: str | None,
-    out_dir: Path,
-    trial: bool,
-    extra: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """The runner's environment: ours first, then the workspace, the knobs, and the run's identity."""
-    env = {k: v for k, v in base.items() if not k.startswith("RATIOCINATOR_")}
-    env.update(workspace.env)
-    env.update(extra or {})
-    env.update(knobs)
-    env.update(
-        RATIOCINATOR_ARM=arm,
-        RATIOCINATOR_RUN_ID=str(run_id),
-        RATIOCINATOR_SEED=str(seed),
-        RATIOCINATOR_OUT_DIR=str(out_dir),
-        RATIOCINATOR_TRIAL="1" if trial else "0",
-        PYTHONUNBUFFERED=env.get("PYTHONUNBUFFERED", "1"),
-    )
-    if seed_env:
-        env[seed_env] = str(seed)
-    return env
-
-
 class _Wake:
     """Queue token: a run ended for good, so the launch loop re-checks what is left; with ``error``,
     a run's task raised (the backend's credentials were refused, say) and the loop stops with it."""
@@ -133,6 +113,8 @@ class Executor:
     ) -> None:
         self.ledger = ledger
         self.backend = backend
+        self.elastic = backend.elastic()  # rented capacity that comes and goes, or None
+        self.deadlines = backend.deadlines()
         self.host = host
         self.workspace = workspace
         self.loaded = loaded
@@ -168,7 +150,7 @@ class Executor:
         capacity is rented again when queued work finds none.
         """
         summary = ExecutionSummary()
-        pool = SlotPool(s for s in self.host.slots if self.backend.slot_usable(s))
+        pool = SlotPool(s for s in self.host.slots if self._usable(s))
         work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
         for planned in pending:
             work.put_nowait(planned)
@@ -185,7 +167,7 @@ class Executor:
         def ended(task: asyncio.Task[RunResult], planned: PlannedRun, slot: Slot) -> None:
             nonlocal open_runs, live
             live -= 1
-            if self.backend.slot_usable(slot):
+            if self._usable(slot):
                 pool.put(slot)
             else:
                 pool.drop(slot)
@@ -204,11 +186,13 @@ class Executor:
             work.put_nowait(WAKE)
             idle_check()
 
-        watchers = [asyncio.create_task(self._watch_growth(pool, idle_check))]
-        if self.backend.idle_slots_cost:
+        watchers: list[asyncio.Task[None]] = []
+        if self.elastic is not None:
+            watchers.append(asyncio.create_task(self._watch_growth(self.elastic, pool, idle_check)))
+        if self._idle_billed:
             watchers.append(asyncio.create_task(self._watch_idle(idle_check)))
         topup: asyncio.Task[None] | None = None
-        if self.backend.idle_slots_cost and pending and pool.usable:
+        if self._idle_billed and pending and pool.usable:
             # Capacity given back earlier comes back while the slots still held start at once.
             topup = asyncio.create_task(self._top_up(pool, len(pending)))
             watchers.append(topup)
@@ -236,9 +220,9 @@ class Executor:
                 if stop is None:
                     assert slot is not None
                     stop = self.early_stop or self._reserve_or_stop(summary)
-                if isinstance(stop, int):
+                if isinstance(stop, int) and self.deadlines is not None:
                     assert slot is not None
-                    refused = await self.backend.secure(self.host, slot, self.spec.train_timeout_s)
+                    refused = await self.deadlines.secure(self.host, slot, self.spec.train_timeout_s)
                     if refused:
                         self.ledger.settle(stop, 0.0)
                         stop = self._budget_stop(summary, refused)
@@ -276,10 +260,19 @@ class Executor:
         summary.results.sort(key=lambda r: r.run_id)
         return summary
 
+    @property
+    def _idle_billed(self) -> bool:
+        return self.elastic is not None and self.elastic.idle_billed
+
+    def _usable(self, slot: Slot) -> bool:
+        return self.elastic is None or self.elastic.slot_usable(slot)
+
     async def _rent_back(self, pool: SlotPool, runs_left: int) -> None:
         """Capacity for ``runs_left`` runs (the backend rents and prepares it); `BudgetError` when money says no."""
-        self.host = await self.backend.replenish(self.host, self.loaded, runs_left)
-        added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+        if self.elastic is None:  # a fixed host: what it has is all there is
+            return
+        self.host = await self.elastic.replenish(self.host, self.loaded, runs_left)
+        added = pool.add(s for s in self.host.slots if self._usable(s))
         if added:
             message = f"capacity for {runs_left} queued run(s): {', '.join(s.label for s in added)}"
             self.ledger.event(self.experiment_id, "capacity", message, slots=[s.label for s in added])
@@ -302,11 +295,11 @@ class Executor:
             self.ledger.event(self.experiment_id, "capacity", message, level="warning")
             self.progress.message(message)
 
-    async def _watch_growth(self, pool: SlotPool, idle_check: Callable[[], None]) -> None:
+    async def _watch_growth(self, elastic: ElasticCapacity, pool: SlotPool, idle_check: Callable[[], None]) -> None:
         """Instances still booting when the runs began join the pool the moment they are ready."""
         while True:
-            self.host = await self.backend.grown()
-            added = pool.add(s for s in self.host.slots if self.backend.slot_usable(s))
+            self.host = await elastic.grown()
+            added = pool.add(s for s in self.host.slots if self._usable(s))
             if added:
                 self.ledger.event(self.experiment_id, "capacity", f"ready: {', '.join(s.label for s in added)}",
                                   slots=[s.label for s in added])
@@ -322,13 +315,16 @@ class Executor:
 
         Capacity still arriving (booting, or rented back) is stopped on the same terms: it has no run to take.
         """
-        arriving = self.backend.arriving()
-        if not self.backend.idle_slots_cost or queued > 0 or not (pool.free or arriving):
+        elastic = self.elastic
+        if elastic is None or not elastic.idle_billed:
+            return
+        arriving = elastic.arriving()
+        if queued > 0 or not (pool.free or arriving):
             return
         durations = [d for r in self.ledger.runs(self.experiment_id)
                      if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
         wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
-        reacquire = self.backend.reacquire_s()
+        reacquire = elastic.reacquire_s()
         if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
             return
         if stopping:
@@ -341,9 +337,9 @@ class Executor:
             pool.drop(slot)
             self.ledger.event(self.experiment_id, "slot_released", f"gave back {slot.label}: {why}",
                               slot=slot.label, expected_wait_s=wait, reacquire_s=reacquire)
-            self._giving_back.append(asyncio.create_task(self.backend.release_slot(self.host, slot)))
+            self._giving_back.append(asyncio.create_task(elastic.release_slot(self.host, slot)))
         if arriving:
-            self._giving_back.append(asyncio.create_task(self.backend.stop_arrivals(why)))
+            self._giving_back.append(asyncio.create_task(elastic.stop_arrivals(why)))
 
     def _reserve_or_stop(self, summary: ExecutionSummary) -> int | str:
         """A charge id for the next run, or why it may not launch."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ratiocinator.errors import RatiocinatorError
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.llm.providers import Completion, LlmError, Message, Provider, estimate_cost
+from ratiocinator.store.budget import Budget
 from ratiocinator.store.ledger import Ledger, LlmCallRow
 
 
@@ -47,10 +48,8 @@ def record_call(ledger: Ledger, experiment_id: str | None, stage: str, iteration
 class LlmSession:
     """The experiment's LLM: live (``inner`` set) or replaying ``replay_from``'s calls."""
 
-    ledger: Ledger
-    experiment_id: str
+    budget: Budget
     config: LlmConfig
-    max_dollars: float
     inner: Provider | None = None
     replay_from: str | None = None
     _replayed: dict[tuple[str, int], list[LlmCallRow]] = field(default_factory=dict)
@@ -63,6 +62,14 @@ class LlmSession:
             for call in self.ledger.llm_calls(self.replay_from):
                 calls[(call.stage, call.iteration)].append(call)
             self._replayed = dict(calls)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.budget.ledger
+
+    @property
+    def experiment_id(self) -> str:
+        return self.budget.experiment_id
 
     @property
     def replaying(self) -> bool:
@@ -87,24 +94,19 @@ class LlmSession:
         assert self.inner is not None
         prompt_chars = len(system or "") + sum(len(m.content) for m in messages)
         worst = estimate_cost(self.config, prompt_chars, max_tokens)
-        charge = self.ledger.reserve(self.experiment_id, amount=worst, limit=self.max_dollars, kind="llm",
-                                     note=f"{stage} call, worst case")
+        charge = self.budget.reserve(worst, kind="llm", note=f"{stage} call, worst case")
         if charge is None:
-            spent, reserved = self.ledger.money(self.experiment_id)
-            raise LlmBudgetExceeded(
-                f"the {stage} LLM call could cost up to ${worst:.4f} and ${spent:.4f} spent + ${reserved:.4f} reserved"
-                f" of max_dollars ${self.max_dollars:.2f} leaves too little",
-                hint="raise max_dollars, lower llm.max_tokens, or use a cheaper model",
-            )
+            raise LlmBudgetExceeded(self.budget.refusal(f"the {stage} LLM call", worst),
+                                    hint="raise max_dollars, lower llm.max_tokens, or use a cheaper model")
         try:
             completion = self.inner.complete(messages, system=system, max_tokens=max_tokens, stream=stream)
         except LlmError as exc:  # replies paid for before the provider gave up still cost money
-            self.ledger.settle(charge, sum(c.cost_dollars for c in getattr(exc, "completions", ()) or ()))
+            self.budget.settle(charge, sum(c.cost_dollars for c in getattr(exc, "completions", ()) or ()))
             raise
         except BaseException:
-            self.ledger.settle(charge, 0.0)
+            self.budget.settle(charge, 0.0)
             raise
-        self.ledger.settle(charge, completion.cost_dollars)
+        self.budget.settle(charge, completion.cost_dollars)
         record_call(self.ledger, self.experiment_id, stage, iteration, digest, completion)
         return completion
 

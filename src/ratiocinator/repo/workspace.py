@@ -38,6 +38,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ratiocinator.errors import WorkspaceError
+from ratiocinator.execution import contract
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 FILTERED_REQUIREMENTS = "requirements.filtered.txt"
@@ -280,7 +281,7 @@ def prepare_env(
     It is reused while the commit, commands, requirements and excludes stay the same.
     """
     checkout = Path(checkout).resolve()
-    overrides = {"RATIOCINATOR_WORKSPACE": str(checkout)}
+    overrides = {contract.WORKSPACE: str(checkout)}
     if not deps.pre_install and deps.requirements is None:
         return PreparedEnv(venv=None, env=overrides, log_path=None)
 

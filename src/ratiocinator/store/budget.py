@@ -1,9 +1,10 @@
-"""Money, enforced: reserve the worst case before a launch, settle the truth after.
+"""Money, enforced in one place: reserve the worst case before spending, settle the truth after.
 
-A run may cost at most price/hour × its timeout; that is reserved against
-``max_dollars`` before it starts, atomically in the ledger, and replaced by the
-actual cost (price × wall time) when it ends. A launch whose worst case does not fit
-is never started.
+Every reservation of an experiment goes through its `Budget`: runs and smoke runs (price/hour
+× timeout), LLM calls (their worst-case tokens), rented instances (price × TTL) and their
+deadline extensions. Each is reserved against ``max_dollars`` atomically in the ledger before
+the money can be spent, and replaced by the actual cost when known; what does not fit is
+never started.
 """
 
 from __future__ import annotations
@@ -24,16 +25,31 @@ def run_cost(price_per_hour: float, duration_s: float, timeout_s: float) -> floa
 
 @dataclass
 class Budget:
+    """One experiment's ``max_dollars``, over its charges in the ledger."""
+
     ledger: Ledger
     experiment_id: str
     limit: float
 
+    def reserve(self, amount: float, *, kind: str, note: str = "") -> int | None:
+        """A charge id for up to ``amount`` dollars (``kind``: compute, llm, instance), or None when
+        it could overrun the budget."""
+        return self.ledger.reserve(self.experiment_id, amount=amount, limit=self.limit, kind=kind, note=note)
+
+    def settle(self, charge_id: int, amount: float) -> None:
+        """What the reserved thing really cost (at most what was reserved, for the kinds that cap it)."""
+        self.ledger.settle(charge_id, amount)
+
     def reserve_run(self, price_per_hour: float, timeout_s: float) -> int | None:
         """A charge id, or None when this run could overrun the budget."""
-        amount = run_worst_case(price_per_hour, timeout_s)
-        return self.ledger.reserve(
-            self.experiment_id, amount=amount, limit=self.limit, kind="compute", note=f"${price_per_hour:g}/h × {timeout_s:g}s"
-        )
+        return self.reserve(run_worst_case(price_per_hour, timeout_s), kind="compute",
+                            note=f"${price_per_hour:g}/h × {timeout_s:g}s")
+
+    def refusal(self, what: str, amount: float) -> str:
+        """Why ``what`` (which could cost ``amount``) may not go ahead."""
+        spent, reserved = self.spent_and_reserved()
+        return (f"{what} could cost ${amount:.4f}, and ${spent:.4f} spent + ${reserved:.4f} reserved"
+                f" of max_dollars ${self.limit:.2f} leaves too little")
 
     def spent_and_reserved(self) -> tuple[float, float]:
         return self.ledger.money(self.experiment_id)

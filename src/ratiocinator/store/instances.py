@@ -220,8 +220,8 @@ def reconcile_billing(ledger: Ledger, api: VastApi, *, experiment_id: str | None
 
 
 def runs_on(row: InstanceRow, slots: dict[int, str]) -> list[int]:
-    """The run ids whose slot (``vast<provider id>:<gpu>/...``) names this instance."""
-    prefix = f"vast{row.provider_id}:"
+    """The run ids whose slot (``<provider><provider id>:<gpu>/...``) names this instance."""
+    prefix = f"{row.provider}{row.provider_id}:"  # the slot label its backend gave each run
     return [run_id for run_id, slot in slots.items() if row.provider_id and slot.startswith(prefix)]
 
 

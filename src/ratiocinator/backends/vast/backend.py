@@ -37,9 +37,11 @@ from typing import Any
 
 from ratiocinator.backends.base import (
     Backend,
+    ElasticCapacity,
     ExitInfo,
     HardwareFinding,
     Host,
+    InstanceDeadlines,
     LaunchFailure,
     LaunchRequest,
     RunHandle,
@@ -53,13 +55,14 @@ from ratiocinator.backends.vast.api import (
     STILL_BILLING_DOWN,
     RetryPolicy,
     VastApi,
-    VastError,
     is_gone,
 )
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.spec.models import LoadedSpec, SshHost
 from ratiocinator.store import instances as inst
+from ratiocinator.store.budget import Budget
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.paths import Paths
 
 
 @dataclass(frozen=True)
@@ -217,20 +220,21 @@ class VastRunHandle(RunHandle):
 DEADLINE_SLACK_S = 120.0  # a run's deadline covers its timeout plus collecting its artifacts
 
 
-class VastBackend(Backend):
+class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
+    """Rented instances, run over SSH; elastic (idle ones given back) and with self-destruct deadlines."""
+
     name = "vast"
-    idle_slots_cost = True
 
     def __init__(self, home: Path, *, settings: VastSettings | None = None, api_key: str | None = None,
-                 experiment_id: str | None = None, ledger: Ledger | None = None, ssh_options: dict[str, Any] | None = None) -> None:
+                 ssh_options: dict[str, Any] | None = None) -> None:
         self.home = Path(home).expanduser().resolve()
         self.settings = settings or VastSettings()
         key = api_key if api_key is not None else os.environ.get("VAST_API_KEY", "")
         self.api = VastApi(key, self.settings.base_url, confirm_s=self.settings.destroy_confirm_s,
                            poll_s=min(self.settings.poll_s, 1.0),
                            retry=RetryPolicy(attempts=self.settings.api_attempts, first_wait_s=self.settings.api_backoff_s))
-        self._ledger = ledger
-        self.experiment_id = experiment_id
+        self._budget: Budget | None = None
+        self.experiment_id: str | None = None
         self.ssh_options = ssh_options or {}
         self.rented: list[_Rented] = []
         self.ssh: SshBackend | None = None
@@ -238,7 +242,6 @@ class VastBackend(Backend):
         self.notes: list[str] = []
         self.gpu_model: str | None = None  # every instance's, unless allow_mixed_gpus
         self._commit: str | None = None  # what prepare() deployed: replacements get the same
-        self._max_dollars = 0.0
         self._info: dict[str, str] = {}
         # Rentals still coming up (the first batch's late instances, replacements), each with how many
         # instances it brings: `stop_arrivals` cancels them when no queued run needs them.
@@ -250,32 +253,44 @@ class VastBackend(Backend):
         self._destroy_failures: dict[int, BackendError] = {}  # row id -> why its destroy failed (the row stays live)
         atexit.register(self._destroy_all_sync)
 
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> VastBackend:
+        vast = loaded.spec.vast
+        return cls(home, settings=VastSettings(**vast.model_dump()) if vast else VastSettings())
+
+    def elastic(self) -> VastBackend:
+        return self
+
+    def deadlines(self) -> VastBackend:
+        return self
+
     # -- plumbing ------------------------------------------------------------------------
 
-    def bind(self, ledger: Ledger, experiment_id: str) -> None:
-        """Charges and instance rows belong to this experiment (pipeline calls this before acquire)."""
-        self._ledger, self.experiment_id = ledger, experiment_id
+    def attach(self, budget: Budget) -> None:
+        """Instances are reserved and charged through this experiment's budget; what a dead
+        orchestrator of it left rented is destroyed and paid now, each an ``instance_reaped`` event."""
+        self._budget, self.experiment_id = budget, budget.experiment_id
+        for reaped in inst.reconcile_at_startup(budget.ledger, self.api, budget.experiment_id):
+            budget.ledger.event(budget.experiment_id, "instance_reaped", f"{reaped.provider_id}: {reaped.outcome}",
+                                detail=reaped.detail)
+
+    @property
+    def budget(self) -> Budget:
+        if self._budget is None:
+            raise BackendError("the vast backend reserves money through its experiment's budget, and none is attached",
+                               hint="call backend.attach(budget) before acquire()")
+        return self._budget
 
     @property
     def ledger(self) -> Ledger:
-        if self._ledger is None:
-            self._ledger = Ledger(self.home / "ledger.db")
-        return self._ledger
+        return self.budget.ledger
 
     def _bound_experiment(self, loaded: LoadedSpec) -> str:
-        if self.experiment_id is None:  # not bound: the running experiment of this spec
-            for exp in reversed(self.ledger.experiments()):
-                if exp.status == "running" and exp.spec_sha256 == loaded.sha256:
-                    self.experiment_id = exp.id
-                    break
-        if self.experiment_id is None:
-            raise BackendError("the vast backend needs its experiment to reserve money against",
-                               hint="call backend.bind(ledger, experiment_id) before acquire()")
-        return self.experiment_id
+        return self.budget.experiment_id
 
     def ssh_key(self) -> Path:
         """This home's own key pair for instances; only the .pub is ever sent to Vast."""
-        key = self.home / "vast" / "id_ed25519"
+        key = Paths(self.home).backend(self.name) / "id_ed25519"
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ratiocinator-vast", "-f", str(key)],
@@ -333,7 +348,6 @@ class VastBackend(Backend):
         noted; only when every one fails does acquire fail.
         """
         exp_id = self._bound_experiment(loaded)
-        self._max_dollars = loaded.spec.max_dollars
         n = self._instance_count(loaded)
         picked = await self._pick(loaded, n)
         ttl, disk = self.ttl_s(loaded, len(picked)), loaded.spec.hardware.disk_gb or 32.0
@@ -464,12 +478,10 @@ class VastBackend(Backend):
                     batch: list[_Rented]) -> None:
         dph = float(offer["dph_total"])
         worst = (dph + self.storage_dph) * ttl / 3600.0
-        charge = self.ledger.reserve(exp_id, amount=worst, limit=loaded.spec.max_dollars, kind="instance",
+        charge = self.budget.reserve(worst, kind="instance",
                                      note=f"vast offer {offer['id']} {offer.get('gpu_name')} ${dph:g}/h × TTL {ttl:g}s")
         if charge is None:
-            spent, reserved = self.ledger.money(exp_id)
-            raise BudgetError(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s could cost ${worst:.2f};"
-                              f" max_dollars ${loaded.spec.max_dollars:g} has ${spent:.2f} spent and ${reserved:.2f} reserved",
+            raise BudgetError(self.budget.refusal(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s", worst),
                               hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
         deadline = time.time() + ttl
         row = inst.record_requested(self.ledger, experiment_id=exp_id, provider="vast", offer=offer, deadline=deadline,
@@ -499,7 +511,7 @@ class VastBackend(Backend):
             await asyncio.sleep(self.settings.poll_s)
         gpus = list(range(int(offer.get("num_gpus", 0)))) if loaded.spec.hardware.num_gpus else None
         rented.ssh = SshHost(host=str(shown["ssh_host"]), port=int(shown["ssh_port"]), user=self.settings.ssh_user,
-                             identity_file=str(self.ssh_key()), known_hosts=str(self.home / "vast" / "known_hosts"),
+                             identity_file=str(self.ssh_key()), known_hosts=str(Paths(self.home).backend(self.name) / "known_hosts"),
                              trust_on_first_use=True, workdir=self.settings.workdir, slots=self.settings.slots_per_instance,
                              gpus=gpus)
         inst.update(self.ledger, row.id, state="running", running_at=time.time(), gpu_name=str(shown.get("gpu_name", "")))
@@ -645,13 +657,11 @@ class VastBackend(Backend):
             return None
         extra_s = needed - row.deadline
         amount = (row.dph + self.storage_dph) * extra_s / 3600.0
-        exp_id, limit = row.experiment_id or "", self._max_dollars
-        charge = self.ledger.reserve(exp_id, amount=amount, limit=limit, kind="instance",
-                                     note=f"vast {rented.provider_id}: deadline +{extra_s:.0f}s")
+        exp_id = self.budget.experiment_id
+        charge = self.budget.reserve(amount, kind="instance", note=f"vast {rented.provider_id}: deadline +{extra_s:.0f}s")
         if charge is None:
-            spent, reserved = self.ledger.money(exp_id)
-            return (f"budget: keeping instance {rented.provider_id} alive {extra_s:.0f}s longer for the next run could"
-                    f" cost ${amount:.4f}, and ${spent:.4f} spent + ${reserved:.4f} reserved of ${limit:.2f} leaves too little")
+            return "budget: " + self.budget.refusal(
+                f"keeping instance {rented.provider_id} alive {extra_s:.0f}s longer for the next run", amount)
         machine = self.ssh._machine(slot)
 
         async def write(_: Any, sftp: Any) -> None:
@@ -661,7 +671,7 @@ class VastBackend(Backend):
         try:
             await machine.call(write)
         except (LaunchFailure, OSError, BackendError) as exc:
-            self.ledger.settle(charge, 0.0)
+            self.budget.settle(charge, 0.0)
             self.notes.append(f"instance {rented.provider_id}: extending its deadline failed ({exc}); it may stop mid-run")
             return None
         inst.update(self.ledger, row.id, deadline=needed, charges=[*row.charges, charge])
@@ -796,7 +806,7 @@ class VastBackend(Backend):
         if "unavailable" in source:
             self.notes.append(f"instance {rented.provider_id}: cost from {source}")
         if rented.ssh is not None:
-            _forget_host_key(self.home / "ssh_known_hosts", rented.ssh)
+            _forget_host_key(Paths(self.home).ssh_known_hosts, rented.ssh)
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Runs die with their instance; the reaper destroys instances, so only a live SSH record can be killed."""

@@ -1,0 +1,46 @@
+"""Backends by the name a spec gives them (``backend: ssh``), each imported only when a spec asks
+for it: asyncssh, httpx and Ray load only for the studies that use them.
+
+Adding a backend: implement `~ratiocinator.backends.base.Backend` (with ``from_spec``), add its
+``backend:`` name to the spec's literal, and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ratiocinator.backends.base import Backend
+from ratiocinator.errors import UsageError
+from ratiocinator.spec.models import LoadedSpec
+
+BACKENDS: dict[str, str] = {  # name -> "module:class"
+    "local": "ratiocinator.backends.local:LocalBackend",
+    "ssh": "ratiocinator.backends.ssh:SshBackend",
+    "vast": "ratiocinator.backends.vast.backend:VastBackend",
+    "ray": "ratiocinator.backends.ray_backend:RayBackend",
+}
+
+
+def backend_class(loaded: LoadedSpec) -> type[Backend]:
+    name = loaded.spec.backend
+    if name not in BACKENDS:
+        raise UsageError(f"{loaded.where('backend')}: backend '{name}' is not available",
+                         hint=f"one of: {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    found = getattr(importlib.import_module(module), cls)
+    assert isinstance(found, type) and issubclass(found, Backend)
+    return found
+
+
+def make_backend(loaded: LoadedSpec, home: Path) -> Backend:
+    """The spec's backend, built from the spec's settings."""
+    return backend_class(loaded).from_spec(loaded, home)
+
+
+def backend_price(loaded: LoadedSpec) -> float:
+    """The price a run of this spec is charged at, as its backend prices it."""
+    return backend_class(loaded).price_per_hour(loaded)
+
+
+__all__ = ["BACKENDS", "backend_class", "backend_price", "make_backend"]
