@@ -243,3 +243,19 @@ def test_reap_with_a_refused_key_stops_clearly_and_takes_nothing_for_gone(vast: 
     done = study.cli("instances", "--reap", env={"VAST_API_KEY": "revoked", "VAST_API_URL": vast.url})
     assert done.returncode == 1 and "refused the API key" in done.stderr and "Traceback" not in done.stderr
     assert len(vast.fake.live()) == 1 and inst.get(study.ledger(), row.id).state in inst.LIVE_STATES
+
+
+def test_an_instances_lifetime_counts_the_arms_a_factor_design_makes(study: Study) -> None:
+    from ratiocinator.backends.vast.backend import VastBackend, VastSettings
+    from ratiocinator.spec.models import load_spec
+
+    study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1}'\n"})
+    settings = VastSettings(boot_timeout_s=10, setup_allowance_s=20)
+    backend = VastBackend(study.home, settings=settings, api_key=API_KEY)
+    once = {"max_attempts": 1}
+    grid = load_spec(study.spec(factors={"A": [1, 2], "B": [1, 2]}, replicates=2, train_timeout_s=100,
+                                failure_policy=once))
+    one = load_spec(study.spec(name="one", arms=[{"name": "a"}], replicates=2, train_timeout_s=100, failure_policy=once))
+    # 4 arms × 2 replicates on one slot: 8 runs of 100 s, not the 2 a one-arm count would reserve.
+    assert backend.ttl_s(grid, 1) == 10 + 20 + 8 * 100
+    assert backend.ttl_s(one, 1) == 10 + 20 + 2 * 100

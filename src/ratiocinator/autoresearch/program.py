@@ -123,7 +123,7 @@ class AgentSpec(_Strict):
 
 
 class Program(_Strict):
-    """An autoresearch program (see the README section 'Autoresearch')."""
+    """An autoresearch program (see docs/autoresearch.md)."""
 
     repo: str = Field(min_length=1)
     tag: str
@@ -253,7 +253,7 @@ def load_program(path: str | Path) -> LoadedProgram:
     except ValidationError as exc:
         error = format_validation_error(exc, Program, path, lines)
         raise SpecError(error.message.replace("in the spec", "in the program"),
-                        hint="see the README section 'Autoresearch' for every field") from None
+                        hint="docs/autoresearch.md lists every field") from None
     loaded = LoadedProgram(program=program, path=path.resolve(), text=text, sha256=hashlib.sha256(raw).hexdigest(),
                            lines=lines, instructions=program.instructions)
     return _with_paths_checked(loaded)

@@ -102,6 +102,11 @@ def _factor_arms(spec: Spec) -> list[PlannedArm]:
     ]
 
 
+def first_arm_count(spec: Spec) -> int:
+    """How many arms the first iteration runs: the explicit ones plus the factor design's."""
+    return len(spec.arms) + len(_factor_arms(spec))
+
+
 def _describe(levels: dict[str, str]) -> str:
     return ", ".join(f"{k} = {v}" for k, v in levels.items())
 

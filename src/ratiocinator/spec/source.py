@@ -54,7 +54,7 @@ def load_yaml_with_lines(text: str, path: Path) -> tuple[Any, dict[Loc, int]]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"{where}: not valid YAML: {problem}") from None
     if node is None:
-        raise SpecError(f"{path}: the spec is empty", hint="see the README for the spec format")
+        raise SpecError(f"{path}: the spec is empty", hint="docs/spec.md lists every field")
     lines: dict[Loc, int] = {}
     _index(node, (), lines, path)
     loader = _LineLoader(text)
@@ -119,7 +119,7 @@ def format_validation_error(
     problems.sort(key=lambda item: item[0])
     head = f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the spec"
     body = "\n  ".join(text for _, text in problems)
-    return SpecError(f"{head}\n  {body}", hint="see the README section 'The spec' for every field")
+    return SpecError(f"{head}\n  {body}", hint="docs/spec.md lists every field")
 
 
 def _is_union_tag(part: str | int) -> bool:

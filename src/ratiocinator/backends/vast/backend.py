@@ -58,6 +58,7 @@ from ratiocinator.backends.vast.api import (
     is_gone,
 )
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
+from ratiocinator.planning.plan import first_arm_count
 from ratiocinator.spec.models import LoadedSpec, SshHost
 from ratiocinator.store import instances as inst
 from ratiocinator.store.budget import Budget
@@ -333,7 +334,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         spec = loaded.spec
         work = self.settings.work_s
         if work is None:
-            runs = max(len(spec.arms), 1) * spec.replicates * spec.failure_policy.max_attempts * spec.max_iterations
+            runs = max(first_arm_count(spec), 1) * spec.replicates * spec.failure_policy.max_attempts * spec.max_iterations
             waves = math.ceil(runs / (n_instances * self.settings.slots_per_instance))
             work = waves * spec.train_timeout_s
         return self.settings.boot_timeout_s + self.settings.setup_allowance_s + work
