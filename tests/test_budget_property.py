@@ -3,7 +3,7 @@
 Each experiment mixes the two ways money is committed: per-run reservations (`Budget`,
 price × train timeout, settled with price × actual duration, which a failure or a
 kill can cut short or a hang can stretch to the timeout) and rented-instance
-reservations (price × TTL, settled by `instances.settle` with lifetime × price or a
+reservations (price × TTL, settled by `reaper.settle` with lifetime × price or a
 billed amount). Reservations interleave as concurrent runs would. Real `Ledger`.
 """
 
@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ratiocinator.backends.vast import reaper
 from ratiocinator.store import instances as inst
 from ratiocinator.store.budget import Budget, run_cost
 from ratiocinator.store.ledger import Ledger
@@ -53,11 +54,11 @@ def _experiment(ledger: Ledger, rng: random.Random, index: int) -> None:
             ledger.settle(charge, run_cost(price, duration, timeout))
         elif open_instances:  # an instance is destroyed, lost, or reaped
             row = open_instances.pop(rng.randrange(len(open_instances)))
-            inst.settle(ledger, row, None, end=time.time() + rng.choice([0.0, 1e6]))
+            reaper.settle(ledger, row, None, end=time.time() + rng.choice([0.0, 1e6]))
     for charge, price, timeout, duration in open_runs:
         ledger.settle(charge, run_cost(price, duration, timeout))
     for row in open_instances:
-        inst.settle(ledger, row, None, end=time.time())
+        reaper.settle(ledger, row, None, end=time.time())
     spent, reserved = ledger.money(exp_id)
     assert reserved == 0.0
     assert spent <= limit + 1e-9, (exp_id, spent, limit)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
+from ratiocinator.backends.vast import reaper
 from ratiocinator.backends.vast.api import RetryPolicy, VastApi, VastAuthError, VastError, v1_root
 from ratiocinator.errors import BackendError
 from ratiocinator.store import instances as inst
@@ -168,13 +169,13 @@ def test_two_homes_on_one_account_each_reap_only_their_own(vast: VastServer, tmp
     mine, theirs = _rented_by(a, api, 1), _rented_by(b, api, 2)
     assert mine.id == theirs.id == 1 and mine.label != theirs.label  # the old scheme named both "ratiocinator-1"
     inst.update(a, mine.id, state="destroyed", destroyed_at=time.time())  # A's row closed; the instance bills on
-    reaped = inst.reap(a, api)
+    reaped = reaper.reap(a, api)
     assert [(r.provider_id, r.outcome) for r in reaped] == [
         (mine.provider_id, "orphan_destroyed"), (theirs.provider_id, "left_alone")]
     assert reaped[1].label == theirs.label and reaped[1].status == "loading" and reaped[1].dph == pytest.approx(0.22)  # offer 2 of the fixture
     assert [str(i["id"]) for i in vast.fake.live()] == [theirs.provider_id]
     assert inst.get(b, theirs.id).state == "running"  # B's books untouched
-    assert [(r.provider_id, r.outcome) for r in inst.reap(b, api)] == [(theirs.provider_id, "destroyed")]
+    assert [(r.provider_id, r.outcome) for r in reaper.reap(b, api)] == [(theirs.provider_id, "destroyed")]
     assert vast.fake.live() == [] and inst.rows(b, live=True) == []
 
 
@@ -185,11 +186,11 @@ def test_an_old_scheme_row_without_provider_id_adopts_nothing_without_all_homes(
                                 charges=[])
     inst.update(ledger, row.id, label=f"ratiocinator-{row.id}")  # a row written before labels carried the home id
     stranger = vast.fake.add_instance(f"ratiocinator-{row.id}")  # ... and another home's instance by that label
-    (left,) = inst.reap(ledger, api)
+    (left,) = reaper.reap(ledger, api)
     assert (left.row_id, left.provider_id, left.outcome) == (row.id, str(stranger), "left_alone")
     assert "may be another home's" in left.detail and inst.get(ledger, row.id).state == "requested"
     assert [i["id"] for i in vast.fake.live()] == [stranger]
-    (taken,) = inst.reap(ledger, api, all_homes=True)
+    (taken,) = reaper.reap(ledger, api, all_homes=True)
     assert taken.outcome == "destroyed" and vast.fake.live() == [] and inst.rows(ledger, live=True) == []
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Study
+from ratiocinator.backends.vast import reaper
 from ratiocinator.backends.vast.api import VastApi
 from ratiocinator.backends.vast.backend import VastBackend, VastSettings, offer_query, pick_offers, watchdog
 from ratiocinator.errors import BackendError, CredentialsError
@@ -299,12 +300,12 @@ def test_kill_9_then_reap_leaves_nothing_live(sshd: Sshd, vast: VastServer, stud
     ledger = study.ledger()
     (row,) = inst.rows(ledger, live=True)
     assert row.deadline > time.time()  # the TTL is recorded
-    reaped = inst.reap(ledger, VastApi(API_KEY, vast.url))
+    reaped = reaper.reap(ledger, VastApi(API_KEY, vast.url))
     assert [(r.provider_id, r.outcome) for r in reaped] == [(row.provider_id, "destroyed")]
     assert vast.fake.live() == [] and inst.rows(ledger, live=True) == []
     exp_id = ledger.experiments()[-1].id
     assert ledger.money(exp_id)[1] == pytest.approx(0.0)  # no reservation left open: the instance is paid
-    assert inst.reap(ledger, VastApi(API_KEY, vast.url)) == []  # idempotent
+    assert reaper.reap(ledger, VastApi(API_KEY, vast.url)) == []  # idempotent
 
 
 def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServer, study: Study) -> None:
@@ -322,7 +323,7 @@ def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServe
     while time.time() < row.deadline + 1.0:
         time.sleep(0.1)
     assert vast.fake.live() == []  # the host's watchdog fired: nothing survives a kill -9
-    reaped = inst.reap(study.ledger(), VastApi(API_KEY, vast.url), expired_only=True)
+    reaped = reaper.reap(study.ledger(), VastApi(API_KEY, vast.url), expired_only=True)
     assert [r.outcome for r in reaped] == ["already_gone"] and reaped[0].detail == "past its self-destruct deadline"
 
 
@@ -334,7 +335,7 @@ def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Ssh
     api.rent(1, {"client_id": "me", "image": "x", "disk": 10, "onstart": "", "runtype": "ssh", "label": row.label})
     stray = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
                                   charges=[])  # crashed before renting at all
-    reaped = {r.row_id: r.outcome for r in inst.reap(ledger, api)}
+    reaped = {r.row_id: r.outcome for r in reaper.reap(ledger, api)}
     assert reaped == {row.id: "destroyed", stray.id: "already_gone"} and vast.fake.live() == []
     assert {r.state for r in inst.rows(ledger)} == {"destroyed"}
 
@@ -589,7 +590,7 @@ def test_a_key_revoked_mid_experiment_stops_it_and_destroys_nothing_by_mistake(
     assert any(e["kind"] == "instance_destroy_failed" for e in ledger.events(exp.id))
     # Once the key works again, the reaper destroys it and the money is settled.
     vast.fake.api_keys.add(API_KEY)
-    assert [r.outcome for r in inst.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
+    assert [r.outcome for r in reaper.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
     assert vast.fake.live() == [] and ledger.money(exp.id)[1] == pytest.approx(0.0)
 
 
@@ -626,5 +627,5 @@ def test_a_destroy_the_provider_does_not_do_keeps_the_instance_live_for_the_reap
     (row,) = inst.rows(ledger, live=True)
     assert row.state == "destroying" and len(vast.fake.live()) == 1
     vast.fake.refuse_destroys = 0
-    assert [r.outcome for r in inst.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
+    assert [r.outcome for r in reaper.reap(ledger, VastApi(API_KEY, vast.url))] == ["destroyed"]
     assert vast.fake.live() == [] and ledger.money(exp.id)[1] == pytest.approx(0.0)

@@ -584,9 +584,9 @@ def instances_cmd(
 ) -> None:
     """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
+    from ratiocinator.backends.vast import reaper
     from ratiocinator.backends.vast.api import VastApi
     from ratiocinator.spec.models import VastConfig
-    from ratiocinator.store import instances as inst
 
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
@@ -597,7 +597,7 @@ def instances_cmd(
         return
     api = VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
     if reap:
-        results = inst.reap(ledger, api, all_homes=all_homes)
+        results = reaper.reap(ledger, api, all_homes=all_homes)
         for r in results:
             if r.outcome != "left_alone":
                 out.print(f"{r.provider_id or '-'}: {r.outcome}{f' {r.label}' if r.label else ''} ({r.detail})", markup=False)
@@ -606,8 +606,8 @@ def instances_cmd(
             raise typer.Exit(1)
     if reconcile:
         try:
-            fixed = inst.reconcile_billing(ledger, api)
-        except inst.BillingUnavailable as exc:
+            fixed = reaper.reconcile_billing(ledger, api)
+        except reaper.BillingUnavailable as exc:
             raise BackendError(f"the provider's charges could not be read: {exc}",
                              hint="costs keep their lifetime × price estimate; run --reconcile again later") from None
         for r in fixed:

@@ -50,6 +50,7 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.backends.ssh import SshBackend, SshSlot
+from ratiocinator.backends.vast import reaper
 from ratiocinator.backends.vast.api import (
     DEFAULT_BASE_URL,
     STILL_BILLING_DOWN,
@@ -271,7 +272,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         """Instances are reserved and charged through this experiment's budget; what a dead
         orchestrator of it left rented is destroyed and paid now, each an ``instance_reaped`` event."""
         self._budget, self.experiment_id = budget, budget.experiment_id
-        for reaped in inst.reconcile_at_startup(budget.ledger, self.api, budget.experiment_id):
+        for reaped in reaper.reconcile_at_startup(budget.ledger, self.api, budget.experiment_id):
             budget.ledger.event(budget.experiment_id, "instance_reaped", f"{reaped.provider_id}: {reaped.outcome}",
                                 detail=reaped.detail)
 
@@ -746,7 +747,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             return True
         now = time.time()
         inst.update(self.ledger, rented.row_id, state="lost", destroyed_at=now, note="vanished at the provider mid-run")
-        await asyncio.to_thread(inst.settle, self.ledger, inst.get(self.ledger, rented.row_id), self.api,
+        await asyncio.to_thread(reaper.settle, self.ledger, inst.get(self.ledger, rented.row_id), self.api,
                                 end=now, storage_dph=self.storage_dph)
         return True
 
@@ -802,7 +803,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                 return
         self._destroy_failures.pop(row.id, None)
         inst.update(self.ledger, row.id, state="destroyed", destroyed_at=now, note=why)
-        _, source = inst.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
+        _, source = reaper.settle(self.ledger, inst.get(self.ledger, row.id), self.api if rented.provider_id else None,
                                 end=now, storage_dph=self.storage_dph)
         if "unavailable" in source:
             self.notes.append(f"instance {rented.provider_id}: cost from {source}")
