@@ -28,6 +28,7 @@ from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, in
 from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.records import RunStatus
 
 if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
     from ratiocinator.check.readiness import Readiness
@@ -355,8 +356,8 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
             runs = ledger.runs(exp.id)
             spent, _ = ledger.money(exp.id)
             table.add_row(
-                exp.id, exp.status, str(sum(r.status == "succeeded" for r in runs)),
-                str(sum(r.status == "failed" for r in runs)), str(sum(r.status == "running" for r in runs)),
+                exp.id, exp.status, str(sum(r.status == RunStatus.SUCCEEDED for r in runs)),
+                str(sum(r.status == RunStatus.FAILED for r in runs)), str(sum(r.status == RunStatus.RUNNING for r in runs)),
                 f"${spent:.4f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(exp.updated_at)),
             )
         out.print(table if table.row_count else "no experiments yet")
@@ -375,14 +376,15 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
     for r in ledger.runs(exp.id):
         value, finite = metrics.get(r.id, {}).get(goal, (None, True)) if goal else (None, True)
         shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
-        color = {"succeeded": "green", "failed": "red", "running": "cyan", "interrupted": "yellow"}.get(r.status, "")
+        color = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red", RunStatus.RUNNING: "cyan",
+                 RunStatus.INTERRUPTED: "yellow"}.get(RunStatus(r.status), "")
         why = f"{r.failure}: {r.reason}" if r.failure else r.reason
         table.add_row(str(r.id), r.arm, str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]", shown,
                       f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", why[:100])
     out.print(table)
-    classes = Counter(r.failure for r in ledger.runs(exp.id) if r.status == "failed" and r.failure)
+    classes = Counter(r.failure for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED and r.failure)
     if classes:
-        retried = sum(r.transient for r in ledger.runs(exp.id) if r.status == "failed")
+        retried = sum(r.transient for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED)
         out.print("failures by class: " + ", ".join(f"{name} {n}" for name, n in classes.most_common())
                   + (f" ({retried} transient, retried)" if retried else ""), markup=False)
 

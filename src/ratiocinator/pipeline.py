@@ -37,8 +37,8 @@ from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.store.ledger import Experiment, Ledger
 from ratiocinator.store.paths import Paths
+from ratiocinator.store.records import FINISHED, DecisionRecord, ExperimentStatus, ReadinessRecord, RunStatus
 
-FINISHED = ("completed", "budget_exhausted", "stopped")
 # For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
 ESTIMATED_PROMPT_CHARS = 12_000
 # Variables a runner never sees: the LLM layer's own (its key above all).
@@ -140,12 +140,12 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
     """Runs left ``running`` by a dead orchestrator: kill leftovers, mark interrupted, settle money."""
     count = 0
     now = time.time()
-    for run in ledger.runs(experiment.id, status="running"):
+    for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
         killed = bool(run.pid) and backend.kill_orphan(run.pid, run.pid_start)
         elapsed = now - run.started_at
         cost = run_cost(price_per_hour, elapsed, timeout_s)
         ledger.finish_run(
-            run.id, status="interrupted", failure=None,
+            run.id, status=RunStatus.INTERRUPTED, failure=None,
             reason="the orchestrator stopped while this run was live" + ("; its leftover processes were killed" if killed else ""),
             exit_code=None, signal=None, final={}, counts={}, cost=cost, ended_at=now,
         )
@@ -174,9 +174,9 @@ class ResearchOutcome:
 
     @property
     def exit_code(self) -> int:
-        if self.status == "interrupted":
+        if self.status == ExperimentStatus.INTERRUPTED:
             return 130
-        if self.status in ("paused", "not_ready"):
+        if self.status in (ExperimentStatus.PAUSED, ExperimentStatus.NOT_READY):
             return 1  # not done: the same command continues once the cause is fixed
         return 0 if self.succeeded else 1
 
@@ -230,30 +230,30 @@ class Research:
         if resumed:
             n = reconcile(ledger, backend, experiment, price, spec.train_timeout_s)
             self.progress.message(f"resuming {exp_id}" + (f" ({n} interrupted run(s) will run again)" if n else ""))
-        ledger.update_experiment(exp_id, status="running")
+        ledger.update_experiment(exp_id, status=ExperimentStatus.RUNNING)
         ledger.event(exp_id, "hardware", "hardware findings", findings=[f.__dict__ for f in findings])
         try:
             outcome = asyncio.run(self._run_async(ledger, backend, experiment))
         except LlmUnavailable as exc:  # the provider is down or throttling past the retries: pause, resumably
             note = f"paused: {exc.message}; run the same command to resume (finished runs and decisions are kept)"
-            ledger.update_experiment(exp_id, status="paused", note=note)
+            ledger.update_experiment(exp_id, status=ExperimentStatus.PAUSED, note=note)
             ledger.event(exp_id, "paused", str(exc), level="warning")
             counts = _counts(ledger, exp_id)
-            return ResearchOutcome(exp_id, "paused", None, counts[0], counts[1], note)
+            return ResearchOutcome(exp_id, ExperimentStatus.PAUSED, None, counts[0], counts[1], note)
         except LlmBudgetExceeded as exc:
-            ledger.update_experiment(exp_id, status="budget_exhausted", note=exc.message)
+            ledger.update_experiment(exp_id, status=ExperimentStatus.BUDGET_EXHAUSTED, note=exc.message)
             ledger.event(exp_id, "budget_stop", exc.message, level="warning")
             counts = _counts(ledger, exp_id)
             report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
-            return ResearchOutcome(exp_id, "budget_exhausted", report, counts[0], counts[1], exc.message)
+            return ResearchOutcome(exp_id, ExperimentStatus.BUDGET_EXHAUSTED, report, counts[0], counts[1], exc.message)
         except (KeyboardInterrupt, asyncio.CancelledError):
-            ledger.update_experiment(exp_id, status="interrupted", note="interrupted; run the same command to resume")
+            ledger.update_experiment(exp_id, status=ExperimentStatus.INTERRUPTED, note="interrupted; run the same command to resume")
             ledger.event(exp_id, "interrupted", "the orchestrator was interrupted", level="warning")
             counts = _counts(ledger, exp_id)
-            return ResearchOutcome(exp_id, "interrupted", None, counts[0], counts[1],
+            return ResearchOutcome(exp_id, ExperimentStatus.INTERRUPTED, None, counts[0], counts[1],
                                    "interrupted; run the same command again to resume")
         except BaseException as exc:
-            ledger.update_experiment(exp_id, status="failed", note=str(exc).splitlines()[0][:500])
+            ledger.update_experiment(exp_id, status=ExperimentStatus.FAILED, note=str(exc).splitlines()[0][:500])
             ledger.event(exp_id, "error", str(exc), level="error")
             raise
         return outcome
@@ -282,7 +282,7 @@ class Research:
             workspace = await backend.prepare(host, self.loaded, commit)
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env = data_env(self.loaded)
-            status, note = "completed", ""
+            status, note = ExperimentStatus.COMPLETED, ""
             reviewed = False
             for iteration in range(1, spec.max_iterations + 1):
                 decision = await asyncio.to_thread(self._decide, PlanningContext(
@@ -304,7 +304,7 @@ class Research:
                     problem = await self._review(ledger, exp_id, commit, code, plan, backend, host, workspace, argv,
                                                  extra_env, llm)
                     if problem:
-                        status, note = "not_ready", problem
+                        status, note = ExperimentStatus.NOT_READY, problem
                         break
                 self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates, {len(pending)} runs to go")
                 executor = Executor(
@@ -316,20 +316,20 @@ class Research:
                 summary: ExecutionSummary = await executor.run(pending)
                 host = executor.host  # capacity may have been given back or rented again
                 if summary.early_stop:
-                    status, note = "stopped", summary.early_stop
+                    status, note = ExperimentStatus.STOPPED, summary.early_stop
                     break
                 if summary.budget_stop:
-                    status, note = "budget_exhausted", summary.budget_stop
+                    status, note = ExperimentStatus.BUDGET_EXHAUSTED, summary.budget_stop
                     break
                 degenerate = flag_constant_metric(ledger, exp_id, spec.goal_metric)
                 if degenerate:
-                    status, note = "stopped", f"stopped: {degenerate}"
+                    status, note = ExperimentStatus.STOPPED, f"stopped: {degenerate}"
                     self.progress.message(note)
                     break
         finally:
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
-        if llm is not None and ledger.runs(exp_id, status="succeeded"):
+        if llm is not None and ledger.runs(exp_id, status=RunStatus.SUCCEEDED):
             await asyncio.to_thread(self._narrate, ledger, exp_id, llm)
         report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
@@ -344,7 +344,7 @@ class Research:
                 _, commit = resolve_commit(self.loaded, self.paths)
                 if not ledger.runs(experiment.id):
                     ledger.update_experiment(experiment.id, commit_sha=commit,
-                                             status="planned" if experiment.status == "created" else None)
+                                             status=ExperimentStatus.PLANNED if experiment.status == ExperimentStatus.CREATED else None)
                 code = inspect_code(self.loaded, self.paths, experiment.commit_sha if ledger.runs(experiment.id) else commit)
                 budget = Budget(ledger, experiment.id, self.spec.max_dollars)
                 context = PlanningContext(1, ledger, experiment.id, code.knobs, budget, backend_price(self.loaded),
@@ -403,15 +403,14 @@ class Research:
         experiment continue with the same arms whatever planner (or model) chose them.
         """
         ledger, exp_id, iteration = context.ledger, context.experiment_id, context.iteration
-        for event in reversed(ledger.events(exp_id)):
-            if event["kind"] == "decision" and event["data"].get("iteration") == iteration and "plan" in event["data"]:
-                data = event["data"]
-                plan = Plan.from_json(data["plan"]) if data.get("plan") else None
-                return Decision(plan, event["message"], data.get("record", {}))
+        for recorded in reversed(ledger.decisions(exp_id)):
+            if recorded.iteration == iteration:
+                plan = Plan.from_json(recorded.plan) if recorded.plan else None
+                return Decision(plan, recorded.reason, recorded.record)
         decision = self.planner.next_iteration(context)
-        ledger.event(exp_id, "decision", decision.reason, iteration=iteration, planner=self.planner.name,
-                     has_plan=decision.plan is not None, plan=decision.plan.to_json() if decision.plan else None,
-                     record=decision.record)
+        ledger.record_decision(exp_id, DecisionRecord(iteration, self.planner.name, decision.reason,
+                                                      decision.plan.to_json() if decision.plan else None,
+                                                      decision.record))
         return decision
 
     async def _review(self, ledger: Ledger, exp_id: str, commit: str, code: CodeView, plan: Plan, backend: Backend,
@@ -421,12 +420,11 @@ class Research:
         from ratiocinator.check.readiness import review
 
         if not self.check:
-            ledger.event(exp_id, "readiness_skipped", "the readiness review was skipped (--skip-check)", level="warning",
-                         commit=commit)
+            ledger.record_readiness(exp_id, ReadinessRecord(commit, skipped=True, is_code_ready=False),
+                                    "the readiness review was skipped (--skip-check)", level="warning")
             self.progress.message("readiness review skipped (--skip-check)")
             return None
-        earlier = [e for e in ledger.events(exp_id) if e["kind"] == "readiness" and e["data"].get("commit") == commit
-                   and e["data"].get("is_code_ready")]
+        earlier = [v for v in ledger.readiness_verdicts(exp_id) if v.commit == commit and v.is_code_ready]
         if earlier:
             self.progress.message(f"readiness review passed earlier at commit {commit[:12]}")
             return None
@@ -452,8 +450,10 @@ class Research:
                 budget.settle(charge, min(run_worst_case(host.price_per_hour, smoke_s) * arms,
                                           run_cost(host.price_per_hour, time.time() - started, smoke_s * arms)))
         data = readiness.to_json()
-        ledger.event(exp_id, "readiness", "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
-                     level="info" if readiness.is_code_ready else "error", **data)
+        ledger.record_readiness(exp_id, ReadinessRecord(data["commit"], skipped=False, is_code_ready=data["is_code_ready"],
+                                                        code_issue=data["code_issue"], checks=data["checks"]),
+                                "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
+                                level="info" if readiness.is_code_ready else "error")
         for check in readiness.checks:
             if check.status in ("failed", "warning"):
                 self.progress.message(f"check {check.name}: {check.status} — {check.summary}")
@@ -468,7 +468,7 @@ def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str |
     metrics = ledger.run_metrics(experiment_id)
     arms = {a.name: a for a in ledger.arms(experiment_id)}
     by_arm: dict[str, list[tuple[int, float]]] = {}
-    for run in ledger.runs(experiment_id, status="succeeded"):
+    for run in ledger.runs(experiment_id, status=RunStatus.SUCCEEDED):
         value = metrics.get(run.id, {}).get(goal, (None, False))[0]
         if value is not None:
             by_arm.setdefault(run.arm, []).append((run.id, value))
@@ -514,7 +514,7 @@ def backend_price(loaded: LoadedSpec) -> float:
 
 def _counts(ledger: Ledger, experiment_id: str) -> tuple[int, int]:
     runs = ledger.runs(experiment_id)
-    return sum(r.status == "succeeded" for r in runs), sum(r.status == "failed" for r in runs)
+    return sum(r.status == RunStatus.SUCCEEDED for r in runs), sum(r.status == RunStatus.FAILED for r in runs)
 
 
 def _cancel_on_sigterm() -> None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ratiocinator.store.records import RunStatus
+
 if TYPE_CHECKING:
     from ratiocinator.store.ledger import ArmRow, RunRow
 
@@ -25,7 +27,7 @@ FinalValue = tuple[float | None, bool]
 Finals = Mapping[int, Mapping[str, FinalValue]]
 
 # Display order of run statuses; statuses not listed here follow in name order.
-STATUS_ORDER = ("succeeded", "failed", "interrupted", "running")
+STATUS_ORDER = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def ordered_counts(counter: Counter[str], order: Sequence[str] = ()) -> dict[str
 def summarize_arm(arm: ArmRow, runs: Sequence[RunRow], finals: Finals, metrics: Sequence[str]) -> ArmSummary:
     """Summarize one arm from all of its runs (every status, every attempt); other arms' runs are ignored."""
     runs = [r for r in runs if r.arm_id == arm.id]
-    succeeded = tuple(r.id for r in runs if r.status == "succeeded")
+    succeeded = tuple(r.id for r in runs if r.status == RunStatus.SUCCEEDED)
     return ArmSummary(
         arm=arm,
         run_ids=tuple(r.id for r in runs),
@@ -199,7 +201,7 @@ def summarize_experiment(
     maximize: bool,
 ) -> ExperimentSummary:
     """Summarize every arm and pick the best one by the goal metric's mean."""
-    succeeded = {r.id for r in runs if r.status == "succeeded"}
+    succeeded = {r.id for r in runs if r.status == RunStatus.SUCCEEDED}
     reported = {name for run_id in succeeded for name in finals.get(run_id, {})}
     metrics = (goal_metric, *sorted(reported - {goal_metric}))
     by_arm: dict[int, list[RunRow]] = {arm.id: [] for arm in arms}

@@ -40,6 +40,7 @@ from ratiocinator.planning.plan import Plan, PlannedRun
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.records import TERMINAL, RunStatus
 
 POINT_BATCH = 5000
 POINT_FLUSH_S = 1.0
@@ -137,7 +138,7 @@ class Executor:
         self.transient_failures = ledger.transient_failures(experiment_id)
         # The experiment's first finished runs (transient failures aside), for the early stop.
         self.first_outcomes: list[str | None] = [
-            r.failure for r in ledger.runs(experiment_id) if r.status in ("succeeded", "failed") and not r.transient
+            r.failure for r in ledger.runs(experiment_id) if r.status in TERMINAL and not r.transient
         ][: self.policy.stop_after]
         self.early_stop: str | None = None
 
@@ -322,7 +323,7 @@ class Executor:
         if queued > 0 or not (pool.free or arriving):
             return
         durations = [d for r in self.ledger.runs(self.experiment_id)
-                     if r.status in ("succeeded", "failed") and (d := r.duration_s) is not None]
+                     if r.status in TERMINAL and (d := r.duration_s) is not None]
         wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
         reacquire = elastic.reacquire_s()
         if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
@@ -472,7 +473,7 @@ class Executor:
         self.live.pop(run_id, None)
         self.started_at.pop(run_id, None)
         self.ledger.finish_run(
-            run_id, status="interrupted", failure=None, reason=reason,
+            run_id, status=RunStatus.INTERRUPTED, failure=None, reason=reason,
             exit_code=None, signal=None, final=stream.summary.final, counts=stream.summary.counts,
             cost=run_cost(self.host.price_per_hour, elapsed, self.spec.train_timeout_s),
             points=leftover, settle_charge=charge,
@@ -532,7 +533,7 @@ class Executor:
                 malformed_metric_lines=stream.parser.problem_count,
             ))
         failure = diagnosis.failure.value if diagnosis.failure else None
-        status = "failed" if failure else "succeeded"
+        status = RunStatus.FAILED if failure else RunStatus.SUCCEEDED
         cost = run_cost(self.host.price_per_hour, ended - started, self.spec.train_timeout_s)
         self.ledger.finish_run(
             run_id, status=status, failure=failure, reason=diagnosis.reason,

@@ -319,15 +319,14 @@ class _Writer:
 
     def planner_decisions(self) -> list[Block]:
         """What the planner decided each iteration and why (an LLM's hypotheses, a search's proposals)."""
-        decisions = [e for e in self.ledger.events(self.experiment.id) if e["kind"] == "decision" and "plan" in e["data"]]
-        if not decisions or all(e["data"].get("planner") == "spec" for e in decisions):
+        decisions = self.ledger.decisions(self.experiment.id)
+        if not decisions or all(d.planner == "spec" for d in decisions):
             return []
         items = []
-        for e in decisions:
-            data = e["data"]
-            items.append(f"Iteration {data['iteration']} ({data.get('planner', 'planner')}): {e['message']}")
-            items += [f"Hypothesis (iteration {data['iteration']}): {h['statement']} — arms {', '.join(h['arms'])}"
-                      for h in data.get("record", {}).get("hypotheses", [])]
+        for d in decisions:
+            items.append(f"Iteration {d.iteration} ({d.planner}): {d.reason}")
+            items += [f"Hypothesis (iteration {d.iteration}): {h['statement']} — arms {', '.join(h['arms'])}"
+                      for h in d.record.get("hypotheses", [])]
         return [Paragraph("How the arms were chosen, as the planner recorded it:"), Bullets(tuple(items))]
 
     # -- setup ---------------------------------------------------------------------------
@@ -379,17 +378,16 @@ class _Writer:
 
     def readiness(self) -> str:
         """What the pre-run review found, from its ledger event (or that it was skipped)."""
-        events = [e for e in self.ledger.events(self.experiment.id) if e["kind"] in ("readiness", "readiness_skipped")]
-        if not events:
+        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        if not verdicts:
             return "not recorded"
-        last = events[-1]
-        if last["kind"] == "readiness_skipped":
+        last = verdicts[-1]
+        if last.skipped:
             return "skipped (--skip-check): the code was not reviewed before runs were paid for"
-        checks = last["data"].get("checks", [])
-        counts = Counter(c["status"] for c in checks)
+        counts = Counter(c["status"] for c in last.checks)
         shown = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        notes = "; ".join(f"{c['name']}: {c['summary']}" for c in checks if c["status"] in ("failed", "warning"))
-        verdict = "ready" if last["data"].get("is_code_ready") else "not ready"
+        notes = "; ".join(f"{c['name']}: {c['summary']}" for c in last.checks if c["status"] in ("failed", "warning"))
+        verdict = "ready" if last.is_code_ready else "not ready"
         return f"{verdict} ({shown})" + (f"; {notes}" if notes else "")
 
     def resolved_repo(self) -> str:

@@ -22,9 +22,10 @@ from typing import Any
 
 from ratiocinator.errors import BackendError
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.records import LIVE
 
 LABEL_PREFIX = "ratiocinator-"
-LIVE_STATES = ("requested", "booting", "running", "destroying")
+LIVE_STATES = LIVE  # rows that may still bill
 _LABEL = re.compile(re.escape(LABEL_PREFIX) + r"(?:(?P<home>[0-9a-f]{8})-)?(?P<row>\d+)")
 
 

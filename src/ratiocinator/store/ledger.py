@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ratiocinator.errors import UsageError
+from ratiocinator.store.records import DecisionRecord, EventKind, ReadinessRecord
 
 SCHEMA_VERSION = 6
 
@@ -263,7 +264,6 @@ MIGRATIONS: dict[int, str] = {
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
 # the textual value survives in the run's log.
-TERMINAL = ("succeeded", "failed")
 MONEY_EPSILON = 1e-9
 NO_STEP = np.iinfo(np.int64).min
 
@@ -738,6 +738,25 @@ class Ledger:
     def events(self, experiment_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM events WHERE experiment_id = ? ORDER BY id", (experiment_id,))
         return [{**dict(r), "data": json.loads(r["data_json"])} for r in rows]
+
+    # -- typed records: written and read through one type each (see `records`) -----------
+
+    def record_decision(self, experiment_id: str, decision: DecisionRecord) -> None:
+        self.event(experiment_id, EventKind.DECISION, decision.reason, **decision.data())
+
+    def decisions(self, experiment_id: str) -> list[DecisionRecord]:
+        """Every planner decision recorded with its plan, oldest first."""
+        return [DecisionRecord.from_event(e) for e in self.events(experiment_id)
+                if e["kind"] == EventKind.DECISION and "plan" in e["data"]]
+
+    def record_readiness(self, experiment_id: str, verdict: ReadinessRecord, message: str, *, level: str = "info") -> None:
+        kind = EventKind.READINESS_SKIPPED if verdict.skipped else EventKind.READINESS
+        self.event(experiment_id, kind, message, level=level, **verdict.data())
+
+    def readiness_verdicts(self, experiment_id: str) -> list[ReadinessRecord]:
+        """Every readiness review (or its skipping), oldest first."""
+        return [ReadinessRecord.from_event(e) for e in self.events(experiment_id)
+                if e["kind"] in (EventKind.READINESS, EventKind.READINESS_SKIPPED)]
 
     # -- LLM calls ---------------------------------------------------------------
 
