@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -586,10 +585,9 @@ def instances_cmd(
 ) -> None:
     """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
-    from ratiocinator.backends.vast import reaper
-    from ratiocinator.backends.vast.api import VastApi
-    from ratiocinator.spec.models import VastConfig
+    from ratiocinator.backends.registry import instance_provider
 
+    reaper = instance_provider()
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
     ledger = _ledger()
@@ -597,7 +595,7 @@ def instances_cmd(
         out.print("no live instances")
     if not (reap or reconcile):
         return
-    api = VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", VastConfig().base_url))
+    api = reaper.api_from_env()
     if reap:
         results = reaper.reap(ledger, api, all_homes=all_homes)
         for r in results:

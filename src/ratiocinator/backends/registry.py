@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from types import ModuleType
 
 from ratiocinator.backends.base import Backend
 from ratiocinator.errors import UsageError
@@ -33,6 +34,15 @@ def backend_class(loaded: LoadedSpec) -> type[Backend]:
     return found
 
 
+# The module that reaps and reconciles rented instances for ``ratiocinator instances``: its
+# ``api_from_env()``, ``reap``, ``reconcile_billing`` and ``BillingUnavailable``.
+INSTANCE_PROVIDER = "ratiocinator.backends.vast.reaper"
+
+
+def instance_provider() -> ModuleType:
+    return importlib.import_module(INSTANCE_PROVIDER)
+
+
 def make_backend(loaded: LoadedSpec, home: Path) -> Backend:
     """The spec's backend, built from the spec's settings."""
     return backend_class(loaded).from_spec(loaded, home)
@@ -43,4 +53,4 @@ def backend_price(loaded: LoadedSpec) -> float:
     return backend_class(loaded).price_per_hour(loaded)
 
 
-__all__ = ["BACKENDS", "backend_class", "backend_price", "make_backend"]
+__all__ = ["BACKENDS", "INSTANCE_PROVIDER", "backend_class", "backend_price", "instance_provider", "make_backend"]

@@ -6,13 +6,27 @@ See `ratiocinator.store.instances` for the rows and labels this works over.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ratiocinator.backends.vast.api import BillingUnavailable, VastApi, VastAuthError, VastError, is_gone
+from ratiocinator.backends.vast.api import (
+    DEFAULT_BASE_URL,
+    BillingUnavailable,
+    VastApi,
+    VastAuthError,
+    VastError,
+    is_gone,
+)
 from ratiocinator.store.instances import LIVE_STATES, InstanceRow, get, is_legacy_label, label_owner, rows, update
 from ratiocinator.store.ledger import Ledger
+
+
+def api_from_env() -> VastApi:
+    """The client ``instances`` uses: the key from ``VAST_API_KEY``, the v0 root from ``VAST_API_URL``."""
+    return VastApi(os.environ.get("VAST_API_KEY", ""), os.environ.get("VAST_API_URL", DEFAULT_BASE_URL))
+
 
 BILLING_SLACK_S = 5.0  # clock skew and whole seconds: a charge ending this close to the end covers it
 
@@ -233,5 +247,5 @@ def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str) -> li
     return reap(ledger, api, experiment_id=experiment_id)
 
 
-__all__ = ["BillingUnavailable", "Reaped", "Reconciled", "billed_cost", "lifetime_cost", "reap", "reconcile_at_startup",
+__all__ = ["BillingUnavailable", "Reaped", "api_from_env", "Reconciled", "billed_cost", "lifetime_cost", "reap", "reconcile_at_startup",
            "reconcile_billing", "settle"]
