@@ -242,26 +242,35 @@ class VastApi:
         row = reply.get("instances") if isinstance(reply, dict) else None
         return row if isinstance(row, dict) and row else None
 
-    def list(self) -> list[dict[str, Any]]:
-        """Every instance of the account, through the v1 list's pages (cursor ``next_token``)."""
-        params = {"select_filters": "{}", "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
-                  "limit": str(PAGE_SIZE)}
-        rows: list[dict[str, Any]] = []
+    def _pages(self, path: str, params: dict[str, str], *, rows: str, cursor: str, max_pages: int, v1: bool = False,
+               attempts: int | None = None) -> list[dict[str, Any]]:
+        """Every row of a paged listing: the ``rows`` list of each page, following ``next_token`` (sent
+        back as ``cursor``) until a page has none; a repeated or endless cursor is an error."""
+        where = f"GET {'v1 ' if v1 else ''}{path}"
+        out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for _ in range(MAX_LIST_PAGES):
-            reply = self._call("GET", "/instances/", v1=True, params=params)
-            page = reply.get("instances") if isinstance(reply, dict) else None
+        params = dict(params)
+        for _ in range(max_pages):
+            reply = self._call("GET", path, v1=v1, params=params, attempts=attempts)
+            page = reply.get(rows) if isinstance(reply, dict) else None
             if not isinstance(page, list):
-                raise VastError(f"Vast.ai API GET /api/v1/instances/ answered an unexpected shape: {json.dumps(reply)[:200]}")
-            rows += [r for r in page if isinstance(r, dict)]
+                raise VastError(f"Vast.ai API {where} answered an unexpected shape: {json.dumps(reply)[:200]}")
+            out += [r for r in page if isinstance(r, dict)]
             token = reply.get("next_token")
             if not token:
-                return rows
+                return out
             if token in seen:
-                raise VastError("Vast.ai API GET /api/v1/instances/ repeated a page cursor; the listing is incomplete")
+                raise VastError(f"Vast.ai API {where} repeated a page cursor; the listing is incomplete")
             seen.add(token)
-            params["after_token"] = str(token)
-        raise VastError(f"the instance list did not end within {MAX_LIST_PAGES} pages")
+            params[cursor] = str(token)
+        raise VastError(f"Vast.ai API {where} did not end within {max_pages} pages")
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every instance of the account, through the v1 list's pages (cursor ``next_token`` → ``after_token``)."""
+        params = {"select_filters": "{}", "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+                  "limit": str(PAGE_SIZE)}
+        return self._pages("/instances/", params, rows="instances", cursor="after_token", max_pages=MAX_LIST_PAGES,
+                           v1=True)
 
     def find_label(self, label: str) -> dict[str, Any] | None:
         """The account's instance carrying ``label`` (and not gone), if any."""
@@ -303,22 +312,11 @@ class VastApi:
         day = 86_400
         filters = {"day": {"gte": int(start) // day * day, "lte": (int(end) // day + 1) * day - 1},
                    "type": {"in": ["instance"]}}
-        results: list[dict[str, Any]] = []
-        token: str | None = None
-        for _ in range(MAX_CHARGE_PAGES):
-            params = {"select_filters": json.dumps(filters), **({"next_token": token} if token else {})}
-            try:
-                reply = self._call("GET", "/charges/", params=params, attempts=BILLING_ATTEMPTS)
-            except VastError as exc:  # a refused key too: the cost falls back to the clock, and says why
-                raise BillingUnavailable(str(exc)) from None
-            page = reply.get("results") if isinstance(reply, dict) else None
-            if not isinstance(page, list):
-                raise BillingUnavailable(f"unexpected charges reply: {json.dumps(reply)[:200]}")
-            results += [r for r in page if isinstance(r, dict)]
-            token = reply.get("next_token")
-            if not token:
-                return results
-        raise BillingUnavailable(f"the charges did not end within {MAX_CHARGE_PAGES} pages")
+        try:  # a refused key too: the cost falls back to the clock, and says why
+            return self._pages("/charges/", {"select_filters": json.dumps(filters)}, rows="results", cursor="next_token",
+                               max_pages=MAX_CHARGE_PAGES, attempts=BILLING_ATTEMPTS)
+        except VastError as exc:
+            raise BillingUnavailable(str(exc)) from None
 
 
 def _exhausted(exc: _Transient) -> VastError:
