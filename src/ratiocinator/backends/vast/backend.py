@@ -287,9 +287,6 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
     def ledger(self) -> Ledger:
         return self.budget.ledger
 
-    def _bound_experiment(self, loaded: LoadedSpec) -> str:
-        return self.budget.experiment_id
-
     def ssh_key(self) -> Path:
         """This home's own key pair for instances; only the .pub is ever sent to Vast."""
         key = Paths(self.home).backend(self.name) / "id_ed25519"
@@ -349,7 +346,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         no instance idles (billed) waiting for the slowest one. One that fails is destroyed and
         noted; only when every one fails does acquire fail.
         """
-        exp_id = self._bound_experiment(loaded)
+        exp_id = self.budget.experiment_id
         n = self._instance_count(loaded)
         picked = await self._pick(loaded, n)
         ttl, disk = self.ttl_s(loaded, len(picked)), loaded.spec.hardware.disk_gb or 32.0
@@ -612,7 +609,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         return self._host()
 
     async def _replace(self, loaded: LoadedSpec, n: int, ttl: float) -> None:
-        batch = await self._rent_batch(loaded, self._bound_experiment(loaded), n, ttl)
+        batch = await self._rent_batch(loaded, self.budget.experiment_id, n, ttl)
         try:
             await self._prepare_batch(loaded, batch)
         except BaseException:
