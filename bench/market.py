@@ -107,7 +107,7 @@ def draw(rng: random.Random, arms: list[str], args: argparse.Namespace) -> Draws
 def per_arm(d: Draws) -> Result:
     """Every run on its own rental, all at once as the runs are independent: the cheapest len(runs) machines."""
     billed = cost = 0.0
-    for k, (run, (boot, setup)) in enumerate(zip(d.runs.values(), d.rentals)):
+    for k, (run, (boot, setup)) in enumerate(zip(d.runs.values(), d.rentals, strict=False)):
         life = boot + setup + run
         billed += life
         cost += life / 3600 * (d.price(k) + STORAGE_DPH)

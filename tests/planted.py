@@ -78,7 +78,7 @@ class PlantedStudy:
         names = list(factors)
         out = []
         for values in itertools.product(*factors.values()):
-            levels = dict(zip(names, values))
+            levels = dict(zip(names, values, strict=True))
             out.append(PlannedArm(name=factor_arm_name(levels), env=dict(levels), factors=dict(levels)))
         return out
 

@@ -215,7 +215,7 @@ def test_reap_destroys_only_this_homes_instance_on_page_2_and_names_the_others(v
     assert f"{mine}: destroyed (reaped)" in done.stdout
     assert len(vast.fake.live()) == 29 and int(mine) in vast.fake.destroyed
     assert "left alone: 3 instance(s)" in done.stdout and "--all-homes" in done.stdout
-    for iid, label in zip(others, ("ratiocinator-0badf00d-1", "ratiocinator-0badf00d-2", "ratiocinator-4")):
+    for iid, label in zip(others, ("ratiocinator-0badf00d-1", "ratiocinator-0badf00d-2", "ratiocinator-4"), strict=True):
         assert str(iid) in done.stdout and label in done.stdout
     assert "exited" in done.stdout and "0.75" in done.stdout  # state and $/h, so the user can act
     assert "notebook-" not in done.stdout  # instances Ratiocinator never rented are not its business

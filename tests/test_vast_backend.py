@@ -117,7 +117,7 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     (charge,) = [c for c in fake.charges if c["source"] == f"instance-{row.provider_id}"]
     assert row.cost_source == "provider billing" and row.cost == pytest.approx(charge["amount"])
     assert len([p for m, p in fake.calls if m == "GET" and p.startswith("/api/v0/charges/")]) == 2  # two pages
-    rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies) if m == "PUT")
+    rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies, strict=True) if m == "PUT")
     assert rent_body["label"] == row.label and f"RC_DEADLINE={int(row.deadline)}" in rent_body["onstart"]
     assert rent_body["disk"] == 50 and rent_body["runtype"] == "ssh"
     spent, reserved = ledger.money(exp.id)

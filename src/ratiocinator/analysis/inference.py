@@ -239,7 +239,7 @@ def compare_to_baseline(goals: Sequence[ArmGoal], baseline: str, maximize: bool)
     tests = [welch(base.stats.values, g.stats.values) for g in others]
     adjusted = holm([t.p for t in tests])
     out = []
-    for goal, test, p_holm in zip(others, tests, adjusted):
+    for goal, test, p_holm in zip(others, tests, adjusted, strict=True):
         verdict, reason = judge(test, p_holm, floor, maximize)
         out.append(BaselineComparison(goal.name, baseline, test, p_holm, verdict, reason, base.stats.run_ids + goal.stats.run_ids))
     return floor, tuple(out)
@@ -263,7 +263,7 @@ def factor_analysis(goals: Sequence[ArmGoal], design: str, baseline: str | None)
     run_ids: list[int] = []
     levels: dict[str, list[str]] = {n: [] for n in names}
     for goal in factored:
-        for run_id, value in zip(goal.stats.run_ids, goal.stats.values):
+        for run_id, value in zip(goal.stats.run_ids, goal.stats.values, strict=True):
             values.append(value)
             run_ids.append(run_id)
             for n in names:
@@ -278,7 +278,7 @@ def factor_analysis(goals: Sequence[ArmGoal], design: str, baseline: str | None)
             else "the design leaves no residual degrees of freedom (more replicates, or fewer arms, would allow one)"
         )
     rows = {r.term: r for r in table.rows} if table else {}
-    adjusted = dict(zip(rows, holm([r.p for r in rows.values()])))
+    adjusted = dict(zip(rows, holm([r.p for r in rows.values()]), strict=True))
 
     base_levels = next((g.summary.arm.factors for g in factored if g.name == baseline), None)
     spec_order = {n: _level_order(factored, n) for n in names}

@@ -196,7 +196,7 @@ class AutoResearch:
         """
         done = [threading.Event() for _ in jobs]
         threads = [threading.Thread(target=self._guarded(job, event), name=f"autoresearch-{i}", daemon=True)
-                   for i, (job, event) in enumerate(zip(jobs, done))]
+                   for i, (job, event) in enumerate(zip(jobs, done, strict=True))]
         for thread in threads:
             thread.start()
         while True:

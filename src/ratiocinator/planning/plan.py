@@ -89,7 +89,7 @@ def _factor_arms(spec: Spec) -> list[PlannedArm]:
     names = list(spec.factors)
     levels = {n: [scalar_to_env(v) for v in spec.factors[n]] for n in names}
     if spec.design == "grid":
-        combos = [dict(zip(names, values)) for values in itertools.product(*(levels[n] for n in names))]
+        combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*(levels[n] for n in names))]
     else:
         assert isinstance(spec.baseline, dict)  # enforced by the spec validator
         base = {n: scalar_to_env(spec.baseline[n]) for n in names}

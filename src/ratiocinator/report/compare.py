@@ -57,7 +57,7 @@ def compare_experiments(ledger: Ledger, a_ref: str, b_ref: str, *, metric: str |
         raise UsageError(f"neither experiment has a finite {metric} in any succeeded run")
     names = [*a_goals, *(n for n in b_goals if n not in a_goals)]
     tests = {n: welch(a_goals[n].stats.values, b_goals[n].stats.values) for n in names if n in a_goals and n in b_goals}
-    adjusted = dict(zip(tests, holm([t.p for t in tests.values()])))
+    adjusted = dict(zip(tests, holm([t.p for t in tests.values()]), strict=True))
     pairs = []
     for name in names:
         a, b, test = a_goals.get(name), b_goals.get(name), tests.get(name)

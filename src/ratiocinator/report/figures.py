@@ -305,7 +305,7 @@ class _ArmAxis:
         firsts = [_first_setting(n) for n in names]
         short = [i > 0 and firsts[i] is not None and firsts[i] == firsts[i - 1] for i in range(len(names))]
         labels = [_arm_label(inference, n, compact=True, shown=n.partition(",")[2] if cut else None)
-                  for n, cut in zip(names, short)]
+                  for n, cut in zip(names, short, strict=True)]
         groups = tuple(i for i in range(len(names)) if not short[i]) if any(short) else ()
         return replace(_ArmAxis.of(labels), groups=groups)
 
@@ -374,7 +374,7 @@ def _bars(ax: Any, values: np.ndarray, colors: Sequence[str], *, alpha: float, h
     if not many:
         bars = (ax.barh if horizontal else ax.bar)(np.arange(len(values)), values, BAR_WIDTH, color=colors,
                                                    alpha=alpha, edgecolor=INK, linewidth=0.6)
-        for patch, hatch in zip(bars.patches, hatches):
+        for patch, hatch in zip(bars.patches, hatches, strict=True):
             patch.set_hatch(hatch)
         return
     half = BAR_WIDTH / 2

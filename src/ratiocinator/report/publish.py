@@ -112,7 +112,7 @@ def aggregated_metrics(inference: Inference) -> dict[str, Any]:
     metrics: dict[str, dict[str, float | None]] = {}
     for arm in summary.arms:
         for name, stats in arm.metrics.items():
-            for run_id, value in zip(stats.run_ids, stats.values):
+            for run_id, value in zip(stats.run_ids, stats.values, strict=True):
                 metrics.setdefault(name, {})[str(run_id)] = value
     arms = {
         g.name: {

@@ -694,7 +694,7 @@ class Ledger:
         seqs, steps, vals = self.series(run_id, name)
         return [
             (int(q), None if t == NO_STEP else int(t), float(v) if np.isfinite(v) else None)
-            for q, t, v in zip(seqs, steps, vals)
+            for q, t, v in zip(seqs, steps, vals, strict=True)
         ]
 
     def point_names(self, run_id: int) -> list[str]:
