@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from gitrepo import GitRepo
+from ratiocinator.store.ledger import Ledger
 
 pytest_plugins = ("sshd", "raycluster")  # their fixtures: sshd, ray_cluster
-from ratiocinator.store.ledger import Ledger
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 

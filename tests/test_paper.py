@@ -99,7 +99,7 @@ def test_a_planted_effect_is_found_and_a_null_effect_is_not(tmp_path: Path) -> N
         assert facts[f"cmp[{arm}].p"] == p_text(test.pvalue)
         assert facts[f"cmp[{arm}].t"] == format_value(Kind.STAT, test.statistic)
         assert facts[f"cmp[{arm}].diff"] == metric(np.mean(values[arm]) - np.mean(values["base"]))
-    holm = sorted(((welch[a].pvalue, a) for a in welch))
+    holm = sorted((welch[a].pvalue, a) for a in welch)
     adjusted = {holm[0][1]: min(1, 2 * holm[0][0])}
     adjusted[holm[1][1]] = max(adjusted[holm[0][1]], min(1, holm[1][0]))
     for arm in welch:
