@@ -335,7 +335,8 @@ def main() -> None:
         base_cost = statistics.mean(r.cost for r in results["per-arm"])
         split = "one iteration" if iterations == 1 else f"{iterations} iterations of {args.runs // iterations}"
         print(f"\n{args.runs} runs, {split}")
-        print(f"{'strategy':<22} {'billed h':>9} {'idle':>7} {'cost $':>8} {'cost/per-arm':>13}  targets (idle<10%, cost<=50%)")
+        print(f"{'strategy':<22} {'billed h':>9} {'idle':>7} {'cost $':>8} {'cost/per-arm':>13}  targets (idle<10%,"
+              " cost<=50%)")
         for name, rs in results.items():
             idle = statistics.mean(r.idle for r in rs)
             cost = statistics.mean(r.cost for r in rs)

@@ -83,7 +83,8 @@ class Study:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*CLI, "--home", str(self.home), *args], capture_output=True, text=True, timeout=timeout,
             env={**os.environ, **(env or {})}, cwd=self.root,

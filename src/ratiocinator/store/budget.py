@@ -32,7 +32,8 @@ class Budget:
         """A charge id, or None when this run could overrun the budget."""
         amount = run_worst_case(price_per_hour, timeout_s)
         return self.ledger.reserve(
-            self.experiment_id, amount=amount, limit=self.limit, kind="compute", note=f"${price_per_hour:g}/h × {timeout_s:g}s"
+            self.experiment_id, amount=amount, limit=self.limit, kind="compute",
+            note=f"${price_per_hour:g}/h × {timeout_s:g}s"
         )
 
     def spent_and_reserved(self) -> tuple[float, float]:
