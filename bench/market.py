@@ -109,7 +109,7 @@ def draw(rng: random.Random, arms: list[str], args: argparse.Namespace) -> Draws
 def per_arm(d: Draws) -> Result:
     """Every run on its own rental, all at once as the runs are independent: the cheapest len(runs) machines."""
     billed = cost = 0.0
-    for k, (run, (boot, setup)) in enumerate(zip(d.runs.values(), d.rentals)):
+    for k, (run, (boot, setup)) in enumerate(zip(d.runs.values(), d.rentals, strict=False)):
         life = boot + setup + run
         billed += life
         cost += life / 3600 * (d.price(k) + STORAGE_DPH)
@@ -345,7 +345,8 @@ def main() -> None:
         base_cost = statistics.mean(r.cost for r in results["per-arm"])
         split = "one iteration" if iterations == 1 else f"{iterations} iterations of {args.runs // iterations}"
         print(f"\n{args.runs} runs, {split}")
-        print(f"{'strategy':<22} {'billed h':>9} {'idle':>7} {'cost $':>8} {'cost/per-arm':>13}  targets (idle<10%, cost<=50%)")
+        print(f"{'strategy':<22} {'billed h':>9} {'idle':>7} {'cost $':>8} {'cost/per-arm':>13}  targets (idle<10%,"
+              " cost<=50%)")
         for name, rs in results.items():
             idle = statistics.mean(r.idle for r in rs)
             cost = statistics.mean(r.cost for r in rs)

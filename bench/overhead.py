@@ -142,9 +142,11 @@ def bench_chatty(lines: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp), CHATTY_RUNNER)
         started = time.perf_counter()
-        subprocess.run([str(repo / "run.sh")], env={**os.environ, "LINES": str(lines)}, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run([str(repo / "run.sh")], env={**os.environ, "LINES": str(lines)}, stdout=subprocess.DEVNULL,
+                       check=True)
         alone = time.perf_counter() - started
-    child = subprocess.run([sys.executable, __file__, "--chatty-child", str(lines)], capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, __file__, "--chatty-child", str(lines)], capture_output=True, text=True,
+                           check=True)
     result = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"chatty runner: {lines:,} METRICS lines (2 metrics each)")
     print(f"  runner → /dev/null:        {alone:7.3f} s")

@@ -123,7 +123,7 @@ def build_ledger(home: Path, runs: int, points: int, per_factor: int) -> None:
             run_root=home / "runs",
         )
         ledger.add_points(run_id, [MetricPoint(name=GOAL, value=float(v), step=int(s), seq=k)
-                                   for k, (s, v) in enumerate(zip(steps, curve))])
+                                   for k, (s, v) in enumerate(zip(steps, curve, strict=True))])
         ledger.finish_run(run_id, status="succeeded", failure=None, reason="", exit_code=0, signal=None,
                           final={GOAL: float(final)}, counts={GOAL: points}, cost=0.01,
                           ended_at=time.time() + 60.0 + 30.0 * rng.random())

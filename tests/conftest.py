@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from gitrepo import GitRepo
+from ratiocinator.store.ledger import Ledger
 
 pytest_plugins = ("sshd", "raycluster")  # their fixtures: sshd, ray_cluster
-from ratiocinator.store.ledger import Ledger
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 
@@ -83,7 +83,8 @@ class Study:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*CLI, "--home", str(self.home), *args], capture_output=True, text=True, timeout=timeout,
             env={**os.environ, **(env or {})}, cwd=self.root,

@@ -203,7 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, _error_body(kind, 400, "llmserver: no scripted response left"))
             return
         if isinstance(entry, Fail) and entry.mid_stream and body.get("stream"):
-            error = _error_body(kind, entry.status, entry.message or f"llmserver: scripted error mid-stream ({entry.status})")
+            error = _error_body(kind, entry.status,
+                                entry.message or f"llmserver: scripted error mid-stream ({entry.status})")
             self._sse([("error" if kind == "anthropic" else None, error)], openai=kind == "openai")
             return
         if isinstance(entry, Fail):
@@ -309,7 +310,8 @@ def _openai_chunks(
             "created": created,
             "model": model,
             "choices": [],
-            "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out},
+            "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                      "total_tokens": tokens_in + tokens_out},
         }))
     return events
 
@@ -334,11 +336,13 @@ def _anthropic_events(
     start.update(content=[], stop_reason=None)
     events: list[tuple[str | None, dict[str, Any] | str]] = [
         ("message_start", {"type": "message_start", "message": start}),
-        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_start",
+         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ("ping", {"type": "ping"}),
     ]
     events += [
-        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+        ("content_block_delta",
+         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
         for piece in _pieces(text)
     ]
     events += [

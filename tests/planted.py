@@ -42,7 +42,8 @@ def spec_text(**overrides: object) -> str:
 class PlantedStudy:
     """One experiment in ``home/ledger.db`` (so the CLI finds it with ``--home``); ``spec`` overrides spec keys."""
 
-    def __init__(self, home: Path, planned: list[PlannedArm], *, baseline_arm: str, exp_id: str = "exp-1", **spec: object) -> None:
+    def __init__(self, home: Path, planned: list[PlannedArm], *, baseline_arm: str, exp_id: str = "exp-1",
+                 **spec: object) -> None:
         self.home = home
         self.ledger = Ledger(home / "ledger.db")
         self.text = spec_text(**spec)
@@ -78,7 +79,7 @@ class PlantedStudy:
         names = list(factors)
         out = []
         for values in itertools.product(*factors.values()):
-            levels = dict(zip(names, values))
+            levels = dict(zip(names, values, strict=True))
             out.append(PlannedArm(name=factor_arm_name(levels), env=dict(levels), factors=dict(levels)))
         return out
 
@@ -108,14 +109,17 @@ class PlantedStudy:
         for name, text in (("stderr.log", stderr), ("stdout.log", stdout)):
             if text is not None:
                 (log_dir / name).write_text(text)
-        points = [MetricPoint(name=n, value=v, step=10 * i, seq=i) for n, values in (curve or {}).items() for i, v in enumerate(values)]
+        points = [MetricPoint(name=n, value=v, step=10 * i, seq=i) for n, values in (curve or {}).items()
+                  for i, v in enumerate(values)]
         self.ledger.add_points(run_id, points)
         final = final or {}
-        self.ledger.finish_run(run_id, status=status, failure=failure, reason=reason, exit_code=exit_code, signal=signal,
+        self.ledger.finish_run(run_id, status=status, failure=failure, reason=reason, exit_code=exit_code,
+                               signal=signal,
                                final=final, counts={n: 1 for n in final}, cost=cost)
         return run_id
 
-    def plant(self, values: dict[str, list[float]], metric: str = "acc", *, curves: bool = True) -> dict[str, list[int]]:
+    def plant(self, values: dict[str, list[float]], metric: str = "acc", *,
+              curves: bool = True) -> dict[str, list[int]]:
         ids: dict[str, list[int]] = {}
         for arm, finals in values.items():
             for value in finals:

@@ -90,7 +90,8 @@ class Lab:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, "--home", str(self.home), *args], capture_output=True, text=True,
                               timeout=timeout, env=env or self.env(), cwd=self.root, check=False)
 
@@ -175,7 +176,8 @@ def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
 
     attempts = lab.attempts("t")
     by_ref = {a.agent_ref: a for a in attempts}
-    assert [a.status for a in attempts] == ["baseline", "keep", "discard", "crash", "crash", "violation", "keep", "keep"]
+    assert [a.status for a in attempts] == ["baseline", "keep", "discard", "crash", "crash", "violation", "keep",
+                                            "keep"]
     keep = [by_ref[r].commit_sha for r in ("01-deeper.patch", "06-seed.patch", "07-wider.patch")]
     assert lab.kept_history("t") == keep  # exactly the improving commits, in order
     assert git("rev-parse", "autoresearch/t", cwd=lab.repo.path) == keep[-1]
@@ -187,7 +189,8 @@ def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
         f"{c['01']}\t1.102000\t2.5\tkeep\tdeepen the model from 4 to 6 layers\n"
         f"{c['02']}\t1.202000\t1.2\tdiscard\thalve the width to 32 to train faster\n"
         f"{c['03']}\t0.000000\t0.0\tcrash\t03-crash (exit code 1)\n"
-        f"{c['04']}\t0.000000\t0.0\tcrash\tprefetch batches in a background loader process (killed at the 2 s hard timeout)\n"
+        f"{c['04']}\t0.000000\t0.0\tcrash\tprefetch batches in a background loader process (killed at the 2 s hard"
+        " timeout)\n"
         f"{c['05']}\t0.000000\t0.0\tcrash\tsimplify the evaluation (violation: changed protected evaluate.py)\n"
         f"{c['06']}\t1.098000\t2.5\tkeep\tchange the random seed from 42 to 137\n"
         f"{c['07']}\t1.052000\t5.0\tkeep\tdouble the width to 128\n"
@@ -218,10 +221,12 @@ def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
         assert lab.repo.git("rev-parse", f"{commit}^{{tree}}") == lab.repo.git("rev-parse", f"{a.commit_sha}^{{tree}}")
         assert lab.repo.git("rev-parse", f"{commit}^") == a.parent_commit
     store.close()
-    via_cli = lab.cli("autoresearch-log", str(program), "--apply", str(by_ref["02-narrower.patch"].id), "--branch", "narrow")
+    via_cli = lab.cli("autoresearch-log", str(program), "--apply", str(by_ref["02-narrower.patch"].id), "--branch",
+                      "narrow")
     assert via_cli.returncode == 0, via_cli.stderr
     assert "WIDTH = 32" in git("show", "narrow:config.py", cwd=lab.repo.path)
-    again = lab.cli("autoresearch-log", str(program), "--apply", str(by_ref["02-narrower.patch"].id), "--branch", "narrow")
+    again = lab.cli("autoresearch-log", str(program), "--apply", str(by_ref["02-narrower.patch"].id), "--branch",
+                    "narrow")
     assert again.returncode == 2 and "already exists" in again.stderr
 
     listing = lab.cli("autoresearch-log", str(program), "--json")
@@ -249,7 +254,8 @@ def test_noise_aware_mode_discards_the_seed_change_that_default_mode_keeps(lab: 
     assert plain["06-seed.patch"].status == "keep"  # greedy: one lucky draw (1.098 < 1.102) is kept
     seed = noisy["06-seed.patch"]
     assert seed.status == "discard" and len(seed.values) == 3 and "noise floor" in seed.reason
-    assert [noisy[r].status for r in ("01-deeper.patch", "02-narrower.patch", "07-wider.patch")] == ["keep", "discard", "keep"]
+    assert [noisy[r].status for r in ("01-deeper.patch", "02-narrower.patch", "07-wider.patch")] == [
+        "keep", "discard", "keep"]
     assert len(noisy["02-narrower.patch"].values) == 1  # not better on its first run: no reruns spent
     assert sorted(noisy[""].values) == pytest.approx([1.138, 1.14, 1.142])  # the baseline's three runs: floor 0.002
     assert lab.kept_history("noisy") == [noisy["01-deeper.patch"].commit_sha, noisy["07-wider.patch"].commit_sha]
@@ -304,14 +310,16 @@ def test_resume_after_kill_and_sigterm_loses_and_duplicates_nothing(lab: Lab) ->
     assert lab.kept_history("r") == [attempts[1].commit_sha, attempts[4].commit_sha]
     rows = lab.results("r").splitlines()
     assert len(rows) == 6 and rows[3].split("\t")[3:] == [
-        "crash", "slow one: prefetch batches in a background loader process (interrupted: the orchestrator stopped during this attempt)"]
+        "crash", "slow one: prefetch batches in a background loader process (interrupted: the orchestrator stopped"
+                 " during this attempt)"]
 
 
 def test_refuses_an_existing_branch_the_ledger_does_not_know(lab: Lab) -> None:
     lab.repo.git("branch", "autoresearch/mine")
     done = lab.cli("autoresearch", str(lab.program("mine")))
     assert done.returncode == 2
-    assert "branch 'autoresearch/mine' already exists" in done.stderr and "no autoresearch session 'mine'" in done.stderr
+    assert ("branch 'autoresearch/mine' already exists" in done.stderr
+            and "no autoresearch session 'mine'" in done.stderr)
     assert "Traceback" not in done.stderr
 
 
@@ -407,7 +415,8 @@ def test_integration_rebases_merges_and_reports_conflicts(tmp_path: Path) -> Non
     assert rebased is not None and g.out("rev-parse", f"{rebased}^") == best
     assert (repo.path / "a.txt").read_text() == "one\n2\n3\n4\n5\n6\n7\n8\nnine\n"
     merged = g.merge_into(cand, best, "merge")
-    assert merged is not None and g.out("rev-parse", f"{merged}^1") == best and g.out("rev-parse", f"{merged}^2") == cand
+    assert (merged is not None and g.out("rev-parse", f"{merged}^1") == best
+            and g.out("rev-parse", f"{merged}^2") == cand)
     assert g.rebase_onto(clash, best) is None and g.merge_into(clash, best, "merge") is None
     assert g.out("status", "--porcelain") == ""  # conflicts leave nothing half-done
 
@@ -430,7 +439,8 @@ if depth == 5:  # this turn the agent also commits on its own, as some coding ag
     subprocess.run(["git", "commit", "-qam", "agent's own commit"], check=True)
     print(f"HYPOTHESIS: one more layer ({depth + 1}) lowers val_bpb further")
 else:
-    pathlib.Path(os.environ["RATIOCINATOR_HYPOTHESIS_FILE"]).write_text(f"a deeper model ({depth + 1} layers) fits better\\n")
+    pathlib.Path(os.environ["RATIOCINATOR_HYPOTHESIS_FILE"]).write_text(
+        f"a deeper model ({depth + 1} layers) fits better\\n")
 """
 
 
@@ -532,11 +542,13 @@ def test_noise_aware_rule() -> None:
     # Beyond the floor on average but too spread to be significant.
     spread = noise_aware([1.02, 1.16, 1.05], best, **rule)
     assert not spread.keep and "not significant" in spread.reason
-    assert noise_aware([2.0, 2.1, 2.05], [1.0, 1.01, 0.99], k=3, floor=0.01, confidence=0.95, lower_is_better=False).keep
+    assert noise_aware([2.0, 2.1, 2.05], [1.0, 1.01, 0.99], k=3, floor=0.01, confidence=0.95,
+                       lower_is_better=False).keep
 
 
 def test_guard_patterns_and_protected_hashes(tmp_path: Path) -> None:
-    assert matches("crates/ffn/src/a/b.rs", "crates/ffn/src/**") and not matches("crates/ffn/Cargo.toml", "crates/ffn/src/**")
+    assert (matches("crates/ffn/src/a/b.rs", "crates/ffn/src/**")
+            and not matches("crates/ffn/Cargo.toml", "crates/ffn/src/**"))
     assert matches("x.py", "*.py") and not matches("d/x.py", "*.py") and matches("d/x.py", "**/*.py")
     assert matches("data/v/1.bin", "data") and matches("data/v/1.bin", "data/")
     (tmp_path / "data").mkdir()
@@ -547,11 +559,13 @@ def test_guard_patterns_and_protected_hashes(tmp_path: Path) -> None:
     (tmp_path / "data" / "extra.bin").write_bytes(b"")
     (tmp_path / "eval.py").write_text("x = 2\n")
     after = protected_hashes(tmp_path, ["eval.py", "data/**", "missing.txt"])
-    verdict = check_edit([Change("M", "eval.py"), Change("A", "notes.md")], editable=["*.py"], protected=["eval.py", "data/**"],
+    verdict = check_edit([Change("M", "eval.py"), Change("A", "notes.md")], editable=["*.py"],
+                         protected=["eval.py", "data/**"],
                          expected=before, actual=after)
     assert verdict.problems == ("changed protected eval.py", "added notes.md, which is not editable",
                                 "created protected data/extra.bin")
-    assert check_edit([Change("M", "model.py")], editable=["*.py"], protected=["eval.py"], expected=before, actual=before).ok
+    assert check_edit([Change("M", "model.py")], editable=["*.py"], protected=["eval.py"], expected=before,
+                      actual=before).ok
 
 
 def test_log_refuses_unknown_sessions_and_attempts(lab: Lab) -> None:

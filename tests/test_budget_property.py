@@ -26,8 +26,8 @@ EXPERIMENTS = 2000
 def _experiment(ledger: Ledger, rng: random.Random, index: int) -> None:
     exp_id = f"exp-{index}"
     ledger.db.execute(
-        "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, note, created_at, updated_at)"
-        " VALUES (?, 'p', '', '', '', 'vast', 'running', '', 0, 0)", (exp_id,))
+        "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, note, created_at,"
+        " updated_at) VALUES (?, 'p', '', '', '', 'vast', 'running', '', 0, 0)", (exp_id,))
     limit = rng.choice([0.0, rng.uniform(0.01, 5.0), rng.uniform(5, 50)])
     budget = Budget(ledger, exp_id, limit)
     open_runs: list[tuple[int, float, float, float]] = []
@@ -80,8 +80,8 @@ def test_one_ledger_shared_by_threads_keeps_reservations_atomic(tmp_path: Path) 
     """
     ledger = Ledger(tmp_path / "ledger.db")
     ledger.db.execute(
-        "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, note, created_at, updated_at)"
-        " VALUES ('e', 'p', '', '', '', 'vast', 'running', '', 0, 0)")
+        "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, note, created_at,"
+        " updated_at) VALUES ('e', 'p', '', '', '', 'vast', 'running', '', 0, 0)")
     limit, amount, per_thread = 10.0, 0.25, 40
     start = threading.Barrier(8)
 

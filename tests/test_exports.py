@@ -156,7 +156,8 @@ def test_runs_json_has_one_faithful_record_per_run(exported: Exported, tmp_path:
     assert (nan["status"], nan["failure"]) == ("failed", "nan_divergence")
     assert nan["metrics"]["score"] is None and nan["nonfinite_metrics"] == ["score"]
     alt = by["alt", 0]
-    assert alt["status"] == "succeeded" and alt["metrics"]["grad_norm"] is None and alt["nonfinite_metrics"] == ["grad_norm"]
+    assert (alt["status"] == "succeeded" and alt["metrics"]["grad_norm"] is None
+            and alt["nonfinite_metrics"] == ["grad_norm"])
 
 
 def test_runs_csv_columns_and_values_round_trip(exported: Exported, tmp_path: Path) -> None:
@@ -249,7 +250,8 @@ def test_results_tsv_refuses_a_missing_or_unknown_arm_status(exported: Exported,
     with pytest.raises(ValueError, match="'alt'"):
         write_results_tsv(exported.ledger, exported.exp_id, path, goal_metric="score", arm_status=missing)
     with pytest.raises(ValueError, match=r"'base'.*'maybe'"):
-        results_tsv_rows(exported.ledger, exported.exp_id, goal_metric="score", arm_status={**ARM_STATUS, "base": "maybe"})
+        results_tsv_rows(exported.ledger, exported.exp_id, goal_metric="score",
+                         arm_status={**ARM_STATUS, "base": "maybe"})
     assert path.read_bytes() == before  # a failed export leaves the previous file whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tsv"]  # and no temporary file
 

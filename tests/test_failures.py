@@ -35,7 +35,8 @@ def step(batch, n):
 
 def main(mode):
     if mode == "cuda":
-        raise RuntimeError("CUDA error: device-side assert triggered\\nCompile with TORCH_USE_CUDA_DSA to enable device-side assertions.")
+        raise RuntimeError("CUDA error: device-side assert triggered\\n"
+                           "Compile with TORCH_USE_CUDA_DSA to enable device-side assertions.")
     if mode == "runtime":
         print('METRICS: {"loss": 2.0}')
         step([1, 2], 0)
@@ -63,7 +64,8 @@ RUNNER = '''
 MODE="${MODE:-ok}"
 case "$MODE" in
   ok)        echo 'METRICS: {"score": 1.0}' ;;
-  oom)       exec python3 -c 'import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); x = bytearray(4 << 30)' ;;
+  oom)       limit='import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))'
+             exec python3 -c "$limit; x = bytearray(4 << 30)" ;;
   cuda)      exec python3 train.py cuda ;;
   missing)   exec python3 -c 'import definitely_not_installed_xyz' ;;
   syntax)    exec python3 broken.py ;;
@@ -102,7 +104,8 @@ def test_each_misbehaving_runner_gets_its_class_and_evidence_and_none_is_retried
     assert classes == {
         "oom": "oom", "cuda": "cuda_error", "missing": "missing_dependency", "syntax": "syntax_error",
         "runtime": "runtime_error", "timeout": "timeout", "nan": "nan_divergence", "nometrics": "no_metrics",
-        "zero": "degenerate_data", "lfs": "degenerate_data", "killed": "killed", "disk": "disk_full", "unknown": "unknown",
+        "zero": "degenerate_data", "lfs": "degenerate_data", "killed": "killed", "disk": "disk_full",
+        "unknown": "unknown",
     }
     assert not any(r.transient for r in runs.values())
 
@@ -149,7 +152,8 @@ def test_an_oom_while_another_run_shares_the_host_is_retried_and_then_succeeds(s
         if [ "$ROLE" = hog ] && [ ! -e "$MARKER_DIR/hog-ran" ]; then
           touch "$MARKER_DIR/hog-ran"
           sleep 0.5
-          exec python3 -c 'import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); bytearray(4 << 30)'
+          limit='import resource; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))'
+          exec python3 -c "$limit; bytearray(4 << 30)"
         fi
         sleep 1.5
         printf 'METRICS: {"score": %d}\\n' "${#ROLE}"
@@ -166,7 +170,8 @@ def test_an_oom_while_another_run_shares_the_host_is_retried_and_then_succeeds(s
     hog = [r for r in ledger.runs(exp.id) if r.arm == "hog"]
     assert [(r.attempt, r.status, r.failure, r.transient) for r in hog] == [
         (1, "failed", "oom", True), (2, "succeeded", None, False)]
-    assert hog[0].evidence["detail"]["shared_host"] is True and "other runs were live on the host" in hog[0].evidence["evidence"]
+    assert (hog[0].evidence["detail"]["shared_host"] is True
+            and "other runs were live on the host" in hog[0].evidence["evidence"])
     retries = [e for e in ledger.events(exp.id) if e["kind"] == "retry"]
     assert len(retries) == 1 and retries[0]["run_id"] == hog[0].id and retries[0]["data"]["delay_s"] == 0.2
     assert exp.status == "completed"
@@ -225,7 +230,8 @@ def test_first_runs_failing_alike_stop_the_experiment_before_the_rest_are_paid_f
 
 
 def test_a_goal_identical_across_differing_arms_marks_the_runs_degenerate(study: Study) -> None:
-    study.commit({"run.sh": "#!/usr/bin/env bash\n: \"${WIDTH:-1}\"\necho 'METRICS: {\"score\": 0.5, \"loss\": 1.25}'\n"})
+    study.commit({"run.sh": "#!/usr/bin/env bash\n: \"${WIDTH:-1}\"\n"
+                            "echo 'METRICS: {\"score\": 0.5, \"loss\": 1.25}'\n"})
     spec = study.spec(factors={"WIDTH": [1, 2, 4]}, replicates=2)
     done = study.cli("research", str(spec), "--skip-check", timeout=120)
     ledger = study.ledger()
@@ -262,7 +268,8 @@ def test_sigkill_while_the_kernel_oom_killer_fired_is_host_oom() -> None:
 
 def test_gpu_oom_is_deterministic_even_on_a_shared_host() -> None:
     stderr = ('Traceback (most recent call last):\n  File "/w/train.py", line 9, in <module>\n    loss.backward()\n'
-              "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)\n")
+              "torch.OutOfMemoryError: CUDA out of memory."
+              " Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)\n")
     got = diagnose(_evidence(stderr=stderr, shared_host=True, checkout=Path("/w")))
     assert got.failure == Failure.OOM and got.detail["memory"] == "gpu" and not got.transient
     assert got.detail["frame"] == "train.py:9 in <module>"
@@ -277,8 +284,10 @@ def test_the_last_chained_exception_decides_and_warnings_before_it_do_not() -> N
     stderr = (
         "UserWarning: CUDA initialization: out of memory fallback\n"
         'Traceback (most recent call last):\n  File "/w/a.py", line 1, in <module>\n    import foo\n'
-        "ModuleNotFoundError: No module named 'foo'\n\nDuring handling of the above exception, another exception occurred:\n\n"
-        'Traceback (most recent call last):\n  File "/w/a.py", line 3, in <module>\n    raise ValueError("bad config")\n'
+        "ModuleNotFoundError: No module named 'foo'\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        'Traceback (most recent call last):\n  File "/w/a.py", line 3, in <module>\n'
+        '    raise ValueError("bad config")\n'
         "ValueError: bad config\n"
     )
     got = diagnose(_evidence(stderr=stderr))

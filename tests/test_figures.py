@@ -298,11 +298,13 @@ def test_curves_cap_arms_at_baseline_plus_best(tmp_path: Path) -> None:
     drawing = draw_curves(book.ledger, inference, book.runs, max_arms=4)
     assert drawing is not None
     assert legend_labels(drawing) == ["arm5 (baseline)", "arm9", "arm10", "arm11"]
-    assert "Of 12 arms with succeeded runs, only the baseline and the 3 arms with the best mean acc are drawn" in drawing.caption
+    assert ("Of 12 arms with succeeded runs, only the baseline and the 3 arms with the best mean acc are drawn"
+            in drawing.caption)
     assert_no_result_numbers(drawing.caption, counts=[12, 3])
     colors = arm_colors(inference)
     lines = drawing.figure.axes[0].lines
-    drawn = {label.split(" ")[0]: to_hex(line.get_color()) for label, line in zip(legend_labels(drawing), lines, strict=True)}
+    drawn = {label.split(" ")[0]: to_hex(line.get_color())
+             for label, line in zip(legend_labels(drawing), lines, strict=True)}
     assert drawn == {n: colors[n].lower() for n in drawn}
     assert len(set(drawn.values())) == 4  # the drawn arms never share a color
     # Minimizing: the best are the lowest means.
@@ -407,7 +409,8 @@ def many_factor_arms(tmp_path: Path) -> Book:
     rng = np.random.default_rng(1)
     for arm in grid:
         for _ in range(3):
-            book.run(arm.name, 0.5 + 0.05 * LRS.index(arm.factors["lr"]) + rng.normal(0, 0.005), seconds=20 + rng.random())
+            book.run(arm.name, 0.5 + 0.05 * LRS.index(arm.factors["lr"]) + rng.normal(0, 0.005),
+                     seconds=20 + rng.random())
     return book
 
 
@@ -465,7 +468,8 @@ def test_few_arms_keep_vector_dots_and_tick_labels(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["short", "lr=0.001,batch=128,optimizer=adamw,schedule=cosine", "x" * 70, "a=1, b=2, c=3 and some words; more/less"],
+    ["short", "lr=0.001,batch=128,optimizer=adamw,schedule=cosine", "x" * 70,
+     "a=1, b=2, c=3 and some words; more/less"],
 )
 def test_wrap_label_keeps_the_name(name: str) -> None:
     wrapped = wrap_label(name, width=20, max_lines=10)

@@ -68,7 +68,8 @@ def assert_no_key(*things: object) -> None:
 @pytest.mark.parametrize("provider_name", PROVIDERS)
 def test_completion_text_tokens_cost_and_wire_format(server: LlmServer, provider_name: str, stream: bool) -> None:
     server.script(Reply("Hello there,  world.\nSecond line.", input_tokens=1200, output_tokens=345))
-    config = server.config(provider_name, model="m-7b", api_key_env=KEY_ENV, price_in_per_mtok=3.0, price_out_per_mtok=15.0)
+    config = server.config(provider_name, model="m-7b", api_key_env=KEY_ENV, price_in_per_mtok=3.0,
+                           price_out_per_mtok=15.0)
     provider = make_provider(config, ENV)
 
     completion = ask(provider, "What is 2+2?", system="You are terse.", stream=stream)
@@ -244,7 +245,8 @@ def test_structured_check_problems_are_fed_back(server: LlmServer) -> None:
     def check(plan: Plan) -> list[str]:
         return [f"arm '{a.name}' sets unknown knob 'dropout'" for a in plan.arms if "dropout" in a.name]
 
-    result = ask_structured(make_provider(server.config("anthropic"), {}), system="s", user="u", schema=Plan, check=check)
+    result = ask_structured(make_provider(server.config("anthropic"), {}), system="s", user="u", schema=Plan,
+                            check=check)
     assert [a.name for a in result.value.arms] == ["base", "hot"]
     feedback = server.requests[1].body["messages"][-1]["content"]
     assert "was rejected" in feedback and "unknown knob 'dropout'" in feedback
@@ -354,7 +356,8 @@ def test_key_never_leaks_from_errors(
     server: LlmServer, provider_name: str, failure: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     echo = f"Incorrect API key provided: {KEY}"  # a server that echoes the key back in full
-    script = {"401": [Fail(401, message=echo)], "500-exhausted": [Fail(500, message=echo)] * 2, "timeout": [Delay(3)] * 2}
+    script = {"401": [Fail(401, message=echo)], "500-exhausted": [Fail(500, message=echo)] * 2,
+              "timeout": [Delay(3)] * 2}
     server.script(*script[failure])
     provider = make_provider(server.config(provider_name, api_key_env=KEY_ENV, max_retries=1, timeout_s=0.3), ENV)
     with caplog.at_level(logging.DEBUG), pytest.raises((LlmError, LlmUnavailable)) as caught:
@@ -485,7 +488,8 @@ def test_config_from_environment() -> None:
     [
         ({"RATIOCINATOR_LLM_PROVIDER": "openai"}, "RATIOCINATOR_LLM_MODEL is not set"),
         ({"RATIOCINATOR_LLM_MODEL": "m"}, "RATIOCINATOR_LLM_PROVIDER is not set"),
-        ({"RATIOCINATOR_LLM_PROVIDER": "gemini", "RATIOCINATOR_LLM_MODEL": "m"}, "RATIOCINATOR_LLM_PROVIDER: .*'gemini'"),
+        ({"RATIOCINATOR_LLM_PROVIDER": "gemini", "RATIOCINATOR_LLM_MODEL": "m"},
+         "RATIOCINATOR_LLM_PROVIDER: .*'gemini'"),
         ({"RATIOCINATOR_LLM_PROVIDER": "openai", "RATIOCINATOR_LLM_MODEL": "m", "RATIOCINATOR_LLM_MAX_TOKENS": "lots"},
          "RATIOCINATOR_LLM_MAX_TOKENS: .*integer"),
         ({"RATIOCINATOR_LLM_PROVIDER": "openai", "RATIOCINATOR_LLM_MODEL": "m", "RATIOCINATOR_LLM_MAXTOKENS": "9"},

@@ -38,7 +38,8 @@ DESIGN = {
         {"statement": "a larger embedding helps", "arms": ["dim128", "dim256"]},
     ],
     "arms": [
-        {"name": "gat-mse-64", "knobs": {"LOSS": "mse", "ARCH": "gat", "DIM": 64}, "description": "the seed's baseline"},
+        {"name": "gat-mse-64", "knobs": {"LOSS": "mse", "ARCH": "gat", "DIM": 64},
+         "description": "the seed's baseline"},
         {"name": "ce", "knobs": {"LOSS": "ce", "ARCH": "gat", "DIM": 64}, "description": "cross-entropy loss"},
         {"name": "gcn", "knobs": {"LOSS": "mse", "ARCH": "gcn", "DIM": 64}},
         {"name": "gin", "knobs": {"LOSS": "mse", "ARCH": "gin", "DIM": 64}},
@@ -103,7 +104,8 @@ def test_the_seed_spec_is_designed_run_written_up_and_replayed_offline(study: St
     exp = ledger.experiments()[-1]
     arms = _arms(study, exp.id)
     assert [a[0] for a in arms] == [a["name"] for a in DESIGN["arms"]]
-    assert arms[0][1] == {"LOSS": "mse", "ARCH": "gat", "DIM": "64"} and arms[0][4] is True  # GAT/MSE/64 is the baseline
+    # GAT/MSE/64 is the baseline.
+    assert arms[0][1] == {"LOSS": "mse", "ARCH": "gat", "DIM": "64"} and arms[0][4] is True
     assert len(ledger.runs(exp.id)) == 7 * 2
     prompt = design_request["messages"][-1]["content"]
     assert "MAXIMIZE" in prompt and "syntactic_validity_pct" in prompt and "LOSS" in prompt and "ARCH" in prompt
@@ -111,7 +113,8 @@ def test_the_seed_spec_is_designed_run_written_up_and_replayed_offline(study: St
     assert [c.stage for c in calls] == ["design", "review", "write"]
     assert calls[0].input_tokens == 1200 and calls[0].cost == (1200 * 1 + 400 * 2) / 1e6
     decision = next(e for e in ledger.events(exp.id) if e["kind"] == "decision")
-    assert [h["statement"] for h in decision["data"]["record"]["hypotheses"]][0] == "cross-entropy on node types beats MSE"
+    hypotheses = decision["data"]["record"]["hypotheses"]
+    assert [h["statement"] for h in hypotheses][0] == "cross-entropy on node types beats MSE"
     llm_charges = [c for c in ledger.db.execute("SELECT kind, settled FROM charges WHERE experiment_id = ?", (exp.id,))
                    if c["kind"] == "llm"]
     assert len(llm_charges) == 3 and abs(sum(c["settled"] for c in llm_charges) - sum(c.cost for c in calls)) < 1e-12
@@ -173,10 +176,12 @@ def test_later_iterations_see_statistics_and_must_confirm_a_winner_before_stoppi
     spec = _spec(study, max_iterations=3, replicates=3, arms=[
         {"name": "base", "env": {"LOSS": "mse"}}, {"name": "ce", "env": {"LOSS": "ce"}}])
     stop_early = {"action": "stop", "reason": "ce is clearly better"}
-    confirm = {"action": "run", "reason": "confirm ce before calling it", "confirm": [{"arm": "ce", "extra_replicates": 2}]}
+    confirm = {"action": "run", "reason": "confirm ce before calling it",
+               "confirm": [{"arm": "ce", "extra_replicates": 2}]}
     stop = {"action": "stop", "reason": "ce confirmed on five runs"}
     with LlmServer() as server:
-        server.script(json.dumps(stop_early), json.dumps(confirm), json.dumps(stop), json.dumps({"paragraphs": ["Done."]}))
+        server.script(json.dumps(stop_early), json.dumps(confirm), json.dumps(stop),
+                      json.dumps({"paragraphs": ["Done."]}))
         done = study.cli("research", str(spec), "--no-llm-review", env=_env(server), timeout=300)
         first_prompt = server.requests[0].body["messages"][-1]["content"]
         pushback = server.requests[1].body["messages"][-1]["content"]
@@ -229,5 +234,6 @@ def test_plan_shows_the_llm_design_and_its_cost_and_research_runs_exactly_that(s
     assert done.returncode == 0, done.stdout + done.stderr
     assert asked == 2
     exp = study.ledger().experiments()[-1]
-    assert exp.id == data["designed_by"]["experiment"] and [a[0] for a in _arms(study, exp.id)] == ["gat-mse-64", "ce", "gcn"]
+    assert (exp.id == data["designed_by"]["experiment"]
+            and [a[0] for a in _arms(study, exp.id)] == ["gat-mse-64", "ce", "gcn"])
     assert [c.stage for c in study.ledger().llm_calls(exp.id)] == ["design", "review", "write"]

@@ -36,11 +36,13 @@ def _fake_gpus(tmp_path: Path) -> dict[str, str]:
 
 
 def test_compare_local_reports_every_field() -> None:
-    facts = MachineFacts(gpus=("NVIDIA GeForce RTX 4090",), cuda_version="12.4", ram_gb=24.0, disk_free_gb=100.0, cpus=2)
+    facts = MachineFacts(gpus=("NVIDIA GeForce RTX 4090",), cuda_version="12.4", ram_gb=24.0, disk_free_gb=100.0,
+                         cpus=2)
     hw = Hardware(gpu="RTX 4090", num_gpus=2, min_cpu_ram_gb=32, min_inet_down=1000, min_cuda_version="12.0",
                   max_dph=0.4, disk_gb=50, image="pytorch/pytorch:2.7.0")
     findings = {f.field: f for f in compare_local(hw, facts)}
-    assert set(findings) == {"gpu", "num_gpus", "min_cuda_version", "min_cpu_ram_gb", "disk_gb", "min_inet_down", "image", "max_dph"}
+    assert set(findings) == {"gpu", "num_gpus", "min_cuda_version", "min_cpu_ram_gb", "disk_gb", "min_inet_down",
+                             "image", "max_dph"}
     assert findings["gpu"].status == "ok"
     assert findings["num_gpus"].status == "unmet" and "1 usable" in findings["num_gpus"].detail
     assert findings["min_cuda_version"].status == "ok"
@@ -48,7 +50,8 @@ def test_compare_local_reports_every_field() -> None:
     assert findings["disk_gb"].status == "ok"
     assert {findings[f].status for f in ("min_inet_down", "image", "max_dph")} == {"not_applicable"}
     old_driver = MachineFacts(gpus=("A100",), cuda_version="11.8", ram_gb=None, disk_free_gb=None, cpus=2)
-    findings = {f.field: f for f in compare_local(Hardware(gpu="RTX 4090", min_cuda_version="12.0", min_cpu_ram_gb=1), old_driver)}
+    findings = {f.field: f
+                for f in compare_local(Hardware(gpu="RTX 4090", min_cuda_version="12.0", min_cpu_ram_gb=1), old_driver)}
     assert findings["gpu"].status == "unmet" and findings["min_cuda_version"].status == "unmet"
     assert findings["min_cpu_ram_gb"].status == "unknown"
     priced = {f.field: f for f in compare_local(Hardware(max_dph=0.4, price_per_hour=0.5), old_driver)}
@@ -73,7 +76,8 @@ def test_each_gpu_run_is_pinned_to_its_own_gpu(study: Study, tmp_path: Path) -> 
         echo "METRICS: {\\"score\\": ${K:-0}}"
     """})
     env = _fake_gpus(tmp_path)
-    spec = study.spec(factors={"K": [1, 2, 3, 4]}, hardware={"gpu": "RTX 4090", "num_gpus": 1, "min_cuda_version": 12.0})
+    spec = study.spec(factors={"K": [1, 2, 3, 4]},
+                      hardware={"gpu": "RTX 4090", "num_gpus": 1, "min_cuda_version": 12.0})
     validate = study.cli("validate", str(spec), env=env)
     assert validate.returncode == 0 and "2 × NVIDIA GeForce RTX 4090" in validate.stdout
     done = study.cli("research", str(spec), env=env)

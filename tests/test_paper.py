@@ -31,13 +31,15 @@ def write(study: PlantedStudy, *, pdf: bool = False) -> tuple[dict[str, str], st
 def row(md: str, first_cell: str, after: str = "") -> list[str]:
     """The displayed cells of the first table row starting with ``first_cell`` (after a heading, if given)."""
     text = md.split(after, 1)[1] if after else md
-    line = next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |") or line.startswith(f"| {first_cell} ("))
+    line = next(line for line in text.splitlines()
+                if line.startswith(f"| {first_cell} |") or line.startswith(f"| {first_cell} ("))
     return [LINK.sub(r"\1", c).strip() for c in line.strip("|").split(" | ")]
 
 
 def no_number_is_nan(facts: dict[str, str], md: str) -> bool:
     """False when a fact or a table cell shows NaN or infinity."""
-    cells = [c.strip().lower() for line in md.splitlines() if line.startswith("|") for c in LINK.sub(r"\1", line).split("|")]
+    cells = [c.strip().lower() for line in md.splitlines() if line.startswith("|")
+             for c in LINK.sub(r"\1", line).split("|")]
     return not any(t.lower().lstrip("-") in ("nan", "inf") for t in [*facts.values(), *cells])
 
 
@@ -54,7 +56,8 @@ FAST = [0.815, 0.861, 0.834]
 
 
 def test_arm_statistics_match_scipy(tmp_path: Path) -> None:
-    study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}, single={"LR": "1.0"}), baseline_arm="base")
+    study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}, single={"LR": "1.0"}),
+                         baseline_arm="base")
     ids = study.plant({"base": BASE, "fast": FAST, "single": [0.503]})
     facts, md, _ = write(study)
 
@@ -65,14 +68,16 @@ def test_arm_statistics_match_scipy(tmp_path: Path) -> None:
         assert facts[f"arm[{arm}].acc.se"] == metric(sps.sem(values))
         assert (facts[f"arm[{arm}].acc.ci_low"], facts[f"arm[{arm}].acc.ci_high"]) == (metric(low), metric(high))
         cells = row(md, arm, "per arm")
-        assert cells[2:8] == ["3 / 3", "3", metric(np.mean(values)), metric(np.std(values, ddof=1)), metric(sps.sem(values)),
+        assert cells[2:8] == ["3 / 3", "3", metric(np.mean(values)), metric(np.std(values, ddof=1)),
+                              metric(sps.sem(values)),
                               f"\\[{metric(low)}, {metric(high)}\\]"]
         assert cells[8] == "—"  # no bootstrap below 10 values
     assert row(md, "base")[0] == "base (baseline)" and row(md, "fast")[0] == "fast (best mean)"
 
     # One run: a value, no spread, no interval, no test — and no invented number.
     assert facts["arm[single].acc.mean"] == metric(0.503)
-    assert not any(k.startswith("arm[single].acc.") and k.split(".")[-1] in ("std", "se", "ci_low", "ci_high") for k in facts)
+    assert not any(k.startswith("arm[single].acc.") and k.split(".")[-1] in ("std", "se", "ci_low", "ci_high")
+                   for k in facts)
     assert row(md, "single", "per arm")[4:8] == [metric(0.503), "—", "—", "—"]
     assert row(md, "single", "Comparison with")[-1] == "too few runs"
     assert no_number_is_nan(facts, md)
@@ -89,7 +94,8 @@ def test_a_planted_effect_is_found_and_a_null_effect_is_not(tmp_path: Path) -> N
         "better": list(0.80 + 0.02 * rng.standard_normal(8)),
         "same": list(0.70 + 0.02 * rng.standard_normal(8)),
     }
-    study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "1"}, better={"LR": "2"}, same={"LR": "3"}), baseline_arm="base")
+    study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "1"}, better={"LR": "2"}, same={"LR": "3"}),
+                         baseline_arm="base")
     study.plant(values)
     facts, md, _ = write(study)
 
@@ -99,7 +105,7 @@ def test_a_planted_effect_is_found_and_a_null_effect_is_not(tmp_path: Path) -> N
         assert facts[f"cmp[{arm}].p"] == p_text(test.pvalue)
         assert facts[f"cmp[{arm}].t"] == format_value(Kind.STAT, test.statistic)
         assert facts[f"cmp[{arm}].diff"] == metric(np.mean(values[arm]) - np.mean(values["base"]))
-    holm = sorted(((welch[a].pvalue, a) for a in welch))
+    holm = sorted((welch[a].pvalue, a) for a in welch)
     adjusted = {holm[0][1]: min(1, 2 * holm[0][0])}
     adjusted[holm[1][1]] = max(adjusted[holm[0][1]], min(1, holm[1][0]))
     for arm in welch:
@@ -123,7 +129,8 @@ def test_a_planted_effect_is_found_and_a_null_effect_is_not(tmp_path: Path) -> N
 def test_direction_follows_minimize(tmp_path: Path) -> None:
     study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "1"}, lower={"LR": "2"}, higher={"LR": "3"}),
                          baseline_arm="base", maximize=False, goal_metric="loss")
-    study.plant({"base": [1.00, 1.02, 0.98, 1.01], "lower": [0.60, 0.62, 0.58, 0.61], "higher": [1.40, 1.42, 1.38, 1.41]}, "loss")
+    study.plant({"base": [1.00, 1.02, 0.98, 1.01], "lower": [0.60, 0.62, 0.58, 0.61],
+                 "higher": [1.40, 1.42, 1.38, 1.41]}, "loss")
     _, md, _ = write(study)
     assert row(md, "lower", "Comparison with")[-1] == "improvement"
     assert row(md, "higher", "Comparison with")[-1] == "regression"
@@ -151,7 +158,8 @@ def test_a_significant_difference_inside_the_noise_floor_is_not_an_improvement(t
 def test_edge_cases_give_clear_output_not_crashes(tmp_path: Path) -> None:
     study = PlantedStudy(
         tmp_path,
-        PlantedStudy.arms(base={"LR": "1"}, flat={"LR": "2"}, flat2={"LR": "3"}, broken={"LR": "4"}, diverged={"LR": "5"}),
+        PlantedStudy.arms(base={"LR": "1"}, flat={"LR": "2"}, flat2={"LR": "3"}, broken={"LR": "4"},
+                          diverged={"LR": "5"}),
         baseline_arm="flat",
     )
     study.plant({"base": BASE, "flat": [0.5, 0.5, 0.5], "flat2": [0.6, 0.6, 0.6]})
@@ -162,7 +170,8 @@ def test_edge_cases_give_clear_output_not_crashes(tmp_path: Path) -> None:
     study.run("diverged", final={"acc": 0.4})
     facts, md, html = write(study)
 
-    assert facts["arm[flat].acc.std"] == "0" and facts["arm[flat].acc.ci_low"] == facts["arm[flat].acc.ci_high"] == "0.5"
+    assert (facts["arm[flat].acc.std"] == "0"
+            and facts["arm[flat].acc.ci_low"] == facts["arm[flat].acc.ci_high"] == "0.5")
     assert row(md, "flat2", "Comparison with")[-1] == "untestable"
     assert row(md, "broken", "per arm")[2:5] == ["0 / 3", "0", "—"]
     assert row(md, "broken", "Comparison with")[-1] == "too few runs"
@@ -194,7 +203,8 @@ def test_factor_analysis_finds_the_planted_factor_and_not_the_null_one(tmp_path:
     study = PlantedStudy(tmp_path, arms, baseline_arm="DEPTH=1,WIDTH=8", arms=None,
                          factors={"DEPTH": [1, 2, 4], "WIDTH": [8, 16]})
     rng = np.random.default_rng(11)
-    values = {a.name: list(0.5 + 0.05 * ["1", "2", "4"].index(a.factors["DEPTH"]) + 0.005 * rng.standard_normal(4)) for a in arms}
+    values = {a.name: list(0.5 + 0.05 * ["1", "2", "4"].index(a.factors["DEPTH"]) + 0.005 * rng.standard_normal(4))
+              for a in arms}
     study.plant(values)
     facts, md, _ = write(study)
 
@@ -213,8 +223,10 @@ def test_factor_analysis_finds_the_planted_factor_and_not_the_null_one(tmp_path:
 
 def test_ablation_levels_hold_the_other_factors_at_the_baseline(tmp_path: Path) -> None:
     arms = [PlannedArm(name=n, env=lv, factors=lv) for n, lv in (
-        ("A=a0,B=b0", {"A": "a0", "B": "b0"}), ("A=a1,B=b0", {"A": "a1", "B": "b0"}), ("A=a0,B=b1", {"A": "a0", "B": "b1"}))]
-    study = PlantedStudy(tmp_path, arms, baseline_arm="A=a0,B=b0", arms=None, factors={"A": ["a0", "a1"], "B": ["b0", "b1"]},
+        ("A=a0,B=b0", {"A": "a0", "B": "b0"}), ("A=a1,B=b0", {"A": "a1", "B": "b0"}),
+        ("A=a0,B=b1", {"A": "a0", "B": "b1"}))]
+    study = PlantedStudy(tmp_path, arms, baseline_arm="A=a0,B=b0", arms=None,
+                         factors={"A": ["a0", "a1"], "B": ["b0", "b1"]},
                          design="ablation", baseline={"A": "a0", "B": "b0"})
     study.plant({"A=a0,B=b0": [1.0, 1.1, 0.9], "A=a1,B=b0": [2.0, 2.1, 1.9], "A=a0,B=b1": [5.0, 5.1, 4.9]})
     facts, md, _ = write(study)
@@ -233,7 +245,8 @@ def test_html_is_self_contained_and_every_number_shows_its_runs(tmp_path: Path) 
     assert not re.search(r"<(link|script)\b", html) and "http://" not in html
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
-    fast_mean = re.search(r'<a class="fact" href="#(f[0-9]+)" title="([^"]*)">' + re.escape(metric(np.mean(FAST))), html)
+    fast_mean = re.search(r'<a class="fact" href="#(f[0-9]+)" title="([^"]*)">' + re.escape(metric(np.mean(FAST))),
+                          html)
     assert fast_mean and f"runs {ids['fast'][0]}–{ids['fast'][-1]}" in fast_mean.group(2)
     assert f'<tr id="{fast_mean.group(1)}">' in html
     for section in ("Abstract", "Question and hypotheses", "Setup", "Results", "Failure analysis", "Cost",
@@ -249,7 +262,8 @@ def test_failed_runs_are_listed_by_class_with_log_tails(tmp_path: Path) -> None:
     stderr = "".join(f"\x1b[31merror line {i}\x1b[0m <script>\n" for i in range(1, 51))
     crashed = study.run("fast", status="failed", failure="unknown", reason="runner exited with code 3", exit_code=3,
                         stderr=stderr, stdout="stdout is not shown when stderr has text\n")
-    timed_out = [study.run("base", status="failed", failure="timeout", reason="killed after 120 s", exit_code=None, signal=9,
+    timed_out = [study.run("base", status="failed", failure="timeout", reason="killed after 120 s", exit_code=None,
+                           signal=9,
                            stderr="", stdout=f"epoch {i}\n") for i in range(3)]
     _, md, html = write(study)
 
@@ -275,7 +289,8 @@ latex = pytest.mark.skipif(
 @latex
 def test_paper_tex_compiles_to_pdf_even_with_hostile_text(tmp_path: Path) -> None:
     arms = PlantedStudy.grid(OPT=["adam_w", "sgd&m"], LR=["1e-3", "50%"])
-    study = PlantedStudy(tmp_path, arms, baseline_arm=arms[0].name, arms=None, factors={"OPT": ["adam_w", "sgd&m"], "LR": ["1e-3", "50%"]},
+    study = PlantedStudy(tmp_path, arms, baseline_arm=arms[0].name, arms=None,
+                         factors={"OPT": ["adam_w", "sgd&m"], "LR": ["1e-3", "50%"]},
                          topic="Does σ_{lr} matter? ~ $5 & #1 {braces} \\backslash — 日本語 too", goal_metric="val_acc")
     rng = np.random.default_rng(1)
     study.plant({a.name: list(0.5 + 0.01 * rng.standard_normal(3)) for a in arms}, "val_acc")

@@ -14,7 +14,8 @@ CLI = [sys.executable, "-m", "ratiocinator"]
 
 def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    done = subprocess.run([*CLI, "--home", str(home), "research", str(QUICKSTART)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([*CLI, "--home", str(home), "research", str(QUICKSTART)], capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     report = next((home / "reports").iterdir())
     md = (report / "paper.md").read_text()
@@ -28,11 +29,13 @@ def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_pat
     assert aggregated["primary_metric"] == "val_r2" and aggregated["best_baseline"]["arm"] == "DEPTH=1,WIDTH=16"
     assert len((report / "results.tsv").read_text().splitlines()) == 1 + 27
 
-    verified = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True, timeout=300)
+    verified = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True,
+                              timeout=300)
     assert verified.returncode == 0, verified.stderr
 
     match = re.search(r"\[(0\.[0-9]+)\]\(#f[0-9]+\)", md)
     assert match
     (report / "paper.md").write_text(md[: match.start(1)] + "0.1234" + md[match.end(1):])
-    forged = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True, timeout=300)
+    forged = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True,
+                            timeout=300)
     assert forged.returncode == 1 and "shows 0.1234" in forged.stderr

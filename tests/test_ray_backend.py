@@ -97,7 +97,8 @@ def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
     ledger = study.ledger()
     exp = ledger.experiments()[-1]
     runs = ledger.runs(exp.id)
-    assert len(runs) == 4 and all(r.status == "succeeded" for r in runs), [(r.status, r.failure, r.reason) for r in runs]
+    assert len(runs) == 4 and all(r.status == "succeeded" for r in runs), [
+        (r.status, r.failure, r.reason) for r in runs]
     finals = ledger.run_metrics(exp.id)
     assert {(r.arm, r.replicate): finals[r.id]["score"][0] for r in runs} == {
         ("low", 0): 10, ("low", 1): 11, ("high", 0): 20, ("high", 1): 21}
@@ -110,7 +111,8 @@ def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
         node = env["RATIOCINATOR_RAY_NODE"]
         assert node in nodes  # never the head: it offers no CPUs
         assert env["RATIOCINATOR_OUT_DIR"].startswith(str(study.root / "ray-nodes" / "nodes" / node[:16] / "runs"))
-        assert env["RATIOCINATOR_WORKSPACE"].startswith(str(study.root / "ray-nodes" / "nodes" / node[:16] / "checkouts"))
+        assert env["RATIOCINATOR_WORKSPACE"].startswith(
+            str(study.root / "ray-nodes" / "nodes" / node[:16] / "checkouts"))
         assert (out / "sub" / "file.txt").read_text() == "nested\n"
         assert os.readlink(out / "inside_link") == "sub/file.txt"
         assert not (out / "escape_abs").exists() and not (out / "escape_abs").is_symlink()

@@ -54,9 +54,11 @@ def _checks(result: dict) -> dict[str, dict]:
 def test_static_problems_are_each_found_with_file_line_and_source(study: Study) -> None:
     study.commit({
         "run.sh": CLEAN_RUNNER,
-        "train.py": "import os\nfrom model import build\nfrom utils import augment\n\nLR = os.environ.get('LR', '0.1')\nbuild(augment(LR))\n",
+        "train.py": "import os\nfrom model import build\nfrom utils import augment\n\nLR = os.environ.get('LR',"
+                    " '0.1')\nbuild(augment(LR))\n",
         "model.py": "def build(x):\n    layers = [x,\n    return layers\n",
-        "utils.py": "def augment(x):\n    pass\n\n\ndef schedule(step):\n    # ... rest of the code omitted for brevity\n    return step\n",
+        "utils.py": "def augment(x):\n    pass\n\n\ndef schedule(step):\n    # ... rest of the code omitted for"
+                    " brevity\n    return step\n",
     })
     spec = study.spec(arms=[{"name": "a", "env": {"LR": 0.1}}, {"name": "b", "env": {"LR": 0.2, "MOMENTUM": 0.9}}])
     code, result = _check(study, spec)
@@ -114,7 +116,8 @@ def test_clean_code_is_ready_and_smoke_runs_are_in_trial_mode(study: Study) -> N
 
 
 def test_a_crashing_or_slow_trial_run_fails_the_smoke_check_with_its_class(study: Study) -> None:
-    study.commit({"run.sh": "#!/usr/bin/env bash\nif [ \"$MODE\" = slow ]; then sleep 30; fi\nexec python3 -c 'import torchvision_missing_xyz'\n"})
+    study.commit({"run.sh": "#!/usr/bin/env bash\nif [ \"$MODE\" = slow ]; then sleep 30; fi\nexec python3 -c 'import"
+                            " torchvision_missing_xyz'\n"})
     spec = study.spec(arms=[{"name": "crash", "env": {"MODE": "crash"}}, {"name": "slow", "env": {"MODE": "slow"}}],
                       check={"smoke_timeout_s": 1.5}, concurrency=2)
     code, result = _check(study, spec)

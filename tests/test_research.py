@@ -58,7 +58,8 @@ def test_full_study_records_every_run_metric_and_env(study: Study) -> None:
     assert "some stderr chatter" in Path(fast.log_dir, "stderr.log").read_text()
     assert fast.commit_sha == study.repo.head() and fast.env == {"LR": "0.5", "DEPTH": "3"}
     report_dir = study.home / "reports" / exp.id
-    assert all((report_dir / name).exists() for name in ("paper.md", "paper.html", "paper.tex", "facts.json", "runs.csv"))
+    assert all((report_dir / name).exists()
+               for name in ("paper.md", "paper.html", "paper.tex", "facts.json", "runs.csv"))
 
 
 def test_misbehaving_runners_are_recorded_truthfully(study: Study) -> None:
@@ -238,7 +239,8 @@ def test_runs_in_parallel_up_to_concurrency(study: Study) -> None:
     """})
     spec = study.spec(factors={"K": [1, 2, 3, 4]}, concurrency=2)
     assert study.cli("research", str(spec)).returncode == 0
-    spans = [(float(Path(r.out_dir, "start").read_text()), float(Path(r.out_dir, "end").read_text())) for r in _runs(study)]
+    spans = [(float(Path(r.out_dir, "start").read_text()), float(Path(r.out_dir, "end").read_text()))
+             for r in _runs(study)]
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert overlap == 2
 
@@ -262,7 +264,8 @@ def test_runs_json_and_status_tables(study: Study) -> None:
     assert study.cli("research", str(spec)).returncode == 0
     exp = study.ledger().experiments()[-1]
     listed = json.loads(study.cli("runs", exp.id, "--json").stdout)
-    assert [(r["arm"], r["status"], r["metrics"]["score"]) for r in listed] == [("DEPTH=1", "succeeded", 10.0), ("DEPTH=2", "succeeded", 20.0)]
+    assert [(r["arm"], r["status"], r["metrics"]["score"]) for r in listed] == [
+        ("DEPTH=1", "succeeded", 10.0), ("DEPTH=2", "succeeded", 20.0)]
     assert listed[0]["commit"] == study.repo.head() and listed[0]["env"] == {"DEPTH": "1"}
     overview = study.cli("status")
     assert exp.id in overview.stdout and "completed" in overview.stdout
@@ -272,7 +275,8 @@ def test_runs_json_and_status_tables(study: Study) -> None:
 
 def test_deps_pre_install_failure_stops_the_experiment(study: Study) -> None:
     study.commit({"run.sh": GOOD_RUNNER})
-    spec = study.spec(arms=[{"name": "a"}], deps={"pre_install": ["echo preparing", "echo 'no such mirror' >&2; exit 7"]})
+    spec = study.spec(arms=[{"name": "a"}],
+                      deps={"pre_install": ["echo preparing", "echo 'no such mirror' >&2; exit 7"]})
     done = study.cli("research", str(spec))
     assert done.returncode == 1
     assert "exit 7" in done.stderr or "exit code 7" in done.stderr
@@ -285,7 +289,8 @@ def test_deps_verify_failure_shows_its_output(study: Study) -> None:
     study.commit({"run.sh": GOOD_RUNNER})
     spec = study.spec(arms=[{"name": "a"}], deps={"verify": "python3 -c 'import not_a_module_xyz'"})
     done = study.cli("research", str(spec))
-    assert done.returncode == 1 and "not_a_module_xyz" in done.stderr and "Traceback" in done.stderr.split("error:", 1)[1]
+    assert (done.returncode == 1 and "not_a_module_xyz" in done.stderr
+            and "Traceback" in done.stderr.split("error:", 1)[1])
 
 
 def test_relative_home_gives_runners_absolute_paths(study: Study) -> None:

@@ -51,7 +51,8 @@ def _knobs(*names: str, defaults: dict[str, str] | None = None) -> KnobReport:
 
 def _context(study: PlantedStudy, iteration: int, knobs: KnobReport, *, limit: float = 100.0,
              price: float = 0.0, timeout_s: float = 3600.0) -> PlanningContext:
-    return PlanningContext(iteration, study.ledger, study.id, knobs, Budget(study.ledger, study.id, limit), price, timeout_s)
+    return PlanningContext(iteration, study.ledger, study.id, knobs, Budget(study.ledger, study.id, limit), price,
+                           timeout_s)
 
 
 def _study(tmp_path: Path, arms: list[PlannedArm], baseline: str) -> PlantedStudy:
@@ -79,7 +80,8 @@ def _add_arms(study: PlantedStudy, iteration: int, arms: list[PlannedArm]) -> No
         ("  space: {ARCH: {choices: [[1, 2]]}}\n", "choices must be strings, numbers or booleans; got [1, 2]"),
         ("  space: {LR: {low: 0.1, high: 1, choices: [a]}}\n", "either {choices: [...]} or {low, high}, not both"),
         ("  space: {LR: {low: 0.1}}\n", "needs low and high (a range) or choices"),
-        ("  space: {LR: {low: 0.1, high: 1, logg: true}}\n", "unknown key 'logg' in a search dimension — did you mean 'log'?"),
+        ("  space: {LR: {low: 0.1, high: 1, logg: true}}\n",
+         "unknown key 'logg' in a search dimension — did you mean 'log'?"),
         ("  space: {LR: {low: 0, high: 1, step: 0}}\n", "step must be positive"),
         ("  space: {LR: {low: 0.1, high: 1, step: 0.1, log: true}}\n", "log and step cannot be combined"),
         ("  space: {LR: {low: 0, high: 1, step: 0.3}}\n", "must be a multiple of step"),
@@ -336,7 +338,8 @@ def test_best_arm_gets_confirmation_replicates_once(tmp_path: Path, maximize: bo
     assert plan.n_runs == 5 + 4 * 3
     [confirm] = decision.record["confirm"]
     assert confirm["arm"] == best and confirm["from"] == 3 and confirm["to"] == 5
-    assert ("highest" if maximize else "lowest") in confirm["why"] and f"confirmation replicate(s) of {best}" in decision.reason
+    assert (("highest" if maximize else "lowest") in confirm["why"]
+            and f"confirmation replicate(s) of {best}" in decision.reason)
     study.plant({best: [0.9 if maximize else 0.1] * 2}, curves=False)  # replicates 3 and 4 ran
     again = SearchPlanner(loaded).next_iteration(_context(study, 3, knobs))
     assert again.plan is not None and again.plan.arm_replicates == {} and again.record["already_confirmed"] == [best]

@@ -48,7 +48,8 @@ def test_validate_seed_spec_exits_0_and_reports_every_hardware_field() -> None:
     assert done.returncode == 0, done.stderr
     assert "valid spec 'gnn_generation'" in done.stdout
     assert "maximize syntactic_validity_pct" in done.stdout
-    for field in ("gpu", "num_gpus", "min_cuda_version", "min_cpu_ram_gb", "disk_gb", "min_inet_down", "image", "max_dph"):
+    for field in ("gpu", "num_gpus", "min_cuda_version", "min_cpu_ram_gb", "disk_gb", "min_inet_down", "image",
+                  "max_dph"):
         assert field in done.stdout, field
     assert "not applicable" in done.stdout
     assert "no arms or factors yet" in done.stdout
@@ -106,7 +107,9 @@ def test_grid_and_ablation_expansion(tmp_path: Path) -> None:
     assert [a.name for a in plan.arms] == ["A=1,B=x", "A=1,B=y", "A=1,B=z", "A=2,B=x", "A=2,B=y", "A=2,B=z"]
     assert plan.baseline == "A=2,B=y" and plan.arm("A=1,B=z").env == {"A": "1", "B": "z"}
     assert len(plan.runs()) == 18 and {r.seed for r in plan.runs()} == {0, 1, 2}
-    ablation = load_spec(_write(tmp_path, MINIMAL + "factors:\n  A: [1, 2, 3]\n  B: [x, y]\ndesign: ablation\nbaseline: {A: 1, B: x}\nreplicates: 2\n"))
+    ablation = load_spec(_write(tmp_path,
+                                MINIMAL + "factors:\n  A: [1, 2, 3]\n  B: [x, y]\ndesign: ablation\nbaseline: {A: 1, B:"
+                                          " x}\nreplicates: 2\n"))
     plan = plan_iteration(ablation)
     assert [a.name for a in plan.arms] == ["A=1,B=x", "A=2,B=x", "A=3,B=x", "A=1,B=y"]
     assert plan.baseline == "A=1,B=x" and len(plan.runs()) == 8
@@ -117,9 +120,11 @@ def test_plan_errors_for_no_arms_duplicates_and_bad_baseline(tmp_path: Path) -> 
         plan_iteration(load_spec(_write(tmp_path, MINIMAL)))
     assert "factors:" in str(info.value)  # says how to add them
     with pytest.raises(PlanError, match="set exactly the same knobs"):
-        plan_iteration(load_spec(_write(tmp_path, MINIMAL + "arms:\n  - {name: a, env: {X: 1}}\n  - {name: b, env: {X: '1'}}\n")))
+        plan_iteration(load_spec(_write(tmp_path,
+                                        MINIMAL + "arms:\n  - {name: a, env: {X: 1}}\n  - {name: b, env: {X: '1'}}\n")))
     with pytest.raises(PlanError, match="used twice"):
-        plan_iteration(load_spec(_write(tmp_path, MINIMAL + "arms:\n  - {name: a, env: {X: 1}}\n  - {name: a, env: {X: 2}}\n")))
+        plan_iteration(load_spec(_write(tmp_path,
+                                        MINIMAL + "arms:\n  - {name: a, env: {X: 1}}\n  - {name: a, env: {X: 2}}\n")))
     with pytest.raises(PlanError, match="baseline 'zzz' is not an arm name"):
         plan_iteration(load_spec(_write(tmp_path, MINIMAL + "arms:\n  - {name: a}\nbaseline: zzz\n")))
     with pytest.raises(SpecError, match="not one of the factor's values"):
@@ -127,7 +132,8 @@ def test_plan_errors_for_no_arms_duplicates_and_bad_baseline(tmp_path: Path) -> 
 
 
 def test_seed_spec_plan_says_how_to_add_arms(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "--home", str(tmp_path), "plan", str(SEED)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "--home", str(tmp_path), "plan", str(SEED)], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 2
     assert "defines no arms" in done.stderr and "factors:" in done.stderr and "Traceback" not in done.stderr
 
@@ -150,7 +156,8 @@ def test_plan_json_lists_runs_knobs_commit_and_worst_case(study: Study) -> None:
 def test_knobs_command_lists_defaults_and_sources(study: Study) -> None:
     study.commit({
         "run.sh": "#!/usr/bin/env bash\nLR=\"${LR:-0.01}\"\npython3 train.py --epochs 3\n",
-        "train.py": "import os, argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', type=int, default=5)\n"
+        "train.py": "import os, argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', type=int,"
+                    " default=5)\n"
                     "depth = int(os.environ.get('DEPTH', '2'))\n",
     })
     done = study.cli("knobs", str(study.spec()))

@@ -53,7 +53,8 @@ for pid in os.listdir("/proc"):
         except OSError:
             pass
 rundir = os.path.dirname(os.environ["RATIOCINATOR_OUT_DIR"])
-print(json.dumps({"secret_seen": secret, "cmdline_hits": hits, "env_file_left": os.path.exists(os.path.join(rundir, "env.json"))}))
+print(json.dumps({"secret_seen": secret, "cmdline_hits": hits,
+                  "env_file_left": os.path.exists(os.path.join(rundir, "env.json"))}))
 """
 
 
@@ -224,7 +225,8 @@ def test_lost_host_ends_the_run_as_transient_infra_and_orphans_are_killed(sshd: 
     backend = _backend(sshd, study)
     assert backend.kill_orphan(pid, start_ticks(pid) + 1) is False  # a reused PID is left alone
     assert process_alive(pid)
-    assert backend.kill_orphan(pid, start_ticks(pid)) is True, backend.orphan_errors  # the record lets reconcile find it
+    # The record lets reconcile find it.
+    assert backend.kill_orphan(pid, start_ticks(pid)) is True, backend.orphan_errors
     deadline = time.time() + 5
     while process_alive(pid) and time.time() < deadline:
         time.sleep(0.05)
@@ -255,7 +257,8 @@ def test_cancel_kills_the_remote_process_group(sshd: Sshd, study: Study) -> None
         backend = _backend(sshd, study)
         host = await backend.acquire(loaded)
         workspace = await backend.prepare(host, loaded, study.repo.head())
-        handle = await backend.launch(host, _request(backend, host, workspace, study, 3, {"MODE": "slow", "SLEEP_S": "60"}))
+        handle = await backend.launch(host, _request(backend, host, workspace, study, 3,
+                                                     {"MODE": "slow", "SLEEP_S": "60"}))
         await asyncio.sleep(0.5)
         await handle.cancel(grace_s=2.0)
         info = await asyncio.wait_for(handle.wait(), 10)

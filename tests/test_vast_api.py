@@ -172,14 +172,16 @@ def test_two_homes_on_one_account_each_reap_only_their_own(vast: VastServer, tmp
     reaped = reaper.reap(a, api)
     assert [(r.provider_id, r.outcome) for r in reaped] == [
         (mine.provider_id, "orphan_destroyed"), (theirs.provider_id, "left_alone")]
-    assert reaped[1].label == theirs.label and reaped[1].status == "loading" and reaped[1].dph == pytest.approx(0.22)  # offer 2 of the fixture
+    # Offer 2 of the fixture.
+    assert reaped[1].label == theirs.label and reaped[1].status == "loading" and reaped[1].dph == pytest.approx(0.22)
     assert [str(i["id"]) for i in vast.fake.live()] == [theirs.provider_id]
     assert inst.get(b, theirs.id).state == "running"  # B's books untouched
     assert [(r.provider_id, r.outcome) for r in reaper.reap(b, api)] == [(theirs.provider_id, "destroyed")]
     assert vast.fake.live() == [] and inst.rows(b, live=True) == []
 
 
-def test_an_old_scheme_row_without_provider_id_adopts_nothing_without_all_homes(vast: VastServer, tmp_path: Path) -> None:
+def test_an_old_scheme_row_without_provider_id_adopts_nothing_without_all_homes(vast: VastServer,
+                                                                                 tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     api = _api(vast)
     row = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
@@ -216,7 +218,8 @@ def test_reap_destroys_only_this_homes_instance_on_page_2_and_names_the_others(v
     assert f"{mine}: destroyed (reaped)" in done.stdout
     assert len(vast.fake.live()) == 29 and int(mine) in vast.fake.destroyed
     assert "left alone: 3 instance(s)" in done.stdout and "--all-homes" in done.stdout
-    for iid, label in zip(others, ("ratiocinator-0badf00d-1", "ratiocinator-0badf00d-2", "ratiocinator-4")):
+    for iid, label in zip(others, ("ratiocinator-0badf00d-1", "ratiocinator-0badf00d-2", "ratiocinator-4"),
+                          strict=True):
         assert str(iid) in done.stdout and label in done.stdout
     assert "exited" in done.stdout and "0.75" in done.stdout  # state and $/h, so the user can act
     assert "notebook-" not in done.stdout  # instances Ratiocinator never rented are not its business

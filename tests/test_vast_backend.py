@@ -119,7 +119,7 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     (charge,) = [c for c in fake.charges if c["source"] == f"instance-{row.provider_id}"]
     assert row.cost_source == "provider billing" and row.cost == pytest.approx(charge["amount"])
     assert len([p for m, p in fake.calls if m == "GET" and p.startswith("/api/v0/charges/")]) == 2  # two pages
-    rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies) if m == "PUT")
+    rent_body = next(b for (m, _), b in zip(fake.calls, fake.bodies, strict=True) if m == "PUT")
     assert rent_body["label"] == row.label and f"RC_DEADLINE={int(row.deadline)}" in rent_body["onstart"]
     assert rent_body["disk"] == 50 and rent_body["runtype"] == "ssh"
     spent, reserved = ledger.money(exp.id)
@@ -207,11 +207,13 @@ def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: Vast
     assert f"${charge['amount']:.4f} billed" in done.stdout
     ledger = study.ledger()
     billed = inst.get(ledger, row.id)
-    assert billed.cost == pytest.approx(charge["amount"]) and billed.cost_source.startswith("provider billing (reconciled")
+    assert billed.cost == pytest.approx(charge["amount"]) and billed.cost_source.startswith("provider billing"
+                                                                                            " (reconciled")
     exp = ledger.experiments()[-1]
     assert ledger.money(exp.id) == (pytest.approx(charge["amount"]), 0.0)
     (event,) = _events(ledger, exp.id, "instance_reconciled")
-    assert event["data"]["estimated"] == pytest.approx(row.cost) and event["data"]["billed"] == pytest.approx(charge["amount"])
+    assert (event["data"]["estimated"] == pytest.approx(row.cost)
+            and event["data"]["billed"] == pytest.approx(charge["amount"]))
     again = study.cli("instances", "--reconcile", env=env)
     assert again.returncode == 0 and "nothing to reconcile" in again.stdout
 
@@ -251,7 +253,8 @@ def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: Vast
     outcome = _research_while_the_instance_vanishes(vast, study, spec, backend, host_dies)
     ledger = study.ledger()
     (run,) = ledger.runs(ledger.experiments()[-1].id)
-    assert run.status == "failed" and run.failure == "infra" and "vanished" in run.reason, (run.status, run.reason, outcome)
+    assert run.status == "failed" and run.failure == "infra" and "vanished" in run.reason, (
+        run.status, run.reason, outcome)
     (row,) = inst.rows(ledger)
     assert row.state == "lost" and row.cost is not None
     assert vast.fake.live() == []
@@ -272,7 +275,8 @@ Research(load_spec(Path(spec)), Path(home), backend=backend, check=False).run()
 def _orchestrate(vast: VastServer, sshd: Sshd, study: Study, spec: Path, **fields: object) -> subprocess.Popen[str]:
     settings = _settings(vast, sshd, study, **fields).__dict__
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, str(spec), str(study.home), json.dumps(settings), API_KEY],
+    return subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, str(spec), str(study.home), json.dumps(settings),
+                             API_KEY],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -327,13 +331,15 @@ def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServe
     assert [r.outcome for r in reaped] == ["already_gone"] and reaped[0].detail == "past its self-destruct deadline"
 
 
-def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Sshd, vast: VastServer, study: Study) -> None:
+def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Sshd, vast: VastServer,
+                                                                        study: Study) -> None:
     ledger = study.ledger()
     row = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
                                 charges=[])
     api = VastApi(API_KEY, vast.url)
     api.rent(1, {"client_id": "me", "image": "x", "disk": 10, "onstart": "", "runtype": "ssh", "label": row.label})
-    stray = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1), deadline=time.time() + 60,
+    stray = inst.record_requested(ledger, experiment_id=None, provider="vast", offer=offer(1),
+                                  deadline=time.time() + 60,
                                   charges=[])  # crashed before renting at all
     reaped = {r.row_id: r.outcome for r in reaper.reap(ledger, api)}
     assert reaped == {row.id: "destroyed", stray.id: "already_gone"} and vast.fake.live() == []
@@ -380,7 +386,8 @@ def test_idle_instance_is_given_back_while_the_last_run_goes_on(sshd: Sshd, vast
     assert fast_box.destroyed_at < runs["slow"].ended_at - 4
     assert fast_box.note == "no work left for it" and slow_box.destroyed_at >= runs["slow"].ended_at
     released = _events(ledger, exp.id, "slot_released")  # each instance the moment its work ended
-    assert [e["data"]["slot"].split(":")[0] for e in released] == [f"vast{fast_box.provider_id}", f"vast{slow_box.provider_id}"]
+    assert [e["data"]["slot"].split(":")[0] for e in released] == [
+        f"vast{fast_box.provider_id}", f"vast{slow_box.provider_id}"]
     assert all("last iteration" in e["message"] for e in released)
     spent, reserved = ledger.money(exp.id)
     assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in rows.values()))

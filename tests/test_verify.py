@@ -54,7 +54,8 @@ def first_fact(text: str, pattern: str) -> re.Match[str]:
 def test_verify_passes_on_a_fresh_report(reported: PlantedStudy) -> None:
     done = cli(reported.home, "verify", str(reported.report_dir))
     assert done.returncode == 0, done.stderr
-    assert re.search(r"verified: \d+ numbers, \d+ citations in paper.md, paper.html, paper.tex match the ledger", done.stdout)
+    assert re.search(r"verified: \d+ numbers, \d+ citations in paper.md, paper.html, paper.tex match the ledger",
+                     done.stdout)
 
 
 @pytest.mark.parametrize(

@@ -285,7 +285,8 @@ class FakeVast:
             json.loads(query.get("select_filters", ["{}"])[0])
             json.loads(query.get("order_by", ["[]"])[0])
         except (ValueError, TypeError):
-            return 400, {"success": False, "error": "invalid_args", "msg": "bad limit, after_token, select_filters or order_by"}
+            return 400, {"success": False, "error": "invalid_args",
+                         "msg": "bad limit, after_token, select_filters or order_by"}
         with self.lock:
             rows = sorted((i for i in self.instances.values()), key=lambda i: i["id"])
             page = [self._public(i) for i in rows if i["id"] > after][:limit]
@@ -311,7 +312,8 @@ class FakeVast:
         page = rows[offset:offset + self.charges_page_size]
         more = offset + self.charges_page_size < len(rows)
         return 200, {"success": True, "count": len(page), "total": len(rows),
-                     "next_token": base64.b64encode(str(offset + self.charges_page_size).encode()).decode() if more else None,
+                     "next_token": base64.b64encode(str(offset + self.charges_page_size).encode()).decode() if more
+                     else None,
                      "results": page}
 
 

@@ -226,12 +226,13 @@ def judge(c: Comparison, p_holm: float | None, floor: NoiseFloor, maximize: bool
     if p_holm >= ALPHA:
         return Verdict.NOT_SIGNIFICANT, f"Holm-adjusted p ≥ {ALPHA}"
     better = c.diff > 0 if maximize else c.diff < 0
-    return (Verdict.IMPROVEMENT, "significant after Holm correction, beyond the noise floor, in the goal's direction") if better else (
-        Verdict.REGRESSION, "significant after Holm correction, beyond the noise floor, against the goal's direction"
-    )
+    if better:
+        return Verdict.IMPROVEMENT, "significant after Holm correction, beyond the noise floor, in the goal's direction"
+    return Verdict.REGRESSION, "significant after Holm correction, beyond the noise floor, against the goal's direction"
 
 
-def compare_to_baseline(goals: Sequence[ArmGoal], baseline: str, maximize: bool) -> tuple[NoiseFloor, tuple[BaselineComparison, ...]]:
+def compare_to_baseline(goals: Sequence[ArmGoal], baseline: str,
+                        maximize: bool) -> tuple[NoiseFloor, tuple[BaselineComparison, ...]]:
     """Welch test of every other arm against the baseline, Holm-corrected as one family."""
     base = next(g for g in goals if g.name == baseline)
     floor = noise_floor(base)
@@ -239,9 +240,10 @@ def compare_to_baseline(goals: Sequence[ArmGoal], baseline: str, maximize: bool)
     tests = [welch(base.stats.values, g.stats.values) for g in others]
     adjusted = holm([t.p for t in tests])
     out = []
-    for goal, test, p_holm in zip(others, tests, adjusted):
+    for goal, test, p_holm in zip(others, tests, adjusted, strict=True):
         verdict, reason = judge(test, p_holm, floor, maximize)
-        out.append(BaselineComparison(goal.name, baseline, test, p_holm, verdict, reason, base.stats.run_ids + goal.stats.run_ids))
+        out.append(BaselineComparison(goal.name, baseline, test, p_holm, verdict, reason,
+                                      base.stats.run_ids + goal.stats.run_ids))
     return floor, tuple(out)
 
 
@@ -263,7 +265,7 @@ def factor_analysis(goals: Sequence[ArmGoal], design: str, baseline: str | None)
     run_ids: list[int] = []
     levels: dict[str, list[str]] = {n: [] for n in names}
     for goal in factored:
-        for run_id, value in zip(goal.stats.run_ids, goal.stats.values):
+        for run_id, value in zip(goal.stats.run_ids, goal.stats.values, strict=True):
             values.append(value)
             run_ids.append(run_id)
             for n in names:
@@ -278,7 +280,7 @@ def factor_analysis(goals: Sequence[ArmGoal], design: str, baseline: str | None)
             else "the design leaves no residual degrees of freedom (more replicates, or fewer arms, would allow one)"
         )
     rows = {r.term: r for r in table.rows} if table else {}
-    adjusted = dict(zip(rows, holm([r.p for r in rows.values()])))
+    adjusted = dict(zip(rows, holm([r.p for r in rows.values()]), strict=True))
 
     base_levels = next((g.summary.arm.factors for g in factored if g.name == baseline), None)
     spec_order = {n: _level_order(factored, n) for n in names}
@@ -286,15 +288,18 @@ def factor_analysis(goals: Sequence[ArmGoal], design: str, baseline: str | None)
     for n in names:
         if design == "ablation" and base_levels is not None:
             keep = [i for i in range(len(values)) if all(levels[m][i] == base_levels[m] for m in names if m != n)]
-            pooling = f"other factors held at the baseline ({', '.join(f'{m}={base_levels[m]}' for m in names if m != n) or 'none'})"
+            held = ", ".join(f"{m}={base_levels[m]}" for m in names if m != n) or "none"
+            pooling = f"other factors held at the baseline ({held})"
         else:
             keep = list(range(len(values)))
             pooling = "pooled over the other factors' levels" if len(names) > 1 else "one factor"
-        means: tuple[LevelMean, ...] = marginal_means([values[i] for i in keep], [levels[n][i] for i in keep], order=spec_order[n])
+        means: tuple[LevelMean, ...] = marginal_means([values[i] for i in keep], [levels[n][i] for i in keep],
+                                                      order=spec_order[n])
         effects.append(
             FactorEffect(
                 factor=n,
-                levels=tuple(FactorLevel(m.level, m.describe, tuple(run_ids[keep[i]] for i in m.indices)) for m in means),
+                levels=tuple(FactorLevel(m.level, m.describe, tuple(run_ids[keep[i]] for i in m.indices))
+                             for m in means),
                 pooling=pooling,
                 anova_row=rows.get(n),
                 p_holm=adjusted.get(n),

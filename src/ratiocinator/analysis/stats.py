@@ -134,7 +134,8 @@ class LevelMean:
     indices: tuple[int, ...]  # which observations were pooled
 
 
-def describe(values: Sequence[float], *, confidence: float = CONFIDENCE, seed: int = 0, bootstrap: bool = True) -> Describe:
+def describe(values: Sequence[float], *, confidence: float = CONFIDENCE, seed: int = 0,
+             bootstrap: bool = True) -> Describe:
     """Mean, spread and confidence intervals of one arm's replicate values.
 
     The t interval is always given for n >= 2; the bootstrap interval only where it
@@ -349,7 +350,8 @@ def marginal_means(
         chosen = set(first)
         keys = first + [level for level in keys if level not in chosen]
     return tuple(
-        LevelMean(level=level, describe=_describe(x[groups[level]], confidence, 0, bootstrap=False), indices=tuple(groups[level]))
+        LevelMean(level=level, describe=_describe(x[groups[level]], confidence, 0, bootstrap=False),
+                  indices=tuple(groups[level]))
         for level in keys
     )
 

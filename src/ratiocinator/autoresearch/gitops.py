@@ -75,7 +75,8 @@ class Git:
         """``-c user.name=... -c user.email=...`` when the repository has no identity, else nothing."""
         if self._identity is None:
             have = {key: self.run("config", key, check=False).stdout.strip() for key in ("user.name", "user.email")}
-            env_ok = all(self.env.get(f"GIT_{who}_{what}") for who in ("AUTHOR", "COMMITTER") for what in ("NAME", "EMAIL"))
+            env_ok = all(self.env.get(f"GIT_{who}_{what}") for who in ("AUTHOR", "COMMITTER")
+                         for what in ("NAME", "EMAIL"))
             if all(have.values()) or env_ok:
                 self._identity = []
             else:
@@ -179,7 +180,8 @@ class Git:
 
     def staged_changes(self, parent: str) -> list[Change]:
         """Every path the index differs in from ``parent`` (renames as delete + add)."""
-        raw = self.run("diff", "--cached", "--name-status", "--no-renames", "-z", parent).stdout.decode("utf-8", "replace")
+        done = self.run("diff", "--cached", "--name-status", "--no-renames", "-z", parent)
+        raw = done.stdout.decode("utf-8", "replace")
         parts = raw.split("\0")
         return [Change(parts[i][0], parts[i + 1]) for i in range(0, len(parts) - 1, 2) if parts[i]]
 
@@ -224,7 +226,8 @@ class Git:
     def merge_into(self, commit: str, onto: str, message: str) -> str | None:
         """A merge commit with parents (``onto``, ``commit``); None on conflict."""
         self.reset_hard(onto)
-        done = self.run(*self.identity(), "merge", "--quiet", "--no-ff", "--no-edit", "-m", message, commit, check=False)
+        done = self.run(*self.identity(), "merge", "--quiet", "--no-ff", "--no-edit", "-m", message, commit,
+                        check=False)
         if done.returncode != 0:
             self.run("merge", "--abort", check=False)
             return None

@@ -71,7 +71,8 @@ def apply_attempt(store: Store, session: Session, attempt_id: int, branch: str) 
     if git.branch_exists(branch):
         raise UsageError(f"branch '{branch}' already exists in {session.repo}", hint="choose another --branch name")
     if git.resolve(attempt.parent_commit) is None:
-        raise UsageError(f"the parent commit {attempt.parent_commit[:12]} of attempt {attempt_id} is gone from {session.repo}")
+        raise UsageError(f"the parent commit {attempt.parent_commit[:12]} of attempt {attempt_id} is gone from"
+                         f" {session.repo}")
     message = (f"{attempt.hypothesis}\n\nrecreated from autoresearch {session.tag} attempt {attempt.iteration}"
                f" (id {attempt.id}, {attempt.status})")
     return git.branch_with_diff(branch, attempt.parent_commit, attempt.diff, message)

@@ -157,7 +157,8 @@ class AutoResearch:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UsageError(f"autoresearch session '{self.program.tag}' is already running (another process holds {self.dir / 'lock'})",
+                raise UsageError(f"autoresearch session '{self.program.tag}' is already running (another process holds"
+                                 f" {self.dir / 'lock'})",
                                  hint="wait for it, or stop it (Ctrl-C); the same command then resumes") from None
             try:
                 yield
@@ -166,8 +167,8 @@ class AutoResearch:
 
     def _run(self, store: Store) -> Outcome:
         if self.program.agent.kind == "llm" and self.program.llm is None and llm_from_env(self.environ) is None:
-            raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the program"
-                            " or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
+            raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the"
+                            " program or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
         existing = store.session_by_tag(self.program.tag)
         session = self._resume(store, existing) if existing is not None else self._create(store)
         self.session = session
@@ -197,7 +198,7 @@ class AutoResearch:
         """
         done = [threading.Event() for _ in jobs]
         threads = [threading.Thread(target=self._guarded(job, event), name=f"autoresearch-{i}", daemon=True)
-                   for i, (job, event) in enumerate(zip(jobs, done))]
+                   for i, (job, event) in enumerate(zip(jobs, done, strict=True))]
         for thread in threads:
             thread.start()
         while True:
@@ -237,7 +238,8 @@ class AutoResearch:
             reason = error.message if isinstance(error, RatiocinatorError) else f"{type(error).__name__}: {error}"
             status, code = "failed", 1
         elif interrupted:
-            status, code, reason = "interrupted", EXIT_INTERRUPTED, "interrupted by the user; run the same command to resume"
+            status, code, reason = ("interrupted", EXIT_INTERRUPTED,
+                                    "interrupted by the user; run the same command to resume")
         else:
             reason = "; ".join(self.shared.reasons) or "stopped"
             status, code = ("failed", 1) if self.shared.failed else ("done", 0)
@@ -272,13 +274,16 @@ class AutoResearch:
                      " or pass the --home whose ledger ran it")
         base_branch = program.base_branch or self.repo.current_branch()
         if base_branch is None:
-            raise SpecError(f"{self.loaded.path}: the repository is on a detached HEAD, so there is no base branch to start from",
+            raise SpecError(f"{self.loaded.path}: the repository is on a detached HEAD, so there is no base branch to"
+                            " start from",
                             hint="set base_branch: in the program")
         base = self.repo.resolve(base_branch)
         if base is None:
-            raise SpecError(f"{self.loaded.where('base_branch')}: base_branch '{base_branch}' names no commit in {self.loaded.repo}")
+            raise SpecError(f"{self.loaded.where('base_branch')}: base_branch '{base_branch}' names no commit in"
+                            f" {self.loaded.repo}")
         session = store.create_session(
-            tag=program.tag, repo=str(self.loaded.repo), branch=program.branch, base_branch=base_branch, base_commit=base,
+            tag=program.tag, repo=str(self.loaded.repo), branch=program.branch, base_branch=base_branch,
+            base_commit=base,
             program_path=str(self.loaded.path), program_text=self.loaded.text, program_sha256=self.loaded.sha256,
             protected={}, status="setup")
         self.repo.create_branch(program.branch, base)
@@ -306,15 +311,16 @@ class AutoResearch:
         elif tip != best:
             if not self.repo.is_ancestor(tip, best):
                 raise UsageError(
-                    f"branch '{session.branch}' is at {tip[:12]}, but the ledger's best commit is {best[:12]}: the branch"
-                    " was moved outside the loop",
+                    f"branch '{session.branch}' is at {tip[:12]}, but the ledger's best commit is {best[:12]}: the"
+                    " branch was moved outside the loop",
                     hint=f"move it back (git branch -f {session.branch} {best}) or start a new tag")
             self.repo.move_branch(session.branch, best, tip)  # the ledger recorded a keep the branch never saw
         if self.loaded.sha256 != session.program_sha256:
             store.update_session(session.id, program_path=str(self.loaded.path), program_text=self.loaded.text,
                                  program_sha256=self.loaded.sha256)
         kept = sum(a.status == "keep" for a in store.attempts(session.id))
-        self._say(f"session {session.tag}: resuming at {best[:7]} ({store.agent_attempts(session.id)} attempts so far, {kept} kept)")
+        self._say(f"session {session.tag}: resuming at {best[:7]} ({store.agent_attempts(session.id)} attempts so far,"
+                  f" {kept} kept)")
         return self._prepare(store, store.session(session.id), best)
 
     def _refuse_changed_metric(self, session: Session) -> None:
@@ -325,12 +331,14 @@ class AutoResearch:
         now = self.program
         if (old.metric.name, old.metric.direction) != (now.metric.name, now.metric.direction):
             raise UsageError(
-                f"{self.loaded.where('metric')}: session '{now.tag}' decided with {old.metric.name} ({old.metric.direction}"
-                f" is better); the program now says {now.metric.name} ({now.metric.direction}). Results would not compare",
+                f"{self.loaded.where('metric')}: session '{now.tag}' decided with {old.metric.name}"
+                f" ({old.metric.direction} is better); the program now says {now.metric.name} ({now.metric.direction})."
+                " Results would not compare",
                 hint="start a new tag for a new metric")
 
     def _prepare(self, store: Store, session: Session, at: str) -> Session:
-        """Worktrees for every worker at ``at``, loop-owned paths ignored, shared data linked, protected hashes checked."""
+        """Worktrees for every worker at ``at``, loop-owned paths ignored, shared data linked, protected hashes
+        checked."""
         program = self.program
         excludes = [f"/{LOOP_DIR}/"] + ([f"/{program.log_file}"] if program.log_file else [])
         excludes += ["/results.tsv"] if program.results_tsv_in_repo else []
@@ -395,11 +403,13 @@ class AutoResearch:
                 self._measure_baseline(store, attempt, git)
             except _Stop:
                 raise
-            except BaseException as exc:  # recorded rather than left running; the error itself is reported by the caller
+            # Recorded rather than left running; the error itself is reported by the caller.
+            except BaseException as exc:
                 if store.attempt(attempt.id).status == "running":
                     stopped = self.shared.stop.is_set()
                     store.finish_attempt(attempt.id, status="interrupted" if stopped else "crash",
-                                         reason="the session stopped during the baseline" if stopped else f"the loop failed: {exc}")
+                                         reason="the session stopped during the baseline" if stopped
+                                         else f"the loop failed: {exc}")
                 raise
         finally:
             store.close()
@@ -439,12 +449,15 @@ class AutoResearch:
         with self.shared.lock:
             if self.shared.stop.is_set():
                 raise _Stop("")  # whoever set the flag said why
-            if self.max_iterations is not None and store.agent_attempts(self.session.id) + self.shared.inflight >= self.max_iterations:
+            if (self.max_iterations is not None
+                and store.agent_attempts(self.session.id) + self.shared.inflight >= self.max_iterations):
                 raise _Stop(f"max_iterations reached ({self.max_iterations})")
             if self.program.max_dollars is not None:
                 spent, reserved = store.money(self.session.id)
-                if spent + reserved + run_worst_case(self.program.price_per_hour, self.program.hard_timeout_s) > self.program.max_dollars + 1e-9:
-                    raise _Stop(f"max_dollars reached (${spent:.2f} spent of ${self.program.max_dollars:.2f})", everyone=True)
+                worst = run_worst_case(self.program.price_per_hour, self.program.hard_timeout_s)
+                if spent + reserved + worst > self.program.max_dollars + 1e-9:
+                    raise _Stop(f"max_dollars reached (${spent:.2f} spent of ${self.program.max_dollars:.2f})",
+                                everyone=True)
             self.shared.inflight += 1
 
     def _release_turn(self) -> None:
@@ -514,9 +527,11 @@ class AutoResearch:
 
     def _say_attempt(self, a: Attempt) -> None:
         name = self.program.metric.name
-        value = "" if a.metric is None else f" {name} {a.metric:.6f}" + (f" ({len(a.values)} runs)" if len(a.values) > 1 else "")
+        value = ("" if a.metric is None
+                 else f" {name} {a.metric:.6f}" + (f" ({len(a.values)} runs)" if len(a.values) > 1 else ""))
         what = "baseline" if a.is_baseline else a.hypothesis
-        self._say(f"[w{a.worker} #{a.iteration}] {a.status}{value} — {what}" + (f" ({a.reason})" if a.status != "baseline" and a.reason else ""))
+        self._say(f"[w{a.worker} #{a.iteration}] {a.status}{value} — {what}"
+                  + (f" ({a.reason})" if a.status != "baseline" and a.reason else ""))
 
 
 class _Runs:
@@ -535,11 +550,13 @@ class _Runs:
     def once(self, replicate: int) -> RunOutcome:
         program = self.s.program
         assert self.s.session is not None
-        charge = self.store.reserve(self.s.session.id, amount=run_worst_case(program.price_per_hour, program.hard_timeout_s),
+        charge = self.store.reserve(self.s.session.id,
+                                    amount=run_worst_case(program.price_per_hour, program.hard_timeout_s),
                                     limit=program.max_dollars, kind="compute", attempt_id=self.attempt.id)
         if charge is None:
             spent, _ = self.store.money(self.s.session.id)
-            return RunOutcome("over_budget", None, reason=f"max_dollars reached (${spent:.2f} spent) before run {replicate + 1}")
+            return RunOutcome("over_budget", None,
+                              reason=f"max_dollars reached (${spent:.2f} spent) before run {replicate + 1}")
         self.count += 1
         log = self.s.dir / "logs" / f"attempt-{self.attempt.id}-run-{self.count}.log"
         outcome = run_experiment(
@@ -660,7 +677,8 @@ class _Worker:
         self.failures.record(None)
         verdict = check_edit(changes, editable=program.editable, protected=program.protected,
                              expected=s.session.protected, actual=protected_hashes(self.git.cwd, program.protected))
-        message = f"{proposal.hypothesis}\n\nautoresearch {program.tag} attempt {attempt.iteration} (worker {self.worker})"
+        message = (f"{proposal.hypothesis}\n\n"
+                   f"autoresearch {program.tag} attempt {attempt.iteration} (worker {self.worker})")
         if not verdict.ok:
             snapshot = self.git.snapshot(parent, f"[violation] {message}")
             store.update_attempt(attempt.id, commit_sha=snapshot)
@@ -705,7 +723,8 @@ class _Worker:
                 assert current is not None and current.commit_sha is not None
                 decision = s.decide(values, current)
                 if not decision.keep:
-                    return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base, values=values)
+                    return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base,
+                                     values=values)
                 if current.commit_sha == base:
                     store.finish_attempt(attempt.id, status="keep", reason="; ".join([*notes, decision.reason]),
                                          best_of=s.session.id, values=values, metric=statistics.fmean(values))
@@ -718,11 +737,14 @@ class _Worker:
                     return
                 newer = current.commit_sha
             # Another worker kept a commit while this one ran: combine, then measure the combination.
-            notes.append(f"{statistics.fmean(values):.6f} on {base[:7]}; the best moved to {newer[:7]}, {s.program.integrate}d onto it")
+            notes.append(f"{statistics.fmean(values):.6f} on {base[:7]}; the best moved to {newer[:7]},"
+                         f" {s.program.integrate}d onto it")
             combined = (self.git.rebase_onto(commit, newer) if s.program.integrate == "rebase"
-                        else self.git.merge_into(commit, newer, f"merge autoresearch attempt {attempt.iteration} onto the best"))
+                        else self.git.merge_into(commit, newer,
+                                                 f"merge autoresearch attempt {attempt.iteration} onto the best"))
             if combined is None:
-                return self._end(store, attempt, "discard", f"conflicts with {newer[:7]}, kept by another worker meanwhile",
+                return self._end(store, attempt, "discard",
+                                 f"conflicts with {newer[:7]}, kept by another worker meanwhile",
                                  base, values=values)
             commit, base = combined, newer
             store.update_attempt(attempt.id, commit_sha=commit)

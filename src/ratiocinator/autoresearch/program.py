@@ -89,7 +89,8 @@ class Metric(_Strict):
             if groups != 1:
                 raise ValueError(f"patterns.{name}: the regex must have exactly one (group), it has {groups}")
         if self.protocol == "regex" and self.name not in self.patterns:
-            raise ValueError(f"protocol 'regex' needs patterns.{self.name}: 'a regex with one (group) holding the value'")
+            raise ValueError(f"protocol 'regex' needs patterns.{self.name}: 'a regex with one (group) holding the"
+                             " value'")
         return self
 
     @property
@@ -104,7 +105,8 @@ class AgentSpec(_Strict):
     command: str | None = None
     patches: str | None = None
     timeout_s: float = Field(1800.0, gt=0, description="wall limit of one agent turn (command and llm)")
-    max_attempts: int = Field(3, ge=1, description="llm: replies per edit, re-asking with git's error when a diff does not apply")
+    max_attempts: int = Field(3, ge=1, description="llm: replies per edit, re-asking with git's error when a diff does"
+                                                   " not apply")
     max_failures: int = Field(3, ge=1, description="consecutive agent failures (no usable edit) before the loop stops")
     context_bytes: int = Field(60_000, ge=0, description="llm: most bytes of editable files quoted in the prompt")
 
@@ -114,7 +116,8 @@ class AgentSpec(_Strict):
             raise ValueError("agent kind 'command' needs command: the shell line that edits the worktree "
                              "(the prompt file is {prompt_file} and $RATIOCINATOR_PROMPT_FILE)")
         if self.kind == "patches" and not self.patches:
-            raise ValueError("agent kind 'patches' needs patches: a directory of *.patch / *.diff files, applied in name order")
+            raise ValueError("agent kind 'patches' needs patches: a directory of *.patch / *.diff files, applied in"
+                             " name order")
         if self.kind != "command" and self.command:
             raise ValueError(f"agent.command is only read by kind 'command', not '{self.kind}'")
         if self.kind != "patches" and self.patches:
@@ -191,7 +194,8 @@ class Program(_Strict):
             raise ValueError("give instructions or instructions_file, not both")
         for pattern in self.protected:
             if pattern in self.editable:
-                raise ValueError(f"'{pattern}' is both editable and protected; protected wins, so remove it from editable")
+                raise ValueError(f"'{pattern}' is both editable and protected; protected wins, so remove it from"
+                                 " editable")
         return self
 
     @property
@@ -277,7 +281,8 @@ def _with_paths_checked(loaded: LoadedProgram) -> LoadedProgram:
                             hint="instructions_file is relative to the program file") from None
     patches = loaded.patches_dir
     if patches is not None and not patches.is_dir():
-        raise SpecError(f"{loaded.where('agent', 'patches')}: agent.patches '{program.agent.patches}' is not a directory ({patches})",
+        raise SpecError(f"{loaded.where('agent', 'patches')}: agent.patches '{program.agent.patches}' is not a"
+                        f" directory ({patches})",
                         hint="agent.patches is relative to the program file")
     return LoadedProgram(program=program, path=loaded.path, text=loaded.text, sha256=loaded.sha256,
                          lines=loaded.lines, instructions=instructions)

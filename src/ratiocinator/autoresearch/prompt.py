@@ -36,15 +36,16 @@ def build_prompt(loaded: LoadedProgram, *, attempts: Sequence[Attempt], best: At
         + (f"- Never touch: {', '.join(f'`{p}`' for p in program.protected)} (an edit there is rejected unrun).\n"
            if program.protected else "")
         + f"- Make ONE change. Do not commit, push or switch branches, and do not run the experiment: the loop commits,"
-          f" runs `{program.run}` (budget {program.budget_s:g} s, killed at {program.hard_timeout_s:g} s) and decides.\n"
+          f" runs `{program.run}` (budget {program.budget_s:g} s, killed at {program.hard_timeout_s:g} s) and"
+          " decides.\n"
           "- Prefer simple changes: a tiny gain that adds a lot of code is not worth keeping.",
         "## Results so far\n" + _table(attempts, metric.name),
     ]
     if files is not None:
         sections.append("## The editable files\n" + (files or "(none tracked yet)"))
-        sections.append("## Your reply\nOne JSON object: `hypothesis` (one sentence: the change and why it should help),"
-                        " `diff` (a unified diff against the files above, `a/` and `b/` paths from the repository root),"
-                        " and `give_up` (true only if nothing is left worth trying).")
+        sections.append("## Your reply\nOne JSON object: `hypothesis` (one sentence: the change and why it should"
+                        " help), `diff` (a unified diff against the files above, `a/` and `b/` paths from the"
+                        " repository root), and `give_up` (true only if nothing is left worth trying).")
     else:
         sections.append(
             "## Your reply\n"
@@ -74,5 +75,6 @@ def _table(attempts: Sequence[Attempt], name: str) -> str:
     for a in shown:
         value = "" if a.metric is None else f"{a.metric:.6f}"
         note = a.hypothesis if a.status not in ("crash", "violation", "interrupted") else f"{a.hypothesis} — {a.reason}"
-        rows.append(f"| {a.iteration} | {a.status} | {value} | {'baseline' if a.is_baseline else note.replace('|', '/')} |")
+        rows.append(f"| {a.iteration} | {a.status} | {value} |"
+                    f" {'baseline' if a.is_baseline else note.replace('|', '/')} |")
     return "\n".join(rows)

@@ -59,7 +59,8 @@ def description(attempt: Attempt) -> str:
     if attempt.status == "crash":
         return f"{attempt.hypothesis} ({attempt.reason})" if attempt.reason else attempt.hypothesis
     if attempt.status in ("violation", "interrupted"):
-        return f"{attempt.hypothesis} ({attempt.status}: {attempt.reason})" if attempt.reason else f"{attempt.hypothesis} ({attempt.status})"
+        return (f"{attempt.hypothesis} ({attempt.status}: {attempt.reason})" if attempt.reason
+                else f"{attempt.hypothesis} ({attempt.status})")
     return attempt.hypothesis
 
 
@@ -146,12 +147,14 @@ def report_markdown(session: Session, attempts: Sequence[Attempt], program: Prog
     done = [a for a in attempts if a.status != "running"]
     baseline = next((a for a in done if a.status == "baseline"), None)
     best = next((a for a in done if a.id == session.best_attempt), baseline)
-    counts = {s: sum(a.status == s for a in done if not a.is_baseline) for s in ("keep", "discard", "crash", "violation", "interrupted")}
+    counts = {s: sum(a.status == s for a in done if not a.is_baseline)
+              for s in ("keep", "discard", "crash", "violation", "interrupted")}
     decided = counts["keep"] + counts["discard"]
     lines = [
         f"# Autoresearch `{program.tag}`",
         "",
-        f"- repository: `{session.repo}`, branch `{session.branch}` from `{session.base_branch}` at `{session.base_commit[:12]}`",
+        f"- repository: `{session.repo}`, branch `{session.branch}` from `{session.base_branch}` at"
+        f" `{session.base_commit[:12]}`",
         f"- status: **{session.status}**" + (f" — {session.reason}" if session.reason else ""),
         f"- metric: `{metric.name}`, {metric.direction} is better; "
         + ("strictly-better rule (one run per commit)" if program.k == 1 else
@@ -165,8 +168,10 @@ def report_markdown(session: Session, attempts: Sequence[Attempt], program: Prog
         lines.append(f"- best: {best.metric:.6f} at `{(best.commit_sha or '')[:12]}` ({gain:+.6f} vs baseline)")
     lines.append(f"- attempts: {sum(counts.values())} — " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                  + (f"; keep rate {counts['keep']}/{decided} = {counts['keep'] / decided:.0%}" if decided else ""))
-    lines.append(f"- compute and LLM spend: ${spent:.2f}" + (f" of ${program.max_dollars:.2f}" if program.max_dollars is not None else ""))
-    lines += ["", f"![progress]({PLOT_NAME})", "", "| # | worker | status | " + metric.name + " | runs | commit | hypothesis | reason |",
+    lines.append(f"- compute and LLM spend: ${spent:.2f}"
+                 + (f" of ${program.max_dollars:.2f}" if program.max_dollars is not None else ""))
+    lines += ["", f"![progress]({PLOT_NAME})", "",
+              "| # | worker | status | " + metric.name + " | runs | commit | hypothesis | reason |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for a in done:
         value = "" if a.metric is None else f"{a.metric:.6f}"
@@ -175,7 +180,8 @@ def report_markdown(session: Session, attempts: Sequence[Attempt], program: Prog
                  "baseline" if a.is_baseline else a.hypothesis, a.reason]
         lines.append("| " + " | ".join(_cell(c).replace("|", "/") for c in cells) + " |")
     lines += ["", ("Every attempt's full diff, log tail and timings are in the ledger: "
-                   "`ratiocinator autoresearch-log PROGRAM` lists them and `--apply ID --branch NAME` recreates any of them.")]
+                   "`ratiocinator autoresearch-log PROGRAM` lists them and `--apply ID --branch NAME` recreates any of"
+                   " them.")]
     return "\n".join(lines) + "\n"
 
 

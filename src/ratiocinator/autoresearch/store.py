@@ -131,7 +131,8 @@ class Store:
     # -- attempts --------------------------------------------------------------------
 
     def add_attempt(self, session_id: int, *, worker: int, parent: str, baseline: bool = False,
-                    hypothesis: str = "", diff: bytes = b"", agent_ref: str = "", agent_s: float | None = None) -> Attempt:
+                    hypothesis: str = "", diff: bytes = b"", agent_ref: str = "",
+                    agent_s: float | None = None) -> Attempt:
         """A new ``running`` attempt; its iteration is 0 for a baseline, else the next free number."""
         with self.ledger.transaction() as db:
             iteration = 0 if baseline else db.execute(
@@ -150,7 +151,8 @@ class Store:
         with self.ledger.transaction() as db:
             self._set(db, attempt_id, fields)
 
-    def finish_attempt(self, attempt_id: int, *, status: str, reason: str, best_of: int | None = None, **fields: Any) -> None:
+    def finish_attempt(self, attempt_id: int, *, status: str, reason: str, best_of: int | None = None,
+                       **fields: Any) -> None:
         """The terminal status (and final fields) in one transaction; ``best_of`` = session id whose best it becomes."""
         if status not in FINISHED:
             raise ValueError(f"not a terminal attempt status: {status!r}")
@@ -191,7 +193,8 @@ class Store:
         return [_attempt(r) for r in rows]
 
     def agent_refs(self, session_id: int) -> set[str]:
-        rows = self.db.execute("SELECT agent_ref FROM ar_attempts WHERE session_id = ? AND agent_ref != ''", (session_id,))
+        rows = self.db.execute("SELECT agent_ref FROM ar_attempts WHERE session_id = ? AND agent_ref != ''",
+                               (session_id,))
         return {r[0] for r in rows}
 
     def agent_attempts(self, session_id: int) -> int:
@@ -231,7 +234,8 @@ class Store:
     def settle_open(self, session_id: int) -> int:
         """Reservations a dead orchestrator left open are settled at their worst case (the true cost is unknown)."""
         with self.ledger.transaction() as db:
-            rows = db.execute("SELECT id, attempt_id, reserved FROM ar_charges WHERE session_id = ? AND state = 'reserved'",
+            rows = db.execute("SELECT id, attempt_id, reserved FROM ar_charges WHERE session_id = ? AND"
+                              " state = 'reserved'",
                               (session_id,)).fetchall()
             for row in rows:
                 db.execute("UPDATE ar_charges SET state = 'settled', settled = reserved, settled_at = ? WHERE id = ?",

@@ -107,7 +107,8 @@ def static_checks(loaded: LoadedSpec, checkout: Path, knobs: KnobReport, plan: P
 
     syntax = python_syntax_errors(checkout, python_files) + shell_syntax_errors(checkout, shell_files)
     checks.append(CheckResult("syntax", "failed", _shown(syntax), _findings(syntax)) if syntax else CheckResult(
-        "syntax", "passed", f"{len(python_files)} Python and {len(shell_files)} shell file(s) the runner reaches parse"))
+        "syntax", "passed",
+        f"{len(python_files)} Python and {len(shell_files)} shell file(s) the runner reaches parse"))
 
     found = placeholders(checkout, python_files)
     blocking = [f for f in found if not _is_note(f)]
@@ -168,10 +169,12 @@ def runner_check(checkout: Path, runner_script: str, env: Mapping[str, str]) -> 
         first = fh.readline(512).decode("utf-8", "replace").rstrip("\n")
     if not os.access(path, os.X_OK):
         how = "python" if path.suffix == ".py" else "bash"
-        return CheckResult("runner", "warning", f"{runner_script} is not executable; it will be started as `{how} {runner_script}`",
+        return CheckResult("runner", "warning",
+                           f"{runner_script} is not executable; it will be started as `{how} {runner_script}`",
                            ({"file": runner_script, "mode": oct(path.stat().st_mode & 0o777)},))
     if not first.startswith("#!"):
-        return CheckResult("runner", "failed", f"{runner_script} is executable but has no #! line, so the system cannot start it",
+        return CheckResult("runner", "failed",
+                           f"{runner_script} is executable but has no #! line, so the system cannot start it",
                            ({"file": runner_script, "line": 1, "excerpt": first[:200]},))
     words = shlex.split(first[2:].strip()) if first[2:].strip() else []
     if not words:
@@ -185,7 +188,8 @@ def runner_check(checkout: Path, runner_script: str, env: Mapping[str, str]) -> 
             return CheckResult("runner", "failed", f"{runner_script}: the #! line runs `{name}`, which is not on PATH",
                                ({"file": runner_script, "line": 1, "excerpt": first},))
     elif not os.access(interpreter, os.X_OK):
-        return CheckResult("runner", "failed", f"{runner_script}: the #! interpreter {interpreter} does not exist or is not executable",
+        return CheckResult("runner", "failed",
+                           f"{runner_script}: the #! interpreter {interpreter} does not exist or is not executable",
                            ({"file": runner_script, "line": 1, "excerpt": first},))
     return CheckResult("runner", "passed", f"{runner_script} is executable ({first})")
 
@@ -244,7 +248,8 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
                    f"{first.diagnosis.failure} — {first.diagnosis.reason}")
         smoke = CheckResult("smoke", "failed", summary, evidence)
     else:
-        smoke = CheckResult("smoke", "passed", f"all {len(outcomes)} distinct arm(s) reported the goal metric in trial mode",
+        smoke = CheckResult("smoke", "passed",
+                            f"all {len(outcomes)} distinct arm(s) reported the goal metric in trial mode",
                             evidence)
     unchanged = unchanged_knobs(outcomes, allow)
     compared = sum(o.ok for o in outcomes)
@@ -255,7 +260,8 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
                             tuple({"knobs": list(u.knobs), "identical_arms": [list(p) for p in u.arms],
                                    "logs_identical": u.logs_identical, "points": u.points} for u in unchanged))
     else:
-        cross = CheckResult("cross_arm", "passed", f"every knob varied across the {compared} arms changed the measurements")
+        cross = CheckResult("cross_arm", "passed",
+                            f"every knob varied across the {compared} arms changed the measurements")
     return [smoke, cross]
 
 
@@ -288,7 +294,8 @@ def llm_check(config: LlmConfig, provider: Callable[[], Provider], loaded: Loade
                            "; ".join(c.evidence for c in outcome.confirmed[:3]) + refuted, evidence)
     if not outcome.model_ready and outcome.opinions:
         return CheckResult("llm_review", "warning",
-                           f"{config.model} (unverified opinion): " + "; ".join(c.claim.description for c in outcome.opinions[:3])
+                           f"{config.model} (unverified opinion): "
+                           + "; ".join(c.claim.description for c in outcome.opinions[:3])
                            + refuted, evidence)
     verdict = "ready" if outcome.model_ready else "not ready, but none of its checkable claims held"
     return CheckResult("llm_review", "passed", f"{config.model} says {verdict}{refuted}", evidence)
@@ -331,7 +338,8 @@ async def review(
         result.checks += [CheckResult("smoke", "skipped", f"fix the failed static checks first ({', '.join(blocked)})"),
                           CheckResult("cross_arm", "skipped", "no smoke runs")]
     elif backend is None or host is None or workspace is None:
-        result.checks += [CheckResult("smoke", "skipped", "no host to run on"), CheckResult("cross_arm", "skipped", "no smoke runs")]
+        result.checks += [CheckResult("smoke", "skipped", "no host to run on"),
+                          CheckResult("cross_arm", "skipped", "no smoke runs")]
     else:
         arms = distinct_arms(plan)
         say(f"smoke: {len(arms)} arm(s) in trial mode, at most {loaded.spec.check.smoke_timeout_s:g}s each")

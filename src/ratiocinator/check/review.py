@@ -110,7 +110,8 @@ def review_prompt(topic: str, goal: str, runner: str, checkout: Path, files: Seq
     return "".join(parts)
 
 
-def run_review(provider: Provider, *, topic: str, goal: str, runner: str, checkout: Path, files: Sequence[str]) -> ReviewOutcome:
+def run_review(provider: Provider, *, topic: str, goal: str, runner: str, checkout: Path,
+               files: Sequence[str]) -> ReviewOutcome:
     """Ask the model, then verify each of its claims against the checkout."""
     result = ask_structured(provider, system=SYSTEM, user=review_prompt(topic, goal, runner, checkout, files),
                             schema=LlmReview)
@@ -204,4 +205,5 @@ def _verify_placeholder(claim: Claim, checkout: Path) -> CheckedClaim:
     near = [f for f in found if claim.line is None or (f.line is not None and abs(f.line - claim.line) <= NEAR_LINES)]
     if near:
         return CheckedClaim(claim, "confirmed", f"{near[0].where()}: {near[0].message}")
-    return CheckedClaim(claim, "refuted", f"no placeholder in {claim.file}" + (f" near line {claim.line}" if claim.line else ""))
+    return CheckedClaim(claim, "refuted",
+                        f"no placeholder in {claim.file}" + (f" near line {claim.line}" if claim.line else ""))

@@ -145,8 +145,8 @@ MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
 # this package, which it then takes off sys.path again; `-I` keeps the environment and
 # the cwd out of it. It then serves on the socket whose fd is its last argument.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as harness; "
-                    "del sys.path[0]; harness.serve(int(sys.argv[2]))")
+ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as"
+                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]))")
 ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"

@@ -268,7 +268,8 @@ def diagnose(run: RunEvidence) -> Diagnosis:
     """The run's failure class with its evidence; ``SUCCESS`` when nothing is wrong."""
     if run.timed_out:
         return Diagnosis(Failure.TIMEOUT, f"killed after the {run.timeout_s:g}s train_timeout_s",
-                         (f"no exit within {run.timeout_s:g}s; the process group was killed",), {"timeout_s": run.timeout_s})
+                         (f"no exit within {run.timeout_s:g}s; the process group was killed",),
+                         {"timeout_s": run.timeout_s})
     logs = run.stderr + "\n" + run.stdout
     shell_signal = _shell_reported_signal(run.exit_code, run.stderr)
     sig = run.signal if run.signal is not None else shell_signal
@@ -325,7 +326,8 @@ def _diagnose_exception(run: RunEvidence, exc: PythonException, exit_text: str, 
         module = _missing_module(text)
         if module:
             detail["module"] = module
-        return Diagnosis(Failure.MISSING_DEPENDENCY, f"missing {module or 'dependency'} ({kind})" + (f" at {where}" if where else ""),
+        return Diagnosis(Failure.MISSING_DEPENDENCY,
+                         f"missing {module or 'dependency'} ({kind})" + (f" at {where}" if where else ""),
                          tuple(evidence), detail)
     if kind in ("SyntaxError", "IndentationError", "TabError"):
         last = exc.frames[-1] if exc.frames else None
@@ -340,7 +342,8 @@ def _diagnose_exception(run: RunEvidence, exc: PythonException, exit_text: str, 
         losses = _nonfinite_losses(run)
         extra = [f"last {n} = {run.final[n]}" for n in losses]
         return Diagnosis(Failure.NAN_DIVERGENCE, _clip(text), tuple(evidence + extra), detail)
-    return Diagnosis(Failure.RUNTIME_ERROR, f"{exc.type}: {exc.message}"[:EVIDENCE_CHARS] + (f" at {where}" if where else ""),
+    return Diagnosis(Failure.RUNTIME_ERROR,
+                     f"{exc.type}: {exc.message}"[:EVIDENCE_CHARS] + (f" at {where}" if where else ""),
                      tuple(evidence), detail)
 
 
@@ -356,7 +359,8 @@ def _diagnose_log(run: RunEvidence, logs: str, sig: int | None, exit_text: str) 
     line = _search(_NO_COMMAND, run.stderr) if run.exit_code == 127 else None
     if line:
         command = _NO_COMMAND.search(line)["command"]  # type: ignore[index]
-        return Diagnosis(Failure.MISSING_DEPENDENCY, f"missing program '{command}' (exit 127)", (exit_text, _clip(line)),
+        return Diagnosis(Failure.MISSING_DEPENDENCY, f"missing program '{command}' (exit 127)",
+                         (exit_text, _clip(line)),
                          {"module": command})
     line = _search(_SHELL_SYNTAX, run.stderr)
     if line:
@@ -370,7 +374,8 @@ def _diagnose_log(run: RunEvidence, logs: str, sig: int | None, exit_text: str) 
                          (exit_text, *([_clip(words)] if words else [])), {"signal": signal_name(sig)})
     losses = _nonfinite_losses(run)
     if losses:
-        return Diagnosis(Failure.NAN_DIVERGENCE, f"exited with {exit_text} after {losses[0]} became {run.final[losses[0]]}",
+        return Diagnosis(Failure.NAN_DIVERGENCE,
+                         f"exited with {exit_text} after {losses[0]} became {run.final[losses[0]]}",
                          (exit_text, *(f"last {n} = {run.final[n]}" for n in losses)), {"metric": losses[0]})
     tail = [_clip(line) for line in run.stderr.strip().splitlines()[-3:] if line.strip()]
     if not tail:
@@ -378,11 +383,13 @@ def _diagnose_log(run: RunEvidence, logs: str, sig: int | None, exit_text: str) 
     return Diagnosis(Failure.UNKNOWN, f"{exit_text}" + (f": {tail[-1]}" if tail else ", no output"), (exit_text, *tail))
 
 
-def _oom(run: RunEvidence, text: str, evidence: list[str], memory: str, detail: dict[str, Any] | None = None) -> Diagnosis:
+def _oom(run: RunEvidence, text: str, evidence: list[str], memory: str,
+         detail: dict[str, Any] | None = None) -> Diagnosis:
     transient = memory == "host" and run.shared_host
     note = " while other runs shared the host (will retry)" if transient else ""
     return Diagnosis(Failure.OOM, f"out of {memory} memory{note}: {_clip(text)}",
-                     tuple(evidence) + (("other runs were live on the host",) if run.shared_host and memory == "host" else ()),
+                     tuple(evidence)
+                     + (("other runs were live on the host",) if run.shared_host and memory == "host" else ()),
                      {**(detail or {}), "memory": memory, "shared_host": run.shared_host}, transient)
 
 
@@ -405,12 +412,14 @@ def _degenerate_evidence(run: RunEvidence, logs: str, crashed: object = None) ->
     line = _search(_LFS, logs)
     if line:
         return Diagnosis(Failure.DEGENERATE_DATA, "the run read a Git LFS pointer instead of the data file",
-                         (_clip(line), "run `git lfs pull` in the repository, or make the data source provide the real files"),
+                         (_clip(line),
+                          "run `git lfs pull` in the repository, or make the data source provide the real files"),
                          {"cause": "lfs_pointer"})
     zero_metrics = sorted(n for n, v in run.final.items() if v == 0 and _ZERO_SAMPLE_METRIC.match(n.lower()))
     if zero_metrics:
         return Diagnosis(Failure.DEGENERATE_DATA, f"the run reported {zero_metrics[0]} = 0: it saw no data",
-                         tuple(f"final {n} = 0" for n in zero_metrics), {"cause": "zero_samples", "metric": zero_metrics[0]})
+                         tuple(f"final {n} = 0" for n in zero_metrics),
+                         {"cause": "zero_samples", "metric": zero_metrics[0]})
     line = _search(_ZERO_SAMPLES, logs)
     if line:
         crash = f" and then crashed ({crashed.text})" if isinstance(crashed, PythonException) else ""

@@ -37,7 +37,8 @@ def _describe(result: RunResult) -> str:
     if result.status == "succeeded":
         goal = f" goal={result.goal:.6g}" if result.goal is not None else ""
         return f"run {result.run_id} {result.arm} #{result.replicate} succeeded{goal}"
-    return f"run {result.run_id} {result.arm} #{result.replicate} {result.status} ({result.failure}: {result.reason[:160]})"
+    return (f"run {result.run_id} {result.arm} #{result.replicate} {result.status}"
+            f" ({result.failure}: {result.reason[:160]})")
 
 
 class PlainProgress(ProgressSink):
@@ -47,7 +48,8 @@ class PlainProgress(ProgressSink):
 
     def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None:
         self.counts.running[run_id] = (arm, replicate, slot.label, time.monotonic())
-        self.console.print(f"[{self.counts.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}", markup=False)
+        self.console.print(f"[{self.counts.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}",
+                           markup=False)
 
     def run_finished(self, result: RunResult) -> None:
         self.counts.running.pop(result.run_id, None)
@@ -86,7 +88,8 @@ class LiveProgress(PlainProgress):
         c = self.counts
         head = Text.assemble(
             ("elapsed ", "dim"), c.elapsed(), ("   done ", "dim"), str(c.succeeded + c.failed),
-            ("   running ", "dim"), str(len(c.running)), ("   failed ", "dim"), (str(c.failed), "red" if c.failed else ""),
+            ("   running ", "dim"), str(len(c.running)), ("   failed ", "dim"),
+            (str(c.failed), "red" if c.failed else ""),
             ("   spent ", "dim"), f"${c.spent:.4f}", ("   reserved ", "dim"), f"${c.reserved:.4f}",
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)

@@ -32,7 +32,8 @@ OFFICIAL_BASE_URL: dict[str, str] = {"openai": "https://api.openai.com/v1", "ant
 ENV_PREFIX = "RATIOCINATOR_LLM_"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Field names that can only mean "the key itself".
-_SECRET_NAME = re.compile(r"^(api_?key|apikey|key|token|secret|password|bearer|authorization|.*_(key|token|secret|password))$")
+_SECRET_NAME = re.compile(r"^(api_?key|apikey|key|token|secret|password|bearer|authorization"
+                          r"|.*_(key|token|secret|password))$")
 # Prefixes of real provider keys (OpenAI, Anthropic, OpenRouter, Groq, xAI, Hugging Face, Google, ...).
 _KEY_PREFIX = re.compile(r"^(sk-|sk_|gsk_|xai-|hf_|r8_|pk-|AIza|ghp_|github_pat_|nvapi-)")
 _SECRET_QUERY = re.compile(r"(key|token|secret|password|sig)", re.IGNORECASE)
@@ -79,9 +80,11 @@ class LlmConfig(BaseModel):
     price_in_per_mtok: float = Field(0.0, ge=0, description="dollars per million input tokens")
     price_out_per_mtok: float = Field(0.0, ge=0, description="dollars per million output tokens")
     max_tokens: int = Field(4096, ge=1, description="output token cap per call")
-    temperature: float | None = Field(None, ge=0, le=2, description="sampling temperature; omitted from requests when unset")
+    temperature: float | None = Field(None, ge=0, le=2,
+                                      description="sampling temperature; omitted from requests when unset")
     timeout_s: float = Field(120.0, gt=0, description="per-attempt HTTP timeout")
-    max_retries: int = Field(4, ge=0, description="retries after the first attempt on timeouts, connection errors, 429, 5xx")
+    max_retries: int = Field(4, ge=0,
+                             description="retries after the first attempt on timeouts, connection errors, 429, 5xx")
     backoff_s: float = Field(2.0, ge=0, description="first retry wait; doubles each retry (Retry-After wins when sent)")
 
     @model_validator(mode="before")

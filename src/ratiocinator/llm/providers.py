@@ -105,7 +105,8 @@ class Message:
 
     def __post_init__(self) -> None:
         if self.role not in ("user", "assistant"):
-            raise ValueError(f"message role must be 'user' or 'assistant', got {self.role!r}; pass a system prompt as system=")
+            raise ValueError(f"message role must be 'user' or 'assistant', got {self.role!r}; pass a system prompt as"
+                             " system=")
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,8 @@ class SdkProvider(Provider):
         input_tokens, output_tokens = reply.input_tokens, reply.output_tokens
         if input_tokens is None or output_tokens is None:
             log.warning(
-                "LLM %s/%s: the server reported no token usage; estimating from text length", self.name, self.config.model
+                "LLM %s/%s: the server reported no token usage; estimating from text length", self.name,
+                self.config.model
             )
             if input_tokens is None:
                 input_tokens = math.ceil(len(json.dumps(request)) / CHARS_PER_TOKEN)
@@ -298,7 +300,8 @@ class SdkProvider(Provider):
     def _unavailable(self, failure: _Failure, attempts: int) -> LlmUnavailable:
         status = f"HTTP {failure.status}" if failure.status else "no usable reply"
         return LlmUnavailable(
-            f"{self._where()} is unavailable ({status}) after {attempts} attempt{'s' if attempts != 1 else ''}: {failure.detail}",
+            f"{self._where()} is unavailable ({status}) after {attempts} attempt{'s' if attempts != 1 else ''}:"
+            f" {failure.detail}",
             hint="the research loop pauses here and resumes later; check the server or the provider's status page, "
             "or raise llm.max_retries / llm.timeout_s",
             provider=self.name, model=self.config.model, status=failure.status, attempts=attempts,
@@ -314,11 +317,13 @@ class SdkProvider(Provider):
             elif env:
                 hint = f"no key was sent because ${env} is not set; export it"
             else:
-                hint = "no key was sent: with a custom base_url set llm.api_key_env to the variable holding this server's key"
+                hint = ("no key was sent: with a custom base_url set llm.api_key_env to the variable holding this"
+                        " server's key")
         elif status == 403:
             what = "refused access (HTTP 403)"
             hint = (
-                f"check that the key in ${env} may use model '{self.config.model}'" if env else "check the server's access rules"
+                f"check that the key in ${env} may use model '{self.config.model}'" if env
+                else "check the server's access rules"
             )
         elif status == 404:
             what = "does not know the endpoint or model (HTTP 404)"

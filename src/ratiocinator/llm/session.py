@@ -117,13 +117,14 @@ class LlmSession:
             raise LlmError(
                 f"replay of {self.replay_from}: it recorded {len(recorded)} {stage} call(s) for iteration {iteration},"
                 f" this run needs call #{done + 1}",
-                hint="the replayed experiment stopped earlier or took another path; run without --replay to ask the model",
+                hint="the replayed experiment stopped earlier or took another path; run without --replay to ask the"
+                     " model",
             )
         source = recorded[done]
         if source.prompt_sha256 != digest:
             self.ledger.event(self.experiment_id, "replay_diverged",
-                              f"{stage} call #{done + 1} of iteration {iteration} asks something else than the recorded one"
-                              " (the inputs changed); the recorded answer is used", level="warning",
+                              f"{stage} call #{done + 1} of iteration {iteration} asks something else than the recorded"
+                              " one (the inputs changed); the recorded answer is used", level="warning",
                               recorded=source.prompt_sha256, now=digest, source_call=source.id)
         self.ledger.record_llm_call(
             self.experiment_id, stage=stage, iteration=iteration, provider=source.provider, model=source.model,
@@ -150,7 +151,8 @@ class RecordingProvider(Provider):
     def complete(self, messages: list[Message], *, system: str | None = None, max_tokens: int | None = None,
                  stream: bool = False) -> Completion:
         completion = self.inner.complete(messages, system=system, max_tokens=max_tokens, stream=stream)
-        self.recorded.append(record_call(self.ledger, None, self.stage, 0, prompt_sha256(messages, system), completion).id)
+        call = record_call(self.ledger, None, self.stage, 0, prompt_sha256(messages, system), completion)
+        self.recorded.append(call.id)
         return completion
 
 

@@ -35,7 +35,8 @@ MAX_REPLICATES = 20
 
 class ArmProposal(BaseModel):
     name: str = Field(description="short arm name: letters, digits and _.,=+- only")
-    knobs: dict[str, Scalar] = Field(default_factory=dict, description="knob -> value; unset knobs keep the code's default")
+    knobs: dict[str, Scalar] = Field(default_factory=dict,
+                                     description="knob -> value; unset knobs keep the code's default")
     description: str = ""
 
 
@@ -131,7 +132,8 @@ class LlmPlanner(Planner):
         design: DesignProposal = result.value
         arms = tuple(_planned(a) for a in design.arms)
         plan = Plan(arms=arms, baseline=design.baseline, replicates=design.replicates)
-        return Decision(plan, f"LLM design: {len(arms)} arms × {design.replicates} replicates, baseline {design.baseline}",
+        return Decision(plan, f"LLM design: {len(arms)} arms × {design.replicates} replicates, baseline"
+                              f" {design.baseline}",
                         {"hypotheses": [h.model_dump() for h in design.hypotheses], "rationale": design.rationale,
                          "cost": result.cost_dollars})
 
@@ -287,7 +289,8 @@ def statistics_brief(ledger, experiment_id: str) -> Brief:
         d = goal.describe
         failures = ", ".join(f"{k} {v}" for k, v in goal.summary.failure_counts.items())
         if d.n == 0:
-            lines.append(f"- {goal.name}: no result ({goal.summary.n_attempts} attempt(s); {failures or 'none finished'})")
+            lines.append(f"- {goal.name}: no result ({goal.summary.n_attempts} attempt(s);"
+                         f" {failures or 'none finished'})")
             continue
         ci = f"[{d.ci.low:.6g}, {d.ci.high:.6g}]" if d.ci else "n/a"
         sd = f"{d.std:.4g}" if d.std is not None else "n/a"
@@ -308,6 +311,7 @@ def statistics_brief(ledger, experiment_id: str) -> Brief:
     if inf.factors is not None:
         for effect in inf.factors.effects:
             p = f"{effect.p_holm:.3g}" if effect.p_holm is not None else "n/a"
-            levels = ", ".join(f"{lv.level}: {lv.describe.mean:.4g}" for lv in effect.levels if lv.describe.mean is not None)
+            levels = ", ".join(f"{lv.level}: {lv.describe.mean:.4g}" for lv in effect.levels
+                               if lv.describe.mean is not None)
             lines.append(f"factor {effect.factor}: ANOVA p_holm {p}; level means {levels}")
     return Brief(text="\n".join(lines), unconfirmed=unconfirmed)

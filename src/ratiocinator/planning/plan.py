@@ -67,7 +67,8 @@ class Plan:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "arms": [{"name": a.name, "env": a.env, "args": list(a.args), "description": a.description, "factors": a.factors}
+            "arms": [{"name": a.name, "env": a.env, "args": list(a.args), "description": a.description,
+                      "factors": a.factors}
                      for a in self.arms],
             "baseline": self.baseline, "replicates": self.replicates, "arm_replicates": self.arm_replicates,
         }
@@ -76,7 +77,8 @@ class Plan:
     def from_json(cls, data: dict) -> Plan:
         arms = tuple(PlannedArm(a["name"], dict(a["env"]), tuple(a["args"]), a["description"], dict(a["factors"]))
                      for a in data["arms"])
-        return cls(arms, data["baseline"], int(data["replicates"]), {k: int(v) for k, v in data["arm_replicates"].items()})
+        return cls(arms, data["baseline"], int(data["replicates"]),
+                   {k: int(v) for k, v in data["arm_replicates"].items()})
 
 
 def factor_arm_name(levels: dict[str, str]) -> str:
@@ -89,7 +91,7 @@ def _factor_arms(spec: Spec) -> list[PlannedArm]:
     names = list(spec.factors)
     levels = {n: [scalar_to_env(v) for v in spec.factors[n]] for n in names}
     if spec.design == "grid":
-        combos = [dict(zip(names, values)) for values in itertools.product(*(levels[n] for n in names))]
+        combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*(levels[n] for n in names))]
     else:
         assert isinstance(spec.baseline, dict)  # enforced by the spec validator
         base = {n: scalar_to_env(spec.baseline[n]) for n in names}
@@ -151,7 +153,8 @@ def plan_iteration(loaded: LoadedSpec) -> Plan:
     seen: dict[str, int] = {}
     for i, arm in enumerate(arms):
         if arm.name in seen:
-            raise PlanError(f"{loaded.where('arms', i)}: arm name '{arm.name}' is used twice", hint="give every arm a unique name")
+            raise PlanError(f"{loaded.where('arms', i)}: arm name '{arm.name}' is used twice",
+                            hint="give every arm a unique name")
         seen[arm.name] = i
     _refuse_duplicate_configs(loaded, arms)
     return Plan(arms=tuple(arms), baseline=_baseline(loaded, arms), replicates=spec.replicates)
@@ -207,12 +210,14 @@ def find_ignored_knobs(loaded: LoadedSpec, plan: Plan, report: KnobReport) -> li
     for arm in plan.arms:
         for knob in arm.env:
             if knob not in env_read:
-                where = loaded.where("arms", explicit[arm.name], "env", knob) if arm.name in explicit else loaded.where("factors", knob)
+                where = (loaded.where("arms", explicit[arm.name], "env", knob) if arm.name in explicit
+                         else loaded.where("factors", knob))
                 ignored.append(IgnoredKnob(arm=arm.name, knob=knob, where=where))
         if arm.name in explicit:
             for flag in spec.arms[explicit[arm.name]].args:
                 if flag not in flags_read:
-                    ignored.append(IgnoredKnob(arm=arm.name, knob=flag, where=loaded.where("arms", explicit[arm.name], "args", flag)))
+                    ignored.append(IgnoredKnob(arm=arm.name, knob=flag,
+                                               where=loaded.where("arms", explicit[arm.name], "args", flag)))
     return _dedupe(ignored)
 
 
@@ -233,7 +238,8 @@ def refuse_ignored_knobs(loaded: LoadedSpec, plan: Plan, report: KnobReport) -> 
     if not ignored:
         return
     read = ", ".join(sorted(report.knobs)) or "(none found)"
-    lines = [f"{i.where}: arm '{i.arm}' sets {i.knob}, which {loaded.spec.runner_script} never reads" for i in ignored[:20]]
+    lines = [f"{i.where}: arm '{i.arm}' sets {i.knob}, which {loaded.spec.runner_script} never reads"
+             for i in ignored[:20]]
     if len(ignored) > 20:
         lines.append(f"... and {len(ignored) - 20} more")
     hint = f"knobs the runner reads: {read}"
@@ -244,4 +250,5 @@ def refuse_ignored_knobs(loaded: LoadedSpec, plan: Plan, report: KnobReport) -> 
         )
     else:
         hint += "\n  if the runner reads a knob in a way that cannot be seen in its code, declare it under extra_knobs"
-    raise PlanError("arms set knobs the runner never reads (they would all run the same config):\n  " + "\n  ".join(lines), hint=hint)
+    raise PlanError("arms set knobs the runner never reads (they would all run the same config):\n  "
+                    + "\n  ".join(lines), hint=hint)

@@ -53,7 +53,7 @@ class PlanningContext:
 class Planner(abc.ABC):
     name: str
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027  # an optional hook: by default every planner can plan
         """Raise a PlanError now if the planner cannot plan at all (before the ledger is touched)."""
 
     @abc.abstractmethod

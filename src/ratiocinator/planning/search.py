@@ -146,14 +146,16 @@ class SearchPlanner(Planner):
             if unknown:
                 return unknown
         if context.iteration == 1 and (self.spec.arms or self.spec.factors):
-            return Decision(plan_iteration(self.loaded), "the spec's arms and factors", {"planner": self.name, "source": "spec"})
+            return Decision(plan_iteration(self.loaded), "the spec's arms and factors",
+                            {"planner": self.name, "source": "spec"})
         if search is None:
             if context.iteration == 1:
                 self.check()  # raises: nothing at all to run
             return Decision(None, NO_SPACE, {"planner": self.name})
         affordable = self._affordable_runs(context)
         if affordable == 0:
-            return Decision(None, self._broke(context), {"planner": self.name, "budget": self._budget_record(context, 0)})
+            return Decision(None, self._broke(context),
+                            {"planner": self.name, "budget": self._budget_record(context, 0)})
         return self._search(context, search, affordable)
 
     def _search(self, context: PlanningContext, search: Search, affordable: int | None) -> Decision:
@@ -171,7 +173,8 @@ class SearchPlanner(Planner):
             )
             defaults = _defaults(context, search)
             warm, skipped = self._warm_start(study, arms, baseline, values, distributions, defaults)
-            startup = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) < search.arms_per_iteration
+            told = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+            startup = told < search.arms_per_iteration
             proposals, asked, duplicates = self._propose(study, search, arms, baseline, distributions, defaults,
                                                          context.iteration)
         confirmations, already = self._confirmations(ledger, exp_id, arms, values, search)
@@ -259,7 +262,8 @@ class SearchPlanner(Planner):
         names = {a.name for a in arms}
         proposals: list[PlannedArm] = []
         asked = duplicates = 0
-        while len(proposals) < search.arms_per_iteration and asked < max(MIN_ASKS, ASKS_PER_ARM * search.arms_per_iteration):
+        while (len(proposals) < search.arms_per_iteration
+               and asked < max(MIN_ASKS, ASKS_PER_ARM * search.arms_per_iteration)):
             trial = study.ask(fixed_distributions=distributions)
             asked += 1
             levels = {k: format_value(space[k], trial.params[k]) for k in space}
@@ -273,7 +277,8 @@ class SearchPlanner(Planner):
             taken.add(key)
             names.add(name)
             # Left RUNNING: the constant liar keeps the rest of this batch away from it.
-            description = f"search proposal, iteration {iteration}: " + ", ".join(f"{k} = {v}" for k, v in levels.items())
+            description = (f"search proposal, iteration {iteration}: "
+                           + ", ".join(f"{k} = {v}" for k, v in levels.items()))
             proposals.append(PlannedArm(name=name, env=env, args=base_args, description=description))
         return proposals, asked, duplicates
 
@@ -285,7 +290,8 @@ class SearchPlanner(Planner):
         if search.confirm_top == 0 or search.confirm_replicates == 0:
             return [], []
         sign = -1.0 if self.spec.maximize else 1.0
-        ranked = sorted((a for a in arms if values.get(a.name)), key=lambda a: (sign * float(np.mean(values[a.name])), a.id))
+        ranked = sorted((a for a in arms if values.get(a.name)),
+                        key=lambda a: (sign * float(np.mean(values[a.name])), a.id))
         counts: dict[str, int] = {}
         for run in ledger.runs(exp_id):
             counts[run.arm] = max(counts.get(run.arm, 0), run.replicate + 1)
@@ -419,7 +425,8 @@ def _params(env: dict[str, str], space: dict[str, SearchDimension]) -> tuple[dic
     return params, ""
 
 
-def _context(arm: ArmRow | None, space: dict[str, SearchDimension]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+def _context(arm: ArmRow | None,
+             space: dict[str, SearchDimension]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """What an arm sets outside the space: trials are comparable only when this is the baseline's."""
     if arm is None:
         return (), ()

@@ -874,7 +874,7 @@ class _ShellScript:
         """A path word with the script's directory filled in; leading unknown `$VAR/` parts are
         dropped (so `$REPO/train.py` is tried as `train.py`); None if it stays unknown."""
         for name, directory in self._dir_vars.items():
-            word = re.sub(rf"\$(?:\{{{name}\}}|{name}(?!\w))", lambda _: directory.as_posix(), word)
+            word = re.sub(rf"\$(?:\{{{name}\}}|{name}(?!\w))", lambda _: directory.as_posix(), word)  # noqa: B023  # re.sub calls it at once
         word = _SCRIPT_DIR.sub(lambda m: self.script_dir.as_posix() + m["sub"], word)
         if "$" in word:
             word = re.sub(r"^.*\$[^/]*/", "", word)

@@ -44,7 +44,8 @@ def compare_experiments(ledger: Ledger, a_ref: str, b_ref: str, *, metric: str |
     _, a_spec, _, _, a_inf = analyse(ledger, a_exp.id)
     _, b_spec, _, _, b_inf = analyse(ledger, b_exp.id)
     if a_spec.maximize != b_spec.maximize:
-        raise UsageError(f"{a_exp.id} maximizes its goal and {b_exp.id} minimizes it (or the reverse): they cannot be ranked together")
+        raise UsageError(f"{a_exp.id} maximizes its goal and {b_exp.id} minimizes it (or the reverse): they cannot be"
+                         " ranked together")
     if metric is None:
         if a_spec.goal_metric != b_spec.goal_metric:
             raise UsageError(
@@ -57,7 +58,7 @@ def compare_experiments(ledger: Ledger, a_ref: str, b_ref: str, *, metric: str |
         raise UsageError(f"neither experiment has a finite {metric} in any succeeded run")
     names = [*a_goals, *(n for n in b_goals if n not in a_goals)]
     tests = {n: welch(a_goals[n].stats.values, b_goals[n].stats.values) for n in names if n in a_goals and n in b_goals}
-    adjusted = dict(zip(tests, holm([t.p for t in tests.values()])))
+    adjusted = dict(zip(tests, holm([t.p for t in tests.values()]), strict=True))
     pairs = []
     for name in names:
         a, b, test = a_goals.get(name), b_goals.get(name), tests.get(name)
@@ -95,7 +96,8 @@ def comparison_json(result: ExperimentComparison) -> dict[str, object]:
             {
                 "arm": p.arm, "a": side(p.a), "b": side(p.b),
                 "diff": p.comparison.diff if p.comparison else None,
-                "diff_ci95": [p.comparison.diff_ci.low, p.comparison.diff_ci.high] if p.comparison and p.comparison.diff_ci else None,
+                "diff_ci95": ([p.comparison.diff_ci.low, p.comparison.diff_ci.high]
+                              if p.comparison and p.comparison.diff_ci else None),
                 "p": p.comparison.p if p.comparison else None, "p_holm": p.p_holm,
                 "hedges_g": p.comparison.hedges_g if p.comparison else None, "verdict": p.verdict,
             }

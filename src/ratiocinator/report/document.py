@@ -152,8 +152,10 @@ def render_markdown(title: str, blocks: Sequence[Block], book: FactBook) -> str:
 HTML_FACT = re.compile(r'<a class="fact" href="#(f[0-9]+)"[^>]*>([^<]*)</a>')
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}h3{font-size:1.1em}h4{font-size:1em}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;\
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}\
+h3{font-size:1.1em}h4{font-size:1em}
 .abstract{background:#f7f7fb;border-left:3px solid #99a;padding:.6em 1em}
 table{border-collapse:collapse;font-size:.88em;margin:.8em 0}
 .scroll{overflow-x:auto}
@@ -195,14 +197,16 @@ def render_html(title: str, blocks: Sequence[Block], book: FactBook) -> str:
         elif isinstance(block, Table):
             head = "".join(f"<th>{t(h)}</th>" for h in block.header)
             rows = "".join(
-                (f'<tr id="{block.anchors[i]}">' if block.anchors else "<tr>") + "".join(f"<td>{t(c)}</td>" for c in row) + "</tr>"
+                (f'<tr id="{block.anchors[i]}">' if block.anchors else "<tr>")
+                + "".join(f"<td>{t(c)}</td>" for c in row) + "</tr>"
                 for i, row in enumerate(block.rows)
             )
             body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
         elif isinstance(block, Figure):
             data = base64.b64encode(block.file.png).decode("ascii")
             caption = _html_escape(block.file.caption)
-            body.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
+            body.append(f'<figure><img alt="{caption}"'
+                        f' src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
         else:
             body.append(f"<pre><code>{_html_escape(block.text)}</code></pre>")
     return (
@@ -334,7 +338,8 @@ def render_latex(title: str, blocks: Sequence[Block], book: FactBook) -> str:
                 lines.append(" & ".join(cells) + r" \\")
             body.append(
                 "{\\scriptsize\\setlength{\\tabcolsep}{3pt}\n"
-                f"\\begin{{longtable}}{{{_tex_columns(block.header, block.rows, shown)}}}\n\\toprule\n{head}\n\\midrule\n\\endhead\n"
+                f"\\begin{{longtable}}{{{_tex_columns(block.header, block.rows, shown)}}}\n"
+                f"\\toprule\n{head}\n\\midrule\n\\endhead\n"
                 + "\n".join(lines)
                 + "\n\\bottomrule\n\\end{longtable}}"
             )

@@ -104,7 +104,8 @@ def load_rows(ledger: Ledger, experiment_id: str) -> LedgerRows:
     return LedgerRows(ledger.runs(experiment_id), arms, ledger.run_metrics(experiment_id))
 
 
-def _load(ledger: Ledger, experiment_id: str, rows: LedgerRows | None) -> tuple[list[RunRow], dict[int, ArmRow], dict[int, Finals]]:
+def _load(ledger: Ledger, experiment_id: str,
+          rows: LedgerRows | None) -> tuple[list[RunRow], dict[int, ArmRow], dict[int, Finals]]:
     rows = rows or load_rows(ledger, experiment_id)
     return rows.runs, rows.arms, rows.finals
 
@@ -160,7 +161,8 @@ def run_records(ledger: Ledger, experiment_id: str, rows: LedgerRows | None = No
 
 def write_runs_json(ledger: Ledger, experiment_id: str, path: Path, rows: LedgerRows | None = None) -> None:
     """``{"experiment_id": ..., "runs": [record, ...]}`` as strict JSON (no NaN), one run per line."""
-    write_atomic(Path(path), json_records({"experiment_id": experiment_id}, "runs", run_records(ledger, experiment_id, rows)))
+    write_atomic(Path(path),
+                 json_records({"experiment_id": experiment_id}, "runs", run_records(ledger, experiment_id, rows)))
 
 
 def json_records(head: dict[str, Any], name: str, records: Sequence[Any]) -> str:
@@ -237,7 +239,8 @@ def _crash_cause(run: RunRow, finals: Finals, goal_metric: str) -> str:
 
 
 def results_tsv_rows(
-    ledger: Ledger, experiment_id: str, *, goal_metric: str, arm_status: Mapping[str, str], rows: LedgerRows | None = None
+    ledger: Ledger, experiment_id: str, *, goal_metric: str, arm_status: Mapping[str, str],
+    rows: LedgerRows | None = None
 ) -> list[tuple[str, str, str, str, str]]:
     """The data rows of ``results.tsv`` (commit, goal, memory_gb, status, description), one per run in id order.
 

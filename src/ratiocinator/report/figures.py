@@ -172,7 +172,8 @@ def _new_figure(width: float, height: float, *, constrained: bool = False) -> Fi
     """A figure on its own Agg canvas. Saving crops to the content (``bbox_inches="tight"``), so
     labels reaching past the edge are kept; constrained layout, slow with many labels, is only
     used to space several panels."""
-    fig = Figure(figsize=(min(width, MAX_WIDTH_IN), min(height, MAX_HEIGHT_IN)), layout="constrained" if constrained else None)
+    fig = Figure(figsize=(min(width, MAX_WIDTH_IN), min(height, MAX_HEIGHT_IN)),
+                 layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
 
@@ -305,7 +306,7 @@ class _ArmAxis:
         firsts = [_first_setting(n) for n in names]
         short = [i > 0 and firsts[i] is not None and firsts[i] == firsts[i - 1] for i in range(len(names))]
         labels = [_arm_label(inference, n, compact=True, shown=n.partition(",")[2] if cut else None)
-                  for n, cut in zip(names, short)]
+                  for n, cut in zip(names, short, strict=True)]
         groups = tuple(i for i in range(len(names)) if not short[i]) if any(short) else ()
         return replace(_ArmAxis.of(labels), groups=groups)
 
@@ -374,7 +375,7 @@ def _bars(ax: Any, values: np.ndarray, colors: Sequence[str], *, alpha: float, h
     if not many:
         bars = (ax.barh if horizontal else ax.bar)(np.arange(len(values)), values, BAR_WIDTH, color=colors,
                                                    alpha=alpha, edgecolor=INK, linewidth=0.6)
-        for patch, hatch in zip(bars.patches, hatches):
+        for patch, hatch in zip(bars.patches, hatches, strict=True):
             patch.set_hatch(hatch)
         return
     half = BAR_WIDTH / 2
@@ -425,7 +426,8 @@ def _grey_note(inference: Inference, shown: Sequence[str], what: str) -> str:
         return ""
     best = len(PALETTE) - (1 if inference.baseline is not None else 0)
     who = f"the baseline and the {best} arms" if inference.baseline is not None else f"the {best} arms"
-    return f" Only {who} with the best mean {inference.summary.goal_metric} have a color of their own; grey {what} are the other arms."
+    return (f" Only {who} with the best mean {inference.summary.goal_metric} have a color of their own;"
+            f" grey {what} are the other arms.")
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
@@ -454,7 +456,8 @@ def draw_goal(inference: Inference) -> Drawing | None:
     means = np.asarray([g.describe.mean for g in goals], dtype=float)
     verdicts = [getattr(inference.comparison(g.name), "verdict", None) for g in goals]
     hatches = [_HATCH.get(v) for v in verdicts]
-    _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches, many=layout.many)
+    _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches,
+          many=layout.many)
     marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
     with_ci = [(i, g.describe) for i, g in enumerate(goals) if g.describe.ci is not None]
     shown = means.tolist()
@@ -464,7 +467,8 @@ def draw_goal(inference: Inference) -> Drawing | None:
         low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
         high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
         err = np.vstack([center - low, high - center])
-        kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4 if len(goals) <= 40 else 2, "linewidth": 1.2, "zorder": 4}
+        kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4 if len(goals) <= 40 else 2, "linewidth": 1.2,
+                              "zorder": 4}
         ax.errorbar(center, at, xerr=err, **kw) if horizontal else ax.errorbar(at, center, yerr=err, **kw)
         shown += low.tolist() + high.tolist()
     values = [np.asarray(g.stats.values, dtype=float) for g in goals]
@@ -523,11 +527,13 @@ def draw_goal(inference: Inference) -> Drawing | None:
     if any(g.describe.ci is None for g in goals):
         caption += " An arm with a single run has no error bar."
     if zoomed:
-        caption += " The value axis is zoomed to the data and does not start at zero: compare bar ends, not bar lengths."
+        caption += (" The value axis is zoomed to the data and does not start at zero:"
+                    " compare bar ends, not bar lengths.")
     caption += layout.group_note() + _grey_note(inference, [g.name for g in goals], "bars")
     omitted = len(inference.goals) - len(goals)
     if omitted:
-        caption += f" {_plural(omitted, 'arm')} without a finite {goal} value {'is' if omitted == 1 else 'are'} not shown."
+        caption += (f" {_plural(omitted, 'arm')} without a finite {goal} value"
+                    f" {'is' if omitted == 1 else 'are'} not shown.")
     return Drawing(GOAL_STEM, fig, caption)
 
 
@@ -695,14 +701,17 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
     if n_candidates > len(arms):
         best = len(arms) - (1 if inference.baseline in drawn else 0)
         who = f"the baseline and the {best} arms" if inference.baseline in drawn else f"the {best} arms"
-        caption += f" Of {n_candidates} arms with succeeded runs, only {who} with the best mean {summary.goal_metric} are drawn."
+        caption += (f" Of {n_candidates} arms with succeeded runs, only {who} with the best mean"
+                    f" {summary.goal_metric} are drawn.")
     missing = len(arms) - len(curves)
     if missing:
-        caption += f" {_plural(missing, 'arm')} reported no finite {metric} point and {'is' if missing == 1 else 'are'} absent."
+        caption += (f" {_plural(missing, 'arm')} reported no finite {metric} point and"
+                    f" {'is' if missing == 1 else 'are'} absent.")
     return Drawing(CURVES_STEM, fig, caption)
 
 
-def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> FigureFile | None:
+def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                  max_arms: int = 8) -> FigureFile | None:
     """``fig_curves``: mean learning curves (see ``draw_curves``); None when no metric was streamed twice."""
     return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
 
@@ -767,7 +776,8 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
     if single:
         caption += " A level with a single run has no error bar."
     if any(e.significant for e in effects):
-        caption += f" An asterisk marks a factor whose ANOVA term is significant after Holm correction at level {ALPHA:g}."
+        caption += (" An asterisk marks a factor whose ANOVA term is significant after Holm correction"
+                    f" at level {ALPHA:g}.")
     elif analysis.anova is not None:
         caption += " No factor's ANOVA term is significant after Holm correction."
     elif analysis.why_no_anova:
@@ -818,7 +828,8 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
         ax.set_xlabel("total cost ($)")
         ax.grid(axis="x", alpha=0.3)
         where = "Left" if has_time else "Per arm"
-        caption_parts.append(f"{where}: the dollars each arm cost, summed over all of its attempts, failed ones included.")
+        caption_parts.append(f"{where}: the dollars each arm cost, summed over all of its attempts, failed ones"
+                             " included.")
     if has_time:
         ax = axes[-1]
         unit, scale = _time_unit([r.duration_s for rs in timed.values() for r in rs])  # type: ignore[misc]

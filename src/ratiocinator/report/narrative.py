@@ -80,7 +80,8 @@ def check_narrative(narrative: Narrative, model: str, book: FactBook, allowed: s
             if unsupported:
                 checked.removed.append((sentence, unsupported))
                 continue
-            kept.append(NUMBER.sub(lambda m: _cite(m.group(0), sentence, by_text, book, checked), sentence))
+            # The lambda runs inside this iteration (NUMBER.sub calls it at once), so `sentence` is the current one.
+            kept.append(NUMBER.sub(lambda m: _cite(m.group(0), sentence, by_text, book, checked), sentence))  # noqa: B023
         if kept:
             checked.paragraphs.append(" ".join(kept))
     return checked

@@ -132,7 +132,8 @@ def _plural(n: int, word: str) -> str:
 class _Writer:
     """Writes the sections; every number goes through ``self.book``."""
 
-    def __init__(self, ledger: Ledger, experiment: Experiment, spec: Spec, runs: Sequence[RunRow], inference: Inference) -> None:
+    def __init__(self, ledger: Ledger, experiment: Experiment, spec: Spec, runs: Sequence[RunRow],
+                 inference: Inference) -> None:
         self.ledger = ledger
         self.experiment = experiment
         self.spec = spec
@@ -161,17 +162,20 @@ class _Writer:
             return self.count(f"arm[{arm}].{self.goal}.n", d.n, label, s.run_ids)
         if what in ("min", "max"):
             run = s.min_run_id if what == "min" else s.max_run_id
-            return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label, [run] if run else [])
+            return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label,
+                             [run] if run else [])
         if what in ("ci_low", "ci_high", "boot_low", "boot_high"):
             interval = d.ci if what.startswith("ci") else d.bootstrap_ci
             value = None if interval is None else (interval.low if what.endswith("low") else interval.high)
             name = {"ci_low": "95% t CI lower bound", "ci_high": "95% t CI upper bound",
                     "boot_low": "95% bootstrap CI lower bound", "boot_high": "95% bootstrap CI upper bound"}[what]
-            return self.fact(f"arm[{arm}].{self.goal}.{what}", value, Kind.METRIC, f"{name} of {self.goal} for arm {arm}", s.run_ids)
+            return self.fact(f"arm[{arm}].{self.goal}.{what}", value, Kind.METRIC,
+                             f"{name} of {self.goal} for arm {arm}", s.run_ids)
         return self.fact(f"arm[{arm}].{self.goal}.{what}", getattr(d, what), Kind.METRIC, label, s.run_ids)
 
     def noise_std(self, floor: NoiseFloor) -> str:
-        return self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}", floor.run_ids)
+        return self.fact("noise.std", floor.std, Kind.METRIC, f"noise floor: replicate std of baseline {floor.arm}",
+                         floor.run_ids)
 
     def interval(self, low: str, high: str) -> str:
         return MISSING if MISSING in (low, high) else f"[{low}, {high}]"
@@ -192,8 +196,10 @@ class _Writer:
         about = f"arm {c.arm} vs baseline {c.baseline}"
         table = {
             "diff": (t.diff, Kind.METRIC, f"difference of mean {self.goal}, {about}"),
-            "diff_low": (t.diff_ci.low if t.diff_ci else None, Kind.METRIC, f"95% Welch CI lower bound of the difference, {about}"),
-            "diff_high": (t.diff_ci.high if t.diff_ci else None, Kind.METRIC, f"95% Welch CI upper bound of the difference, {about}"),
+            "diff_low": (t.diff_ci.low if t.diff_ci else None, Kind.METRIC,
+                         f"95% Welch CI lower bound of the difference, {about}"),
+            "diff_high": (t.diff_ci.high if t.diff_ci else None, Kind.METRIC,
+                          f"95% Welch CI upper bound of the difference, {about}"),
             "t": (t.t, Kind.STAT, f"Welch t statistic, {about}"),
             "df": (t.df, Kind.STAT, f"Welch–Satterthwaite degrees of freedom, {about}"),
             "p": (t.p, Kind.P, f"two-sided Welch p-value, {about}"),
@@ -265,7 +271,8 @@ class _Writer:
             assert base is not None
             return f"Arm {base.name} reached {self.goal} = {self.arm_headline(base)}."
         if inf.improvements:
-            best = min(inf.improvements, key=lambda c: -(c.comparison.diff or 0) if s.maximize else (c.comparison.diff or 0))
+            best = min(inf.improvements,
+                       key=lambda c: -(c.comparison.diff or 0) if s.maximize else (c.comparison.diff or 0))
             goal = inf.goal(best.arm)
             return (
                 f"The best improving arm, {best.arm}, reached {self.goal} = {self.arm_headline(goal)} against the "
@@ -274,7 +281,8 @@ class _Writer:
                 f"p = {self.cmp(best, 'p_holm')}), larger than the baseline's replicate spread."
             )
         top = s.best
-        text = f"No arm improved on the baseline {base.name} ({self.arm_headline(base)}) by a significant margin beyond its replicate spread."
+        text = (f"No arm improved on the baseline {base.name} ({self.arm_headline(base)}) by a significant margin"
+                " beyond its replicate spread.")
         if top is not None and top.name != base.name:
             c = inf.comparison(top.name)
             assert c is not None
@@ -303,17 +311,19 @@ class _Writer:
             for e in inf.factors.effects:
                 hypotheses.append(f"H({e.factor}): the level of {e.factor} affects {self.goal}.")
         if hypotheses:
-            blocks.append(Paragraph("The hypotheses the runs test, one per arm against the baseline and one per factor:"))
+            blocks.append(Paragraph("The hypotheses the runs test, one per arm against the baseline and one per"
+                                    " factor:"))
             blocks.append(Bullets(tuple(hypotheses)))
             blocks.append(Paragraph(
                 f"Each arm is compared with the baseline by a two-sided Welch t-test at α = {ALPHA}, with the "
                 f"Holm–Bonferroni correction across the {len(inf.comparisons)} comparisons. An arm counts as an "
                 f"improvement only when the corrected test rejects, the difference points the way the goal asks, "
-                f"and the difference exceeds the noise floor (the sample standard deviation of the baseline's replicates)."
+                "and the difference exceeds the noise floor (the sample standard deviation of the baseline's"
+                " replicates)."
             ))
         else:
-            blocks.append(Paragraph("The study has a single arm, so it states no comparative hypothesis; it measures that arm's "
-                                    f"{self.goal} and its replicate spread."))
+            blocks.append(Paragraph("The study has a single arm, so it states no comparative hypothesis; it measures"
+                                    f" that arm's {self.goal} and its replicate spread."))
         blocks += self.planner_decisions()
         return blocks
 
@@ -333,7 +343,8 @@ class _Writer:
 
     def setup(self) -> list[Block]:
         spec, experiment = self.spec, self.experiment
-        run_commits = sorted({r.commit_sha for r in self.runs if r.commit_sha and r.commit_sha != experiment.commit_sha})
+        run_commits = sorted({r.commit_sha for r in self.runs
+                              if r.commit_sha and r.commit_sha != experiment.commit_sha})
         commit = experiment.commit_sha or "not recorded"
         if run_commits:
             commit += f" (runs also used: {', '.join(run_commits)})"
@@ -349,7 +360,8 @@ class _Writer:
         deps = spec.deps
         excluded = f" (excluding {', '.join(deps.exclude_from_requirements)})" if deps.exclude_from_requirements else ""
         rows = [
-            ("Experiment", f"{experiment.id} ({experiment.name}), status {experiment.status}, backend {experiment.backend}"),
+            ("Experiment",
+             f"{experiment.id} ({experiment.name}), status {experiment.status}, backend {experiment.backend}"),
             ("Repository", self.resolved_repo()),
             ("Branch", spec.repo_branch),
             ("Commit", commit),
@@ -433,10 +445,13 @@ class _Writer:
         rows = []
         for goal in self.inf.goals:
             arm = goal.summary
-            marks = [m for m, on in (("baseline", goal.name == self.inf.baseline), ("best mean", goal.name == self.summary.best_arm)) if on]
+            marks = [m for m, on in (("baseline", goal.name == self.inf.baseline),
+                                     ("best mean", goal.name == self.summary.best_arm)) if on]
             label = f"{goal.name} ({', '.join(marks)})" if marks else goal.name
-            ok = self.count(f"arm[{goal.name}].runs.succeeded", arm.n_succeeded, f"succeeded runs of arm {goal.name}", arm.succeeded_run_ids)
-            tried = self.count(f"arm[{goal.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {goal.name}", arm.run_ids)
+            ok = self.count(f"arm[{goal.name}].runs.succeeded", arm.n_succeeded, f"succeeded runs of arm {goal.name}",
+                            arm.succeeded_run_ids)
+            tried = self.count(f"arm[{goal.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {goal.name}",
+                               arm.run_ids)
             boot = self.interval(self.arm_stat(goal, "boot_low"), self.arm_stat(goal, "boot_high"))
             rows.append((label, _knobs(arm), f"{ok} / {tried}", self.arm_stat(goal, "n"), self.arm_stat(goal, "mean"),
                          self.arm_stat(goal, "std"), self.arm_stat(goal, "se"), self.arm_ci(goal), boot,
@@ -444,12 +459,13 @@ class _Writer:
         excluded = [r for g in self.inf.goals for r in (*g.stats.nonfinite_run_ids, *g.stats.missing_run_ids)]
         note = (
             f"Statistics of {self.goal} over each arm's succeeded runs: sample standard deviation (ddof = 1), standard "
-            f"error, a 95% confidence interval from the t distribution, and a BCa bootstrap interval where an arm has at "
-            f"least 10 values. Failed runs are counted, never averaged; — marks a quantity undefined for the data (no "
-            f"spread from one value, no bootstrap below 10 values)."
+            "error, a 95% confidence interval from the t distribution, and a BCa bootstrap interval where an arm has"
+            " at least 10 values. Failed runs are counted, never averaged; — marks a quantity undefined for the data"
+            f" (no spread from one value, no bootstrap below 10 values)."
         )
         if excluded:
-            note += f" Runs {', '.join(map(str, sorted(excluded)))} succeeded without a finite {self.goal} and are left out."
+            note += (f" Runs {', '.join(map(str, sorted(excluded)))} succeeded without a finite {self.goal}"
+                     " and are left out.")
         return [Heading(f"{self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
 
     def baseline_section(self) -> list[Block]:
@@ -458,27 +474,29 @@ class _Writer:
             return []
         floor = inf.noise_floor
         std = self.noise_std(floor)
-        spread = self.fact("noise.range", floor.range, Kind.METRIC, f"replicate range (max − min) of baseline {floor.arm}", floor.run_ids)
+        spread = self.fact("noise.range", floor.range, Kind.METRIC,
+                           f"replicate range (max − min) of baseline {floor.arm}", floor.run_ids)
         if floor.std is None:
-            floor_text = (f"The baseline {floor.arm} has fewer than two succeeded runs, so the noise floor is unknown and no "
-                          "arm can be judged against it.")
+            floor_text = (f"The baseline {floor.arm} has fewer than two succeeded runs, so the noise floor is unknown"
+                          " and no arm can be judged against it.")
         else:
             floor_text = (f"Noise floor: the baseline {floor.arm}'s replicates have a standard deviation of {std} "
                           f"(range {spread}); a difference no larger than that is never called an improvement.")
         header = ("Arm", "Δ mean vs baseline", "95% CI of Δ (Welch)", "t", "df", "p", "p (Holm)", "Hedges' g",
                   "Δ in baseline σ", "Verdict")
         rows = tuple(
-            (c.arm, self.cmp(c, "diff"), self.interval(self.cmp(c, "diff_low"), self.cmp(c, "diff_high")), self.cmp(c, "t"),
+            (c.arm, self.cmp(c, "diff"), self.interval(self.cmp(c, "diff_low"), self.cmp(c, "diff_high")),
+             self.cmp(c, "t"),
              self.cmp(c, "df"), self.cmp(c, "p"), self.cmp(c, "p_holm"), self.cmp(c, "g"), self.cmp(c, "sigma"),
              c.verdict.value)
             for c in inf.comparisons
         )
         legend = (
             f"Verdicts: improvement / regression — significant after Holm correction (α = {ALPHA}) and larger than the "
-            "noise floor, for / against the goal's direction; within noise floor — no larger than the baseline's replicate "
-            "standard deviation, whatever the test says; not significant — larger than the noise floor but the corrected "
-            "test does not reject; untestable — both arms gave identical values in every replicate, so there is no variance "
-            "to test against; too few runs — fewer than two succeeded runs on a side."
+            "noise floor, for / against the goal's direction; within noise floor — no larger than the baseline's"
+            " replicate standard deviation, whatever the test says; not significant — larger than the noise floor but"
+            " the corrected test does not reject; untestable — both arms gave identical values in every replicate, so"
+            " there is no variance to test against; too few runs — fewer than two succeeded runs on a side."
         )
         return [
             Heading(f"Comparison with the baseline {floor.arm}", 2),
@@ -502,8 +520,10 @@ class _Writer:
                 what = f"{self.goal} at {effect.factor}={level.level} ({effect.pooling})"
                 d = level.describe
                 ci = self.interval(
-                    self.fact(f"{key}.ci_low", d.ci.low if d.ci else None, Kind.METRIC, f"95% t CI lower bound of {what}", level.run_ids),
-                    self.fact(f"{key}.ci_high", d.ci.high if d.ci else None, Kind.METRIC, f"95% t CI upper bound of {what}", level.run_ids),
+                    self.fact(f"{key}.ci_low", d.ci.low if d.ci else None, Kind.METRIC,
+                              f"95% t CI lower bound of {what}", level.run_ids),
+                    self.fact(f"{key}.ci_high", d.ci.high if d.ci else None, Kind.METRIC,
+                              f"95% t CI upper bound of {what}", level.run_ids),
                 )
                 rows.append((level.level, self.count(f"{key}.n", d.n, f"runs pooled for {what}", level.run_ids),
                              self.fact(f"{key}.mean", d.mean, Kind.METRIC, f"mean {what}", level.run_ids), ci))
@@ -525,17 +545,22 @@ class _Writer:
                     self.fact(f"{key}.ss", row.sum_sq, Kind.STAT, f"{label} sum of squares of {row.term}", fa.run_ids),
                     self.fact(f"{key}.F", row.f, Kind.STAT, f"{label} F statistic of {row.term}", fa.run_ids),
                     self.fact(f"{key}.p", row.p, Kind.P, f"{label} p-value of {row.term}", fa.run_ids),
-                    self.fact(f"{key}.p_holm", p_holm, Kind.P, f"{label} Holm-adjusted p-value of {row.term}", fa.run_ids),
-                    self.fact(f"{key}.eta", row.partial_eta_sq, Kind.STAT, f"{label} partial η² of {row.term}", fa.run_ids),
+                    self.fact(f"{key}.p_holm", p_holm, Kind.P, f"{label} Holm-adjusted p-value of {row.term}",
+                              fa.run_ids),
+                    self.fact(f"{key}.eta", row.partial_eta_sq, Kind.STAT, f"{label} partial η² of {row.term}",
+                              fa.run_ids),
                 ))
-            rows.append(("Residual", self.fact("anova.residual.df", a.residual_df, Kind.COUNT, "ANOVA residual degrees of freedom", fa.run_ids),
-                         self.fact("anova.residual.ss", a.residual_sum_sq, Kind.STAT, "ANOVA residual sum of squares", fa.run_ids),
+            rows.append(("Residual", self.fact("anova.residual.df", a.residual_df, Kind.COUNT,
+                                               "ANOVA residual degrees of freedom", fa.run_ids),
+                         self.fact("anova.residual.ss", a.residual_sum_sq, Kind.STAT, "ANOVA residual sum of squares",
+                                   fa.run_ids),
                          "", "", "", ""))
             structure = "main effects and two-way interactions" if a.interactions else "main effects only"
             if fa.design == "grid" and not a.interactions:
-                structure += " (interactions need every combination of levels observed and residual degrees of freedom left)"
-            blocks.append(Paragraph(f"Analysis of variance of {self.goal} over the succeeded runs ({a.kind}; {structure}); "
-                                    "p-values are Holm-corrected across the terms of the table."))
+                structure += (" (interactions need every combination of levels observed and residual degrees of"
+                              " freedom left)")
+            blocks.append(Paragraph(f"Analysis of variance of {self.goal} over the succeeded runs ({a.kind};"
+                                    f" {structure}); p-values are Holm-corrected across the terms of the table."))
             blocks.append(Table(("Term", "df", "Sum of squares", "F", "p", "p (Holm)", "partial η²"), tuple(rows)))
         findings = self.factor_findings(fa)
         if findings:
@@ -560,16 +585,18 @@ class _Writer:
                 mean = self.fact(f"factor[{e.factor}].level[{best.level}].mean", best.describe.mean, Kind.METRIC,
                                  f"mean {self.goal} at {e.factor}={best.level} ({e.pooling})", best.run_ids)
                 best_text = f"; its best level is {e.factor}={best.level} with mean {self.goal} {mean}"
-            out.append(f"{e.factor} affects {self.goal} (F = {term(e.factor, 'F')}, Holm-adjusted p = {term(e.factor, 'p_holm')}, "
-                       f"partial η² = {term(e.factor, 'eta')}){best_text}.")
+            out.append(f"{e.factor} affects {self.goal} (F = {term(e.factor, 'F')}, Holm-adjusted"
+                       f" p = {term(e.factor, 'p_holm')}, partial η² = {term(e.factor, 'eta')}){best_text}.")
         if significant:
             top = significant[0]
-            others = [e for e in fa.effects if e is not top and e.anova_row is not None and e.anova_row.partial_eta_sq is not None
+            others = [e for e in fa.effects
+                      if e is not top and e.anova_row is not None and e.anova_row.partial_eta_sq is not None
                       and (top.anova_row.partial_eta_sq or 0) > e.anova_row.partial_eta_sq]
             if others:
                 names = ", ".join(f"{e.factor} (partial η² = {term(e.factor, 'eta')})" for e in others)
-                out.insert(0, f"{top.factor} matters more than {', '.join(e.factor for e in others)} here: it explains the "
-                              f"larger share of variance (partial η² = {term(top.factor, 'eta')} against {names}).")
+                out.insert(0, f"{top.factor} matters more than {', '.join(e.factor for e in others)} here: it explains"
+                              " the larger share of variance"
+                              f" (partial η² = {term(top.factor, 'eta')} against {names}).")
         floor = self.inf.noise_floor
         for e in fa.effects:
             if e.significant or e.anova_row is None:
@@ -603,13 +630,16 @@ class _Writer:
             cells = []
             for metric in others:
                 stats: MetricStats = arm.metrics[metric]
-                mean = self.fact(f"arm[{arm.name}].{metric}.mean", stats.mean, Kind.METRIC, f"mean {metric} of arm {arm.name}", stats.run_ids)
-                std = self.fact(f"arm[{arm.name}].{metric}.std", stats.std, Kind.METRIC, f"std of {metric} of arm {arm.name}", stats.run_ids)
+                mean = self.fact(f"arm[{arm.name}].{metric}.mean", stats.mean, Kind.METRIC,
+                                 f"mean {metric} of arm {arm.name}", stats.run_ids)
+                std = self.fact(f"arm[{arm.name}].{metric}.std", stats.std, Kind.METRIC,
+                                f"std of {metric} of arm {arm.name}", stats.run_ids)
                 cells.append(mean if std == MISSING else f"{mean} ± {std}")
             rows.append((arm.name, *cells))
         return [
             Heading("Other metrics", 2),
-            Paragraph("Final values of the other metrics the runs reported: mean ± sample standard deviation over succeeded runs."),
+            Paragraph("Final values of the other metrics the runs reported: mean ± sample standard deviation over"
+                      " succeeded runs."),
             Table(("Arm", *others), tuple(rows)),
         ]
 
@@ -627,7 +657,8 @@ class _Writer:
         for cls, runs in sorted(by_class.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             arms = Counter(r.arm for r in runs)
             rows.append((cls, DESCRIPTIONS.get(cls, "stopped before it finished" if cls == "interrupted" else ""),
-                         self.count(f"failures[{cls}].runs", len(runs), f"runs that ended as {cls}", [r.id for r in runs]),
+                         self.count(f"failures[{cls}].runs", len(runs), f"runs that ended as {cls}",
+                                    [r.id for r in runs]),
                          ", ".join(f"{arm} ({n})" for arm, n in arms.items())))
         policy = self.spec.failure_policy
         blocks.append(Paragraph(
@@ -638,8 +669,9 @@ class _Writer:
         transient = [r for r in bad if r.transient]
         if transient:
             blocks.append(Paragraph(
-                f"{self.count('failures.transient', len(transient), 'transient failures that were retried', [r.id for r in transient])}"
-                " of these failures were transient and their replicate was attempted again."))
+                self.count("failures.transient", len(transient), "transient failures that were retried",
+                           [r.id for r in transient])
+                + " of these failures were transient and their replicate was attempted again."))
         blocks.append(Table(("Failure class", "Meaning", "Runs", "Arms (runs)"), tuple(rows)))
         for cls, runs in sorted(by_class.items()):
             for run in runs[:EXAMPLES_PER_FAILURE]:
@@ -677,7 +709,8 @@ class _Writer:
         return self.fact("cost.spent", spent, Kind.MONEY, "dollars spent (settled charges)", charged)
 
     def limit_fact(self) -> str:
-        return self.fact("cost.limit", float(self.spec.max_dollars), Kind.MONEY, "the budget (max_dollars in the spec)", [])
+        return self.fact("cost.limit", float(self.spec.max_dollars), Kind.MONEY, "the budget (max_dollars in the spec)",
+                         [])
 
     def cost(self) -> list[Block]:
         spent, reserved = self.ledger.money(self.experiment.id)
@@ -693,25 +726,31 @@ class _Writer:
             mean = total / len(timed) if timed else None
             rows.append((
                 arm.name,
-                self.count(f"arm[{arm.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {arm.name}", arm.run_ids),
+                self.count(f"arm[{arm.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {arm.name}",
+                           arm.run_ids),
                 self.fact(f"cost.arm[{arm.name}]", cost, Kind.MONEY,
                           f"dollars of rented-instance cost allotted to arm {arm.name} by wall time" if rented
                           else f"dollars charged to arm {arm.name}", [r.id for r in costed]),
-                self.fact(f"time.arm[{arm.name}].total", total, Kind.SECONDS, f"wall seconds of all runs of arm {arm.name}", [r.id for r in timed]),
-                self.fact(f"time.arm[{arm.name}].mean", mean, Kind.SECONDS, f"mean wall seconds per run of arm {arm.name}", [r.id for r in timed]),
+                self.fact(f"time.arm[{arm.name}].total", total, Kind.SECONDS,
+                          f"wall seconds of all runs of arm {arm.name}", [r.id for r in timed]),
+                self.fact(f"time.arm[{arm.name}].mean", mean, Kind.SECONDS,
+                          f"mean wall seconds per run of arm {arm.name}", [r.id for r in timed]),
             ))
         text = f"Spent {self.spent_fact(spent)} of the {self.limit_fact()} budget"
         if reserved:
-            text += f"; {self.fact('cost.reserved', reserved, Kind.MONEY, 'dollars still reserved by unfinished runs', [])} is still reserved by unfinished runs"
+            still = self.fact("cost.reserved", reserved, Kind.MONEY, "dollars still reserved by unfinished runs", [])
+            text += f"; {still} is still reserved by unfinished runs"
         if rented:
             text += (". Compute was rented by the instance, so money is counted per instance: its lifetime × price"
-                     " (or the provider's billing), boot, setup and idle time included; before each instance was rented,"
-                     " its worst case (price × the time to its self-destruct deadline) was reserved so the budget could never be"
-                     " overrun. An arm's cost below is its runs' share of their instances' cost, split by wall time.")
+                     " (or the provider's billing), boot, setup and idle time included; before each instance was"
+                     " rented, its worst case (price × the time to its self-destruct deadline) was reserved so the"
+                     " budget could never be overrun. An arm's cost below is its runs' share of their instances' cost,"
+                     " split by wall time.")
         else:
             price = self.spec.hardware.price_per_hour
-            text += (f". Each run is charged the host's price per hour ({_value(float(price))} dollars, from the spec) for its wall "
-                     "time; before a run starts, its worst case (price × timeout) is reserved so the budget can never be overrun.")
+            text += (f". Each run is charged the host's price per hour ({_value(float(price))} dollars, from the spec)"
+                     " for its wall time; before a run starts, its worst case (price × timeout) is reserved so the"
+                     " budget can never be overrun.")
         return [
             Heading("Cost", 1),
             Paragraph(text),
@@ -729,7 +768,8 @@ class _Writer:
             life = (end - row.created_at) if end is not None else None
             rows.append((
                 f"{row.provider}:{row.provider_id or '(never rented)'}", row.gpu_name or "?", _value(row.dph),
-                self.fact(f"instance[{row.id}].lifetime", life, Kind.SECONDS, f"seconds instance {row.provider_id} was rented",
+                self.fact(f"instance[{row.id}].lifetime", life, Kind.SECONDS,
+                          f"seconds instance {row.provider_id} was rented",
                           served),
                 self.count(f"instance[{row.id}].runs", len(served), f"runs instance {row.provider_id} served", served),
                 self.fact(f"instance[{row.id}].cost", row.cost, Kind.MONEY, f"dollars instance {row.provider_id} cost",
@@ -746,12 +786,14 @@ class _Writer:
         items: list[str] = []
         small = [g for g in inf.goals if 0 < g.describe.n < SMALL_N]
         if small:
-            items.append(f"Small samples: {len(small)} of {len(inf.goals)} arms have fewer than {SMALL_N} succeeded runs "
-                         f"({', '.join(g.name for g in small[:10])}{'…' if len(small) > 10 else ''}). Standard deviations from so few "
-                         "values are themselves uncertain and the intervals are wide; more replicates would tighten them.")
+            items.append(f"Small samples: {len(small)} of {len(inf.goals)} arms have fewer than {SMALL_N} succeeded"
+                         f" runs ({', '.join(g.name for g in small[:10])}{'…' if len(small) > 10 else ''}). Standard"
+                         " deviations from so few values are themselves uncertain and the intervals are wide; more"
+                         " replicates would tighten them.")
         empty = [g.name for g in inf.goals if g.describe.n == 0]
         if empty:
-            items.append(f"No result: arms {', '.join(empty)} have no succeeded run with a finite {self.goal} and are absent from every comparison.")
+            items.append(f"No result: arms {', '.join(empty)} have no succeeded run with a finite {self.goal} and are"
+                         " absent from every comparison.")
         floor = inf.noise_floor
         if floor is not None and floor.std is not None:
             inside = [c.arm for c in inf.comparisons if c.verdict is Verdict.WITHIN_NOISE]
@@ -764,26 +806,29 @@ class _Writer:
             items.append("Failed runs: " + ", ".join(f"{g.name} lost {g.summary.n_attempts - g.summary.n_succeeded} of "
                                                       f"{g.summary.n_attempts}" for g in failed[:10])
                          + (" …" if len(failed) > 10 else "")
-                         + ". If failures depend on the configuration (e.g. diverging seeds), the surviving runs are a biased sample.")
+                         + ". If failures depend on the configuration (e.g. diverging seeds), the surviving runs are a"
+                           " biased sample.")
         nonfinite = [r for g in inf.goals for r in g.stats.nonfinite_run_ids]
         if nonfinite:
             items.append(f"Non-finite results: runs {', '.join(map(str, nonfinite[:20]))} ended with a NaN or infinite "
                          f"{self.goal}; they are excluded from the statistics, which flatters the arms they belong to.")
         if len(inf.comparisons) > 1:
             items.append(f"Multiple comparisons: {len(inf.comparisons)} arms are tested against one baseline; the Holm "
-                         "correction controls the family-wise error rate, so uncorrected p-values should not be read alone.")
+                         "correction controls the family-wise error rate, so uncorrected p-values should not be read"
+                         " alone.")
         untestable = [c.arm for c in inf.comparisons if c.verdict in (Verdict.UNTESTABLE, Verdict.TOO_FEW_RUNS)]
         if untestable:
-            items.append(f"Untested: the comparisons of {', '.join(untestable)} with the baseline could not be tested (see the verdicts).")
+            items.append(f"Untested: the comparisons of {', '.join(untestable)} with the baseline could not be tested"
+                         " (see the verdicts).")
         if inf.factors is not None and inf.factors.anova is None:
             items.append(f"No analysis of variance: {inf.factors.why_no_anova}.")
         if self.readiness().startswith("skipped"):
             items.append("Unreviewed code: the readiness review (static checks and trial-mode smoke runs) was skipped, "
                          "so problems it catches, such as a knob that changes nothing, were not ruled out.")
-        items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats arms as "
-                     "independent samples and does not use that pairing, which makes it conservative.")
-        items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the metric is "
-                     f"computed by the target repository's own code, which this study did not audit.")
+        items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats arms"
+                     " as independent samples and does not use that pairing, which makes it conservative.")
+        items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the"
+                     f" metric is computed by the target repository's own code, which this study did not audit.")
         return [Heading("Threats to validity", 1), Bullets(tuple(items))]
 
     # -- discussion (LLM-written, verified) ---------------------------------------------
@@ -806,8 +851,9 @@ class _Writer:
         ]
         if checked.removed:
             blocks.append(Paragraph(f"Removed from the model's text because they state numbers the ledger does not "
-                                    f"support ({len(checked.removed)} sentence{'s' if len(checked.removed) != 1 else ''}; "
-                                    "not results of this study):"))
+                                    f"support ({len(checked.removed)}"
+                                    f" sentence{'s' if len(checked.removed) != 1 else ''};"
+                                    " not results of this study):"))
             blocks.append(Bullets(tuple(f"“{sentence}” (unsupported: {', '.join(numbers)})"
                                         for sentence, numbers in checked.removed)))
         return blocks
@@ -869,8 +915,8 @@ class _Writer:
         rows = tuple((f.id, self.book.ref(f), f.label, f.runs_text) for f in facts)
         return [
             Heading("Appendix: every number and its runs", 1),
-            Paragraph("Each number in this paper links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT` lists "
-                      "them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
+            Paragraph("Each number in this paper links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT`"
+                      " lists them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
             Table(("Id", "Value", "What", "Runs"), rows, anchors=tuple(f.id for f in facts)),
         ]
 
@@ -902,5 +948,6 @@ def _log_tail(log_dir: Path) -> tuple[Path, str] | None:
             lines.pop()
         if lines:
             tail = lines[-LOG_TAIL_LINES:]
-            return path, "\n".join(line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " …" for line in tail)
+            return path, "\n".join(line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " …"
+                                   for line in tail)
     return None

@@ -71,7 +71,8 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
     head, facts = _facts_document(ledger, paper, rendered)
     write_atomic(out_dir / FACTS_FILE, json_records(head, "facts", facts))
 
-    rows = LedgerRows(list(paper.runs), {a.summary.arm.id: a.summary.arm for a in paper.inference.goals}, dict(paper.finals))
+    rows = LedgerRows(list(paper.runs), {a.summary.arm.id: a.summary.arm for a in paper.inference.goals},
+                      dict(paper.finals))
     write_runs_json(ledger, experiment_id, out_dir / "runs.json", rows)
     write_runs_csv(ledger, experiment_id, out_dir / "runs.csv", rows)
     write_results_tsv(ledger, experiment_id, out_dir / "results.tsv", goal_metric=paper.spec.goal_metric,
@@ -84,7 +85,8 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
                        out_dir / FACTS_FILE, len(paper.book))
 
 
-def _facts_document(ledger: Ledger, paper: Paper, rendered: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _facts_document(ledger: Ledger, paper: Paper,
+                    rendered: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every fact, and how often each appears in each document, for ``verify``."""
     occurrences: dict[str, dict[str, int]] = {}
     for name, text in rendered.items():
@@ -112,7 +114,7 @@ def aggregated_metrics(inference: Inference) -> dict[str, Any]:
     metrics: dict[str, dict[str, float | None]] = {}
     for arm in summary.arms:
         for name, stats in arm.metrics.items():
-            for run_id, value in zip(stats.run_ids, stats.values):
+            for run_id, value in zip(stats.run_ids, stats.values, strict=True):
                 metrics.setdefault(name, {})[str(run_id)] = value
     arms = {
         g.name: {
@@ -138,10 +140,13 @@ def aggregated_metrics(inference: Inference) -> dict[str, Any]:
         "maximize": summary.maximize,
         "metrics": metrics,
         "arms": arms,
-        "best_proposed": None if best is None else {"arm": best.name, "value": best.describe.mean, "run_ids": list(best.stats.run_ids)},
-        "best_baseline": None if base is None else {"arm": base.name, "value": base.describe.mean, "run_ids": list(base.stats.run_ids)},
+        "best_proposed": (None if best is None
+                          else {"arm": best.name, "value": best.describe.mean, "run_ids": list(best.stats.run_ids)}),
+        "best_baseline": (None if base is None
+                          else {"arm": base.name, "value": base.describe.mean, "run_ids": list(base.stats.run_ids)}),
         "gap_percent": gap,
-        "gap_note": "(best proposed − baseline) / |baseline| × 100, sign flipped for a minimized metric: positive is better",
+        "gap_note": "(best proposed − baseline) / |baseline| × 100, sign flipped for a minimized metric: positive is"
+                    " better",
         "verdict": None if comparison is None else comparison.verdict.value,
         "p_holm": None if comparison is None else comparison.p_holm,
     }

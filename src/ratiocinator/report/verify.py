@@ -42,7 +42,8 @@ def read_facts(report_dir: Path) -> dict:
         raise UsageError(f"{report_dir} is not a report directory: {FACTS_FILE} is missing",
                          hint="pass the directory `ratiocinator report EXPERIMENT` printed") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} cannot be read: {exc}", hint="rewrite the report with `ratiocinator report EXPERIMENT`") from None
+        raise UsageError(f"{path} cannot be read: {exc}",
+                         hint="rewrite the report with `ratiocinator report EXPERIMENT`") from None
     if not isinstance(data, dict) or not isinstance(data.get("facts"), list) or "experiment_id" not in data:
         raise UsageError(f"{path} is not a facts file written by ratiocinator")
     return data
@@ -59,7 +60,8 @@ def verify_report(ledger: Ledger, report_dir: Path) -> Verification:
         by_id[fid] = entry
         now = book.facts.get(key)
         if now is None:
-            result.mismatches.append(f"{fid} ({key}): the ledger no longer yields this number (report shows {entry.get('text')})")
+            result.mismatches.append(f"{fid} ({key}): the ledger no longer yields this number (report shows"
+                                     f" {entry.get('text')})")
         elif now.text != entry.get("text"):
             result.mismatches.append(f"{fid} ({key}): recorded {entry.get('text')}, the ledger gives {now.text}")
         elif list(now.run_ids) != entry.get("run_ids"):
@@ -67,7 +69,8 @@ def verify_report(ledger: Ledger, report_dir: Path) -> Verification:
     recorded_keys = {e.get("key") for e in recorded["facts"]}
     fresh = [f.key for f in book if f.key not in recorded_keys]
     if fresh:
-        result.mismatches.append(f"the ledger now yields {len(fresh)} number(s) the report lacks (it is stale), e.g. {fresh[0]}")
+        result.mismatches.append(f"the ledger now yields {len(fresh)} number(s) the report lacks (it is stale), e.g."
+                                 f" {fresh[0]}")
     result.facts = len(recorded["facts"])
 
     for name, fmt in DOCUMENTS.items():

@@ -55,7 +55,8 @@ def scalar_to_env(value: Scalar) -> str:
 
 def _check_env_name(name: str, what: str) -> str:
     if not ENV_NAME.match(name):
-        raise ValueError(f"{what} '{name}' is not a valid environment variable name (letters, digits, _; not starting with a digit)")
+        raise ValueError(f"{what} '{name}' is not a valid environment variable name (letters, digits, _; not starting"
+                         " with a digit)")
     if name in RESERVED_ENV or name.startswith(RESERVED_PREFIX):
         raise ValueError(f"{what} '{name}' is set by Ratiocinator itself and cannot be an experiment knob")
     return name
@@ -100,7 +101,8 @@ class Data(_Strict):
     @model_validator(mode="after")
     def _path_for_local(self) -> Data:
         if self.source == "local" and not self.path:
-            raise ValueError("data.source 'local' needs data.path (a directory, exported to runs as RATIOCINATOR_DATA_DIR)")
+            raise ValueError("data.source 'local' needs data.path (a directory, exported to runs as"
+                             " RATIOCINATOR_DATA_DIR)")
         if self.source == "none" and self.path:
             raise ValueError("data.path is set but data.source is 'none'; set source: local to use it")
         return self
@@ -135,9 +137,12 @@ class Metrics(_Strict):
 class FailurePolicy(_Strict):
     """What a failed run costs: transient failures are retried, deterministic ones never."""
 
-    max_attempts: PositiveInt = Field(3, description="attempts per replicate; only transient failures (infra, shared-host oom) retry")
-    retry_backoff_s: float = Field(10.0, ge=0, description="wait before the first retry; doubles per attempt, at most 300 s")
-    stop_after: PositiveInt = Field(3, description="stop when the first N finished runs all fail with one deterministic class")
+    max_attempts: PositiveInt = Field(3, description="attempts per replicate; only transient failures (infra,"
+                                                     " shared-host oom) retry")
+    retry_backoff_s: float = Field(10.0, ge=0,
+                                   description="wait before the first retry; doubles per attempt, at most 300 s")
+    stop_after: PositiveInt = Field(3, description="stop when the first N finished runs all fail with one deterministic"
+                                                   " class")
 
 
 class Check(_Strict):
@@ -156,9 +161,11 @@ class SshHost(_Strict):
     host: str = Field(description="name or address to connect to")
     port: int = Field(22, ge=1, le=65535)
     user: str | None = Field(None, description="login name; default: the SSH config's or the local user")
-    identity_file: str | None = Field(None, description="private key to log in with (stays local); default: agent and ~/.ssh/id_*")
+    identity_file: str | None = Field(None, description="private key to log in with (stays local); default: agent and"
+                                                        " ~/.ssh/id_*")
     known_hosts: str | None = Field(None, description="known_hosts file to trust; default ~/.ssh/known_hosts")
-    trust_on_first_use: bool = Field(False, description="pin an unknown host key on first connect in <home>/ssh_known_hosts")
+    trust_on_first_use: bool = Field(False, description="pin an unknown host key on first connect"
+                                                        " in <home>/ssh_known_hosts")
     workdir: str = Field("~/.ratiocinator", description="base directory on the host (checkouts, venvs, runs)")
     slots: int = Field(1, ge=1, description="concurrent runs on this host")
     gpus: list[int] | None = Field(None, description="GPU indices runs may be pinned to (CUDA_VISIBLE_DEVICES)")
@@ -187,11 +194,13 @@ class VastConfig(_Strict):
     """Renting on the Vast.ai marketplace (``backend: vast``); the key comes from ``VAST_API_KEY``."""
 
     base_url: str = "https://console.vast.ai/api/v0"
-    instances: PositiveInt | None = Field(None, description="instances rented for the experiment (default: concurrency / slots_per_instance)")
+    instances: PositiveInt | None = Field(None, description="instances rented for the experiment (default: concurrency"
+                                                            " / slots_per_instance)")
     slots_per_instance: PositiveInt = 1
     boot_timeout_s: float = Field(600.0, gt=0, description="an instance not reachable by SSH by then is destroyed")
     setup_allowance_s: float = Field(900.0, ge=0, description="clone and deps, paid once per instance")
-    work_s: float | None = Field(None, gt=0, description="billed work per instance (default: its share of runs × train_timeout_s)")
+    work_s: float | None = Field(None, gt=0,
+                                 description="billed work per instance (default: its share of runs × train_timeout_s)")
     min_reliability: float = Field(0.95, ge=0, le=1)
     verified: bool = True
     allow_mixed_gpus: bool = False
@@ -225,7 +234,8 @@ class Arm(_Strict):
     @classmethod
     def _arm_name(cls, value: str) -> str:
         if not ARM_NAME.match(value):
-            raise ValueError("arm names use letters, digits and _.,=+- (at most 100 characters, not starting with punctuation)")
+            raise ValueError("arm names use letters, digits and _.,=+- (at most 100 characters, not starting with"
+                             " punctuation)")
         return value
 
     @field_validator("env")
@@ -317,7 +327,8 @@ class SearchDimension(_Strict):
 
     @property
     def is_int(self) -> bool:
-        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step) if v is not None)
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step)
+                                            if v is not None)
 
     def value_of(self, text: str) -> Scalar | None:
         """The dimension's value for a knob's environment string, or None if it lies outside."""
@@ -478,9 +489,11 @@ class Spec(_Strict):
             for name, value in self.baseline.items():
                 levels = [scalar_to_env(v) for v in self.factors[name]]
                 if scalar_to_env(value) not in levels:
-                    raise ValueError(f"baseline {name}={scalar_to_env(value)} is not one of the factor's values {levels}")
+                    raise ValueError(f"baseline {name}={scalar_to_env(value)} is not one of the factor's values"
+                                     f" {levels}")
         if self.design == "ablation" and self.factors and self.baseline is None:
-            raise ValueError("design 'ablation' varies one factor at a time from the baseline: set baseline: {FACTOR: value, ...}")
+            raise ValueError("design 'ablation' varies one factor at a time from the baseline: set baseline: {FACTOR:"
+                             " value, ...}")
         if self.seed_env and any(self.seed_env in arm.env for arm in self.arms):
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; arms must not set it")
         if self.backend == "ssh" and not self.hosts:

@@ -431,12 +431,13 @@ class Ledger:
 
     # -- experiments -------------------------------------------------------------
 
-    def create_experiment(self, *, id: str, name: str, spec_path: str, spec_text: str, spec_sha256: str, backend: str) -> Experiment:
+    def create_experiment(self, *, id: str, name: str, spec_path: str, spec_text: str, spec_sha256: str,
+                          backend: str) -> Experiment:
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?)",
+                "INSERT INTO experiments (id, name, spec_path, spec_text, spec_sha256, backend, status, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 'created', ?, ?)",
                 (id, name, spec_path, spec_text, spec_sha256, backend, now, now),
             )
         return self.experiment(id)
@@ -457,7 +458,8 @@ class Ledger:
         if exact:
             return self.experiment(exact[0])
         ids = [r["id"] for r in rows]
-        by_name = self.db.execute("SELECT id FROM experiments WHERE name = ? ORDER BY created_at DESC", (ref,)).fetchall()
+        by_name = self.db.execute("SELECT id FROM experiments WHERE name = ? ORDER BY created_at DESC",
+                                  (ref,)).fetchall()
         if by_name:
             return self.experiment(by_name[0]["id"])
         if len(ids) == 1:
@@ -479,7 +481,8 @@ class Ledger:
     def experiment_ids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM experiments")}
 
-    def update_experiment(self, id: str, *, status: str | None = None, note: str | None = None, commit_sha: str | None = None) -> None:
+    def update_experiment(self, id: str, *, status: str | None = None, note: str | None = None,
+                          commit_sha: str | None = None) -> None:
         with self.transaction() as db:
             if status is not None:
                 db.execute("UPDATE experiments SET status = ? WHERE id = ?", (status, id))
@@ -496,8 +499,8 @@ class Ledger:
         with self.transaction() as db:
             for arm in arms:
                 db.execute(
-                    "INSERT INTO arms (experiment_id, iteration, name, env_json, args_json, factors_json, description, is_baseline)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment_id, name) DO NOTHING",
+                    "INSERT INTO arms (experiment_id, iteration, name, env_json, args_json, factors_json, description,"
+                    " is_baseline) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (experiment_id, name) DO NOTHING",
                     (
                         experiment_id,
                         iteration,
@@ -590,7 +593,8 @@ class Ledger:
             series[2].append(p.value)
         if grouped:
             db.executemany(
-                "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     (run_id, name, seqs[0], len(seqs), np.asarray(seqs, "<i8").tobytes(),
                      np.asarray(steps, "<i8").tobytes(), np.asarray(vals, "<f8").tobytes())
@@ -622,8 +626,8 @@ class Ledger:
             if settle_charge is not None:
                 self._settle(db, settle_charge, cost or 0.0)
             db.execute(
-                "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?, cost = ?,"
-                " evidence_json = ?, transient = ? WHERE id = ?",
+                "UPDATE runs SET status = ?, failure = ?, reason = ?, exit_code = ?, signal = ?, ended_at = ?,"
+                " cost = ?, evidence_json = ?, transient = ? WHERE id = ?",
                 (status, failure, reason, exit_code, signal, ended_at or time.time(), cost,
                  json.dumps(evidence or {}, sort_keys=True, default=str), int(transient), run_id),
             )
@@ -664,7 +668,8 @@ class Ledger:
         """A finished run judged after the fact (say, constant metrics across arms): failed, with why."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE runs SET status = 'failed', failure = ?, reason = ?, evidence_json = ?, transient = 0 WHERE id = ?",
+                "UPDATE runs SET status = 'failed', failure = ?, reason = ?, evidence_json = ?, transient = 0 WHERE"
+                " id = ?",
                 (failure, reason, json.dumps(evidence, sort_keys=True, default=str), run_id),
             )
 
@@ -682,23 +687,26 @@ class Ledger:
     def series(self, run_id: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seq, step, value) arrays of one metric of one run, in order; step is NO_STEP where absent."""
         rows = self.db.execute(
-            "SELECT seqs, steps, vals FROM metric_chunks WHERE run_id = ? AND name = ? ORDER BY first_seq", (run_id, name)
+            "SELECT seqs, steps, vals FROM metric_chunks WHERE run_id = ? AND name = ? ORDER BY first_seq",
+            (run_id, name)
         ).fetchall()
         if not rows:
             empty = np.empty(0, dtype="<i8")
             return empty, empty.copy(), np.empty(0, dtype="<f8")
-        return tuple(np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows]) for i, dt in enumerate(("<i8", "<i8", "<f8")))  # type: ignore[return-value]
+        return tuple(np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows])  # type: ignore[return-value]
+                     for i, dt in enumerate(("<i8", "<i8", "<f8")))
 
     def points(self, run_id: int, name: str) -> list[tuple[int, int | None, float | None]]:
         """(seq, step, value) of one metric of one run, in order; non-finite values as None."""
         seqs, steps, vals = self.series(run_id, name)
         return [
             (int(q), None if t == NO_STEP else int(t), float(v) if np.isfinite(v) else None)
-            for q, t, v in zip(seqs, steps, vals)
+            for q, t, v in zip(seqs, steps, vals, strict=True)
         ]
 
     def point_names(self, run_id: int) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? ORDER BY name", (run_id,))]
+        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? ORDER BY name",
+                                              (run_id,))]
 
     def terminal_replicates(self, experiment_id: str, max_attempts: int = 1) -> set[tuple[str, int]]:
         """(arm name, replicate) pairs that are done: succeeded, failed deterministically, or out of retries.
@@ -728,11 +736,14 @@ class Ledger:
 
     # -- events ------------------------------------------------------------------
 
-    def event(self, experiment_id: str | None, kind: str, message: str, *, level: str = "info", run_id: int | None = None, **data: Any) -> None:
+    def event(self, experiment_id: str | None, kind: str, message: str, *, level: str = "info",
+              run_id: int | None = None, **data: Any) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO events (experiment_id, run_id, ts, level, kind, message, data_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, run_id, time.time(), level, kind, message, json.dumps(data, default=str, sort_keys=True)),
+                "INSERT INTO events (experiment_id, run_id, ts, level, kind, message, data_json) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, run_id, time.time(), level, kind, message,
+                 json.dumps(data, default=str, sort_keys=True)),
             )
 
     def events(self, experiment_id: str) -> list[dict[str, Any]]:
@@ -800,7 +811,8 @@ class Ledger:
 
     # -- money -------------------------------------------------------------------
 
-    def reserve(self, experiment_id: str, *, amount: float, limit: float, kind: str, run_id: int | None = None, note: str = "") -> int | None:
+    def reserve(self, experiment_id: str, *, amount: float, limit: float, kind: str, run_id: int | None = None,
+                note: str = "") -> int | None:
         """Atomically reserve ``amount`` if spent + reserved + amount stays within ``limit``.
 
         Returns the charge id, or None when the reservation would overrun.
@@ -814,7 +826,8 @@ class Ledger:
             if committed + amount > limit + MONEY_EPSILON:
                 return None
             cur = db.execute(
-                "INSERT INTO charges (experiment_id, run_id, kind, state, reserved, created_at, note) VALUES (?, ?, ?, 'reserved', ?, ?, ?)",
+                "INSERT INTO charges (experiment_id, run_id, kind, state, reserved, created_at, note) VALUES (?, ?, ?,"
+                " 'reserved', ?, ?, ?)",
                 (experiment_id, run_id, kind, amount, time.time(), note),
             )
             return int(cur.lastrowid)
@@ -826,7 +839,8 @@ class Ledger:
     def resettle(self, charge_id: int, amount: float) -> None:
         """Correct a settled charge (the provider's bill arrived after the estimate); never above its reservation."""
         with self.transaction() as db:
-            db.execute("UPDATE charges SET settled = MIN(?, reserved), settled_at = ? WHERE id = ? AND state = 'settled'",
+            db.execute("UPDATE charges SET settled = MIN(?, reserved), settled_at = ? WHERE id = ? AND"
+                       " state = 'settled'",
                        (amount, time.time(), charge_id))
 
     @staticmethod
