@@ -229,7 +229,7 @@ class LlmPlanner(Planner):
         seen: dict[tuple, str] = {tuple(sorted(env.items())): name for name, env in existing.items()}
         names = set(existing)
         for arm in arms:
-            if not ARM_NAME.match(arm.name):
+            if not ARM_NAME.fullmatch(arm.name):
                 found.append(f"arm name '{arm.name}' must be letters, digits and _.,=+- (at most 100 characters)")
             if arm.name in names:
                 found.append(f"arm name '{arm.name}' is already taken")

@@ -36,8 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+\-]{0,99}$")
+# Matched whole (fullmatch): "$" would also match before a trailing newline.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+\-]{0,99}")
+ENV_VALUE_MAX = 32 * 1024  # one environment string; the kernel refuses a launch past 128 KiB
 # Variables the backend owns; an arm setting them would break pinning or bookkeeping.
 RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "PATH", "VIRTUAL_ENV"})
 RESERVED_PREFIX = "RATIOCINATOR_"
@@ -54,12 +56,18 @@ def scalar_to_env(value: Scalar) -> str:
 
 
 def _check_env_name(name: str, what: str) -> str:
-    if not ENV_NAME.match(name):
+    if not ENV_NAME.fullmatch(name):
         raise ValueError(f"{what} '{name}' is not a valid environment variable name (letters, digits, _; not starting"
                          " with a digit)")
     if name in RESERVED_ENV or name.startswith(RESERVED_PREFIX):
         raise ValueError(f"{what} '{name}' is set by Ratiocinator itself and cannot be an experiment knob")
     return name
+
+
+def _check_env_value(value: Scalar, what: str) -> None:
+    if len(scalar_to_env(value)) > ENV_VALUE_MAX:
+        raise ValueError(f"{what}'s value is {len(scalar_to_env(value)):,} characters; an environment value may hold"
+                         f" at most {ENV_VALUE_MAX:,} (put large data in a file and pass its path)")
 
 
 class _Strict(BaseModel):
@@ -233,7 +241,7 @@ class Arm(_Strict):
     @field_validator("name")
     @classmethod
     def _arm_name(cls, value: str) -> str:
-        if not ARM_NAME.match(value):
+        if not ARM_NAME.fullmatch(value):
             raise ValueError("arm names use letters, digits and _.,=+- (at most 100 characters, not starting with"
                              " punctuation)")
         return value
@@ -241,8 +249,9 @@ class Arm(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
-        for key in value:
+        for key, knob in value.items():
             _check_env_name(key, "knob")
+            _check_env_value(knob, f"knob '{key}'")
         return value
 
     @field_validator("args")
@@ -430,6 +439,8 @@ class Spec(_Strict):
             _check_env_name(name, "factor")
             if not levels:
                 raise ValueError(f"factor '{name}' has no values")
+            for level in levels:
+                _check_env_value(level, f"factor '{name}'")
             rendered = [scalar_to_env(v) for v in levels]
             if len(set(rendered)) != len(rendered):
                 raise ValueError(f"factor '{name}' lists a value twice: {rendered}")
