@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from ratiocinator.errors import SpecError
+from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
@@ -83,11 +84,9 @@ class Metric(_Strict):
     def _regex(self) -> Metric:
         for name, pattern in self.patterns.items():
             try:
-                groups = re.compile(pattern).groups
-            except re.error as exc:
-                raise ValueError(f"patterns.{name}: invalid regex: {exc}") from None
-            if groups != 1:
-                raise ValueError(f"patterns.{name}: the regex must have exactly one (group), it has {groups}")
+                compile_pattern(name, pattern)  # on RE2, as the run's output will be parsed
+            except ValueError as exc:
+                raise ValueError(f"patterns.{name}: {exc}") from None
         if self.protocol == "regex" and self.name not in self.patterns:
             raise ValueError(f"protocol 'regex' needs patterns.{self.name}: 'a regex with one (group) holding the"
                              " value'")

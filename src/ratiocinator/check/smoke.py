@@ -117,9 +117,13 @@ async def _smoke_one(
         splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         with open(run_dir / "stdout.log", "wb") as out_log, open(run_dir / "stderr.log", "wb") as err_log:
             logs = {"stdout": out_log, "stderr": err_log}
-            async for name, chunk in handle.output():
+
+            def ingest(name: str, chunk: bytes) -> None:  # in a worker thread: the loop keeps the timeout
                 logs[name].write(chunk)
                 record(splitters[name].feed(chunk))
+
+            async for name, chunk in handle.output():
+                await asyncio.to_thread(ingest, name, chunk)
             for splitter in splitters.values():
                 record(splitter.flush())
 
@@ -154,6 +158,7 @@ async def _smoke_one(
         exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out, timeout_s=timeout_s,
         goal=spec.goal_metric, final=summary.final, stdout=stdout, stderr=read_log(run_dir / "stderr.log"),
         checkout=workspace.checkout, malformed_metric_lines=parser.problem_count,
+        dropped_metric_names=parser.dropped_names,
     ))
     if timed_out:  # in a smoke run the limit is the check's, not train_timeout_s
         diagnosis = Diagnosis(Failure.TIMEOUT, f"the trial run did not finish within check.smoke_timeout_s ({timeout_s:g}s)",

@@ -29,6 +29,7 @@ from ratiocinator.backends.base import (
     LaunchRequest,
     RunHandle,
     Slot,
+    Stream,
     Workspace,
 )
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
@@ -530,7 +531,7 @@ class Executor:
                 stdout=read_log(run_dir / "stdout.log"), stderr=read_log(run_dir / "stderr.log"),
                 checkout=self.workspace.checkout, shared_host=shared,
                 oom_kills=(oom_after - oom_before) if oom_before is not None and oom_after is not None else 0,
-                malformed_metric_lines=stream.parser.problem_count,
+                malformed_metric_lines=stream.parser.problem_count, dropped_metric_names=stream.parser.dropped_names,
             ))
         failure = diagnosis.failure.value if diagnosis.failure else None
         status = RunStatus.FAILED if failure else RunStatus.SUCCEEDED
@@ -578,17 +579,38 @@ class _RunStream:
         self.last_flush = time.monotonic()
 
     async def consume(self, handle: RunHandle) -> None:
+        """Log, split and parse each chunk in a worker thread, so no output (a megabyte line, a flood)
+        holds the event loop that enforces timeouts and signals; points reach the ledger from the loop."""
         ticker = asyncio.create_task(self._flush_quiet_runs())
         try:
             async for name, chunk in handle.output():
-                log = self.logs[name]
-                log.write(chunk)
-                log.flush()
-                self._lines(name, self.splitters[name].feed(chunk))
+                self._take(await asyncio.to_thread(self._ingest, name, chunk))
             for name, splitter in self.splitters.items():
-                self._lines(name, splitter.flush())
+                self._take(self._parse(splitter.flush()))
         finally:
             ticker.cancel()
+
+    def _ingest(self, name: Stream, chunk: bytes) -> list[MetricPoint]:
+        """In a worker thread: the chunk into its log, its lines into points."""
+        log = self.logs[name]
+        log.write(chunk)
+        log.flush()
+        return self._parse(self.splitters[name].feed(chunk))
+
+    def _parse(self, lines: list[str]) -> list[MetricPoint]:
+        feed = self.parser.feed_line
+        points: list[MetricPoint] = []
+        for line in lines:
+            found = feed(line)
+            if found:
+                points.extend(found)
+        return points
+
+    def _take(self, points: list[MetricPoint]) -> None:
+        if points:
+            self.pending.extend(points)
+        if self.pending and (len(self.pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S):
+            self._flush_points()
 
     async def _flush_quiet_runs(self) -> None:
         """A run that prints a metric and then works silently for an hour still shows it within a second."""
@@ -596,18 +618,6 @@ class _RunStream:
             await asyncio.sleep(POINT_FLUSH_S)
             if self.pending and time.monotonic() - self.last_flush >= POINT_FLUSH_S:
                 self._flush_points()
-
-    def _lines(self, name: str, lines: list[str]) -> None:
-        if not lines:
-            return
-        feed = self.parser.feed_line
-        pending = self.pending
-        for line in lines:
-            points = feed(line)
-            if points:
-                pending.extend(points)
-        if len(pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S:
-            self._flush_points()
 
     def _flush_points(self) -> None:
         """Mid-run: points reach the ledger while the run is alive (a crash keeps them)."""

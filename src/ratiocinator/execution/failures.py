@@ -23,6 +23,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ratiocinator.execution.metrics import MAX_METRIC_NAMES
+
 LOG_TAIL_BYTES = 64 * 1024
 LOG_HEAD_BYTES = 16 * 1024
 MAX_EVIDENCE = 6
@@ -97,6 +99,7 @@ class RunEvidence:
     shared_host: bool = False
     oom_kills: int = 0  # kernel OOM kills on the host while the run was alive (0 when unknown)
     malformed_metric_lines: int = 0
+    dropped_metric_names: int = 0  # points of names past the per-run cap (see metrics.MAX_METRIC_NAMES)
 
 
 def read_log(path: Path, *, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYTES) -> str:
@@ -286,6 +289,12 @@ def diagnose(run: RunEvidence) -> Diagnosis:
 
 
 def _diagnose_exit_zero(run: RunEvidence, logs: str) -> Diagnosis:
+    if run.dropped_metric_names:
+        return Diagnosis(Failure.RUNTIME_ERROR,
+                         f"printed more than {MAX_METRIC_NAMES:,} distinct metric names ({run.dropped_metric_names:,}"
+                         " point(s) of further names dropped): the metrics protocol matched what is not a metric",
+                         ("exit code 0", f"{len(run.final):,} metric names recorded"),
+                         {"dropped_metric_points": run.dropped_metric_names})
     degenerate = _degenerate_evidence(run, logs)
     if degenerate is not None:
         return degenerate

@@ -7,6 +7,12 @@ The orchestrator reads raw byte chunks from a runner's stdout/stderr pipes. A
 value. A runner may print millions of lines, so the per-line paths are kept short:
 regexes are precompiled and lines that cannot be metrics are rejected with a
 substring test before any real work.
+
+Whatever a runner prints, parsing a line takes time linear in its length: ``key_value`` is
+parsed by a split and an unambiguous number pattern (no backtracking), and the user's
+``regex`` patterns run on RE2, which guarantees linear time (a pattern RE2 cannot run, such
+as a backreference, is refused when the spec is validated). A run may name at most
+`MAX_METRIC_NAMES` distinct metrics; points of further names are dropped and counted.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
+
+import re2
 
 __all__ = [
     "PROTOCOLS",
@@ -22,12 +31,15 @@ __all__ = [
     "MetricParser",
     "MetricPoint",
     "MetricSummary",
+    "MAX_METRIC_NAMES",
+    "compile_pattern",
     "make_parser",
 ]
 
 PROTOCOLS = ("json_line", "key_value", "regex")
 
 _MAX_PROBLEMS = 20
+MAX_METRIC_NAMES = 10_000  # distinct names per run: a million made-up names would cost the ledger 150 MB
 # Step keys of a json_line object, in order of preference.
 _STEP_KEYS = ("step", "epoch", "iter", "iteration")
 _NONFINITE_STRINGS = frozenset({"nan", "inf", "-inf"})
@@ -35,11 +47,13 @@ _NONFINITE_STRINGS = frozenset({"nan", "inf", "-inf"})
 _decode_json = json.JSONDecoder().raw_decode
 # ASCII so that neither the name nor the number can pick up look-alike Unicode
 # letters or digits (float() would accept e.g. Arabic-Indic digits).
-_KEY_VALUE = re.compile(
-    r"\s*([A-Za-z_][A-Za-z0-9_./-]*)\s*[:=]\s*"
-    r"([-+]?(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf(?:inity)?))\s*",
-    re.ASCII | re.IGNORECASE,
-)
+# Each is matched whole against one side of the line; neither can backtrack more than linearly
+# (the dot is what enters the fraction, so digits split only one way).
+_KV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*", re.ASCII)
+_KV_NUMBER = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|nan|inf(?:inity)?)", re.ASCII | re.IGNORECASE)
+_KV_SEPARATORS = re.compile(r"[:=]")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is our error message, not a line on stderr
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +168,8 @@ class MetricParser:
     def __init__(self) -> None:
         self.problems: list[str] = []
         self.problem_count = 0
+        self.dropped_names = 0  # points of names past MAX_METRIC_NAMES, not recorded
+        self._names: set[str] = set()
         self._lineno = 0
         self._seq = 0
 
@@ -165,6 +181,23 @@ class MetricParser:
         self.problem_count += 1
         if len(self.problems) < _MAX_PROBLEMS:
             self.problems.append(f"line {self._lineno}: {message}")
+
+    def _capped(self, points: list[MetricPoint]) -> list[MetricPoint]:
+        """``points`` less those that would name a metric past `MAX_METRIC_NAMES`."""
+        names = self._names
+        if len(names) < MAX_METRIC_NAMES - len(points) or all(p.name in names for p in points):
+            names.update(p.name for p in points)
+            return points
+        kept = []
+        for point in points:
+            if point.name in names or len(names) < MAX_METRIC_NAMES:
+                names.add(point.name)
+                kept.append(point)
+            else:
+                if not self.dropped_names:
+                    self._note(f"more than {MAX_METRIC_NAMES:,} distinct metric names; further names are dropped")
+                self.dropped_names += 1
+        return kept
 
 
 class _JsonLineParser(MetricParser):
@@ -207,6 +240,7 @@ class _JsonLineParser(MetricParser):
         except RecursionError:
             self._note(f"{prefix} payload is nested too deeply")
             return []
+        points = self._capped(points)
         if points:
             self._seq += 1
         return points
@@ -239,20 +273,23 @@ class _KeyValueParser(MetricParser):
         self._lineno += 1
         if ":" not in line and "=" not in line:
             return []
-        match = _KEY_VALUE.fullmatch(line)
-        if match is None:
+        split = _KV_SEPARATORS.search(line)
+        assert split is not None
+        name, value = line[: split.start()].strip(), line[split.end() :].strip()
+        if _KV_NAME.fullmatch(name) is None or _KV_NUMBER.fullmatch(value) is None:
             return []
-        seq = self._seq
-        self._seq += 1
-        return [_point(match[1], float(match[2]), None, seq)]
+        points = self._capped([_point(name, float(value), None, self._seq)])
+        if points:
+            self._seq += 1
+        return points
 
 
 class _RegexParser(MetricParser):
     """User patterns, each with one capture group holding the metric's value."""
 
-    def __init__(self, patterns: dict[str, re.Pattern[str]]) -> None:
+    def __init__(self, patterns: dict[str, Any]) -> None:
         super().__init__()
-        self._patterns = tuple(patterns.items())
+        self._patterns = tuple(patterns.items())  # RE2 patterns: linear time, whatever the line
 
     def feed_line(self, line: str) -> list[MetricPoint]:
         self._lineno += 1
@@ -289,21 +326,28 @@ def make_parser(
     if protocol == "regex":
         if not patterns:
             raise ValueError("regex protocol needs at least one pattern (metric name -> regex)")
-        return _RegexParser({name: _compile_pattern(name, p) for name, p in patterns.items()})
+        return _RegexParser({name: compile_pattern(name, p) for name, p in patterns.items()})
     raise ValueError(
         f"unknown metric protocol {protocol!r}; expected one of: {', '.join(PROTOCOLS)}"
     )
 
 
-def _compile_pattern(name: str, pattern: str) -> re.Pattern[str]:
+def compile_pattern(name: str, pattern: str) -> Any:
+    """The user's pattern for metric ``name`` on RE2 (linear time on any line), or why it cannot be used."""
     try:
-        compiled = re.compile(pattern)
+        re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"regex for metric {name!r} does not compile: {exc}") from None
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"regex for metric {name!r} cannot run in linear time on every line ({reason}); patterns run"
+                         " on RE2: no backreferences or lookarounds") from None
     if compiled.groups != 1:
         raise ValueError(
-            f"regex for metric {name!r} must have exactly one capture group "
-            f"(the value), found {compiled.groups}: {pattern!r}"
+            f"regex for metric {name!r} must have exactly one capture group (exactly one (group), the value);"
+            f" found {compiled.groups}: {pattern!r}"
         )
     return compiled
 

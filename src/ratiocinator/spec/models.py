@@ -33,6 +33,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
@@ -134,11 +135,9 @@ class Metrics(_Strict):
             raise ValueError("protocol 'regex' needs metrics.patterns: {metric_name: 'regex with one (group)'}")
         for name, pattern in self.patterns.items():
             try:
-                groups = re.compile(pattern).groups
-            except re.error as exc:
-                raise ValueError(f"metrics.patterns.{name}: invalid regex: {exc}") from None
-            if groups != 1:
-                raise ValueError(f"metrics.patterns.{name}: the regex must have exactly one (group), it has {groups}")
+                compile_pattern(name, pattern)  # on RE2, as the runs' output will be parsed
+            except ValueError as exc:
+                raise ValueError(f"metrics.patterns.{name}: {exc}") from None
         return self
 
 
