@@ -2,8 +2,9 @@
 
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
-``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``, ``hardware.price_per_hour``, ``data.path``,
-``metrics.patterns``) are documented in docs/spec.md. Unknown keys are errors, never silently dropped.
+``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``,
+``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``) are documented in docs/spec.md.
+Unknown keys are errors, never silently dropped.
 
 ``search`` is what the offline (no-LLM) planner explores after iteration 1::
 
