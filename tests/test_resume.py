@@ -60,7 +60,8 @@ def _finished_replicates(study: Study) -> Counter[tuple[str, int]]:
 
 def test_kill_9_then_rerun_resumes_without_rerunning_finished_runs(study: Study) -> None:
     study.commit({"run.sh": SLOW_RUNNER})
-    spec = study.spec(factors={"K": [1, 2, 3, 4, 5]}, replicates=2, concurrency=2, seed_env=None)
+    spec = study.spec(factors={"K": [1, 2, 3, 4, 5]}, replicates=2, concurrency=2, seed_env=None,
+                      pass_env=["INVOCATION_LOG"])
     log = study.root / "invocations.log"
     db = study.home / "ledger.db"
     first = _start(study, spec, log)
@@ -108,7 +109,7 @@ def test_kill_9_then_rerun_resumes_without_rerunning_finished_runs(study: Study)
 
 def test_ctrl_c_interrupts_cleanly_and_the_rerun_finishes(study: Study) -> None:
     study.commit({"run.sh": SLOW_RUNNER})
-    spec = study.spec(factors={"K": [1, 2, 3]}, concurrency=2)
+    spec = study.spec(factors={"K": [1, 2, 3]}, concurrency=2, pass_env=["INVOCATION_LOG"])
     log = study.root / "invocations.log"
     db = study.home / "ledger.db"
     first = _start(study, spec, log)
@@ -132,7 +133,7 @@ def test_ctrl_c_interrupts_cleanly_and_the_rerun_finishes(study: Study) -> None:
 
 def test_a_second_orchestrator_on_the_same_experiment_is_refused(study: Study) -> None:
     study.commit({"run.sh": SLOW_RUNNER})
-    spec = study.spec(factors={"K": [1, 2]}, concurrency=1)
+    spec = study.spec(factors={"K": [1, 2]}, concurrency=1, pass_env=["INVOCATION_LOG"])
     log = study.root / "invocations.log"
     first = _start(study, spec, log)
     try:

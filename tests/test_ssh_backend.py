@@ -80,7 +80,7 @@ def _backend(server: Sshd, study: Study, **options: object) -> SshBackend:
 def test_full_experiment_runs_over_ssh(sshd: Sshd, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RC_TEST_SECRET", SECRET)
     spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
-                 replicates=2)
+                 replicates=2, pass_env=["RC_TEST_SECRET"])  # passed on purpose: runners inherit no secret otherwise
     backend = _backend(sshd, study, host={"slots": 2})
     outcome = Research(load_spec(spec), study.home, backend=backend, check=False).run()
     assert outcome.status == "completed", outcome.message

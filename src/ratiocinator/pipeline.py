@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
 from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
-from ratiocinator.execution.contract import data_env, runner_argv
+from ratiocinator.execution.contract import data_env, inherited_env, runner_argv
 from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
@@ -41,8 +41,6 @@ from ratiocinator.store.records import FINISHED, DecisionRecord, ExperimentStatu
 
 # For `plan`'s LLM estimate: a typical stage prompt (knobs, statistics or facts) before the reply.
 ESTIMATED_PROMPT_CHARS = 12_000
-# Variables a runner never sees: the LLM layer's own (its key above all).
-LLM_ENV_PREFIX = "RATIOCINATOR_LLM_"
 
 
 def make_backend(loaded: LoadedSpec, paths: Paths) -> Backend:
@@ -366,7 +364,7 @@ class Research:
                 "assumed_prompt_tokens": ESTIMATED_PROMPT_CHARS // 4, "max_tokens": self.llm_config.max_tokens}
 
     def runner_env(self) -> dict[str, str]:
-        return runner_env(self.environ, self.llm_config)
+        return runner_env(self.environ, self.loaded)
 
     def _llm_session(self, ledger: Ledger, exp_id: str) -> LlmSession | None:
         """The experiment's LLM: a replay of another experiment's calls, the configured provider, or none."""
@@ -487,10 +485,10 @@ def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str |
     return diagnosis.reason
 
 
-def runner_env(environ: dict[str, str], config: LlmConfig | None) -> dict[str, str]:
-    """The orchestrator's environment minus the LLM's settings and key: runners never need them."""
-    hidden = {config.key_env} if config is not None and config.key_env else set()
-    return {k: v for k, v in environ.items() if k not in hidden and not k.startswith(LLM_ENV_PREFIX)}
+def runner_env(environ: dict[str, str], loaded: LoadedSpec) -> dict[str, str]:
+    """What runs inherit from the orchestrator: the runner contract's allow-list and the spec's ``pass_env``
+    (never the LLM's key or settings, nor any other provider's, unless passed on purpose)."""
+    return inherited_env(environ, loaded.spec.pass_env)
 
 
 def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
@@ -593,7 +591,7 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 workspace=workspace, argv=runner_argv(code.checkout, loaded.spec.runner_script, "python"),
                 smoke_dir=paths.checks(f"{loaded.name}-{loaded.sha256[:8]}"), smoke=smoke and not off,
                 smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
-                environ=runner_env(dict(os.environ), configured),
+                environ=runner_env(dict(os.environ), loaded),
                 llm_provider=reviewer,
                 llm_off_reason="disabled (--no-llm)" if not use_llm else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
                 extra_env=data_env(loaded),

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from ratiocinator.execution import contract
 from ratiocinator.backends.base import (
     Backend,
     ExitInfo,
@@ -167,11 +168,13 @@ class LocalBackend(Backend):
             verify=spec.deps.verify,
             download_timeout_s=spec.download_timeout_s,
         )
-        prepared = await asyncio.to_thread(ws.prepare_env, checkout, deps, Paths(self.home).envs, on_output=on_output)
+        inherited = contract.inherited_env(os.environ, spec.pass_env)  # deps steps see no provider key either
+        prepared = await asyncio.to_thread(ws.prepare_env, checkout, deps, Paths(self.home).envs, on_output=on_output,
+                                           base_env=inherited)
         env = dict(prepared.env)
         if spec.deps.verify:
             await asyncio.to_thread(
-                ws.run_verify, checkout, spec.deps.verify, {**os.environ, **env}, timeout_s=spec.download_timeout_s
+                ws.run_verify, checkout, spec.deps.verify, {**inherited, **env}, timeout_s=spec.download_timeout_s
             )
         return Workspace(checkout=checkout, env=env)
 

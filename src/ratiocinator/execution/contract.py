@@ -14,13 +14,18 @@ variable                   what it holds
 ``RATIOCINATOR_DATA_DIR``  the spec's ``data.path`` when ``data.source: local``
 =========================  ===================================================================
 
-The arm's knobs are set as variables too; the orchestrator's own ``RATIOCINATOR_*`` settings
-(``RATIOCINATOR_HOME``, ``RATIOCINATOR_LLM_*``) never reach a runner.
+The arm's knobs are set as variables too. Of the orchestrator's own environment a runner (and a
+deps step: ``pre_install``, the requirements install, ``verify``) inherits only an allow-list
+(`inherited_env`): the system's paths, locale, proxies, the GPU and thread-pool settings, caches
+— never a provider key, a token or the orchestrator's ``RATIOCINATOR_*`` settings — plus what the
+spec names on purpose in ``pass_env``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ratiocinator.backends.base import Workspace
@@ -37,9 +42,35 @@ WORKSPACE = "RATIOCINATOR_WORKSPACE"
 DATA_DIR = "RATIOCINATOR_DATA_DIR"
 
 
+# What a runner inherits from the orchestrator's environment without being asked: how to find
+# programs and libraries, who and where it is, locale, proxies, GPU/thread settings and caches.
+INHERITED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TMPDIR", "LANG", "LANGUAGE", "HOSTNAME",
+    "LD_LIBRARY_PATH", "LIBRARY_PATH", "CPATH", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CACHE_DIR",
+    "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR", "HF_HOME", "HF_DATASETS_CACHE",
+    "TRANSFORMERS_CACHE", "TORCH_HOME", "MPLBACKEND", "MPLCONFIGDIR", "DISPLAY",
+    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+})
+INHERITED_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_NUM_", "CUBLAS_", "CUDNN_",
+                      "TF_CPP_", "TORCH_CUDA_", "PYTORCH_CUDA_", "XLA_FLAGS")
+
+
 def is_contract_variable(name: str) -> bool:
     """A ``RATIOCINATOR_*`` name: set by the contract for each run, never inherited from the orchestrator."""
     return name.startswith(PREFIX)
+
+
+def inherited_env(environ: Mapping[str, str], pass_env: Iterable[str] = ()) -> dict[str, str]:
+    """What a runner or a deps step inherits from ``environ``: the allow-list, plus the variables
+    (names or fnmatch patterns) the spec passes on purpose. Provider keys and tokens stay behind."""
+    passed = tuple(pass_env)
+    return {k: v for k, v in environ.items()
+            if ((k in INHERITED_NAMES or k.startswith(INHERITED_PREFIXES)) and not is_contract_variable(k))
+            or any(fnmatch.fnmatchcase(k, p) for p in passed)}
 
 
 def runner_argv(checkout: Path, runner_script: str, python: str) -> tuple[str, ...]:

@@ -402,9 +402,10 @@ def _is_ready(venv: Path, key: str) -> bool:
 
 def run_verify(checkout: Path, command: str, env: Mapping[str, str], *, timeout_s: float = 600) -> str:
     """Run ``deps.verify`` in the checkout and return its output, so a broken env fails
-    before any money is spent on runs. ``env`` overrides ``os.environ`` (``PreparedEnv.env`` fits).
+    before any money is spent on runs. ``env`` is its whole environment (the caller's inherited
+    variables plus ``PreparedEnv.env``): nothing else of the orchestrator's leaks in.
     """
-    code, lines = _stream(["bash", "-c", command], cwd=Path(checkout), env={**os.environ, **env},
+    code, lines = _stream(["bash", "-c", command], cwd=Path(checkout), env=dict(env),
                           timeout_s=timeout_s)
     if code == 0:
         return "\n".join(lines)

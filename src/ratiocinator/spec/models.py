@@ -420,6 +420,8 @@ class Spec(_Strict):
     ray_address: str | None = Field(None, description="Ray cluster address (host:port, ray://..., or auto)")
     ray: RaySettings = RaySettings()
     extra_knobs: list[str] = []
+    pass_env: list[str] = Field([], description="orchestrator variables (names or globs) runs and deps steps inherit on"
+                                                " purpose, e.g. HF_TOKEN for a study that downloads a gated model")
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
     llm: LlmConfig | None = None
@@ -450,6 +452,17 @@ class Spec(_Strict):
     @classmethod
     def _seed_env(cls, value: str | None) -> str | None:
         return None if value is None else _check_env_name(value, "seed_env")
+
+    @field_validator("pass_env")
+    @classmethod
+    def _pass_env(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not re.fullmatch(r"[A-Za-z_*?][A-Za-z0-9_*?]*", pattern):
+                raise ValueError(f"pass_env entry '{pattern}' is not a variable name or a glob of one (letters, digits,"
+                                 " _, * and ?)")
+            if pattern.startswith(RESERVED_PREFIX):
+                raise ValueError(f"pass_env entry '{pattern}': the RATIOCINATOR_* variables are the run contract's")
+        return value
 
     @field_validator("extra_knobs")
     @classmethod
