@@ -81,6 +81,7 @@ def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None) ->
     if commit is None:
         repo, commit = resolve_commit(loaded, paths)
     checkout = ws.checkout(repo, commit, paths.repos, lfs_timeout_s=loaded.spec.download_timeout_s)
+    ws.within(checkout, loaded.spec.runner_script, "runner_script")  # a link out of the repository is refused
     if not (checkout / loaded.spec.runner_script).is_file():
         raise PlanError(
             f"{loaded.where('runner_script')}: runner_script '{loaded.spec.runner_script}' does not exist at commit {commit[:12]}",

@@ -671,7 +671,8 @@ class SshBackend(Backend):
         lfs = await asyncio.to_thread(ws.lfs_files, checkout)
         filtered = None
         if spec.deps.requirements is not None:
-            filtered = ws.filter_requirements(checkout / spec.deps.requirements, tuple(spec.deps.exclude_from_requirements))
+            filtered = ws.filter_requirements(checkout / spec.deps.requirements, tuple(spec.deps.exclude_from_requirements),
+                                              root=checkout)
         job = {
             "pre_install": list(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "verify": spec.deps.verify, "timeout_s": spec.download_timeout_s,

@@ -67,6 +67,8 @@ def resolve_repo_url(repo_url: str, spec_dir: Path) -> str:
     local path becomes absolute (relative to the spec's directory, ``~`` expanded)
     and must be the top level of a git repository, so mistakes surface at plan time.
     """
+    if repo_url.startswith("-"):  # git would read it as an option (--upload-pack=...)
+        raise WorkspaceError(f"repo_url {repo_url!r} begins with '-'", hint="give a git URL or a path to a repository")
     if _looks_like_url(repo_url):
         return repo_url
     path = Path(repo_url).expanduser()
@@ -125,7 +127,7 @@ def checkout(repo_url: str, commit: str, cache_dir: Path, *, lfs_timeout_s: floa
             with _staging_dir(dest) as tmp:
                 with _locked(_lock_path(mirror)):
                     _resolve_in_mirror(repo_url, commit, mirror, lfs_timeout_s)
-                    _git_ok(["clone", "--quiet", "--no-checkout", str(mirror), str(tmp)],
+                    _git_ok(["clone", "--quiet", "--no-checkout", "--", str(mirror), str(tmp)],
                             what=f"cloning {repo_url} from its mirror {mirror}")
                 # Skip the smudge filter: it would fetch LFS objects from the mirror,
                 # which has none; `git lfs pull` below fetches them from the real remote.
@@ -214,7 +216,7 @@ def _resolve_in_mirror(repo_url: str, ref: str, mirror: Path, timeout_s: float) 
                 what=f"fetching {repo_url} into {mirror}", hint=_reach_hint(repo_url))
     else:
         with _staging_dir(mirror) as tmp:
-            _git_ok(["clone", "--mirror", "--quiet", repo_url, str(tmp)], timeout_s=timeout_s,
+            _git_ok(["clone", "--mirror", "--quiet", "--", repo_url, str(tmp)], timeout_s=timeout_s,
                     what=f"cloning {repo_url}", hint=_reach_hint(repo_url))
     commit = _rev_parse(mirror, ref)
     if commit:
@@ -289,7 +291,7 @@ def prepare_env(
     base_python = venv_base_python()
     filtered = None
     if deps.requirements is not None:
-        filtered = filter_requirements(checkout / deps.requirements, deps.exclude_from_requirements)
+        filtered = filter_requirements(checkout / deps.requirements, deps.exclude_from_requirements, root=checkout)
     material = {
         "commit": _git_ok(["rev-parse", "HEAD"], cwd=checkout, what=f"reading the commit of {checkout}").strip(),
         "python": [base_python, platform.python_version()],
@@ -344,7 +346,18 @@ def prepare_env(
     return prepared
 
 
-def filter_requirements(path: Path, exclude: Iterable[str]) -> str:
+def within(root: Path, rel: str | Path, what: str) -> Path:
+    """``root / rel`` resolved (symlinks followed), refused when it leaves ``root``: a spec names files
+    of the repository, never ``../../etc/hostname`` nor a link out of it."""
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise WorkspaceError(f"{what} {str(rel)!r} leaves the repository (it resolves to {path})",
+                             hint=f"name a file inside the repository, relative to its root ({base})")
+    return path
+
+
+def filter_requirements(path: Path, exclude: Iterable[str], *, root: Path | None = None) -> str:
     """The requirements file at ``path`` without the excluded packages.
 
     Names compare per PEP 503 (``torch_geometric`` excludes ``torch-geometric``).
@@ -352,11 +365,13 @@ def filter_requirements(path: Path, exclude: Iterable[str]) -> str:
     filtered) and ``-c`` paths made absolute, because the filtered copy lives in
     another directory and pip resolves those paths against the file that names them.
     """
-    return "".join(_filtered_lines(Path(path), {canonicalize_name(n.strip()) for n in exclude}, set()))
+    root = Path(root if root is not None else Path(path).parent).resolve()
+    excluded = {canonicalize_name(n.strip()) for n in exclude}
+    return "".join(_filtered_lines(within(root, Path(path).resolve(), "deps.requirements"), excluded, set(), root))
 
 
-def _filtered_lines(path: Path, excluded: set[str], seen: set[Path]) -> Iterator[str]:
-    path = path.resolve()
+def _filtered_lines(path: Path, excluded: set[str], seen: set[Path], root: Path) -> Iterator[str]:
+    path = within(root, path, "the requirements file")  # an -r or -c line may point anywhere
     if path in seen:
         return
     seen.add(path)
@@ -375,9 +390,9 @@ def _filtered_lines(path: Path, excluded: set[str], seen: set[Path]) -> Iterator
             target = path.parent / nested.group(2)
             if nested.group(1) in ("-r", "--requirement"):
                 yield f"# ratiocinator: inlined {line.strip()}\n"
-                yield from _filtered_lines(target, excluded, seen)
+                yield from _filtered_lines(target, excluded, seen, root)
             else:
-                yield f"-c {target.resolve()}\n"
+                yield f"-c {within(root, target, 'a -c constraints file')}\n"
             continue
         if content and not content.startswith("-") and _requirement_name(content) in excluded:
             yield f"# ratiocinator: excluded by deps.exclude_from_requirements: {line.strip()}\n"

@@ -29,7 +29,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -118,11 +118,25 @@ class Data(_Strict):
         return self
 
 
+def _in_repository(value: str, what: str) -> str:
+    """A path the spec names inside the repository: relative, and not climbing out of it."""
+    parts = PurePosixPath(value.replace("\\", "/")).parts
+    if value.startswith(("/", "~")) or ".." in parts:
+        raise ValueError(f"{what} '{value}' must be a path inside the repository, relative to its root"
+                         " (no leading / or ~, no ..)")
+    return value
+
+
 class Deps(_Strict):
     pre_install: list[str] = []
     requirements: str | None = None
     exclude_from_requirements: list[str] = []
     verify: str | None = None
+
+    @field_validator("requirements")
+    @classmethod
+    def _requirements_inside(cls, value: str | None) -> str | None:
+        return None if value is None else _in_repository(value, "deps.requirements")
 
 
 class Metrics(_Strict):
@@ -452,6 +466,18 @@ class Spec(_Strict):
     @classmethod
     def _seed_env(cls, value: str | None) -> str | None:
         return None if value is None else _check_env_name(value, "seed_env")
+
+    @field_validator("runner_script")
+    @classmethod
+    def _runner_inside(cls, value: str) -> str:
+        return _in_repository(value, "runner_script")
+
+    @field_validator("repo_url", "repo_branch")
+    @classmethod
+    def _not_an_option(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("-"):  # git would read it as an option (--upload-pack=...)
+            raise ValueError(f"{info.field_name} must not begin with '-'")
+        return value
 
     @field_validator("pass_env")
     @classmethod
