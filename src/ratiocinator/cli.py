@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ratiocinator.errors import BackendError, RatiocinatorError, UsageError
+from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault
 from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
 from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
@@ -59,6 +60,12 @@ def friendly(fn: F) -> F:
         except RatiocinatorError as exc:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except (OSError, sqlite3.Error) as exc:  # the machine's faults: a read-only or full disk, a damaged ledger
+            fault = machine_fault(exc, str(Paths(state.home).ledger))
+            if fault is None:
+                raise
+            err.print(f"error: {fault}", markup=False)
+            raise typer.Exit(fault.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
             raise typer.Exit(130) from None

@@ -63,3 +63,56 @@ class CredentialsError(BackendError):
     so the experiment stops rather than treating what it cannot see as gone."""
 
     exit_code = 1
+
+
+class MachineError(RatiocinatorError):
+    """The machine refused: a read-only or full disk, a damaged ledger. Nothing recorded is lost."""
+
+    exit_code = 1
+
+
+def machine_fault(exc: BaseException, ledger_path: str) -> MachineError | None:
+    """A `MachineError` naming the path and the fix for an OS or SQLite failure of the machine itself;
+    None for anything else (a bug, which keeps its traceback)."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
+        where = exc.filename or ledger_path
+        if exc.errno == errno.EROFS:
+            return MachineError(f"{where}: the file system is read-only", hint=_HOME_HINT)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return MachineError(f"{where}: the disk is full", hint=_FULL_HINT)
+        return MachineError(f"{where}: permission denied ({exc.strerror})", hint=_HOME_HINT)
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "readonly database" in text or "read-only" in text:
+            return MachineError(f"{ledger_path}: the ledger is read-only ({text})", hint=_HOME_HINT)
+        if "disk is full" in text or "disk I/O error" in text:
+            return MachineError(f"{ledger_path}: cannot write the ledger ({text})", hint=_FULL_HINT)
+        if "unable to open database file" in text:
+            why = "its file system is read-only" if _read_only_fs(ledger_path) else text
+            return MachineError(f"{ledger_path}: cannot open the ledger ({why})", hint=_HOME_HINT)
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in str(exc) or "not a database" in str(exc)):
+        return MachineError(
+            f"{ledger_path}: the ledger is damaged ({exc})",
+            hint=(f"restore a backup of {ledger_path} (with its -wal file), or salvage it: sqlite3 {ledger_path}"
+                  f" '.recover' | sqlite3 recovered.db, then move recovered.db into place; rows the damage hit are"
+                  " lost, and runs the ledger no longer knows will run again on resume"))
+    return None
+
+
+def _read_only_fs(path: str) -> bool:
+    import os
+
+    folder = os.path.dirname(path) or "."
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+_HOME_HINT = ("make the home writable (chmod/chown it, or remount it read-write) or pass another --home;"
+              " what is recorded stays as it is, and the same command resumes")
+_FULL_HINT = ("free some space and run the same command again: finished runs are kept (their outcome is also in"
+              " each run's outcome.json) and nothing recorded is lost")

@@ -24,7 +24,7 @@ from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
 from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
 from ratiocinator.execution.contract import data_env, inherited_env, runner_argv
-from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink
+from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink, RunOutcome
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
 from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
@@ -136,10 +136,18 @@ def experiment_lock(path: Path) -> Iterator[None]:
 
 
 def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_per_hour: float, timeout_s: float) -> int:
-    """Runs left ``running`` by a dead orchestrator: kill leftovers, mark interrupted, settle money."""
+    """Runs left ``running`` by a dead orchestrator: a run that finished but whose record the ledger could not
+    take (a full disk) is recorded from its ``outcome.json``; the others' leftovers are killed, and they are
+    marked interrupted (to run again); money is settled. Returns how many will run again."""
     count = 0
     now = time.time()
     for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
+        finished = RunOutcome.load(Path(run.log_dir)) if run.log_dir else None
+        if finished is not None:
+            ledger.finish_run(run.id, settle_charge=finished.charge, **finished.ledger_fields())
+            ledger.event(experiment.id, "recovered", f"run {run.id} finished ({finished.status}) before the orchestrator"
+                         " could record it; recorded from its outcome.json", run_id=run.id)
+            continue
         killed = bool(run.pid) and backend.kill_orphan(run.pid, run.pid_start)
         elapsed = now - run.started_at
         cost = run_cost(price_per_hour, elapsed, timeout_s)

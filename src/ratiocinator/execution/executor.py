@@ -12,13 +12,15 @@ runs all fail with one deterministic class, nothing more is launched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ratiocinator.backends.base import (
     Backend,
@@ -536,13 +538,14 @@ class Executor:
         failure = diagnosis.failure.value if diagnosis.failure else None
         status = RunStatus.FAILED if failure else RunStatus.SUCCEEDED
         cost = run_cost(self.host.price_per_hour, ended - started, self.spec.train_timeout_s)
-        self.ledger.finish_run(
-            run_id, status=status, failure=failure, reason=diagnosis.reason,
+        outcome = RunOutcome(
+            status=status, failure=failure, reason=diagnosis.reason,
             exit_code=exit_info.exit_code if exit_info else None, signal=exit_info.signal if exit_info else None,
-            final=final, counts=stream.summary.counts, cost=cost, ended_at=ended,
-            points=leftover, settle_charge=charge,
+            final=dict(final), counts=dict(stream.summary.counts), cost=cost, ended_at=ended, charge=charge,
             evidence=diagnosis.to_json() if failure else {}, transient=diagnosis.transient,
         )
+        outcome.save(self.runs_dir / str(run_id))  # survives a ledger write the disk refuses (see `reconcile`)
+        self.ledger.finish_run(run_id, points=leftover, settle_charge=charge, **outcome.ledger_fields())
         value = final.get(goal)
         result = RunResult(run_id, arm, planned.replicate, status, failure, diagnosis.reason,
                            value if value is not None and math.isfinite(value) and not failure else None,
@@ -551,6 +554,49 @@ class Executor:
         self.progress.run_finished(result)
         self._report_money()
         return result
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A finished run's terminal record, also kept as ``outcome.json`` in its run directory: when the
+    ledger cannot take it (a full disk), a resume records it from there instead of running it again."""
+
+    status: str
+    failure: str | None
+    reason: str
+    exit_code: int | None
+    signal: int | None
+    final: dict[str, float]
+    counts: dict[str, int]
+    cost: float
+    ended_at: float
+    charge: int
+    evidence: dict[str, Any]
+    transient: bool
+
+    FILE = "outcome.json"
+
+    def ledger_fields(self) -> dict[str, Any]:
+        return {"status": self.status, "failure": self.failure, "reason": self.reason, "exit_code": self.exit_code,
+                "signal": self.signal, "final": self.final, "counts": self.counts, "cost": self.cost,
+                "ended_at": self.ended_at, "evidence": self.evidence, "transient": self.transient}
+
+    def save(self, run_dir: Path) -> None:
+        """Write it atomically; a disk too full for even this leaves the run to be run again on resume."""
+        tmp = run_dir / (self.FILE + ".tmp")
+        try:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), default=str, allow_nan=True))
+            os.replace(tmp, run_dir / self.FILE)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunOutcome | None:
+        try:
+            data = json.loads((run_dir / cls.FILE).read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ratiocinator.errors import UsageError
+from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.store.records import DecisionRecord, EventKind, ReadinessRecord
 
 SCHEMA_VERSION = 6
@@ -393,8 +393,9 @@ class Ledger:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as exc:
-                raise UsageError(f"{self.path}: cannot open the ledger: {exc}") from None
+            except sqlite3.Error as exc:  # read-only, full, damaged: say which and how to fix it
+                raise machine_fault(exc, str(self.path)) or UsageError(f"{self.path}: cannot open the ledger: {exc}") \
+                    from None
             self._local.db = db
             with self._connections_lock:
                 self._connections.append(db)
