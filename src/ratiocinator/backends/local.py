@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ratiocinator.execution import contract
 from ratiocinator.backends.base import (
     Backend,
     ExitInfo,
@@ -30,6 +29,7 @@ from ratiocinator.backends.base import (
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
 from ratiocinator.errors import BackendError
+from ratiocinator.execution import contract
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
