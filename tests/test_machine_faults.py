@@ -134,3 +134,39 @@ def test_a_damaged_ledger_says_how_to_recover(study: Study) -> None:
     done = study.cli("status")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "damaged" in done.stderr and ".recover" in done.stderr and "backup" in done.stderr
+
+
+HANGING = """#!/usr/bin/env bash
+echo $$ > "$RATIOCINATOR_OUT_DIR/pid"
+sleep 600
+"""
+
+
+def test_a_hung_run_is_gone_by_its_deadline_after_the_orchestrator_is_killed(study: Study) -> None:
+    import signal
+    import sys
+    import time
+
+    from conftest import process_alive
+
+    study.commit({"run.sh": HANGING})
+    spec = study.spec(train_timeout_s=3, failure_policy={"max_attempts": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "ratiocinator", "--home", str(study.home), "research", str(spec),
+                             "--skip-check"], cwd=study.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(study.home.glob("runs/*/*/out/pid")):
+            time.sleep(0.05)
+        (pid_file,) = study.home.glob("runs/*/*/out/pid")
+        time.sleep(0.2)
+        runner = int(pid_file.read_text())
+        started = time.monotonic()
+        proc.send_signal(signal.SIGKILL)  # nobody is watching the run any more
+        proc.wait(10)
+        while process_alive(runner) and time.monotonic() - started < 30:
+            time.sleep(0.1)
+        assert not process_alive(runner), "the hung run outlived its deadline"
+        assert time.monotonic() - started < 3 + 2 + 5 + 3  # timeout + slack + grace, whatever is left of it
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -65,6 +65,7 @@ class LaunchRequest:
     slot: Slot
     log_dir: Path
     out_dir: Path
+    timeout_s: float | None = None  # the run's hard limit: enforced on the host even with nobody watching
 
 
 class LaunchFailure(Exception):

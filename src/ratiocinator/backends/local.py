@@ -30,6 +30,7 @@ from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
 from ratiocinator.errors import BackendError
 from ratiocinator.execution import contract
+from ratiocinator.execution.supervisor import Supervisor
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
@@ -100,6 +101,7 @@ class LocalRunHandle(RunHandle):
     async def wait(self) -> ExitInfo:
         await asyncio.shield(self._exited)
         code = self.proc.wait()
+        Supervisor.forget(self.proc.pid)
         return ExitInfo(exit_code=None, signal=-code) if code < 0 else ExitInfo(exit_code=code, signal=None)
 
     async def cancel(self, grace_s: float = 5.0) -> None:
@@ -189,6 +191,8 @@ class LocalBackend(Backend):
             )
         except OSError as exc:
             raise launch_failure(request.argv, exc) from None
+        if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
+            Supervisor.watch(proc.pid, process_start_time(proc.pid), request.timeout_s)
         return LocalRunHandle(proc)
 
     async def release(self, host: Host) -> None:

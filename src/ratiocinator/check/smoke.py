@@ -102,7 +102,7 @@ async def _smoke_one(
     env = runner_environment(base_env, workspace, arm.env, arm=arm.name, run_id=0, seed=0, seed_env=spec.seed_env,
                              out_dir=out_dir, trial=True, extra=extra_env)
     request = LaunchRequest(run_id=0, argv=(*argv, *arm.args), cwd=workspace.checkout, env=env, slot=slot,
-                            log_dir=run_dir, out_dir=out_dir)
+                            log_dir=run_dir, out_dir=out_dir, timeout_s=timeout_s)
     parser = make_parser(spec.metrics.protocol, json_prefix=spec.metrics.json_prefix, patterns=dict(spec.metrics.patterns))
     summary = MetricSummary()
     series: dict[str, list[tuple[int | None, float]]] = {}

@@ -428,7 +428,7 @@ class Executor:
         )
         request = LaunchRequest(
             run_id=run_id, argv=(*self.argv, *arm.args), cwd=self.workspace.checkout, env=env,
-            slot=slot, log_dir=run_dir, out_dir=out_dir,
+            slot=slot, log_dir=run_dir, out_dir=out_dir, timeout_s=self.spec.train_timeout_s,
         )
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
         started = self.started_at[run_id] = time.time()
