@@ -335,8 +335,8 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
     for listed in listing.rows:
         label, provider_id = str(listed.get("label") or ""), str(listed.get("id"))
         owner = label_owner(label, home)
-        row = known.get(label) if owner == "mine" else None
-        if owner is None or provider_id in handled or (row is not None and row.state in LIVE_STATES):
+        mine = known.get(label) if owner == "mine" else None
+        if owner is None or provider_id in handled or (mine is not None and mine.state in LIVE_STATES):
             continue
         if owner == "other" and not all_homes:
             m = _LABEL.fullmatch(label)
@@ -348,11 +348,11 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
         except VastAuthError:
             raise
         except VastError as exc:
-            out.append(_named(row.id if row else None, listed, "error", str(exc)))
+            out.append(_named(mine.id if mine else None, listed, "error", str(exc)))
             continue
         detail = ("this home's label, its ledger row closed or missing" if owner == "mine"
                   else "another home's (--all-homes)")
-        out.append(_named(row.id if row else None, listed, "orphan_destroyed", detail))
+        out.append(_named(mine.id if mine else None, listed, "orphan_destroyed", detail))
     return out
 
 
