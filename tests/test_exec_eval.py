@@ -561,7 +561,7 @@ def test_invalid_workers_is_a_usage_error() -> None:
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 NON_ROOT_SCRIPT = f"""
 import json, os, sys, textwrap
-from ratiocinator.execeval import Limits, Sample, evaluate
+from ratiocinator.execeval.evaluate import Limits, Sample, evaluate
 rename = "open('/proc/self/comm', 'w').write('{TAG}')\\n"
 samples = [
     Sample(id="ok", program="def f():\\n    return 1\\n", test="assert f() == 1\\n"),
