@@ -106,10 +106,10 @@ class FactorEffect:
         return max(means) - min(means) if len(means) >= 2 else None
 
     def best_level(self, maximize: bool) -> FactorLevel | None:
-        usable = [lv for lv in self.levels if lv.describe.mean is not None]
+        usable = [(lv.describe.mean, lv) for lv in self.levels if lv.describe.mean is not None]
         if not usable:
             return None
-        return (max if maximize else min)(usable, key=lambda lv: lv.describe.mean)
+        return (max if maximize else min)(usable, key=lambda pair: pair[0])[1]
 
 
 @dataclass(frozen=True)

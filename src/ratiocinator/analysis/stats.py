@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -416,7 +417,10 @@ def _t_interval(center: float, se: float, df: float, confidence: float) -> Inter
 def _bootstrap_interval(x: FloatArray, confidence: float, seed: int) -> Interval | None:
     """BCa bootstrap CI of the mean, or the percentile one where BCa degenerates."""
     batch = max(1, _BOOTSTRAP_CELLS // x.size)
-    for method, label in (("BCa", "bootstrap-bca"), ("percentile", "bootstrap-percentile")):
+    methods: tuple[tuple[Literal["BCa", "percentile"], str], ...] = (
+        ("BCa", "bootstrap-bca"), ("percentile", "bootstrap-percentile"))
+    for method, label in methods:
+        seed_arg: dict[str, Any] = {_BOOTSTRAP_RNG_ARG: np.random.default_rng(seed)}  # a fresh generator per method
         with warnings.catch_warnings():
             # BCa warns before returning NaN; the NaN is handled by falling back.
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)
@@ -428,7 +432,7 @@ def _bootstrap_interval(x: FloatArray, confidence: float, seed: int) -> Interval
                 vectorized=True,
                 confidence_level=confidence,
                 method=method,
-                **{_BOOTSTRAP_RNG_ARG: np.random.default_rng(seed)},
+                **seed_arg,
             )
         low, high = (float(v) for v in result.confidence_interval)
         if math.isfinite(low) and math.isfinite(high):

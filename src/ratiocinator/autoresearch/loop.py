@@ -23,6 +23,7 @@ included.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -183,7 +184,7 @@ class AutoResearch:
             best = self._best(store)
             if best is not None and not self.shared.stop.is_set() and not self.shared.failed:
                 self.floor = noise_floor(self._baseline_values(store)) if self.program.k > 1 else None
-                self._in_threads([lambda i=i: self._worker(i) for i in range(self.program.workers)])
+                self._in_threads([functools.partial(self._worker, i) for i in range(self.program.workers)])
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -432,7 +433,8 @@ class AutoResearch:
                     raise _Stop("")  # whoever stopped the session said why
                 raise _Stop(f"the baseline crashed ({outcome.reason}); fix the run and start again: log tail:\n"
                             f"{outcome.log_tail[-1500:]}", everyone=True, failed=True)
-            values.append(outcome.metric)  # type: ignore[arg-type]
+            assert outcome.metric is not None  # an "ok" run carries its finite metric
+            values.append(outcome.metric)
         store.finish_attempt(attempt.id, status="baseline", reason=f"{len(values)} run(s)", best_of=self.session.id,
                              values=values, metric=statistics.fmean(values))
         self._say_attempt(store.attempt(attempt.id))
@@ -493,7 +495,12 @@ class AutoResearch:
         if self.program.k == 1:
             assert best.metric is not None
             return strictly_better(values[0], best.metric, lower_is_better=metric.lower_is_better, name=metric.name)
-        return noise_aware(values, best.values or [best.metric], k=self.program.k, floor=self.floor or 0.0,
+        if best.values:
+            reference = best.values
+        else:
+            assert best.metric is not None  # the best attempt was measured
+            reference = [best.metric]
+        return noise_aware(values, reference, k=self.program.k, floor=self.floor or 0.0,
                            confidence=self.program.confidence, lower_is_better=metric.lower_is_better, name=metric.name)
 
     def worktree(self, worker: int) -> Git:
@@ -712,7 +719,8 @@ class _Worker:
                     if status == "interrupted":
                         raise _Stop("")  # whoever stopped the session said why
                     return
-                values.append(outcome.metric)  # type: ignore[arg-type]
+                assert outcome.metric is not None  # an "ok" run carries its finite metric
+                values.append(outcome.metric)
                 decision = s.decide(values, snapshot)
                 if decision.action != "rerun":
                     break

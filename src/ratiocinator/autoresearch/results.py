@@ -109,9 +109,9 @@ def plot_progress(attempts: Sequence[Attempt], program: Program, path: Path, *, 
         ax.axhspan(baseline.metric - floor, baseline.metric + floor, color=COLORS["baseline"], alpha=0.12,
                    label=f"baseline ± noise floor ({program.k} runs)")
     for status in ("discard", "keep", "baseline"):
-        group = [a for a in done if a.status == status and a.metric is not None]
+        group = [(a.iteration, a.metric) for a in done if a.status == status and a.metric is not None]
         if group:
-            ax.scatter([a.iteration for a in group], [a.metric for a in group], s=46 if status != "discard" else 22,
+            ax.scatter([i for i, _ in group], [m for _, m in group], s=46 if status != "discard" else 22,
                        c=COLORS[status], edgecolors="black" if status != "discard" else "none", linewidths=0.5,
                        zorder=3, label=status)
     failed = [a for a in done if a.status in FAILED]

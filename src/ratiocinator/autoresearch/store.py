@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ratiocinator.errors import UsageError
-from ratiocinator.store.ledger import MONEY_EPSILON, Ledger
+from ratiocinator.store.ledger import MONEY_EPSILON, Ledger, inserted_id
 
 STATUSES = ("running", "baseline", "keep", "discard", "crash", "violation", "interrupted")
 FINISHED = ("baseline", "keep", "discard", "crash", "violation", "interrupted")
@@ -58,7 +58,7 @@ class Attempt:
     diff: bytes
     status: str
     metric: float | None
-    secondary: dict[str, float]
+    secondary: dict[str, list[float]]  # each secondary metric's value in every run
     values: list[float]
     log_tail: str
     log_path: str
@@ -113,7 +113,7 @@ class Store:
                 (tag, repo, branch, base_branch, base_commit, program_path, program_text, program_sha256,
                  json.dumps(protected, sort_keys=True), status, now, now),
             )
-            session_id = int(cur.lastrowid)
+            session_id = inserted_id(cur)
         return self.session(session_id)
 
     def update_session(self, session_id: int, **fields: Any) -> None:
@@ -143,7 +143,7 @@ class Store:
                 " status, started_at, agent_s) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 (session_id, worker, iteration, parent, agent_ref, hypothesis, diff, time.time(), agent_s),
             )
-            attempt_id = int(cur.lastrowid)
+            attempt_id = inserted_id(cur)
         return self.attempt(attempt_id)
 
     def update_attempt(self, attempt_id: int, **fields: Any) -> None:
@@ -219,7 +219,7 @@ class Store:
                 "INSERT INTO ar_charges (session_id, attempt_id, kind, state, reserved, created_at)"
                 " VALUES (?, ?, ?, 'reserved', ?, ?)", (session_id, attempt_id, kind, amount, time.time()),
             )
-            return int(cur.lastrowid)
+            return inserted_id(cur)
 
     def settle(self, charge_id: int, amount: float, *, attempt_id: int | None = None) -> None:
         """Replace a reservation by what was spent, adding it to the attempt's cost."""

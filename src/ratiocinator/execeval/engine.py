@@ -280,26 +280,30 @@ def sample_from_json(obj: object, *, where: str, line: int | None = None) -> Sam
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}", hint=hint)
 
-    def text(key: str, required: bool) -> str | None:
+    def optional(key: str) -> str | None:
         if key not in obj:
-            if required:
-                raise UsageError(f"{where}: missing field {key!r}", hint=hint)
             return None
         value = obj[key]
         if not isinstance(value, str):
             raise UsageError(f"{where}: field {key!r} must be a string, got {type(value).__name__}", hint=hint)
         return value
 
+    def required(key: str) -> str:
+        value = optional(key)
+        if value is None:
+            raise UsageError(f"{where}: missing field {key!r}", hint=hint)
+        return value
+
     if "code" in obj and ("prompt" in obj or "completion" in obj):
         raise UsageError(f"{where}: both `code` and `prompt`/`completion` given; which is the program?", hint=hint)
     if "code" in obj:
-        program = text("code", True)
+        program = required("code")
     elif "prompt" in obj or "completion" in obj:
-        program = text("prompt", True) + text("completion", True)
+        program = required("prompt") + required("completion")
     else:
         raise UsageError(f"{where}: no program: missing field 'code' (or 'prompt' and 'completion')", hint=hint)
-    test = text("test", True)
-    entry_point = text("entry_point", False) or None
+    test = required("test")
+    entry_point = optional("entry_point") or None
     if entry_point is not None and not entry_point.isidentifier():
         raise UsageError(f"{where}: entry_point {entry_point!r} is not a Python identifier", hint=hint)
 
@@ -453,7 +457,9 @@ def _tasks_of_user(uid: int) -> int:
         except OSError:
             continue
         data = _read_bytes(f"/proc/{name}/stat")
-        with suppress(IndexError, ValueError, AttributeError):
+        if data is None:
+            continue
+        with suppress(IndexError, ValueError):
             tasks += int(data[data.rfind(b")") + 2:].split()[17])
     return tasks
 
@@ -791,9 +797,11 @@ class _Zygote:
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=ZYGOTE_KILL_S)
         text = None
+        stderr = self.proc.stderr  # a pipe: the zygote starts with stderr=PIPE
         with suppress(OSError, ValueError, TypeError):
-            os.set_blocking(self.proc.stderr.fileno(), False)
-            text = (self.proc.stderr.read(65536) or b"").decode("utf-8", errors="replace").strip()[-2000:] or None
+            if stderr is not None:
+                os.set_blocking(stderr.fileno(), False)
+                text = (stderr.read(65536) or b"").decode("utf-8", errors="replace").strip()[-2000:] or None
         self.close()
         return text
 

@@ -70,6 +70,12 @@ import time
 import types
 from _json import encode_basestring_ascii
 
+# The zygote imports as little as it can: `typing` stays unloaded, and these names are for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import traceback
+    from collections.abc import Callable
+
 HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
@@ -222,7 +228,7 @@ def _describe(exc: BaseException) -> str:
         return f"<{type(exc).__name__} whose str() failed>"
 
 
-def _frame(summary: object) -> dict | None:
+def _frame(summary: traceback.FrameSummary | None) -> dict | None:
     if summary is None:
         return None
     return {"file": summary.filename, "line": summary.lineno, "function": summary.name}
@@ -330,7 +336,7 @@ def _leave_fork(exc: BaseException) -> None:
     _finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
 
 
-def _emitter(fd: int, token: str):
+def _emitter(fd: int, token: str) -> Callable[[dict], None]:
     """Bind everything writing a record needs now, before any sample code can rebind it."""
     write, encode = os.write, to_json
 
@@ -412,7 +418,7 @@ def _children(pid: int) -> list[int]:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
-    found = []
+    found: list[int] = []
     for tid in tids:
         data = _read(f"/proc/{pid}/task/{tid}/children")
         if data is None:
@@ -455,7 +461,7 @@ def _descendants(main: int) -> list[int]:
     return found
 
 
-def _end_sample(main: int) -> tuple[int, int, object]:
+def _end_sample(main: int) -> tuple[int, int, resource.struct_rusage | None]:
     """SIGKILL the sample's whole process tree and reap all of it; returns (others killed, wait status, rusage).
 
     Only the zygote's own unreaped descendants are signalled (their pids cannot be reused),
@@ -465,7 +471,8 @@ def _end_sample(main: int) -> tuple[int, int, object]:
     up on this zygote, kills it and sweeps the sample the slow way.
     """
     killed: set[int] = set()
-    status, usage = None, None
+    status: int | None = None
+    usage: resource.struct_rusage | None = None
     pause = 0.001
     while True:
         for pid in _descendants(main):
@@ -543,8 +550,8 @@ def _inheritable_state() -> tuple:
     return limits, os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0), os.sched_getscheduler(0)
 
 
-def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0, usage: object = None,
-           killed: int = 0, ended_first: bool = False) -> None:
+def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0,
+           usage: resource.struct_rusage | None = None, killed: int = 0, ended_first: bool = False) -> None:
     utime, stime, maxrss = (usage.ru_utime, usage.ru_stime, usage.ru_maxrss) if usage is not None else (0.0, 0.0, 0)
     control.send(REPLY.pack(kind, pid, status, utime, stime, maxrss, killed, ended_first))
 

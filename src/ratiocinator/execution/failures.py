@@ -238,7 +238,7 @@ _ZERO_SAMPLE_METRIC = re.compile(
     r"|^(?:dataset|train|val|test)_(?:size|len|length)$|^n_(?:train|val|test)$"
 )
 _NAN_TEXT = re.compile(r"(?i)\bnan\b|\binf(?:inity)?\b|non-finite|not finite")
-_SHELL_SIGNAL_WORDS = {
+_SHELL_SIGNAL_WORDS: dict[int, str] = {
     signals.SIGKILL: "Killed", signals.SIGSEGV: "Segmentation fault", signals.SIGABRT: "Aborted",
     signals.SIGTERM: "Terminated", signals.SIGBUS: "Bus error", signals.SIGINT: "Interrupt",
 }
@@ -366,8 +366,9 @@ def _diagnose_log(run: RunEvidence, logs: str, sig: int | None, exit_text: str) 
         if line:
             return Diagnosis(failure, _clip(line), (exit_text, _clip(line)))
     line = _search(_NO_COMMAND, run.stderr) if run.exit_code == 127 else None
-    if line:
-        command = _NO_COMMAND.search(line)["command"]  # type: ignore[index]
+    match = _NO_COMMAND.search(line) if line else None
+    if line and match:
+        command = match["command"]
         return Diagnosis(Failure.MISSING_DEPENDENCY, f"missing program '{command}' (exit 127)",
                          (exit_text, _clip(line)),
                          {"module": command})
@@ -443,7 +444,7 @@ def _shell_reported_signal(exit_code: int | None, stderr: str) -> int | None:
     if exit_code is None or not 128 < exit_code < 128 + 65:
         return None
     number = exit_code - 128
-    word = _SHELL_SIGNAL_WORDS.get(number)  # type: ignore[call-overload]
+    word = _SHELL_SIGNAL_WORDS.get(number)
     if word and re.search(rf"(?m)\b{re.escape(word)}\b", stderr):
         return number
     return None

@@ -27,6 +27,7 @@ from ratiocinator.llm.structured import ask_structured
 from ratiocinator.planning.plan import Plan, PlannedArm, plan_iteration
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.spec.models import ARM_NAME, LoadedSpec, Scalar, scalar_to_env
+from ratiocinator.store.ledger import Ledger
 
 MAX_ATTEMPTS = 3
 MAX_ARMS = 40
@@ -263,7 +264,7 @@ def _budget_line(context: PlanningContext, runs: int | None) -> str:
             f" so at most {runs} more runs.")
 
 
-def _replicate_counts(ledger, experiment_id: str) -> dict[str, int]:
+def _replicate_counts(ledger: Ledger, experiment_id: str) -> dict[str, int]:
     """Replicates each arm has (any attempt), so confirmation replicates get new seeds."""
     counts: dict[str, int] = {}
     for run in ledger.runs(experiment_id):
@@ -279,7 +280,7 @@ class Brief(BaseModel):
     unconfirmed: list[str] = []
 
 
-def statistics_brief(ledger, experiment_id: str) -> Brief:
+def statistics_brief(ledger: Ledger, experiment_id: str) -> Brief:
     """The results as a statistician would summarise them: intervals, verdicts, effects, failures."""
     from ratiocinator.report.paper import analyse
 

@@ -142,7 +142,7 @@ class SearchPlanner(Planner):
     def next_iteration(self, context: PlanningContext) -> Decision:
         search = self.spec.search
         if search is not None:
-            unknown = self._unknown_knobs(context)
+            unknown = self._unknown_knobs(context, search)
             if unknown:
                 return unknown
         if context.iteration == 1 and (self.spec.arms or self.spec.factors):
@@ -172,7 +172,7 @@ class SearchPlanner(Planner):
                                                    multivariate=True, constant_liar=True),
             )
             defaults = _defaults(context, search)
-            warm, skipped = self._warm_start(study, arms, baseline, values, distributions, defaults)
+            warm, skipped = self._warm_start(study, search, arms, baseline, values, distributions, defaults)
             told = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
             startup = told < search.arms_per_iteration
             proposals, asked, duplicates = self._propose(study, search, arms, baseline, distributions, defaults,
@@ -220,14 +220,14 @@ class SearchPlanner(Planner):
 
     # -- warm start and proposals ------------------------------------------------------------
 
-    def _warm_start(self, study: optuna.Study, arms: list[ArmRow], baseline: ArmRow | None,
+    def _warm_start(self, study: optuna.Study, search: Search, arms: list[ArmRow], baseline: ArmRow | None,
                     values: dict[str, list[float]], distributions: dict[str, BaseDistribution],
                     defaults: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """Every ledger arm in the space becomes a trial; the rest are listed with why not.
 
         A space knob an arm leaves unset has the runner's default, when the code shows one.
         """
-        space = self.spec.search.space  # type: ignore[union-attr]
+        space = search.space
         context = _context(baseline, space)
         warm: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
@@ -361,9 +361,9 @@ class SearchPlanner(Planner):
 
     # -- knobs -------------------------------------------------------------------------------
 
-    def _unknown_knobs(self, context: PlanningContext) -> Decision | None:
+    def _unknown_knobs(self, context: PlanningContext, search: Search) -> Decision | None:
         """Stop before proposing values for a knob the runner never reads (every arm would be one config)."""
-        space = self.spec.search.space  # type: ignore[union-attr]
+        space = search.space
         known = set(context.knobs.env_names()) | {k for k in self.spec.extra_knobs if not k.startswith("-")}
         unknown = [k for k in space if k not in known]
         if not unknown:
@@ -408,8 +408,8 @@ def _goal_values(ledger: Ledger, exp_id: str, goal: str) -> dict[str, list[float
 def _defaults(context: PlanningContext, search: Search) -> dict[str, str]:
     """The runner's default of each space knob, where its code shows a literal one."""
     knobs = context.knobs.knobs
-    return {k: knobs[k].default for k in search.space  # type: ignore[misc]
-            if k in knobs and knobs[k].kind == "env" and knobs[k].default is not None}
+    return {k: default for k in search.space
+            if k in knobs and knobs[k].kind == "env" and (default := knobs[k].default) is not None}
 
 
 def _params(env: dict[str, str], space: dict[str, SearchDimension]) -> tuple[dict[str, Scalar] | None, str]:

@@ -265,7 +265,9 @@ class _PythonFile(ast.NodeVisitor):
         self.hits: list[_Hit] = []
         self.dynamic: list[int] = []
         self.imports: list[tuple[int, str, tuple[str, ...]]] = []
-        self._os, self._environ, self._getenv = {"os"}, set(), set()
+        self._os: set[str] = {"os"}
+        self._environ: set[str] = set()
+        self._getenv: set[str] = set()
         self._bind_aliases(tree)
         self.visit(tree)
         self.hits.sort(key=lambda hit: hit.line)
@@ -300,7 +302,7 @@ class _PythonFile(ast.NodeVisitor):
     def _is_environ(self, node: ast.expr) -> bool:
         return self._is_os_member(node, "environ", self._environ)
 
-    def _read(self, node: ast.AST, key: ast.expr | None, default: ast.expr | None = None) -> None:
+    def _read(self, node: ast.expr, key: ast.expr | None, default: ast.expr | None = None) -> None:
         name = _string(key)
         if name is not None:
             self.hits.append(_Hit(name, "env", _literal(default), self.rel, node.lineno))
@@ -407,6 +409,13 @@ _RUN_TOOLS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _assignment(raw: str) -> re.Match[str]:
+    """The ``NAME=`` / ``NAME+=`` match of a word already known to be an assignment."""
+    assignment = _ASSIGNMENT.match(raw)
+    assert assignment is not None, raw
+    return assignment
+
+
 def _dequote(word: str) -> str:
     """A shell word with its quoting removed (best effort: unbalanced quotes stay as written)."""
     try:
@@ -477,7 +486,9 @@ class _ShellLexer:
             elif c in "<>" or self.text.startswith("&>", self.pos):
                 if words and words[-1][0].isdigit() and words[-1][1] + len(words[-1][0]) == self.pos:
                     words.pop()  # the `2` of `2>&1`
-                self.pos = _REDIRECT.match(self.text, self.pos).end()
+                redirect = _REDIRECT.match(self.text, self.pos)
+                assert redirect is not None  # the text has <, > or &> here
+                self.pos = redirect.end()
                 drop_next = True
             elif c in ";&|":
                 operator = self.text[self.pos : self.pos + 2]
@@ -549,8 +560,8 @@ class _ShellLexer:
         elif after == "'":  # $'...' (ANSI-C quoting)
             end = _ANSI_C_BODY.match(self.text, start + 2)
             self.pos = end.end() if end else len(self.text)
-        elif _NAME.match(after):
-            self.pos = _NAME.match(self.text, start + 1).end()
+        elif name := _NAME.match(self.text, start + 1):
+            self.pos = name.end()
             self.expansions.append((start, self.pos))
         else:  # $$ $# $? $! $- $@ $* $0-$9, or a lone `$`
             self.pos += 2 if after and after in "$#?!-@*0123456789" else 1
@@ -824,11 +835,11 @@ class _ShellScript:
             self._cd(args[1:])
         else:
             args, assigned = _strip_wrappers(args)
-            assigned |= {_ASSIGNMENT.match(raw).group(1) for raw, _ in prefix}
+            assigned |= {_assignment(raw).group(1) for raw, _ in prefix}
             self._follow(args, words[0][1], assigned)
 
     def _assign(self, raw: str, offset: int, conditional: bool) -> None:
-        assignment = _ASSIGNMENT.match(raw)
+        assignment = _assignment(raw)
         name, value = assignment.group(1), raw[assignment.end() :]
         if assignment.group(2) or re.search(rf"\$\{{?[#!]?{name}(?!\w)", value):
             return  # `X+=...` and `X=${X:-1}` keep what the environment gave
@@ -854,8 +865,8 @@ class _ShellScript:
                 file = self._locate(text, Path.is_file) if text else None
                 files = [file] if file else []
             if files:
-                language = None if language == "exec" else language  # the file's own kind decides
-                self.targets += [(file, language, shadowed) for file in files]
+                kind = None if language == "exec" else language  # the file's own kind decides
+                self.targets += [(file, kind, shadowed) for file in files]
                 return
 
     def _module(self, name: str) -> list[Path]:

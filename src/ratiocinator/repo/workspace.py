@@ -467,9 +467,11 @@ def _stream(argv: list[str], *, cwd: Path, env: Mapping[str, str], timeout_s: fl
     except OSError as exc:
         raise WorkspaceError(f"cannot run {argv[0]} in {cwd}: {exc}",
                              hint=f"install {argv[0]} or check that {cwd} exists") from exc
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
 
     def pump() -> None:
-        for raw in proc.stdout:
+        for raw in stdout:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             lines.append(line)
             if sink is not None:
@@ -488,7 +490,7 @@ def _stream(argv: list[str], *, cwd: Path, env: Mapping[str, str], timeout_s: fl
         _kill_group(proc.pid)
         reader.join(_DRAIN_GRACE_S)
     if not reader.is_alive():  # closing under a blocked reader would deadlock on its buffer lock
-        proc.stdout.close()
+        stdout.close()
     return code, lines
 
 

@@ -77,7 +77,7 @@ _MEMORY_METRICS: tuple[tuple[str, float], ...] = (
     ("peak_memory_mb", 1024.0),
 )
 
-Finals = dict[str, tuple[float | None, bool]]
+Finals = Mapping[str, tuple[float | None, bool]]
 
 
 def _iso_utc(ts: float | None) -> str | None:
@@ -95,7 +95,7 @@ class LedgerRows:
 
     runs: list[RunRow]
     arms: dict[int, ArmRow]
-    finals: dict[int, Finals]
+    finals: Mapping[int, Finals]
 
 
 def load_rows(ledger: Ledger, experiment_id: str) -> LedgerRows:
@@ -105,7 +105,7 @@ def load_rows(ledger: Ledger, experiment_id: str) -> LedgerRows:
 
 
 def _load(ledger: Ledger, experiment_id: str,
-          rows: LedgerRows | None) -> tuple[list[RunRow], dict[int, ArmRow], dict[int, Finals]]:
+          rows: LedgerRows | None) -> tuple[list[RunRow], dict[int, ArmRow], Mapping[int, Finals]]:
     rows = rows or load_rows(ledger, experiment_id)
     return rows.runs, rows.arms, rows.finals
 
@@ -248,9 +248,9 @@ def results_tsv_rows(
     run takes its arm's status from ``arm_status`` ("keep" or "discard"), which must
     name every such arm.
     """
-    for arm, status in arm_status.items():
+    for name, status in arm_status.items():
         if status not in RESULTS_STATUSES:
-            raise ValueError(f"arm_status for arm '{arm}' is {status!r}; it must be 'keep' or 'discard'")
+            raise ValueError(f"arm_status for arm '{name}' is {status!r}; it must be 'keep' or 'discard'")
     runs, arms, all_finals = _load(ledger, experiment_id, rows)
     out: list[tuple[str, str, str, str, str]] = []
     for run in runs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property, lru_cache
@@ -115,7 +115,7 @@ class FactBook:
         """A placeholder for a fact already in the book (the appendix cites each one again)."""
         return f"{_OPEN}{self.by_id[fact.id].id}{_CLOSE}"
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Fact]:
         return iter(self.facts.values())
 
     def __len__(self) -> int:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import matplotlib.style
 import numpy as np
@@ -219,9 +219,9 @@ def wrap_label(text: str, width: int = LABEL_WIDTH, max_lines: int = LABEL_LINES
 def _goal_rank(inference: Inference) -> list[str]:
     """Arm names, best goal mean first; arms without a mean last, in spec order."""
     sign = -1.0 if inference.summary.maximize else 1.0
-    with_mean = [g for g in inference.goals if g.describe.mean is not None]
-    ranked = sorted(with_mean, key=lambda g: sign * g.describe.mean)  # type: ignore[operator]
-    return [g.name for g in ranked] + [g.name for g in inference.goals if g.describe.mean is None]
+    with_mean = [(g.describe.mean, g.name) for g in inference.goals if g.describe.mean is not None]
+    ranked = sorted(with_mean, key=lambda pair: sign * pair[0])
+    return [name for _, name in ranked] + [g.name for g in inference.goals if g.describe.mean is None]
 
 
 def arm_colors(inference: Inference) -> dict[str, str]:
@@ -360,7 +360,7 @@ class _ArmAxis:
                 " by a faint line; only the group's first row spells that setting out.")
 
 
-_HATCH = {Verdict.IMPROVEMENT: "//", Verdict.REGRESSION: "\\\\"}
+_HATCH: dict[Verdict | None, str] = {Verdict.IMPROVEMENT: "//", Verdict.REGRESSION: "\\\\"}
 BAR_WIDTH = 0.6
 
 
@@ -451,21 +451,21 @@ def draw_goal(inference: Inference) -> Drawing | None:
     fig = _new_figure(7.0, extent) if layout.horizontal else _new_figure(extent, 4.2)
     ax = fig.add_subplot()
     horizontal = layout.horizontal
-    value_axis = "x" if horizontal else "y"
+    value_axis: Literal["x", "y"] = "x" if horizontal else "y"
     # One artist per kind (bars, error bars, dots) rather than per arm: a hundred arms stay quick to draw.
     means = np.asarray([g.describe.mean for g in goals], dtype=float)
-    verdicts = [getattr(inference.comparison(g.name), "verdict", None) for g in goals]
+    verdicts = [c.verdict if (c := inference.comparison(g.name)) is not None else None for g in goals]
     hatches = [_HATCH.get(v) for v in verdicts]
     _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches,
           many=layout.many)
     marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
-    with_ci = [(i, g.describe) for i, g in enumerate(goals) if g.describe.ci is not None]
+    with_ci = [(i, g.describe.ci) for i, g in enumerate(goals) if g.describe.ci is not None]
     shown = means.tolist()
     if with_ci:
         at = np.asarray([i for i, _ in with_ci], dtype=float)
         center = means[at.astype(int)]
-        low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
-        high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
+        low = np.asarray([ci.low for _, ci in with_ci])
+        high = np.asarray([ci.high for _, ci in with_ci])
         err = np.vstack([center - low, high - center])
         kw: dict[str, Any] = {"fmt": "none", "ecolor": INK, "capsize": 4 if len(goals) <= 40 else 2, "linewidth": 1.2,
                               "zorder": 4}
@@ -480,9 +480,9 @@ def draw_goal(inference: Inference) -> Drawing | None:
     ax.scatter(*xy, color=INK, s=size, alpha=alpha, zorder=5, linewidths=0, rasterized=dots.size > RASTER_POINTS)
     shown += dots.tolist()
     base = next((g for g in goals if g.name == inference.baseline), None)
-    if base is not None and len(goals) > 1:
+    if base is not None and base.describe.mean is not None and len(goals) > 1:  # every goal drawn has a mean
         line = ax.axvline if horizontal else ax.axhline
-        line(float(base.describe.mean), color=INK, linestyle="--", linewidth=0.9, zorder=1)  # type: ignore[arg-type]
+        line(float(base.describe.mean), color=INK, linestyle="--", linewidth=0.9, zorder=1)
     layout.apply(ax)
     direction = "higher" if summary.maximize else "lower"
     (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
@@ -565,7 +565,7 @@ def _curve_arms(inference: Inference, runs: Sequence[RunRow], max_arms: int) -> 
         return candidates, len(candidates)
     chosen: list[str] = []
     if inference.baseline in candidates:
-        chosen.append(inference.baseline)  # type: ignore[arg-type]
+        chosen.append(inference.baseline)
     for name in _goal_rank(inference):
         if len(chosen) >= max_arms:
             break
@@ -741,13 +741,13 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
         labels = [wrap_label(lv.level, 14, 3) for lv in effect.levels]
         # One errorbar for the levels with a CI and one plot for those without, not an artist per level.
         levels = [(i, lv.describe) for i, lv in enumerate(effect.levels) if lv.describe.mean is not None]
-        with_ci = [(i, d) for i, d in levels if d.ci is not None]
+        with_ci = [(i, d, d.ci) for i, d in levels if d.ci is not None]
         without = [(i, d) for i, d in levels if d.ci is None]
         if with_ci:
-            mean = np.asarray([d.mean for _, d in with_ci], dtype=float)
-            low = np.asarray([d.ci.low for _, d in with_ci])  # type: ignore[union-attr]
-            high = np.asarray([d.ci.high for _, d in with_ci])  # type: ignore[union-attr]
-            ax.errorbar([i for i, _ in with_ci], mean, yerr=np.vstack([mean - low, high - mean]), fmt="o",
+            mean = np.asarray([d.mean for _, d, _ in with_ci], dtype=float)
+            low = np.asarray([ci.low for _, _, ci in with_ci])
+            high = np.asarray([ci.high for _, _, ci in with_ci])
+            ax.errorbar([i for i, _, _ in with_ci], mean, yerr=np.vstack([mean - low, high - mean]), fmt="o",
                         color=PALETTE[0], ecolor=INK, capsize=4, markersize=5)
         if without:
             single = True
@@ -832,7 +832,7 @@ def draw_cost(inference: Inference, runs: Sequence[RunRow]) -> Drawing | None:
                              " included.")
     if has_time:
         ax = axes[-1]
-        unit, scale = _time_unit([r.duration_s for rs in timed.values() for r in rs])  # type: ignore[misc]
+        unit, scale = _time_unit([r.duration_s for rs in timed.values() for r in rs if r.duration_s is not None])
         ok_x, ok_y, other_x, other_y, mean_at, mean_x, mean_err, mean_color = [], [], [], [], [], [], [], []
         for i, a in enumerate(arms):
             ok = np.asarray([r.duration_s for r in timed[a] if r.status == "succeeded"], dtype=float) / scale

@@ -27,6 +27,7 @@ from ratiocinator.analysis.inference import (
     ArmGoal,
     BaselineComparison,
     FactorAnalysis,
+    FactorEffect,
     Inference,
     NoiseFloor,
     Verdict,
@@ -267,8 +268,8 @@ class _Writer:
         if s.n_succeeded == 0 or not any(g.describe.n for g in inf.goals):
             return f"No run produced a finite {self.goal}, so the study has no result."
         base = inf.goal(inf.baseline) if inf.baseline else None
+        assert base is not None  # a study with a result has a baseline arm
         if not inf.comparisons:
-            assert base is not None
             return f"Arm {base.name} reached {self.goal} = {self.arm_headline(base)}."
         if inf.improvements:
             best = min(inf.improvements,
@@ -352,7 +353,7 @@ class _Writer:
             f"{spec.design} over " + "; ".join(f"{k} ∈ {{{_value(v)}}}" for k, v in spec.factors.items())
             if spec.factors else "explicit arms"
         )
-        metrics = spec.metrics.protocol
+        metrics: str = spec.metrics.protocol
         if spec.metrics.protocol == "json_line":
             metrics += f" (prefix {spec.metrics.json_prefix})"
         elif spec.metrics.patterns:
@@ -535,11 +536,11 @@ class _Writer:
         else:
             a = fa.anova
             label = "ANOVA"
-            rows = []
+            terms: list[tuple[str, str, str, str, str, str, str]] = []
             for row in a.rows:
                 p_holm = fa.p_holm(row.term)
                 key = f"anova[{row.term}]"
-                rows.append((
+                terms.append((
                     row.term,
                     self.fact(f"{key}.df", row.df, Kind.COUNT, f"{label} degrees of freedom of {row.term}", fa.run_ids),
                     self.fact(f"{key}.ss", row.sum_sq, Kind.STAT, f"{label} sum of squares of {row.term}", fa.run_ids),
@@ -550,7 +551,7 @@ class _Writer:
                     self.fact(f"{key}.eta", row.partial_eta_sq, Kind.STAT, f"{label} partial η² of {row.term}",
                               fa.run_ids),
                 ))
-            rows.append(("Residual", self.fact("anova.residual.df", a.residual_df, Kind.COUNT,
+            terms.append(("Residual", self.fact("anova.residual.df", a.residual_df, Kind.COUNT,
                                                "ANOVA residual degrees of freedom", fa.run_ids),
                          self.fact("anova.residual.ss", a.residual_sum_sq, Kind.STAT, "ANOVA residual sum of squares",
                                    fa.run_ids),
@@ -561,7 +562,7 @@ class _Writer:
                               " freedom left)")
             blocks.append(Paragraph(f"Analysis of variance of {self.goal} over the succeeded runs ({a.kind};"
                                     f" {structure}); p-values are Holm-corrected across the terms of the table."))
-            blocks.append(Table(("Term", "df", "Sum of squares", "F", "p", "p (Holm)", "partial η²"), tuple(rows)))
+            blocks.append(Table(("Term", "df", "Sum of squares", "F", "p", "p (Holm)", "partial η²"), tuple(terms)))
         findings = self.factor_findings(fa)
         if findings:
             blocks += [Paragraph("Findings (each from a test in the table above):"), Bullets(tuple(findings))]
@@ -576,8 +577,11 @@ class _Writer:
         def term(name: str, what: str) -> str:
             return self.book.cite(f"anova[{name}].{what}", *_anova_fact(fa, name, what, self.goal), fa.run_ids)
 
+        def eta(e: FactorEffect) -> float:
+            return (e.anova_row.partial_eta_sq or 0.0) if e.anova_row is not None else 0.0
+
         significant = sorted((e for e in fa.effects if e.significant and e.anova_row is not None),
-                             key=lambda e: -(e.anova_row.partial_eta_sq or 0.0))
+                             key=lambda e: -eta(e))
         for e in significant:
             best = e.best_level(self.spec.maximize)
             best_text = ""
@@ -591,7 +595,7 @@ class _Writer:
             top = significant[0]
             others = [e for e in fa.effects
                       if e is not top and e.anova_row is not None and e.anova_row.partial_eta_sq is not None
-                      and (top.anova_row.partial_eta_sq or 0) > e.anova_row.partial_eta_sq]
+                      and eta(top) > e.anova_row.partial_eta_sq]
             if others:
                 names = ", ".join(f"{e.factor} (partial η² = {term(e.factor, 'eta')})" for e in others)
                 out.insert(0, f"{top.factor} matters more than {', '.join(e.factor for e in others)} here: it explains"
@@ -723,7 +727,7 @@ class _Writer:
             timed = [r for r in runs if r.duration_s is not None]
             cost = sum(shares[r.id] if rented else r.cost or 0.0 for r in costed) if costed else None
             total = sum(r.duration_s or 0.0 for r in timed) if timed else None
-            mean = total / len(timed) if timed else None
+            mean = total / len(timed) if total is not None else None  # total is set exactly when timed is not empty
             rows.append((
                 arm.name,
                 self.count(f"arm[{arm.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {arm.name}",
@@ -922,7 +926,8 @@ class _Writer:
 
 
 def _anova_fact(fa: FactorAnalysis, term: str, what: str, goal: str) -> tuple[float | None, Kind, str]:
-    row = next(r for r in fa.anova.rows if r.term == term)  # type: ignore[union-attr]
+    assert fa.anova is not None  # cited only from the ANOVA table's findings
+    row = next(r for r in fa.anova.rows if r.term == term)
     if what == "F":
         return row.f, Kind.STAT, f"ANOVA F statistic of {term}"
     if what == "eta":

@@ -125,13 +125,14 @@ def aggregated_metrics(inference: Inference) -> dict[str, Any]:
         for g in inference.goals
     }
     base = inference.goal(inference.baseline) if inference.baseline else None
-    proposed = [g for g in inference.goals if g.name != inference.baseline and g.describe.mean is not None]
-    best = None
-    if proposed:
-        best = (max if summary.maximize else min)(proposed, key=lambda g: g.describe.mean)
+    proposed = [(g.describe.mean, g) for g in inference.goals
+                if g.name != inference.baseline and g.describe.mean is not None]
+    best_mean, best = ((max if summary.maximize else min)(proposed, key=lambda pair: pair[0]) if proposed
+                       else (None, None))
+    base_mean = base.describe.mean if base is not None else None
     gap = None
-    if best is not None and base is not None and base.describe.mean not in (None, 0):
-        raw = (best.describe.mean - base.describe.mean) / abs(base.describe.mean) * 100.0
+    if best_mean is not None and base_mean is not None and base_mean != 0:
+        raw = (best_mean - base_mean) / abs(base_mean) * 100.0
         gap = raw if summary.maximize else -raw
     comparison = inference.comparison(best.name) if best is not None else None
     return {

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from ratiocinator.errors import SpecError
 
@@ -217,7 +218,7 @@ def _is_union_tag(part: str | int) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
 
 
-def _expected(err: dict[str, Any]) -> str:
+def _expected(err: ErrorDetails) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         return msg[len("Value error, ") :]

@@ -352,6 +352,13 @@ class RunRow:
         return None if self.ended_at is None else self.ended_at - self.started_at
 
 
+def inserted_id(cursor: sqlite3.Cursor) -> int:
+    """The rowid of the row the INSERT run on ``cursor`` just added."""
+    rowid = cursor.lastrowid
+    assert rowid is not None  # set by every successful INSERT
+    return rowid
+
+
 def _float_or_none(value: float) -> float | None:
     return value if value == value and value not in (float("inf"), float("-inf")) else None
 
@@ -564,7 +571,7 @@ class Ledger:
                 (experiment_id, arm_id, replicate, seed, attempt, time.time(), host, slot, commit_sha,
                  json.dumps(env, sort_keys=True), json.dumps(argv)),
             )
-            run_id = int(cur.lastrowid)
+            run_id = inserted_id(cur)
             run_dir = Path(run_root) / str(run_id)
             db.execute(
                 "UPDATE runs SET log_dir = ?, out_dir = ? WHERE id = ?", (str(run_dir), str(run_dir / "out"), run_id)
@@ -694,8 +701,9 @@ class Ledger:
         if not rows:
             empty = np.empty(0, dtype="<i8")
             return empty, empty.copy(), np.empty(0, dtype="<f8")
-        return tuple(np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows])  # type: ignore[return-value]
-                     for i, dt in enumerate(("<i8", "<i8", "<f8")))
+        seqs, steps, vals = (np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows])
+                             for i, dt in enumerate(("<i8", "<i8", "<f8")))
+        return seqs, steps, vals
 
     def points(self, run_id: int, name: str) -> list[tuple[int, int | None, float | None]]:
         """(seq, step, value) of one metric of one run, in order; non-finite values as None."""
@@ -790,7 +798,7 @@ class Ledger:
                  json.dumps(request, sort_keys=True, default=str), json.dumps(response, sort_keys=True, default=str),
                  text, input_tokens, output_tokens, cost, latency_s, attempts, replayed_from, time.time()),
             )
-            call_id = int(cur.lastrowid)
+            call_id = inserted_id(cur)
         return self.llm_call(call_id)
 
     def llm_call(self, call_id: int) -> LlmCallRow:
@@ -831,7 +839,7 @@ class Ledger:
                 " 'reserved', ?, ?, ?)",
                 (experiment_id, run_id, kind, amount, time.time(), note),
             )
-            return int(cur.lastrowid)
+            return inserted_id(cur)
 
     def settle(self, charge_id: int, amount: float) -> None:
         with self.transaction() as db:
