@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,7 +371,7 @@ def filter_requirements(path: Path, exclude: Iterable[str], *, root: Path | None
     return "".join(_filtered_lines(within(root, Path(path).resolve(), "deps.requirements"), excluded, set(), root))
 
 
-def _filtered_lines(path: Path, excluded: set[str], seen: set[Path], root: Path) -> Iterator[str]:
+def _filtered_lines(path: Path, excluded: AbstractSet[str], seen: set[Path], root: Path) -> Iterator[str]:
     path = within(root, path, "the requirements file")  # an -r or -c line may point anywhere
     if path in seen:
         return

@@ -112,7 +112,7 @@ def update(ledger: Ledger, row_id: int, **fields: Any) -> None:
 
 
 def rows(ledger: Ledger, *, live: bool = False, experiment_id: str | None = None) -> list[InstanceRow]:
-    query, args = "SELECT * FROM instances WHERE 1", []
+    query, args = "SELECT * FROM instances WHERE 1", list[str]()
     if live:
         query += f" AND state IN ({','.join('?' * len(LIVE_STATES))})"
         args += list(LIVE_STATES)
@@ -148,5 +148,5 @@ def run_shares(instance_rows: list[InstanceRow], runs: dict[int, tuple[str, floa
     return shares
 
 
-__all__ = ["LIVE_STATES", "InstanceRow", "get", "is_legacy_label", "label_for", "label_owner", "record_requested", "rows", "run_shares",
-           "runs_on", "update"]
+__all__ = ["LIVE_STATES", "InstanceRow", "get", "is_legacy_label", "label_for", "label_owner", "record_requested",
+           "rows", "run_shares", "runs_on", "update"]

@@ -769,7 +769,8 @@ class Ledger:
         return [DecisionRecord.from_event(e) for e in self.events(experiment_id)
                 if e["kind"] == EventKind.DECISION and "plan" in e["data"]]
 
-    def record_readiness(self, experiment_id: str, verdict: ReadinessRecord, message: str, *, level: str = "info") -> None:
+    def record_readiness(self, experiment_id: str, verdict: ReadinessRecord, message: str, *,
+                         level: str = "info") -> None:
         kind = EventKind.READINESS_SKIPPED if verdict.skipped else EventKind.READINESS
         self.event(experiment_id, kind, message, level=level, **verdict.data())
 
