@@ -9,6 +9,7 @@ links back out of a rendered file, which is what ``ratiocinator verify`` checks.
 
 from __future__ import annotations
 
+import abc
 import base64
 import html
 import re
@@ -109,42 +110,98 @@ def _md_token(fid: str, text: str, title: str) -> str:
     return f"[{_md_escape(text)}](#{fid})"
 
 
+class Renderer(abc.ABC):
+    """One output format: a method per block type, and how the rendered blocks make a document.
+
+    `render` is the only place that tells blocks apart, so a new block type is one more method
+    here (every format must then implement it) and a new format is one more subclass.
+    """
+
+    def __init__(self, book: FactBook) -> None:
+        self.book = book
+
+    def render(self, title: str, blocks: Sequence[Block]) -> str:
+        return self.document(title, [getattr(self, _METHOD[type(block)])(block) for block in blocks])
+
+    @abc.abstractmethod
+    def heading(self, block: Heading) -> str: ...
+
+    @abc.abstractmethod
+    def abstract(self, block: Abstract) -> str: ...
+
+    @abc.abstractmethod
+    def paragraph(self, block: Paragraph) -> str: ...
+
+    @abc.abstractmethod
+    def bullets(self, block: Bullets) -> str: ...
+
+    @abc.abstractmethod
+    def fields(self, block: Fields) -> str: ...
+
+    @abc.abstractmethod
+    def table(self, block: Table) -> str: ...
+
+    @abc.abstractmethod
+    def figure(self, block: Figure) -> str: ...
+
+    @abc.abstractmethod
+    def code(self, block: Code) -> str: ...
+
+    @abc.abstractmethod
+    def document(self, title: str, body: list[str]) -> str:
+        """The whole file around the rendered blocks."""
+
+
+_METHOD: dict[type, str] = {Heading: "heading", Abstract: "abstract", Paragraph: "paragraph", Bullets: "bullets",
+                            Fields: "fields", Table: "table", Figure: "figure", Code: "code"}
+
+
+class _Markdown(Renderer):
+    def text(self, text: str) -> str:
+        return _with_facts(text, self.book, _md_escape, _md_token)
+
+    def cell(self, text: str) -> str:
+        return self.text(text).replace("\n", " ")
+
+    def heading(self, block: Heading) -> str:
+        return "#" * (block.level + 1) + " " + self.cell(block.text) + "\n"
+
+    def abstract(self, block: Abstract) -> str:
+        return "**Abstract.** " + self.text(block.text) + "\n"
+
+    def paragraph(self, block: Paragraph) -> str:
+        return self.text(block.text) + "\n"
+
+    def bullets(self, block: Bullets) -> str:
+        return "".join(f"- {self.cell(item)}\n" for item in block.items)
+
+    def fields(self, block: Fields) -> str:
+        return "".join(f"- **{self.cell(k)}:** {self.cell(v)}\n" for k, v in block.rows)
+
+    def table(self, block: Table) -> str:
+        out = ["| " + " | ".join(self.cell(h) for h in block.header) + " |", "|" + "---|" * len(block.header)]
+        for i, row in enumerate(block.rows):
+            cells = [self.cell(c) for c in row]
+            if block.anchors:
+                cells[0] = f'<a id="{block.anchors[i]}"></a>{cells[0]}'
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out) + "\n"
+
+    def figure(self, block: Figure) -> str:
+        caption = self.cell(block.file.caption)
+        return f"![{caption}]({block.file.stem}.png)\n\n*{caption}*\n"
+
+    def code(self, block: Code) -> str:
+        text = clean(block.text)
+        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+        return f"{fence}text\n{text}\n{fence}\n"
+
+    def document(self, title: str, body: list[str]) -> str:
+        return "\n".join([f"# {self.cell(title)}", "", *body])
+
+
 def render_markdown(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    def t(text: str) -> str:
-        return _with_facts(text, book, _md_escape, _md_token)
-
-    def cell(text: str) -> str:
-        return t(text).replace("\n", " ")
-
-    out = [f"# {cell(title)}", ""]
-    for block in blocks:
-        if isinstance(block, Heading):
-            out += ["#" * (block.level + 1) + " " + cell(block.text), ""]
-        elif isinstance(block, Abstract):
-            out += ["**Abstract.** " + t(block.text), ""]
-        elif isinstance(block, Paragraph):
-            out += [t(block.text), ""]
-        elif isinstance(block, Bullets):
-            out += [f"- {cell(item)}" for item in block.items] + [""]
-        elif isinstance(block, Fields):
-            out += [f"- **{cell(k)}:** {cell(v)}" for k, v in block.rows] + [""]
-        elif isinstance(block, Table):
-            out.append("| " + " | ".join(cell(h) for h in block.header) + " |")
-            out.append("|" + "---|" * len(block.header))
-            for i, row in enumerate(block.rows):
-                cells = [cell(c) for c in row]
-                if block.anchors:
-                    cells[0] = f'<a id="{block.anchors[i]}"></a>{cells[0]}'
-                out.append("| " + " | ".join(cells) + " |")
-            out.append("")
-        elif isinstance(block, Figure):
-            caption = cell(block.file.caption)
-            out += [f"![{caption}]({block.file.stem}.png)", "", f"*{caption}*", ""]
-        else:
-            text = clean(block.text)
-            fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
-            out += [fence + "text", text, fence, ""]
-    return "\n".join(out)
+    return _Markdown(book).render(title, blocks)
 
 
 # -- HTML ------------------------------------------------------------------------------
@@ -177,44 +234,55 @@ def _html_token(fid: str, text: str, title: str) -> str:
     return f'<a class="fact" href="#{fid}" title="{html.escape(title)}">{html.escape(text)}</a>'
 
 
-def render_html(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    def t(text: str) -> str:
-        return _with_facts(text, book, _html_escape, _html_token)
+class _Html(Renderer):
+    def text(self, text: str) -> str:
+        return _with_facts(text, self.book, _html_escape, _html_token)
 
-    body: list[str] = [f"<h1>{_html_escape(title)}</h1>"]
-    for block in blocks:
-        if isinstance(block, Heading):
-            body.append(f"<h{block.level + 1}>{t(block.text)}</h{block.level + 1}>")
-        elif isinstance(block, Abstract):
-            body.append(f'<div class="abstract"><strong>Abstract.</strong> {t(block.text)}</div>')
-        elif isinstance(block, Paragraph):
-            body.append(f"<p>{t(block.text)}</p>")
-        elif isinstance(block, Bullets):
-            body.append("<ul>" + "".join(f"<li>{t(item)}</li>" for item in block.items) + "</ul>")
-        elif isinstance(block, Fields):
-            rows = "".join(f"<tr><th>{t(k)}</th><td>{t(v)}</td></tr>" for k, v in block.rows)
-            body.append(f'<table class="fields">{rows}</table>')
-        elif isinstance(block, Table):
-            head = "".join(f"<th>{t(h)}</th>" for h in block.header)
-            rows = "".join(
-                (f'<tr id="{block.anchors[i]}">' if block.anchors else "<tr>")
-                + "".join(f"<td>{t(c)}</td>" for c in row) + "</tr>"
-                for i, row in enumerate(block.rows)
-            )
-            body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
-        elif isinstance(block, Figure):
-            data = base64.b64encode(block.file.png).decode("ascii")
-            caption = _html_escape(block.file.caption)
-            body.append(f'<figure><img alt="{caption}"'
-                        f' src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
-        else:
-            body.append(f"<pre><code>{_html_escape(block.text)}</code></pre>")
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_html_escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
+    def heading(self, block: Heading) -> str:
+        return f"<h{block.level + 1}>{self.text(block.text)}</h{block.level + 1}>"
+
+    def abstract(self, block: Abstract) -> str:
+        return f'<div class="abstract"><strong>Abstract.</strong> {self.text(block.text)}</div>'
+
+    def paragraph(self, block: Paragraph) -> str:
+        return f"<p>{self.text(block.text)}</p>"
+
+    def bullets(self, block: Bullets) -> str:
+        return "<ul>" + "".join(f"<li>{self.text(item)}</li>" for item in block.items) + "</ul>"
+
+    def fields(self, block: Fields) -> str:
+        rows = "".join(f"<tr><th>{self.text(k)}</th><td>{self.text(v)}</td></tr>" for k, v in block.rows)
+        return f'<table class="fields">{rows}</table>'
+
+    def table(self, block: Table) -> str:
+        head = "".join(f"<th>{self.text(h)}</th>" for h in block.header)
+        rows = "".join(
+            (f'<tr id="{block.anchors[i]}">' if block.anchors else "<tr>")
+            + "".join(f"<td>{self.text(c)}</td>" for c in row) + "</tr>"
+            for i, row in enumerate(block.rows)
+        )
+        return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+
+    def figure(self, block: Figure) -> str:
+        data = base64.b64encode(block.file.png).decode("ascii")
+        caption = _html_escape(block.file.caption)
+        return (f'<figure><img alt="{caption}"'
+                f' src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
+
+    def code(self, block: Code) -> str:
+        return f"<pre><code>{_html_escape(block.text)}</code></pre>"
+
+    def document(self, title: str, body: list[str]) -> str:
+        return (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{_html_escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join([f"<h1>{_html_escape(title)}</h1>", *body])
+            + "\n</body>\n</html>\n"
+        )
+
+
+def render_html(title: str, blocks: Sequence[Block], book: FactBook) -> str:
+    return _Html(book).render(title, blocks)
 
 
 # -- LaTeX -----------------------------------------------------------------------------
@@ -303,61 +371,74 @@ def _tex_code(text: str) -> str:
     return "\\begin{verbatim}\n" + "\n".join(lines).replace("\\end{verbatim}", "\\end {verbatim}") + "\n\\end{verbatim}"
 
 
-def render_latex(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    def t(text: str) -> str:
-        return _with_facts(text, book, tex_escape, _tex_token)
+class _Latex(Renderer):
+    SECTIONS = {1: "section", 2: "subsection", 3: "subsubsection"}
 
-    def shown(text: str) -> str:
+    def text(self, text: str) -> str:
+        return _with_facts(text, self.book, tex_escape, _tex_token)
+
+    def shown(self, text: str) -> str:
+        """What the reader sees of ``text`` (facts by their displayed text), to size columns by."""
         parts = split(text)
-        return "".join(p if i % 2 == 0 else book.by_id[p].text for i, p in enumerate(parts))
+        return "".join(p if i % 2 == 0 else self.book.by_id[p].text for i, p in enumerate(parts))
 
-    sections = {1: "section", 2: "subsection", 3: "subsubsection"}
-    body: list[str] = []
-    for block in blocks:
-        if isinstance(block, Heading):
-            body.append(rf"\{sections.get(block.level, 'paragraph')}{{{t(block.text)}}}")
-        elif isinstance(block, Abstract):
-            body.append("\\begin{abstract}\n" + t(block.text) + "\n\\end{abstract}")
-        elif isinstance(block, Paragraph):
-            body.append(t(block.text) + "\n")
-        elif isinstance(block, Bullets):
-            body.append("\\begin{itemize}\n" + "\n".join(rf"\item {t(i)}" for i in block.items) + "\n\\end{itemize}")
-        elif isinstance(block, Fields):
-            rows = "\n".join(rf"\textbf{{{t(k)}}} & {t(v)} \\" for k, v in block.rows)
-            body.append(
-                "{\\small\n\\begin{longtable}{>{\\raggedright\\arraybackslash}p{0.25\\linewidth}"
-                ">{\\raggedright\\arraybackslash}p{0.68\\linewidth}}\n" + rows + "\n\\end{longtable}}"
-            )
-        elif isinstance(block, Table):
-            head = " & ".join(rf"\textbf{{{t(h)}}}" for h in block.header) + r" \\"
-            lines = []
-            for i, row in enumerate(block.rows):
-                cells = [t(c) for c in row]
-                if block.anchors:
-                    cells[0] = rf"\hypertarget{{{block.anchors[i]}}}{{}}{cells[0]}"
-                lines.append(" & ".join(cells) + r" \\")
-            body.append(
-                "{\\scriptsize\\setlength{\\tabcolsep}{3pt}\n"
-                f"\\begin{{longtable}}{{{_tex_columns(block.header, block.rows, shown)}}}\n"
-                f"\\toprule\n{head}\n\\midrule\n\\endhead\n"
-                + "\n".join(lines)
-                + "\n\\bottomrule\n\\end{longtable}}"
-            )
-        elif isinstance(block, Figure):
-            body.append(
-                "\\begin{figure}[htbp]\n\\centering\n"
-                rf"\includegraphics[width=\linewidth,height=0.85\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
-                f"\n\\caption{{{tex_escape(block.file.caption)}}}\n\\end{{figure}}"
-            )
-        else:
-            body.append(_tex_code(block.text))
-    return (
-        _TEX_PREAMBLE
-        + f"\\title{{{tex_escape(title)}}}\n\\author{{Ratiocinator}}\n\\date{{}}\n"
-        + "\\begin{document}\n\\maketitle\n\n"
-        + "\n\n".join(body)
-        + "\n\n\\end{document}\n"
-    )
+    def heading(self, block: Heading) -> str:
+        return rf"\{self.SECTIONS.get(block.level, 'paragraph')}{{{self.text(block.text)}}}"
+
+    def abstract(self, block: Abstract) -> str:
+        return "\\begin{abstract}\n" + self.text(block.text) + "\n\\end{abstract}"
+
+    def paragraph(self, block: Paragraph) -> str:
+        return self.text(block.text) + "\n"
+
+    def bullets(self, block: Bullets) -> str:
+        return "\\begin{itemize}\n" + "\n".join(rf"\item {self.text(i)}" for i in block.items) + "\n\\end{itemize}"
+
+    def fields(self, block: Fields) -> str:
+        rows = "\n".join(rf"\textbf{{{self.text(k)}}} & {self.text(v)} \\" for k, v in block.rows)
+        return (
+            "{\\small\n\\begin{longtable}{>{\\raggedright\\arraybackslash}p{0.25\\linewidth}"
+            ">{\\raggedright\\arraybackslash}p{0.68\\linewidth}}\n" + rows + "\n\\end{longtable}}"
+        )
+
+    def table(self, block: Table) -> str:
+        head = " & ".join(rf"\textbf{{{self.text(h)}}}" for h in block.header) + r" \\"
+        lines = []
+        for i, row in enumerate(block.rows):
+            cells = [self.text(c) for c in row]
+            if block.anchors:
+                cells[0] = rf"\hypertarget{{{block.anchors[i]}}}{{}}{cells[0]}"
+            lines.append(" & ".join(cells) + r" \\")
+        return (
+            "{\\scriptsize\\setlength{\\tabcolsep}{3pt}\n"
+            f"\\begin{{longtable}}{{{_tex_columns(block.header, block.rows, self.shown)}}}\n"
+            f"\\toprule\n{head}\n\\midrule\n\\endhead\n"
+            + "\n".join(lines)
+            + "\n\\bottomrule\n\\end{longtable}}"
+        )
+
+    def figure(self, block: Figure) -> str:
+        return (
+            "\\begin{figure}[htbp]\n\\centering\n"
+            rf"\includegraphics[width=\linewidth,height=0.85\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
+            f"\n\\caption{{{tex_escape(block.file.caption)}}}\n\\end{{figure}}"
+        )
+
+    def code(self, block: Code) -> str:
+        return _tex_code(block.text)
+
+    def document(self, title: str, body: list[str]) -> str:
+        return (
+            _TEX_PREAMBLE
+            + f"\\title{{{tex_escape(title)}}}\n\\author{{Ratiocinator}}\n\\date{{}}\n"
+            + "\\begin{document}\n\\maketitle\n\n"
+            + "\n\n".join(body)
+            + "\n\n\\end{document}\n"
+        )
+
+
+def render_latex(title: str, blocks: Sequence[Block], book: FactBook) -> str:
+    return _Latex(book).render(title, blocks)
 
 
 # -- reading facts back ----------------------------------------------------------------
