@@ -95,6 +95,7 @@ class RunHandle(abc.ABC):
 
     pid: int | None = None
     pid_start: int | None = None
+    workdir: Path | None = None  # where the run started, when not the workspace's checkout (its own copy)
 
     @abc.abstractmethod
     def output(self) -> AsyncIterator[tuple[Stream, bytes]]:

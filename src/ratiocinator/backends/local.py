@@ -20,6 +20,7 @@ from ratiocinator.backends.base import (
     ExitInfo,
     HardwareFinding,
     Host,
+    LaunchFailure,
     LaunchRequest,
     RunHandle,
     Slot,
@@ -28,7 +29,7 @@ from ratiocinator.backends.base import (
 )
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
-from ratiocinator.errors import BackendError
+from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.execution.supervisor import Supervisor
 from ratiocinator.repo import workspace as ws
@@ -43,10 +44,12 @@ class LocalRunHandle(RunHandle):
     a stray grandchild still holds its pipes open (asyncio's own subprocess
     transport only reports exit once every pipe has closed)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.pid_start = process_start_time(proc.pid)
+        self._copy = copy  # (cached checkout, this run's working copy), removed once the run succeeded
+        self.workdir = copy[1] if copy else None
         self._exited = asyncio.get_running_loop().create_future()
         self._watch_exit()
 
@@ -114,6 +117,10 @@ class LocalRunHandle(RunHandle):
 
     async def reap_strays(self) -> None:
         kill_group(self.proc.pid, signal.SIGKILL)
+        if self._copy is not None and self.proc.poll() == 0:  # a failed run's copy stays, to look at
+            checkout, copy = self._copy
+            self._copy = None
+            await asyncio.to_thread(ws.drop_working_copy, checkout, copy)
 
 
 class LocalBackend(Backend):
@@ -128,6 +135,8 @@ class LocalBackend(Backend):
 
     def __init__(self, home: Path) -> None:
         self.home = home
+        self._checkout: Path | None = None  # the prepared (cached) checkout: runs get copies of it
+        self._copying = asyncio.Lock()  # git records worktrees one at a time
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
         return compare_local(loaded.spec.hardware, probe_machine(self.home))
@@ -178,22 +187,36 @@ class LocalBackend(Backend):
             await asyncio.to_thread(
                 ws.run_verify, checkout, spec.deps.verify, {**inherited, **env}, timeout_s=spec.download_timeout_s
             )
+        self._checkout = Path(checkout).resolve()
         return Workspace(checkout=checkout, env=env)
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         env = dict(request.env)
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
+        argv, cwd, copy = request.argv, request.cwd, None
+        if self._checkout is not None and Path(request.cwd).resolve() == self._checkout:
+            copy = await self._working_copy(request.log_dir / "work")
+            argv, cwd, env = _moved(argv, self._checkout, copy), copy, _moved_env(env, self._checkout, copy)
         try:
             proc = subprocess.Popen(
-                request.argv, cwd=request.cwd, env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             )
         except OSError as exc:
             raise launch_failure(request.argv, exc) from None
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
             Supervisor.watch(proc.pid, process_start_time(proc.pid), request.timeout_s)
-        return LocalRunHandle(proc)
+        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None)
+
+    async def _working_copy(self, dest: Path) -> Path:
+        """The run's own copy of the prepared commit (see `repo.workspace.working_copy`)."""
+        assert self._checkout is not None
+        async with self._copying:
+            try:
+                return await asyncio.to_thread(ws.working_copy, self._checkout, dest)
+            except (WorkspaceError, OSError) as exc:
+                raise LaunchFailure(f"could not make the run's working copy: {exc}", transient=True) from None
 
     async def release(self, host: Host) -> None:
         """Nothing is rented locally."""
@@ -206,3 +229,13 @@ class LocalBackend(Backend):
         if alive_start is not None and pid_start is not None and alive_start != pid_start:
             return False  # the PID now belongs to an unrelated process
         return kill_group(pid, signal.SIGKILL)
+
+
+def _moved(argv: tuple[str, ...], old: Path, new: Path) -> tuple[str, ...]:
+    """Arguments naming a path in the cached checkout name the same path in the run's copy."""
+    prefix = str(old) + os.sep
+    return tuple(str(new) + a[len(str(old)):] if a == str(old) or a.startswith(prefix) else a for a in argv)
+
+
+def _moved_env(env: dict[str, str], old: Path, new: Path) -> dict[str, str]:
+    return dict(zip(env, _moved(tuple(env.values()), old, new), strict=True))

@@ -157,7 +157,7 @@ async def _smoke_one(
     diagnosis = diagnose(RunEvidence(
         exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out, timeout_s=timeout_s,
         goal=spec.goal_metric, final=summary.final, stdout=stdout, stderr=read_log(run_dir / "stderr.log"),
-        checkout=workspace.checkout, malformed_metric_lines=parser.problem_count,
+        checkout=handle.workdir or workspace.checkout, malformed_metric_lines=parser.problem_count,
         dropped_metric_names=parser.dropped_names,
     ))
     if timed_out:  # in a smoke run the limit is the check's, not train_timeout_s

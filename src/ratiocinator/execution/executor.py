@@ -136,6 +136,7 @@ class Executor:
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.live: dict[int, bool] = {}  # run id -> another run shared the host while it was alive
         self.started_at: dict[int, float] = {}  # live run id -> when it started (for the idle-slot rule)
+        self._workdirs: dict[int, Path] = {}  # live run id -> its working copy, when the backend made one
         self.last_iteration = last_iteration  # no later iteration will want the slots this one leaves idle
         self._giving_back: list[asyncio.Task[None]] = []
         self.transient_failures = ledger.transient_failures(experiment_id)
@@ -450,6 +451,8 @@ class Executor:
                 )
                 return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, cause)
             self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
+            if handle.workdir is not None:  # its own working copy: tracebacks point there
+                self._workdirs[run_id] = handle.workdir
             try:
                 exit_info, timed_out = await self._supervise(handle, stream)
             except LaunchFailure as exc:  # the backend lost the run's host mid-run
@@ -531,7 +534,7 @@ class Executor:
                 exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out,
                 timeout_s=self.spec.train_timeout_s, goal=goal, final=final,
                 stdout=read_log(run_dir / "stdout.log"), stderr=read_log(run_dir / "stderr.log"),
-                checkout=self.workspace.checkout, shared_host=shared,
+                checkout=self._workdirs.pop(run_id, self.workspace.checkout), shared_host=shared,
                 oom_kills=(oom_after - oom_before) if oom_before is not None and oom_after is not None else 0,
                 malformed_metric_lines=stream.parser.problem_count, dropped_metric_names=stream.parser.dropped_names,
             ))

@@ -153,6 +153,31 @@ def lfs_files(checkout: Path) -> list[str]:
     return [line for line in listed.stdout.splitlines() if line.strip()]
 
 
+def working_copy(checkout: Path, dest: Path) -> Path:
+    """A run's own working copy of the cached checkout's commit, at ``dest``: a git worktree (tracked
+    files written afresh, git's objects shared), the content of files under Git LFS copied in, and the
+    untracked top-level entries the deps steps left in the checkout (data) linked, not copied. The
+    cached checkout is never written by a run, and concurrent runs never share a file."""
+    checkout = Path(checkout).resolve()
+    _git_ok(["-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet", "--force", "--", str(dest),
+             "HEAD"], cwd=checkout, what=f"making a working copy of {checkout}", extra_env={"GIT_LFS_SKIP_SMUDGE": "1"})
+    for name in lfs_files(checkout):
+        shutil.copyfile(checkout / name, dest / name)
+    others = _git(["ls-files", "--others", "--directory", "--no-empty-directory", "-z"], cwd=checkout).stdout
+    for entry in {p.split("/", 1)[0] for p in others.split("\0") if p}:
+        if not (dest / entry).exists():
+            (dest / entry).symlink_to(checkout / entry)
+    return dest
+
+
+def drop_working_copy(checkout: Path, dest: Path) -> None:
+    """Remove a run's working copy (and git's record of it); what is left of a failed removal is pruned later."""
+    _git(["worktree", "remove", "--force", "--force", str(dest)], cwd=Path(checkout))
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        _git(["worktree", "prune"], cwd=Path(checkout))
+
+
 def find_lfs_pointers(checkout: Path) -> list[str]:
     """Tracked files that are still Git LFS pointers instead of their content."""
     listed = _git_ok(["ls-files", "-z"], cwd=checkout, what=f"listing files of {checkout}")
