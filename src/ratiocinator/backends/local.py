@@ -105,7 +105,7 @@ class LocalRunHandle(RunHandle):
         kill_group(self.proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         kill_group(self.proc.pid, signal.SIGKILL)
 

@@ -209,7 +209,7 @@ class _Lock:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.fh = open(path, "a")
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         fcntl.flock(self.fh, fcntl.LOCK_EX)
         return self
 

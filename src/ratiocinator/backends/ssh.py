@@ -435,7 +435,7 @@ class SshRunHandle(FollowedRunHandle):
         await self._signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
-        except (asyncio.TimeoutError, LaunchFailure):
+        except (TimeoutError, LaunchFailure):
             pass
         await self._signal(signal.SIGKILL)
 

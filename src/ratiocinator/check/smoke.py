@@ -139,7 +139,7 @@ async def _smoke_one(
         await consumer
         return SmokeOutcome(arm, Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
                                            transient=exc.transient), series, run_dir, time.monotonic() - started)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         timed_out = True
         await handle.cancel()
         exit_info = await handle.wait()

@@ -485,7 +485,7 @@ class Executor:
         timed_out = False
         try:
             exit_info = await asyncio.wait_for(asyncio.shield(handle.wait()), self.spec.train_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             await handle.cancel()
             exit_info = await handle.wait()
