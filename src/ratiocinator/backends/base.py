@@ -209,7 +209,7 @@ class Backend(abc.ABC):
         """Lines ``plan`` prints about where runs would go, from the hardware findings."""
         return [f"{self.name}: {status} — {detail}" for status, detail in sorted({(f.status, f.detail) for f in findings})]
 
-    def attach(self, budget: Budget) -> None:
+    def attach(self, budget: Budget) -> None:  # noqa: B027  # an optional hook: most backends spend only per run
         """Before `acquire`: the experiment this backend works for, through its budget (and ledger), for a
         backend that spends beyond per-run prices (rented instances: reserved and charged through it, and
         what a dead orchestrator left is destroyed)."""

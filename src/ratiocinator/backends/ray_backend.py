@@ -221,7 +221,7 @@ class RunActor:
         assert self.proc is not None and self.rundir is not None
         code = self.proc.poll()  # before reading, so nothing written before exit is missed
         chunks = []
-        for name, offset in zip(("stdout", "stderr"), offsets):
+        for name, offset in zip(("stdout", "stderr"), offsets, strict=True):
             with open(self.rundir / f"{name}.log", "rb") as fh:
                 fh.seek(offset)
                 chunks.append(fh.read(limit))
@@ -489,7 +489,7 @@ class RayBackend(Backend):
         nodes = [n for n in await asyncio.to_thread(self._nodes) if self._fits(n["Resources"], spec.hardware.num_gpus)]
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify) for n in nodes]
-        for node, ref in zip(nodes, refs):
+        for node, ref in zip(nodes, refs, strict=True):
             try:
                 result = await _get(ref)
             except Exception as exc:  # noqa: BLE001 - Ray wraps whatever the node raised

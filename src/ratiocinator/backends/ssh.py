@@ -744,8 +744,8 @@ class SshBackend(Backend):
             return proc.exit_status, lines, stderr
 
         code, lines, stderr = await machine.call(run_prepare)
-        result = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_PREPARED ")), None)
-        failed = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_FAILED ")), None)
+        result = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_PREPARED ")), None)
+        failed = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_FAILED ")), None)
         if failed is not None:
             raise WorkspaceError(
                 f"{failed['title']} {failed['outcome']} on {label} in {remote_checkout}; last lines of its output:\n"
@@ -916,7 +916,7 @@ def _raise_step_failure(done: asyncssh.SSHCompletedProcess, label: str, where: s
     if done.exit_status == 0:
         return
     lines = str(done.stdout).splitlines()
-    failed = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_FAILED ")), None)
+    failed = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_FAILED ")), None)
     if failed is not None:
         raise WorkspaceError(f"{what} on {label} ({where}): {failed['title']} {failed['outcome']}:\n"
                              + "\n".join(failed["tail"][-20:]), hint=failed["hint"])

@@ -758,7 +758,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         if left:
             failures = [self._destroy_failures.get(r.row_id) for r in left]
             why = "; ".join(f"instance {r.provider_id or '?'}: {f.message if f else 'not destroyed'}"
-                            for r, f in zip(left, failures))
+                            for r, f in zip(left, failures, strict=True))
             deadlines = ", ".join(f"{r.provider_id or '?'} at {time.strftime('%H:%M', time.localtime(inst.get(self.ledger, r.row_id).deadline))}"
                                   for r in left)
             error = CredentialsError if any(isinstance(f, CredentialsError) for f in failures) else BackendError
