@@ -180,8 +180,8 @@ class _Machine:
                     if key not in keys:  # a line may match both by name and by address
                         keys.append(key)
             except (ValueError, asyncssh.KeyImportError) as exc:
-                raise BackendError(f"the known_hosts file {path} is malformed: {exc}",
-                                   hint="fix or remove the bad line (`ssh-keygen -l -f FILE` lists what it can read)") from exc
+                hint = "fix or remove the bad line (`ssh-keygen -l -f FILE` lists what it can read)"
+                raise BackendError(f"the known_hosts file {path} is malformed: {exc}", hint=hint) from exc
         return keys
 
     def _pin(self, key: asyncssh.SSHKey) -> None:
@@ -244,8 +244,8 @@ class _Machine:
             )
         return BackendError(
             f"the host key of {cfg.label} ({offered}) is not in {files}; refusing to connect to an unverified host",
-            hint=f"connect once with `ssh -p {cfg.port} {cfg.label.rsplit(':', 1)[0]}` and check the fingerprint, or set"
-            " trust_on_first_use: true on this host to pin its key on the first connection",
+            hint=f"connect once with `ssh -p {cfg.port} {cfg.label.rsplit(':', 1)[0]}` and check the fingerprint,"
+            " or set trust_on_first_use: true on this host to pin its key on the first connection",
         )
 
     async def _resolve_workdir(self, sftp: asyncssh.SFTPClient) -> str:
@@ -420,8 +420,8 @@ class SshRunHandle(FollowedRunHandle):
         except LaunchFailure as exc:
             self._exited.set_exception(exc)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the run, as infra
-            self._exited.set_exception(LaunchFailure(f"following the run on {self.machine.config.label} failed: {exc!r}",
-                                                   transient=True))
+            self._exited.set_exception(LaunchFailure(
+                f"following the run on {self.machine.config.label} failed: {exc!r}", transient=True))
         finally:  # on a lost host the record stays: the run may live on, for reconcile to kill
             self._chunks.put_nowait(None)
 
@@ -540,15 +540,19 @@ class SshBackend(Backend):
         out: list[HardwareFinding] = []
         if hw.num_gpus:
             short = [f"{h.label} lists {len(h.gpus or [])}" for h in self.hosts if len(h.gpus or []) < hw.num_gpus]
+            if short:
+                listed = "; ".join(short) + " GPU index(es) in hosts[].gpus"
+            else:
+                listed = "every host lists enough in hosts[].gpus"
             out.append(HardwareFinding("num_gpus", "unmet" if short else "ok",
-                                       f"needs {hw.num_gpus} per run; " + ("; ".join(short) + " GPU index(es) in hosts[].gpus"
-                                                                            if short else "every host lists enough in hosts[].gpus")))
+                                       f"needs {hw.num_gpus} per run; {listed}"))
         for name in ("gpu", "min_cuda_version", "min_cpu_ram_gb", "disk_gb"):
             if getattr(hw, name) is not None:
                 out.append(HardwareFinding(name, "unknown", "not probed on SSH hosts; the hosts are used as they are"))
         for name in ("min_inet_down", "image"):
             if getattr(hw, name) is not None:
-                out.append(HardwareFinding(name, "not_applicable", "SSH hosts are the user's own machines, not rentals"))
+                out.append(HardwareFinding(name, "not_applicable",
+                                           "SSH hosts are the user's own machines, not rentals"))
         if hw.max_dph is not None:
             price = self._price(loaded)
             out.append(HardwareFinding("max_dph", "ok" if price <= hw.max_dph else "unmet",
@@ -578,8 +582,10 @@ class SshBackend(Backend):
                 capacity = len(gpus) // per_run
                 if capacity == 0:
                     raise BackendError(
-                        f"hosts[{i}] ({cfg.label}): the spec needs {per_run} GPU(s) per run and the host lists {len(gpus)}",
-                        hint=f"list the host's GPU indices, e.g. gpus: {list(range(per_run))}, or set hardware.num_gpus: 0",
+                        f"hosts[{i}] ({cfg.label}): the spec needs {per_run} GPU(s) per run"
+                        f" and the host lists {len(gpus)}",
+                        hint=f"list the host's GPU indices, e.g. gpus: {list(range(per_run))},"
+                        " or set hardware.num_gpus: 0",
                     )
                 chunks = [tuple(gpus[k * per_run:(k + 1) * per_run]) for k in range(min(cfg.slots, capacity))]
             else:
@@ -637,7 +643,8 @@ class SshBackend(Backend):
                 done = await machine.launcher_run("facts")
             except HostLost as exc:
                 raise BackendError(f"cannot reach {machine.config.label}: {exc}",
-                                   hint="check the address, port and that sshd runs there (`ssh -p PORT user@host true`)") from None
+                                   hint="check the address, port and that sshd runs there"
+                                        " (`ssh -p PORT user@host true`)") from None
             if done.exit_status != 0:
                 raise BackendError(
                     f"{machine.config.python} on {machine.config.label} cannot run the launcher"
@@ -671,7 +678,8 @@ class SshBackend(Backend):
         lfs = await asyncio.to_thread(ws.lfs_files, checkout)
         filtered = None
         if spec.deps.requirements is not None:
-            filtered = ws.filter_requirements(checkout / spec.deps.requirements, tuple(spec.deps.exclude_from_requirements))
+            filtered = ws.filter_requirements(checkout / spec.deps.requirements,
+                                              tuple(spec.deps.exclude_from_requirements))
         job = {
             "pre_install": list(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "verify": spec.deps.verify, "timeout_s": spec.download_timeout_s,
@@ -697,7 +705,8 @@ class SshBackend(Backend):
         return path
 
     async def _prepare_machine(self, machine: _Machine, checkout: Path, commit: str, bundle: Path, lfs: list[str],
-                               filtered: str | None, job: dict[str, Any], on_output: Callable[[str], None] | None) -> None:
+                               filtered: str | None, job: dict[str, Any],
+                               on_output: Callable[[str], None] | None) -> None:
         label = machine.config.label
         try:
             await machine.session()
@@ -744,8 +753,8 @@ class SshBackend(Backend):
             return proc.exit_status, lines, stderr
 
         code, lines, stderr = await machine.call(run_prepare)
-        result = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_PREPARED ")), None)
-        failed = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_FAILED ")), None)
+        result = _marked(lines, "RATIOCINATOR_PREPARED")
+        failed = _marked(lines, "RATIOCINATOR_FAILED")
         if failed is not None:
             raise WorkspaceError(
                 f"{failed['title']} {failed['outcome']} on {label} in {remote_checkout}; last lines of its output:\n"
@@ -831,7 +840,8 @@ class SshBackend(Backend):
             reply = json.loads(str(done.stdout).strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise LaunchFailure(
-                f"the launcher on {machine.config.label} failed (exit {done.exit_status}): {str(done.stderr).strip()[-300:]}",
+                f"the launcher on {machine.config.label} failed (exit {done.exit_status}):"
+                f" {str(done.stderr).strip()[-300:]}",
                 transient=True) from None
         if "launch_error" in reply:
             error = reply["launch_error"]
@@ -912,15 +922,21 @@ def _zip_longest(groups: list[list[T]]) -> list[list[T]]:
     return rounds
 
 
+def _marked(lines: list[str], marker: str) -> Any:
+    """The JSON after the first line that starts with ``marker`` and a space (what remote.py reports), or None."""
+    return next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith(marker + " ")), None)
+
+
 def _raise_step_failure(done: asyncssh.SSHCompletedProcess, label: str, where: str, what: str) -> None:
     if done.exit_status == 0:
         return
     lines = str(done.stdout).splitlines()
-    failed = next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("RATIOCINATOR_FAILED ")), None)
+    failed = _marked(lines, "RATIOCINATOR_FAILED")
     if failed is not None:
         raise WorkspaceError(f"{what} on {label} ({where}): {failed['title']} {failed['outcome']}:\n"
                              + "\n".join(failed["tail"][-20:]), hint=failed["hint"])
-    raise WorkspaceError(f"{what} on {label} ({where}) failed (exit {done.exit_status}): {str(done.stderr).strip()[-500:]}",
+    raise WorkspaceError(f"{what} on {label} ({where}) failed (exit {done.exit_status}):"
+                         f" {str(done.stderr).strip()[-500:]}",
                          hint="check that git and Python 3 are installed on the host")
 
 
