@@ -326,7 +326,8 @@ class Executor:
                      if r.status in TERMINAL and (d := r.duration_s) is not None]
         wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
         reacquire = elastic.reacquire_s()
-        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
+        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait,
+                                reacquire_s=reacquire):
             return
         if stopping:
             why = "nothing more will be launched"
@@ -366,12 +367,14 @@ class Executor:
         self.transient_failures[key] = failures = self.transient_failures.get(key, 0) + 1
         return failures < self.policy.max_attempts
 
-    async def _retry_later(self, result: RunResult, planned: PlannedRun, work: asyncio.Queue[PlannedRun | _Wake]) -> None:
+    async def _retry_later(self, result: RunResult, planned: PlannedRun,
+                           work: asyncio.Queue[PlannedRun | _Wake]) -> None:
         failures = self.transient_failures[(result.arm, result.replicate)]
         delay = min(self.policy.retry_backoff_s * 2 ** (failures - 1), MAX_RETRY_BACKOFF_S)
         message = (f"run {result.run_id} ({result.arm} #{result.replicate}) failed transiently ({result.failure});"
                    f" attempt {failures + 1} of {self.policy.max_attempts} in {delay:g}s")
-        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure, delay_s=delay)
+        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure,
+                          delay_s=delay)
         self.progress.message(message)
         await asyncio.sleep(delay)
         work.put_nowait(planned)
@@ -430,9 +433,9 @@ class Executor:
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
         started = self.started_at[run_id] = time.time()
         oom_before = self.backend.oom_kills(self.host)
-        stream = _RunStream(self.ledger, run_id, logs, make_parser(
-            self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
-        ))
+        parser = make_parser(self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix,
+                             patterns=dict(self.spec.metrics.patterns))
+        stream = _RunStream(self.ledger, run_id, logs, parser)
         handle: RunHandle | None = None
         try:
             try:
