@@ -259,7 +259,8 @@ def test_an_instances_lifetime_counts_the_arms_a_factor_design_makes(study: Stud
     once = {"max_attempts": 1}
     grid = load_spec(study.spec(factors={"A": [1, 2], "B": [1, 2]}, replicates=2, train_timeout_s=100,
                                 failure_policy=once))
-    one = load_spec(study.spec(name="one", arms=[{"name": "a"}], replicates=2, train_timeout_s=100, failure_policy=once))
+    one = load_spec(study.spec(name="one", arms=[{"name": "a"}], replicates=2, train_timeout_s=100,
+                               failure_policy=once))
     # 4 arms × 2 replicates on one slot: 8 runs of 100 s, not the 2 a one-arm count would reserve.
     assert backend.ttl_s(grid, 1) == 10 + 20 + 8 * 100
     assert backend.ttl_s(one, 1) == 10 + 20 + 2 * 100
