@@ -26,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 START_WAIT_S = 30.0
 
@@ -40,7 +42,7 @@ def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
     os.rename(tmp, path)
 
 
-def start_ticks(pid: int):
+def start_ticks(pid: int) -> int | None:
     """Start time in clock ticks since boot: tells a reused PID apart."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -50,7 +52,7 @@ def start_ticks(pid: int):
         return None
 
 
-def _alive(pid: int, ticks) -> bool:
+def _alive(pid: int, ticks: int | None) -> bool:
     now = start_ticks(pid)
     if now is None:
         return False
@@ -105,7 +107,8 @@ def _supervise(rundir: str) -> None:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries already
             continue
-    status = {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None}
+    status: dict[str, float | None] = (
+        {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None})
     status["ended_at"] = time.time()
     _write_atomic(os.path.join(rundir, "exit_status"), json.dumps(status))
 
@@ -163,7 +166,7 @@ def _python_version() -> str:
     return ".".join(str(part) for part in sys.version_info[:3])
 
 
-def _read_json(path: str):
+def _read_json(path: str) -> Any:
     try:
         with open(path) as fh:
             return json.load(fh)
@@ -227,23 +230,29 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _step(title: str, argv: list, cwd: str, env: dict, timeout, hint: str) -> None:
+def _step(title: str, argv: list[str], cwd: str, env: dict[str, str], timeout: float | None, hint: str) -> None:
     """One install step, its output streamed; a failure ends `prepare` with a clear line."""
     _say("==> " + title)
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    tail = []
-    expired = []
+    tail: list[str] = []
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        _killpg(proc.pid, signal.SIGKILL)
+
     timer = None
     if timeout is not None:
-        timer = threading.Timer(timeout, lambda: (expired.append(True), _killpg(proc.pid, signal.SIGKILL)))
+        timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
+    assert proc.stdout is not None  # stdout=PIPE
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         tail = (tail + [line])[-30:]
         _say(line)
-    code = proc.wait()
+    code: int | None = proc.wait()
     if timer is not None:
         timer.cancel()
     if expired:
@@ -332,10 +341,10 @@ def cmd_facts() -> int:
     return 0
 
 
-def main(argv: list) -> int:
-    commands = {"start": (cmd_start, 1), "alive": (cmd_alive, 1), "signal": (cmd_signal, 2),
-                "killpid": (cmd_killpid, 2), "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0),
-                "facts": (cmd_facts, 0)}
+def main(argv: list[str]) -> int:
+    commands: dict[str, tuple[Callable[..., int], int]] = {
+        "start": (cmd_start, 1), "alive": (cmd_alive, 1), "signal": (cmd_signal, 2), "killpid": (cmd_killpid, 2),
+        "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0), "facts": (cmd_facts, 0)}
     if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
         names = ",".join(sorted(commands))
         sys.stderr.write(f"usage: remote.py {{{names}}} ARGS...\n")
