@@ -90,8 +90,8 @@ def compare_local(hw: Hardware, facts: MachineFacts) -> list[HardwareFinding]:
             out.append(HardwareFinding("gpu", "unmet", f"needs '{hw.gpu}', this machine has {seen}"))
     usable = len([g for g in facts.gpus if hw.gpu is None or hw.gpu.lower() in g.lower()])
     if hw.num_gpus:
-        status = "ok" if usable >= hw.num_gpus else "unmet"
-        out.append(HardwareFinding("num_gpus", status, f"needs {hw.num_gpus} per run, {usable} usable here"))
+        out.append(HardwareFinding("num_gpus", "ok" if usable >= hw.num_gpus else "unmet",
+                                   f"needs {hw.num_gpus} per run, {usable} usable here"))
     if hw.min_cuda_version is not None:
         if facts.cuda_version is None:
             out.append(HardwareFinding("min_cuda_version", "unmet",
