@@ -12,6 +12,7 @@ runs all fail with one deterministic class, nothing more is launched.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
@@ -29,6 +30,7 @@ from ratiocinator.backends.base import (
     LaunchRequest,
     RunHandle,
     Slot,
+    Stream,
     Workspace,
 )
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
@@ -153,8 +155,8 @@ class Executor:
         summary = ExecutionSummary()
         pool = SlotPool(s for s in self.host.slots if self._usable(s))
         work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
-        for planned in pending:
-            work.put_nowait(planned)
+        for queued in pending:
+            work.put_nowait(queued)
         open_runs = len(pending)  # queued, live or waiting to retry
         live = 0
         launched: list[asyncio.Task[RunResult]] = []
@@ -207,7 +209,7 @@ class Executor:
                         idle_check()
                     continue
                 slot = await pool.take()
-                stop = None
+                stop: int | str | None = None  # a charge id to launch under, or why launching stops
                 while slot is None and stop is None:  # every slot was lost or given back: rent again
                     if topup is not None and not topup.done():
                         await asyncio.shield(topup)  # what it rents may be enough
@@ -232,8 +234,8 @@ class Executor:
                     if slot is not None:
                         pool.put(slot)
                     waiting = list(retries.values())
-                    for task in list(retries):
-                        task.cancel()
+                    for retry in list(retries):
+                        retry.cancel()
                     summary.not_launched = [planned, *waiting] + [p for p in _drain(work) if not isinstance(p, _Wake)]
                     if self.early_stop:
                         summary.early_stop = self.early_stop
@@ -242,7 +244,7 @@ class Executor:
                 assert slot is not None
                 task = asyncio.create_task(self._run_one(planned, slot, stop))
                 live += 1
-                task.add_done_callback(lambda t, p=planned, s=slot: ended(t, p, s))
+                task.add_done_callback(functools.partial(ended, planned=planned, slot=slot))
                 launched.append(task)
                 self._report_money()
                 if work.empty():
@@ -250,8 +252,8 @@ class Executor:
             summary.results.extend(await asyncio.gather(*launched))
             await asyncio.gather(*self._giving_back)
         except BaseException:
-            for task in [*launched, *retries]:
-                task.cancel()
+            for unfinished in [*launched, *retries]:
+                unfinished.cancel()
             await asyncio.gather(*launched, *retries, *self._giving_back, return_exceptions=True)
             raise
         finally:
@@ -575,7 +577,7 @@ class _RunStream:
         self.run_id = run_id
         self.parser = parser
         self.summary = MetricSummary()
-        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.splitters: dict[Stream, LineSplitter] = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         self.logs = logs
         self.pending: list[MetricPoint] = []
         self.last_flush = time.monotonic()
