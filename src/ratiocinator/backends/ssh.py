@@ -405,7 +405,7 @@ class SshRunHandle(FollowedRunHandle):
                 if time.monotonic() - last_alive > self.alive_check_s:
                     last_alive = time.monotonic()
                     alive = await self.machine.launcher_run("alive", rundir)
-                    if alive.stdout.strip() == "0" and await self.machine.call(
+                    if str(alive.stdout).strip() == "0" and await self.machine.call(
                             lambda _, sftp: _read_json(sftp, f"{rundir}/exit_status")) is None:
                         raise LaunchFailure(
                             f"the run's supervisor on {self.machine.config.label} is gone without recording an exit"
@@ -619,7 +619,7 @@ class SshBackend(Backend):
         for machine in machines:
             machine.reconnect_budget_s = self._reconnect_budget_s
         start = max(self._by_slot, default=-1) + 1
-        slots = []
+        slots: list[SshSlot] = []
         for machine, gpus in self._host_slots(machines, loaded):
             slots.append(SshSlot(start + len(slots), gpus, machine.config.label))
             self._by_slot[slots[-1].index] = machine
@@ -815,7 +815,8 @@ class SshBackend(Backend):
 
         env = self.remote_env(request, machine, translate, remote_out)
         cwd = translate(str(request.cwd))
-        run = {"argv": [translate(a) for a in request.argv], "cwd": cwd, "venv": machine.venv}
+        argv = [translate(a) for a in request.argv]
+        run = {"argv": argv, "cwd": cwd, "venv": machine.venv}
 
         async def upload(_: Any, sftp: asyncssh.SFTPClient) -> None:
             await sftp.makedirs(posixpath.dirname(rundir), exist_ok=True)
@@ -848,7 +849,7 @@ class SshBackend(Backend):
             if error.get("errno") is None:
                 raise LaunchFailure(f"cannot start the runner on {machine.config.label}: {error.get('strerror')}",
                                     transient=True)
-            raise launch_failure(tuple(run["argv"]), OSError(error["errno"], error["strerror"]))
+            raise launch_failure(tuple(argv), OSError(error["errno"], error["strerror"]))
         pid, pid_start = int(reply["pid"]["pid"]), reply["pid"].get("pid_start")
         record = self._record(machine, rundir, pid, pid_start)
         return SshRunHandle(machine, rundir, request.out_dir, request.log_dir, pid, pid_start, record,
