@@ -33,6 +33,7 @@ the body says success and a re-read shows the instance gone.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable
@@ -306,7 +307,7 @@ class VastApi:
             raise BackendError("refusing to send a private key to Vast.ai")  # only the .pub ever leaves
         self._call("POST", f"/instances/{instance_id}/ssh/", body={"ssh_key": public_key.strip()})
 
-    def instance_charges(self, start: float, end: float) -> list[dict[str, Any]]:
+    def instance_charges(self, start: float, end: float) -> builtins.list[dict[str, Any]]:  # VastApi.list shadows list
         """The account's instance charges for the days of [start, end] (``GET /charges/``, every page).
 
         Each is ``{start, end, type, source: "instance-<id>", description, amount, metadata, items}``;

@@ -226,8 +226,8 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
     for listed in listing.rows:
         label, provider_id = str(listed.get("label") or ""), str(listed.get("id"))
         owner = label_owner(label, home)
-        row = known.get(label) if owner == "mine" else None
-        if owner is None or provider_id in handled or (row is not None and row.state in LIVE_STATES):
+        own_row = known.get(label) if owner == "mine" else None
+        if owner is None or provider_id in handled or (own_row is not None and own_row.state in LIVE_STATES):
             continue
         if owner == "other" and not all_homes:
             why = "label from before home ids" if is_legacy_label(label) else "another home's label"
@@ -238,13 +238,13 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
         except VastAuthError:
             raise
         except VastError as exc:
-            out.append(_named(row.id if row else None, listed, "error", str(exc)))
+            out.append(_named(own_row.id if own_row else None, listed, "error", str(exc)))
             continue
         if owner == "mine":
             detail = "this home's label, its ledger row closed or missing"
         else:
             detail = "another home's (--all-homes)"
-        out.append(_named(row.id if row else None, listed, "orphan_destroyed", detail))
+        out.append(_named(own_row.id if own_row else None, listed, "orphan_destroyed", detail))
     return out
 
 
