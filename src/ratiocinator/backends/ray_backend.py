@@ -47,6 +47,7 @@ from ratiocinator.backends.base import (
     LaunchRequest,
     RunHandle,
     Slot,
+    Stream,
     Workspace,
 )
 from ratiocinator.backends.process import launch_failure, process_start_time
@@ -298,10 +299,11 @@ class RayRunHandle(FollowedRunHandle):
         try:
             while True:
                 out, err, code = await _get(self.actor.read.remote(tuple(offsets), CHUNK))
-                for index, (name, data) in enumerate((("stdout", out), ("stderr", err))):
+                streams: tuple[tuple[Stream, bytes], ...] = (("stdout", out), ("stderr", err))
+                for index, (name, data) in enumerate(streams):
                     if data:
                         offsets[index] += len(data)
-                        await self._chunks.put((name, data))  # type: ignore[arg-type]
+                        await self._chunks.put((name, data))
                 if code is not None and not out and not err:
                     break
                 if not out and not err:

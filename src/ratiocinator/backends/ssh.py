@@ -39,7 +39,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,7 +97,7 @@ class SshSlot(Slot):
 
     @property
     def label(self) -> str:
-        return f"{self.machine}/{Slot.label.fget(self)}"  # type: ignore[attr-defined]
+        return f"{self.machine}/{super().label}"
 
 
 _LOST: tuple[type[BaseException], ...] = (
@@ -900,12 +900,12 @@ class SshBackend(Backend):
             await machine.close()
 
 
-def _run_sync(coro: Awaitable[T]) -> T:
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, even when called inside a running loop (own thread)."""
     result: list[Any] = []
 
     def target() -> None:
-        result.append(asyncio.run(coro))  # type: ignore[arg-type]
+        result.append(asyncio.run(coro))
 
     thread = threading.Thread(target=target)
     thread.start()
