@@ -99,7 +99,7 @@ class VastSlot(SshSlot):
 
     @property
     def label(self) -> str:
-        return f"{self.instance}/{SshSlot.label.fget(self)}"  # type: ignore[attr-defined]
+        return f"{self.instance}/{super().label}"
 
 
 def offer_query(loaded: LoadedSpec, settings: VastSettings) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class _Rented:
     offer: dict[str, Any]
     ssh: SshHost | None = None
     slots: list[VastSlot] = field(default_factory=list)
-    released: set[VastSlot] = field(default_factory=set)
+    released: set[Slot] = field(default_factory=set)  # what release_slot was handed: slots of this instance
     ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
     preparing: bool = False
     checked_at: float = 0.0  # monotonic time the API last showed it running
@@ -358,7 +358,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                errors += [t.exception() for t in done if t.exception() is not None]  # type: ignore[misc]
+                errors += [exc for t in done if (exc := t.exception()) is not None]
                 if any(t.exception() is None for t in done):
                     break
         except BaseException:
@@ -420,8 +420,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
     def _arrived(self, task: asyncio.Task[list[_Rented]]) -> None:
         if task.cancelled():
             return
-        if task.exception() is not None:
-            self._note_arrival_failure(task.exception())  # type: ignore[arg-type]
+        if (exc := task.exception()) is not None:
+            self._note_arrival_failure(exc)
         self._growth().set()
 
     def _note_arrival_failure(self, exc: BaseException) -> None:
@@ -514,11 +514,14 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                                         " min_reliability")
             await asyncio.sleep(self.settings.poll_s)
         gpus = list(range(int(offer.get("num_gpus", 0)))) if loaded.spec.hardware.num_gpus else None
-        rented.ssh = SshHost(host=str(shown["ssh_host"]), port=int(shown["ssh_port"]), user=self.settings.ssh_user,
-                             identity_file=str(self.ssh_key()),
-                             known_hosts=str(Paths(self.home).backend(self.name) / "known_hosts"),
-                             trust_on_first_use=True, workdir=self.settings.workdir,
-                             slots=self.settings.slots_per_instance, gpus=gpus)
+        # Validated from a mapping, as the spec is: the fields left out keep their Field defaults (which a type
+        # checker without pydantic's plugin would take for required keywords).
+        rented.ssh = SshHost.model_validate({
+            "host": str(shown["ssh_host"]), "port": int(shown["ssh_port"]), "user": self.settings.ssh_user,
+            "identity_file": str(self.ssh_key()),
+            "known_hosts": str(Paths(self.home).backend(self.name) / "known_hosts"),
+            "trust_on_first_use": True, "workdir": self.settings.workdir,
+            "slots": self.settings.slots_per_instance, "gpus": gpus})
         inst.update(self.ledger, row.id, state="running", running_at=time.time(),
                     gpu_name=str(shown.get("gpu_name", "")))
 
@@ -583,7 +586,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         rented = self._owner(slot)
         if rented is None:
             return
-        rented.released.add(slot)  # type: ignore[arg-type]
+        rented.released.add(slot)
         if rented.given_back:
             if self.ssh is not None and rented.ssh is not None:
                 await self.ssh.drop_host(rented.ssh.label)
@@ -821,7 +824,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Runs die with their instance; the reaper destroys instances, so only a live SSH record can be killed."""
-        return (self.ssh or SshBackend([SshHost(host="unused")], self.home)).kill_orphan(pid, pid_start)
+        ssh = self.ssh or SshBackend([SshHost.model_validate({"host": "unused"})], self.home)
+        return ssh.kill_orphan(pid, pid_start)
 
 
 def _clock(at: float) -> str:
