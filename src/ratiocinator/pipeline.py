@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
@@ -143,7 +143,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
     count = 0
     now = time.time()
     for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
-        killed = bool(run.pid) and backend.kill_orphan(run.pid, run.pid_start)
+        killed = backend.kill_orphan(run.pid, run.pid_start) if run.pid else False
         elapsed = now - run.started_at
         cost = run_cost(price_per_hour, elapsed, timeout_s)
         ledger.finish_run(
@@ -278,8 +278,10 @@ class Research:
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
 
         host = await backend.acquire(self.loaded)
-        ledger.event(exp_id, "host", f"host {host.name}", name=host.name, slots=[s.label for s in host.slots],
-                     price_per_hour=host.price_per_hour, **host.info)
+        # host.info's keys are descriptive ("cpus", "ssh <label>", ...), never the event's own level or run_id.
+        described: dict[str, Any] = {"name": host.name, "slots": [s.label for s in host.slots],
+                                     "price_per_hour": host.price_per_hour, **host.info}
+        ledger.event(exp_id, "host", f"host {host.name}", **described)
         budget = Budget(ledger, exp_id, spec.max_dollars)
         price = host.price_per_hour
         llm = self._llm_session(ledger, exp_id)
@@ -381,7 +383,8 @@ class Research:
         """The experiment's LLM: a replay of another experiment's calls, the configured provider, or none."""
         if self.replay_from is not None:
             calls = ledger.llm_calls(self.replay_from)
-            config = self.llm_config or (LlmConfig(provider=calls[0].provider, model=calls[0].model) if calls else None)
+            recorded = {"provider": calls[0].provider, "model": calls[0].model} if calls else None
+            config = self.llm_config or (LlmConfig.model_validate(recorded) if recorded is not None else None)
             if config is None:
                 raise UsageError(f"experiment {self.replay_from} recorded no LLM calls; there is nothing to replay",
                                  hint="`ratiocinator status` lists experiments; replay one that was planned by an LLM")
