@@ -157,6 +157,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
     price = backend_price(loaded)
     summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
+    llm = job.llm_estimate()
+    where_lines = where.describe(loaded, findings)
     data = {
         "experiment": loaded.name,
         "commit": code.commit,
@@ -173,11 +175,11 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         ],
         "ignored_knobs": [{"arm": i.arm, "knob": i.knob, "where": i.where} for i in ignored],
         "designed_by": designed_by,
-        "llm": job.llm_estimate(),
+        "llm": llm,
         "backend": loaded.spec.backend,
         # Where runs would go: matching offers, cluster resources, hosts, this machine.
         "hardware": [f.__dict__ for f in findings],
-        "where": where.describe(loaded, findings),
+        "where": where_lines,
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -204,10 +206,9 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
-        for line in data["where"]:
+        for line in where_lines:
             out.print(line, markup=False)
-        if data["llm"]:
-            llm = data["llm"]
+        if llm:
             out.print(f"LLM: up to {llm['calls']} calls × ${llm['per_call_dollars']:.4f} worst case"
                       f" (~{llm['assumed_prompt_tokens']:,} prompt tokens + {llm['max_tokens']:,} reply tokens)"
                       f" = ${llm['worst_case_dollars']:.4f};"
