@@ -263,9 +263,9 @@ def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: Vast
 ORCHESTRATOR = """
 import json, sys
 from pathlib import Path
-from ratiocinator.backends.vast import VastBackend, VastSettings
+from ratiocinator.backends.vast.backend import VastBackend, VastSettings
 from ratiocinator.pipeline import Research, ResearchOutcome
-from ratiocinator.spec import load_spec
+from ratiocinator.spec.models import load_spec
 spec, home, settings, key = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 backend = VastBackend(Path(home), settings=VastSettings(**settings), api_key=key)
 Research(load_spec(Path(spec)), Path(home), backend=backend, check=False).run()
