@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 import yaml
@@ -39,7 +39,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 MAX_MISMATCHES_SHOWN = 50
 
 
@@ -50,11 +51,11 @@ class _State:
 state = _State()
 
 
-def friendly(fn: F) -> F:
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
     """User errors become a message and an exit code; Ctrl-C becomes 130."""
 
     @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except RatiocinatorError as exc:
@@ -70,12 +71,13 @@ def friendly(fn: F) -> F:
             err.print("interrupted", markup=False)
             raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 @app.callback()
 def main_options(
-    home: Annotated[Path, typer.Option("--home", envvar="RATIOCINATOR_HOME", help="ledger, workspaces and reports")] = Path(".ratiocinator"),
+    home: Annotated[Path, typer.Option("--home", envvar="RATIOCINATOR_HOME",
+                                       help="ledger, workspaces and reports")] = Path(".ratiocinator"),
 ) -> None:
     state.home = home.expanduser().resolve()
 
@@ -93,12 +95,15 @@ def validate(spec: SpecArg) -> None:
     out.print(f"[bold]{loaded.path}[/bold]: valid spec '{loaded.name}' (sha256 {loaded.sha256[:12]})")
     rows = [
         ("topic", s.topic if len(s.topic) < 160 else s.topic[:157] + "..."),
-        ("goal", f"{direction} {s.goal_metric} ({s.metrics.protocol}" + (f", prefix {s.metrics.json_prefix!r})" if s.metrics.protocol == "json_line" else ")")),
+        ("goal", f"{direction} {s.goal_metric} ({s.metrics.protocol}"
+                 + (f", prefix {s.metrics.json_prefix!r})" if s.metrics.protocol == "json_line" else ")")),
         ("code", f"{s.repo_url} @ {s.repo_branch}, runner {s.runner_script}"),
         ("deps", f"{len(s.deps.pre_install)} pre_install command(s), requirements {s.deps.requirements or '-'}"
-                 f" (excluding {', '.join(s.deps.exclude_from_requirements) or 'nothing'}), verify {'yes' if s.deps.verify else 'no'}"),
+                 f" (excluding {', '.join(s.deps.exclude_from_requirements) or 'nothing'}),"
+                 f" verify {'yes' if s.deps.verify else 'no'}"),
         ("data", s.data.source + (f" ({s.data.path})" if s.data.path else "")),
-        ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g}, download_timeout_s {s.download_timeout_s:g}"),
+        ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g},"
+                   f" download_timeout_s {s.download_timeout_s:g}"),
         ("runs", _arms_line(loaded)),
         ("backend", f"{s.backend}, concurrency {s.concurrency or 'auto'}"),
         ("paper", s.title),
@@ -160,6 +165,8 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     ignored = find_ignored_knobs(loaded, the_plan, code.knobs)
     price = backend_price(loaded)
     summary = plan_summary(the_plan, price, loaded.spec.train_timeout_s)
+    llm = job.llm_estimate()
+    where_lines = where.describe(loaded, findings)
     data = {
         "experiment": loaded.name,
         "commit": code.commit,
@@ -176,11 +183,11 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         ],
         "ignored_knobs": [{"arm": i.arm, "knob": i.knob, "where": i.where} for i in ignored],
         "designed_by": designed_by,
-        "llm": job.llm_estimate(),
+        "llm": llm,
         "backend": loaded.spec.backend,
         # Where runs would go: matching offers, cluster resources, hosts, this machine.
         "hardware": [f.__dict__ for f in findings],
-        "where": where.describe(loaded, findings),
+        "where": where_lines,
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -196,22 +203,24 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         out.print(table)
         out.print(
             f"{summary['arms']} arms × {summary['replicates']} replicates = {summary['runs']} runs;"
-            f" worst case ${summary['worst_case_dollars']:.4f} (${price:g}/h × {loaded.spec.train_timeout_s:g}s per run)"
+            f" worst case ${summary['worst_case_dollars']:.4f}"
+            f" (${price:g}/h × {loaded.spec.train_timeout_s:g}s per run)"
             f" against max_dollars ${loaded.spec.max_dollars:.2f}"
         )
         if designed_by:
-            out.print(f"designed by the {designed_by['planner']} planner{' (' + designed_by['model'] + ')' if designed_by['model'] else ''}"
+            model = f" ({designed_by['model']})" if designed_by["model"] else ""
+            out.print(f"designed by the {designed_by['planner']} planner{model}"
                       f" — {designed_by['reason']}; recorded in {designed_by['experiment']}, `research` runs this plan",
                       markup=False)
             for h in designed_by["hypotheses"]:
                 out.print(f"  hypothesis: {h['statement']} — arms {', '.join(h['arms'])}", markup=False)
-        for line in data["where"]:
+        for line in where_lines:
             out.print(line, markup=False)
-        if data["llm"]:
-            llm = data["llm"]
+        if llm:
             out.print(f"LLM: up to {llm['calls']} calls × ${llm['per_call_dollars']:.4f} worst case"
                       f" (~{llm['assumed_prompt_tokens']:,} prompt tokens + {llm['max_tokens']:,} reply tokens)"
-                      f" = ${llm['worst_case_dollars']:.4f}; compute + LLM ≤ ${summary['worst_case_dollars'] + llm['worst_case_dollars']:.4f}",
+                      f" = ${llm['worst_case_dollars']:.4f};"
+                      f" compute + LLM ≤ ${summary['worst_case_dollars'] + llm['worst_case_dollars']:.4f}",
                       markup=False)
     if ignored:
         refuse_ignored_knobs(loaded, the_plan, code.knobs)
@@ -224,16 +233,19 @@ def knobs(spec: SpecArg) -> None:
     loaded = load_spec(spec)
     code = inspect_code(loaded, Paths(state.home))
     report = code.knobs
-    table = Table(title=f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}", title_justify="left", box=None, pad_edge=False)
+    table = Table(title=f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}", title_justify="left",
+                  box=None, pad_edge=False)
     for col in ("knob", "kind", "default", "read at"):
         table.add_column(col)
     for knob in report.knobs.values():
         sources = ", ".join(knob.sources[:3]) + (f" (+{len(knob.sources) - 3})" if len(knob.sources) > 3 else "")
         table.add_row(knob.name, knob.kind, "-" if knob.default is None else knob.default, sources)
     out.print(table)
-    out.print(f"scanned {len(report.files)} file(s): {', '.join(report.files[:8])}{' ...' if len(report.files) > 8 else ''}")
+    more = " ..." if len(report.files) > 8 else ""
+    out.print(f"scanned {len(report.files)} file(s): {', '.join(report.files[:8])}{more}")
     if report.dynamic:
-        out.print(f"[yellow]environment read with computed names at {', '.join(report.dynamic[:8])}[/] — declare such knobs under extra_knobs")
+        out.print(f"[yellow]environment read with computed names at {', '.join(report.dynamic[:8])}[/]"
+                  " — declare such knobs under extra_knobs")
     for problem in report.unreadable:
         out.print(f"[yellow]not scanned: {problem}[/]")
 
@@ -244,7 +256,8 @@ def check(
     spec: SpecArg,
     as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
     smoke: Annotated[bool, typer.Option("--smoke/--no-smoke", help="run each distinct arm once in trial mode")] = True,
-    llm: Annotated[bool, typer.Option("--llm/--no-llm", help="add the configured LLM's review (claims verified)")] = True,
+    llm: Annotated[bool, typer.Option("--llm/--no-llm",
+                                      help="add the configured LLM's review (claims verified)")] = True,
 ) -> None:
     """Readiness review: static checks, smoke runs, cross-arm comparison. Exit 0 ready, 1 not ready."""
     loaded = load_spec(spec)
@@ -284,10 +297,13 @@ def _evidence_text(item: dict[str, Any]) -> str:
 @app.command("exec-eval")
 @friendly
 def exec_eval(
-    samples: Annotated[Path, typer.Argument(help="JSONL: {prompt, completion, test, entry_point} or {code, test} per line")],
-    as_json: Annotated[bool, typer.Option("--json", help="print the summary and every sample's result as JSON")] = False,
+    samples: Annotated[Path, typer.Argument(
+        help="JSONL: {prompt, completion, test, entry_point} or {code, test} per line")],
+    as_json: Annotated[bool, typer.Option("--json",
+                                          help="print the summary and every sample's result as JSON")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="samples at once (default: CPU count)")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="wall-clock seconds per sample (a sample's own timeout_s wins)")] = 10.0,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", help="wall-clock seconds per sample (a sample's own timeout_s wins)")] = 10.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb", help="address-space limit per sample")] = 1024,
     out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
 ) -> None:
@@ -325,10 +341,12 @@ def exec_eval(
 def research(
     spec: SpecArg,
     new: Annotated[bool, typer.Option("--new", help="start a fresh experiment instead of resuming")] = False,
-    skip_check: Annotated[bool, typer.Option("--skip-check", help="skip the readiness review (the report says so)")] = False,
-    llm_review: Annotated[bool, typer.Option("--llm-review/--no-llm-review", help="include the LLM in the readiness review")] = True,
-    replay: Annotated[str | None, typer.Option("--replay", metavar="EXP",
-                                               help="answer every LLM call from EXP's recorded calls (no network)")] = None,
+    skip_check: Annotated[bool, typer.Option(
+        "--skip-check", help="skip the readiness review (the report says so)")] = False,
+    llm_review: Annotated[bool, typer.Option(
+        "--llm-review/--no-llm-review", help="include the LLM in the readiness review")] = True,
+    replay: Annotated[str | None, typer.Option(
+        "--replay", metavar="EXP", help="answer every LLM call from EXP's recorded calls (no network)")] = None,
 ) -> None:
     """The whole pipeline: check, plan, prepare, run every arm, record, report. Resumable."""
     loaded = load_spec(spec)
@@ -341,7 +359,8 @@ def research(
             outcome = job.run()
     else:
         outcome = job.run()
-    out.print(f"experiment {outcome.experiment_id}: {outcome.status} — {outcome.succeeded} succeeded, {outcome.failed} failed")
+    out.print(f"experiment {outcome.experiment_id}: {outcome.status} — {outcome.succeeded} succeeded,"
+              f" {outcome.failed} failed")
     if outcome.message:
         out.print(outcome.message, markup=False)
     if outcome.report is not None:
@@ -363,7 +382,8 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
             spent, _ = ledger.money(exp.id)
             table.add_row(
                 exp.id, exp.status, str(sum(r.status == RunStatus.SUCCEEDED for r in runs)),
-                str(sum(r.status == RunStatus.FAILED for r in runs)), str(sum(r.status == RunStatus.RUNNING for r in runs)),
+                str(sum(r.status == RunStatus.FAILED for r in runs)),
+                str(sum(r.status == RunStatus.RUNNING for r in runs)),
                 f"${spent:.4f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(exp.updated_at)),
             )
         out.print(table if table.row_count else "no experiments yet")
@@ -371,7 +391,8 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
         return
     exp = ledger.find_experiment(experiment)
     spent, reserved = ledger.money(exp.id)
-    out.print(f"[bold]{exp.id}[/bold] {exp.status} — commit {(exp.commit_sha or '?')[:12]}, ${spent:.4f} spent, ${reserved:.4f} reserved")
+    out.print(f"[bold]{exp.id}[/bold] {exp.status} — commit {(exp.commit_sha or '?')[:12]}, ${spent:.4f} spent,"
+              f" ${reserved:.4f} reserved")
     if exp.note:
         out.print(exp.note, markup=False)
     goal = _goal(exp.spec_text)
@@ -425,8 +446,10 @@ def runs(
     for col in ("run", "arm", "rep", "seed", "try", "status", "metrics"):
         table.add_column(col)
     for row in rows:
-        shown = ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=non-finite" for k, v in sorted(row["metrics"].items())[:6])
-        table.add_row(str(row["run_id"]), row["arm"], str(row["replicate"]), str(row["seed"]), str(row["attempt"]), row["status"], shown)
+        shown = ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=non-finite"
+                          for k, v in sorted(row["metrics"].items())[:6])
+        table.add_row(str(row["run_id"]), row["arm"], str(row["replicate"]), str(row["seed"]), str(row["attempt"]),
+                      row["status"], shown)
     out.print(table)
 
 
@@ -451,7 +474,8 @@ def _print_report(files: ReportFiles) -> None:
     out.print(f"         {files.tex}")
     out.print(f"         {files.pdf}" if files.pdf else f"         ({files.pdf_note})")
     out.print(f"exports: runs.csv, runs.json, results.tsv, aggregated_metrics.json in {files.dir}")
-    out.print(f"{files.n_facts} numbers traced to their runs in {files.facts.name}; check with `ratiocinator verify {files.dir}`")
+    out.print(f"{files.n_facts} numbers traced to their runs in {files.facts.name};"
+              f" check with `ratiocinator verify {files.dir}`")
 
 
 @app.command()
@@ -487,7 +511,8 @@ def _ledger_for(recorded: dict) -> Ledger:
             if ledger.db.execute("SELECT 1 FROM experiments WHERE id = ?", (recorded["experiment_id"],)).fetchone():
                 return ledger
             ledger.close()
-    raise UsageError(f"no ledger holds experiment {recorded['experiment_id']} (looked in {', '.join(map(str, candidates))})",
+    raise UsageError(f"no ledger holds experiment {recorded['experiment_id']}"
+                     f" (looked in {', '.join(map(str, candidates))})",
                      hint="pass --home with the directory the experiment ran in")
 
 
@@ -496,7 +521,8 @@ def _ledger_for(recorded: dict) -> Ledger:
 def compare(
     a: Annotated[str, typer.Argument(help="experiment A (id, id prefix or name)")],
     b: Annotated[str, typer.Argument(help="experiment B, compared against A")],
-    metric: Annotated[str | None, typer.Option("--metric", help="metric to compare (default: the shared goal metric)")] = None,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="metric to compare (default: the shared goal metric)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
 ) -> None:
     """Two experiments' arms side by side: n, mean, 95% CI, and B − A with Welch/Holm."""
@@ -508,13 +534,15 @@ def compare(
         return
     direction = "higher" if result.maximize else "lower"
     table = Table(title=f"{result.metric} ({direction} is better): A = {result.a}, B = {result.b}")
-    for column in ("arm", "A n", "A mean [95% CI]", "B n", "B mean [95% CI]", "B − A [95% CI]", "p (Holm)", "g", "verdict"):
+    columns = ("arm", "A n", "A mean [95% CI]", "B n", "B mean [95% CI]", "B − A [95% CI]", "p (Holm)", "g", "verdict")
+    for column in columns:
         table.add_column(column)
     for pair in result.pairs:
         c = pair.comparison
         table.add_row(
             pair.arm, _n(pair.a), _mean_ci(pair.a), _n(pair.b), _mean_ci(pair.b),
-            "—" if c is None or c.diff is None else f"{c.diff:.4g} " + (f"[{c.diff_ci.low:.4g}, {c.diff_ci.high:.4g}]" if c.diff_ci else ""),
+            "—" if c is None or c.diff is None
+            else f"{c.diff:.4g} " + (f"[{c.diff_ci.low:.4g}, {c.diff_ci.high:.4g}]" if c.diff_ci else ""),
             "—" if pair.p_holm is None else f"{pair.p_holm:.3g}",
             "—" if c is None or c.hedges_g is None else f"{c.hedges_g:.3g}",
             pair.verdict,
@@ -588,7 +616,8 @@ def instances_cmd(
     all_homes: Annotated[bool, typer.Option(
         "--all-homes", help="with --reap: also destroy instances labelled by other Ratiocinator homes")] = False,
     reconcile: Annotated[bool, typer.Option(
-        "--reconcile", help="replace ended instances' lifetime × price estimates by the provider's charges, once listed")] = False,
+        "--reconcile", help="replace ended instances' lifetime × price estimates by the provider's charges,"
+                            " once listed")] = False,
 ) -> None:
     """Rented instances the ledger knows are live, with age and cost so far; --reap destroys this home's;
     --reconcile records what the provider billed for those that ended."""
@@ -607,7 +636,8 @@ def instances_cmd(
         results = reaper.reap(ledger, api, all_homes=all_homes)
         for r in results:
             if r.outcome != "left_alone":
-                out.print(f"{r.provider_id or '-'}: {r.outcome}{f' {r.label}' if r.label else ''} ({r.detail})", markup=False)
+                label = f" {r.label}" if r.label else ""
+                out.print(f"{r.provider_id or '-'}: {r.outcome}{label} ({r.detail})", markup=False)
         _print_left_alone([r for r in results if r.outcome == "left_alone"])
         if any(r.outcome == "error" for r in results):
             raise typer.Exit(1)
@@ -635,8 +665,8 @@ ProgramArg = Annotated[Path, typer.Argument(help="autoresearch program (YAML)", 
 @friendly
 def autoresearch(
     program: ProgramArg,
-    max_iterations: Annotated[int | None, typer.Option("--max-iterations", min=0,
-                                                       help="stop after this many agent attempts in all (overrides the program)")] = None,
+    max_iterations: Annotated[int | None, typer.Option(
+        "--max-iterations", min=0, help="stop after this many agent attempts in all (overrides the program)")] = None,
 ) -> None:
     """Edit, check, commit, run, keep or discard — until stopped; the same command resumes."""
     from ratiocinator.autoresearch import AutoResearch, load_program
@@ -644,7 +674,8 @@ def autoresearch(
     loaded = load_program(program)
     outcome = AutoResearch(loaded, state.home, max_iterations=max_iterations,
                            echo=lambda line: out.print(line, markup=False)).run()
-    best = "" if outcome.best_metric is None else f"; best {loaded.program.metric.name} {outcome.best_metric:.6f} at {(outcome.best_commit or '')[:7]}"
+    best = "" if outcome.best_metric is None else (f"; best {loaded.program.metric.name} {outcome.best_metric:.6f}"
+                                                   f" at {(outcome.best_commit or '')[:7]}")
     out.print(f"autoresearch {outcome.tag}: {outcome.status} — {outcome.reason}{best}", markup=False)
     out.print(f"report: {outcome.report_dir / 'report.md'} (results.tsv, progress.png beside it)", markup=False)
     raise typer.Exit(outcome.exit_code)
@@ -655,7 +686,8 @@ def autoresearch(
 def autoresearch_log(
     program: ProgramArg,
     as_json: Annotated[bool, typer.Option("--json", help="every attempt as JSON, diffs included")] = False,
-    apply: Annotated[int | None, typer.Option("--apply", metavar="ATTEMPT", help="recreate this attempt id as a new branch")] = None,
+    apply: Annotated[int | None, typer.Option(
+        "--apply", metavar="ATTEMPT", help="recreate this attempt id as a new branch")] = None,
     branch: Annotated[str | None, typer.Option("--branch", help="name of the branch --apply creates")] = None,
 ) -> None:
     """Every attempt of a session from the ledger; --apply ID --branch NAME recreates any of them."""
@@ -683,7 +715,8 @@ def autoresearch_log(
         for column in ("id", "#", "worker", "status", name, "commit", "hypothesis"):
             table.add_column(column)
         for a in attempts:
-            table.add_row(str(a.id), str(a.iteration), str(a.worker), a.status, "" if a.metric is None else f"{a.metric:.6f}",
+            table.add_row(str(a.id), str(a.iteration), str(a.worker), a.status,
+                          "" if a.metric is None else f"{a.metric:.6f}",
                           (a.commit_sha or "")[:7], escape("baseline" if a.is_baseline else a.hypothesis))
         out.print(table)
     finally:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
@@ -84,10 +84,12 @@ def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None) ->
     ws.within(checkout, loaded.spec.runner_script, "runner_script")  # a link out of the repository is refused
     if not (checkout / loaded.spec.runner_script).is_file():
         raise PlanError(
-            f"{loaded.where('runner_script')}: runner_script '{loaded.spec.runner_script}' does not exist at commit {commit[:12]}",
+            f"{loaded.where('runner_script')}: runner_script '{loaded.spec.runner_script}' does not exist"
+            f" at commit {commit[:12]}",
             hint="the path is relative to the repository root; is the file committed on that branch?",
         )
-    return CodeView(repo=repo, commit=commit, checkout=checkout, knobs=discover_knobs(checkout, loaded.spec.runner_script))
+    knobs = discover_knobs(checkout, loaded.spec.runner_script)
+    return CodeView(repo=repo, commit=commit, checkout=checkout, knobs=knobs)
 
 
 # -- experiments --------------------------------------------------------------------
@@ -145,21 +147,23 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
         finished = RunOutcome.load(Path(run.log_dir)) if run.log_dir else None
         if finished is not None:
             ledger.finish_run(run.id, settle_charge=finished.charge, **finished.ledger_fields())
-            ledger.event(experiment.id, "recovered", f"run {run.id} finished ({finished.status}) before the orchestrator"
-                         " could record it; recorded from its outcome.json", run_id=run.id)
+            ledger.event(experiment.id, "recovered", f"run {run.id} finished ({finished.status}) before the"
+                         " orchestrator could record it; recorded from its outcome.json", run_id=run.id)
             continue
-        killed = bool(run.pid) and backend.kill_orphan(run.pid, run.pid_start)
+        killed = backend.kill_orphan(run.pid, run.pid_start) if run.pid else False
         elapsed = now - run.started_at
         cost = run_cost(price_per_hour, elapsed, timeout_s)
         ledger.finish_run(
             run.id, status=RunStatus.INTERRUPTED, failure=None,
-            reason="the orchestrator stopped while this run was live" + ("; its leftover processes were killed" if killed else ""),
+            reason="the orchestrator stopped while this run was live"
+                   + ("; its leftover processes were killed" if killed else ""),
             exit_code=None, signal=None, final={}, counts={}, cost=cost, ended_at=now,
         )
         ledger.event(experiment.id, "reconciled", f"run {run.id} marked interrupted", run_id=run.id, killed=killed)
         count += 1
     for charge in ledger.open_charges(experiment.id):
-        ledger.settle(charge["id"], min(charge["reserved"], run_cost(price_per_hour, now - charge["created_at"], timeout_s)))
+        spent = run_cost(price_per_hour, now - charge["created_at"], timeout_s)
+        ledger.settle(charge["id"], min(charge["reserved"], spent))
     return count
 
 
@@ -222,7 +226,8 @@ class Research:
                 report = _write_report(ledger, experiment.id, self.paths.report(experiment.id))
                 counts = _counts(ledger, experiment.id)
                 return ResearchOutcome(experiment.id, experiment.status, report, counts[0], counts[1],
-                                       f"experiment {experiment.id} already finished ({experiment.status}); use --new to run it again")
+                                       f"experiment {experiment.id} already finished ({experiment.status});"
+                                       " use --new to run it again")
             with experiment_lock(self.paths.lock(experiment.id)):
                 return self._run_locked(ledger, backend, experiment, resumed, findings)
         finally:
@@ -254,7 +259,8 @@ class Research:
             report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
             return ResearchOutcome(exp_id, ExperimentStatus.BUDGET_EXHAUSTED, report, counts[0], counts[1], exc.message)
         except (KeyboardInterrupt, asyncio.CancelledError):
-            ledger.update_experiment(exp_id, status=ExperimentStatus.INTERRUPTED, note="interrupted; run the same command to resume")
+            ledger.update_experiment(exp_id, status=ExperimentStatus.INTERRUPTED,
+                                     note="interrupted; run the same command to resume")
             ledger.event(exp_id, "interrupted", "the orchestrator was interrupted", level="warning")
             counts = _counts(ledger, exp_id)
             return ResearchOutcome(exp_id, ExperimentStatus.INTERRUPTED, None, counts[0], counts[1],
@@ -279,8 +285,10 @@ class Research:
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
 
         host = await backend.acquire(self.loaded)
-        ledger.event(exp_id, "host", f"host {host.name}", name=host.name, slots=[s.label for s in host.slots],
-                     price_per_hour=host.price_per_hour, **host.info)
+        # host.info's keys are descriptive ("cpus", "ssh <label>", ...), never the event's own level or run_id.
+        described: dict[str, Any] = {"name": host.name, "slots": [s.label for s in host.slots],
+                                     "price_per_hour": host.price_per_hour, **host.info}
+        ledger.event(exp_id, "host", f"host {host.name}", **described)
         budget = Budget(ledger, exp_id, spec.max_dollars)
         price = host.price_per_hour
         llm = self._llm_session(ledger, exp_id)
@@ -313,7 +321,8 @@ class Research:
                     if problem:
                         status, note = ExperimentStatus.NOT_READY, problem
                         break
-                self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates, {len(pending)} runs to go")
+                self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates,"
+                                      f" {len(pending)} runs to go")
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
                     experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
@@ -350,9 +359,11 @@ class Research:
             with experiment_lock(self.paths.lock(experiment.id)):
                 _, commit = resolve_commit(self.loaded, self.paths)
                 if not ledger.runs(experiment.id):
+                    created = experiment.status == ExperimentStatus.CREATED
                     ledger.update_experiment(experiment.id, commit_sha=commit,
-                                             status=ExperimentStatus.PLANNED if experiment.status == ExperimentStatus.CREATED else None)
-                code = inspect_code(self.loaded, self.paths, experiment.commit_sha if ledger.runs(experiment.id) else commit)
+                                             status=ExperimentStatus.PLANNED if created else None)
+                code = inspect_code(self.loaded, self.paths,
+                                    experiment.commit_sha if ledger.runs(experiment.id) else commit)
                 budget = Budget(ledger, experiment.id, self.spec.max_dollars)
                 context = PlanningContext(1, ledger, experiment.id, code.knobs, budget, backend_price(self.loaded),
                                           self.spec.train_timeout_s, self._llm_session(ledger, experiment.id))
@@ -379,11 +390,13 @@ class Research:
         """The experiment's LLM: a replay of another experiment's calls, the configured provider, or none."""
         if self.replay_from is not None:
             calls = ledger.llm_calls(self.replay_from)
-            config = self.llm_config or (LlmConfig(provider=calls[0].provider, model=calls[0].model) if calls else None)
+            recorded = {"provider": calls[0].provider, "model": calls[0].model} if calls else None
+            config = self.llm_config or (LlmConfig.model_validate(recorded) if recorded is not None else None)
             if config is None:
                 raise UsageError(f"experiment {self.replay_from} recorded no LLM calls; there is nothing to replay",
                                  hint="`ratiocinator status` lists experiments; replay one that was planned by an LLM")
-            ledger.event(exp_id, "replay", f"LLM calls answered from experiment {self.replay_from}", source=self.replay_from)
+            ledger.event(exp_id, "replay", f"LLM calls answered from experiment {self.replay_from}",
+                         source=self.replay_from)
             return LlmSession(Budget(ledger, exp_id, self.spec.max_dollars), config, replay_from=self.replay_from)
         if self.llm_config is None:
             return None
@@ -400,7 +413,8 @@ class Research:
         try:
             write_narrative(ledger, exp_id, llm.provider("write"))
         except (LlmError, LlmUnavailable, LlmBudgetExceeded) as exc:
-            ledger.event(exp_id, "narrative_failed", f"the LLM discussion was not written: {exc.message}", level="warning")
+            ledger.event(exp_id, "narrative_failed", f"the LLM discussion was not written: {exc.message}",
+                         level="warning")
             self.progress.message(f"the LLM discussion was not written: {exc.message}")
 
     def _decide(self, context: PlanningContext) -> Decision:
@@ -457,8 +471,9 @@ class Research:
                 budget.settle(charge, min(run_worst_case(host.price_per_hour, smoke_s) * arms,
                                           run_cost(host.price_per_hour, time.time() - started, smoke_s * arms)))
         data = readiness.to_json()
-        ledger.record_readiness(exp_id, ReadinessRecord(data["commit"], skipped=False, is_code_ready=data["is_code_ready"],
-                                                        code_issue=data["code_issue"], checks=data["checks"]),
+        record = ReadinessRecord(data["commit"], skipped=False, is_code_ready=data["is_code_ready"],
+                                 code_issue=data["code_issue"], checks=data["checks"])
+        ledger.record_readiness(exp_id, record,
                                 "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
                                 level="info" if readiness.is_code_ready else "error")
         for check in readiness.checks:
@@ -480,7 +495,8 @@ def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str |
         if value is not None:
             by_arm.setdefault(run.arm, []).append((run.id, value))
     outcomes = [
-        ArmOutcome(name, tuple(sorted(arms[name].env.items())) + tuple(("arg", a) for a in arms[name].args), tuple(runs))
+        ArmOutcome(name, tuple(sorted(arms[name].env.items())) + tuple(("arg", a) for a in arms[name].args),
+                   tuple(runs))
         for name, runs in by_arm.items()
     ]
     diagnosis = constant_across_arms(outcomes, goal)
@@ -586,7 +602,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
         off = ""
         workspace = host = None
         if unmet:
-            off = "this machine does not meet the spec's hardware: " + "; ".join(f"{f.field}: {f.detail}" for f in unmet)
+            off = "this machine does not meet the spec's hardware: " + "; ".join(
+                f"{f.field}: {f.detail}" for f in unmet)
         else:
             host = await backend.acquire(loaded)
         try:
@@ -602,7 +619,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 smoke_off_reason=off or "disabled (--no-smoke)", llm_config=config,
                 environ=runner_env(dict(os.environ), loaded),
                 llm_provider=reviewer,
-                llm_off_reason="disabled (--no-llm)" if not use_llm else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
+                llm_off_reason="disabled (--no-llm)" if not use_llm
+                else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
                 extra_env=data_env(loaded),
                 commit=code.commit, on_message=on_message,
             )

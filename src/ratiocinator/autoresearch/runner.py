@@ -38,7 +38,10 @@ TAIL_CHARS = 8000
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What one run produced; ``status`` is ok, crash, interrupted (the session stopped) or over_budget (never started)."""
+    """What one run produced.
+
+    ``status`` is ok, crash, interrupted (the session stopped) or over_budget (never started).
+    """
 
     status: str
     metric: float | None
@@ -119,7 +122,8 @@ def run_experiment(
     rc = proc.returncode
     code, sig = (None, -rc) if rc is not None and rc < 0 else (rc, None)
     if ending == "interrupted":
-        return RunOutcome("interrupted", None, metrics, code, sig, duration, tail, "the session stopped during this run")
+        return RunOutcome("interrupted", None, metrics, code, sig, duration, tail,
+                          "the session stopped during this run")
     if ending == "timeout":
         return RunOutcome("crash", None, metrics, code, sig, duration, tail,
                           f"killed at the {timeout_s:g} s hard timeout")

@@ -209,9 +209,10 @@ class Backend(abc.ABC):
 
     def describe(self, loaded: LoadedSpec, findings: list[HardwareFinding]) -> list[str]:
         """Lines ``plan`` prints about where runs would go, from the hardware findings."""
-        return [f"{self.name}: {status} — {detail}" for status, detail in sorted({(f.status, f.detail) for f in findings})]
+        pairs = sorted({(f.status, f.detail) for f in findings})
+        return [f"{self.name}: {status} — {detail}" for status, detail in pairs]
 
-    def attach(self, budget: Budget) -> None:
+    def attach(self, budget: Budget) -> None:  # noqa: B027  # an optional hook: most backends spend only per run
         """Before `acquire`: the experiment this backend works for, through its budget (and ledger), for a
         backend that spends beyond per-run prices (rented instances: reserved and charged through it, and
         what a dead orchestrator left is destroyed)."""

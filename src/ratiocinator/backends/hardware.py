@@ -31,7 +31,8 @@ class MachineFacts:
 
 def probe_machine(disk_path: Path) -> MachineFacts:
     gpus, cuda = _nvidia()
-    return MachineFacts(gpus=gpus, cuda_version=cuda, ram_gb=_ram_gb(), disk_free_gb=_disk_free_gb(disk_path), cpus=os.cpu_count() or 1)
+    return MachineFacts(gpus=gpus, cuda_version=cuda, ram_gb=_ram_gb(), disk_free_gb=_disk_free_gb(disk_path),
+                        cpus=os.cpu_count() or 1)
 
 
 def _nvidia() -> tuple[tuple[str, ...], str | None]:
@@ -89,36 +90,45 @@ def compare_local(hw: Hardware, facts: MachineFacts) -> list[HardwareFinding]:
             out.append(HardwareFinding("gpu", "unmet", f"needs '{hw.gpu}', this machine has {seen}"))
     usable = len([g for g in facts.gpus if hw.gpu is None or hw.gpu.lower() in g.lower()])
     if hw.num_gpus:
-        status = "ok" if usable >= hw.num_gpus else "unmet"
-        out.append(HardwareFinding("num_gpus", status, f"needs {hw.num_gpus} per run, {usable} usable here"))
+        out.append(HardwareFinding("num_gpus", "ok" if usable >= hw.num_gpus else "unmet",
+                                   f"needs {hw.num_gpus} per run, {usable} usable here"))
     if hw.min_cuda_version is not None:
         if facts.cuda_version is None:
-            out.append(HardwareFinding("min_cuda_version", "unmet", f"needs CUDA ≥ {hw.min_cuda_version}, no NVIDIA driver found"))
+            out.append(HardwareFinding("min_cuda_version", "unmet",
+                                       f"needs CUDA ≥ {hw.min_cuda_version}, no NVIDIA driver found"))
         else:
             ok = _version_at_least(facts.cuda_version, hw.min_cuda_version)
-            out.append(HardwareFinding("min_cuda_version", "ok" if ok else "unmet", f"needs ≥ {hw.min_cuda_version}, driver supports {facts.cuda_version}"))
+            out.append(HardwareFinding("min_cuda_version", "ok" if ok else "unmet",
+                                       f"needs ≥ {hw.min_cuda_version}, driver supports {facts.cuda_version}"))
     if hw.min_cpu_ram_gb is not None:
         if facts.ram_gb is None:
             out.append(HardwareFinding("min_cpu_ram_gb", "unknown", "could not read this machine's memory size"))
         else:
             ok = facts.ram_gb >= hw.min_cpu_ram_gb
-            out.append(HardwareFinding("min_cpu_ram_gb", "ok" if ok else "unmet", f"needs {hw.min_cpu_ram_gb:g} GB, this machine has {facts.ram_gb:.1f} GB"))
+            out.append(HardwareFinding("min_cpu_ram_gb", "ok" if ok else "unmet",
+                                       f"needs {hw.min_cpu_ram_gb:g} GB, this machine has {facts.ram_gb:.1f} GB"))
     if hw.disk_gb is not None:
         if facts.disk_free_gb is None:
             out.append(HardwareFinding("disk_gb", "unknown", "could not read free disk space"))
         else:
             ok = facts.disk_free_gb >= hw.disk_gb
-            out.append(HardwareFinding("disk_gb", "ok" if ok else "unmet", f"needs {hw.disk_gb:g} GB free, {facts.disk_free_gb:.1f} GB free under --home"))
+            out.append(HardwareFinding("disk_gb", "ok" if ok else "unmet",
+                                       f"needs {hw.disk_gb:g} GB free, {facts.disk_free_gb:.1f} GB free under --home"))
     if hw.min_inet_down is not None:
-        out.append(HardwareFinding("min_inet_down", "not_applicable", "download bandwidth is a rental filter; the local machine is used as it is"))
+        out.append(HardwareFinding("min_inet_down", "not_applicable",
+                                   "download bandwidth is a rental filter; the local machine is used as it is"))
     if hw.image is not None:
-        out.append(HardwareFinding("image", "not_applicable", "the local backend runs on this machine's own environment, not in a container image"))
+        out.append(HardwareFinding("image", "not_applicable",
+                                   "the local backend runs on this machine's own environment,"
+                                   " not in a container image"))
     if hw.max_dph is not None:
         if hw.price_per_hour:
             ok = hw.price_per_hour <= hw.max_dph
-            out.append(HardwareFinding("max_dph", "ok" if ok else "unmet", f"price_per_hour ${hw.price_per_hour:g} vs max_dph ${hw.max_dph:g}"))
+            out.append(HardwareFinding("max_dph", "ok" if ok else "unmet",
+                                       f"price_per_hour ${hw.price_per_hour:g} vs max_dph ${hw.max_dph:g}"))
         else:
-            out.append(HardwareFinding("max_dph", "not_applicable", "the local machine is not rented (price_per_hour is 0)"))
+            out.append(HardwareFinding("max_dph", "not_applicable",
+                                       "the local machine is not rented (price_per_hour is 0)"))
     return out
 
 

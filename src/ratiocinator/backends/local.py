@@ -87,7 +87,8 @@ class LocalRunHandle(RunHandle):
                 transport.close()
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)), asyncio.create_task(pump("stderr", self.proc.stderr))]
+        tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)),
+                 asyncio.create_task(pump("stderr", self.proc.stderr))]
         open_streams = 2
         try:
             while open_streams:
@@ -163,7 +164,8 @@ class LocalBackend(Backend):
             info["ram_gb"] = f"{facts.ram_gb:.1f}"
         if facts.cuda_version:
             info["cuda"] = facts.cuda_version
-        return Host(name=f"local:{os.uname().nodename}", slots=self.slots(loaded), price_per_hour=loaded.spec.hardware.price_per_hour, info=info)
+        return Host(name=f"local:{os.uname().nodename}", slots=self.slots(loaded),
+                    price_per_hour=loaded.spec.hardware.price_per_hour, info=info)
 
     async def prepare(
         self, host: Host, loaded: LoadedSpec, commit: str, *, on_output: Callable[[str], None] | None = None

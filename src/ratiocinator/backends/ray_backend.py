@@ -47,6 +47,7 @@ from ratiocinator.backends.base import (
     LaunchRequest,
     RunHandle,
     Slot,
+    Stream,
     Workspace,
 )
 from ratiocinator.backends.process import launch_failure, process_start_time
@@ -221,7 +222,7 @@ class RunActor:
         assert self.proc is not None and self.rundir is not None
         code = self.proc.poll()  # before reading, so nothing written before exit is missed
         chunks = []
-        for name, offset in zip(("stdout", "stderr"), offsets):
+        for name, offset in zip(("stdout", "stderr"), offsets, strict=True):
             with open(self.rundir / f"{name}.log", "rb") as fh:
                 fh.seek(offset)
                 chunks.append(fh.read(limit))
@@ -298,10 +299,11 @@ class RayRunHandle(FollowedRunHandle):
         try:
             while True:
                 out, err, code = await _get(self.actor.read.remote(tuple(offsets), CHUNK))
-                for index, (name, data) in enumerate((("stdout", out), ("stderr", err))):
+                streams: tuple[tuple[Stream, bytes], ...] = (("stdout", out), ("stderr", err))
+                for index, (name, data) in enumerate(streams):
                     if data:
                         offsets[index] += len(data)
-                        await self._chunks.put((name, data))  # type: ignore[arg-type]
+                        await self._chunks.put((name, data))
                 if code is not None and not out and not err:
                     break
                 if not out and not err:
@@ -397,7 +399,8 @@ class RayBackend(Backend):
                          logging_level="WARNING", configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BackendError(f"cannot connect to the Ray cluster at {self.address}: {exc}",
-                                   hint="start one with `ray start --head` or set ray_address: to its GCS address (host:port)") from None
+                                   hint="start one with `ray start --head` or set ray_address: to its GCS address"
+                                        " (host:port)") from None
         return ray
 
     def _nodes(self) -> list[dict[str, Any]]:
@@ -439,13 +442,16 @@ class RayBackend(Backend):
             else:
                 best = max((n["Resources"].get("memory", 0) / 1e9 for n in nodes), default=0)
                 out.append(HardwareFinding("min_cpu_ram_gb", "ok" if best >= hw.min_cpu_ram_gb else "unmet",
-                                           f"needs {hw.min_cpu_ram_gb:g} GB, the largest node offers Ray {best:.1f} GB"))
+                                           f"needs {hw.min_cpu_ram_gb:g} GB,"
+                                           f" the largest node offers Ray {best:.1f} GB"))
         for name in ("gpu", "min_cuda_version", "disk_gb"):
             if getattr(hw, name) is not None:
-                out.append(HardwareFinding(name, "unknown", "not checked on Ray nodes; Ray schedules by resource counts"))
+                out.append(HardwareFinding(name, "unknown",
+                                           "not checked on Ray nodes; Ray schedules by resource counts"))
         for name in ("min_inet_down", "max_dph", "image"):
             if getattr(hw, name) is not None:
-                out.append(HardwareFinding(name, "not_applicable", "an existing Ray cluster is neither rented nor imaged"))
+                out.append(HardwareFinding(name, "not_applicable",
+                                           "an existing Ray cluster is neither rented nor imaged"))
         return out
 
     async def acquire(self, loaded: LoadedSpec) -> Host:
@@ -459,10 +465,10 @@ class RayBackend(Backend):
                 hint="add nodes, or lower ray.num_cpus_per_run / hardware.num_gpus")
         count = min(spec.concurrency or capacity, capacity)
         resources = self.connect().cluster_resources()
+        shared = {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
         info = {"address": self.address, "nodes": str(len(nodes)), "cpus": f"{resources.get('CPU', 0):g}",
                 "gpus": f"{resources.get('GPU', 0):g}", "cpus_per_run": f"{self.num_cpus_per_run:g}",
-                "gpus_per_run": str(spec.hardware.num_gpus),
-                "cluster_resources": json.dumps({k: v for k, v in sorted(resources.items()) if not k.startswith("node:")})}
+                "gpus_per_run": str(spec.hardware.num_gpus), "cluster_resources": json.dumps(shared)}
         return Host(name=f"ray:{self.address}", slots=tuple(Slot(i) for i in range(count)),
                     price_per_hour=spec.hardware.price_per_hour, info=info)
 
@@ -478,7 +484,8 @@ class RayBackend(Backend):
                                            lfs_timeout_s=spec.download_timeout_s)
         bundle = await asyncio.to_thread(self._make_bundle, checkout, commit)
         self._bundle = ray.put(bundle)
-        self._lfs = {name: await self._put_chunks(checkout / name) for name in await asyncio.to_thread(ws.lfs_files, checkout)}
+        lfs_names = await asyncio.to_thread(ws.lfs_files, checkout)
+        self._lfs = {name: await self._put_chunks(checkout / name) for name in lfs_names}
         self._job = {"commit": commit, "deps": {
             "pre_install": tuple(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "exclude_from_requirements": tuple(spec.deps.exclude_from_requirements),
@@ -489,14 +496,15 @@ class RayBackend(Backend):
         nodes = [n for n in await asyncio.to_thread(self._nodes) if self._fits(n["Resources"], spec.hardware.num_gpus)]
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify) for n in nodes]
-        for node, ref in zip(nodes, refs):
+        for node, ref in zip(nodes, refs, strict=True):
             try:
                 result = await _get(ref)
             except Exception as exc:  # noqa: BLE001 - Ray wraps whatever the node raised
                 cause = _cause(exc)
                 if isinstance(cause, WorkspaceError):
                     raise WorkspaceError(f"on Ray node {node['NodeID'][:12]}: {cause}", hint=cause.hint) from None
-                raise WorkspaceError(f"preparing the workspace on Ray node {node['NodeID'][:12]} failed: {cause}") from None
+                message = f"preparing the workspace on Ray node {node['NodeID'][:12]} failed: {cause}"
+                raise WorkspaceError(message) from None
             if on_output is not None:
                 for line in result["lines"]:
                     on_output(f"[{node['NodeID'][:12]}] {line}")
@@ -551,9 +559,11 @@ class RayBackend(Backend):
                 self.schedule_timeout_s)
         except TimeoutError:
             _kill_actor(actor)
-            raise LaunchFailure(f"no Ray node took the run within {self.schedule_timeout_s:g}s", transient=True) from None
+            raise LaunchFailure(f"no Ray node took the run within {self.schedule_timeout_s:g}s",
+                                transient=True) from None
         except _lost_errors() as exc:
-            raise LaunchFailure(f"the Ray worker starting the run was lost: {type(exc).__name__}", transient=True) from None
+            raise LaunchFailure(f"the Ray worker starting the run was lost: {type(exc).__name__}",
+                                transient=True) from None
         except Exception as exc:  # noqa: BLE001 - Ray wraps whatever the node raised
             _kill_actor(actor)
             cause = _cause(exc)
@@ -575,8 +585,8 @@ class RayBackend(Backend):
         folder = self.home / RUN_RECORDS
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{info['pid']}-{info.get('pid_start')}.json").write_text(json.dumps(
-            {"address": self.address, "node_id": info["node_id"], "pid": info["pid"], "pid_start": info.get("pid_start"),
-             "recorded_at": time.time()}))
+            {"address": self.address, "node_id": info["node_id"], "pid": info["pid"],
+             "pid_start": info.get("pid_start"), "recorded_at": time.time()}))
 
     async def release(self, host: Host) -> None:
         """Nothing is rented; run actors die with their runs (or with this driver)."""

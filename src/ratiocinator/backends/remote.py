@@ -26,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 START_WAIT_S = 30.0
 
@@ -40,22 +42,22 @@ def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
     os.rename(tmp, path)
 
 
-def start_ticks(pid: int):
+def start_ticks(pid: int) -> int | None:
     """Start time in clock ticks since boot: tells a reused PID apart."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as fh:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
         return int(data[data.rfind(b")") + 2:].split()[19])
     except (OSError, IndexError, ValueError):
         return None
 
 
-def _alive(pid: int, ticks) -> bool:
+def _alive(pid: int, ticks: int | None) -> bool:
     now = start_ticks(pid)
     if now is None:
         return False
     try:
-        with open("/proc/%d/stat" % pid, "rb") as fh:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
         if data[data.rfind(b")") + 2:].split()[0] == b"Z":
             return False
@@ -105,7 +107,8 @@ def _supervise(rundir: str) -> None:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries already
             continue
-    status = {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None}
+    status: dict[str, float | None] = (
+        {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None})
     status["ended_at"] = time.time()
     _write_atomic(os.path.join(rundir, "exit_status"), json.dumps(status))
 
@@ -159,7 +162,11 @@ def cmd_start(rundir: str) -> int:
     return 0
 
 
-def _read_json(path: str):
+def _python_version() -> str:
+    return ".".join(str(part) for part in sys.version_info[:3])
+
+
+def _read_json(path: str) -> Any:
     try:
         with open(path) as fh:
             return json.load(fh)
@@ -223,31 +230,37 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _step(title: str, argv: list, cwd: str, env: dict, timeout, hint: str) -> None:
+def _step(title: str, argv: list[str], cwd: str, env: dict[str, str], timeout: float | None, hint: str) -> None:
     """One install step, its output streamed; a failure ends `prepare` with a clear line."""
     _say("==> " + title)
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    tail = []
-    expired = []
+    tail: list[str] = []
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        _killpg(proc.pid, signal.SIGKILL)
+
     timer = None
     if timeout is not None:
-        timer = threading.Timer(timeout, lambda: (expired.append(True), _killpg(proc.pid, signal.SIGKILL)))
+        timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
+    assert proc.stdout is not None  # stdout=PIPE
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         tail = (tail + [line])[-30:]
         _say(line)
-    code = proc.wait()
+    code: int | None = proc.wait()
     if timer is not None:
         timer.cancel()
     if expired:
         code = None
     if code == 0:
         return
-    outcome = "timed out after %gs" % timeout if code is None else (
-        "was killed by signal %d" % -code if code < 0 else "failed with exit code %d" % code)
+    outcome = f"timed out after {timeout:g}s" if code is None else (
+        f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}")
     _say("RATIOCINATOR_FAILED " + json.dumps({"title": title, "outcome": outcome, "tail": tail, "hint": hint}))
     sys.exit(3)
 
@@ -256,7 +269,7 @@ def cmd_clone(bundle: str, dest: str, commit: str) -> int:
     """The checkout at ``commit`` from an uploaded git bundle, built aside and renamed in."""
     with _Lock(dest + ".lock"):
         if not os.path.isdir(dest):
-            tmp = dest + ".tmp-%d" % os.getpid()
+            tmp = dest + f".tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_LFS_SKIP_SMUDGE="1")
             for argv in (["git", "clone", "--quiet", "--no-checkout", bundle, tmp],
@@ -279,7 +292,7 @@ def cmd_prepare() -> int:
     overrides = {"RATIOCINATOR_WORKSPACE": checkout}
     venv = None
     if job["pre_install"] or job["requirements"] is not None:
-        material = dict(job["material"], python=[sys.executable, "%d.%d.%d" % sys.version_info[:3]])
+        material = dict(job["material"], python=[sys.executable, _python_version()])
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
         venv = os.path.join(job["envs_dir"], key[:16])
         overrides.update(VIRTUAL_ENV=venv,
@@ -290,24 +303,24 @@ def cmd_prepare() -> int:
             if not (isinstance(ready, dict) and ready.get("key") == key):
                 shutil.rmtree(venv, ignore_errors=True)
                 os.makedirs(venv)
-                _step("creating the venv %s with %s" % (venv, sys.executable),
+                _step(f"creating the venv {venv} with {sys.executable}",
                       [sys.executable, "-m", "venv", "--system-site-packages", venv], checkout, env, None,
                       "make sure this host's Python can create venvs (Debian/Ubuntu: install python3-venv)")
                 for index, command in enumerate(job["pre_install"]):
-                    _step("deps.pre_install[%d] `%s`" % (index, command), ["bash", "-c", command], checkout, env,
+                    _step(f"deps.pre_install[{index}] `{command}`", ["bash", "-c", command], checkout, env,
                           job["timeout_s"], "fix or remove this command in the spec's deps.pre_install")
                 if job["requirements"] is not None:
                     path = os.path.join(venv, "requirements.filtered.txt")
                     with open(path, "w") as fh:
                         fh.write(job["requirements_text"])
-                    _step("pip install -r %s (filtered copy: %s)" % (job["requirements"], path),
+                    _step(f"pip install -r {job['requirements']} (filtered copy: {path})",
                           [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
                            "--no-input", "-r", path], checkout, env, job["timeout_s"],
                           "fix the requirements file, or list packages the host already provides under"
                           " deps.exclude_from_requirements")
                 _write_atomic(os.path.join(venv, ".ready"), json.dumps(dict(material, key=key), indent=2) + "\n")
     if job.get("verify"):
-        _step("deps.verify `%s`" % job["verify"], ["bash", "-c", job["verify"]], checkout,
+        _step(f"deps.verify `{job['verify']}`", ["bash", "-c", job["verify"]], checkout,
               dict(os.environ, **overrides), job["timeout_s"],
               "the prepared environment lacks something the runner needs: fix deps.pre_install or"
               " deps.requirements (or the verify command)")
@@ -318,7 +331,7 @@ def cmd_prepare() -> int:
 def cmd_facts() -> int:
     """What `acquire` reports about the host."""
     facts = {"hostname": os.uname().nodename, "cpus": os.cpu_count() or 0,
-             "python": "%d.%d.%d" % sys.version_info[:3]}
+             "python": _python_version()}
     try:
         with open("/proc/meminfo") as fh:
             facts["ram_gb"] = round(int(fh.readline().split()[1]) / 1024 / 1024, 1)
@@ -328,12 +341,13 @@ def cmd_facts() -> int:
     return 0
 
 
-def main(argv: list) -> int:
-    commands = {"start": (cmd_start, 1), "alive": (cmd_alive, 1), "signal": (cmd_signal, 2),
-                "killpid": (cmd_killpid, 2), "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0),
-                "facts": (cmd_facts, 0)}
+def main(argv: list[str]) -> int:
+    commands: dict[str, tuple[Callable[..., int], int]] = {
+        "start": (cmd_start, 1), "alive": (cmd_alive, 1), "signal": (cmd_signal, 2), "killpid": (cmd_killpid, 2),
+        "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0), "facts": (cmd_facts, 0)}
     if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
-        sys.stderr.write("usage: remote.py {%s} ARGS...\n" % ",".join(sorted(commands)))
+        names = ",".join(sorted(commands))
+        sys.stderr.write(f"usage: remote.py {{{names}}} ARGS...\n")
         return 2
     func, _ = commands[argv[0]]
     return func(*argv[1:])

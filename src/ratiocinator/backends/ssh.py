@@ -39,7 +39,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,7 +97,7 @@ class SshSlot(Slot):
 
     @property
     def label(self) -> str:
-        return f"{self.machine}/{Slot.label.fget(self)}"  # type: ignore[attr-defined]
+        return f"{self.machine}/{super().label}"
 
 
 _LOST: tuple[type[BaseException], ...] = (
@@ -180,8 +180,8 @@ class _Machine:
                     if key not in keys:  # a line may match both by name and by address
                         keys.append(key)
             except (ValueError, asyncssh.KeyImportError) as exc:
-                raise BackendError(f"the known_hosts file {path} is malformed: {exc}",
-                                   hint="fix or remove the bad line (`ssh-keygen -l -f FILE` lists what it can read)") from exc
+                hint = "fix or remove the bad line (`ssh-keygen -l -f FILE` lists what it can read)"
+                raise BackendError(f"the known_hosts file {path} is malformed: {exc}", hint=hint) from exc
         return keys
 
     def _pin(self, key: asyncssh.SSHKey) -> None:
@@ -244,8 +244,8 @@ class _Machine:
             )
         return BackendError(
             f"the host key of {cfg.label} ({offered}) is not in {files}; refusing to connect to an unverified host",
-            hint=f"connect once with `ssh -p {cfg.port} {cfg.label.rsplit(':', 1)[0]}` and check the fingerprint, or set"
-            " trust_on_first_use: true on this host to pin its key on the first connection",
+            hint=f"connect once with `ssh -p {cfg.port} {cfg.label.rsplit(':', 1)[0]}` and check the fingerprint,"
+            " or set trust_on_first_use: true on this host to pin its key on the first connection",
         )
 
     async def _resolve_workdir(self, sftp: asyncssh.SFTPClient) -> str:
@@ -405,7 +405,7 @@ class SshRunHandle(FollowedRunHandle):
                 if time.monotonic() - last_alive > self.alive_check_s:
                     last_alive = time.monotonic()
                     alive = await self.machine.launcher_run("alive", rundir)
-                    if alive.stdout.strip() == "0" and await self.machine.call(
+                    if str(alive.stdout).strip() == "0" and await self.machine.call(
                             lambda _, sftp: _read_json(sftp, f"{rundir}/exit_status")) is None:
                         raise LaunchFailure(
                             f"the run's supervisor on {self.machine.config.label} is gone without recording an exit"
@@ -420,8 +420,8 @@ class SshRunHandle(FollowedRunHandle):
         except LaunchFailure as exc:
             self._exited.set_exception(exc)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the run, as infra
-            self._exited.set_exception(LaunchFailure(f"following the run on {self.machine.config.label} failed: {exc!r}",
-                                                   transient=True))
+            self._exited.set_exception(LaunchFailure(
+                f"following the run on {self.machine.config.label} failed: {exc!r}", transient=True))
         finally:  # on a lost host the record stays: the run may live on, for reconcile to kill
             self._chunks.put_nowait(None)
 
@@ -540,15 +540,19 @@ class SshBackend(Backend):
         out: list[HardwareFinding] = []
         if hw.num_gpus:
             short = [f"{h.label} lists {len(h.gpus or [])}" for h in self.hosts if len(h.gpus or []) < hw.num_gpus]
+            if short:
+                listed = "; ".join(short) + " GPU index(es) in hosts[].gpus"
+            else:
+                listed = "every host lists enough in hosts[].gpus"
             out.append(HardwareFinding("num_gpus", "unmet" if short else "ok",
-                                       f"needs {hw.num_gpus} per run; " + ("; ".join(short) + " GPU index(es) in hosts[].gpus"
-                                                                            if short else "every host lists enough in hosts[].gpus")))
+                                       f"needs {hw.num_gpus} per run; {listed}"))
         for name in ("gpu", "min_cuda_version", "min_cpu_ram_gb", "disk_gb"):
             if getattr(hw, name) is not None:
                 out.append(HardwareFinding(name, "unknown", "not probed on SSH hosts; the hosts are used as they are"))
         for name in ("min_inet_down", "image"):
             if getattr(hw, name) is not None:
-                out.append(HardwareFinding(name, "not_applicable", "SSH hosts are the user's own machines, not rentals"))
+                out.append(HardwareFinding(name, "not_applicable",
+                                           "SSH hosts are the user's own machines, not rentals"))
         if hw.max_dph is not None:
             price = self._price(loaded)
             out.append(HardwareFinding("max_dph", "ok" if price <= hw.max_dph else "unmet",
@@ -578,8 +582,10 @@ class SshBackend(Backend):
                 capacity = len(gpus) // per_run
                 if capacity == 0:
                     raise BackendError(
-                        f"hosts[{i}] ({cfg.label}): the spec needs {per_run} GPU(s) per run and the host lists {len(gpus)}",
-                        hint=f"list the host's GPU indices, e.g. gpus: {list(range(per_run))}, or set hardware.num_gpus: 0",
+                        f"hosts[{i}] ({cfg.label}): the spec needs {per_run} GPU(s) per run"
+                        f" and the host lists {len(gpus)}",
+                        hint=f"list the host's GPU indices, e.g. gpus: {list(range(per_run))},"
+                        " or set hardware.num_gpus: 0",
                     )
                 chunks = [tuple(gpus[k * per_run:(k + 1) * per_run]) for k in range(min(cfg.slots, capacity))]
             else:
@@ -613,7 +619,7 @@ class SshBackend(Backend):
         for machine in machines:
             machine.reconnect_budget_s = self._reconnect_budget_s
         start = max(self._by_slot, default=-1) + 1
-        slots = []
+        slots: list[SshSlot] = []
         for machine, gpus in self._host_slots(machines, loaded):
             slots.append(SshSlot(start + len(slots), gpus, machine.config.label))
             self._by_slot[slots[-1].index] = machine
@@ -637,7 +643,8 @@ class SshBackend(Backend):
                 done = await machine.launcher_run("facts")
             except HostLost as exc:
                 raise BackendError(f"cannot reach {machine.config.label}: {exc}",
-                                   hint="check the address, port and that sshd runs there (`ssh -p PORT user@host true`)") from None
+                                   hint="check the address, port and that sshd runs there"
+                                        " (`ssh -p PORT user@host true`)") from None
             if done.exit_status != 0:
                 raise BackendError(
                     f"{machine.config.python} on {machine.config.label} cannot run the launcher"
@@ -671,8 +678,8 @@ class SshBackend(Backend):
         lfs = await asyncio.to_thread(ws.lfs_files, checkout)
         filtered = None
         if spec.deps.requirements is not None:
-            filtered = ws.filter_requirements(checkout / spec.deps.requirements, tuple(spec.deps.exclude_from_requirements),
-                                              root=checkout)
+            filtered = ws.filter_requirements(checkout / spec.deps.requirements,
+                                              tuple(spec.deps.exclude_from_requirements), root=checkout)
         job = {
             "pre_install": list(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "verify": spec.deps.verify, "timeout_s": spec.download_timeout_s,
@@ -698,7 +705,8 @@ class SshBackend(Backend):
         return path
 
     async def _prepare_machine(self, machine: _Machine, checkout: Path, commit: str, bundle: Path, lfs: list[str],
-                               filtered: str | None, job: dict[str, Any], on_output: Callable[[str], None] | None) -> None:
+                               filtered: str | None, job: dict[str, Any],
+                               on_output: Callable[[str], None] | None) -> None:
         label = machine.config.label
         try:
             await machine.session()
@@ -745,8 +753,8 @@ class SshBackend(Backend):
             return proc.exit_status, lines, stderr
 
         code, lines, stderr = await machine.call(run_prepare)
-        result = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_PREPARED ")), None)
-        failed = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_FAILED ")), None)
+        result = _marked(lines, "RATIOCINATOR_PREPARED")
+        failed = _marked(lines, "RATIOCINATOR_FAILED")
         if failed is not None:
             raise WorkspaceError(
                 f"{failed['title']} {failed['outcome']} on {label} in {remote_checkout}; last lines of its output:\n"
@@ -807,7 +815,8 @@ class SshBackend(Backend):
 
         env = self.remote_env(request, machine, translate, remote_out)
         cwd = translate(str(request.cwd))
-        run = {"argv": [translate(a) for a in request.argv], "cwd": cwd, "venv": machine.venv}
+        argv = [translate(a) for a in request.argv]
+        run = {"argv": argv, "cwd": cwd, "venv": machine.venv}
 
         async def upload(_: Any, sftp: asyncssh.SFTPClient) -> None:
             await sftp.makedirs(posixpath.dirname(rundir), exist_ok=True)
@@ -832,14 +841,15 @@ class SshBackend(Backend):
             reply = json.loads(str(done.stdout).strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise LaunchFailure(
-                f"the launcher on {machine.config.label} failed (exit {done.exit_status}): {str(done.stderr).strip()[-300:]}",
+                f"the launcher on {machine.config.label} failed (exit {done.exit_status}):"
+                f" {str(done.stderr).strip()[-300:]}",
                 transient=True) from None
         if "launch_error" in reply:
             error = reply["launch_error"]
             if error.get("errno") is None:
                 raise LaunchFailure(f"cannot start the runner on {machine.config.label}: {error.get('strerror')}",
                                     transient=True)
-            raise launch_failure(tuple(run["argv"]), OSError(error["errno"], error["strerror"]))
+            raise launch_failure(tuple(argv), OSError(error["errno"], error["strerror"]))
         pid, pid_start = int(reply["pid"]["pid"]), reply["pid"].get("pid_start")
         record = self._record(machine, rundir, pid, pid_start)
         return SshRunHandle(machine, rundir, request.out_dir, request.log_dir, pid, pid_start, record,
@@ -890,12 +900,12 @@ class SshBackend(Backend):
             await machine.close()
 
 
-def _run_sync(coro: Awaitable[T]) -> T:
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, even when called inside a running loop (own thread)."""
     result: list[Any] = []
 
     def target() -> None:
-        result.append(asyncio.run(coro))  # type: ignore[arg-type]
+        result.append(asyncio.run(coro))
 
     thread = threading.Thread(target=target)
     thread.start()
@@ -913,15 +923,21 @@ def _zip_longest(groups: list[list[T]]) -> list[list[T]]:
     return rounds
 
 
+def _marked(lines: list[str], marker: str) -> Any:
+    """The JSON after the first line that starts with ``marker`` and a space (what remote.py reports), or None."""
+    return next((json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith(marker + " ")), None)
+
+
 def _raise_step_failure(done: asyncssh.SSHCompletedProcess, label: str, where: str, what: str) -> None:
     if done.exit_status == 0:
         return
     lines = str(done.stdout).splitlines()
-    failed = next((json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("RATIOCINATOR_FAILED ")), None)
+    failed = _marked(lines, "RATIOCINATOR_FAILED")
     if failed is not None:
         raise WorkspaceError(f"{what} on {label} ({where}): {failed['title']} {failed['outcome']}:\n"
                              + "\n".join(failed["tail"][-20:]), hint=failed["hint"])
-    raise WorkspaceError(f"{what} on {label} ({where}) failed (exit {done.exit_status}): {str(done.stderr).strip()[-500:]}",
+    raise WorkspaceError(f"{what} on {label} ({where}) failed (exit {done.exit_status}):"
+                         f" {str(done.stderr).strip()[-500:]}",
                          hint="check that git and Python 3 are installed on the host")
 
 

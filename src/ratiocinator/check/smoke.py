@@ -103,7 +103,8 @@ async def _smoke_one(
                              out_dir=out_dir, trial=True, extra=extra_env)
     request = LaunchRequest(run_id=0, argv=(*argv, *arm.args), cwd=workspace.checkout, env=env, slot=slot,
                             log_dir=run_dir, out_dir=out_dir, timeout_s=timeout_s)
-    parser = make_parser(spec.metrics.protocol, json_prefix=spec.metrics.json_prefix, patterns=dict(spec.metrics.patterns))
+    parser = make_parser(spec.metrics.protocol, json_prefix=spec.metrics.json_prefix,
+                         patterns=dict(spec.metrics.patterns))
     summary = MetricSummary()
     series: dict[str, list[tuple[int | None, float]]] = {}
     started = time.monotonic()
@@ -111,7 +112,8 @@ async def _smoke_one(
         handle = await backend.launch(host, request)
     except Exception as exc:
         failure = Failure(exc.failure) if isinstance(exc, LaunchFailure) else Failure.INFRA
-        return SmokeOutcome(arm, Diagnosis(failure, f"could not start the runner: {exc}", (str(exc)[:300],)), log_dir=run_dir)
+        diagnosis = Diagnosis(failure, f"could not start the runner: {exc}", (str(exc)[:300],))
+        return SmokeOutcome(arm, diagnosis, log_dir=run_dir)
 
     async def consume() -> None:
         splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
@@ -161,9 +163,11 @@ async def _smoke_one(
         dropped_metric_names=parser.dropped_names,
     ))
     if timed_out:  # in a smoke run the limit is the check's, not train_timeout_s
-        diagnosis = Diagnosis(Failure.TIMEOUT, f"the trial run did not finish within check.smoke_timeout_s ({timeout_s:g}s)",
+        diagnosis = Diagnosis(Failure.TIMEOUT,
+                              f"the trial run did not finish within check.smoke_timeout_s ({timeout_s:g}s)",
                               (f"no exit within {timeout_s:g}s with RATIOCINATOR_TRIAL=1",
-                               "make the runner's trial mode short (one batch, one epoch), or raise check.smoke_timeout_s"),
+                               "make the runner's trial mode short (one batch, one epoch),"
+                               " or raise check.smoke_timeout_s"),
                               {"timeout_s": timeout_s})
     return SmokeOutcome(arm, diagnosis, series, run_dir, time.monotonic() - started, stdout)
 
@@ -190,8 +194,8 @@ class UnchangedKnob:
         if len(self.knobs) == 1:
             return (f"knob {self.knobs[0]} changes nothing: arms that differ only in it produced identical metrics"
                     f" ({self.points} points; {what}): {pairs}")
-        return (f"arms that differ in {', '.join(self.knobs)} produced identical metrics ({self.points} points; {what}):"
-                f" {pairs}")
+        return (f"arms that differ in {', '.join(self.knobs)} produced identical metrics"
+                f" ({self.points} points; {what}): {pairs}")
 
 
 def _config(arm: PlannedArm) -> dict[str, str]:

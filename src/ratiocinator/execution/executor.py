@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -157,8 +158,8 @@ class Executor:
         summary = ExecutionSummary()
         pool = SlotPool(s for s in self.host.slots if self._usable(s))
         work: asyncio.Queue[PlannedRun | _Wake] = asyncio.Queue()
-        for planned in pending:
-            work.put_nowait(planned)
+        for queued in pending:
+            work.put_nowait(queued)
         open_runs = len(pending)  # queued, live or waiting to retry
         live = 0
         launched: list[asyncio.Task[RunResult]] = []
@@ -211,7 +212,7 @@ class Executor:
                         idle_check()
                     continue
                 slot = await pool.take()
-                stop = None
+                stop: int | str | None = None  # a charge id to launch under, or why launching stops
                 while slot is None and stop is None:  # every slot was lost or given back: rent again
                     if topup is not None and not topup.done():
                         await asyncio.shield(topup)  # what it rents may be enough
@@ -236,8 +237,8 @@ class Executor:
                     if slot is not None:
                         pool.put(slot)
                     waiting = list(retries.values())
-                    for task in list(retries):
-                        task.cancel()
+                    for retry in list(retries):
+                        retry.cancel()
                     summary.not_launched = [planned, *waiting] + [p for p in _drain(work) if not isinstance(p, _Wake)]
                     if self.early_stop:
                         summary.early_stop = self.early_stop
@@ -246,7 +247,7 @@ class Executor:
                 assert slot is not None
                 task = asyncio.create_task(self._run_one(planned, slot, stop))
                 live += 1
-                task.add_done_callback(lambda t, p=planned, s=slot: ended(t, p, s))
+                task.add_done_callback(functools.partial(ended, planned=planned, slot=slot))
                 launched.append(task)
                 self._report_money()
                 if work.empty():
@@ -254,8 +255,8 @@ class Executor:
             summary.results.extend(await asyncio.gather(*launched))
             await asyncio.gather(*self._giving_back)
         except BaseException:
-            for task in [*launched, *retries]:
-                task.cancel()
+            for unfinished in [*launched, *retries]:
+                unfinished.cancel()
             await asyncio.gather(*launched, *retries, *self._giving_back, return_exceptions=True)
             raise
         finally:
@@ -330,7 +331,8 @@ class Executor:
                      if r.status in TERMINAL and (d := r.duration_s) is not None]
         wait = expected_wait_s(self.started_at.values(), durations, time.time(), self.spec.train_timeout_s)
         reacquire = elastic.reacquire_s()
-        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait, reacquire_s=reacquire):
+        if not should_give_back(last_iteration=self.last_iteration, stopping=stopping, wait_s=wait,
+                                reacquire_s=reacquire):
             return
         if stopping:
             why = "nothing more will be launched"
@@ -370,12 +372,14 @@ class Executor:
         self.transient_failures[key] = failures = self.transient_failures.get(key, 0) + 1
         return failures < self.policy.max_attempts
 
-    async def _retry_later(self, result: RunResult, planned: PlannedRun, work: asyncio.Queue[PlannedRun | _Wake]) -> None:
+    async def _retry_later(self, result: RunResult, planned: PlannedRun,
+                           work: asyncio.Queue[PlannedRun | _Wake]) -> None:
         failures = self.transient_failures[(result.arm, result.replicate)]
         delay = min(self.policy.retry_backoff_s * 2 ** (failures - 1), MAX_RETRY_BACKOFF_S)
         message = (f"run {result.run_id} ({result.arm} #{result.replicate}) failed transiently ({result.failure});"
                    f" attempt {failures + 1} of {self.policy.max_attempts} in {delay:g}s")
-        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure, delay_s=delay)
+        self.ledger.event(self.experiment_id, "retry", message, run_id=result.run_id, failure=result.failure,
+                          delay_s=delay)
         self.progress.message(message)
         await asyncio.sleep(delay)
         work.put_nowait(planned)
@@ -434,9 +438,9 @@ class Executor:
         self.progress.run_started(run_id, arm.name, planned.replicate, slot)
         started = self.started_at[run_id] = time.time()
         oom_before = self.backend.oom_kills(self.host)
-        stream = _RunStream(self.ledger, run_id, logs, make_parser(
-            self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix, patterns=dict(self.spec.metrics.patterns)
-        ))
+        parser = make_parser(self.spec.metrics.protocol, json_prefix=self.spec.metrics.json_prefix,
+                             patterns=dict(self.spec.metrics.patterns))
+        stream = _RunStream(self.ledger, run_id, logs, parser)
         handle: RunHandle | None = None
         try:
             try:
@@ -622,7 +626,7 @@ class _RunStream:
         self.run_id = run_id
         self.parser = parser
         self.summary = MetricSummary()
-        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.splitters: dict[Stream, LineSplitter] = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         self.logs = logs
         self.pending: list[MetricPoint] = []
         self.last_flush = time.monotonic()
@@ -634,7 +638,7 @@ class _RunStream:
         try:
             async for name, chunk in handle.output():
                 self._take(await asyncio.to_thread(self._ingest, name, chunk))
-            for name, splitter in self.splitters.items():
+            for splitter in self.splitters.values():
                 self._take(self._parse(splitter.flush()))
         finally:
             ticker.cancel()

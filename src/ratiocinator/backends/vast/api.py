@@ -33,6 +33,7 @@ the body says success and a re-read shows the instance gone.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable
@@ -179,7 +180,8 @@ class VastApi:
         code = resp.status_code
         if code in (401, 403) or error == "auth_error":
             raise VastAuthError(
-                f"Vast.ai refused the API key ({where}: HTTP {code} {error or ''}): it is wrong, revoked or lacks permission",
+                f"Vast.ai refused the API key ({where}: HTTP {code} {error or ''}):"
+                " it is wrong, revoked or lacks permission",
                 hint="set VAST_API_KEY to a valid key (https://cloud.vast.ai/account/). Instances already rented keep"
                      " their self-destruct deadline; `ratiocinator instances --reap` destroys them once the key works")
         if code in RETRYABLE_STATUS:
@@ -284,7 +286,8 @@ class VastApi:
         """
         reply = self._call("DELETE", f"/instances/{instance_id}/", body={}, missing_ok=True)
         if reply is not None and not (isinstance(reply, dict) and reply.get("success")):
-            raise VastError(f"destroying instance {instance_id} was not done: the provider answered {json.dumps(reply)[:300]}",
+            raise VastError(f"destroying instance {instance_id} was not done:"
+                            f" the provider answered {json.dumps(reply)[:300]}",
                             hint="it may still bill; `ratiocinator instances --reap` tries again")
         deadline = time.monotonic() + self.confirm_s
         while True:
@@ -294,7 +297,8 @@ class VastApi:
             if time.monotonic() >= deadline:
                 assert shown is not None
                 raise VastError(f"instance {instance_id} is still listed ({shown.get('actual_status')}, cur_state"
-                                f" {shown.get('cur_state')}) {self.confirm_s:g}s after the provider accepted its destroy",
+                                f" {shown.get('cur_state')}) {self.confirm_s:g}s after the provider accepted"
+                                " its destroy",
                                 hint="it may still bill; `ratiocinator instances --reap` tries again")
             time.sleep(self.poll_s)
 
@@ -303,7 +307,7 @@ class VastApi:
             raise BackendError("refusing to send a private key to Vast.ai")  # only the .pub ever leaves
         self._call("POST", f"/instances/{instance_id}/ssh/", body={"ssh_key": public_key.strip()})
 
-    def instance_charges(self, start: float, end: float) -> list[dict[str, Any]]:
+    def instance_charges(self, start: float, end: float) -> builtins.list[dict[str, Any]]:  # VastApi.list shadows list
         """The account's instance charges for the days of [start, end] (``GET /charges/``, every page).
 
         Each is ``{start, end, type, source: "instance-<id>", description, amount, metadata, items}``;
@@ -313,8 +317,8 @@ class VastApi:
         filters = {"day": {"gte": int(start) // day * day, "lte": (int(end) // day + 1) * day - 1},
                    "type": {"in": ["instance"]}}
         try:  # a refused key too: the cost falls back to the clock, and says why
-            return self._pages("/charges/", {"select_filters": json.dumps(filters)}, rows="results", cursor="next_token",
-                               max_pages=MAX_CHARGE_PAGES, attempts=BILLING_ATTEMPTS)
+            return self._pages("/charges/", {"select_filters": json.dumps(filters)}, rows="results",
+                               cursor="next_token", max_pages=MAX_CHARGE_PAGES, attempts=BILLING_ATTEMPTS)
         except VastError as exc:
             raise BillingUnavailable(str(exc)) from None
 

@@ -99,7 +99,7 @@ class VastSlot(SshSlot):
 
     @property
     def label(self) -> str:
-        return f"{self.instance}/{SshSlot.label.fget(self)}"  # type: ignore[attr-defined]
+        return f"{self.instance}/{super().label}"
 
 
 def offer_query(loaded: LoadedSpec, settings: VastSettings) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class _Rented:
     offer: dict[str, Any]
     ssh: SshHost | None = None
     slots: list[VastSlot] = field(default_factory=list)
-    released: set[VastSlot] = field(default_factory=set)
+    released: set[Slot] = field(default_factory=set)  # what release_slot was handed: slots of this instance
     ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
     preparing: bool = False
     checked_at: float = 0.0  # monotonic time the API last showed it running
@@ -234,7 +234,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         key = api_key if api_key is not None else os.environ.get("VAST_API_KEY", "")
         self.api = VastApi(key, self.settings.base_url, confirm_s=self.settings.destroy_confirm_s,
                            poll_s=min(self.settings.poll_s, 1.0),
-                           retry=RetryPolicy(attempts=self.settings.api_attempts, first_wait_s=self.settings.api_backoff_s))
+                           retry=RetryPolicy(attempts=self.settings.api_attempts,
+                                             first_wait_s=self.settings.api_backoff_s))
         self._budget: Budget | None = None
         self.experiment_id: str | None = None
         self.ssh_options = ssh_options or {}
@@ -332,7 +333,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         spec = loaded.spec
         work = self.settings.work_s
         if work is None:
-            runs = max(first_arm_count(spec), 1) * spec.replicates * spec.failure_policy.max_attempts * spec.max_iterations
+            runs = (max(first_arm_count(spec), 1) * spec.replicates * spec.failure_policy.max_attempts
+                    * spec.max_iterations)
             waves = math.ceil(runs / (n_instances * self.settings.slots_per_instance))
             work = waves * spec.train_timeout_s
         return self.settings.boot_timeout_s + self.settings.setup_allowance_s + work
@@ -356,7 +358,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                errors += [t.exception() for t in done if t.exception() is not None]  # type: ignore[misc]
+                errors += [exc for t in done if (exc := t.exception()) is not None]
                 if any(t.exception() is None for t in done):
                     break
         except BaseException:
@@ -418,8 +420,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
     def _arrived(self, task: asyncio.Task[list[_Rented]]) -> None:
         if task.cancelled():
             return
-        if task.exception() is not None:
-            self._note_arrival_failure(task.exception())  # type: ignore[arg-type]
+        if (exc := task.exception()) is not None:
+            self._note_arrival_failure(exc)
         self._growth().set()
 
     def _note_arrival_failure(self, exc: BaseException) -> None:
@@ -451,8 +453,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         offers = [o for o in await asyncio.to_thread(self.api.search_offers, query) if matches(o, query)]
         picked = pick_offers(offers, n, self.settings.allow_mixed_gpus)
         if not picked:
-            raise BackendError(f"no Vast.ai offer matches the spec's hardware ({len(offers)} offer(s) for {n} instance(s),"
-                               f" one GPU model each unless allow_mixed_gpus); query: {query}",
+            raise BackendError(f"no Vast.ai offer matches the spec's hardware ({len(offers)} offer(s)"
+                               f" for {n} instance(s), one GPU model each unless allow_mixed_gpus); query: {query}",
                                hint="relax hardware (gpu, max_dph, min_cuda_version, ...) or vast.min_reliability")
         if self.gpu_model is None:
             self.gpu_model = str(picked[0].get("gpu_name"))
@@ -480,7 +482,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         charge = self.budget.reserve(worst, kind="instance",
                                      note=f"vast offer {offer['id']} {offer.get('gpu_name')} ${dph:g}/h × TTL {ttl:g}s")
         if charge is None:
-            raise BudgetError(self.budget.refusal(f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s", worst),
+            what = f"renting {offer.get('gpu_name')} at ${dph:g}/h for up to {ttl:g}s"
+            raise BudgetError(self.budget.refusal(what, worst),
                               hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
         deadline = time.time() + ttl
         row = inst.record_requested(self.ledger, experiment_id=exp_id, provider="vast", offer=offer, deadline=deadline,
@@ -504,16 +507,23 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                 rented.checked_at = time.monotonic()
                 break
             if time.monotonic() > boot_deadline:
-                raise BackendError(f"instance {rented.provider_id} did not boot within {self.settings.boot_timeout_s:g}s"
-                                   f" (status {shown.get('actual_status')!r}); destroyed",
-                                   hint="raise vast.boot_timeout_s, or exclude slow hosts with a higher min_reliability")
+                raise BackendError(f"instance {rented.provider_id} did not boot within"
+                                   f" {self.settings.boot_timeout_s:g}s (status {shown.get('actual_status')!r});"
+                                   " destroyed",
+                                   hint="raise vast.boot_timeout_s, or exclude slow hosts with a higher"
+                                        " min_reliability")
             await asyncio.sleep(self.settings.poll_s)
         gpus = list(range(int(offer.get("num_gpus", 0)))) if loaded.spec.hardware.num_gpus else None
-        rented.ssh = SshHost(host=str(shown["ssh_host"]), port=int(shown["ssh_port"]), user=self.settings.ssh_user,
-                             identity_file=str(self.ssh_key()), known_hosts=str(Paths(self.home).backend(self.name) / "known_hosts"),
-                             trust_on_first_use=True, workdir=self.settings.workdir, slots=self.settings.slots_per_instance,
-                             gpus=gpus)
-        inst.update(self.ledger, row.id, state="running", running_at=time.time(), gpu_name=str(shown.get("gpu_name", "")))
+        # Validated from a mapping, as the spec is: the fields left out keep their Field defaults (which a type
+        # checker without pydantic's plugin would take for required keywords).
+        rented.ssh = SshHost.model_validate({
+            "host": str(shown["ssh_host"]), "port": int(shown["ssh_port"]), "user": self.settings.ssh_user,
+            "identity_file": str(self.ssh_key()),
+            "known_hosts": str(Paths(self.home).backend(self.name) / "known_hosts"),
+            "trust_on_first_use": True, "workdir": self.settings.workdir,
+            "slots": self.settings.slots_per_instance, "gpus": gpus})
+        inst.update(self.ledger, row.id, state="running", running_at=time.time(),
+                    gpu_name=str(shown.get("gpu_name", "")))
 
     async def _connect(self, loaded: LoadedSpec, batch: list[_Rented]) -> None:
         """SSH into the batch's instances (sshd may come up after 'running'), and give them their slots."""
@@ -527,8 +537,9 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                 break
             except BackendError as exc:
                 if time.monotonic() > deadline:
-                    raise BackendError(f"SSH to the rented instance(s) failed for {self.settings.boot_timeout_s:g}s: {exc}",
-                                       hint="the instances were destroyed; check the image runs sshd (runtype ssh)") from None
+                    message = f"SSH to the rented instance(s) failed for {self.settings.boot_timeout_s:g}s: {exc}"
+                    hint = "the instances were destroyed; check the image runs sshd (runtype ssh)"
+                    raise BackendError(message, hint=hint) from None
                 await asyncio.sleep(self.settings.poll_s)
         by_label = {r.ssh.label: r for r in batch if r.ssh is not None}
         for s in slots:
@@ -543,7 +554,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
 
     def _live(self) -> list[_Rented]:
         """Instances that can take runs: connected, not given back, running, and prepared once prepare() ran."""
-        return [r for r in self.rented if r.slots and not r.given_back and (self._commit is None or r.ready_s is not None)
+        return [r for r in self.rented
+                if r.slots and not r.given_back and (self._commit is None or r.ready_s is not None)
                 and inst.get(self.ledger, r.row_id).state == "running"]
 
     def _host(self) -> Host:
@@ -574,7 +586,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         rented = self._owner(slot)
         if rented is None:
             return
-        rented.released.add(slot)  # type: ignore[arg-type]
+        rented.released.add(slot)
         if rented.given_back:
             if self.ssh is not None and rented.ssh is not None:
                 await self.ssh.drop_host(rented.ssh.label)
@@ -657,7 +669,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         extra_s = needed - row.deadline
         amount = (row.dph + self.storage_dph) * extra_s / 3600.0
         exp_id = self.budget.experiment_id
-        charge = self.budget.reserve(amount, kind="instance", note=f"vast {rented.provider_id}: deadline +{extra_s:.0f}s")
+        charge = self.budget.reserve(amount, kind="instance",
+                                     note=f"vast {rented.provider_id}: deadline +{extra_s:.0f}s")
         if charge is None:
             return "budget: " + self.budget.refusal(
                 f"keeping instance {rented.provider_id} alive {extra_s:.0f}s longer for the next run", amount)
@@ -671,7 +684,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             await machine.call(write)
         except (LaunchFailure, OSError, BackendError) as exc:
             self.budget.settle(charge, 0.0)
-            self.notes.append(f"instance {rented.provider_id}: extending its deadline failed ({exc}); it may stop mid-run")
+            self.notes.append(f"instance {rented.provider_id}: extending its deadline failed ({exc});"
+                              " it may stop mid-run")
             return None
         inst.update(self.ledger, row.id, deadline=needed, charges=[*row.charges, charge])
         self.ledger.event(exp_id, "instance_extended", f"instance {rented.provider_id}: deadline +{extra_s:.0f}s",
@@ -707,7 +721,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         ssh = self._require_ssh()
         rented = self._owner(request.slot)
         if rented is None:
-            raise LaunchFailure(f"slot {request.slot.label} belongs to no instance this backend rented", transient=False)
+            raise LaunchFailure(f"slot {request.slot.label} belongs to no instance this backend rented",
+                                transient=False)
         row = inst.get(self.ledger, rented.row_id)
         if row.state not in ("running",):
             raise LaunchFailure(f"instance {rented.provider_id} is {row.state}", transient=False, failure="infra")
@@ -758,8 +773,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         if left:
             failures = [self._destroy_failures.get(r.row_id) for r in left]
             why = "; ".join(f"instance {r.provider_id or '?'}: {f.message if f else 'not destroyed'}"
-                            for r, f in zip(left, failures))
-            deadlines = ", ".join(f"{r.provider_id or '?'} at {time.strftime('%H:%M', time.localtime(inst.get(self.ledger, r.row_id).deadline))}"
+                            for r, f in zip(left, failures, strict=True))
+            deadlines = ", ".join(f"{r.provider_id or '?'} at {_clock(inst.get(self.ledger, r.row_id).deadline)}"
                                   for r in left)
             error = CredentialsError if any(isinstance(f, CredentialsError) for f in failures) else BackendError
             raise error(f"{len(left)} rented instance(s) could not be destroyed and may still bill: {why}",
@@ -809,7 +824,13 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Runs die with their instance; the reaper destroys instances, so only a live SSH record can be killed."""
-        return (self.ssh or SshBackend([SshHost(host="unused")], self.home)).kill_orphan(pid, pid_start)
+        ssh = self.ssh or SshBackend([SshHost.model_validate({"host": "unused"})], self.home)
+        return ssh.kill_orphan(pid, pid_start)
+
+
+def _clock(at: float) -> str:
+    """Local wall-clock time as HH:MM."""
+    return time.strftime("%H:%M", time.localtime(at))
 
 
 def _forget_host_key(pin_file: Path, host: SshHost) -> None:

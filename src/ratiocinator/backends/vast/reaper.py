@@ -57,7 +57,8 @@ def _billed(listed: list[dict[str, Any]], row: InstanceRow, end: float) -> float
     return amount if covered_until >= end - BILLING_SLACK_S else None
 
 
-def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float, storage_dph: float = 0.0) -> tuple[float, str]:
+def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
+           storage_dph: float = 0.0) -> tuple[float, str]:
     """Fix the instance's cost (billing when available, else lifetime × price) and settle its reservations.
 
     Reservations are filled in order and each is capped at what it reserved: the TTL
@@ -123,7 +124,8 @@ def reconcile_billing(ledger: Ledger, api: VastApi, *, experiment_id: str | None
         if billed is None:
             continue
         _fill_charges(ledger, row, billed, state="settled")
-        update(ledger, row.id, cost=billed, cost_source=f"provider billing (reconciled {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
+        reconciled = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        update(ledger, row.id, cost=billed, cost_source=f"provider billing (reconciled {reconciled} UTC)")
         estimated = row.cost or 0.0
         if row.experiment_id is not None:
             ledger.event(row.experiment_id, "instance_reconciled",
@@ -181,7 +183,8 @@ def _destroy_row(ledger: Ledger, api: VastApi, row: InstanceRow, listing: _Listi
         provider_id = str(match["id"]) if match else None
     now = time.time()
     if provider_id is None:
-        update(ledger, row.id, state="destroyed", destroyed_at=now, note=f"{why}; never rented (no instance has its label)")
+        update(ledger, row.id, state="destroyed", destroyed_at=now,
+               note=f"{why}; never rented (no instance has its label)")
         settle(ledger, get(ledger, row.id), None, end=row.created_at)
         return Reaped(row.id, "", "already_gone", "never rented")
     update(ledger, row.id, provider_id=provider_id, state="destroying")
@@ -223,8 +226,8 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
     for listed in listing.rows:
         label, provider_id = str(listed.get("label") or ""), str(listed.get("id"))
         owner = label_owner(label, home)
-        row = known.get(label) if owner == "mine" else None
-        if owner is None or provider_id in handled or (row is not None and row.state in LIVE_STATES):
+        own_row = known.get(label) if owner == "mine" else None
+        if owner is None or provider_id in handled or (own_row is not None and own_row.state in LIVE_STATES):
             continue
         if owner == "other" and not all_homes:
             why = "label from before home ids" if is_legacy_label(label) else "another home's label"
@@ -235,10 +238,13 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
         except VastAuthError:
             raise
         except VastError as exc:
-            out.append(_named(row.id if row else None, listed, "error", str(exc)))
+            out.append(_named(own_row.id if own_row else None, listed, "error", str(exc)))
             continue
-        detail = "this home's label, its ledger row closed or missing" if owner == "mine" else "another home's (--all-homes)"
-        out.append(_named(row.id if row else None, listed, "orphan_destroyed", detail))
+        if owner == "mine":
+            detail = "this home's label, its ledger row closed or missing"
+        else:
+            detail = "another home's (--all-homes)"
+        out.append(_named(own_row.id if own_row else None, listed, "orphan_destroyed", detail))
     return out
 
 
@@ -247,5 +253,5 @@ def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str) -> li
     return reap(ledger, api, experiment_id=experiment_id)
 
 
-__all__ = ["BillingUnavailable", "Reaped", "api_from_env", "Reconciled", "billed_cost", "lifetime_cost", "reap", "reconcile_at_startup",
-           "reconcile_billing", "settle"]
+__all__ = ["BillingUnavailable", "Reaped", "api_from_env", "Reconciled", "billed_cost", "lifetime_cost", "reap",
+           "reconcile_at_startup", "reconcile_billing", "settle"]
