@@ -64,3 +64,37 @@ def test_a_requirements_link_out_of_the_repository_installs_nothing(study: Study
     with pytest.raises(WorkspaceError, match="leaves the repository"):
         Research(spec, study.home, backend=LocalBackend(study.home), check=False).run()
     assert not list(study.home.glob("envs/*/bin/pip"))  # refused before any environment was built
+
+
+WRITER = """#!/usr/bin/env bash
+pwd > "$RATIOCINATOR_OUT_DIR/pwd"
+mkdir -p models && echo "$RATIOCINATOR_ARM" > models/best_model.pt
+sleep 0.5
+own=0; [ "$(cat models/best_model.pt)" = "$RATIOCINATOR_ARM" ] && own=1
+touch leftover.tmp
+[ "${K:-0}" = 3 ] && [ "$RATIOCINATOR_TRIAL" = 0 ] && exit 3
+echo "METRICS: {\\"score\\": $own, \\"k\\": ${K:-0}}"
+"""
+
+
+def test_each_run_works_in_its_own_copy_and_the_cached_checkout_stays_pristine(study: Study) -> None:
+    import subprocess
+
+    study.commit({"run.sh": WRITER})
+    spec = load_spec(study.spec(factors={"K": [1, 2, 3]}, concurrency=3, replicates=1,
+                                failure_policy={"max_attempts": 1}))
+    Research(spec, study.home, backend=LocalBackend(study.home), check=True, llm_review=False).run()
+    ledger = study.ledger()
+    runs = ledger.runs(ledger.experiments()[-1].id)
+    finals = ledger.run_metrics(ledger.experiments()[-1].id)
+    ok = [r for r in runs if r.status == "succeeded"]
+    assert len(ok) == 2 and all(finals[r.id]["score"][0] == 1 for r in ok)  # no run saw another's file
+    dirs = [Path(r.out_dir, "pwd").read_text().strip() for r in runs]
+    assert len(set(dirs)) == 3 and all(d.endswith("/work") for d in dirs)
+    (checkout,) = {p.parent for p in study.home.glob("repos/checkouts/*/*/run.sh")}
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=checkout, capture_output=True,
+                            text=True, check=True)
+    assert status.stdout == ""  # nothing a run or a smoke run wrote landed in the cache
+    (failed,) = [r for r in runs if r.status == "failed"]
+    assert Path(failed.log_dir, "work", "leftover.tmp").exists()  # a failed run's copy is kept to look at
+    assert not any(Path(r.log_dir, "work").exists() for r in ok)  # a succeeded run's is removed
