@@ -508,7 +508,7 @@ def _ledger_for(recorded: dict) -> Ledger:
     for path in candidates:
         if path.exists():
             ledger = Ledger(path)
-            if ledger.db.execute("SELECT 1 FROM experiments WHERE id = ?", (recorded["experiment_id"],)).fetchone():
+            if ledger.has_experiment(recorded["experiment_id"]):
                 return ledger
             ledger.close()
     raise UsageError(f"no ledger holds experiment {recorded['experiment_id']}"

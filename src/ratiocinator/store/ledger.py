@@ -450,6 +450,9 @@ class Ledger:
             )
         return self.experiment(id)
 
+    def has_experiment(self, id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM experiments WHERE id = ?", (id,)).fetchone() is not None
+
     def experiment(self, id: str) -> Experiment:
         row = self.db.execute("SELECT * FROM experiments WHERE id = ?", (id,)).fetchone()
         if row is None:
