@@ -170,3 +170,18 @@ def test_a_hung_run_is_gone_by_its_deadline_after_the_orchestrator_is_killed(stu
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_ssh_hosts_supervisor_stops_a_run_at_its_deadline_on_its_own() -> None:
+    import signal
+    import time
+
+    from ratiocinator.backends.remote import _wait
+
+    hung = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & wait"], start_new_session=True)
+    started = time.monotonic()
+    code = _wait(hung, 0.5)  # the host's supervisor, with no orchestrator to ask it
+    assert code == -signal.SIGKILL  # TERM was ignored, so the group was killed 5 s later
+    assert 5.0 <= time.monotonic() - started < 15
+    quick = subprocess.Popen(["true"], start_new_session=True)
+    assert _wait(quick, 30) == 0

@@ -101,16 +101,30 @@ def _supervise(rundir: str) -> None:
     out.close()
     err.close()
     _write_atomic(os.path.join(rundir, "pid"), json.dumps({"pid": proc.pid, "pid_start": start_ticks(proc.pid)}))
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries already
-            continue
+    code = _wait(proc, spec.get("deadline_s"))
     status: dict[str, float | None] = (
         {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None})
     status["ended_at"] = time.time()
     _write_atomic(os.path.join(rundir, "exit_status"), json.dumps(status))
+
+
+def _wait(proc: subprocess.Popen[bytes], deadline_s: float | None) -> int:
+    """The runner's exit; past ``deadline_s`` its whole group is stopped (SIGTERM, SIGKILL 5 s later), so
+    the hard timeout holds even when no orchestrator is left to enforce it."""
+    try:
+        return proc.wait(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
 
 
 def cmd_start(rundir: str) -> int:

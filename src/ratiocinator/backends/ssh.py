@@ -64,6 +64,7 @@ from ratiocinator.backends.base import (
 from ratiocinator.backends.process import launch_failure
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.execution.supervisor import SLACK_S as DEADLINE_SLACK_S
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec, SshHost
 from ratiocinator.store.paths import Paths
@@ -816,7 +817,9 @@ class SshBackend(Backend):
         env = self.remote_env(request, machine, translate, remote_out)
         cwd = translate(str(request.cwd))
         argv = [translate(a) for a in request.argv]
-        run = {"argv": argv, "cwd": cwd, "venv": machine.venv}
+        run = {"argv": argv, "cwd": cwd, "venv": machine.venv,
+               # the host's supervisor enforces the hard timeout even when this orchestrator is gone
+               "deadline_s": None if request.timeout_s is None else request.timeout_s + DEADLINE_SLACK_S}
 
         async def upload(_: Any, sftp: asyncssh.SFTPClient) -> None:
             await sftp.makedirs(posixpath.dirname(rundir), exist_ok=True)
