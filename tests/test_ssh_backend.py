@@ -99,7 +99,8 @@ def test_full_experiment_runs_over_ssh(sshd: Sshd, study: Study, monkeypatch: py
         assert "stderr chatter" in (logs / "stderr.log").read_text()
         env = dict(line.split("=", 1) for line in (out / "env.txt").read_text().splitlines())
         assert env["RATIOCINATOR_OUT_DIR"].startswith(str(remote / "runs"))  # the host's own paths
-        assert env["RATIOCINATOR_WORKSPACE"].startswith(str(remote / "checkouts"))
+        assert env["RATIOCINATOR_WORKSPACE"].startswith(str(remote / "runs"))  # the run's own copy
+        assert env["RATIOCINATOR_WORKSPACE"].endswith("/work")
         assert env["RATIOCINATOR_RUN_ID"] == str(run.id)
         check = json.loads((out / "check.json").read_text())
         assert check == {"secret_seen": SECRET, "cmdline_hits": [], "env_file_left": False}  # secret by env only
@@ -299,3 +300,27 @@ def test_files_under_git_lfs_reach_the_host_with_their_content(sshd: Sshd, study
     assert run.status == "succeeded", (run.failure, run.reason)
     assert ledger.run_metrics(exp.id)[run.id]["score"][0] == len(blob)
     assert (Path(run.out_dir) / "sha256.txt").read_text().strip() == hashlib.sha256(blob).hexdigest()
+
+
+def test_runs_on_a_host_work_in_their_own_copies_and_its_checkout_stays_pristine(sshd: Sshd, study: Study) -> None:
+    import subprocess
+
+    from test_confinement import WRITER
+
+    study.commit({"run.sh": WRITER})
+    spec = study.spec(factors={"K": [1, 2, 3]}, concurrency=3, failure_policy={"max_attempts": 1}, replicates=1)
+    backend = _backend(sshd, study, host={"slots": 3})
+    Research(load_spec(spec), study.home, backend=backend, check=False).run()
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs, finals = ledger.runs(exp.id), ledger.run_metrics(exp.id)
+    ok = [r for r in runs if r.status == "succeeded"]
+    assert len(ok) == 2 and all(finals[r.id]["score"][0] == 1 for r in ok)  # no run saw another's file
+    dirs = {Path(r.out_dir, "pwd").read_text().strip() for r in runs}
+    assert len(dirs) == 3 and all(d.startswith(str(study.root / "remote" / "runs")) for d in dirs)
+    (checkout,) = {p.parent for p in (study.root / "remote").glob("checkouts/*/run.sh")}
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=checkout, capture_output=True,
+                            text=True, check=True)
+    assert status.stdout == ""
+    failed_dir = next(d for d in dirs if not any(Path(r.out_dir, "pwd").read_text().strip() == d for r in ok))
+    assert Path(failed_dir, "leftover.tmp").exists() and not any(Path(d).exists() for d in dirs - {failed_dir})

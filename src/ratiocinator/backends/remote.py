@@ -16,6 +16,7 @@ from ratiocinator.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -84,11 +85,40 @@ def _runner_env(rundir: str, spec: dict) -> dict:
     return env
 
 
+def _working_copy(copy: dict) -> None:
+    """The run's own copy of the host's checkout: a git worktree (git's objects shared), the content of the
+    files under Git LFS copied in, and the untracked top-level entries (data the deps steps made) linked."""
+    checkout, dest = copy["from"], copy["to"]
+    env = dict(os.environ, GIT_LFS_SKIP_SMUDGE="1", GIT_TERMINAL_PROMPT="0")
+    done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet",
+                           "--force", "--", dest, "HEAD"], cwd=checkout, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise OSError(errno.EIO, "making the run's working copy failed: "
+                                 + done.stderr.decode("utf-8", "replace").strip()[-300:])
+    for name in copy.get("lfs") or []:
+        shutil.copyfile(os.path.join(checkout, name), os.path.join(dest, name))
+    listed = subprocess.run(["git", "ls-files", "--others", "--directory", "--no-empty-directory", "-z"],
+                            cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+    for entry in {p.split("/", 1)[0] for p in listed.decode("utf-8", "surrogateescape").split("\0") if p}:
+        if not os.path.lexists(os.path.join(dest, entry)):
+            os.symlink(os.path.join(checkout, entry), os.path.join(dest, entry))
+
+
+def _drop_working_copy(copy: dict) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", "--force", copy["to"]], cwd=copy["from"],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _supervise(rundir: str) -> None:
-    """In the detached session: start the runner, record its pid, wait, record its exit."""
+    """In the detached session: make the run's working copy, start the runner, record its pid, wait
+    (stopping it at its deadline), record its exit; a succeeded run's copy is removed."""
     with open(os.path.join(rundir, "run.json")) as fh:
         spec = json.load(fh)
+    copy = spec.get("copy")
     try:
+        if copy:
+            _working_copy(copy)
         env = _runner_env(rundir, spec)
         out = open(os.path.join(rundir, "stdout.log"), "wb")
         err = open(os.path.join(rundir, "stderr.log"), "wb")
@@ -102,6 +132,8 @@ def _supervise(rundir: str) -> None:
     err.close()
     _write_atomic(os.path.join(rundir, "pid"), json.dumps({"pid": proc.pid, "pid_start": start_ticks(proc.pid)}))
     code = _wait(proc, spec.get("deadline_s"))
+    if copy and code == 0:  # a failed run's copy stays, to look at
+        _drop_working_copy(copy)
     status: dict[str, float | None] = (
         {"exit_code": None, "signal": -code} if code < 0 else {"exit_code": code, "signal": None})
     status["ended_at"] = time.time()

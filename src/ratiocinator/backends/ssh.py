@@ -527,6 +527,7 @@ class SshBackend(Backend):
         self._by_slot: dict[int, _Machine] = {}
         self.orphan_errors: list[str] = []  # why kill_orphan could not reach a host
         self._local_checkout: Path | None = None
+        self._lfs_names: list[str] = []  # the commit's files under Git LFS: each run's copy gets their content
         # Run directories on a host are named so that two orchestrators (two --home) never collide.
         self._tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
 
@@ -692,6 +693,7 @@ class SshBackend(Backend):
         await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output)
                                for m in self.machines if m.config.label in labels))
         self._local_checkout = checkout
+        self._lfs_names = list(lfs)
         return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
 
     def _bundle(self, checkout: Path, commit: str) -> Path:
@@ -792,8 +794,8 @@ class SshBackend(Backend):
         for key in ("PATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES"):
             env.pop(key, None)  # the launcher sets PATH and VIRTUAL_ENV from the host's venv
         env[contract.OUT_DIR] = remote_out
-        if machine.checkout:
-            env[contract.WORKSPACE] = machine.checkout
+        if machine.checkout and self._local_checkout is not None:
+            env[contract.WORKSPACE] = translate(str(self._local_checkout))  # the run's own copy
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
         return env
@@ -806,7 +808,8 @@ class SshBackend(Backend):
         rundir = posixpath.join(machine.workdir, "runs", f"{self._tag}-{request.run_id}-{secrets.token_hex(4)}")
         remote_out = f"{rundir}/out"
         local_checkout, local_out = str(self._local_checkout), str(request.out_dir)
-        remote_checkout = machine.checkout
+        # The run works in its own copy of the host's checkout, which the launcher makes (see remote.py).
+        remote_checkout = f"{rundir}/work"
 
         def translate(value: str) -> str:
             for local, there in ((local_checkout, remote_checkout), (local_out, remote_out)):
@@ -818,6 +821,7 @@ class SshBackend(Backend):
         cwd = translate(str(request.cwd))
         argv = [translate(a) for a in request.argv]
         run = {"argv": argv, "cwd": cwd, "venv": machine.venv,
+               "copy": {"from": machine.checkout, "to": remote_checkout, "lfs": self._lfs_names},
                # the host's supervisor enforces the hard timeout even when this orchestrator is gone
                "deadline_s": None if request.timeout_s is None else request.timeout_s + DEADLINE_SLACK_S}
 
