@@ -244,3 +244,26 @@ def test_files_under_git_lfs_reach_every_node_with_their_content(
     # Every node prepared (the cluster's live workers) holds the content, not the pointer.
     blobs = list((study.root / "ray-nodes" / "nodes").glob("*/checkouts/*/data/blob.bin"))
     assert blobs and all(p.read_bytes() == blob for p in blobs)
+
+
+def test_runs_on_ray_nodes_work_in_their_own_copies_and_node_checkouts_stay_pristine(
+        ray_cluster: RayCluster, study: Study) -> None:
+    import subprocess
+
+    from test_confinement import WRITER
+
+    study.commit({"run.sh": WRITER})
+    spec = study.spec(factors={"K": [1, 2, 3]}, concurrency=3, failure_policy={"max_attempts": 1}, replicates=1,
+                      train_timeout_s=120)
+    Research(load_spec(spec), study.home, backend=_backend(ray_cluster, study), check=False).run()
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    runs, finals = ledger.runs(exp.id), ledger.run_metrics(exp.id)
+    ok = [r for r in runs if r.status == "succeeded"]
+    assert len(ok) == 2 and all(finals[r.id]["score"][0] == 1 for r in ok), [(r.status, r.reason) for r in runs]
+    dirs = {Path(r.out_dir, "pwd").read_text().strip() for r in runs}
+    assert len(dirs) == 3 and all(d.endswith("/work") for d in dirs)
+    for checkout in {p.parent for p in (study.root / "ray-nodes").glob("nodes/*/checkouts/*/run.sh")}:
+        status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=checkout, capture_output=True,
+                                text=True, check=True)
+        assert status.stdout == "", status.stdout

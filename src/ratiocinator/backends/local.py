@@ -137,7 +137,6 @@ class LocalBackend(Backend):
     def __init__(self, home: Path) -> None:
         self.home = home
         self._checkout: Path | None = None  # the prepared (cached) checkout: runs get copies of it
-        self._copying = asyncio.Lock()  # git records worktrees one at a time
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
         return compare_local(loaded.spec.hardware, probe_machine(self.home))
@@ -214,11 +213,10 @@ class LocalBackend(Backend):
     async def _working_copy(self, dest: Path) -> Path:
         """The run's own copy of the prepared commit (see `repo.workspace.working_copy`)."""
         assert self._checkout is not None
-        async with self._copying:
-            try:
-                return await asyncio.to_thread(ws.working_copy, self._checkout, dest)
-            except (WorkspaceError, OSError) as exc:
-                raise LaunchFailure(f"could not make the run's working copy: {exc}", transient=True) from None
+        try:
+            return await asyncio.to_thread(ws.working_copy, self._checkout, dest)
+        except (WorkspaceError, OSError) as exc:
+            raise LaunchFailure(f"could not make the run's working copy: {exc}", transient=True) from None
 
     async def release(self, host: Host) -> None:
         """Nothing is rented locally."""

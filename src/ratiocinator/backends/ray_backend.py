@@ -185,6 +185,7 @@ class RunActor:
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.rundir: Path | None = None
+        self.copy: tuple[Path, Path] | None = None  # (node checkout, the run's own copy), dropped once it succeeded
 
     def start(self, root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
               run: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +194,13 @@ class RunActor:
         self.rundir = rundir = _node_dir(root) / "runs" / run["tag"]
         out = rundir / "out"
         out.mkdir(parents=True, exist_ok=True)
-        pairs = ((run["local_checkout"], checkout), (run["local_out"], str(out)))
+        try:  # the run works in its own copy of the node's checkout
+            work = str(ws.working_copy(Path(checkout), rundir / "work", lfs=list(lfs)))
+        except (WorkspaceError, OSError) as exc:
+            return {"launch_error": {"errno": None, "strerror": f"could not make the run's working copy: {exc}"},
+                    "argv": run["argv"]}
+        self.copy = (Path(checkout), Path(work))
+        pairs = ((run["local_checkout"], work), (run["local_out"], str(out)))
 
         def translate(value: str) -> str:
             for local, there in pairs:
@@ -204,7 +211,7 @@ class RunActor:
         env = dict(os.environ)
         env.update(prepared["env"])
         env.update({k: translate(v) for k, v in run["env"].items()})
-        env.update({contract.OUT_DIR: str(out), contract.WORKSPACE: checkout,
+        env.update({contract.OUT_DIR: str(out), contract.WORKSPACE: work,
                     "RATIOCINATOR_RAY_NODE": prepared["node_id"]})
         argv = [translate(a) for a in run["argv"]]
         with open(rundir / "stdout.log", "wb") as so, open(rundir / "stderr.log", "wb") as se:
@@ -221,6 +228,9 @@ class RunActor:
         """New output from each stream since ``offsets``; the exit code once the runner has exited."""
         assert self.proc is not None and self.rundir is not None
         code = self.proc.poll()  # before reading, so nothing written before exit is missed
+        if code == 0 and self.copy is not None:  # a failed run's copy stays, to look at
+            ws.drop_working_copy(*self.copy)
+            self.copy = None
         chunks = []
         for name, offset in zip(("stdout", "stderr"), offsets, strict=True):
             with open(self.rundir / f"{name}.log", "rb") as fh:

@@ -92,7 +92,7 @@ def _working_copy(copy: dict) -> None:
     env = dict(os.environ, GIT_LFS_SKIP_SMUDGE="1", GIT_TERMINAL_PROMPT="0")
     done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet",
                            "--force", "--", dest, "HEAD"], cwd=checkout, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          capture_output=True)
     if done.returncode != 0:
         raise OSError(errno.EIO, "making the run's working copy failed: "
                                  + done.stderr.decode("utf-8", "replace").strip()[-300:])

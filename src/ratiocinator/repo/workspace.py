@@ -153,15 +153,18 @@ def lfs_files(checkout: Path) -> list[str]:
     return [line for line in listed.stdout.splitlines() if line.strip()]
 
 
-def working_copy(checkout: Path, dest: Path) -> Path:
+def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None) -> Path:
     """A run's own working copy of the cached checkout's commit, at ``dest``: a git worktree (tracked
     files written afresh, git's objects shared), the content of files under Git LFS copied in, and the
     untracked top-level entries the deps steps left in the checkout (data) linked, not copied. The
     cached checkout is never written by a run, and concurrent runs never share a file."""
     checkout = Path(checkout).resolve()
-    _git_ok(["-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet", "--force", "--", str(dest),
-             "HEAD"], cwd=checkout, what=f"making a working copy of {checkout}", extra_env={"GIT_LFS_SKIP_SMUDGE": "1"})
-    for name in lfs_files(checkout):
+    with open(checkout / ".git" / "ratiocinator-worktrees.lock", "w") as lock:  # git records one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _git_ok(["-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet", "--force", "--",
+                 str(dest), "HEAD"], cwd=checkout, what=f"making a working copy of {checkout}",
+                extra_env={"GIT_LFS_SKIP_SMUDGE": "1"})
+    for name in lfs_files(checkout) if lfs is None else lfs:
         shutil.copyfile(checkout / name, dest / name)
     others = _git(["ls-files", "--others", "--directory", "--no-empty-directory", "-z"], cwd=checkout).stdout
     for entry in {p.split("/", 1)[0] for p in others.split("\0") if p}:
