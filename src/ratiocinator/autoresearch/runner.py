@@ -29,6 +29,7 @@ from pathlib import Path
 from ratiocinator.autoresearch.program import Metric
 from ratiocinator.backends.process import kill_group, process_start_time
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
+from ratiocinator.execution.supervisor import Supervisor
 
 KILL_GRACE_S = 5.0
 POLL_S = 0.05
@@ -112,8 +113,11 @@ def run_experiment(
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             return RunOutcome("crash", None, reason=f"could not start bash: {exc.strerror}")
-        on_start(proc.pid, process_start_time(proc.pid))
+        pid_start = process_start_time(proc.pid)
+        Supervisor.watch(proc.pid, pid_start, timeout_s)  # the hard timeout holds if this process is killed
+        on_start(proc.pid, pid_start)
         ending = _wait(proc, timeout_s, stop)
+        Supervisor.forget(proc.pid)
     duration = time.monotonic() - started
     kill_group(proc.pid)  # strays the run left in its group
     _await_group_gone(proc.pid)
