@@ -10,10 +10,12 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -630,3 +632,30 @@ def test_as_an_ordinary_user_the_process_cap_and_sweep_still_hold() -> None:
                                                ["kill-zygote", "runtime_error", "SandboxLost"],
                                                ["after", "success", None]]}
     assert sandbox_processes() == []
+
+
+# ---------------------------------------------------------------- escapes: network, /tmp, reading, forged success
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="network, /tmp and file isolation need root (namespaces, uids)")
+
+
+@AS_ROOT
+def test_samples_have_no_network() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.5)
+        sample = plain("connect", f"""
+            import socket
+            with socket.create_connection(("127.0.0.1", {listener.getsockname()[1]}), timeout=2) as conn:
+                conn.sendall(b"escaped")
+        """)
+        [result] = evaluate([sample], limits=Limits(timeout_s=5))
+        received = b""
+        with suppress(TimeoutError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(1)
+                received = conn.recv(100)
+    assert received == b""
+    assert result.label == "runtime_error", result.to_json()
+    assert result.evidence["network"] == "isolated"
+

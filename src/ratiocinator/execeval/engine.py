@@ -60,7 +60,9 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
      "limit_hit": "wall_time" | "cpu_time" | "memory" | "file_size" | "processes" | null,
      "reported": bool   (a sandbox ran and its harness delivered the final record),
      "cpu_s": float, "max_rss_mb": float, "stdout_bytes": int, "stderr_bytes": int,
-     "killed_processes": int   (sandbox processes still alive at the end, then killed)}}
+     "killed_processes": int   (sandbox processes still alive at the end, then killed),
+     "network": "isolated" | "open" | null   (see Network below; null when nothing ran)}}
+`isolation(results)` gives the weakest of each over all results, as the CLI's document does.
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
@@ -97,6 +99,10 @@ so not ptrace, /proc/PID/mem or fds): a killed zygote labels its sample `Sandbox
 is replaced, and one whose limits, priority, CPU affinity or scheduling policy were
 changed retires before its next fork. Run as root, in a container or as a dedicated user
 for hostile samples. As root, samples can do none of that to a zygote.
+  Network: as root, each zygote unshares a network namespace of its own before it forks
+any sample, so its samples see only a loopback interface that is down: no connection to
+anything, the machine's 127.0.0.1 and abstract Unix sockets included. Not root, or where
+the namespace is refused, samples share the evaluator's network: `network` says "open".
   Code that introspects the harness inside its own process could forge a record; the
 sandbox bounds what samples can do to the machine, it does not hide the harness from them.
 """
@@ -737,6 +743,8 @@ class _Zygote:
         if reply is None or reply.kind != sandbox_child.READY:
             hint = self.discard()
             raise SandboxError("the sandbox's fork server (zygote) failed to start", hint=hint)
+        # What its samples are isolated from (`sandbox_child._isolate`), for each result's evidence.
+        self.isolation = {"network": "isolated" if reply.status & sandbox_child.NETWORK_ISOLATED else "open"}
 
     def receive(self, timeout: float) -> _Reply | None:
         """Its next reply; None when it is gone, said nothing for `timeout` seconds, or said nonsense."""
@@ -902,7 +910,7 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             run.drain(time.monotonic() + DRAIN_S)
             if run.cancelled:
                 raise _Cancelled()
-            return _lost_result(sample, compiled, run, duration, killed)
+            return _lost_result(sample, compiled, run, duration, killed, zygote.isolation)
         run.drain(time.monotonic() + DRAIN_S)
         if run.cancelled:
             raise _Cancelled()
@@ -911,7 +919,7 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         ended = _Ended(returncode=os.waitstatus_to_exitcode(done.status), duration_s=duration,
                        cpu_s=done.utime + done.stime, max_rss_mb=done.maxrss_kb / 1024, killed=done.killed,
                        timeout_s=timeout_s, cpu_limit_s=cpu_s)
-        return _judge(sample, compiled, limits, run, token, ended)
+        return _judge(sample, compiled, limits, run, token, ended, zygote.isolation)
     finally:
         if run is not None:
             run.selector.close()
@@ -1012,6 +1020,7 @@ def _evidence(**known: Any) -> dict[str, Any]:
         "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
         "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": False,
         "cpu_s": 0.0, "max_rss_mb": 0.0, "stdout_bytes": 0, "stderr_bytes": 0, "killed_processes": 0,
+        "network": None,
     }
     evidence.update(known)
     return evidence
@@ -1031,7 +1040,8 @@ def _syntax_result(sample: Sample, exc: BaseException, where: str) -> SampleResu
                         evidence=evidence, duration_s=0.0, exit_code=None, signal=None, stdout_tail="", stderr_tail="")
 
 
-def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token: str, ended: _Ended) -> SampleResult:
+def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token: str, ended: _Ended,
+           isolation: dict[str, str]) -> SampleResult:
     records = _records(run, token)
     started = any(r.get("status") == "started" for r in records)
     finals = [r for r in records if r.get("status") in ("completed", "exception", "sandbox_error")]
@@ -1048,7 +1058,7 @@ def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token
     evidence = _evidence(
         checkers_defined=compiled.checkers, reported=final is not None, cpu_s=round(ended.cpu_s, 3),
         max_rss_mb=round(ended.max_rss_mb, 1), stdout_bytes=run.stdout.total, stderr_bytes=run.stderr.total,
-        killed_processes=ended.killed,
+        killed_processes=ended.killed, **isolation,
     )
     if final is not None:
         for key in ("phase", "raised_in", "frame", "user_frame", "source_line", "traceback", "errno",
@@ -1062,10 +1072,11 @@ def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token
                         signal=signal_name, stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
 
 
-def _lost_result(sample: Sample, compiled: _Compiled, run: _Run, duration: float, killed: int) -> SampleResult:
+def _lost_result(sample: Sample, compiled: _Compiled, run: _Run, duration: float, killed: int,
+                 isolation: dict[str, str]) -> SampleResult:
     """Its zygote died mid-sample, so its exit status and rusage are unknown: never a success."""
     evidence = _evidence(checkers_defined=compiled.checkers, stdout_bytes=run.stdout.total,
-                         stderr_bytes=run.stderr.total, killed_processes=killed)
+                         stderr_bytes=run.stderr.total, killed_processes=killed, **isolation)
     return SampleResult(id=sample.id, label="runtime_error", error_type="SandboxLost",
                         message=("the zygote that forked the sandbox died or stopped answering while the sample ran "
                                  "(as a normal user, a sample can kill it), so how the sample ended is unknown"),
@@ -1190,6 +1201,29 @@ def summarize(results: Sequence[SampleResult]) -> dict[str, Any]:
     }
 
 
+# What each isolation key says when a sample was not isolated: the weakest value wins.
+EXPOSED = {"network": "open"}
+
+
+def isolation(results: Sequence[SampleResult]) -> dict[str, str | None]:
+    """What the samples that ran were isolated from: for each key of EXPOSED, the weakest value any had.
+
+    `network`: "isolated" (no network at all) or "open" (not root, or namespaces refused:
+    samples could connect anywhere the evaluator can). None when no sample ran (all syntax errors).
+    """
+    summary: dict[str, str | None] = {}
+    for key, exposed in EXPOSED.items():
+        seen = {r.evidence.get(key) for r in results} - {None}
+        summary[key] = exposed if exposed in seen else next(iter(seen), None)
+    return summary
+
+
+def _isolation_text(results: Sequence[SampleResult]) -> str:
+    words = {("network", "isolated"): "network isolated", ("network", "open"): "network open"}
+    parts = [words[key, value] for key, value in isolation(results).items() if value is not None]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def results_json(results: Sequence[SampleResult]) -> list[dict[str, Any]]:
     return [result.to_json() for result in results]
 
@@ -1204,5 +1238,5 @@ def format_results(results: Sequence[SampleResult]) -> str:
     summary = summarize(results)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items() if n)
     lines.append(f"{summary['passed']}/{summary['total']} passed ({summary['pass_rate']:.1%}); "
-                 f"{counts or 'no samples'}")
+                 f"{counts or 'no samples'}{_isolation_text(results)}")
     return "\n".join(lines)

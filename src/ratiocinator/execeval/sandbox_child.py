@@ -98,6 +98,8 @@ REQUEST_KILL = b"K"  # end the running sample now (wall-clock limit, cancel); ig
 # and whether the main process had ended before a REQUEST_KILL arrived.
 REPLY = struct.Struct("=ciiddqi?")
 READY, STARTED, FAILED, DONE = b"Y", b"S", b"F", b"D"
+# What READY's status field says the zygote's samples are isolated from (bits).
+NETWORK_ISOLATED = 1
 
 # Linux constants for prctl(2) and capset(2).
 PR_SET_DUMPABLE = 4
@@ -108,6 +110,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# unshare(2).
+CLONE_NEWNET = 0x40000000
 
 
 class Tally:
@@ -156,6 +160,34 @@ def prctl(*args: int) -> None:
     if LIBC.prctl(*(ctypes.c_ulong(a) for a in padded)) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"prctl{args}: {os.strerror(error)}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): os.unshare from Python 3.12 on, libc's before; raises OSError on failure."""
+    if hasattr(os, "unshare"):
+        os.unshare(flags)
+    elif LIBC.unshare(ctypes.c_int(flags)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"unshare({flags:#x}): {os.strerror(error)}")
+
+
+def _isolate() -> int:
+    """As root, move the zygote (and so every sample it forks) into namespaces of its own; returns READY's bits.
+
+    Network: a fresh network namespace holds nothing but a loopback interface that is
+    down, so a sample can reach no address at all, the machine's own 127.0.0.1 included
+    (and no abstract Unix socket outside it). Refused (not root, or a container that
+    forbids it): the samples share the machine's network, and the evaluator says so.
+    """
+    if os.geteuid() != 0:
+        return 0
+    flags = 0
+    try:
+        unshare(CLONE_NEWNET)
+        flags |= NETWORK_ISOLATED
+    except OSError as exc:
+        sys.stderr.write(f"zygote: no network namespace ({exc}); samples can use the network\n")
+    return flags
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -561,6 +593,7 @@ def serve(control_fd: int) -> None:
 
 
 def _serve(control_fd: int) -> None:
+    isolation = _isolate()
     for name in PRELOAD:
         importlib.import_module(name)
     # Everything the zygote holds goes to the permanent generation: a fork's garbage
@@ -571,7 +604,7 @@ def _serve(control_fd: int) -> None:
     prctl(PR_SET_DUMPABLE, 0)
     control = socket.socket(fileno=control_fd)
     pristine = _inheritable_state()
-    _reply(control, READY)
+    _reply(control, READY, status=isolation)
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 4096, REQUEST_FDS)
