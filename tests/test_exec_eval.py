@@ -659,3 +659,30 @@ def test_samples_have_no_network() -> None:
     assert result.label == "runtime_error", result.to_json()
     assert result.evidence["network"] == "isolated"
 
+
+@AS_ROOT
+def test_each_sample_has_a_private_tmp() -> None:
+    name = f"escape_test_{secrets.token_hex(6)}"
+    writer = plain("writer", f"""
+        import time
+        with open("/tmp/{name}", "w") as handle:
+            handle.write("left behind")
+        time.sleep(1.5)
+    """, f"assert open('/tmp/{name}').read() == 'left behind'\n")
+    # Runs beside the writer (two workers) and looks for its file all the while.
+    reader = plain("reader", f"""
+        import os, time
+        seen = []
+        for _ in range(30):
+            seen += [entry for entry in os.listdir("/tmp") if entry == "{name}"]
+            time.sleep(0.05)
+    """, "assert seen == [], seen\n")
+    try:
+        results = evaluate([writer, reader], limits=Limits(timeout_s=10), workers=2)
+        assert [r.label for r in results] == ["success", "success"], [r.to_json() for r in results]
+        assert not Path("/tmp", name).exists()
+        assert all(r.evidence["tmp"] == "private" for r in results)
+    finally:
+        with suppress(FileNotFoundError):
+            Path("/tmp", name).unlink()
+

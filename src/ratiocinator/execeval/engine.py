@@ -61,13 +61,14 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
      "reported": bool   (a sandbox ran and its harness delivered the final record),
      "cpu_s": float, "max_rss_mb": float, "stdout_bytes": int, "stderr_bytes": int,
      "killed_processes": int   (sandbox processes still alive at the end, then killed),
-     "network": "isolated" | "open" | null   (see Network below; null when nothing ran)}}
+     "network": "isolated" | "open" | null   (see Network below; null when nothing ran),
+     "tmp": "private" | "shared" | null   (see /tmp below)}}
 `isolation(results)` gives the weakest of each over all results, as the CLI's document does.
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
 Sandbox, per sample: a fresh fork of a zygote (below) in a new session, a fresh temp dir
-as cwd, HOME and TMPDIR, a minimal environment (PATH, a UTF-8 locale, a marker; nothing
+as cwd, HOME, TMPDIR, TEMP and TMP (as root also mounted over /tmp), a minimal environment (PATH, a UTF-8 locale, a marker; nothing
 else of ours), its own /dev/null as stdin, stdout/stderr read continuously and kept to a
 bounded tail, no fd but those and its result pipe, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in
 the child before any sample code runs, a wall-clock limit enforced by the parent, and at
@@ -103,6 +104,12 @@ for hostile samples. As root, samples can do none of that to a zygote.
 any sample, so its samples see only a loopback interface that is down: no connection to
 anything, the machine's 127.0.0.1 and abstract Unix sockets included. Not root, or where
 the namespace is refused, samples share the evaluator's network: `network` says "open".
+  /tmp: as root, each zygote also unshares a mount namespace (every mount in it private,
+so nothing propagates back), and each sample's fork a further one in which its sandbox
+dir is bind-mounted over /tmp, /var/tmp and /dev/shm, and is its cwd as "/tmp": what it
+writes there is removed with the dir, and it sees neither other samples' files nor the
+machine's. Not root, or where the namespace is refused, /tmp is the machine's (`tmp`
+says "shared"); TMPDIR, TEMP and TMP still point at the sandbox dir.
   Code that introspects the harness inside its own process could forge a record; the
 sandbox bounds what samples can do to the machine, it does not hide the harness from them.
 """
@@ -744,7 +751,8 @@ class _Zygote:
             hint = self.discard()
             raise SandboxError("the sandbox's fork server (zygote) failed to start", hint=hint)
         # What its samples are isolated from (`sandbox_child._isolate`), for each result's evidence.
-        self.isolation = {"network": "isolated" if reply.status & sandbox_child.NETWORK_ISOLATED else "open"}
+        self.isolation = {"network": "isolated" if reply.status & sandbox_child.NETWORK_ISOLATED else "open",
+                          "tmp": "private" if reply.status & sandbox_child.TMP_PRIVATE else "shared"}
 
     def receive(self, timeout: float) -> _Reply | None:
         """Its next reply; None when it is gone, said nothing for `timeout` seconds, or said nonsense."""
@@ -758,7 +766,7 @@ class _Zygote:
         return _Reply(*sandbox_child.REPLY.unpack(data))
 
     def start(self, workdir: str, fds: Sequence[int]) -> int:
-        """Fork the sandbox for `workdir` with `fds`: its stdout, stderr, result pipe and job; returns its pid."""
+        """Fork the sandbox for `workdir` with `fds`: its stdout, stderr, result pipe, job and dir; returns its pid."""
         for attempt in range(6):
             try:
                 socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN + os.fsencode(workdir)], list(fds))
@@ -889,10 +897,11 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             os.chown(workdir, uid, uid)
         for _ in range(3):
             fds.extend(os.pipe())
-        _, out_r, out_w, err_r, err_w, result_r, result_w = fds
+        fds.append(os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        _, out_r, out_w, err_r, err_w, result_r, result_w, dir_fd = fds
         started = time.monotonic()
-        zygote, pid = _fork_sandbox(identity, workdir, (out_w, err_w, result_w, job_fd))
-        for fd in (out_w, err_w, result_w, job_fd):
+        zygote, pid = _fork_sandbox(identity, workdir, (out_w, err_w, result_w, job_fd, dir_fd))
+        for fd in (out_w, err_w, result_w, job_fd, dir_fd):
             os.close(fd)
             fds.remove(fd)
         capture = limits.capture_kb * 1024
@@ -1020,7 +1029,7 @@ def _evidence(**known: Any) -> dict[str, Any]:
         "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
         "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": False,
         "cpu_s": 0.0, "max_rss_mb": 0.0, "stdout_bytes": 0, "stderr_bytes": 0, "killed_processes": 0,
-        "network": None,
+        "network": None, "tmp": None,
     }
     evidence.update(known)
     return evidence
@@ -1202,14 +1211,16 @@ def summarize(results: Sequence[SampleResult]) -> dict[str, Any]:
 
 
 # What each isolation key says when a sample was not isolated: the weakest value wins.
-EXPOSED = {"network": "open"}
+EXPOSED = {"network": "open", "tmp": "shared"}
 
 
 def isolation(results: Sequence[SampleResult]) -> dict[str, str | None]:
     """What the samples that ran were isolated from: for each key of EXPOSED, the weakest value any had.
 
     `network`: "isolated" (no network at all) or "open" (not root, or namespaces refused:
-    samples could connect anywhere the evaluator can). None when no sample ran (all syntax errors).
+    samples could connect anywhere the evaluator can). `tmp`: "private" (each sample's /tmp,
+    /var/tmp and /dev/shm are its own sandbox dir) or "shared" (the machine's; TMPDIR, TEMP
+    and TMP point at the sandbox dir). None when no sample ran (all syntax errors).
     """
     summary: dict[str, str | None] = {}
     for key, exposed in EXPOSED.items():
@@ -1219,7 +1230,8 @@ def isolation(results: Sequence[SampleResult]) -> dict[str, str | None]:
 
 
 def _isolation_text(results: Sequence[SampleResult]) -> str:
-    words = {("network", "isolated"): "network isolated", ("network", "open"): "network open"}
+    words = {("network", "isolated"): "network isolated", ("network", "open"): "network open",
+             ("tmp", "private"): "/tmp private", ("tmp", "shared"): "/tmp shared"}
     parts = [words[key, value] for key, value in isolation(results).items() if value is not None]
     return "; " + ", ".join(parts) if parts else ""
 

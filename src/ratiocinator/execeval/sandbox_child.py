@@ -91,8 +91,8 @@ PRELOAD = ("traceback", "linecache", "ast", "unicodedata", "typing", "math", "re
            "functools", "heapq", "bisect", "string")
 
 # The zygote's protocol: one datagram per message on a SOCK_SEQPACKET socketpair.
-REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: stdout, stderr and result pipe write ends, the job
-REQUEST_FDS = 4
+REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: stdout, stderr and result pipe write ends, the job, the dir
+REQUEST_FDS = 5
 REQUEST_KILL = b"K"  # end the running sample now (wall-clock limit, cancel); ignored when none runs
 # Replies: kind, pid, wait status (errno for FAILED), utime, stime, maxrss KiB, processes killed,
 # and whether the main process had ended before a REQUEST_KILL arrived.
@@ -100,6 +100,10 @@ REPLY = struct.Struct("=ciiddqi?")
 READY, STARTED, FAILED, DONE = b"Y", b"S", b"F", b"D"
 # What READY's status field says the zygote's samples are isolated from (bits).
 NETWORK_ISOLATED = 1
+TMP_PRIVATE = 2
+# The world-writable directories each sample gets a private copy of (its sandbox dir) when
+# the zygote has a mount namespace of its own.
+SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 # Linux constants for prctl(2) and capset(2).
 PR_SET_DUMPABLE = 4
@@ -110,8 +114,12 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# unshare(2).
+# unshare(2) and mount(2).
+CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
 
 
 class Tally:
@@ -171,6 +179,14 @@ def unshare(flags: int) -> None:
         raise OSError(error, f"unshare({flags:#x}): {os.strerror(error)}")
 
 
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); raises OSError on failure."""
+    args = [None if value is None else os.fsencode(value) for value in (source, target, fstype)]
+    if LIBC.mount(*args, ctypes.c_ulong(flags), None if data is None else os.fsencode(data)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mount {source} on {target}: {os.strerror(error)}")
+
+
 def _isolate() -> int:
     """As root, move the zygote (and so every sample it forks) into namespaces of its own; returns READY's bits.
 
@@ -178,6 +194,10 @@ def _isolate() -> int:
     down, so a sample can reach no address at all, the machine's own 127.0.0.1 included
     (and no abstract Unix socket outside it). Refused (not root, or a container that
     forbids it): the samples share the machine's network, and the evaluator says so.
+      Mounts: a mount namespace of its own, every mount in it made private first (so
+    nothing mounted here ever propagates back to the machine), in which each sample's fork
+    then gets its own /tmp (`_private_tmp`). Refused: samples share /tmp, and the
+    evaluator says so.
     """
     if os.geteuid() != 0:
         return 0
@@ -187,7 +207,35 @@ def _isolate() -> int:
         flags |= NETWORK_ISOLATED
     except OSError as exc:
         sys.stderr.write(f"zygote: no network namespace ({exc}); samples can use the network\n")
+    try:
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        flags |= TMP_PRIVATE
+    except OSError as exc:
+        sys.stderr.write(f"zygote: no private mount namespace ({exc}); samples share /tmp\n")
     return flags
+
+
+def _private_tmp() -> str:
+    """In a sample's fork, whose cwd is its sandbox dir: mount that dir over /tmp, /var/tmp and /dev/shm; returns /tmp.
+
+    A mount namespace of the fork's own (a copy of the zygote's private one, so nothing
+    leaks out), which ends with the sample's last process. What the sample writes in any
+    of them lands in its sandbox dir, which the evaluator removes afterwards; it sees no
+    other sample's files there, nor anything else of the machine's /tmp. The bind source
+    is the cwd ("."): unshare moves the cwd into the new namespace, whereas an fd opened
+    before (let alone the evaluator's, from the machine's namespace) would still name a
+    mount of the old one, which mount(2) refuses.
+    """
+    unshare(CLONE_NEWNS)
+    done = set()
+    for path in SHARED_TMP_DIRS:
+        target = os.path.realpath(path)
+        if target not in done and os.path.isdir(target):
+            mount(".", target, None, MS_BIND)
+            done.add(target)
+    os.chdir("/tmp")
+    return "/tmp"
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -396,25 +444,37 @@ def main(job_fd: int, result_fd: int) -> None:
 # ---------------------------------------------------------------- the zygote
 
 
-def _become_sandbox(control: socket.socket, fds: list[int], workdir: str) -> None:
-    """In a fresh fork of the zygote: a new session, its own stdio and result fd and no other, then the job."""
+def _become_sandbox(control: socket.socket, fds: list[int], workdir: str, private_tmp: bool) -> None:
+    """In a fresh fork of the zygote: a new session, its own stdio and result fd and no other, its /tmp, then the job.
+
+    The sandbox dir is entered by its path, so that the cwd is a mount of the zygote's
+    namespace (see `_private_tmp`), and must be the very dir the evaluator sent an fd of.
+    """
     try:
         os.setsid()
         control.close()
         # Its own /dev/null: the zygote's stdin is one open file shared by every fork, and
         # a sample could change its flags (O_NONBLOCK) for the samples after it.
         stdin = os.open(os.devnull, os.O_RDONLY)
-        *moved, job_fd = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, *fds)]
+        *moved, job_fd, dir_fd = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, *fds)]
         for target, fd in enumerate(moved):
             os.dup2(fd, target)
         for name in os.listdir("/proc/self/fd"):
-            if int(name) > RESULT_FD and int(name) != job_fd:
+            if int(name) > RESULT_FD and int(name) not in (job_fd, dir_fd):
                 try:
                     os.close(int(name))
                 except OSError:  # the listing's own fd, closed already
                     pass
         os.chdir(workdir)
-        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        here, sent = os.stat("."), os.fstat(dir_fd)
+        if (here.st_dev, here.st_ino) != (sent.st_dev, sent.st_ino):
+            raise OSError(f"{workdir} is not the sandbox dir the evaluator created")
+        os.close(dir_fd)
+        # Without a mount namespace, /tmp is the machine's: then at least the usual
+        # variables point at the sandbox dir, so tempfile and most tools stay inside it.
+        home = _private_tmp() if private_tmp else workdir
+        for name in ("HOME", "TMPDIR", "TEMP", "TMP"):
+            os.environ[name] = home
         # Forks of an undumpable zygote are undumpable, and /proc would hide their owner;
         # the parent's fallback sweep (should the zygote die) finds them by it.
         prctl(PR_SET_DUMPABLE, 1)
@@ -627,7 +687,7 @@ def _serve(control_fd: int) -> None:
             _reply(control, FAILED, status=exc.errno or 0)
             continue
         if pid == 0:
-            _become_sandbox(control, fds, os.fsdecode(message[1:]))
+            _become_sandbox(control, fds, os.fsdecode(message[1:]), bool(isolation & TMP_PRIVATE))
             os._exit(3)  # not reached: the sandbox leaves through os._exit
         for fd in fds:
             os.close(fd)
