@@ -686,3 +686,78 @@ def test_each_sample_has_a_private_tmp() -> None:
         with suppress(FileNotFoundError):
             Path("/tmp", name).unlink()
 
+
+def _world_searchable(path: Path) -> bool:
+    return all(os.stat(parent).st_mode & 0o001 for parent in path.resolve().parents)
+
+
+@AS_ROOT
+def test_samples_cannot_read_root_files_or_each_others() -> None:
+    # A mode-600 root file where every user can reach it: only a capability could read it.
+    secret = Path(__file__).parent / f".secret-{TAG}"
+    if not _world_searchable(secret):
+        pytest.skip(f"{secret.parent} is not reachable by other users")
+    holder_tag = "rh" + secrets.token_hex(6)
+    holder = plain("holder", f"""
+        import time
+        open('/proc/self/comm', 'w').write('{holder_tag}')
+        with open("work-secret.txt", "w") as handle:
+            handle.write("mine")
+        time.sleep(2)
+    """)
+    # Beside the holder: every path to its work file must be refused.
+    prober = plain("prober", f"""
+        import glob, os, time
+
+
+        def attempt(path):
+            try:
+                with open(path) as handle:
+                    return "read: " + handle.read()
+            except OSError as exc:
+                return type(exc).__name__
+
+
+        holder = None
+        for _ in range(100):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if open(f"/proc/{{pid}}/comm").read().strip() == "{holder_tag}":
+                        holder = pid
+                except OSError:
+                    pass
+            if holder:
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)
+        paths = [f"/proc/{{holder}}/cwd/work-secret.txt", f"/proc/{{holder}}/root/tmp/work-secret.txt"]
+        paths += glob.glob("/tmp/ratiocinator-exec-*/work-secret.txt") + glob.glob("/tmp/*/work-secret.txt")
+        outcomes = {{path: attempt(path) for path in paths}}
+        root_file = attempt("{secret}")
+        caps = {{line.split(":")[0]: int(line.split()[1], 16) for line in open("/proc/self/status")
+                if line.startswith(("CapEff", "CapPrm", "CapInh", "CapAmb"))}}
+    """, """
+        assert holder is not None
+        assert not [o for o in outcomes.values() if o.startswith("read")], outcomes
+        assert root_file == "PermissionError", root_file
+        assert caps == {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}, caps
+    """)
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    try:
+        results = evaluate([holder, prober], limits=Limits(timeout_s=10), workers=2)
+    finally:
+        secret.unlink()
+    assert [r.label for r in results] == ["success", "success"], [r.to_json() for r in results]
+
+
+
+@AS_ROOT
+def test_without_a_mount_namespace_a_private_interpreter_stops_the_evaluation_with_the_reason() -> None:
+    from ratiocinator.execeval import sandbox_child
+
+    closed = [path for path in sandbox_child._interpreter_paths() if sandbox_child._closed_to_others(path)]
+    if not closed:
+        pytest.skip("this interpreter is world-readable")
+    with pytest.raises(SystemExit, match="chmod o\\+rX"):
+        sandbox_child._check_reachable(False, "/tmp")  # mounts nothing: only the check

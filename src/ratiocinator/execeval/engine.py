@@ -88,10 +88,13 @@ environment marker or, as root, the sample's uid.
   As root, each concurrent sample runs as its own unprivileged uid (from SANDBOX_UID_BASE,
 claimed with lock files so concurrent evaluations do not share one) with no capabilities
 and no_new_privs, so RLIMIT_NPROC caps exactly that sample and it can signal nothing but
-itself. One exception: when the interpreter lives in a directory other users cannot
-enter (e.g. /root/.pyenv), the sample keeps CAP_DAC_READ_SEARCH so Python can start and
-import, which also lets it read (not write) any file; install Python world-readable to
-avoid that.
+itself, nor read any file its uid may not (another sample's dir, a mode-600 file of root's).
+When the interpreter lives in a directory other users cannot enter (e.g. /root/.pyenv with
+/root mode 700), the zygote mounts an empty tmpfs over that directory in its own mount
+namespace and binds the interpreter's directories (prefixes, sys.path) back at their own
+paths, read-only; so samples start and import without any capability, and see nothing
+else of it. Where that cannot be done (the mount namespace is refused) and the interpreter
+is not world-readable, the evaluation stops with a SandboxError saying so.
   As a normal user, RLIMIT_NPROC counts all of that user's tasks, so each sample's cap is
 the user's tasks at its start plus `max_processes`: concurrent samples share what is left,
 and a fork bomb can briefly make another sample's fork() fail. A deliberately hostile
@@ -132,7 +135,6 @@ import socket
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -156,10 +158,11 @@ SANDBOX_UID_SPAN = 4096
 MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
 # The zygote imports the harness (from its cached bytecode) from the directory holding
 # this package, which it then takes off sys.path again; `-I` keeps the environment and
-# the cwd out of it. It then serves on the socket whose fd is its last argument.
+# the cwd out of it. It then serves on the socket whose fd is its second argument; the third is
+# where the sandbox dirs are made (`tempfile.gettempdir()`).
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as"
-                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]))")
+                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3])")
 ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
@@ -536,24 +539,6 @@ def _kill_uid(uid: int) -> int:
 # ---------------------------------------------------------------- identities
 
 
-def _world_reachable(path: str) -> bool:
-    """Could a user with no privileges and no groups read `path`?"""
-    path = os.path.realpath(path)
-    try:
-        for parent in Path(path).parents:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return False
-
-
-def _interpreter_needs_read_search() -> bool:
-    paths = sysconfig.get_paths()
-    needed = [sys.executable, paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]]
-    return not all(_world_reachable(p) for p in needed if os.path.exists(p))
-
-
 def _uid_range_mapped(start: int, count: int) -> bool:
     data = _read_bytes("/proc/self/uid_map")
     if data is None:
@@ -570,7 +555,6 @@ class _Identity:
     """Who one sample runs as (`uid` None is the caller's own uid, not root), and the zygote that forks it."""
 
     uid: int | None = None
-    keep_read_search: bool = False
     # Tasks the uid still holds (killed, not yet reaped by init) from before it was claimed,
     # or from a sample whose zygote was lost: RLIMIT_NPROC counts them, so the next sample's
     # cap is raised by as many. A zygote itself reaps every process of its samples.
@@ -596,7 +580,6 @@ class _Identities:
                 f"running as root, but uids {SANDBOX_UID_BASE}..{SANDBOX_UID_BASE + SANDBOX_UID_SPAN - 1} "
                 "are not mapped in this user namespace, so samples cannot be confined",
                 hint="run the evaluation as a non-root user")
-        keep_read_search = _interpreter_needs_read_search()
         lock_dir = Path(tempfile.gettempdir()) / "ratiocinator-sandbox-uids"
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(lock_dir)
@@ -618,7 +601,7 @@ class _Identities:
                                hint=f"wait for them, or remove stale locks in {lock_dir}")
         for uid in self._claimed:
             _kill_uid(uid)  # whatever an evaluator that died mid-sample left behind
-            self._free.append(_Identity(uid, keep_read_search, _tasks_of_user(uid)))
+            self._free.append(_Identity(uid, _tasks_of_user(uid)))
         self._all = list(self._free)
 
     @property
@@ -737,7 +720,8 @@ class _Zygote:
         marker_value = secrets.token_hex(12)
         self.marker = f"{MARKER_VARIABLE}={marker_value}".encode()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno())]
+        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()),
+                tempfile.gettempdir()]
         try:
             self.proc = _start_process(argv, _minimal_env(marker_value), theirs.fileno())
         except BaseException:
@@ -877,7 +861,6 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             "assert_hook": ASSERT_HOOK,
             "checker_hook": CHECKER_HOOK,
             "sandbox_uid": uid,
-            "keep_read_search": identity.keep_read_search,
             "limits": {
                 "cpu_s": cpu_s,
                 "memory_bytes": int(limits.memory_mb * 1024 * 1024),

@@ -107,16 +107,16 @@ SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 # Linux constants for prctl(2) and capset(2).
 PR_SET_DUMPABLE = 4
-PR_SET_KEEPCAPS = 8
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
-CAP_DAC_READ_SEARCH = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # unshare(2) and mount(2).
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
@@ -216,6 +216,89 @@ def _isolate() -> int:
     return flags
 
 
+def _interpreter_paths() -> list[str]:
+    """The directories a sample's Python needs: its prefixes, its executable's, and every sys.path entry."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable),
+             os.path.dirname(os.path.realpath(sys.executable)), *sys.path}
+    return sorted({os.path.realpath(path) for path in paths if path and os.path.isdir(path)})
+
+
+def _ancestors(path: str) -> list[str]:
+    """"/a/b/c" -> ["/", "/a", "/a/b"]."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts))] if path != "/" else []
+
+
+def _closed_to_others(path: str) -> str | None:
+    """The first directory on the way to `path` (or `path` itself) that a user with no privileges cannot pass; None if none."""
+    try:
+        for ancestor in _ancestors(path):
+            if not os.stat(ancestor).st_mode & 0o001:
+                return ancestor
+        return None if os.stat(path).st_mode & 0o005 == 0o005 else path
+    except OSError:
+        return path
+
+
+def _expose(readable: list[str], writable: list[str]) -> None:
+    """In the zygote's own, private mount namespace: make each path reachable by any user, hiding what else is private.
+
+    Where a directory on the way to a path is closed to other users (the interpreter in
+    /root/.pyenv, with /root mode 700), an empty tmpfs (mode 755) is mounted over the
+    topmost such directory, and each path under it is bind-mounted back at its own place
+    (the `readable` ones read-only). So the paths keep their names (sys.executable and
+    sys.path stay valid, in forks and in a `python` a sample starts), nothing else of that
+    directory is visible, and samples need no capability to start or import. Permissions
+    inside the paths are their own: a path that is itself closed stays closed.
+    `writable`: the evaluator's temp dir, which the tmpfs must not hide from the zygote.
+    """
+    plan: dict[str, list[tuple[str, bool]]] = {}
+    for path, read_only in [(p, True) for p in readable] + [(p, False) for p in writable]:
+        path = os.path.realpath(path)
+        closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & 0o001), None) \
+            if os.path.isdir(path) else None
+        if closed is not None and closed != "/":
+            plan.setdefault(closed, []).append((path, read_only))
+    for closed, wanted in plan.items():
+        # Only the outermost of nested paths, read-only unless a writable one is (within) it.
+        paths = sorted({path for path, _ in wanted})
+        writable_paths = [path for path, read_only in wanted if not read_only]
+        targets = [(path, not any(w == path or w.startswith(path + "/") for w in writable_paths))
+                   for path in paths if not any(path.startswith(other + "/") for other in paths)]
+        sources = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path, _ in targets]
+        try:
+            mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
+            for (path, read_only), source in zip(targets, sources, strict=True):
+                for step in [*_ancestors(path)[len(_ancestors(closed)) + 1:], path]:
+                    if not os.path.isdir(step):
+                        os.mkdir(step)
+                        os.chmod(step, 0o755)
+                mount(f"/proc/self/fd/{source}", path, None, MS_BIND | MS_REC)
+                if read_only:
+                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        finally:
+            for source in sources:
+                os.close(source)
+
+
+def _check_reachable(private_mounts: bool, tempdir: str) -> None:
+    """As root: make sure samples, which run with no capability, can reach the interpreter; else say how to fix it and stop."""
+    paths = _interpreter_paths()
+    if private_mounts:
+        try:
+            _expose(paths, [tempdir])
+        except OSError as exc:
+            sys.stderr.write(f"zygote: could not expose the interpreter to the sandbox's users: {exc}\n")
+    for path in paths:
+        closed = _closed_to_others(path)
+        if closed is not None:
+            raise SystemExit(
+                f"zygote: samples run as unprivileged users with no capability, but {path} (needed by the "
+                f"interpreter) is closed to them at {closed}"
+                + ("" if private_mounts else " and this system refused the mount namespace that would expose it")
+                + "; make the interpreter world-readable (chmod o+rX), or run the evaluation as a normal user")
+
+
 def _private_tmp() -> str:
     """In a sample's fork, whose cwd is its sandbox dir: mount that dir over /tmp, /var/tmp and /dev/shm; returns /tmp.
 
@@ -245,12 +328,12 @@ def _lower_limit(which: int, soft: int, hard: int) -> None:
     resource.setrlimit(which, (min(soft, hard), hard))
 
 
-def _drop_privileges(uid: int, keep_read_search: bool) -> None:
-    """Become `uid` with no capabilities, except read/search of files if the interpreter needs it.
+def _drop_privileges(uid: int) -> None:
+    """Become `uid` with no capabilities at all (effective, permitted, inheritable, ambient); no new ones after.
 
-    CAP_DAC_READ_SEARCH stays (also as an ambient capability, so a `python` the sample
-    starts keeps it) only when the interpreter or its libraries sit in a directory other
-    users cannot enter, such as /root/.pyenv. No new privileges can be gained after this.
+    Changing every uid away from 0 (without PR_SET_KEEPCAPS) already clears the
+    capability sets; capset makes it explicit. The interpreter is readable without any
+    capability: `_expose` made it so in the zygote's mount namespace.
     """
     class CapHeader(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -258,18 +341,12 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     class CapData(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
-    prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    kept = 1 << CAP_DAC_READ_SEARCH if keep_read_search else 0
-    data = (CapData * 2)()
-    data[0].effective = data[0].permitted = data[0].inheritable = kept
-    if LIBC.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+    if LIBC.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), (CapData * 2)()) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"capset: {os.strerror(error)}")
-    if keep_read_search:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     # Changing uid made the process undumpable, which hides its owner in /proc; the parent
     # finds the sandbox's processes by that owner.
@@ -279,7 +356,7 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
 def confine(job: dict) -> None:
     """Drop privileges if asked to, then lower every resource limit; the address space last."""
     if job["sandbox_uid"] is not None:
-        _drop_privileges(job["sandbox_uid"], job["keep_read_search"])
+        _drop_privileges(job["sandbox_uid"])
     limits = job["limits"]
     _lower_limit(resource.RLIMIT_CORE, 0, 0)
     # SIGXCPU at the soft limit, SIGKILL one second later should the sample catch it.
@@ -641,19 +718,24 @@ def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0, u
     control.send(REPLY.pack(kind, pid, status, utime, stime, maxrss, killed, ended_first))
 
 
-def serve(control_fd: int) -> None:
+def serve(control_fd: int, tempdir: str) -> None:
     """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code.
 
     Leaves with os._exit, without the interpreter's finalization, once the parent closes its end.
     """
     try:
-        _serve(control_fd)
+        _serve(control_fd, tempdir)
+    except SystemExit as exc:  # a reason not to serve: the parent shows it
+        sys.stderr.write(f"{exc.code}\n")
+        sys.stderr.flush()
     finally:
         os._exit(0)
 
 
-def _serve(control_fd: int) -> None:
+def _serve(control_fd: int, tempdir: str) -> None:
     isolation = _isolate()
+    if os.geteuid() == 0:
+        _check_reachable(bool(isolation & TMP_PRIVATE), tempdir)
     for name in PRELOAD:
         importlib.import_module(name)
     # Everything the zygote holds goes to the permanent generation: a fork's garbage
