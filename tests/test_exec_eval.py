@@ -761,3 +761,113 @@ def test_without_a_mount_namespace_a_private_interpreter_stops_the_evaluation_wi
         pytest.skip("this interpreter is world-readable")
     with pytest.raises(SystemExit, match="chmod o\\+rX"):
         sandbox_child._check_reachable(False, "/tmp")  # mounts nothing: only the check
+
+
+WRONG_F = "def f():\n    return 1\n"
+FORGERIES = [
+    # The harness's module, found in sys.modules, patched so that every assertion holds.
+    plain("forge-sys-modules", WRONG_F + textwrap.dedent("""
+        import sys
+        harness = sys.modules.get("ratiocinator.execeval.sandbox_child")
+        if harness is not None:
+            def holds(self, value):
+                self.asserts_executed += 1
+                return True
+
+            harness.Tally.on_assert = holds
+    """), "assert f() == 2\n"),
+    # builtins.exec patched: once the tests are defined, `check` is swapped for one that checks nothing.
+    Sample(id="forge-exec", entry_point="f", program=WRONG_F + textwrap.dedent("""
+        import builtins
+        real_exec = builtins.exec
+
+
+        def fake_exec(code, namespace=None, *rest):
+            real_exec(code, namespace, *rest)
+            if isinstance(namespace, dict) and "check" in namespace:
+                real_exec(compile("def check(candidate):\\n    pass\\n", "<test>", "exec"), namespace)
+
+
+        builtins.exec = fake_exec
+    """), test="def check(candidate):\n    assert candidate() == 2\n"),
+    # The stack walked down to the harness's reporter, which is called with a forged record.
+    plain("forge-frames", textwrap.dedent("""
+        import os, sys
+
+        FORGED = {"status": "completed", "phase": "test", "asserts_executed": 1, "asserts_failed": 0,
+                  "checkers_called": []}
+
+
+        def tokens(value):
+            if isinstance(value, dict):
+                yield from (v for k, v in value.items() if k == "token" and isinstance(v, str))
+
+
+        def f():
+            frame, found = sys._getframe(1), []
+            while frame is not None:
+                for scope in (frame.f_locals, frame.f_globals):
+                    for name, value in list(scope.items()):
+                        found += tokens(value)
+                        if callable(value) and name in ("emit", "_emit", "report"):
+                            value(dict(FORGED))
+                            os._exit(0)
+                for scope in (frame.f_locals, frame.f_globals):
+                    factory = scope.get("_emitter")
+                    for token in found:
+                        if callable(factory):
+                            factory(3, token)(dict(FORGED))
+                            os._exit(0)
+                frame = frame.f_back
+            return 1
+    """), "assert f() == 2\n"),
+    # The object graph searched for the reporter.
+    plain("forge-gc", textwrap.dedent("""
+        import gc, os
+        for obj in gc.get_objects():
+            if callable(obj) and getattr(obj, "__name__", "") in ("emit", "_emit"):
+                obj({"status": "completed", "phase": "test", "asserts_executed": 1, "asserts_failed": 0,
+                     "checkers_called": []})
+                os._exit(0)
+    """) + WRONG_F, "assert f() == 2\n"),
+    # A trace function that jumps over the failing assertion.
+    plain("forge-trace-jump", WRONG_F + textwrap.dedent("""
+        import sys
+
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == 1:
+                frame.f_lineno = 2
+            return local
+
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == "<test>" else None)
+    """), "assert f() == 2\nassert f() == 1\n"),
+    # The tests' assertion hook, found in their namespace, replaced: the next assertion (failing, and
+    # caught by the tests) would count as held.
+    plain("forge-hook", textwrap.dedent("""
+        import sys
+
+
+        def f():
+            names = sys._getframe(1).f_globals
+            for name in list(names):
+                if "ratiocinator" in name:
+                    names[name] = lambda *args: True
+            return 1
+    """), textwrap.dedent("""
+        assert f() == 1
+        try:
+            assert f() == 2
+        except AssertionError:
+            pass
+    """)),
+]
+
+
+def test_forged_success_is_not_success() -> None:
+    results = {r.id: r for r in evaluate(FORGERIES, limits=Limits(timeout_s=5))}
+    for sample in FORGERIES:
+        result = results[sample.id]
+        assert result.label != "success", result.to_json()
+        assert result.label in ("wrong_output", "runtime_error"), result.to_json()

@@ -40,8 +40,9 @@ Without a final record (the process ended or was killed before the tests finishe
                  `SandboxLost` whatever the records say, when the zygote that forked the
                  sandbox died mid-sample (as a normal user, a sample can kill it).
 An executed assertion is one whose condition was evaluated: `assert c, m` in the test code
-is rewritten to `assert <hook>(c), m`, and each top-level `check*`/`test*` function of the
-test code starts with a call to another hook. Asserts in the program never count. Checks
+is rewritten to `assert (<held>() if c else (<failed>() and False)), m`, and each top-level
+`check*`/`test*` function of the test code starts with a call to a checker hook; the hooks
+are placeholder constants the harness replaces in the code objects, not names. Asserts in the program never count. Checks
 that are not `assert` statements (unittest's `self.assertEqual`, `if ...: raise`) only
 count through the checker they run in.
 
@@ -113,8 +114,13 @@ dir is bind-mounted over /tmp, /var/tmp and /dev/shm, and is its cwd as "/tmp": 
 writes there is removed with the dir, and it sees neither other samples' files nor the
 machine's. Not root, or where the namespace is refused, /tmp is the machine's (`tmp`
 says "shared"); TMPDIR, TEMP and TMP still point at the sandbox dir.
-  Code that introspects the harness inside its own process could forge a record; the
-sandbox bounds what samples can do to the machine, it does not hide the harness from them.
+  Forged success: the sample runs in the harness's own process, so the harness keeps what
+decides a success out of reach of plain Python (its modules out of sys.modules, private
+references bound before the sample runs, the reporter and its token in no frame's locals
+or globals, the hooks as code constants, the object graph and tracing refused by an audit
+hook); native code (ctypes, /proc/self/mem) can still forge a record, and tests that rely
+on what the sample can patch (builtins, modules, their own globals, returned objects) can
+still be fooled. `sandbox_child._records` and docs/exec-eval.md list both sides.
 """
 
 from __future__ import annotations
@@ -167,9 +173,11 @@ ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
-# Names no source code can spell, so the program cannot shadow the hooks by accident.
-ASSERT_HOOK = "<ratiocinator assert>"
-CHECKER_HOOK = "<ratiocinator checker>"
+# What the instrumented tests call: placeholder constants (no name in any namespace), which
+# the harness replaces by its hooks in the test's code objects (`sandbox_child._with_hooks`).
+ASSERT_HELD = "\0ratiocinator: an assertion held"
+ASSERT_FAILED = "\0ratiocinator: an assertion failed"
+CHECKER_CALLED = "\0ratiocinator: a checker was called"
 CHECKER_PREFIXES = ("check", "test")
 DRAIN_S = 2.0
 KILL_S = 5.0
@@ -342,13 +350,24 @@ def sample_from_json(obj: object, *, where: str, line: int | None = None) -> Sam
 # ---------------------------------------------------------------- compiling
 
 
+def _hook(placeholder: str) -> ast.expr:
+    """`(None or "<placeholder>")`: compiles to the placeholder constant, without the "not callable" warning."""
+    return ast.BoolOp(op=ast.Or(), values=[ast.Constant(None), ast.Constant(placeholder)])
+
+
 class _CountAsserts(ast.NodeTransformer):
-    """`assert cond, msg` -> `assert <hook>(cond), msg`: the same truth test, now counted."""
+    """`assert cond, msg` -> `assert (<held>() if cond else (<failed>() and False)), msg`.
+
+    The interpreter itself tests `cond` (once, as before), so no hook decides whether an
+    assertion holds: each only counts, the `failed` one whenever it does not.
+    """
 
     def visit_Assert(self, node: ast.Assert) -> ast.Assert:
         self.generic_visit(node)
-        call = ast.Call(func=ast.Name(id=ASSERT_HOOK, ctx=ast.Load()), args=[node.test], keywords=[])
-        node.test = ast.copy_location(call, node.test)
+        held = ast.Call(func=_hook(ASSERT_HELD), args=[], keywords=[])
+        failed = ast.BoolOp(op=ast.And(), values=[ast.Call(func=_hook(ASSERT_FAILED), args=[], keywords=[]),
+                                                  ast.Constant(False)])
+        node.test = ast.copy_location(ast.IfExp(test=node.test, body=held, orelse=failed), node.test)
         return node
 
 
@@ -363,8 +382,7 @@ def instrument_test(source: str) -> tuple[CodeType, list[str]]:
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name.startswith(CHECKER_PREFIXES):
             checkers.append(stmt.name)
-            call = ast.Call(func=ast.Name(id=CHECKER_HOOK, ctx=ast.Load()), args=[ast.Constant(stmt.name)],
-                            keywords=[])
+            call = ast.Call(func=_hook(CHECKER_CALLED), args=[ast.Constant(stmt.name)], keywords=[])
             first = stmt.body[0]
             has_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                 and isinstance(first.value.value, str)
@@ -858,8 +876,7 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             "program_source": sample.program,
             "test_source": sample.test,
             "entry_point": sample.entry_point,
-            "assert_hook": ASSERT_HOOK,
-            "checker_hook": CHECKER_HOOK,
+            "hooks": {"held": ASSERT_HELD, "failed": ASSERT_FAILED, "checker": CHECKER_CALLED},
             "sandbox_uid": uid,
             "limits": {
                 "cpu_s": cpu_s,

@@ -5,8 +5,11 @@ sample, far more than running a typical sample. Instead the parent starts one zy
 worker: `python -I` in its own session, in `/`, with a minimal environment, as root when
 the evaluator is root. It imports this module and the few stdlib modules a sample or a
 report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
-a private socketpair, the sample's sandbox dir, the write ends of its stdout, stderr and
-result pipes and an fd holding its job, and forks a child that becomes the sandbox. The
+a private socketpair, the sample's sandbox dir (its path and an fd), the write ends of its
+stdout, stderr and result pipes and an fd holding its job, and forks a child that becomes
+the sandbox. As root, the zygote first moves into a network namespace and a mount
+namespace of its own (`_isolate`), and exposes the interpreter to unprivileged users there
+(`_check_reachable`). The
 zygote never runs, loads or reads sample code or sample data (the job comes in a memfd
 only the child reads), so every sample starts from the same pristine interpreter: a
 fork of the clean zygote, never of a used process. What the zygote learns of a sample
@@ -14,13 +17,15 @@ is its pids, its wait status and its rusage.
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
-sandbox dir as cwd, HOME and TMPDIR. Then `main`: read and close the job (a marshal of
-the already compiled program and instrumented tests), drop privileges when root,
-lower the resource limits, run the program and the tests in one fresh `__main__`
-namespace. It writes JSON records carrying the job's random token to fd 3: `started`
-once confined, and one final record only when the tests ran to the end or raised. A
-sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final record,
-so neither printing nor exiting can pass for success.
+sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP, and as root mounted over /tmp, /var/tmp
+and /dev/shm (`_private_tmp`). Then `main`: read and close the job (a marshal of the
+already compiled program and instrumented tests), and `_records`: drop every privilege
+when root, lower the resource limits, run the program and the tests in one fresh
+`__main__` namespace. It writes JSON records carrying the job's random token to fd 3:
+`started` once confined, and one final record only when the tests ran to the end or
+raised. A sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final
+record, so neither printing nor exiting can pass for success; what sample code inside the
+process can and cannot do to the harness is listed in `_records`.
 
 The zygote is a child subreaper (PR_SET_CHILD_SUBREAPER): whatever a sample forks, a
 daemon that called setsid() and lost its parent included, stays a descendant of the
@@ -43,22 +48,27 @@ evaluator itself, which is why hostile samples should be run as root.
 seed of str and bytes (PYTHONHASHSEED is drawn once per zygote), so set iteration order
 of strings is the same for every sample of a worker.
 
-The parent rewrote the tests so that every `assert` calls the assert hook with its
-condition and every top-level `check*`/`test*` function calls the checker hook first;
-the hooks installed here count what actually ran.
+The parent rewrote the tests so that every `assert` calls a hook once its condition was
+tested (one when it held, another when it failed) and every top-level `check*`/`test*`
+function calls the checker hook first; the hooks, put here into the test's code objects
+as constants, count what actually ran.
 
 Stdlib only, no other ratiocinator module.
 """
 
 from __future__ import annotations
 
+import _json
 import builtins
 import ctypes
 import fcntl
+import functools
 import gc
 import importlib
+import itertools
 import marshal
 import mmap
+import operator
 import os
 import resource
 import select
@@ -68,11 +78,21 @@ import struct
 import sys
 import time
 import types
-from _json import encode_basestring_ascii
+from collections.abc import Callable, Iterator
 
 HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
+# Where the sample was when it stopped (compared by identity: `_phase`).
+PROGRAM, TEST, CHECK = "program", "test", "check"
+# Audit events refused inside a sample (`_auditor`), besides assigning a function's __code__.
+REFUSED_EVENTS = frozenset({
+    # The object graph, from which the reporter and the harness's state are reachable.
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    # Trace and profile functions: one can jump over an assertion (frame.f_lineno) or,
+    # on Python 3.11 and 3.12, rewrite a harness frame's locals when it returns.
+    "sys.settrace", "sys.setprofile", "sys.monitoring.register_callback",
+})
 # Address space freed before reporting a MemoryError, so the report itself can be built
 # under RLIMIT_AS. An anonymous mapping, never touched: a bytearray would be zero-filled,
 # faulting in 256 pages per sample (~1 ms).
@@ -120,42 +140,6 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
-
-
-class Tally:
-    """What the instrumented tests actually executed."""
-
-    def __init__(self) -> None:
-        self.asserts_executed = 0
-        self.asserts_failed = 0
-        self.checkers_called: set[str] = set()
-
-    def on_assert(self, value: object) -> bool:
-        held = bool(value)
-        self.asserts_executed += 1
-        if not held:
-            self.asserts_failed += 1
-        return held
-
-    def on_checker(self, name: str) -> None:
-        self.checkers_called.add(name)
-
-
-def to_json(value: object) -> str:
-    """JSON for the few types a record holds, without importing json (and with it, re)."""
-    if value is None or value is True or value is False:
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value) if value - value == 0 else "null"
-    if isinstance(value, str):
-        return encode_basestring_ascii(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(to_json(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{encode_basestring_ascii(str(k))}:{to_json(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -427,72 +411,203 @@ def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
     }
 
 
-def run_sample(job: dict, harness_pid: int) -> dict:
-    """Run the program, the tests, then `check(entry_point)` when due; never raises."""
-    reserve = [mmap.mmap(-1, RESERVE_BYTES)]
-    tally = Tally()
+def _phase(phase: list) -> str:
+    """The last phase the harness entered (sample code may append to the list, but not these very strings)."""
+    for entry in reversed(phase):
+        if entry is PROGRAM or entry is TEST or entry is CHECK:
+            return entry
+    return PROGRAM
+
+
+def _with_hooks(code: types.CodeType, hooks: dict) -> tuple[types.CodeType, frozenset[int]]:
+    """The test code with the engine's placeholder constants replaced by the hooks, in every nested code object.
+
+    The hooks are then constants of the code being run, not names in any namespace: a
+    sample can neither replace them nor skip them. It can reach them only through the
+    code objects, and calling them only counts up (`_records`). Also returns the ids of
+    every code object compiled from the tests, which `_check_step` trusts.
+    """
+    ids = set()
+
+    def rebuild(old: types.CodeType) -> types.CodeType:
+        consts = tuple(rebuild(const) if type(const) is types.CodeType
+                       else hooks.get(const, const) if type(const) is str else const for const in old.co_consts)
+        new = old.replace(co_consts=consts)
+        ids.add(id(new))
+        return new
+
+    return rebuild(code), frozenset(ids)
+
+
+def _check_step(namespace: dict, test_codes: frozenset[int], entry_point: str | None, called: set,
+                phase: list) -> Callable[[], None]:
+    """What HumanEval's own harness appends, `check(<entry_point>)`, as a step made before the sample runs.
+
+    Only the `check` the tests defined is called: a function whose code object is one
+    compiled from the tests (by identity: not one the sample compiled under the same file
+    name) and whose globals are the sample's namespace. If the sample swapped it for
+    anything else, nothing is called, and the tests' `check` counts as never called.
+    """
+    function_type, type_, id_, name_error, get = types.FunctionType, type, id, NameError, namespace.get
+
+    def check_step() -> None:
+        check = get("check")
+        if not entry_point or type_(check) is not function_type or id_(check.__code__) not in test_codes \
+                or check.__globals__ is not namespace:
+            return
+        phase.append(CHECK)
+        if entry_point not in namespace:
+            raise name_error(f"entry point {entry_point!r} is not defined by the program")
+        called.add(CHECK)
+        check(namespace[entry_point])
+
+    return check_step
+
+
+def _concluder(held: Iterator[int], failed: Iterator[int], called: set, phase: list,
+               harness_pid: int) -> Callable[[object], dict]:
+    """The function that makes the final record of tests that ran to the end; made before the sample runs.
+
+    It uses its closure only, no global or builtin name, and `_records` calls it from its
+    value stack: so what a sample does to the harness's module, to builtins, or to a
+    harness frame's locals (which code walking the stack can read, and on Python 3.13+
+    rebind) cannot change what it reports. The counters only count up.
+    """
+    getpid, finish, sorted_, type_, str_ = os.getpid, _finisher(), sorted, type, str
+
+    def conclude(_steps_done: object) -> dict:
+        if getpid() != harness_pid:
+            finish(0)  # a process the sample forked ran on into the harness: never a record
+        asserts_failed = failed.__next__() - 1
+        return {"status": "completed", "phase": CHECK if _phase(phase) is CHECK else TEST,
+                "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
+                "checkers_called": sorted_(name for name in called if type_(name) is str_)}
+
+    return conclude
+
+
+def _auditor(refused: frozenset[str]) -> Callable[[str, tuple], None]:
+    """An audit hook (PEP 578) refusing `refused` events and any assignment to a function's __code__.
+
+    Bound now, in its closure: what it refuses cannot be changed afterwards, and an audit
+    hook cannot be removed. __code__: so that the `check` verified by `_check_step` is the
+    one that runs, even with a sample thread racing it.
+    """
+    runtime_error, type_, str_ = RuntimeError, type, str
+
+    def audit(event: str, args: tuple) -> None:
+        if event in refused or (event == "object.__setattr__" and len(args) > 1 and type_(args[1]) is str_
+                                and args[1] == "__code__"):
+            raise runtime_error(f"{event} is not available in the sandbox")
+
+    return audit
+
+
+def _forget_harness() -> None:
+    """Take this package out of sys.modules: a sample that looks it up finds nothing, and an import is a fresh copy."""
+    for name in [name for name in sys.modules if name == "ratiocinator" or name.startswith("ratiocinator.")]:
+        del sys.modules[name]
+
+
+def _records(job: dict) -> Iterator[dict]:
+    """Confine; yield `started`; run the program, the tests and `check(entry_point)`; yield the final record; leave.
+
+    What the harness defends, and how. In-process code can reach in-process state, so the
+    harness keeps what decides a success where plain Python cannot reach or change it:
+    - the reporter and its token: never named in any frame (see `main`), and the object
+      graph (gc.get_objects, ...) is refused;
+    - exec, the steps and the final record: bound before the sample runs, on this frame's
+      value stack or in closures (`_concluder`, `_check_step`), never looked up in the
+      harness's module, in builtins, or in this frame's locals afterwards;
+    - the assertion and checker hooks: constants of the test code (`_with_hooks`); an
+      assert's truth is the interpreter's own test, and its hook only counts;
+    - the harness's modules are out of sys.modules; tracing and profiling are refused.
+    Not defended: native code (ctypes, /proc/self/mem) can do anything the process can,
+    write a forged record included; and whatever the tests look up at run time (builtins,
+    modules, their own globals, the objects the program returns) is the sample's to patch.
+    """
+    getpid, finish, leave_fork, describe = os.getpid, _finisher(), _leave_fork, _exception_record
+    harness_pid = getpid()
+    try:
+        confine(job)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        yield {"status": "sandbox_error", "message": f"{type(exc).__name__}: {exc}"}
+        finish(3)
+    yield {"status": "started"}
+    sys.argv = [PROGRAM_FILE]
     module = types.ModuleType("__main__")
     namespace = module.__dict__
     namespace["__builtins__"] = builtins
     sys.modules["__main__"] = module
-    phase = "program"
+    held, failed, called, phase = itertools.count(1), itertools.count(1), set(), [PROGRAM]
+    names = job["hooks"]
+    test, test_codes = _with_hooks(job["test"], {names["held"]: held.__next__, names["failed"]: failed.__next__,
+                                                 names["checker"]: called.add})
+    reserve = [mmap.mmap(-1, RESERVE_BYTES)]
+    _forget_harness()
+    sys.addaudithook(_auditor(REFUSED_EVENTS))
     try:
-        exec(job["program"], namespace)  # noqa: S102 - running the sample is the point
-        phase = "test"
-        namespace[job["assert_hook"]] = tally.on_assert
-        namespace[job["checker_hook"]] = tally.on_checker
-        exec(job["test"], namespace)  # noqa: S102
-        entry_point = job["entry_point"]
-        check = namespace.get("check")
-        if entry_point and isinstance(check, types.FunctionType) and check.__code__.co_filename == TEST_FILE:
-            # What HumanEval's own harness appends: `check(<entry_point>)`.
-            phase = "check"
-            if entry_point not in namespace:
-                raise NameError(f"entry point {entry_point!r} is not defined by the program")
-            tally.checkers_called.add("check")
-            check(namespace[entry_point])
+        # One expression: the concluder, exec and every step are evaluated onto the stack
+        # before the first step (the program) runs; the hooks go in after the program.
+        yield _concluder(held, failed, called, phase, harness_pid)(tuple(map(operator.call, (
+            functools.partial(exec, job["program"], namespace),
+            functools.partial(phase.append, TEST),
+            functools.partial(exec, test, namespace),
+            _check_step(namespace, test_codes, job["entry_point"], called, phase),
+        ))))
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
         reserve.clear()
-        if os.getpid() != harness_pid:
-            _leave_fork(exc)
-        record = _exception_record(exc, phase, job)
-    else:
-        if os.getpid() != harness_pid:
-            _finish(0)
-        record = {"status": "completed", "phase": phase}
-    record.update(
-        asserts_executed=tally.asserts_executed,
-        asserts_failed=tally.asserts_failed,
-        checkers_called=sorted(tally.checkers_called),
-    )
-    return record
+        if getpid() != harness_pid:
+            leave_fork(exc, finish)
+        asserts_failed = failed.__next__() - 1
+        yield {**describe(exc, _phase(phase), job), "status": "exception",
+               "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
+               "checkers_called": sorted(name for name in called if type(name) is str)}
+    finish(0)
 
 
-def _finish(status: int) -> None:
-    """Flush what the sample printed and leave at once: no atexit, no joining its threads."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
-            pass
-    os._exit(status & 0xFF)
+def _finisher() -> Callable[[int], None]:
+    """`finish(status)`: flush what the sample printed and leave at once (no atexit, no joining its threads).
+
+    os._exit is bound now: a sample that replaces it cannot keep the harness running.
+    """
+    exit_, streams = os._exit, sys
+
+    def finish(status: int) -> None:
+        for stream in (streams.stdout, streams.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
+                pass
+        exit_(status & 0xFF)
+
+    return finish
 
 
-def _leave_fork(exc: BaseException) -> None:
+def _leave_fork(exc: BaseException, finish: Callable[[int], None]) -> None:
     """A process the sample forked ran on into the harness: one line to stderr, never a record."""
     try:
         sys.stderr.write(f"{type(exc).__name__} in forked process {os.getpid()}: {_describe(exc)[:200]}\n")
     except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
         pass
-    _finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+    finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
 
 
-def _emitter(fd: int, token: str):
-    """Bind everything writing a record needs now, before any sample code can rebind it."""
-    write, encode = os.write, to_json
+def _unencodable(value: object) -> object:
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _emitter(fd: int, token: str) -> Callable[[dict], None]:
+    """The reporter: one JSON record with the job's token to the result pipe.
+
+    Everything it uses is bound now, in its closure, before any sample code runs:
+    os.write, memoryview and json's C encoder (no Python code a sample could patch).
+    """
+    write, view, join = os.write, memoryview, "".join
+    encode = _json.make_encoder(None, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
 
     def emit(record: dict) -> None:
-        data = memoryview((encode({**record, "token": token}) + "\n").encode("ascii"))
+        data = view(join(encode({**record, "token": token}, 0)).encode("ascii") + b"\n")
         while data:
             data = data[write(fd, data):]
 
@@ -500,22 +615,19 @@ def _emitter(fd: int, token: str):
 
 
 def main(job_fd: int, result_fd: int) -> None:
-    """Read the job, confine, announce, run, report; never returns."""
-    harness_pid = os.getpid()
+    """Read the job, then write each record `_records` yields to the result pipe; never returns.
+
+    The reporter is made inline and held only by the `map` iterator on this frame's value
+    stack; the token is popped from the job into it. So no frame's locals or globals hold
+    either, and sample code walking the stack (sys._getframe().f_back ...) finds neither.
+    """
+    leave = os._exit
     with open(job_fd, "rb") as handle:
         handle.seek(0)
         job = marshal.load(handle)
-    emit = _emitter(result_fd, job.pop("token"))
-    try:
-        confine(job)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        emit({"status": "sandbox_error", "message": f"{type(exc).__name__}: {exc}"})
-        _finish(3)
-    emit({"status": "started"})
-    sys.argv = [PROGRAM_FILE]
-    record = run_sample(job, harness_pid)
-    emit(record)
-    _finish(0)
+    for _ in map(_emitter(result_fd, job.pop("token")), _records(job)):
+        pass
+    leave(3)  # not reached: `_records` leaves through os._exit
 
 
 # ---------------------------------------------------------------- the zygote
