@@ -871,3 +871,30 @@ def test_forged_success_is_not_success() -> None:
         result = results[sample.id]
         assert result.label != "success", result.to_json()
         assert result.label in ("wrong_output", "runtime_error"), result.to_json()
+
+
+NON_ROOT_ISOLATION_SCRIPT = """
+import json, os
+from ratiocinator.execeval import Sample, evaluate, format_results
+probe = Sample(id="env", program="import os\\nenv = {k: os.environ[k] for k in ('HOME', 'TMPDIR', 'TEMP', 'TMP')}\\n",
+               test="assert set(env.values()) == {os.getcwd()}, env\\nassert os.getcwd() != '/tmp'\\n")
+[result] = evaluate([probe])
+print(json.dumps({"label": result.label, "network": result.evidence["network"], "tmp": result.evidence["tmp"],
+                  "summary": format_results([result]).splitlines()[-1]}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root, setpriv and a system python3.11 to become an ordinary user")
+def test_as_an_ordinary_user_the_output_says_network_open_and_tmp_shared() -> None:
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
+                           NON_ROOT_ISOLATION_SCRIPT], env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd="/", timeout=60, check=False)
+    if "No module named" in done.stderr:
+        pytest.skip(f"the package is not importable as nobody: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["label"] == "success", report
+    assert (report["network"], report["tmp"]) == ("open", "shared")
+    assert report["summary"].endswith("; network open, /tmp shared")

@@ -68,8 +68,9 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
-Sandbox, per sample: a fresh fork of a zygote (below) in a new session, a fresh temp dir
-as cwd, HOME, TMPDIR, TEMP and TMP (as root also mounted over /tmp), a minimal environment (PATH, a UTF-8 locale, a marker; nothing
+Sandbox, per sample: a fresh fork of a zygote (below) in a new session, its worker's temp
+dir, emptied after every sample, as cwd, HOME, TMPDIR, TEMP and TMP (as root also mounted
+over /tmp), a minimal environment (PATH, a UTF-8 locale, a marker; nothing
 else of ours), its own /dev/null as stdin, stdout/stderr read continuously and kept to a
 bounded tail, no fd but those and its result pipe, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in
 the child before any sample code runs, a wall-clock limit enforced by the parent, and at
@@ -109,10 +110,10 @@ any sample, so its samples see only a loopback interface that is down: no connec
 anything, the machine's 127.0.0.1 and abstract Unix sockets included. Not root, or where
 the namespace is refused, samples share the evaluator's network: `network` says "open".
   /tmp: as root, each zygote also unshares a mount namespace (every mount in it private,
-so nothing propagates back), and each sample's fork a further one in which its sandbox
-dir is bind-mounted over /tmp, /var/tmp and /dev/shm, and is its cwd as "/tmp": what it
-writes there is removed with the dir, and it sees neither other samples' files nor the
-machine's. Not root, or where the namespace is refused, /tmp is the machine's (`tmp`
+so nothing propagates back) in which its sandbox dir is bind-mounted over /tmp, /var/tmp
+and /dev/shm, and is each sample's cwd as "/tmp": the evaluator empties it after every
+sample (through an fd, whatever modes the sample left), so nothing a sample writes there
+outlives it, and it sees neither other workers' samples' files nor the machine's. Not root, or where the namespace is refused, /tmp is the machine's (`tmp`
 says "shared"); TMPDIR, TEMP and TMP still point at the sandbox dir.
   Forged success: the sample runs in the harness's own process, so the harness keeps what
 decides a success out of reach of plain Python (its modules out of sys.modules, private
@@ -135,7 +136,6 @@ import math
 import os
 import secrets
 import selectors
-import shutil
 import signal
 import socket
 import stat
@@ -165,10 +165,10 @@ MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
 # The zygote imports the harness (from its cached bytecode) from the directory holding
 # this package, which it then takes off sys.path again; `-I` keeps the environment and
 # the cwd out of it. It then serves on the socket whose fd is its second argument; the third is
-# where the sandbox dirs are made (`tempfile.gettempdir()`).
+# where sandbox dirs are made (`tempfile.gettempdir()`), the fourth its own sandbox dir.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as"
-                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3])")
+                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])")
 ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
@@ -647,6 +647,8 @@ class _Identities:
             zygote.close()
         for uid in self._claimed:
             _kill_uid(uid)
+        for zygote in zygotes:
+            zygote.remove_dir()
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
@@ -692,18 +694,29 @@ def _minimal_env(marker_value: str) -> dict[str, str]:
     }
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a sandbox dir even if the sample made parts of it unwritable (its processes are all dead)."""
-    with suppress(OSError):
-        os.rmdir(path)  # most samples leave it empty
-        return
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            target = os.path.join(root, name)
-            if not os.path.islink(target):
-                with suppress(OSError):
-                    os.chmod(target, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+def _empty_dir(dir_fd: int) -> None:
+    """Remove everything in the dir open as `dir_fd`, whatever modes a sample left; only through fds, never a path.
+
+    Runs once the sample's processes are all gone. Raises OSError (RecursionError for an
+    absurdly deep tree) when something cannot be removed.
+    """
+    for _ in range(3):
+        names = os.listdir(dir_fd)
+        if not names:
+            return
+        for name in names:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                continue
+            os.chmod(name, 0o700, dir_fd=dir_fd)  # a dir, not a link (the sample is gone: no race)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                _empty_dir(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dir_fd)
+    if os.listdir(dir_fd):
+        raise OSError(errno.ENOTEMPTY, "a sandbox dir cannot be emptied")
 
 
 @dataclass(frozen=True)
@@ -732,18 +745,31 @@ class _Zygote:
     with a marker unique to this zygote, which every process it forks carries in
     /proc/PID/environ: that is how a sample's processes are still found, as a normal user,
     should the zygote itself be killed.
+      Its sandbox dir (`workdir`, owned by its samples' uid) is the cwd, HOME and TMPDIR of
+    each sample it forks, one after the other, and with a private mount namespace also
+    their /tmp: `clean` empties it after every sample. One dir per worker rather than per
+    sample, so that no sample costs a mount (unmounting waits for an RCU grace period)
+    nor a mkdir and rmdir.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, uid: int | None) -> None:
         marker_value = secrets.token_hex(12)
         self.marker = f"{MARKER_VARIABLE}={marker_value}".encode()
+        self.uid = uid
+        self.workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
+        # Held for its lifetime: the samples share the dir's owner, and as a normal user also
+        # the evaluator's uid, so it is emptied through this fd, never by its path.
+        self.dir_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if uid is not None:
+            os.fchown(self.dir_fd, uid, uid)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()),
-                tempfile.gettempdir()]
+                tempfile.gettempdir(), self.workdir]
         try:
             self.proc = _start_process(argv, _minimal_env(marker_value), theirs.fileno())
         except BaseException:
             ours.close()
+            self.remove_dir()
             raise
         finally:
             theirs.close()
@@ -751,6 +777,7 @@ class _Zygote:
         reply = self.receive(ZYGOTE_START_S)
         if reply is None or reply.kind != sandbox_child.READY:
             hint = self.discard()
+            self.remove_dir()
             raise SandboxError("the sandbox's fork server (zygote) failed to start", hint=hint)
         # What its samples are isolated from (`sandbox_child._isolate`), for each result's evidence.
         self.isolation = {"network": "isolated" if reply.status & sandbox_child.NETWORK_ISOLATED else "open",
@@ -767,11 +794,11 @@ class _Zygote:
             return None
         return _Reply(*sandbox_child.REPLY.unpack(data))
 
-    def start(self, workdir: str, fds: Sequence[int]) -> int:
-        """Fork the sandbox for `workdir` with `fds`: its stdout, stderr, result pipe, job and dir; returns its pid."""
+    def start(self, fds: Sequence[int]) -> int:
+        """Fork a sandbox with `fds` (its stdout, stderr, result pipe and job) and the dir; returns its pid."""
         for attempt in range(6):
             try:
-                socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN + os.fsencode(workdir)], list(fds))
+                socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN], [*fds, self.dir_fd])
             except OSError:
                 raise _ZygoteLost() from None
             reply = self.receive(ZYGOTE_START_S)
@@ -784,6 +811,31 @@ class _Zygote:
             # The machine is briefly out of processes (another sandbox's fork bomb being killed).
             time.sleep(0.05 * 2 ** attempt)
         raise AssertionError("unreachable")
+
+    def clean(self) -> bool:
+        """Empty the sandbox dir once a sample's processes are all gone, for the next; False if the dir was replaced.
+
+        Through the fd held since it was made: the dir itself cannot be swapped for a
+        link to elsewhere. Its owner and mode are set again (the sample owned it).
+        """
+        try:
+            os.fchmod(self.dir_fd, 0o700)
+            _empty_dir(self.dir_fd)
+            if self.uid is not None:
+                os.fchown(self.dir_fd, self.uid, self.uid)
+            return os.path.samestat(os.stat(self.workdir, follow_symlinks=False), os.fstat(self.dir_fd))
+        except (OSError, RecursionError):
+            return False
+
+    def remove_dir(self) -> None:
+        """Empty and remove the sandbox dir, once every process that could use it is gone."""
+        if self.dir_fd < 0:
+            return
+        if self.clean():
+            with suppress(OSError):
+                os.rmdir(self.workdir)
+        os.close(self.dir_fd)
+        self.dir_fd = -1
 
     def kill(self) -> None:
         """Ask it to end the running sample now; its DONE reply follows once every process is reaped."""
@@ -837,21 +889,22 @@ def _start_process(argv: list[str], env: dict[str, str], keep_fd: int) -> subpro
     raise AssertionError("unreachable")
 
 
-def _fork_sandbox(identity: _Identity, workdir: str, fds: Sequence[int]) -> tuple[_Zygote, int]:
+def _fork_sandbox(identity: _Identity, fds: Sequence[int]) -> tuple[_Zygote, int]:
     """Fork the sample's sandbox from its worker's zygote, starting a fresh zygote when there is none or it is gone."""
     hint = None
     for _ in range(2):
         if identity.zygote is None:
-            identity.zygote = _Zygote()
+            identity.zygote = _Zygote(identity.uid)
         zygote = identity.zygote
         try:
-            return zygote, zygote.start(workdir, fds)
+            return zygote, zygote.start(fds)
         except _ZygoteLost:
             # Killed, or it retired because its limits were changed from outside (see sandbox_child).
             identity.zygote = None
             hint = zygote.discard()
             # Had it forked before it died, that fork must not live on beside the next one.
             _kill_sandbox(None, identity.uid, zygote.marker)
+            zygote.remove_dir()
     raise SandboxError("the sandbox's fork server (zygote) died twice in a row", hint=hint)
 
 
@@ -862,10 +915,10 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         return _syntax_result(sample, *compiled)
     timeout_s = sample.timeout_s if sample.timeout_s is not None else limits.timeout_s
     cpu_s = limits.cpu_seconds(timeout_s)
-    workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
     token = secrets.token_hex(16)
     fds: list[int] = []
     run: _Run | None = None
+    zygote: _Zygote | None = None
     uid = identity.uid
     try:
         tasks = _tasks_of_user(os.getuid()) if uid is None else identity.zombies
@@ -893,15 +946,12 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         data = memoryview(marshal.dumps(job))
         while data:
             data = data[os.write(job_fd, data):]
-        if uid is not None:
-            os.chown(workdir, uid, uid)
         for _ in range(3):
             fds.extend(os.pipe())
-        fds.append(os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        _, out_r, out_w, err_r, err_w, result_r, result_w, dir_fd = fds
+        _, out_r, out_w, err_r, err_w, result_r, result_w = fds
         started = time.monotonic()
-        zygote, pid = _fork_sandbox(identity, workdir, (out_w, err_w, result_w, job_fd, dir_fd))
-        for fd in (out_w, err_w, result_w, job_fd, dir_fd):
+        zygote, pid = _fork_sandbox(identity, (out_w, err_w, result_w, job_fd))
+        for fd in (out_w, err_w, result_w, job_fd):
             os.close(fd)
             fds.remove(fd)
         capture = limits.capture_kb * 1024
@@ -916,6 +966,7 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             identity.zygote = None
             zygote.discard()
             killed, identity.zombies = _kill_sandbox(pid, uid, zygote.marker)
+            zygote.remove_dir()
             run.drain(time.monotonic() + DRAIN_S)
             if run.cancelled:
                 raise _Cancelled()
@@ -935,7 +986,11 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         for fd in fds:
             with suppress(OSError):
                 os.close(fd)
-        _remove_tree(workdir)
+        # Every process of the sample is gone (the zygote reaped them, or they were swept).
+        if zygote is not None and identity.zygote is zygote and not zygote.clean():
+            identity.zygote = None
+            zygote.discard()
+            zygote.remove_dir()
 
 
 @dataclass
