@@ -5,20 +5,19 @@ sample, far more than running a typical sample. Instead the parent starts one zy
 worker: `python -I` in its own session, in `/`, with a minimal environment, as root when
 the evaluator is root. It imports this module and the few stdlib modules a sample or a
 report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
-a private socketpair, the sample's sandbox dir (its path and an fd), the write ends of its
-stdout, stderr and result pipes and an fd holding its job, and forks a child that becomes
-the sandbox. As root, the zygote first moves into a network namespace and a mount
-namespace of its own (`_isolate`), and exposes the interpreter to unprivileged users there
-(`_check_reachable`). The
-zygote never runs, loads or reads sample code or sample data (the job comes in a memfd
-only the child reads), so every sample starts from the same pristine interpreter: a
-fork of the clean zygote, never of a used process. What the zygote learns of a sample
-is its pids, its wait status and its rusage.
+a private socketpair, the write ends of its stdout, stderr and result pipes, an fd
+holding its job and one of its sandbox dir (the zygote's own, emptied by the evaluator
+after each sample), and forks a child that becomes the sandbox. As root, the zygote
+first moves into a network namespace and a mount namespace of its own (`_isolate`),
+exposes the interpreter to unprivileged users there (`_check_reachable`) and mounts its
+sandbox dir over /tmp (`_private_tmp`). The zygote never runs, loads or reads sample
+code or sample data (the job comes in a memfd only the child reads), so every sample
+starts from the same pristine interpreter: a fork of the clean zygote, never of a used
+process. What the zygote learns of a sample is its pids, its wait status and its rusage.
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
-sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP, and as root mounted over /tmp, /var/tmp
-and /dev/shm (`_private_tmp`). Then `main`: read and close the job (a marshal of the
+sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP (as root, as "/tmp"). Then `main`: read and close the job (a marshal of the
 already compiled program and instrumented tests), and `_records`: drop every privilege
 when root, lower the resource limits, run the program and the tests in one fresh
 `__main__` namespace. It writes JSON records carrying the job's random token to fd 3:
