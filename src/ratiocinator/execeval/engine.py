@@ -42,9 +42,9 @@ Without a final record (the process ended or was killed before the tests finishe
 An executed assertion is one whose condition was evaluated: `assert c, m` in the test code
 is rewritten to `assert (<held>() if c else (<failed>() and False)), m`, and each top-level
 `check*`/`test*` function of the test code starts with a call to a checker hook; the hooks
-are placeholder constants the harness replaces in the code objects, not names. Asserts in the program never count. Checks
-that are not `assert` statements (unittest's `self.assertEqual`, `if ...: raise`) only
-count through the checker they run in.
+are placeholder constants the harness replaces in the code objects, not names. Asserts in
+the program never count. Checks that are not `assert` statements (unittest's
+`self.assertEqual`, `if ...: raise`) only count through the checker they run in.
 
 JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
   {"id": str, "label": one of LABELS, "error_type": str | null, "message": str,
@@ -113,8 +113,9 @@ the namespace is refused, samples share the evaluator's network: `network` says 
 so nothing propagates back) in which its sandbox dir is bind-mounted over /tmp, /var/tmp
 and /dev/shm, and is each sample's cwd as "/tmp": the evaluator empties it after every
 sample (through an fd, whatever modes the sample left), so nothing a sample writes there
-outlives it, and it sees neither other workers' samples' files nor the machine's. Not root, or where the namespace is refused, /tmp is the machine's (`tmp`
-says "shared"); TMPDIR, TEMP and TMP still point at the sandbox dir.
+outlives it, and it sees neither other workers' samples' files nor the machine's. Not
+root, or where the namespace is refused, /tmp is the machine's (`tmp` says "shared");
+TMPDIR, TEMP and TMP still point at the sandbox dir.
   Forged success: the sample runs in the harness's own process, so the harness keeps what
 decides a success out of reach of plain Python (its modules out of sys.modules, private
 references bound before the sample runs, the reporter and its token in no frame's locals
@@ -760,9 +761,13 @@ class _Zygote:
         # Held for its lifetime: the samples share the dir's owner, and as a normal user also
         # the evaluator's uid, so it is emptied through this fd, never by its path.
         self.dir_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if uid is not None:
-            os.fchown(self.dir_fd, uid, uid)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if uid is not None:
+                os.fchown(self.dir_fd, uid, uid)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except BaseException:
+            self.remove_dir()
+            raise
         argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()),
                 tempfile.gettempdir(), self.workdir]
         try:

@@ -17,10 +17,10 @@ process. What the zygote learns of a sample is its pids, its wait status and its
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
-sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP (as root, as "/tmp"). Then `main`: read and close the job (a marshal of the
-already compiled program and instrumented tests), and `_records`: drop every privilege
-when root, lower the resource limits, run the program and the tests in one fresh
-`__main__` namespace. It writes JSON records carrying the job's random token to fd 3:
+sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP (as root, as "/tmp"). Then `main`: read
+and close the job (a marshal of the already compiled program and instrumented tests), and
+`_records`: drop every privilege when root, lower the resource limits, run the program
+and the tests in one fresh `__main__` namespace. It writes JSON records carrying the job's random token to fd 3:
 `started` once confined, and one final record only when the tests ran to the end or
 raised. A sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final
 record, so neither printing nor exiting can pass for success; what sample code inside the
@@ -410,7 +410,7 @@ def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
 
 
 def _phase(phase: list) -> str:
-    """The last phase the harness entered (sample code may append to the list, but not these very strings)."""
+    """The last phase the harness entered; only these three strings count (sample code can reach the list)."""
     for entry in reversed(phase):
         if entry is PROGRAM or entry is TEST or entry is CHECK:
             return entry
@@ -471,13 +471,16 @@ def _concluder(held: Iterator[int], failed: Iterator[int], called: set, phase: l
     harness frame's locals (which code walking the stack can read, and on Python 3.13+
     rebind) cannot change what it reports. The counters only count up.
     """
-    getpid, finish, sorted_, type_, str_ = os.getpid, _finisher(), sorted, type, str
+    getpid, finish, sorted_, type_, str_, check_, test_ = os.getpid, _finisher(), sorted, type, str, CHECK, TEST
 
     def conclude(_steps_done: object) -> dict:
         if getpid() != harness_pid:
             finish(0)  # a process the sample forked ran on into the harness: never a record
         asserts_failed = failed.__next__() - 1
-        return {"status": "completed", "phase": CHECK if _phase(phase) is CHECK else TEST,
+        checked = False
+        for entry in phase:
+            checked = checked or entry is check_
+        return {"status": "completed", "phase": check_ if checked else test_,
                 "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
                 "checkers_called": sorted_(name for name in called if type_(name) is str_)}
 
@@ -491,10 +494,10 @@ def _auditor(refused: frozenset[str]) -> Callable[[str, tuple], None]:
     hook cannot be removed. __code__: so that the `check` verified by `_check_step` is the
     one that runs, even with a sample thread racing it.
     """
-    runtime_error, type_, str_ = RuntimeError, type, str
+    runtime_error, type_, str_, len_ = RuntimeError, type, str, len
 
     def audit(event: str, args: tuple) -> None:
-        if event in refused or (event == "object.__setattr__" and len(args) > 1 and type_(args[1]) is str_
+        if event in refused or (event == "object.__setattr__" and len_(args) > 1 and type_(args[1]) is str_
                                 and args[1] == "__code__"):
             raise runtime_error(f"{event} is not available in the sandbox")
 
@@ -524,7 +527,7 @@ def _records(job: dict) -> Iterator[dict]:
     write a forged record included; and whatever the tests look up at run time (builtins,
     modules, their own globals, the objects the program returns) is the sample's to patch.
     """
-    getpid, finish, leave_fork, describe = os.getpid, _finisher(), _leave_fork, _exception_record
+    getpid, finish, leave_fork, describe, phase_of = os.getpid, _finisher(), _leave_fork, _exception_record, _phase
     harness_pid = getpid()
     try:
         confine(job)
@@ -558,7 +561,7 @@ def _records(job: dict) -> Iterator[dict]:
         if getpid() != harness_pid:
             leave_fork(exc, finish)
         asserts_failed = failed.__next__() - 1
-        yield {**describe(exc, _phase(phase), job), "status": "exception",
+        yield {**describe(exc, phase_of(phase), job), "status": "exception",
                "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
                "checkers_called": sorted(name for name in called if type(name) is str)}
     finish(0)
