@@ -106,15 +106,17 @@ is replaced, and one whose limits, priority, CPU affinity or scheduling policy w
 changed retires before its next fork. Run as root, in a container or as a dedicated user
 for hostile samples. As root, samples can do none of that to a zygote.
   Network: as root, each zygote unshares a network namespace of its own before it forks
-any sample, so its samples see only a loopback interface that is down: no connection to
-anything, the machine's 127.0.0.1 and abstract Unix sockets included. Not root, or where
+any sample, so its samples see only a loopback interface that is down: no TCP or UDP to
+anywhere, the machine's 127.0.0.1 included, and no abstract Unix socket outside it (Unix
+sockets that are files stay reachable where their permissions allow). Not root, or where
 the namespace is refused, samples share the evaluator's network: `network` says "open".
   /tmp: as root, each zygote also unshares a mount namespace (every mount in it private,
 so nothing propagates back) in which its sandbox dir is bind-mounted over /tmp, /var/tmp
 and /dev/shm, and is each sample's cwd as "/tmp": the evaluator empties it after every
 sample (through an fd, whatever modes the sample left), so nothing a sample writes there
 outlives it, and it sees neither other workers' samples' files nor the machine's. Not
-root, or where the namespace is refused, /tmp is the machine's (`tmp` says "shared");
+root, where the namespace is refused, or where the interpreter or a sys.path entry lies in
+one of those dirs (it would be hidden), /tmp is the machine's (`tmp` says "shared");
 TMPDIR, TEMP and TMP still point at the sandbox dir.
   Forged success: the sample runs in the harness's own process, so the harness keeps what
 decides a success out of reach of plain Python (its modules out of sys.modules, private
@@ -165,11 +167,11 @@ SANDBOX_UID_SPAN = 4096
 MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
 # The zygote imports the harness (from its cached bytecode) from the directory holding
 # this package, which it then takes off sys.path again; `-I` keeps the environment and
-# the cwd out of it. It then serves on the socket whose fd is its second argument; the third is
-# where sandbox dirs are made (`tempfile.gettempdir()`), the fourth its own sandbox dir.
+# the cwd out of it. It then serves on the socket whose fd is its second argument, with the
+# third as its sandbox dir.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as"
-                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3], sys.argv[4])")
+                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3])")
 ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
@@ -768,8 +770,7 @@ class _Zygote:
         except BaseException:
             self.remove_dir()
             raise
-        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()),
-                tempfile.gettempdir(), self.workdir]
+        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()), self.workdir]
         try:
             self.proc = _start_process(argv, _minimal_env(marker_value), theirs.fileno())
         except BaseException:

@@ -175,7 +175,8 @@ def _isolate() -> int:
 
     Network: a fresh network namespace holds nothing but a loopback interface that is
     down, so a sample can reach no address at all, the machine's own 127.0.0.1 included
-    (and no abstract Unix socket outside it). Refused (not root, or a container that
+    (and no abstract Unix socket outside it; Unix sockets that are files are a matter of
+    file permissions). Refused (not root, or a container that
     forbids it): the samples share the machine's network, and the evaluator says so.
       Mounts: a mount namespace of its own, every mount in it made private first (so
     nothing mounted here ever propagates back to the machine), in which its sandbox dir
@@ -198,11 +199,23 @@ def _isolate() -> int:
     return flags
 
 
-def _interpreter_paths() -> list[str]:
-    """The directories a sample's Python needs: its prefixes, its executable's, and every sys.path entry."""
-    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable),
-             os.path.dirname(os.path.realpath(sys.executable)), *sys.path}
-    return sorted({os.path.realpath(path) for path in paths if path and os.path.isdir(path)})
+def _interpreter_paths() -> tuple[list[str], list[str]]:
+    """The directories a sample's Python uses, as (needed, others), real paths.
+
+    Needed to start and import the standard library and what is installed: the prefixes
+    (a venv's pyvenv.cfg included), the executable's directory and the stdlib's, and the
+    sys.path entries inside a prefix (lib-dynload, site-packages). Others: the rest of
+    sys.path, say a project's source in an editable install.
+    """
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    needed = {*prefixes, os.path.realpath(os.path.dirname(sys.executable)),
+              os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.realpath(os.__file__))}
+    others = set()
+    for entry in sys.path:
+        real = os.path.realpath(entry or ".")
+        inside = any(real == prefix or real.startswith(prefix.rstrip("/") + "/") for prefix in prefixes)
+        (needed if inside else others).add(real)
+    return sorted(p for p in needed if os.path.isdir(p)), sorted(p for p in others - needed if os.path.isdir(p))
 
 
 def _ancestors(path: str) -> list[str]:
@@ -222,56 +235,48 @@ def _closed_to_others(path: str) -> str | None:
         return path
 
 
-def _expose(readable: list[str], writable: list[str]) -> None:
-    """In the zygote's own, private mount namespace: make each path reachable by any user, hiding what else is private.
+def _expose(paths: list[str]) -> None:
+    """In the zygote's own, private mount namespace: make each path reachable by any user, read-only, and no more.
 
     Where a directory on the way to a path is closed to other users (the interpreter in
     /root/.pyenv, with /root mode 700), an empty tmpfs (mode 755) is mounted over the
-    topmost such directory, and each path under it is bind-mounted back at its own place
-    (the `readable` ones read-only). So the paths keep their names (sys.executable and
-    sys.path stay valid, in forks and in a `python` a sample starts), nothing else of that
-    directory is visible, and samples need no capability to start or import. Permissions
-    inside the paths are their own: a path that is itself closed stays closed.
-    `writable`: the evaluator's temp dir, which the tmpfs must not hide from the zygote.
+    topmost such directory, and each path under it is bind-mounted back at its own place,
+    read-only. So the paths keep their names (sys.executable and sys.path stay valid, in
+    forks and in a `python` a sample starts), nothing else of that directory is visible,
+    and samples need no capability to start or import. Permissions inside the paths are
+    their own: a path that is itself closed stays closed.
     """
-    plan: dict[str, list[tuple[str, bool]]] = {}
-    for path, read_only in [(p, True) for p in readable] + [(p, False) for p in writable]:
-        path = os.path.realpath(path)
-        closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & 0o001), None) \
-            if os.path.isdir(path) else None
+    plan: dict[str, list[str]] = {}
+    for path in paths:
+        closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & 0o001), None)
         if closed is not None and closed != "/":
-            plan.setdefault(closed, []).append((path, read_only))
+            plan.setdefault(closed, []).append(path)
     for closed, wanted in plan.items():
-        # Only the outermost of nested paths, read-only unless a writable one is (within) it.
-        paths = sorted({path for path, _ in wanted})
-        writable_paths = [path for path, read_only in wanted if not read_only]
-        targets = [(path, not any(w == path or w.startswith(path + "/") for w in writable_paths))
-                   for path in paths if not any(path.startswith(other + "/") for other in paths)]
-        sources = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path, _ in targets]
+        targets = [path for path in wanted if not any(path.startswith(other + "/") for other in wanted)]
+        sources = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in targets]
         try:
             mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-            for (path, read_only), source in zip(targets, sources, strict=True):
+            for path, source in zip(targets, sources, strict=True):
                 for step in [*_ancestors(path)[len(_ancestors(closed)) + 1:], path]:
                     if not os.path.isdir(step):
                         os.mkdir(step)
                         os.chmod(step, 0o755)
                 mount(f"/proc/self/fd/{source}", path, None, MS_BIND | MS_REC)
-                if read_only:
-                    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         finally:
             for source in sources:
                 os.close(source)
 
 
-def _check_reachable(private_mounts: bool, tempdir: str) -> None:
+def _check_reachable(private_mounts: bool) -> None:
     """As root: make sure samples, which run with no capability, can reach the interpreter; else say how to fix it and stop."""
-    paths = _interpreter_paths()
+    needed, others = _interpreter_paths()
     if private_mounts:
         try:
-            _expose(paths, [tempdir])
+            _expose(needed + others)
         except OSError as exc:
             sys.stderr.write(f"zygote: could not expose the interpreter to the sandbox's users: {exc}\n")
-    for path in paths:
+    for path in needed:
         closed = _closed_to_others(path)
         if closed is not None:
             raise SystemExit(
@@ -281,26 +286,31 @@ def _check_reachable(private_mounts: bool, tempdir: str) -> None:
                 + "; make the interpreter world-readable (chmod o+rX), or run the evaluation as a normal user")
 
 
-def _private_tmp(workdir: str) -> None:
-    """Once, in the zygote's private mount namespace: its sandbox dir over /tmp, /var/tmp and /dev/shm.
+def _private_tmp(workdir: str) -> bool:
+    """Once, in the zygote's private mount namespace: its sandbox dir over /tmp, /var/tmp and /dev/shm; False if not.
 
     Its samples run one at a time and the evaluator empties the dir after each, so what a
     sample writes there does not outlive it; samples of other workers (other zygotes, other
     dirs) and the machine's own /tmp are out of sight. Once per zygote rather than a mount
     namespace per sample: tearing one down waits for an RCU grace period, ~10% of the
     throughput on two busy cores. Bound from an fd of this namespace, opened before the
-    first mount hides the dir's path (it usually lies in /tmp).
+    first mount hides the dir's path (it usually lies in /tmp). Not done (/tmp stays
+    shared) when the interpreter or a sys.path entry lies in one of those directories:
+    the sample could not import from it.
     """
+    targets = list(dict.fromkeys(os.path.realpath(p) for p in SHARED_TMP_DIRS if os.path.isdir(p)))
+    needed, others = _interpreter_paths()
+    inside = [p for p in needed + others if any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets)]
+    if inside:
+        sys.stderr.write(f"zygote: {inside[0]} (used by the interpreter) lies in a temp dir; samples share /tmp\n")
+        return False
     source = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        done = set()
-        for path in SHARED_TMP_DIRS:
-            target = os.path.realpath(path)
-            if target not in done and os.path.isdir(target):
-                mount(f"/proc/self/fd/{source}", target, None, MS_BIND)
-                done.add(target)
+        for target in targets:
+            mount(f"/proc/self/fd/{source}", target, None, MS_BIND)
     finally:
         os.close(source)
+    return True
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -834,13 +844,13 @@ def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0, u
     control.send(REPLY.pack(kind, pid, status, utime, stime, maxrss, killed, ended_first))
 
 
-def serve(control_fd: int, tempdir: str, workdir: str) -> None:
+def serve(control_fd: int, workdir: str) -> None:
     """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code.
 
     Leaves with os._exit, without the interpreter's finalization, once the parent closes its end.
     """
     try:
-        _serve(control_fd, tempdir, workdir)
+        _serve(control_fd, workdir)
     except SystemExit as exc:  # a reason not to serve: the parent shows it
         sys.stderr.write(f"{exc.code}\n")
         sys.stderr.flush()
@@ -848,15 +858,17 @@ def serve(control_fd: int, tempdir: str, workdir: str) -> None:
         os._exit(0)
 
 
-def _serve(control_fd: int, tempdir: str, workdir: str) -> None:
+def _serve(control_fd: int, workdir: str) -> None:
     isolation = _isolate()
+    private_mounts = bool(isolation & TMP_PRIVATE)
+    # Its dir over /tmp first: covering a private directory (`_expose`) may hide its path.
+    try:
+        if private_mounts and not _private_tmp(workdir):
+            isolation &= ~TMP_PRIVATE
+    except OSError as exc:  # never seen: the namespace is ours; but no half-private /tmp either
+        raise SystemExit(f"zygote: cannot mount its sandbox dir over /tmp: {exc}") from None
     if os.geteuid() == 0:
-        _check_reachable(bool(isolation & TMP_PRIVATE), tempdir)
-    if isolation & TMP_PRIVATE:
-        try:
-            _private_tmp(workdir)
-        except OSError as exc:  # never seen: the namespace is ours; but no half-private /tmp either
-            raise SystemExit(f"zygote: cannot mount its sandbox dir over /tmp: {exc}") from None
+        _check_reachable(private_mounts)
     for name in PRELOAD:
         importlib.import_module(name)
     # Everything the zygote holds goes to the permanent generation: a fork's garbage
