@@ -10,10 +10,12 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -630,3 +632,269 @@ def test_as_an_ordinary_user_the_process_cap_and_sweep_still_hold() -> None:
                                                ["kill-zygote", "runtime_error", "SandboxLost"],
                                                ["after", "success", None]]}
     assert sandbox_processes() == []
+
+
+# ---------------------------------------------------------------- escapes: network, /tmp, reading, forged success
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="network, /tmp and file isolation need root (namespaces, uids)")
+
+
+@AS_ROOT
+def test_samples_have_no_network() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.5)
+        sample = plain("connect", f"""
+            import socket
+            with socket.create_connection(("127.0.0.1", {listener.getsockname()[1]}), timeout=2) as conn:
+                conn.sendall(b"escaped")
+        """)
+        [result] = evaluate([sample], limits=Limits(timeout_s=5))
+        received = b""
+        with suppress(TimeoutError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(1)
+                received = conn.recv(100)
+    assert received == b""
+    assert result.label == "runtime_error", result.to_json()
+    assert result.evidence["network"] == "isolated"
+
+
+@AS_ROOT
+def test_each_sample_has_a_private_tmp() -> None:
+    name = f"escape_test_{secrets.token_hex(6)}"
+    writer = plain("writer", f"""
+        import time
+        with open("/tmp/{name}", "w") as handle:
+            handle.write("left behind")
+        time.sleep(1.5)
+    """, f"assert open('/tmp/{name}').read() == 'left behind'\n")
+    # Runs beside the writer (two workers) and looks for its file all the while.
+    reader = plain("reader", f"""
+        import os, time
+        seen = []
+        for _ in range(30):
+            seen += [entry for entry in os.listdir("/tmp") if entry == "{name}"]
+            time.sleep(0.05)
+    """, "assert seen == [], seen\n")
+    try:
+        results = evaluate([writer, reader], limits=Limits(timeout_s=10), workers=2)
+        assert [r.label for r in results] == ["success", "success"], [r.to_json() for r in results]
+        assert not Path("/tmp", name).exists()
+        assert all(r.evidence["tmp"] == "private" for r in results)
+    finally:
+        with suppress(FileNotFoundError):
+            Path("/tmp", name).unlink()
+
+
+def _world_searchable(path: Path) -> bool:
+    return all(os.stat(parent).st_mode & 0o001 for parent in path.resolve().parents)
+
+
+@AS_ROOT
+def test_samples_cannot_read_root_files_or_each_others() -> None:
+    # A mode-600 root file where every user can reach it: only a capability could read it.
+    secret = Path(__file__).parent / f".secret-{TAG}"
+    if not _world_searchable(secret):
+        pytest.skip(f"{secret.parent} is not reachable by other users")
+    holder_tag = "rh" + secrets.token_hex(6)
+    holder = plain("holder", f"""
+        import time
+        open('/proc/self/comm', 'w').write('{holder_tag}')
+        with open("work-secret.txt", "w") as handle:
+            handle.write("mine")
+        time.sleep(2)
+    """)
+    # Beside the holder: every path to its work file must be refused.
+    prober = plain("prober", f"""
+        import glob, os, time
+
+
+        def attempt(path):
+            try:
+                with open(path) as handle:
+                    return "read: " + handle.read()
+            except OSError as exc:
+                return type(exc).__name__
+
+
+        holder = None
+        for _ in range(100):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if open(f"/proc/{{pid}}/comm").read().strip() == "{holder_tag}":
+                        holder = pid
+                except OSError:
+                    pass
+            if holder:
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)
+        paths = [f"/proc/{{holder}}/cwd/work-secret.txt", f"/proc/{{holder}}/root/tmp/work-secret.txt"]
+        paths += glob.glob("/tmp/ratiocinator-exec-*/work-secret.txt") + glob.glob("/tmp/*/work-secret.txt")
+        outcomes = {{path: attempt(path) for path in paths}}
+        root_file = attempt("{secret}")
+        caps = {{line.split(":")[0]: int(line.split()[1], 16) for line in open("/proc/self/status")
+                if line.startswith(("CapEff", "CapPrm", "CapInh", "CapAmb"))}}
+    """, """
+        assert holder is not None
+        assert not [o for o in outcomes.values() if o.startswith("read")], outcomes
+        assert root_file == "PermissionError", root_file
+        assert caps == {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}, caps
+    """)
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    try:
+        results = evaluate([holder, prober], limits=Limits(timeout_s=10), workers=2)
+    finally:
+        secret.unlink()
+    assert [r.label for r in results] == ["success", "success"], [r.to_json() for r in results]
+
+
+
+@AS_ROOT
+def test_without_a_mount_namespace_a_private_interpreter_stops_the_evaluation_with_the_reason() -> None:
+    from ratiocinator.execeval import sandbox_child
+
+    needed, _ = sandbox_child._interpreter_paths()
+    if not [path for path in needed if sandbox_child._closed_to_others(path)]:
+        pytest.skip("this interpreter is world-readable")
+    with pytest.raises(SystemExit, match="chmod o\\+rX"):
+        sandbox_child._check_reachable(False)  # mounts nothing: only the check
+
+
+WRONG_F = "def f():\n    return 1\n"
+FORGERIES = [
+    # The harness's module, found in sys.modules, patched so that every assertion holds.
+    plain("forge-sys-modules", WRONG_F + textwrap.dedent("""
+        import sys
+        harness = sys.modules.get("ratiocinator.execeval.sandbox_child")
+        if harness is not None:
+            def holds(self, value):
+                self.asserts_executed += 1
+                return True
+
+            harness.Tally.on_assert = holds
+    """), "assert f() == 2\n"),
+    # builtins.exec patched: once the tests are defined, `check` is swapped for one that checks nothing.
+    Sample(id="forge-exec", entry_point="f", program=WRONG_F + textwrap.dedent("""
+        import builtins
+        real_exec = builtins.exec
+
+
+        def fake_exec(code, namespace=None, *rest):
+            real_exec(code, namespace, *rest)
+            if isinstance(namespace, dict) and "check" in namespace:
+                real_exec(compile("def check(candidate):\\n    pass\\n", "<test>", "exec"), namespace)
+
+
+        builtins.exec = fake_exec
+    """), test="def check(candidate):\n    assert candidate() == 2\n"),
+    # The stack walked down to the harness's reporter, which is called with a forged record.
+    plain("forge-frames", textwrap.dedent("""
+        import os, sys
+
+        FORGED = {"status": "completed", "phase": "test", "asserts_executed": 1, "asserts_failed": 0,
+                  "checkers_called": []}
+
+
+        def tokens(value):
+            if isinstance(value, dict):
+                yield from (v for k, v in value.items() if k == "token" and isinstance(v, str))
+
+
+        def f():
+            frame, found = sys._getframe(1), []
+            while frame is not None:
+                for scope in (frame.f_locals, frame.f_globals):
+                    for name, value in list(scope.items()):
+                        found += tokens(value)
+                        if callable(value) and name in ("emit", "_emit", "report"):
+                            value(dict(FORGED))
+                            os._exit(0)
+                for scope in (frame.f_locals, frame.f_globals):
+                    factory = scope.get("_emitter")
+                    for token in found:
+                        if callable(factory):
+                            factory(3, token)(dict(FORGED))
+                            os._exit(0)
+                frame = frame.f_back
+            return 1
+    """), "assert f() == 2\n"),
+    # The object graph searched for the reporter.
+    plain("forge-gc", textwrap.dedent("""
+        import gc, os
+        for obj in gc.get_objects():
+            if callable(obj) and getattr(obj, "__name__", "") in ("emit", "_emit"):
+                obj({"status": "completed", "phase": "test", "asserts_executed": 1, "asserts_failed": 0,
+                     "checkers_called": []})
+                os._exit(0)
+    """) + WRONG_F, "assert f() == 2\n"),
+    # A trace function that jumps over the failing assertion.
+    plain("forge-trace-jump", WRONG_F + textwrap.dedent("""
+        import sys
+
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == 1:
+                frame.f_lineno = 2
+            return local
+
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == "<test>" else None)
+    """), "assert f() == 2\nassert f() == 1\n"),
+    # The tests' assertion hook, found in their namespace, replaced: the next assertion (failing, and
+    # caught by the tests) would count as held.
+    plain("forge-hook", textwrap.dedent("""
+        import sys
+
+
+        def f():
+            names = sys._getframe(1).f_globals
+            for name in list(names):
+                if "ratiocinator" in name:
+                    names[name] = lambda *args: True
+            return 1
+    """), textwrap.dedent("""
+        assert f() == 1
+        try:
+            assert f() == 2
+        except AssertionError:
+            pass
+    """)),
+]
+
+
+def test_forged_success_is_not_success() -> None:
+    results = {r.id: r for r in evaluate(FORGERIES, limits=Limits(timeout_s=5))}
+    for sample in FORGERIES:
+        result = results[sample.id]
+        assert result.label != "success", result.to_json()
+        assert result.label in ("wrong_output", "runtime_error"), result.to_json()
+
+
+NON_ROOT_ISOLATION_SCRIPT = """
+import json, os
+from ratiocinator.execeval import Sample, evaluate, format_results
+probe = Sample(id="env", program="import os\\nenv = {k: os.environ[k] for k in ('HOME', 'TMPDIR', 'TEMP', 'TMP')}\\n",
+               test="assert set(env.values()) == {os.getcwd()}, env\\nassert os.getcwd() != '/tmp'\\n")
+[result] = evaluate([probe])
+print(json.dumps({"label": result.label, "network": result.evidence["network"], "tmp": result.evidence["tmp"],
+                  "summary": format_results([result]).splitlines()[-1]}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root, setpriv and a system python3.11 to become an ordinary user")
+def test_as_an_ordinary_user_the_output_says_network_open_and_tmp_shared() -> None:
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
+                           NON_ROOT_ISOLATION_SCRIPT], env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd="/", timeout=60, check=False)
+    if "No module named" in done.stderr:
+        pytest.skip(f"the package is not importable as nobody: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["label"] == "success", report
+    assert (report["network"], report["tmp"]) == ("open", "shared")
+    assert report["summary"].endswith("; network open, /tmp shared")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -32,3 +33,16 @@ def test_bad_input_is_a_clear_error_without_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run([*CLI, "exec-eval", str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{bad}:2" in done.stderr and "invalid JSON" in done.stderr
+
+
+def test_output_says_what_samples_were_isolated_from(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run([*CLI, "exec-eval", str(SAMPLES), "--timeout", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(out.read_text())
+    expected = "isolated" if os.geteuid() == 0 else "open"
+    assert document["network"] == expected
+    assert {r["evidence"]["network"] for r in document["results"] if r["label"] != "syntax_error"} == {expected}
+    summary = [line for line in done.stdout.splitlines() if "passed (" in line]
+    assert f"network {expected}" in summary[0]

@@ -308,7 +308,15 @@ def exec_eval(
     out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
 ) -> None:
     """Execution-aware evaluation: run each generated sample against its tests in a sandbox and label the outcome."""
-    from ratiocinator.execeval.engine import Limits, evaluate, format_results, load_samples, results_json, summarize
+    from ratiocinator.execeval.engine import (
+        Limits,
+        evaluate,
+        format_results,
+        isolation,
+        load_samples,
+        results_json,
+        summarize,
+    )
     from ratiocinator.report.exports import write_atomic
 
     loaded = load_samples(samples)
@@ -324,8 +332,8 @@ def exec_eval(
     results = evaluate(loaded, limits=limits, workers=workers, on_result=progress)
     if sys.stderr.isatty():
         err.print()
-    document = {"samples": str(samples), "limits": dataclasses.asdict(limits), "summary": summarize(results),
-                "results": results_json(results)}
+    document = {"samples": str(samples), "limits": dataclasses.asdict(limits), **isolation(results),
+                "summary": summarize(results), "results": results_json(results)}
     if out_file is not None:
         write_atomic(out_file, json.dumps(document, indent=2) + "\n")
     if as_json:

@@ -40,10 +40,11 @@ Without a final record (the process ended or was killed before the tests finishe
                  `SandboxLost` whatever the records say, when the zygote that forked the
                  sandbox died mid-sample (as a normal user, a sample can kill it).
 An executed assertion is one whose condition was evaluated: `assert c, m` in the test code
-is rewritten to `assert <hook>(c), m`, and each top-level `check*`/`test*` function of the
-test code starts with a call to another hook. Asserts in the program never count. Checks
-that are not `assert` statements (unittest's `self.assertEqual`, `if ...: raise`) only
-count through the checker they run in.
+is rewritten to `assert (<held>() if c else (<failed>() and False)), m`, and each top-level
+`check*`/`test*` function of the test code starts with a call to a checker hook; the hooks
+are placeholder constants the harness replaces in the code objects, not names. Asserts in
+the program never count. Checks that are not `assert` statements (unittest's
+`self.assertEqual`, `if ...: raise`) only count through the checker they run in.
 
 JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
   {"id": str, "label": one of LABELS, "error_type": str | null, "message": str,
@@ -60,12 +61,16 @@ JSON shape (`SampleResult.to_json`, `results_json`), keys always present:
      "limit_hit": "wall_time" | "cpu_time" | "memory" | "file_size" | "processes" | null,
      "reported": bool   (a sandbox ran and its harness delivered the final record),
      "cpu_s": float, "max_rss_mb": float, "stdout_bytes": int, "stderr_bytes": int,
-     "killed_processes": int   (sandbox processes still alive at the end, then killed)}}
+     "killed_processes": int   (sandbox processes still alive at the end, then killed),
+     "network": "isolated" | "open" | null   (see Network below; null when nothing ran),
+     "tmp": "private" | "shared" | null   (see /tmp below)}}
+`isolation(results)` gives the weakest of each over all results, as the CLI's document does.
 `summarize` gives {"total", "passed", "pass_rate", "counts": {label: n for every label},
 "runtime_error_types": {error_type: n}}.
 
-Sandbox, per sample: a fresh fork of a zygote (below) in a new session, a fresh temp dir
-as cwd, HOME and TMPDIR, a minimal environment (PATH, a UTF-8 locale, a marker; nothing
+Sandbox, per sample: a fresh fork of a zygote (below) in a new session, its worker's temp
+dir, emptied after every sample, as cwd, HOME, TMPDIR, TEMP and TMP (as root also mounted
+over /tmp), a minimal environment (PATH, a UTF-8 locale, a marker; nothing
 else of ours), its own /dev/null as stdin, stdout/stderr read continuously and kept to a
 bounded tail, no fd but those and its result pipe, RLIMIT_CPU/AS/FSIZE/NPROC/CORE set in
 the child before any sample code runs, a wall-clock limit enforced by the parent, and at
@@ -85,10 +90,13 @@ environment marker or, as root, the sample's uid.
   As root, each concurrent sample runs as its own unprivileged uid (from SANDBOX_UID_BASE,
 claimed with lock files so concurrent evaluations do not share one) with no capabilities
 and no_new_privs, so RLIMIT_NPROC caps exactly that sample and it can signal nothing but
-itself. One exception: when the interpreter lives in a directory other users cannot
-enter (e.g. /root/.pyenv), the sample keeps CAP_DAC_READ_SEARCH so Python can start and
-import, which also lets it read (not write) any file; install Python world-readable to
-avoid that.
+itself, nor read any file its uid may not (another sample's dir, a mode-600 file of root's).
+When the interpreter lives in a directory other users cannot enter (e.g. /root/.pyenv with
+/root mode 700), the zygote mounts an empty tmpfs over that directory in its own mount
+namespace and binds the interpreter's directories (prefixes, sys.path) back at their own
+paths, read-only; so samples start and import without any capability, and see nothing
+else of it. Where that cannot be done (the mount namespace is refused) and the interpreter
+is not world-readable, the evaluation stops with a SandboxError saying so.
   As a normal user, RLIMIT_NPROC counts all of that user's tasks, so each sample's cap is
 the user's tasks at its start plus `max_processes`: concurrent samples share what is left,
 and a fork bomb can briefly make another sample's fork() fail. A deliberately hostile
@@ -97,8 +105,26 @@ so not ptrace, /proc/PID/mem or fds): a killed zygote labels its sample `Sandbox
 is replaced, and one whose limits, priority, CPU affinity or scheduling policy were
 changed retires before its next fork. Run as root, in a container or as a dedicated user
 for hostile samples. As root, samples can do none of that to a zygote.
-  Code that introspects the harness inside its own process could forge a record; the
-sandbox bounds what samples can do to the machine, it does not hide the harness from them.
+  Network: as root, each zygote unshares a network namespace of its own before it forks
+any sample, so its samples see only a loopback interface that is down: no TCP or UDP to
+anywhere, the machine's 127.0.0.1 included, and no abstract Unix socket outside it (Unix
+sockets that are files stay reachable where their permissions allow). Not root, or where
+the namespace is refused, samples share the evaluator's network: `network` says "open".
+  /tmp: as root, each zygote also unshares a mount namespace (every mount in it private,
+so nothing propagates back) in which its sandbox dir is bind-mounted over /tmp, /var/tmp
+and /dev/shm, and is each sample's cwd as "/tmp": the evaluator empties it after every
+sample (through an fd, whatever modes the sample left), so nothing a sample writes there
+outlives it, and it sees neither other workers' samples' files nor the machine's. Not
+root, where the namespace is refused, or where the interpreter or a sys.path entry lies in
+one of those dirs (it would be hidden), /tmp is the machine's (`tmp` says "shared");
+TMPDIR, TEMP and TMP still point at the sandbox dir.
+  Forged success: the sample runs in the harness's own process, so the harness keeps what
+decides a success out of reach of plain Python (its modules out of sys.modules, private
+references bound before the sample runs, the reporter and its token in no frame's locals
+or globals, the hooks as code constants, the object graph and tracing refused by an audit
+hook); native code (ctypes, /proc/self/mem) can still forge a record, and tests that rely
+on what the sample can patch (builtins, modules, their own globals, returned objects) can
+still be fooled. `sandbox_child._records` and docs/exec-eval.md list both sides.
 """
 
 from __future__ import annotations
@@ -113,13 +139,11 @@ import math
 import os
 import secrets
 import selectors
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -143,17 +167,20 @@ SANDBOX_UID_SPAN = 4096
 MARKER_VARIABLE = "RATIOCINATOR_SANDBOX"
 # The zygote imports the harness (from its cached bytecode) from the directory holding
 # this package, which it then takes off sys.path again; `-I` keeps the environment and
-# the cwd out of it. It then serves on the socket whose fd is its last argument.
+# the cwd out of it. It then serves on the socket whose fd is its second argument, with the
+# third as its sandbox dir.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 ZYGOTE_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); import ratiocinator.execeval.sandbox_child as"
-                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]))")
+                    " harness; del sys.path[0]; harness.serve(int(sys.argv[2]), sys.argv[3])")
 ZYGOTE_START_S = 60.0
 RECORD_BYTES = 1024 * 1024
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
-# Names no source code can spell, so the program cannot shadow the hooks by accident.
-ASSERT_HOOK = "<ratiocinator assert>"
-CHECKER_HOOK = "<ratiocinator checker>"
+# What the instrumented tests call: placeholder constants (no name in any namespace), which
+# the harness replaces by its hooks in the test's code objects (`sandbox_child._with_hooks`).
+ASSERT_HELD = "\0ratiocinator: an assertion held"
+ASSERT_FAILED = "\0ratiocinator: an assertion failed"
+CHECKER_CALLED = "\0ratiocinator: a checker was called"
 CHECKER_PREFIXES = ("check", "test")
 DRAIN_S = 2.0
 KILL_S = 5.0
@@ -330,13 +357,24 @@ def sample_from_json(obj: object, *, where: str, line: int | None = None) -> Sam
 # ---------------------------------------------------------------- compiling
 
 
+def _hook(placeholder: str) -> ast.expr:
+    """`(None or "<placeholder>")`: compiles to the placeholder constant, without the "not callable" warning."""
+    return ast.BoolOp(op=ast.Or(), values=[ast.Constant(None), ast.Constant(placeholder)])
+
+
 class _CountAsserts(ast.NodeTransformer):
-    """`assert cond, msg` -> `assert <hook>(cond), msg`: the same truth test, now counted."""
+    """`assert cond, msg` -> `assert (<held>() if cond else (<failed>() and False)), msg`.
+
+    The interpreter itself tests `cond` (once, as before), so no hook decides whether an
+    assertion holds: each only counts, the `failed` one whenever it does not.
+    """
 
     def visit_Assert(self, node: ast.Assert) -> ast.Assert:
         self.generic_visit(node)
-        call = ast.Call(func=ast.Name(id=ASSERT_HOOK, ctx=ast.Load()), args=[node.test], keywords=[])
-        node.test = ast.copy_location(call, node.test)
+        held = ast.Call(func=_hook(ASSERT_HELD), args=[], keywords=[])
+        failed = ast.BoolOp(op=ast.And(), values=[ast.Call(func=_hook(ASSERT_FAILED), args=[], keywords=[]),
+                                                  ast.Constant(False)])
+        node.test = ast.copy_location(ast.IfExp(test=node.test, body=held, orelse=failed), node.test)
         return node
 
 
@@ -351,8 +389,7 @@ def instrument_test(source: str) -> tuple[CodeType, list[str]]:
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name.startswith(CHECKER_PREFIXES):
             checkers.append(stmt.name)
-            call = ast.Call(func=ast.Name(id=CHECKER_HOOK, ctx=ast.Load()), args=[ast.Constant(stmt.name)],
-                            keywords=[])
+            call = ast.Call(func=_hook(CHECKER_CALLED), args=[ast.Constant(stmt.name)], keywords=[])
             first = stmt.body[0]
             has_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                 and isinstance(first.value.value, str)
@@ -529,24 +566,6 @@ def _kill_uid(uid: int) -> int:
 # ---------------------------------------------------------------- identities
 
 
-def _world_reachable(path: str) -> bool:
-    """Could a user with no privileges and no groups read `path`?"""
-    path = os.path.realpath(path)
-    try:
-        for parent in Path(path).parents:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return False
-
-
-def _interpreter_needs_read_search() -> bool:
-    paths = sysconfig.get_paths()
-    needed = [sys.executable, paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]]
-    return not all(_world_reachable(p) for p in needed if os.path.exists(p))
-
-
 def _uid_range_mapped(start: int, count: int) -> bool:
     data = _read_bytes("/proc/self/uid_map")
     if data is None:
@@ -563,7 +582,6 @@ class _Identity:
     """Who one sample runs as (`uid` None is the caller's own uid, not root), and the zygote that forks it."""
 
     uid: int | None = None
-    keep_read_search: bool = False
     # Tasks the uid still holds (killed, not yet reaped by init) from before it was claimed,
     # or from a sample whose zygote was lost: RLIMIT_NPROC counts them, so the next sample's
     # cap is raised by as many. A zygote itself reaps every process of its samples.
@@ -589,7 +607,6 @@ class _Identities:
                 f"running as root, but uids {SANDBOX_UID_BASE}..{SANDBOX_UID_BASE + SANDBOX_UID_SPAN - 1} "
                 "are not mapped in this user namespace, so samples cannot be confined",
                 hint="run the evaluation as a non-root user")
-        keep_read_search = _interpreter_needs_read_search()
         lock_dir = Path(tempfile.gettempdir()) / "ratiocinator-sandbox-uids"
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(lock_dir)
@@ -611,7 +628,7 @@ class _Identities:
                                hint=f"wait for them, or remove stale locks in {lock_dir}")
         for uid in self._claimed:
             _kill_uid(uid)  # whatever an evaluator that died mid-sample left behind
-            self._free.append(_Identity(uid, keep_read_search, _tasks_of_user(uid)))
+            self._free.append(_Identity(uid, _tasks_of_user(uid)))
         self._all = list(self._free)
 
     @property
@@ -639,6 +656,8 @@ class _Identities:
             zygote.close()
         for uid in self._claimed:
             _kill_uid(uid)
+        for zygote in zygotes:
+            zygote.remove_dir()
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
@@ -684,18 +703,29 @@ def _minimal_env(marker_value: str) -> dict[str, str]:
     }
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a sandbox dir even if the sample made parts of it unwritable (its processes are all dead)."""
-    with suppress(OSError):
-        os.rmdir(path)  # most samples leave it empty
-        return
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            target = os.path.join(root, name)
-            if not os.path.islink(target):
-                with suppress(OSError):
-                    os.chmod(target, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+def _empty_dir(dir_fd: int) -> None:
+    """Remove everything in the dir open as `dir_fd`, whatever modes a sample left; only through fds, never a path.
+
+    Runs once the sample's processes are all gone. Raises OSError (RecursionError for an
+    absurdly deep tree) when something cannot be removed.
+    """
+    for _ in range(3):
+        names = os.listdir(dir_fd)
+        if not names:
+            return
+        for name in names:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                continue
+            os.chmod(name, 0o700, dir_fd=dir_fd)  # a dir, not a link (the sample is gone: no race)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                _empty_dir(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dir_fd)
+    if os.listdir(dir_fd):
+        raise OSError(errno.ENOTEMPTY, "a sandbox dir cannot be emptied")
 
 
 @dataclass(frozen=True)
@@ -724,17 +754,34 @@ class _Zygote:
     with a marker unique to this zygote, which every process it forks carries in
     /proc/PID/environ: that is how a sample's processes are still found, as a normal user,
     should the zygote itself be killed.
+      Its sandbox dir (`workdir`, owned by its samples' uid) is the cwd, HOME and TMPDIR of
+    each sample it forks, one after the other, and with a private mount namespace also
+    their /tmp: `clean` empties it after every sample. One dir per worker rather than per
+    sample, so that no sample costs a mount (unmounting waits for an RCU grace period)
+    nor a mkdir and rmdir.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, uid: int | None) -> None:
         marker_value = secrets.token_hex(12)
         self.marker = f"{MARKER_VARIABLE}={marker_value}".encode()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno())]
+        self.uid = uid
+        self.workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
+        # Held for its lifetime: the samples share the dir's owner, and as a normal user also
+        # the evaluator's uid, so it is emptied through this fd, never by its path.
+        self.dir_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if uid is not None:
+                os.fchown(self.dir_fd, uid, uid)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except BaseException:
+            self.remove_dir()
+            raise
+        argv = [sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, PACKAGE_ROOT, str(theirs.fileno()), self.workdir]
         try:
             self.proc = _start_process(argv, _minimal_env(marker_value), theirs.fileno())
         except BaseException:
             ours.close()
+            self.remove_dir()
             raise
         finally:
             theirs.close()
@@ -742,7 +789,11 @@ class _Zygote:
         reply = self.receive(ZYGOTE_START_S)
         if reply is None or reply.kind != sandbox_child.READY:
             hint = self.discard()
+            self.remove_dir()
             raise SandboxError("the sandbox's fork server (zygote) failed to start", hint=hint)
+        # What its samples are isolated from (`sandbox_child._isolate`), for each result's evidence.
+        self.isolation = {"network": "isolated" if reply.status & sandbox_child.NETWORK_ISOLATED else "open",
+                          "tmp": "private" if reply.status & sandbox_child.TMP_PRIVATE else "shared"}
 
     def receive(self, timeout: float) -> _Reply | None:
         """Its next reply; None when it is gone, said nothing for `timeout` seconds, or said nonsense."""
@@ -755,11 +806,11 @@ class _Zygote:
             return None
         return _Reply(*sandbox_child.REPLY.unpack(data))
 
-    def start(self, workdir: str, fds: Sequence[int]) -> int:
-        """Fork the sandbox for `workdir` with `fds`: its stdout, stderr, result pipe and job; returns its pid."""
+    def start(self, fds: Sequence[int]) -> int:
+        """Fork a sandbox with `fds` (its stdout, stderr, result pipe and job) and the dir; returns its pid."""
         for attempt in range(6):
             try:
-                socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN + os.fsencode(workdir)], list(fds))
+                socket.send_fds(self.sock, [sandbox_child.REQUEST_RUN], [*fds, self.dir_fd])
             except OSError:
                 raise _ZygoteLost() from None
             reply = self.receive(ZYGOTE_START_S)
@@ -772,6 +823,31 @@ class _Zygote:
             # The machine is briefly out of processes (another sandbox's fork bomb being killed).
             time.sleep(0.05 * 2 ** attempt)
         raise AssertionError("unreachable")
+
+    def clean(self) -> bool:
+        """Empty the sandbox dir once a sample's processes are all gone, for the next; False if the dir was replaced.
+
+        Through the fd held since it was made: the dir itself cannot be swapped for a
+        link to elsewhere. Its owner and mode are set again (the sample owned it).
+        """
+        try:
+            os.fchmod(self.dir_fd, 0o700)
+            _empty_dir(self.dir_fd)
+            if self.uid is not None:
+                os.fchown(self.dir_fd, self.uid, self.uid)
+            return os.path.samestat(os.stat(self.workdir, follow_symlinks=False), os.fstat(self.dir_fd))
+        except (OSError, RecursionError):
+            return False
+
+    def remove_dir(self) -> None:
+        """Empty and remove the sandbox dir, once every process that could use it is gone."""
+        if self.dir_fd < 0:
+            return
+        if self.clean():
+            with suppress(OSError):
+                os.rmdir(self.workdir)
+        os.close(self.dir_fd)
+        self.dir_fd = -1
 
     def kill(self) -> None:
         """Ask it to end the running sample now; its DONE reply follows once every process is reaped."""
@@ -827,21 +903,22 @@ def _start_process(argv: list[str], env: dict[str, str], keep_fd: int) -> subpro
     raise AssertionError("unreachable")
 
 
-def _fork_sandbox(identity: _Identity, workdir: str, fds: Sequence[int]) -> tuple[_Zygote, int]:
+def _fork_sandbox(identity: _Identity, fds: Sequence[int]) -> tuple[_Zygote, int]:
     """Fork the sample's sandbox from its worker's zygote, starting a fresh zygote when there is none or it is gone."""
     hint = None
     for _ in range(2):
         if identity.zygote is None:
-            identity.zygote = _Zygote()
+            identity.zygote = _Zygote(identity.uid)
         zygote = identity.zygote
         try:
-            return zygote, zygote.start(workdir, fds)
+            return zygote, zygote.start(fds)
         except _ZygoteLost:
             # Killed, or it retired because its limits were changed from outside (see sandbox_child).
             identity.zygote = None
             hint = zygote.discard()
             # Had it forked before it died, that fork must not live on beside the next one.
             _kill_sandbox(None, identity.uid, zygote.marker)
+            zygote.remove_dir()
     raise SandboxError("the sandbox's fork server (zygote) died twice in a row", hint=hint)
 
 
@@ -852,10 +929,10 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         return _syntax_result(sample, *compiled)
     timeout_s = sample.timeout_s if sample.timeout_s is not None else limits.timeout_s
     cpu_s = limits.cpu_seconds(timeout_s)
-    workdir = tempfile.mkdtemp(prefix="ratiocinator-exec-")
     token = secrets.token_hex(16)
     fds: list[int] = []
     run: _Run | None = None
+    zygote: _Zygote | None = None
     uid = identity.uid
     try:
         tasks = _tasks_of_user(os.getuid()) if uid is None else identity.zombies
@@ -866,10 +943,8 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             "program_source": sample.program,
             "test_source": sample.test,
             "entry_point": sample.entry_point,
-            "assert_hook": ASSERT_HOOK,
-            "checker_hook": CHECKER_HOOK,
+            "hooks": {"held": ASSERT_HELD, "failed": ASSERT_FAILED, "checker": CHECKER_CALLED},
             "sandbox_uid": uid,
-            "keep_read_search": identity.keep_read_search,
             "limits": {
                 "cpu_s": cpu_s,
                 "memory_bytes": int(limits.memory_mb * 1024 * 1024),
@@ -885,13 +960,11 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         data = memoryview(marshal.dumps(job))
         while data:
             data = data[os.write(job_fd, data):]
-        if uid is not None:
-            os.chown(workdir, uid, uid)
         for _ in range(3):
             fds.extend(os.pipe())
         _, out_r, out_w, err_r, err_w, result_r, result_w = fds
         started = time.monotonic()
-        zygote, pid = _fork_sandbox(identity, workdir, (out_w, err_w, result_w, job_fd))
+        zygote, pid = _fork_sandbox(identity, (out_w, err_w, result_w, job_fd))
         for fd in (out_w, err_w, result_w, job_fd):
             os.close(fd)
             fds.remove(fd)
@@ -907,10 +980,11 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
             identity.zygote = None
             zygote.discard()
             killed, identity.zombies = _kill_sandbox(pid, uid, zygote.marker)
+            zygote.remove_dir()
             run.drain(time.monotonic() + DRAIN_S)
             if run.cancelled:
                 raise _Cancelled()
-            return _lost_result(sample, compiled, run, duration, killed)
+            return _lost_result(sample, compiled, run, duration, killed, zygote.isolation)
         run.drain(time.monotonic() + DRAIN_S)
         if run.cancelled:
             raise _Cancelled()
@@ -919,14 +993,18 @@ def _run_sample(sample: Sample, limits: Limits, identity: _Identity, cancel: thr
         ended = _Ended(returncode=os.waitstatus_to_exitcode(done.status), duration_s=duration,
                        cpu_s=done.utime + done.stime, max_rss_mb=done.maxrss_kb / 1024, killed=done.killed,
                        timeout_s=timeout_s, cpu_limit_s=cpu_s)
-        return _judge(sample, compiled, limits, run, token, ended)
+        return _judge(sample, compiled, limits, run, token, ended, zygote.isolation)
     finally:
         if run is not None:
             run.selector.close()
         for fd in fds:
             with suppress(OSError):
                 os.close(fd)
-        _remove_tree(workdir)
+        # Every process of the sample is gone (the zygote reaped them, or they were swept).
+        if zygote is not None and identity.zygote is zygote and not zygote.clean():
+            identity.zygote = None
+            zygote.discard()
+            zygote.remove_dir()
 
 
 @dataclass
@@ -1020,6 +1098,7 @@ def _evidence(**known: Any) -> dict[str, Any]:
         "traceback": None, "errno": None, "asserts_executed": None, "asserts_failed": None,
         "checkers_defined": None, "checkers_called": None, "limit_hit": None, "reported": False,
         "cpu_s": 0.0, "max_rss_mb": 0.0, "stdout_bytes": 0, "stderr_bytes": 0, "killed_processes": 0,
+        "network": None, "tmp": None,
     }
     evidence.update(known)
     return evidence
@@ -1039,7 +1118,8 @@ def _syntax_result(sample: Sample, exc: BaseException, where: str) -> SampleResu
                         evidence=evidence, duration_s=0.0, exit_code=None, signal=None, stdout_tail="", stderr_tail="")
 
 
-def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token: str, ended: _Ended) -> SampleResult:
+def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token: str, ended: _Ended,
+           isolation: dict[str, str]) -> SampleResult:
     records = _records(run, token)
     started = any(r.get("status") == "started" for r in records)
     finals = [r for r in records if r.get("status") in ("completed", "exception", "sandbox_error")]
@@ -1056,7 +1136,7 @@ def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token
     evidence = _evidence(
         checkers_defined=compiled.checkers, reported=final is not None, cpu_s=round(ended.cpu_s, 3),
         max_rss_mb=round(ended.max_rss_mb, 1), stdout_bytes=run.stdout.total, stderr_bytes=run.stderr.total,
-        killed_processes=ended.killed,
+        killed_processes=ended.killed, **isolation,
     )
     if final is not None:
         for key in ("phase", "raised_in", "frame", "user_frame", "source_line", "traceback", "errno",
@@ -1070,10 +1150,11 @@ def _judge(sample: Sample, compiled: _Compiled, limits: Limits, run: _Run, token
                         signal=signal_name, stdout_tail=run.stdout.text(), stderr_tail=stderr_tail)
 
 
-def _lost_result(sample: Sample, compiled: _Compiled, run: _Run, duration: float, killed: int) -> SampleResult:
+def _lost_result(sample: Sample, compiled: _Compiled, run: _Run, duration: float, killed: int,
+                 isolation: dict[str, str]) -> SampleResult:
     """Its zygote died mid-sample, so its exit status and rusage are unknown: never a success."""
     evidence = _evidence(checkers_defined=compiled.checkers, stdout_bytes=run.stdout.total,
-                         stderr_bytes=run.stderr.total, killed_processes=killed)
+                         stderr_bytes=run.stderr.total, killed_processes=killed, **isolation)
     return SampleResult(id=sample.id, label="runtime_error", error_type="SandboxLost",
                         message=("the zygote that forked the sandbox died or stopped answering while the sample ran "
                                  "(as a normal user, a sample can kill it), so how the sample ended is unknown"),
@@ -1198,6 +1279,32 @@ def summarize(results: Sequence[SampleResult]) -> dict[str, Any]:
     }
 
 
+# What each isolation key says when a sample was not isolated: the weakest value wins.
+EXPOSED = {"network": "open", "tmp": "shared"}
+
+
+def isolation(results: Sequence[SampleResult]) -> dict[str, str | None]:
+    """What the samples that ran were isolated from: for each key of EXPOSED, the weakest value any had.
+
+    `network`: "isolated" (no network at all) or "open" (not root, or namespaces refused:
+    samples could connect anywhere the evaluator can). `tmp`: "private" (each sample's /tmp,
+    /var/tmp and /dev/shm are its own sandbox dir) or "shared" (the machine's; TMPDIR, TEMP
+    and TMP point at the sandbox dir). None when no sample ran (all syntax errors).
+    """
+    summary: dict[str, str | None] = {}
+    for key, exposed in EXPOSED.items():
+        seen = {r.evidence.get(key) for r in results} - {None}
+        summary[key] = exposed if exposed in seen else next(iter(seen), None)
+    return summary
+
+
+def _isolation_text(results: Sequence[SampleResult]) -> str:
+    words = {("network", "isolated"): "network isolated", ("network", "open"): "network open",
+             ("tmp", "private"): "/tmp private", ("tmp", "shared"): "/tmp shared"}
+    parts = [words[key, value] for key, value in isolation(results).items() if value is not None]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def results_json(results: Sequence[SampleResult]) -> list[dict[str, Any]]:
     return [result.to_json() for result in results]
 
@@ -1212,5 +1319,5 @@ def format_results(results: Sequence[SampleResult]) -> str:
     summary = summarize(results)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items() if n)
     lines.append(f"{summary['passed']}/{summary['total']} passed ({summary['pass_rate']:.1%}); "
-                 f"{counts or 'no samples'}")
+                 f"{counts or 'no samples'}{_isolation_text(results)}")
     return "\n".join(lines)

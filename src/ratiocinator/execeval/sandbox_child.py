@@ -5,22 +5,26 @@ sample, far more than running a typical sample. Instead the parent starts one zy
 worker: `python -I` in its own session, in `/`, with a minimal environment, as root when
 the evaluator is root. It imports this module and the few stdlib modules a sample or a
 report commonly needs (PRELOAD) once, then `serve()`s: for each sample it receives, on
-a private socketpair, the sample's sandbox dir, the write ends of its stdout, stderr and
-result pipes and an fd holding its job, and forks a child that becomes the sandbox. The
-zygote never runs, loads or reads sample code or sample data (the job comes in a memfd
-only the child reads), so every sample starts from the same pristine interpreter: a
-fork of the clean zygote, never of a used process. What the zygote learns of a sample
-is its pids, its wait status and its rusage.
+a private socketpair, the write ends of its stdout, stderr and result pipes, an fd
+holding its job and one of its sandbox dir (the zygote's own, emptied by the evaluator
+after each sample), and forks a child that becomes the sandbox. As root, the zygote
+first moves into a network namespace and a mount namespace of its own (`_isolate`),
+exposes the interpreter to unprivileged users there (`_check_reachable`) and mounts its
+sandbox dir over /tmp (`_private_tmp`). The zygote never runs, loads or reads sample
+code or sample data (the job comes in a memfd only the child reads), so every sample
+starts from the same pristine interpreter: a fork of the clean zygote, never of a used
+process. What the zygote learns of a sample is its pids, its wait status and its rusage.
 
 The child (`_become_sandbox`): a new session; a fresh /dev/null as stdin, the pipes as
 stdout, stderr and fd 3, every other fd closed (the zygote's socket included); the
-sandbox dir as cwd, HOME and TMPDIR. Then `main`: read and close the job (a marshal of
-the already compiled program and instrumented tests), drop privileges when root,
-lower the resource limits, run the program and the tests in one fresh `__main__`
-namespace. It writes JSON records carrying the job's random token to fd 3: `started`
-once confined, and one final record only when the tests ran to the end or raised. A
-sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final record,
-so neither printing nor exiting can pass for success.
+sandbox dir as cwd, HOME, TMPDIR, TEMP and TMP (as root, as "/tmp"). Then `main`: read
+and close the job (a marshal of the already compiled program and instrumented tests), and
+`_records`: drop every privilege when root, lower the resource limits, run the program
+and the tests in one fresh `__main__` namespace. It writes JSON records carrying the job's random token to fd 3:
+`started` once confined, and one final record only when the tests ran to the end or
+raised. A sample that leaves any other way (`os._exit`, a signal, a kill) leaves no final
+record, so neither printing nor exiting can pass for success; what sample code inside the
+process can and cannot do to the harness is listed in `_records`.
 
 The zygote is a child subreaper (PR_SET_CHILD_SUBREAPER): whatever a sample forks, a
 daemon that called setsid() and lost its parent included, stays a descendant of the
@@ -43,22 +47,27 @@ evaluator itself, which is why hostile samples should be run as root.
 seed of str and bytes (PYTHONHASHSEED is drawn once per zygote), so set iteration order
 of strings is the same for every sample of a worker.
 
-The parent rewrote the tests so that every `assert` calls the assert hook with its
-condition and every top-level `check*`/`test*` function calls the checker hook first;
-the hooks installed here count what actually ran.
+The parent rewrote the tests so that every `assert` calls a hook once its condition was
+tested (one when it held, another when it failed) and every top-level `check*`/`test*`
+function calls the checker hook first; the hooks, put here into the test's code objects
+as constants, count what actually ran.
 
 Stdlib only, no other ratiocinator module.
 """
 
 from __future__ import annotations
 
+import _json
 import builtins
 import ctypes
 import fcntl
+import functools
 import gc
 import importlib
+import itertools
 import marshal
 import mmap
+import operator
 import os
 import resource
 import select
@@ -68,17 +77,26 @@ import struct
 import sys
 import time
 import types
-from _json import encode_basestring_ascii
+from collections.abc import Callable, Iterator
 
-# The zygote imports as little as it can: `typing` stays unloaded, and these names are for the type checker only.
+# `typing` stays unloaded in the zygote; this name is for the type checker only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import traceback
-    from collections.abc import Callable
 
 HARNESS_FILE = sys._getframe().f_code.co_filename
 PROGRAM_FILE = "<program>"
 TEST_FILE = "<test>"
+# Where the sample was when it stopped (compared by identity: `_phase`).
+PROGRAM, TEST, CHECK = "program", "test", "check"
+# Audit events refused inside a sample (`_auditor`), besides assigning a function's __code__.
+REFUSED_EVENTS = frozenset({
+    # The object graph, from which the reporter and the harness's state are reachable.
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    # Trace and profile functions: one can jump over an assertion (frame.f_lineno) or,
+    # on Python 3.11 and 3.12, rewrite a harness frame's locals when it returns.
+    "sys.settrace", "sys.setprofile", "sys.monitoring.register_callback",
+})
 # Address space freed before reporting a MemoryError, so the report itself can be built
 # under RLIMIT_AS. An anonymous mapping, never touched: a bytearray would be zero-filled,
 # faulting in 256 pages per sample (~1 ms).
@@ -97,59 +115,35 @@ PRELOAD = ("traceback", "linecache", "ast", "unicodedata", "typing", "math", "re
            "functools", "heapq", "bisect", "string")
 
 # The zygote's protocol: one datagram per message on a SOCK_SEQPACKET socketpair.
-REQUEST_RUN = b"R"  # + the sandbox dir; SCM_RIGHTS: stdout, stderr and result pipe write ends, the job
-REQUEST_FDS = 4
+REQUEST_RUN = b"R"  # SCM_RIGHTS: stdout, stderr and result pipe write ends, the job, the sandbox dir
+REQUEST_FDS = 5
 REQUEST_KILL = b"K"  # end the running sample now (wall-clock limit, cancel); ignored when none runs
 # Replies: kind, pid, wait status (errno for FAILED), utime, stime, maxrss KiB, processes killed,
 # and whether the main process had ended before a REQUEST_KILL arrived.
 REPLY = struct.Struct("=ciiddqi?")
 READY, STARTED, FAILED, DONE = b"Y", b"S", b"F", b"D"
+# What READY's status field says the zygote's samples are isolated from (bits).
+NETWORK_ISOLATED = 1
+TMP_PRIVATE = 2
+# The world-writable directories the zygote's sandbox dir is mounted over when it has a
+# mount namespace of its own.
+SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 # Linux constants for prctl(2) and capset(2).
 PR_SET_DUMPABLE = 4
-PR_SET_KEEPCAPS = 8
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
-CAP_DAC_READ_SEARCH = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class Tally:
-    """What the instrumented tests actually executed."""
-
-    def __init__(self) -> None:
-        self.asserts_executed = 0
-        self.asserts_failed = 0
-        self.checkers_called: set[str] = set()
-
-    def on_assert(self, value: object) -> bool:
-        held = bool(value)
-        self.asserts_executed += 1
-        if not held:
-            self.asserts_failed += 1
-        return held
-
-    def on_checker(self, name: str) -> None:
-        self.checkers_called.add(name)
-
-
-def to_json(value: object) -> str:
-    """JSON for the few types a record holds, without importing json (and with it, re)."""
-    if value is None or value is True or value is False:
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value) if value - value == 0 else "null"
-    if isinstance(value, str):
-        return encode_basestring_ascii(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(to_json(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{encode_basestring_ascii(str(k))}:{to_json(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot encode {type(value).__name__}")
+# unshare(2) and mount(2).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
 
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -164,6 +158,168 @@ def prctl(*args: int) -> None:
         raise OSError(error, f"prctl{args}: {os.strerror(error)}")
 
 
+def unshare(flags: int) -> None:
+    """unshare(2): os.unshare from Python 3.12 on, libc's before; raises OSError on failure."""
+    if hasattr(os, "unshare"):
+        os.unshare(flags)
+    elif LIBC.unshare(ctypes.c_int(flags)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"unshare({flags:#x}): {os.strerror(error)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); raises OSError on failure."""
+    args = [None if value is None else os.fsencode(value) for value in (source, target, fstype)]
+    if LIBC.mount(*args, ctypes.c_ulong(flags), None if data is None else os.fsencode(data)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mount {source} on {target}: {os.strerror(error)}")
+
+
+def _isolate() -> int:
+    """As root, move the zygote (and so every sample it forks) into namespaces of its own; returns READY's bits.
+
+    Network: a fresh network namespace holds nothing but a loopback interface that is
+    down, so a sample can reach no address at all, the machine's own 127.0.0.1 included
+    (and no abstract Unix socket outside it; Unix sockets that are files are a matter of
+    file permissions). Refused (not root, or a container that
+    forbids it): the samples share the machine's network, and the evaluator says so.
+      Mounts: a mount namespace of its own, every mount in it made private first (so
+    nothing mounted here ever propagates back to the machine), in which its sandbox dir
+    becomes /tmp (`_private_tmp`). Refused: samples share /tmp, and the evaluator says so.
+    """
+    if os.geteuid() != 0:
+        return 0
+    flags = 0
+    try:
+        unshare(CLONE_NEWNET)
+        flags |= NETWORK_ISOLATED
+    except OSError as exc:
+        sys.stderr.write(f"zygote: no network namespace ({exc}); samples can use the network\n")
+    try:
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        flags |= TMP_PRIVATE
+    except OSError as exc:
+        sys.stderr.write(f"zygote: no private mount namespace ({exc}); samples share /tmp\n")
+    return flags
+
+
+def _interpreter_paths() -> tuple[list[str], list[str]]:
+    """The directories a sample's Python uses, as (needed, others), real paths.
+
+    Needed to start and import the standard library and what is installed: the prefixes
+    (a venv's pyvenv.cfg included), the executable's directory and the stdlib's, and the
+    sys.path entries inside a prefix (lib-dynload, site-packages). Others: the rest of
+    sys.path, say a project's source in an editable install.
+    """
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    needed = {*prefixes, os.path.realpath(os.path.dirname(sys.executable)),
+              os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.realpath(os.__file__))}
+    others: set[str] = set()
+    for entry in sys.path:
+        real = os.path.realpath(entry or ".")
+        inside = any(real == prefix or real.startswith(prefix.rstrip("/") + "/") for prefix in prefixes)
+        (needed if inside else others).add(real)
+    return sorted(p for p in needed if os.path.isdir(p)), sorted(p for p in others - needed if os.path.isdir(p))
+
+
+def _ancestors(path: str) -> list[str]:
+    """"/a/b/c" -> ["/", "/a", "/a/b"]."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts))] if path != "/" else []
+
+
+def _closed_to_others(path: str) -> str | None:
+    """The first directory on the way to `path` (or `path` itself) that a user with no privileges cannot pass;
+    None if none."""
+    try:
+        for ancestor in _ancestors(path):
+            if not os.stat(ancestor).st_mode & 0o001:
+                return ancestor
+        return None if os.stat(path).st_mode & 0o005 == 0o005 else path
+    except OSError:
+        return path
+
+
+def _expose(paths: list[str]) -> None:
+    """In the zygote's own, private mount namespace: make each path reachable by any user, read-only, and no more.
+
+    Where a directory on the way to a path is closed to other users (the interpreter in
+    /root/.pyenv, with /root mode 700), an empty tmpfs (mode 755) is mounted over the
+    topmost such directory, and each path under it is bind-mounted back at its own place,
+    read-only. So the paths keep their names (sys.executable and sys.path stay valid, in
+    forks and in a `python` a sample starts), nothing else of that directory is visible,
+    and samples need no capability to start or import. Permissions inside the paths are
+    their own: a path that is itself closed stays closed.
+    """
+    plan: dict[str, list[str]] = {}
+    for path in paths:
+        closed = next((a for a in _ancestors(path) if not os.stat(a).st_mode & 0o001), None)
+        if closed is not None and closed != "/":
+            plan.setdefault(closed, []).append(path)
+    for closed, wanted in plan.items():
+        targets = [path for path in wanted if not any(path.startswith(other + "/") for other in wanted)]
+        sources = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in targets]
+        try:
+            mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
+            for path, source in zip(targets, sources, strict=True):
+                for step in [*_ancestors(path)[len(_ancestors(closed)) + 1:], path]:
+                    if not os.path.isdir(step):
+                        os.mkdir(step)
+                        os.chmod(step, 0o755)
+                mount(f"/proc/self/fd/{source}", path, None, MS_BIND | MS_REC)
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        finally:
+            for source in sources:
+                os.close(source)
+
+
+def _check_reachable(private_mounts: bool) -> None:
+    """As root: make sure samples, which run with no capability, can reach the interpreter; else say how to
+    fix it and stop."""
+    needed, others = _interpreter_paths()
+    if private_mounts:
+        try:
+            _expose(needed + others)
+        except OSError as exc:
+            sys.stderr.write(f"zygote: could not expose the interpreter to the sandbox's users: {exc}\n")
+    for path in needed:
+        closed = _closed_to_others(path)
+        if closed is not None:
+            raise SystemExit(
+                f"zygote: samples run as unprivileged users with no capability, but {path} (needed by the "
+                f"interpreter) is closed to them at {closed}"
+                + ("" if private_mounts else " and this system refused the mount namespace that would expose it")
+                + "; make the interpreter world-readable (chmod o+rX), or run the evaluation as a normal user")
+
+
+def _private_tmp(workdir: str) -> bool:
+    """Once, in the zygote's private mount namespace: its sandbox dir over /tmp, /var/tmp and /dev/shm; False if not.
+
+    Its samples run one at a time and the evaluator empties the dir after each, so what a
+    sample writes there does not outlive it; samples of other workers (other zygotes, other
+    dirs) and the machine's own /tmp are out of sight. Once per zygote rather than a mount
+    namespace per sample: tearing one down waits for an RCU grace period, ~10% of the
+    throughput on two busy cores. Bound from an fd of this namespace, opened before the
+    first mount hides the dir's path (it usually lies in /tmp). Not done (/tmp stays
+    shared) when the interpreter or a sys.path entry lies in one of those directories:
+    the sample could not import from it.
+    """
+    targets = list(dict.fromkeys(os.path.realpath(p) for p in SHARED_TMP_DIRS if os.path.isdir(p)))
+    needed, others = _interpreter_paths()
+    inside = [p for p in needed + others if any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets)]
+    if inside:
+        sys.stderr.write(f"zygote: {inside[0]} (used by the interpreter) lies in a temp dir; samples share /tmp\n")
+        return False
+    source = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for target in targets:
+            mount(f"/proc/self/fd/{source}", target, None, MS_BIND)
+    finally:
+        os.close(source)
+    return True
+
+
 def _lower_limit(which: int, soft: int, hard: int) -> None:
     _, current_hard = resource.getrlimit(which)
     if current_hard != resource.RLIM_INFINITY:
@@ -171,12 +327,12 @@ def _lower_limit(which: int, soft: int, hard: int) -> None:
     resource.setrlimit(which, (min(soft, hard), hard))
 
 
-def _drop_privileges(uid: int, keep_read_search: bool) -> None:
-    """Become `uid` with no capabilities, except read/search of files if the interpreter needs it.
+def _drop_privileges(uid: int) -> None:
+    """Become `uid` with no capabilities at all (effective, permitted, inheritable, ambient); no new ones after.
 
-    CAP_DAC_READ_SEARCH stays (also as an ambient capability, so a `python` the sample
-    starts keeps it) only when the interpreter or its libraries sit in a directory other
-    users cannot enter, such as /root/.pyenv. No new privileges can be gained after this.
+    Changing every uid away from 0 (without PR_SET_KEEPCAPS) already clears the
+    capability sets; capset makes it explicit. The interpreter is readable without any
+    capability: `_expose` made it so in the zygote's mount namespace.
     """
     class CapHeader(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -184,18 +340,12 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
     class CapData(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
-    prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    kept = 1 << CAP_DAC_READ_SEARCH if keep_read_search else 0
-    data = (CapData * 2)()
-    data[0].effective = data[0].permitted = data[0].inheritable = kept
-    if LIBC.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+    if LIBC.capset(ctypes.byref(CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), (CapData * 2)()) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"capset: {os.strerror(error)}")
-    if keep_read_search:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     # Changing uid made the process undumpable, which hides its owner in /proc; the parent
     # finds the sandbox's processes by that owner.
@@ -205,7 +355,7 @@ def _drop_privileges(uid: int, keep_read_search: bool) -> None:
 def confine(job: dict) -> None:
     """Drop privileges if asked to, then lower every resource limit; the address space last."""
     if job["sandbox_uid"] is not None:
-        _drop_privileges(job["sandbox_uid"], job["keep_read_search"])
+        _drop_privileges(job["sandbox_uid"])
     limits = job["limits"]
     _lower_limit(resource.RLIMIT_CORE, 0, 0)
     # SIGXCPU at the soft limit, SIGKILL one second later should the sample catch it.
@@ -276,72 +426,210 @@ def _exception_record(exc: BaseException, phase: str, job: dict) -> dict:
     }
 
 
-def run_sample(job: dict, harness_pid: int) -> dict:
-    """Run the program, the tests, then `check(entry_point)` when due; never raises."""
-    reserve = [mmap.mmap(-1, RESERVE_BYTES)]
-    tally = Tally()
+def _phase(phase: list) -> str:
+    """The last phase the harness entered; only these three strings count (sample code can reach the list)."""
+    for entry in reversed(phase):
+        if entry is PROGRAM or entry is TEST or entry is CHECK:
+            return entry
+    return PROGRAM
+
+
+def _with_hooks(code: types.CodeType, hooks: dict) -> tuple[types.CodeType, frozenset[int]]:
+    """The test code with the engine's placeholder constants replaced by the hooks, in every nested code object.
+
+    The hooks are then constants of the code being run, not names in any namespace: a
+    sample can neither replace them nor skip them. It can reach them only through the
+    code objects, and calling them only counts up (`_records`). Also returns the ids of
+    every code object compiled from the tests, which `_check_step` trusts.
+    """
+    ids = set()
+
+    def rebuild(old: types.CodeType) -> types.CodeType:
+        consts = tuple(rebuild(const) if type(const) is types.CodeType
+                       else hooks.get(const, const) if type(const) is str else const for const in old.co_consts)
+        new = old.replace(co_consts=consts)
+        ids.add(id(new))
+        return new
+
+    return rebuild(code), frozenset(ids)
+
+
+def _check_step(namespace: dict, test_codes: frozenset[int], entry_point: str | None, called: set,
+                phase: list) -> Callable[[], None]:
+    """What HumanEval's own harness appends, `check(<entry_point>)`, as a step made before the sample runs.
+
+    Only the `check` the tests defined is called: a function whose code object is one
+    compiled from the tests (by identity: not one the sample compiled under the same file
+    name) and whose globals are the sample's namespace. If the sample swapped it for
+    anything else, nothing is called, and the tests' `check` counts as never called.
+    """
+    function_type, type_, id_, name_error, get = types.FunctionType, type, id, NameError, namespace.get
+
+    def check_step() -> None:
+        check = get("check")
+        # type() identity narrows `check` to a function; mypy does not follow it, hence the ignores.
+        if (not entry_point or type_(check) is not function_type
+                or id_(check.__code__) not in test_codes  # type: ignore[union-attr]  # narrowed by type()
+                or check.__globals__ is not namespace):  # type: ignore[union-attr]  # narrowed by type()
+            return
+        phase.append(CHECK)
+        if entry_point not in namespace:
+            raise name_error(f"entry point {entry_point!r} is not defined by the program")
+        called.add(CHECK)
+        check(namespace[entry_point])  # type: ignore[misc]  # a function: narrowed by type() identity above
+
+    return check_step
+
+
+def _concluder(held: Iterator[int], failed: Iterator[int], called: set, phase: list,
+               harness_pid: int) -> Callable[[object], dict]:
+    """The function that makes the final record of tests that ran to the end; made before the sample runs.
+
+    It uses its closure only, no global or builtin name, and `_records` calls it from its
+    value stack: so what a sample does to the harness's module, to builtins, or to a
+    harness frame's locals (which code walking the stack can read, and on Python 3.13+
+    rebind) cannot change what it reports. The counters only count up.
+    """
+    getpid, finish, sorted_, type_, str_, check_, test_ = os.getpid, _finisher(), sorted, type, str, CHECK, TEST
+
+    def conclude(_steps_done: object) -> dict:
+        if getpid() != harness_pid:
+            finish(0)  # a process the sample forked ran on into the harness: never a record
+        asserts_failed = failed.__next__() - 1
+        checked = False
+        for entry in phase:
+            checked = checked or entry is check_
+        return {"status": "completed", "phase": check_ if checked else test_,
+                "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
+                "checkers_called": sorted_(name for name in called if type_(name) is str_)}
+
+    return conclude
+
+
+def _auditor(refused: frozenset[str]) -> Callable[[str, tuple], None]:
+    """An audit hook (PEP 578) refusing `refused` events and any assignment to a function's __code__.
+
+    Bound now, in its closure: what it refuses cannot be changed afterwards, and an audit
+    hook cannot be removed. __code__: so that the `check` verified by `_check_step` is the
+    one that runs, even with a sample thread racing it.
+    """
+    runtime_error, type_, str_, len_ = RuntimeError, type, str, len
+
+    def audit(event: str, args: tuple) -> None:
+        if event in refused or (event == "object.__setattr__" and len_(args) > 1 and type_(args[1]) is str_
+                                and args[1] == "__code__"):
+            raise runtime_error(f"{event} is not available in the sandbox")
+
+    return audit
+
+
+def _forget_harness() -> None:
+    """Take this package out of sys.modules: a sample that looks it up finds nothing, and an import is a fresh copy."""
+    for name in [name for name in sys.modules if name == "ratiocinator" or name.startswith("ratiocinator.")]:
+        del sys.modules[name]
+
+
+def _records(job: dict) -> Iterator[dict]:
+    """Confine; yield `started`; run the program, the tests and `check(entry_point)`; yield the final record; leave.
+
+    What the harness defends, and how. In-process code can reach in-process state, so the
+    harness keeps what decides a success where plain Python cannot reach or change it:
+    - the reporter and its token: never named in any frame (see `main`), and the object
+      graph (gc.get_objects, ...) is refused;
+    - exec, the steps and the final record: bound before the sample runs, on this frame's
+      value stack or in closures (`_concluder`, `_check_step`), never looked up in the
+      harness's module, in builtins, or in this frame's locals afterwards;
+    - the assertion and checker hooks: constants of the test code (`_with_hooks`); an
+      assert's truth is the interpreter's own test, and its hook only counts;
+    - the harness's modules are out of sys.modules; tracing and profiling are refused.
+    Not defended: native code (ctypes, /proc/self/mem) can do anything the process can,
+    write a forged record included; and whatever the tests look up at run time (builtins,
+    modules, their own globals, the objects the program returns) is the sample's to patch.
+    """
+    getpid, finish, leave_fork, describe, phase_of = os.getpid, _finisher(), _leave_fork, _exception_record, _phase
+    harness_pid = getpid()
+    try:
+        confine(job)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        yield {"status": "sandbox_error", "message": f"{type(exc).__name__}: {exc}"}
+        finish(3)
+    yield {"status": "started"}
+    sys.argv = [PROGRAM_FILE]
     module = types.ModuleType("__main__")
     namespace = module.__dict__
     namespace["__builtins__"] = builtins
     sys.modules["__main__"] = module
-    phase = "program"
+    called: set[str] = set()
+    held, failed, phase = itertools.count(1), itertools.count(1), [PROGRAM]
+    names = job["hooks"]
+    test, test_codes = _with_hooks(job["test"], {names["held"]: held.__next__, names["failed"]: failed.__next__,
+                                                 names["checker"]: called.add})
+    reserve = [mmap.mmap(-1, RESERVE_BYTES)]
+    _forget_harness()
+    sys.addaudithook(_auditor(REFUSED_EVENTS))
     try:
-        exec(job["program"], namespace)  # noqa: S102 - running the sample is the point
-        phase = "test"
-        namespace[job["assert_hook"]] = tally.on_assert
-        namespace[job["checker_hook"]] = tally.on_checker
-        exec(job["test"], namespace)  # noqa: S102
-        entry_point = job["entry_point"]
-        check = namespace.get("check")
-        if entry_point and isinstance(check, types.FunctionType) and check.__code__.co_filename == TEST_FILE:
-            # What HumanEval's own harness appends: `check(<entry_point>)`.
-            phase = "check"
-            if entry_point not in namespace:
-                raise NameError(f"entry point {entry_point!r} is not defined by the program")
-            tally.checkers_called.add("check")
-            check(namespace[entry_point])
+        # One expression: the concluder, exec and every step are evaluated onto the stack
+        # before the first step (the program) runs; the hooks go in after the program.
+        yield _concluder(held, failed, called, phase, harness_pid)(tuple(map(
+            operator.call, (  # type: ignore[arg-type]  # mypy cannot map operator.call's ParamSpec over partials
+            functools.partial(exec, job["program"], namespace),
+            functools.partial(phase.append, TEST),
+            functools.partial(exec, test, namespace),
+            _check_step(namespace, test_codes, job["entry_point"], called, phase),
+        ))))
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are outcomes too
         reserve.clear()
-        if os.getpid() != harness_pid:
-            _leave_fork(exc)
-        record = _exception_record(exc, phase, job)
-    else:
-        if os.getpid() != harness_pid:
-            _finish(0)
-        record = {"status": "completed", "phase": phase}
-    record.update(
-        asserts_executed=tally.asserts_executed,
-        asserts_failed=tally.asserts_failed,
-        checkers_called=sorted(tally.checkers_called),
-    )
-    return record
+        if getpid() != harness_pid:
+            leave_fork(exc, finish)
+        asserts_failed = failed.__next__() - 1
+        yield {**describe(exc, phase_of(phase), job), "status": "exception",
+               "asserts_executed": held.__next__() - 1 + asserts_failed, "asserts_failed": asserts_failed,
+               "checkers_called": sorted(name for name in called if type(name) is str)}
+    finish(0)
 
 
-def _finish(status: int) -> None:
-    """Flush what the sample printed and leave at once: no atexit, no joining its threads."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
-            pass
-    os._exit(status & 0xFF)
+def _finisher() -> Callable[[int], None]:
+    """`finish(status)`: flush what the sample printed and leave at once (no atexit, no joining its threads).
+
+    os._exit is bound now: a sample that replaces it cannot keep the harness running.
+    """
+    exit_, streams = os._exit, sys
+
+    def finish(status: int) -> None:
+        for stream in (streams.stdout, streams.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
+                pass
+        exit_(status & 0xFF)
+
+    return finish
 
 
-def _leave_fork(exc: BaseException) -> None:
+def _leave_fork(exc: BaseException, finish: Callable[[int], None]) -> None:
     """A process the sample forked ran on into the harness: one line to stderr, never a record."""
     try:
         sys.stderr.write(f"{type(exc).__name__} in forked process {os.getpid()}: {_describe(exc)[:200]}\n")
     except BaseException:  # noqa: BLE001, S110 - the sample may have broken its streams
         pass
-    _finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+    finish(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+
+
+def _unencodable(value: object) -> object:
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def _emitter(fd: int, token: str) -> Callable[[dict], None]:
-    """Bind everything writing a record needs now, before any sample code can rebind it."""
-    write, encode = os.write, to_json
+    """The reporter: one JSON record with the job's token to the result pipe.
+
+    Everything it uses is bound now, in its closure, before any sample code runs:
+    os.write, memoryview and json's C encoder (no Python code a sample could patch).
+    """
+    write, view, join = os.write, memoryview, "".join
+    encode = _json.make_encoder(None, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
 
     def emit(record: dict) -> None:
-        data = memoryview((encode({**record, "token": token}) + "\n").encode("ascii"))
+        data = view(join(encode({**record, "token": token}, 0)).encode("ascii") + b"\n")
         while data:
             data = data[write(fd, data):]
 
@@ -349,46 +637,58 @@ def _emitter(fd: int, token: str) -> Callable[[dict], None]:
 
 
 def main(job_fd: int, result_fd: int) -> None:
-    """Read the job, confine, announce, run, report; never returns."""
-    harness_pid = os.getpid()
+    """Read the job, then write each record `_records` yields to the result pipe; never returns.
+
+    The reporter is made inline and held only by the `map` iterator on this frame's value
+    stack; the token is popped from the job into it. So no frame's locals or globals hold
+    either, and sample code walking the stack (sys._getframe().f_back ...) finds neither.
+    """
+    leave = os._exit
     with open(job_fd, "rb") as handle:
         handle.seek(0)
         job = marshal.load(handle)
-    emit = _emitter(result_fd, job.pop("token"))
-    try:
-        confine(job)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        emit({"status": "sandbox_error", "message": f"{type(exc).__name__}: {exc}"})
-        _finish(3)
-    emit({"status": "started"})
-    sys.argv = [PROGRAM_FILE]
-    record = run_sample(job, harness_pid)
-    emit(record)
-    _finish(0)
+    for _ in map(_emitter(result_fd, job.pop("token")), _records(job)):
+        pass
+    leave(3)  # not reached: `_records` leaves through os._exit
 
 
 # ---------------------------------------------------------------- the zygote
 
 
-def _become_sandbox(control: socket.socket, fds: list[int], workdir: str) -> None:
-    """In a fresh fork of the zygote: a new session, its own stdio and result fd and no other, then the job."""
+def _become_sandbox(control: socket.socket, fds: list[int], workdir: str, private_tmp: bool) -> None:
+    """In a fresh fork of the zygote: a new session, its own stdio and result fd and no other, then the job.
+
+    The cwd is the sandbox dir: as /tmp where the zygote mounted it there (a path of this
+    namespace, whose name the sample sees), else through the evaluator's fd of it.
+    """
     try:
         os.setsid()
         control.close()
         # Its own /dev/null: the zygote's stdin is one open file shared by every fork, and
         # a sample could change its flags (O_NONBLOCK) for the samples after it.
         stdin = os.open(os.devnull, os.O_RDONLY)
-        *moved, job_fd = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, *fds)]
+        *moved, job_fd, dir_fd = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, *fds)]
         for target, fd in enumerate(moved):
             os.dup2(fd, target)
         for name in os.listdir("/proc/self/fd"):
-            if int(name) > RESULT_FD and int(name) != job_fd:
+            if int(name) > RESULT_FD and int(name) not in (job_fd, dir_fd):
                 try:
                     os.close(int(name))
                 except OSError:  # the listing's own fd, closed already
                     pass
-        os.chdir(workdir)
-        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        if private_tmp:
+            os.chdir("/tmp")
+            if not os.path.samestat(os.stat("."), os.fstat(dir_fd)):
+                raise OSError("/tmp is not the sandbox dir")
+            home = "/tmp"
+        else:
+            # /tmp is the machine's: then at least the usual variables point at the sandbox
+            # dir, so tempfile and most tools stay inside it.
+            os.fchdir(dir_fd)
+            home = workdir
+        os.close(dir_fd)
+        for name in ("HOME", "TMPDIR", "TEMP", "TMP"):
+            os.environ[name] = home
         # Forks of an undumpable zygote are undumpable, and /proc would hide their owner;
         # the parent's fallback sweep (should the zygote die) finds them by it.
         prctl(PR_SET_DUMPABLE, 1)
@@ -556,18 +856,31 @@ def _reply(control: socket.socket, kind: bytes, pid: int = 0, status: int = 0,
     control.send(REPLY.pack(kind, pid, status, utime, stime, maxrss, killed, ended_first))
 
 
-def serve(control_fd: int) -> None:
+def serve(control_fd: int, workdir: str) -> None:
     """The zygote: one fork per request, then kill and reap that sample's processes and report; never runs sample code.
 
     Leaves with os._exit, without the interpreter's finalization, once the parent closes its end.
     """
     try:
-        _serve(control_fd)
+        _serve(control_fd, workdir)
+    except SystemExit as exc:  # a reason not to serve: the parent shows it
+        sys.stderr.write(f"{exc.code}\n")
+        sys.stderr.flush()
     finally:
         os._exit(0)
 
 
-def _serve(control_fd: int) -> None:
+def _serve(control_fd: int, workdir: str) -> None:
+    isolation = _isolate()
+    private_mounts = bool(isolation & TMP_PRIVATE)
+    # Its dir over /tmp first: covering a private directory (`_expose`) may hide its path.
+    try:
+        if private_mounts and not _private_tmp(workdir):
+            isolation &= ~TMP_PRIVATE
+    except OSError as exc:  # never seen: the namespace is ours; but no half-private /tmp either
+        raise SystemExit(f"zygote: cannot mount its sandbox dir over /tmp: {exc}") from None
+    if os.geteuid() == 0:
+        _check_reachable(private_mounts)
     for name in PRELOAD:
         importlib.import_module(name)
     # Everything the zygote holds goes to the permanent generation: a fork's garbage
@@ -578,7 +891,7 @@ def _serve(control_fd: int) -> None:
     prctl(PR_SET_DUMPABLE, 0)
     control = socket.socket(fileno=control_fd)
     pristine = _inheritable_state()
-    _reply(control, READY)
+    _reply(control, READY, status=isolation)
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(control, 4096, REQUEST_FDS)
@@ -601,7 +914,7 @@ def _serve(control_fd: int) -> None:
             _reply(control, FAILED, status=exc.errno or 0)
             continue
         if pid == 0:
-            _become_sandbox(control, fds, os.fsdecode(message[1:]))
+            _become_sandbox(control, fds, workdir, bool(isolation & TMP_PRIVATE))
             os._exit(3)  # not reached: the sandbox leaves through os._exit
         for fd in fds:
             os.close(fd)
