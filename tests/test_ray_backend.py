@@ -111,8 +111,9 @@ def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
         node = env["RATIOCINATOR_RAY_NODE"]
         assert node in nodes  # never the head: it offers no CPUs
         assert env["RATIOCINATOR_OUT_DIR"].startswith(str(study.root / "ray-nodes" / "nodes" / node[:16] / "runs"))
-        assert env["RATIOCINATOR_WORKSPACE"].startswith(
-            str(study.root / "ray-nodes" / "nodes" / node[:16] / "checkouts"))
+        assert env["RATIOCINATOR_WORKSPACE"].startswith(  # the run's own copy of the node's checkout
+            str(study.root / "ray-nodes" / "nodes" / node[:16] / "runs"))
+        assert env["RATIOCINATOR_WORKSPACE"].endswith("/work")
         assert (out / "sub" / "file.txt").read_text() == "nested\n"
         assert os.readlink(out / "inside_link") == "sub/file.txt"
         assert not (out / "escape_abs").exists() and not (out / "escape_abs").is_symlink()
