@@ -25,7 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ratiocinator.execeval.engine import Limits, Sample, evaluate
+from ratiocinator.execeval.engine import evaluate
+from ratiocinator.execeval.samples import Limits, Sample
 
 # (entry point, prompt, correct body, wrong body, crashing body, tests)
 TASKS = [

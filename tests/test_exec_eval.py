@@ -21,17 +21,8 @@ from pathlib import Path
 import pytest
 
 from ratiocinator.errors import UsageError
-from ratiocinator.execeval.engine import (
-    LABELS,
-    Limits,
-    Sample,
-    SampleResult,
-    evaluate,
-    format_results,
-    load_samples,
-    results_json,
-    summarize,
-)
+from ratiocinator.execeval.engine import evaluate, format_results, results_json, summarize
+from ratiocinator.execeval.samples import LABELS, Limits, Sample, SampleResult, load_samples
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 

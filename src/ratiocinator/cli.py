@@ -308,15 +308,8 @@ def exec_eval(
     out_file: Annotated[Path | None, typer.Option("--out", help="also write the JSON document to this file")] = None,
 ) -> None:
     """Execution-aware evaluation: run each generated sample against its tests in a sandbox and label the outcome."""
-    from ratiocinator.execeval.engine import (
-        Limits,
-        evaluate,
-        format_results,
-        isolation,
-        load_samples,
-        results_json,
-        summarize,
-    )
+    from ratiocinator.execeval.engine import evaluate, format_results, isolation, results_json, summarize
+    from ratiocinator.execeval.samples import Limits, load_samples
     from ratiocinator.report.exports import write_atomic
 
     loaded = load_samples(samples)
