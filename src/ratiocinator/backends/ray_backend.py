@@ -506,6 +506,7 @@ class RayBackend(Backend):
         nodes = [n for n in await asyncio.to_thread(self._nodes) if self._fits(n["Resources"], spec.hardware.num_gpus)]
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify) for n in nodes]
+        prepared = 0
         for node, ref in zip(nodes, refs, strict=True):
             try:
                 result = await _get(ref)
@@ -513,11 +514,20 @@ class RayBackend(Backend):
                 cause = _cause(exc)
                 if isinstance(cause, WorkspaceError):
                     raise WorkspaceError(f"on Ray node {node['NodeID'][:12]}: {cause}", hint=cause.hint) from None
+                alive = {n["NodeID"] for n in await asyncio.to_thread(self._nodes)}
+                if node["NodeID"] not in alive:  # it left the cluster meanwhile: runs go to the others
+                    if on_output is not None:
+                        on_output(f"[{node['NodeID'][:12]}] left the cluster while being prepared; skipped")
+                    continue
                 message = f"preparing the workspace on Ray node {node['NodeID'][:12]} failed: {cause}"
                 raise WorkspaceError(message) from None
+            prepared += 1
             if on_output is not None:
                 for line in result["lines"]:
                     on_output(f"[{node['NodeID'][:12]}] {line}")
+        if nodes and not prepared:
+            raise WorkspaceError("every Ray node that could take runs left the cluster while being prepared",
+                                 hint="check the cluster (`ray status`) and run the same command again")
         self._local_checkout = checkout
         return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
 
