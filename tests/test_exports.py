@@ -26,6 +26,8 @@ from ratiocinator.exports import (
 )
 from ratiocinator.ledger import Ledger, RunRow
 
+pytestmark = pytest.mark.subprocess
+
 RUNNER = """
 import argparse
 import json
