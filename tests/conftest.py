@@ -3,7 +3,8 @@
 Markers (registered in pyproject.toml) set apart the tests that start interpreters or servers,
 so that `make test-fast` can leave them out: ``subprocess`` (the CLI or another Python
 interpreter as a child process), ``sshd`` and ``ray`` (added here to every test using the
-fixture `sshd` or `ray_cluster`, so none can go unmarked) and ``latex`` (runs pdflatex). A test
+fixture `sshd` or `ray_cluster`, so none can go unmarked; Ray's also start interpreters) and
+``latex`` (runs pdflatex). A test
 that starts a Python interpreter or pdflatex from the test process without its marker fails,
 naming the marker it needs.
 """
@@ -104,16 +105,19 @@ class Study:
 
 # -- markers ------------------------------------------------------------------------
 
-# Fixtures that start a server, and the marker each gives every test that uses it.
-FIXTURE_MARKERS = {"sshd": "sshd", "ray_cluster": "ray"}
+# Fixtures that start a server, and the markers each gives every test that uses it (Ray's nodes
+# and workers are Python interpreters).
+FIXTURE_MARKERS = {"sshd": ("sshd",), "ray_cluster": ("ray", "subprocess")}
 _PYTHON = re.compile(r"python[0-9.]*")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        for fixture, marker in FIXTURE_MARKERS.items():
-            if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None:
-                item.add_marker(marker)
+        for fixture, markers in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for marker in markers:
+                    if item.get_closest_marker(marker) is None:
+                        item.add_marker(marker)
 
 
 def _marker_for(argv: object) -> str | None:
