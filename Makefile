@@ -1,9 +1,10 @@
 # The README's two commands: `make run` (set up + quickstart study) and `make test`.
+# `make test-fast` leaves out the tests that start the CLI or other interpreters, sshd, Ray or pdflatex.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run lint test bench bench-report bench-exec-eval bench-market clean
+.PHONY: run lint test test-fast bench bench-report bench-exec-eval bench-market clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not (subprocess or sshd or ray or latex)"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/overhead.py

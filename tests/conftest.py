@@ -1,8 +1,18 @@
-"""Shared fixtures: a real git repo holding a runner, a spec pointing at it, and the real CLI."""
+"""Shared fixtures: a real git repo holding a runner, a spec pointing at it, and the real CLI.
+
+Markers (registered in pyproject.toml) set apart the tests that start interpreters or servers,
+so that `make test-fast` can leave them out: ``subprocess`` (the CLI or another Python
+interpreter as a child process), ``sshd`` and ``ray`` (added here to every test using the
+fixture `sshd` or `ray_cluster`, so none can go unmarked; Ray's also start interpreters) and
+``latex`` (runs pdflatex). A test
+that starts a Python interpreter or pdflatex from the test process without its marker fails,
+naming the marker it needs.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +102,84 @@ class Study:
 
     def ledger(self) -> Ledger:
         return Ledger(self.home / "ledger.db")
+
+
+# -- markers ------------------------------------------------------------------------
+
+# Fixtures that start a server, and the markers each gives every test that uses it (Ray's nodes
+# and workers are Python interpreters).
+FIXTURE_MARKERS = {"sshd": ("sshd",), "ray_cluster": ("ray", "subprocess")}
+_PYTHON = re.compile(r"python[0-9.]*")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, markers in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for marker in markers:
+                    if item.get_closest_marker(marker) is None:
+                        item.add_marker(marker)
+
+
+def _marker_for(argv: object) -> str | None:
+    """The marker a test starting ``argv`` needs: a Python interpreter (named anywhere in the command line,
+    as after ``bash -c`` or ``setpriv``, or as a script's ``#!``) or pdflatex; None for other programs."""
+    words = [str(a) for a in (argv if isinstance(argv, (list, tuple)) else [argv])]
+    tokens = [t for w in words for t in w.split()]
+    if not tokens or "ratiocinator.execution.supervisor" in tokens:  # the deadline keeper: one per process
+        return None
+    if os.path.basename(tokens[0]) == "pdflatex":
+        return "latex"
+    if any(t == sys.executable or _PYTHON.fullmatch(os.path.basename(t)) for t in tokens):
+        return "subprocess"
+    try:
+        with open(tokens[0], "rb") as fh:
+            first = fh.readline(200)
+    except OSError:
+        return None
+    return "subprocess" if first.startswith(b"#!") and b"python" in first else None
+
+
+class _SpawnWatch:
+    """What the test now running started from this process that its markers do not cover."""
+
+    def __init__(self) -> None:
+        self.item: pytest.Item | None = None
+        self.unmarked: list[str] = []
+
+    def audit(self, event: str, args: tuple) -> None:
+        if event != "subprocess.Popen" or self.item is None:
+            return
+        marker = _marker_for(args[1])
+        if marker is not None and self.item.get_closest_marker(marker) is None:
+            argv = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            self.unmarked.append(f"@pytest.mark.{marker}: it starts {' '.join(map(str, argv))[:120]}")
+
+
+_WATCH = _SpawnWatch()
+sys.addaudithook(_WATCH.audit)
+
+
+def _watched(item: pytest.Item):  # type: ignore[no-untyped-def]
+    _WATCH.item, _WATCH.unmarked = item, []
+    try:
+        result = yield
+    finally:
+        _WATCH.item = None
+    if _WATCH.unmarked:
+        needed = "\n  ".join(dict.fromkeys(_WATCH.unmarked))
+        pytest.fail(f"this test needs a marker (`make test-fast` would run it):\n  {needed}", pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):  # type: ignore[no-untyped-def]
+    return (yield from _watched(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
+    return (yield from _watched(item))
 
 
 def require_git_lfs() -> None:

@@ -168,6 +168,7 @@ def running_attempt(lab: Lab, tag: str, ref: str) -> Attempt | None:
 # -- the issue's check: the whole loop over the patch directory ------------------------------------
 
 
+@pytest.mark.subprocess
 def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
     program = lab.program("t")
     done = lab.cli("autoresearch", str(program))
@@ -244,6 +245,7 @@ def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
     assert lab.repo.git("rev-parse", "--abbrev-ref", "HEAD") == "main"
 
 
+@pytest.mark.subprocess
 def test_noise_aware_mode_discards_the_seed_change_that_default_mode_keeps(lab: Lab) -> None:
     patches = lab.patches("subset", "01", "02", "06", "07")
     lab.run(lab.program("plain", patches=patches), counters="c1")
@@ -274,6 +276,7 @@ def test_noise_aware_mode_discards_the_seed_change_that_default_mode_keeps(lab: 
 # -- resume, interruption, refusal, validation --------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_resume_after_kill_and_sigterm_loses_and_duplicates_nothing(lab: Lab) -> None:
     hang = (PATCHES / "04-hang.patch").read_text()
     patches = lab.patches("resume", "01", extra={
@@ -314,6 +317,7 @@ def test_resume_after_kill_and_sigterm_loses_and_duplicates_nothing(lab: Lab) ->
                  " during this attempt)"]
 
 
+@pytest.mark.subprocess
 def test_refuses_an_existing_branch_the_ledger_does_not_know(lab: Lab) -> None:
     lab.repo.git("branch", "autoresearch/mine")
     done = lab.cli("autoresearch", str(lab.program("mine")))
@@ -323,6 +327,7 @@ def test_refuses_an_existing_branch_the_ledger_does_not_know(lab: Lab) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_refuses_a_second_orchestrator_on_the_same_session(lab: Lab) -> None:
     lock = lab.home / "autoresearch" / "busy" / "lock"
     lock.parent.mkdir(parents=True)
@@ -347,6 +352,7 @@ def test_a_run_is_judged_by_its_exit_and_its_metric(tmp_path: Path, command: str
         assert outcome.metric == 1.5 and outcome.metrics["peak_vram_mb"] == 512
 
 
+@pytest.mark.subprocess
 def test_program_errors_name_file_and_line(lab: Lab) -> None:
     path = lab.root / "bad.yaml"
     path.write_text("repo: repo\ntag: bad\nedtiable: [config.py]\nrun: python train.py\nmetric: val_bpb\n"
@@ -369,6 +375,7 @@ def test_program_errors_name_file_and_line(lab: Lab) -> None:
 # -- parallel workers ------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_two_workers_share_the_best_and_only_advance_on_improvements(lab: Lab) -> None:
     slow_wider = make_patch(lab.root, "slowly double the width to 128",
                             {"WIDTH = 64": "WIDTH = 128", "EXTRAS = ()": "EXTRAS = ()\nimport time\ntime.sleep(0.8)"})
@@ -444,6 +451,7 @@ else:
 """
 
 
+@pytest.mark.subprocess
 def test_command_agent_edits_states_its_hypothesis_and_gives_up(lab: Lab) -> None:
     script = lab.root / "agent.py"
     script.write_text(AGENT)
@@ -471,6 +479,7 @@ def test_command_agent_edits_states_its_hypothesis_and_gives_up(lab: Lab) -> Non
         lab.run(program)
 
 
+@pytest.mark.subprocess
 def test_max_dollars_stops_the_loop_before_a_run_could_overrun(lab: Lab) -> None:
     # $100 per second and a 2 s hard timeout: each run reserves $200 before it starts and costs about $35
     # (0.3 s), so after two or three runs the next one could overrun $300 and is never started.
@@ -489,6 +498,7 @@ def test_max_dollars_stops_the_loop_before_a_run_could_overrun(lab: Lab) -> None
     assert sum(a.cost for a in attempts) == pytest.approx(spent)
 
 
+@pytest.mark.subprocess
 def test_llm_agent_reasks_with_gits_complaint_then_applies_the_diff(lab: Lab) -> None:
     text = (PATCHES / "01-deeper.patch").read_text()
     good = text[text.index("diff --git"):]
@@ -568,6 +578,7 @@ def test_guard_patterns_and_protected_hashes(tmp_path: Path) -> None:
                       actual=before).ok
 
 
+@pytest.mark.subprocess
 def test_log_refuses_unknown_sessions_and_attempts(lab: Lab) -> None:
     program = lab.program("nolog")
     done = lab.cli("autoresearch-log", str(program))

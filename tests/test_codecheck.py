@@ -364,11 +364,13 @@ def check(root: Path, env: dict[str, str], text: str | None, exclude: tuple[str,
     return requirements_findings(root, "requirements.txt", exclude, python, timeout_s=timeout_s, env=env)
 
 
+@pytest.mark.subprocess
 def test_resolvable_requirements_give_no_findings(tmp_path, offline_env):
     assert check(tmp_path, offline_env, "# pinned\nrcheck-alpha==1.0  # the only one\n") == []
     assert requirements_findings(tmp_path, None, (), sys.executable, timeout_s=5) == []
 
 
+@pytest.mark.subprocess
 def test_missing_package_is_named_at_its_line(tmp_path, offline_env):
     findings = check(tmp_path, offline_env, "rcheck-alpha\n\ndefinitely-missing-pkg==1.0\n")
     assert len(findings) == 1
@@ -381,6 +383,7 @@ def test_missing_package_is_named_at_its_line(tmp_path, offline_env):
                for line in finding.evidence)
 
 
+@pytest.mark.subprocess
 def test_version_that_does_not_exist_is_named(tmp_path, offline_env):
     [finding] = check(tmp_path, offline_env, "rcheck-alpha==9.9\n")
     assert finding.kind == "unresolvable_requirement" and finding.where() == "requirements.txt:1"
@@ -390,6 +393,7 @@ def test_version_that_does_not_exist_is_named(tmp_path, offline_env):
                             "1.0, 1.1, 1.2, …, 1.7, 1.8, 1.9 (10 in all)")
 
 
+@pytest.mark.subprocess
 def test_unsatisfiable_dependency_points_at_the_requirement_that_needs_it(tmp_path, offline_env):
     [finding] = check(tmp_path, offline_env, "rcheck-beta\n")
     assert finding.message == ("`rcheck-alpha==2.0`, which `rcheck-beta` requires, cannot be installed: "
@@ -397,6 +401,7 @@ def test_unsatisfiable_dependency_points_at_the_requirement_that_needs_it(tmp_pa
     assert finding.where() == "requirements.txt:1"
 
 
+@pytest.mark.subprocess
 def test_conflict_is_reported_with_pips_explanation(tmp_path, offline_env):
     write(tmp_path, {"requirements/base.txt": "rcheck-alpha==1.0\n"})
     [finding] = check(tmp_path, offline_env, "-r requirements/base.txt\nrcheck-beta \\\n  ; python_version > '3'\n")
@@ -408,11 +413,13 @@ def test_conflict_is_reported_with_pips_explanation(tmp_path, offline_env):
     assert "The user requested rcheck-alpha==1.0" in finding.evidence
 
 
+@pytest.mark.subprocess
 def test_excluded_requirements_are_not_checked(tmp_path, offline_env):
     text = "rcheck-alpha\nDefinitely_Missing.Pkg==1.0\n"
     assert check(tmp_path, offline_env, text, exclude=("definitely-missing-pkg",)) == []
 
 
+@pytest.mark.subprocess
 def test_unparseable_line_is_located_in_the_included_file(tmp_path, offline_env):
     write(tmp_path, {"extra.txt": "rcheck-alpha\nnot a requirement\n"})
     [finding] = check(tmp_path, offline_env, "# base\n-r extra.txt\n")
@@ -421,6 +428,7 @@ def test_unparseable_line_is_located_in_the_included_file(tmp_path, offline_env)
     assert (finding.where(), finding.excerpt) == ("extra.txt:2", "not a requirement")
 
 
+@pytest.mark.subprocess
 def test_other_pip_failures_quote_pip(tmp_path, offline_env):
     [finding] = check(tmp_path, offline_env, "-e ./nowhere\n")
     assert finding.kind == "requirements_error"
@@ -436,12 +444,14 @@ def test_missing_requirements_files(tmp_path, offline_env):
     assert nested.kind == "requirements_missing" and "nowhere.txt" in nested.message
 
 
+@pytest.mark.subprocess
 def test_timeout_is_unchecked_not_unresolvable(tmp_path, offline_env):
     [finding] = check(tmp_path, offline_env, "rcheck-alpha\n", timeout_s=0.05)
     assert finding.kind == "requirements_unchecked"
     assert "did not finish" in finding.message and "unknown" in finding.message
 
 
+@pytest.mark.subprocess
 def test_unreachable_index_is_unchecked_not_unresolvable(tmp_path, offline_env):
     with socket.socket() as closed:  # bound, never listening: connections are refused at once
         closed.bind(("127.0.0.1", 0))

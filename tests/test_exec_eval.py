@@ -173,6 +173,7 @@ def batch() -> dict[str, SampleResult]:
     return {r.id: r for r in results}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sample_id", list(EXPECTED))
 def test_label(batch: dict[str, SampleResult], sample_id: str) -> None:
     result = batch[sample_id]
@@ -184,6 +185,7 @@ def test_every_label_is_covered() -> None:
     assert {label for label, _ in EXPECTED.values()} == set(LABELS)
 
 
+@pytest.mark.subprocess
 def test_return_none_is_wrong_output_with_the_failing_line(batch: dict[str, SampleResult]) -> None:
     result = batch["he-return-none"]
     assert result.evidence["raised_in"] == "test"
@@ -193,6 +195,7 @@ def test_return_none_is_wrong_output_with_the_failing_line(batch: dict[str, Samp
     assert result.evidence["checkers_called"] == ["check"]
 
 
+@pytest.mark.subprocess
 def test_success_evidence(batch: dict[str, SampleResult]) -> None:
     result = batch["he-pass"]
     assert result.evidence["asserts_executed"] == 2
@@ -203,6 +206,7 @@ def test_success_evidence(batch: dict[str, SampleResult]) -> None:
     assert result.message == ""
 
 
+@pytest.mark.subprocess
 def test_runtime_error_evidence(batch: dict[str, SampleResult]) -> None:
     result = batch["zero-division"]
     assert result.message == "division by zero"
@@ -213,12 +217,14 @@ def test_runtime_error_evidence(batch: dict[str, SampleResult]) -> None:
     assert "ZeroDivisionError" in result.stderr_tail
 
 
+@pytest.mark.subprocess
 def test_syntax_error_names_the_part_and_line(batch: dict[str, SampleResult]) -> None:
     program, test = batch["he-syntax"], batch["test-syntax"]
     assert program.evidence["raised_in"] == "program" and program.evidence["frame"]["line"] == 3
     assert test.evidence["raised_in"] == "test" and test.evidence["frame"]["file"] == "<test>"
 
 
+@pytest.mark.subprocess
 def test_no_tests_ran_says_why(batch: dict[str, SampleResult]) -> None:
     assert "check()" in batch["check-never-called"].message
     assert batch["check-never-called"].evidence["checkers_called"] == []
@@ -229,12 +235,14 @@ def test_no_tests_ran_says_why(batch: dict[str, SampleResult]) -> None:
     assert batch["checker-called"].evidence["checkers_called"] == ["check_f"]
 
 
+@pytest.mark.subprocess
 def test_swallowed_assertion_is_counted(batch: dict[str, SampleResult]) -> None:
     result = batch["swallowed-assert"]
     assert result.evidence["asserts_failed"] == 1
     assert "caught" in result.message
 
 
+@pytest.mark.subprocess
 def test_timeouts_kill_at_the_wall_clock_limit(batch: dict[str, SampleResult]) -> None:
     for sample_id in ("infinite-loop", "sleep-forever"):
         result = batch[sample_id]
@@ -243,12 +251,14 @@ def test_timeouts_kill_at_the_wall_clock_limit(batch: dict[str, SampleResult]) -
         assert 0.9 <= result.duration_s < 3.0
 
 
+@pytest.mark.subprocess
 def test_memory_errors_hit_the_memory_limit(batch: dict[str, SampleResult]) -> None:
     for sample_id in ("alloc-10gb", "growing-list", "doubling-list"):
         assert batch[sample_id].evidence["limit_hit"] == "memory"
     assert batch["alloc-10gb"].evidence["max_rss_mb"] < 512
 
 
+@pytest.mark.subprocess
 def test_exits_before_the_tests_are_not_success(batch: dict[str, SampleResult]) -> None:
     assert batch["sys-exit-0"].evidence["phase"] == "program"
     assert batch["sys-exit-in-test"].evidence["phase"] == "test"
@@ -259,6 +269,7 @@ def test_exits_before_the_tests_are_not_success(batch: dict[str, SampleResult]) 
     assert batch["sigkill-self"].signal == "SIGKILL" and batch["sigkill-self"].evidence["limit_hit"] is None
 
 
+@pytest.mark.subprocess
 def test_output_capture_is_bounded(batch: dict[str, SampleResult]) -> None:
     result = batch["print-100mb"]
     assert result.evidence["stdout_bytes"] >= 100 * 1024 * 1024
@@ -266,18 +277,21 @@ def test_output_capture_is_bounded(batch: dict[str, SampleResult]) -> None:
     assert result.stdout_tail.endswith("last line\n")
 
 
+@pytest.mark.subprocess
 def test_forged_records_are_ignored(batch: dict[str, SampleResult]) -> None:
     result = batch["forge-stdout"]
     assert result.evidence["reported"] is False
     assert '"status": "completed"' in result.stdout_tail
 
 
+@pytest.mark.subprocess
 def test_file_size_limit(batch: dict[str, SampleResult]) -> None:
     result = batch["huge-file"]
     assert result.evidence["limit_hit"] == "file_size"
     assert "File too large" in result.message
 
 
+@pytest.mark.subprocess
 def test_cpu_limit_is_a_timeout() -> None:
     [result] = evaluate([plain("spin", "while True:\n    pass\n")], limits=Limits(timeout_s=20.0, cpu_s=1))
     assert (result.label, result.evidence["limit_hit"]) == ("timeout", "cpu_time"), result.to_json()
@@ -305,6 +319,7 @@ def sandbox_processes(zombies: bool = False) -> list[str]:
 RENAME = f"open('/proc/self/comm', 'w').write('{TAG}')\n"
 
 
+@pytest.mark.subprocess
 def test_fork_bombs_leave_nothing_behind_and_the_evaluator_carries_on() -> None:
     hostile = [
         plain("fork-bomb", "import os\n" + RENAME + "while True:\n    os.fork()\n", timeout_s=2.0),
@@ -387,6 +402,7 @@ PRISTINE = plain("pristine", """
 """)
 
 
+@pytest.mark.subprocess
 def test_a_zygote_forks_each_sample_from_a_pristine_state() -> None:
     polluter, pristine = evaluate([POLLUTER, PRISTINE], workers=1)
     assert polluter.label == "success", polluter.to_json()
@@ -409,6 +425,7 @@ ZYGOTE_PROBE = """
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user, samples share the zygote's uid")
 def test_as_root_a_sample_cannot_touch_its_zygote() -> None:
     probe = plain("probe", ZYGOTE_PROBE, """
@@ -438,6 +455,7 @@ def zygotes_of_this_process() -> list[int]:
     return found
 
 
+@pytest.mark.subprocess
 def test_an_interrupted_evaluation_kills_its_sandboxes_and_zygotes() -> None:
     class Stop(Exception):
         pass
@@ -454,6 +472,7 @@ def test_an_interrupted_evaluation_kills_its_sandboxes_and_zygotes() -> None:
     assert zygotes_of_this_process() == []
 
 
+@pytest.mark.subprocess
 def test_results_in_input_order_and_on_result_sees_each() -> None:
     samples = [humaneval(f"s{i}", "    return a + b\n" if i % 2 else "    return a - b\n") for i in range(6)]
     seen: list[str] = []
@@ -463,6 +482,7 @@ def test_results_in_input_order_and_on_result_sees_each() -> None:
     assert [r.label for r in results] == ["wrong_output", "success"] * 3
 
 
+@pytest.mark.subprocess
 def test_summary_and_json_shape(batch: dict[str, SampleResult]) -> None:
     results = list(batch.values())
     summary = summarize(results)
@@ -483,6 +503,7 @@ def test_summary_and_json_shape(batch: dict[str, SampleResult]) -> None:
 # ---------------------------------------------------------------- loading
 
 
+@pytest.mark.subprocess
 def test_fixture_file_round_trip() -> None:
     samples = load_samples(DATA)
     expected = [json.loads(line)["expect"] for line in DATA.read_text().splitlines() if line.strip()]
@@ -603,6 +624,7 @@ print(json.dumps({{"uid": os.getuid(), "labels": [r.label for r in results],
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
                     reason="needs root, setpriv and a system python3.11 to become an ordinary user")
 def test_as_an_ordinary_user_the_process_cap_and_sweep_still_hold() -> None:

@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import CLI
+
+pytestmark = pytest.mark.subprocess
 
 SAMPLES = Path(__file__).parent / "data" / "exec_eval_samples.jsonl"
 

@@ -26,6 +26,8 @@ from ratiocinator.report.exports import (
 )
 from ratiocinator.store.ledger import Ledger, RunRow
 
+pytestmark = pytest.mark.subprocess
+
 RUNNER = """
 import argparse
 import json

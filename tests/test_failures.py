@@ -91,6 +91,7 @@ def _by_arm(study: Study) -> dict:
     return {r.arm: r for r in ledger.runs(exp.id)}
 
 
+@pytest.mark.subprocess
 def test_each_misbehaving_runner_gets_its_class_and_evidence_and_none_is_retried(study: Study) -> None:
     study.commit({"run.sh": RUNNER, "train.py": TRAIN_PY, "broken.py": BROKEN_PY})
     spec = study.spec(arms=[{"name": m, "env": {"MODE": m}} for m in MODES], concurrency=1, train_timeout_s=4,
@@ -146,6 +147,7 @@ def test_each_misbehaving_runner_gets_its_class_and_evidence_and_none_is_retried
     assert "ran out of host or GPU memory" in section and "Evidence" in section
 
 
+@pytest.mark.subprocess
 def test_an_oom_while_another_run_shares_the_host_is_retried_and_then_succeeds(study: Study, tmp_path: Path) -> None:
     study.commit({"run.sh": '''
         #!/usr/bin/env bash
@@ -192,6 +194,7 @@ class FlakyLaunchBackend(LocalBackend):
         return await super().launch(host, request)
 
 
+@pytest.mark.latex
 def test_infra_failures_retry_up_to_the_cap_as_new_attempts(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1.0}'\n"})
     loaded = load_spec(study.spec(arms=[{"name": "a"}], extra_knobs=[],
@@ -214,6 +217,7 @@ def test_infra_failures_retry_up_to_the_cap_as_new_attempts(study: Study) -> Non
     assert [(r.attempt, r.status, r.failure) for r in runs] == [(1, "failed", "infra"), (2, "succeeded", None)]
 
 
+@pytest.mark.subprocess
 def test_first_runs_failing_alike_stop_the_experiment_before_the_rest_are_paid_for(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\nexec python3 broken.py $K\n", "broken.py": BROKEN_PY})
     spec = study.spec(factors={"K": [1, 2, 3, 4, 5, 6]}, concurrency=1, extra_knobs=["K"],
@@ -229,6 +233,7 @@ def test_first_runs_failing_alike_stop_the_experiment_before_the_rest_are_paid_f
     assert any(e["kind"] == "early_stop" for e in ledger.events(exp.id))
 
 
+@pytest.mark.subprocess
 def test_a_goal_identical_across_differing_arms_marks_the_runs_degenerate(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\n: \"${WIDTH:-1}\"\n"
                             "echo 'METRICS: {\"score\": 0.5, \"loss\": 1.25}'\n"})

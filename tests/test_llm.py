@@ -507,6 +507,7 @@ def test_config_from_environment_errors(env: dict[str, str], message: str) -> No
     assert_no_key(str(caught.value))
 
 
+@pytest.mark.subprocess
 def test_importing_the_llm_package_does_not_load_the_sdks() -> None:
     code = "import sys, ratiocinator.llm; print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

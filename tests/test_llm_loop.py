@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import Study
 from llmserver import Fail, LlmServer, Reply
+
+pytestmark = pytest.mark.subprocess
 
 SEED_TOPIC = yaml.safe_load((Path(__file__).parents[1] / "specs" / "gnn_generation.yaml").read_text())["topic"]
 

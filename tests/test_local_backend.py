@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import Study
 from ratiocinator.backends.hardware import MachineFacts, compare_local
 from ratiocinator.backends.local import LocalBackend
@@ -58,6 +60,7 @@ def test_compare_local_reports_every_field() -> None:
     assert priced["max_dph"].status == "unmet"
 
 
+@pytest.mark.subprocess
 def test_unmet_hardware_refuses_to_run(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1}'\n"})
     spec = study.spec(hardware={"gpu": "RTX 4090", "num_gpus": 1, "min_cpu_ram_gb": 100000})
@@ -67,6 +70,7 @@ def test_unmet_hardware_refuses_to_run(study: Study) -> None:
     assert not (study.home / "ledger.db").exists()
 
 
+@pytest.mark.subprocess
 def test_each_gpu_run_is_pinned_to_its_own_gpu(study: Study, tmp_path: Path) -> None:
     study.commit({"run.sh": """
         #!/usr/bin/env bash

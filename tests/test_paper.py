@@ -286,6 +286,7 @@ latex = pytest.mark.skipif(
 )
 
 
+@pytest.mark.latex
 @latex
 def test_paper_tex_compiles_to_pdf_even_with_hostile_text(tmp_path: Path) -> None:
     arms = PlantedStudy.grid(OPT=["adam_w", "sgd&m"], LR=["1e-3", "50%"])

@@ -67,6 +67,7 @@ def _wait_for(predicate, timeout: float = 60.0) -> bool:
     return False
 
 
+@pytest.mark.latex
 def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
         ray_cluster: RayCluster, study: Study) -> None:
     marks = study.root / "marks"
@@ -180,6 +181,7 @@ def test_orphan_of_a_dead_orchestrator_is_killed_on_its_node_by_pid_and_start_ti
     assert exit_info.signal == signal.SIGKILL
 
 
+@pytest.mark.latex
 def test_killed_node_marks_its_run_infra_and_the_retry_succeeds_on_another_node(
         ray_cluster: RayCluster, study: Study) -> None:
     marks = study.root / "marks"
@@ -225,6 +227,7 @@ def test_only_the_runs_own_and_named_variables_reach_the_node(monkeypatch: pytes
     assert backend._forwarded_env(env) == {"WANDB_API_KEY": "k", "RATIOCINATOR_RUN_ID": "3", "LR": "0.1"}
 
 
+@pytest.mark.latex
 def test_files_under_git_lfs_reach_every_node_with_their_content(
         ray_cluster: RayCluster, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     from ratiocinator.backends import ray_backend

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import Study
 from llmserver import LlmServer, Reply
+
+pytestmark = pytest.mark.subprocess
 
 CLEAN_RUNNER = "#!/usr/bin/env bash\nexec python3 train.py\n"
 

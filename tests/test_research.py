@@ -7,8 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import CLI, Study, process_alive
 from ratiocinator.store.ledger import Ledger
+
+pytestmark = pytest.mark.subprocess
 
 GOOD_RUNNER = """
 #!/usr/bin/env bash

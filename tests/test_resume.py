@@ -10,7 +10,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from conftest import CLI, Study, process_alive
+
+pytestmark = pytest.mark.subprocess
 
 SLOW_RUNNER = """
 #!/usr/bin/env bash

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from conftest import Study
+
+pytestmark = pytest.mark.subprocess
 
 RUNNER = '''
 import json

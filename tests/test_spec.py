@@ -43,6 +43,7 @@ def test_seed_spec_loads_unchanged_with_every_field() -> None:
     assert loaded.name == "gnn_generation"
 
 
+@pytest.mark.subprocess
 def test_validate_seed_spec_exits_0_and_reports_every_hardware_field() -> None:
     done = subprocess.run([*CLI, "validate", str(SEED)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -55,6 +56,7 @@ def test_validate_seed_spec_exits_0_and_reports_every_hardware_field() -> None:
     assert "no arms or factors yet" in done.stdout
 
 
+@pytest.mark.subprocess
 def test_typo_key_names_file_line_and_nearest_key(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL + "hardware:\n  num_gpu: 1\nmax_dolars: 3\n")
     done = subprocess.run([*CLI, "validate", str(path)], capture_output=True, text=True, timeout=60)
@@ -131,6 +133,7 @@ def test_plan_errors_for_no_arms_duplicates_and_bad_baseline(tmp_path: Path) -> 
         load_spec(_write(tmp_path, MINIMAL + "factors: {A: [1, 2]}\nbaseline: {A: 3}\n"))
 
 
+@pytest.mark.subprocess
 def test_seed_spec_plan_says_how_to_add_arms(tmp_path: Path) -> None:
     done = subprocess.run([*CLI, "--home", str(tmp_path), "plan", str(SEED)], capture_output=True, text=True,
                           timeout=60)
@@ -138,6 +141,7 @@ def test_seed_spec_plan_says_how_to_add_arms(tmp_path: Path) -> None:
     assert "defines no arms" in done.stderr and "factors:" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_plan_json_lists_runs_knobs_commit_and_worst_case(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho \"METRICS: {\\\"score\\\": ${LR:-1}}\"\n"})
     spec = study.spec(factors={"LR": [0.1, 0.2]}, replicates=3, train_timeout_s=600,
@@ -153,6 +157,7 @@ def test_plan_json_lists_runs_knobs_commit_and_worst_case(study: Study) -> None:
     assert "2 arms × 3 replicates = 6 runs" in human.stdout and "worst case $0.5000" in human.stdout
 
 
+@pytest.mark.subprocess
 def test_knobs_command_lists_defaults_and_sources(study: Study) -> None:
     study.commit({
         "run.sh": "#!/usr/bin/env bash\nLR=\"${LR:-0.01}\"\npython3 train.py --epochs 3\n",

@@ -77,6 +77,7 @@ def _backend(server: Sshd, study: Study, **options: object) -> SshBackend:
     return SshBackend([_host(server, study.root, **host_fields)], study.home, **options)  # type: ignore[arg-type]
 
 
+@pytest.mark.latex
 def test_full_experiment_runs_over_ssh(sshd: Sshd, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RC_TEST_SECRET", SECRET)
     spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
@@ -122,6 +123,7 @@ def test_full_experiment_runs_over_ssh(sshd: Sshd, study: Study, monkeypatch: py
                 assert SECRET.encode() not in data, path
 
 
+@pytest.mark.latex
 def test_dropped_connection_does_not_kill_the_run_and_is_reattached(sshd: Sshd, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "BONUS": 7, "SLEEP_S": 4}}])
     backend = _backend(sshd, study, reconnect_budget_s=30)
@@ -271,6 +273,7 @@ def test_cancel_kills_the_remote_process_group(sshd: Sshd, study: Study) -> None
     assert not process_alive(pid)
 
 
+@pytest.mark.subprocess
 def test_backend_ssh_in_the_spec_runs_the_whole_pipeline_with_its_readiness_review(sshd: Sshd, study: Study) -> None:
     host = _host(sshd, study.root)
     spec = _spec(study, backend="ssh", hosts=[host.model_dump(exclude_none=True)],
@@ -289,6 +292,7 @@ def test_backend_ssh_in_the_spec_runs_the_whole_pipeline_with_its_readiness_revi
     assert refused.returncode == 2 and "backend: ssh needs hosts" in refused.stderr
 
 
+@pytest.mark.latex
 def test_files_under_git_lfs_reach_the_host_with_their_content(sshd: Sshd, study: Study) -> None:
     blob = study.commit_lfs_blob()
     spec = study.spec(seed_env="SEED", train_timeout_s=60)

@@ -210,6 +210,7 @@ def _account_of_30(vast: VastServer, study: Study) -> tuple[str, list[int]]:
     return str(row.provider_id), others
 
 
+@pytest.mark.subprocess
 def test_reap_destroys_only_this_homes_instance_on_page_2_and_names_the_others(vast: VastServer, study: Study) -> None:
     mine, others = _account_of_30(vast, study)
     env = {"VAST_API_KEY": API_KEY, "VAST_API_URL": vast.url}
@@ -230,6 +231,7 @@ def test_reap_destroys_only_this_homes_instance_on_page_2_and_names_the_others(v
     assert all(label in wide.stdout for label in ("ratiocinator-0badf00d-1", "ratiocinator-4"))
 
 
+@pytest.mark.subprocess
 def test_reap_on_a_home_that_never_rented_names_what_it_leaves(vast: VastServer, study: Study) -> None:
     other = vast.fake.add_instance("ratiocinator-0badf00d-1")
     study.ledger().close()  # a home with a ledger (local studies, say) and no instance row at all
@@ -241,6 +243,7 @@ def test_reap_on_a_home_that_never_rented_names_what_it_leaves(vast: VastServer,
     assert misuse.returncode == 2 and "--all-homes widens --reap" in misuse.stderr
 
 
+@pytest.mark.subprocess
 def test_reap_with_a_refused_key_stops_clearly_and_takes_nothing_for_gone(vast: VastServer, study: Study) -> None:
     ledger = study.ledger()
     row = _rented_by(ledger, _api(vast), 1)

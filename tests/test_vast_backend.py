@@ -93,6 +93,7 @@ def test_offer_query_honours_every_hardware_field(study: Study) -> None:
     assert "RC_DEADLINE=1234 RC_DEADLINE_FILE=~/w/deadline" in watchdog(1234.5, "ratiocinator-7", "~/w/deadline")
 
 
+@pytest.mark.latex
 def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
                  replicates=2)
@@ -182,6 +183,8 @@ def test_ssh_refused_destroys_the_instance(sshd: Sshd, vast: VastServer, study: 
     assert row.cost_source == "lifetime × price (the provider's charges do not cover this instance's lifetime yet)"
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_billing_error_falls_back_to_lifetime_times_price(sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.billing_fails = True
     spec = _spec(study)
@@ -241,6 +244,7 @@ def _research_while_the_instance_vanishes(vast: VastServer, study: Study, spec: 
         _kill_runners(study)
 
 
+@pytest.mark.latex
 def test_instance_vanishing_mid_run_ends_the_run_as_infra(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
                  failure_policy={"max_attempts": 1})
@@ -288,6 +292,7 @@ def _wait_for_run(study: Study, proc: subprocess.Popen[str]) -> None:
     assert _runner_pids(study), "the run never started"
 
 
+@pytest.mark.subprocess
 def test_kill_9_then_reap_leaves_nothing_live(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 30}}])
     proc = _orchestrate(vast, sshd, study, spec)
@@ -312,6 +317,7 @@ def test_kill_9_then_reap_leaves_nothing_live(sshd: Sshd, vast: VastServer, stud
     assert reaper.reap(ledger, VastApi(API_KEY, vast.url)) == []  # idempotent
 
 
+@pytest.mark.subprocess
 def test_ttl_destroys_the_instance_when_nobody_reaps(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 30}}], train_timeout_s=5)
     proc = _orchestrate(vast, sshd, study, spec, boot_timeout_s=2, setup_allowance_s=4, work_s=1)
@@ -346,6 +352,7 @@ def test_reap_finds_an_instance_rented_before_the_ledger_learnt_its_id(sshd: Ssh
     assert {r.state for r in inst.rows(ledger)} == {"destroyed"}
 
 
+@pytest.mark.subprocess
 def test_plan_shows_matching_offers_and_rents_nothing(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, backend="vast", vast={"base_url": vast.url, "boot_timeout_s": 10})
     env = {"VAST_API_KEY": API_KEY}
@@ -367,6 +374,7 @@ def _three_4090s(server: VastServer) -> None:
     server.fake.offers = [offer(1, dph=0.40), offer(3, dph=0.45), offer(4, dph=0.50), offer(2, "A100", 1.10)]
 
 
+@pytest.mark.latex
 def test_idle_instance_is_given_back_while_the_last_run_goes_on(sshd: Sshd, vast: VastServer, study: Study) -> None:
     _three_4090s(vast)
     spec = _spec(study, arms=[{"name": "fast", "env": {"BONUS": 20}},
@@ -393,6 +401,7 @@ def test_idle_instance_is_given_back_while_the_last_run_goes_on(sshd: Sshd, vast
     assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in rows.values()))
 
 
+@pytest.mark.latex
 def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iteration(
         sshd: Sshd, vast: VastServer, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     from ratiocinator.execution import executor
@@ -430,6 +439,7 @@ def test_capacity_given_back_mid_experiment_is_rented_again_for_the_next_iterati
     assert reserved == 0 and spent == pytest.approx(sum(row.cost for row in inst.rows(ledger)))
 
 
+@pytest.mark.latex
 def test_vanished_instance_is_replaced_and_the_run_retried(sshd: Sshd, vast: VastServer, study: Study) -> None:
     _three_4090s(vast)
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 6, "BONUS": 3}}],
@@ -453,6 +463,7 @@ def test_vanished_instance_is_replaced_and_the_run_retried(sshd: Sshd, vast: Vas
     assert vast.fake.live() == []
 
 
+@pytest.mark.latex
 def test_deadline_is_extended_before_a_run_would_outlive_it(sshd: Sshd, vast: VastServer, study: Study) -> None:
     # TTL 2 + 4 + 1 = 7 s: without an extension the host's watchdog would kill the 10 s run.
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 10}}], train_timeout_s=15)
@@ -487,6 +498,7 @@ def test_extension_the_budget_cannot_pay_stops_without_launching(sshd: Sshd, vas
     assert reserved == 0 and spent <= 0.005
 
 
+@pytest.mark.latex
 def test_runs_start_on_the_first_instance_up_and_a_slow_one_joins_when_ready(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     _three_4090s(vast)
@@ -508,6 +520,7 @@ def test_runs_start_on_the_first_instance_up_and_a_slow_one_joins_when_ready(
     assert vast.fake.live() == [] and {row.state for row in inst.rows(ledger)} == {"destroyed"}
 
 
+@pytest.mark.latex
 def test_instance_still_booting_when_the_queue_runs_dry_is_not_waited_for(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     _three_4090s(vast)

@@ -15,6 +15,8 @@ import pytest
 
 from planted import PlantedStudy
 
+pytestmark = pytest.mark.subprocess
+
 CLI = [sys.executable, "-m", "ratiocinator"]
 BASE = [0.712, 0.745, 0.688, 0.731]
 FAST = [0.815, 0.861, 0.834, 0.842]

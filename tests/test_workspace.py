@@ -268,6 +268,7 @@ def test_nothing_to_install_makes_no_venv(tmp_path: Path) -> None:
     assert not (tmp_path / "envs").exists()
 
 
+@pytest.mark.subprocess
 def test_requirements_install_without_the_excluded_package(prepared: Prepared) -> None:
     env = prepared.env
     assert env.venv.is_absolute() and env.venv.parent == prepared.envs_dir and (env.venv / ".ready").is_file()
@@ -279,6 +280,7 @@ def test_requirements_install_without_the_excluded_package(prepared: Prepared) -
     assert "ratio-tinypkg" in log and log.splitlines() == prepared.output
 
 
+@pytest.mark.subprocess
 def test_env_points_the_runner_at_the_venv(prepared: Prepared) -> None:
     env = prepared.env
     assert env.env["PATH"].split(os.pathsep)[0] == str(env.venv / "bin")
@@ -290,6 +292,7 @@ def test_env_points_the_runner_at_the_venv(prepared: Prepared) -> None:
         assert sys.prefix not in runner_path
 
 
+@pytest.mark.subprocess
 def test_a_ready_venv_is_reused(prepared: Prepared) -> None:
     env = prepared.env
     stamps = [(env.venv / name).stat().st_mtime_ns for name in (".ready", "install.log")]
@@ -299,6 +302,7 @@ def test_a_ready_venv_is_reused(prepared: Prepared) -> None:
     assert [(env.venv / name).stat().st_mtime_ns for name in (".ready", "install.log")] == stamps
 
 
+@pytest.mark.subprocess
 def test_failing_pre_install_stops_and_a_retry_rebuilds(tmp_path: Path) -> None:
     repo = GitRepo(tmp_path / "repo")
     repo.commit({"train.py": ""})
@@ -332,6 +336,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.subprocess
 def test_pre_install_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     repo = GitRepo(tmp_path / "repo")
     repo.commit({"train.py": ""})
