@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from signal import SIGTERM
 
-from ratiocinator import workspace as ws
 from ratiocinator.backends.base import (
     Backend,
     ExitInfo,
     HardwareFinding,
     Host,
+    InstanceDeadlines,
     LaunchFailure,
     LaunchRequest,
     RunHandle,
@@ -35,7 +35,9 @@ from ratiocinator.backends.base import (
     Stream,
     Workspace,
 )
-from ratiocinator.spec import LoadedSpec
+from ratiocinator.errors import UsageError
+from ratiocinator.repo import workspace as ws
+from ratiocinator.spec.models import LoadedSpec
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class MemoryRunHandle(RunHandle):
         """A scripted run leaves nothing behind."""
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(Backend, InstanceDeadlines):
     """Slots on no machine at all; each launch plays the `Script` that ``script`` gives it.
 
     ``script`` is one `Script` for every run, or a function of the `Launch` (its arm, seed,
@@ -147,7 +149,7 @@ class MemoryBackend(Backend):
         self.script = script
         self.home = home.expanduser().resolve() if home is not None else None
         self.n_slots = slots
-        self.price_per_hour = price_per_hour
+        self.price = price_per_hour
         self.refuse_secure_after = refuse_secure_after
         self.launches: list[Launch] = []
         self.handles: dict[int, MemoryRunHandle] = {}  # run id -> its handle
@@ -160,6 +162,14 @@ class MemoryBackend(Backend):
         self.orchestrator: asyncio.Task[object] | None = None
         self._attempts: dict[tuple[str, int], int] = {}
 
+    @classmethod
+    def from_spec(cls, loaded: LoadedSpec, home: Path) -> MemoryBackend:
+        raise UsageError("the in-memory backend is built by a test with its script, not from a spec")
+
+    def deadlines(self) -> InstanceDeadlines | None:
+        """Only when a test asks the budget to refuse keeping slots paid (``refuse_secure_after``)."""
+        return self if self.refuse_secure_after is not None else None
+
     # -- what the executor and the pipeline call ----------------------------------------
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
@@ -168,7 +178,7 @@ class MemoryBackend(Backend):
     async def acquire(self, loaded: LoadedSpec) -> Host:
         self.orchestrator = asyncio.current_task()  # what SIGTERM would cancel (see `interrupt`)
         count = self.n_slots or loaded.spec.concurrency or 1
-        price = loaded.spec.hardware.price_per_hour if self.price_per_hour is None else self.price_per_hour
+        price = loaded.spec.hardware.price_per_hour if self.price is None else self.price
         return Host(name="memory", slots=tuple(Slot(i) for i in range(count)), price_per_hour=price,
                     info={"where": "in memory"})
 

@@ -17,13 +17,13 @@ import pytest
 
 from conftest import Study
 from memory_backend import Launch, MemoryBackend, Script, metrics
-from ratiocinator import executor as executor_module
 from ratiocinator.backends.base import LaunchFailure, Workspace
-from ratiocinator.budget import Budget
-from ratiocinator.executor import ExecutionSummary, Executor
-from ratiocinator.ledger import Ledger
-from ratiocinator.planning import Plan, PlannedRun, plan_iteration
-from ratiocinator.spec import LoadedSpec, load_spec
+from ratiocinator.execution import executor as executor_module
+from ratiocinator.execution.executor import ExecutionSummary, Executor
+from ratiocinator.planning.plan import Plan, PlannedRun, plan_iteration
+from ratiocinator.spec.models import LoadedSpec, load_spec
+from ratiocinator.store.budget import Budget
+from ratiocinator.store.ledger import Ledger
 
 RUNNER = """
 #!/usr/bin/env bash
@@ -115,7 +115,8 @@ def test_every_run_ends_in_one_terminal_row_with_its_metrics_and_cost(rig) -> No
     assert [(x.arm, x.replicate, x.status, x.goal) for x in summary.results] == [
         (arm, rep, "succeeded", k * 10 + rep) for rep in (0, 1) for k, arm in ((1, "K=1"), (2, "K=2"), (3, "K=3"))]
     runs = r.runs()
-    assert Counter((x.arm, x.replicate) for x in runs) == Counter({(f"K={k}", rep): 1 for k in (1, 2, 3) for rep in (0, 1)})
+    expected = Counter({(f"K={k}", rep): 1 for k in (1, 2, 3) for rep in (0, 1)})
+    assert Counter((x.arm, x.replicate) for x in runs) == expected
     finals = r.ledger.run_metrics("exp")
     for run in runs:
         assert run.status == "succeeded" and run.attempt == 1 and run.failure is None and run.exit_code == 0
@@ -168,7 +169,8 @@ def test_transient_failures_are_retried_as_new_attempts_up_to_max_attempts(rig) 
             return Script(stderr=TRACEBACK, exit_code=1)
         return Script(stdout=[metrics(score=5)])
 
-    r = rig(MemoryBackend(script), arms=[{"name": m, "env": {"MODE": m}} for m in ("flaky", "lost", "broken")], concurrency=3,
+    r = rig(MemoryBackend(script), arms=[{"name": m, "env": {"MODE": m}} for m in ("flaky", "lost", "broken")],
+            concurrency=3,
             failure_policy={"max_attempts": 3, "retry_backoff_s": 0})
     summary = r.run()
     rows = {arm: [(x.attempt, x.status, x.failure, x.transient) for x in r.runs() if x.arm == arm]
@@ -192,7 +194,8 @@ def test_the_first_runs_failing_alike_stop_the_experiment_early(rig) -> None:
     r = rig(MemoryBackend(Script(stderr=TRACEBACK, exit_code=1)), factors={"K": [1, 2, 3, 4, 5]}, concurrency=1,
             failure_policy={"stop_after": 2})
     summary = r.run()
-    assert summary.early_stop is not None and "the first 2 runs all failed with missing_dependency" in summary.early_stop
+    assert summary.early_stop is not None
+    assert "the first 2 runs all failed with missing_dependency" in summary.early_stop
     assert [p.arm for p in summary.not_launched] == ["K=3", "K=4", "K=5"]
     assert [(x.arm, x.status, x.failure) for x in r.runs()] == [("K=1", "failed", "missing_dependency"),
                                                                ("K=2", "failed", "missing_dependency")]
@@ -239,7 +242,8 @@ def test_budget_refusal_stops_launching_and_leaves_no_reservation_open(rig) -> N
             factors={"K": [1, 2, 3, 4, 5, 6]}, concurrency=3, train_timeout_s=1,
             hardware={"price_per_hour": 3600.0}, max_dollars=2.5)
     summary = r.run()
-    assert summary.budget_stop is not None and summary.budget_stop.startswith("budget: the next run could cost up to $1.0000")
+    assert summary.budget_stop is not None
+    assert summary.budget_stop.startswith("budget: the next run could cost up to $1.0000")
     assert [p.arm for p in summary.not_launched] == ["K=3", "K=4", "K=5", "K=6"]
     assert [(x.arm, x.status) for x in r.runs()] == [("K=1", "succeeded"), ("K=2", "succeeded")]
     assert len(r.backend.launches) == 2 and r.backend.peak_live == 2  # a third slot stayed free
@@ -255,7 +259,8 @@ def test_a_backend_that_cannot_keep_a_slot_paid_stops_launching(rig) -> None:
     summary = r.run()
     assert summary.budget_stop == "the budget cannot keep slot0 paid for 30s more"
     assert [x.arm for x in r.runs()] == ["K=1", "K=2"] and [p.arm for p in summary.not_launched] == ["K=3", "K=4"]
-    charges = r.ledger.db.execute("SELECT state, settled FROM charges WHERE experiment_id = 'exp' ORDER BY id").fetchall()
+    charges = r.ledger.db.execute(
+        "SELECT state, settled FROM charges WHERE experiment_id = 'exp' ORDER BY id").fetchall()
     assert [c["state"] for c in charges] == ["settled"] * 3 and charges[-1]["settled"] == 0.0  # the refused one costs 0
     r.check_books()
 

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import Study
 from memory_backend import Launch, MemoryBackend, Script, metrics
-from ratiocinator import publish
-from ratiocinator.executor import ProgressSink
+from ratiocinator.execution.executor import ProgressSink
 from ratiocinator.pipeline import Research, ResearchOutcome
-from ratiocinator.spec import load_spec
+from ratiocinator.report import publish
+from ratiocinator.spec.models import load_spec
 
 RUNNER = """
 #!/usr/bin/env bash
@@ -45,7 +45,8 @@ def _score(launch: Launch) -> Script:
                   seconds=0.02)
 
 
-def _research(study: Study, spec: Path, backend: MemoryBackend, progress: ProgressSink | None = None) -> ResearchOutcome:
+def _research(study: Study, spec: Path, backend: MemoryBackend,
+              progress: ProgressSink | None = None) -> ResearchOutcome:
     return Research(load_spec(spec), study.home, check=False, backend=backend, environ={}, progress=progress).run()
 
 
@@ -129,7 +130,8 @@ def test_an_interrupted_research_resumes_without_rerunning_finished_runs(study: 
     second = MemoryBackend(_score, home=study.home)
     progress = Messages()
     resumed = _research(study, spec, second, progress)
-    assert resumed.experiment_id == exp.id and (resumed.status, resumed.succeeded, resumed.failed) == ("completed", 6, 0)
+    assert resumed.experiment_id == exp.id
+    assert (resumed.status, resumed.succeeded, resumed.failed) == ("completed", 6, 0)
     assert any(line.startswith(f"resuming {exp.id}") for line in progress.lines)
     # only what had not finished ran again: the interrupted replicate as attempt 2, and the rest
     assert sorted((x.arm, x.seed) for x in second.launches) == [("K=1", 1), ("K=2", 1), ("K=3", 1)]
@@ -167,12 +169,14 @@ def test_research_ends_budget_exhausted_when_the_money_runs_out(study: Study) ->
     backend = MemoryBackend(lambda launch: Script(stdout=[metrics(score=int(launch.env["K"]) * 10 + launch.seed)],
                                                   seconds=0.1), home=study.home)
     outcome = _research(study, spec, backend)
-    assert outcome.status == "budget_exhausted" and outcome.message.startswith("budget: the next run could cost up to $1")
+    assert outcome.status == "budget_exhausted"
+    assert outcome.message.startswith("budget: the next run could cost up to $1")
     assert (outcome.succeeded, outcome.failed, outcome.exit_code) == (2, 0, 0)
     ledger = study.ledger()
     runs = ledger.runs(outcome.experiment_id)
     spent, reserved = ledger.money(outcome.experiment_id)
-    assert [(r.arm, r.status) for r in runs] == [("K=1", "succeeded"), ("K=2", "succeeded")] and len(backend.launches) == 2
+    assert [(r.arm, r.status) for r in runs] == [("K=1", "succeeded"), ("K=2", "succeeded")]
+    assert len(backend.launches) == 2
     assert reserved == 0 and 0 < spent <= 2.5 and ledger.open_charges(outcome.experiment_id) == []
     assert ledger.experiment(outcome.experiment_id).status == "budget_exhausted"
     assert (study.home / "reports" / outcome.experiment_id / "paper.md").exists()
