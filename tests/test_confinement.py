@@ -30,6 +30,7 @@ def test_the_spec_refuses_options_and_paths_out_of_the_repository(study: Study, 
         load_spec(study.spec(**fields))
 
 
+@pytest.mark.subprocess
 def test_validate_says_so_without_a_traceback(study: Study) -> None:
     done = study.cli("validate", str(study.spec(repo_url="--upload-pack=touch x:y")))
     assert done.returncode == 2 and "repo_url must not begin with '-'" in done.stderr
@@ -77,6 +78,7 @@ echo "METRICS: {\\"score\\": $own, \\"k\\": ${K:-0}}"
 """
 
 
+@pytest.mark.latex
 def test_each_run_works_in_its_own_copy_and_the_cached_checkout_stays_pristine(study: Study) -> None:
     import subprocess
 

@@ -152,6 +152,7 @@ def test_slugs_match_python_markdown() -> None:
     assert slugify("results.tsv, the report and the progress chart") == "resultstsv-the-report-and-the-progress-chart"
 
 
+@pytest.mark.subprocess
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     if importlib.util.find_spec("mkdocs") is None:
         why = "mkdocs is not installed (it comes with the test extras: pip install -e '.[test]')"

@@ -653,6 +653,7 @@ AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="network, /tmp and file i
 
 
 @AS_ROOT
+@pytest.mark.subprocess
 def test_samples_have_no_network() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(0.5)
@@ -674,6 +675,7 @@ def test_samples_have_no_network() -> None:
 
 
 @AS_ROOT
+@pytest.mark.subprocess
 def test_each_sample_has_a_private_tmp() -> None:
     name = f"escape_test_{secrets.token_hex(6)}"
     writer = plain("writer", f"""
@@ -705,6 +707,7 @@ def _world_searchable(path: Path) -> bool:
 
 
 @AS_ROOT
+@pytest.mark.subprocess
 def test_samples_cannot_read_root_files_or_each_others() -> None:
     # A mode-600 root file where every user can reach it: only a capability could read it.
     secret = Path(__file__).parent / f".secret-{TAG}"
@@ -878,6 +881,7 @@ FORGERIES = [
 ]
 
 
+@pytest.mark.subprocess
 def test_forged_success_is_not_success() -> None:
     results = {r.id: r for r in evaluate(FORGERIES, limits=Limits(timeout_s=5))}
     for sample in FORGERIES:
@@ -899,6 +903,7 @@ print(json.dumps({"label": result.label, "network": result.evidence["network"], 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
                     reason="needs root, setpriv and a system python3.11 to become an ordinary user")
+@pytest.mark.subprocess
 def test_as_an_ordinary_user_the_output_says_network_open_and_tmp_shared() -> None:
     src = Path(__file__).resolve().parents[1] / "src"
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",

@@ -62,6 +62,7 @@ sleep 60
 """
 
 
+@pytest.mark.latex
 def test_a_run_printing_pathological_lines_is_still_killed_at_its_timeout(study: Study) -> None:
     study.commit({"run.sh": STALLING_RUNNER})
     spec = load_spec(study.spec(metrics={"protocol": "key_value"}, train_timeout_s=3,
@@ -80,6 +81,7 @@ echo 'METRICS: {{"score": 1.0}}'
 """
 
 
+@pytest.mark.latex
 def test_a_run_that_invents_metric_names_without_end_fails_with_the_reason(study: Study) -> None:
     study.commit({"run.sh": NAMING_RUNNER})
     spec = load_spec(study.spec(failure_policy={"max_attempts": 1}))

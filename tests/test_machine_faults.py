@@ -59,6 +59,8 @@ def _invocations(env: dict[str, str]) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_a_read_only_home_is_a_clear_error_and_the_study_resumes_once_writable(
         small_disk: Path, study: Study, tmp_path: Path) -> None:
     spec, env = _study(study, tmp_path)
@@ -80,6 +82,8 @@ def test_a_read_only_home_is_a_clear_error_and_the_study_resumes_once_writable(
     assert len(_invocations(env)) == 2 * len(ran)  # the second experiment ran once, nothing twice
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_a_full_disk_is_a_clear_error_and_a_finished_run_never_runs_again(
         small_disk: Path, study: Study, tmp_path: Path) -> None:
     spec, env = _study(study, tmp_path)
@@ -104,6 +108,7 @@ def test_a_full_disk_is_a_clear_error_and_a_finished_run_never_runs_again(
     assert len(started) == len(set(started)) + sum(r.status == "interrupted" for r in runs)
 
 
+@pytest.mark.latex
 def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_its_outcome_file(
         study: Study, tmp_path: Path) -> None:
     spec, env = _study(study, tmp_path)
@@ -128,6 +133,8 @@ def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_its_outcome_
     assert any(e["kind"] == "recovered" for e in ledger.events(exp.id))
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_a_damaged_ledger_says_how_to_recover(study: Study) -> None:
     study.home.mkdir(parents=True)
     (study.home / "ledger.db").write_bytes(b"SQLite format 3\0" + os.urandom(4096))
@@ -142,6 +149,8 @@ sleep 600
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_a_hung_run_is_gone_by_its_deadline_after_the_orchestrator_is_killed(study: Study) -> None:
     import signal
     import sys

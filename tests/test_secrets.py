@@ -60,6 +60,8 @@ def test_the_allow_list_keeps_paths_locale_and_gpus_and_drops_keys() -> None:
     assert {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} <= set(inherited_env(environ, ["AWS_*"]))
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_no_planted_secret_reaches_runs_smoke_runs_or_deps_steps_locally(
         study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _plant(monkeypatch)
@@ -75,6 +77,8 @@ def test_no_planted_secret_reaches_runs_smoke_runs_or_deps_steps_locally(
     assert "PATH=" in (dumps / "verify.txt").read_text()  # what a step needs still arrives
 
 
+@pytest.mark.subprocess
+@pytest.mark.latex
 def test_a_variable_the_spec_passes_reaches_runs_and_deps_steps(
         study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _plant(monkeypatch)
