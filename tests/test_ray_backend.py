@@ -250,6 +250,7 @@ def test_files_under_git_lfs_reach_every_node_with_their_content(
     assert blobs and all(p.read_bytes() == blob for p in blobs)
 
 
+@pytest.mark.latex
 def test_runs_on_ray_nodes_work_in_their_own_copies_and_node_checkouts_stay_pristine(
         ray_cluster: RayCluster, study: Study) -> None:
     import subprocess

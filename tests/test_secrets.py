@@ -92,6 +92,7 @@ def test_a_variable_the_spec_passes_reaches_runs_and_deps_steps(
     assert all("HF_TOKEN=hf_planted" in p.read_text() for p in seen)
 
 
+@pytest.mark.latex
 def test_no_planted_secret_reaches_runs_on_an_ssh_host(
         sshd: Sshd, study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _plant(monkeypatch)

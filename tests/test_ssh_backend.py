@@ -306,6 +306,7 @@ def test_files_under_git_lfs_reach_the_host_with_their_content(sshd: Sshd, study
     assert (Path(run.out_dir) / "sha256.txt").read_text().strip() == hashlib.sha256(blob).hexdigest()
 
 
+@pytest.mark.latex
 def test_runs_on_a_host_work_in_their_own_copies_and_its_checkout_stays_pristine(sshd: Sshd, study: Study) -> None:
     import subprocess
 

@@ -551,6 +551,7 @@ def test_instance_still_booting_when_the_queue_runs_dry_is_not_waited_for(
 # -- the provider's errors, end to end ------------------------------------------------------------
 
 
+@pytest.mark.latex
 def test_an_experiment_rides_out_a_storm_of_429s_5xx_and_dropped_connections(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "low", "env": {"BONUS": 10}}, {"name": "high", "env": {"BONUS": 20}}],
@@ -570,6 +571,7 @@ def test_an_experiment_rides_out_a_storm_of_429s_5xx_and_dropped_connections(
     assert reserved == 0 and spent == pytest.approx(row.cost)
 
 
+@pytest.mark.latex
 def test_a_rent_whose_answer_is_lost_is_adopted_not_rented_twice(sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.inject([Fault(503, after=True)], method="PUT", path="/api/v0/asks/.*")  # rented, then "503"
     outcome = Research(load_spec(_spec(study)), study.home, backend=_backend(vast, sshd, study), check=False).run()
@@ -579,6 +581,7 @@ def test_a_rent_whose_answer_is_lost_is_adopted_not_rented_twice(sshd: Sshd, vas
     assert row.state == "destroyed" and vast.fake.destroyed == [int(row.provider_id or 0)] and vast.fake.live() == []
 
 
+@pytest.mark.latex
 def test_a_key_revoked_mid_experiment_stops_it_and_destroys_nothing_by_mistake(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 2}}], replicates=3)
@@ -614,6 +617,7 @@ def test_a_key_revoked_mid_experiment_stops_it_and_destroys_nothing_by_mistake(
     assert vast.fake.live() == [] and ledger.money(exp.id)[1] == pytest.approx(0.0)
 
 
+@pytest.mark.latex
 def test_an_instance_stopped_at_the_provider_is_destroyed_not_taken_for_gone(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, arms=[{"name": "slow", "env": {"MODE": "slow", "SLEEP_S": 20}}],
@@ -635,6 +639,7 @@ def test_an_instance_stopped_at_the_provider_is_destroyed_not_taken_for_gone(
     assert vast.fake.destroyed == [int(row.provider_id or 0)] and vast.fake.live() == []
 
 
+@pytest.mark.latex
 def test_a_destroy_the_provider_does_not_do_keeps_the_instance_live_for_the_reaper(
         sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.refuse_destroys = 100
