@@ -16,6 +16,7 @@ from ratiocinator.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 START_WAIT_S = 30.0
@@ -90,9 +91,10 @@ def _working_copy(copy: dict) -> None:
     files under Git LFS copied in, and the untracked top-level entries (data the deps steps made) linked."""
     checkout, dest = copy["from"], copy["to"]
     env = dict(os.environ, GIT_LFS_SKIP_SMUDGE="1", GIT_TERMINAL_PROMPT="0")
-    done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet",
-                           "--force", "--", dest, "HEAD"], cwd=checkout, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True)
+    with _worktrees_locked(checkout):
+        done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet",
+                               "--force", "--", dest, "HEAD"], cwd=checkout, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True)
     if done.returncode != 0:
         raise OSError(errno.EIO, "making the run's working copy failed: "
                                  + done.stderr.decode("utf-8", "replace").strip()[-300:])
@@ -106,8 +108,17 @@ def _working_copy(copy: dict) -> None:
 
 
 def _drop_working_copy(copy: dict) -> None:
-    subprocess.run(["git", "worktree", "remove", "--force", "--force", copy["to"]], cwd=copy["from"],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with _worktrees_locked(copy["from"]):
+        subprocess.run(["git", "worktree", "remove", "--force", "--force", copy["to"]], cwd=copy["from"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def _worktrees_locked(checkout: str) -> Iterator[None]:
+    """Git changes a repository's worktree records one at a time (two runs: one starting as another ends)."""
+    with open(os.path.join(checkout, ".git", "ratiocinator-worktrees.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _supervise(rundir: str) -> None:

@@ -159,8 +159,7 @@ def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None) -
     untracked top-level entries the deps steps left in the checkout (data) linked, not copied. The
     cached checkout is never written by a run, and concurrent runs never share a file."""
     checkout = Path(checkout).resolve()
-    with open(checkout / ".git" / "ratiocinator-worktrees.lock", "w") as lock:  # git records one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _worktrees_locked(checkout):
         _git_ok(["-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet", "--force", "--",
                  str(dest), "HEAD"], cwd=checkout, what=f"making a working copy of {checkout}",
                 extra_env={"GIT_LFS_SKIP_SMUDGE": "1"})
@@ -175,10 +174,21 @@ def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None) -
 
 def drop_working_copy(checkout: Path, dest: Path) -> None:
     """Remove a run's working copy (and git's record of it); what is left of a failed removal is pruned later."""
-    _git(["worktree", "remove", "--force", "--force", str(dest)], cwd=Path(checkout))
-    if dest.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        _git(["worktree", "prune"], cwd=Path(checkout))
+    checkout = Path(checkout).resolve()
+    with _worktrees_locked(checkout):
+        _git(["worktree", "remove", "--force", "--force", str(dest)], cwd=checkout)
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            _git(["worktree", "prune"], cwd=checkout)
+
+
+@contextmanager
+def _worktrees_locked(checkout: Path) -> Iterator[None]:
+    """Git changes a repository's worktree records one at a time: adding one while another is removed (two
+    runs of one experiment, one starting as another ends) fails on git's own lock files."""
+    with open(checkout / ".git" / "ratiocinator-worktrees.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def find_lfs_pointers(checkout: Path) -> list[str]:
