@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault
+from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
 from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
 from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
@@ -63,6 +63,8 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exc.exit_code) from None
         except (OSError, sqlite3.Error) as exc:  # the machine's faults: a read-only or full disk, a damaged ledger
             fault = machine_fault(exc, str(Paths(state.home).ledger))
+            if fault is None and isinstance(exc, OSError):
+                fault = path_fault(exc)
             if fault is None:
                 raise
             err.print(f"error: {fault}", markup=False)

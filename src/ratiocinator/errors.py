@@ -102,6 +102,18 @@ def machine_fault(exc: BaseException, ledger_path: str) -> MachineError | None:
     return None
 
 
+def path_fault(exc: OSError) -> UsageError | None:
+    """A `UsageError` for a path the user gave that the OS cannot use as given (a name too long, a file
+    where a folder must be, a symlink loop); None for any other OS error."""
+    import errno
+
+    if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EISDIR):
+        return UsageError(f"{exc.filename}: {exc.strerror}",
+                          hint="check the paths on the command line (--home, the spec, the report folder):"
+                               " a home must be a folder, and each name in a path at most 255 bytes")
+    return None
+
+
 def _read_only_fs(path: str) -> bool:
     import os
 

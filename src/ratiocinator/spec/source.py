@@ -16,6 +16,7 @@ with their line, and so is a NUL character anywhere.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ class _LineLoader(yaml.SafeLoader):
 def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dict[Loc, int]]:
     """A YAML file that must be a mapping: its bytes, text, data and key lines; errors say which file and why."""
     try:
-        with open(path, "rb") as fh:
+        # Opened without blocking, then read blocking: a named pipe with no writer reads as empty
+        # instead of freezing the command, while `<(...)` process substitution still works.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{path}: {what} file not found") from None
