@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Test worker processes (pytest-xdist): most tests wait on child processes, so more workers than cores pay.
+PYTEST_WORKERS ?= 3
 
 .PHONY: run lint test test-fast bench bench-report bench-exec-eval bench-market clean
 
@@ -26,10 +28,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -m "not (subprocess or sshd or ray or latex)"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not (subprocess or sshd or ray or latex)"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/overhead.py

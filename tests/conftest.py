@@ -114,6 +114,9 @@ _PYTHON = re.compile(r"python[0-9.]*")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            # Under pytest-xdist (`--dist loadgroup`) every Ray test runs in one worker: one cluster, not one each.
+            item.add_marker(pytest.mark.xdist_group("ray"))
         for fixture, markers in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 for marker in markers:

@@ -107,6 +107,8 @@ def _mutate(rng: random.Random, text: str) -> str:
 
 
 def _fuzz(loader: object, bases: list[str], n: int, tmp_path: Path, seed: int) -> tuple[int, int, float]:
+    """Accepted and refused counts, and the most CPU seconds one input took (CPU, not wall time: the bound
+    is on the loader's own work, which a machine busy with other processes does not inflate)."""
     rng = random.Random(seed)
     accepted = refused = 0
     slowest = 0.0
@@ -114,7 +116,7 @@ def _fuzz(loader: object, bases: list[str], n: int, tmp_path: Path, seed: int) -
     for i in range(n):
         text = _mutate(rng, rng.choice(bases))
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        started = time.monotonic()
+        started = time.process_time()
         try:
             loader(path)  # type: ignore[operator]  # load_spec or load_program
             accepted += 1
@@ -124,7 +126,7 @@ def _fuzz(loader: object, bases: list[str], n: int, tmp_path: Path, seed: int) -
             (tmp_path / f"crash-{i}.yaml").write_text(text, encoding="utf-8", errors="surrogatepass")
             pytest.fail(f"mutation {i} (seed {seed}) raised {type(exc).__name__}: {str(exc)[:300]}; input saved as"
                         f" crash-{i}.yaml")
-        slowest = max(slowest, time.monotonic() - started)
+        slowest = max(slowest, time.process_time() - started)
     return accepted, refused, slowest
 
 
@@ -134,13 +136,13 @@ def test_the_hostile_inputs_that_crashed_the_loader_are_user_errors(tmp_path: Pa
         for text in (snippet, base + snippet + "\n"):
             path = tmp_path / f"hostile-{i}.yaml"
             path.write_text(text)
-            started = time.monotonic()
+            started = time.process_time()
             try:
                 load_spec(path)
             except SpecError as exc:
                 assert str(path) in exc.message  # where
                 assert "Traceback" not in str(exc)
-            assert time.monotonic() - started < 5, snippet[:60]
+            assert time.process_time() - started < 5, snippet[:60]
 
 
 def test_a_thousand_deep_list_and_a_billion_laughs_are_refused_with_their_reason(tmp_path: Path) -> None:
