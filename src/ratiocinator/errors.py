@@ -46,6 +46,13 @@ class WorkspaceError(RatiocinatorError):
     exit_code = 1
 
 
+class DataError(RatiocinatorError):
+    """The spec's data cannot be used as given: a missing directory, an unreachable URL, a checksum
+    that does not match, or a dataset that changed under an experiment being resumed."""
+
+    exit_code = 2
+
+
 class BackendError(RatiocinatorError):
     """The compute backend cannot provide what the spec requires."""
 

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
-from ratiocinator.errors import BackendError, PlanError, UsageError, WorkspaceError
-from ratiocinator.execution.contract import data_env, inherited_env, runner_argv
+from ratiocinator.data.staging import fetch_before_renting, record_staging
+from ratiocinator.errors import BackendError, DataError, PlanError, UsageError, WorkspaceError
+from ratiocinator.execution.contract import inherited_env, runner_argv
 from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink, RunOutcome
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
@@ -283,6 +284,7 @@ class Research:
         code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
         ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, knobs=sorted(code.knobs.knobs))
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
+        data = await fetch_before_renting(self.loaded, self.paths.home, ledger, exp_id, self.progress.message)
 
         host = await backend.acquire(self.loaded)
         # host.info's keys are descriptive ("cpus", "ssh <label>", ...), never the event's own level or run_id.
@@ -293,10 +295,11 @@ class Research:
         price = host.price_per_hour
         llm = self._llm_session(ledger, exp_id)
         try:
-            self.progress.message("preparing the workspace (clone, deps, verify)")
-            workspace = await backend.prepare(host, self.loaded, commit)
+            self.progress.message("preparing the workspace (clone, deps, verify" + (", data)" if data else ")"))
+            workspace = await record_staging(data, self.loaded, backend, host, ledger, budget,
+                                             backend.prepare(host, self.loaded, commit))
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
-            extra_env = data_env(self.loaded)
+            extra_env: dict[str, str] = {}  # the data directory comes with the workspace: each host's own copy
             status, note = ExperimentStatus.COMPLETED, ""
             reviewed = False
             for iteration in range(1, spec.max_iterations + 1):
@@ -573,6 +576,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
     """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
     the ledger (with no experiment), so what was paid for can be audited."""
     from ratiocinator.check.readiness import CheckResult, Readiness, review
+    from ratiocinator.data.local_copy import local_copy
+    from ratiocinator.data.provenance import describe_copy
     from ratiocinator.planning.plan import PlannedArm, plan_iteration
 
     paths = Paths(Path(home).expanduser().resolve())
@@ -582,6 +587,10 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
         plan = Plan((PlannedArm("defaults", {}, (), "the code's own defaults"),), "defaults", 1)
     configured = loaded.spec.llm or llm_from_env(os.environ)
     config = configured if use_llm else None
+    try:
+        data = local_copy(loaded, paths.home)  # size, reachability and checksums before anything is acquired
+    except DataError as exc:
+        return Readiness([CheckResult("data", "failed", exc.message, ({"hint": exc.hint or ""},))])
     try:
         code = inspect_code(loaded, paths)
     except PlanError as exc:  # the runner is not in the checkout
@@ -610,7 +619,7 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
             if host is not None:
                 try:
                     workspace = await backend.prepare(host, loaded, code.commit)
-                except WorkspaceError as exc:
+                except (WorkspaceError, DataError) as exc:
                     off = f"the workspace could not be prepared: {exc.message}"
             result = await review(
                 loaded=loaded, checkout=code.checkout, knobs=code.knobs, plan=plan, backend=backend, host=host,
@@ -621,11 +630,14 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
                 llm_provider=reviewer,
                 llm_off_reason="disabled (--no-llm)" if not use_llm
                 else "no LLM configured (spec `llm:` or RATIOCINATOR_LLM_* variables)",
-                extra_env=data_env(loaded),
+                extra_env={},
                 commit=code.commit, on_message=on_message,
             )
             if off.startswith("the workspace"):
                 result.checks.insert(0, CheckResult("deps", "failed", off))
+            if data is not None:
+                result.checks.insert(0, CheckResult("data", "passed", f"{describe_copy(data)}; staged on"
+                                                    f" {', '.join(workspace.staging_s) if workspace else 'no host'}"))
             return result
         finally:
             if host is not None:

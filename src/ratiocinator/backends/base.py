@@ -50,10 +50,16 @@ class HardwareFinding:
 
 @dataclass(frozen=True)
 class Workspace:
-    """A prepared checkout on a host: where runs start and what their environment adds."""
+    """A prepared checkout on a host: where runs start and what their environment adds.
+
+    With data in the spec, ``env`` holds ``RATIOCINATOR_DATA_DIR`` as this machine's copy; a
+    remote backend gives each run its host's copy instead, and ``staging_s`` says how many
+    seconds each host spent receiving it.
+    """
 
     checkout: Path
     env: dict[str, str]
+    staging_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ratiocinator.backends.base import (
 )
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
+from ratiocinator.data.local_copy import local_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.execution.supervisor import Supervisor
@@ -189,7 +191,12 @@ class LocalBackend(Backend):
                 ws.run_verify, checkout, spec.deps.verify, {**inherited, **env}, timeout_s=spec.download_timeout_s
             )
         self._checkout = Path(checkout).resolve()
-        return Workspace(checkout=checkout, env=env)
+        started = time.monotonic()  # the data: in place (local), or fetched once into the home's cache
+        copy = await asyncio.to_thread(local_copy, loaded, self.home)
+        if copy is None:
+            return Workspace(checkout=checkout, env=env)
+        env[contract.DATA_DIR] = str(copy.directory)
+        return Workspace(checkout=checkout, env=env, staging_s={host.name: time.monotonic() - started})
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         env = dict(request.env)

@@ -51,6 +51,9 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.backends.process import launch_failure, process_start_time
+from ratiocinator.data.assemble import assemble
+from ratiocinator.data.local_copy import local_copy
+from ratiocinator.data.manifest import Manifest
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.repo import workspace as ws
@@ -148,9 +151,20 @@ def _ensure_workspace(root: str, bundle: bytes, commit: str, deps: dict[str, Any
             "node_id": _ray().get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
+def _ensure_data(root: str, data: dict[str, Any] | None) -> tuple[str | None, float]:
+    """This node's copy of the spec's data (from the object store, once per node), and the seconds it took."""
+    if data is None:
+        return None, 0.0
+    started = time.monotonic()
+    path = assemble(_node_dir(root) / "data", Manifest.from_json(data["manifest"]), data["chunks"], _ray().get)
+    return str(path), time.monotonic() - started
+
+
 def _prepare_on_node(root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
-                     verify: str | None) -> dict[str, Any]:
-    return _ensure_workspace(root, bundle, commit, deps, lfs, verify)
+                     verify: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
+    prepared = _ensure_workspace(root, bundle, commit, deps, lfs, verify)
+    prepared["data_dir"], prepared["data_s"] = _ensure_data(root, data)
+    return prepared
 
 
 def _child_setup() -> None:
@@ -190,6 +204,7 @@ class RunActor:
     def start(self, root: str, bundle: bytes, commit: str, deps: dict[str, Any], lfs: dict[str, Any],
               run: dict[str, Any]) -> dict[str, Any]:
         prepared = _ensure_workspace(root, bundle, commit, deps, lfs)
+        data_dir, _ = _ensure_data(root, run.get("data"))
         checkout = prepared["checkout"]
         self.rundir = rundir = _node_dir(root) / "runs" / run["tag"]
         out = rundir / "out"
@@ -200,7 +215,9 @@ class RunActor:
             return {"launch_error": {"errno": None, "strerror": f"could not make the run's working copy: {exc}"},
                     "argv": run["argv"]}
         self.copy = (Path(checkout), Path(work))
-        pairs = ((run["local_checkout"], work), (run["local_out"], str(out)))
+        pairs = [(run["local_checkout"], work), (run["local_out"], str(out))]
+        if data_dir is not None:  # the node's copy of the data, never the orchestrator's path
+            pairs.append((run["data"]["local_dir"], data_dir))
 
         def translate(value: str) -> str:
             for local, there in pairs:
@@ -396,6 +413,7 @@ class RayBackend(Backend):
         self._bundle: Any = None  # ObjectRef of the commit's git bundle
         self._lfs: dict[str, list[Any]] = {}  # the commit's Git LFS files -> ObjectRefs of their content's chunks
         self._job: dict[str, Any] | None = None
+        self._data: dict[str, Any] | None = None  # the spec's data: its manifest and its files' chunks in the store
         self._local_checkout: Path | None = None
         self._tag = secrets.token_hex(4)
 
@@ -496,6 +514,11 @@ class RayBackend(Backend):
         self._bundle = ray.put(bundle)
         lfs_names = await asyncio.to_thread(ws.lfs_files, checkout)
         self._lfs = {name: await self._put_chunks(checkout / name) for name in lfs_names}
+        copy = await asyncio.to_thread(local_copy, loaded, self.home)
+        if copy is not None:  # through the object store in chunks, as LFS files travel
+            self._data = {"manifest": copy.manifest.to_json(), "local_dir": str(copy.directory),
+                          "chunks": {f.path: await self._put_chunks(copy.directory / f.path)
+                                     for f in copy.manifest.files}}
         self._job = {"commit": commit, "deps": {
             "pre_install": tuple(spec.deps.pre_install), "requirements": spec.deps.requirements,
             "exclude_from_requirements": tuple(spec.deps.exclude_from_requirements),
@@ -505,8 +528,10 @@ class RayBackend(Backend):
         task = ray.remote(num_cpus=0, max_retries=0)(_prepare_on_node)
         nodes = [n for n in await asyncio.to_thread(self._nodes) if self._fits(n["Resources"], spec.hardware.num_gpus)]
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify) for n in nodes]
+            self.workdir, self._bundle, commit, self._job["deps"], self._lfs, spec.deps.verify, self._data)
+            for n in nodes]
         prepared = 0
+        staging_s: dict[str, float] = {}
         for node, ref in zip(nodes, refs, strict=True):
             try:
                 result = await _get(ref)
@@ -522,6 +547,8 @@ class RayBackend(Backend):
                 message = f"preparing the workspace on Ray node {node['NodeID'][:12]} failed: {cause}"
                 raise WorkspaceError(message) from None
             prepared += 1
+            if result["data_dir"] is not None:
+                staging_s[f"ray node {node['NodeID'][:12]}"] = result["data_s"]
             if on_output is not None:
                 for line in result["lines"]:
                     on_output(f"[{node['NodeID'][:12]}] {line}")
@@ -529,7 +556,10 @@ class RayBackend(Backend):
             raise WorkspaceError("every Ray node that could take runs left the cluster while being prepared",
                                  hint="check the cluster (`ray status`) and run the same command again")
         self._local_checkout = checkout
-        return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
+        env = {contract.WORKSPACE: str(checkout)}
+        if copy is not None:  # each run gets its node's copy (`RunActor.start` translates the path)
+            env[contract.DATA_DIR] = str(copy.directory)
+        return Workspace(checkout=checkout, env=env, staging_s=staging_s)
 
     async def _put_chunks(self, path: Path) -> list[Any]:
         """``path``'s content in the object store, LFS_CHUNK bytes per object, so no file is ever whole in memory."""
@@ -571,7 +601,7 @@ class RayBackend(Backend):
                                     max_task_retries=0).remote()
         run = {"tag": f"{self._tag}-{request.run_id}-{secrets.token_hex(4)}", "argv": list(request.argv),
                "cwd": str(request.cwd), "env": self._forwarded_env(request.env),
-               "local_checkout": str(self._local_checkout), "local_out": str(request.out_dir)}
+               "local_checkout": str(self._local_checkout), "local_out": str(request.out_dir), "data": self._data}
         try:
             info = await asyncio.wait_for(
                 _get(actor.start.remote(self.workdir, self._bundle, self._job["commit"], self._job["deps"], self._lfs,

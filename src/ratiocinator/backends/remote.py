@@ -342,6 +342,53 @@ def cmd_clone(bundle: str, dest: str, commit: str) -> int:
     return 0
 
 
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cmd_seal_data(partial: str, final: str) -> int:
+    """Check an uploaded data directory against its manifest (stdin) and move it into the host's cache.
+
+    Files that do not match are removed, so the next upload sends them again; a sealed copy is
+    read-only, renamed into place whole, and never written again.
+    """
+    manifest = json.loads(sys.stdin.read())
+    bad = []
+    for rel, size, sha256 in manifest["files"]:
+        path = os.path.join(partial, rel)
+        try:
+            actual_size = os.stat(path).st_size
+        except OSError:
+            bad.append({"path": rel, "problem": "missing"})
+            continue
+        actual = _file_sha256(path) if actual_size == size else None
+        if actual != sha256:
+            problem = (f"{actual_size} bytes, expected {size}" if actual is None
+                       else f"sha256 {actual}, expected {sha256}")
+            bad.append({"path": rel, "problem": problem})
+            os.unlink(path)
+    if bad:
+        _say("RATIOCINATOR_DATA " + json.dumps({"bad": bad}))
+        return 1
+    with _Lock(final + ".lock"):
+        if os.path.isdir(final):  # sealed meanwhile by another orchestrator: the same bytes
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            for dirpath, dirnames, filenames in os.walk(partial, topdown=False):
+                for name in filenames + dirnames:
+                    path = os.path.join(dirpath, name)
+                    if not os.path.islink(path):
+                        os.chmod(path, os.stat(path).st_mode & ~0o222)
+            os.chmod(partial, os.stat(partial).st_mode & ~0o222)
+            os.rename(partial, final)
+    _say("RATIOCINATOR_DATA " + json.dumps({"ok": True}))
+    return 0
+
+
 def cmd_prepare() -> int:
     """deps on this host, as workspace.prepare_env does locally: a keyed venv marked by .ready."""
     job = json.load(sys.stdin)
@@ -401,7 +448,8 @@ def cmd_facts() -> int:
 def main(argv: list[str]) -> int:
     commands: dict[str, tuple[Callable[..., int], int]] = {
         "start": (cmd_start, 1), "alive": (cmd_alive, 1), "signal": (cmd_signal, 2), "killpid": (cmd_killpid, 2),
-        "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0), "facts": (cmd_facts, 0)}
+        "clone": (cmd_clone, 3), "prepare": (cmd_prepare, 0), "facts": (cmd_facts, 0),
+        "seal-data": (cmd_seal_data, 2)}
     if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
         names = ",".join(sorted(commands))
         sys.stderr.write(f"usage: remote.py {{{names}}} ARGS...\n")

@@ -62,6 +62,8 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.backends.process import launch_failure
+from ratiocinator.backends.ssh_data import Upload, stage_over_sftp
+from ratiocinator.data.local_copy import LocalCopy, local_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.execution.supervisor import SLACK_S as DEADLINE_SLACK_S
@@ -103,6 +105,7 @@ class SshSlot(Slot):
 
 _LOST: tuple[type[BaseException], ...] = (
     asyncssh.DisconnectError, asyncssh.ChannelOpenError, asyncssh.sftp.SFTPConnectionLost,
+    asyncssh.sftp.SFTPNoConnection,  # an SFTP call on a connection that has just dropped
     OSError, asyncio.TimeoutError, EOFError,
 )
 
@@ -155,6 +158,8 @@ class _Machine:
         self.reconnects = 0
         self.checkout: str | None = None
         self.venv: str | None = None
+        self.data_dir: str | None = None  # the host's copy of the spec's data
+        self.uploads: list[Upload] = []  # what each staging of the data sent
 
     # -- host keys ------------------------------------------------------------------
 
@@ -528,6 +533,8 @@ class SshBackend(Backend):
         self.orphan_errors: list[str] = []  # why kill_orphan could not reach a host
         self._local_checkout: Path | None = None
         self._lfs_names: list[str] = []  # the commit's files under Git LFS: each run's copy gets their content
+        self._data: LocalCopy | None = None  # the spec's data on this machine: each host receives a copy
+        self.staging_s: dict[str, float] = {}  # host label -> seconds its data took to arrive
         # Run directories on a host are named so that two orchestrators (two --home) never collide.
         self._tag = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
 
@@ -690,11 +697,17 @@ class SshBackend(Backend):
                 "requirements_sha256": hashlib.sha256(filtered.encode()).hexdigest() if filtered is not None else None,
             },
         }
-        await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output)
+        self._data = await asyncio.to_thread(local_copy, loaded, self.home)
+        await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output,
+                                                     spec.download_timeout_s)
                                for m in self.machines if m.config.label in labels))
         self._local_checkout = checkout
         self._lfs_names = list(lfs)
-        return Workspace(checkout=checkout, env={contract.WORKSPACE: str(checkout)})
+        env = {contract.WORKSPACE: str(checkout)}
+        if self._data is not None:  # each run gets its own host's copy (`launch` translates the path)
+            env[contract.DATA_DIR] = str(self._data.directory)
+        return Workspace(checkout=checkout, env=env, staging_s={label: self.staging_s[label] for label in labels
+                                                                if label in self.staging_s})
 
     def _bundle(self, checkout: Path, commit: str) -> Path:
         """A git bundle of the commit (cached): the host clones it without any credentials."""
@@ -709,7 +722,7 @@ class SshBackend(Backend):
 
     async def _prepare_machine(self, machine: _Machine, checkout: Path, commit: str, bundle: Path, lfs: list[str],
                                filtered: str | None, job: dict[str, Any],
-                               on_output: Callable[[str], None] | None) -> None:
+                               on_output: Callable[[str], None] | None, staging_timeout_s: float) -> None:
         label = machine.config.label
         try:
             await machine.session()
@@ -766,6 +779,29 @@ class SshBackend(Backend):
             raise WorkspaceError(f"preparing the workspace on {label} failed (exit {code}): {stderr.strip()[-500:]}",
                                  hint="check that the host has Python 3 with venv and git (hosts[].python names it)")
         machine.checkout, machine.venv = remote_checkout, result["venv"]
+        if self._data is not None:
+            await self._stage_data(machine, self._data, staging_timeout_s, on_output)
+
+    async def _stage_data(self, machine: _Machine, copy: LocalCopy, timeout_s: float,
+                          on_output: Callable[[str], None] | None) -> None:
+        """The data into the host's cache (see `ssh_data`), within download_timeout_s."""
+        label = machine.config.label
+        started = time.monotonic()
+        try:
+            machine.data_dir, upload = await asyncio.wait_for(stage_over_sftp(machine, copy), timeout_s)
+        except TimeoutError:
+            raise WorkspaceError(f"staging the data ({copy.size:,} bytes) on {label} did not finish within"
+                                 f" download_timeout_s ({timeout_s:g}s); what arrived is kept and the next start"
+                                 " continues it", hint="raise download_timeout_s, or use a faster link") from None
+        except HostLost as exc:
+            raise WorkspaceError(f"staging the data on {label} failed: {exc}; what arrived is kept",
+                                 hint="check that the host is up, and run the same command again") from None
+        self.staging_s[label] = time.monotonic() - started
+        machine.uploads.append(upload)
+        if on_output is not None:
+            said = ("already in its cache" if upload.already_cached else
+                    f"{upload.sent_bytes:,} bytes sent in {self.staging_s[label]:.1f}s")
+            on_output(f"[{label}] data {copy.tree_hash[:12]}: {said}")
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -805,14 +841,21 @@ class SshBackend(Backend):
         if machine.checkout is None or self._local_checkout is None:
             raise LaunchFailure(f"{machine.config.label} has no prepared workspace (prepare() did not run)",
                                 transient=False)
+        if self._data is not None and machine.data_dir is None:
+            raise LaunchFailure(f"{machine.config.label} has no copy of the spec's data (prepare() did not stage it)",
+                                transient=False)
         rundir = posixpath.join(machine.workdir, "runs", f"{self._tag}-{request.run_id}-{secrets.token_hex(4)}")
         remote_out = f"{rundir}/out"
         local_checkout, local_out = str(self._local_checkout), str(request.out_dir)
         # The run works in its own copy of the host's checkout, which the launcher makes (see remote.py).
         remote_checkout = f"{rundir}/work"
 
+        pairs = [(local_checkout, remote_checkout), (local_out, remote_out)]
+        if self._data is not None and machine.data_dir is not None:
+            pairs.append((str(self._data.directory), machine.data_dir))
+
         def translate(value: str) -> str:
-            for local, there in ((local_checkout, remote_checkout), (local_out, remote_out)):
+            for local, there in pairs:
                 if value == local or value.startswith(local + "/"):
                     return there + value[len(local):]
             return value

@@ -1,5 +1,5 @@
 """The runner contract, in one place: how a runner is started (`runner_argv`) and what its
-environment holds (`runner_environment`, `data_env`), and the names of the ``RATIOCINATOR_*``
+environment holds (`runner_environment`), and the names of the ``RATIOCINATOR_*``
 variables every backend, the smoke runs and autoresearch pass on.
 
 =========================  ===================================================================
@@ -11,7 +11,7 @@ variable                   what it holds
 ``RATIOCINATOR_OUT_DIR``   where the run's artifacts go (on a remote host: the host's path)
 ``RATIOCINATOR_TRIAL``     ``1`` in smoke runs (run briefly), else ``0``
 ``RATIOCINATOR_WORKSPACE`` the checkout the run starts in (set by the workspace's environment)
-``RATIOCINATOR_DATA_DIR``  the spec's ``data.path`` when ``data.source: local``
+``RATIOCINATOR_DATA_DIR``  the host's copy of the spec's ``data`` (unset with ``data.source: none``)
 =========================  ===================================================================
 
 The arm's knobs are set as variables too. Of the orchestrator's own environment a runner (and a
@@ -29,8 +29,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ratiocinator.backends.base import Workspace
-from ratiocinator.errors import UsageError
-from ratiocinator.spec.models import LoadedSpec
 
 PREFIX = "RATIOCINATOR_"
 ARM = "RATIOCINATOR_ARM"
@@ -83,19 +81,6 @@ def runner_argv(checkout: Path, runner_script: str, python: str) -> tuple[str, .
     if path.suffix == ".py":
         return (python, str(path))
     return ("bash", str(path))
-
-
-def data_env(loaded: LoadedSpec) -> dict[str, str]:
-    """The spec's data as every run sees it (``data.source: local``: the directory, resolved)."""
-    data = loaded.spec.data
-    if data.source != "local":
-        return {}
-    path = Path(data.path or "").expanduser()
-    if not path.is_absolute():
-        path = loaded.path.parent / path
-    if not path.is_dir():
-        raise UsageError(f"{loaded.where('data', 'path')}: data.path {path} is not a directory")
-    return {DATA_DIR: str(path.resolve())}
 
 
 def runner_environment(

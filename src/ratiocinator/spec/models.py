@@ -3,7 +3,7 @@
 The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
 ``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``,
-``hardware.price_per_hour``, ``data.path``, ``metrics.patterns``) are documented in docs/spec.md.
+``hardware.price_per_hour``, ``data.path``, ``data.url``, ``metrics.patterns``) are documented in docs/spec.md.
 Unknown keys are errors, never silently dropped.
 
 ``search`` is what the offline (no-LLM) planner explores after iteration 1::
@@ -104,18 +104,81 @@ class Hardware(_Strict):
         return value
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+UNBUILT_SOURCES = {"hf": "a Hugging Face repo", "rsync": "an rsync server's module"}
+
+
 class Data(_Strict):
-    source: Literal["none", "local"] = "none"
+    """What the runs read, staged once per host and exported as ``RATIOCINATOR_DATA_DIR`` (see docs/data.md).
+
+    ``local``: a directory on the orchestrator's machine. ``url``: one or more HTTP(S) files, each
+    with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked.
+    """
+
+    source: Literal["none", "local", "url"] = "none"
     path: str | None = None
+    url: str | list[str] | None = None
+    sha256: str | list[str] | None = None
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _unbuilt(cls, value: object) -> object:
+        if isinstance(value, str) and value in UNBUILT_SOURCES:
+            raise ValueError(f"data.source '{value}' ({UNBUILT_SOURCES[value]}) is not supported by this version;"
+                             " use source: url with the files' download URLs, or source: local with a downloaded copy")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for url in [value] if isinstance(value, str) else value or []:
+            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+                raise ValueError(f"data.url '{url}' is not an http:// or https:// URL")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("data.url is an empty list; give at least one URL")
+            if len(set(value)) != len(value):
+                raise ValueError("data.url lists a URL twice")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256s(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for digest in [value] if isinstance(value, str) else value or []:
+            if not SHA256.fullmatch(digest):
+                raise ValueError(f"data.sha256 '{digest}' is not a SHA-256 (64 lowercase hex digits, as"
+                                 " `sha256sum FILE` prints)")
+        return value
 
     @model_validator(mode="after")
-    def _path_for_local(self) -> Data:
+    def _fields_for_source(self) -> Data:
         if self.source == "local" and not self.path:
             raise ValueError("data.source 'local' needs data.path (a directory, exported to runs as"
                              " RATIOCINATOR_DATA_DIR)")
-        if self.source == "none" and self.path:
-            raise ValueError("data.path is set but data.source is 'none'; set source: local to use it")
+        if self.source == "url" and not self.url:
+            raise ValueError("data.source 'url' needs data.url (a URL, or a list of them)")
+        if self.source != "url" and (self.url or self.sha256):
+            raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url"
+                             f" (the source is '{self.source}')")
+        if self.source != "local" and self.path:
+            raise ValueError(f"data.path is only used with source: local (the source is '{self.source}')")
+        if self.source == "url" and self.sha256 is not None:
+            urls, digests = self.urls, self.sha256
+            if isinstance(digests, str) != isinstance(self.url, str) or len(self.checksums) != len(urls):
+                raise ValueError(f"data.sha256 must match data.url: one digest for one URL, a list of {len(urls)}"
+                                 f" for a list of {len(urls)} URLs (got {digests!r})")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url or [])
+
+    @property
+    def checksums(self) -> list[str | None]:
+        """One expected digest (or None) per URL, in order."""
+        if self.sha256 is None:
+            return [None] * len(self.urls)
+        return [self.sha256] if isinstance(self.sha256, str) else list(self.sha256)
 
 
 def _in_repository(value: str, what: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ratiocinator.errors import UsageError, machine_fault
-from ratiocinator.store.records import DecisionRecord, EventKind, ReadinessRecord
+from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
 SCHEMA_VERSION = 6
 
@@ -781,6 +781,13 @@ class Ledger:
         """Every readiness review (or its skipping), oldest first."""
         return [ReadinessRecord.from_event(e) for e in self.events(experiment_id)
                 if e["kind"] in (EventKind.READINESS, EventKind.READINESS_SKIPPED)]
+
+    def record_data(self, experiment_id: str, record: DataRecord, message: str) -> None:
+        self.event(experiment_id, EventKind.DATA, message, **record.data())
+
+    def data_records(self, experiment_id: str) -> list[DataRecord]:
+        """The data each start of the experiment staged, oldest first."""
+        return [DataRecord.from_event(e) for e in self.events(experiment_id) if e["kind"] == EventKind.DATA]
 
     # -- LLM calls ---------------------------------------------------------------
 

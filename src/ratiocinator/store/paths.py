@@ -52,6 +52,11 @@ class Paths:
         """Git bundles of commits, sent to hosts that clone without credentials."""
         return self.home / "ssh_bundles"
 
+    @property
+    def data(self) -> Path:
+        """The spec's data fetched from URLs (one folder per source), and digests of local data directories."""
+        return self.home / "data"
+
     def backend(self, name: str) -> Path:
         """A backend's own files (a rented instance's key pair, its pinned host keys)."""
         return self.home / name

@@ -62,6 +62,7 @@ class EventKind(StrEnum):
     DECISION = "decision"
     READINESS = "readiness"
     READINESS_SKIPPED = "readiness_skipped"
+    DATA = "data"
 
 
 @dataclass(frozen=True)
@@ -110,5 +111,27 @@ class ReadinessRecord:
                    code_issue=data.get("code_issue"), checks=list(data.get("checks") or []))
 
 
-__all__ = ["FINISHED", "LIVE", "TERMINAL", "DecisionRecord", "EventKind", "ExperimentStatus", "InstanceState",
-           "ReadinessRecord", "RunStatus"]
+@dataclass(frozen=True)
+class DataRecord:
+    """The data the runs read: each source (where it came from, size, checksum), the tree hash of the
+    directory runs see, and the seconds each host spent receiving it."""
+
+    tree_hash: str
+    size: int
+    files: int
+    sources: list[dict[str, Any]]  # {kind, location, resolved, size, sha256}
+    staging_s: dict[str, float] = field(default_factory=dict)  # host -> seconds
+
+    def data(self) -> dict[str, Any]:
+        return {"tree_hash": self.tree_hash, "size": self.size, "files": self.files, "sources": self.sources,
+                "staging_s": self.staging_s}
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> DataRecord:
+        data = event["data"]
+        return cls(str(data["tree_hash"]), int(data["size"]), int(data["files"]), list(data.get("sources") or []),
+                   {str(k): float(v) for k, v in (data.get("staging_s") or {}).items()})
+
+
+__all__ = ["FINISHED", "LIVE", "TERMINAL", "DataRecord", "DecisionRecord", "EventKind", "ExperimentStatus",
+           "InstanceState", "ReadinessRecord", "RunStatus"]

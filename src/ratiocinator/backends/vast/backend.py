@@ -58,6 +58,7 @@ from ratiocinator.backends.vast.api import (
     VastApi,
     is_gone,
 )
+from ratiocinator.data.probe import rental_findings
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.planning.plan import first_arm_count
 from ratiocinator.spec.models import LoadedSpec, SshHost
@@ -65,6 +66,8 @@ from ratiocinator.store import instances as inst
 from ratiocinator.store.budget import Budget
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.paths import Paths
+
+DEFAULT_DISK_GB = 32.0  # an instance's disk when the spec sets no hardware.disk_gb
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             out.append(HardwareFinding("image", "ok", f"instances run {hw.image}"))
         if not out or not picked:
             out.append(HardwareFinding("offers", "ok" if picked else "unmet", detail))
-        return out
+        return out + rental_findings(loaded, self.home, hw.disk_gb or DEFAULT_DISK_GB)  # before anything is rented
 
     def _instance_count(self, loaded: LoadedSpec) -> int:
         if self.settings.instances:
@@ -351,7 +354,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         exp_id = self.budget.experiment_id
         n = self._instance_count(loaded)
         picked = await self._pick(loaded, n)
-        ttl, disk = self.ttl_s(loaded, len(picked)), loaded.spec.hardware.disk_gb or 32.0
+        ttl, disk = self.ttl_s(loaded, len(picked)), loaded.spec.hardware.disk_gb or DEFAULT_DISK_GB
         tasks = [asyncio.create_task(self._bring_up(loaded, exp_id, offer, ttl, disk)) for offer in picked]
         pending: set[asyncio.Task[list[_Rented]]] = set(tasks)
         errors: list[BaseException] = []
@@ -458,14 +461,14 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                                hint="relax hardware (gpu, max_dph, min_cuda_version, ...) or vast.min_reliability")
         if self.gpu_model is None:
             self.gpu_model = str(picked[0].get("gpu_name"))
-        disk = loaded.spec.hardware.disk_gb or 32.0
+        disk = loaded.spec.hardware.disk_gb or DEFAULT_DISK_GB
         self.storage_dph = disk * self.settings.storage_per_gb_month / (30 * 24)
         return picked
 
     async def _rent_batch(self, loaded: LoadedSpec, exp_id: str, n: int, ttl: float) -> list[_Rented]:
         """Rent ``n`` instances and connect to them; whatever this call rented is destroyed when a step fails."""
         picked = await self._pick(loaded, n)
-        disk = loaded.spec.hardware.disk_gb or 32.0
+        disk = loaded.spec.hardware.disk_gb or DEFAULT_DISK_GB
         batch: list[_Rented] = []
         try:
             await asyncio.gather(*(self._rent(loaded, exp_id, offer, ttl, disk, batch) for offer in picked))

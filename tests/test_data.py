@@ -1,0 +1,190 @@
+"""The spec's data on the local backend: a directory used in place, URLs fetched once into the home's
+cache (a loopback HTTP server counts the requests), checksums, archives, resumes and provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Study
+from dataserver import DataServer
+from ratiocinator.data.download import fetch
+from ratiocinator.data.local_copy import local_copy
+from ratiocinator.data.manifest import scan
+from ratiocinator.errors import DataError, SpecError
+from ratiocinator.pipeline import Research
+from ratiocinator.report import publish
+from ratiocinator.spec.models import load_spec
+from ratiocinator.store.records import ExperimentStatus, RunStatus
+
+# Reports the first 8 hex digits of the data file's SHA-256 as a number, so the ledger shows what the run read.
+RUNNER = """
+#!/usr/bin/env bash
+set -euo pipefail
+h=$(sha256sum "$RATIOCINATOR_DATA_DIR/${DATA_FILE:-train.txt}" | cut -c1-8)
+ls -la "$RATIOCINATOR_DATA_DIR" >&2
+echo "METRICS: {\\"score\\": $((16#$h))}"
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_pdflatex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paper's PDF is test_paper.py's business; here it is skipped as on a machine without LaTeX."""
+    monkeypatch.setattr(publish, "LATEX_ENGINE", "pdflatex-not-installed-here")
+
+
+def _prefix(data: bytes) -> int:
+    return int(hashlib.sha256(data).hexdigest()[:8], 16)
+
+
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _research(study: Study, spec: Path, **kw: object):  # type: ignore[no-untyped-def]
+    return Research(load_spec(spec), study.home, check=False, environ=dict(os.environ), **kw).run()  # type: ignore[arg-type]
+
+
+@pytest.mark.subprocess
+def test_url_data_is_fetched_once_checked_unpacked_and_read_by_every_run(study: Study, data_server: DataServer
+                                                                         ) -> None:
+    train = os.urandom(50_000)
+    archive = _tar_gz({"train.txt": train, "sub/labels.csv": b"a,b\n"})
+    extra = b"vocabulary\n" * 100
+    data_server.files = {"d.tar.gz": archive, "vocab.txt": extra}
+    study.commit({"run.sh": RUNNER})
+    spec = study.spec(data={"source": "url", "url": [data_server.url("d.tar.gz"), data_server.url("vocab.txt")],
+                            "sha256": [hashlib.sha256(archive).hexdigest(), hashlib.sha256(extra).hexdigest()]},
+                      arms=[{"name": "a"}, {"name": "b", "env": {"DATA_FILE": "vocab.txt"}}], replicates=2)
+    first = _research(study, spec)
+    assert first.status == ExperimentStatus.COMPLETED, first.message
+    again = _research(study, spec, new=True)  # a second experiment on the same home: the cache answers
+    assert again.status == ExperimentStatus.COMPLETED, again.message
+    assert data_server.requests == {"d.tar.gz": 1, "vocab.txt": 1}  # once per host, whatever the number of runs
+    ledger = study.ledger()
+    for exp in ledger.experiments():
+        runs = ledger.runs(exp.id)
+        finals = ledger.run_metrics(exp.id)
+        assert len(runs) == 4 and all(r.status == RunStatus.SUCCEEDED for r in runs)
+        assert {(r.arm, finals[r.id]["score"][0]) for r in runs} == {("a", _prefix(train)), ("b", _prefix(extra))}
+        (record,) = ledger.data_records(exp.id)
+        assert [(s["kind"], s["resolved"], s["size"], s["sha256"]) for s in record.sources] == [
+            ("url", data_server.url("d.tar.gz"), len(archive), hashlib.sha256(archive).hexdigest()),
+            ("url", data_server.url("vocab.txt"), len(extra), hashlib.sha256(extra).hexdigest())]
+        assert record.files == 3 and record.size == len(train) + 4 + len(extra)
+    cached = study.home / "data" / "url"
+    (tree,) = [p / "tree" for p in cached.iterdir() if p.is_dir()]
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()) == [
+        "sub/labels.csv", "train.txt", "vocab.txt"]
+    assert not os.access(tree / "train.txt", os.W_OK) or os.geteuid() == 0  # read-only for the runs
+    assert not (study.home / "data" / "downloads").exists() or not any((study.home / "data" / "downloads").iterdir())
+
+
+@pytest.mark.subprocess
+def test_a_wrong_sha256_stops_before_any_run_showing_both_hashes(study: Study, data_server: DataServer) -> None:
+    served = b"not what the spec expects\n"
+    data_server.files = {"train.txt": served}
+    study.commit({"run.sh": RUNNER})
+    expected = hashlib.sha256(b"the real data\n").hexdigest()
+    spec = study.spec(data={"source": "url", "url": data_server.url("train.txt"), "sha256": expected})
+    with pytest.raises(DataError) as raised:
+        _research(study, spec)
+    message = str(raised.value)
+    assert expected in message and hashlib.sha256(served).hexdigest() in message
+    ledger = study.ledger()
+    (exp,) = ledger.experiments()
+    assert ledger.runs(exp.id) == [] and exp.status == ExperimentStatus.FAILED
+    assert expected in (exp.note or "")
+    assert not list((study.home / "data").rglob("train.txt"))  # the wrong file is not kept
+
+
+@pytest.mark.subprocess
+def test_local_directory_is_used_in_place_and_a_changed_dataset_refuses_a_resume(study: Study) -> None:
+    data = study.root / "dataset"
+    (data / "nested").mkdir(parents=True)
+    (data / "train.txt").write_bytes(b"first version\n")
+    (data / "nested" / "x.bin").write_bytes(os.urandom(1000))
+    study.commit({"run.sh": RUNNER})
+    spec = study.spec(data={"source": "local", "path": "dataset"})
+    outcome = _research(study, spec)
+    assert outcome.status == ExperimentStatus.COMPLETED, outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    (run,) = ledger.runs(exp.id)
+    assert ledger.run_metrics(exp.id)[run.id]["score"][0] == _prefix(b"first version\n")
+    (record,) = ledger.data_records(exp.id)
+    assert record.sources[0]["resolved"] == str(data.resolve())
+    assert record.tree_hash == scan(data).tree_hash
+    # The orchestrator dies mid-experiment (its status stays running), and the data changes before the resume.
+    ledger.update_experiment(exp.id, status=ExperimentStatus.RUNNING)
+    (data / "train.txt").write_bytes(b"second version\n")
+    with pytest.raises(DataError) as raised:
+        _research(study, spec)
+    assert record.tree_hash in str(raised.value) and scan(data).tree_hash in str(raised.value)
+    assert "--new" in (raised.value.hint or "")
+    assert len(ledger.runs(exp.id)) == 1  # nothing ran on the changed data
+
+
+def test_missing_data_path_is_an_error_naming_the_path(study: Study) -> None:
+    spec = study.spec(data={"source": "local", "path": "no/such/dir"})
+    with pytest.raises(DataError) as raised:
+        local_copy(load_spec(spec), study.home)
+    assert str(study.root / "no/such/dir") in raised.value.message
+    assert f"{spec}:" in raised.value.message  # file:line of data.path
+
+
+def test_a_dropped_download_resumes_from_where_it_stopped(tmp_path: Path, data_server: DataServer) -> None:
+    blob = os.urandom(300_000)
+    data_server.files = {"big.bin": blob}
+    data_server.cut_after["big.bin"] = 100_000
+    dest = tmp_path / "big.bin"
+    with httpx.Client() as client:
+        with pytest.raises(DataError):
+            fetch(data_server.url("big.bin"), dest, expected=None, deadline=time.monotonic() + 30, client=client)
+        assert (tmp_path / "big.bin.part").stat().st_size == 100_000
+        got = fetch(data_server.url("big.bin"), dest, expected=hashlib.sha256(blob).hexdigest(),
+                    deadline=time.monotonic() + 30, client=client)
+    assert dest.read_bytes() == blob and got.sha256 == hashlib.sha256(blob).hexdigest()
+    assert data_server.ranges == [("big.bin", None), ("big.bin", "bytes=100000-")]  # only the rest was sent again
+
+
+def test_archives_cannot_write_outside_the_data_directory(study: Study, data_server: DataServer) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    data_server.files = {"evil.tar.gz": buf.getvalue()}
+    spec = study.spec(data={"source": "url", "url": data_server.url("evil.tar.gz")})
+    with pytest.raises(DataError, match="cannot unpack the archive evil.tar.gz"):
+        local_copy(load_spec(spec), study.home)
+    assert not list(study.home.rglob("escape.txt"))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"source": "url"}, "needs data.url"),
+    ({"source": "url", "url": "ftp://example.org/x"}, "not an http:// or https:// URL"),
+    ({"source": "url", "url": ["https://e.org/a", "https://e.org/b"], "sha256": "0" * 64}, "must match data.url"),
+    ({"source": "url", "url": "https://e.org/a", "sha256": "xyz"}, "is not a SHA-256"),
+    ({"source": "local"}, "needs data.path"),
+    ({"source": "none", "path": "d"}, "only used with source: local"),
+    ({"source": "local", "path": "d", "url": "https://e.org/a"}, "only used with source: url"),
+    ({"source": "hf"}, "not supported by this version"),
+])
+def test_data_spec_errors_say_what_to_fix(study: Study, data: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError, match=message) as raised:
+        load_spec(study.spec(data=data))
+    assert f"{study.root / 'study.yaml'}:" in str(raised.value)
