@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
+from ratiocinator.spec.hypotheses import Hypothesis, check_hypotheses
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
@@ -439,6 +440,7 @@ class Spec(_Strict):
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
     llm: LlmConfig | None = None
+    hypotheses: list[Hypothesis] = Field([], description="what the study expects, each judged from the runs")
     search: Search | None = None  # last: its validator reads factors and seed_env
 
     @field_validator("name")
@@ -556,6 +558,7 @@ class Spec(_Strict):
             raise ValueError("ray_address: is only used with backend: ray")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
+        check_hypotheses(self.hypotheses, self.factors, [a.name for a in self.arms])
         return self
 
     @property
