@@ -464,6 +464,12 @@ class Spec(_Strict):
                 raise ValueError(f"factor '{name}' lists a value twice: {rendered}")
         return value
 
+    @field_validator("hypotheses")
+    @classmethod
+    def _hypotheses(cls, value: list[Hypothesis], info: ValidationInfo) -> list[Hypothesis]:
+        check_hypotheses(value, info.data.get("factors") or {}, [a.name for a in info.data.get("arms") or []])
+        return value
+
     @field_validator("seed_env")
     @classmethod
     def _seed_env(cls, value: str | None) -> str | None:
@@ -558,7 +564,6 @@ class Spec(_Strict):
             raise ValueError("ray_address: is only used with backend: ray")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
-        check_hypotheses(self.hypotheses, self.factors, [a.name for a in self.arms])
         return self
 
     @property
