@@ -83,7 +83,8 @@ def test_overfitting_interaction_and_a_null_get_the_verdicts_the_plant_implies(t
 def test_a_planted_interaction_is_the_abstracts_main_caveat(tmp_path: Path) -> None:
     rng = np.random.default_rng(RNG_SEED)
     study = grid_study(tmp_path, {"A": ["0", "1"], "B": ["0", "1"]}, {"A": "0", "B": "0"}, goal_metric="acc",
-                       hypotheses=[{"id": "H1", "statement": "A and B interact.", "expect": {"interaction": ["A", "B"]}}])
+                       hypotheses=[{"id": "H1", "statement": "A and B interact.",
+                                    "expect": {"interaction": ["A", "B"]}}])
     cells = {"A=0,B=0": 0.70, "A=0,B=1": 0.80, "A=1,B=0": 0.80, "A=1,B=1": 0.70}  # a pure crossover
     study.plant({arm: list(mean + 0.01 * rng.standard_normal(5)) for arm, mean in cells.items()})
     assert verdicts(study)["H1"] is Status.SUPPORTED

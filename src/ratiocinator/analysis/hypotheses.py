@@ -115,14 +115,16 @@ def _fixed(h: Hypothesis, status: Status, *because: Part) -> _Pending:
 def _welch_parts(c: Comparison, p_holm: float | None, about: str, run_ids: tuple[int, ...],
                  prefix: str = "") -> list[Part]:
     """``a difference of Δ (95% CI [a, b], Holm-adjusted p = p)``; ``prefix`` keeps a second test's names apart."""
-    parts: list[Part] = ["a difference of ", Number(f"{prefix}diff", c.diff, "metric", f"difference, {about}", run_ids), " ("]
+    diff = Number(f"{prefix}diff", c.diff, "metric", f"difference, {about}", run_ids)
+    parts: list[Part] = ["a difference of ", diff, " ("]
     if c.diff_ci is not None:
         parts += ["95% CI [", Number(f"{prefix}diff_low", c.diff_ci.low, "metric", f"95% Welch CI lower bound, {about}",
                                      run_ids),
                   ", ", Number(f"{prefix}diff_high", c.diff_ci.high, "metric", f"95% Welch CI upper bound, {about}",
                                      run_ids),
                   "], "]
-    parts += ["Holm-adjusted p = ", Number(f"{prefix}p_holm", p_holm, "p", f"Holm-adjusted p-value, {about}", run_ids), ")"]
+    p = Number(f"{prefix}p_holm", p_holm, "p", f"Holm-adjusted p-value, {about}", run_ids)
+    parts += ["Holm-adjusted p = ", p, ")"]
     return parts
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ratiocinator.analysis.hypotheses import Judgement, Number, judge_hypotheses
 from ratiocinator.analysis.inference import (
     ALPHA,
     SMALL_N,
@@ -34,7 +35,6 @@ from ratiocinator.analysis.inference import (
     Verdict,
     infer,
 )
-from ratiocinator.analysis.hypotheses import Judgement, Number, judge_hypotheses
 from ratiocinator.analysis.summary import ArmSummary, Finals, MetricStats, summarize_experiment
 from ratiocinator.errors import SpecError
 from ratiocinator.execution.failures import DESCRIPTIONS
@@ -119,7 +119,7 @@ def stated_hypotheses(spec: Spec, ledger: Ledger, experiment_id: str) -> list[Hy
         return list(spec.hypotheses)
     out: list[Hypothesis] = []
     for decision in ledger.decisions(experiment_id):
-        for i, raw in enumerate(decision.record.get("hypotheses", []), 1):
+        for raw in decision.record.get("hypotheses", []):
             if not isinstance(raw, dict) or "expect" not in raw:
                 continue
             try:
@@ -481,7 +481,8 @@ class _Writer:
         rows = [
             ("Arms", arms),
             ("Replicates per arm", f"{spec.replicates}; {self.seeding()[1]}"),
-            ("Code", f"{spec.runner_script} in {self.repository()} at commit {experiment.commit_sha or 'not recorded'}"),
+            ("Code", f"{spec.runner_script} in {self.repository()} at commit"
+                     f" {experiment.commit_sha or 'not recorded'}"),
             *self.host_rows(),
             ("Readiness review", self.readiness()),
         ]
@@ -842,12 +843,12 @@ class _Writer:
             blocks.append(Table(("Arm", *shown), tuple(rows)))
         if constant:
             ids = [r for arm in self.summary.arms for m in constant for r in arm.metrics[m].run_ids]
-            values = ", ".join(
+            listed = ", ".join(
                 f"{m} = " + self.fact(f"metric[{m}].constant", v, Kind.METRIC, f"{m}, the same in every succeeded run",
                                       [r for arm in self.summary.arms for r in arm.metrics[m].run_ids])
                 for m, v in constant.items())
             blocks.append(Paragraph(f"The same in every succeeded run, so not tabulated ({len(set(ids))} runs):"
-                                    f" {values}."))
+                                    f" {listed}."))
         return blocks
 
     # -- failures ------------------------------------------------------------------------
@@ -870,7 +871,8 @@ class _Writer:
         policy = self.spec.failure_policy
         blocks.append(Paragraph(
             "Runs that did not succeed, by failure class; each class was decided from the run's own evidence "
-            "(its exit code or signal and its log lines, quoted in the appendix). Only transient classes (infra, and host memory "
+            "(its exit code or signal and its log lines, quoted in the appendix). Only transient classes (infra, and"
+            " host memory "
             f"exhaustion while other runs shared the host) were retried, as new attempts, up to {policy.max_attempts} "
             "attempts per replicate; deterministic failures were never repeated. Every attempt is listed."))
         transient = [r for r in bad if r.transient]
@@ -939,7 +941,7 @@ class _Writer:
                          [])
 
     def cost_is_empty(self) -> bool:
-        """A free study: nothing spent or reserved, nothing rented, a host priced at 0 (the note replaces the section)."""
+        """A free study: nothing spent or reserved, nothing rented, a host priced at 0 (a note replaces the section)."""
         spent, reserved = self.ledger.money(self.experiment.id)
         return (spent == 0 and reserved == 0 and self.spec.hardware.price_per_hour == 0
                 and not instances.rows(self.ledger, experiment_id=self.experiment.id))
@@ -1211,7 +1213,8 @@ class _Writer:
         rows = tuple((f.id, self.book.ref(f), f.label, f.runs_text) for f in facts)
         return [
             Heading("Every number and its runs", 1),
-            Paragraph("Each number in the paper and in this appendix links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT`"
+            Paragraph("Each number in the paper and in this appendix links here. Run ids are the ledger's;"
+                      " `ratiocinator runs EXPERIMENT`"
                       " lists them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
             Table(("Id", "Value", "What", "Runs"), rows, anchors=tuple(f.id for f in facts)),
         ]
