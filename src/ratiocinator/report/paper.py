@@ -647,7 +647,7 @@ class _Writer:
         if excluded:
             note += (f" Runs {', '.join(map(str, sorted(excluded)))} succeeded without a finite {self.goal}"
                      " and are left out.")
-        return [Heading(f"{self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
+        return [Heading(f"Statistics of {self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
 
     def baseline_section(self) -> list[Block]:
         inf = self.inf
