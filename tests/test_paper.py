@@ -19,13 +19,15 @@ from ratiocinator.planning.plan import PlannedArm
 from ratiocinator.report.facts import Kind, format_value
 from ratiocinator.report.publish import write_report
 
-LINK = re.compile(r"\[([^\]]*)\]\(#f[0-9]+\)")
+LINK = re.compile(r"\[([^\]]*)\]\((?:appendix\.md)?#f[0-9]+\)")
 
 
 def write(study: PlantedStudy, *, pdf: bool = False) -> tuple[dict[str, str], str, str]:
     files = write_report(study.ledger, study.id, study.report_dir, pdf=pdf)
     recorded = json.loads(files.facts.read_text())
-    return {f["key"]: f["text"] for f in recorded["facts"]}, files.md.read_text(), files.html.read_text()
+    # The paper and its appendix (the full tables) read as one document.
+    md = files.md.read_text() + "\n" + (files.dir / "appendix.md").read_text()
+    return {f["key"]: f["text"] for f in recorded["facts"]}, md, files.html.read_text()
 
 
 def row(md: str, first_cell: str, after: str = "") -> list[str]:
@@ -67,7 +69,7 @@ def test_arm_statistics_match_scipy(tmp_path: Path) -> None:
         assert facts[f"arm[{arm}].acc.std"] == metric(np.std(values, ddof=1))
         assert facts[f"arm[{arm}].acc.se"] == metric(sps.sem(values))
         assert (facts[f"arm[{arm}].acc.ci_low"], facts[f"arm[{arm}].acc.ci_high"]) == (metric(low), metric(high))
-        cells = row(md, arm, "per arm")
+        cells = row(md, arm, "Statistics of")
         assert cells[2:8] == ["3 / 3", "3", metric(np.mean(values)), metric(np.std(values, ddof=1)),
                               metric(sps.sem(values)),
                               f"\\[{metric(low)}, {metric(high)}\\]"]
@@ -78,7 +80,7 @@ def test_arm_statistics_match_scipy(tmp_path: Path) -> None:
     assert facts["arm[single].acc.mean"] == metric(0.503)
     assert not any(k.startswith("arm[single].acc.") and k.split(".")[-1] in ("std", "se", "ci_low", "ci_high")
                    for k in facts)
-    assert row(md, "single", "per arm")[4:8] == [metric(0.503), "—", "—", "—"]
+    assert row(md, "single", "Statistics of")[4:8] == [metric(0.503), "—", "—", "—"]
     assert row(md, "single", "Comparison with")[-1] == "too few runs"
     assert no_number_is_nan(facts, md)
 
@@ -173,9 +175,9 @@ def test_edge_cases_give_clear_output_not_crashes(tmp_path: Path) -> None:
     assert (facts["arm[flat].acc.std"] == "0"
             and facts["arm[flat].acc.ci_low"] == facts["arm[flat].acc.ci_high"] == "0.5")
     assert row(md, "flat2", "Comparison with")[-1] == "untestable"
-    assert row(md, "broken", "per arm")[2:5] == ["0 / 3", "0", "—"]
+    assert row(md, "broken", "Statistics of")[2:5] == ["0 / 3", "0", "—"]
     assert row(md, "broken", "Comparison with")[-1] == "too few runs"
-    assert row(md, "diverged", "per arm")[2:5] == ["2 / 2", "1", metric(0.4)]
+    assert row(md, "diverged", "Statistics of")[2:5] == ["2 / 2", "1", metric(0.4)]
     assert f"Runs {nan_run} succeeded without a finite acc and are left out." in md
     assert "exit\\_nonzero" in md and "ImportError: no module named torch" in md
     assert no_number_is_nan(facts, md)
@@ -245,12 +247,12 @@ def test_html_is_self_contained_and_every_number_shows_its_runs(tmp_path: Path) 
     assert not re.search(r"<(link|script)\b", html) and "http://" not in html
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
-    fast_mean = re.search(r'<a class="fact" href="#(f[0-9]+)" title="([^"]*)">' + re.escape(metric(np.mean(FAST))),
-                          html)
+    fast_mean = re.search(r'<a class="fact" href="appendix.html#(f[0-9]+)" title="([^"]*)">'
+                          + re.escape(metric(np.mean(FAST))), html)
     assert fast_mean and f"runs {ids['fast'][0]}–{ids['fast'][-1]}" in fast_mean.group(2)
-    assert f'<tr id="{fast_mean.group(1)}">' in html
-    for section in ("Abstract", "Question and hypotheses", "Setup", "Results", "Failure analysis", "Cost",
-                    "Threats to validity", "Reproducibility", "Appendix: every number and its runs"):
+    assert f'<tr id="{fast_mean.group(1)}">' in (study.report_dir / "appendix.html").read_text()
+    for section in ("Abstract", "Hypotheses", "Design", "Results", "Cost", "Conclusion", "Threats to validity",
+                    "Reproducibility", "Configuration", "Every arm's command", "Every number and its runs"):
         assert section in md
     assert "box-7" in md and "NVIDIA A100" in md and study.sha in md and "c0ffee1234" in md
     assert "LR=0.3 RATIOCINATOR_SEED=$SEED python ./train.py" in md.replace("\\_", "_")
@@ -270,13 +272,15 @@ def test_failed_runs_are_listed_by_class_with_log_tails(tmp_path: Path) -> None:
     section = md.split("## Failure analysis", 1)[1].split("## Cost", 1)[0]
     assert row(section, "timeout")[1:] == ["killed at the spec's train\\_timeout\\_s", "3", "base (3)"]
     assert row(section, "unknown")[1:] == ["failed without recognisable evidence", "1", "fast (1)"]
+    section = md.split("## Failed runs", 1)[1].split("## Every arm", 1)[0]  # the log tails are in the appendix
     assert f"Run {crashed}: arm fast" in section
     for i in range(31, 51):
         assert f"error line {i} <script>" in section
     assert "error line 30 " not in section and "stdout is not shown" not in section
     assert f"1 more timeout runs: {timed_out[2]}." in section  # two examples per class, the rest by id
-    assert "\x1b" not in md and "&lt;script&gt;" in html and "<script>" not in html
-    assert row(md, "fast", "per arm")[2] == "3 / 4"
+    appendix_html = (study.report_dir / "appendix.html").read_text()
+    assert "\x1b" not in md and "&lt;script&gt;" in appendix_html and "<script>" not in appendix_html + html
+    assert row(md, "fast", "Statistics of")[2] == "3 / 4"
     assert "fast lost 1 of 4" in md
 
 

@@ -24,11 +24,22 @@ def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_pat
     report = next((home / "reports").iterdir())
     md = (report / "paper.md").read_text()
 
-    assert "95% CI (t)" in md and "Comparison with the baseline DEPTH=1,WIDTH=16" in md
-    assert "Main effect of DEPTH" in md and "Main effect of WIDTH" in md and "Analysis of variance" in md
-    assert "## Threats to validity" in md and "## Reproducibility" in md
-    for name in ("fig_goal", "fig_curves", "fig_main_effects", "fig_cost"):
+    appendix = (report / "appendix.md").read_text()
+    assert "95% CI (t)" in md and "Comparison with the baseline DEPTH=1,WIDTH=16" in appendix
+    assert "Main effects" in md and "| DEPTH | 4 |" in md and "| WIDTH | 64 |" in md and "Analysis of variance" in md
+    assert "## Conclusion" in md and "## Threats to validity" in md and "## Reproducibility" in md
+    # The paper answers the spec's three hypotheses, each with a verdict (in the abstract and in the results).
+    abstract = md.split("## Hypotheses", 1)[0]
+    verdicts = re.findall(r"^- (H[123]): (supported|contradicted|inconclusive)\.", md, re.MULTILINE)
+    assert [h for h, _ in verdicts] == ["H1", "H2", "H3"]
+    for hid, verdict in verdicts:
+        assert re.search(rf"{hid} \([^)]*(\([^)]*\)[^)]*)*\) is {verdict}", abstract), hid
+    assert dict(verdicts)["H1"] == "supported"  # every MLP clears the ridge baseline by a wide margin
+    assert md.count("How should a fixed, small neural network spend its capacity") == 1  # the topic, once
+    assert str(QUICKSTART.parents[2]) not in md + appendix  # no absolute local path
+    for name in ("fig_goal", "fig_curves", "fig_main_effects"):
         assert (report / f"{name}.png").exists() and (report / f"{name}.pdf").exists()
+    assert not (report / "fig_cost.png").exists()  # a $0 study has no cost section and no cost figure
     aggregated = json.loads((report / "aggregated_metrics.json").read_text())
     assert aggregated["primary_metric"] == "val_r2" and aggregated["best_baseline"]["arm"] == "DEPTH=1,WIDTH=16"
     assert len((report / "results.tsv").read_text().splitlines()) == 1 + 27
@@ -37,7 +48,7 @@ def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_pat
                               timeout=300)
     assert verified.returncode == 0, verified.stderr
 
-    match = re.search(r"\[(0\.[0-9]+)\]\(#f[0-9]+\)", md)
+    match = re.search(r"\[(0\.[0-9]+)\]\(appendix\.md#f[0-9]+\)", md)
     assert match
     (report / "paper.md").write_text(md[: match.start(1)] + "0.1234" + md[match.end(1):])
     forged = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True,

@@ -56,16 +56,18 @@ def first_fact(text: str, pattern: str) -> re.Match[str]:
 def test_verify_passes_on_a_fresh_report(reported: PlantedStudy) -> None:
     done = cli(reported.home, "verify", str(reported.report_dir))
     assert done.returncode == 0, done.stderr
-    assert re.search(r"verified: \d+ numbers, \d+ citations in paper.md, paper.html, paper.tex match the ledger",
-                     done.stdout)
+    assert re.search(r"verified: \d+ numbers, \d+ citations in paper.md, paper.html, paper.tex, appendix.md,"
+                     r" appendix.html, appendix.tex match the ledger", done.stdout)
 
 
 @pytest.mark.parametrize(
     ("name", "pattern"),
     [
-        ("paper.md", r"\[(0\.[0-9]+)\]\(#f[0-9]+\)"),
-        ("paper.html", r'<a class="fact" href="#f[0-9]+" title="[^"]*">(0\.[0-9]+)</a>'),
+        ("paper.md", r"\[(0\.[0-9]+)\]\(appendix\.md#f[0-9]+\)"),
+        ("paper.html", r'<a class="fact" href="appendix\.html#f[0-9]+" title="[^"]*">(0\.[0-9]+)</a>'),
         ("paper.tex", r"\\fact\{f[0-9]+\}\{(0\.[0-9]+)\}"),
+        ("appendix.md", r"\[(0\.[0-9]+)\]\(#f[0-9]+\)"),
+        ("appendix.html", r'<a class="fact" href="#f[0-9]+" title="[^"]*">(0\.[0-9]+)</a>'),
     ],
 )
 def test_editing_one_number_makes_verify_fail(reported: PlantedStudy, name: str, pattern: str) -> None:
@@ -84,7 +86,7 @@ def test_editing_one_number_makes_verify_fail(reported: PlantedStudy, name: str,
 def test_untagging_a_number_makes_verify_fail(reported: PlantedStudy) -> None:
     path = reported.report_dir / "paper.md"
     text = path.read_text()
-    match = first_fact(text, r"\[(0\.[0-9]+)\]\(#f[0-9]+\)")
+    match = first_fact(text, r"\[(0\.[0-9]+)\]\(appendix\.md#f[0-9]+\)")
     path.write_text(text[: match.start()] + "0.5" + text[match.end():])  # the link is gone, the number changed
     done = cli(reported.home, "verify", str(reported.report_dir))
     assert done.returncode == 1 and "a traced number was removed, untagged or added by hand" in done.stderr
@@ -142,3 +144,33 @@ def test_compare_refuses_different_goal_metrics(tmp_path: Path) -> None:
     assert done.returncode == 2 and "different goal metrics (acc and loss)" in done.stderr and "--metric" in done.stderr
     missing = cli(tmp_path, "compare", "exp-a", "exp-b", "--metric", "acc")
     assert missing.returncode == 2 and "has no succeeded run reporting acc" in missing.stderr
+
+
+def test_compare_pairs_arms_by_knobs_when_their_names_differ(tmp_path: Path) -> None:
+    a = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}), baseline_arm="base",
+                     exp_id="exp-a")
+    a.plant({"base": BASE, "fast": FAST})
+    b = PlantedStudy(tmp_path, PlantedStudy.arms(lr_small={"LR": "0.1"}, lr_big={"LR": "0.3"}), baseline_arm="lr_small",
+                     exp_id="exp-b")
+    b.plant({"lr_small": [v + 0.2 for v in BASE], "lr_big": FAST})
+    done = cli(tmp_path, "compare", "exp-a", "exp-b", "--json")
+    assert done.returncode == 0, done.stderr
+    arms = {a["a_arm"]: a for a in json.loads(done.stdout)["arms"]}
+    assert set(arms) == {"base", "fast"}
+    assert arms["base"]["b_arm"] == "lr_small" and arms["base"]["matched_by"] == "knobs"
+    assert arms["base"]["arm"] == "base = lr_small" and arms["base"]["diff"] == pytest.approx(0.2)
+    assert arms["fast"]["b_arm"] == "lr_big" and "warning" not in done.stderr
+
+
+def test_compare_warns_when_nothing_matches_and_refuses_one_experiment_with_itself(tmp_path: Path) -> None:
+    a = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}), baseline_arm="base", exp_id="exp-a")
+    a.plant({"base": BASE})
+    b = PlantedStudy(tmp_path, PlantedStudy.arms(other={"LR": "0.5"}), baseline_arm="other", exp_id="exp-b")
+    b.plant({"other": FAST})
+    done = cli(tmp_path, "compare", "exp-a", "exp-b")
+    assert done.returncode == 0, done.stderr
+    assert "warning: no arm of exp-a matches an arm of exp-b by knobs or by name" in done.stderr
+    assert "only in A" in done.stdout and "only in B" in done.stdout
+    same = cli(tmp_path, "compare", "exp-a", "exp-a")
+    assert same.returncode == 2 and "the same experiment (exp-a): there is nothing to compare" in same.stderr
+    assert "Traceback" not in same.stderr

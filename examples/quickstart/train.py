@@ -21,8 +21,9 @@ mini-batches), seeded by ``--seed``. It regresses ``log1p(complexity)``. Metrics
 * ``train_loss`` -- mean squared error on the standardised log1p target (epoch mean).
 
 Prints one ``METRICS: {...}`` JSON line per epoch; the last line carries the final values
-plus ``n_train``, ``n_val``, ``params`` and ``ridge_val_r2`` (closed-form ridge regression
-on the same features: the linear reference an MLP has to beat).
+plus ``n_train``, ``n_val``, ``params``, ``train_r2`` (R^2 on the training functions, for
+the train-validation gap that shows overfitting) and ``ridge_val_r2`` (closed-form ridge
+regression on the same features: the linear reference an MLP has to beat).
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if epoch < args.epochs:
             emit(metrics)
-    metrics.update(n_train=len(x_tr), n_val=len(x_va), params=model.n_params,
+    pred_tr = np.clip(np.nan_to_num(model.forward(x_tr)[0].astype(np.float64) * y_sd + y_mu), y_tr.min(), y_tr.max())
+    metrics.update(n_train=len(x_tr), n_val=len(x_va), params=model.n_params, train_r2=r2(y_tr, pred_tr),
                    ridge_val_r2=ridge_r2(x_tr, y_tr, x_va, y_va))
     emit(metrics)
 

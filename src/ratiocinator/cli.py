@@ -534,6 +534,8 @@ def compare(
     result = compare_experiments(_ledger(), a, b, metric=metric)
     if as_json:
         out.print_json(json.dumps(comparison_json(result)))
+        for warning in result.warnings:
+            err.print(f"warning: {warning}", markup=False)
         return
     direction = "higher" if result.maximize else "lower"
     table = Table(title=f"{result.metric} ({direction} is better): A = {result.a}, B = {result.b}")
@@ -551,6 +553,8 @@ def compare(
             pair.verdict,
         )
     out.print(table)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", markup=False)
 
 
 def _n(goal: Any) -> str:

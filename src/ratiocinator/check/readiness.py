@@ -151,7 +151,24 @@ def static_checks(loaded: LoadedSpec, checkout: Path, knobs: KnobReport, plan: P
         used = sorted({k for a in plan.arms for k in a.env})
         checks.append(CheckResult("knobs", "passed",
                                   f"every knob the arms set is read by the code ({', '.join(used) or 'no knobs set'})"))
+    checks.append(seed_check(spec.seed_env, knobs))
     return checks
+
+
+def seed_check(seed_env: str | None, knobs: KnobReport) -> CheckResult:
+    """Whether replicates are seeded: the runner reads the spec's seed knob or RATIOCINATOR_SEED.
+
+    Unseeded code is not wrong, but its replicates mean something else (run-to-run noise) and no run can be
+    repeated exactly; the paper must say so rather than claim shared seeds.
+    """
+    wanted = [n for n in (seed_env, "RATIOCINATOR_SEED") if n]
+    read = [n for n in wanted if n in knobs.env_names()]
+    if read:
+        return CheckResult("seed", "passed", f"the runner reads {' and '.join(read)}: replicate r runs seed r")
+    return CheckResult("seed", "warning",
+                       "runs are not seeded; replicates measure run-to-run noise; no run can be reproduced exactly"
+                       f" (the runner reads neither {' nor '.join(wanted)})",
+                       ({"knobs_read": sorted(knobs.knobs), "seed_variables": wanted},))
 
 
 def _is_note(finding: Finding) -> bool:

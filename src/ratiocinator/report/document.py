@@ -94,7 +94,8 @@ def _with_facts(text: str, book: FactBook, escape: Callable[[str], str], token: 
 
 # -- Markdown ------------------------------------------------------------------------
 
-MD_FACT = re.compile(r"(?<!\\)\[([^\[\]\n]*)\]\(#(f[0-9]+)\)")
+# A fact links to its row in the appendix: ``#f3`` inside the appendix, ``appendix.md#f3`` from the paper.
+MD_FACT = re.compile(r"(?<!\\)\[([^\[\]\n]*)\]\((?:appendix\.md)?#(f[0-9]+)\)")
 
 
 def _md_escape(text: str) -> str:
@@ -105,9 +106,9 @@ def _md_unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
-def _md_token(fid: str, text: str, title: str) -> str:
+def _md_token(fid: str, text: str, title: str, facts_in: str = "") -> str:
     """A link to the fact's appendix row; the row carries the runs, so raw Markdown stays readable."""
-    return f"[{_md_escape(text)}](#{fid})"
+    return f"[{_md_escape(text)}]({facts_in}#{fid})"
 
 
 class Renderer(abc.ABC):
@@ -117,8 +118,10 @@ class Renderer(abc.ABC):
     here (every format must then implement it) and a new format is one more subclass.
     """
 
-    def __init__(self, book: FactBook) -> None:
+    def __init__(self, book: FactBook, facts_in: str = "") -> None:
+        """``facts_in``: the file whose rows the facts link to (the appendix), or "" for this document's own."""
         self.book = book
+        self.facts_in = facts_in
 
     def render(self, title: str, blocks: Sequence[Block]) -> str:
         return self.document(title, [getattr(self, _METHOD[type(block)])(block) for block in blocks])
@@ -158,7 +161,8 @@ _METHOD: dict[type, str] = {Heading: "heading", Abstract: "abstract", Paragraph:
 
 class _Markdown(Renderer):
     def text(self, text: str) -> str:
-        return _with_facts(text, self.book, _md_escape, _md_token)
+        return _with_facts(text, self.book, _md_escape,
+                           lambda fid, shown, title: _md_token(fid, shown, title, self.facts_in))
 
     def cell(self, text: str) -> str:
         return self.text(text).replace("\n", " ")
@@ -200,13 +204,13 @@ class _Markdown(Renderer):
         return "\n".join([f"# {self.cell(title)}", "", *body])
 
 
-def render_markdown(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    return _Markdown(book).render(title, blocks)
+def render_markdown(title: str, blocks: Sequence[Block], book: FactBook, facts_in: str = "") -> str:
+    return _Markdown(book, facts_in).render(title, blocks)
 
 
 # -- HTML ------------------------------------------------------------------------------
 
-HTML_FACT = re.compile(r'<a class="fact" href="#(f[0-9]+)"[^>]*>([^<]*)</a>')
+HTML_FACT = re.compile(r'<a class="fact" href="(?:appendix\.html)?#(f[0-9]+)"[^>]*>([^<]*)</a>')
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;\
@@ -230,13 +234,14 @@ def _html_escape(text: str) -> str:
     return html.escape(clean(text))
 
 
-def _html_token(fid: str, text: str, title: str) -> str:
-    return f'<a class="fact" href="#{fid}" title="{html.escape(title)}">{html.escape(text)}</a>'
+def _html_token(fid: str, text: str, title: str, facts_in: str = "") -> str:
+    return f'<a class="fact" href="{facts_in}#{fid}" title="{html.escape(title)}">{html.escape(text)}</a>'
 
 
 class _Html(Renderer):
     def text(self, text: str) -> str:
-        return _with_facts(text, self.book, _html_escape, _html_token)
+        return _with_facts(text, self.book, _html_escape,
+                           lambda fid, shown, title: _html_token(fid, shown, title, self.facts_in))
 
     def heading(self, block: Heading) -> str:
         return f"<h{block.level + 1}>{self.text(block.text)}</h{block.level + 1}>"
@@ -281,8 +286,8 @@ class _Html(Renderer):
         )
 
 
-def render_html(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    return _Html(book).render(title, blocks)
+def render_html(title: str, blocks: Sequence[Block], book: FactBook, facts_in: str = "") -> str:
+    return _Html(book, facts_in).render(title, blocks)
 
 
 # -- LaTeX -----------------------------------------------------------------------------
@@ -428,8 +433,12 @@ class _Latex(Renderer):
         return _tex_code(block.text)
 
     def document(self, title: str, body: list[str]) -> str:
+        # Facts whose rows are in another PDF link to its named destination (the row's \hypertarget).
+        elsewhere = (f"\\renewcommand{{\\fact}}[2]{{\\href{{{self.facts_in}\\##1}}{{#2}}}}\n" if self.facts_in
+                     else "")
         return (
             _TEX_PREAMBLE
+            + elsewhere
             + f"\\title{{{tex_escape(title)}}}\n\\author{{Ratiocinator}}\n\\date{{}}\n"
             + "\\begin{document}\n\\maketitle\n\n"
             + "\n\n".join(body)
@@ -437,8 +446,8 @@ class _Latex(Renderer):
         )
 
 
-def render_latex(title: str, blocks: Sequence[Block], book: FactBook) -> str:
-    return _Latex(book).render(title, blocks)
+def render_latex(title: str, blocks: Sequence[Block], book: FactBook, facts_in: str = "") -> str:
+    return _Latex(book, facts_in).render(title, blocks)
 
 
 # -- reading facts back ----------------------------------------------------------------

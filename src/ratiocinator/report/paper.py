@@ -11,6 +11,7 @@ the same facts.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ratiocinator.analysis.hypotheses import Judgement, Number, judge_hypotheses
 from ratiocinator.analysis.inference import (
     ALPHA,
     SMALL_N,
@@ -51,6 +53,8 @@ from ratiocinator.report.document import (
 from ratiocinator.report.facts import MISSING, FactBook, Kind
 from ratiocinator.report.figures import FigureFile, all_figures
 from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
+from ratiocinator.report.verdicts import abstract_sentence, conclusion, evidence, expectation
+from ratiocinator.spec.hypotheses import Hypothesis
 from ratiocinator.spec.models import Spec
 from ratiocinator.store import instances
 from ratiocinator.store.ledger import Experiment, Ledger, RunRow
@@ -74,6 +78,9 @@ class Paper:
     runs: tuple[RunRow, ...]
     finals: Finals
     figures: tuple[FigureFile, ...]
+    # The companion document: detail tables and every number with its runs; the paper's numbers link here.
+    appendix: tuple[Block, ...] = ()
+    judgements: tuple[Judgement, ...] = ()
 
 
 def experiment_spec(experiment: Experiment) -> Spec:
@@ -99,8 +106,30 @@ def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> 
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
     drawn = tuple(all_figures(ledger, inference, runs)) if figures else ()
-    blocks = w.build({f.stem: f for f in drawn})
-    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn)
+    blocks, appendix = w.build({f.stem: f for f in drawn})
+    shown = {b.file.stem for b in (*blocks, *appendix) if isinstance(b, Figure)}
+    drawn = tuple(f for f in drawn if f.stem in shown)  # a figure of a dropped section (a $0 cost) is not written
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn,
+                 tuple(appendix), w.judgements)
+
+
+def stated_hypotheses(spec: Spec, ledger: Ledger, experiment_id: str) -> list[Hypothesis]:
+    """The spec's hypotheses, else those the LLM design stage wrote in the testable form."""
+    if spec.hypotheses:
+        return list(spec.hypotheses)
+    out: list[Hypothesis] = []
+    for decision in ledger.decisions(experiment_id):
+        for raw in decision.record.get("hypotheses", []):
+            if not isinstance(raw, dict) or "expect" not in raw:
+                continue
+            try:
+                out.append(Hypothesis.model_validate({"id": raw.get("id") or f"H{len(out) + 1}",
+                                                      "statement": raw.get("statement", ""),
+                                                      "expect": raw["expect"]}))
+            except ValidationError:
+                continue  # an untestable hypothesis stays in the planner's record, listed with the decisions
+    ids = [h.id for h in out]
+    return out if len(set(ids)) == len(ids) else [h.model_copy(update={"id": f"H{i}"}) for i, h in enumerate(out, 1)]
 
 
 # -- formatting helpers -----------------------------------------------------------------
@@ -124,6 +153,11 @@ def _knobs(arm: ArmSummary) -> str:
     if arm.arm.args:
         parts.append(shlex.join(arm.arm.args))
     return ", ".join(parts) or "(runner defaults)"
+
+
+def _is_url(repo_url: str) -> bool:
+    """A git URL (scheme:// or scp-like user@host:path), as opposed to a local path."""
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://|[^/\s]+@[^/\s]+:", repo_url))
 
 
 def _plural(n: int, word: str) -> str:
@@ -213,22 +247,35 @@ class _Writer:
 
     # -- the document ---------------------------------------------------------------------
 
-    def build(self, figures: dict[str, FigureFile]) -> list[Block]:
+    def build(self, figures: dict[str, FigureFile]) -> tuple[list[Block], list[Block]]:
+        """The paper (short: what a reviewer reads) and its appendix (every detail, every number's runs)."""
         self.figures = figures
+        self.judgements = judge_hypotheses(stated_hypotheses(self.spec, self.ledger, self.experiment.id), self.inf,
+                                           self.spec.design)
         blocks: list[Block] = [Abstract(self.abstract())]
         blocks += self.question()
         blocks += self.setup()
         blocks += self.results()
         blocks += self.failures()
         blocks += self.cost()
-        blocks += self.threats()
+        blocks += self.conclusion()
         blocks += self.discussion()
+        blocks += self.threats()
         blocks += self.reproducibility()
-        blocks += self.fact_appendix()  # last: it lists every fact cited above
-        return blocks
+        appendix: list[Block] = [
+            Paragraph("The detail behind the paper: full tables, the configuration, failed runs' logs and the command"
+                      " of every arm. Each number of the paper links to its row at the end of this appendix."),
+            *self.appendix_tables(),
+            *self.fact_appendix(),  # last: it lists every fact cited in the paper and above
+        ]
+        return blocks, appendix
 
     def figure(self, stem: str) -> list[Block]:
         return [Figure(self.figures[stem])] if stem in self.figures else []
+
+    def cite(self, j: Judgement, n: Number) -> str:
+        """A number a hypothesis verdict rests on, as a traced fact."""
+        return self.fact(f"hyp[{j.id}].{n.name}", n.value, Kind(n.kind), f"{j.id}: {n.label}", n.run_ids)
 
     # -- abstract -----------------------------------------------------------------------
 
@@ -240,6 +287,13 @@ class _Writer:
             self.count("exp.runs.succeeded", len(ok), "runs that succeeded", ok),
         )
 
+    def design_text(self) -> str:
+        spec = self.spec
+        if spec.factors:
+            levels = " × ".join(f"{k} ∈ {{{_value(v)}}}" for k, v in spec.factors.items())
+            return f"{spec.design} over {levels}"
+        return "explicit arms"
+
     def abstract(self) -> str:
         spec, s = self.spec, self.summary
         direction = "higher is better" if spec.maximize else "lower is better"
@@ -247,21 +301,47 @@ class _Writer:
         commit = (self.experiment.commit_sha or "an unrecorded commit")[:12]
         parts = [
             f"Question: {spec.topic.strip()}",
-            f"We ran {len(s.arms)} {_plural(len(s.arms), 'arm')} with up to {spec.replicates} replicates each "
-            f"({attempts} runs, {succeeded} succeeded) of {spec.runner_script} at commit {commit}, "
-            f"measuring {self.goal} ({direction}).",
+            f"Design: {len(s.arms)} {_plural(len(s.arms), 'arm')} ({self.design_text()}) with up to {spec.replicates}"
+            f" replicates each ({attempts} runs, {succeeded} succeeded) of {spec.runner_script} at commit {commit},"
+            f" measuring {self.goal} ({direction}).",
         ]
-        parts.append(self.headline())
-        if self.inf.factors is not None:
-            findings = self.factor_findings(self.inf.factors)
-            if findings:
-                parts.append(findings[0])
-        spent, _ = self.ledger.money(self.experiment.id)
-        if spent == 0 and self.spec.hardware.price_per_hour == 0:
-            parts.append("The runs were free: the host's price per hour is 0.")
+        if self.judgements:
+            parts += [abstract_sentence(j, self.cite) for j in self.judgements]
         else:
-            parts.append(f"The study cost {self.spent_fact(spent)} of its {self.limit_fact()} budget.")
+            parts.append(self.headline())
+            if self.inf.factors is not None:
+                findings = self.factor_findings(self.inf.factors)
+                if findings:
+                    parts.append(findings[0])
+        caveat = self.caveat()
+        if caveat:
+            parts.append(f"Main caveat: {caveat}")
         return " ".join(parts)
+
+    def caveat(self) -> str:
+        """The one thing a reader of the abstract must not miss: an interaction, failures, or noise."""
+        fa = self.inf.factors
+        if fa is not None and fa.anova is not None:
+            for i in fa.interactions:
+                if i.significant:
+                    a, b = i.row.term.split(" × ")
+                    p = self.book.cite(f"anova[{i.row.term}].p_holm", *_anova_fact(fa, i.row.term, "p_holm", self.goal),
+                                       fa.run_ids)
+                    return (f"the effect of {a} depends on {b} (interaction Holm-adjusted p = {p}), so each factor's"
+                            " main effect averages over unequal effects; read the cells, not only the margins.")
+        failed = [r.id for r in self.runs if r.status != "succeeded"]
+        if failed:
+            n = self.count("exp.runs.not_succeeded", len(failed), "runs that did not succeed", failed)
+            attempts, _ = self.run_counts()
+            return (f"{n} of {attempts} runs did not succeed; if failures depend on the configuration, the surviving"
+                    " runs are a biased sample.")
+        floor = self.inf.noise_floor
+        decided = [c for c in self.inf.comparisons if c.verdict in (Verdict.IMPROVEMENT, Verdict.REGRESSION)]
+        if self.inf.comparisons and not decided and floor is not None and floor.std is not None:
+            return (f"no arm differs from the baseline beyond the noise floor (the baseline's replicate standard"
+                    f" deviation, {self.noise_std(floor)}): the differences between arms are of the size of run-to-run"
+                    " noise.")
+        return ""
 
     def headline(self) -> str:
         inf, s = self.inf, self.summary
@@ -296,35 +376,38 @@ class _Writer:
     # -- question ------------------------------------------------------------------------
 
     def question(self) -> list[Block]:
+        """The hypotheses and how they are judged (the question itself opens the abstract, once)."""
         spec, inf = self.spec, self.inf
         direction = "maximized" if spec.maximize else "minimized"
         blocks: list[Block] = [
-            Heading("Question and hypotheses", 1),
-            Paragraph(f"{spec.topic.strip()} The goal metric is {self.goal}, to be {direction}; each run reports "
-                      f"it through the {spec.metrics.protocol} protocol and its final value is the run's result."),
+            Heading("Hypotheses", 1),
+            Paragraph(f"The goal metric is {self.goal}, to be {direction}; each run reports it through the"
+                      f" {spec.metrics.protocol} protocol and its final value is the run's result."),
         ]
-        hypotheses = []
-        for i, c in enumerate(inf.comparisons, 1):
-            arm = self.summary.arm(c.arm)
-            what = arm.arm.description or _knobs(arm)
-            hypotheses.append(f"H{i}: arm {c.arm} ({what}) changes {self.goal} relative to the baseline {c.baseline}.")
-        if inf.factors is not None:
-            for e in inf.factors.effects:
-                hypotheses.append(f"H({e.factor}): the level of {e.factor} affects {self.goal}.")
-        if hypotheses:
-            blocks.append(Paragraph("The hypotheses the runs test, one per arm against the baseline and one per"
-                                    " factor:"))
-            blocks.append(Bullets(tuple(hypotheses)))
+        if self.judgements:
+            n_tests = self.judgements[0].family
+            blocks.append(Paragraph("The study states these hypotheses, each with a test the runs decide:"))
+            blocks.append(Bullets(tuple(f"{j.id}: {j.hypothesis.statement.strip()} Tested as: "
+                                        f"{expectation(j.hypothesis, self.goal)}." for j in self.judgements)))
             blocks.append(Paragraph(
-                f"Each arm is compared with the baseline by a two-sided Welch t-test at α = {ALPHA}, with the "
-                f"Holm–Bonferroni correction across the {len(inf.comparisons)} comparisons. An arm counts as an "
-                f"improvement only when the corrected test rejects, the difference points the way the goal asks, "
-                "and the difference exceeds the noise floor (the sample standard deviation of the baseline's"
-                " replicates)."
+                f"A hypothesis is supported when its test rejects at α = {ALPHA} after the Holm–Bonferroni correction"
+                f" across all {n_tests} {_plural(n_tests, 'test')} of the stated hypotheses, the difference is larger"
+                " than the noise floor (the replicate standard deviation of the baseline arm), and it points the way"
+                " the hypothesis says; contradicted when the same holds the other way; inconclusive otherwise."
             ))
+        elif inf.comparisons:
+            blocks.append(Paragraph("The spec states no hypotheses (`hypotheses:`), so the paper answers none; it"
+                                    " compares every arm with the baseline and tests each factor's effect."))
         else:
-            blocks.append(Paragraph("The study has a single arm, so it states no comparative hypothesis; it measures"
-                                    f" that arm's {self.goal} and its replicate spread."))
+            blocks.append(Paragraph("The study has a single arm and states no hypothesis; it measures that arm's"
+                                    f" {self.goal} and its replicate spread."))
+        if inf.comparisons:
+            blocks.append(Paragraph(
+                f"Comparisons (not hypotheses): each other arm is compared with the baseline {inf.baseline} by a"
+                f" two-sided Welch t-test, Holm-corrected across the {len(inf.comparisons)}"
+                f" {_plural(len(inf.comparisons), 'comparison')}; an arm counts as an improvement only when the"
+                " corrected test rejects, the difference points the way the goal asks, and it exceeds the noise floor."
+            ))
         blocks += self.planner_decisions()
         return blocks
 
@@ -336,13 +419,15 @@ class _Writer:
         items = []
         for d in decisions:
             items.append(f"Iteration {d.iteration} ({d.planner}): {d.reason}")
-            items += [f"Hypothesis (iteration {d.iteration}): {h['statement']} — arms {', '.join(h['arms'])}"
-                      for h in d.record.get("hypotheses", [])]
+            items += [f"Hypothesis (iteration {d.iteration}): {h.get('statement', '')}"
+                      + (f" — arms {', '.join(h['arms'])}" if h.get("arms") else "")
+                      for h in d.record.get("hypotheses", []) if isinstance(h, dict)]
         return [Paragraph("How the arms were chosen, as the planner recorded it:"), Bullets(tuple(items))]
 
     # -- setup ---------------------------------------------------------------------------
 
-    def setup(self) -> list[Block]:
+    def configuration(self) -> list[Block]:
+        """Every configuration value, quoted from the stored spec (the appendix's copy)."""
         spec, experiment = self.spec, self.experiment
         run_commits = sorted({r.commit_sha for r in self.runs
                               if r.commit_sha and r.commit_sha != experiment.commit_sha})
@@ -363,12 +448,12 @@ class _Writer:
         rows = [
             ("Experiment",
              f"{experiment.id} ({experiment.name}), status {experiment.status}, backend {experiment.backend}"),
-            ("Repository", self.resolved_repo()),
+            ("Repository", self.repository()),
             ("Branch", spec.repo_branch),
             ("Commit", commit),
             ("Runner script", spec.runner_script),
             ("Arms", f"{len(self.summary.arms)} ({design}); baseline: {self.inf.baseline or 'none'}"),
-            ("Replicates per arm", str(spec.replicates) + (f" (seed in {spec.seed_env})" if spec.seed_env else "")),
+            ("Replicates per arm", f"{spec.replicates}; {self.seeding()[1]}"),
             ("Iterations (max)", str(spec.max_iterations)),
             ("Hardware (spec)", _value(spec.hardware.model_dump(exclude_none=True))),
             *self.host_rows(),
@@ -379,15 +464,58 @@ class _Writer:
             ("Metrics protocol", metrics),
             ("Budget", f"{_value(float(spec.max_dollars))} dollars (max_dollars)"),
             ("Timeouts", f"training {spec.train_timeout_s} s per run, download {spec.download_timeout_s} s"),
-            ("Spec", f"{experiment.spec_path} (sha256 {experiment.spec_sha256})"),
+            ("Spec", f"{self.spec_file()} (sha256 {experiment.spec_sha256})"),
             ("Readiness review", self.readiness()),
         ]
         return [
-            Heading("Setup", 1),
-            Paragraph("Configuration values below are quoted from the spec stored with the experiment; result "
-                      "numbers elsewhere link to the appendix row that lists the runs they come from."),
+            Heading("Configuration", 1),
+            Paragraph("Configuration values below are quoted from the spec stored with the experiment."),
             Fields(tuple(rows)),
         ]
+
+    def setup(self) -> list[Block]:
+        """The design in a few lines; the full configuration is in the appendix."""
+        spec, experiment = self.spec, self.experiment
+        one_level = [k for k, v in spec.factors.items() if len(v) == 1]
+        arms = f"{len(self.summary.arms)} ({self.design_text()}); baseline: {self.inf.baseline or 'none'}"
+        rows = [
+            ("Arms", arms),
+            ("Replicates per arm", f"{spec.replicates}; {self.seeding()[1]}"),
+            ("Code", f"{spec.runner_script} in {self.repository()} at commit"
+                     f" {experiment.commit_sha or 'not recorded'}"),
+            *self.host_rows(),
+            ("Readiness review", self.readiness()),
+        ]
+        blocks: list[Block] = [
+            Heading("Design", 1),
+            Paragraph("Configuration values are quoted from the spec stored with the experiment (all of them are in"
+                      " the appendix); every result number links to the appendix row that lists the runs it comes"
+                      " from."),
+            Fields(tuple(rows)),
+        ]
+        notes = [f"Factor {k} has a single level ({_value(spec.factors[k])}) in every arm: a constant, so it is"
+                 " left out of the factor analysis." for k in one_level]
+        if self.cost_is_empty():
+            notes.append("Cost: none. The host's price per hour is 0 and nothing was rented, so there is no cost"
+                         " section.")
+        if notes:
+            blocks.append(Bullets(tuple(notes)))
+        return blocks
+
+    def seeding(self) -> tuple[str, str]:
+        """Whether the runner reads its seed, as the readiness review found: (state, one line)."""
+        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        check = next((c for v in reversed(verdicts) for c in v.checks if c.get("name") == "seed"), None)
+        if check is None:
+            where = f" (in {self.spec.seed_env} and RATIOCINATOR_SEED)" if self.spec.seed_env else \
+                " (in RATIOCINATOR_SEED)"
+            return "unknown", (f"replicate r is given seed r{where}; whether the runner reads it was not checked"
+                               " (no readiness review recorded a seed check)")
+        if check.get("status") == "warning":
+            return "unseeded", ("runs are not seeded: the runner reads neither the seed knob nor RATIOCINATOR_SEED, so"
+                                " replicates measure run-to-run noise and no run can be reproduced exactly")
+        return "seeded", f"replicate r runs seed r in every arm ({check.get('summary', '')})"
+
 
     def readiness(self) -> str:
         """What the pre-run review found, from its ledger event (or that it was skipped)."""
@@ -403,13 +531,22 @@ class _Writer:
         verdict = "ready" if last.is_code_ready else "not ready"
         return f"{verdict} ({shown})" + (f"; {notes}" if notes else "")
 
-    def resolved_repo(self) -> str:
+    def repository(self) -> str:
+        """The repository as the spec names it (a path relative to the spec file) and its remote, never a local
+        absolute path."""
         written = self.spec.repo_url
+        remote = None
         for event in self.ledger.events(self.experiment.id):
-            repo = event["data"].get("repo") if event["kind"] == "code" else None
-            if repo and repo != written:
-                return f"{written} ({repo})"
-        return written
+            if event["kind"] == "code" and event["data"].get("remote"):
+                remote = event["data"]["remote"]
+        if _is_url(written):
+            return written
+        text = f"{written} (relative to the spec file)"
+        return f"{text}; remote {remote}" if remote and remote != written else text
+
+    def spec_file(self) -> str:
+        """The spec's file name (where it lies on the machine that ran it is no part of the result)."""
+        return Path(self.experiment.spec_path).name
 
     def host_rows(self) -> list[tuple[str, str]]:
         hosts: list[dict[str, Any]] = []
@@ -429,15 +566,58 @@ class _Writer:
         blocks: list[Block] = [Heading("Results", 1)]
         if not self.summary.arms:
             return [*blocks, Paragraph("The ledger holds no arms for this experiment.")]
-        blocks += self.arm_table()
+        blocks += self.verdicts()
+        blocks += self.arm_overview()
         blocks += self.figure("fig_goal")
-        blocks += self.baseline_section()
         if self.inf.factors is not None:
             blocks += self.factor_section(self.inf.factors)
         blocks += self.other_metrics()
         curves = self.figure("fig_curves")
         if curves:
             blocks += [Heading("Learning curves", 2), *curves]
+        return blocks
+
+    def verdicts(self) -> list[Block]:
+        if not self.judgements:
+            return []
+        return [Heading("Verdicts on the hypotheses", 2),
+                Bullets(tuple(f"{j.id}: {j.status.value}. {evidence(j, self.cite)}" for j in self.judgements))]
+
+    def arm_overview(self) -> list[Block]:
+        """One row per arm: its result and its comparison with the baseline (the full tables are in the appendix)."""
+        inf = self.inf
+        rows = []
+        for goal in inf.goals:
+            arm = goal.summary
+            ok = self.count(f"arm[{goal.name}].runs.succeeded", arm.n_succeeded, f"succeeded runs of arm {goal.name}",
+                            arm.succeeded_run_ids)
+            tried = self.count(f"arm[{goal.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {goal.name}",
+                               arm.run_ids)
+            c = inf.comparison(goal.name)
+            marks = [m for m, on in (("baseline", goal.name == inf.baseline),
+                                     ("best mean", goal.name == self.summary.best_arm)) if on]
+            label = f"{goal.name} ({', '.join(marks)})" if marks else goal.name
+            rows.append((label, f"{ok} / {tried}", self.arm_stat(goal, "mean"), self.arm_ci(goal),
+                         self.cmp(c, "diff") if c else MISSING, self.cmp(c, "p_holm") if c else MISSING,
+                         c.verdict.value if c else ("baseline" if goal.name == inf.baseline else MISSING)))
+        blocks: list[Block] = [
+            Heading(f"{self.goal} per arm", 2),
+            Paragraph(f"Mean {self.goal} over each arm's succeeded runs with its 95% t interval; Δ is the arm's mean"
+                      f" minus the baseline's ({'higher' if self.spec.maximize else 'lower'} is better), p the"
+                      " two-sided Welch test Holm-corrected across the comparisons. Spread, bootstrap intervals, t,"
+                      " df and effect sizes are in the appendix."),
+            Table(("Arm", "Runs (ok / tried)", f"mean {self.goal}", "95% CI (t)", "Δ vs baseline", "p (Holm)",
+                   "Verdict"), tuple(rows)),
+        ]
+        floor = inf.noise_floor
+        if inf.comparisons and floor is not None:
+            if floor.std is None:
+                blocks.append(Paragraph(f"The baseline {floor.arm} has fewer than two succeeded runs, so the noise"
+                                        " floor is unknown and no arm can be judged against it."))
+            else:
+                blocks.append(Paragraph(f"Noise floor: the baseline {floor.arm}'s replicates have a standard deviation"
+                                        f" of {self.noise_std(floor)}; a difference no larger than that is never"
+                                        " called an improvement."))
         return blocks
 
     def arm_table(self) -> list[Block]:
@@ -467,7 +647,7 @@ class _Writer:
         if excluded:
             note += (f" Runs {', '.join(map(str, sorted(excluded)))} succeeded without a finite {self.goal}"
                      " and are left out.")
-        return [Heading(f"{self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
+        return [Heading(f"Statistics of {self.goal} per arm", 2), Paragraph(note), Table(header, tuple(rows))]
 
     def baseline_section(self) -> list[Block]:
         inf = self.inf
@@ -514,8 +694,9 @@ class _Writer:
 
     def factor_section(self, fa: FactorAnalysis) -> list[Block]:
         blocks: list[Block] = [Heading("Factor analysis", 2)]
-        for effect in fa.effects:
-            rows = []
+        rows = []
+        varied = [e for e in fa.effects if len(e.levels) >= 2]
+        for effect in varied:
             for level in effect.levels:
                 key = f"factor[{effect.factor}].level[{level.level}]"
                 what = f"{self.goal} at {effect.factor}={level.level} ({effect.pooling})"
@@ -526,10 +707,13 @@ class _Writer:
                     self.fact(f"{key}.ci_high", d.ci.high if d.ci else None, Kind.METRIC,
                               f"95% t CI upper bound of {what}", level.run_ids),
                 )
-                rows.append((level.level, self.count(f"{key}.n", d.n, f"runs pooled for {what}", level.run_ids),
+                rows.append((effect.factor, level.level,
+                             self.count(f"{key}.n", d.n, f"runs pooled for {what}", level.run_ids),
                              self.fact(f"{key}.mean", d.mean, Kind.METRIC, f"mean {what}", level.run_ids), ci))
-            blocks.append(Paragraph(f"Main effect of {effect.factor} ({effect.pooling}):"))
-            blocks.append(Table((effect.factor, "n", f"mean {self.goal}", "95% CI (t)"), tuple(rows)))
+        if rows:
+            pooling = "; ".join(sorted({e.pooling for e in varied}))
+            blocks.append(Paragraph(f"Main effects: the runs at each level of each factor ({pooling})."))
+            blocks.append(Table(("Factor", "Level", "n", f"mean {self.goal}", "95% CI (t)"), tuple(rows)))
         blocks += self.figure("fig_main_effects")
         if fa.anova is None:
             blocks.append(Paragraph(f"No analysis of variance: {fa.why_no_anova}."))
@@ -625,27 +809,47 @@ class _Writer:
                            f"p = {term(i.row.term, 'p_holm')}): read its main effect with care.")
         return out
 
-    def other_metrics(self) -> list[Block]:
-        others = self.summary.metrics[1:]
+    def other_metrics(self, full: bool = False) -> list[Block]:
+        """The other metrics per arm; the paper leaves out those constant over every run, with a note."""
+        others = list(self.summary.metrics[1:])
         if not others:
             return []
+        constant: dict[str, float] = {}
+        if not full:
+            for metric in others:
+                values = {v for arm in self.summary.arms for v in arm.metrics[metric].values}
+                if len(values) == 1:
+                    constant[metric] = values.pop()
+        shown = [m for m in others if m not in constant]
         rows = []
         for arm in self.summary.arms:
             cells = []
-            for metric in others:
+            for metric in shown:
                 stats: MetricStats = arm.metrics[metric]
                 mean = self.fact(f"arm[{arm.name}].{metric}.mean", stats.mean, Kind.METRIC,
                                  f"mean {metric} of arm {arm.name}", stats.run_ids)
-                std = self.fact(f"arm[{arm.name}].{metric}.std", stats.std, Kind.METRIC,
-                                f"std of {metric} of arm {arm.name}", stats.run_ids)
+                std = (self.fact(f"arm[{arm.name}].{metric}.std", stats.std, Kind.METRIC,
+                                 f"std of {metric} of arm {arm.name}", stats.run_ids)
+                       if full or stats.std else MISSING)
                 cells.append(mean if std == MISSING else f"{mean} ± {std}")
             rows.append((arm.name, *cells))
-        return [
+        blocks: list[Block] = [
             Heading("Other metrics", 2),
             Paragraph("Final values of the other metrics the runs reported: mean ± sample standard deviation over"
-                      " succeeded runs."),
-            Table(("Arm", *others), tuple(rows)),
+                      " succeeded runs" + (" (a bare mean: every run of the arm gave that value)." if not full else
+                                           ".")),
         ]
+        if shown:
+            blocks.append(Table(("Arm", *shown), tuple(rows)))
+        if constant:
+            ids = [r for arm in self.summary.arms for m in constant for r in arm.metrics[m].run_ids]
+            listed = ", ".join(
+                f"{m} = " + self.fact(f"metric[{m}].constant", v, Kind.METRIC, f"{m}, the same in every succeeded run",
+                                      [r for arm in self.summary.arms for r in arm.metrics[m].run_ids])
+                for m, v in constant.items())
+            blocks.append(Paragraph(f"The same in every succeeded run, so not tabulated ({len(set(ids))} runs):"
+                                    f" {listed}."))
+        return blocks
 
     # -- failures ------------------------------------------------------------------------
 
@@ -653,7 +857,7 @@ class _Writer:
         blocks: list[Block] = [Heading("Failure analysis", 1)]
         bad = [r for r in self.runs if r.status in ("failed", "interrupted")]
         if not bad:
-            return [*blocks, Paragraph("No run failed or was interrupted.")]
+            return [Paragraph("No run failed or was interrupted.")]
         by_class: dict[str, list[RunRow]] = defaultdict(list)
         for run in bad:
             by_class[run.failure or run.status].append(run)
@@ -667,7 +871,8 @@ class _Writer:
         policy = self.spec.failure_policy
         blocks.append(Paragraph(
             "Runs that did not succeed, by failure class; each class was decided from the run's own evidence "
-            "(its exit code or signal and the log lines quoted below). Only transient classes (infra, and host memory "
+            "(its exit code or signal and its log lines, quoted in the appendix). Only transient classes (infra, and"
+            " host memory "
             f"exhaustion while other runs shared the host) were retried, as new attempts, up to {policy.max_attempts} "
             "attempts per replicate; deterministic failures were never repeated. Every attempt is listed."))
         transient = [r for r in bad if r.transient]
@@ -677,6 +882,17 @@ class _Writer:
                            [r.id for r in transient])
                 + " of these failures were transient and their replicate was attempted again."))
         blocks.append(Table(("Failure class", "Meaning", "Runs", "Arms (runs)"), tuple(rows)))
+        return blocks
+
+    def failure_details(self) -> list[Block]:
+        """Examples of each failure class with their evidence and log tails (the appendix's)."""
+        bad = [r for r in self.runs if r.status in ("failed", "interrupted")]
+        if not bad:
+            return []
+        by_class: dict[str, list[RunRow]] = defaultdict(list)
+        for run in bad:
+            by_class[run.failure or run.status].append(run)
+        blocks: list[Block] = [Heading("Failed runs", 1)]
         for cls, runs in sorted(by_class.items()):
             for run in runs[:EXAMPLES_PER_FAILURE]:
                 blocks += self.failed_run(run)
@@ -695,16 +911,24 @@ class _Writer:
                 *(("Evidence", line) for line in run.evidence.get("evidence", [])),
                 ("Exit code", "—" if run.exit_code is None else str(run.exit_code)),
                 ("Signal", "—" if run.signal is None else str(run.signal)),
-                ("Logs", run.log_dir or "—"),
+                ("Logs", self.home_path(run.log_dir) if run.log_dir else "—"),
             )),
         ]
         tail = _log_tail(Path(run.log_dir)) if run.log_dir else None
         if tail is None:
-            blocks.append(Paragraph(f"No log output: stderr.log and stdout.log in {run.log_dir} are missing or empty."))
+            blocks.append(Paragraph(f"No log output: stderr.log and stdout.log in {self.home_path(run.log_dir)} are"
+                                    " missing or empty."))
         else:
             path, text = tail
-            blocks += [Paragraph(f"Last lines of {path}:"), Code(text)]
+            blocks += [Paragraph(f"Last lines of {self.home_path(str(path))}:"), Code(text)]
         return blocks
+
+    def home_path(self, path: str) -> str:
+        """A path inside the Ratiocinator home, relative to it (the home is where the ledger lies)."""
+        try:
+            return f"{Path(path).relative_to(self.ledger.path.resolve().parent)} (in the Ratiocinator home)"
+        except ValueError:
+            return path
 
     # -- cost ----------------------------------------------------------------------------
 
@@ -716,7 +940,15 @@ class _Writer:
         return self.fact("cost.limit", float(self.spec.max_dollars), Kind.MONEY, "the budget (max_dollars in the spec)",
                          [])
 
+    def cost_is_empty(self) -> bool:
+        """A free study: nothing spent or reserved, nothing rented, a host priced at 0 (a note replaces the section)."""
+        spent, reserved = self.ledger.money(self.experiment.id)
+        return (spent == 0 and reserved == 0 and self.spec.hardware.price_per_hour == 0
+                and not instances.rows(self.ledger, experiment_id=self.experiment.id))
+
     def cost(self) -> list[Block]:
+        if self.cost_is_empty():
+            return []
         spent, reserved = self.ledger.money(self.experiment.id)
         rented = instances.rows(self.ledger, experiment_id=self.experiment.id)
         shares = instances.run_shares(rented, {r.id: (r.slot or "", r.duration_s or 0.0) for r in self.runs})
@@ -829,11 +1061,49 @@ class _Writer:
         if self.readiness().startswith("skipped"):
             items.append("Unreviewed code: the readiness review (static checks and trial-mode smoke runs) was skipped, "
                          "so problems it catches, such as a knob that changes nothing, were not ruled out.")
-        items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats arms"
-                     " as independent samples and does not use that pairing, which makes it conservative.")
+        state, _ = self.seeding()
+        if state == "seeded":
+            items.append("Seeds are shared across arms (replicate r runs seed r in every arm); the Welch test treats"
+                         " arms as independent samples and does not use that pairing, which makes it conservative.")
+        elif state == "unseeded":
+            items.append("Unseeded runs: the runner reads neither the seed knob nor RATIOCINATOR_SEED, so runs are not"
+                         " seeded; replicates measure run-to-run noise, and no run can be reproduced exactly.")
+        else:
+            items.append("Seeding unchecked: each replicate was given a seed, but no readiness review checked that the"
+                         " runner reads it; if it does not, replicates measure run-to-run noise and no run can be"
+                         " reproduced exactly.")
         items.append(f"Scope: one commit, one backend ({self.experiment.backend}) and the hardware recorded above; the"
                      f" metric is computed by the target repository's own code, which this study did not audit.")
         return [Heading("Threats to validity", 1), Bullets(tuple(items))]
+
+    # -- conclusion ------------------------------------------------------------------------
+
+    def conclusion(self) -> list[Block]:
+        """Written from the verdicts (and the best arm), by template: the paper always answers its question."""
+        paragraphs: list[str] = []
+        if self.judgements:
+            paragraphs += conclusion(self.judgements, self.cite)
+        else:
+            paragraphs.append(self.headline())
+            if self.inf.factors is not None:
+                paragraphs += self.factor_findings(self.inf.factors)[:2]
+        caveat = self.caveat()
+        if caveat:
+            paragraphs.append(f"Caveat: {caveat}")
+        return [Heading("Conclusion", 1), *(Paragraph(p) for p in paragraphs)]
+
+    # -- the appendix --------------------------------------------------------------------
+
+    def appendix_tables(self) -> list[Block]:
+        blocks: list[Block] = []
+        if self.summary.arms:
+            blocks += self.arm_table()
+            blocks += self.baseline_section()
+            blocks += self.other_metrics(full=True)
+        blocks += self.configuration()
+        blocks += self.failure_details()
+        blocks += self.arm_commands()
+        return blocks
 
     # -- discussion (LLM-written, verified) ---------------------------------------------
 
@@ -867,40 +1137,64 @@ class _Writer:
     def reproducibility(self) -> list[Block]:
         spec, experiment = self.spec, self.experiment
         commit = experiment.commit_sha or "<commit not recorded>"
-        setup = [f"git clone {shlex.quote(self.resolved_repo_url())} target && cd target && git checkout {commit}"]
+        source = self.clone_source()
+        setup = [f"git clone {shlex.quote(source)} target && cd target && git checkout {commit}"]
         setup += spec.deps.pre_install
         if spec.deps.requirements:
             setup.append(f"pip install -r {shlex.quote(spec.deps.requirements)}")
         if spec.deps.verify:
             setup.append(spec.deps.verify)
+        state, seeding = self.seeding()
+        base = next((a for a in self.summary.arms if a.name == self.inf.baseline), None)
+        spec_file = self.spec_file()
+        blocks: list[Block] = [
+            Heading("Reproducibility", 1),
+            Fields((
+                ("Spec", f"{spec_file} (sha256 {experiment.spec_sha256})"),
+                ("Repository", self.repository()),
+                ("Commit", commit),
+                ("Seeding", seeding),
+                ("Rerun everything", f"ratiocinator research {shlex.quote(spec_file)} --new"),
+            )),
+            Paragraph("To reproduce one arm by hand, prepare the target at the recorded commit"
+                      + (" (the repository path is the spec's, relative to the spec file)" if not _is_url(source)
+                         else "") + ":"),
+            Code("\n".join(setup)),
+        ]
+        if base is not None:
+            how = ("each replicate's seed as SEED" if state != "unseeded" else
+                   "as often as there were replicates (the runner reads no seed, so repeated runs differ)")
+            blocks += [Paragraph(f"then run the arm's command from the checkout, {how}; the baseline's is below and"
+                                 " every arm's is in the appendix:"),
+                       Code(self.arm_command(base))]
+        return blocks
+
+    def arm_command(self, arm: ArmSummary) -> str:
+        env = {**arm.arm.env}
+        if self.seeding()[0] != "unseeded":
+            env["RATIOCINATOR_SEED"] = "$SEED"
+            if self.spec.seed_env:
+                env[self.spec.seed_env] = "$SEED"
+        assignments = " ".join(f"{k}={v if v == '$SEED' else shlex.quote(v)}" for k, v in env.items())
+        return f"{assignments} {shlex.join(self.runner_argv(arm))}".strip()
+
+    def arm_commands(self) -> list[Block]:
         rows = []
         for arm in self.summary.arms:
             seeds = sorted({r.seed for r in self.by_arm[arm.arm.id]})
-            env = {**arm.arm.env, "RATIOCINATOR_SEED": "$SEED"}
-            if spec.seed_env:
-                env[spec.seed_env] = "$SEED"
-            assignments = " ".join(f"{k}={v if v == '$SEED' else shlex.quote(v)}" for k, v in env.items())
-            command = f"{assignments} {shlex.join(self.runner_argv(arm))}"
-            rows.append((arm.name, ", ".join(map(str, seeds)) or "none run", command))
-        return [
-            Heading("Reproducibility", 1),
-            Fields((
-                ("Spec sha256", experiment.spec_sha256),
-                ("Spec file", experiment.spec_path),
-                ("Commit", commit),
-                ("Rerun everything", f"ratiocinator research {shlex.quote(experiment.spec_path)} --new"),
-            )),
-            Paragraph("To reproduce one arm by hand, prepare the target at the recorded commit:"),
-            Code("\n".join(setup)),
-            Paragraph("then run, for each seed listed (SEED=…), the arm's command from the checkout:"),
-            Table(("Arm", "Seeds", "Command"), tuple(rows)),
-        ]
+            rows.append((arm.name, ", ".join(map(str, seeds)) or "none run", self.arm_command(arm)))
+        return [Heading("Every arm's command", 1),
+                Paragraph("Run from a checkout prepared as the paper's reproducibility section says; SEED is the"
+                          " replicate's seed."),
+                Table(("Arm", "Seeds", "Command"), tuple(rows))]
 
-    def resolved_repo_url(self) -> str:
+    def clone_source(self) -> str:
+        """What to clone: the spec's URL, else the repository's recorded remote, else the spec's relative path."""
+        if _is_url(self.spec.repo_url):
+            return self.spec.repo_url
         for event in self.ledger.events(self.experiment.id):
-            repo = event["data"].get("repo") if event["kind"] == "code" else None
-            if repo:
-                return repo
+            if event["kind"] == "code" and event["data"].get("remote"):
+                return str(event["data"]["remote"])
         return self.spec.repo_url
 
     def runner_argv(self, arm: ArmSummary) -> list[str]:
@@ -918,8 +1212,9 @@ class _Writer:
         facts = list(self.book)
         rows = tuple((f.id, self.book.ref(f), f.label, f.runs_text) for f in facts)
         return [
-            Heading("Appendix: every number and its runs", 1),
-            Paragraph("Each number in this paper links here. Run ids are the ledger's; `ratiocinator runs EXPERIMENT`"
+            Heading("Every number and its runs", 1),
+            Paragraph("Each number in the paper and in this appendix links here. Run ids are the ledger's;"
+                      " `ratiocinator runs EXPERIMENT`"
                       " lists them, and `ratiocinator verify` on this directory recomputes every row from the ledger."),
             Table(("Id", "Value", "What", "Runs"), rows, anchors=tuple(f.id for f in facts)),
         ]

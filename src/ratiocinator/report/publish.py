@@ -30,12 +30,15 @@ from ratiocinator.report.exports import (
 from ratiocinator.report.paper import Paper, build_paper
 from ratiocinator.store.ledger import Ledger
 
-DOCUMENTS = {"paper.md": "md", "paper.html": "html", "paper.tex": "tex"}
+# The paper, and its appendix (detail tables and every number with its runs) that the paper's numbers link to.
+DOCUMENTS = {"paper.md": "md", "paper.html": "html", "paper.tex": "tex",
+             "appendix.md": "md", "appendix.html": "html", "appendix.tex": "tex"}
 FACTS_FILE = "facts.json"
 LATEX_ENGINE = "pdflatex"
 LATEX_TIMEOUT_S = 180
 # Files of earlier report layouts and of figures that may not be drawn this time.
-_OWNED_GLOBS = ("fig_*.png", "fig_*.pdf", "paper.pdf", "paper.log", "report.md", "report.html")
+_OWNED_GLOBS = ("fig_*.png", "fig_*.pdf", "paper.pdf", "paper.log", "appendix.pdf", "appendix.log", "report.md",
+                "report.html")
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,14 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
         write_atomic(out_dir / f"{figure.stem}.png", figure.png)
         write_atomic(out_dir / f"{figure.stem}.pdf", figure.pdf)
 
+    appendix_title = f"Appendix to: {paper.title}"
     rendered = {
-        "paper.md": render_markdown(paper.title, paper.blocks, paper.book),
-        "paper.html": render_html(paper.title, paper.blocks, paper.book),
-        "paper.tex": render_latex(paper.title, paper.blocks, paper.book),
+        "paper.md": render_markdown(paper.title, paper.blocks, paper.book, facts_in="appendix.md"),
+        "paper.html": render_html(paper.title, paper.blocks, paper.book, facts_in="appendix.html"),
+        "paper.tex": render_latex(paper.title, paper.blocks, paper.book, facts_in="appendix.pdf"),
+        "appendix.md": render_markdown(appendix_title, paper.appendix, paper.book),
+        "appendix.html": render_html(appendix_title, paper.appendix, paper.book),
+        "appendix.tex": render_latex(appendix_title, paper.appendix, paper.book),
     }
     for name, text in rendered.items():
         write_atomic(out_dir / name, text)
@@ -81,6 +88,10 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
                  json.dumps(aggregated_metrics(paper.inference), indent=2, allow_nan=False) + "\n")
 
     pdf_path, note = build_pdf(out_dir / "paper.tex") if pdf else (None, "PDF build not requested")
+    if pdf_path is not None:
+        appendix_pdf, appendix_note = build_pdf(out_dir / "appendix.tex")
+        if appendix_pdf is None:
+            note += f"; the appendix: {appendix_note}"
     return ReportFiles(out_dir, out_dir / "paper.md", out_dir / "paper.html", out_dir / "paper.tex", pdf_path, note,
                        out_dir / FACTS_FILE, len(paper.book))
 
@@ -168,10 +179,10 @@ def build_pdf(tex: Path) -> tuple[Path | None, str]:
             except subprocess.TimeoutExpired:
                 return None, f"no PDF: {LATEX_ENGINE} ran past {LATEX_TIMEOUT_S} s"
             if done.returncode != 0:
-                log = Path(build) / "paper.log"
+                log = Path(build) / f"{tex.stem}.log"
                 if log.exists():
                     shutil.copyfile(log, tex.with_suffix(".log"))
                 return None, f"no PDF: {LATEX_ENGINE} failed (exit {done.returncode}); see {tex.with_suffix('.log')}"
         pdf = tex.with_suffix(".pdf")
-        write_atomic(pdf, (Path(build) / "paper.pdf").read_bytes())
+        write_atomic(pdf, (Path(build) / f"{tex.stem}.pdf").read_bytes())
     return pdf, f"built with {LATEX_ENGINE}"

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
+from ratiocinator.spec.hypotheses import Hypothesis, check_hypotheses
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
@@ -502,6 +503,7 @@ class Spec(_Strict):
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
     llm: LlmConfig | None = None
+    hypotheses: list[Hypothesis] = Field([], description="what the study expects, each judged from the runs")
     search: Search | None = None  # last: its validator reads factors and seed_env
 
     @field_validator("name")
@@ -523,6 +525,12 @@ class Spec(_Strict):
             rendered = [scalar_to_env(v) for v in levels]
             if len(set(rendered)) != len(rendered):
                 raise ValueError(f"factor '{name}' lists a value twice: {rendered}")
+        return value
+
+    @field_validator("hypotheses")
+    @classmethod
+    def _hypotheses(cls, value: list[Hypothesis], info: ValidationInfo) -> list[Hypothesis]:
+        check_hypotheses(value, info.data.get("factors") or {}, [a.name for a in info.data.get("arms") or []])
         return value
 
     @field_validator("seed_env")
