@@ -168,10 +168,12 @@ def build_pdf(tex: Path) -> tuple[Path | None, str]:
             except subprocess.TimeoutExpired:
                 return None, f"no PDF: {LATEX_ENGINE} ran past {LATEX_TIMEOUT_S} s"
             if done.returncode != 0:
-                log = Path(build) / "paper.log"
+                log = Path(build) / f"{tex.stem}.log"
                 if log.exists():
                     shutil.copyfile(log, tex.with_suffix(".log"))
                 return None, f"no PDF: {LATEX_ENGINE} failed (exit {done.returncode}); see {tex.with_suffix('.log')}"
         pdf = tex.with_suffix(".pdf")
-        write_atomic(pdf, (Path(build) / "paper.pdf").read_bytes())
+        write_atomic(pdf, (Path(build) / f"{tex.stem}.pdf").read_bytes())
+        # Kept beside the PDF: its warnings (an overfull line, a missing glyph) are the typesetting's record.
+        shutil.copyfile(Path(build) / f"{tex.stem}.log", tex.with_suffix(".log"))
     return pdf, f"built with {LATEX_ENGINE}"
