@@ -302,78 +302,225 @@ _TEX_SPECIAL = {
 _TEX_UNICODE = {
     "±": r"$\pm$", "σ": r"$\sigma$", "Δ": r"$\Delta$", "η": r"$\eta$", "α": r"$\alpha$", "μ": r"$\mu$",
     "²": r"$^{2}$", "×": r"$\times$", "≤": r"$\leq$", "≥": r"$\geq$", "→": r"$\rightarrow$", "∈": r"$\in$",
-    "≈": r"$\approx$", "∞": r"$\infty$", "·": r"$\cdot$", "−": "-", "–": "--", "—": "---", "…": r"\ldots{}",
+    "≈": r"$\approx$", "∞": r"$\infty$", "·": r"$\cdot$", "−": "$-$", "–": "--", "—": "---", "…": r"\ldots{}",
     "“": "``", "”": "''", "‘": "`", "’": "'", "\u00a0": "~", "✓": r"$\checkmark$",
 }
+# A math-mode minus: set as a minus sign, never a hyphen a line may break after.
+TEX_MINUS = "$-$"
 _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
+\pdfgentounicode=1
+\input{glyphtounicode}
 \usepackage[T1]{fontenc}
 \usepackage[utf8]{inputenc}
+\IfFileExists{lmodern.sty}{\usepackage{lmodern}}{}
 \usepackage{textcomp}
 \usepackage{amsmath,amssymb}
 \usepackage[margin=2cm]{geometry}
+\usepackage{microtype}
 \usepackage{graphicx}
 \usepackage{booktabs}
 \usepackage{longtable}
 \usepackage{array}
+\usepackage{float}
 \usepackage[hidelinks]{hyperref}
 \setlength{\parindent}{0pt}
 \setlength{\parskip}{0.5em}
+\setlength{\emergencystretch}{2em}
 % A traced number: links to its row in the appendix, which lists the runs behind it.
 \newcommand{\fact}[2]{\hyperlink{#1}{#2}}
+% Tables size their wrapping columns from the measured width of their number columns.
+\newlength{\ratfixed}\newlength{\ratcol}\newlength{\ratcell}
+\newcommand{\ratmeasure}[1]{\settowidth{\ratcell}{#1}\ifdim\ratcell>\ratcol\setlength{\ratcol}{\ratcell}\fi}
 """
+# lmodern makes every font Type 1 (a T1-encoded text without it gets bitmap Type 3 fonts, which
+# break search and copy and which paper venues reject); without lmodern installed the default
+# OT1 Computer Modern is used, which TeX Live also ships as Type 1. glyphtounicode maps the fi
+# and fl ligatures back to two letters, so text extracted from the PDF says "significant".
 
-
-_TEX_TABLE = str.maketrans({
-    **_TEX_SPECIAL,
-    **_TEX_UNICODE,
-    "\n": " ",
-    # Arm names are long unbroken runs of k=v,k=v: let them wrap.
-    ",": r",\allowbreak{}",
-    "=": r"=\allowbreak{}",
-})
+_TEX_CHARS = {**_TEX_SPECIAL, **_TEX_UNICODE, "\n": " "}
 # What pdflatex with T1 + utf8 inputenc can set: ASCII and Latin-1/Latin Extended-A.
 _TEX_UNSUPPORTED = re.compile(r"[^\x00-\x7f\u00a0-\u017f]")
+# A line may break after these inside a long word (arm names k=v,k=v, paths, identifiers) ...
+_TEX_BREAK_AFTER = frozenset(",=/_;:")
+# ... and after this many characters of a word that offers no such place (a commit hash).
+_TEX_WORD_CHARS = 16
+_TEX_BREAK = r"\allowbreak{}"
+# A hyphen that is a minus: at the start of a number, or in an exponent (1e-05).
+_TEX_NEGATIVE = re.compile(r"(?:(?<![\w.)\]])|(?<=\d[eE]))-(?=\.?\d)")
+
+
+def _tex_char(ch: str) -> str:
+    escaped = _TEX_CHARS.get(ch, ch)
+    # A glyph pdflatex lacks is named by its code point rather than failing the build.
+    return rf"\texttt{{U+{ord(ch):04X}}}" if escaped == ch and _TEX_UNSUPPORTED.match(ch) else escaped
 
 
 def tex_escape(text: str) -> str:
-    escaped = clean(text).translate(_TEX_TABLE)
-    # A glyph pdflatex lacks is named by its code point rather than failing the build.
-    return _TEX_UNSUPPORTED.sub(lambda m: rf"\texttt{{U+{ord(m.group()):04X}}}", escaped)
+    """Text for LaTeX: specials escaped, minus signs as minus signs, long words given places to break."""
+    text = _TEX_NEGATIVE.sub("\u2212", clean(text))
+    out: list[str] = []
+    word, digits = 0, False
+    for ch in text:
+        out.append(_tex_char(ch))
+        if ch.isspace():
+            word, digits = 0, False
+            continue
+        word += 1
+        digits = digits or ch.isdigit()
+        # A long English word is hyphenated by TeX; a long run of letters and digits (a hash) is not.
+        if ch in _TEX_BREAK_AFTER or (digits and word >= _TEX_WORD_CHARS):
+            out.append(_TEX_BREAK)
+            word, digits = 0, False
+    return "".join(out)
+
+
+def tex_number(text: str) -> str:
+    """A displayed number for LaTeX: unbreakable, its minus sign a math minus."""
+    return "".join(_tex_char(ch) for ch in _TEX_NEGATIVE.sub("\u2212", clean(text)))
 
 
 def _tex_unescape(text: str) -> str:
+    text = text.replace(TEX_MINUS, "-")
     for plain, escaped in _TEX_SPECIAL.items():
         text = text.replace(escaped, plain)
     return text
 
 
 def _tex_token(fid: str, text: str, title: str) -> str:
-    return rf"\fact{{{fid}}}{{{tex_escape(text)}}}"
+    return rf"\fact{{{fid}}}{{{tex_number(text)}}}"
 
 
-def _tex_columns(header: Sequence[str], rows: Sequence[Sequence[str]], shown: Callable[[str], str]) -> str:
-    """Wrapping columns sized by the text they display, so wide tables fit the page.
-
-    A column gets at least the width of its longest unbreakable word, so an arm name
-    never spills into its neighbour.
-    """
-    weights = []
-    for i in range(len(header)):
-        cells = [shown(header[i]), *(shown(r[i]) for r in rows)]
-        longest = max((len(c) for c in cells), default=1)
-        word = max((len(w) for c in cells for w in re.split(r"[\s,]+", c)), default=1)
-        weights.append(max(min(longest, 36), min(word, 30), 4))
-    total = sum(weights)
-    usable = 1.0 - 0.02 * len(header)  # room for the column separation
-    return "".join(rf">{{\raggedright\arraybackslash}}p{{{usable * w / total:.3f}\linewidth}}" for w in weights)
+def _tex_plain_token(fid: str, text: str, title: str) -> str:
+    return tex_number(text)
 
 
 def _tex_code(text: str) -> str:
     lines = []
     for line in clean(text).split("\n"):
         line = "".join(ch if ord(ch) < 0x80 else "?" for ch in line)
-        lines += [line[i : i + 100] for i in range(0, max(len(line), 1), 100)]
-    return "\\begin{verbatim}\n" + "\n".join(lines).replace("\\end{verbatim}", "\\end {verbatim}") + "\n\\end{verbatim}"
+        lines += [line[i : i + CODE_LINE_CHARS] for i in range(0, max(len(line), 1), CODE_LINE_CHARS)]
+    body = "\n".join(lines).replace("\\end{verbatim}", "\\end {verbatim}")
+    return "{\\footnotesize\n\\begin{verbatim}\n" + body + "\n\\end{verbatim}\n}"
+
+
+# Verbatim lines are cut at this many characters: at \footnotesize they fit the text width.
+CODE_LINE_CHARS = 100
+
+
+# -- LaTeX tables ------------------------------------------------------------------------
+#
+# A column is a number column when every cell is a number, an interval, "a ± b" or "—". Number
+# columns never wrap: they are set at their natural width (which TeX measures), right-aligned and
+# padded so that their decimal points line up. Text columns share the rest of the line and wrap.
+# A table whose columns cannot fit even at the smallest size is split into several tables that
+# each repeat the first column, so nothing is ever set over its neighbour.
+
+_NUMBER_CELL = re.compile(r"^[\s\d.,/()\[\]±+\-−—$%eE]*$")
+# Widths in em of Latin Modern's glyphs, rounded up; what is not listed counts as a capital.
+_EM = {**dict.fromkeys("0123456789", 0.5), **dict.fromkeys(".,:;'`!|", 0.28), **dict.fromkeys("()[]", 0.39),
+       " ": 0.34, "—": 1.0, "–": 0.5, "±": 0.78, "−": 0.78, "-": 0.34, "$": 0.5, "%": 0.84, "/": 0.5, "_": 0.62,
+       "=": 0.78, "+": 0.78, "×": 0.78, "σ": 0.58, "Δ": 0.84, "η": 0.5, "²": 0.4,
+       **dict.fromkeys("abcdeghknopqsuvxyz", 0.53), **dict.fromkeys("fijlrt", 0.35), "m": 0.84, "w": 0.73}
+_CAPITAL_EM = 0.76
+_BOLD = 1.3
+# (font command, size in pt, column separation in pt), tried in order.
+_TABLE_FONTS = (("\\footnotesize", 8.0, 4.0), ("\\scriptsize", 7.0, 3.0))
+# The text width of the page the preamble sets (A4, 2 cm margins), less a safety margin for the estimate.
+_LINE_PT = 483.0 * 0.95
+_TEXT_MIN_EM = 5.0
+MEASURED_CELLS = 8
+_WORD_BREAK = re.compile(r"[\s,=/_;:]+")
+
+
+def _width_pt(text: str, size: float, *, bold: bool = False) -> float:
+    return sum(_EM.get(ch, _CAPITAL_EM) for ch in text) * size * (_BOLD if bold else 1.0)
+
+
+def _longest_word_pt(text: str, size: float, *, bold: bool = False) -> float:
+    return max((_width_pt(w[:_TEX_WORD_CHARS], size, bold=bold) for w in _WORD_BREAK.split(text)), default=0.0)
+
+
+def _decimal_tail(text: str) -> str:
+    """What follows the first decimal point of a number cell (with the point), or ''."""
+    match = re.search(r"\d\.\d", text)
+    return text[match.start() + 1 :] if match else ""
+
+
+@dataclass(frozen=True)
+class _Column:
+    index: int
+    numeric: bool
+    header_lines: tuple[str, ...]
+    width_pt: float  # the estimate: natural width of a number column, preferred width of a text one
+    min_pt: float  # the least a text column can take (its longest word)
+    natural_pt: float  # the most a text column needs: its longest cell on one line, with room for the estimate
+    tail: str  # a number column's longest decimal tail, which every cell is padded to
+
+
+def _wrap_header(text: str, width_pt: float, size: float) -> tuple[str, ...]:
+    words: list[str] = []
+    for word in text.split():  # a lone "/" or "±" stays with the word before it
+        if words and not any(ch.isalnum() for ch in word):
+            words[-1] += " " + word
+        else:
+            words.append(word)
+    lines: list[str] = []
+    for word in words:
+        if lines and _width_pt(lines[-1] + " " + word, size, bold=True) <= width_pt:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return tuple(lines) or ("",)
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], size: float) -> list[_Column]:
+    columns = []
+    for i, head in enumerate(header):
+        cells = [r[i] for r in rows]
+        numeric = bool(cells) and all(_NUMBER_CELL.match(c) for c in cells)
+        if numeric:
+            tail = max((_decimal_tail(c) for c in cells), key=lambda t: _width_pt(t, size), default="")
+            body = max((_width_pt(c + tail[len(_decimal_tail(c)):], size) for c in cells), default=0.0)
+            width = max(body, _longest_word_pt(head, size, bold=True))
+            lines = _wrap_header(head, width, size)
+            width = max(width, *(_width_pt(line, size, bold=True) for line in lines))
+            columns.append(_Column(i, True, lines, width, width, width, tail))
+        else:
+            natural = max((_width_pt(c, size) for c in cells), default=0.0)
+            least = max(_TEXT_MIN_EM * size, _longest_word_pt(head, size, bold=True),
+                        *(_longest_word_pt(c, size) for c in cells))
+            preferred = max(least, min(natural, 0.45 * _LINE_PT), _width_pt(head, size, bold=True) * 0.6)
+            lines = _wrap_header(head, max(least, natural), size)
+            widest = max(natural, *(_width_pt(line, size, bold=True) for line in lines))
+            columns.append(_Column(i, False, lines, preferred, least, max(least, widest * 1.1 + 2), ""))
+    return columns
+
+
+def _padded_em(shown: str, column: _Column) -> float:
+    """The estimated width in em of a number cell padded to the column's decimal tail."""
+    return _width_pt(shown, 1.0) + max(0.0, _width_pt(column.tail, 1.0) - _width_pt(_decimal_tail(shown), 1.0))
+
+
+def _fits(columns: Sequence[_Column], sep: float) -> bool:
+    return sum((c.width_pt if c.numeric else c.min_pt) + 2 * sep for c in columns) <= _LINE_PT
+
+
+def _table_layout(header: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[tuple[str, float, float],
+                                                                                 list[list[_Column]]]:
+    """The font and the column groups: one group when the table fits, else splits that repeat column 0."""
+    for font in _TABLE_FONTS:
+        columns = _columns(header, rows, font[1])
+        if _fits(columns, font[2]):
+            return font, [columns]
+    font = _TABLE_FONTS[-1]
+    columns = _columns(header, rows, font[1])
+    key, rest = columns[0], columns[1:]
+    groups: list[list[_Column]] = [[key]]
+    for column in rest:
+        if len(groups[-1]) > 1 and not _fits([*groups[-1], column], font[2]):
+            groups.append([key])
+        groups[-1].append(column)
+    return font, groups
 
 
 class _Latex(Renderer):
@@ -385,7 +532,7 @@ class _Latex(Renderer):
     def shown(self, text: str) -> str:
         """What the reader sees of ``text`` (facts by their displayed text), to size columns by."""
         parts = split(text)
-        return "".join(p if i % 2 == 0 else self.book.by_id[p].text for i, p in enumerate(parts))
+        return clean("".join(p if i % 2 == 0 else self.book.by_id[p].text for i, p in enumerate(parts)))
 
     def heading(self, block: Heading) -> str:
         return rf"\{self.SECTIONS.get(block.level, 'paragraph')}{{{self.text(block.text)}}}"
@@ -403,29 +550,87 @@ class _Latex(Renderer):
         rows = "\n".join(rf"\textbf{{{self.text(k)}}} & {self.text(v)} \\" for k, v in block.rows)
         return (
             "{\\small\n\\begin{longtable}{>{\\raggedright\\arraybackslash}p{0.25\\linewidth}"
-            ">{\\raggedright\\arraybackslash}p{0.68\\linewidth}}\n" + rows + "\n\\end{longtable}}"
+            ">{\\raggedright\\arraybackslash}p{\\dimexpr0.75\\linewidth-4\\tabcolsep-1pt\\relax}}\n"
+            + rows + "\n\\end{longtable}}"
         )
 
     def table(self, block: Table) -> str:
-        head = " & ".join(rf"\textbf{{{self.text(h)}}}" for h in block.header) + r" \\"
+        header = [self.shown(h) for h in block.header]
+        shown = [[self.shown(c) for c in row] for row in block.rows]
+        (font, size, sep), groups = _table_layout(header, shown)
+        return "\n\n".join(self._table_part(block, shown, group, font, sep, anchors=k == 0)
+                           for k, group in enumerate(groups))
+
+    def _number(self, text: str, shown: str, column: _Column, *, plain: bool = False) -> str:
+        """A number cell, padded on the right so its decimal point lines up with the column's."""
+        cell = _with_facts(text, self.book, tex_number, _tex_plain_token if plain else _tex_token)
+        missing = _padded_em(shown, column) - _width_pt(shown, 1.0)
+        return cell + (rf"\hspace{{{missing:.2f}em}}" if missing > 0.005 else "")
+
+    def _table_part(self, block: Table, shown: list[list[str]], columns: list[_Column], font: str, sep: float, *,
+                    anchors: bool) -> str:
+        setup = [f"{font}\\setlength{{\\tabcolsep}}{{{sep:g}pt}}\\setlength{{\\ratfixed}}{{0pt}}%"]
+        for column in columns:
+            if not column.numeric:
+                continue
+            i = column.index
+            # TeX measures the cells the estimate finds widest (padding included), not all of a long table.
+            widest = sorted(range(len(block.rows)), key=lambda r: -_padded_em(shown[r][i], column))[:MEASURED_CELLS]
+            measures = [rf"\ratmeasure{{\textbf{{{tex_escape(line)}}}}}" for line in column.header_lines]
+            measures += [rf"\ratmeasure{{{self._number(block.rows[r][i], shown[r][i], column, plain=True)}}}"
+                         for r in widest]
+            setup.append("\\setlength{\\ratcol}{0pt}" + "".join(measures) + "\\addtolength{\\ratfixed}{\\ratcol}%")
+        # Each text column gets its least width, plus a share of what the number columns and
+        # those least widths leave of the line, up to its natural width.
+        text_columns = [c for c in columns if not c.numeric]
+        total = sum(c.width_pt for c in text_columns) or 1.0
+        least = sum(c.min_pt for c in text_columns)
+        reserve = 2 * sep * len(columns) + least + 1
+        spec = []
+        for column in columns:
+            if column.numeric:
+                spec.append("r")
+                continue
+            name = f"ratw{chr(ord('a') + column.index % 26)}"
+            share = max(1, round(1000 * column.width_pt / total))
+            setup.append(
+                f"\\setlength{{\\ratcol}}{{\\dimexpr{column.min_pt:.1f}pt+(\\linewidth-\\ratfixed-{reserve:.1f}pt)"
+                f"*{share}/1000\\relax}}"
+                f"\\ifdim\\ratcol>{column.natural_pt:.1f}pt\\setlength{{\\ratcol}}{{{column.natural_pt:.1f}pt}}\\fi"
+                f"\\ifdim\\ratcol<{column.min_pt:.1f}pt\\setlength{{\\ratcol}}{{{column.min_pt:.1f}pt}}\\fi"
+                f"\\expandafter\\edef\\csname {name}\\endcsname{{\\the\\ratcol}}%"
+            )
+            spec.append(f">{{\\raggedright\\arraybackslash}}p{{\\csname {name}\\endcsname}}")
+        head = " & ".join(self._header(c) for c in columns) + r" \\"
         lines = []
-        for i, row in enumerate(block.rows):
-            cells = [self.text(c) for c in row]
-            if block.anchors:
-                cells[0] = rf"\hypertarget{{{block.anchors[i]}}}{{}}{cells[0]}"
+        for r, row in enumerate(block.rows):
+            cells = [self._number(row[c.index], shown[r][c.index], c) if c.numeric else self.text(row[c.index])
+                     for c in columns]
+            if anchors and block.anchors:
+                cells[0] = rf"\hypertarget{{{block.anchors[r]}}}{{}}{cells[0]}"
             lines.append(" & ".join(cells) + r" \\")
         return (
-            "{\\scriptsize\\setlength{\\tabcolsep}{3pt}\n"
-            f"\\begin{{longtable}}{{{_tex_columns(block.header, block.rows, self.shown)}}}\n"
+            "{" + "\n".join(setup) + "\n"
+            f"\\begin{{longtable}}{{{''.join(spec)}}}\n"
             f"\\toprule\n{head}\n\\midrule\n\\endhead\n"
             + "\n".join(lines)
             + "\n\\bottomrule\n\\end{longtable}}"
         )
 
+    def _header(self, column: _Column) -> str:
+        lines = [rf"\textbf{{{tex_escape(line)}}}" for line in column.header_lines]
+        if not column.numeric:
+            return " ".join(lines)
+        if len(lines) == 1:
+            return lines[0]
+        return "\\begin{tabular}[b]{@{}r@{}}" + r"\\".join(lines) + "\\end{tabular}"
+
     def figure(self, block: Figure) -> str:
+        # [H]: the figure stays where its section put it, so a heading never ends a page while its
+        # figure floats to the next one.
         return (
-            "\\begin{figure}[htbp]\n\\centering\n"
-            rf"\includegraphics[width=\linewidth,height=0.85\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
+            "\\begin{figure}[H]\n\\centering\n"
+            rf"\includegraphics[width=\linewidth,height=0.6\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
             f"\n\\caption{{{tex_escape(block.file.caption)}}}\n\\end{{figure}}"
         )
 

@@ -185,4 +185,6 @@ def build_pdf(tex: Path) -> tuple[Path | None, str]:
                 return None, f"no PDF: {LATEX_ENGINE} failed (exit {done.returncode}); see {tex.with_suffix('.log')}"
         pdf = tex.with_suffix(".pdf")
         write_atomic(pdf, (Path(build) / f"{tex.stem}.pdf").read_bytes())
+        # Kept beside the PDF: its warnings (an overfull line, a missing glyph) are the typesetting's record.
+        shutil.copyfile(Path(build) / f"{tex.stem}.log", tex.with_suffix(".log"))
     return pdf, f"built with {LATEX_ENGINE}"
