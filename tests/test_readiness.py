@@ -112,7 +112,7 @@ def test_clean_code_is_ready_and_smoke_runs_are_in_trial_mode(study: Study) -> N
     statuses = {c["name"]: c["status"] for c in result["checks"]}
     # a TODO in a body is a note worth showing, not missing code: a warning that does not block
     assert statuses == {"runner": "passed", "syntax": "passed", "placeholders": "warning", "requirements": "skipped",
-                        "lfs": "passed", "knobs": "passed", "smoke": "passed", "cross_arm": "passed",
+                        "lfs": "passed", "knobs": "passed", "smoke": "passed", "cross_arm": "passed", "trial": "passed",
                         "llm_review": "skipped"}
     for arm in _checks(result)["smoke"]["evidence"]:
         assert arm["class"] is None and Path(arm["log_dir"], "out", "trial.txt").read_text() == "1"
