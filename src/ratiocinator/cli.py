@@ -145,6 +145,7 @@ def validate(spec: SpecArg) -> None:
         ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g},"
                    f" download_timeout_s {s.download_timeout_s:g}"),
         ("runs", _arms_line(loaded)),
+        *([("constants", " ".join(f"{k}={v}" for k, v in constants(s).items()))] if s.env else []),
         ("backend", f"{s.backend}, concurrency {s.concurrency or 'auto'}"),
         ("paper", s.title),
     ]

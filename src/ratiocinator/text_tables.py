@@ -19,7 +19,7 @@ from rich.table import Table
 
 _ASSIGNED = re.compile(r"(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)=")
 UNBOUNDED = 1_000_000
-MIN_ABBREVIATED = 4  # shorter names stay as they are: abbreviating them saves nothing worth a legend
+MIN_ABBREVIATED = 6  # shorter names (LR, BATCH) stay as they are: abbreviating saves nothing worth a legend
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,14 @@ def fitted_table(console: Console, build: Callable[[Callable[[str], str]], Table
 
 def print_fitted(console: Console, build: Callable[[Callable[[str], str]], Table], texts: Iterable[str], *,
                  wide: bool = False) -> None:
+    """The fitted table and its legend; with ``wide``, the table at its natural width, one line per row
+    (the terminal wraps it, a pipe or file keeps it whole)."""
     table, legend = fitted_table(console, build, list(texts), wide=wide)
-    console.print(table)
+    natural = Measurement.get(console, console.options.update_width(UNBOUNDED), table).maximum
+    if wide and natural > console.width:
+        Console(file=console.file, width=natural, color_system=console.color_system,  # type: ignore[arg-type]  # the name it reports
+                force_terminal=console.is_terminal, highlight=False).print(table)
+    else:
+        console.print(table)
     if legend:
         console.print(legend, markup=False, highlight=False, soft_wrap=False)  # wrapped between words
