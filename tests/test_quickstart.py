@@ -44,6 +44,11 @@ def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_pat
     assert aggregated["primary_metric"] == "val_r2" and aggregated["best_baseline"]["arm"] == "DEPTH=1,WIDTH=16"
     assert len((report / "results.tsv").read_text().splitlines()) == 1 + 27
 
+    shown = subprocess.run([*CLI, "--home", str(home), "runs", "quickstart"], capture_output=True, text=True,
+                           timeout=300)
+    rows = [line for line in shown.stdout.splitlines() if "succeeded" in line]
+    assert len(rows) == 27 and all("val_r2=" in row for row in rows), shown.stdout  # the goal, whatever its name
+
     verified = subprocess.run([*CLI, "--home", str(home), "verify", str(report)], capture_output=True, text=True,
                               timeout=300)
     assert verified.returncode == 0, verified.stderr

@@ -113,7 +113,7 @@ def test_clean_code_is_ready_and_smoke_runs_are_in_trial_mode(study: Study) -> N
     # a TODO in a body is a note worth showing, not missing code: a warning that does not block
     assert statuses == {"runner": "passed", "syntax": "passed", "placeholders": "warning", "requirements": "skipped",
                         "lfs": "passed", "knobs": "passed", "seed": "warning", "smoke": "passed",
-                        "cross_arm": "passed", "llm_review": "skipped"}
+                        "cross_arm": "passed", "trial": "passed", "llm_review": "skipped"}
     # train.py reads neither a seed knob nor RATIOCINATOR_SEED: replicates are not seeded, and the review says so
     assert _checks(result)["seed"]["summary"].startswith("runs are not seeded; replicates measure run-to-run noise;"
                                                          " no run can be reproduced exactly")

@@ -20,15 +20,28 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
 from ratiocinator.execution.progress import LiveProgress, PlainProgress
-from ratiocinator.pipeline import Paths, Research, backend_price, check_spec, inspect_code, make_backend, plan_summary
-from ratiocinator.planning.plan import find_ignored_knobs, plan_iteration, refuse_ignored_knobs
-from ratiocinator.spec.models import load_spec
+from ratiocinator.pipeline import (
+    Paths,
+    Research,
+    backend_price,
+    check_spec,
+    inspect_code,
+    make_backend,
+    plan_summary,
+    uncommitted_warning,
+)
+from ratiocinator.planning.plan import constants, find_ignored_knobs, own_knobs, plan_iteration, refuse_ignored_knobs
+from ratiocinator.repo.workspace import LfsContentMissing
+from ratiocinator.spec.advice import absolute_deps_paths, backend_advice
+from ratiocinator.spec.models import LoadedSpec, load_spec
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.records import RunStatus
+from ratiocinator.text_tables import print_fitted
 
 if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
     from ratiocinator.check.readiness import Readiness
@@ -42,6 +55,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 P = ParamSpec("P")
 R = TypeVar("R")
 MAX_MISMATCHES_SHOWN = 50
+RUNS_METRICS_SHOWN = 6
 
 
 class _State:
@@ -62,7 +76,7 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
         except (OSError, sqlite3.Error) as exc:  # the machine's faults: a read-only or full disk, a damaged ledger
-            fault = machine_fault(exc, str(Paths(state.home).ledger))
+            fault: RatiocinatorError | None = machine_fault(exc, str(Paths(state.home).ledger))
             if fault is None and isinstance(exc, OSError):
                 fault = path_fault(exc)
             if fault is None:
@@ -76,15 +90,40 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _print_version(asked: bool) -> None:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from ratiocinator import __version__
+
+        try:
+            installed = version("ratiocinator")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            installed = __version__
+        out.print(f"ratiocinator {installed}", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
     home: Annotated[Path, typer.Option("--home", envvar="RATIOCINATOR_HOME",
                                        help="ledger, workspaces and reports")] = Path(".ratiocinator"),
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="print the version and exit")] = False,
 ) -> None:
     state.home = home.expanduser().resolve()
 
 
+def _warn_uncommitted(loaded: LoadedSpec) -> None:
+    """Say (on stderr) which local edits the runs will not see: they run the commit, not the working tree."""
+    warning = uncommitted_warning(loaded, Paths(state.home))
+    if warning:
+        err.print(f"[yellow]{escape(warning)}[/]")
+
+
 SpecArg = Annotated[Path, typer.Argument(help="research spec (YAML)", show_default=False)]
+WideOption = Annotated[bool, typer.Option("--wide", help="full knob names in arm names, however wide the table")]
 
 
 @app.command()
@@ -92,6 +131,7 @@ SpecArg = Annotated[Path, typer.Argument(help="research spec (YAML)", show_defau
 def validate(spec: SpecArg) -> None:
     """Parse and check a spec; summarise it (exit 2 on errors)."""
     loaded = load_spec(spec)
+    _warn_uncommitted(loaded)
     s = loaded.spec
     direction = "maximize" if s.maximize else "minimize"
     out.print(f"[bold]{loaded.path}[/bold]: valid spec '{loaded.name}' (sha256 {loaded.sha256[:12]})")
@@ -107,6 +147,7 @@ def validate(spec: SpecArg) -> None:
         ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g},"
                    f" download_timeout_s {s.download_timeout_s:g}"),
         ("runs", _arms_line(loaded)),
+        *([("constants", " ".join(f"{k}={v}" for k, v in constants(s).items()))] if s.env else []),
         ("backend", f"{s.backend}, concurrency {s.concurrency or 'auto'}"),
         ("paper", s.title),
     ]
@@ -125,6 +166,10 @@ def validate(spec: SpecArg) -> None:
         for f in findings:
             hw.add_row(f.field, f"[{colors[f.status]}]{f.status.replace('_', ' ')}[/]", f.detail)
         out.print(hw)
+    for line in backend_advice(loaded, findings):
+        out.print(line, markup=False)
+    for line in absolute_deps_paths(loaded):
+        err.print(f"[yellow]{escape(line)}[/]")
 
 
 def _arms_line(loaded: Any) -> str:
@@ -145,13 +190,15 @@ def _arms_line(loaded: Any) -> str:
 
 @app.command()
 @friendly
-def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
+def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+         wide: WideOption = False) -> None:
     """Arms, runs, knobs, commit and worst-case cost (compute and LLM); runs nothing.
 
     Without arms or factors in the spec and with an LLM configured, the LLM designs them
     now; the design is recorded, and `research` runs exactly that plan.
     """
     loaded = load_spec(spec)
+    _warn_uncommitted(loaded)
     job = Research(loaded, state.home)
     designed_by = None
     if not (loaded.spec.arms or loaded.spec.factors) and (job.llm_config is not None or loaded.spec.search is not None):
@@ -194,15 +241,27 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     if as_json:
         print(json.dumps(data, indent=2))
     else:
+        if ignored:  # the refusal alone: a table of arms that cannot run would read as a plan
+            refuse_ignored_knobs(loaded, the_plan, code.knobs)
         out.print(f"[bold]{loaded.name}[/bold] at commit {code.commit[:12]} ({code.repo})")
-        table = Table(box=None, pad_edge=False)
-        for col in ("arm", "knobs", "runs"):
-            table.add_column(col)
-        for a in the_plan.arms:
-            knobs = " ".join(f"{k}={v}" for k, v in a.env.items()) + (" " + " ".join(a.args) if a.args else "")
-            mark = " (baseline)" if a.name == the_plan.baseline else ""
-            table.add_row(a.name + mark, knobs or "-", str(the_plan.replicates_of(a.name)))
-        out.print(table)
+        fixed = constants(loaded.spec)
+        if fixed:
+            out.print("constants (every arm): " + " ".join(f"{k}={v}" for k, v in fixed.items()), markup=False)
+        shown = {a.name: " ".join(f"{k}={v}" for k, v in own_knobs(a, loaded.spec).items())
+                 + (" " + " ".join(a.args) if a.args else "") for a in the_plan.arms}
+
+        def arms_table(label: Callable[[str], str]) -> Table:
+            table = Table(box=None, pad_edge=False)
+            table.add_column("arm", overflow="fold")
+            table.add_column("knobs", overflow="fold")
+            table.add_column("runs")
+            for a in the_plan.arms:
+                mark = " (baseline)" if a.name == the_plan.baseline else ""
+                table.add_row(escape(label(a.name) + mark), escape(label(shown[a.name]) or "-"),
+                              str(the_plan.replicates_of(a.name)))
+            return table
+
+        print_fitted(out, arms_table, [*shown, *shown.values()], wide=wide)
         out.print(
             f"{summary['arms']} arms × {summary['replicates']} replicates = {summary['runs']} runs;"
             f" worst case ${summary['worst_case_dollars']:.4f}"
@@ -233,7 +292,11 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
 def knobs(spec: SpecArg) -> None:
     """The knobs the runner reads (environment variables and flags), with defaults."""
     loaded = load_spec(spec)
-    code = inspect_code(loaded, Paths(state.home))
+    try:
+        code = inspect_code(loaded, Paths(state.home))
+    except LfsContentMissing as exc:  # listing knobs reads code, never the data
+        err.print(f"[yellow]warning: {escape(exc.message)}; the knobs below are read from the code alone[/]")
+        code = inspect_code(loaded, Paths(state.home), require_lfs=False)
     report = code.knobs
     table = Table(title=f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}", title_justify="left",
                   box=None, pad_edge=False)
@@ -263,6 +326,7 @@ def check(
 ) -> None:
     """Readiness review: static checks, smoke runs, cross-arm comparison. Exit 0 ready, 1 not ready."""
     loaded = load_spec(spec)
+    _warn_uncommitted(loaded)
     say = (lambda m: err.print(m, markup=False)) if as_json else (lambda m: out.print(m, markup=False))
     result = check_spec(loaded, state.home, smoke=smoke, use_llm=llm, on_message=say)
     if as_json:
@@ -353,6 +417,7 @@ def research(
 ) -> None:
     """The whole pipeline: check, plan, prepare, run every arm, record, report. Resumable."""
     loaded = load_spec(spec)
+    _warn_uncommitted(loaded)
     interactive = sys.stdout.isatty()
     progress = LiveProgress() if interactive else PlainProgress()
     job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, llm_review=llm_review,
@@ -373,12 +438,14 @@ def research(
 
 @app.command()
 @friendly
-def status(experiment: Annotated[str | None, typer.Argument(help="experiment id, id prefix or name")] = None) -> None:
+def status(experiment: Annotated[str | None, typer.Argument(help="experiment id, id prefix or name")] = None,
+           wide: WideOption = False) -> None:
     """Experiments and their runs, from the ledger."""
     ledger = _ledger()
     if experiment is None:
         table = Table(box=None, pad_edge=False)
-        for col in ("experiment", "status", "ok", "failed", "running", "spent", "updated"):
+        table.add_column("experiment", overflow="fold")  # what the user types next: never cut
+        for col in ("status", "ok", "failed", "running", "spent", "updated"):
             table.add_column(col)
         for exp in ledger.experiments():
             runs = ledger.runs(exp.id)
@@ -400,18 +467,23 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
         out.print(exp.note, markup=False)
     goal = _goal(exp.spec_text)
     metrics = ledger.run_metrics(exp.id)
-    table = Table(box=None, pad_edge=False)
-    for col in ("run", "arm", "rep", "try", "status", goal or "goal", "time", "why"):
-        table.add_column(col)
-    for r in ledger.runs(exp.id):
-        value, finite = metrics.get(r.id, {}).get(goal, (None, True)) if goal else (None, True)
-        shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
-        color = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red", RunStatus.RUNNING: "cyan",
-                 RunStatus.INTERRUPTED: "yellow"}.get(RunStatus(r.status), "")
-        why = f"{r.failure}: {r.reason}" if r.failure else r.reason
-        table.add_row(str(r.id), r.arm, str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]", shown,
-                      f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", why[:100])
-    out.print(table)
+    runs = ledger.runs(exp.id)
+
+    def runs_table(label: Callable[[str], str]) -> Table:
+        table = Table(box=None, pad_edge=False)
+        for col in ("run", "arm", "rep", "try", "status", goal or "goal", "time", "why"):
+            table.add_column(col, overflow="fold" if col == "arm" else "ellipsis")
+        for r in runs:
+            value, finite = metrics.get(r.id, {}).get(goal, (None, True)) if goal else (None, True)
+            shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
+            color = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red", RunStatus.RUNNING: "cyan",
+                     RunStatus.INTERRUPTED: "yellow"}.get(RunStatus(r.status), "")
+            why = f"{r.failure}: {r.reason}" if r.failure else r.reason
+            table.add_row(str(r.id), escape(label(r.arm)), str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]",
+                          shown, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", escape(why[:100]))
+        return table
+
+    print_fitted(out, runs_table, {r.arm for r in runs}, wide=wide)
     classes = Counter(r.failure for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED and r.failure)
     if classes:
         retried = sum(r.transient for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED)
@@ -424,6 +496,9 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
 def runs(
     experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")],
     as_json: Annotated[bool, typer.Option("--json", help="print every run as JSON")] = False,
+    metric_names: Annotated[str | None, typer.Option(
+        "--metrics", metavar="NAMES", help="comma-separated metrics to show (default: the goal first, then the"
+                                           " metrics related to it, up to 6)")] = None,
 ) -> None:
     """Every run of an experiment (all attempts), with config and final metrics."""
     ledger = _ledger()
@@ -445,15 +520,47 @@ def runs(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    recorded = {name for row in rows for name in row["metrics"]}
+    shown_names = _chosen_metrics(metric_names, recorded) if metric_names else metric_order(
+        recorded, _goal(exp.spec_text))[:RUNS_METRICS_SHOWN]
     table = Table(box=None, pad_edge=False)
     for col in ("run", "arm", "rep", "seed", "try", "status", "metrics"):
         table.add_column(col)
     for row in rows:
-        shown = ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=non-finite"
-                          for k, v in sorted(row["metrics"].items())[:6])
+        values = row["metrics"]
+        shown = ", ".join(f"{k}={values[k]:.4g}" if values[k] is not None else f"{k}=non-finite"
+                          for k in shown_names if k in values)
         table.add_row(str(row["run_id"]), row["arm"], str(row["replicate"]), str(row["seed"]), str(row["attempt"]),
                       row["status"], shown)
     out.print(table)
+
+
+def metric_order(names: set[str], goal: str | None) -> list[str]:
+    """The goal metric first, then the metrics that share a word with it (``val_loss`` beside ``val_r2``),
+    then the rest alphabetically: what a reader of ``runs`` looks for, in that order."""
+    words = set(goal.lower().replace("-", "_").split("_")) if goal else set()
+
+    def rank(name: str) -> tuple[int, str]:
+        if name == goal:
+            return 0, name
+        shared = words & set(name.lower().replace("-", "_").split("_"))
+        return (1 if shared else 2), name
+
+    return sorted(names, key=rank)
+
+
+def _chosen_metrics(option: str, recorded: set[str]) -> list[str]:
+    chosen = [name.strip() for name in option.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in recorded]
+    if unknown:
+        import difflib
+
+        near = {name: difflib.get_close_matches(name, sorted(recorded), n=1) for name in unknown}
+        said = "; ".join(f"'{name}'" + (f" (did you mean '{near[name][0]}'?)" if near[name] else "")
+                         for name in unknown)
+        raise UsageError(f"--metrics: no run recorded {said}",
+                         hint=f"recorded metrics: {', '.join(sorted(recorded)) or '(none)'}")
+    return chosen
 
 
 @app.command()
@@ -527,6 +634,7 @@ def compare(
     metric: Annotated[str | None, typer.Option(
         "--metric", help="metric to compare (default: the shared goal metric)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+    wide: WideOption = False,
 ) -> None:
     """Two experiments' arms side by side: n, mean, 95% CI, and B − A with Welch/Holm."""
     from ratiocinator.report.compare import compare_experiments, comparison_json
@@ -538,21 +646,26 @@ def compare(
             err.print(f"warning: {warning}", markup=False)
         return
     direction = "higher" if result.maximize else "lower"
-    table = Table(title=f"{result.metric} ({direction} is better): A = {result.a}, B = {result.b}")
-    columns = ("arm", "A n", "A mean [95% CI]", "B n", "B mean [95% CI]", "B − A [95% CI]", "p (Holm)", "g", "verdict")
-    for column in columns:
-        table.add_column(column)
-    for pair in result.pairs:
-        c = pair.comparison
-        table.add_row(
-            pair.arm, _n(pair.a), _mean_ci(pair.a), _n(pair.b), _mean_ci(pair.b),
-            "—" if c is None or c.diff is None
-            else f"{c.diff:.4g} " + (f"[{c.diff_ci.low:.4g}, {c.diff_ci.high:.4g}]" if c.diff_ci else ""),
-            "—" if pair.p_holm is None else f"{pair.p_holm:.3g}",
-            "—" if c is None or c.hedges_g is None else f"{c.hedges_g:.3g}",
-            pair.verdict,
-        )
-    out.print(table)
+
+    def pairs_table(label: Callable[[str], str]) -> Table:
+        table = Table(title=f"{result.metric} ({direction} is better): A = {result.a}, B = {result.b}")
+        columns = ("arm", "A n", "A mean [95% CI]", "B n", "B mean [95% CI]", "B − A [95% CI]", "p (Holm)", "g",
+                   "verdict")
+        for column in columns:
+            table.add_column(column, overflow="fold")  # a number cut to "[0.519…" misleads as much as a name
+        for pair in result.pairs:
+            c = pair.comparison
+            table.add_row(
+                escape(label(pair.arm)), _n(pair.a), _mean_ci(pair.a), _n(pair.b), _mean_ci(pair.b),
+                "—" if c is None or c.diff is None
+                else f"{c.diff:.4g} " + (f"[{c.diff_ci.low:.4g}, {c.diff_ci.high:.4g}]" if c.diff_ci else ""),
+                "—" if pair.p_holm is None else f"{pair.p_holm:.3g}",
+                "—" if c is None or c.hedges_g is None else f"{c.hedges_g:.3g}",
+                pair.verdict,
+            )
+        return table
+
+    print_fitted(out, pairs_table, [pair.arm for pair in result.pairs], wide=wide)
     for warning in result.warnings:
         err.print(f"warning: {warning}", markup=False)
 
@@ -698,8 +811,6 @@ def autoresearch_log(
     branch: Annotated[str | None, typer.Option("--branch", help="name of the branch --apply creates")] = None,
 ) -> None:
     """Every attempt of a session from the ledger; --apply ID --branch NAME recreates any of them."""
-    from rich.markup import escape
-
     from ratiocinator.autoresearch import load_program
     from ratiocinator.autoresearch.log import apply_attempt, open_session, session_record
 

@@ -10,6 +10,7 @@ finished are kept, runs the previous orchestrator left ``running`` are reconcile
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ratiocinator.backends import registry
 from ratiocinator.backends.base import Backend, HardwareFinding, Host, Workspace
+from ratiocinator.check.memory import remembered_pass, review_key
 from ratiocinator.data.staging import fetch_before_renting, record_staging
 from ratiocinator.errors import BackendError, DataError, PlanError, UsageError, WorkspaceError
 from ratiocinator.execution.contract import inherited_env, runner_argv
@@ -30,11 +32,11 @@ from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across
 from ratiocinator.llm.config import LlmConfig, llm_from_env
 from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
 from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
-from ratiocinator.planning.plan import Plan, refuse_ignored_knobs
+from ratiocinator.planning.plan import Plan, refuse_ignored_knobs, with_constants
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
 from ratiocinator.repo import workspace as ws
 from ratiocinator.repo.knobs import KnobReport, discover_knobs
-from ratiocinator.spec.models import LoadedSpec
+from ratiocinator.spec.models import LoadedSpec, Spec
 from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.store.ledger import Experiment, Ledger
 from ratiocinator.store.paths import Paths
@@ -76,12 +78,29 @@ def resolve_commit(loaded: LoadedSpec, paths: Paths) -> tuple[str, str]:
     return repo, ws.resolve_commit(repo, loaded.spec.repo_branch, paths.repos, timeout_s=loaded.spec.download_timeout_s)
 
 
-def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None) -> CodeView:
-    """Check out the commit (cached) and read which knobs its runner reads."""
+def uncommitted_warning(loaded: LoadedSpec, paths: Paths) -> str | None:
+    """A warning when the local ``repo_url`` has edits the runs will not see (they run the commit), or None."""
+    try:
+        repo = ws.resolve_repo_url(loaded.spec.repo_url, loaded.path.parent)
+        commit, files = ws.uncommitted_changes(repo, loaded.spec.repo_branch, ignore=(loaded.path, paths.home))
+    except WorkspaceError:
+        return None  # the commands that need the repository say what is wrong with it
+    if not files or commit is None:
+        return None
+    shown = ", ".join(files[:8]) + (f" (and {len(files) - 8} more)" if len(files) > 8 else "")
+    return (f"warning: uncommitted changes in {repo}: these files differ from the commit that will run"
+            f" ({commit[:7]}): {shown} — commit them to study them")
+
+
+def inspect_code(loaded: LoadedSpec, paths: Paths, commit: str | None = None, *,
+                 require_lfs: bool = True) -> CodeView:
+    """Check out the commit (cached) and read which knobs its runner reads (``require_lfs=False``: also
+    when the data is Git LFS pointers, for reading the code only)."""
     repo = ws.resolve_repo_url(loaded.spec.repo_url, loaded.path.parent)
     if commit is None:
         repo, commit = resolve_commit(loaded, paths)
-    checkout = ws.checkout(repo, commit, paths.repos, lfs_timeout_s=loaded.spec.download_timeout_s)
+    checkout = ws.checkout(repo, commit, paths.repos, lfs_timeout_s=loaded.spec.download_timeout_s,
+                           require_lfs=require_lfs)
     ws.within(checkout, loaded.spec.runner_script, "runner_script")  # a link out of the repository is refused
     if not (checkout / loaded.spec.runner_script).is_file():
         raise PlanError(
@@ -226,13 +245,33 @@ class Research:
             if resumed and experiment.status in FINISHED:
                 report = _write_report(ledger, experiment.id, self.paths.report(experiment.id))
                 counts = _counts(ledger, experiment.id)
+                moved = self._branch_moved(experiment)
                 return ResearchOutcome(experiment.id, experiment.status, report, counts[0], counts[1],
-                                       f"experiment {experiment.id} already finished ({experiment.status});"
-                                       " use --new to run it again")
+                                       f"experiment {experiment.id} already finished ({experiment.status})"
+                                       + (f" at commit {moved}; its results are that code's. Run the same command"
+                                          " with --new to study the new code" if moved else
+                                          "; use --new to run it again"))
             with experiment_lock(self.paths.lock(experiment.id)):
                 return self._run_locked(ledger, backend, experiment, resumed, findings)
         finally:
             ledger.close()
+
+    def _branch_moved(self, experiment: Experiment) -> str | None:
+        """``OLD, but repo_branch has moved to NEW (files changed: ...)`` when the branch the spec names has
+        commits past the experiment's; None when it has not, or cannot be read (offline)."""
+        old = experiment.commit_sha
+        if not old:
+            return None
+        try:
+            repo, new = resolve_commit(self.loaded, self.paths)
+        except WorkspaceError:
+            return None
+        if new == old:
+            return None
+        files = ws.changed_files(repo, old, new, self.paths.repos)
+        shown = ", ".join(files[:8]) + (f" (and {len(files) - 8} more)" if len(files) > 8 else "")
+        changed = f"{len(files)} file(s) changed: {shown}" if files else "no file changed"
+        return f"{old[:7]}, but {self.spec.repo_branch} has moved to {new[:7]} since ({changed})"
 
     def _run_locked(self, ledger: Ledger, backend: Backend, experiment: Experiment, resumed: bool,
                     findings: list[HardwareFinding]) -> ResearchOutcome:
@@ -278,6 +317,10 @@ class Research:
         exp_id = experiment.id
         if experiment.commit_sha and ledger.runs(exp_id):
             commit = experiment.commit_sha  # every run of an experiment uses one commit
+            moved = await asyncio.to_thread(self._branch_moved, experiment)
+            if moved:
+                self.progress.message(f"resuming at commit {moved}; this experiment finishes on its own commit,"
+                                      " --new starts one on the new code")
         else:  # nothing ran yet (first start, or a setup failure the user may have fixed upstream)
             _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
             ledger.update_experiment(exp_id, commit_sha=commit)
@@ -430,8 +473,9 @@ class Research:
         for recorded in reversed(ledger.decisions(exp_id)):
             if recorded.iteration == iteration:
                 plan = Plan.from_json(recorded.plan) if recorded.plan else None
-                return Decision(plan, recorded.reason, recorded.record)
+                return Decision(_with_constants(plan, self.spec), recorded.reason, recorded.record)
         decision = self.planner.next_iteration(context)
+        decision = Decision(_with_constants(decision.plan, self.spec), decision.reason, decision.record)
         ledger.record_decision(exp_id, DecisionRecord(iteration, self.planner.name, decision.reason,
                                                       decision.plan.to_json() if decision.plan else None,
                                                       decision.record))
@@ -451,6 +495,15 @@ class Research:
         earlier = [v for v in ledger.readiness_verdicts(exp_id) if v.commit == commit and v.is_code_ready]
         if earlier:
             self.progress.message(f"readiness review passed earlier at commit {commit[:12]}")
+            return None
+        key = review_key(self.loaded, plan, commit, smoke=True,
+                         llm_model=llm.config.model if llm is not None and self.llm_review else None)
+        remembered = remembered_pass(ledger, key, smoke=self.spec.check.smoke)
+        if remembered is not None:
+            ledger.record_readiness(exp_id, remembered, f"ready: the review passed earlier at commit {commit[:12]}"
+                                    " with the same arms and settings (reused)")
+            self.progress.message(f"readiness review: reusing the review that passed at commit {commit[:12]} with the"
+                                  " same arms and settings (no smoke runs repeated)")
             return None
         self.progress.message("readiness review: static checks, smoke runs, cross-arm comparison")
         arms = len({(tuple(sorted(a.env.items())), tuple(a.args)) for a in plan.arms})
@@ -475,7 +528,8 @@ class Research:
                                           run_cost(host.price_per_hour, time.time() - started, smoke_s * arms)))
         data = readiness.to_json()
         record = ReadinessRecord(data["commit"], skipped=False, is_code_ready=data["is_code_ready"],
-                                 code_issue=data["code_issue"], checks=data["checks"])
+                                 code_issue=data["code_issue"], checks=data["checks"],
+                                 review_key=key if charge is not None else None)
         ledger.record_readiness(exp_id, record,
                                 "ready" if readiness.is_code_ready else f"not ready: {readiness.code_issue}",
                                 level="info" if readiness.is_code_ready else "error")
@@ -533,6 +587,11 @@ def default_planner(loaded: LoadedSpec, *, llm: bool) -> Planner:
     return SpecPlanner(loaded)
 
 
+def _with_constants(plan: Plan | None, spec: Spec) -> Plan | None:
+    """Whatever a planner proposed, with the spec's constant knobs (``env``) under each arm's own."""
+    return None if plan is None else dataclasses.replace(plan, arms=with_constants(plan.arms, spec))
+
+
 def backend_price(loaded: LoadedSpec) -> float:
     """The price a run is charged at, as the spec's backend prices it."""
     return registry.backend_price(loaded)
@@ -584,20 +643,23 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
     if loaded.spec.arms or loaded.spec.factors:
         plan = plan_iteration(loaded)
     else:  # the arms will come from a planner: smoke-test the code with its own defaults
-        plan = Plan((PlannedArm("defaults", {}, (), "the code's own defaults"),), "defaults", 1)
+        plan = Plan(with_constants((PlannedArm("defaults", {}, (), "the code's own defaults"),), loaded.spec),
+                    "defaults", 1)
     configured = loaded.spec.llm or llm_from_env(os.environ)
     config = configured if use_llm else None
+    commit: str | None = None
     try:
         data = local_copy(loaded, paths.home)  # size, reachability and checksums before anything is acquired
     except DataError as exc:
         return Readiness([CheckResult("data", "failed", exc.message, ({"hint": exc.hint or ""},))])
     try:
-        code = inspect_code(loaded, paths)
+        _, commit = resolve_commit(loaded, paths)
+        code = inspect_code(loaded, paths, commit)
     except PlanError as exc:  # the runner is not in the checkout
-        return Readiness([CheckResult("runner", "failed", exc.message, ({"hint": exc.hint or ""},))])
+        return Readiness([CheckResult("runner", "failed", exc.message, ({"hint": exc.hint or ""},))], commit)
     except WorkspaceError as exc:  # clone, fetch or LFS content
-        name = "lfs" if "LFS" in exc.message else "checkout"
-        return Readiness([CheckResult(name, "failed", exc.message, ({"hint": exc.hint or ""},))])
+        name = "lfs" if isinstance(exc, ws.LfsContentMissing) else "checkout"
+        return Readiness([CheckResult(name, "failed", exc.message, ({"hint": exc.hint or ""},))], commit)
     backend = make_backend(loaded, paths)
     unmet = [f for f in backend.check_hardware(loaded) if f.status == "unmet"]
     opened: list[Ledger] = []
@@ -638,10 +700,24 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
             if data is not None:
                 result.checks.insert(0, CheckResult("data", "passed", f"{describe_copy(data)}; staged on"
                                                     f" {', '.join(workspace.staging_s) if workspace else 'no host'}"))
+            _remember(result, review_key(loaded, plan, code.commit, smoke=smoke,
+                                         llm_model=config.model if config is not None else None))
             return result
         finally:
             if host is not None:
                 await backend.release(host)
+
+    def _remember(result: Readiness, key: str) -> None:
+        """The verdict, kept in the ledger (with no experiment) for `research` to reuse."""
+        data = result.to_json()
+        ledger = Ledger(paths.ledger)
+        opened.append(ledger)
+        ledger.record_readiness(None, ReadinessRecord(data["commit"], skipped=False,
+                                                      is_code_ready=data["is_code_ready"],
+                                                      code_issue=data["code_issue"], checks=data["checks"],
+                                                      review_key=key),
+                                "ready" if result.is_code_ready else f"not ready: {result.code_issue}",
+                                level="info" if result.is_code_ready else "error")
 
     try:
         return asyncio.run(run())

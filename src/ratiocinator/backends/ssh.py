@@ -39,12 +39,17 @@ import signal
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncssh
+from cryptography.utils import CryptographyDeprecationWarning
+
+with warnings.catch_warnings():  # asyncssh still names DSA and TripleDES: a warning per import, not ours to act on
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+    import asyncssh
 
 from ratiocinator.backends import remote
 from ratiocinator.backends.artifacts import safe_link, write_skipped

@@ -19,6 +19,7 @@ checks make the code not ready.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shlex
 import shutil
@@ -38,9 +39,12 @@ from ratiocinator.check.static import (
     requirements_findings,
 )
 from ratiocinator.errors import RatiocinatorError
-from ratiocinator.planning.plan import Plan, find_ignored_knobs
+from ratiocinator.execution import contract
+from ratiocinator.execution.failures import Failure
+from ratiocinator.planning.plan import Plan, did_you_mean, find_ignored_knobs, runner_knobs
 from ratiocinator.repo.knobs import KnobReport
 from ratiocinator.repo.workspace import venv_base_python
+from ratiocinator.spec.advice import absolute_deps_paths
 from ratiocinator.spec.models import LoadedSpec
 
 if TYPE_CHECKING:
@@ -135,16 +139,24 @@ def static_checks(loaded: LoadedSpec, checkout: Path, knobs: KnobReport, plan: P
         else:
             checks.append(CheckResult("requirements", "passed", f"{spec.deps.requirements} resolves (pip dry run)"))
 
+    misplaced = absolute_deps_paths(loaded)
+    if misplaced:
+        checks.append(CheckResult("deps_paths", "warning", misplaced[0].removeprefix("warning: ")
+                                  + (f" (and {len(misplaced) - 1} more)" if len(misplaced) > 1 else ""),
+                                  tuple({"message": m.removeprefix("warning: ")} for m in misplaced)))
+
     pointers = lfs_pointer_findings(checkout)
     checks.append(CheckResult("lfs", "failed", _shown(pointers), _findings(pointers)) if pointers else
                   CheckResult("lfs", "passed", "no Git LFS pointer files in the checkout"))
 
     ignored = find_ignored_knobs(loaded, plan, knobs)
     if ignored:
-        read = ", ".join(sorted(knobs.knobs)) or "none"
+        names = runner_knobs(knobs)
+        read = ", ".join(names) or "none"
         checks.append(CheckResult(
             "knobs", "failed",
-            "; ".join(f"arm '{i.arm}' sets {i.knob}, which {spec.runner_script} never reads" for i in ignored[:3])
+            "; ".join(f"arm '{i.arm}' sets {i.knob}, which {spec.runner_script} never reads"
+                      + did_you_mean(i.knob, names) for i in ignored[:3])
             + (f" (and {len(ignored) - 3} more)" if len(ignored) > 3 else ""),
             tuple({"arm": i.arm, "knob": i.knob, "where": i.where, "knobs_read": read} for i in ignored)))
     else:
@@ -251,7 +263,8 @@ def _source_line(path: Path, line: int | None) -> str:
 # -- smoke and cross-arm ---------------------------------------------------------------------
 
 
-def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list[CheckResult]:
+def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str], *,
+                 timeout_s: float | None = None) -> list[CheckResult]:
     failed = [o for o in outcomes if not o.ok]
     evidence = tuple(
         {"arm": o.arm.name, "class": o.diagnosis.failure.value if o.diagnosis.failure else None,
@@ -259,7 +272,10 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
          "duration_s": round(o.duration_s, 3)}
         for o in outcomes
     )
-    if failed:
+    timed_out = [o for o in failed if o.diagnosis.failure == Failure.TIMEOUT]
+    if timed_out and timeout_s is not None:
+        smoke = CheckResult("smoke", "failed", _unfinished(outcomes, timed_out, timeout_s), evidence)
+    elif failed:
         first = failed[0]
         summary = (f"{len(failed)} of {len(outcomes)} arm(s) failed in trial mode; {first.arm.name}: "
                    f"{first.diagnosis.failure} — {first.diagnosis.reason}")
@@ -280,6 +296,51 @@ def smoke_checks(outcomes: Sequence[SmokeOutcome], allow: Sequence[str]) -> list
         cross = CheckResult("cross_arm", "passed",
                             f"every knob varied across the {compared} arms changed the measurements")
     return [smoke, cross]
+
+
+def trial_check(knobs: KnobReport, loaded: LoadedSpec, arms: int, durations: Sequence[float],
+                price_per_hour: float) -> CheckResult:
+    """Whether the runner has a trial mode; without one every smoke run is a full run, paid before each review."""
+    if contract.TRIAL in knobs.knobs:
+        where = ", ".join(knobs.knobs[contract.TRIAL].sources[:2])
+        return CheckResult("trial", "passed", f"the runner reads {contract.TRIAL} ({where}): smoke runs are short")
+    limit = loaded.spec.check.smoke_timeout_s
+    if durations:
+        longest = max(durations)
+        worst = min(longest, limit) * arms
+        cost = f"the longest trial so far took {longest:.1f}s, so the {arms} smoke run(s) cost about {worst:.0f}s"
+    else:
+        worst = limit * arms
+        cost = f"the {arms} smoke run(s) may each run up to check.smoke_timeout_s ({limit:g}s), {worst:.0f}s in all"
+    dollars = f" (${price_per_hour * worst / 3600:.4f})" if price_per_hour > 0 else ""
+    return CheckResult(
+        "trial", "warning",
+        f"the runner never reads {contract.TRIAL}, so every smoke run is a full run: {cost}{dollars} per review;"
+        f" when {contract.TRIAL}=1, make a run short (one epoch, a few batches) and still print the goal metric",
+        ({"longest_trial_s": round(max(durations), 3) if durations else None, "arms": arms,
+          "smoke_timeout_s": limit, "worst_case_s": round(worst, 3)},),
+    )
+
+
+def _unfinished(outcomes: Sequence[SmokeOutcome], timed_out: Sequence[SmokeOutcome], timeout_s: float) -> str:
+    """Which arms the smoke phase could not finish within its per-run limit, and the cap that would let them."""
+    names = ", ".join(o.arm.name for o in timed_out[:6]) + (f" (and {len(timed_out) - 6} more)"
+                                                           if len(timed_out) > 6 else "")
+    text = (f"{len(timed_out)} of {len(outcomes)} arm(s) could not finish within check.smoke_timeout_s"
+            f" ({timeout_s:g}s): {names}")
+    measuring = [o for o in timed_out if o.series]
+    if measuring:
+        text += f"; {len(measuring)} of them had printed metrics before the limit (the code runs, but long)"
+    finished = [o for o in outcomes if o not in timed_out and o.diagnosis.failure is None]
+    if finished:
+        longest = max(o.duration_s for o in finished)
+        text += (f"; the {len(finished)} that finished took up to {longest:.1f}s. To finish the others, raise the"
+                 f" per-run cap (check.smoke_timeout_s: {math.ceil(timeout_s * 2):g}, say) or make trial mode"
+                 " shorter for them")
+    else:
+        text += ("; none finished: make the runner's trial mode short (RATIOCINATOR_TRIAL=1: one epoch, a few"
+                 " batches), or raise check.smoke_timeout_s")
+    return text
 
 
 # -- LLM review ----------------------------------------------------------------------------------
@@ -364,7 +425,12 @@ async def review(
                                    smoke_dir=smoke_dir, base_env=environ, extra_env=extra_env,
                                    on_done=lambda o: say(f"smoke {o.arm.name}: " + (
                                        "ok" if o.ok else f"{o.diagnosis.failure} — {o.diagnosis.reason}")))
-        result.checks += smoke_checks(outcomes, loaded.spec.check.allow_unchanged_knobs)
+        result.checks += smoke_checks(outcomes, loaded.spec.check.allow_unchanged_knobs,
+                                      timeout_s=loaded.spec.check.smoke_timeout_s)
+    smoked = next((c for c in result.checks if c.name == "smoke"), None)
+    durations = [float(e["duration_s"]) for e in (smoked.evidence if smoked else ()) if "duration_s" in e]
+    result.checks.append(trial_check(knobs, loaded, len(distinct_arms(plan)), durations,
+                                     host.price_per_hour if host is not None else 0.0))
     if llm_config is None or llm_provider is None:
         result.checks.append(CheckResult("llm_review", "skipped", llm_off_reason))
     else:

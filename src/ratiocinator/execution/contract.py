@@ -62,6 +62,11 @@ def is_contract_variable(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def is_inherited_name(name: str) -> bool:
+    """A platform setting every runner inherits (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``), not a study's knob."""
+    return name in INHERITED_NAMES or name.startswith(INHERITED_PREFIXES)
+
+
 def inherited_env(environ: Mapping[str, str], pass_env: Iterable[str] = ()) -> dict[str, str]:
     """What a runner or a deps step inherits from ``environ``: the allow-list, plus the variables
     (names or fnmatch patterns) the spec passes on purpose. Provider keys and tokens stay behind."""

@@ -7,10 +7,14 @@ compared on the same random draws.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ratiocinator.errors import PlanError
+from ratiocinator.execution import contract
 from ratiocinator.repo.knobs import KnobReport
 from ratiocinator.spec.models import LoadedSpec, Scalar, Spec, scalar_to_env
 
@@ -135,6 +139,7 @@ def plan_iteration(loaded: LoadedSpec) -> Plan:
         for a in spec.arms
     ]
     arms.extend(_factor_arms(spec))
+    arms = list(with_constants(arms, spec))
     if not arms:
         raise PlanError(
             f"{loaded.path}: the spec defines no arms to run (it has a topic, but no 'arms' and no 'factors')",
@@ -158,6 +163,28 @@ def plan_iteration(loaded: LoadedSpec) -> Plan:
         seen[arm.name] = i
     _refuse_duplicate_configs(loaded, arms)
     return Plan(arms=tuple(arms), baseline=_baseline(loaded, arms), replicates=spec.replicates)
+
+
+def constants(spec: Spec) -> dict[str, str]:
+    """The spec's top-level ``env``: knobs every arm gets, as environment strings."""
+    return {k: scalar_to_env(v) for k, v in spec.env.items()}
+
+
+def with_constants(arms: Iterable[PlannedArm], spec: Spec) -> tuple[PlannedArm, ...]:
+    """Every arm with the spec's constant knobs added under its own (an arm's own setting wins).
+
+    Applied to whatever a planner proposes (the spec's arms, a search, an LLM), and idempotent, so a
+    recorded plan read back on resume stays the plan that ran. Names and factors never include
+    constants: two studies that differ only in a constant have arms of the same names.
+    """
+    fixed = constants(spec)
+    return tuple(dataclasses.replace(a, env={**fixed, **a.env}) if fixed else a for a in arms)
+
+
+def own_knobs(arm: PlannedArm, spec: Spec) -> dict[str, str]:
+    """The knobs an arm sets beyond the spec's constants (what tells it apart), for display."""
+    fixed = constants(spec)
+    return {k: v for k, v in arm.env.items() if fixed.get(k) != v}
 
 
 def _refuse_duplicate_configs(loaded: LoadedSpec, arms: list[PlannedArm]) -> None:
@@ -190,6 +217,20 @@ def _baseline(loaded: LoadedSpec, arms: list[PlannedArm]) -> str:
     )
 
 
+def runner_knobs(report: KnobReport) -> list[str]:
+    """The knobs a study can set: what the runner reads, less the run contract's ``RATIOCINATOR_*``
+    variables and the platform settings every runner inherits anyway (``OMP_NUM_THREADS``, ``CUDA_*``)."""
+    return sorted(name for name in report.knobs if not contract.is_contract_variable(name)
+                  and not contract.is_inherited_name(name))
+
+
+def did_you_mean(knob: str, candidates: list[str]) -> str:
+    """``did you mean WIDTH?`` for a typo (``WIDHT``), matched without regard to case."""
+    by_upper = {c.upper(): c for c in candidates}
+    near = difflib.get_close_matches(knob.upper(), list(by_upper), n=1, cutoff=0.6)
+    return f" — did you mean {by_upper[near[0]]}?" if near else ""
+
+
 @dataclass(frozen=True)
 class IgnoredKnob:
     arm: str
@@ -210,8 +251,14 @@ def find_ignored_knobs(loaded: LoadedSpec, plan: Plan, report: KnobReport) -> li
     for arm in plan.arms:
         for knob in arm.env:
             if knob not in env_read:
-                where = (loaded.where("arms", explicit[arm.name], "env", knob) if arm.name in explicit
-                         else loaded.where("factors", knob))
+                own = arm.name in explicit and knob in spec.arms[explicit[arm.name]].env
+                if own:
+                    where = loaded.where("arms", explicit[arm.name], "env", knob)
+                elif knob in spec.env and knob not in spec.factors:
+                    ignored.append(IgnoredKnob(arm="(every arm)", knob=knob, where=loaded.where("env", knob)))
+                    continue
+                else:
+                    where = loaded.where("factors", knob)
                 ignored.append(IgnoredKnob(arm=arm.name, knob=knob, where=where))
         if arm.name in explicit:
             for flag in spec.arms[explicit[arm.name]].args:
@@ -237,9 +284,10 @@ def refuse_ignored_knobs(loaded: LoadedSpec, plan: Plan, report: KnobReport) -> 
     ignored = find_ignored_knobs(loaded, plan, report)
     if not ignored:
         return
-    read = ", ".join(sorted(report.knobs)) or "(none found)"
+    knobs = runner_knobs(report)
+    read = ", ".join(knobs) or "(none found)"
     lines = [f"{i.where}: arm '{i.arm}' sets {i.knob}, which {loaded.spec.runner_script} never reads"
-             for i in ignored[:20]]
+             + did_you_mean(i.knob, knobs) for i in ignored[:20]]
     if len(ignored) > 20:
         lines.append(f"... and {len(ignored) - 20} more")
     hint = f"knobs the runner reads: {read}"

@@ -111,13 +111,19 @@ def resolve_commit(repo_url: str, ref: str, cache_dir: Path, *, timeout_s: float
         return _resolve_in_mirror(repo_url, ref, mirror, timeout_s)
 
 
-def checkout(repo_url: str, commit: str, cache_dir: Path, *, lfs_timeout_s: float = 600) -> Path:
+class LfsContentMissing(WorkspaceError):
+    """The checkout holds Git LFS pointers where content should be (its code can still be read)."""
+
+
+def checkout(repo_url: str, commit: str, cache_dir: Path, *, lfs_timeout_s: float = 600,
+             require_lfs: bool = True) -> Path:
     """Return a checkout of ``commit`` (full SHA), creating it once and reusing it after.
 
     The checkout's ``origin`` is the real ``repo_url`` so that ``git lfs`` (and the
     user's scripts) fetch from the actual remote, not from the local mirror. Files
     still holding LFS pointers are fatal: a run on them trains on nothing and exits 0.
-    ``lfs_timeout_s`` bounds the network steps (fetching a missing commit, LFS pull).
+    ``lfs_timeout_s`` bounds the network steps (fetching a missing commit, LFS pull). With
+    ``require_lfs=False`` the pointers are left as they are: enough to read the code, never to run it.
     """
     if not _FULL_SHA.fullmatch(commit):
         raise ValueError(f"checkout needs a full 40-hex commit SHA (use resolve_commit), got {commit!r}")
@@ -137,7 +143,8 @@ def checkout(repo_url: str, commit: str, cache_dir: Path, *, lfs_timeout_s: floa
                         what=f"checking out {commit} of {repo_url} in {tmp}")
                 _git_ok(["remote", "set-url", "origin", repo_url], cwd=tmp,
                         what=f"setting origin of {tmp}")
-        _ensure_lfs_content(dest, repo_url, lfs_timeout_s)
+        if require_lfs:
+            _ensure_lfs_content(dest, repo_url, lfs_timeout_s)
     return dest
 
 
@@ -219,13 +226,51 @@ def _ensure_lfs_content(dest: Path, repo_url: str, timeout_s: float) -> None:
             return
         why = f"`git lfs pull` did not fetch them: {_tail(pulled.stderr or pulled.stdout, 5)}"
     shown = ", ".join(pointers[:10]) + (f" (and {len(pointers) - 10} more)" if len(pointers) > 10 else "")
-    raise WorkspaceError(
+    raise LfsContentMissing(
         f"{len(pointers)} file(s) in the checkout {dest} are Git LFS pointers, not content: "
         f"{shown}; {why}",
         hint=f"install git-lfs (https://git-lfs.com) and make sure the LFS objects of {repo_url} "
         "are reachable from this machine; a run on pointer files trains on zero samples and "
         "still exits 0",
     )
+
+
+def uncommitted_changes(repo_url: str, ref: str, *, ignore: Iterable[Path] = ()) -> tuple[str | None, list[str]]:
+    """Files of a local repository's working tree that differ from the commit ``ref`` names, when that
+    commit is the one checked out there: edited, staged, deleted or new (not ignored) files, which the
+    runs will not see. Paths in ``ignore`` (the spec file, the home directory) are left out; a URL, or a
+    ``ref`` other than what is checked out, has no working tree to differ from. Returns (the commit, files)."""
+    if _looks_like_url(repo_url):
+        return None, []
+    root = Path(repo_url)
+    head, target = _rev_parse(root, "HEAD"), _rev_parse(root, ref)
+    if head is None or head != target:
+        return None, []
+    listed = _git(["status", "--porcelain=v1", "-z", "--untracked-files=normal"], cwd=root)
+    if listed.returncode != 0:
+        return head, []
+    skipped = [Path(p).resolve() for p in ignore]
+    files: list[str] = []
+    entries = iter(listed.stdout.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        if entry[0] in "RC":  # a rename: the original path follows as its own entry
+            next(entries, None)
+        name = entry[3:]
+        path = (root / name).resolve()
+        if any(path == s or s in path.parents for s in skipped):
+            continue
+        files.append(name)
+    return head, sorted(files)
+
+
+def changed_files(repo_url: str, old: str, new: str, cache_dir: Path) -> list[str]:
+    """Files that differ between two commits of the repository, read from its mirror (both are there
+    once ``resolve_commit`` has fetched the newer)."""
+    mirror = _mirror_path(repo_url, cache_dir)
+    done = _git(["diff", "--name-only", "-z", old, new, "--"], cwd=mirror)
+    return sorted(n for n in done.stdout.split("\0") if n) if done.returncode == 0 else []
 
 
 def _looks_like_url(repo_url: str) -> bool:

@@ -1,6 +1,6 @@
 """The research spec: what to study, where the code is, and what may be spent.
 
-The seed's flat format loads unchanged; the extensions (``arms``, ``factors``,
+The seed's flat format loads unchanged; the extensions (``env``, ``arms``, ``factors``,
 ``design``, ``baseline``, ``replicates``, ``seed_env``, ``concurrency``, ``backend``,
 ``extra_knobs``, ``hosts``, ``vast``, ``ray_address``, ``ray``, ``failure_policy``, ``check``, ``llm``, ``search``,
 ``hardware.price_per_hour``, ``data.path``, ``data.url``, ``metrics.patterns``) are documented in docs/spec.md.
@@ -485,6 +485,8 @@ class Spec(_Strict):
     download_timeout_s: float = Field(600.0, gt=0)
     paper_title: str | None = None
 
+    env: dict[str, Scalar] = Field({}, description="constant knobs every arm gets (an arm's own env wins); never"
+                                                    " part of arm names, factors or hypotheses")
     arms: list[Arm] = []
     factors: dict[str, list[Scalar]] = {}
     design: Literal["grid", "ablation"] = "grid"
@@ -531,6 +533,14 @@ class Spec(_Strict):
     @classmethod
     def _hypotheses(cls, value: list[Hypothesis], info: ValidationInfo) -> list[Hypothesis]:
         check_hypotheses(value, info.data.get("factors") or {}, [a.name for a in info.data.get("arms") or []])
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _constants(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        for key, knob in value.items():
+            _check_env_name(key, "constant knob")
+            _check_env_value(knob, f"constant knob '{key}'")
         return value
 
     @field_validator("seed_env")
@@ -627,6 +637,16 @@ class Spec(_Strict):
             raise ValueError("ray_address: is only used with backend: ray")
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
+        if self.seed_env and self.seed_env in self.env:
+            raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a constant in env")
+        both = sorted(set(self.env) & set(self.factors))
+        if both:
+            raise ValueError(f"{', '.join(both)} {'is' if len(both) == 1 else 'are'} both a constant (env) and a"
+                             " factor; a factor's levels would always win — keep it in one place")
+        varied = sorted(set(self.env) & set(self.search.space if self.search else {}))
+        if varied:
+            raise ValueError(f"{', '.join(varied)} {'is' if len(varied) == 1 else 'are'} both a constant (env) and a"
+                             " search knob; remove it from env to let the search vary it")
         return self
 
     @property

@@ -772,8 +772,9 @@ class Ledger:
         return [DecisionRecord.from_event(e) for e in self.events(experiment_id)
                 if e["kind"] == EventKind.DECISION and "plan" in e["data"]]
 
-    def record_readiness(self, experiment_id: str, verdict: ReadinessRecord, message: str, *,
+    def record_readiness(self, experiment_id: str | None, verdict: ReadinessRecord, message: str, *,
                          level: str = "info") -> None:
+        """A review's verdict; with no experiment, a standalone ``check``'s (kept for ``research`` to reuse)."""
         kind = EventKind.READINESS_SKIPPED if verdict.skipped else EventKind.READINESS
         self.event(experiment_id, kind, message, level=level, **verdict.data())
 
@@ -788,6 +789,12 @@ class Ledger:
     def data_records(self, experiment_id: str) -> list[DataRecord]:
         """The data each start of the experiment staged, oldest first."""
         return [DataRecord.from_event(e) for e in self.events(experiment_id) if e["kind"] == EventKind.DATA]
+
+    def reviews_under(self, review_key: str) -> list[ReadinessRecord]:
+        """Every recorded review with this key (standalone checks and experiments'), oldest first."""
+        rows = self.db.execute("SELECT * FROM events WHERE kind = ? AND json_extract(data_json, '$.review_key') = ?"
+                               " ORDER BY id", (EventKind.READINESS, review_key))
+        return [ReadinessRecord.from_event({**dict(r), "data": json.loads(r["data_json"])}) for r in rows]
 
     # -- LLM calls ---------------------------------------------------------------
 

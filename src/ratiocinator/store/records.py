@@ -95,12 +95,13 @@ class ReadinessRecord:
     is_code_ready: bool
     code_issue: str | None = None
     checks: list[dict[str, Any]] = field(default_factory=list)  # {name, status, summary, evidence}
+    review_key: str | None = None  # what the review depended on (check.memory): a pass is reused under it
 
     def data(self) -> dict[str, Any]:
         if self.skipped:
             return {"commit": self.commit}
         return {"commit": self.commit, "is_code_ready": self.is_code_ready, "code_issue": self.code_issue,
-                "checks": self.checks}
+                "checks": self.checks, **({"review_key": self.review_key} if self.review_key else {})}
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> ReadinessRecord:
@@ -108,7 +109,8 @@ class ReadinessRecord:
         if event["kind"] == EventKind.READINESS_SKIPPED:
             return cls(data.get("commit"), skipped=True, is_code_ready=False)
         return cls(data.get("commit"), skipped=False, is_code_ready=bool(data.get("is_code_ready")),
-                   code_issue=data.get("code_issue"), checks=list(data.get("checks") or []))
+                   code_issue=data.get("code_issue"), checks=list(data.get("checks") or []),
+                   review_key=data.get("review_key"))
 
 
 @dataclass(frozen=True)
