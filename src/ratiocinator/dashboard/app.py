@@ -10,6 +10,8 @@ experiments write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import json
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -36,10 +38,9 @@ STATIC = Path(str(resources.files("ratiocinator.dashboard") / "static"))
 
 def plotly_js() -> Path:
     """plotly.js as the ``plotly`` Python package ships it: the dashboard works offline, with no CDN."""
-    import plotly
-
-    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    if not path.is_file():
+    spec = importlib.util.find_spec("plotly")
+    path = Path(spec.origin).parent / "package_data" / "plotly.min.js" if spec and spec.origin else None
+    if path is None or not path.is_file():
         raise UsageError(f"the plotly package has no bundled plotly.min.js at {path}",
                          hint="pip install --force-reinstall 'ratiocinator[dashboard]'")
     return path
@@ -157,4 +158,10 @@ def create_app(home: Path) -> Starlette:
         Route("/vendor/plotly.min.js", plotly),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, on_shutdown=[ledger.close])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        ledger.close()
+
+    return Starlette(routes=routes, lifespan=lifespan)

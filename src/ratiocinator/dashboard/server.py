@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +16,15 @@ EXTRA_MODULES = ("uvicorn", "starlette", "plotly")
 
 def require_extra() -> None:
     """The dashboard's packages are an optional extra; say which one to install when they are missing."""
-    missing = [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in EXTRA_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
-        raise UsageError(f"the dashboard needs {', '.join(missing)}, which are not installed",
-                         hint="pip install 'ratiocinator[dashboard]'")
+        raise UsageError(f"the dashboard needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
+                         " not installed", hint="pip install 'ratiocinator[dashboard]'")
 
 
 def serve(home: Path, port: int, *, on_ready: Callable[[str], None] | None = None) -> None:

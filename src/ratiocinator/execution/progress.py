@@ -185,8 +185,9 @@ class LiveProgress(PlainProgress):
         line.add_column()
         line.add_column(width=40)
         line.add_column()
-        bar = ProgressBar(total=max(limit, 1e-9), completed=min(v.spent + v.reserved, limit) if limit else 0.0,
-                          width=40)
+        # Spent and reserved against max_dollars; a study with no budget (local, free) shows no bar.
+        bar: RenderableType = ProgressBar(total=limit, completed=min(v.spent + v.reserved, limit), width=40) \
+            if limit > 0 else Text("no budget (max_dollars 0)", style="dim")
         line.add_row("money", bar, _money(state))
         return line
 
@@ -203,7 +204,8 @@ class LiveProgress(PlainProgress):
             by_arm.setdefault(run.arm, []).append(run)
         shown = _arms_shown(state, by_arm)
         for arm in shown:
-            live = "  ".join(f"#{r.replicate} {clock(r.elapsed_s)} {_point(r)}".rstrip() for r in by_arm.get(arm.name, []))
+            live = "  ".join(f"#{r.replicate} {clock(r.elapsed_s)} {_point(r)}".rstrip()
+                             for r in by_arm.get(arm.name, []))
             failed = f" [red]{arm.failed}✗[/red]" if arm.failed else ""
             style = "bold green" if state.best is not None and arm.name == state.best.name else ""
             table.add_row(Text(arm.name, style=style), f"{arm.done}/{arm.planned}{failed}", mean_ci(arm), live)

@@ -99,9 +99,11 @@ function experimentPage() {
         Plotly.extendTraces(chart, {x: [s.x], y: [s.y]}, [traces[runId]]);
       } else {
         traces[runId] = chart.data.length;
-        Plotly.addTraces(chart, {x: s.x, y: s.y, name: `${s.arm} #${s.replicate} (run ${runId})`, mode: "lines+markers",
-                                 marker: {size: 4}, line: {color: colorOf(s.arm), width: 1.5}, legendgroup: s.arm,
-                                 meta: Number(runId)});
+        // One legend entry per arm (its runs share a colour); hovering a curve names the run.
+        const first = !chart.data.some(t => t.legendgroup === s.arm);
+        Plotly.addTraces(chart, {x: s.x, y: s.y, name: s.arm, mode: "lines+markers", marker: {size: 4},
+                                 line: {color: colorOf(s.arm), width: 1.5}, legendgroup: s.arm, showlegend: first,
+                                 meta: Number(runId), hovertemplate: `${s.arm} #${s.replicate} (run ${runId}): %{y} at %{x}<extra></extra>`});
       }
     }
   }
@@ -120,7 +122,7 @@ function experimentPage() {
       fact("goal", goal),
       fact("best so far", best ? `${best.name}: ${fmt(best.mean)}` + (best.ci ? ` [${fmt(best.ci[0])}, ${fmt(best.ci[1])}]` : "") : "—", "fact-best"),
       fact("commit", doc.commit ? doc.commit.slice(0, 12) : "—"),
-      doc.paper ? el("div", {}, el("span", {}, "paper"), el("b", {}, el("a", {href: doc.paper, id: "paper-link"}, "paper.html"))) : null);
+      ...(doc.paper ? [el("div", {}, el("span", {}, "paper"), el("b", {}, el("a", {href: doc.paper, id: "paper-link"}, "paper.html")))] : []));
     const note = document.getElementById("note");
     note.hidden = !doc.note; note.textContent = doc.note || "";
 
@@ -160,15 +162,21 @@ function experimentPage() {
 
   function renderGoal(doc) {
     const arms = doc.arms.filter(a => a.mean !== null);
-    const trace = {type: "scatter", mode: "markers", x: arms.map(a => a.name), y: arms.map(a => a.mean),
+    // Arms down the side (their names can be long), the goal across; every arm keeps its row even before it has a value.
+    const order = doc.arms.map(a => a.name).reverse();
+    const trace = {type: "scatter", mode: "markers", y: arms.map(a => a.name), x: arms.map(a => a.mean), name: "mean",
                    marker: {size: 10, color: arms.map(a => a.name === doc.best ? "#1a7f37" : "#0969da")},
-                   error_y: {type: "data", symmetric: false, array: arms.map(a => a.ci ? a.ci[1] - a.mean : 0),
+                   error_x: {type: "data", symmetric: false, array: arms.map(a => a.ci ? a.ci[1] - a.mean : 0),
                              arrayminus: arms.map(a => a.ci ? a.mean - a.ci[0] : 0)},
-                   text: arms.map(a => `n=${a.n}`), hovertemplate: "%{x}: %{y} (%{text})<extra></extra>"};
+                   text: arms.map(a => `n=${a.n}`), hovertemplate: "%{y}: %{x} (%{text})<extra></extra>"};
     const runs = doc.runs.filter(r => r.status === "succeeded" && r.goal !== null);
-    const dots = {type: "scatter", mode: "markers", x: runs.map(r => r.arm), y: runs.map(r => r.goal), name: "runs",
-                  marker: {size: 5, color: "rgba(0,0,0,0.35)"}, hovertemplate: "run value %{y}<extra></extra>"};
-    Plotly.react("goal-chart", [trace, dots], layout("", {showlegend: false, yaxis: {title: doc.goal || ""}}),
+    const dots = {type: "scatter", mode: "markers", y: runs.map(r => r.arm), x: runs.map(r => r.goal), name: "runs",
+                  marker: {size: 5, color: "rgba(0,0,0,0.35)"}, hovertemplate: "run value %{x}<extra></extra>"};
+    const empty = arms.length ? [] : [{text: "no finished runs yet", showarrow: false, xref: "paper", yref: "paper",
+                                       x: 0.5, y: 0.5, font: {color: "#6e7781"}}];
+    Plotly.react("goal-chart", [trace, dots], {margin: {t: 10, r: 10, b: 50, l: 10}, showlegend: false, annotations: empty,
+                 xaxis: {title: doc.goal || "", visible: arms.length > 0}, yaxis: {automargin: true, categoryorder: "array",
+                 categoryarray: order, range: [-0.5, order.length - 0.5], visible: arms.length > 0}},
                  {responsive: true, displaylogo: false});
   }
 
@@ -222,12 +230,13 @@ function sessionPage() {
     const best = {type: "scatter", mode: "lines", line: {shape: "hv", color: "#1a7f37"}, name: "best so far",
                   x: doc.best.map((_, i) => i), y: doc.best};
     Plotly.react("progress-chart", [points, best], {margin: {t: 10, r: 10, b: 50, l: 60},
-                 xaxis: {title: "attempt"}, yaxis: {title: doc.metric || "metric"}}, {responsive: true, displaylogo: false});
+                 xaxis: {title: "attempt", dtick: Math.max(1, Math.ceil(doc.attempts.length / 20))},
+                 yaxis: {title: doc.metric || "metric"}}, {responsive: true, displaylogo: false});
     fill(document.querySelector("#attempts tbody"), doc.attempts.map(a => el("tr", {"data-attempt": a.id},
       el("td", {class: "num"}, a.iteration), el("td", {class: "num"}, a.worker),
       el("td", {class: `status-${a.status}`}, a.status), el("td", {class: "num"}, fmt(a.metric, 6)),
       el("td", {}, a.hypothesis), el("td", {}, a.reason),
-      el("td", {}, a.diff ? el("details", {}, el("summary", {}, `${a.diff.split("\n").length} lines` + (a.diff_cut ? " (cut)" : "")),
+      el("td", {}, a.diff ? el("details", {}, el("summary", {}, `${a.diff.trimEnd().split("\n").length} lines` + (a.diff_cut ? " (cut)" : "")),
                                el("pre", {class: "diff"}, a.diff)) : "—"))));
   }});
 }
