@@ -14,23 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import Study
+from liveledger import ledger_with_runs
 from ratiocinator.analysis.live import eta_seconds, live_state, peak_parallel
 from ratiocinator.errors import UsageError
-from ratiocinator.execution.metrics import MetricPoint
 from ratiocinator.execution.progress import summary_line
-from ratiocinator.planning.plan import Plan, PlannedArm
 from ratiocinator.store.ledger import Ledger
-from ratiocinator.store.records import DecisionRecord
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "quickstart.yaml"
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\r")
-
-SPEC = {"name": "live", "topic": "t", "goal_metric": "score", "maximize": True, "repo_url": ".",
-        "runner_script": "run.sh", "replicates": 3, "max_dollars": 2.5, "arms": [{"name": "a"}, {"name": "b"}]}
-
 
 def test_eta_counts_runs_in_flight_and_queued_over_the_measured_concurrency() -> None:
     assert eta_seconds([], remaining=5, running_elapsed=[], parallel=1) is None  # nothing measured yet
@@ -47,35 +40,8 @@ def test_peak_parallel_is_the_most_runs_ever_in_flight_at_once() -> None:
     assert peak_parallel(runs, now=30) == 3  # at 12: runs 2, 3 and 4 (run 1 ended at 10, as run 3 started)
 
 
-def _ledger_with_runs(path: Path) -> tuple[Ledger, str, int]:
-    ledger = Ledger(path)
-    exp = ledger.create_experiment(id="live-1", name="live", spec_path="s.yaml", spec_text=yaml.safe_dump(SPEC),
-                                   spec_sha256="0", backend="local")
-    plan = Plan((PlannedArm("a", {}), PlannedArm("b", {})), "a", 3)
-    ledger.record_decision(exp.id, DecisionRecord(1, "spec", "the spec's arms", plan.to_json()))
-    ledger.record_arms(exp.id, 1, plan.arms, "a")
-    arm_ids = {a.name: a.id for a in ledger.arms(exp.id)}
-
-    def run(arm: str, replicate: int, **finish: object) -> int:
-        run_id = ledger.start_run(experiment_id=exp.id, arm_id=arm_ids[arm], replicate=replicate, seed=replicate,
-                                  host="h", slot="s0", commit_sha="c", env={}, argv=[], run_root=path.parent)
-        if finish:
-            ledger.finish_run(run_id, exit_code=0, signal=None, counts={}, cost=None, reason="",
-                              **finish)  # type: ignore[arg-type]
-        return run_id
-
-    for replicate, score in enumerate((1.0, 2.0)):
-        run("a", replicate, status="succeeded", failure=None, final={"score": score})
-    run("b", 0, status="succeeded", failure=None, final={"score": 0.5})
-    run("b", 1, status="failed", failure="oom", final={})
-    live = run("a", 2)
-    ledger.add_points(live, [MetricPoint("score", 0.25, 1, 0), MetricPoint("score", 0.75, 2, 1)])
-    ledger.reserve(exp.id, amount=0.5, limit=2.5, kind="run")
-    return ledger, exp.id, live
-
-
 def test_live_state_reads_planned_done_best_failures_and_the_latest_point(tmp_path: Path) -> None:
-    ledger, exp_id, live = _ledger_with_runs(tmp_path / "ledger.db")
+    ledger, exp_id, live = ledger_with_runs(tmp_path / "ledger.db")
     watcher = Ledger(tmp_path / "ledger.db", read_only=True)
     state = live_state(watcher, exp_id)
     assert (state.planned, state.done, len(state.running)) == (6, 4, 1)
@@ -94,7 +60,7 @@ def test_live_state_reads_planned_done_best_failures_and_the_latest_point(tmp_pa
 
 
 def test_a_read_only_ledger_reads_while_another_writes_and_refuses_every_write(tmp_path: Path) -> None:
-    ledger, exp_id, live = _ledger_with_runs(tmp_path / "ledger.db")
+    ledger, exp_id, live = ledger_with_runs(tmp_path / "ledger.db")
     watcher = Ledger(tmp_path / "ledger.db", read_only=True)
     assert len(watcher.runs(exp_id)) == 5
     ledger.finish_run(live, status="succeeded", failure=None, reason="", exit_code=0, signal=None,

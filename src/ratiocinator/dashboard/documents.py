@@ -20,6 +20,7 @@ from ratiocinator.store.paths import Paths
 from ratiocinator.store.views import Point, metric_names, overviews, points_after
 
 MAX_DIFF_BYTES = 200_000  # a diff past this is cut on the page (the ledger keeps all of it)
+MAX_FIRST_POINTS = 5_000  # a long series reaches a page thinned to about this many points, then grows point by point
 
 
 def _num(value: float | None) -> float | None:
@@ -116,6 +117,9 @@ class CurveCursor:
             if not points:
                 continue
             self.sent[run.id] = points[-1].seq
+            if len(points) > MAX_FIRST_POINTS:  # a chart cannot show a million points; the ledger keeps them all
+                stride = -(-len(points) // MAX_FIRST_POINTS)
+                points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
             out[str(run.id)] = {"arm": run.arm, "replicate": run.replicate, "status": run.status,
                                 "x": [p.step if p.step is not None else p.seq for p in points],
                                 "y": [p.value for p in points]}

@@ -12,6 +12,7 @@ the web dashboard shows, rather than keeping counts of their own that could drif
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -55,7 +56,10 @@ class _Watch:
             if self._ledger is None or self._experiment_id is None:
                 return None
             if fresh or self._state is None or time.monotonic() - self._read_at >= STATE_MAX_AGE_S:
-                self._state = live_state(self._ledger, self._experiment_id)
+                try:
+                    self._state = live_state(self._ledger, self._experiment_id)
+                except sqlite3.Error:  # a display never stops a study: show the last state, read again later
+                    return self._state
                 self._read_at = time.monotonic()
             return self._state
 
