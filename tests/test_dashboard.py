@@ -66,6 +66,12 @@ def _wait(browser: object, script: str, what: str, timeout: float = WAIT_S) -> o
     return WebDriverWait(browser, timeout, poll_frequency=0.2).until(lambda d: d.execute_script(script), what)
 
 
+def _no_script_errors(browser: object) -> None:
+    """Nothing on the page failed: an error in a chart call would leave the rest of the page stale."""
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]  # type: ignore[attr-defined]
+    assert not errors, errors
+
+
 def _curve_points(browser: object, run_id: int) -> int:
     return int(browser.execute_script(  # type: ignore[attr-defined]
         "const c = document.getElementById('curves');"
@@ -127,6 +133,8 @@ def test_the_page_follows_a_live_experiment_without_reloading(study: Study, tmp_
             _wait(browser, "return document.getElementById('paper-link') !== null", "no link to the paper")
             assert browser.execute_script("return window.notReloaded === true")
             browser.save_screenshot(str(shots / "dashboard_experiment.png"))
+            _no_script_errors(browser)
+            assert browser.execute_script("return document.getElementById('curves').layout.yaxis.title.text") == "score"
             paper = browser.find_element("id", "paper-link").get_attribute("href")
             browser.get(paper)
             assert "gated" in browser.page_source
@@ -167,6 +175,7 @@ def test_autoresearch_session_shows_attempts_with_decision_reason_and_diff(study
         assert "+lr = 0.02" in rows[1].find_element("css selector", "pre.diff").text
         chart = browser.execute_script("return document.getElementById('progress-chart').data.map(t => t.y)")
         assert chart[0] == [1.0, 0.9, 0.95] and chart[1] == [1.0, 0.9, 0.9, 0.9]  # attempts, and the best so far
+        _no_script_errors(browser)
         shots = Path(os.environ.get("RATIOCINATOR_SCREENSHOTS", tmp_path))
         browser.save_screenshot(str(shots / "dashboard_session.png"))
 

@@ -10,6 +10,7 @@ from ratiocinator.dashboard import documents
 from ratiocinator.dashboard.documents import CurveCursor, experiment_document, experiments_document
 from ratiocinator.execution.metrics import MetricPoint
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.views import curve_metric
 
 
 def test_experiment_document_holds_the_grid_goal_failures_and_decisions(tmp_path: Path) -> None:
@@ -27,7 +28,8 @@ def test_experiment_document_holds_the_grid_goal_failures_and_decisions(tmp_path
         ("b", 1, "failed", "oom"), ("a", 2, "running", None)]
     assert doc["decisions"] == [{"iteration": 1, "planner": "spec", "reason": "the spec's arms", "arms": ["a", "b"],
                                  "replicates": 3}]
-    assert doc["paper"] is None and doc["metrics"] == ["score"] and doc["budget"] == 2.5
+    assert doc["paper"] is None and doc["metrics"] == ["score"] and doc["curve_metric"] == "score"
+    assert doc["budget"] == 2.5
     listed = experiments_document(watcher)["experiments"]
     assert [(e["id"], e["done"], e["planned"], e["running"], e["reserved"]) for e in listed] == [
         ("live-1", 4, 6, 1, 0.5)]
@@ -47,3 +49,10 @@ def test_curve_cursor_sends_each_point_once_and_thins_a_long_first_send(tmp_path
     ledger.add_points(live, [MetricPoint("score", float(i), 4 + i, 4 + i) for i in range(95)])
     thinned = CurveCursor("score").new_points(watcher, exp_id)[str(live)]["x"]
     assert len(thinned) <= 11 and thinned[0] == 1 and thinned[-1] == 98  # first and last points kept
+
+
+def test_curves_default_to_the_goal_where_runs_stream_it_else_the_most_streamed_metric() -> None:
+    assert curve_metric({"val_r2": 40, "loss": 40}, "val_r2") == "val_r2"
+    assert curve_metric({"score": 1, "loss": 6, "lr": 6, "acc": 3}, "score") == "loss"  # score: one final value
+    assert curve_metric({"score": 1}, "score") == "score"
+    assert curve_metric({}, None) is None

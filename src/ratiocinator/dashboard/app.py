@@ -108,8 +108,8 @@ def create_app(home: Path) -> Starlette:
 
         def produce() -> list[tuple[str, Any]]:
             doc = experiment_document(ledger, exp_id, home)
-            if not cursor.metric and doc["goal"]:
-                cursor.metric = doc["goal"]
+            if not cursor.metric and doc["curve_metric"]:
+                cursor.metric = doc["curve_metric"]
             out: list[tuple[str, Any]] = [("experiment", doc)]
             if cursor.metric:
                 points = cursor.new_points(ledger, exp_id)

@@ -17,7 +17,7 @@ from ratiocinator.autoresearch.program import Metric
 from ratiocinator.autoresearch.store import MEASURED, Attempt, Session, Store
 from ratiocinator.store.ledger import Ledger, RunRow
 from ratiocinator.store.paths import Paths
-from ratiocinator.store.views import Point, metric_names, overviews, points_after
+from ratiocinator.store.views import Point, curve_metric, overviews, points_after, points_per_run
 
 MAX_DIFF_BYTES = 200_000  # a diff past this is cut on the page (the ledger keeps all of it)
 MAX_FIRST_POINTS = 5_000  # a long series reaches a page thinned to about this many points, then grows point by point
@@ -73,6 +73,7 @@ def experiment_document(ledger: Ledger, experiment_id: str, home: Path) -> dict[
     goal = v.goal.metric if v.goal else None
     finals = ledger.run_metrics(experiment_id)
     paper = Paths(home).report(experiment_id) / "paper.html"
+    counts = points_per_run(ledger, experiment_id)
     return {
         "id": e.id, "name": e.name, "status": e.status, "note": e.note, "backend": e.backend, "commit": e.commit_sha,
         "goal": goal, "maximize": v.goal.maximize if v.goal else None,
@@ -92,7 +93,8 @@ def experiment_document(ledger: Ledger, experiment_id: str, home: Path) -> dict[
                        "replicates": (d.plan or {}).get("replicates")}
                       for d in ledger.decisions(experiment_id)],
         "paper": f"/reports/{e.id}/paper.html" if paper.is_file() else None,
-        "metrics": metric_names(ledger, experiment_id),
+        "metrics": sorted(counts),
+        "curve_metric": curve_metric(counts, goal),
     }
 
 

@@ -8,7 +8,6 @@ budget and retry policy come from there, so a view needs nothing but the ledger.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -145,21 +144,17 @@ def points_after(ledger: Ledger, run_id: int, metric: str, after_seq: int = -1) 
     return _points(seqs[keep], steps[keep], vals[keep])
 
 
-def metric_names(ledger: Ledger, experiment_id: str) -> list[str]:
-    """Every metric any run of the experiment streamed, by name."""
-    return [str(r[0]) for r in ledger.db.execute(
-        "SELECT DISTINCT name FROM metric_chunks WHERE run_id IN (SELECT id FROM runs WHERE experiment_id = ?)"
-        " ORDER BY name", (experiment_id,))]
+def points_per_run(ledger: Ledger, experiment_id: str) -> dict[str, int]:
+    """Each streamed metric's most points in any one run: which metrics have a curve, and which are one final value."""
+    return {str(r[0]): int(r[1]) for r in ledger.db.execute(
+        "SELECT name, MAX(total) FROM (SELECT run_id, name, SUM(n) AS total FROM metric_chunks WHERE run_id IN"
+        " (SELECT id FROM runs WHERE experiment_id = ?) GROUP BY run_id, name) GROUP BY name ORDER BY name",
+        (experiment_id,))}
 
 
-def data_version(ledger: Ledger) -> int:
-    """Changes whenever another connection commits to the ledger: a watcher's cheap "anything new?"."""
-    return int(ledger.db.execute("PRAGMA data_version").fetchone()[0])
-
-
-def has_table(ledger: Ledger, name: str) -> bool:
-    try:
-        return ledger.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                 (name,)).fetchone() is not None
-    except sqlite3.Error:
-        return False
+def curve_metric(counts: dict[str, int], goal: str | None) -> str | None:
+    """The metric to draw curves of by default: the goal where runs stream it, else the most streamed one."""
+    if goal is not None and counts.get(goal, 0) > 1:
+        return goal
+    streamed = sorted(((n, name) for name, n in counts.items() if n > 1), key=lambda t: (-t[0], t[1]))
+    return streamed[0][1] if streamed else goal

@@ -66,11 +66,12 @@ function experimentPage() {
   const expId = decodeURIComponent(location.pathname.split("/").pop());
   const select = document.getElementById("metric");
   let source = null;
+  let shown = "";  // the metric the curves show ("" until the server's default is known)
   let traces = {};  // run id -> index in the curves chart
   let armColors = {};
   const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf"];
-  const layout = (title, extra) => Object.assign({margin: {t: 10, r: 10, b: 60, l: 60}, xaxis: {title}, showlegend: true,
+  const layout = (title, extra) => Object.assign({margin: {t: 10, r: 10, b: 60, l: 60}, xaxis: {title: {text: title}}, showlegend: true,
                                                   legend: {font: {size: 10}}}, extra || {});
 
   function colorOf(arm) {
@@ -80,11 +81,12 @@ function experimentPage() {
 
   function resetCurves(metric) {
     traces = {};
-    Plotly.newPlot("curves", [], layout("step", {yaxis: {title: metric}}), {responsive: true, displaylogo: false});
+    Plotly.newPlot("curves", [], layout("step", {yaxis: {title: {text: metric}}}), {responsive: true, displaylogo: false});
   }
 
   function connect(metric) {
     if (source) source.close();
+    shown = metric;
     resetCurves(metric);
     source = listen(`/api/experiments/${encodeURIComponent(expId)}/stream` + (metric ? `?metric=${encodeURIComponent(metric)}` : ""), {
       experiment: render,
@@ -133,10 +135,13 @@ function experimentPage() {
     fill(document.querySelector("#decisions tbody"), doc.decisions.map(d => el("tr", {},
       el("td", {class: "num"}, d.iteration), el("td", {}, d.planner), el("td", {}, d.arms.join(", ") || "— (stop)"),
       el("td", {class: "num"}, d.replicates ?? "—"), el("td", {}, d.reason))));
-    const current = select.value;
+    if (!shown && doc.curve_metric) {  // the stream chose the default: the goal where runs stream it
+      shown = doc.curve_metric;
+      Plotly.relayout("curves", {"yaxis.title.text": shown});
+    }
     const names = doc.metrics.length ? doc.metrics : (doc.goal ? [doc.goal] : []);
-    if (names.join() !== Array.from(select.options).map(o => o.value).join()) {
-      select.replaceChildren(...names.map(m => el("option", {value: m, selected: m === (current || doc.goal)}, m)));
+    if (names.join() !== Array.from(select.options).map(o => o.value).join() || select.value !== shown) {
+      select.replaceChildren(...names.map(m => el("option", {value: m, selected: m === shown}, m)));
     }
   }
 
@@ -175,7 +180,7 @@ function experimentPage() {
     const empty = arms.length ? [] : [{text: "no finished runs yet", showarrow: false, xref: "paper", yref: "paper",
                                        x: 0.5, y: 0.5, font: {color: "#6e7781"}}];
     Plotly.react("goal-chart", [trace, dots], {margin: {t: 10, r: 10, b: 50, l: 10}, showlegend: false, annotations: empty,
-                 xaxis: {title: doc.goal || "", visible: arms.length > 0}, yaxis: {automargin: true, categoryorder: "array",
+                 xaxis: {title: {text: doc.goal || ""}, visible: arms.length > 0}, yaxis: {automargin: true, categoryorder: "array",
                  categoryarray: order, range: [-0.5, order.length - 0.5], visible: arms.length > 0}},
                  {responsive: true, displaylogo: false});
   }
@@ -230,8 +235,8 @@ function sessionPage() {
     const best = {type: "scatter", mode: "lines", line: {shape: "hv", color: "#1a7f37"}, name: "best so far",
                   x: doc.best.map((_, i) => i), y: doc.best};
     Plotly.react("progress-chart", [points, best], {margin: {t: 10, r: 10, b: 50, l: 60},
-                 xaxis: {title: "attempt", dtick: Math.max(1, Math.ceil(doc.attempts.length / 20))},
-                 yaxis: {title: doc.metric || "metric"}}, {responsive: true, displaylogo: false});
+                 xaxis: {title: {text: "attempt"}, dtick: Math.max(1, Math.ceil(doc.attempts.length / 20))},
+                 yaxis: {title: {text: doc.metric || "metric"}}}, {responsive: true, displaylogo: false});
     fill(document.querySelector("#attempts tbody"), doc.attempts.map(a => el("tr", {"data-attempt": a.id},
       el("td", {class: "num"}, a.iteration), el("td", {class: "num"}, a.worker),
       el("td", {class: `status-${a.status}`}, a.status), el("td", {class: "num"}, fmt(a.metric, 6)),
