@@ -422,10 +422,7 @@ def research(
     progress = LiveProgress() if interactive else PlainProgress()
     job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, llm_review=llm_review,
                    replay_from=replay)
-    if isinstance(progress, LiveProgress):
-        with progress:
-            outcome = job.run()
-    else:
+    with progress:
         outcome = job.run()
     out.print(f"experiment {outcome.experiment_id}: {outcome.status} — {outcome.succeeded} succeeded,"
               f" {outcome.failed} failed")
@@ -668,6 +665,20 @@ def compare(
     print_fitted(out, pairs_table, [pair.arm for pair in result.pairs], wide=wide)
     for warning in result.warnings:
         err.print(f"warning: {warning}", markup=False)
+
+
+@app.command()
+@friendly
+def dashboard(
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="the home to watch (default: the global --home)")] = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port on 127.0.0.1 (0: any free one)")] = 8750,
+) -> None:
+    """The live web dashboard over the ledger, on 127.0.0.1 (read-only: safe while experiments run)."""
+    from ratiocinator.dashboard.server import serve
+
+    serve(home or state.home, port, on_ready=lambda url: out.print(f"dashboard: {url}  (Ctrl-C stops it)",
+                                                                   markup=False))
 
 
 def _n(goal: Any) -> str:

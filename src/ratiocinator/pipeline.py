@@ -279,6 +279,7 @@ class Research:
         exp_id = experiment.id
         price = backend_price(self.loaded)
         backend.attach(Budget(ledger, exp_id, spec.max_dollars))  # rented instances: reserved through it
+        self.progress.watch(ledger.path, exp_id)
         if resumed:
             n = reconcile(ledger, backend, experiment, price, spec.train_timeout_s)
             self.progress.message(f"resuming {exp_id}" + (f" ({n} interrupted run(s) will run again)" if n else ""))

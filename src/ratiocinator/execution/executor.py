@@ -66,6 +66,9 @@ class RunResult:
 class ProgressSink:
     """What the executor tells the display; the default tells nobody."""
 
+    def watch(self, ledger_path: Path, experiment_id: str) -> None:
+        """The experiment is known: a display may read its standing from the ledger (read-only) from now on."""
+
     def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None: ...
 
     def run_finished(self, result: RunResult) -> None: ...

@@ -1,36 +1,73 @@
 """What a researcher sees while ``research`` runs.
 
-On a terminal: a live rich panel (runs done / running / failed, elapsed, dollars spent
-and reserved, the runs in flight). Elsewhere (CI, a log file): one plain line per
-event, so nothing is lost to cursor tricks.
+On a terminal: a live rich panel with a bar of runs done out of planned and an ETA from the
+measured run times, spend against ``max_dollars``, the best arm so far (mean ± CI once it has two
+runs), a per-arm table with the latest streamed metric of the runs in flight, and failures by
+class. Elsewhere (CI, a log file): one plain line per event carrying the same facts
+(``done 11/27``, ETA, best so far), so nothing is lost to cursor tricks.
+
+Both read the experiment's state from the ledger (read-only, ``analysis.live``), the same state
+the web dashboard shows, rather than keeping counts of their own that could drift from it.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
+from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ratiocinator.analysis.live import ArmState, LiveRun, LiveState, clock, live_state, mean_ci
 from ratiocinator.backends.base import Slot
 from ratiocinator.execution.executor import ProgressSink, RunResult
+from ratiocinator.store.ledger import Ledger
+
+STATE_MAX_AGE_S = 1.0  # the live panel re-reads the ledger at most this often
+MAX_ARM_ROWS = 12  # a bigger design shows its running and best arms, and says how many more there are
 
 
-class _Counts:
-    def __init__(self, total: int | None = None) -> None:
-        self.started = time.monotonic()
-        self.running: dict[int, tuple[str, int, str, float]] = {}
-        self.succeeded = 0
-        self.failed = 0
-        self.spent = 0.0
-        self.reserved = 0.0
-        self.last: list[str] = []
+class _Watch:
+    """The experiment's live state, re-read from a read-only ledger at most once a second (or on demand)."""
 
-    def elapsed(self) -> str:
-        seconds = int(time.monotonic() - self.started)
-        return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ledger: Ledger | None = None
+        self._experiment_id: str | None = None
+        self._state: LiveState | None = None
+        self._read_at = 0.0
+
+    def open(self, ledger_path: Path, experiment_id: str) -> None:
+        with self._lock:
+            if self._ledger is not None:
+                self._ledger.close()
+            self._ledger = Ledger(ledger_path, read_only=True)
+            self._experiment_id = experiment_id
+            self._state, self._read_at = None, 0.0
+
+    def state(self, *, fresh: bool = False) -> LiveState | None:
+        with self._lock:
+            if self._ledger is None or self._experiment_id is None:
+                return None
+            if fresh or self._state is None or time.monotonic() - self._read_at >= STATE_MAX_AGE_S:
+                try:
+                    self._state = live_state(self._ledger, self._experiment_id)
+                except sqlite3.Error:  # a display never stops a study: show the last state, read again later
+                    return self._state
+                self._read_at = time.monotonic()
+            return self._state
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ledger is not None:
+                self._ledger.close()
+            self._ledger = None
 
 
 def _describe(result: RunResult) -> str:
@@ -41,41 +78,88 @@ def _describe(result: RunResult) -> str:
             f" ({result.failure}: {result.reason[:160]})")
 
 
+def _money(state: LiveState) -> str:
+    v = state.overview
+    budget = f" of ${v.goal.max_dollars:.2f}" if v.goal is not None else ""
+    return f"${v.spent:.4f} spent{budget}" + (f" (${v.reserved:.4f} reserved)" if v.reserved else "")
+
+
+def _best(state: LiveState) -> str:
+    if state.best is None or state.overview.goal is None:
+        return "best —"
+    return f"best {state.best.name} {state.overview.goal.metric} {mean_ci(state.best)}"
+
+
+def _failures(state: LiveState) -> str:
+    return ", ".join(f"{name} {n}" for name, n in state.failures.items())
+
+
+def _point(run: LiveRun) -> str:
+    if run.last is None:
+        return ""
+    p = run.last.point
+    value = "non-finite" if p.value is None else f"{p.value:.4g}"
+    return f"{run.last.metric}={value}" + (f"@{p.step}" if p.step is not None else "")
+
+
+def summary_line(state: LiveState) -> str:
+    """``done 11/27, running 2, ETA 0:00:14, best d1_w64 val_r2 0.61 ± 0.02 (n=3), $0.0000 spent of $0.00``."""
+    parts = [f"done {state.done}/{state.planned}", f"running {len(state.running)}", f"ETA {clock(state.eta_s)}",
+             _best(state), _money(state)]
+    if state.failures:
+        parts.append(f"failures {_failures(state)}")
+    return ", ".join(parts)
+
+
 class PlainProgress(ProgressSink):
+    """One line per event, each with the experiment's standing: for logs and CI."""
+
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
-        self.counts = _Counts()
+        self.started = time.monotonic()
+        self.watched = _Watch()
+        self.spent = self.reserved = 0.0
+
+    def elapsed(self) -> str:
+        return clock(time.monotonic() - self.started)
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def watch(self, ledger_path: Path, experiment_id: str) -> None:
+        self.watched.open(ledger_path, experiment_id)
+
+    def close(self) -> None:
+        self.watched.close()
 
     def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None:
-        self.counts.running[run_id] = (arm, replicate, slot.label, time.monotonic())
-        self.console.print(f"[{self.counts.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}",
-                           markup=False)
+        self.console.print(f"[{self.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}", markup=False)
 
     def run_finished(self, result: RunResult) -> None:
-        self.counts.running.pop(result.run_id, None)
-        self.counts.succeeded += result.status == "succeeded"
-        self.counts.failed += result.status == "failed"
-        c = self.counts
-        self.console.print(
-            f"[{c.elapsed()}] {_describe(result)} — done {c.succeeded + c.failed} (failed {c.failed}),"
-            f" running {len(c.running)}, ${c.spent:.4f} spent, ${c.reserved:.4f} reserved",
-            markup=False,
-        )
+        state = self.watched.state(fresh=True)
+        standing = summary_line(state) if state is not None else f"${self.spent:.4f} spent"
+        self.console.print(f"[{self.elapsed()}] {_describe(result)} — {standing}", markup=False)
 
     def money(self, spent: float, reserved: float) -> None:
-        self.counts.spent, self.counts.reserved = spent, reserved
+        self.spent, self.reserved = spent, reserved
 
     def message(self, text: str) -> None:
-        self.console.print(f"[{self.counts.elapsed()}] {text}", markup=False)
+        self.console.print(f"[{self.elapsed()}] {text}", markup=False)
 
 
 class LiveProgress(PlainProgress):
-    """A rich Live panel; finished runs and messages scroll above it."""
+    """A rich Live panel under the scrolling lines of finished runs and messages."""
 
     def __init__(self, console: Console | None = None) -> None:
         super().__init__(console or Console())
-        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=True,
-                         get_renderable=self._render)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("[dim]ETA[/dim] {task.fields[eta]}  [dim]elapsed[/dim] {task.fields[elapsed]}"),
+                            console=self.console, auto_refresh=False)
+        self.runs_task: TaskID = self.bar.add_task("runs", total=None, eta="—", elapsed="0:00:00")
+        self.live = Live(console=self.console, refresh_per_second=4, transient=True, get_renderable=self._render)
 
     def __enter__(self) -> LiveProgress:
         self.live.start()
@@ -83,29 +167,72 @@ class LiveProgress(PlainProgress):
 
     def __exit__(self, *exc: object) -> None:
         self.live.stop()
+        self.close()
 
-    def _render(self) -> Group:
-        c = self.counts
-        head = Text.assemble(
-            ("elapsed ", "dim"), c.elapsed(), ("   done ", "dim"), str(c.succeeded + c.failed),
-            ("   running ", "dim"), str(len(c.running)), ("   failed ", "dim"),
-            (str(c.failed), "red" if c.failed else ""),
-            ("   spent ", "dim"), f"${c.spent:.4f}", ("   reserved ", "dim"), f"${c.reserved:.4f}",
-        )
-        table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("run", "arm", "rep", "slot", "for"):
-            table.add_column(col)
-        now = time.monotonic()
-        for run_id, (arm, replicate, slot, since) in sorted(self.counts.running.items()):
-            table.add_row(str(run_id), arm, str(replicate), slot, f"{now - since:.0f}s")
-        return Group(head, table)
+    def _render(self) -> RenderableType:
+        state = self.watched.state()
+        if state is None:
+            return Text.assemble(("elapsed ", "dim"), self.elapsed(), ("   spent ", "dim"), f"${self.spent:.4f}")
+        self.bar.update(self.runs_task, total=max(state.planned, 1), completed=state.done, eta=clock(state.eta_s),
+                        elapsed=self.elapsed())
+        parts: list[RenderableType] = [self.bar, self._budget(state), Text(_best(state), style="bold")]
+        parts.append(self._arms(state))
+        if state.failures:
+            parts.append(Text(f"failures by class: {_failures(state)}", style="red"))
+        return Group(*parts)
+
+    @staticmethod
+    def _budget(state: LiveState) -> RenderableType:
+        v = state.overview
+        limit = v.goal.max_dollars if v.goal is not None else 0.0
+        line = Table.grid(padding=(0, 1))
+        line.add_column()
+        line.add_column(width=40)
+        line.add_column()
+        # Spent and reserved against max_dollars; a study with no budget (local, free) shows no bar.
+        bar: RenderableType = ProgressBar(total=limit, completed=min(v.spent + v.reserved, limit), width=40) \
+            if limit > 0 else Text("no budget (max_dollars 0)", style="dim")
+        line.add_row("money", bar, _money(state))
+        return line
+
+    @staticmethod
+    def _arms(state: LiveState) -> RenderableType:
+        goal = state.overview.goal
+        table = Table(box=None, show_header=True, header_style="dim", pad_edge=False, show_edge=False)
+        table.add_column("arm", no_wrap=True, overflow="ellipsis", max_width=28)
+        table.add_column("done", justify="right", no_wrap=True)
+        table.add_column(goal.metric if goal else "goal", no_wrap=True)
+        table.add_column("running (latest point)", overflow="ellipsis", no_wrap=True)
+        by_arm: dict[str, list[LiveRun]] = {}
+        for run in state.running:
+            by_arm.setdefault(run.arm, []).append(run)
+        shown = _arms_shown(state, by_arm)
+        for arm in shown:
+            live = "  ".join(f"#{r.replicate} {clock(r.elapsed_s)} {_point(r)}".rstrip()
+                             for r in by_arm.get(arm.name, []))
+            failed = f" [red]{arm.failed}✗[/red]" if arm.failed else ""
+            style = "bold green" if state.best is not None and arm.name == state.best.name else ""
+            table.add_row(Text(arm.name, style=style), f"{arm.done}/{arm.planned}{failed}", mean_ci(arm), live)
+        hidden = len(state.arms) - len(shown)
+        if hidden:
+            table.add_row(Text(f"… {hidden} more arms", style="dim"), "", "", "")
+        return table
 
     def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None:
-        self.counts.running[run_id] = (arm, replicate, slot.label, time.monotonic())
+        pass  # the panel shows runs in flight
 
     def run_finished(self, result: RunResult) -> None:
-        self.counts.running.pop(result.run_id, None)
-        self.counts.succeeded += result.status == "succeeded"
-        self.counts.failed += result.status == "failed"
+        self.watched.state(fresh=True)
         style = "green" if result.status == "succeeded" else "red"
-        self.console.print(Text(f"[{self.counts.elapsed()}] {_describe(result)}", style=style))
+        self.console.print(Text(f"[{self.elapsed()}] {_describe(result)}", style=style))
+
+
+def _arms_shown(state: LiveState, by_arm: dict[str, list[LiveRun]]) -> list[ArmState]:
+    """Every arm when they fit; otherwise the ones with runs in flight, then the best by the goal."""
+    if len(state.arms) <= MAX_ARM_ROWS:
+        return list(state.arms)
+    goal = state.overview.goal
+    sign = -1.0 if goal is None or goal.maximize else 1.0
+    ranked = sorted(state.arms, key=lambda a: (a.name not in by_arm, a.mean is None, sign * (a.mean or 0.0)))
+    keep = {a.name for a in ranked[:MAX_ARM_ROWS]}
+    return [a for a in state.arms if a.name in keep]

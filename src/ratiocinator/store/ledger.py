@@ -370,10 +370,16 @@ class Ledger:
     connection would let a worker thread's BEGIN collide with (or write into) the event loop's.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """``read_only``: SQLite itself refuses every write (the dashboard, watching a running experiment),
+        and the file is never created or upgraded."""
         self.path = Path(path)
+        self.read_only = read_only
         self._home_id: str | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.is_file():
+            raise UsageError(f"no ledger at {self.path}", hint="run `ratiocinator research SPEC` first, or pass --home")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -384,6 +390,10 @@ class Ledger:
                 f"{self.path}: ledger schema v{version} is newer than this Ratiocinator (v{SCHEMA_VERSION})",
                 hint="upgrade ratiocinator, or use another --home",
             )
+        if version < SCHEMA_VERSION and read_only:
+            raise UsageError(f"{self.path}: ledger schema v{version} is older than this Ratiocinator's"
+                             f" (v{SCHEMA_VERSION}) and is opened read-only",
+                             hint="`ratiocinator status` upgrades it in place")
         if version < SCHEMA_VERSION:
             fresh = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'runs'").fetchone()[0] == 0
             upgrades = "" if fresh else "\n".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
@@ -395,11 +405,16 @@ class Ledger:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA foreign_keys=ON")
+                if self.read_only:
+                    db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                         isolation_level=None, check_same_thread=False)
+                    db.row_factory = sqlite3.Row
+                else:
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db.row_factory = sqlite3.Row
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("PRAGMA foreign_keys=ON")
             except sqlite3.Error as exc:  # read-only, full, damaged: say which and how to fix it
                 raise machine_fault(exc, str(self.path)) or UsageError(f"{self.path}: cannot open the ledger: {exc}") \
                     from None
