@@ -53,6 +53,7 @@ from ratiocinator.backends.base import (
 from ratiocinator.backends.process import launch_failure, process_start_time
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.extras import require
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
@@ -71,12 +72,7 @@ MACHINE_LOCAL_PREFIXES = ("SSH_", "XDG_", "DBUS_", "CONDA_", "GPG_", "TMUX", "KR
 
 
 def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise BackendError("backend: ray needs the Ray package, which is not installed",
-                           hint="pip install 'ratiocinator[ray]'") from None
-    return ray
+    return require("ray", extra="ray", purpose="backend: ray")
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:
