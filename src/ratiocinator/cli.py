@@ -548,8 +548,10 @@ def export(
 def _export_mlflow(ledger: Ledger, experiment_id: str, tracking_uri: str | None, name: str | None,
                    replace: bool) -> None:
     from ratiocinator.export.mlflow_export import export_mlflow
+    from ratiocinator.extras import require
     from ratiocinator.report.publish import write_report
 
+    require("mlflow", extra="mlflow", purpose="export --to mlflow")  # before a paper is written for it
     report_dir = Paths(state.home).report(experiment_id)
     if not (report_dir / "paper.html").exists():
         out.print(f"no paper yet; written to {write_report(ledger, experiment_id, report_dir).dir}", markup=False)
