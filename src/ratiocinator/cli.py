@@ -691,7 +691,6 @@ def instances_cmd(
     --reconcile records what the provider billed for those that ended."""
     from ratiocinator.backends.registry import instance_provider
 
-    reaper = instance_provider()
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
     ledger = _ledger()
@@ -699,6 +698,7 @@ def instances_cmd(
         out.print("no live instances")
     if not (reap or reconcile):
         return
+    reaper = instance_provider()  # the provider's client (the `vast` extra) only to act on what is listed
     api = reaper.api_from_env()
     if reap:
         results = reaper.reap(ledger, api, all_homes=all_homes)
