@@ -139,7 +139,7 @@ def test_series_files_keep_nan_inf_and_missing_steps(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_mlflow_export_keeps_every_status_failure_and_series(tmp_path: Path) -> None:
+def test_mlflow_export_keeps_every_status_failure_and_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = small_ledger.build(tmp_path)
     uri = _uri(tmp_path)
     done = export_mlflow(ledger, small_ledger.EXPERIMENT, tracking_uri=uri)
@@ -168,3 +168,10 @@ def test_mlflow_export_keeps_every_status_failure_and_series(tmp_path: Path) -> 
     assert top.info.status == "RUNNING" and top.data.params["goal_metric"] == "score"
     assert top.data.metrics["runs.failed"] == 1 and top.data.tags["commit"] == small_ledger.COMMIT
     assert (tmp_path / "mlartifacts").is_dir()  # a SQLite store's artifacts go beside it, not into the cwd
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a relative SQLite URI: the database and its artifacts in the cwd
+    relative = export_mlflow(ledger, small_ledger.EXPERIMENT, tracking_uri="sqlite:///rel.db",
+                             experiment_name="other")
+    assert relative.attempt_runs == 6 and (tmp_path / "cwd" / "rel.db").is_file()
+    assert (tmp_path / "cwd" / "mlartifacts").is_dir()

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 from ratiocinator.errors import UsageError
 from ratiocinator.export.series import run_series
@@ -49,6 +49,7 @@ METRICS_PER_BATCH = 1000
 PARAMS_TAGS_PER_BATCH = 100
 TAG_VALUE_CHARS = 5000
 PARAM_VALUE_CHARS = 6000
+SQLITE = "sqlite:///"
 _INVALID_NAME = re.compile(r"[^\w\-. /:]")
 
 RUN_STATUS = {RunStatus.SUCCEEDED: "FINISHED", RunStatus.FAILED: "FAILED", RunStatus.INTERRUPTED: "KILLED"}
@@ -149,9 +150,10 @@ def _experiment(client: Any, name: str, tracking_uri: str) -> str:
                              hint="restore it (mlflow experiments restore), or pass --mlflow-experiment NAME")
         return str(found.experiment_id)
     location = None
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and parsed.path not in ("", "/:memory:"):
-        location = (Path(unquote(parsed.path)).parent / "mlartifacts").resolve().as_uri()
+    if tracking_uri.startswith(SQLITE):  # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
+        database = unquote(tracking_uri[len(SQLITE):].partition("?")[0])
+        if database and database != ":memory:":
+            location = (Path(database).resolve().parent / "mlartifacts").as_uri()
     return str(client.create_experiment(name, artifact_location=location))
 
 
