@@ -28,14 +28,17 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from ratiocinator.errors import UsageError
-from ratiocinator.export.series import run_series
 from ratiocinator.extras import require
-from ratiocinator.store.ledger import ArmRow, Ledger, RunRow
+from ratiocinator.store.ledger import NO_STEP, ArmRow, Ledger, RunRow
 from ratiocinator.store.records import ExperimentStatus, RunStatus
+
+if TYPE_CHECKING:
+    from ratiocinator.analysis.inference import ArmGoal, BaselineComparison
+    from ratiocinator.analysis.summary import ArmSummary
 
 KIND_TAG = "ratiocinator.kind"
 EXPERIMENT_TAG = "ratiocinator.experiment"
@@ -243,15 +246,11 @@ def export_mlflow(ledger: Ledger, experiment_id: str, *, tracking_uri: str | Non
         writer.params(arm_id, _knob_params(row.env, row.args))
         writer.metrics(arm_id, _arm_metrics(arm, describe, comparison, summary.goal_metric, names, now))
         running = any(r.status == RunStatus.RUNNING for r in own)
-        writer.end(arm_id, None if running else "FINISHED", max((r.ended_at or 0 for r in own), default=None))
+        writer.end(arm_id, None if running else "FINISHED", max((r.ended_at for r in own if r.ended_at), default=None))
 
     points = 0
-    series_of: dict[int, list[Any]] = {}
-    for s in run_series(ledger, experiment.id):
-        series_of.setdefault(s.run.id, []).append(s)
     for run in runs:
-        points += _attempt(writer, mlflow_id, run, arms[run.arm_id], arm_runs[run.arm_id], base_tags,
-                           series_of.get(run.id, []),
+        points += _attempt(writer, ledger, mlflow_id, run, arms[run.arm_id], arm_runs[run.arm_id], base_tags,
                            finals.get(run.id, {}), names)
     writer.end(top, EXPERIMENT_STATUS.get(ExperimentStatus(experiment.status)),
                max([experiment.updated_at, *(r.ended_at or 0 for r in runs)]))
@@ -268,8 +267,9 @@ def _artifacts(client: Any, run_id: str, report_dir: Path | None, spec_text: str
     return logged
 
 
-def _arm_metrics(arm: Any, describe: dict[str, dict[str, Any]], comparison: Any, goal: str, names: _Names,
-                 timestamp: int) -> Iterator[tuple[str, float, int, int]]:
+def _arm_metrics(arm: ArmSummary, describe: dict[str, dict[str, ArmGoal]], comparison: BaselineComparison | None,
+                 goal: str, names: _Names, timestamp: int) -> Iterator[tuple[str, float, int, int]]:
+    """Per metric, its summary over the arm's succeeded runs (the paper's numbers); undefined ones are left out."""
     yield "runs.attempts", float(arm.n_attempts), timestamp, 0
     yield "runs.succeeded", float(arm.n_succeeded), timestamp, 0
     for metric, by_arm in describe.items():
@@ -285,8 +285,9 @@ def _arm_metrics(arm: Any, describe: dict[str, dict[str, Any]], comparison: Any,
                 yield f"{key}.{what}", float(value), timestamp, 0
 
 
-def _attempt(writer: _Writer, mlflow_id: str, run: RunRow, arm: ArmRow, parent: str, base_tags: dict[str, str],
-             series: list[Any], finals: Mapping[str, tuple[float | None, bool]], names: _Names) -> int:
+def _attempt(writer: _Writer, ledger: Ledger, mlflow_id: str, run: RunRow, arm: ArmRow, parent: str,
+             base_tags: dict[str, str], finals: Mapping[str, tuple[float | None, bool]], names: _Names) -> int:
+    """One attempt's run: its tags, params and every point of every series it streamed (read run by run)."""
     tags = {**base_tags, KIND_TAG: "attempt", PARENT_TAG: parent, RUN_ID_TAG: str(run.id), "arm": run.arm,
             "status": run.status, "replicate": str(run.replicate), "attempt": str(run.attempt), "host": run.host,
             "commit": run.commit_sha, GIT_COMMIT_TAG: run.commit_sha}
@@ -299,12 +300,11 @@ def _attempt(writer: _Writer, mlflow_id: str, run: RunRow, arm: ArmRow, parent: 
     stamp = _ms(run.started_at) or 0
 
     def points() -> Iterator[tuple[str, float, int, int]]:
-        streamed = set()
-        for s in series:
-            streamed.add(s.metric)
-            key = names(s.metric)
-            for i, (step, value) in enumerate(zip(s.step_list(), s.values, strict=True)):
-                yield key, float(value), stamp, i if step is None else step
+        streamed = ledger.point_names(run.id)
+        for metric in streamed:
+            key = names(metric)
+            for i, (_, step, value) in enumerate(zip(*ledger.series(run.id, metric), strict=True)):
+                yield key, float(value), stamp, i if step == NO_STEP else int(step)
         for metric, (value, _) in finals.items():  # a final value no point carried (key_value, regex)
             if metric not in streamed:
                 yield names(metric), float("nan") if value is None else value, stamp, 0
