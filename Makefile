@@ -1,5 +1,6 @@
 # The README's two commands: `make run` (set up + quickstart study) and `make test`.
 # `make test-fast` leaves out the tests that start the CLI or other interpreters, sshd, Ray or pdflatex.
+# `make run` installs the core package, all the quickstart needs; `make test` the test extra, which has every extra.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

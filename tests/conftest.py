@@ -25,6 +25,7 @@ import yaml
 
 from gitrepo import GitRepo
 from ratiocinator.store.ledger import Ledger
+from without_extras import env_without
 
 pytest_plugins = ("sshd", "raycluster", "dataserver")  # their fixtures: sshd, ray_cluster, data_server
 
@@ -199,6 +200,20 @@ def study(tmp_path: Path) -> Study:
     repo = GitRepo(tmp_path / "repo")
     repo.commit({"README.md": "target\n"}, "init")
     return Study(root=tmp_path, repo=repo, home=tmp_path / "home")
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="session")
+def quickstart_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The home of the README's quickstart (``make run``), run once by the CLI in an interpreter where no
+    optional extra can be imported, as after a core-only ``pip install .``; tests only read it."""
+    home = tmp_path_factory.mktemp("quickstart") / ".ratiocinator"
+    done = subprocess.run([*CLI, "--home", str(home), "research", str(QUICKSTART)], capture_output=True, text=True,
+                          timeout=900, env=env_without())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return home
 
 
 def process_alive(pid: int) -> bool:

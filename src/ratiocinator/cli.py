@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from enum import Enum
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
@@ -607,6 +608,72 @@ def verify(report_dir: Annotated[Path, typer.Argument(help="a report directory (
     raise typer.Exit(1)
 
 
+class ExportTarget(str, Enum):
+    MLFLOW = "mlflow"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+@app.command()
+@friendly
+def export(
+    experiment: Annotated[str, typer.Argument(help="experiment id, id prefix or name")],
+    to: Annotated[ExportTarget, typer.Option(
+        "--to", help="mlflow: a run per attempt and per arm, the paper as an artifact; csv, parquet: every"
+                     " streamed metric point, one row each")],
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default store)")]
+    = None,
+    mlflow_experiment: Annotated[str | None, typer.Option(
+        "--mlflow-experiment", help="MLflow experiment to write into (default: the experiment's name)")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="delete an earlier export of this experiment from that MLflow experiment first")] = False,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="csv/parquet: the file to write (default: series.csv or series.parquet in the report folder)")]
+    = None,
+) -> None:
+    """Hand an experiment to other tools: MLflow runs, or its metric series as CSV or Parquet."""
+    ledger = _ledger()
+    exp = ledger.find_experiment(experiment)
+    if to is ExportTarget.MLFLOW:
+        if out_file is not None:
+            raise UsageError("--out is for --to csv or parquet", hint="MLflow's store is set with --tracking-uri")
+        _export_mlflow(ledger, exp.id, tracking_uri, mlflow_experiment, replace)
+        return
+    if tracking_uri is not None or mlflow_experiment is not None or replace:
+        raise UsageError("--tracking-uri, --mlflow-experiment and --replace are for --to mlflow",
+                         hint=f"ratiocinator export {experiment} --to {to.value} [--out FILE]")
+    from ratiocinator.export.series import write_series_csv, write_series_parquet
+
+    path = out_file or Paths(state.home).report(exp.id) / f"series.{to.value}"
+    write = write_series_csv if to is ExportTarget.CSV else write_series_parquet
+    points = write(ledger, exp.id, path)
+    out.print(f"{path}: {points} metric points of {exp.id}, one row each", markup=False)
+
+
+def _export_mlflow(ledger: Ledger, experiment_id: str, tracking_uri: str | None, name: str | None,
+                   replace: bool) -> None:
+    from ratiocinator.export.mlflow_export import export_mlflow
+    from ratiocinator.extras import require
+    from ratiocinator.report.publish import write_report
+
+    require("mlflow", extra="mlflow", purpose="export --to mlflow")  # before a paper is written for it
+    report_dir = Paths(state.home).report(experiment_id)
+    if not (report_dir / "paper.html").exists():
+        out.print(f"no paper yet; written to {write_report(ledger, experiment_id, report_dir).dir}", markup=False)
+    done = export_mlflow(ledger, experiment_id, tracking_uri=tracking_uri, experiment_name=name,
+                         report_dir=report_dir, replace=replace)
+    replaced = f" (an earlier export's {done.replaced} runs deleted)" if done.replaced else ""
+    out.print(f"exported {experiment_id} to MLflow experiment '{done.experiment_name}' (id {done.mlflow_experiment_id})"
+              f" at {done.tracking_uri}{replaced}", markup=False)
+    out.print(f"  1 experiment run ({done.experiment_run_id}), {done.arm_runs} arm runs, {done.attempt_runs} attempt"
+              f" runs, {done.points} metric points; artifacts: {len(done.artifacts)} files (the paper under report/)",
+              markup=False)
+    for original, renamed in done.renamed_metrics.items():
+        out.print(f"  metric '{original}' is '{renamed}' in MLflow (a name MLflow accepts)", markup=False)
+    out.print(f"  browse it: mlflow ui --backend-store-uri {done.tracking_uri}", markup=False)
+
+
 def _ledger_for(recorded: dict) -> Ledger:
     """The --home ledger if it holds the experiment, else the ledger the report was written from."""
     candidates = [Paths(state.home).ledger]
@@ -754,7 +821,6 @@ def instances_cmd(
     --reconcile records what the provider billed for those that ended."""
     from ratiocinator.backends.registry import instance_provider
 
-    reaper = instance_provider()
     if all_homes and not reap:
         raise UsageError("--all-homes widens --reap", hint="ratiocinator instances --reap --all-homes")
     ledger = _ledger()
@@ -762,6 +828,7 @@ def instances_cmd(
         out.print("no live instances")
     if not (reap or reconcile):
         return
+    reaper = instance_provider()  # the provider's client (the `vast` extra) only to act on what is listed
     api = reaper.api_from_env()
     if reap:
         results = reaper.reap(ledger, api, all_homes=all_homes)

@@ -30,7 +30,7 @@ from ratiocinator.execution.contract import inherited_env, runner_argv
 from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink, RunOutcome
 from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
-from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider
+from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider, require_sdk
 from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
 from ratiocinator.planning.plan import Plan, refuse_ignored_knobs, with_constants
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
@@ -234,6 +234,8 @@ class Research:
 
     def run(self) -> ResearchOutcome:
         self.planner.check()  # planning errors (no arms, bad baseline) surface before the ledger is touched
+        if self.llm_config is not None and self.replay_from is None:
+            require_sdk(self.llm_config)  # so does a missing `llm` extra
         backend = self.backend or make_backend(self.loaded, self.paths)
         findings = backend.check_hardware(self.loaded)
         refuse_unmet_hardware(findings, self.loaded)
@@ -649,6 +651,8 @@ def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: b
     configured = loaded.spec.llm or llm_from_env(os.environ)
     config = configured if use_llm else None
     commit: str | None = None
+    if config is not None:
+        require_sdk(config)
     try:
         data = local_copy(loaded, paths.home)  # size, reachability and checksums before anything is acquired
     except DataError as exc:

@@ -56,6 +56,7 @@ from ratiocinator.data.local_copy import local_copy
 from ratiocinator.data.manifest import Manifest
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.extras import require
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
@@ -74,12 +75,7 @@ MACHINE_LOCAL_PREFIXES = ("SSH_", "XDG_", "DBUS_", "CONDA_", "GPG_", "TMUX", "KR
 
 
 def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise BackendError("backend: ray needs the Ray package, which is not installed",
-                           hint="pip install 'ratiocinator[ray]'") from None
-    return ray
+    return require("ray", extra="ray", purpose="backend: ray")
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:

@@ -34,6 +34,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal
 
 from ratiocinator.errors import RatiocinatorError
+from ratiocinator.extras import require
 from ratiocinator.llm.config import LlmConfig
 
 log = logging.getLogger("ratiocinator.llm")
@@ -574,6 +575,11 @@ def _sdk_error_kind(exc: Exception, sdk: Any, base: type[Exception]) -> str | No
 _PROVIDERS: dict[str, type[SdkProvider]] = {"openai": OpenAIProvider, "anthropic": AnthropicProvider}
 
 
+def require_sdk(config: LlmConfig) -> None:
+    """The provider's official SDK (the ``llm`` extra) is installed, or a `MissingExtra` saying so."""
+    require(config.provider, extra="llm", purpose=f"the {config.provider} LLM provider (model '{config.model}')")
+
+
 def make_provider(config: LlmConfig, environ: Mapping[str, str] = os.environ) -> Provider:
     """The provider for `config`, with its key read from the variable the config names.
 
@@ -581,6 +587,7 @@ def make_provider(config: LlmConfig, environ: Mapping[str, str] = os.environ) ->
     local server usually needs none) the SDK gets a placeholder instead, and a 401
     then says which variable to set.
     """
+    require_sdk(config)
     key_env = config.key_env
     api_key = (environ.get(key_env) or "").strip() if key_env else ""
     if not api_key and config.official:

@@ -25,6 +25,9 @@ nothing new to propose and nothing to confirm.
 Proposals are named like factor arms (``LR=0.003162,ARCH=gat``); floats are written
 with 4 significant digits (more only where needed to stay inside the range or on the
 step grid), so an arm's name, its environment and its warm-start value agree.
+
+Optuna comes with the ``search`` extra and is imported only when a search runs: a spec with
+a ``search`` section and no Optuna installed is refused before anything is recorded.
 """
 
 from __future__ import annotations
@@ -34,18 +37,20 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
 
 from ratiocinator.errors import PlanError
+from ratiocinator.extras import require
 from ratiocinator.planning.plan import Plan, PlannedArm, factor_arm_name, plan_iteration
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext
 from ratiocinator.spec.models import LoadedSpec, Scalar, Search, SearchDimension, scalar_to_env
 from ratiocinator.store.ledger import ArmRow, Ledger
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.distributions import BaseDistribution
 
 # Asks per wanted configuration before concluding the space holds nothing new.
 ASKS_PER_ARM = 16
@@ -80,14 +85,20 @@ def format_value(dim: SearchDimension, value: Scalar) -> str:
     return repr(number)
 
 
+def _optuna() -> Any:
+    """Optuna, imported on first use (the ``search`` extra)."""
+    return require("optuna", extra="search", purpose="the search planner (the spec's `search` section)")
+
+
 def distribution(dim: SearchDimension) -> BaseDistribution:
     """The Optuna distribution of one search dimension."""
+    distributions = _optuna().distributions
     if dim.choices is not None:
-        return CategoricalDistribution(tuple(dim.choices))
+        return distributions.CategoricalDistribution(tuple(dim.choices))
     assert dim.low is not None and dim.high is not None
     if dim.is_int:
-        return IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
-    return FloatDistribution(float(dim.low), float(dim.high), log=dim.log,
+        return distributions.IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+    return distributions.FloatDistribution(float(dim.low), float(dim.high), log=dim.log,
                              step=None if dim.step is None else float(dim.step))
 
 
@@ -113,6 +124,8 @@ class SearchPlanner(Planner):
 
     def check(self) -> None:
         spec = self.spec
+        if spec.search is not None:
+            _optuna()  # a missing extra is said now, before the ledger is touched
         if spec.arms or spec.factors:
             plan_iteration(self.loaded)
             return
@@ -159,6 +172,8 @@ class SearchPlanner(Planner):
         return self._search(context, search, affordable)
 
     def _search(self, context: PlanningContext, search: Search, affordable: int | None) -> Decision:
+        optuna = _optuna()
+        TrialState = optuna.trial.TrialState
         ledger, exp_id = context.ledger, context.experiment_id
         arms = ledger.arms(exp_id)
         baseline = next((a for a in arms if a.is_baseline), arms[0] if arms else None)
@@ -227,6 +242,8 @@ class SearchPlanner(Planner):
 
         A space knob an arm leaves unset has the runner's default, when the code shows one.
         """
+        optuna = _optuna()
+        TrialState = optuna.trial.TrialState
         space = search.space
         context = _context(baseline, space)
         warm: list[dict[str, Any]] = []
@@ -255,6 +272,7 @@ class SearchPlanner(Planner):
                  distributions: dict[str, BaseDistribution], defaults: dict[str, str],
                  iteration: int) -> tuple[list[PlannedArm], int, int]:
         """Ask until ``arms_per_iteration`` new configurations, or the attempts run out."""
+        TrialState = _optuna().trial.TrialState
         space = search.space
         base_env = {k: v for k, v in (baseline.env if baseline else {}).items() if k not in space}
         base_args = tuple(baseline.args) if baseline else ()
@@ -457,6 +475,7 @@ def _iteration_seed(seed: int, iteration: int) -> int:
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
     """Optuna logs every trial and warns about experimental options; the ledger record says what matters."""
+    optuna = _optuna()
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
