@@ -121,6 +121,10 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Lab:
+    return new_lab(tmp_path)
+
+
+def new_lab(tmp_path: Path) -> Lab:
     repo = GitRepo(tmp_path / "repo")
     for source in TARGET.iterdir():
         shutil.copy(source, repo.path / source.name)
