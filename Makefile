@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Test worker processes (pytest-xdist): most tests wait on child processes, so more workers than cores pay.
 PYTEST_WORKERS ?= 3
 
-.PHONY: run lint test test-fast bench bench-report bench-exec-eval bench-market clean
+.PHONY: run lint test test-fast bench bench-report bench-exec-eval bench-market bench-autoresearch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# aider (the coding agent the autoresearch test drives) pins many exact versions: its own venv.
+AIDER_VENV := .venv-aider
+$(AIDER_VENV)/bin/aider:
+	$(PYTHON) -m venv $(AIDER_VENV)
+	$(AIDER_VENV)/bin/pip install --quiet 'aider-chat==0.86.2'
+
 run: $(VENV)/.installed
 	$(BIN)/ratiocinator research examples/quickstart/quickstart.yaml
 
@@ -28,7 +34,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint $(AIDER_VENV)/bin/aider
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: $(VENV)/.installed-test
@@ -46,5 +52,8 @@ bench-exec-eval: $(VENV)/.installed-test
 bench-market: $(VENV)/.installed-test
 	$(BIN)/python bench/market.py
 
+bench-autoresearch: $(VENV)/.installed-test
+	$(BIN)/python bench/autoresearch.py
+
 clean:
-	rm -rf $(VENV) .ratiocinator
+	rm -rf $(VENV) $(AIDER_VENV) .ratiocinator

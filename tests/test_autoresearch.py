@@ -33,11 +33,10 @@ from gitrepo import GIT_ENV, GitRepo, git
 from llmserver import LlmServer, Reply
 from ratiocinator.autoresearch import AutoResearch, load_program
 from ratiocinator.autoresearch.decide import noise_aware, noise_floor, strictly_better
+from ratiocinator.autoresearch.engine import Engine, RunOutcome, RunRequest
 from ratiocinator.autoresearch.gitops import Change, Git
 from ratiocinator.autoresearch.guard import check_edit, matches, protected_hashes
 from ratiocinator.autoresearch.log import apply_attempt
-from ratiocinator.autoresearch.program import Metric
-from ratiocinator.autoresearch.runner import run_experiment
 from ratiocinator.autoresearch.store import Attempt, Store
 from ratiocinator.errors import SpecError, UsageError
 from ratiocinator.store.ledger import Ledger
@@ -84,6 +83,7 @@ class Lab:
             "budget_s": 1,
             "timeout_s": 2,
             "agent": {"kind": "patches", "patches": str(patches or PATCHES)},
+            "pass_env": ["AR_*"],  # runs inherit the contract's allow-list, plus these
         }
         data.update(fields)
         path = self.root / f"{name}.yaml"
@@ -121,6 +121,10 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Lab:
+    return new_lab(tmp_path)
+
+
+def new_lab(tmp_path: Path) -> Lab:
     repo = GitRepo(tmp_path / "repo")
     for source in TARGET.iterdir():
         shutil.copy(source, repo.path / source.name)
@@ -337,19 +341,46 @@ def test_refuses_a_second_orchestrator_on_the_same_session(lab: Lab) -> None:
     assert done.returncode == 2 and "'busy' is already running" in done.stderr
 
 
-@pytest.mark.parametrize(("command", "status", "reason"), [
-    ("echo 'val_bpb: 1.5'; echo 'peak_vram_mb: 512' > run.log", "ok", ""),
-    ("echo hello", "crash", "no val_bpb in the output"),
-    ("echo 'val_bpb: nan'", "crash", "val_bpb is nan"),
-    ("echo 'val_bpb: 1.5'; exit 3", "crash", "exit code 3"),
-    ("kill -9 $$", "crash", "killed by signal 9"),
+@pytest.mark.subprocess
+@pytest.mark.parametrize(("command", "status", "reason", "failure"), [
+    ("echo 'val_bpb: 1.5'; echo 'peak_vram_mb: 512' > run.log", "ok", "", None),
+    ("echo hello", "crash", "no val_bpb in the output", "no_metrics"),
+    ("echo 'val_bpb: nan'", "crash", "val_bpb is nan", "nan_divergence"),
+    ("echo 'val_bpb: 1.5'; exit 3", "crash", "exit code 3", "unknown"),
+    ("kill -9 $$", "crash", "killed by signal 9", "killed"),
+    (f"{sys.executable} -c 'import no_such_module'", "crash", "exit code 1", "missing_dependency"),
 ])
-def test_a_run_is_judged_by_its_exit_and_its_metric(tmp_path: Path, command: str, status: str, reason: str) -> None:
-    outcome = run_experiment(command, cwd=tmp_path, env=os.environ, timeout_s=10, capture=tmp_path / "out.log",
-                             metric=Metric(name="val_bpb"), log_file=tmp_path / "run.log", stop=threading.Event())
-    assert (outcome.status, outcome.reason) == (status, reason)
+def test_a_run_is_judged_by_its_exit_and_its_metric_and_a_crash_gets_its_class(
+        lab: Lab, command: str, status: str, reason: str, failure: str | None) -> None:
+    outcome = run_once(lab, lab.program("judge", run=command))
+    assert (outcome.status, outcome.reason, outcome.failure) == (status, reason, failure)
     if status == "ok":
-        assert outcome.metric == 1.5 and outcome.metrics["peak_vram_mb"] == 512
+        assert outcome.metric == 1.5 and outcome.metrics["peak_vram_mb"] == 512  # read from run.log too
+    else:
+        assert outcome.evidence["class"] == failure and outcome.evidence["evidence"]
+
+
+@pytest.mark.subprocess
+def test_a_run_inherits_the_allow_list_and_pass_env_only(lab: Lab) -> None:
+    program = lab.program("env", run='env > "$RATIOCINATOR_OUT_DIR/env.txt"; echo "val_bpb: 1"',
+                          pass_env=["KEEP_*"])
+    outcome = run_once(lab, program, OPENAI_API_KEY="sk-secret", KEEP_ME="yes", RATIOCINATOR_HOME="/elsewhere")
+    assert outcome.status == "ok"
+    env = dict(line.split("=", 1) for line in (lab.root / "run" / "out" / "env.txt").read_text().splitlines()
+               if "=" in line)
+    assert env["KEEP_ME"] == "yes" and env["RATIOCINATOR_BUDGET_S"] == "1" and "PATH" in env
+    assert "OPENAI_API_KEY" not in env and "AR_COUNTER_DIR" not in env and "RATIOCINATOR_HOME" not in env
+
+
+def run_once(lab: Lab, program: Path, **env: str) -> RunOutcome:
+    """One run of the base commit in the repository, as a worker's would be."""
+    engine = Engine(load_program(program), lab.home, lab.env(**env))
+    try:
+        return engine.run(RunRequest(commit=lab.base, worker=0, worktree=lab.repo.path,
+                                     env={"RATIOCINATOR_BUDGET_S": "1"}, run_dir=lab.root / "run", run_id=1),
+                          timeout_s=10, stop=threading.Event())
+    finally:
+        engine.close()
 
 
 @pytest.mark.subprocess

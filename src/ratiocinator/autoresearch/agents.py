@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field
 
 from ratiocinator.autoresearch.gitops import Git
 from ratiocinator.autoresearch.guard import matches_any
-from ratiocinator.autoresearch.runner import kill_orphan
+from ratiocinator.autoresearch.processes import kill_orphan
 from ratiocinator.backends.process import kill_group, process_start_time
 from ratiocinator.llm.config import LlmConfig
 from ratiocinator.llm.providers import Completion, LlmError, estimate_cost, make_provider

@@ -44,6 +44,7 @@ def attempt_record(a: Attempt) -> dict[str, Any]:
     return {
         "id": a.id, "iteration": a.iteration, "worker": a.worker, "status": a.status, "metric": a.metric,
         "values": a.values, "secondary": a.secondary, "hypothesis": a.hypothesis, "reason": a.reason,
+        "failure": a.failure, "evidence": a.evidence, "host": a.host,
         "commit": a.commit_sha, "parent": a.parent_commit, "agent_ref": a.agent_ref,
         "started_at": _iso(a.started_at), "ended_at": _iso(a.ended_at), "agent_s": a.agent_s, "run_s": a.run_s,
         "cost_usd": a.cost, "log_path": a.log_path, "log_tail": a.log_tail,

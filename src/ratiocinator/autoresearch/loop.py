@@ -53,12 +53,12 @@ from ratiocinator.autoresearch.agents import (
     stop_orphan_agent,
 )
 from ratiocinator.autoresearch.decide import Decision, noise_aware, noise_floor, strictly_better
+from ratiocinator.autoresearch.engine import Engine, RunOutcome, RunRequest
 from ratiocinator.autoresearch.gitops import Git, GitError
 from ratiocinator.autoresearch.guard import check_edit, matches_any, protected_hashes
 from ratiocinator.autoresearch.program import LoadedProgram, Program
 from ratiocinator.autoresearch.prompt import build_prompt
 from ratiocinator.autoresearch.results import write_outputs
-from ratiocinator.autoresearch.runner import RunOutcome, kill_orphan, run_experiment
 from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
 from ratiocinator.llm.config import llm_from_env
@@ -136,6 +136,7 @@ class AutoResearch:
         self.session: Session | None = None
         self.floor: float | None = None
         self._patch_agent: PatchAgent | None = None
+        self.engine: Engine | None = None  # where the runs go, made when the session starts
 
     # -- the whole session -----------------------------------------------------------
 
@@ -146,8 +147,11 @@ class AutoResearch:
         store = Store(Ledger(Paths(self.home).ledger))
         try:
             with self._session_lock():
+                self.engine = Engine(self.loaded, self.home, self.environ)
                 return self._run(store)
         finally:
+            if self.engine is not None:
+                self.engine.close()
             store.close()
 
     @contextmanager
@@ -299,7 +303,7 @@ class AutoResearch:
         for attempt in store.attempts(session.id):
             if attempt.status == "running":
                 if attempt.pid is not None:
-                    kill_orphan(attempt.pid, attempt.pid_start)
+                    self.runs.kill_orphan(attempt.pid, attempt.pid_start)
                 store.finish_attempt(attempt.id, status="interrupted",
                                      reason="the orchestrator stopped during this attempt", values=attempt.values)
         for pid_file in self.dir.glob("agent-w*.pid"):
@@ -456,7 +460,7 @@ class AutoResearch:
                 raise _Stop(f"max_iterations reached ({self.max_iterations})")
             if self.program.max_dollars is not None:
                 spent, reserved = store.money(self.session.id)
-                worst = run_worst_case(self.program.price_per_hour, self.program.hard_timeout_s)
+                worst = run_worst_case(self.runs.price_per_hour, self.program.hard_timeout_s)
                 if spent + reserved + worst > self.program.max_dollars + 1e-9:
                     raise _Stop(f"max_dollars reached (${spent:.2f} spent of ${self.program.max_dollars:.2f})",
                                 everyone=True)
@@ -507,16 +511,18 @@ class AutoResearch:
         """Git in a worker's worktree; linked data stays untouched by clean and out of every commit."""
         return Git(self.dir / f"worker-{worker}", self.environ, keep=self.program.link)
 
+    @property
+    def runs(self) -> Engine:
+        assert self.engine is not None, "the engine is made when the session starts"
+        return self.engine
+
     def run_env(self, worker: int, replicate: int, attempt: Attempt) -> dict[str, str]:
+        """The attempt's own variables; the engine adds the run contract's (and the worker's GPUs, by its slot)."""
         program = self.program
-        env = {**self.environ, "RATIOCINATOR_BUDGET_S": f"{program.budget_s:g}",
-               "RATIOCINATOR_TIMEOUT_S": f"{program.hard_timeout_s:g}", "RATIOCINATOR_WORKER": str(worker),
-               "RATIOCINATOR_REPLICATE": str(replicate), "RATIOCINATOR_ATTEMPT": str(attempt.iteration),
-               "RATIOCINATOR_TAG": program.tag}
-        if program.gpus_per_worker > 0:
-            first = worker * program.gpus_per_worker
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + j) for j in range(program.gpus_per_worker))
-        return env
+        return {"RATIOCINATOR_BUDGET_S": f"{program.budget_s:g}",
+                "RATIOCINATOR_TIMEOUT_S": f"{program.hard_timeout_s:g}",
+                "RATIOCINATOR_WORKER": str(worker), "RATIOCINATOR_REPLICATE": str(replicate),
+                "RATIOCINATOR_ATTEMPT": str(attempt.iteration), "RATIOCINATOR_TAG": program.tag}
 
     # -- output ----------------------------------------------------------------------
 
@@ -557,28 +563,34 @@ class _Runs:
     def once(self, replicate: int) -> RunOutcome:
         program = self.s.program
         assert self.s.session is not None
+        price = self.s.runs.price_per_hour
         charge = self.store.reserve(self.s.session.id,
-                                    amount=run_worst_case(program.price_per_hour, program.hard_timeout_s),
+                                    amount=run_worst_case(price, program.hard_timeout_s),
                                     limit=program.max_dollars, kind="compute", attempt_id=self.attempt.id)
         if charge is None:
             spent, _ = self.store.money(self.s.session.id)
             return RunOutcome("over_budget", None,
                               reason=f"max_dollars reached (${spent:.2f} spent) before run {replicate + 1}")
         self.count += 1
-        log = self.s.dir / "logs" / f"attempt-{self.attempt.id}-run-{self.count}.log"
-        outcome = run_experiment(
-            program.run, cwd=self.git.cwd, env=self.s.run_env(self.worker, replicate, self.attempt),
-            timeout_s=program.hard_timeout_s, capture=log, metric=program.metric,
-            log_file=self.git.cwd / program.log_file if program.log_file else None, stop=self.s.shared.stop,
-            on_start=lambda pid, start: self.store.update_attempt(self.attempt.id, pid=pid, pid_start=start))
-        self.store.settle(charge, run_cost(program.price_per_hour, outcome.duration_s, program.hard_timeout_s))
+        run_dir = self.s.dir / "logs" / f"attempt-{self.attempt.id}-run-{self.count}"
+        commit = self.git.head()
+        request = RunRequest(commit=commit, worker=self.worker, worktree=self.git.cwd,
+                             env=self.s.run_env(self.worker, replicate, self.attempt), run_dir=run_dir,
+                             run_id=self.attempt.id)
+        outcome = self.s.runs.run(
+            request, timeout_s=program.hard_timeout_s, stop=self.s.shared.stop,
+            on_start=lambda pid, start, host: self.store.update_attempt(self.attempt.id, pid=pid, pid_start=start,
+                                                                         host=host))
+        self.store.settle(charge, run_cost(price, outcome.duration_s, program.hard_timeout_s))
         self.run_s += outcome.duration_s
         names = [*program.secondary_metrics, *([program.memory_metric] if program.memory_metric else [])]
         for name in dict.fromkeys(names):
             if name in outcome.metrics:
                 self.secondary.setdefault(name, []).append(outcome.metrics[name])
-        self.store.update_attempt(self.attempt.id, run_s=self.run_s, log_tail=outcome.log_tail, log_path=str(log),
-                                  secondary=self.secondary, pid=None)
+        failed = {"failure": outcome.failure, "evidence": outcome.evidence} if outcome.failure else {}
+        self.store.update_attempt(self.attempt.id, run_s=self.run_s, log_tail=outcome.log_tail,
+                                  log_path=str(run_dir / "output.log"), secondary=self.secondary, pid=None,
+                                  host=outcome.host, **failed)
         return outcome
 
 

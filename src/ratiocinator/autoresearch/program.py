@@ -15,6 +15,9 @@ committed next to its repository works from any working directory::
     secondary_metrics: [peak_vram_mb]
     budget_s: 300                   # hard timeout defaults to 2x
     agent: {kind: command, command: 'claude -p "$(cat {prompt_file})" --permission-mode acceptEdits'}
+    pass_env: [DATA_ROOT]           # runs inherit the contract's allow-list plus these, nothing else
+    backend: ssh                    # where the runs go, with a spec's settings: hosts, vast + hardware, ray_address
+    hosts: [{host: gpu-box, user: me, gpus: [0, 1]}]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pydantic import (
 from ratiocinator.errors import SpecError
 from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
+from ratiocinator.spec.models import Hardware, RaySettings, SshHost, VastConfig, check_pass_env
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -154,6 +158,14 @@ class Program(_Strict):
     gpus_per_worker: int = Field(0, ge=0)
     results_tsv_in_repo: bool = False
     llm: LlmConfig | None = None
+    pass_env: list[str] = Field([], description="orchestrator variables (names or globs) runs inherit on top of the"
+                                                " run contract's allow-list")
+    backend: Literal["local", "ssh", "vast", "ray"] = "local"
+    hosts: list[SshHost] = []
+    vast: VastConfig | None = None
+    ray_address: str | None = None
+    ray: RaySettings = RaySettings()
+    hardware: Hardware = Hardware()
 
     @field_validator("tag")
     @classmethod
@@ -166,6 +178,11 @@ class Program(_Strict):
     @classmethod
     def _globs(cls, value: list[str]) -> list[str]:
         return [_check_glob(p) for p in value]
+
+    @field_validator("pass_env")
+    @classmethod
+    def _pass_env(cls, value: list[str]) -> list[str]:
+        return check_pass_env(value)
 
     @field_validator("log_file")
     @classmethod
@@ -195,7 +212,27 @@ class Program(_Strict):
             if pattern in self.editable:
                 raise ValueError(f"'{pattern}' is both editable and protected; protected wins, so remove it from"
                                  " editable")
+        self._check_backend()
         return self
+
+    def _check_backend(self) -> None:
+        """The backend settings as a spec checks them, plus what a program says elsewhere."""
+        if self.backend == "ssh" and not self.hosts:
+            raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
+        if self.backend != "ssh" and self.hosts:
+            raise ValueError("hosts: is only used with backend: ssh")
+        if self.backend != "vast" and self.vast is not None:
+            raise ValueError("vast: is only used with backend: vast")
+        if self.backend != "ray" and self.ray_address:
+            raise ValueError("ray_address: is only used with backend: ray")
+        if self.hardware.price_per_hour:
+            raise ValueError("hardware.price_per_hour: a program sets price_per_hour at its top level")
+        if self.hardware.num_gpus:
+            raise ValueError("hardware.num_gpus: a program sets gpus_per_worker (GPUs each worker's runs get)")
+        if self.backend != "local" and self.link:
+            raise ValueError(f"link: shares paths of the local repository into local worktrees; with backend"
+                             f" '{self.backend}' the runs happen elsewhere, so commit what they need or have the"
+                             " run command fetch it")
 
     @property
     def hard_timeout_s(self) -> float:

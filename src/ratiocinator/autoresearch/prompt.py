@@ -75,6 +75,8 @@ def _table(attempts: Sequence[Attempt], name: str) -> str:
     for a in shown:
         value = "" if a.metric is None else f"{a.metric:.6f}"
         note = a.hypothesis if a.status not in ("crash", "violation", "interrupted") else f"{a.hypothesis} — {a.reason}"
+        if a.failure and a.evidence.get("reason") and a.evidence["reason"] != a.reason:
+            note += f" [{a.failure}: {a.evidence['reason']}]"  # the engine's class and what decided it
         rows.append(f"| {a.iteration} | {a.status} | {value} |"
                     f" {'baseline' if a.is_baseline else note.replace('|', '/')} |")
     return "\n".join(rows)

@@ -22,7 +22,7 @@ STATUSES = ("running", "baseline", "keep", "discard", "crash", "violation", "int
 FINISHED = ("baseline", "keep", "discard", "crash", "violation", "interrupted")
 MEASURED = ("baseline", "keep", "discard")
 _COLUMNS = frozenset({"commit_sha", "pid", "pid_start", "log_tail", "log_path", "run_s", "metric", "cost", "reason",
-                      "diff", "hypothesis"})
+                      "diff", "hypothesis", "failure", "host"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Attempt:
     run_s: float
     cost: float
     reason: str
+    failure: str | None  # the engine's failure class of a crash (execution.failures), None otherwise
+    evidence: dict[str, Any]  # the lines that decided it
+    host: str  # where its runs ran
 
     @property
     def is_baseline(self) -> bool:
@@ -171,7 +174,7 @@ class Store:
             return
         sets, params = [], []
         for name, value in fields.items():
-            if name in ("values", "secondary"):
+            if name in ("values", "secondary", "evidence"):
                 sets.append(f"{name}_json = ?")
                 params.append(json.dumps(value, sort_keys=True))
             elif name in _COLUMNS:
@@ -264,5 +267,6 @@ def _attempt(row: Any) -> Attempt:
     d = dict(row)
     d["secondary"] = json.loads(d.pop("secondary_json"))
     d["values"] = json.loads(d.pop("values_json"))
+    d["evidence"] = json.loads(d.pop("evidence_json"))
     d["diff"] = bytes(d["diff"]) if d["diff"] is not None else b""
     return Attempt(**d)

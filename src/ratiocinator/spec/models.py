@@ -67,6 +67,17 @@ def _check_env_name(name: str, what: str) -> str:
     return name
 
 
+def check_pass_env(value: list[str]) -> list[str]:
+    """``pass_env`` (of a spec or an autoresearch program): variable names or globs, never the contract's own."""
+    for pattern in value:
+        if not re.fullmatch(r"[A-Za-z_*?][A-Za-z0-9_*?]*", pattern):
+            raise ValueError(f"pass_env entry '{pattern}' is not a variable name or a glob of one (letters, digits,"
+                             " _, * and ?)")
+        if pattern.startswith(RESERVED_PREFIX):
+            raise ValueError(f"pass_env entry '{pattern}': the RATIOCINATOR_* variables are the run contract's")
+    return value
+
+
 def _check_env_value(value: Scalar, what: str) -> None:
     if len(scalar_to_env(value)) > ENV_VALUE_MAX:
         raise ValueError(f"{what}'s value is {len(scalar_to_env(value)):,} characters; an environment value may hold"
@@ -563,13 +574,7 @@ class Spec(_Strict):
     @field_validator("pass_env")
     @classmethod
     def _pass_env(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not re.fullmatch(r"[A-Za-z_*?][A-Za-z0-9_*?]*", pattern):
-                raise ValueError(f"pass_env entry '{pattern}' is not a variable name or a glob of one (letters, digits,"
-                                 " _, * and ?)")
-            if pattern.startswith(RESERVED_PREFIX):
-                raise ValueError(f"pass_env entry '{pattern}': the RATIOCINATOR_* variables are the run contract's")
-        return value
+        return check_pass_env(value)
 
     @field_validator("extra_knobs")
     @classmethod

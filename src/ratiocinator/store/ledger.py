@@ -25,7 +25,7 @@ import numpy as np
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -204,7 +204,10 @@ CREATE TABLE IF NOT EXISTS ar_attempts (
     agent_s        REAL,
     run_s          REAL NOT NULL DEFAULT 0,
     cost           REAL NOT NULL DEFAULT 0,
-    reason         TEXT NOT NULL DEFAULT ''
+    reason         TEXT NOT NULL DEFAULT '',
+    failure        TEXT,
+    evidence_json  TEXT NOT NULL DEFAULT '{}',
+    host           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS ar_attempts_by_session ON ar_attempts(session_id, iteration);
 
@@ -260,6 +263,10 @@ MIGRATIONS: dict[int, str] = {
     4: "",  # v4: the autoresearch tables (ar_sessions, ar_attempts, ar_charges), created by SCHEMA
     5: "",  # v5: the instances table (rented machines), created by SCHEMA
     6: "",  # v6: the home table (the home's id), created by SCHEMA
+    # v7: an autoresearch attempt's failure class with its evidence, and where its runs ran.
+    7: "ALTER TABLE ar_attempts ADD COLUMN failure TEXT;\n"
+       "ALTER TABLE ar_attempts ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
+       "ALTER TABLE ar_attempts ADD COLUMN host TEXT NOT NULL DEFAULT '';",
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and

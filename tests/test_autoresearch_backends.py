@@ -1,0 +1,85 @@
+"""Autoresearch on the engine's other backends: the fixture's patch loop run over a real sshd on
+loopback and over a local Ray cluster decides exactly as a local session with the same patches,
+and results.tsv has the same rows and statuses; the failure class of each crash is in the ledger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raycluster import RayCluster
+from sshd import Sshd
+from test_autoresearch import Lab, new_lab
+
+pytestmark = pytest.mark.subprocess  # every session here starts its runs (and the local twin's)
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return new_lab(tmp_path)
+
+
+EXPECTED_STATUSES = ["baseline", "keep", "discard", "crash", "crash", "violation", "keep", "keep"]
+EXPECTED_FAILURES = {"03-crash.patch": "runtime_error", "04-hang.patch": "timeout"}
+
+
+def results_without_commits(lab: Lab, tag: str) -> list[list[str]]:
+    """results.tsv's rows without the commit column (two sessions make different commits of the same edits)."""
+    return [row.split("\t")[1:] for row in lab.results(tag).splitlines()]
+
+
+def assert_same_as_local(lab: Lab, tag: str, *, backend: dict[str, object]) -> None:
+    local = lab.run(lab.program("local"), AR_COUNTER_DIR=str(lab.root / "counters-local"))
+    remote_program = lab.program(tag, **backend)
+    remote = lab.run(remote_program, AR_COUNTER_DIR=str(lab.root / f"counters-{tag}"))
+    assert (remote.exit_code, remote.reason) == (local.exit_code, local.reason)
+    assert local.exit_code == 0 and "the agent gave up: no patches left" in local.reason
+    here, there = lab.attempts("local"), lab.attempts(tag)
+    assert [a.status for a in there] == [a.status for a in here] == EXPECTED_STATUSES
+    assert [(a.agent_ref, a.metric, a.values) for a in there] == [(a.agent_ref, a.metric, a.values) for a in here]
+    assert results_without_commits(lab, tag) == results_without_commits(lab, "local")
+    assert [lab.repo.git("show", f"{c}:config.py") for c in lab.kept_history(tag)] == [
+        lab.repo.git("show", f"{c}:config.py") for c in lab.kept_history("local")]
+    crashes = {a.agent_ref: a for a in there if a.status == "crash"}
+    assert {ref: a.failure for ref, a in crashes.items()} == EXPECTED_FAILURES
+    assert "ZeroDivisionError" in crashes["03-crash.patch"].evidence["reason"]
+    assert all(a.failure is None for a in there if a.status != "crash")
+    hosts = {a.host for a in there if a.status != "violation"}
+    assert len(hosts) == 1 and hosts.pop().startswith(f"{backend['backend']}:")
+
+
+def ssh_host(server: Sshd, root: Path) -> dict[str, object]:
+    known = root / "known_hosts"
+    known.write_text(server.known_hosts_line())
+    return {"host": "127.0.0.1", "port": server.port, "user": server.user, "identity_file": str(server.client_key),
+            "known_hosts": str(known), "workdir": str(root / "remote")}
+
+
+def test_patch_loop_over_ssh_decides_as_the_local_loop(lab: Lab, sshd: Sshd) -> None:
+    assert_same_as_local(lab, "overssh", backend={"backend": "ssh", "hosts": [ssh_host(sshd, lab.root)]})
+    # Each run worked in its own copy of the commit on the host, never in the local worktree, and its
+    # log_file came back with its artifacts.
+    sessions = lab.home / "autoresearch"
+    assert (sessions / "local" / "worker-0" / "run.log").exists()
+    assert not (sessions / "overssh" / "worker-0" / "run.log").exists()
+    assert len(list((lab.root / "remote" / "runs").iterdir())) == 7  # baseline + the six edits that ran
+    assert all((Path(a.log_path).parent / "out" / "run.log").exists() for a in lab.attempts("overssh") if a.log_path)
+
+
+def test_patch_loop_over_ray_decides_as_the_local_loop(lab: Lab, ray_cluster: RayCluster) -> None:
+    assert_same_as_local(lab, "overray", backend={
+        "backend": "ray", "ray_address": ray_cluster.address,
+        "ray": {"num_cpus_per_run": 1, "workdir": str(lab.root / "ray-nodes"), "schedule_timeout_s": 240}})
+
+
+def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
+    from ratiocinator.autoresearch import load_program
+    from ratiocinator.errors import SpecError
+
+    with pytest.raises(SpecError, match="backend: ssh needs hosts"):
+        load_program(lab.program("nohosts", backend="ssh"))
+    with pytest.raises(SpecError, match="with backend 'ssh' the runs happen elsewhere"):
+        load_program(lab.program("linked", backend="ssh", hosts=[{"host": "gpu-box"}], link=["val.txt"]))
+    with pytest.raises(SpecError, match="pass_env entry 'RATIOCINATOR_X'"):
+        load_program(lab.program("reserved", pass_env=["RATIOCINATOR_X"]))
