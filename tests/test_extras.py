@@ -71,7 +71,7 @@ def _spec(tmp_path: Path, **fields: object) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(("backend", "blocked", "extra"), [("ssh", "asyncssh", "ssh"), ("vast", "httpx", "vast"),
+@pytest.mark.parametrize(("backend", "blocked", "extra"), [("ssh", "asyncssh", "ssh"), ("vast", "tenacity", "vast"),
                                                            ("ray", "ray", "ray")])
 def test_a_backend_without_its_extra_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str,
                                                       blocked: str, extra: str) -> None:

@@ -17,7 +17,7 @@ from ratiocinator.errors import UsageError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "llm": ("openai", "anthropic"),
     "ssh": ("asyncssh",),
-    "vast": ("asyncssh", "httpx", "tenacity"),
+    "vast": ("asyncssh", "tenacity"),
     "search": ("optuna",),
     "ray": ("ray",),
     "mlflow": ("mlflow",),
