@@ -71,7 +71,7 @@ function experimentPage() {
   let armColors = {};
   const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf"];
-  const layout = (title, extra) => Object.assign({margin: {t: 10, r: 10, b: 60, l: 60}, xaxis: {title: {text: title}}, showlegend: true,
+  const layout = (title, extra) => Object.assign({margin: {t: 34, r: 10, b: 60, l: 60}, xaxis: {title: {text: title}}, showlegend: true,
                                                   legend: {font: {size: 10}}}, extra || {});
 
   function colorOf(arm) {
