@@ -71,7 +71,7 @@ function experimentPage() {
   let armColors = {};
   const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf"];
-  const layout = (title, extra) => Object.assign({margin: {t: 10, r: 10, b: 60, l: 60}, xaxis: {title: {text: title}}, showlegend: true,
+  const layout = (title, extra) => Object.assign({margin: {t: 34, r: 10, b: 60, l: 60}, xaxis: {title: {text: title}}, showlegend: true,
                                                   legend: {font: {size: 10}}}, extra || {});
 
   function colorOf(arm) {
@@ -234,7 +234,7 @@ function sessionPage() {
                     text: measured.map(([a]) => `${a.status}: ${a.hypothesis || a.reason}`), hovertemplate: "%{text}<br>%{y}<extra></extra>"};
     const best = {type: "scatter", mode: "lines", line: {shape: "hv", color: "#1a7f37"}, name: "best so far",
                   x: doc.best.map((_, i) => i), y: doc.best};
-    Plotly.react("progress-chart", [points, best], {margin: {t: 10, r: 10, b: 50, l: 60},
+    Plotly.react("progress-chart", [points, best], {margin: {t: 34, r: 10, b: 50, l: 60},
                  xaxis: {title: {text: "attempt"}, dtick: Math.max(1, Math.ceil(doc.attempts.length / 20))},
                  yaxis: {title: {text: doc.metric || "metric"}}}, {responsive: true, displaylogo: false});
     fill(document.querySelector("#attempts tbody"), doc.attempts.map(a => el("tr", {"data-attempt": a.id},
