@@ -62,7 +62,7 @@ from ratiocinator.autoresearch.results import write_outputs
 from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
 from ratiocinator.llm.config import llm_from_env
-from ratiocinator.llm.providers import Completion, LlmUnavailable
+from ratiocinator.llm.providers import Completion, LlmUnavailable, require_sdk
 from ratiocinator.store.budget import run_cost, run_worst_case
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.paths import Paths
@@ -171,9 +171,12 @@ class AutoResearch:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _run(self, store: Store) -> Outcome:
-        if self.program.agent.kind == "llm" and self.program.llm is None and llm_from_env(self.environ) is None:
-            raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the"
-                            " program or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
+        if self.program.agent.kind == "llm":
+            config = self.program.llm or llm_from_env(self.environ)
+            if config is None:
+                raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the"
+                                " program or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
+            require_sdk(config)  # a missing `llm` extra is said before the session starts
         existing = store.session_by_tag(self.program.tag)
         session = self._resume(store, existing) if existing is not None else self._create(store)
         self.session = session
