@@ -133,7 +133,8 @@ def test_the_seed_spec_is_designed_run_written_up_and_replayed_offline(study: St
     assert "H1 (cross-entropy on node types beats MSE) is supported" in paper.split("## Hypotheses", 1)[0]
     assert "Cross-entropy lifted syntactic validity" in discussion
     assert "“A validity of 99.5 was observed in an unpublished run.” (unsupported: 99.5)" in discussion
-    assert "[40.12](appendix.md#f" in discussion or "40.12" not in discussion  # a stated number is a linked fact, or gone
+    # a stated number is a linked fact, or gone
+    assert "[40.12](appendix.md#f" in discussion or "40.12" not in discussion
     verify = study.cli("verify", str(study.home / "reports" / exp.id))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
