@@ -126,6 +126,12 @@ def test_the_report_names_no_absolute_local_path(tmp_path: Path) -> None:
         assert str(tmp_path) not in text, name
     assert "../code (relative to the spec file)" in files.md.read_text()
 
+    study.ledger.event(study.id, "code", "commit c0ffee1234", commit="c0ffee1234", repo=str(tmp_path / "code"),
+                       remote="https://example.org/lab/code.git")
+    md = write_report(study.ledger, study.id, study.report_dir, pdf=False).md.read_text()
+    assert "remote https://example.org/lab/code.git" in md and "git clone https://example.org/lab/code.git" in md
+    assert str(tmp_path) not in md
+
 
 def test_a_free_study_has_no_cost_section_and_constant_metrics_are_a_note(tmp_path: Path) -> None:
     study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}), baseline_arm="base",

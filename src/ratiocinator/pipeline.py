@@ -33,6 +33,7 @@ from ratiocinator.planning.plan import Plan, refuse_ignored_knobs
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
 from ratiocinator.repo import workspace as ws
 from ratiocinator.repo.knobs import KnobReport, discover_knobs
+from ratiocinator.repo.provenance import remote_url
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.store.ledger import Experiment, Ledger
@@ -281,7 +282,9 @@ class Research:
             _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
             ledger.update_experiment(exp_id, commit_sha=commit)
         code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
-        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, knobs=sorted(code.knobs.knobs))
+        remote = await asyncio.to_thread(remote_url, code.repo)  # what the paper says to clone, not a local path
+        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, remote=remote,
+                     knobs=sorted(code.knobs.knobs))
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
 
         host = await backend.acquire(self.loaded)

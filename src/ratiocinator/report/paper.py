@@ -1154,6 +1154,7 @@ class _Writer:
                 ("Repository", self.repository()),
                 ("Commit", commit),
                 ("Seeding", seeding),
+                ("Environment", self.environment()),
                 ("Rerun everything", f"ratiocinator research {shlex.quote(spec_file)} --new"),
             )),
             Paragraph("To reproduce one arm by hand, prepare the target at the recorded commit"
@@ -1168,6 +1169,14 @@ class _Writer:
                                  " every arm's is in the appendix:"),
                        Code(self.arm_command(base))]
         return blocks
+
+    def environment(self) -> str:
+        """What the ledger knows of the machines the runs used, and what it does not."""
+        hosts = "; ".join(value for _, value in self.host_rows())
+        requirements = self.spec.deps.requirements
+        pinned = f"; packages from {requirements} at the commit" if requirements else ""
+        return (f"{hosts}{pinned}. The interpreter and the resolved package versions of the runs were not"
+                " recorded, so a rerun may resolve different versions.")
 
     def arm_command(self, arm: ArmSummary) -> str:
         env = {**arm.arm.env}
