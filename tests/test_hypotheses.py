@@ -162,3 +162,14 @@ def test_a_bad_hypothesis_is_a_spec_error_naming_it(tmp_path: Path, expect: dict
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     assert message in str(caught.value) and "hypotheses" in str(caught.value)
+
+
+def test_a_one_level_factor_is_a_note_not_an_analysis(tmp_path: Path) -> None:
+    rng = np.random.default_rng(RNG_SEED)
+    study = grid_study(tmp_path, {"LR": ["1", "2"], "OPT": ["adam"]}, {"LR": "1", "OPT": "adam"}, goal_metric="acc")
+    study.plant({arm: list(0.7 + 0.01 * rng.standard_normal(3)) for arm in study.arm_ids})
+    files = write_report(study.ledger, study.id, study.report_dir, pdf=False)
+    md = files.md.read_text()
+    assert "Factor OPT has a single level (adam) in every arm: a constant" in md
+    assert "| OPT | adam |" not in md and "| LR | 2 |" in md
+    assert verify_report(study.ledger, study.report_dir).ok
