@@ -514,7 +514,7 @@ class _Writer:
         if check.get("status") == "warning":
             return "unseeded", ("runs are not seeded: the runner reads neither the seed knob nor RATIOCINATOR_SEED, so"
                                 " replicates measure run-to-run noise and no run can be reproduced exactly")
-        return "seeded", f"replicate r runs seed r in every arm ({check.get('summary', '')})"
+        return "seeded", f"replicate r runs seed r in every arm ({check.get('summary', 'the runner reads its seed')})"
 
 
     def readiness(self) -> str:
