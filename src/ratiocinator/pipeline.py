@@ -298,6 +298,10 @@ class Research:
         try:
             self.progress.message("preparing the workspace (clone, deps, verify)")
             workspace = await backend.prepare(host, self.loaded, commit)
+            environment = await backend.environment(host, workspace, self.loaded)
+            if environment is not None:  # what the runs' interpreter has installed, for the paper
+                ledger.event(exp_id, "environment", f"environment of {host.name}", host=host.name,
+                             slots=[s.label for s in host.slots], **environment)
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env = data_env(self.loaded)
             status, note = ExperimentStatus.COMPLETED, ""

@@ -31,6 +31,7 @@ from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.execution.environment import probe_environment
 from ratiocinator.execution.supervisor import Supervisor
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
@@ -190,6 +191,10 @@ class LocalBackend(Backend):
             )
         self._checkout = Path(checkout).resolve()
         return Workspace(checkout=checkout, env=env)
+
+    async def environment(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> dict[str, Any] | None:
+        env = {**contract.inherited_env(os.environ, loaded.spec.pass_env), **workspace.env}
+        return await asyncio.to_thread(probe_environment, Path(workspace.checkout), env, loaded.spec.deps.requirements)
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         env = dict(request.env)

@@ -1171,12 +1171,31 @@ class _Writer:
         return blocks
 
     def environment(self) -> str:
-        """What the ledger knows of the machines the runs used, and what it does not."""
-        hosts = "; ".join(value for _, value in self.host_rows())
-        requirements = self.spec.deps.requirements
-        pinned = f"; packages from {requirements} at the commit" if requirements else ""
-        return (f"{hosts}{pinned}. The interpreter and the resolved package versions of the runs were not"
-                " recorded, so a rerun may resolve different versions.")
+        """The runs' software environment as the ledger recorded it (read with the runs' own interpreter)."""
+        recorded = [e["data"] for e in self.ledger.events(self.experiment.id) if e["kind"] == "environment"]
+        if not recorded:
+            hosts = "; ".join(value for _, value in self.host_rows())
+            pinned = f"; packages from {self.spec.deps.requirements}" if self.spec.deps.requirements else ""
+            return (f"{hosts}{pinned}. The runs' interpreter and package versions were not recorded (this backend"
+                    " cannot read them), so a rerun may resolve different versions.")
+        out = []
+        for data in recorded:
+            parts = [f"{data.get('implementation', 'Python')} {data.get('python', '?')} on {data.get('platform', '?')}"
+                     f" (host {data.get('host') or data.get('node', '?')})"]
+            listed = data.get("requirements") or {}
+            if listed:
+                parts.append("requirements: " + ", ".join(f"{name} {version or 'not installed'}"
+                                                           for name, version in listed.items()))
+            packages = data.get("packages") or []
+            if data.get("freeze_sha256"):
+                parts.append(f"{len(packages)} installed distributions, sha256 of their name==version list"
+                             f" {str(data['freeze_sha256'])[:16]}")
+            if data.get("gpu"):
+                parts.append(f"GPU {data['gpu']}, driver {data.get('driver', '?')}, CUDA {data.get('cuda', '?')}")
+            else:
+                parts.append("no NVIDIA GPU seen")
+            out.append("; ".join(parts))
+        return " | ".join(out) + " (the full package list is in the ledger's environment event)."
 
     def arm_command(self, arm: ArmSummary) -> str:
         env = {**arm.arm.env}
