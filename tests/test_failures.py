@@ -144,7 +144,9 @@ def test_each_misbehaving_runner_gets_its_class_and_evidence_and_none_is_retried
     section = paper.split("# Failure analysis", 1)[1]
     for cls in ("oom", "cuda\\_error", "missing\\_dependency", "syntax\\_error", "runtime\\_error", "disk\\_full"):
         assert f"| {cls} |" in section, cls
-    assert "ran out of host or GPU memory" in section and "Evidence" in section
+    assert "ran out of host or GPU memory" in section
+    appendix = (study.home / "reports" / runs["ok"].experiment_id / "appendix.md").read_text()
+    assert "Evidence" in appendix.split("# Failed runs", 1)[1]  # each example's evidence and log tail
 
 
 @pytest.mark.subprocess

@@ -126,6 +126,12 @@ def test_the_report_names_no_absolute_local_path(tmp_path: Path) -> None:
         assert str(tmp_path) not in text, name
     assert "../code (relative to the spec file)" in files.md.read_text()
 
+    study.ledger.event(study.id, "code", "commit c0ffee1234", commit="c0ffee1234", repo=str(tmp_path / "code"),
+                       remote="https://example.org/lab/code.git")
+    md = write_report(study.ledger, study.id, study.report_dir, pdf=False).md.read_text()
+    assert "remote https://example.org/lab/code.git" in md and "git clone https://example.org/lab/code.git" in md
+    assert str(tmp_path) not in md
+
 
 def test_a_free_study_has_no_cost_section_and_constant_metrics_are_a_note(tmp_path: Path) -> None:
     study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"LR": "0.1"}, fast={"LR": "0.3"}), baseline_arm="base",
@@ -156,3 +162,37 @@ def test_a_bad_hypothesis_is_a_spec_error_naming_it(tmp_path: Path, expect: dict
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     assert message in str(caught.value) and "hypotheses" in str(caught.value)
+
+
+def test_a_one_level_factor_is_a_note_not_an_analysis(tmp_path: Path) -> None:
+    rng = np.random.default_rng(RNG_SEED)
+    study = grid_study(tmp_path, {"LR": ["1", "2"], "OPT": ["adam"]}, {"LR": "1", "OPT": "adam"}, goal_metric="acc")
+    study.plant({arm: list(0.7 + 0.01 * rng.standard_normal(3)) for arm in study.arm_ids})
+    files = write_report(study.ledger, study.id, study.report_dir, pdf=False)
+    md = files.md.read_text()
+    assert "Factor OPT has a single level (adam) in every arm: a constant" in md
+    assert "| OPT | adam |" not in md and "| LR | 2 |" in md
+    assert verify_report(study.ledger, study.report_dir).ok
+
+
+def test_hypotheses_the_runs_cannot_test_are_inconclusive_with_the_reason(tmp_path: Path) -> None:
+    hypotheses = [
+        {"id": "H1", "statement": "Loss is below accuracy.", "expect": {"metric": "loss", "below": "acc"}},
+        {"id": "H2", "statement": "LR and OPT interact.", "expect": {"interaction": ["LR", "OPT"]}},
+        {"id": "H3", "statement": "The gap grows with LR.",
+         "expect": {"gap": ["train_acc", "acc"], "grows_with": "LR"}},
+        {"id": "H4", "statement": "Fast beats slow.", "expect": {"arm": {"LR": "9"}, "beats": "baseline"}},
+    ]
+    study = grid_study(tmp_path, {"LR": ["1", "2"], "OPT": ["a", "b"]}, {"LR": "1", "OPT": "a"}, goal_metric="acc",
+                       hypotheses=hypotheses, design="ablation")
+    for arm in study.arm_ids:
+        study.run(arm, final={"acc": 0.7})  # one run per arm: no spread, no test
+    paper = build_paper(study.ledger, study.id, figures=False)
+    because = {j.id: "".join(p if isinstance(p, str) else "#" for p in j.because) for j in paper.judgements}
+    assert {j.status for j in paper.judgements} == {Status.INCONCLUSIVE}
+    assert "No succeeded run reported loss" in because["H1"]
+    assert "interaction" in because["H2"] or "analysis of variance" in because["H2"]
+    assert "train_acc" in because["H3"]
+    assert "No arm of this study matches" in because["H4"]
+    write_report(study.ledger, study.id, study.report_dir, pdf=False)
+    assert verify_report(study.ledger, study.report_dir).ok

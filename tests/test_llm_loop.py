@@ -36,9 +36,12 @@ print("METRICS: " + json.dumps({"syntactic_validity_pct": validity}))
 
 DESIGN = {
     "hypotheses": [
-        {"statement": "cross-entropy on node types beats MSE", "arms": ["ce"]},
-        {"statement": "the decoder architecture matters", "arms": ["gcn", "gin", "sage"]},
-        {"statement": "a larger embedding helps", "arms": ["dim128", "dim256"]},
+        {"id": "H1", "statement": "cross-entropy on node types beats MSE", "arms": ["ce"],
+         "expect": {"arm": "ce", "beats": "baseline"}},
+        {"id": "H2", "statement": "a GIN decoder beats a GCN decoder", "arms": ["gcn", "gin"],
+         "expect": {"arm": "gin", "beats": "gcn"}},
+        {"id": "H3", "statement": "a larger embedding helps", "arms": ["dim128", "dim256"],
+         "expect": {"arm": "dim256", "beats": "dim128"}},
     ],
     "arms": [
         {"name": "gat-mse-64", "knobs": {"LOSS": "mse", "ARCH": "gat", "DIM": 64},
@@ -61,7 +64,8 @@ def _design_with(arms: int) -> dict:
     """The design cut to its first `arms` arms, hypotheses pointing at those only."""
     kept = DESIGN["arms"][:arms]
     names = [a["name"] for a in kept[1:]]
-    return dict(DESIGN, arms=kept, hypotheses=[{"statement": "the variants differ from the baseline", "arms": names}])
+    return dict(DESIGN, arms=kept, hypotheses=[{"id": "H1", "statement": "the first variant beats the baseline",
+                                                "arms": names, "expect": {"arm": names[0], "beats": "baseline"}}])
 
 
 def _spec(study: Study, **fields: object) -> Path:
@@ -118,15 +122,19 @@ def test_the_seed_spec_is_designed_run_written_up_and_replayed_offline(study: St
     decision = next(e for e in ledger.events(exp.id) if e["kind"] == "decision")
     hypotheses = decision["data"]["record"]["hypotheses"]
     assert [h["statement"] for h in hypotheses][0] == "cross-entropy on node types beats MSE"
+    assert hypotheses[0]["expect"] == {"arm": "ce", "beats": "baseline", "metric": None, "maximize": None}
     llm_charges = [c for c in ledger.db.execute("SELECT kind, settled FROM charges WHERE experiment_id = ?", (exp.id,))
                    if c["kind"] == "llm"]
     assert len(llm_charges) == 3 and abs(sum(c["settled"] for c in llm_charges) - sum(c.cost for c in calls)) < 1e-12
 
     paper = (study.home / "reports" / exp.id / "paper.md").read_text()
     discussion = paper.split("# Discussion", 1)[1].split("\n# ", 1)[0]
+    # The design stage's hypotheses are testable, so the paper answers them.
+    assert "H1 (cross-entropy on node types beats MSE) is supported" in paper.split("## Hypotheses", 1)[0]
     assert "Cross-entropy lifted syntactic validity" in discussion
     assert "“A validity of 99.5 was observed in an unpublished run.” (unsupported: 99.5)" in discussion
-    assert "[40.12](#f" in discussion or "40.12" not in discussion  # a stated number is a linked fact, or gone
+    # a stated number is a linked fact, or gone
+    assert "[40.12](appendix.md#f" in discussion or "40.12" not in discussion
     verify = study.cli("verify", str(study.home / "reports" / exp.id))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

@@ -37,6 +37,8 @@ def test_quickstart_paper_has_intervals_comparisons_factors_and_verifies(tmp_pat
     assert dict(verdicts)["H1"] == "supported"  # every MLP clears the ridge baseline by a wide margin
     assert md.count("How should a fixed, small neural network spend its capacity") == 1  # the topic, once
     assert str(QUICKSTART.parents[2]) not in md + appendix  # no absolute local path
+    # The runs' environment, read with their own interpreter: the results depend on it.
+    assert re.search(r"CPython 3\.[0-9]+\.[0-9]+ on ", md) and re.search(r"requirements: numpy [0-9]", md)
     for name in ("fig_goal", "fig_curves", "fig_main_effects"):
         assert (report / f"{name}.png").exists() and (report / f"{name}.pdf").exists()
     assert not (report / "fig_cost.png").exists()  # a $0 study has no cost section and no cost figure

@@ -36,6 +36,7 @@ from ratiocinator.planning.plan import Plan, refuse_ignored_knobs, with_constant
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext, SpecPlanner
 from ratiocinator.repo import workspace as ws
 from ratiocinator.repo.knobs import KnobReport, discover_knobs
+from ratiocinator.repo.provenance import remote_url
 from ratiocinator.spec.models import LoadedSpec, Spec
 from ratiocinator.store.budget import Budget, run_cost, run_worst_case
 from ratiocinator.store.ledger import Experiment, Ledger
@@ -328,7 +329,9 @@ class Research:
             _, commit = await asyncio.to_thread(resolve_commit, self.loaded, self.paths)
             ledger.update_experiment(exp_id, commit_sha=commit)
         code = await asyncio.to_thread(inspect_code, self.loaded, self.paths, commit)
-        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, knobs=sorted(code.knobs.knobs))
+        remote = await asyncio.to_thread(remote_url, code.repo)  # what the paper says to clone, not a local path
+        ledger.event(exp_id, "code", f"commit {commit}", commit=commit, repo=code.repo, remote=remote,
+                     knobs=sorted(code.knobs.knobs))
         self.progress.message(f"experiment {exp_id} at commit {commit[:12]}")
         data = await fetch_before_renting(self.loaded, self.paths.home, ledger, exp_id, self.progress.message)
 
@@ -344,6 +347,10 @@ class Research:
             self.progress.message("preparing the workspace (clone, deps, verify" + (", data)" if data else ")"))
             workspace = await record_staging(data, self.loaded, backend, host, ledger, budget,
                                              backend.prepare(host, self.loaded, commit))
+            environment = await backend.environment(host, workspace, self.loaded)
+            if environment is not None:  # what the runs' interpreter has installed, for the paper
+                ledger.event(exp_id, "environment", f"environment of {host.name}", host=host.name,
+                             slots=[s.label for s in host.slots], **environment)
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env: dict[str, str] = {}  # the data directory comes with the workspace: each host's own copy
             status, note = ExperimentStatus.COMPLETED, ""

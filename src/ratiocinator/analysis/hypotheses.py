@@ -254,6 +254,7 @@ class _Context:
         if test.p is not None and (floor is None or floor.std is None):
             return Status.INCONCLUSIVE, "the baseline has fewer than two runs, so the noise floor is unknown"
         verdict, reason = judge(test, p_holm, floor or NoiseFloor("", 0, None, None, ()), maximize)
+        reason = reason.replace("the goal's direction", "the direction the hypothesis states")
         if verdict is Verdict.IMPROVEMENT:
             return Status.SUPPORTED, reason
         if verdict is Verdict.REGRESSION:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ratiocinator.spec.models import LoadedSpec
 
@@ -256,6 +256,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run left behind by a dead orchestrator; True if something was killed."""
+
+    async def environment(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> dict[str, Any] | None:
+        """The runs' software environment in ``workspace`` (interpreter, packages, GPU, host), when this backend
+        can read it (see `ratiocinator.execution.environment`); None where it cannot, and the paper says so."""
+        return None
 
     def oom_kills(self, host: Host) -> int | None:
         """The host's kernel OOM-kill counter (compared before and after a run); None when unknown."""

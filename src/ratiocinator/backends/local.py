@@ -33,6 +33,7 @@ from ratiocinator.backends.process import kill_group, launch_failure, process_st
 from ratiocinator.data.local_copy import local_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.execution.environment import probe_environment
 from ratiocinator.execution.supervisor import Supervisor
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
@@ -197,6 +198,10 @@ class LocalBackend(Backend):
             return Workspace(checkout=checkout, env=env)
         env[contract.DATA_DIR] = str(copy.directory)
         return Workspace(checkout=checkout, env=env, staging_s={host.name: time.monotonic() - started})
+
+    async def environment(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> dict[str, Any] | None:
+        env = {**contract.inherited_env(os.environ, loaded.spec.pass_env), **workspace.env}
+        return await asyncio.to_thread(probe_environment, Path(workspace.checkout), env, loaded.spec.deps.requirements)
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         env = dict(request.env)

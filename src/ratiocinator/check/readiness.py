@@ -176,7 +176,7 @@ def seed_check(seed_env: str | None, knobs: KnobReport) -> CheckResult:
     wanted = [n for n in (seed_env, "RATIOCINATOR_SEED") if n]
     read = [n for n in wanted if n in knobs.env_names()]
     if read:
-        return CheckResult("seed", "passed", f"the runner reads {' and '.join(read)}: replicate r runs seed r")
+        return CheckResult("seed", "passed", f"the runner reads {' and '.join(read)}")
     return CheckResult("seed", "warning",
                        "runs are not seeded; replicates measure run-to-run noise; no run can be reproduced exactly"
                        f" (the runner reads neither {' nor '.join(wanted)})",

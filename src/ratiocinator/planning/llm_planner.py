@@ -26,6 +26,8 @@ from ratiocinator.llm.session import LlmSession
 from ratiocinator.llm.structured import ask_structured
 from ratiocinator.planning.plan import Plan, PlannedArm, plan_iteration
 from ratiocinator.planning.planner import Decision, Planner, PlanningContext
+from ratiocinator.spec.hypotheses import Hypothesis as SpecHypothesis
+from ratiocinator.spec.hypotheses import check_hypotheses
 from ratiocinator.spec.models import ARM_NAME, LoadedSpec, Scalar, scalar_to_env
 from ratiocinator.store.ledger import Ledger
 
@@ -41,9 +43,10 @@ class ArmProposal(BaseModel):
     description: str = ""
 
 
-class Hypothesis(BaseModel):
-    statement: str
-    arms: list[str] = Field(description="names of the arms that test it (the baseline is compared with each)")
+class Hypothesis(SpecHypothesis):
+    """A hypothesis in the spec's testable form (``id``, ``statement``, ``expect``), plus the arms that test it."""
+
+    arms: list[str] = Field(default_factory=list, description="names of the arms that test it")
 
 
 class DesignProposal(BaseModel):
@@ -69,7 +72,13 @@ class NextStep(BaseModel):
 DESIGN_SYSTEM = """You design machine-learning experiments that answer a research question with as few,
 as informative runs as the budget allows. Each arm is one configuration of the knobs the code
 really reads; every arm is compared with one baseline arm over several seeded replicates.
-Vary one thing per arm where you can, so each comparison answers one question."""
+Vary one thing per arm where you can, so each comparison answers one question.
+State each hypothesis so the runs can decide it: an id (H1, H2, ...), one sentence, and an
+`expect` the analysis tests. Use {"arm": ARM, "beats": ARM or "baseline"} (optionally with
+"metric": a metric the runs report) for "this configuration does better than that one", or
+{"metric": A, "above": B} / {"metric": A, "below": B} for "metric A of the same runs is above
+(below) metric B". A hypothesis is judged supported, contradicted or inconclusive by a
+Holm-corrected test and the baseline's replicate noise."""
 
 ITERATE_SYSTEM = """You run an experiment loop. You see the statistics of every arm so far and decide
 whether to stop (the question is answered, the goal is reached, or nothing more is worth the money)
@@ -110,7 +119,8 @@ class LlmPlanner(Planner):
             f"Budget: {_budget_line(context, budget_runs)}",
             f"Iterations after this design: at most {self.spec.max_iterations - 1}.",
             "",
-            "Propose the hypotheses, the arms (name, knobs, description), the baseline arm and the replicates.",
+            "Propose the hypotheses (each with id, statement and a testable expect), the arms (name, knobs,"
+            " description), the baseline arm and the replicates.",
         ])
 
         def problems(design: DesignProposal) -> list[str]:
@@ -122,6 +132,10 @@ class LlmPlanner(Planner):
                 missing = [a for a in h.arms if a not in names]
                 if missing:
                     found.append(f"hypothesis '{h.statement[:60]}' names arms that do not exist: {', '.join(missing)}")
+            try:  # the designed arms have no factors: the arm and metric forms are the testable ones
+                check_hypotheses(list(design.hypotheses), {}, sorted(names))
+            except ValueError as exc:
+                found.append(str(exc))
             runs = len(design.arms) * design.replicates
             if budget_runs is not None and runs > budget_runs:
                 found.append(f"{len(design.arms)} arms × {design.replicates} replicates = {runs} runs, but the budget"

@@ -514,7 +514,7 @@ class _Writer:
         if check.get("status") == "warning":
             return "unseeded", ("runs are not seeded: the runner reads neither the seed knob nor RATIOCINATOR_SEED, so"
                                 " replicates measure run-to-run noise and no run can be reproduced exactly")
-        return "seeded", f"replicate r runs seed r in every arm ({check.get('summary', '')})"
+        return "seeded", f"replicate r runs seed r in every arm ({check.get('summary', 'the runner reads its seed')})"
 
 
     def readiness(self) -> str:
@@ -1154,6 +1154,7 @@ class _Writer:
                 ("Repository", self.repository()),
                 ("Commit", commit),
                 ("Seeding", seeding),
+                ("Environment", self.environment()),
                 ("Rerun everything", f"ratiocinator research {shlex.quote(spec_file)} --new"),
             )),
             Paragraph("To reproduce one arm by hand, prepare the target at the recorded commit"
@@ -1168,6 +1169,33 @@ class _Writer:
                                  " every arm's is in the appendix:"),
                        Code(self.arm_command(base))]
         return blocks
+
+    def environment(self) -> str:
+        """The runs' software environment as the ledger recorded it (read with the runs' own interpreter)."""
+        recorded = [e["data"] for e in self.ledger.events(self.experiment.id) if e["kind"] == "environment"]
+        if not recorded:
+            hosts = "; ".join(value for _, value in self.host_rows())
+            pinned = f"; packages from {self.spec.deps.requirements}" if self.spec.deps.requirements else ""
+            return (f"{hosts}{pinned}. The runs' interpreter and package versions were not recorded (this backend"
+                    " cannot read them), so a rerun may resolve different versions.")
+        out = []
+        for data in recorded:
+            parts = [f"{data.get('implementation', 'Python')} {data.get('python', '?')} on {data.get('platform', '?')}"
+                     f" (host {data.get('host') or data.get('node', '?')})"]
+            listed = data.get("requirements") or {}
+            if listed:
+                parts.append("requirements: " + ", ".join(f"{name} {version or 'not installed'}"
+                                                           for name, version in listed.items()))
+            packages = data.get("packages") or []
+            if data.get("freeze_sha256"):
+                parts.append(f"{len(packages)} installed distributions, sha256 of their name==version list"
+                             f" {str(data['freeze_sha256'])[:16]}")
+            if data.get("gpu"):
+                parts.append(f"GPU {data['gpu']}, driver {data.get('driver', '?')}, CUDA {data.get('cuda', '?')}")
+            else:
+                parts.append("no NVIDIA GPU seen")
+            out.append("; ".join(parts))
+        return " | ".join(out) + " (the full package list is in the ledger's environment event)."
 
     def arm_command(self, arm: ArmSummary) -> str:
         env = {**arm.arm.env}

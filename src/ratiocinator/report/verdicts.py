@@ -44,7 +44,10 @@ def evidence(j: Judgement, cite: Cite) -> str:
 
 
 def _p(j: Judgement, cite: Cite) -> str:
-    p = next((n for n in j.numbers if n.name == "p_holm"), None)
+    """The p-value that decided the verdict: a level's lead over its rival when there is one, else the test's."""
+    by_name = {n.name: n for n in j.numbers}
+    p = by_name.get("pair_p_holm") if j.status is not Status.INCONCLUSIVE else None
+    p = p or by_name.get("p_holm")
     return f" (Holm-adjusted p = {cite(j, p)})" if p is not None and p.value is not None else ""
 
 

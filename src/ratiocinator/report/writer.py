@@ -29,10 +29,14 @@ def write_narrative(ledger: Ledger, experiment_id: str, provider: Provider) -> N
     spec = paper.spec
     facts = [f"- {fact.text} — {fact.label}" for fact in list(paper.book)[:MAX_FACTS_SHOWN]]
     verdicts = [f"- {c.arm}: {c.verdict.value} ({c.reason})" for c in paper.inference.comparisons]
+    hypotheses = [f"- {j.id} ({j.hypothesis.statement.strip()}): {j.status.value}" for j in paper.judgements]
     prompt = "\n".join([
         f"Paper title: {paper.title}",
         f"Research question: {spec.topic.strip()}",
         f"Goal metric: {spec.goal_metric} ({'higher' if spec.maximize else 'lower'} is better)",
+        "",
+        "The study's hypotheses and their verdicts (computed from the runs; discuss each):",
+        *(hypotheses or ["- (the spec states none)"]),
         "",
         "Verdicts against the baseline (computed; a difference inside the noise floor is not an improvement):",
         *(verdicts or ["- (no comparison was possible)"]),
