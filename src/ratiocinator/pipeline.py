@@ -629,8 +629,9 @@ if TYPE_CHECKING:
 
 def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
                on_message: Callable[[str], None] | None = None) -> Readiness:
-    """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
-    the ledger (with no experiment), so what was paid for can be audited."""
+    """The review ``research`` runs first, without an experiment; only the LLM's calls (so what was paid
+    for can be audited) and the verdict under its review key (so ``research`` can reuse a pass) are
+    written to the ledger, with no experiment."""
     from ratiocinator.check.readiness import CheckResult, Readiness, review
     from ratiocinator.planning.plan import PlannedArm, plan_iteration
 
