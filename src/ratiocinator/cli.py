@@ -220,6 +220,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         "repo": code.repo,
         "runner_script": loaded.spec.runner_script,
         "baseline": the_plan.baseline,
+        "constants": constants(loaded.spec),
         **summary,
         "max_dollars": loaded.spec.max_dollars,
         "price_per_hour": price,
