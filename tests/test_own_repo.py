@@ -221,6 +221,7 @@ def test_a_gpu_spec_without_backend_is_told_where_it_runs_and_how_to_rent(study:
     assert "names no backend" not in explicit.stdout
 
 
+@pytest.mark.latex
 def test_deps_steps_start_in_the_checkout_and_know_its_path(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1}'\n"})
     seen = study.root / "seen.txt"
