@@ -495,7 +495,8 @@ class Research:
             return None
         key = review_key(self.loaded, plan, commit, smoke=True,
                          llm_model=llm.config.model if llm is not None and self.llm_review else None)
-        remembered = remembered_pass(ledger, key, smoke=self.spec.check.smoke)
+        # A replay re-runs the recorded experiment call for call, its review included.
+        remembered = None if self.replay_from else remembered_pass(ledger, key, smoke=self.spec.check.smoke)
         if remembered is not None:
             ledger.record_readiness(exp_id, remembered, f"ready: the review passed earlier at commit {commit[:12]}"
                                     " with the same arms and settings (reused)")
