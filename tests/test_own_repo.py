@@ -55,6 +55,7 @@ def test_constants_reach_every_run_and_a_passed_check_is_not_run_again(study: St
     planned = study.cli("plan", str(spec), "--json")
     assert planned.returncode == 0, planned.stderr
     arms = json.loads(planned.stdout)["arms"]
+    assert json.loads(planned.stdout)["constants"] == {"SLEEP_S": "0.1"}
     assert [a["name"] for a in arms] == ["X=1", "X=2"]  # named by the factor alone
     assert all(a["env"]["SLEEP_S"] == "0.1" for a in arms)
     shown = study.cli("plan", str(spec)).stdout
@@ -220,6 +221,7 @@ def test_a_gpu_spec_without_backend_is_told_where_it_runs_and_how_to_rent(study:
     assert "names no backend" not in explicit.stdout
 
 
+@pytest.mark.latex
 def test_deps_steps_start_in_the_checkout_and_know_its_path(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1}'\n"})
     seen = study.root / "seen.txt"

@@ -223,6 +223,7 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
         "repo": code.repo,
         "runner_script": loaded.spec.runner_script,
         "baseline": the_plan.baseline,
+        "constants": constants(loaded.spec),
         **summary,
         "max_dollars": loaded.spec.max_dollars,
         "price_per_hour": price,
@@ -497,6 +498,7 @@ def runs(
     metric_names: Annotated[str | None, typer.Option(
         "--metrics", metavar="NAMES", help="comma-separated metrics to show (default: the goal first, then the"
                                            " metrics related to it, up to 6)")] = None,
+    wide: WideOption = False,
 ) -> None:
     """Every run of an experiment (all attempts), with config and final metrics."""
     ledger = _ledger()
@@ -521,16 +523,20 @@ def runs(
     recorded = {name for row in rows for name in row["metrics"]}
     shown_names = _chosen_metrics(metric_names, recorded) if metric_names else metric_order(
         recorded, _goal(exp.spec_text))[:RUNS_METRICS_SHOWN]
-    table = Table(box=None, pad_edge=False)
-    for col in ("run", "arm", "rep", "seed", "try", "status", "metrics"):
-        table.add_column(col)
-    for row in rows:
-        values = row["metrics"]
-        shown = ", ".join(f"{k}={values[k]:.4g}" if values[k] is not None else f"{k}=non-finite"
-                          for k in shown_names if k in values)
-        table.add_row(str(row["run_id"]), row["arm"], str(row["replicate"]), str(row["seed"]), str(row["attempt"]),
-                      row["status"], shown)
-    out.print(table)
+
+    def runs_table(label: Callable[[str], str]) -> Table:
+        table = Table(box=None, pad_edge=False)
+        for col in ("run", "arm", "rep", "seed", "try", "status", "metrics"):
+            table.add_column(col, overflow="fold" if col in ("arm", "metrics") else "ellipsis")
+        for row in rows:
+            values = row["metrics"]
+            shown = ", ".join(f"{k}={values[k]:.4g}" if values[k] is not None else f"{k}=non-finite"
+                              for k in shown_names if k in values)
+            table.add_row(str(row["run_id"]), escape(label(row["arm"])), str(row["replicate"]), str(row["seed"]),
+                          str(row["attempt"]), row["status"], escape(shown))
+        return table
+
+    print_fitted(out, runs_table, {row["arm"] for row in rows}, wide=wide)
 
 
 def metric_order(names: set[str], goal: str | None) -> list[str]:

@@ -508,7 +508,8 @@ class Research:
             return None
         key = review_key(self.loaded, plan, commit, smoke=True,
                          llm_model=llm.config.model if llm is not None and self.llm_review else None)
-        remembered = remembered_pass(ledger, key, smoke=self.spec.check.smoke)
+        # A replay re-runs the recorded experiment call for call, its review included.
+        remembered = None if self.replay_from else remembered_pass(ledger, key, smoke=self.spec.check.smoke)
         if remembered is not None:
             ledger.record_readiness(exp_id, remembered, f"ready: the review passed earlier at commit {commit[:12]}"
                                     " with the same arms and settings (reused)")
@@ -642,8 +643,9 @@ if TYPE_CHECKING:
 
 def check_spec(loaded: LoadedSpec, home: Path, *, smoke: bool = True, use_llm: bool = True,
                on_message: Callable[[str], None] | None = None) -> Readiness:
-    """The review ``research`` runs first, without an experiment; only the LLM's calls are written to
-    the ledger (with no experiment), so what was paid for can be audited."""
+    """The review ``research`` runs first, without an experiment; only the LLM's calls (so what was paid
+    for can be audited) and the verdict under its review key (so ``research`` can reuse a pass) are
+    written to the ledger, with no experiment."""
     from ratiocinator.check.readiness import CheckResult, Readiness, review
     from ratiocinator.data.local_copy import local_copy
     from ratiocinator.data.provenance import describe_copy

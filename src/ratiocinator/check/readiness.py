@@ -308,7 +308,8 @@ def trial_check(knobs: KnobReport, loaded: LoadedSpec, arms: int, durations: Seq
     if durations:
         longest = max(durations)
         worst = min(longest, limit) * arms
-        cost = f"the longest trial so far took {longest:.1f}s, so the {arms} smoke run(s) cost about {worst:.0f}s"
+        took = (f"ran into the {limit:g}s limit" if longest >= limit else f"took {longest:.1f}s")
+        cost = f"the longest trial so far {took}, so the {arms} smoke run(s) cost about {worst:.0f}s"
     else:
         worst = limit * arms
         cost = f"the {arms} smoke run(s) may each run up to check.smoke_timeout_s ({limit:g}s), {worst:.0f}s in all"
