@@ -5,13 +5,15 @@ and results.tsv has the same rows and statuses; the failure class of each crash 
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
+from conftest import process_alive
 from raycluster import RayCluster
 from sshd import Sshd
-from test_autoresearch import Lab, new_lab
+from test_autoresearch import PATCHES, Lab, new_lab, running_attempt, wait_for
 
 pytestmark = pytest.mark.subprocess  # every session here starts its runs (and the local twin's)
 
@@ -83,3 +85,26 @@ def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
         load_program(lab.program("linked", backend="ssh", hosts=[{"host": "gpu-box"}], link=["val.txt"]))
     with pytest.raises(SpecError, match="pass_env entry 'RATIOCINATOR_X'"):
         load_program(lab.program("reserved", pass_env=["RATIOCINATOR_X"]))
+
+
+def test_kill_9_mid_attempt_over_ssh_then_the_same_command_kills_the_remote_orphan_and_loses_nothing(
+        lab: Lab, sshd: Sshd) -> None:
+    hang = (PATCHES / "04-hang.patch").read_text()
+    patches = lab.patches("resume", "01", extra={"02-slow.patch": hang.replace("# prefetch", "# slow: prefetch"),
+                                                 "03-wider.patch": (PATCHES / "07-wider.patch").read_text()})
+    program = lab.program("sshkill", patches=patches, timeout_s=60, backend="ssh", hosts=[ssh_host(sshd, lab.root)])
+    first = lab.popen("autoresearch", str(program))
+    slow = wait_for(lambda: running_attempt(lab, "sshkill", "02-slow.patch"), timeout=120, what="the slow run")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    orphans = [int(p) for p in (lab.root / "pids").read_text().split()]
+    assert all(process_alive(p) for p in orphans)  # the run goes on on its host without the orchestrator
+
+    done = lab.cli("autoresearch", str(program), timeout=180)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert not any(process_alive(p) for p in orphans)  # the resume killed it there, found by its pid and start time
+    attempts = lab.attempts("sshkill")
+    assert [(a.status, a.agent_ref) for a in attempts] == [
+        ("baseline", ""), ("keep", "01-deeper.patch"), ("interrupted", "02-slow.patch"), ("keep", "03-wider.patch")]
+    assert attempts[2].id == slow.id and "orchestrator stopped" in attempts[2].reason
+    assert lab.kept_history("sshkill") == [attempts[1].commit_sha, attempts[3].commit_sha]
