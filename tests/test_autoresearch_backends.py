@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import process_alive
+from ratiocinator.autoresearch.store import Session, Store
+from ratiocinator.errors import BackendError
+from ratiocinator.store.ledger import Ledger
 from raycluster import RayCluster
 from sshd import Sshd
 from test_autoresearch import PATCHES, Lab, new_lab, running_attempt, wait_for
@@ -108,3 +111,27 @@ def test_kill_9_mid_attempt_over_ssh_then_the_same_command_kills_the_remote_orph
         ("baseline", ""), ("keep", "01-deeper.patch"), ("interrupted", "02-slow.patch"), ("keep", "03-wider.patch")]
     assert attempts[2].id == slow.id and "orchestrator stopped" in attempts[2].reason
     assert lab.kept_history("sshkill") == [attempts[1].commit_sha, attempts[3].commit_sha]
+
+
+def test_two_workers_over_ssh_each_run_in_their_own_slot_with_its_gpu(lab: Lab, sshd: Sshd) -> None:
+    patches = lab.patches("parallel", "01", "02", "06", "07")
+    host = {**ssh_host(sshd, lab.root), "slots": 2, "gpus": [0, 1]}
+    program = lab.program("sshpar", patches=patches, workers=2, gpus_per_worker=1, timeout_s=20, backend="ssh",
+                          hosts=[host])
+    outcome = lab.run(program, AR_TRAIN_SLEEP="0.3")
+    assert outcome.exit_code == 0, outcome.reason
+    attempts = lab.attempts("sshpar")
+    assert {a.worker for a in attempts if not a.is_baseline} == {0, 1}
+    for a in attempts:  # worker i's runs went to slot i, pinned to GPU i of the host's list
+        assert a.status not in ("keep", "discard", "baseline") or f"cuda {a.worker}" in a.log_tail
+    with pytest.raises(BackendError, match="workers: 3 needs 3 slots on the ssh backend, which offers 2"):
+        lab.run(lab.program("toomany", patches=patches, workers=3, backend="ssh", hosts=[host]))
+    assert [s.tag for s in sessions(lab)] == ["sshpar"]  # refused before anything was recorded
+
+
+def sessions(lab: Lab) -> list[Session]:
+    store = Store(Ledger(lab.home / "ledger.db"))
+    try:
+        return [store.session(row[0]) for row in store.db.execute("SELECT id FROM ar_sessions ORDER BY id")]
+    finally:
+        store.close()

@@ -193,6 +193,11 @@ class Engine:
                     on_start(*started.get_nowait())
         return outcome
 
+    def start(self) -> None:
+        """Acquire the host now (connect, size the slots), so a backend that cannot serve the workers is
+        refused before the session records anything."""
+        self._submit(self._acquired()).result()
+
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run a dead orchestrator left behind, wherever it ran."""
         if self.local:
@@ -200,7 +205,8 @@ class Engine:
         return self.backend.kill_orphan(pid, pid_start)
 
     async def _acquired(self) -> Host:
-        assert self._lock is not None
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         async with self._lock:
             if self._host is None:
                 host = await self.backend.acquire(self.spec)
@@ -244,8 +250,6 @@ class Engine:
 
     async def _run(self, request: RunRequest, timeout_s: float, stop: threading.Event,
                    started: queue.Queue[tuple[int | None, int | None, str]]) -> RunOutcome:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         host = await self._acquired()
         slot = self._slot(host, request.worker)
         out_dir = request.run_dir / "out"

@@ -174,6 +174,7 @@ class AutoResearch:
         if self.program.agent.kind == "llm" and self.program.llm is None and llm_from_env(self.environ) is None:
             raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the"
                             " program or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
+        self.runs.start()
         existing = store.session_by_tag(self.program.tag)
         session = self._resume(store, existing) if existing is not None else self._create(store)
         self.session = session
