@@ -88,6 +88,9 @@ def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
         load_program(lab.program("linked", backend="ssh", hosts=[{"host": "gpu-box"}], link=["val.txt"]))
     with pytest.raises(SpecError, match="pass_env entry 'RATIOCINATOR_X'"):
         load_program(lab.program("reserved", pass_env=["RATIOCINATOR_X"]))
+    with pytest.raises(SpecError, match="vast.yaml:[0-9]+: backend 'vast' is not available to autoresearch yet"):
+        lab.run(lab.program("vast", backend="vast", vast={"instances": 2}))
+    assert not (lab.home / "ledger.db").exists() or sessions(lab) == []  # refused before anything was recorded
 
 
 def test_kill_9_mid_attempt_over_ssh_then_the_same_command_kills_the_remote_orphan_and_loses_nothing(
