@@ -5,13 +5,18 @@ and results.tsv has the same rows and statuses; the failure class of each crash 
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
+from conftest import process_alive
+from ratiocinator.autoresearch.store import Session, Store
+from ratiocinator.errors import BackendError
+from ratiocinator.store.ledger import Ledger
 from raycluster import RayCluster
 from sshd import Sshd
-from test_autoresearch import Lab, new_lab
+from test_autoresearch import PATCHES, Lab, new_lab, running_attempt, wait_for
 
 pytestmark = pytest.mark.subprocess  # every session here starts its runs (and the local twin's)
 
@@ -83,3 +88,53 @@ def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
         load_program(lab.program("linked", backend="ssh", hosts=[{"host": "gpu-box"}], link=["val.txt"]))
     with pytest.raises(SpecError, match="pass_env entry 'RATIOCINATOR_X'"):
         load_program(lab.program("reserved", pass_env=["RATIOCINATOR_X"]))
+    with pytest.raises(SpecError, match="vast.yaml:[0-9]+: backend 'vast' is not available to autoresearch yet"):
+        lab.run(lab.program("vast", backend="vast", vast={"instances": 2}))
+    assert not (lab.home / "ledger.db").exists() or sessions(lab) == []  # refused before anything was recorded
+
+
+def test_kill_9_mid_attempt_over_ssh_then_the_same_command_kills_the_remote_orphan_and_loses_nothing(
+        lab: Lab, sshd: Sshd) -> None:
+    hang = (PATCHES / "04-hang.patch").read_text()
+    patches = lab.patches("resume", "01", extra={"02-slow.patch": hang.replace("# prefetch", "# slow: prefetch"),
+                                                 "03-wider.patch": (PATCHES / "07-wider.patch").read_text()})
+    program = lab.program("sshkill", patches=patches, timeout_s=60, backend="ssh", hosts=[ssh_host(sshd, lab.root)])
+    first = lab.popen("autoresearch", str(program))
+    slow = wait_for(lambda: running_attempt(lab, "sshkill", "02-slow.patch"), timeout=120, what="the slow run")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    orphans = [int(p) for p in (lab.root / "pids").read_text().split()]
+    assert all(process_alive(p) for p in orphans)  # the run goes on on its host without the orchestrator
+
+    done = lab.cli("autoresearch", str(program), timeout=180)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert not any(process_alive(p) for p in orphans)  # the resume killed it there, found by its pid and start time
+    attempts = lab.attempts("sshkill")
+    assert [(a.status, a.agent_ref) for a in attempts] == [
+        ("baseline", ""), ("keep", "01-deeper.patch"), ("interrupted", "02-slow.patch"), ("keep", "03-wider.patch")]
+    assert attempts[2].id == slow.id and "orchestrator stopped" in attempts[2].reason
+    assert lab.kept_history("sshkill") == [attempts[1].commit_sha, attempts[3].commit_sha]
+
+
+def test_two_workers_over_ssh_each_run_in_their_own_slot_with_its_gpu(lab: Lab, sshd: Sshd) -> None:
+    patches = lab.patches("parallel", "01", "02", "06", "07")
+    host = {**ssh_host(sshd, lab.root), "slots": 2, "gpus": [0, 1]}
+    program = lab.program("sshpar", patches=patches, workers=2, gpus_per_worker=1, timeout_s=20, backend="ssh",
+                          hosts=[host])
+    outcome = lab.run(program, AR_TRAIN_SLEEP="0.3")
+    assert outcome.exit_code == 0, outcome.reason
+    attempts = lab.attempts("sshpar")
+    assert {a.worker for a in attempts if not a.is_baseline} == {0, 1}
+    for a in attempts:  # worker i's runs went to slot i, pinned to GPU i of the host's list
+        assert a.status not in ("keep", "discard", "baseline") or f"cuda {a.worker}" in a.log_tail
+    with pytest.raises(BackendError, match="workers: 3 needs 3 slots on the ssh backend, which offers 2"):
+        lab.run(lab.program("toomany", patches=patches, workers=3, backend="ssh", hosts=[host]))
+    assert [s.tag for s in sessions(lab)] == ["sshpar"]  # refused before anything was recorded
+
+
+def sessions(lab: Lab) -> list[Session]:
+    store = Store(Ledger(lab.home / "ledger.db"))
+    try:
+        return [store.session(row[0]) for row in store.db.execute("SELECT id FROM ar_sessions ORDER BY id")]
+    finally:
+        store.close()

@@ -20,7 +20,10 @@ an engine spec made from the program (`engine_spec`). Each worker's runs go to i
   ``$RATIOCINATOR_OUT_DIR`` on exit) and is parsed with the output.
 
 The backends are asyncio; the loop's workers are threads. One event loop runs in a thread of
-its own for the whole session, and each worker waits for its run there.
+its own for the whole session, and each worker waits for its run there. Each worker has its own
+backend instance (a *lane*: its connections, its host, the commit its workspace holds), since a
+backend's workspace holds one commit at a time: workers ship and launch their commits side by
+side, each into its own slot.
 """
 
 from __future__ import annotations
@@ -121,6 +124,16 @@ def engine_spec(loaded: LoadedProgram) -> LoadedSpec:
     return LoadedSpec(spec=spec, path=loaded.path, text=loaded.text, sha256=loaded.sha256, lines=loaded.lines)
 
 
+@dataclass
+class _Lane:
+    """One worker's backend and host, and the commit prepared there (prepare and launch hold the lock)."""
+
+    backend: Backend
+    host: Host | None = None
+    prepared: tuple[str, Workspace] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class Engine:
     """The session's backend, its host, and the runs on it (see the module docstring)."""
 
@@ -132,13 +145,12 @@ class Engine:
                             hint="use backend: ssh with the rented machines under hosts:, or local or ray")
         self.spec = engine_spec(loaded)
         self.environ = environ
-        self.backend: Backend = make_backend(self.spec, Path(home))
+        self.home = Path(home)
+        self.backend: Backend = make_backend(self.spec, self.home)  # worker 0's; it also kills orphans
         self.local = self.program.backend == "local"
-        self._host: Host | None = None
-        self._prepared: tuple[str, Workspace] | None = None  # the commit the remote workspace holds
+        self._lanes: dict[int, _Lane] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._lock: asyncio.Lock | None = None  # acquire, and prepare + launch (a workspace is one commit at a time)
 
     @property
     def price_per_hour(self) -> float:
@@ -159,12 +171,13 @@ class Engine:
         """Give the host back and stop the loop."""
         if self._loop is None:
             return
-        if self._host is not None:
-            host, self._host = self._host, None
-            try:
-                self._submit(self.backend.release(host)).result(timeout=120)
-            except Exception:  # noqa: BLE001 - closing must not hide the error that ended the session
-                pass
+        for lane in self._lanes.values():
+            if lane.host is not None:
+                host, lane.host = lane.host, None
+                try:
+                    self._submit(lane.backend.release(host)).result(timeout=120)
+                except Exception:  # noqa: BLE001 - closing must not hide the error that ended the session
+                    pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(timeout=30)
@@ -193,25 +206,33 @@ class Engine:
                     on_start(*started.get_nowait())
         return outcome
 
+    def start(self) -> None:
+        """Acquire the host now (connect, size the slots), so a backend that cannot serve the workers is
+        refused before the session records anything."""
+        self._submit(self._acquired(0)).result()
+
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run a dead orchestrator left behind, wherever it ran."""
         if self.local:
             return kill_local_orphan(pid, pid_start)
         return self.backend.kill_orphan(pid, pid_start)
 
-    async def _acquired(self) -> Host:
-        assert self._lock is not None
-        async with self._lock:
-            if self._host is None:
-                host = await self.backend.acquire(self.spec)
+    async def _acquired(self, worker: int) -> tuple[_Lane, Host]:
+        """The worker's lane with its host acquired (worker 0's backend is the one made first)."""
+        lane = self._lanes.get(worker)
+        if lane is None:
+            lane = self._lanes[worker] = _Lane(self.backend if worker == 0 else make_backend(self.spec, self.home))
+        async with lane.lock:
+            if lane.host is None:
+                host = await lane.backend.acquire(self.spec)
                 if len(host.slots) < self.program.workers:
-                    await self.backend.release(host)
+                    await lane.backend.release(host)
                     raise BackendError(
                         f"workers: {self.program.workers} needs {self.program.workers} slots on the"
                         f" {self.backend.name} backend, which offers {len(host.slots)}",
                         hint=f"lower workers in {self.loaded.where('workers')}, or give the backend more slots")
-                self._host = host
-            return self._host
+                lane.host = host
+            return lane, lane.host
 
     def _slot(self, host: Host, worker: int) -> Slot:
         slot = host.slots[worker]
@@ -220,40 +241,37 @@ class Engine:
             return Slot(slot.index, tuple(range(worker * per, (worker + 1) * per)))
         return slot
 
-    async def _workspace(self, host: Host, commit: str) -> Workspace:
-        """The commit prepared on the host(s); the caller holds the lock until its launch is done."""
-        if self._prepared is None or self._prepared[0] != commit:
-            self._prepared = (commit, await self.backend.prepare(host, self.spec, commit))
-        return self._prepared[1]
+    async def _workspace(self, lane: _Lane, host: Host, commit: str) -> Workspace:
+        """The commit prepared on the host(s); the caller holds the lane's lock until its launch is done."""
+        if lane.prepared is None or lane.prepared[0] != commit:
+            lane.prepared = (commit, await lane.backend.prepare(host, self.spec, commit))
+        return lane.prepared[1]
 
-    async def _launch(self, host: Host, slot: Slot, request: RunRequest, out_dir: Path) -> RunHandle:
-        assert self._lock is not None
-        async with self._lock:
+    async def _launch(self, lane: _Lane, host: Host, slot: Slot, request: RunRequest, out_dir: Path) -> RunHandle:
+        async with lane.lock:
             if self.local:
                 cwd, workspace_env = request.worktree, {contract.WORKSPACE: str(request.worktree)}
             else:
-                workspace = await self._workspace(host, request.commit)
+                workspace = await self._workspace(lane, host, request.commit)
                 cwd, workspace_env = workspace.checkout, dict(workspace.env)
             env = {**contract.inherited_env(self.environ, self.program.pass_env), **workspace_env, **request.env,
                    contract.OUT_DIR: str(out_dir), contract.RUN_ID: str(request.run_id)}
             env.setdefault("PYTHONUNBUFFERED", "1")
             argv = ("bash", "-c", WRAPPER, "autoresearch-run", self.program.log_file or "", self.program.run)
-            return await self.backend.launch(host, LaunchRequest(
+            return await lane.backend.launch(host, LaunchRequest(
                 run_id=request.run_id, argv=argv, cwd=cwd, env=env, slot=slot, log_dir=request.run_dir,
                 out_dir=out_dir, timeout_s=self.program.hard_timeout_s))
 
     async def _run(self, request: RunRequest, timeout_s: float, stop: threading.Event,
                    started: queue.Queue[tuple[int | None, int | None, str]]) -> RunOutcome:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        host = await self._acquired()
+        lane, host = await self._acquired(request.worker)
         slot = self._slot(host, request.worker)
         out_dir = request.run_dir / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         for attempt in range(1, LAUNCH_TRIES + 1):
             try:
-                handle = await self._launch(host, slot, request, out_dir)
+                handle = await self._launch(lane, host, slot, request, out_dir)
                 break
             except LaunchFailure as exc:
                 if exc.transient and attempt < LAUNCH_TRIES and not stop.is_set():

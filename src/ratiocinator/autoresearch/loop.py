@@ -177,6 +177,7 @@ class AutoResearch:
                 raise SpecError(f"{self.loaded.where('agent', 'kind')}: agent kind 'llm' needs an llm: section in the"
                                 " program or RATIOCINATOR_LLM_PROVIDER and RATIOCINATOR_LLM_MODEL in the environment")
             require_sdk(config)  # a missing `llm` extra is said before the session starts
+        self.runs.start()
         existing = store.session_by_tag(self.program.tag)
         session = self._resume(store, existing) if existing is not None else self._create(store)
         self.session = session
