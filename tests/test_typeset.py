@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,45 @@ def test_a_twenty_arm_study_typesets(tmp_path: Path) -> None:
     assert files.pdf is not None, files.pdf_note
     words = assert_typeset(study.report_dir)
     assert "DEPTH=4,WIDTH=128" in words.replace("\n", "")
+    assert (study.report_dir / "fig_interaction.pdf").exists() and "fig_interaction.pdf" in files.tex.read_text()
+
+
+# Reads, in the browser, where each hover area of a figure sits relative to its image.
+_HOVER_PROBE = """<script>
+window.addEventListener("load", () => {
+  const out = [];
+  for (const map of document.querySelectorAll(".hovermap")) {
+    const img = map.querySelector("img").getBoundingClientRect();
+    for (const span of map.querySelectorAll(".hover")) {
+      const r = span.getBoundingClientRect();
+      out.push({left: (r.left - img.left) / img.width, top: (r.top - img.top) / img.height,
+                right: (r.right - img.left) / img.width, bottom: (r.bottom - img.top) / img.height,
+                imageWidth: img.width, title: span.title});
+    }
+  }
+  document.body.setAttribute("data-probe", JSON.stringify(out));
+});
+</script>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless chromium")
+def test_heatmap_cells_show_their_interval_on_hover_in_a_narrow_window(tmp_path: Path) -> None:
+    study = twenty_arm_study(tmp_path)
+    files = write_report(study.ledger, study.id, study.report_dir, pdf=False)
+    page = tmp_path / "probe.html"
+    page.write_text(files.html.read_text().replace("</body>", _HOVER_PROBE + "</body>"))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=600,900",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    match = re.search(r'data-probe="([^"]*)"', dom)
+    assert match, dom[-2000:]
+    areas = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(areas) == 20 and all(a["imageWidth"] < 600 for a in areas)  # the image is scaled down
+    assert all(-0.001 <= a["left"] < a["right"] <= 1.001 and -0.001 <= a["top"] < a["bottom"] <= 1.001
+               for a in areas)
+    cells = {a["title"].split(":")[0].removesuffix(" (baseline)"): a for a in areas}
+    assert cells["DEPTH=1,WIDTH=8"]["right"] == pytest.approx(cells["DEPTH=1,WIDTH=16"]["left"], abs=0.002)
+    assert cells["DEPTH=1,WIDTH=8"]["bottom"] == pytest.approx(cells["DEPTH=2,WIDTH=8"]["top"], abs=0.002)
+    assert "95% CI [" in cells["DEPTH=4,WIDTH=128"]["title"]
 
 
 @pytest.mark.subprocess

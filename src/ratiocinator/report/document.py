@@ -221,7 +221,9 @@ th{background:#f3f3f3}
 table.fields th{width:14em;background:#fafafa;font-weight:600}
 a.fact{color:inherit;text-decoration:underline dotted #88a;cursor:help}
 tr:target{background:#fff3bf}
-figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555}
+.hovermap{position:relative;display:inline-block;max-width:100%}.hovermap .hover{position:absolute;cursor:help}
+.hovermap .hover:hover{outline:2px solid #fff3bf}
 pre{background:#f6f6f6;border:1px solid #e2e2e2;padding:.6em;overflow-x:auto;font-size:.82em}
 """
 
@@ -266,8 +268,16 @@ class _Html(Renderer):
     def figure(self, block: Figure) -> str:
         data = base64.b64encode(block.file.png).decode("ascii")
         caption = _html_escape(block.file.caption)
-        return (f'<figure><img alt="{caption}"'
-                f' src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
+        image = f'<img alt="{caption}" src="data:image/png;base64,{data}">'
+        if block.file.regions:
+            # Areas placed in percentages of the image, so they stay on their cells however it is scaled.
+            areas = "".join(
+                f'<span class="hover" style="left:{100 * x:.2f}%;top:{100 * y:.2f}%;width:{100 * w:.2f}%;'
+                f'height:{100 * h:.2f}%" title="{_html_escape(text)}"></span>'
+                for x, y, w, h, text in block.file.regions
+            )
+            image = f'<div class="hovermap">{image}{areas}</div>'
+        return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
     def code(self, block: Code) -> str:
         return f"<pre><code>{_html_escape(block.text)}</code></pre>"

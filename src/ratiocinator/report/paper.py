@@ -98,7 +98,7 @@ def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[
 def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
-    drawn = tuple(all_figures(ledger, inference, runs)) if figures else ()
+    drawn = tuple(all_figures(ledger, inference, runs, curves=spec.report.curves)) if figures else ()
     blocks = w.build({f.stem: f for f in drawn})
     return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn)
 
@@ -435,7 +435,7 @@ class _Writer:
         if self.inf.factors is not None:
             blocks += self.factor_section(self.inf.factors)
         blocks += self.other_metrics()
-        curves = self.figure("fig_curves")
+        curves = [Figure(f) for stem, f in self.figures.items() if stem.startswith("fig_curves")]
         if curves:
             blocks += [Heading("Learning curves", 2), *curves]
         return blocks
@@ -531,6 +531,7 @@ class _Writer:
             blocks.append(Paragraph(f"Main effect of {effect.factor} ({effect.pooling}):"))
             blocks.append(Table((effect.factor, "n", f"mean {self.goal}", "95% CI (t)"), tuple(rows)))
         blocks += self.figure("fig_main_effects")
+        blocks += self.figure("fig_interaction")
         if fa.anova is None:
             blocks.append(Paragraph(f"No analysis of variance: {fa.why_no_anova}."))
         else:
