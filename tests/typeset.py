@@ -47,14 +47,14 @@ def glued_numbers(words: str, facts_json: Path) -> list[str]:
     return glued
 
 
-def assert_typeset(report: Path) -> str:
+def assert_typeset(report: Path, stem: str = "paper", words_kept: tuple[str, ...] = ("significant", "floor")) -> str:
     """The report's PDF passes every check above; returns its text."""
-    pdf, log = report / "paper.pdf", report / "paper.log"
-    assert pdf.exists(), "no paper.pdf"
+    pdf, log = report / f"{stem}.pdf", report / f"{stem}.log"
+    assert pdf.exists(), f"no {pdf.name}"
     types = fonts(pdf)
     assert types and not [name for name, kind in types if kind == "Type 3"], types
     assert overfull(log) == [], f"overfull boxes in {log}"
     words = text(pdf)
-    assert "significant" in words and "floor" in words, "ligatures do not extract as letters"
+    assert all(word in words for word in words_kept), "ligatures do not extract as letters"
     assert glued_numbers(words, report / "facts.json") == []
     return words
