@@ -1002,7 +1002,8 @@ def main_effects_figure(inference: Inference) -> FigureFile | None:
 def _two_factor_cells(inference: Inference) -> tuple[str, list[str], str, list[str], dict[tuple[str, str], Any]] | None:
     """(line factor, its levels, x factor, its levels, {(line level, x level): ArmGoal}) of a two-factor design."""
     analysis = inference.factors
-    if analysis is None or len(analysis.effects) != 2:
+    # A grid crosses every level with every level; an ablation's L of cells cannot show an interaction.
+    if analysis is None or analysis.design != "grid" or len(analysis.effects) != 2:
         return None
     first, second = analysis.effects
     # The factor with fewer levels draws the lines (and the heatmap's rows): fewer lines read better.
