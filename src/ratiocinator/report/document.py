@@ -315,13 +315,11 @@ TEX_MINUS = "$-$"
 _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
 \pdfgentounicode=1
 \input{glyphtounicode}
-\usepackage[T1]{fontenc}
 \usepackage[utf8]{inputenc}
-\IfFileExists{lmodern.sty}{\usepackage{lmodern}}{}
 \usepackage{textcomp}
 \usepackage{amsmath,amssymb}
 \usepackage[margin=2cm]{geometry}
-\usepackage{microtype}
+\IfFileExists{lmodern.sty}{\usepackage[T1]{fontenc}\usepackage{lmodern}\usepackage{microtype}}{}
 \usepackage{graphicx}
 \usepackage{booktabs}
 \usepackage{longtable}
@@ -339,8 +337,10 @@ _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
 """
 # lmodern makes every font Type 1 (a T1-encoded text without it gets bitmap Type 3 fonts, which
 # break search and copy and which paper venues reject); without lmodern installed the default
-# OT1 Computer Modern is used, which TeX Live also ships as Type 1. glyphtounicode maps the fi
-# and fl ligatures back to two letters, so text extracted from the PDF says "significant".
+# OT1 Computer Modern is used, which TeX Live also ships as Type 1 (a few symbols then still come
+# from bitmap fonts, and microtype, whose font expansion needs scalable fonts, is left out).
+# glyphtounicode maps the fi and fl ligatures back to two letters, so text extracted from the PDF
+# says "significant".
 
 _TEX_CHARS = {**_TEX_SPECIAL, **_TEX_UNICODE, "\n": " "}
 # What pdflatex with T1 + utf8 inputenc can set: ASCII and Latin-1/Latin Extended-A.
