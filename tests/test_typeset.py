@@ -234,13 +234,14 @@ def test_an_autoresearch_report_typesets(tmp_path: Path) -> None:
 
 def test_number_columns_align_on_the_decimal_point_and_text_columns_wrap() -> None:
     book = FactBook()
-    rows = tuple((name, book.cite(f"{name}.v", value, Kind.METRIC, "a value", [1]), "a long note " * 3)
+    seeds = ", ".join(map(str, range(30)))  # numbers, but a list: it wraps like text
+    rows = tuple((name, book.cite(f"{name}.v", value, Kind.METRIC, "a value", [1]), "a long note " * 3, seeds)
                  for name, value in (("a", 0.5), ("b", 12.25), ("c", -3.125)))
-    tex = render_latex("t", [Table(("Arm", "Value", "Note"), rows)], book)
+    tex = render_latex("t", [Table(("Arm", "Value", "Note", "Seeds"), rows)], book)
     lines = {line.split(" & ")[0]: line for line in tex.splitlines() if " & " in line and "textbf" not in line}
     # 0.5 lacks two digits of the column's longest tail (.125), 12.25 one; -3.125 none.
     assert r"\fact{f1}{0.5}\hspace{1.00em}" in lines["a"]
     assert r"\fact{f2}{12.25}\hspace{0.50em}" in lines["b"]
     assert r"\fact{f3}{$-$3.125} &" in lines["c"]
     spec = re.search(r"\\begin\{longtable\}\{(.*)\}\n", tex)
-    assert spec and spec.group(1).count("p{") == 2 and re.search(r"\}r>", spec.group(1))  # Value: r, the rest wrap
+    assert spec and spec.group(1).count("p{") == 3 and re.search(r"\}r>", spec.group(1))  # Value: r, the rest wrap

@@ -421,6 +421,8 @@ CODE_LINE_CHARS = 100
 # each repeat the first column, so nothing is ever set over its neighbour.
 
 _NUMBER_CELL = re.compile(r"^[\s\d.,/()\[\]±+\-−—$%eE]*$")
+# A cell of a number, an interval or "a ± b" holds two numbers at most; a list of seeds is text (it wraps).
+_A_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+−]?\d+)?")
 # Widths in em of Latin Modern's glyphs, rounded up; what is not listed counts as a capital.
 _EM = {**dict.fromkeys("0123456789", 0.5), **dict.fromkeys(".,:;'`!|", 0.28), **dict.fromkeys("()[]", 0.39),
        " ": 0.34, "—": 1.0, "–": 0.5, "±": 0.78, "−": 0.78, "-": 0.34, "$": 0.5, "%": 0.84, "/": 0.5, "_": 0.62,
@@ -482,7 +484,7 @@ def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], size: float) 
     columns = []
     for i, head in enumerate(header):
         cells = [r[i] for r in rows]
-        numeric = bool(cells) and all(_NUMBER_CELL.match(c) for c in cells)
+        numeric = bool(cells) and all(_NUMBER_CELL.match(c) and len(_A_NUMBER.findall(c)) <= 2 for c in cells)
         if numeric:
             tail = max((_decimal_tail(c) for c in cells), key=lambda t: _width_pt(t, size), default="")
             body = max((_width_pt(c + tail[len(_decimal_tail(c)):], size) for c in cells), default=0.0)
