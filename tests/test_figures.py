@@ -565,3 +565,20 @@ def test_two_factors_draw_a_heatmap_of_cell_means_and_an_interaction_plot(tmp_pa
     assert by_arm["DEPTH=1,WIDTH=4"][1] < by_arm["DEPTH=2,WIDTH=4"][1]
     # One factor: nothing to cross.
     assert figures.draw_interaction(planted(tmp_path / "one").inference()) is None
+
+
+def test_report_curves_is_a_checked_spec_key(tmp_path: Path) -> None:
+    from planted import spec_text
+    from ratiocinator.errors import SpecError
+    from ratiocinator.spec.models import load_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text(spec_text(report={"curves": ["train_loss", "val_loss"]}))
+    assert load_spec(good).spec.report.curves == ["train_loss", "val_loss"]
+    for name, report, message in (("empty", {"curves": []}, "name at least one metric"),
+                                  ("typo", {"curve": ["loss"]}, "curves")):
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(spec_text(report=report))
+        with pytest.raises(SpecError, match=message) as info:
+            load_spec(bad)
+        assert f"{name}.yaml:" in str(info.value)
