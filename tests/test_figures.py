@@ -582,3 +582,28 @@ def test_report_curves_is_a_checked_spec_key(tmp_path: Path) -> None:
         with pytest.raises(SpecError, match=message) as info:
             load_spec(bad)
         assert f"{name}.yaml:" in str(info.value)
+
+
+def test_more_factors_cross_the_pair_of_the_strongest_interaction_pooling_the_rest(tmp_path: Path) -> None:
+    levels = {"opt": ("sgd", "adam"), "seedset": ("a", "b"), "lr": ("0.01", "0.1", "1.0")}
+    grid = [PlannedArm(name=f"opt={o},seedset={s},lr={lr}", env={}, factors={"opt": o, "seedset": s, "lr": lr})
+            for o in levels["opt"] for s in levels["seedset"] for lr in levels["lr"]]
+    book = Book(tmp_path, grid)
+    rng = np.random.default_rng(5)
+    for arm in grid:
+        o, lr = arm.factors["opt"], levels["lr"].index(arm.factors["lr"])
+        for _ in range(4):  # adam gains with lr, sgd loses: an opt × lr interaction; seedset does nothing
+            book.run(arm.name, 0.6 + (0.08 if o == "adam" else -0.08) * lr + rng.normal(0, 0.005))
+    inference = book.inference()
+    drawing = figures.draw_interaction(inference)
+    assert drawing is not None
+    heat = drawing.figure.axes[0]
+    assert heat.get_ylabel() == "opt" and heat.get_xlabel() == "lr"
+    pooled = {(o, lr): np.mean([v for g in inference.goals if g.summary.arm.factors["opt"] == o
+                                and g.summary.arm.factors["lr"] == lr for v in g.stats.values])
+              for o in levels["opt"] for lr in levels["lr"]}
+    expected = [[pooled[(o, lr)] for lr in levels["lr"]] for o in levels["opt"]]
+    assert np.allclose(heat.images[0].get_array(), expected)
+    assert all("(2 arms pooled)" in text for _, _, text in drawing.hover)
+    assert "pooled over seedset" in drawing.caption and "most significant interaction term" in drawing.caption
+    assert_no_result_numbers(drawing.caption)

@@ -999,33 +999,82 @@ def main_effects_figure(inference: Inference) -> FigureFile | None:
 # -- two factors: the grid of means and the interaction plot -------------------------
 
 
-def _two_factor_cells(inference: Inference) -> tuple[str, list[str], str, list[str], dict[tuple[str, str], Any]] | None:
-    """(line factor, its levels, x factor, its levels, {(line level, x level): ArmGoal}) of a two-factor design."""
+@dataclass(frozen=True)
+class _Cell:
+    """One combination of the two drawn factors: an arm, or the arms pooled over the other factors."""
+
+    name: str
+    describe: Any  # analysis.stats.Describe
+    baseline: bool
+
+
+@dataclass(frozen=True)
+class _Crossing:
+    rows: str  # the factor drawn as lines (the heatmap's rows)
+    row_levels: list[str]
+    cols: str
+    col_levels: list[str]
+    cells: dict[tuple[str, str], _Cell]
+    pooled: tuple[str, ...]  # the other factors, pooled over in each cell
+
+
+def _crossed_pair(analysis: Any) -> tuple[Any, Any]:
+    """The two factors to cross: those of the most significant interaction term, else the first two."""
+    by_name = {e.factor: e for e in analysis.effects}
+    terms = sorted((i for i in analysis.interactions if i.p_holm is not None), key=lambda i: i.p_holm)
+    for term in terms:
+        a, _, b = term.row.term.partition(" × ")
+        if a in by_name and b in by_name:
+            return by_name[a], by_name[b]
+    return analysis.effects[0], analysis.effects[1]
+
+
+def _crossing(inference: Inference) -> _Crossing | None:
+    """The cells of two crossed factors of a grid, each with the mean and interval of its runs."""
+    from ratiocinator.analysis.stats import describe
+
     analysis = inference.factors
     # A grid crosses every level with every level; an ablation's L of cells cannot show an interaction.
-    if analysis is None or analysis.design != "grid" or len(analysis.effects) != 2:
+    if analysis is None or analysis.design != "grid" or len(analysis.effects) < 2:
         return None
-    first, second = analysis.effects
+    first, second = _crossed_pair(analysis)
     # The factor with fewer levels draws the lines (and the heatmap's rows): fewer lines read better.
     rows, cols = (first, second) if len(first.levels) <= len(second.levels) else (second, first)
-    cells: dict[tuple[str, str], Any] = {}
+    pooled = tuple(e.factor for e in analysis.effects if e.factor not in (rows.factor, cols.factor))
+    members: dict[tuple[str, str], list[Any]] = {}
     for goal in inference.goals:
         levels = goal.summary.arm.factors
-        key = (levels.get(rows.factor), levels.get(cols.factor))
-        if None not in key and goal.describe.mean is not None:
-            cells[(str(key[0]), str(key[1]))] = goal
+        r, c = levels.get(rows.factor), levels.get(cols.factor)
+        if r is not None and c is not None and goal.describe.mean is not None:
+            members.setdefault((str(r), str(c)), []).append(goal)
+    cells = {}
+    for key, goals in members.items():
+        if not pooled:
+            (goal,) = goals
+            cells[key] = _Cell(goal.name, goal.describe, goal.name == inference.baseline)
+        else:
+            values = [v for g in goals for v in g.stats.values]
+            name = f"{rows.factor}={key[0]}, {cols.factor}={key[1]} ({_plural(len(goals), 'arm')} pooled)"
+            cells[key] = _Cell(name, describe(values, bootstrap=False), False)
     if len({r for r, _ in cells}) < 2 or len({c for _, c in cells}) < 2:
         return None
-    return (rows.factor, [lv.level for lv in rows.levels], cols.factor, [lv.level for lv in cols.levels], cells)
+    return _Crossing(rows.factor, [lv.level for lv in rows.levels], cols.factor, [lv.level for lv in cols.levels],
+                     cells, pooled)
 
 
 @_styled
 def draw_interaction(inference: Inference) -> Drawing | None:
-    """Left: a heatmap of the goal mean of every cell of a two-factor design; right: the interaction plot."""
-    found = _two_factor_cells(inference)
-    if found is None:
+    """Left: a heatmap of the goal mean of every cell of two crossed factors; right: the interaction plot.
+
+    With more than two factors, the pair of the most significant interaction term is drawn,
+    each cell pooling the runs of every arm at that combination.
+    """
+    crossing = _crossing(inference)
+    if crossing is None:
         return None
-    row_factor, row_levels, col_factor, col_levels, cells = found
+    row_factor, row_levels, col_factor, col_levels = (crossing.rows, crossing.row_levels, crossing.cols,
+                                                      crossing.col_levels)
+    cells = crossing.cells
     summary = inference.summary
     goal = summary.goal_metric
     direction = "higher" if summary.maximize else "lower"
@@ -1045,7 +1094,7 @@ def draw_interaction(inference: Inference) -> Drawing | None:
         i, j = row_levels.index(r), col_levels.index(c)
         mean = float(g.describe.mean)
         dark = (mean < middle) == summary.maximize  # viridis is dark at its low end
-        mark = " (baseline)" if g.name == inference.baseline else ""
+        mark = " (baseline)" if g.baseline else ""
         heat.text(j, i, f"{mean:.4g}" + ("\nbaseline" if mark else ""), ha="center", va="center", fontsize=7,
                   color="white" if dark else INK)
         ci = g.describe.ci
@@ -1092,13 +1141,17 @@ def draw_interaction(inference: Inference) -> Drawing | None:
         " (lines nudged sideways so the bars do not overlap). Parallel lines mean the factors act independently;"
         " lines that cross or diverge mean the effect of one depends on the other."
     )
+    if crossing.pooled:
+        caption = caption.replace("(one arm per cell;", f"(pooled over {', '.join(crossing.pooled)};", 1)
+        caption += (" The two factors drawn are those of the most significant interaction term, or the first two"
+                    " when none was tested.")
     if inference.factors is not None and any(i.row.term for i in inference.factors.interactions):
-        caption += " The analysis of variance tests that interaction."
+        caption += " The analysis of variance tests the interaction."
     return Drawing(INTERACTION_STEM, fig, caption, hover=tuple(hover))
 
 
 def interaction_figure(inference: Inference) -> FigureFile | None:
-    """``fig_interaction``: heatmap and interaction plot of a two-factor design; None for other designs."""
+    """``fig_interaction``: heatmap and interaction plot of two crossed factors; None for other designs."""
     return _rendered(draw_interaction(inference))
 
 
