@@ -13,9 +13,11 @@ evaluate.py, 06 is pure seed noise, 07 improves again.
 from __future__ import annotations
 
 import fcntl
+import html
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +119,11 @@ class Lab:
 
     def results(self, tag: str) -> str:
         return (self.home / "autoresearch" / tag / "results.tsv").read_text()
+
+
+def shown_text(markdown: str) -> str:
+    """Markdown as read: fact links reduced to the numbers they show."""
+    return re.sub(r"\[([^\]]*)\]\(#f[0-9]+\)", r"\1", markdown)
 
 
 @pytest.fixture
@@ -244,7 +251,21 @@ def test_patch_loop_keeps_exactly_the_improvements(lab: Lab) -> None:
     report = lab.home / "autoresearch" / "t"
     assert (report / "progress.png").stat().st_size > 10_000
     text = (report / "report.md").read_text()
-    assert "3 keep, 1 discard, 2 crash, 1 violation" in text and "![progress](progress.png)" in text
+    shown = shown_text(text)
+    assert "7 attempts: 3 keep, 1 discard, 2 crash, 1 violation" in shown and "![" in text and "(progress.png)" in text
+    assert "The keep rate is 75.00% of the measured attempts" in shown
+    html_text = (report / "report.html").read_text()
+    for a in attempts:  # every attempt with its decision and reason
+        assert f"<tr><td>{a.iteration}</td><td>{'baseline' if a.is_baseline else a.status}</td>" in html_text
+        assert html.escape(a.reason or "—") in html_text
+    assert {"report.html", "report.tex", "facts.json"} <= {p.name for p in report.iterdir()}
+    verified = lab.cli("verify", str(report))
+    assert verified.returncode == 0, verified.stderr
+    match = re.search(r"The baseline measured val\\_bpb = \[([0-9.]+)\]", text)
+    assert match, text[:500]
+    (report / "report.md").write_text(text.replace(f"[{match.group(1)}]", "[0.123456]", 1))
+    forged = lab.cli("verify", str(report))
+    assert forged.returncode == 1 and "shows 0.123456" in forged.stderr
     assert lab.repo.git("status", "--porcelain") == ""  # the user's checkout was never touched
     assert lab.repo.git("rev-parse", "--abbrev-ref", "HEAD") == "main"
 
@@ -274,7 +295,8 @@ def test_noise_aware_mode_discards_the_seed_change_that_default_mode_keeps(lab: 
         f"{c['06']}\t1.100000\t2.5\tdiscard\tchange the random seed from 42 to 137\n"
         f"{c['07']}\t1.050000\t5.0\tkeep\tdouble the width to 128\n"
     )
-    assert "noise floor 0.002000" in (lab.home / "autoresearch" / "noisy" / "report.md").read_text()
+    shown = shown_text((lab.home / "autoresearch" / "noisy" / "report.md").read_text())
+    assert "exceeds the noise floor (0.002000)" in shown
 
 
 # -- resume, interruption, refusal, validation --------------------------------------------------

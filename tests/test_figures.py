@@ -287,7 +287,7 @@ def test_curves_without_steps_align_on_report_index_and_two_runs_span_min_max(tm
     assert "report index" in ax.get_xlabel() and "min to max" in drawing.caption
 
 
-def test_curves_cap_arms_at_baseline_plus_best(tmp_path: Path) -> None:
+def test_curves_never_drop_an_arm_past_the_palette(tmp_path: Path) -> None:
     names = [f"arm{i}" for i in range(12)]
     book = Book(tmp_path, arms(*names), baseline="arm5")
     means = {n: 0.3 + 0.05 * i for i, n in enumerate(names)}
@@ -295,23 +295,50 @@ def test_curves_cap_arms_at_baseline_plus_best(tmp_path: Path) -> None:
         for d in (-0.01, 0.01):
             book.run(n, m + d, curve=curve(m + d))
     inference = book.inference()
-    drawing = draw_curves(book.ledger, inference, book.runs, max_arms=4)
+    drawing = draw_curves(book.ledger, inference, book.runs)
     assert drawing is not None
-    assert legend_labels(drawing) == ["arm5 (baseline)", "arm9", "arm10", "arm11"]
-    assert ("Of 12 arms with succeeded runs, only the baseline and the 3 arms with the best mean acc are drawn"
-            in drawing.caption)
-    assert_no_result_numbers(drawing.caption, counts=[12, 3])
+    panels = [ax for ax in drawing.figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [n + (" (baseline)" if n == "arm5" else "") for n in names]
+    for ax, name in zip(panels, names, strict=True):  # each arm drawn, with the baseline behind the others
+        assert len(ax.lines) == (1 if name == "arm5" else 2)
+    assert "One panel per arm (12 arms)" in drawing.caption and "baseline's mean curve in grey" in drawing.caption
+    assert_no_result_numbers(drawing.caption, counts=[12])
     colors = arm_colors(inference)
-    lines = drawing.figure.axes[0].lines
-    drawn = {label.split(" ")[0]: to_hex(line.get_color())
-             for label, line in zip(legend_labels(drawing), lines, strict=True)}
-    assert drawn == {n: colors[n].lower() for n in drawn}
-    assert len(set(drawn.values())) == 4  # the drawn arms never share a color
-    # Minimizing: the best are the lowest means.
-    book.maximize = False
-    drawing = draw_curves(book.ledger, book.inference(), book.runs, max_arms=4)
+    assert set(colors.values()) == {figures.PALETTE[0], figures.PALETTE[1]} and colors["arm5"] == figures.PALETTE[1]
+
+
+def test_train_and_validation_metrics_share_a_panel_and_the_spec_can_choose(tmp_path: Path) -> None:
+    assert figures.curve_panels(["acc", "train_loss", "val_loss", "lr", "f1/train", "f1/val"], "acc") == [
+        ("acc",), ("train_loss", "val_loss"), ("lr",), ("f1/train", "f1/val")]
+    book = Book(tmp_path, arms("a", "b"))
+    for arm, shift in (("a", 0.0), ("b", 0.1)):
+        for _ in range(2):
+            book.run(arm, 0.8 + shift, curve=curve(0.8 + shift),
+                     extra={"train_loss": [2.0, 1.0, 0.5 - shift], "val_loss": [2.1, 1.2, 0.7], "epoch": [1, 2, 3]})
+    drawing = draw_curves(book.ledger, book.inference(), book.runs)
     assert drawing is not None
-    assert legend_labels(drawing) == ["arm0", "arm1", "arm2", "arm5 (baseline)"]
+    titles = [ax.get_title() for ax in drawing.figure.axes if ax.get_visible()]
+    assert titles == ["acc", "train_loss and val_loss"]  # a counter such as epoch is not a learning curve
+    pair = drawing.figure.axes[1]
+    assert [line.get_linestyle() for line in pair.lines] == ["--", "--", "-", "-"]
+    assert "Dashed lines are training metrics" in drawing.caption
+
+    chosen = draw_curves(book.ledger, book.inference(), book.runs, metrics=["val_loss", "epoch", "grad_norm"])
+    assert chosen is not None
+    assert [ax.get_title() for ax in chosen.figure.axes if ax.get_visible()] == ["val_loss", "epoch"]
+    assert "Not drawn, as no run reported more than one finite value of it: grad_norm." in chosen.caption
+
+
+def test_the_y_axis_fits_late_training(tmp_path: Path) -> None:
+    book = Book(tmp_path, arms("a"))
+    loss = [10.0, 3.0] + [0.5 - 0.01 * i for i in range(18)]
+    book.run("a", 0.9, extra={"loss": loss})
+    book.run("a", 0.9, extra={"loss": [v + 0.02 for v in loss]})
+    drawing = draw_curves(book.ledger, book.inference(), book.runs)
+    assert drawing is not None
+    low, high = drawing.figure.axes[0].get_ylim()
+    assert 0.25 < low < 0.33 and 0.45 < high < 0.52  # the values after the first 30% of steps
+    assert "early values beyond it run off the axis" in drawing.caption
 
 
 # -- main effects --------------------------------------------------------------------------
@@ -343,8 +370,9 @@ def test_factorial_design_gives_one_panel_per_factor(tmp_path: Path) -> None:
     assert np.allclose(points[0].get_ydata(), lr_means)
     assert_no_result_numbers(drawing.caption)
     out = all_figures(book.ledger, inference, book.runs)
-    assert [f.stem for f in out] == ["fig_goal", "fig_main_effects", "fig_cost"]
+    assert [f.stem for f in out] == ["fig_goal", "fig_main_effects", "fig_interaction", "fig_cost"]
     assert_files(out[1], "fig_main_effects")
+    assert_files(out[2], "fig_interaction")
 
 
 def test_main_effects_wraps_many_factors_into_rows(tmp_path: Path) -> None:
@@ -376,25 +404,26 @@ def test_hundred_arms_with_long_names_render(tmp_path: Path) -> None:
     fig = assert_files(goal_figure(inference), "fig_goal")
     assert_no_result_numbers(fig.caption, counts=[100, 7])
     curves = draw_curves(book.ledger, inference, book.runs)
-    assert curves is not None and len(legend_labels(curves)) == 8
+    assert curves is not None and sum(ax.get_visible() for ax in curves.figure.axes) == 100  # no arm dropped
     goal = draw_goal(inference)
     assert goal is not None
     ax = goal.figure.axes[0]
     labels = arm_labels(ax)
     assert len(labels) == 100  # arms are rows
     assert all(len(line) <= figures.LABEL_WIDTH for label in labels for line in label.split("\n"))
-    # Every name starts with the same setting: only the first row spells it out.
-    assert labels[0].startswith("optimizer=adamw,") and labels[0].endswith("(baseline)")
+    # Sorted best first (the goal rises with i), every name starting with the same setting: only the first row
+    # spells it out.
+    assert labels[0].startswith("optimizer=adamw,") and "warmup=99" in labels[0].replace("\n", "")
     assert not any("optimizer" in label for label in labels[1:])
-    assert labels[1].replace("\n", "").startswith("lr=0.0001,weight_decay=0.01,")
-    assert "only the first row spells it out" in goal.caption
-    cost = draw_cost(inference, book.runs)  # the same row layout as the goal figure; drawn, not rendered, for speed
-    assert cost is not None and arm_labels(cost.figure.axes[0]) == labels
+    assert "warmup=98" in labels[1].replace("\n", "") and labels[-1].endswith("(baseline)")
+    assert "only the first row spells it out" in goal.caption and "sorted best first" in goal.caption
+    cost = draw_cost(inference, book.runs)  # drawn, not rendered, for speed
+    assert cost is not None and len(arm_labels(cost.figure.axes[0])) == 100
     width, height = goal.figure.get_size_inches()
     assert width <= figures.MAX_WIDTH_IN and height <= figures.MAX_HEIGHT_IN
-    colors = arm_colors(inference)
-    assert {n for n, c in colors.items() if c != figures.OTHER_COLOR} == {names[0], *names[-7:]}  # baseline + best
-    assert "Only the baseline and the 7 arms with the best mean acc have a color of their own" in goal.caption
+    colors = arm_colors(inference)  # no arm greyed out: color marks the baseline only
+    assert figures.OTHER_COLOR not in colors.values() and colors[names[0]] == figures.PALETTE[1]
+    assert "grey" not in goal.caption
 
 
 LRS = ("0.001", "0.01", "0.1", "0.3", "1.0", "3.0")
@@ -423,34 +452,29 @@ def test_many_factor_arms_are_grouped_rows_with_compact_marks(tmp_path: Path, mo
     ax = goal.figure.axes[0]
     assert ax.get_yticklabels() == []  # many arms: labels are texts beside the axis, not ticks
     labels = arm_labels(ax)
-    # A run of arms with the same lr is a group; only its first row names the lr. An arrow marks a verdict.
-    assert labels[:7] == ["lr=0.001,width=8 (baseline)", "width=16", "width=32", "width=64", "width=128",
-                          "lr=0.01,width=8 ▲", "width=16 ▲"]
-    separators = sorted(line.get_ydata()[0] for line in ax.lines if list(line.get_xdata()) == [0, 1])
-    assert separators == [4.5, 9.5, 14.5, 19.5, 24.5]
-    # The bars: one collection per hatch, one bar per arm, ending at the arm's mean.
-    bars = [c for c in ax.collections if isinstance(c, PolyCollection)]
-    assert sum(len(c.get_paths()) for c in bars) == 30
-    assert {c.get_hatch() for c in bars} == {None, "//"}
-    ends = sorted(round(float(p.vertices[:, 0].max()), 9) for c in bars for p in c.get_paths())
-    assert ends == sorted(round(g.describe.mean, 9) for g in inference.goals)  # type: ignore[arg-type]
-    assert "▲ improvement" in legend_labels(goal)
-    assert "▲ (improvement)" in goal.caption and "parted from the next by a faint line" in goal.caption
-    assert_no_result_numbers(goal.caption, counts=[7])
-    # The cost figure lays the arms out the same way.
+    # A dot plot sorted best first: the goal rises with lr, so the lr=3.0 arms come first, and an arrow marks a
+    # verdict. A run of arms with the same lr is a group; only its first row names the lr.
+    assert len(labels) == 30 and labels[0].startswith("lr=3.0,") and labels[5].startswith("lr=1.0,")
+    assert "lr=0.001,width=8 (baseline)" in labels and sum("▲" in label for label in labels) == 25
+    rows = sorted(range(30), key=lambda i: -(inference.goals[i].describe.mean or 0.0))
+    diamonds = next(c for c in ax.collections if isinstance(c, PathCollection) and len(c.get_offsets()) == 30)
+    assert np.allclose(diamonds.get_offsets()[:, 0], [inference.goals[i].describe.mean for i in rows])
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no bars
+    assert "▲ improvement" in goal.caption and "parted from the next by a faint line" in goal.caption
+    assert_no_result_numbers(goal.caption)
     cost = draw_cost(inference, book.runs)
-    assert cost is not None
-    assert arm_labels(cost.figure.axes[0]) == labels
-    for panel in cost.figure.axes:
-        assert sorted(line.get_ydata()[0] for line in panel.lines if list(line.get_xdata()) == [0, 1]) == separators
+    assert cost is not None and len(arm_labels(cost.figure.axes[0])) == 30
+    for panel in cost.figure.axes:  # the cost figure keeps the spec's order, one group per lr
+        assert sorted(line.get_ydata()[0] for line in panel.lines
+                      if list(line.get_xdata()) == [0, 1]) == [4.5, 9.5, 14.5, 19.5, 24.5]
     assert "parted from the next by a faint line" in cost.caption
-    assert_no_result_numbers(cost.caption, counts=[7])
+    assert_no_result_numbers(cost.caption)
     # Dense dots are rasterized in the PDF (the rest stays vector), and rendering stays deterministic.
     monkeypatch.setattr(figures, "RASTER_POINTS", 50)
     goal = draw_goal(inference)
     assert goal is not None
     dots = [c for c in goal.figure.axes[0].collections if isinstance(c, PathCollection)]
-    assert len(dots) == 1 and dots[0].get_rasterized()
+    assert [c.get_rasterized() for c in dots] == [False, True]  # the 30 diamonds stay vector, the 90 runs do not
     first, second = render(goal), render(draw_goal(inference))  # type: ignore[arg-type]
     assert first.png == second.png and first.pdf == second.pdf
     assert b"/Subtype /Image" in first.pdf
@@ -506,3 +530,80 @@ def test_names_with_dollars_and_underscores_are_literal(tmp_path: Path) -> None:
     labels = [t.get_text() for t in drawing.figure.axes[0].get_yticklabels() + drawing.figure.axes[0].get_xticklabels()]
     assert any(label.replace("\n", "").startswith(weird) for label in labels)
     assert_files(render(drawing), "fig_goal")
+
+
+def test_two_factors_draw_a_heatmap_of_cell_means_and_an_interaction_plot(tmp_path: Path) -> None:
+    depths, widths = ("1", "2"), ("4", "16", "64")
+    grid = [PlannedArm(name=f"DEPTH={d},WIDTH={w}", env={"D": d, "W": w}, factors={"DEPTH": d, "WIDTH": w})
+            for d in depths for w in widths]
+    book = Book(tmp_path, grid)
+    planted_means = {(d, w): 0.5 + 0.1 * widths.index(w) * (1 if d == "1" else -1) for d in depths for w in widths}
+    for arm in grid:
+        for shift in (-0.01, 0.0, 0.01):
+            book.run(arm.name, planted_means[(arm.factors["DEPTH"], arm.factors["WIDTH"])] + shift)
+    inference = book.inference()
+    drawing = figures.draw_interaction(inference)
+    assert drawing is not None
+    heat, lines = drawing.figure.axes[:2]
+    # Rows are the factor with fewer levels; each cell is its arm's mean.
+    expected = [[planted_means[(d, w)] for w in widths] for d in depths]
+    assert np.allclose(heat.images[0].get_array(), expected)
+    assert [t.get_text() for t in heat.get_yticklabels()] == list(depths)
+    assert [t.get_text() for t in heat.get_xticklabels()] == list(widths)
+    drawn = [line for line in lines.lines if not line.get_label().startswith("_")]  # not the error bars' caps
+    assert [line.get_label() for line in drawn] == ["DEPTH=1", "DEPTH=2"]
+    assert [np.allclose(line.get_ydata(), row) for line, row in zip(drawn, expected, strict=True)] == [True] * 2
+    assert len(drawing.hover) == 6 and all("95% CI [" in text for _, _, text in drawing.hover)
+    assert_no_result_numbers(drawing.caption)
+    rendered = render(drawing)
+    assert len(rendered.regions) == 6
+    for left, top, width, height, _ in rendered.regions:
+        assert 0 <= left and left + width <= 1 and 0 <= top and top + height <= 1
+    # The cell of DEPTH=1,WIDTH=4 is left of DEPTH=1,WIDTH=16's and above DEPTH=2,WIDTH=4's.
+    by_arm = {text.split(":")[0].removesuffix(" (baseline)"): region for *region, text in rendered.regions}
+    assert by_arm["DEPTH=1,WIDTH=4"][0] < by_arm["DEPTH=1,WIDTH=16"][0]
+    assert by_arm["DEPTH=1,WIDTH=4"][1] < by_arm["DEPTH=2,WIDTH=4"][1]
+    # One factor: nothing to cross.
+    assert figures.draw_interaction(planted(tmp_path / "one").inference()) is None
+
+
+def test_report_curves_is_a_checked_spec_key(tmp_path: Path) -> None:
+    from planted import spec_text
+    from ratiocinator.errors import SpecError
+    from ratiocinator.spec.models import load_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text(spec_text(report={"curves": ["train_loss", "val_loss"]}))
+    assert load_spec(good).spec.report.curves == ["train_loss", "val_loss"]
+    for name, report, message in (("empty", {"curves": []}, "name at least one metric"),
+                                  ("typo", {"curve": ["loss"]}, "curves")):
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(spec_text(report=report))
+        with pytest.raises(SpecError, match=message) as info:
+            load_spec(bad)
+        assert f"{name}.yaml:" in str(info.value)
+
+
+def test_more_factors_cross_the_pair_of_the_strongest_interaction_pooling_the_rest(tmp_path: Path) -> None:
+    levels = {"opt": ("sgd", "adam"), "seedset": ("a", "b"), "lr": ("0.01", "0.1", "1.0")}
+    grid = [PlannedArm(name=f"opt={o},seedset={s},lr={lr}", env={}, factors={"opt": o, "seedset": s, "lr": lr})
+            for o in levels["opt"] for s in levels["seedset"] for lr in levels["lr"]]
+    book = Book(tmp_path, grid)
+    rng = np.random.default_rng(5)
+    for arm in grid:
+        o, lr = arm.factors["opt"], levels["lr"].index(arm.factors["lr"])
+        for _ in range(4):  # adam gains with lr, sgd loses: an opt × lr interaction; seedset does nothing
+            book.run(arm.name, 0.6 + (0.08 if o == "adam" else -0.08) * lr + rng.normal(0, 0.005))
+    inference = book.inference()
+    drawing = figures.draw_interaction(inference)
+    assert drawing is not None
+    heat = drawing.figure.axes[0]
+    assert heat.get_ylabel() == "opt" and heat.get_xlabel() == "lr"
+    pooled = {(o, lr): np.mean([v for g in inference.goals if g.summary.arm.factors["opt"] == o
+                                and g.summary.arm.factors["lr"] == lr for v in g.stats.values])
+              for o in levels["opt"] for lr in levels["lr"]}
+    expected = [[pooled[(o, lr)] for lr in levels["lr"]] for o in levels["opt"]]
+    assert np.allclose(heat.images[0].get_array(), expected)
+    assert all("(2 arms pooled)" in text for _, _, text in drawing.hover)
+    assert "pooled over seedset" in drawing.caption and "most significant interaction term" in drawing.caption
+    assert_no_result_numbers(drawing.caption)

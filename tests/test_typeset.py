@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,45 @@ def test_a_twenty_arm_study_typesets(tmp_path: Path) -> None:
     assert files.pdf is not None, files.pdf_note
     words = assert_typeset(study.report_dir)
     assert "DEPTH=4,WIDTH=128" in words.replace("\n", "")
+    assert (study.report_dir / "fig_interaction.pdf").exists() and "fig_interaction.pdf" in files.tex.read_text()
+
+
+# Reads, in the browser, where each hover area of a figure sits relative to its image.
+_HOVER_PROBE = """<script>
+window.addEventListener("load", () => {
+  const out = [];
+  for (const map of document.querySelectorAll(".hovermap")) {
+    const img = map.querySelector("img").getBoundingClientRect();
+    for (const span of map.querySelectorAll(".hover")) {
+      const r = span.getBoundingClientRect();
+      out.push({left: (r.left - img.left) / img.width, top: (r.top - img.top) / img.height,
+                right: (r.right - img.left) / img.width, bottom: (r.bottom - img.top) / img.height,
+                imageWidth: img.width, title: span.title});
+    }
+  }
+  document.body.setAttribute("data-probe", JSON.stringify(out));
+});
+</script>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless chromium")
+def test_heatmap_cells_show_their_interval_on_hover_in_a_narrow_window(tmp_path: Path) -> None:
+    study = twenty_arm_study(tmp_path)
+    files = write_report(study.ledger, study.id, study.report_dir, pdf=False)
+    page = tmp_path / "probe.html"
+    page.write_text(files.html.read_text().replace("</body>", _HOVER_PROBE + "</body>"))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=600,900",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    match = re.search(r'data-probe="([^"]*)"', dom)
+    assert match, dom[-2000:]
+    areas = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(areas) == 20 and all(a["imageWidth"] < 600 for a in areas)  # the image is scaled down
+    assert all(-0.001 <= a["left"] < a["right"] <= 1.001 and -0.001 <= a["top"] < a["bottom"] <= 1.001
+               for a in areas)
+    cells = {a["title"].split(":")[0].removesuffix(" (baseline)"): a for a in areas}
+    assert cells["DEPTH=1,WIDTH=8"]["right"] == pytest.approx(cells["DEPTH=1,WIDTH=16"]["left"], abs=0.002)
+    assert cells["DEPTH=1,WIDTH=8"]["bottom"] == pytest.approx(cells["DEPTH=2,WIDTH=8"]["top"], abs=0.002)
+    assert "95% CI [" in cells["DEPTH=4,WIDTH=128"]["title"]
 
 
 @pytest.mark.subprocess
@@ -104,3 +145,103 @@ def test_the_quickstart_paper_typesets(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     report = next((home / "reports").iterdir())
     assert_typeset(report)
+
+
+def autoresearch_session(home: Path) -> Path:
+    """A finished noise-aware session in a real ledger: a baseline, kept, discarded, crashed and rejected edits."""
+    from ratiocinator.autoresearch.decide import noise_aware, noise_floor
+    from ratiocinator.autoresearch.results import write_outputs
+    from ratiocinator.autoresearch.session_report import session_program
+    from ratiocinator.autoresearch.store import Store
+    from ratiocinator.store.ledger import Ledger
+
+    program_text = ("repo: repo\ntag: night\neditable: [train.py]\nrun: python train.py\nreplicates: 3\n"
+                    "metric: {name: val_bpb, direction: lower}\nbudget_s: 300\n"
+                    "agent: {kind: command, command: 'true'}\n")
+    store = Store(Ledger(home / "ledger.db"))
+    session = store.create_session(tag="night", repo="/src/nanochat", branch="autoresearch/night", base_branch="main",
+                                   base_commit="c0ffee1234567890", program_path="night.yaml", program_text=program_text,
+                                   program_sha256="0" * 64, protected={})
+    rng = np.random.default_rng(3)
+    base_values = [0.9981, 1.0003, 0.9969]
+    floor = noise_floor(base_values)
+    base = store.add_attempt(session.id, worker=0, parent="c0ffee1234567890", baseline=True)
+    store.finish_attempt(base.id, status="baseline", reason="the unmodified code", best_of=session.id,
+                         values=base_values, metric=float(np.mean(base_values)), commit_sha="c0ffee1234567890")
+    best = base_values
+    for i in range(12):
+        attempt = store.add_attempt(session.id, worker=i % 2, parent="c0ffee1234567890",
+                                    hypothesis=f"try change {i}: raise the learning rate warmup to {100 * i} steps")
+        if i % 5 == 4:
+            store.finish_attempt(attempt.id, status="crash", reason="exit 1: CUDA error: out of memory")
+            continue
+        if i == 7:
+            store.finish_attempt(attempt.id, status="violation", reason="changed protected prepare.py")
+            continue
+        values = list(np.mean(best) - 0.004 * (i % 3 - 0.5) + 0.002 * rng.standard_normal(3))
+        decision = noise_aware(values, best, k=3, floor=floor, confidence=0.95, lower_is_better=True, name="val_bpb")
+        if decision.action == "rerun":
+            decision = noise_aware(values[:1], best, k=1, floor=floor, confidence=0.95, lower_is_better=True)
+        keep = decision.keep
+        store.finish_attempt(attempt.id, status="keep" if keep else "discard", reason=decision.reason,
+                             best_of=session.id if keep else None, values=values, metric=float(np.mean(values)),
+                             commit_sha=f"{i:07d}abcdef")
+        if keep:
+            best = values
+    session = store.session(session.id)
+    store.update_session(session.id, status="done", reason="max_iterations reached")
+    session = store.session(session.id)
+    directory = home / "autoresearch" / "night"
+    directory.mkdir(parents=True)
+    write_outputs(directory, session, store.attempts(session.id), session_program(session), floor=floor, spent=0.0,
+                  ledger=home / "ledger.db")
+    store.close()
+    return directory
+
+
+def test_an_autoresearch_report_is_traced_and_verified(tmp_path: Path) -> None:
+    from ratiocinator.report.verify import verify_report
+    from ratiocinator.store.ledger import Ledger
+
+    directory = autoresearch_session(tmp_path)
+    md = (directory / "report.md").read_text()
+    facts = json.loads((directory / "facts.json").read_text())
+    keys = {f["key"] for f in facts["facts"]}
+    assert {"baseline.metric", "noise.floor", "attempts.n", "attempts.keep", "attempts.crash", "attempts.violation",
+            "keep_rate", "spent"} <= keys
+    assert sum(k.startswith("attempt[") and k.endswith("].val_bpb") for k in keys) == 1 + 9  # every measured one
+    assert md.count("| crash |") == 2 and "| violation |" in md and "changed protected prepare.py" in md
+    ledger = Ledger(tmp_path / "ledger.db")
+    result = verify_report(ledger, directory)
+    assert result.ok, result.mismatches
+    assert result.documents == ["report.md", "report.html", "report.tex"]
+    floor = next(f for f in facts["facts"] if f["key"] == "noise.floor")
+    html = (directory / "report.html").read_text()
+    (directory / "report.html").write_text(html.replace(f'">{floor["text"]}</a>', '">0.000001</a>', 1))
+    forged = verify_report(ledger, directory)
+    assert any("shows 0.000001" in m for m in forged.mismatches)
+
+
+@pytest.mark.latex
+@needs_tools
+def test_an_autoresearch_report_typesets(tmp_path: Path) -> None:
+    directory = autoresearch_session(tmp_path)
+    pdf, note = build_pdf(directory / "report.tex")
+    assert pdf is not None, note
+    words = assert_typeset(directory, "report", ("floor", "confidence", "unmodified"))
+    assert "try change 11" in words.replace("\n", " ")
+
+
+def test_number_columns_align_on_the_decimal_point_and_text_columns_wrap() -> None:
+    book = FactBook()
+    seeds = ", ".join(map(str, range(30)))  # numbers, but a list: it wraps like text
+    rows = tuple((name, book.cite(f"{name}.v", value, Kind.METRIC, "a value", [1]), "a long note " * 3, seeds)
+                 for name, value in (("a", 0.5), ("b", 12.25), ("c", -3.125)))
+    tex = render_latex("t", [Table(("Arm", "Value", "Note", "Seeds"), rows)], book)
+    lines = {line.split(" & ")[0]: line for line in tex.splitlines() if " & " in line and "textbf" not in line}
+    # 0.5 lacks two digits of the column's longest tail (.125), 12.25 one; -3.125 none.
+    assert r"\fact{f1}{0.5}\hspace{1.00em}" in lines["a"]
+    assert r"\fact{f2}{12.25}\hspace{0.50em}" in lines["b"]
+    assert r"\fact{f3}{$-$3.125} &" in lines["c"]
+    spec = re.search(r"\\begin\{longtable\}\{(.*)\}\n", tex)
+    assert spec and spec.group(1).count("p{") == 3 and re.search(r"\}r>", spec.group(1))  # Value: r, the rest wrap

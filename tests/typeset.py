@@ -34,6 +34,23 @@ def text(pdf: Path) -> str:
     return subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
 
 
+HEADING = re.compile(r"^[0-9]+(\.[0-9]+)*\s+[A-Z]")
+
+
+def headings_ending_a_page(pdf: Path) -> list[str]:
+    """Numbered section headings that are the last line of a page (their section starts on the next)."""
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True).stdout
+    pages = int(re.search(r"^Pages:\s+([0-9]+)", info, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    stranded = []
+    for page in range(1, pages + 1):
+        out = subprocess.run(["pdftotext", "-f", str(page), "-l", str(page), str(pdf), "-"], capture_output=True,
+                             text=True, check=True).stdout
+        lines = [line.strip() for line in out.splitlines() if line.strip() and not line.strip().isdigit()]
+        if lines and HEADING.match(lines[-1]):
+            stranded.append(f"page {page}: {lines[-1]}")
+    return stranded
+
+
 def glued_numbers(words: str, facts_json: Path) -> list[str]:
     """Words of the PDF's text that are two of the report's numbers with nothing between them."""
     # Decimal numbers only: "40" is "4" and "0", but "0.0041470.002395" is two numbers run together.
@@ -47,14 +64,15 @@ def glued_numbers(words: str, facts_json: Path) -> list[str]:
     return glued
 
 
-def assert_typeset(report: Path) -> str:
+def assert_typeset(report: Path, stem: str = "paper", words_kept: tuple[str, ...] = ("significant", "floor")) -> str:
     """The report's PDF passes every check above; returns its text."""
-    pdf, log = report / "paper.pdf", report / "paper.log"
-    assert pdf.exists(), "no paper.pdf"
+    pdf, log = report / f"{stem}.pdf", report / f"{stem}.log"
+    assert pdf.exists(), f"no {pdf.name}"
     types = fonts(pdf)
     assert types and not [name for name, kind in types if kind == "Type 3"], types
     assert overfull(log) == [], f"overfull boxes in {log}"
     words = text(pdf)
-    assert "significant" in words and "floor" in words, "ligatures do not extract as letters"
+    assert all(word in words for word in words_kept), "ligatures do not extract as letters"
     assert glued_numbers(words, report / "facts.json") == []
+    assert headings_ending_a_page(pdf) == []
     return words

@@ -609,8 +609,10 @@ def verify(report_dir: Annotated[Path, typer.Argument(help="a report directory (
         err.print(f"mismatch: {line}", markup=False)
     if len(result.mismatches) > MAX_MISMATCHES_SHOWN:
         err.print(f"... and {len(result.mismatches) - MAX_MISMATCHES_SHOWN} more", markup=False)
-    err.print(f"error: {len(result.mismatches)} mismatch(es) between {report_dir} and the ledger; "
-              f"rewrite it with `ratiocinator report {result.experiment_id}`", markup=False)
+    rewrite = ("run the session's `ratiocinator autoresearch PROGRAM` again" if "experiment_id" not in recorded
+               else f"rewrite it with `ratiocinator report {result.experiment_id}`")
+    err.print(f"error: {len(result.mismatches)} mismatch(es) between {report_dir} and the ledger; {rewrite}",
+              markup=False)
     raise typer.Exit(1)
 
 
@@ -681,19 +683,24 @@ def _export_mlflow(ledger: Ledger, experiment_id: str, tracking_uri: str | None,
 
 
 def _ledger_for(recorded: dict) -> Ledger:
-    """The --home ledger if it holds the experiment, else the ledger the report was written from."""
+    """The --home ledger if it holds the experiment (or session), else the ledger the report was written from."""
+    from ratiocinator.autoresearch.session_report import SESSION_KEY
+    from ratiocinator.autoresearch.store import Store
+
     candidates = [Paths(state.home).ledger]
     if recorded.get("ledger"):
         candidates.append(Path(recorded["ledger"]))
+    tag = recorded.get(SESSION_KEY)
     for path in candidates:
         if path.exists():
             ledger = Ledger(path)
-            if ledger.has_experiment(recorded["experiment_id"]):
+            if (Store(ledger).session_by_tag(tag) is not None if tag is not None
+                    else ledger.has_experiment(recorded["experiment_id"])):
                 return ledger
             ledger.close()
-    raise UsageError(f"no ledger holds experiment {recorded['experiment_id']}"
-                     f" (looked in {', '.join(map(str, candidates))})",
-                     hint="pass --home with the directory the experiment ran in")
+    what = f"autoresearch session {tag}" if tag is not None else f"experiment {recorded['experiment_id']}"
+    raise UsageError(f"no ledger holds {what} (looked in {', '.join(map(str, candidates))})",
+                     hint="pass --home with the directory it ran in")
 
 
 @app.command()
@@ -881,7 +888,13 @@ def autoresearch(
     best = "" if outcome.best_metric is None else (f"; best {loaded.program.metric.name} {outcome.best_metric:.6f}"
                                                    f" at {(outcome.best_commit or '')[:7]}")
     out.print(f"autoresearch {outcome.tag}: {outcome.status} — {outcome.reason}{best}", markup=False)
-    out.print(f"report: {outcome.report_dir / 'report.md'} (results.tsv, progress.png beside it)", markup=False)
+    from ratiocinator.report.publish import build_pdf
+
+    tex = outcome.report_dir / "report.tex"
+    pdf, note = build_pdf(tex) if tex.exists() else (None, "no report was written")
+    out.print(f"report: {outcome.report_dir / 'report.html'} (report.md, report.tex, results.tsv, progress.png"
+              f" beside it); check with `ratiocinator verify {outcome.report_dir}`", markup=False)
+    out.print(f"        {pdf}" if pdf else f"        ({note})", markup=False)
     raise typer.Exit(outcome.exit_code)
 
 

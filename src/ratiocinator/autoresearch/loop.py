@@ -536,7 +536,8 @@ class AutoResearch:
             session = store.session(self.session.id)
             spent, _ = store.money(session.id)
             write_outputs(self.dir, session, store.attempts(session.id), self.program, floor=self.floor, spent=spent,
-                          repo_copy=self.loaded.repo / "results.tsv" if self.program.results_tsv_in_repo else None)
+                          repo_copy=self.loaded.repo / "results.tsv" if self.program.results_tsv_in_repo else None,
+                          ledger=store.ledger.path)
 
     def _say(self, line: str) -> None:
         with self._echo_lock:

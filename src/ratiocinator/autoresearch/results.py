@@ -1,4 +1,5 @@
-"""What a session shows: ``results.tsv`` in the seed's exact format, the progress chart, the report.
+"""What a session shows: ``results.tsv`` in the seed's exact format, the progress chart, the report
+(built by ``session_report`` with the paper's document pipeline).
 
 ``results.tsv`` is what people's notebooks read (``analysis.ipynb``: keep rate, running
 best, progress chart), so it is byte-compatible with the seed: a header ``commit``,
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ratiocinator.autoresearch.program import Program
 from ratiocinator.autoresearch.store import Attempt, Session
 from ratiocinator.report.exports import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _TSV_BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 PLOT_NAME = "progress.png"
@@ -93,14 +97,14 @@ def running_best(attempts: Sequence[Attempt], lower_is_better: bool) -> list[tup
     return points
 
 
-def plot_progress(attempts: Sequence[Attempt], program: Program, path: Path, *, floor: float | None) -> None:
+def draw_progress(attempts: Sequence[Attempt], program: Program, *, floor: float | None) -> Figure:
     """Metric per attempt (dots by status), the running best (a step line), the baseline's noise band."""
+    import matplotlib.figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     metric = program.metric
-    fig = Figure(figsize=(10, 5), dpi=100)
+    fig = matplotlib.figure.Figure(figsize=(10, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     done = [a for a in attempts if a.status != "running"]
@@ -135,62 +139,31 @@ def plot_progress(attempts: Sequence[Attempt], program: Program, path: Path, *, 
         # A fixed corner away from the trend (\"best\" searches, and this is redrawn after every attempt).
         ax.legend(loc="upper right" if metric.lower_is_better else "lower right", fontsize=8)
     fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.11)
-    buffer_path = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(buffer_path, format="png", metadata={"Software": None})
-    buffer_path.replace(path)
-
-
-def report_markdown(session: Session, attempts: Sequence[Attempt], program: Program, *, floor: float | None,
-                    spent: float) -> str:
-    """A readable summary of the session, every attempt listed, and the chart."""
-    metric = program.metric
-    done = [a for a in attempts if a.status != "running"]
-    baseline = next((a for a in done if a.status == "baseline"), None)
-    best = next((a for a in done if a.id == session.best_attempt), baseline)
-    counts = {s: sum(a.status == s for a in done if not a.is_baseline)
-              for s in ("keep", "discard", "crash", "violation", "interrupted")}
-    decided = counts["keep"] + counts["discard"]
-    lines = [
-        f"# Autoresearch `{program.tag}`",
-        "",
-        f"- repository: `{session.repo}`, branch `{session.branch}` from `{session.base_branch}` at"
-        f" `{session.base_commit[:12]}`",
-        f"- status: **{session.status}**" + (f" — {session.reason}" if session.reason else ""),
-        f"- metric: `{metric.name}`, {metric.direction} is better; "
-        + ("strictly-better rule (one run per commit)" if program.k == 1 else
-           f"noise-aware rule: {program.k} runs per commit, {program.confidence:.0%} confidence"
-           + ("" if floor is None else f", noise floor {floor:.6f}")),
-    ]
-    if baseline is not None and baseline.metric is not None:
-        lines.append(f"- baseline: {baseline.metric:.6f}")
-    if best is not None and best.metric is not None and baseline is not None and baseline.metric is not None:
-        gain = (baseline.metric - best.metric) if metric.lower_is_better else (best.metric - baseline.metric)
-        lines.append(f"- best: {best.metric:.6f} at `{(best.commit_sha or '')[:12]}` ({gain:+.6f} vs baseline)")
-    lines.append(f"- attempts: {sum(counts.values())} — " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-                 + (f"; keep rate {counts['keep']}/{decided} = {counts['keep'] / decided:.0%}" if decided else ""))
-    lines.append(f"- compute and LLM spend: ${spent:.2f}"
-                 + (f" of ${program.max_dollars:.2f}" if program.max_dollars is not None else ""))
-    lines += ["", f"![progress]({PLOT_NAME})", "",
-              "| # | worker | status | " + metric.name + " | runs | commit | hypothesis | reason |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for a in done:
-        value = "" if a.metric is None else f"{a.metric:.6f}"
-        spread = f"{len(a.values)}" + (f" (sd {statistics.stdev(a.values):.6f})" if len(a.values) > 1 else "")
-        cells = [str(a.iteration), str(a.worker), a.status, value, spread, (a.commit_sha or "")[:7],
-                 "baseline" if a.is_baseline else a.hypothesis, a.reason]
-        lines.append("| " + " | ".join(_cell(c).replace("|", "/") for c in cells) + " |")
-    lines += ["", ("Every attempt's full diff, log tail and timings are in the ledger: "
-                   "`ratiocinator autoresearch-log PROGRAM` lists them and `--apply ID --branch NAME` recreates any of"
-                   " them.")]
-    return "\n".join(lines) + "\n"
+    return fig
 
 
 def write_outputs(directory: Path, session: Session, attempts: Sequence[Attempt], program: Program, *,
-                  floor: float | None, spent: float, repo_copy: Path | None = None) -> None:
-    """results.tsv, report.md and progress.png, each written atomically."""
+                  floor: float | None, spent: float, repo_copy: Path | None = None,
+                  ledger: Path | None = None) -> None:
+    """results.tsv, progress.png and the report (report.md, .html, .tex, facts.json), each written atomically.
+
+    The PDF is left to the command line, once the session has ended (``build_pdf`` on
+    report.tex): pdflatex takes seconds, which an attempt every few minutes should not pay.
+    """
+    from ratiocinator.autoresearch.session_report import FACTS_FILE, facts_document, progress_caption, render_session
+    from ratiocinator.report.exports import json_records
+    from ratiocinator.report.figures import Drawing, render
+
     tsv = results_tsv(attempts, program)
     write_atomic(directory / TSV_NAME, tsv)
     if repo_copy is not None:
         write_atomic(repo_copy, tsv)
-    plot_progress(attempts, program, directory / PLOT_NAME, floor=floor)
-    write_atomic(directory / REPORT_NAME, report_markdown(session, attempts, program, floor=floor, spent=spent))
+    progress = render(Drawing(PLOT_NAME.removesuffix(".png"), draw_progress(attempts, program, floor=floor),
+                              progress_caption(program)))
+    write_atomic(directory / PLOT_NAME, progress.png)
+    write_atomic(directory / f"{progress.stem}.pdf", progress.pdf)
+    report, rendered = render_session(session, attempts, program, spent=spent, progress=progress)
+    for name, text in rendered.items():
+        write_atomic(directory / name, text)
+    head, facts = facts_document(session, report, rendered, ledger)
+    write_atomic(directory / FACTS_FILE, json_records(head, "facts", facts))

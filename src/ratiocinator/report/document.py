@@ -225,7 +225,9 @@ th{background:#f3f3f3}
 table.fields th{width:14em;background:#fafafa;font-weight:600}
 a.fact{color:inherit;text-decoration:underline dotted #88a;cursor:help}
 tr:target{background:#fff3bf}
-figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555}
+.hovermap{position:relative;display:inline-block;max-width:100%}.hovermap .hover{position:absolute;cursor:help}
+.hovermap .hover:hover{outline:2px solid #fff3bf}
 pre{background:#f6f6f6;border:1px solid #e2e2e2;padding:.6em;overflow-x:auto;font-size:.82em}
 """
 
@@ -271,8 +273,16 @@ class _Html(Renderer):
     def figure(self, block: Figure) -> str:
         data = base64.b64encode(block.file.png).decode("ascii")
         caption = _html_escape(block.file.caption)
-        return (f'<figure><img alt="{caption}"'
-                f' src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
+        image = f'<img alt="{caption}" src="data:image/png;base64,{data}">'
+        if block.file.regions:
+            # Areas placed in percentages of the image, so they stay on their cells however it is scaled.
+            areas = "".join(
+                f'<span class="hover" style="left:{100 * x:.2f}%;top:{100 * y:.2f}%;width:{100 * w:.2f}%;'
+                f'height:{100 * h:.2f}%" title="{_html_escape(text)}"></span>'
+                for x, y, w, h, text in block.file.regions
+            )
+            image = f'<div class="hovermap">{image}{areas}</div>'
+        return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
     def code(self, block: Code) -> str:
         return f"<pre><code>{_html_escape(block.text)}</code></pre>"
@@ -310,13 +320,11 @@ TEX_MINUS = "$-$"
 _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
 \pdfgentounicode=1
 \input{glyphtounicode}
-\usepackage[T1]{fontenc}
 \usepackage[utf8]{inputenc}
-\IfFileExists{lmodern.sty}{\usepackage{lmodern}}{}
 \usepackage{textcomp}
 \usepackage{amsmath,amssymb}
 \usepackage[margin=2cm]{geometry}
-\usepackage{microtype}
+\IfFileExists{lmodern.sty}{\usepackage[T1]{fontenc}\usepackage{lmodern}\usepackage{microtype}}{}
 \usepackage{graphicx}
 \usepackage{booktabs}
 \usepackage{longtable}
@@ -334,8 +342,10 @@ _TEX_PREAMBLE = r"""\documentclass[10pt]{article}
 """
 # lmodern makes every font Type 1 (a T1-encoded text without it gets bitmap Type 3 fonts, which
 # break search and copy and which paper venues reject); without lmodern installed the default
-# OT1 Computer Modern is used, which TeX Live also ships as Type 1. glyphtounicode maps the fi
-# and fl ligatures back to two letters, so text extracted from the PDF says "significant".
+# OT1 Computer Modern is used, which TeX Live also ships as Type 1 (a few symbols then still come
+# from bitmap fonts, and microtype, whose font expansion needs scalable fonts, is left out).
+# glyphtounicode maps the fi and fl ligatures back to two letters, so text extracted from the PDF
+# says "significant".
 
 _TEX_CHARS = {**_TEX_SPECIAL, **_TEX_UNICODE, "\n": " "}
 # What pdflatex with T1 + utf8 inputenc can set: ASCII and Latin-1/Latin Extended-A.
@@ -416,6 +426,8 @@ CODE_LINE_CHARS = 100
 # each repeat the first column, so nothing is ever set over its neighbour.
 
 _NUMBER_CELL = re.compile(r"^[\s\d.,/()\[\]±+\-−—$%eE]*$")
+# A cell of a number, an interval or "a ± b" holds two numbers at most; a list of seeds is text (it wraps).
+_A_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+−]?\d+)?")
 # Widths in em of Latin Modern's glyphs, rounded up; what is not listed counts as a capital.
 _EM = {**dict.fromkeys("0123456789", 0.5), **dict.fromkeys(".,:;'`!|", 0.28), **dict.fromkeys("()[]", 0.39),
        " ": 0.34, "—": 1.0, "–": 0.5, "±": 0.78, "−": 0.78, "-": 0.34, "$": 0.5, "%": 0.84, "/": 0.5, "_": 0.62,
@@ -477,7 +489,7 @@ def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], size: float) 
     columns = []
     for i, head in enumerate(header):
         cells = [r[i] for r in rows]
-        numeric = bool(cells) and all(_NUMBER_CELL.match(c) for c in cells)
+        numeric = bool(cells) and all(_NUMBER_CELL.match(c) and len(_A_NUMBER.findall(c)) <= 2 for c in cells)
         if numeric:
             tail = max((_decimal_tail(c) for c in cells), key=lambda t: _width_pt(t, size), default="")
             body = max((_width_pt(c + tail[len(_decimal_tail(c)):], size) for c in cells), default=0.0)

@@ -28,6 +28,7 @@ class Kind(str, Enum):
     MONEY = "money"  # dollars
     SECONDS = "seconds"
     PERCENT = "percent"
+    DECIMAL6 = "decimal6"  # a metric to six decimals, as autoresearch compares them (0.997900 vs 0.997912)
 
 
 def format_value(kind: Kind, value: float) -> str:
@@ -41,6 +42,8 @@ def format_value(kind: Kind, value: float) -> str:
         return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
     if kind is Kind.MONEY:
         return f"${value:,.2f}" if value == 0 or abs(value) >= 0.01 else f"${value:.2g}"
+    if kind is Kind.DECIMAL6:
+        return f"{value:.6f}"
     return f"{value:.2f}%"
 
 
@@ -52,6 +55,7 @@ class Fact:
     kind: Kind
     label: str
     run_ids: tuple[int, ...]
+    unit: str = "run"  # what the ids count: a study's runs, or an autoresearch session's attempts
 
     @property
     def text(self) -> str:
@@ -64,8 +68,9 @@ class Fact:
     @cached_property
     def hover(self) -> str:
         n = len(self.run_ids)
-        runs = self.runs_text if len(self.runs_text) <= HOVER_RUNS_CHARS else f"{n:,} runs, listed in the appendix"
-        return f"{self.label} · run{'s' if n != 1 else ''} {runs}"
+        runs = (self.runs_text if len(self.runs_text) <= HOVER_RUNS_CHARS
+                else f"{n:,} {self.unit}s, listed in the appendix")
+        return f"{self.label} · {self.unit}{'s' if n != 1 else ''} {runs}"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -95,6 +100,7 @@ class FactBook:
 
     facts: dict[str, Fact] = field(default_factory=dict)
     by_id: dict[str, Fact] = field(default_factory=dict)
+    unit: str = "run"
 
     def cite(self, key: str, value: float | None, kind: Kind, label: str, run_ids: Iterable[int]) -> str:
         """A placeholder for the fact, or an em dash when there is no value to state."""
@@ -106,7 +112,7 @@ class FactBook:
             if known.text != format_value(kind, value) or known.run_ids != runs:
                 raise FactConflict(f"fact {key} cited as {format_value(kind, value)} and {known.text}")
             return f"{_OPEN}{known.id}{_CLOSE}"
-        fact = Fact(f"f{len(self.facts) + 1}", key, float(value), kind, label, runs)
+        fact = Fact(f"f{len(self.facts) + 1}", key, float(value), kind, label, runs, self.unit)
         self.facts[key] = fact
         self.by_id[fact.id] = fact
         return f"{_OPEN}{fact.id}{_CLOSE}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -50,6 +51,7 @@ R = TypeVar("R")
 GOAL_STEM = "fig_goal"
 CURVES_STEM = "fig_curves"
 MAIN_EFFECTS_STEM = "fig_main_effects"
+INTERACTION_STEM = "fig_interaction"
 COST_STEM = "fig_cost"
 
 FIGURE_DPI = 100
@@ -111,6 +113,8 @@ class FigureFile:
     caption: str
     png: bytes
     pdf: bytes
+    # Areas of the PNG that show a text on hover in HTML: (left, top, width, height) as fractions, text.
+    regions: tuple[tuple[float, float, float, float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Drawing:
     stem: str
     figure: Figure
     caption: str
+    # (axes, (x0, y0, x1, y1) in its data coordinates, text): what HTML shows on hover over that area.
+    hover: tuple[tuple[Any, tuple[float, float, float, float], str], ...] = ()
 
 
 # -- rendering -----------------------------------------------------------------------
@@ -160,8 +166,20 @@ def render(drawing: Drawing) -> FigureFile:
                     pil_kwargs={"compress_level": PNG_COMPRESSION})
         # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
         fig.savefig(pdf, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+        regions = tuple(_region(ax, corners, text, box) for ax, corners, text in drawing.hover)
     fig.clear()
-    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue())
+    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue(), regions)
+
+
+def _region(ax: Any, corners: tuple[float, float, float, float], text: str,
+            box: Any) -> tuple[float, float, float, float, str]:
+    """A data-coordinate rectangle as fractions of the cropped image, measured from its top left."""
+    x0, y0, x1, y1 = corners
+    (px0, py0), (px1, py1) = ax.transData.transform([(x0, y0), (x1, y1)]) / FIGURE_DPI  # inches
+    left, right = sorted((px0, px1))
+    bottom, top = sorted((py0, py1))
+    return ((left - box.x0) / box.width, (box.y1 - top) / box.height, (right - left) / box.width,
+            (top - bottom) / box.height, text)
 
 
 def _rendered(drawing: Drawing | None) -> FigureFile | None:
@@ -227,19 +245,15 @@ def _goal_rank(inference: Inference) -> list[str]:
 def arm_colors(inference: Inference) -> dict[str, str]:
     """One color per arm, the same in every figure.
 
-    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms, the
-    baseline and the best arms by goal mean (the ones the learning-curve figure draws)
-    take the palette and every other arm is grey: repeating colors would suggest
-    groups that do not exist.
+    Up to ``len(PALETTE)`` arms take the palette in spec order. With more arms, every
+    figure labels each arm on its axis or panel instead, so color only marks the baseline:
+    repeating colors would suggest groups that do not exist, and greying arms out would
+    hide them.
     """
     names = [a.name for a in inference.summary.arms]
     if len(names) <= len(PALETTE):
         return {name: PALETTE[i] for i, name in enumerate(names)}
-    ranked = _goal_rank(inference)
-    if inference.baseline is not None:
-        ranked = [inference.baseline, *(n for n in ranked if n != inference.baseline)]
-    ranked += [n for n in names if n not in set(ranked)]
-    return {name: PALETTE[i] if i < len(PALETTE) else OTHER_COLOR for i, name in enumerate(ranked)}
+    return {name: PALETTE[1] if name == inference.baseline else PALETTE[0] for name in names}
 
 
 def _arm_label(inference: Inference, name: str, *, compact: bool = False, shown: str | None = None) -> str:
@@ -446,7 +460,15 @@ def draw_goal(inference: Inference) -> Drawing | None:
     if not goals:
         return None
     colors = arm_colors(inference)
+    # Past the palette the arms are a sorted dot plot: best first, every arm a labelled row, no bar
+    # to compare against zero (so the axis fits the data), no arm set apart by a grey.
+    dot_plot = len(goals) > len(PALETTE)
+    if dot_plot:
+        rank = {name: i for i, name in enumerate(_goal_rank(inference))}
+        goals = sorted(goals, key=lambda g: rank[g.name])
     layout = _ArmAxis.of_arms(inference, [g.name for g in goals])
+    if dot_plot:
+        layout = replace(layout, horizontal=True)
     extent = layout.extent()
     fig = _new_figure(7.0, extent) if layout.horizontal else _new_figure(extent, 4.2)
     ax = fig.add_subplot()
@@ -456,8 +478,14 @@ def draw_goal(inference: Inference) -> Drawing | None:
     means = np.asarray([g.describe.mean for g in goals], dtype=float)
     verdicts = [c.verdict if (c := inference.comparison(g.name)) is not None else None for g in goals]
     hatches = [_HATCH.get(v) for v in verdicts]
-    _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches,
-          many=layout.many)
+    if dot_plot:
+        rows = np.arange(len(goals), dtype=float)
+        x, y = (means, rows) if horizontal else (rows, means)
+        ax.scatter(x, y, marker="D", s=30, zorder=6, linewidths=0.6, c=[colors[g.name] for g in goals],
+                   edgecolors=INK)
+    else:
+        _bars(ax, means, [colors[g.name] for g in goals], alpha=0.6, horizontal=horizontal, hatches=hatches,
+              many=layout.many)
     marked = {"improvement": Verdict.IMPROVEMENT in verdicts, "regression": Verdict.REGRESSION in verdicts}
     with_ci = [(i, g.describe.ci) for i, g in enumerate(goals) if g.describe.ci is not None]
     shown = means.tolist()
@@ -487,7 +515,7 @@ def draw_goal(inference: Inference) -> Drawing | None:
     direction = "higher" if summary.maximize else "lower"
     (ax.set_xlabel if horizontal else ax.set_ylabel)(f"{goal} ({direction} is better)")
     ax.grid(axis=value_axis, alpha=0.3)
-    zoomed = _zoom_to_data(ax, shown, axis=value_axis)
+    zoomed = not dot_plot and _zoom_to_data(ax, shown, axis=value_axis)
     top_axis = horizontal and len(goals) > TOP_AXIS_ARMS
     if top_axis:
         ax.tick_params(axis="x", top=True, labeltop=True)
@@ -496,11 +524,14 @@ def draw_goal(inference: Inference) -> Drawing | None:
         Line2D([], [], color=INK, marker="o", linestyle="none", markersize=4, label="run"),
         Line2D([], [], color=INK, marker="|", linestyle="-", markersize=8, label=f"{CONFIDENCE:.0%} CI of the mean"),
     ]
+    if dot_plot:
+        handles.insert(0, Line2D([], [], color=PALETTE[0], marker="D", markeredgecolor=INK, linestyle="none",
+                                 label="arm mean"))
     if base is not None and len(goals) > 1:
         handles.append(Line2D([], [], color=INK, linestyle="--", linewidth=0.9, label="baseline mean"))
-    if marked["improvement"]:
+    if marked["improvement"] and not dot_plot:  # a dot plot names verdicts in its arm labels
         handles.append(Patch(facecolor="white", edgecolor=INK, hatch="//", label="▲ improvement"))
-    if marked["regression"]:
+    if marked["regression"] and not dot_plot:
         handles.append(Patch(facecolor="white", edgecolor=INK, hatch="\\\\", label="▼ regression"))
     # Above the axes, where it can cover no bar.
     width = fig.get_size_inches()[0]
@@ -509,13 +540,25 @@ def draw_goal(inference: Inference) -> Drawing | None:
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), bbox_transform=above, ncol=ncol,
               frameon=False, borderaxespad=0.2, handlelength=1.6, columnspacing=1.2)
 
-    caption = (
-        f"{goal} per arm ({direction} is better). Each bar is the mean of the arm's succeeded runs, its error bar "
-        f"the {_ci_text()} of that mean, and each dot one run's final value."
-    )
+    if dot_plot:
+        caption = (
+            f"{goal} per arm ({direction} is better), every arm a row, sorted best first. Each diamond is the mean of"
+            f" the arm's succeeded runs, its error bar the {_ci_text()} of that mean, and each dot one run's final"
+            " value; the baseline's diamond is orange."
+        )
+    else:
+        caption = (
+            f"{goal} per arm ({direction} is better). Each bar is the mean of the arm's succeeded runs, its error bar "
+            f"the {_ci_text()} of that mean, and each dot one run's final value."
+        )
     if base is not None and len(goals) > 1:
         caption += " The dashed line marks the baseline's mean."
-    if inference.comparisons:
+    if dot_plot and inference.comparisons:
+        caption += (" An arm labelled ▲ improvement or ▼ regression differs from the baseline in a Holm-corrected"
+                    f" Welch test at level {ALPHA:g} by more than the baseline's run-to-run standard deviation.")
+        if not any(marked.values()):
+            caption += " No arm does."
+    elif inference.comparisons:
         caption += (
             " Hatched bars, " + ("with ▲ (improvement) or ▼ (regression) after the arm's name" if layout.many
                                  else "labelled improvement or regression")
@@ -557,25 +600,41 @@ class _Curve:
     high: np.ndarray | None
 
 
-def _curve_arms(inference: Inference, runs: Sequence[RunRow], max_arms: int) -> tuple[list[str], int]:
-    """The arms to draw (spec order) and how many had succeeded runs to draw from."""
-    with_runs = {r.arm for r in runs if r.status == "succeeded"}
-    candidates = [a.name for a in inference.summary.arms if a.name in with_runs]
-    if len(candidates) <= max_arms:
-        return candidates, len(candidates)
-    chosen: list[str] = []
-    if inference.baseline in candidates:
-        chosen.append(inference.baseline)
-    for name in _goal_rank(inference):
-        if len(chosen) >= max_arms:
-            break
-        if name in candidates and name not in chosen:
-            chosen.append(name)
-    keep = set(chosen)
-    return [n for n in candidates if n in keep], len(candidates)
-
-
 _Series = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+# A metric named for its split (train_loss, val_loss, loss/train) shares a panel with its siblings.
+_SPLIT = re.compile(r"^(?:(?P<pre>train|training|val|valid|validation|eval|test)[_./-](?P<rest>.+)"
+                    r"|(?P<base>.+?)[_./-](?P<post>train|training|val|valid|validation|eval|test))$", re.IGNORECASE)
+# Streamed bookkeeping, not a quantity learned: drawn only when report.curves names it.
+COUNTERS = frozenset({"epoch", "step", "global_step", "iter", "iteration", "batch", "samples", "tokens"})
+# The share of the x range whose values set the y-axis when early training would squash the rest.
+LATE_START = 0.3
+# The y-axis fits the late region when the whole range is more than this many times the late one.
+LATE_SQUASH = 2.5
+
+
+def _split_of(name: str) -> tuple[str, str]:
+    """(what the metric measures, which split): ``val_loss`` -> ("loss", "val"); ``acc`` -> ("acc", "")."""
+    match = _SPLIT.match(name)
+    if match is None:
+        return name, ""
+    split = (match.group("pre") or match.group("post")).lower()
+    return match.group("rest") or match.group("base"), "train" if split.startswith("train") else split
+
+
+def curve_panels(names: Sequence[str], goal: str) -> list[tuple[str, ...]]:
+    """The metrics drawn together: siblings of one quantity (train and val) share a panel; the goal's comes first."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key, split = _split_of(name)
+        groups.setdefault(key if split else f"\0{name}", []).append(name)
+    panels = [tuple(sorted(members, key=lambda n: (_split_of(n)[1] != "train", n))) for members in groups.values()]
+    return sorted(panels, key=lambda p: goal not in p)
+
+
+def _linestyle(name: str, panel: Sequence[str]) -> Literal["-", "--"]:
+    """Dashed for a training metric drawn beside its held-out sibling; solid otherwise."""
+    return "--" if len(panel) > 1 and _split_of(name)[1] == "train" else "-"
 
 
 def _load(ledger: Ledger, run_ids: Sequence[int], metric: str) -> dict[int, _Series] | None:
@@ -622,70 +681,116 @@ def _aggregate(arm: str, per_run: Sequence[tuple[np.ndarray, np.ndarray]]) -> _C
     return _Curve(arm, n_runs, ux, mean, mean - std, mean + std)
 
 
-@_styled
-def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *, max_arms: int = 8) -> Drawing | None:
-    """Per arm, the mean learning curve over its succeeded runs with a spread band."""
-    summary = inference.summary
-    arms, n_candidates = _curve_arms(inference, runs, max(1, max_arms))
-    if not arms:
+@dataclass(frozen=True)
+class _MetricCurves:
+    """One metric's mean curve per arm, on a common x (steps when every run reported them)."""
+
+    metric: str
+    steps: bool
+    curves: dict[str, _Curve]
+
+
+def _metric_curves(ledger: Ledger, metric: str, run_ids: dict[str, list[int]]) -> _MetricCurves | None:
+    series = _load(ledger, [rid for ids in run_ids.values() for rid in ids], metric)
+    if series is None:
         return None
-    drawn = set(arms)
+    steps = all(not np.any(step == NO_STEP) for _, step, _ in series.values())
+    curves = {}
+    for arm, ids in run_ids.items():
+        per_run = [(step if steps else np.arange(value.size), value)
+                   for _, step, value in (series[rid] for rid in ids) if value.size]
+        curve = _aggregate(arm, per_run)
+        if curve is not None:
+            curves[arm] = curve
+    return _MetricCurves(metric, steps, curves) if curves else None
+
+
+def _late_limits(curves: Sequence[_Curve]) -> tuple[float, float] | None:
+    """y-limits that fit the late part of training, or None when the whole range reads well already.
+
+    Early training (a loss starting at 10 that ends near 0.3) would squash the differences that
+    matter into a flat line; the caption says when early values run off the axis.
+    """
+    xs = np.concatenate([c.x for c in curves])
+    start = xs.min() + LATE_START * (xs.max() - xs.min())
+    every, late = [], []
+    for c in curves:
+        bands = [b for b in (c.low, c.high) if b is not None]
+        for values in (c.mean, *bands):
+            finite = np.isfinite(values)
+            every.append(values[finite])
+            late.append(values[finite & (c.x >= start)])
+    every_values, late_values = np.concatenate(every), np.concatenate(late)
+    if not late_values.size:
+        return None
+    low, high = float(late_values.min()), float(late_values.max())
+    whole = float(every_values.max() - every_values.min())
+    if high <= low or whole <= LATE_SQUASH * (high - low):
+        return None
+    pad = 0.12 * (high - low)
+    return low - pad, high + pad
+
+
+def _x_label(steps: bool, metric: str) -> str:
+    return "step" if steps else f"report index (k-th {metric} value of a run)"
+
+
+@_styled
+def draw_curve_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                       metrics: Sequence[str] | None = None) -> list[Drawing]:
+    """Learning curves of every streamed metric (or of ``metrics``), one panel per metric or train/val pair.
+
+    Up to ``len(PALETTE)`` arms share each panel, one color per arm. With more arms each
+    panel becomes small multiples, one per arm with the baseline in grey behind it, so
+    no arm is dropped and every arm is labelled.
+    """
+    summary = inference.summary
+    arms = [a.name for a in summary.arms]
     run_ids: dict[str, list[int]] = {a: [] for a in arms}
     for r in runs:
-        if r.status == "succeeded" and r.arm in drawn:
+        if r.status == "succeeded" and r.arm in run_ids:
             run_ids[r.arm].append(r.id)
-    all_ids = [rid for a in arms for rid in run_ids[a]]
-    names = list(summary.metrics)  # the goal first, then what succeeded runs reported
-    for a in arms:  # a metric that was only streamed, never final, still counts
-        names += [n for n in ledger.point_names(run_ids[a][0]) if n not in names]
-    metric, series = None, None
-    for name in names:
-        series = _load(ledger, all_ids, name)
-        if series is not None:
-            metric = name
-            break
-    if metric is None or series is None:
-        return None
-
-    use_steps = all(not np.any(step == NO_STEP) for _, step, _ in series.values())
-    curves: list[_Curve] = []
-    for a in arms:
-        per_run = []
-        for rid in run_ids[a]:
-            _, step, value = series[rid]
-            if value.size:
-                per_run.append((step if use_steps else np.arange(value.size), value))
-        curve = _aggregate(a, per_run)
-        if curve is not None:
-            curves.append(curve)
-    if not curves:
-        return None
-
-    colors = arm_colors(inference)
-    labels = {c.arm: wrap_label(c.arm) + (" (baseline)" if c.arm == inference.baseline else "") for c in curves}
-    fig = _new_figure(7.5, 4.2)
-    ax = fig.add_subplot()
-    for c in curves:
-        color = colors[c.arm]
-        marker = "." if c.x.size < MARKER_POINTS else None
-        ax.plot(c.x, c.mean, color=color, linewidth=1.4, marker=marker, label=labels[c.arm],
-                linestyle="--" if c.arm == inference.baseline else "-")
-        if c.low is not None and c.high is not None:
-            ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.18, linewidth=0)
-    ax.set_xlabel("step" if use_steps else f"report index (k-th {metric} value of a run)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    long_legend = len(curves) > 4 or any(len(line) > 20 for lb in labels.values() for line in lb.split("\n"))
-    if long_legend:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    run_ids = {a: ids for a, ids in run_ids.items() if ids}
+    if not run_ids:
+        return []
+    if metrics is None:
+        seen: dict[str, None] = {}
+        for ids in run_ids.values():
+            for rid in ids:
+                seen.update(dict.fromkeys(ledger.point_names(rid)))
+        names = [summary.goal_metric,
+                 *sorted(n for n in seen if n != summary.goal_metric and n.lower() not in COUNTERS)]
     else:
-        ax.legend(loc="best", framealpha=0.85)
+        names = list(metrics)
+    loaded = {n: c for n in names if (c := _metric_curves(ledger, n, run_ids)) is not None}
+    if not loaded:
+        return []
+    missing = [n for n in names if n not in loaded]
+    panels = [tuple(n for n in panel if n in loaded) for panel in curve_panels(list(loaded), summary.goal_metric)]
+    drawn_arms = [a for a in arms if any(a in c.curves for c in loaded.values())]
+    if len(drawn_arms) <= len(PALETTE):
+        drawings = [_overlaid_curves(inference, panels, loaded, drawn_arms)]
+    else:
+        drawings = [_small_multiple_curves(inference, panel, loaded, drawn_arms, k) for k, panel in enumerate(panels)]
+    note = ""
+    if metrics is None and summary.goal_metric not in loaded:
+        note = f" {summary.goal_metric} is not drawn: no run reported more than one finite value of it."
+    elif metrics is not None and missing:
+        note = (f" Not drawn, as no run reported more than one finite value of {'it' if len(missing) == 1 else 'them'}:"
+                f" {', '.join(missing)}.")
+    return [replace(d, caption=d.caption + note) for d in drawings]
 
-    caption = (
-        f"Learning curves of {metric}: per arm, the mean over its succeeded runs at each "
-        + ("step" if use_steps else "report index (runs did not report steps, so the k-th values are aligned)")
-        + ", over the runs that reported a finite value there; failed and interrupted runs are not drawn."
-    )
+
+def _curve_caption(inference: Inference, panels: Sequence[tuple[str, ...]], loaded: dict[str, _MetricCurves],
+                   arms: Sequence[str]) -> str:
+    metrics = [m for panel in panels for m in panel]
+    steps = all(loaded[m].steps for m in metrics)
+    curves = [c for m in metrics for a, c in loaded[m].curves.items() if a in arms]
+    caption = (f"Learning curves of {', '.join(metrics)}: per arm, the mean over its succeeded runs at each "
+               + ("step" if steps else "report index (runs did not report steps, so the k-th values are aligned)")
+               + ", over the runs that reported a finite value there; failed and interrupted runs are not drawn.")
+    if any(_split_of(m)[1] == "train" for m in metrics) and any(len(p) > 1 for p in panels):
+        caption += " Dashed lines are training metrics, solid lines their held-out counterparts."
     bands = {c.n_runs >= 3 for c in curves if c.n_runs >= 2}
     if True in bands:
         caption += " Shaded bands span ± one sample standard deviation across runs"
@@ -694,26 +799,127 @@ def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
         caption += " Shaded bands span the two runs of an arm (min to max)."
     if any(c.n_runs == 1 for c in curves):
         caption += " An arm with a single run has no band."
-    if inference.baseline in labels:
-        caption += " The dashed line is the baseline."
-    if metric != summary.goal_metric:
-        caption += f" {summary.goal_metric} is not drawn: no drawn run reported more than one finite value of it."
-    if n_candidates > len(arms):
-        best = len(arms) - (1 if inference.baseline in drawn else 0)
-        who = f"the baseline and the {best} arms" if inference.baseline in drawn else f"the {best} arms"
-        caption += (f" Of {n_candidates} arms with succeeded runs, only {who} with the best mean"
-                    f" {summary.goal_metric} are drawn.")
-    missing = len(arms) - len(curves)
-    if missing:
-        caption += (f" {_plural(missing, 'arm')} reported no finite {metric} point and"
-                    f" {'is' if missing == 1 else 'are'} absent.")
-    return Drawing(CURVES_STEM, fig, caption)
+    return caption
+
+
+def _late_note(clipped: bool) -> str:
+    return (" The y-axis fits the later part of training; early values beyond it run off the axis."
+            if clipped else "")
+
+
+def _overlaid_curves(inference: Inference, panels: Sequence[tuple[str, ...]], loaded: dict[str, _MetricCurves],
+                     arms: Sequence[str]) -> Drawing:
+    colors = arm_colors(inference)
+    ncols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(4.4 * ncols + 2.2, 3.3 * nrows, constrained=True)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    clipped = False
+    for k, panel in enumerate(panels):
+        ax = axes[k // ncols][k % ncols]
+        drawn = []
+        for metric in panel:
+            for arm in arms:
+                curve = loaded[metric].curves.get(arm)
+                if curve is None:
+                    continue
+                drawn.append(curve)
+                marker = "." if curve.x.size < MARKER_POINTS else None
+                ax.plot(curve.x, curve.mean, color=colors[arm], linestyle=_linestyle(metric, panel), marker=marker,
+                        linewidth=2.0 if arm == inference.baseline else 1.3)
+                if curve.low is not None and curve.high is not None:
+                    ax.fill_between(curve.x, curve.low, curve.high, color=colors[arm], alpha=0.15, linewidth=0)
+        limits = _late_limits(drawn)
+        if limits is not None:
+            ax.set_ylim(*limits)
+            clipped = True
+        ax.set_title(" and ".join(panel))
+        ax.set_ylabel(panel[0] if len(panel) == 1 else _split_of(panel[0])[0])
+        ax.set_xlabel(_x_label(all(loaded[m].steps for m in panel), panel[0]))
+        ax.grid(alpha=0.3)
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    handles: list[Any] = [Line2D([], [], color=colors[a], linewidth=2.0 if a == inference.baseline else 1.3,
+                                 label=wrap_label(a, 22, 3) + (" (baseline)" if a == inference.baseline else ""))
+                          for a in arms]
+    if any(len(p) > 1 for p in panels):
+        handles += [Line2D([], [], color=INK, linestyle="--", label="training"),
+                    Line2D([], [], color=INK, linestyle="-", label="held-out")]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    caption = _curve_caption(inference, panels, loaded, arms)
+    if inference.baseline in arms:
+        caption += " The thicker line is the baseline."
+    return Drawing(CURVES_STEM, fig, caption + _late_note(clipped))
+
+
+SMALL_MULTIPLE_COLUMNS = 5
+
+
+def _small_multiple_curves(inference: Inference, panel: tuple[str, ...], loaded: dict[str, _MetricCurves],
+                           arms: Sequence[str], k: int) -> Drawing:
+    ncols = min(SMALL_MULTIPLE_COLUMNS, len(arms))
+    nrows = math.ceil(len(arms) / ncols)
+    # A fixed grid rather than constrained layout, which is slow for a hundred panels.
+    fig = _new_figure(1.9 * ncols + 0.6, 1.55 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False,
+                        gridspec_kw={"hspace": 0.6, "wspace": 0.12})
+    base = inference.baseline
+    drawn = []
+    for i, arm in enumerate(arms):
+        ax = axes[i // ncols][i % ncols]
+        for metric in panel:
+            behind = loaded[metric].curves.get(base) if base is not None and arm != base else None
+            if behind is not None:
+                ax.plot(behind.x, behind.mean, color=OTHER_COLOR, linestyle=_linestyle(metric, panel), linewidth=1.0)
+            curve = loaded[metric].curves.get(arm)
+            if curve is None:
+                continue
+            drawn.append(curve)
+            color = PALETTE[1] if arm == base else PALETTE[0]
+            ax.plot(curve.x, curve.mean, color=color, linestyle=_linestyle(metric, panel), linewidth=1.3)
+            if curve.low is not None and curve.high is not None:
+                ax.fill_between(curve.x, curve.low, curve.high, color=color, alpha=0.2, linewidth=0)
+        ax.set_title(wrap_label(arm, 24, 2) + (" (baseline)" if arm == base else ""), fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for i in range(len(arms), nrows * ncols):
+        axes[i // ncols][i % ncols].set_visible(False)
+    limits = _late_limits(drawn) if drawn else None
+    if limits is not None:
+        axes[0][0].set_ylim(*limits)
+    fig.supxlabel(_x_label(all(loaded[m].steps for m in panel), panel[0]), fontsize=8)
+    fig.supylabel(" and ".join(panel), fontsize=8)
+    handles: list[Any] = []
+    if len(panel) > 1:
+        handles += [Line2D([], [], color=INK, linestyle=_linestyle(m, panel), label=m) for m in panel]
+    if base is not None:
+        handles.append(Line2D([], [], color=OTHER_COLOR, label=f"baseline {wrap_label(base, 30, 1)}"))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.9 + 0.1 / nrows),
+                   ncol=len(handles), frameon=False)
+    caption = _curve_caption(inference, [panel], loaded, arms)
+    caption += (f" One panel per arm ({_plural(len(arms), 'arm')}), on shared axes"
+                + (", with the baseline's mean curve in grey behind each." if base is not None else "."))
+    return Drawing(CURVES_STEM if k == 0 else f"{CURVES_STEM}_{k + 1}", fig, caption + _late_note(limits is not None))
+
+
+def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                metrics: Sequence[str] | None = None) -> Drawing | None:
+    """The first learning-curve figure (see ``draw_curve_figures``), or None."""
+    drawings = draw_curve_figures(ledger, inference, runs, metrics=metrics)
+    return drawings[0] if drawings else None
 
 
 def curves_figure(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
-                  max_arms: int = 8) -> FigureFile | None:
-    """``fig_curves``: mean learning curves (see ``draw_curves``); None when no metric was streamed twice."""
-    return _rendered(draw_curves(ledger, inference, runs, max_arms=max_arms))
+                  metrics: Sequence[str] | None = None) -> FigureFile | None:
+    """``fig_curves``: mean learning curves (see ``draw_curve_figures``); None when no metric was streamed twice."""
+    return _rendered(draw_curves(ledger, inference, runs, metrics=metrics))
+
+
+def curve_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                  metrics: Sequence[str] | None = None) -> list[FigureFile]:
+    """``fig_curves`` (and ``fig_curves_2``... with small multiples of many arms)."""
+    return [render(d) for d in draw_curve_figures(ledger, inference, runs, metrics=metrics)]
 
 
 # -- main effects ---------------------------------------------------------------------
@@ -788,6 +994,165 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
 def main_effects_figure(inference: Inference) -> FigureFile | None:
     """``fig_main_effects``: level means per factor; None without a factor analysis."""
     return _rendered(draw_main_effects(inference))
+
+
+# -- two factors: the grid of means and the interaction plot -------------------------
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One combination of the two drawn factors: an arm, or the arms pooled over the other factors."""
+
+    name: str
+    describe: Any  # analysis.stats.Describe
+    baseline: bool
+
+
+@dataclass(frozen=True)
+class _Crossing:
+    rows: str  # the factor drawn as lines (the heatmap's rows)
+    row_levels: list[str]
+    cols: str
+    col_levels: list[str]
+    cells: dict[tuple[str, str], _Cell]
+    pooled: tuple[str, ...]  # the other factors, pooled over in each cell
+
+
+def _crossed_pair(analysis: Any) -> tuple[Any, Any]:
+    """The two factors to cross: those of the most significant interaction term, else the first two."""
+    by_name = {e.factor: e for e in analysis.effects}
+    terms = sorted((i for i in analysis.interactions if i.p_holm is not None), key=lambda i: i.p_holm)
+    for term in terms:
+        a, _, b = term.row.term.partition(" × ")
+        if a in by_name and b in by_name:
+            return by_name[a], by_name[b]
+    return analysis.effects[0], analysis.effects[1]
+
+
+def _crossing(inference: Inference) -> _Crossing | None:
+    """The cells of two crossed factors of a grid, each with the mean and interval of its runs."""
+    from ratiocinator.analysis.stats import describe
+
+    analysis = inference.factors
+    # A grid crosses every level with every level; an ablation's L of cells cannot show an interaction.
+    if analysis is None or analysis.design != "grid" or len(analysis.effects) < 2:
+        return None
+    first, second = _crossed_pair(analysis)
+    # The factor with fewer levels draws the lines (and the heatmap's rows): fewer lines read better.
+    rows, cols = (first, second) if len(first.levels) <= len(second.levels) else (second, first)
+    pooled = tuple(e.factor for e in analysis.effects if e.factor not in (rows.factor, cols.factor))
+    members: dict[tuple[str, str], list[Any]] = {}
+    for goal in inference.goals:
+        levels = goal.summary.arm.factors
+        r, c = levels.get(rows.factor), levels.get(cols.factor)
+        if r is not None and c is not None and goal.describe.mean is not None:
+            members.setdefault((str(r), str(c)), []).append(goal)
+    cells = {}
+    for key, goals in members.items():
+        if not pooled:
+            (goal,) = goals
+            cells[key] = _Cell(goal.name, goal.describe, goal.name == inference.baseline)
+        else:
+            values = [v for g in goals for v in g.stats.values]
+            name = f"{rows.factor}={key[0]}, {cols.factor}={key[1]} ({_plural(len(goals), 'arm')} pooled)"
+            cells[key] = _Cell(name, describe(values, bootstrap=False), False)
+    if len({r for r, _ in cells}) < 2 or len({c for _, c in cells}) < 2:
+        return None
+    return _Crossing(rows.factor, [lv.level for lv in rows.levels], cols.factor, [lv.level for lv in cols.levels],
+                     cells, pooled)
+
+
+@_styled
+def draw_interaction(inference: Inference) -> Drawing | None:
+    """Left: a heatmap of the goal mean of every cell of two crossed factors; right: the interaction plot.
+
+    With more than two factors, the pair of the most significant interaction term is drawn,
+    each cell pooling the runs of every arm at that combination.
+    """
+    crossing = _crossing(inference)
+    if crossing is None:
+        return None
+    row_factor, row_levels, col_factor, col_levels = (crossing.rows, crossing.row_levels, crossing.cols,
+                                                      crossing.col_levels)
+    cells = crossing.cells
+    summary = inference.summary
+    goal = summary.goal_metric
+    direction = "higher" if summary.maximize else "lower"
+    fig = _new_figure(max(7.5, 2.2 + 0.75 * len(col_levels) * 2), max(3.2, 1.4 + 0.45 * len(row_levels)),
+                      constrained=True)
+    heat, lines = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1.0]})
+
+    grid = np.full((len(row_levels), len(col_levels)), np.nan)
+    for (r, c), g in cells.items():
+        grid[row_levels.index(r), col_levels.index(c)] = g.describe.mean
+    # Better is brighter, whichever way the goal points.
+    image = heat.imshow(grid, cmap="viridis" if summary.maximize else "viridis_r", aspect="auto")
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2
+    hover: list[tuple[Any, tuple[float, float, float, float], str]] = []
+    for (r, c), g in cells.items():
+        i, j = row_levels.index(r), col_levels.index(c)
+        mean = float(g.describe.mean)
+        dark = (mean < middle) == summary.maximize  # viridis is dark at its low end
+        mark = " (baseline)" if g.baseline else ""
+        heat.text(j, i, f"{mean:.4g}" + ("\nbaseline" if mark else ""), ha="center", va="center", fontsize=7,
+                  color="white" if dark else INK)
+        ci = g.describe.ci
+        interval = f"95% CI [{ci.low:.4g}, {ci.high:.4g}]" if ci is not None else "no interval (one run)"
+        hover.append((heat, (j - 0.5, i - 0.5, j + 0.5, i + 0.5),
+                      f"{g.name}{mark}: mean {goal} {mean:.4g}, {interval}, n = {g.describe.n}"))
+    for i, j in zip(*np.nonzero(~np.isfinite(grid)), strict=True):
+        heat.text(j, i, "no runs", ha="center", va="center", fontsize=7, color=INK)
+    heat.set_xticks(range(len(col_levels)), [wrap_label(lv, 10, 2) for lv in col_levels])
+    heat.set_yticks(range(len(row_levels)), [wrap_label(lv, 10, 2) for lv in row_levels])
+    heat.set_xlabel(col_factor)
+    heat.set_ylabel(row_factor)
+    heat.spines[:].set_visible(False)
+    fig.colorbar(image, ax=heat, label=f"mean {goal}", shrink=0.9)
+
+    offsets = _jitter(len(row_levels), 0.12)
+    for k, r in enumerate(row_levels):
+        at = [(j, cells[(r, c)]) for j, c in enumerate(col_levels) if (r, c) in cells]
+        if not at:
+            continue
+        x = np.asarray([j + offsets[k] for j, _ in at])
+        level_means = np.asarray([g.describe.mean for _, g in at], dtype=float)
+        color = PALETTE[k % len(PALETTE)]
+        style = "-" if k < len(PALETTE) else "--"
+        lines.plot(x, level_means, color=color, linestyle=style, marker="o", markersize=4, label=f"{row_factor}={r}")
+        with_ci = [(xi, g.describe.ci, m) for xi, (_, g), m in zip(x, at, level_means, strict=True) if g.describe.ci]
+        if with_ci:
+            below = [m - ci.low for _, ci, m in with_ci]
+            above = [ci.high - m for _, ci, m in with_ci]
+            lines.errorbar([w[0] for w in with_ci], [w[2] for w in with_ci], yerr=np.vstack([below, above]),
+                           fmt="none", ecolor=color, capsize=3, linewidth=1.0)
+    lines.set_xticks(range(len(col_levels)), [wrap_label(lv, 10, 2) for lv in col_levels])
+    lines.set_xlim(-0.5, len(col_levels) - 0.5)
+    lines.set_xlabel(col_factor)
+    lines.set_ylabel(f"mean {goal} ({direction} is better)")
+    lines.grid(axis="y", alpha=0.3)
+    lines.legend(loc="best", fontsize=7, framealpha=0.85)
+
+    caption = (
+        f"The {row_factor} × {col_factor} design. Left: the mean {goal} of every combination (one arm per cell;"
+        f" brighter is better), the number written in each cell."
+        " In the HTML paper, hovering over a cell shows the arm, its mean and its 95% confidence interval."
+        f" Right: the same means as one line per level of {row_factor}, with {_ci_text()}s as error bars"
+        " (lines nudged sideways so the bars do not overlap). Parallel lines mean the factors act independently;"
+        " lines that cross or diverge mean the effect of one depends on the other."
+    )
+    if crossing.pooled:
+        caption = caption.replace("(one arm per cell;", f"(pooled over {', '.join(crossing.pooled)};", 1)
+        caption += (" The two factors drawn are those of the most significant interaction term, or the first two"
+                    " when none was tested.")
+    if inference.factors is not None and any(i.row.term for i in inference.factors.interactions):
+        caption += " The analysis of variance tests the interaction."
+    return Drawing(INTERACTION_STEM, fig, caption, hover=tuple(hover))
+
+
+def interaction_figure(inference: Inference) -> FigureFile | None:
+    """``fig_interaction``: heatmap and interaction plot of two crossed factors; None for other designs."""
+    return _rendered(draw_interaction(inference))
 
 
 # -- cost and wall time --------------------------------------------------------------
@@ -886,12 +1251,14 @@ def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | No
 # -- all of them -----------------------------------------------------------------------
 
 
-def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> list[FigureFile]:
-    """The figures the data supports, in paper order: goal, curves, main effects, cost."""
+def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                curves: Sequence[str] | None = None) -> list[FigureFile]:
+    """The figures the data supports, in paper order: goal, curves, main effects, interaction, cost."""
     figures = [
         goal_figure(inference),
-        curves_figure(ledger, inference, runs),
+        *curve_figures(ledger, inference, runs, metrics=curves),
         main_effects_figure(inference),
+        interaction_figure(inference),
         cost_figure(inference, _with_instance_shares(ledger, inference, runs)),
     ]
     return [f for f in figures if f is not None]

@@ -105,7 +105,7 @@ def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[
 def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
-    drawn = tuple(all_figures(ledger, inference, runs)) if figures else ()
+    drawn = tuple(all_figures(ledger, inference, runs, curves=spec.report.curves)) if figures else ()
     blocks, appendix = w.build({f.stem: f for f in drawn})
     shown = {b.file.stem for b in (*blocks, *appendix) if isinstance(b, Figure)}
     drawn = tuple(f for f in drawn if f.stem in shown)  # a figure of a dropped section (a $0 cost) is not written
@@ -572,7 +572,7 @@ class _Writer:
         if self.inf.factors is not None:
             blocks += self.factor_section(self.inf.factors)
         blocks += self.other_metrics()
-        curves = self.figure("fig_curves")
+        curves = [Figure(f) for stem, f in self.figures.items() if stem.startswith("fig_curves")]
         if curves:
             blocks += [Heading("Learning curves", 2), *curves]
         return blocks
@@ -715,6 +715,7 @@ class _Writer:
             blocks.append(Paragraph(f"Main effects: the runs at each level of each factor ({pooling})."))
             blocks.append(Table(("Factor", "Level", "n", f"mean {self.goal}", "95% CI (t)"), tuple(rows)))
         blocks += self.figure("fig_main_effects")
+        blocks += self.figure("fig_interaction")
         if fa.anova is None:
             blocks.append(Paragraph(f"No analysis of variance: {fa.why_no_anova}."))
         else:

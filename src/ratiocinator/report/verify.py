@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ratiocinator.errors import UsageError
 from ratiocinator.report.document import fact_occurrences
+from ratiocinator.report.facts import FactBook
 from ratiocinator.report.paper import build_paper
 from ratiocinator.report.publish import DOCUMENTS, FACTS_FILE
 from ratiocinator.store.ledger import Ledger
@@ -23,7 +24,7 @@ from ratiocinator.store.ledger import Ledger
 
 @dataclass
 class Verification:
-    experiment_id: str
+    experiment_id: str  # or "autoresearch session TAG"
     facts: int = 0
     citations: int = 0
     documents: list[str] = field(default_factory=list)
@@ -44,16 +45,35 @@ def read_facts(report_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path} cannot be read: {exc}",
                          hint="rewrite the report with `ratiocinator report EXPERIMENT`") from None
-    if not isinstance(data, dict) or not isinstance(data.get("facts"), list) or "experiment_id" not in data:
+    from ratiocinator.autoresearch.session_report import SESSION_KEY  # the autoresearch package loads on demand
+
+    if not isinstance(data, dict) or not isinstance(data.get("facts"), list) or (
+            "experiment_id" not in data and SESSION_KEY not in data):
         raise UsageError(f"{path} is not a facts file written by ratiocinator")
     return data
+
+
+def _rebuilt(ledger: Ledger, recorded: dict) -> tuple[str, FactBook, dict[str, str]]:
+    """(what the report is of, its facts as the ledger gives them now, its documents and their formats)."""
+    from ratiocinator.autoresearch.session_report import DOCUMENTS as SESSION_DOCUMENTS
+    from ratiocinator.autoresearch.session_report import SESSION_KEY, rebuilt_book
+    from ratiocinator.autoresearch.store import Store
+
+    if SESSION_KEY in recorded:
+        tag = recorded[SESSION_KEY]
+        book = rebuilt_book(Store(ledger), tag)
+        if book is None:
+            raise UsageError(f"the ledger at {ledger.path} has no autoresearch session '{tag}'",
+                             hint="pass --home with the directory the session ran in")
+        return f"autoresearch session {tag}", book, SESSION_DOCUMENTS
+    return recorded["experiment_id"], build_paper(ledger, recorded["experiment_id"], figures=False).book, DOCUMENTS
 
 
 def verify_report(ledger: Ledger, report_dir: Path) -> Verification:
     report_dir = Path(report_dir)
     recorded = read_facts(report_dir)
-    result = Verification(recorded["experiment_id"])
-    book = build_paper(ledger, result.experiment_id, figures=False).book
+    subject, book, documents = _rebuilt(ledger, recorded)
+    result = Verification(subject)
     by_id = {}
     for entry in recorded["facts"]:
         key, fid = entry.get("key"), entry.get("id")
@@ -73,7 +93,7 @@ def verify_report(ledger: Ledger, report_dir: Path) -> Verification:
                                  f" {fresh[0]}")
     result.facts = len(recorded["facts"])
 
-    for name, fmt in DOCUMENTS.items():
+    for name, fmt in documents.items():
         path = report_dir / name
         expected_counts: dict[str, int] = recorded.get("documents", {}).get(name, {})
         if not path.exists():

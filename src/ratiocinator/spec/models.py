@@ -252,6 +252,21 @@ class Check(_Strict):
     )
 
 
+class Report(_Strict):
+    """How the paper draws what the runs streamed."""
+
+    curves: list[str] | None = Field(
+        None, description="streamed metrics the learning-curve figure draws, one panel each (a train_X and val_X pair"
+        " share one); default: every metric a run reported more than once")
+
+    @field_validator("curves")
+    @classmethod
+    def _curves(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not name.strip() for name in value)):
+            raise ValueError("name at least one metric, e.g. [train_loss, val_loss], or leave curves out")
+        return value
+
+
 class SshHost(_Strict):
     """One machine of ``hosts:`` in the spec (``backend: ssh``); its private key never leaves this machine."""
 
@@ -515,6 +530,7 @@ class Spec(_Strict):
                                                 " purpose, e.g. HF_TOKEN for a study that downloads a gated model")
     failure_policy: FailurePolicy = FailurePolicy()
     check: Check = Check()
+    report: Report = Report()
     llm: LlmConfig | None = None
     hypotheses: list[Hypothesis] = Field([], description="what the study expects, each judged from the runs")
     search: Search | None = None  # last: its validator reads factors and seed_env
