@@ -19,7 +19,7 @@ from ratiocinator.data.download import fetch
 from ratiocinator.data.local_copy import local_copy
 from ratiocinator.data.manifest import scan
 from ratiocinator.errors import DataError, SpecError
-from ratiocinator.pipeline import Research
+from ratiocinator.pipeline import Research, check_spec
 from ratiocinator.report import publish
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store.records import ExperimentStatus, RunStatus
@@ -85,6 +85,9 @@ def test_url_data_is_fetched_once_checked_unpacked_and_read_by_every_run(study: 
             ("url", data_server.url("d.tar.gz"), len(archive), hashlib.sha256(archive).hexdigest()),
             ("url", data_server.url("vocab.txt"), len(extra), hashlib.sha256(extra).hexdigest())]
         assert record.files == 3 and record.size == len(train) + 4 + len(extra)
+    assert first.report is not None
+    paper = first.report.md.read_text().replace("\\_", "_")
+    assert data_server.url("d.tar.gz") in paper and hashlib.sha256(archive).hexdigest() in paper
     cached = study.home / "data" / "url"
     (tree,) = [p / "tree" for p in cached.iterdir() if p.is_dir()]
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()) == [
@@ -118,7 +121,8 @@ def test_local_directory_is_used_in_place_and_a_changed_dataset_refuses_a_resume
     (data / "train.txt").write_bytes(b"first version\n")
     (data / "nested" / "x.bin").write_bytes(os.urandom(1000))
     study.commit({"run.sh": RUNNER})
-    spec = study.spec(data={"source": "local", "path": "dataset"})
+    spec = study.spec(data={"source": "local", "path": "dataset"}, max_dollars=10.0,
+                      hardware={"price_per_hour": 3.6})
     outcome = _research(study, spec)
     assert outcome.status == ExperimentStatus.COMPLETED, outcome.message
     ledger = study.ledger()
@@ -128,6 +132,12 @@ def test_local_directory_is_used_in_place_and_a_changed_dataset_refuses_a_resume
     (record,) = ledger.data_records(exp.id)
     assert record.sources[0]["resolved"] == str(data.resolve())
     assert record.tree_hash == scan(data).tree_hash
+    staging = ledger.settled(exp.id, kind="staging")  # the host's price for the time the data took to arrive
+    assert staging is not None and 0 <= staging <= 3.6 * 600 / 3600
+    assert outcome.report is not None
+    paper = outcome.report.md.read_text().replace("\\_", "_")  # as markdown escapes it
+    assert f"tree hash {record.tree_hash}" in paper and str(data.resolve()) in paper  # the reproducibility section
+    assert "went to staging the data on the hosts" in paper
     # The orchestrator dies mid-experiment (its status stays running), and the data changes before the resume.
     ledger.update_experiment(exp.id, status=ExperimentStatus.RUNNING)
     (data / "train.txt").write_bytes(b"second version\n")
@@ -188,3 +198,31 @@ def test_data_spec_errors_say_what_to_fix(study: Study, data: dict[str, object],
     with pytest.raises(SpecError, match=message) as raised:
         load_spec(study.spec(data=data))
     assert f"{study.root / 'study.yaml'}:" in str(raised.value)
+
+
+@pytest.mark.subprocess
+def test_validate_reports_size_and_reachability_without_downloading(study: Study, data_server: DataServer) -> None:
+    data_server.files = {"train.txt": b"x" * 5000}
+    spec = study.spec(data={"source": "url", "url": data_server.url("train.txt")})
+    done = study.cli("validate", str(spec))
+    assert done.returncode == 0, done.stderr
+    assert "reachable (HTTP 200)" in done.stdout and "4.9 KiB" in done.stdout, done.stdout
+    assert data_server.requests == {} and data_server.heads == {"train.txt": 1}
+    gone = study.spec(name="gone", data={"source": "url", "url": data_server.url("missing.txt")})
+    done = study.cli("validate", str(gone))
+    assert done.returncode == 2 and "HTTP 404" in done.stderr and f"{gone}:" in done.stderr, done.stderr
+    missing = study.spec(name="missing", data={"source": "local", "path": "not-here"})
+    done = study.cli("validate", str(missing))
+    assert done.returncode == 2 and f"{study.root / 'not-here'} does not exist" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_reports_a_checksum_mismatch_before_acquiring_anything(study: Study, data_server: DataServer) -> None:
+    served = b"the served bytes\n"
+    data_server.files = {"train.txt": served}
+    expected = hashlib.sha256(b"other bytes\n").hexdigest()
+    spec = study.spec(data={"source": "url", "url": data_server.url("train.txt"), "sha256": expected})
+    result = check_spec(load_spec(spec), study.home, smoke=False, use_llm=False)
+    (data,) = [c for c in result.checks if c.name == "data"]
+    assert data.status == "failed" and expected in data.summary and hashlib.sha256(served).hexdigest() in data.summary
+    assert not result.is_code_ready

@@ -110,3 +110,12 @@ def rental_findings(loaded: LoadedSpec, home: Path, disk_gb: float) -> list[Hard
             f" (download_timeout_s {spec.download_timeout_s:g})"
             + ("" if quick else "; raise hardware.min_inet_down or download_timeout_s")))
     return out
+
+
+def summary(loaded: LoadedSpec, home: Path) -> str:
+    """`validate`'s data line: each source, reachable or not, and the size; a `DataError` when it is missing."""
+    found = probe(loaded, home)
+    if found is None:
+        return "none (the runs get no RATIOCINATOR_DATA_DIR)"
+    sources = "; ".join(f"{where}: {what}" for where, what in found.rows)
+    return f"{loaded.spec.data.source}, {found.shown()} — {sources}"

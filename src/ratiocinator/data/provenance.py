@@ -47,8 +47,15 @@ def data_record(copy: LocalCopy, staging_s: dict[str, float]) -> DataRecord:
 
 
 def describe(record: DataRecord) -> str:
-    """One line for the paper and `status`: what the runs read, with its checksums."""
-    parts = [f"{s['kind']} {s['resolved']} ({human_size(s['size'])}, sha256 {s['sha256']})" for s in record.sources]
+    """One line for the paper and `check`: what the runs read, with its checksums."""
+    if len(record.sources) == 1 and record.sources[0]["kind"] == "local":
+        source = record.sources[0]
+        return (f"local directory {source['resolved']}: {record.files} files, {human_size(record.size)},"
+                f" tree hash {record.tree_hash}")
+    parts = []
+    for s in record.sources:
+        moved = f" (redirected to {s['resolved']})" if s["resolved"] != s["location"] else ""
+        parts.append(f"{s['location']}{moved}: {human_size(s['size'])}, sha256 {s['sha256']}")
     return (f"{'; '.join(parts)}; the runs' directory: {record.files} files, {human_size(record.size)},"
             f" tree hash {record.tree_hash}")
 
