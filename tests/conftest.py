@@ -26,7 +26,7 @@ import yaml
 from gitrepo import GitRepo
 from ratiocinator.store.ledger import Ledger
 
-pytest_plugins = ("sshd", "raycluster", "dataserver")  # their fixtures: sshd, ray_cluster, data_server
+pytest_plugins = ("sshd", "raycluster", "dataserver", "rsyncd")  # fixtures: sshd, ray_cluster, data_server, rsyncd
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 

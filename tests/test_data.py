@@ -23,6 +23,7 @@ from ratiocinator.pipeline import Research, check_spec
 from ratiocinator.report import publish
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store.records import ExperimentStatus, RunStatus
+from rsyncd import Rsyncd
 
 # Reports the first 8 hex digits of the data file's SHA-256 as a number, so the ledger shows what the run read.
 RUNNER = """
@@ -226,3 +227,38 @@ def test_check_reports_a_checksum_mismatch_before_acquiring_anything(study: Stud
     (data,) = [c for c in result.checks if c.name == "data"]
     assert data.status == "failed" and expected in data.summary and hashlib.sha256(served).hexdigest() in data.summary
     assert not result.is_code_ready
+
+
+@pytest.mark.subprocess
+def test_an_rsync_directory_is_mirrored_read_and_a_change_on_the_server_refuses_a_resume(study: Study,
+                                                                                        rsyncd: Rsyncd) -> None:
+    (rsyncd.root / "set" / "deep").mkdir(parents=True)
+    (rsyncd.root / "set" / "train.txt").write_bytes(b"served over rsync\n")
+    (rsyncd.root / "set" / "deep" / "b.bin").write_bytes(os.urandom(3000))
+    study.commit({"run.sh": RUNNER})
+    spec = study.spec(data={"source": "rsync", "url": rsyncd.url("set")})
+    done = study.cli("validate", str(spec))  # the server's listing: reachable, its size, nothing copied
+    assert done.returncode == 0 and "reachable, 2 files" in done.stdout, done.stdout + done.stderr
+    assert not (study.home / "data" / "rsync").exists()
+    outcome = _research(study, spec)
+    assert outcome.status == ExperimentStatus.COMPLETED, outcome.message
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    (run,) = ledger.runs(exp.id)
+    assert ledger.run_metrics(exp.id)[run.id]["score"][0] == _prefix(b"served over rsync\n")
+    (record,) = ledger.data_records(exp.id)
+    assert record.sources[0]["kind"] == "rsync" and record.tree_hash == scan(rsyncd.root / "set").tree_hash
+    ledger.update_experiment(exp.id, status=ExperimentStatus.RUNNING)  # as if the orchestrator had died
+    (rsyncd.root / "set" / "train.txt").write_bytes(b"changed on the server\n")
+    with pytest.raises(DataError, match="the data changed since this experiment's runs read it"):
+        _research(study, spec)
+    assert len(ledger.runs(exp.id)) == 1
+
+
+def test_rsync_spec_errors(study: Study) -> None:
+    with pytest.raises(SpecError, match="needs data.url: rsync://"):
+        load_spec(study.spec(data={"source": "rsync", "url": "https://e.org/x"}))
+    with pytest.raises(SpecError, match="use source: rsync"):
+        load_spec(study.spec(data={"source": "url", "url": "rsync://e.org/m"}))
+    with pytest.raises(SpecError, match="tree hash"):
+        load_spec(study.spec(data={"source": "rsync", "url": "rsync://e.org/m", "sha256": "0" * 64}))

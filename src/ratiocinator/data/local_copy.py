@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from ratiocinator.data import rsync
 from ratiocinator.data.download import digest_text, fetch, file_name, is_archive, unpack
 from ratiocinator.data.manifest import Manifest, make_read_only, scan
 from ratiocinator.errors import DataError
@@ -94,7 +95,22 @@ def local_copy(loaded: LoadedSpec, home: Path, *, deadline: float | None = None)
         return LocalCopy(directory, manifest, (record,))
     if deadline is None:
         deadline = time.monotonic() + loaded.spec.download_timeout_s
+    if data.source == "rsync":
+        return _rsync_copy(loaded, root, deadline)
     return _url_copy(loaded, root, deadline)
+
+
+def _rsync_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:
+    """The server's directory, mirrored again on every start (only changes travel), then hashed."""
+    url = loaded.spec.data.urls[0]
+    folder = root / "rsync" / digest_text(url)[:32]
+    with _locked(folder.with_suffix(".lock")):
+        rsync.mirror(url, folder / "tree", deadline)
+        manifest = scan(folder / "tree", folder / "hashes.json")
+    if not manifest.files:
+        raise DataError(f"{loaded.where('data', 'url')}: {url} holds no files",
+                        hint="check the module and path (`rsync --list-only URL/` shows what the server has)")
+    return LocalCopy(folder / "tree", manifest, (SourceRecord("rsync", url, url, manifest.size, manifest.tree_hash),))
 
 
 def url_cache_key(urls: list[str], checksums: list[str | None]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from ratiocinator.backends.base import HardwareFinding
+from ratiocinator.data import rsync
 from ratiocinator.data.download import file_name, is_archive
 from ratiocinator.data.local_copy import local_directory, url_cache_key
 from ratiocinator.data.provenance import human_size
@@ -46,6 +47,9 @@ def probe(loaded: LoadedSpec, home: Path, *, timeout_s: float = 15.0) -> DataPro
                 if path.is_file():
                     size, files = size + path.stat().st_size, files + 1
         return DataProbe(size, False, ((str(directory), f"{files} files, {human_size(size)}"),))
+    if data.source == "rsync":
+        files, size = rsync.listing(data.urls[0], timeout_s)
+        return DataProbe(size, False, ((data.urls[0], f"reachable, {files} files, {human_size(size)}"),))
     cached = Paths(home).data / "url" / url_cache_key(data.urls, data.checksums) / "copy.json"
     if cached.exists():
         recorded = json.loads(cached.read_text())

@@ -105,17 +105,18 @@ class Hardware(_Strict):
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-UNBUILT_SOURCES = {"hf": "a Hugging Face repo", "rsync": "an rsync server's module"}
+UNBUILT_SOURCES = {"hf": "a Hugging Face repo"}
 
 
 class Data(_Strict):
     """What the runs read, staged once per host and exported as ``RATIOCINATOR_DATA_DIR`` (see docs/data.md).
 
     ``local``: a directory on the orchestrator's machine. ``url``: one or more HTTP(S) files, each
-    with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked.
+    with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked. ``rsync``: a
+    directory on an rsync server, ``url: rsync://host[:port]/module[/path]``.
     """
 
-    source: Literal["none", "local", "url"] = "none"
+    source: Literal["none", "local", "url", "rsync"] = "none"
     path: str | None = None
     url: str | list[str] | None = None
     sha256: str | list[str] | None = None
@@ -132,8 +133,9 @@ class Data(_Strict):
     @classmethod
     def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
         for url in [value] if isinstance(value, str) else value or []:
-            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
-                raise ValueError(f"data.url '{url}' is not an http:// or https:// URL")
+            if not re.fullmatch(r"(https?|rsync)://[^\s/]+(/\S*)?", url):
+                raise ValueError(f"data.url '{url}' is not an http(s):// URL (source: url) or an rsync:// URL"
+                                 " (source: rsync)")
         if isinstance(value, list):
             if not value:
                 raise ValueError("data.url is an empty list; give at least one URL")
@@ -157,8 +159,16 @@ class Data(_Strict):
                              " RATIOCINATOR_DATA_DIR)")
         if self.source == "url" and not self.url:
             raise ValueError("data.source 'url' needs data.url (a URL, or a list of them)")
-        if self.source != "url" and (self.url or self.sha256):
-            raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url"
+        if self.source == "url" and any(u.startswith("rsync://") for u in self.urls):
+            raise ValueError("data.url names an rsync:// URL: use source: rsync for it")
+        if self.source == "rsync":
+            if not isinstance(self.url, str) or not self.url.startswith("rsync://"):
+                raise ValueError("data.source 'rsync' needs data.url: rsync://host[:port]/module[/path] (one URL)")
+            if self.sha256 is not None:
+                raise ValueError("data.sha256 is for files (source: url); an rsync directory is checked by its tree"
+                                 " hash, recorded in the ledger")
+        elif self.source != "url" and (self.url or self.sha256):
+            raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url or rsync"
                              f" (the source is '{self.source}')")
         if self.source != "local" and self.path:
             raise ValueError(f"data.path is only used with source: local (the source is '{self.source}')")
