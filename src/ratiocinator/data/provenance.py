@@ -12,7 +12,6 @@ from ratiocinator.errors import DataError
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.records import DataRecord
 
-
 DIRECTORIES = ("local", "rsync")  # sources whose checksum is a tree hash, not a file's sha256
 
 
