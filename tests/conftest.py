@@ -26,7 +26,8 @@ import yaml
 from gitrepo import GitRepo
 from ratiocinator.store.ledger import Ledger
 
-pytest_plugins = ("sshd", "raycluster", "dataserver", "rsyncd")  # fixtures: sshd, ray_cluster, data_server, rsyncd
+# Their fixtures: sshd, ray_cluster, data_server (HTTP files), rsyncd, hub (a Hugging Face Hub).
+pytest_plugins = ("sshd", "raycluster", "dataserver", "rsyncd", "hubserver")
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import Study
 from dataserver import DataServer
+from hubserver import Hub
 from ratiocinator.data.download import fetch
 from ratiocinator.data.local_copy import local_copy
 from ratiocinator.data.manifest import scan
@@ -187,13 +188,14 @@ def test_archives_cannot_write_outside_the_data_directory(study: Study, data_ser
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"source": "url"}, "needs data.url"),
-    ({"source": "url", "url": "ftp://example.org/x"}, "not an http:// or https:// URL"),
+    ({"source": "url", "url": "ftp://example.org/x"}, r"is not an http\(s\):// URL"),
     ({"source": "url", "url": ["https://e.org/a", "https://e.org/b"], "sha256": "0" * 64}, "must match data.url"),
     ({"source": "url", "url": "https://e.org/a", "sha256": "xyz"}, "is not a SHA-256"),
     ({"source": "local"}, "needs data.path"),
     ({"source": "none", "path": "d"}, "only used with source: local"),
-    ({"source": "local", "path": "d", "url": "https://e.org/a"}, "only used with source: url"),
-    ({"source": "hf"}, "not supported by this version"),
+    ({"source": "local", "path": "d", "url": "https://e.org/a"}, "only used with source: url or rsync"),
+    ({"source": "hf"}, "needs data.repo"),
+    ({"source": "url", "url": "https://e.org/a", "revision": "v1"}, "only used with source: hf"),
 ])
 def test_data_spec_errors_say_what_to_fix(study: Study, data: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError, match=message) as raised:
@@ -237,7 +239,8 @@ def test_an_rsync_directory_is_mirrored_read_and_a_change_on_the_server_refuses_
     (rsyncd.root / "set" / "deep" / "b.bin").write_bytes(os.urandom(3000))
     study.commit({"run.sh": RUNNER})
     spec = study.spec(data={"source": "rsync", "url": rsyncd.url("set")})
-    done = study.cli("validate", str(spec))  # the server's listing: reachable, its size, nothing copied
+    # validate reads the server's listing: reachable, its size, nothing copied
+    done = study.cli("validate", str(spec), env={"COLUMNS": "300"})
     assert done.returncode == 0 and "reachable, 2 files" in done.stdout, done.stdout + done.stderr
     assert not (study.home / "data" / "rsync").exists()
     outcome = _research(study, spec)
@@ -262,3 +265,52 @@ def test_rsync_spec_errors(study: Study) -> None:
         load_spec(study.spec(data={"source": "url", "url": "rsync://e.org/m"}))
     with pytest.raises(SpecError, match="tree hash"):
         load_spec(study.spec(data={"source": "rsync", "url": "rsync://e.org/m", "sha256": "0" * 64}))
+
+
+@pytest.mark.subprocess
+def test_a_hugging_face_dataset_is_fetched_once_at_its_resolved_commit(study: Study, hub: Hub,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")  # in the orchestrator's environment, but not passed on
+    hub.files = {"train.txt": b"from the hub\n", "data/part-0.csv": b"x,y\n1,2\n"}
+    study.commit({"run.sh": RUNNER})
+    spec = study.spec(data={"source": "hf", "repo": "org/ds", "revision": "main", "endpoint": hub.endpoint})
+    # validate looks the revision up: its commit, files and size; nothing is fetched
+    done = study.cli("validate", str(spec), env={"COLUMNS": "300"})
+    assert done.returncode == 0 and f"resolves to commit {hub.commit}, 2 files" in done.stdout, done.stdout
+    assert hub.downloads == {}
+    for new in (False, True):  # a second experiment reuses the home's Hub cache
+        outcome = _research(study, spec, new=new)
+        assert outcome.status == ExperimentStatus.COMPLETED, outcome.message
+    assert hub.downloads == {"train.txt": 1, "data/part-0.csv": 1}
+    assert set(hub.authorizations) == {None}  # HF_TOKEN was not in pass_env: never sent
+    ledger = study.ledger()
+    for exp in ledger.experiments():
+        (run,) = ledger.runs(exp.id)
+        assert ledger.run_metrics(exp.id)[run.id]["score"][0] == _prefix(b"from the hub\n")
+        (record,) = ledger.data_records(exp.id)
+        assert record.sources[0]["resolved"] == f"{hub.endpoint}/datasets/org/ds@{hub.commit}"
+        assert record.sources[0]["location"] == "dataset org/ds@main"
+    assert "hf_secret_token" not in (study.home / "ledger.db").read_bytes().decode("latin-1")
+
+
+def test_a_private_hugging_face_repo_needs_the_token_passed_on_purpose(study: Study, hub: Hub,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    hub.token = "hf_secret_token"
+    hub.files = {"train.txt": b"private\n"}
+    spec = study.spec(data={"source": "hf", "repo": "org/ds", "endpoint": hub.endpoint})
+    with pytest.raises(DataError) as refused:
+        local_copy(load_spec(spec), study.home)
+    assert "private or gated" in refused.value.message and "pass_env" in (refused.value.hint or "")
+    passed = study.spec(name="passed", data={"source": "hf", "repo": "org/ds", "endpoint": hub.endpoint},
+                        pass_env=["HF_TOKEN"])
+    copy = local_copy(load_spec(passed), study.home)
+    assert copy is not None and (copy.directory / "train.txt").read_bytes() == b"private\n"
+    assert "Bearer hf_secret_token" in hub.authorizations
+
+
+def test_a_revision_that_does_not_exist_is_a_clear_error(study: Study, hub: Hub) -> None:
+    hub.files = {"train.txt": b"x\n"}
+    spec = study.spec(data={"source": "hf", "repo": "org/ds", "revision": "v9", "endpoint": hub.endpoint})
+    with pytest.raises(DataError, match="the revision does not exist"):
+        local_copy(load_spec(spec), study.home)

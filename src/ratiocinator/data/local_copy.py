@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from ratiocinator.data import rsync
+from ratiocinator.data import hf, rsync
 from ratiocinator.data.download import digest_text, fetch, file_name, is_archive, unpack
 from ratiocinator.data.manifest import Manifest, make_read_only, scan
 from ratiocinator.errors import DataError
@@ -97,7 +97,22 @@ def local_copy(loaded: LoadedSpec, home: Path, *, deadline: float | None = None)
         deadline = time.monotonic() + loaded.spec.download_timeout_s
     if data.source == "rsync":
         return _rsync_copy(loaded, root, deadline)
+    if data.source == "hf":
+        return _hf_copy(loaded, root, deadline)
     return _url_copy(loaded, root, deadline)
+
+
+def _hf_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:
+    """The revision's files from the Hub (each fetched once into the home's Hub cache), then hashed."""
+    data = loaded.spec.data
+    with _locked(root / "hf.lock"):
+        got = hf.snapshot(loaded, root / "hf", max(deadline - time.monotonic(), 1.0))
+        manifest = scan(got.path, root / "hashes" / f"hf-{digest_text(str(got.path))[:32]}.json")
+    if not manifest.files:
+        raise DataError(f"{loaded.where('data', 'repo')}: {data.repo}@{data.revision} holds no files",
+                        hint="check data.repo, data.repo_type and data.revision")
+    return LocalCopy(got.path, manifest, (SourceRecord("hf", f"{data.repo_type} {data.repo}@{data.revision}",
+                                                       got.resolved, manifest.size, manifest.tree_hash),))
 
 
 def _rsync_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from ratiocinator.backends.base import HardwareFinding
-from ratiocinator.data import rsync
+from ratiocinator.data import hf, rsync
 from ratiocinator.data.download import file_name, is_archive
 from ratiocinator.data.local_copy import local_directory, url_cache_key
 from ratiocinator.data.provenance import human_size
@@ -47,6 +47,11 @@ def probe(loaded: LoadedSpec, home: Path, *, timeout_s: float = 15.0) -> DataPro
                 if path.is_file():
                     size, files = size + path.stat().st_size, files + 1
         return DataProbe(size, False, ((str(directory), f"{files} files, {human_size(size)}"),))
+    if data.source == "hf":
+        commit, hub_size, files = hf.resolve(loaded, timeout_s=timeout_s)
+        shown = human_size(hub_size) if hub_size is not None else "size not given"
+        return DataProbe(hub_size, False, ((f"{data.repo_type} {data.repo}@{data.revision}",
+                                        f"resolves to commit {commit}, {files} files, {shown}"),))
     if data.source == "rsync":
         files, size = rsync.listing(data.urls[0], timeout_s)
         return DataProbe(size, False, ((data.urls[0], f"reachable, {files} files, {human_size(size)}"),))

@@ -12,7 +12,7 @@ from ratiocinator.errors import DataError
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.records import DataRecord
 
-DIRECTORIES = ("local", "rsync")  # sources whose checksum is a tree hash, not a file's sha256
+DIRECTORIES = ("local", "rsync", "hf")  # sources whose checksum is a tree hash, not a file's sha256
 
 
 def human_size(size: float) -> str:
@@ -52,7 +52,7 @@ def describe(record: DataRecord) -> str:
     """One line for the paper and `check`: what the runs read, with its checksums."""
     if len(record.sources) == 1 and record.sources[0]["kind"] in DIRECTORIES:
         source = record.sources[0]
-        where = "local directory" if source["kind"] == "local" else "rsync directory"
+        where = {"local": "local directory", "rsync": "rsync directory", "hf": "Hugging Face"}[source["kind"]]
         return (f"{where} {source['resolved']}: {record.files} files, {human_size(record.size)},"
                 f" tree hash {record.tree_hash}")
     parts = []

@@ -105,7 +105,7 @@ class Hardware(_Strict):
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-UNBUILT_SOURCES = {"hf": "a Hugging Face repo"}
+HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 
 
 class Data(_Strict):
@@ -113,20 +113,31 @@ class Data(_Strict):
 
     ``local``: a directory on the orchestrator's machine. ``url``: one or more HTTP(S) files, each
     with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked. ``rsync``: a
-    directory on an rsync server, ``url: rsync://host[:port]/module[/path]``.
+    directory on an rsync server, ``url: rsync://host[:port]/module[/path]``. ``hf``: a Hugging Face
+    dataset or model ``repo`` at a ``revision`` (the token only from ``HF_TOKEN`` named in ``pass_env``).
     """
 
-    source: Literal["none", "local", "url", "rsync"] = "none"
+    source: Literal["none", "local", "url", "rsync", "hf"] = "none"
     path: str | None = None
     url: str | list[str] | None = None
     sha256: str | list[str] | None = None
+    repo: str | None = Field(None, description="with source: hf, the repository (org/name)")
+    repo_type: Literal["dataset", "model"] = "dataset"
+    revision: str = Field("main", min_length=1, description="with source: hf, a branch, tag or commit")
+    endpoint: str | None = Field(None, description="with source: hf, the Hub's URL (default https://huggingface.co)")
 
-    @field_validator("source", mode="before")
+    @field_validator("repo")
     @classmethod
-    def _unbuilt(cls, value: object) -> object:
-        if isinstance(value, str) and value in UNBUILT_SOURCES:
-            raise ValueError(f"data.source '{value}' ({UNBUILT_SOURCES[value]}) is not supported by this version;"
-                             " use source: url with the files' download URLs, or source: local with a downloaded copy")
+    def _hf_repo(cls, value: str | None) -> str | None:
+        if value is not None and not HF_REPO.fullmatch(value):
+            raise ValueError(f"data.repo '{value}' is not a Hugging Face repository name (org/name)")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"data.endpoint '{value}' is not an http:// or https:// URL")
         return value
 
     @field_validator("url")
@@ -170,6 +181,12 @@ class Data(_Strict):
         elif self.source != "url" and (self.url or self.sha256):
             raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url or rsync"
                              f" (the source is '{self.source}')")
+        if self.source == "hf" and not self.repo:
+            raise ValueError("data.source 'hf' needs data.repo (org/name), and optionally data.revision and"
+                             " data.repo_type (dataset or model)")
+        hf_fields = [k for k in ("repo", "endpoint", "repo_type", "revision") if k in self.model_fields_set]
+        if self.source != "hf" and hf_fields:
+            raise ValueError(f"data.{hf_fields[0]} is only used with source: hf (the source is '{self.source}')")
         if self.source != "local" and self.path:
             raise ValueError(f"data.path is only used with source: local (the source is '{self.source}')")
         if self.source == "url" and self.sha256 is not None:
