@@ -17,7 +17,7 @@ from conftest import Study
 from dataserver import DataServer
 from hubserver import Hub
 from ratiocinator.data.download import fetch
-from ratiocinator.data.local_copy import local_copy
+from ratiocinator.data.local_copy import local_copy, prepared_copy
 from ratiocinator.data.manifest import scan
 from ratiocinator.errors import DataError, SpecError
 from ratiocinator.pipeline import Research, check_spec
@@ -314,3 +314,23 @@ def test_a_revision_that_does_not_exist_is_a_clear_error(study: Study, hub: Hub)
     spec = study.spec(data={"source": "hf", "repo": "org/ds", "revision": "v9", "endpoint": hub.endpoint})
     with pytest.raises(DataError, match="the revision does not exist"):
         local_copy(load_spec(spec), study.home)
+
+
+def test_hosts_receive_the_copy_the_experiment_fetched_even_if_the_source_moved(study: Study, rsyncd: Rsyncd,
+                                                                                hub: Hub) -> None:
+    """Between the fetch before renting and a host's staging, an rsync directory or a Hub branch may move;
+    the hosts get what the ledger records (`prepared_copy`), and the next start sees the move."""
+    (rsyncd.root / "train.txt").write_bytes(b"one\n")
+    hub.files = {"train.txt": b"one\n"}
+    for data in ({"source": "rsync", "url": rsyncd.url()},
+                 {"source": "hf", "repo": "org/ds", "endpoint": hub.endpoint}):
+        loaded = load_spec(study.spec(name=str(data["source"]), data=data))
+        fetched = local_copy(loaded, study.home)
+        (rsyncd.root / "train.txt").write_bytes(b"second\n")  # another size: rsync compares size and mtime
+        hub.files = {"train.txt": b"second\n"}
+        staged = prepared_copy(loaded, study.home)
+        assert staged is not None and fetched is not None and staged.tree_hash == fetched.tree_hash, data
+        again = local_copy(loaded, study.home)  # the next start
+        assert again is not None and (again.directory / "train.txt").read_bytes() == b"second\n", data
+        (rsyncd.root / "train.txt").write_bytes(b"one\n")
+        hub.files = {"train.txt": b"one\n"}

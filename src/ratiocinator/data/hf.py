@@ -89,16 +89,28 @@ def resolve(loaded: LoadedSpec, *, timeout_s: float = 15.0) -> tuple[str, int | 
     return str(info.sha), (sum(sizes) if all(s is not None for s in sizes) else None), len(entries)
 
 
-def snapshot(loaded: LoadedSpec, cache: Path, deadline_s: float) -> Snapshot:
-    """The revision's files in ``cache`` (the Hub's own cache layout), fetched where missing."""
+def snapshot(loaded: LoadedSpec, cache: Path, deadline_s: float, *, refresh: bool = True) -> Snapshot:
+    """The revision's files in ``cache`` (the Hub's own cache layout), fetched where missing; without
+    ``refresh``, the commit the cache last resolved the revision to, when it has one."""
     hub = _hub()
     data = loaded.spec.data
+    options = {"repo_type": data.repo_type, "revision": data.revision, "cache_dir": cache,
+               "endpoint": endpoint(loaded), "token": token(loaded)}
+    if not refresh:
+        try:
+            return _snapshot(loaded, hub.snapshot_download(data.repo, local_files_only=True, **options))
+        except hub.errors.LocalEntryNotFoundError:
+            pass  # nothing here yet: fetch it
     try:
-        path = hub.snapshot_download(data.repo, repo_type=data.repo_type, revision=data.revision, cache_dir=cache,
-                                     endpoint=endpoint(loaded), token=token(loaded), etag_timeout=min(deadline_s, 60))
+        path = hub.snapshot_download(data.repo, etag_timeout=min(deadline_s, 60), **options)
     except (hub.errors.HfHubHTTPError, hub.errors.RevisionNotFoundError, hub.errors.RepositoryNotFoundError,
             hub.errors.LocalEntryNotFoundError, OSError) as exc:
         raise _refusal(loaded, exc) from None
-    commit = Path(path).name
+    return _snapshot(loaded, path)
+
+
+def _snapshot(loaded: LoadedSpec, path: str) -> Snapshot:
+    data = loaded.spec.data
+    commit = Path(path).name  # the Hub cache names a snapshot by its commit
     return Snapshot(Path(path), commit, f"{endpoint(loaded)}/{'datasets/' if data.repo_type == 'dataset' else ''}"
                                         f"{data.repo}@{commit}")
