@@ -148,6 +148,10 @@ def test_local_directory_is_used_in_place_and_a_changed_dataset_refuses_a_resume
     assert record.tree_hash in str(raised.value) and scan(data).tree_hash in str(raised.value)
     assert "--new" in (raised.value.hint or "")
     assert len(ledger.runs(exp.id)) == 1  # nothing ran on the changed data
+    (data / "train.txt").write_bytes(b"first version\n")  # the data restored: the same command resumes
+    resumed = _research(study, spec)
+    assert resumed.status == ExperimentStatus.COMPLETED and resumed.experiment_id == exp.id, resumed.message
+    assert len(ledger.runs(exp.id)) == 1
 
 
 def test_missing_data_path_is_an_error_naming_the_path(study: Study) -> None:

@@ -171,8 +171,11 @@ def _url_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:
         staging.mkdir(parents=True)
         with httpx.Client() as client:
             for url, expected, name in zip(urls, checksums, names, strict=True):
-                got = fetch(url, root / "downloads" / digest_text(url)[:32] / name, expected=expected,
-                            deadline=deadline, client=client)
+                try:
+                    got = fetch(url, root / "downloads" / digest_text(url)[:32] / name, expected=expected,
+                                deadline=deadline, client=client)
+                except DataError as exc:  # said with the spec's line that names the URL
+                    raise DataError(f"{loaded.where('data', 'url')}: {exc.message}", hint=exc.hint) from None
                 records.append(SourceRecord("url", url, got.final_url, got.size, got.sha256))
                 if is_archive(name):
                     unpack(got.path, name, staging)
