@@ -199,6 +199,7 @@ def test_archives_cannot_write_outside_the_data_directory(study: Study, data_ser
     ({"source": "none", "path": "d"}, "only used with source: local"),
     ({"source": "local", "path": "d", "url": "https://e.org/a"}, "only used with source: url or rsync"),
     ({"source": "hf"}, "needs data.repo"),
+    ({"source": "url", "url": "https://e.org/a", "sha256": 0}, "put the digest in quotes"),
     ({"source": "url", "url": "https://e.org/a", "revision": "v1"}, "only used with source: hf"),
 ])
 def test_data_spec_errors_say_what_to_fix(study: Study, data: dict[str, object], message: str) -> None:

@@ -154,6 +154,14 @@ class Data(_Strict):
                 raise ValueError("data.url lists a URL twice")
         return value
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        for digest in value if isinstance(value, list) else [value]:
+            if isinstance(digest, int | float) and not isinstance(digest, bool):
+                raise ValueError("data.sha256 was read as a number: put the digest in quotes")
+        return value
+
     @field_validator("sha256")
     @classmethod
     def _sha256s(cls, value: str | list[str] | None) -> str | list[str] | None:
