@@ -27,7 +27,8 @@ from gitrepo import GitRepo
 from ratiocinator.store.ledger import Ledger
 from without_extras import env_without
 
-pytest_plugins = ("sshd", "raycluster", "dataserver")  # their fixtures: sshd, ray_cluster, data_server
+# Their fixtures: sshd, ray_cluster, data_server (HTTP files), rsyncd, hub (a Hugging Face Hub).
+pytest_plugins = ("sshd", "raycluster", "dataserver", "rsyncd", "hubserver")
 
 CLI = [sys.executable, "-m", "ratiocinator"]
 

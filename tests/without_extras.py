@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent / "without_extras_site"
 ENV = "RATIOCINATOR_TEST_BLOCK"
 # Every package an extra brings that ratiocinator imports (ratiocinator.extras.EXTRAS).
-EXTRA_PACKAGES = ("openai", "anthropic", "asyncssh", "tenacity", "optuna", "ray", "mlflow", "pandas",
+EXTRA_PACKAGES = ("openai", "anthropic", "asyncssh", "tenacity", "optuna", "ray", "mlflow", "pandas", "huggingface_hub",
                   "pyarrow")
 
 

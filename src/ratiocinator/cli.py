@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ratiocinator.data.probe import summary as data_summary
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
 from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.pipeline import (
@@ -134,6 +135,7 @@ def validate(spec: SpecArg) -> None:
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     s = loaded.spec
+    data_line = data_summary(loaded, state.home)  # size and reachability (HEAD); a missing path is an error
     direction = "maximize" if s.maximize else "minimize"
     out.print(f"[bold]{loaded.path}[/bold]: valid spec '{loaded.name}' (sha256 {loaded.sha256[:12]})")
     rows = [
@@ -144,7 +146,7 @@ def validate(spec: SpecArg) -> None:
         ("deps", f"{len(s.deps.pre_install)} pre_install command(s), requirements {s.deps.requirements or '-'}"
                  f" (excluding {', '.join(s.deps.exclude_from_requirements) or 'nothing'}),"
                  f" verify {'yes' if s.deps.verify else 'no'}"),
-        ("data", s.data.source + (f" ({s.data.path})" if s.data.path else "")),
+        ("data", data_line),
         ("budget", f"${s.max_dollars:.2f}, {s.max_iterations} iteration(s), train_timeout_s {s.train_timeout_s:g},"
                    f" download_timeout_s {s.download_timeout_s:g}"),
         ("runs", _arms_line(loaded)),

@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray",),
     "mlflow": ("mlflow",),
     "pandas": ("pandas", "pyarrow"),
+    "hf": ("huggingface_hub",),
 }
 
 

@@ -30,7 +30,7 @@ from ratiocinator.backends.base import (
 )
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
 from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
-from ratiocinator.data.local_copy import local_copy
+from ratiocinator.data.local_copy import prepared_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.execution.environment import probe_environment
@@ -193,7 +193,7 @@ class LocalBackend(Backend):
             )
         self._checkout = Path(checkout).resolve()
         started = time.monotonic()  # the data: in place (local), or fetched once into the home's cache
-        copy = await asyncio.to_thread(local_copy, loaded, self.home)
+        copy = await asyncio.to_thread(prepared_copy, loaded, self.home)
         if copy is None:
             return Workspace(checkout=checkout, env=env)
         env[contract.DATA_DIR] = str(copy.directory)

@@ -52,7 +52,7 @@ from ratiocinator.backends.base import (
 )
 from ratiocinator.backends.process import launch_failure, process_start_time
 from ratiocinator.data.assemble import assemble
-from ratiocinator.data.local_copy import local_copy
+from ratiocinator.data.local_copy import prepared_copy
 from ratiocinator.data.manifest import Manifest
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
@@ -510,7 +510,7 @@ class RayBackend(Backend):
         self._bundle = ray.put(bundle)
         lfs_names = await asyncio.to_thread(ws.lfs_files, checkout)
         self._lfs = {name: await self._put_chunks(checkout / name) for name in lfs_names}
-        copy = await asyncio.to_thread(local_copy, loaded, self.home)
+        copy = await asyncio.to_thread(prepared_copy, loaded, self.home)
         if copy is not None:  # through the object store in chunks, as LFS files travel
             self._data = {"manifest": copy.manifest.to_json(), "local_dir": str(copy.directory),
                           "chunks": {f.path: await self._put_chunks(copy.directory / f.path)

@@ -68,7 +68,7 @@ from ratiocinator.backends.base import (
 )
 from ratiocinator.backends.process import launch_failure
 from ratiocinator.backends.ssh_data import Upload, stage_over_sftp
-from ratiocinator.data.local_copy import LocalCopy, local_copy
+from ratiocinator.data.local_copy import LocalCopy, prepared_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
 from ratiocinator.execution.supervisor import SLACK_S as DEADLINE_SLACK_S
@@ -702,7 +702,7 @@ class SshBackend(Backend):
                 "requirements_sha256": hashlib.sha256(filtered.encode()).hexdigest() if filtered is not None else None,
             },
         }
-        self._data = await asyncio.to_thread(local_copy, loaded, self.home)
+        self._data = await asyncio.to_thread(prepared_copy, loaded, self.home)
         await asyncio.gather(*(self._prepare_machine(m, checkout, commit, bundle, lfs, filtered, job, on_output,
                                                      spec.download_timeout_s)
                                for m in self.machines if m.config.label in labels))

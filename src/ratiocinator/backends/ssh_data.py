@@ -11,6 +11,7 @@ cache already holds the tree hash receives nothing, whichever experiment or arm 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from ratiocinator.errors import WorkspaceError
 if TYPE_CHECKING:
     from ratiocinator.backends.ssh import _Machine
 
-CHUNK = 1 << 20  # bytes per SFTP write; what arrived before a drop is kept to this grain
+CHUNK = 256 << 10  # bytes per SFTP write request
+WINDOW = 16  # write requests in flight at once: a few MiB per round trip, whatever the link's latency
 
 
 @dataclass
@@ -74,26 +76,53 @@ async def stage_over_sftp(machine: _Machine, copy: LocalCopy) -> tuple[str, Uplo
     raise AssertionError("unreachable")
 
 
+async def _present(sftp: asyncssh.SFTPClient, partial: str, copy: LocalCopy) -> dict[str, int]:
+    """Sizes of the files already in ``partial``: one directory listing per folder, not one call per file."""
+    sizes: dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(f.path) for f in copy.manifest.files}):
+        try:
+            entries = await sftp.readdir(posixpath.join(partial, folder) if folder else partial)
+        except asyncssh.SFTPNoSuchFile:
+            continue
+        for entry in entries:
+            name = entry.filename if isinstance(entry.filename, str) else entry.filename.decode()
+            if entry.attrs.size is not None:
+                sizes[posixpath.join(folder, name) if folder else name] = entry.attrs.size
+    return sizes
+
+
 async def _send(sftp: asyncssh.SFTPClient, copy: LocalCopy, partial: str, upload: Upload) -> None:
-    """Every file of the manifest into ``partial``, continuing files a dropped connection cut short."""
+    """Every file of the manifest into ``partial``, continuing files a dropped connection cut short.
+
+    Writes go out WINDOW chunks at a time (one round trip per window, not per chunk); windows
+    complete in order, so after a drop only the last window can have holes, and a file is
+    continued from one window before its end: those bytes are the same and are written again.
+    """
+    present = await _present(sftp, partial, copy)
+    made: set[str] = set()  # folders created (or found) on the host
     for entry in copy.manifest.files:
         remote = posixpath.join(partial, entry.path)
-        await sftp.makedirs(posixpath.dirname(remote), exist_ok=True)
-        try:
-            offset = (await sftp.stat(remote)).size or 0
-        except asyncssh.SFTPNoSuchFile:
-            offset = 0
-        if offset == entry.size:
+        folder = posixpath.dirname(remote)
+        if folder not in made:
+            await sftp.makedirs(folder, exist_ok=True)
+            made.add(folder)
+        there = present.get(entry.path, 0)
+        if there == entry.size:
             upload.skipped_files += 1
             continue  # whole already; its checksum is checked when sealing
-        if offset > entry.size:
-            offset = 0
+        offset = max(0, min(there, entry.size) - WINDOW * CHUNK) // CHUNK * CHUNK
         if offset:
             upload.resumed_files += 1
-        async with sftp.open(remote, "r+b" if offset else "wb") as fh:
+        async with sftp.open(remote, "r+b" if there else "wb") as fh:
+            if there > entry.size:
+                await fh.truncate(entry.size)
             with open(copy.directory / entry.path, "rb") as local:
                 local.seek(offset)
-                while block := local.read(CHUNK):
-                    await fh.write(block, offset)
-                    offset += len(block)
-                    upload.sent_bytes += len(block)
+                while True:
+                    blocks = [block for block in (local.read(CHUNK) for _ in range(WINDOW)) if block]
+                    if not blocks:
+                        break
+                    starts = [offset + i * CHUNK for i in range(len(blocks))]
+                    await asyncio.gather(*(fh.write(block, at) for block, at in zip(blocks, starts, strict=True)))
+                    offset += sum(len(b) for b in blocks)
+                    upload.sent_bytes += sum(len(b) for b in blocks)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from ratiocinator.data import hf, rsync
 from ratiocinator.data.download import digest_text, fetch, file_name, is_archive, unpack
 from ratiocinator.data.manifest import Manifest, make_read_only, scan
 from ratiocinator.errors import DataError
@@ -75,10 +76,13 @@ def local_directory(loaded: LoadedSpec) -> Path:
     return path.resolve()
 
 
-def local_copy(loaded: LoadedSpec, home: Path, *, deadline: float | None = None) -> LocalCopy | None:
+def local_copy(loaded: LoadedSpec, home: Path, *, deadline: float | None = None,
+               refresh: bool = True) -> LocalCopy | None:
     """The data on this machine (None for ``source: none``), fetched and checked first if need be.
 
     ``deadline`` (time.monotonic) bounds the downloads; the default is ``download_timeout_s`` from now.
+    Sources that can change under the same spec (an rsync directory, a Hub branch) are looked at
+    again when ``refresh``; without it, the copy already here is used as it is (see `prepared_copy`).
     """
     data = loaded.spec.data
     root = Paths(home).data
@@ -94,7 +98,48 @@ def local_copy(loaded: LoadedSpec, home: Path, *, deadline: float | None = None)
         return LocalCopy(directory, manifest, (record,))
     if deadline is None:
         deadline = time.monotonic() + loaded.spec.download_timeout_s
+    if data.source == "rsync":
+        return _rsync_copy(loaded, root, deadline, refresh)
+    if data.source == "hf":
+        return _hf_copy(loaded, root, deadline, refresh)
     return _url_copy(loaded, root, deadline)
+
+
+def prepared_copy(loaded: LoadedSpec, home: Path) -> LocalCopy | None:
+    """What a backend stages on its hosts: the copy the experiment fetched before acquiring them (so the hosts
+    receive exactly what the ledger records, even if an rsync directory or a Hub branch moved meanwhile);
+    fetched now only where this machine has none (a backend used on its own)."""
+    return local_copy(loaded, home, refresh=False)
+
+
+def _hf_copy(loaded: LoadedSpec, root: Path, deadline: float, refresh: bool) -> LocalCopy:
+    """The revision's files from the Hub (each fetched once into the home's Hub cache), then hashed."""
+    data = loaded.spec.data
+    with _locked(root / "hf.lock"):
+        got = hf.snapshot(loaded, root / "hf", max(deadline - time.monotonic(), 1.0), refresh=refresh)
+        manifest = scan(got.path, root / "hashes" / f"hf-{digest_text(str(got.path))[:32]}.json")
+    if not manifest.files:
+        raise DataError(f"{loaded.where('data', 'repo')}: {data.repo}@{data.revision} holds no files",
+                        hint="check data.repo, data.repo_type and data.revision")
+    return LocalCopy(got.path, manifest, (SourceRecord("hf", f"{data.repo_type} {data.repo}@{data.revision}",
+                                                       got.resolved, manifest.size, manifest.tree_hash),))
+
+
+def _rsync_copy(loaded: LoadedSpec, root: Path, deadline: float, refresh: bool) -> LocalCopy:
+    """The server's directory, mirrored again on every start (only changes travel), then hashed."""
+    url = loaded.spec.data.urls[0]
+    folder = root / "rsync" / digest_text(url)[:32]
+    with _locked(folder.with_suffix(".lock")):
+        mirrored = folder / "mirrored"  # a whole mirror is here (a cut-off one is continued, not used)
+        if refresh or not mirrored.exists():
+            mirrored.unlink(missing_ok=True)
+            rsync.mirror(url, folder / "tree", deadline)
+            mirrored.write_text(url)
+        manifest = scan(folder / "tree", folder / "hashes.json")
+    if not manifest.files:
+        raise DataError(f"{loaded.where('data', 'url')}: {url} holds no files",
+                        hint="check the module and path (`rsync --list-only URL/` shows what the server has)")
+    return LocalCopy(folder / "tree", manifest, (SourceRecord("rsync", url, url, manifest.size, manifest.tree_hash),))
 
 
 def url_cache_key(urls: list[str], checksums: list[str | None]) -> str:
@@ -126,8 +171,11 @@ def _url_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:
         staging.mkdir(parents=True)
         with httpx.Client() as client:
             for url, expected, name in zip(urls, checksums, names, strict=True):
-                got = fetch(url, root / "downloads" / digest_text(url)[:32] / name, expected=expected,
-                            deadline=deadline, client=client)
+                try:
+                    got = fetch(url, root / "downloads" / digest_text(url)[:32] / name, expected=expected,
+                                deadline=deadline, client=client)
+                except DataError as exc:  # said with the spec's line that names the URL
+                    raise DataError(f"{loaded.where('data', 'url')}: {exc.message}", hint=exc.hint) from None
                 records.append(SourceRecord("url", url, got.final_url, got.size, got.sha256))
                 if is_archive(name):
                     unpack(got.path, name, staging)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from ratiocinator.backends.base import HardwareFinding
+from ratiocinator.data import hf, rsync
 from ratiocinator.data.download import file_name, is_archive
 from ratiocinator.data.local_copy import local_directory, url_cache_key
 from ratiocinator.data.provenance import human_size
@@ -46,6 +47,14 @@ def probe(loaded: LoadedSpec, home: Path, *, timeout_s: float = 15.0) -> DataPro
                 if path.is_file():
                     size, files = size + path.stat().st_size, files + 1
         return DataProbe(size, False, ((str(directory), f"{files} files, {human_size(size)}"),))
+    if data.source == "hf":
+        commit, hub_size, files = hf.resolve(loaded, timeout_s=timeout_s)
+        shown = human_size(hub_size) if hub_size is not None else "size not given"
+        return DataProbe(hub_size, False, ((f"{data.repo_type} {data.repo}@{data.revision}",
+                                        f"resolves to commit {commit}, {files} files, {shown}"),))
+    if data.source == "rsync":
+        files, size = rsync.listing(data.urls[0], timeout_s)
+        return DataProbe(size, False, ((data.urls[0], f"reachable, {files} files, {human_size(size)}"),))
     cached = Paths(home).data / "url" / url_cache_key(data.urls, data.checksums) / "copy.json"
     if cached.exists():
         recorded = json.loads(cached.read_text())
@@ -110,3 +119,12 @@ def rental_findings(loaded: LoadedSpec, home: Path, disk_gb: float) -> list[Hard
             f" (download_timeout_s {spec.download_timeout_s:g})"
             + ("" if quick else "; raise hardware.min_inet_down or download_timeout_s")))
     return out
+
+
+def summary(loaded: LoadedSpec, home: Path) -> str:
+    """`validate`'s data line: each source, reachable or not, and the size; a `DataError` when it is missing."""
+    found = probe(loaded, home)
+    if found is None:
+        return "none (the runs get no RATIOCINATOR_DATA_DIR)"
+    sources = "; ".join(f"{where}: {what}" for where, what in found.rows)
+    return f"{loaded.spec.data.source}, {found.shown()} — {sources}"

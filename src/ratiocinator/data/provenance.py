@@ -12,6 +12,8 @@ from ratiocinator.errors import DataError
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.records import DataRecord
 
+DIRECTORIES = ("local", "rsync", "hf")  # sources whose checksum is a tree hash, not a file's sha256
+
 
 def human_size(size: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
@@ -47,8 +49,17 @@ def data_record(copy: LocalCopy, staging_s: dict[str, float]) -> DataRecord:
 
 
 def describe(record: DataRecord) -> str:
-    """One line for the paper and `status`: what the runs read, with its checksums."""
-    parts = [f"{s['kind']} {s['resolved']} ({human_size(s['size'])}, sha256 {s['sha256']})" for s in record.sources]
+    """One line for the paper and `check`: what the runs read, with its checksums."""
+    if len(record.sources) == 1 and record.sources[0]["kind"] in DIRECTORIES:
+        source = record.sources[0]
+        where = {"local": "local directory", "rsync": "rsync directory", "hf": "Hugging Face"}[source["kind"]]
+        return (f"{where} {source['resolved']}: {record.files} files, {human_size(record.size)},"
+                f" tree hash {record.tree_hash}")
+    parts = []
+    for s in record.sources:
+        moved = f" (redirected to {s['resolved']})" if s["resolved"] != s["location"] else ""
+        checksum = "tree hash" if s["kind"] in DIRECTORIES else "sha256"
+        parts.append(f"{s['location']}{moved}: {human_size(s['size'])}, {checksum} {s['sha256']}")
     return (f"{'; '.join(parts)}; the runs' directory: {record.files} files, {human_size(record.size)},"
             f" tree hash {record.tree_hash}")
 

@@ -36,6 +36,7 @@ from ratiocinator.analysis.inference import (
     infer,
 )
 from ratiocinator.analysis.summary import ArmSummary, Finals, MetricStats, summarize_experiment
+from ratiocinator.data.provenance import describe as describe_data
 from ratiocinator.errors import SpecError
 from ratiocinator.execution.failures import DESCRIPTIONS
 from ratiocinator.report.document import (
@@ -457,7 +458,7 @@ class _Writer:
             ("Iterations (max)", str(spec.max_iterations)),
             ("Hardware (spec)", _value(spec.hardware.model_dump(exclude_none=True))),
             *self.host_rows(),
-            ("Data", spec.data.source + (f" ({spec.data.path})" if spec.data.path else "")),
+            ("Data", self.data_line()),
             ("Dependencies: pre-install", "; ".join(deps.pre_install) or "none"),
             ("Dependencies: requirements", (deps.requirements or "none") + excluded),
             ("Dependencies: verify", deps.verify or "none"),
@@ -530,6 +531,17 @@ class _Writer:
         notes = "; ".join(f"{c['name']}: {c['summary']}" for c in last.checks if c["status"] in ("failed", "warning"))
         verdict = "ready" if last.is_code_ready else "not ready"
         return f"{verdict} ({shown})" + (f"; {notes}" if notes else "")
+
+    def data_line(self) -> str:
+        """What the runs read, as recorded when it was staged: each source, its size and checksum."""
+        records = self.ledger.data_records(self.experiment.id)
+        if not records:
+            spec = self.spec.data
+            return spec.source + (f" ({spec.path})" if spec.path else "") + (
+                "" if spec.source == "none" else "; not recorded (no run was prepared)")
+        last = records[-1]
+        hosts = ", ".join(f"{host} {seconds:.1f} s" for host, seconds in last.staging_s.items())
+        return f"{describe_data(last)}" + (f"; staged on {hosts}" if hosts else "")
 
     def repository(self) -> str:
         """The repository as the spec names it (a path relative to the spec file) and its remote, never a local
@@ -974,6 +986,11 @@ class _Writer:
                           f"mean wall seconds per run of arm {arm.name}", [r.id for r in timed]),
             ))
         text = f"Spent {self.spent_fact(spent)} of the {self.limit_fact()} budget"
+        staging = self.ledger.settled(self.experiment.id, kind="staging")
+        if staging is not None:
+            cited = self.fact("cost.staging", staging, Kind.MONEY, "dollars charged for staging the data", [])
+            text += (f", of which {cited} went to staging the data on the hosts (at the host's price, for the time"
+                     " the data took to arrive)")
         if reserved:
             still = self.fact("cost.reserved", reserved, Kind.MONEY, "dollars still reserved by unfinished runs", [])
             text += f"; {still} is still reserved by unfinished runs"

@@ -117,40 +117,61 @@ class Hardware(_Strict):
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-UNBUILT_SOURCES = {"hf": "a Hugging Face repo", "rsync": "an rsync server's module"}
+HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 
 
 class Data(_Strict):
     """What the runs read, staged once per host and exported as ``RATIOCINATOR_DATA_DIR`` (see docs/data.md).
 
     ``local``: a directory on the orchestrator's machine. ``url``: one or more HTTP(S) files, each
-    with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked.
+    with an optional ``sha256`` (a list when ``url`` is a list); archives are unpacked. ``rsync``: a
+    directory on an rsync server, ``url: rsync://host[:port]/module[/path]``. ``hf``: a Hugging Face
+    dataset or model ``repo`` at a ``revision`` (the token only from ``HF_TOKEN`` named in ``pass_env``).
     """
 
-    source: Literal["none", "local", "url"] = "none"
+    source: Literal["none", "local", "url", "rsync", "hf"] = "none"
     path: str | None = None
     url: str | list[str] | None = None
     sha256: str | list[str] | None = None
+    repo: str | None = Field(None, description="with source: hf, the repository (org/name)")
+    repo_type: Literal["dataset", "model"] = "dataset"
+    revision: str = Field("main", min_length=1, description="with source: hf, a branch, tag or commit")
+    endpoint: str | None = Field(None, description="with source: hf, the Hub's URL (default https://huggingface.co)")
 
-    @field_validator("source", mode="before")
+    @field_validator("repo")
     @classmethod
-    def _unbuilt(cls, value: object) -> object:
-        if isinstance(value, str) and value in UNBUILT_SOURCES:
-            raise ValueError(f"data.source '{value}' ({UNBUILT_SOURCES[value]}) is not supported by this version;"
-                             " use source: url with the files' download URLs, or source: local with a downloaded copy")
+    def _hf_repo(cls, value: str | None) -> str | None:
+        if value is not None and not HF_REPO.fullmatch(value):
+            raise ValueError(f"data.repo '{value}' is not a Hugging Face repository name (org/name)")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"data.endpoint '{value}' is not an http:// or https:// URL")
         return value
 
     @field_validator("url")
     @classmethod
     def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
         for url in [value] if isinstance(value, str) else value or []:
-            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
-                raise ValueError(f"data.url '{url}' is not an http:// or https:// URL")
+            if not re.fullmatch(r"(https?|rsync)://[^\s/]+(/\S*)?", url):
+                raise ValueError(f"data.url '{url}' is not an http(s):// URL (source: url) or an rsync:// URL"
+                                 " (source: rsync)")
         if isinstance(value, list):
             if not value:
                 raise ValueError("data.url is an empty list; give at least one URL")
             if len(set(value)) != len(value):
                 raise ValueError("data.url lists a URL twice")
+        return value
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        for digest in value if isinstance(value, list) else [value]:
+            if isinstance(digest, int | float) and not isinstance(digest, bool):
+                raise ValueError("data.sha256 was read as a number: put the digest in quotes")
         return value
 
     @field_validator("sha256")
@@ -169,9 +190,23 @@ class Data(_Strict):
                              " RATIOCINATOR_DATA_DIR)")
         if self.source == "url" and not self.url:
             raise ValueError("data.source 'url' needs data.url (a URL, or a list of them)")
-        if self.source != "url" and (self.url or self.sha256):
-            raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url"
+        if self.source == "url" and any(u.startswith("rsync://") for u in self.urls):
+            raise ValueError("data.url names an rsync:// URL: use source: rsync for it")
+        if self.source == "rsync":
+            if not isinstance(self.url, str) or not self.url.startswith("rsync://"):
+                raise ValueError("data.source 'rsync' needs data.url: rsync://host[:port]/module[/path] (one URL)")
+            if self.sha256 is not None:
+                raise ValueError("data.sha256 is for files (source: url); an rsync directory is checked by its tree"
+                                 " hash, recorded in the ledger")
+        elif self.source != "url" and (self.url or self.sha256):
+            raise ValueError(f"data.{'url' if self.url else 'sha256'} is only used with source: url or rsync"
                              f" (the source is '{self.source}')")
+        if self.source == "hf" and not self.repo:
+            raise ValueError("data.source 'hf' needs data.repo (org/name), and optionally data.revision and"
+                             " data.repo_type (dataset or model)")
+        hf_fields = [k for k in ("repo", "endpoint", "repo_type", "revision") if k in self.model_fields_set]
+        if self.source != "hf" and hf_fields:
+            raise ValueError(f"data.{hf_fields[0]} is only used with source: hf (the source is '{self.source}')")
         if self.source != "local" and self.path:
             raise ValueError(f"data.path is only used with source: local (the source is '{self.source}')")
         if self.source == "url" and self.sha256 is not None:

@@ -904,6 +904,12 @@ class Ledger:
             "SELECT * FROM charges WHERE experiment_id = ? AND state = 'reserved'", (experiment_id,)
         ).fetchall()
 
+    def settled(self, experiment_id: str, *, kind: str) -> float | None:
+        """Dollars settled for one kind of charge (``staging``, ``smoke``, ...); None when there was none."""
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(settled), 0) FROM charges WHERE experiment_id = ?"
+                              " AND kind = ? AND state = 'settled'", (experiment_id, kind)).fetchone()
+        return float(row[1]) if row[0] else None
+
     def money(self, experiment_id: str) -> tuple[float, float]:
         """(spent, reserved) dollars for an experiment."""
         row = self.db.execute(
