@@ -133,6 +133,8 @@ def _marker_for(argv: object) -> str | None:
     tokens = [t for w in words for t in w.split()]
     if not tokens or "ratiocinator.execution.supervisor" in tokens:  # the deadline keeper: one per process
         return None
+    if any(w.startswith("# ratiocinator environment probe") for w in words):  # one per prepared workspace
+        return None
     if os.path.basename(tokens[0]) == "pdflatex":
         return "latex"
     if any(t == sys.executable or _PYTHON.fullmatch(os.path.basename(t)) for t in tokens):

@@ -20,7 +20,7 @@ from typing import Any
 PROBE_TIMEOUT_S = 60.0
 
 # Runs inside the runs' interpreter: standard library only.
-PROBE = r"""
+PROBE = r"""# ratiocinator environment probe
 import hashlib, importlib.metadata as md, json, platform, sys
 packages = sorted({f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in md.distributions()
                    if d.metadata['Name']})
