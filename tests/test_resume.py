@@ -24,7 +24,11 @@ if [ "$RATIOCINATOR_TRIAL" = 1 ]; then
   exit 0
 fi
 echo "start $RATIOCINATOR_ARM $RATIOCINATOR_SEED $$" >> "$INVOCATION_LOG"
-sleep "${NAP:-2}"
+if [ -n "${GATE:-}" ]; then  # held until the test opens the gate (at most 60 s)
+  for _ in $(seq 1200); do [ -e "$GATE" ] && break; sleep 0.05; done
+else
+  sleep "${NAP:-2}"
+fi
 echo "end $RATIOCINATOR_ARM $RATIOCINATOR_SEED $$" >> "$INVOCATION_LOG"
 echo "METRICS: {\\"score\\": ${K:-0}}"
 """
@@ -40,10 +44,10 @@ def _statuses(db: Path) -> Counter[str]:
         return Counter()
 
 
-def _start(study: Study, spec: Path, log: Path) -> subprocess.Popen[str]:
+def _start(study: Study, spec: Path, log: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*CLI, "--home", str(study.home), "research", str(spec)], cwd=study.root, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "INVOCATION_LOG": str(log)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "INVOCATION_LOG": str(log), **env},
     )
 
 
@@ -137,14 +141,15 @@ def test_ctrl_c_interrupts_cleanly_and_the_rerun_finishes(study: Study) -> None:
 
 def test_a_second_orchestrator_on_the_same_experiment_is_refused(study: Study) -> None:
     study.commit({"run.sh": SLOW_RUNNER})
-    spec = study.spec(factors={"K": [1, 2]}, concurrency=1, pass_env=["INVOCATION_LOG"])
-    log = study.root / "invocations.log"
-    first = _start(study, spec, log)
+    spec = study.spec(factors={"K": [1, 2]}, concurrency=1, pass_env=["INVOCATION_LOG", "GATE"])
+    log, gate = study.root / "invocations.log", study.root / "gate"
+    first = _start(study, spec, log, GATE=str(gate))  # its runs last until the second command has answered
     try:
         _wait_for(lambda: _statuses(study.home / "ledger.db")["running"] >= 1)
         second = study.cli("research", str(spec), env={"INVOCATION_LOG": str(log)})
         assert second.returncode == 2 and "already being run" in second.stderr
     finally:
+        gate.touch()
         first.communicate(timeout=60)
     assert first.returncode == 0
     assert _finished_replicates(study) == Counter({("K=1", 0): 1, ("K=2", 0): 1})
