@@ -624,10 +624,10 @@ def test_an_instance_stopped_at_the_provider_is_destroyed_not_taken_for_gone(
                  failure_policy={"max_attempts": 1})
     backend = _backend(vast, sshd, study)
 
-    def host_dies() -> None:
-        _kill_runners(study)
+    def host_dies() -> None:  # the machine stops: its connections go first, so no exit report can come back
         sshd.drop_connections()
         sshd.stop()
+        _kill_runners(study)
 
     outcome = _research_while_the_instance_vanishes(vast, study, spec, backend, host_dies, provider=vast.fake.stop)
     ledger = study.ledger()
