@@ -584,10 +584,22 @@ class _Writer:
         if self.inf.factors is not None:
             blocks += self.factor_section(self.inf.factors)
         blocks += self.other_metrics()
-        curves = [Figure(f) for stem, f in self.figures.items() if stem.startswith("fig_curves")]
+        curves = self.curve_figures()
         if curves:
-            blocks += [Heading("Learning curves", 2), *curves]
+            # The main text keeps the first figure (the goal's panel comes first); the rest go to the appendix.
+            blocks += [Heading("Learning curves", 2), Figure(curves[0])]
+            if len(curves) > 1:
+                blocks.append(Paragraph(f"The learning curves of the other streamed metrics ({len(curves) - 1}"
+                                        " more figure(s), one per metric) are in the appendix."))
         return blocks
+
+    def curve_figures(self) -> list[FigureFile]:
+        return [f for stem, f in self.figures.items() if stem.startswith("fig_curves")]
+
+    def more_curves(self) -> list[Block]:
+        """Every learning-curve figure after the first, which the main text shows."""
+        rest = self.curve_figures()[1:]
+        return [Heading("More learning curves", 2), *(Figure(f) for f in rest)] if rest else []
 
     def verdicts(self) -> list[Block]:
         if not self.judgements:
@@ -1118,6 +1130,7 @@ class _Writer:
             blocks += self.arm_table()
             blocks += self.baseline_section()
             blocks += self.other_metrics(full=True)
+            blocks += self.more_curves()
         blocks += self.configuration()
         blocks += self.failure_details()
         blocks += self.arm_commands()
