@@ -1180,8 +1180,11 @@ class _Writer:
                     " cannot read them), so a rerun may resolve different versions.")
         out = []
         for data in recorded:
+            where = data.get("host") or data.get("node", "?")
+            if data.get("node") and data["node"] != where:
+                where += f", machine {data['node']}"
             parts = [f"{data.get('implementation', 'Python')} {data.get('python', '?')} on {data.get('platform', '?')}"
-                     f" (host {data.get('host') or data.get('node', '?')})"]
+                     f" (host {where})"]
             listed = data.get("requirements") or {}
             if listed:
                 parts.append("requirements: " + ", ".join(f"{name} {version or 'not installed'}"
