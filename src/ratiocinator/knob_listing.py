@@ -28,7 +28,8 @@ def knob_origin(name: str) -> str | None:
 
 def split_knobs(knobs: Iterable[Knob]) -> tuple[list[Knob], list[Knob]]:
     """(the runner's own knobs, the contract's and inherited names), each in the scan's order."""
-    own, given = [], []
+    own: list[Knob] = []
+    given: list[Knob] = []
     for knob in knobs:
         (own if knob_origin(knob.name) is None else given).append(knob)
     return own, given
