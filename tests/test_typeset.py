@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,14 @@ def test_the_quickstart_paper_typesets(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     report = next((home / "reports").iterdir())
     assert_typeset(report)
+
+
+@pytest.mark.subprocess
+@pytest.mark.latex
+@needs_tools
+def test_the_quickstart_main_pdf_has_at_most_six_pages(quickstart_home: Path) -> None:
+    (report,) = (quickstart_home / "reports").iterdir()
+    info = subprocess.run(["pdfinfo", str(report / "paper.pdf")], capture_output=True, text=True, check=True).stdout
+    pages = re.search(r"^Pages:\s+([0-9]+)$", info, re.MULTILINE)
+    assert pages is not None, info
+    assert int(pages[1]) <= 6, f"the quickstart's main PDF has {pages[1]} pages (the full tables go to the appendix)"
