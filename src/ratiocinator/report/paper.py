@@ -1188,7 +1188,7 @@ class _Writer:
         out = []
         for data in recorded:
             where = data.get("host") or data.get("node", "?")
-            if data.get("node") and data["node"] != where:
+            if data.get("node") and str(data["node"]) not in where:  # "host local:vm" names its machine already
                 where += f", machine {data['node']}"
             parts = [f"{data.get('implementation', 'Python')} {data.get('python', '?')} on {data.get('platform', '?')}"
                      f" (host {where})"]
