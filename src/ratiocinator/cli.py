@@ -304,6 +304,7 @@ def knobs(spec: SpecArg) -> None:
     own, given = split_knobs(report.knobs.values())
     out.print(knob_table(own, f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}"))
     if given:  # read by the runner, but set by the run contract or the platform: not the study's to vary
+        out.print()
         out.print(knob_table(given, "also read: the run contract's variables and inherited settings (not knobs)",
                              marked=True))
     more = " ..." if len(report.files) > 8 else ""
