@@ -197,6 +197,7 @@ class FlakyLaunchBackend(LocalBackend):
 
 
 @pytest.mark.latex
+@pytest.mark.subprocess  # the local backend reads the runs' environment with their interpreter
 def test_infra_failures_retry_up_to_the_cap_as_new_attempts(study: Study) -> None:
     study.commit({"run.sh": "#!/usr/bin/env bash\necho 'METRICS: {\"score\": 1.0}'\n"})
     loaded = load_spec(study.spec(arms=[{"name": "a"}], extra_knobs=[],

@@ -6,7 +6,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ratiocinator.cli import app
 from ratiocinator.errors import PlanError
 from ratiocinator.repo.knobs import Knob, KnobReport, discover_knobs
 
@@ -431,3 +433,21 @@ def test_redirection_targets_are_not_commands(tmp_path):
     })
     assert report.files == ("run.sh",)
     assert set(report.knobs) == {"A"}
+
+
+def test_the_knobs_command_lists_the_runners_knobs_first_and_the_contracts_and_inherited_apart(study) -> None:
+    study.commit({"run.sh": textwrap.dedent("""\
+        #!/usr/bin/env bash
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+        echo "$RATIOCINATOR_SEED $RATIOCINATOR_OUT_DIR ${CUDA_VISIBLE_DEVICES:-}"
+        python3 train.py --lr "${LR:-0.1}" --width "${WIDTH:-8}"
+        """), "train.py": "import os\nDEPTH = int(os.environ.get('DEPTH', '2'))\n"})
+    shown = CliRunner().invoke(app, ["--home", str(study.home), "knobs", str(study.spec())], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    mine, apart = shown.output.split("also read: the run contract's variables and inherited settings")
+    listed = [line.split()[0] for line in mine.splitlines() if line.strip() and not line.startswith(("knob", "  "))]
+    assert {"LR", "WIDTH", "DEPTH"} <= set(listed) and not any(n.startswith(("RATIOCINATOR_", "OMP_", "CUDA_"))
+                                                                 for n in listed)
+    rows = {line.split()[0]: line.split()[1:3] for line in apart.splitlines()[2:] if line.strip()}
+    assert rows["RATIOCINATOR_SEED"] == ["run", "contract"] and rows["RATIOCINATOR_OUT_DIR"] == ["run", "contract"]
+    assert rows["OMP_NUM_THREADS"][0] == "inherited" and rows["CUDA_VISIBLE_DEVICES"][0] == "inherited"

@@ -138,7 +138,7 @@ def test_ten_megabyte_line_without_newline_stays_bounded():
     assert splitter.truncated_lines == 1
     assert lines[0] == "x" * max_line
     assert parser.feed_line(lines[0]) == []
-    assert values(parser.feed_line(lines[1])) == {"step": 7.0, "loss": 0.25}
+    assert values(parser.feed_line(lines[1])) == {"loss": 0.25}
 
 
 def test_binary_garbage_never_raises():
@@ -178,8 +178,7 @@ def test_max_line_bytes_must_be_positive():
 def test_json_line_numeric_fields_become_points_with_step():
     parser = make_parser("json_line")
     points = parser.feed_line('METRICS: {"step": 3, "loss": 1.5, "tokens": 4096}')
-    assert points == [
-        MetricPoint("step", 3.0, 3, 0),
+    assert points == [  # the step is the points' step, not a metric of its own
         MetricPoint("loss", 1.5, 3, 0),
         MetricPoint("tokens", 4096.0, 3, 0),
     ]
@@ -251,6 +250,19 @@ def test_json_line_integer_too_large_for_float_is_infinite():
 def test_json_line_step_key_preference(payload, step):
     points = make_parser("json_line").feed_line("METRICS: " + payload)
     assert points and {p.step for p in points} == {step}
+
+
+@pytest.mark.parametrize(
+    ("payload", "names"),
+    [
+        ('{"step": 5, "epoch": 2, "loss": 1}', {"epoch", "loss"}),  # epoch is a series over the steps
+        ('{"epoch": 2, "iter": 9, "loss": 1}', {"iter", "loss"}),  # epoch is the step
+        ('{"step": 1.5, "loss": 1}', {"loss"}),  # "step" is never a metric name
+        ('{"val": {"step": 4}, "loss": 1}', {"val/step", "loss"}),
+    ],
+)
+def test_json_line_step_index_is_never_a_metric(payload, names):
+    assert {p.name for p in make_parser("json_line").feed_line("METRICS: " + payload)} == names
 
 
 def test_json_line_prefix_must_start_the_stripped_line():
@@ -465,8 +477,8 @@ def test_end_to_end_stream_to_summary():
             summary.add(parser.feed_line(line))
     for line in splitter.flush():
         summary.add(parser.feed_line(line))
-    assert summary.final == {"step": 3.0, "loss": 1.0, "val/loss": 1.2}
-    assert summary.counts == {"step": 3, "loss": 3, "val/loss": 1}
+    assert summary.final == {"loss": 1.0, "val/loss": 1.2}
+    assert summary.counts == {"loss": 3, "val/loss": 1}
     assert summary.nonfinite == set()
     assert summary.any_nonfinite == {"loss"}
 

@@ -318,3 +318,18 @@ def test_metric_stats_keep_non_finite_and_missing_values_apart() -> None:
     inf = metric_stats("m", [5], {5: {"m": (math.inf, True)}})
     assert (inf.n, inf.nonfinite_run_ids) == (0, (5,))
     assert best_arm([], "m", maximize=True) is None
+
+
+def test_constant_knobs_are_shown_once_in_the_design_and_arms_show_what_varies(tmp_path: Path) -> None:
+    # As the planner records them: every arm carries the spec's constants under its own knobs.
+    study = PlantedStudy(tmp_path, PlantedStudy.arms(base={"EPOCHS": "40", "SIZE": "9257", "LR": "0.1"},
+                                                     fast={"EPOCHS": "40", "SIZE": "9257", "LR": "0.3"},
+                                                     long={"EPOCHS": "80", "SIZE": "9257", "LR": "0.1"}),
+                         baseline_arm="base", env={"EPOCHS": 40, "SIZE": 9257})
+    study.plant({"base": BASE, "fast": FAST, "long": BASE})
+    _, paper, _ = write(study)  # the paper, then its appendix
+    assert row(paper, "base", "Statistics of")[1] == "LR=0.1"
+    assert row(paper, "fast", "Statistics of")[1] == "LR=0.3"
+    assert row(paper, "long", "Statistics of")[1] == "EPOCHS=80, LR=0.1"  # an arm's own setting of a constant
+    design = paper.split("## Design", 1)[1].split("\n## ", 1)[0]
+    assert "EPOCHS=40, SIZE=9257" in design  # the constants, once

@@ -119,6 +119,13 @@ def test_full_experiment_over_the_cluster_streams_points_and_collects_artifacts(
         assert os.readlink(out / "inside_link") == "sub/file.txt"
         assert not (out / "escape_abs").exists() and not (out / "escape_abs").is_symlink()
         assert "escape_abs -> /etc/passwd" in (logs / "artifacts_skipped.txt").read_text()
+    # Each worker node's environment, read there with the runs' interpreter, and printed in the paper.
+    found = [e["data"] for e in ledger.events(exp.id) if e["kind"] == "environment"]
+    assert sorted(f["host"] for f in found) == sorted(f"ray node {n[:12]}" for n in nodes)
+    assert all(f["python"] and len(f["freeze_sha256"]) == 64 for f in found)
+    assert outcome.report is not None
+    paper = outcome.report.md.read_text()
+    assert all(f"(host ray node {n[:12]}, machine " in paper for n in nodes)
     # Each worker node prepared the commit once, in its own directory.
     checkouts = sorted((study.root / "ray-nodes" / "nodes").glob("*/checkouts/*"))
     assert [p.parent.parent.name for p in checkouts if not p.name.endswith(".lock")] == sorted(n[:16] for n in nodes)

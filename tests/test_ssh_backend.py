@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -114,6 +115,14 @@ def test_full_experiment_runs_over_ssh(sshd: Sshd, study: Study, monkeypatch: py
     events = {e["kind"]: e for e in ledger.events(exp.id)}
     assert any(key.startswith("ssh ") and "host key ssh-ed25519 SHA256:" in value
                for key, value in events["host"]["data"].items() if isinstance(value, str))
+    # The host's environment, read there by the runs' interpreter, and printed in the paper.
+    label = f"{sshd.user}@127.0.0.1:{sshd.port}"
+    (found,) = [e["data"] for e in ledger.events(exp.id) if e["kind"] == "environment"]
+    assert found["host"] == label and found["slots"] == [f"{label}/slot0", f"{label}/slot1"]
+    assert re.fullmatch(r"3\.[0-9]+\.[0-9]+", found["python"]) and len(found["freeze_sha256"]) == 64
+    assert outcome.report is not None
+    assert f"{found['implementation']} {found['python']} on {found['platform']} (host {label}, machine" in \
+        outcome.report.md.read_text().replace("\\_", "_")  # as read, without markdown's escapes
     # No private key material ever reached the host; secrets left no file behind.
     for path in remote.rglob("*"):
         if path.is_file() and not path.is_symlink():

@@ -245,3 +245,14 @@ def test_number_columns_align_on_the_decimal_point_and_text_columns_wrap() -> No
     assert r"\fact{f3}{$-$3.125} &" in lines["c"]
     spec = re.search(r"\\begin\{longtable\}\{(.*)\}\n", tex)
     assert spec and spec.group(1).count("p{") == 3 and re.search(r"\}r>", spec.group(1))  # Value: r, the rest wrap
+
+
+@pytest.mark.subprocess
+@pytest.mark.latex
+@needs_tools
+def test_the_quickstart_main_pdf_has_at_most_six_pages(quickstart_home: Path) -> None:
+    (report,) = (quickstart_home / "reports").iterdir()
+    info = subprocess.run(["pdfinfo", str(report / "paper.pdf")], capture_output=True, text=True, check=True).stdout
+    pages = re.search(r"^Pages:\s+([0-9]+)$", info, re.MULTILINE)
+    assert pages is not None, info
+    assert int(pages[1]) <= 6, f"the quickstart's main PDF has {pages[1]} pages (the full tables go to the appendix)"

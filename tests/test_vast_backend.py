@@ -131,6 +131,11 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     assert outcome.report is not None
     paper = outcome.report.md.read_text()
     assert "Rented instances" in paper and f"vast:{row.provider_id}" in paper and "split by wall time" in paper
+    # The instance's environment, read over its SSH connection with the runs' interpreter, is in the paper.
+    (found,) = [e["data"] for e in ledger.events(exp.id) if e["kind"] == "environment"]
+    assert found["host"] == f"vast:{row.provider_id}" and len(found["freeze_sha256"]) == 64
+    assert f"{found['implementation']} {found['python']} on {found['platform']} (host vast:{row.provider_id}," in \
+        paper.replace("\\_", "_")
     by_key = {f["key"]: f for f in json.loads(outcome.report.facts.read_text())["facts"]}
     arm_costs = [by_key[f"cost.arm[{arm}]"]["value"] for arm in ("low", "high")]
     assert all(c > 0 for c in arm_costs) and sum(arm_costs) == pytest.approx(row.cost)

@@ -27,6 +27,7 @@ from rich.table import Table
 from ratiocinator.data.probe import summary as data_summary
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
 from ratiocinator.execution.progress import LiveProgress, PlainProgress
+from ratiocinator.knob_listing import knob_table, split_knobs
 from ratiocinator.pipeline import (
     Paths,
     Research,
@@ -302,14 +303,12 @@ def knobs(spec: SpecArg) -> None:
         err.print(f"[yellow]warning: {escape(exc.message)}; the knobs below are read from the code alone[/]")
         code = inspect_code(loaded, Paths(state.home), require_lfs=False)
     report = code.knobs
-    table = Table(title=f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}", title_justify="left",
-                  box=None, pad_edge=False)
-    for col in ("knob", "kind", "default", "read at"):
-        table.add_column(col)
-    for knob in report.knobs.values():
-        sources = ", ".join(knob.sources[:3]) + (f" (+{len(knob.sources) - 3})" if len(knob.sources) > 3 else "")
-        table.add_row(knob.name, knob.kind, "-" if knob.default is None else knob.default, sources)
-    out.print(table)
+    own, given = split_knobs(report.knobs.values())
+    out.print(knob_table(own, f"knobs read by {loaded.spec.runner_script} at {code.commit[:12]}"))
+    if given:  # read by the runner, but set by the run contract or the platform: not the study's to vary
+        out.print()
+        out.print(knob_table(given, "also read: the run contract's variables and inherited settings (not knobs)",
+                             marked=True))
     more = " ..." if len(report.files) > 8 else ""
     out.print(f"scanned {len(report.files)} file(s): {', '.join(report.files[:8])}{more}")
     if report.dynamic:

@@ -347,10 +347,9 @@ class Research:
             self.progress.message("preparing the workspace (clone, deps, verify" + (", data)" if data else ")"))
             workspace = await record_staging(data, self.loaded, backend, host, ledger, budget,
                                              backend.prepare(host, self.loaded, commit))
-            environment = await backend.environment(host, workspace, self.loaded)
-            if environment is not None:  # what the runs' interpreter has installed, for the paper
-                ledger.event(exp_id, "environment", f"environment of {host.name}", host=host.name,
-                             slots=[s.label for s in host.slots], **environment)
+            for found in await backend.environments(host, workspace, self.loaded):  # per machine, for the paper
+                described = {"host": host.name, "slots": [s.label for s in host.slots], **found}
+                ledger.event(exp_id, "environment", f"environment of {described['host']}", **described)
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env: dict[str, str] = {}  # the data directory comes with the workspace: each host's own copy
             status, note = ExperimentStatus.COMPLETED, ""

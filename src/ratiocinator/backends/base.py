@@ -257,10 +257,12 @@ class Backend(abc.ABC):
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
         """Kill a run left behind by a dead orchestrator; True if something was killed."""
 
-    async def environment(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> dict[str, Any] | None:
-        """The runs' software environment in ``workspace`` (interpreter, packages, GPU, host), when this backend
-        can read it (see `ratiocinator.execution.environment`); None where it cannot, and the paper says so."""
-        return None
+    async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
+        """The runs' software environment on each machine that prepared ``workspace`` (interpreter, packages,
+        GPU, host; see `ratiocinator.execution.environment`), read with the runs' own interpreter there. A
+        machine's ``host`` key names it where ``host`` spans several; none where it cannot be read, and the
+        paper says so."""
+        return []
 
     def oom_kills(self, host: Host) -> int | None:
         """The host's kernel OOM-kill counter (compared before and after a run); None when unknown."""

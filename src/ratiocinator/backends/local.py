@@ -199,9 +199,11 @@ class LocalBackend(Backend):
         env[contract.DATA_DIR] = str(copy.directory)
         return Workspace(checkout=checkout, env=env, staging_s={host.name: time.monotonic() - started})
 
-    async def environment(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> dict[str, Any] | None:
+    async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
         env = {**contract.inherited_env(os.environ, loaded.spec.pass_env), **workspace.env}
-        return await asyncio.to_thread(probe_environment, Path(workspace.checkout), env, loaded.spec.deps.requirements)
+        found = await asyncio.to_thread(probe_environment, Path(workspace.checkout), env,
+                                        loaded.spec.deps.requirements)
+        return [] if found is None else [found]
 
     async def launch(self, host: Host, request: LaunchRequest) -> RunHandle:
         env = dict(request.env)

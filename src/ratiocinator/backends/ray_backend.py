@@ -56,6 +56,7 @@ from ratiocinator.data.local_copy import prepared_copy
 from ratiocinator.data.manifest import Manifest
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.execution.environment import probe_environment
 from ratiocinator.extras import require
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
@@ -160,6 +161,9 @@ def _prepare_on_node(root: str, bundle: bytes, commit: str, deps: dict[str, Any]
                      verify: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
     prepared = _ensure_workspace(root, bundle, commit, deps, lfs, verify)
     prepared["data_dir"], prepared["data_s"] = _ensure_data(root, data)
+    # The node's environment, read as a run there sees it (see RunActor.start), for the paper.
+    prepared["environment"] = probe_environment(Path(prepared["checkout"]), {**os.environ, **prepared["env"]},
+                                                deps.get("requirements"))
     return prepared
 
 
@@ -411,6 +415,7 @@ class RayBackend(Backend):
         self._job: dict[str, Any] | None = None
         self._data: dict[str, Any] | None = None  # the spec's data: its manifest and its files' chunks in the store
         self._local_checkout: Path | None = None
+        self._environments: list[dict[str, Any]] = []  # each prepared node's, as `prepare` read it there
         self._tag = secrets.token_hex(4)
 
     # -- the cluster --------------------------------------------------------------------
@@ -528,6 +533,7 @@ class RayBackend(Backend):
             for n in nodes]
         prepared = 0
         staging_s: dict[str, float] = {}
+        self._environments = []
         for node, ref in zip(nodes, refs, strict=True):
             try:
                 result = await _get(ref)
@@ -543,6 +549,8 @@ class RayBackend(Backend):
                 message = f"preparing the workspace on Ray node {node['NodeID'][:12]} failed: {cause}"
                 raise WorkspaceError(message) from None
             prepared += 1
+            if result["environment"] is not None:
+                self._environments.append({**result["environment"], "host": f"ray node {node['NodeID'][:12]}"})
             if result["data_dir"] is not None:
                 staging_s[f"ray node {node['NodeID'][:12]}"] = result["data_s"]
             if on_output is not None:
@@ -556,6 +564,9 @@ class RayBackend(Backend):
         if copy is not None:  # each run gets its node's copy (`RunActor.start` translates the path)
             env[contract.DATA_DIR] = str(copy.directory)
         return Workspace(checkout=checkout, env=env, staging_s=staging_s)
+
+    async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
+        return list(self._environments)
 
     async def _put_chunks(self, path: Path) -> list[Any]:
         """``path``'s content in the object store, LFS_CHUNK bytes per object, so no file is ever whole in memory."""

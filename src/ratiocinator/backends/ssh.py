@@ -71,6 +71,12 @@ from ratiocinator.backends.ssh_data import Upload, stage_over_sftp
 from ratiocinator.data.local_copy import LocalCopy, prepared_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
+from ratiocinator.execution.environment import (
+    PROBE,
+    PROBE_TIMEOUT_S,
+    environment_from_output,
+    requirement_names,
+)
 from ratiocinator.execution.supervisor import SLACK_S as DEADLINE_SLACK_S
 from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec, SshHost
@@ -786,6 +792,32 @@ class SshBackend(Backend):
         machine.checkout, machine.venv = remote_checkout, result["venv"]
         if self._data is not None:
             await self._stage_data(machine, self._data, staging_timeout_s, on_output)
+
+    async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
+        """Each prepared host's environment, read by the runs' interpreter there (its venv's, else hosts[].python)
+        in its checkout, over the host's connection; a host whose probe fails records nothing."""
+        requirements = loaded.spec.deps.requirements
+        names = requirement_names(Path(workspace.checkout) / requirements) if requirements else []
+        prepared = [m for m in self.machines if m.checkout is not None]
+
+        async def probe(machine: _Machine) -> dict[str, Any] | None:
+            assert machine.checkout is not None
+            python = posixpath.join(machine.venv, "bin", "python") if machine.venv else machine.config.python
+            command = f"cd {shlex.quote(machine.checkout)} && {shlex.quote(python)} -"  # the probe comes on stdin
+            try:
+                done = await asyncio.wait_for(
+                    machine.call(lambda conn, _: conn.run(command, input=PROBE, check=False)), PROBE_TIMEOUT_S)
+            except (HostLost, TimeoutError):
+                return None
+            if done.exit_status != 0:
+                return None
+            found = environment_from_output(str(done.stdout), names)
+            if found is None:
+                return None
+            slots = [s.label for s in host.slots if self._by_slot.get(s.index) is machine]
+            return {**found, "host": machine.config.label, "slots": slots}
+
+        return [found for found in await asyncio.gather(*(probe(m) for m in prepared)) if found is not None]
 
     async def _stage_data(self, machine: _Machine, copy: LocalCopy, timeout_s: float,
                           on_output: Callable[[str], None] | None) -> None:

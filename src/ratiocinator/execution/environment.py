@@ -3,8 +3,10 @@ what produced its numbers: Python version, every installed distribution (and a h
 set, so two studies can tell whether they ran the same packages), the versions of the
 packages the requirements file lists, the GPU model, driver and CUDA version, and the host.
 
-``probe_environment`` runs ``python -c PROBE`` in the prepared workspace with the runs'
-environment; it never raises: a probe that cannot run records nothing, and the paper says so.
+``PROBE`` is a standard-library script, so any backend can run it with the runs' interpreter
+wherever the runs go (this machine, an SSH host, a Ray node) and read its last line with
+`environment_from_output`. ``probe_environment`` runs it here; it never raises: a probe that
+cannot run records nothing, and the paper says so.
 """
 
 from __future__ import annotations
@@ -19,16 +21,32 @@ from typing import Any
 
 PROBE_TIMEOUT_S = 60.0
 
-# Runs inside the runs' interpreter: standard library only.
+# Runs inside the runs' interpreter on the runs' host: standard library only (the GPU from nvidia-smi there).
 PROBE = r"""# ratiocinator environment probe
-import hashlib, importlib.metadata as md, json, platform, sys
+import hashlib, importlib.metadata as md, json, platform, re, shutil, subprocess, sys
 packages = sorted({f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in md.distributions()
                    if d.metadata['Name']})
-print(json.dumps({
+found = {
     "python": platform.python_version(), "implementation": platform.python_implementation(),
     "platform": f"{platform.system()} {platform.release()} {platform.machine()}", "node": platform.node(),
     "packages": packages, "freeze_sha256": hashlib.sha256("\n".join(packages).encode()).hexdigest(),
-}))
+}
+smi = shutil.which("nvidia-smi")
+if smi:
+    try:
+        query = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        rows = [r.split(",") for r in query.stdout.strip().splitlines() if "," in r]
+        if query.returncode == 0 and rows:
+            found["gpu"] = "; ".join(sorted({r[0].strip() for r in rows}))
+            found["driver"] = rows[0][1].strip()
+        header = subprocess.run([smi], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        cuda = re.search(r"CUDA Version:\s*([0-9.]+)", header.stdout)
+        if cuda:
+            found["cuda"] = cuda.group(1)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+print(json.dumps(found))
 """
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._\-]*)")
@@ -55,26 +73,18 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def gpu_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """GPU model, driver and CUDA version from nvidia-smi, where there is one."""
-    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
-    if smi is None:
-        return {}
+def environment_from_output(stdout: str, requirements: list[str]) -> dict[str, Any] | None:
+    """What `PROBE` printed (its last line), with the versions installed of the ``requirements`` names."""
     try:
-        query = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=20, stdin=subprocess.DEVNULL)
-        header = subprocess.run([smi], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    out: dict[str, str] = {}
-    rows = [r.split(",") for r in query.stdout.strip().splitlines() if "," in r]
-    if query.returncode == 0 and rows:
-        out["gpu"] = "; ".join(sorted({r[0].strip() for r in rows}))
-        out["driver"] = rows[0][1].strip()
-    cuda = re.search(r"CUDA Version:\s*([0-9.]+)", header.stdout)
-    if cuda:
-        out["cuda"] = cuda.group(1)
-    return out
+        data = json.loads(stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    installed = {_normal(p.split("==", 1)[0]): p.split("==", 1)[1] for p in data.get("packages", []) if "==" in p}
+    if requirements:
+        data["requirements"] = {name: installed.get(_normal(name)) for name in requirements}
+    return data
 
 
 def probe_environment(checkout: Path, env: Mapping[str, str], requirements: str | None) -> dict[str, Any] | None:
@@ -85,15 +95,9 @@ def probe_environment(checkout: Path, env: Mapping[str, str], requirements: str 
     try:
         done = subprocess.run([python, "-c", PROBE], cwd=checkout, env=dict(env), capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        data = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() \
-            else None
-    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    if not isinstance(data, dict):
+    if done.returncode != 0:
         return None
-    installed = {_normal(p.split("==", 1)[0]): p.split("==", 1)[1] for p in data.get("packages", []) if "==" in p}
-    if requirements:
-        data["requirements"] = {name: installed.get(_normal(name))
-                                for name in requirement_names(Path(checkout) / requirements)}
-    data.update(gpu_environment(env))
-    return data
+    names = requirement_names(Path(checkout) / requirements) if requirements else []
+    return environment_from_output(done.stdout, names)

@@ -148,7 +148,44 @@ _EXCEPTION = re.compile(r"^(?P<type>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?::\s?(?P<m
 
 
 def last_exception(text: str) -> PythonException | None:
-    """The exception that ended a Python process: the first unindented line after its last traceback frame."""
+    """The exception that ended a Python process: the first unindented line after its last traceback frame,
+    or, for a traceback laid out otherwise (see `_other_layout`), its last exception line."""
+    return _standard_layout(text) or _other_layout(text)
+
+
+# What a launcher or logger puts before each line ("[rank0]: ", "(pid=42) "), then the rules and
+# boxes of exception groups ("  |   ", "  +-+---") and rich tracebacks ("│ ", "╰───").
+_DECORATION = re.compile(r"^(?:\[[^\]\n]{1,40}\]:?\s?|\([^)\n]{1,40}\)\s)?[\s|+│┃╰╭─━\-]*")
+# In a layout without frames, only a name that says "exception" is taken for one (not a source line).
+_EXCEPTION_NAME = re.compile(r"(?:Error|Exception|Warning|Interrupt|Exit|Group|StopIteration)$")
+
+
+def _other_layout(text: str) -> PythonException | None:
+    """The exception after the last "Traceback (most recent call last)" in a layout `_standard_layout` cannot
+    read: each line prefixed (torchrun's "[rank0]: "), an exception group (its innermost listed exception),
+    or a rich box (the exception line under it). Frames are read where the prefix alone was in the way."""
+    lines = text.splitlines()
+    start = max((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), default=None)
+    if start is None:
+        return None
+    prefix = lines[start][: lines[start].index("Traceback")]
+    if prefix.strip() and not prefix.strip(" |+│┃╭─━-"):
+        prefix = ""  # a box or a rule, not a prefix to strip
+    if prefix:
+        unprefixed = _standard_layout("\n".join(line[len(prefix):] if line.startswith(prefix) else line
+                                                for line in lines[start:]))
+        if unprefixed is not None:
+            return unprefixed
+    found = None
+    for line in lines[start + 1 :]:
+        body = _DECORATION.sub("", line, count=1).rstrip(" │┃")
+        match = _EXCEPTION.match(body)
+        if match and _EXCEPTION_NAME.search(match["type"]):
+            found = PythonException(match["type"], (match["message"] or "").strip(), body, ())
+    return found
+
+
+def _standard_layout(text: str) -> PythonException | None:
     lines = text.splitlines()
     last_frame = max((i for i, line in enumerate(lines) if _FRAME.match(line)), default=None)
     if last_frame is None:

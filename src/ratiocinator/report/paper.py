@@ -39,6 +39,7 @@ from ratiocinator.analysis.summary import ArmSummary, Finals, MetricStats, summa
 from ratiocinator.data.provenance import describe as describe_data
 from ratiocinator.errors import SpecError
 from ratiocinator.execution.failures import DESCRIPTIONS
+from ratiocinator.planning.plan import constants
 from ratiocinator.report.document import (
     Abstract,
     Block,
@@ -149,11 +150,13 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _knobs(arm: ArmSummary) -> str:
-    parts = [f"{k}={v}" for k, v in arm.arm.env.items()]
+def _knobs(arm: ArmSummary, spec: Spec) -> str:
+    """What sets the arm apart: its knobs beyond the spec's constants (the design lists those once)."""
+    fixed = constants(spec)
+    parts = [f"{k}={v}" for k, v in arm.arm.env.items() if fixed.get(k) != v]
     if arm.arm.args:
         parts.append(shlex.join(arm.arm.args))
-    return ", ".join(parts) or "(runner defaults)"
+    return ", ".join(parts) or ("(the constant knobs only)" if spec.env else "(runner defaults)")
 
 
 def _is_url(repo_url: str) -> bool:
@@ -479,8 +482,11 @@ class _Writer:
         spec, experiment = self.spec, self.experiment
         one_level = [k for k, v in spec.factors.items() if len(v) == 1]
         arms = f"{len(self.summary.arms)} ({self.design_text()}); baseline: {self.inf.baseline or 'none'}"
+        fixed = constants(spec)
         rows = [
             ("Arms", arms),
+            *([("Constant knobs", ", ".join(f"{k}={v}" for k, v in fixed.items())
+                + " (the spec's env: every arm runs with them unless it sets its own)")] if fixed else []),
             ("Replicates per arm", f"{spec.replicates}; {self.seeding()[1]}"),
             ("Code", f"{spec.runner_script} in {self.repository()} at commit"
                      f" {experiment.commit_sha or 'not recorded'}"),
@@ -658,7 +664,8 @@ class _Writer:
             tried = self.count(f"arm[{goal.name}].runs.attempted", arm.n_attempts, f"attempted runs of arm {goal.name}",
                                arm.run_ids)
             boot = self.interval(self.arm_stat(goal, "boot_low"), self.arm_stat(goal, "boot_high"))
-            rows.append((label, _knobs(arm), f"{ok} / {tried}", self.arm_stat(goal, "n"), self.arm_stat(goal, "mean"),
+            knobs = _knobs(arm, self.spec)
+            rows.append((label, knobs, f"{ok} / {tried}", self.arm_stat(goal, "n"), self.arm_stat(goal, "mean"),
                          self.arm_stat(goal, "std"), self.arm_stat(goal, "se"), self.arm_ci(goal), boot,
                          self.arm_stat(goal, "min"), self.arm_stat(goal, "max")))
         excluded = [r for g in self.inf.goals for r in (*g.stats.nonfinite_run_ids, *g.stats.missing_run_ids)]
@@ -1211,8 +1218,11 @@ class _Writer:
                     " cannot read them), so a rerun may resolve different versions.")
         out = []
         for data in recorded:
+            where = data.get("host") or data.get("node", "?")
+            if data.get("node") and str(data["node"]) not in where:  # "host local:vm" names its machine already
+                where += f", machine {data['node']}"
             parts = [f"{data.get('implementation', 'Python')} {data.get('python', '?')} on {data.get('platform', '?')}"
-                     f" (host {data.get('host') or data.get('node', '?')})"]
+                     f" (host {where})"]
             listed = data.get("requirements") or {}
             if listed:
                 parts.append("requirements: " + ", ".join(f"{name} {version or 'not installed'}"

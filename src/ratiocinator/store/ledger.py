@@ -273,6 +273,9 @@ MIGRATIONS: dict[int, str] = {
 # the textual value survives in the run's log.
 MONEY_EPSILON = 1e-9
 NO_STEP = np.iinfo(np.int64).min
+# Ledgers written before the json_line parser stopped it also hold each line's step index as a
+# metric named "step" (a series and a final value): readers skip that name, so old ledgers read as new.
+STEP_NAME = "step"
 
 
 @dataclass(frozen=True)
@@ -711,8 +714,8 @@ class Ledger:
         out: dict[int, dict[str, tuple[float | None, bool]]] = {}
         for r in self.db.execute(
             "SELECT m.run_id, m.name, m.value, m.finite FROM run_metrics m JOIN runs ON runs.id = m.run_id"
-            " WHERE runs.experiment_id = ?",
-            (experiment_id,),
+            " WHERE runs.experiment_id = ? AND m.name != ?",
+            (experiment_id, STEP_NAME),
         ):
             out.setdefault(r["run_id"], {})[r["name"]] = (r["value"], bool(r["finite"]))
         return out
@@ -739,8 +742,8 @@ class Ledger:
         ]
 
     def point_names(self, run_id: int) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? ORDER BY name",
-                                              (run_id,))]
+        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metric_chunks WHERE run_id = ? AND name != ?"
+                                              " ORDER BY name", (run_id, STEP_NAME))]
 
     def terminal_replicates(self, experiment_id: str, max_attempts: int = 1) -> set[tuple[str, int]]:
         """(arm name, replicate) pairs that are done: succeeded, failed deterministically, or out of retries.

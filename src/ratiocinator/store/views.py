@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from ratiocinator.spec.models import Spec
-from ratiocinator.store.ledger import NO_STEP, Experiment, Ledger
+from ratiocinator.store.ledger import NO_STEP, STEP_NAME, Experiment, Ledger
 from ratiocinator.store.records import RunStatus
 
 
@@ -121,9 +121,9 @@ def last_points(ledger: Ledger, run_ids: Iterable[int], metric: str | None = Non
         query = ("SELECT name, seqs, steps, vals FROM metric_chunks WHERE run_id = ?"
                  + (" AND name = ?" if metric else "") + " ORDER BY first_seq + n DESC LIMIT 1")
         row = ledger.db.execute(query, (run_id, metric) if metric else (run_id,)).fetchone()
-        if row is None and metric:  # the goal is often printed only at the end: show what the run streams
-            row = ledger.db.execute("SELECT name, seqs, steps, vals FROM metric_chunks WHERE run_id = ?"
-                                    " ORDER BY first_seq + n DESC LIMIT 1", (run_id,)).fetchone()
+        if row is None or row[0] == STEP_NAME:  # the goal is often printed only at the end: show what the run streams
+            row = ledger.db.execute("SELECT name, seqs, steps, vals FROM metric_chunks WHERE run_id = ? AND name != ?"
+                                    " ORDER BY first_seq + n DESC LIMIT 1", (run_id, STEP_NAME)).fetchone()
         if row is None:
             continue
         arrays = (np.frombuffer(row[i], dtype=dt) for i, dt in ((1, "<i8"), (2, "<i8"), (3, "<f8")))
@@ -148,8 +148,8 @@ def points_per_run(ledger: Ledger, experiment_id: str) -> dict[str, int]:
     """Each streamed metric's most points in any one run: which metrics have a curve, and which are one final value."""
     return {str(r[0]): int(r[1]) for r in ledger.db.execute(
         "SELECT name, MAX(total) FROM (SELECT run_id, name, SUM(n) AS total FROM metric_chunks WHERE run_id IN"
-        " (SELECT id FROM runs WHERE experiment_id = ?) GROUP BY run_id, name) GROUP BY name ORDER BY name",
-        (experiment_id,))}
+        " (SELECT id FROM runs WHERE experiment_id = ?) AND name != ? GROUP BY run_id, name) GROUP BY name"
+        " ORDER BY name", (experiment_id, STEP_NAME))}
 
 
 def curve_metric(counts: dict[str, int], goal: str | None) -> str | None:

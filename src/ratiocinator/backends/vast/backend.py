@@ -714,6 +714,15 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         self._mark_ready(mine)
         return workspace
 
+    async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
+        """Each prepared instance's environment, read over its SSH connection (see `SshBackend.environments`),
+        named by the instance."""
+        if self.ssh is None:
+            return []
+        instances = {r.ssh.label: f"vast:{r.provider_id}" for r in self.rented if r.ssh is not None}
+        return [{**found, "host": instances.get(found["host"], found["host"]), "ssh": found["host"]}
+                for found in await self.ssh.environments(host, workspace, loaded)]
+
     def _mark_ready(self, batch: list[_Rented]) -> None:
         now = time.time()
         for r in batch:
