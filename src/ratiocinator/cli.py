@@ -790,7 +790,8 @@ def _print_live_instances(ledger: Ledger) -> int:
         age = now - row.created_at
         out.print(f"instance {row.id}  {row.provider}:{row.provider_id or '?'}  {row.gpu_name or '?'}  ${row.dph:g}/h"
                   f"  {row.state}  age {age / 60:.1f} min  ~${row.dph * age / 3600:.4f} so far"
-                  f"  deadline {time.strftime('%H:%M:%S', time.localtime(row.deadline)) if row.deadline else '-'}",
+                  f"  deadline {time.strftime('%H:%M:%S', time.localtime(row.deadline)) if row.deadline else '-'}"
+                  f"  for {inst.owner(row)}",
                   markup=False)
     return len(live)
 

@@ -25,7 +25,7 @@ import numpy as np
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -229,6 +229,7 @@ CREATE INDEX IF NOT EXISTS ar_charges_by_session ON ar_charges(session_id, state
 CREATE TABLE IF NOT EXISTS instances (
     id            INTEGER PRIMARY KEY,
     experiment_id TEXT,
+    ar_session_id INTEGER,  -- an autoresearch session's instance: its charges are in ar_charges
     provider      TEXT NOT NULL,
     provider_id   TEXT,
     label         TEXT NOT NULL,
@@ -267,6 +268,8 @@ MIGRATIONS: dict[int, str] = {
     7: "ALTER TABLE ar_attempts ADD COLUMN failure TEXT;\n"
        "ALTER TABLE ar_attempts ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
        "ALTER TABLE ar_attempts ADD COLUMN host TEXT NOT NULL DEFAULT '';",
+    # v8: an instance rented by an autoresearch session names it (its money is in ar_charges, not charges).
+    8: "ALTER TABLE instances ADD COLUMN ar_session_id INTEGER;",
 }
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
