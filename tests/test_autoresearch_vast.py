@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI, process_alive
+from ratiocinator.autoresearch.log import session_record
+from ratiocinator.autoresearch.rented import give_back
 from ratiocinator.autoresearch.store import Store
 from ratiocinator.store import instances as inst
 from ratiocinator.store.ledger import Ledger
@@ -21,8 +23,6 @@ from sshd import Sshd
 from test_autoresearch import PATCHES, Lab, new_lab, running_attempt, wait_for
 from test_autoresearch_backends import assert_same_as_local
 from vastserver import API_KEY, FakeVast, VastServer, offer
-
-pytestmark = pytest.mark.subprocess  # every session here starts its runs (and the local twin's)
 
 
 @pytest.fixture
@@ -74,6 +74,18 @@ def session_money(lab: Lab, tag: str) -> tuple[int, list[inst.InstanceRow], list
         store.close()
 
 
+def test_an_instance_is_held_through_an_agent_turn_cheaper_than_renting_again() -> None:
+    # No turn measured yet: the rest of this one is taken to be as long as it has lasted so far.
+    assert not give_back(20.0, [], reacquire_s=60.0, stopping=False)
+    assert give_back(61.0, [], reacquire_s=60.0, stopping=False)
+    # The worker's agent takes about 5 minutes a turn: two minutes in, three are left, more than
+    # the minute renting again takes, so the instance goes back; with 30 s turns it is held.
+    assert give_back(120.0, [300.0, 310.0], reacquire_s=60.0, stopping=False)
+    assert not give_back(10.0, [30.0, 30.0], reacquire_s=60.0, stopping=False)
+    assert give_back(0.0, [30.0], reacquire_s=60.0, stopping=True)  # the session is ending
+
+
+@pytest.mark.subprocess  # the session starts its runs
 def test_one_worker_reuses_one_instance_and_decides_as_the_local_loop(lab: Lab, sshd: Sshd,
                                                                      vast: VastServer) -> None:
     # Every attempt ships its own commit to the same instance: a run of an older commit would measure the
@@ -86,7 +98,22 @@ def test_one_worker_reuses_one_instance_and_decides_as_the_local_loop(lab: Lab, 
     assert {kind for kind, _ in charges} == {"compute", "instance"} and all(s == "settled" for _, s in charges)
     assert reserved == pytest.approx(0.0) and spent == pytest.approx(row.cost)  # the instance is what was paid
 
+    # What each kept improvement cost: the instance's time from the previous keep to it, all of it accounted for.
+    store = Store(Ledger(lab.home / "ledger.db"))
+    try:
+        session = store.session(session_id)
+        costs = session_record(session, store.attempts(session_id), store)["costs"]
+    finally:
+        store.close()
+    kept = costs["kept"]
+    assert [k["attempts"] for k in kept] == [1, 5, 1]  # keep; discard, 2 crashes, violation, keep; keep
+    assert [k["previous_metric"] for k in kept[1:]] == [k["metric"] for k in kept[:-1]]
+    assert all(k["instances_usd"] > 0 and k["total_usd"] == k["instances_usd"] for k in kept)  # no LLM, $0 runs
+    stretches = [costs["baseline"], *kept, costs["after_last_keep"]]
+    assert sum(s["total_usd"] for s in stretches) == pytest.approx(spent) == pytest.approx(costs["spent_usd"])
 
+
+@pytest.mark.subprocess  # the session starts its runs
 def test_two_workers_rent_two_instances_of_one_model_and_reuse_them(lab: Lab, sshd: Sshd, vast: VastServer) -> None:
     patches = lab.patches("parallel", "01", "02", "06", "07")
     program = lab.program("vastpar", patches=patches, workers=2, gpus_per_worker=1, timeout_s=20,
@@ -133,6 +160,7 @@ def assert_nothing_lost(lab: Lab, tag: str) -> None:
     assert lab.kept_history(tag) == [attempts[1].commit_sha, attempts[3].commit_sha]
 
 
+@pytest.mark.subprocess  # the session starts its runs
 def test_kill_9_mid_attempt_then_the_same_command_loses_nothing(lab: Lab, sshd: Sshd, vast: VastServer) -> None:
     program = slow_program(lab, vast, sshd, "vastkill")
     orphans = kill_mid_attempt(lab, vast, program, "vastkill")
@@ -160,6 +188,7 @@ def test_kill_9_mid_attempt_then_the_same_command_loses_nothing(lab: Lab, sshd: 
     assert rows[0].cost is not None and rows[0].cost < sum(p[0] for p in paid)
 
 
+@pytest.mark.subprocess  # the session starts its runs
 def test_instances_reap_after_a_kill_9_leaves_nothing_live_and_pays_the_session(lab: Lab, sshd: Sshd,
                                                                                vast: VastServer) -> None:
     program = slow_program(lab, vast, sshd, "vastreap")
@@ -179,3 +208,13 @@ def test_instances_reap_after_a_kill_9_leaves_nothing_live_and_pays_the_session(
     assert not any(process_alive(p) for p in orphans)
     assert_nothing_lost(lab, "vastreap")
     assert vast.fake.live() == [] and inst.rows(Ledger(lab.home / "ledger.db"), live=True) == []
+
+
+@pytest.mark.subprocess  # the session's git work
+def test_an_instance_max_dollars_cannot_pay_for_is_never_rented(lab: Lab, sshd: Sshd, vast: VastServer) -> None:
+    program = lab.program("vastpoor", max_dollars=0.001, **rented(lab, vast, sshd))
+    outcome = lab.run(program, VAST_API_KEY=API_KEY)
+    assert outcome.exit_code == 0 and "renting RTX_3090 at $0.2/h" in outcome.reason, outcome.reason
+    assert "max_dollars $0.00" in outcome.reason  # the session's own limit, not a research experiment's
+    assert rents(vast) == [] and inst.rows(Ledger(lab.home / "ledger.db")) == []
+    assert [a.status for a in lab.attempts("vastpoor")] == ["interrupted"]

@@ -910,7 +910,7 @@ def autoresearch_log(
             return
         attempts = store.attempts(session.id)
         if as_json:
-            print(json.dumps(session_record(session, attempts), indent=2))
+            print(json.dumps(session_record(session, attempts, store), indent=2))
             return
         name = loaded.program.metric.name
         table = Table(title=f"autoresearch {session.tag} ({session.status}) on {session.branch}", title_justify="left",

@@ -48,7 +48,7 @@ from ratiocinator.autoresearch.processes import kill_orphan as kill_local_orphan
 from ratiocinator.autoresearch.program import LoadedProgram, Metric
 from ratiocinator.backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
 from ratiocinator.backends.registry import backend_price, make_backend
-from ratiocinator.errors import BackendError
+from ratiocinator.errors import BackendError, BudgetError
 from ratiocinator.execution import contract
 from ratiocinator.execution.failures import Failure, RunEvidence, diagnose, read_log
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
@@ -169,6 +169,7 @@ class Engine:
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self.given_back = 0  # instances given back during the agent's turn (rented lanes)
+        self.notes: list[str] = []  # what went wrong giving instances back mid-session
 
     def _new_backend(self) -> Backend:
         if not self.rented:
@@ -194,12 +195,14 @@ class Engine:
             self._loop = loop
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def close(self) -> None:
-        """Give the host back and stop the loop."""
+    def close(self) -> list[str]:
+        """Give the hosts back and stop the loop; returns what could not be given back (a rented instance
+        that may still bill, with what to do), for the session to say."""
         self._closing = True
+        problems = list(self.notes)
         if self._loop is None:
             self._close_account()
-            return
+            return problems
         if self._watch is not None:
             self._loop.call_soon_threadsafe(self._watch.cancel)
         for lane in self._lanes.values():
@@ -207,8 +210,10 @@ class Engine:
                 host, lane.host = lane.host, None
                 try:
                     self._submit(lane.backend.release(host)).result(timeout=120)
-                except Exception:  # noqa: BLE001 - closing must not hide the error that ended the session
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing must not hide the error that ended the session
+                    hint = getattr(exc, "hint", None)
+                    problems.append(f"giving the {lane.backend.name} host back failed: {exc}"
+                                    + (f" ({hint})" if hint else ""))
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(timeout=30)
@@ -216,6 +221,7 @@ class Engine:
             self._loop.close()
         self._loop = None
         self._close_account()
+        return problems
 
     def _close_account(self) -> None:
         if self._account is not None:
@@ -338,7 +344,10 @@ class Engine:
 
     async def _run(self, request: RunRequest, timeout_s: float, stop: threading.Event,
                    started: queue.Queue[tuple[int | None, int | None, str]]) -> RunOutcome:
-        lane, host = await self._acquired(request.worker)
+        try:
+            lane, host = await self._acquired(request.worker)
+        except BudgetError as exc:  # renting the worker's instance would overrun max_dollars: stop as the loop does
+            return RunOutcome("over_budget", None, reason=exc.message)
         slot = self._slot(host, request.worker)
         out_dir = request.run_dir / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -420,8 +429,11 @@ class Engine:
                 if give_back(idle, lane.turns, reacquire, stopping=self._closing):
                     async with lane.lock:
                         if lane.host is not None and not lane.busy:
-                            await self._give_back(lane, f"idle {idle:.0f}s into the agent's turn, longer than"
-                                                        f" renting it again takes ({reacquire:.0f}s)")
+                            try:
+                                await self._give_back(lane, f"idle {idle:.0f}s into the agent's turn, longer than"
+                                                            f" renting it again takes ({reacquire:.0f}s)")
+                            except BackendError as exc:  # its row stays live: the deadline and the reaper remain
+                                self.notes.append(f"giving an idle instance back failed: {exc}")
 
     async def _follow(self, handle: RunHandle, output: Path, timeout_s: float,
                       stop: threading.Event) -> tuple[str, ExitInfo | None, LaunchFailure | None]:

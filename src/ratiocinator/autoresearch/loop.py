@@ -151,7 +151,8 @@ class AutoResearch:
                 return self._run(store)
         finally:
             if self.engine is not None:
-                self.engine.close()
+                for problem in self.engine.close():
+                    self._say(problem)
             store.close()
 
     @contextmanager
