@@ -272,6 +272,20 @@ MIGRATIONS: dict[int, str] = {
     8: "ALTER TABLE instances ADD COLUMN ar_session_id INTEGER;",
 }
 
+def _upgrades(db: sqlite3.Connection, version: int) -> str:
+    """The migrations from ``version`` on, less the columns added to tables this ledger does not have yet:
+    SCHEMA, run after them, creates those tables whole (a v4 ledger has no ``instances`` to alter)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    statements = []
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in filter(None, (part.strip() for part in MIGRATIONS[v].split(";"))):
+            words = statement.split()
+            if words[:2] == ["ALTER", "TABLE"] and words[2] not in tables:
+                continue
+            statements.append(statement + ";")
+    return "\n".join(statements)
+
+
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
 # the textual value survives in the run's log.
 MONEY_EPSILON = 1e-9
@@ -406,7 +420,7 @@ class Ledger:
                              hint="`ratiocinator status` upgrades it in place")
         if version < SCHEMA_VERSION:
             fresh = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'runs'").fetchone()[0] == 0
-            upgrades = "" if fresh else "\n".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+            upgrades = "" if fresh else _upgrades(db, version)
             db.executescript(f"BEGIN IMMEDIATE;\n{upgrades}\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
 
     @property
