@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,3 +219,36 @@ def test_an_instance_max_dollars_cannot_pay_for_is_never_rented(lab: Lab, sshd: 
     assert "max_dollars $0.00" in outcome.reason  # the session's own limit, not a research experiment's
     assert rents(vast) == [] and inst.rows(Ledger(lab.home / "ledger.db")) == []
     assert [a.status for a in lab.attempts("vastpoor")] == ["interrupted"]
+
+
+SLOW_AGENT = """
+import os, pathlib, re, time
+time.sleep(20)  # thinking: far longer than renting and preparing an instance again takes here
+config = pathlib.Path("config.py")
+text = config.read_text()
+depth = int(re.search(r"DEPTH = (\\d+)", text).group(1))
+if depth >= 5:
+    pathlib.Path(os.environ["RATIOCINATOR_GIVE_UP_FILE"]).write_text("depth 5 will do")
+    raise SystemExit(0)
+config.write_text(text.replace(f"DEPTH = {depth}", f"DEPTH = {depth + 1}"))
+pathlib.Path(os.environ["RATIOCINATOR_HYPOTHESIS_FILE"]).write_text("a deeper model fits better\\n")
+"""
+
+
+@pytest.mark.subprocess  # the agent and the runs
+def test_an_agent_turn_longer_than_renting_again_gives_the_instance_back(lab: Lab, sshd: Sshd,
+                                                                        vast: VastServer) -> None:
+    script = lab.root / "agent.py"
+    script.write_text(SLOW_AGENT)
+    program = lab.program("vastslow", agent={"kind": "command", "command": f"{sys.executable} {script}"},
+                          **rented(lab, vast, sshd))
+    outcome = lab.run(program, VAST_API_KEY=API_KEY)
+    assert outcome.exit_code == 0 and "the agent gave up: depth 5 will do" in outcome.reason, outcome.reason
+    assert [a.status for a in lab.attempts("vastslow")] == ["baseline", "keep"]
+    # The baseline's instance went back during the first turn; the keep's run rented another, which went back
+    # early in the second turn (the first one showed how long a turn takes), not when the session ended.
+    assert len(rents(vast)) == 2 and vast.fake.live() == []
+    ledger = Ledger(lab.home / "ledger.db")
+    given_back = [e["message"] for e in ledger.db.execute("SELECT message FROM events WHERE kind = ?",
+                                                          ("ar_instance_given_back",))]
+    assert len(given_back) == 2 and all("into the agent's turn" in m for m in given_back)

@@ -204,7 +204,8 @@ class Engine:
             self._close_account()
             return problems
         if self._watch is not None:
-            self._loop.call_soon_threadsafe(self._watch.cancel)
+            self._submit(_cancelled(self._watch)).result(timeout=30)
+            self._watch = None
         for lane in self._lanes.values():
             if lane.host is not None:
                 host, lane.host = lane.host, None
@@ -516,6 +517,11 @@ class Engine:
         failure = diagnosis.failure or Failure.UNKNOWN
         return RunOutcome("crash", None, metrics, code, sig, duration, tail, reason, failure=failure.value,
                           evidence={**diagnosis.to_json(), "class": failure.value}, host=host)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _parse(paths: list[Path], metric: Metric) -> dict[str, float]:

@@ -795,11 +795,16 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         return True
 
     async def release(self, host: Host) -> None:
-        """Destroy every instance; raise when any may still be billing (its row stays live for the reaper)."""
+        """Destroy every instance; raise when any may still be billing (its row stays live for the reaper).
+
+        The backend then holds no commit: a later `acquire` (autoresearch rents again after giving an
+        idle instance back) starts over, and its instances take runs once `prepare` gives them a commit.
+        """
         await self._cancel_arrivals("work ended")
         if self.ssh is not None:
             await self.ssh.release(host)
         await self._destroy_all("work ended")
+        self._commit, self._commit_event = None, None
         left = [r for r in self.rented if inst.get(self.ledger, r.row_id).state in inst.LIVE_STATES]
         if left:
             failures = [self._destroy_failures.get(r.row_id) for r in left]
