@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ratiocinator.autoresearch.processes import kill_orphan as kill_local_orphan
 from ratiocinator.autoresearch.program import LoadedProgram, Metric
@@ -54,6 +54,9 @@ from ratiocinator.execution.failures import Failure, RunEvidence, diagnose, read
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
 from ratiocinator.spec.models import LoadedSpec, Metrics, Spec
 from ratiocinator.store.ledger import Ledger
+
+if TYPE_CHECKING:  # the vast extra's modules load only for a program that rents
+    from ratiocinator.autoresearch.rented import SessionAccount
 
 T = TypeVar("T")
 
@@ -159,7 +162,7 @@ class Engine:
         self.spec = engine_spec(loaded)
         self.environ = environ
         self.home = Path(home)
-        self._account: Any = None  # a rented session's SessionAccount, once `attach` names the session
+        self._account: SessionAccount | None = None  # a rented session's, once `attach` names the session
         self._gpu_model: str | None = None  # every rented lane's
         self.backend: Backend = self._new_backend()  # worker 0's; it also kills orphans
         self.local = self.program.backend == "local"
