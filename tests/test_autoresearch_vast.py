@@ -252,3 +252,39 @@ def test_an_agent_turn_longer_than_renting_again_gives_the_instance_back(lab: La
     given_back = [e["message"] for e in ledger.db.execute("SELECT message FROM events WHERE kind = ?",
                                                           ("ar_instance_given_back",))]
     assert len(given_back) == 2 and all("into the agent's turn" in m for m in given_back)
+
+
+def test_the_providers_bill_for_a_session_instance_corrects_the_sessions_charge(tmp_path: Path) -> None:
+    from ratiocinator.autoresearch.rented import SessionAccount
+    from ratiocinator.backends.vast import reaper
+    from ratiocinator.backends.vast.api import VastApi
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    store = Store(ledger)
+    session = store.create_session(tag="t", repo="r", branch="b", base_branch="main", base_commit="c",
+                                   program_path="p", program_text="", program_sha256="", protected={})
+    account = SessionAccount(ledger, session.id, limit=1.0)
+    charge = account.reserve(0.5, kind="instance")
+    assert charge is not None
+    # A research experiment's charge with the same id must never be touched by this instance's settling.
+    ledger.create_experiment(id="e1", name="e", spec_path="s", spec_text="", spec_sha256="", backend="vast")
+    research = ledger.reserve("e1", amount=0.5, limit=1.0, kind="compute")
+    assert research == charge
+    row = inst.record_requested(ledger, experiment_id=None, ar_session_id=session.id, provider="vast",
+                                offer={"dph_total": 0.36}, deadline=2e9, charges=[charge])
+    inst.update(ledger, row.id, provider_id="7", state="destroyed", destroyed_at=row.created_at + 3600)
+    cost, source = reaper.settle(ledger, inst.get(ledger, row.id), None, end=row.created_at + 3600)
+    assert (cost, source) == (pytest.approx(0.36), "lifetime × price")
+    assert store.money(session.id) == (pytest.approx(0.36), 0.0) and ledger.money("e1") == (0.0, 0.5)
+
+    server = VastServer(FakeVast(ssh_port=1))
+    try:
+        server.fake.charges.append({"start": row.created_at, "end": row.created_at + 3600, "type": "instance",
+                                    "source": "instance-7", "amount": 0.40, "description": "", "metadata": {},
+                                    "items": []})
+        (reconciled,) = reaper.reconcile_billing(ledger, VastApi(API_KEY, server.url))
+    finally:
+        server.close()
+    assert reconciled.billed == pytest.approx(0.40) and inst.get(ledger, row.id).cost == pytest.approx(0.40)
+    assert store.money(session.id) == (pytest.approx(0.40), 0.0) and ledger.money("e1") == (0.0, 0.5)
+    ledger.close()
