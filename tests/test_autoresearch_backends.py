@@ -34,10 +34,10 @@ def results_without_commits(lab: Lab, tag: str) -> list[list[str]]:
     return [row.split("\t")[1:] for row in lab.results(tag).splitlines()]
 
 
-def assert_same_as_local(lab: Lab, tag: str, *, backend: dict[str, object]) -> None:
+def assert_same_as_local(lab: Lab, tag: str, *, backend: dict[str, object], **env: str) -> None:
     local = lab.run(lab.program("local"), AR_COUNTER_DIR=str(lab.root / "counters-local"))
     remote_program = lab.program(tag, **backend)
-    remote = lab.run(remote_program, AR_COUNTER_DIR=str(lab.root / f"counters-{tag}"))
+    remote = lab.run(remote_program, **{**env, "AR_COUNTER_DIR": str(lab.root / f"counters-{tag}")})
     assert (remote.exit_code, remote.reason) == (local.exit_code, local.reason)
     assert local.exit_code == 0 and "the agent gave up: no patches left" in local.reason
     here, there = lab.attempts("local"), lab.attempts(tag)
@@ -80,7 +80,7 @@ def test_patch_loop_over_ray_decides_as_the_local_loop(lab: Lab, ray_cluster: Ra
 
 def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
     from ratiocinator.autoresearch import load_program
-    from ratiocinator.errors import SpecError
+    from ratiocinator.errors import SpecError, UsageError
 
     with pytest.raises(SpecError, match="backend: ssh needs hosts"):
         load_program(lab.program("nohosts", backend="ssh"))
@@ -88,8 +88,10 @@ def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
         load_program(lab.program("linked", backend="ssh", hosts=[{"host": "gpu-box"}], link=["val.txt"]))
     with pytest.raises(SpecError, match="pass_env entry 'RATIOCINATOR_X'"):
         load_program(lab.program("reserved", pass_env=["RATIOCINATOR_X"]))
-    with pytest.raises(SpecError, match="vast.yaml:[0-9]+: backend 'vast' is not available to autoresearch yet"):
+    with pytest.raises(SpecError, match="vast.yaml:[0-9]+: with autoresearch, workers decides the instances"):
         lab.run(lab.program("vast", backend="vast", vast={"instances": 2}))
+    with pytest.raises(UsageError, match="backend: vast needs VAST_API_KEY"):
+        lab.run(lab.program("nokey", backend="vast"), VAST_API_KEY="")
     assert not (lab.home / "ledger.db").exists() or sessions(lab) == []  # refused before anything was recorded
 
 

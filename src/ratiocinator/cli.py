@@ -798,7 +798,8 @@ def _print_live_instances(ledger: Ledger) -> int:
         age = now - row.created_at
         out.print(f"instance {row.id}  {row.provider}:{row.provider_id or '?'}  {row.gpu_name or '?'}  ${row.dph:g}/h"
                   f"  {row.state}  age {age / 60:.1f} min  ~${row.dph * age / 3600:.4f} so far"
-                  f"  deadline {time.strftime('%H:%M:%S', time.localtime(row.deadline)) if row.deadline else '-'}",
+                  f"  deadline {time.strftime('%H:%M:%S', time.localtime(row.deadline)) if row.deadline else '-'}"
+                  f"  for {inst.owner(row)}",
                   markup=False)
     return len(live)
 
@@ -923,7 +924,7 @@ def autoresearch_log(
             return
         attempts = store.attempts(session.id)
         if as_json:
-            print(json.dumps(session_record(session, attempts), indent=2))
+            print(json.dumps(session_record(session, attempts, store), indent=2))
             return
         name = loaded.program.metric.name
         table = Table(title=f"autoresearch {session.tag} ({session.status}) on {session.branch}", title_justify="left",

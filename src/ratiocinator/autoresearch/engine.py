@@ -24,6 +24,10 @@ its own for the whole session, and each worker waits for its run there. Each wor
 backend instance (a *lane*: its connections, its host, the commit its workspace holds), since a
 backend's workspace holds one commit at a time: workers ship and launch their commits side by
 side, each into its own slot.
+
+On rented GPUs (``backend: vast``) each lane rents one instance of the session's GPU model,
+reused for every attempt, paid from the session's ``max_dollars`` and held through the agent's
+turn while that is cheaper than renting again (see `ratiocinator.autoresearch.rented`).
 """
 
 from __future__ import annotations
@@ -38,17 +42,21 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ratiocinator.autoresearch.processes import kill_orphan as kill_local_orphan
 from ratiocinator.autoresearch.program import LoadedProgram, Metric
 from ratiocinator.backends.base import Backend, ExitInfo, Host, LaunchFailure, LaunchRequest, RunHandle, Slot, Workspace
 from ratiocinator.backends.registry import backend_price, make_backend
-from ratiocinator.errors import BackendError, SpecError
+from ratiocinator.errors import BackendError, BudgetError
 from ratiocinator.execution import contract
 from ratiocinator.execution.failures import Failure, RunEvidence, diagnose, read_log
 from ratiocinator.execution.metrics import LineSplitter, MetricSummary, make_parser
 from ratiocinator.spec.models import LoadedSpec, Metrics, Spec
+from ratiocinator.store.ledger import Ledger
+
+if TYPE_CHECKING:  # the vast extra's modules load only for a program that rents
+    from ratiocinator.autoresearch.rented import SessionAccount
 
 T = TypeVar("T")
 
@@ -126,12 +134,19 @@ def engine_spec(loaded: LoadedProgram) -> LoadedSpec:
 
 @dataclass
 class _Lane:
-    """One worker's backend and host, and the commit prepared there (prepare and launch hold the lock)."""
+    """One worker's backend and host, and the commit prepared there (prepare and launch hold the lock).
+
+    ``busy``, ``idle_since`` and ``turns`` (its past idle gaps) say when a rented lane's instance
+    is worth giving back between runs.
+    """
 
     backend: Backend
     host: Host | None = None
     prepared: tuple[str, Workspace] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    busy: int = 0
+    idle_since: float | None = None
+    turns: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -140,17 +155,33 @@ class Engine:
     def __init__(self, loaded: LoadedProgram, home: Path, environ: dict[str, str]) -> None:
         self.loaded = loaded
         self.program = loaded.program
-        if self.program.backend == "vast":
-            raise SpecError(f"{loaded.where('backend')}: backend 'vast' is not available to autoresearch yet",
-                            hint="use backend: ssh with the rented machines under hosts:, or local or ray")
+        self.rented = self.program.backend == "vast"
+        if self.rented:
+            from ratiocinator.autoresearch import rented
+            rented.check_program(loaded)
         self.spec = engine_spec(loaded)
         self.environ = environ
         self.home = Path(home)
-        self.backend: Backend = make_backend(self.spec, self.home)  # worker 0's; it also kills orphans
+        self._account: SessionAccount | None = None  # a rented session's, once `attach` names the session
+        self._gpu_model: str | None = None  # every rented lane's
+        self.backend: Backend = self._new_backend()  # worker 0's; it also kills orphans
         self.local = self.program.backend == "local"
         self._lanes: dict[int, _Lane] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
+        self.given_back = 0  # instances given back during the agent's turn (rented lanes)
+        self.notes: list[str] = []  # what went wrong giving instances back mid-session
+
+    def _new_backend(self) -> Backend:
+        if not self.rented:
+            return make_backend(self.spec, self.home)
+        from ratiocinator.autoresearch import rented
+        backend = rented.lane_backend(self.loaded, self.home, self.environ, gpu_model=self._gpu_model)
+        if self._account is not None:
+            backend.attach(self._account, reap_left=False)
+        return backend
 
     @property
     def price_per_hour(self) -> float:
@@ -167,23 +198,57 @@ class Engine:
             self._loop = loop
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def close(self) -> None:
-        """Give the host back and stop the loop."""
+    def close(self) -> list[str]:
+        """Give the hosts back and stop the loop; returns what could not be given back (a rented instance
+        that may still bill, with what to do), for the session to say."""
+        self._closing = True
+        problems = list(self.notes)
         if self._loop is None:
-            return
+            self._close_account()
+            return problems
+        if self._watch is not None:
+            self._submit(_cancelled(self._watch)).result(timeout=30)
+            self._watch = None
         for lane in self._lanes.values():
             if lane.host is not None:
                 host, lane.host = lane.host, None
                 try:
                     self._submit(lane.backend.release(host)).result(timeout=120)
-                except Exception:  # noqa: BLE001 - closing must not hide the error that ended the session
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing must not hide the error that ended the session
+                    hint = getattr(exc, "hint", None)
+                    problems.append(f"giving the {lane.backend.name} host back failed: {exc}"
+                                    + (f" ({hint})" if hint else ""))
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(timeout=30)
         if not self._thread.is_alive():
             self._loop.close()
         self._loop = None
+        self._close_account()
+        return problems
+
+    def _close_account(self) -> None:
+        if self._account is not None:
+            self._account.ledger.close()
+            self._account = None
+
+    def attach(self, session_id: int) -> list[str]:
+        """Name the session whose money rented instances are (``backend: vast``; nothing otherwise).
+
+        What a dead orchestrator of this session left rented is destroyed and paid first; returns
+        a line for each such instance. Called before the session settles the reservations left open.
+        """
+        if not self.rented or self._account is not None:
+            return []
+        from ratiocinator.autoresearch.rented import SessionAccount
+        from ratiocinator.backends.vast.backend import VastBackend
+        from ratiocinator.store.paths import Paths
+
+        self._account = SessionAccount(Ledger(Paths(self.home).ledger), session_id, self.program.max_dollars)
+        assert isinstance(self.backend, VastBackend)
+        self.backend.attach(self._account)
+        return [f"instance {r.provider_id or '?'} left rented by the stopped orchestrator: {r.outcome}"
+                + (f" ({r.detail})" if r.detail else "") for r in self.backend.reaped]
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -208,7 +273,17 @@ class Engine:
 
     def start(self) -> None:
         """Acquire the host now (connect, size the slots), so a backend that cannot serve the workers is
-        refused before the session records anything."""
+        refused before the session records anything.
+
+        Rented lanes rent nothing before the session names its account (`attach`): here the GPU
+        model is chosen that ``workers`` instances can be rented of, or the session is refused.
+        """
+        if self.rented:
+            from ratiocinator.backends.vast.backend import VastBackend
+            assert isinstance(self.backend, VastBackend)
+            self._gpu_model = self._submit(
+                self.backend.choose_gpu_model(self.spec, self.program.workers)).result()
+            return
         self._submit(self._acquired(0)).result()
 
     def kill_orphan(self, pid: int, pid_start: int | None) -> bool:
@@ -221,8 +296,15 @@ class Engine:
         """The worker's lane with its host acquired (worker 0's backend is the one made first)."""
         lane = self._lanes.get(worker)
         if lane is None:
-            lane = self._lanes[worker] = _Lane(self.backend if worker == 0 else make_backend(self.spec, self.home))
+            lane = self._lanes[worker] = _Lane(self.backend if worker == 0 else self._new_backend())
         async with lane.lock:
+            if self.rented and lane.host is not None and not self._usable(lane, lane.host):
+                await self._give_back(lane, "its instance can take no more runs")
+            if lane.host is None and self.rented:
+                lane.host = await lane.backend.acquire(self.spec)  # one instance: this worker's
+                lane.prepared = None
+                if self._watch is None:
+                    self._watch = asyncio.create_task(self._watch_idle())
             if lane.host is None:
                 host = await lane.backend.acquire(self.spec)
                 if len(host.slots) < self.program.workers:
@@ -235,6 +317,8 @@ class Engine:
             return lane, lane.host
 
     def _slot(self, host: Host, worker: int) -> Slot:
+        if self.rented:  # the lane's own instance
+            return host.slots[0]
         slot = host.slots[worker]
         per = self.program.gpus_per_worker
         if self.local and per:  # pinned by index, as the program says: this machine's GPUs are not probed
@@ -264,11 +348,30 @@ class Engine:
 
     async def _run(self, request: RunRequest, timeout_s: float, stop: threading.Event,
                    started: queue.Queue[tuple[int | None, int | None, str]]) -> RunOutcome:
-        lane, host = await self._acquired(request.worker)
+        try:
+            lane, host = await self._acquired(request.worker)
+        except BudgetError as exc:  # renting the worker's instance would overrun max_dollars: stop as the loop does
+            return RunOutcome("over_budget", None, reason=exc.message)
         slot = self._slot(host, request.worker)
         out_dir = request.run_dir / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
+        if self.rented:
+            refused = await self._secure(lane, host, slot)
+            if refused is not None:
+                return RunOutcome("over_budget", None, host=host.name, reason=refused)
+        lane.busy += 1
+        try:
+            return await self._run_in(lane, host, slot, request, out_dir, began, timeout_s, stop, started)
+        finally:
+            lane.busy -= 1
+            lane.idle_since = time.monotonic()
+
+    async def _run_in(self, lane: _Lane, host: Host, slot: Slot, request: RunRequest, out_dir: Path, began: float,
+                      timeout_s: float, stop: threading.Event,
+                      started: queue.Queue[tuple[int | None, int | None, str]]) -> RunOutcome:
+        if lane.idle_since is not None and lane.busy == 1:  # the agent's turn (or the wait for it) just ended
+            lane.turns.append(time.monotonic() - lane.idle_since)
         for attempt in range(1, LAUNCH_TRIES + 1):
             try:
                 handle = await self._launch(lane, host, slot, request, out_dir)
@@ -286,6 +389,55 @@ class Engine:
         ending, exit_info, lost = await self._follow(handle, request.run_dir / OUTPUT, timeout_s, stop)
         return self._judge(request, ending, exit_info, lost, time.monotonic() - began, timeout_s,
                            handle.workdir or request.worktree, host.name)
+
+    # -- rented lanes --------------------------------------------------------------------------
+
+    def _usable(self, lane: _Lane, host: Host) -> bool:
+        elastic = lane.backend.elastic()
+        return bool(host.slots) and (elastic is None or elastic.slot_usable(host.slots[0]))
+
+    async def _secure(self, lane: _Lane, host: Host, slot: Slot) -> str | None:
+        """Push the instance's self-destruct deadline past this run and the agent's turn after it."""
+        from ratiocinator.autoresearch.rented import hold_s
+        from ratiocinator.backends.vast.backend import VastBackend
+
+        assert isinstance(lane.backend, VastBackend)
+        async with lane.lock:
+            return await lane.backend.secure(host, slot, self.program.hard_timeout_s + hold_s(lane.backend))
+
+    async def _give_back(self, lane: _Lane, why: str) -> None:
+        """Destroy the lane's instance (the caller holds the lane's lock); the next run rents another."""
+        host, lane.host, lane.prepared = lane.host, None, None
+        lane.idle_since = None
+        if host is not None:
+            await lane.backend.release(host)
+            self.given_back += 1
+            if self._account is not None:
+                self._account.ledger.event(None, "ar_instance_given_back", f"session {self._account.session_id}:"
+                                           f" gave an idle instance back: {why}")
+
+    async def _watch_idle(self) -> None:
+        """Give back each rented lane's instance once its agent's turn is expected to cost more than renting
+        and preparing it again (`ratiocinator.autoresearch.rented.give_back`)."""
+        from ratiocinator.autoresearch.rented import give_back, hold_s
+        from ratiocinator.backends.vast.backend import VastBackend
+
+        while not self._closing:
+            await asyncio.sleep(1.0)
+            for lane in list(self._lanes.values()):
+                if lane.host is None or lane.busy or lane.idle_since is None or lane.lock.locked():
+                    continue
+                assert isinstance(lane.backend, VastBackend)
+                idle = time.monotonic() - lane.idle_since
+                reacquire = hold_s(lane.backend)
+                if give_back(idle, lane.turns, reacquire, stopping=self._closing):
+                    async with lane.lock:
+                        if lane.host is not None and not lane.busy:
+                            try:
+                                await self._give_back(lane, f"idle {idle:.0f}s into the agent's turn, longer than"
+                                                            f" renting it again takes ({reacquire:.0f}s)")
+                            except BackendError as exc:  # its row stays live: the deadline and the reaper remain
+                                self.notes.append(f"giving an idle instance back failed: {exc}")
 
     async def _follow(self, handle: RunHandle, output: Path, timeout_s: float,
                       stop: threading.Event) -> tuple[str, ExitInfo | None, LaunchFailure | None]:
@@ -368,6 +520,11 @@ class Engine:
         failure = diagnosis.failure or Failure.UNKNOWN
         return RunOutcome("crash", None, metrics, code, sig, duration, tail, reason, failure=failure.value,
                           evidence={**diagnosis.to_json(), "class": failure.value}, host=host)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _parse(paths: list[Path], metric: Metric) -> dict[str, float]:

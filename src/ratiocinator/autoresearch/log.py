@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ratiocinator.autoresearch.costs import costs_record
 from ratiocinator.autoresearch.gitops import Git
 from ratiocinator.autoresearch.program import LoadedProgram
 from ratiocinator.autoresearch.store import Attempt, Session, Store
@@ -52,12 +53,16 @@ def attempt_record(a: Attempt) -> dict[str, Any]:
     }
 
 
-def session_record(session: Session, attempts: list[Attempt]) -> dict[str, Any]:
-    return {
+def session_record(session: Session, attempts: list[Attempt], store: Store | None = None) -> dict[str, Any]:
+    """The session as JSON-ready data; with its ``store``, also ``costs``: what each kept improvement cost."""
+    record: dict[str, Any] = {
         "tag": session.tag, "repo": session.repo, "branch": session.branch, "base_branch": session.base_branch,
         "base_commit": session.base_commit, "best_commit": session.best_commit, "status": session.status,
         "reason": session.reason, "attempts": [attempt_record(a) for a in attempts],
     }
+    if store is not None:
+        record["costs"] = costs_record(store, session, attempts)
+    return record
 
 
 def apply_attempt(store: Store, session: Session, attempt_id: int, branch: str) -> str:

@@ -151,7 +151,8 @@ class AutoResearch:
                 return self._run(store)
         finally:
             if self.engine is not None:
-                self.engine.close()
+                for problem in self.engine.close():
+                    self._say(problem)
             store.close()
 
     @contextmanager
@@ -180,6 +181,7 @@ class AutoResearch:
         self.runs.start()
         existing = store.session_by_tag(self.program.tag)
         session = self._resume(store, existing) if existing is not None else self._create(store)
+        self.runs.attach(session.id)  # rented instances are this session's money (a resume attached already)
         self.session = session
         self._patch_agent = (PatchAgent(self.loaded.patches_dir, store.agent_refs(session.id))
                              if self.program.agent.kind == "patches" and self.loaded.patches_dir else None)
@@ -312,6 +314,8 @@ class AutoResearch:
                                      reason="the orchestrator stopped during this attempt", values=attempt.values)
         for pid_file in self.dir.glob("agent-w*.pid"):
             stop_orphan_agent(pid_file)
+        for line in self.runs.attach(session.id):  # paid at their lifetime, before the rest is settled at worst
+            self._say(line)
         store.settle_open(session.id)
         best = session.best_commit or session.base_commit
         tip = self.repo.resolve(session.branch)

@@ -31,6 +31,11 @@ class Budget:
     experiment_id: str
     limit: float
 
+    @property
+    def ar_session_id(self) -> None:
+        """An experiment's budget is no autoresearch session's (see `~ratiocinator.store.instances.InstanceAccount`)."""
+        return None
+
     def reserve(self, amount: float, *, kind: str, note: str = "") -> int | None:
         """A charge id for up to ``amount`` dollars (``kind``: compute, llm, instance), or None when
         it could overrun the budget."""

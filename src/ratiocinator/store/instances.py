@@ -9,6 +9,12 @@ self-destruct deadline (its TTL), recorded in the row; and `reap` destroys every
 the ledger thinks may be live, plus instances with this home's label whose row is closed
 or missing, and settles its money. Instances labelled by other homes are left alone and
 named, unless the caller asks for them too.
+
+An instance belongs to a research experiment (``experiment_id``: its money is in ``charges``)
+or to an autoresearch session (``ar_session_id``: its money is in ``ar_charges``, under the
+session's ``max_dollars`` with its LLM turns). Whoever rents one reserves and settles through
+an `InstanceAccount`, and whoever settles a row later (a reap, a reconciliation) goes through
+`settle_charges`, which picks the owner's table from the row.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ratiocinator.errors import BackendError
 from ratiocinator.store.ledger import Ledger
@@ -52,10 +58,34 @@ def is_legacy_label(label: str) -> bool:
 # -- ledger rows ---------------------------------------------------------------------------
 
 
+class InstanceAccount(Protocol):
+    """Who pays for the instances a backend rents: a research experiment's `~ratiocinator.store.budget.Budget`
+    or an autoresearch session's account. Exactly one of the two ids is set."""
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def experiment_id(self) -> str | None: ...
+
+    @property
+    def ar_session_id(self) -> int | None: ...
+
+    def reserve(self, amount: float, *, kind: str, note: str = "") -> int | None:
+        """A charge id for up to ``amount`` dollars, or None when it could overrun the budget."""
+
+    def settle(self, charge_id: int, amount: float) -> None:
+        """What the reserved thing really cost."""
+
+    def refusal(self, what: str, amount: float) -> str:
+        """Why ``what`` (which could cost ``amount``) may not go ahead."""
+
+
 @dataclass(frozen=True)
 class InstanceRow:
     id: int
     experiment_id: str | None
+    ar_session_id: int | None
     provider: str
     provider_id: str | None
     label: str
@@ -81,15 +111,15 @@ def _row(r: sqlite3.Row) -> InstanceRow:
 
 
 def record_requested(ledger: Ledger, *, experiment_id: str | None, provider: str, offer: dict[str, Any],
-                     deadline: float, charges: list[int]) -> InstanceRow:
+                     deadline: float, charges: list[int], ar_session_id: int | None = None) -> InstanceRow:
     """The row written before renting; its id names the instance (label) so a crash leaves it findable."""
     now = time.time()
     home = ledger.home_id()
     with ledger.transaction() as db:
         cur = db.execute(
-            "INSERT INTO instances (experiment_id, provider, label, offer_json, gpu_name, dph, state, deadline,"
-            " created_at, charges_json) VALUES (?, ?, '', ?, ?, ?, 'requested', ?, ?, ?)",
-            (experiment_id, provider, json.dumps(offer), str(offer.get("gpu_name", "")),
+            "INSERT INTO instances (experiment_id, ar_session_id, provider, label, offer_json, gpu_name, dph, state,"
+            " deadline, created_at, charges_json) VALUES (?, ?, ?, '', ?, ?, ?, 'requested', ?, ?, ?)",
+            (experiment_id, ar_session_id, provider, json.dumps(offer), str(offer.get("gpu_name", "")),
              float(offer.get("dph_total", 0.0)), deadline, now, json.dumps(charges)))
         row_id = int(cur.lastrowid or 0)
         db.execute("UPDATE instances SET label = ? WHERE id = ?", (label_for(home, row_id), row_id))
@@ -111,15 +141,51 @@ def update(ledger: Ledger, row_id: int, **fields: Any) -> None:
         db.execute(f"UPDATE instances SET {cols} WHERE id = ?", (*fields.values(), row_id))
 
 
-def rows(ledger: Ledger, *, live: bool = False, experiment_id: str | None = None) -> list[InstanceRow]:
-    query, args = "SELECT * FROM instances WHERE 1", list[str]()
+def rows(ledger: Ledger, *, live: bool = False, experiment_id: str | None = None,
+         ar_session_id: int | None = None) -> list[InstanceRow]:
+    query, args = "SELECT * FROM instances WHERE 1", list[object]()
     if live:
         query += f" AND state IN ({','.join('?' * len(LIVE_STATES))})"
         args += list(LIVE_STATES)
     if experiment_id is not None:
         query += " AND experiment_id = ?"
         args.append(experiment_id)
+    if ar_session_id is not None:
+        query += " AND ar_session_id = ?"
+        args.append(ar_session_id)
     return [_row(r) for r in ledger.db.execute(query + " ORDER BY id", args)]
+
+
+def owner(row: InstanceRow) -> str:
+    """Who the instance worked for, as ``instances`` prints it."""
+    if row.ar_session_id is not None:
+        return f"autoresearch session {row.ar_session_id}"
+    return row.experiment_id or "?"
+
+
+def charge_table(row: InstanceRow) -> str:
+    """The table holding the row's reservations: its owner's (``charges`` or ``ar_charges``)."""
+    return "ar_charges" if row.ar_session_id is not None else "charges"
+
+
+def settle_charges(ledger: Ledger, row: InstanceRow, cost: float, *, state: str) -> None:
+    """Spread ``cost`` over the instance's charges in ``state``, in order, each capped at what it reserved.
+
+    ``reserved`` charges are settled (the instance ended); ``settled`` ones are corrected (the
+    provider's bill replaced the estimate). Each goes to the owner's table, in one transaction.
+    """
+    table = charge_table(row)
+    left = cost
+    now = time.time()
+    with ledger.transaction() as db:
+        for charge_id in row.charges:
+            r = db.execute(f"SELECT reserved, state FROM {table} WHERE id = ?", (charge_id,)).fetchone()
+            if r is None or r["state"] != state:
+                continue
+            part = min(left, float(r["reserved"]))
+            db.execute(f"UPDATE {table} SET state = 'settled', settled = ?, settled_at = ? WHERE id = ?",
+                       (part, now, charge_id))
+            left -= part
 
 
 # -- what each run's share of an instance cost ---------------------------------------------------
@@ -148,5 +214,5 @@ def run_shares(instance_rows: list[InstanceRow], runs: dict[int, tuple[str, floa
     return shares
 
 
-__all__ = ["LIVE_STATES", "InstanceRow", "get", "is_legacy_label", "label_for", "label_owner", "record_requested",
-           "rows", "run_shares", "runs_on", "update"]
+__all__ = ["LIVE_STATES", "InstanceAccount", "InstanceRow", "charge_table", "get", "is_legacy_label", "label_for",
+           "label_owner", "owner", "record_requested", "rows", "run_shares", "runs_on", "settle_charges", "update"]

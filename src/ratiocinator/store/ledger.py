@@ -25,7 +25,7 @@ import numpy as np
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -229,6 +229,7 @@ CREATE INDEX IF NOT EXISTS ar_charges_by_session ON ar_charges(session_id, state
 CREATE TABLE IF NOT EXISTS instances (
     id            INTEGER PRIMARY KEY,
     experiment_id TEXT,
+    ar_session_id INTEGER,  -- an autoresearch session's instance: its charges are in ar_charges
     provider      TEXT NOT NULL,
     provider_id   TEXT,
     label         TEXT NOT NULL,
@@ -267,7 +268,23 @@ MIGRATIONS: dict[int, str] = {
     7: "ALTER TABLE ar_attempts ADD COLUMN failure TEXT;\n"
        "ALTER TABLE ar_attempts ADD COLUMN evidence_json TEXT NOT NULL DEFAULT '{}';\n"
        "ALTER TABLE ar_attempts ADD COLUMN host TEXT NOT NULL DEFAULT '';",
+    # v8: an instance rented by an autoresearch session names it (its money is in ar_charges, not charges).
+    8: "ALTER TABLE instances ADD COLUMN ar_session_id INTEGER;",
 }
+
+def _upgrades(db: sqlite3.Connection, version: int) -> str:
+    """The migrations from ``version`` on, less the columns added to tables this ledger does not have yet:
+    SCHEMA, run after them, creates those tables whole (a v4 ledger has no ``instances`` to alter)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    statements = []
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in filter(None, (part.strip() for part in MIGRATIONS[v].split(";"))):
+            words = statement.split()
+            if words[:2] == ["ALTER", "TABLE"] and words[2] not in tables:
+                continue
+            statements.append(statement + ";")
+    return "\n".join(statements)
+
 
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
 # the textual value survives in the run's log.
@@ -406,7 +423,7 @@ class Ledger:
                              hint="`ratiocinator status` upgrades it in place")
         if version < SCHEMA_VERSION:
             fresh = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'runs'").fetchone()[0] == 0
-            upgrades = "" if fresh else "\n".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+            upgrades = "" if fresh else _upgrades(db, version)
             db.executescript(f"BEGIN IMMEDIATE;\n{upgrades}\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
 
     @property

@@ -63,7 +63,6 @@ from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.planning.plan import first_arm_count
 from ratiocinator.spec.models import LoadedSpec, SshHost
 from ratiocinator.store import instances as inst
-from ratiocinator.store.budget import Budget
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.paths import Paths
 
@@ -188,7 +187,8 @@ class _Rented:
     slots: list[VastSlot] = field(default_factory=list)
     released: set[Slot] = field(default_factory=set)  # what release_slot was handed: slots of this instance
     ready_s: float | None = None  # rent call → workspace prepared: what getting it back would cost
-    preparing: bool = False
+    preparing: str | None = None  # the commit being prepared there
+    commit: str | None = None  # the commit its workspace holds
     checked_at: float = 0.0  # monotonic time the API last showed it running
 
     @property
@@ -239,8 +239,9 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                            poll_s=min(self.settings.poll_s, 1.0),
                            retry=RetryPolicy(attempts=self.settings.api_attempts,
                                              first_wait_s=self.settings.api_backoff_s))
-        self._budget: Budget | None = None
-        self.experiment_id: str | None = None
+        self._budget: inst.InstanceAccount | None = None
+        self.reaped: list[reaper.Reaped] = []  # what `attach` found a dead orchestrator had left rented
+        self.experiment_id: str | None = None  # the research experiment renting (None for an autoresearch session)
         self.ssh_options = ssh_options or {}
         self.rented: list[_Rented] = []
         self.ssh: SshBackend | None = None
@@ -272,16 +273,22 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def attach(self, budget: Budget) -> None:
-        """Instances are reserved and charged through this experiment's budget; what a dead
-        orchestrator of it left rented is destroyed and paid now, each an ``instance_reaped`` event."""
+    def attach(self, budget: inst.InstanceAccount, *, reap_left: bool = True) -> None:
+        """Instances are reserved and charged through their owner's account (an experiment's budget, an
+        autoresearch session's); what a dead orchestrator of that owner left rented is destroyed and paid
+        now (in ``reaped``, and each an ``instance_reaped`` event). ``reap_left=False``: another backend of
+        the same owner did that already, and its instances are live ones."""
         self._budget, self.experiment_id = budget, budget.experiment_id
-        for reaped in reaper.reconcile_at_startup(budget.ledger, self.api, budget.experiment_id):
-            budget.ledger.event(budget.experiment_id, "instance_reaped", f"{reaped.provider_id}: {reaped.outcome}",
-                                detail=reaped.detail)
+        if not reap_left:
+            return
+        self.reaped = reaper.reconcile_at_startup(budget.ledger, self.api, budget.experiment_id,
+                                                  budget.ar_session_id)
+        for r in self.reaped:
+            budget.ledger.event(budget.experiment_id, "instance_reaped", f"{r.provider_id}: {r.outcome}",
+                                detail=r.detail)
 
     @property
-    def budget(self) -> Budget:
+    def budget(self) -> inst.InstanceAccount:
         if self._budget is None:
             raise BackendError("the vast backend reserves money through its experiment's budget, and none is attached",
                                hint="call backend.attach(budget) before acquire()")
@@ -379,8 +386,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             self._arrivals[arrival] = 1
         return self._host()
 
-    async def _bring_up(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float,
-                        disk: float) -> list[_Rented]:
+    async def _bring_up(self, loaded: LoadedSpec, exp_id: str | None, offer: dict[str, Any],
+                        ttl: float, disk: float) -> list[_Rented]:
         """Rent one instance and connect to it; destroyed again when either fails."""
         batch: list[_Rented] = []
         try:
@@ -439,14 +446,37 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         return self._host()
 
     async def _prepare_batch(self, loaded: LoadedSpec, batch: list[_Rented]) -> None:
-        """Prepare the instances of ``batch`` nobody is preparing yet (prepare() and arrivals share this)."""
-        mine = [r for r in batch if r.slots and not r.preparing]
+        """Prepare the current commit on the instances of ``batch`` that neither hold it nor are being given
+        it (prepare() and arrivals share this)."""
+        assert self._commit is not None
+        await self._prepare_commit(loaded, self._commit, [r for r in batch if r.slots])
+
+    async def _prepare_commit(self, loaded: LoadedSpec, commit: str, batch: list[_Rented], *,
+                              on_output: Callable[[str], None] | None = None) -> Workspace | None:
+        """Prepare ``commit`` on the instances of ``batch`` that do not hold it yet: per (instance, commit), as
+        the SSH backend does (the commit's bundle, its checkout there, each run's own copy of it); None when
+        every one already holds it or is being given it."""
+        mine = [r for r in batch if r.commit != commit and r.preparing != commit]
+        if not mine:
+            return None
         for r in mine:
-            r.preparing = True
-        if mine:
-            assert self.ssh is not None and self._commit is not None
-            await self.ssh.prepare_hosts([r.ssh.label for r in mine if r.ssh is not None], loaded, self._commit)
-            self._mark_ready(mine)
+            r.preparing = commit
+        try:
+            workspace = await self._require_ssh().prepare_hosts([r.ssh.label for r in mine if r.ssh is not None],
+                                                                loaded, commit, on_output=on_output)
+        finally:
+            for r in mine:
+                r.preparing = None
+        for r in mine:
+            r.commit = commit
+        self._mark_ready(mine)
+        return workspace
+
+    async def choose_gpu_model(self, loaded: LoadedSpec, n: int) -> str | None:
+        """Choose the GPU model ``n`` instances can be rented of (cheapest in total), renting nothing: backends
+        that rent one instance each for the same owner are given it (``gpu_model``) so all match."""
+        await self._pick(loaded, n)
+        return self.gpu_model
 
     async def _pick(self, loaded: LoadedSpec, n: int) -> list[dict[str, Any]]:
         """The ``n`` offers to rent (one GPU model: the experiment's, once chosen)."""
@@ -465,7 +495,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         self.storage_dph = disk * self.settings.storage_per_gb_month / (30 * 24)
         return picked
 
-    async def _rent_batch(self, loaded: LoadedSpec, exp_id: str, n: int, ttl: float) -> list[_Rented]:
+    async def _rent_batch(self, loaded: LoadedSpec, exp_id: str | None, n: int, ttl: float) -> list[_Rented]:
         """Rent ``n`` instances and connect to them; whatever this call rented is destroyed when a step fails."""
         picked = await self._pick(loaded, n)
         disk = loaded.spec.hardware.disk_gb or DEFAULT_DISK_GB
@@ -478,7 +508,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             raise
         return batch
 
-    async def _rent(self, loaded: LoadedSpec, exp_id: str, offer: dict[str, Any], ttl: float, disk: float,
+    async def _rent(self, loaded: LoadedSpec, exp_id: str | None, offer: dict[str, Any], ttl: float, disk: float,
                     batch: list[_Rented]) -> None:
         dph = float(offer["dph_total"])
         worst = (dph + self.storage_dph) * ttl / 3600.0
@@ -490,7 +520,7 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                               hint="raise max_dollars, lower train_timeout_s, or pick cheaper hardware")
         deadline = time.time() + ttl
         row = inst.record_requested(self.ledger, experiment_id=exp_id, provider="vast", offer=offer, deadline=deadline,
-                                    charges=[charge])
+                                    charges=[charge], ar_session_id=self.budget.ar_session_id)
         rented = _Rented(row.id, "", offer)
         self.rented.append(rented)
         batch.append(rented)
@@ -706,12 +736,10 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
                       on_output: Callable[[str], None] | None = None) -> Workspace:
         self._commit = commit
         self._commit_known().set()  # instances still arriving prepare themselves
-        mine = [r for r in self.rented if r.slots and not r.preparing]
-        for r in mine:
-            r.preparing = True
-        workspace = await self._require_ssh().prepare_hosts([r.ssh.label for r in mine if r.ssh is not None], loaded,
-                                                            commit, on_output=on_output)
-        self._mark_ready(mine)
+        mine = [r for r in self.rented if r.slots and not r.given_back]
+        workspace = await self._prepare_commit(loaded, commit, mine, on_output=on_output)
+        if workspace is None:  # every instance holds the commit already: its workspace, as the SSH backend says it
+            workspace = await self._require_ssh().prepare_hosts([], loaded, commit)
         return workspace
 
     async def environments(self, host: Host, workspace: Workspace, loaded: LoadedSpec) -> list[dict[str, Any]]:
@@ -776,11 +804,16 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         return True
 
     async def release(self, host: Host) -> None:
-        """Destroy every instance; raise when any may still be billing (its row stays live for the reaper)."""
+        """Destroy every instance; raise when any may still be billing (its row stays live for the reaper).
+
+        The backend then holds no commit: a later `acquire` (autoresearch rents again after giving an
+        idle instance back) starts over, and its instances take runs once `prepare` gives them a commit.
+        """
         await self._cancel_arrivals("work ended")
         if self.ssh is not None:
             await self.ssh.release(host)
         await self._destroy_all("work ended")
+        self._commit, self._commit_event = None, None
         left = [r for r in self.rented if inst.get(self.ledger, r.row_id).state in inst.LIVE_STATES]
         if left:
             failures = [self._destroy_failures.get(r.row_id) for r in left]

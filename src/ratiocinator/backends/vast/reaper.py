@@ -19,7 +19,16 @@ from ratiocinator.backends.vast.api import (
     VastError,
     is_gone,
 )
-from ratiocinator.store.instances import LIVE_STATES, InstanceRow, get, is_legacy_label, label_owner, rows, update
+from ratiocinator.store.instances import (
+    LIVE_STATES,
+    InstanceRow,
+    get,
+    is_legacy_label,
+    label_owner,
+    rows,
+    settle_charges,
+    update,
+)
 from ratiocinator.store.ledger import Ledger
 
 
@@ -74,24 +83,9 @@ def settle(ledger: Ledger, row: InstanceRow, api: VastApi | None, *, end: float,
                 source += " (the provider's charges do not cover this instance's lifetime yet)"
         except BillingUnavailable as exc:
             source += f" (billing unavailable: {str(exc)[:200]})"
-    _fill_charges(ledger, row, cost, state="reserved")
+    settle_charges(ledger, row, cost, state="reserved")
     update(ledger, row.id, cost=cost, cost_source=source)
     return cost, source
-
-
-def _fill_charges(ledger: Ledger, row: InstanceRow, cost: float, *, state: str) -> None:
-    """Spread ``cost`` over the instance's charges in ``state``, in order, each capped at what it reserved."""
-    left = cost
-    for charge_id in row.charges:
-        r = ledger.db.execute("SELECT reserved, state FROM charges WHERE id = ?", (charge_id,)).fetchone()
-        if r is None or r["state"] != state:
-            continue
-        part = min(left, float(r["reserved"]))
-        if state == "reserved":
-            ledger.settle(charge_id, part)
-        else:
-            ledger.resettle(charge_id, part)
-        left -= part
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ def reconcile_billing(ledger: Ledger, api: VastApi, *, experiment_id: str | None
         billed = _billed(listed, row, row.destroyed_at)
         if billed is None:
             continue
-        _fill_charges(ledger, row, billed, state="settled")
+        settle_charges(ledger, row, billed, state="settled")
         reconciled = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         update(ledger, row.id, cost=billed, cost_source=f"provider billing (reconciled {reconciled} UTC)")
         estimated = row.cost or 0.0
@@ -199,11 +193,12 @@ def _destroy_row(ledger: Ledger, api: VastApi, row: InstanceRow, listing: _Listi
     return Reaped(row.id, provider_id, "destroyed" if gone_now else "already_gone", why)
 
 
-def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expired_only: bool = False,
-         all_homes: bool = False) -> list[Reaped]:
+def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, ar_session_id: int | None = None,
+         expired_only: bool = False, all_homes: bool = False) -> list[Reaped]:
     """Destroy every instance the ledger knows may be live (``expired_only``: only those past their deadline).
 
-    Without ``experiment_id`` or ``expired_only``, the account's whole list is swept too:
+    ``experiment_id`` or ``ar_session_id`` (an autoresearch session) reaps only that owner's rows.
+    Without either, or ``expired_only``, the account's whole list is swept too:
     instances carrying this home's label whose row is closed or missing (left by a crash) are
     destroyed; instances carrying another home's label (or the label scheme before home ids)
     are left alone and returned as ``left_alone``, unless ``all_homes``. Instances without a
@@ -213,12 +208,12 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
     listing = _Listing(api)
     out: list[Reaped] = []
     now = time.time()
-    for row in rows(ledger, live=True, experiment_id=experiment_id):
+    for row in rows(ledger, live=True, experiment_id=experiment_id, ar_session_id=ar_session_id):
         if expired_only and row.deadline > now:
             continue
         why = "past its self-destruct deadline" if row.deadline <= now else "reaped"
         out.append(_destroy_row(ledger, api, row, listing, why, all_homes=all_homes))
-    if experiment_id is not None or expired_only:
+    if experiment_id is not None or ar_session_id is not None or expired_only:
         return out
     handled = {r.provider_id for r in out}
     home = ledger.home_id()
@@ -248,9 +243,13 @@ def reap(ledger: Ledger, api: VastApi, *, experiment_id: str | None = None, expi
     return out
 
 
-def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str) -> list[Reaped]:
-    """What ``research`` does first on resume: the dead orchestrator's instances are destroyed and paid."""
-    return reap(ledger, api, experiment_id=experiment_id)
+def reconcile_at_startup(ledger: Ledger, api: VastApi, experiment_id: str | None,
+                         ar_session_id: int | None = None) -> list[Reaped]:
+    """What ``research`` (an experiment) or ``autoresearch`` (a session) does first on resume: the dead
+    orchestrator's instances are destroyed and paid, each through its owner's charges."""
+    if experiment_id is None and ar_session_id is None:
+        raise ValueError("reconcile_at_startup needs an owner: an experiment or an autoresearch session")
+    return reap(ledger, api, experiment_id=experiment_id, ar_session_id=ar_session_id)
 
 
 __all__ = ["BillingUnavailable", "Reaped", "api_from_env", "Reconciled", "billed_cost", "lifetime_cost", "reap",
