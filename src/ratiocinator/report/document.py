@@ -642,7 +642,7 @@ class _Latex(Renderer):
         # figure floats to the next one.
         return (
             "\\begin{figure}[H]\n\\centering\n"
-            rf"\includegraphics[width=\linewidth,height=0.42\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
+            rf"\includegraphics[width=\linewidth,height=0.38\textheight,keepaspectratio]{{{block.file.stem}.pdf}}"
             f"\n\\caption{{{tex_escape(block.file.caption)}}}\n\\end{{figure}}"
         )
 

@@ -589,7 +589,7 @@ class _Writer:
         blocks += self.figure("fig_goal")
         if self.inf.factors is not None:
             blocks += self.factor_section(self.inf.factors)
-        blocks += self.other_metrics()
+        blocks += self.other_metrics_note()
         curves = self.curve_figures()
         if curves:
             # The main text keeps the first figure (the goal's panel comes first); the rest go to the appendix.
@@ -840,6 +840,15 @@ class _Writer:
                 out.append(f"The effect of {a} depends on {b} (interaction F = {term(i.row.term, 'F')}, Holm-adjusted "
                            f"p = {term(i.row.term, 'p_holm')}): read its main effect with care.")
         return out
+
+    def other_metrics_note(self) -> list[Block]:
+        """The main text names the other metrics; their per-arm table is the appendix's."""
+        others = list(self.summary.metrics[1:])
+        if not others:
+            return []
+        return [Heading("Other metrics", 2),
+                Paragraph(f"The runs also reported {', '.join(others)}; their per-arm means and standard deviations"
+                          " are in the appendix.")]
 
     def other_metrics(self, full: bool = False) -> list[Block]:
         """The other metrics per arm; the paper leaves out those constant over every run, with a note."""
