@@ -143,8 +143,10 @@ def test_a_free_study_has_no_cost_section_and_constant_metrics_are_a_note(tmp_pa
     md = files.md.read_text()
     assert "## Cost" not in md and "Cost: none." in md
     assert not (study.report_dir / "fig_cost.png").exists()
-    assert "| Arm | loss |" in md and "so not tabulated (6 runs): epochs = [40]" in md
-    assert "± [0]" not in md
+    assert "The runs also reported epochs, loss;" in md  # named in the main text, tabulated in the appendix
+    appendix = (study.report_dir / "appendix.md").read_text()
+    assert "| Arm | loss |" in appendix and "so not tabulated (6 runs): epochs = [40]" in appendix
+    assert "± [0]" not in md and "± [0]" not in appendix
 
 
 @pytest.mark.parametrize(("expect", "message"), [

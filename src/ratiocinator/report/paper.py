@@ -856,11 +856,10 @@ class _Writer:
         if not others:
             return []
         constant: dict[str, float] = {}
-        if not full:
-            for metric in others:
-                values = {v for arm in self.summary.arms for v in arm.metrics[metric].values}
-                if len(values) == 1:
-                    constant[metric] = values.pop()
+        for metric in others:
+            values = {v for arm in self.summary.arms for v in arm.metrics[metric].values}
+            if len(values) == 1:
+                constant[metric] = values.pop()
         shown = [m for m in others if m not in constant]
         rows = []
         for arm in self.summary.arms:
