@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -189,17 +190,30 @@ def build_pdf(tex: Path) -> tuple[Path | None, str]:
     key = _pdf_inputs_key(tex, engine)
     cached_pdf, cached_log = cache / f"{tex.stem}-{key}.pdf", cache / f"{tex.stem}-{key}.log"
     if cached_pdf.is_file() and cached_log.is_file():
-        write_atomic(tex.with_suffix(".pdf"), cached_pdf.read_bytes())
-        shutil.copyfile(cached_log, tex.with_suffix(".log"))
+        _share(cached_log, tex.with_suffix(".log"))
+        _share(cached_pdf, tex.with_suffix(".pdf"))
         return tex.with_suffix(".pdf"), f"built with {LATEX_ENGINE} (unchanged since the last build: reused)"
+    tex.with_suffix(".log").unlink(missing_ok=True)  # may be the cache's link: the build writes a new file
     built = _compile_pdf(tex, engine)
     if built[0] is not None:
         cache.mkdir(exist_ok=True)
         for stale in cache.glob(f"{tex.stem}-*"):
             stale.unlink()
-        shutil.copyfile(tex.with_suffix(".log"), cached_log)
-        write_atomic(cached_pdf, tex.with_suffix(".pdf").read_bytes())  # last: a cached PDF always has its log
+        _share(tex.with_suffix(".log"), cached_log)
+        _share(tex.with_suffix(".pdf"), cached_pdf)  # last: a cached PDF always has its log
     return built
+
+
+def _share(src: Path, dest: Path) -> None:
+    """``dest`` atomically becomes ``src``'s content: a hard link (the cache costs no disk space; files here
+    are only ever replaced, never written in place), a copy where links are refused."""
+    part = dest.with_name(f".{dest.name}.part")
+    part.unlink(missing_ok=True)
+    try:
+        os.link(src, part)
+    except OSError:
+        shutil.copyfile(src, part)
+    os.replace(part, dest)
 
 
 def _compile_pdf(tex: Path, engine: str) -> tuple[Path | None, str]:
