@@ -47,10 +47,11 @@ class LocalRunHandle(RunHandle):
     a stray grandchild still holds its pipes open (asyncio's own subprocess
     transport only reports exit once every pipe has closed)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None,
+                 pid_start: int | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.pid_start = process_start_time(proc.pid)
+        self.pid_start = pid_start if pid_start is not None else process_start_time(proc.pid)
         self._copy = copy  # (cached checkout, this run's working copy), removed once the run succeeded
         self.workdir = copy[1] if copy else None
         self._exited = asyncio.get_running_loop().create_future()
@@ -216,9 +217,11 @@ class LocalBackend(Backend):
             )
         except OSError as exc:
             raise launch_failure(request.argv, exc) from None
+        pid_start = process_start_time(proc.pid)
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
-            Supervisor.watch(proc.pid, process_start_time(proc.pid), request.timeout_s)
-        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None)
+            Supervisor.watch(proc.pid, pid_start, request.timeout_s)
+        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None,
+                              pid_start)
 
     async def _working_copy(self, dest: Path) -> Path:
         """The run's own copy of the prepared commit (see `repo.workspace.working_copy`)."""
