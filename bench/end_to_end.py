@@ -9,6 +9,7 @@ start to the first run's start, the run phase the first run's start to the last 
 the report the last run's end to the command's exit. The report for the same study is then
 also timed alone without the PDF (``ratiocinator report --no-pdf``), and a second time with
 the PDF when pdflatex is installed (nothing changed, so that build can be skipped).
+``validate`` and ``status`` are timed beside the bare interpreter starting.
 
 Optuna (in-memory storage) and Hydra (joblib launcher) run the same arms when they are
 installed; they are optional peers, never installed by the project's test extra.
@@ -219,9 +220,33 @@ def print_result(result: Result, arms: int, rounds: int) -> None:
         print(f"  report again with the PDF, nothing changed: {result.report_pdf_cached:7.3f} s")
 
 
+def bench_commands(arms: int, rounds: int) -> None:
+    """`validate` and `status` on a finished study, beside the bare interpreter starting, alternating."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec = make_study(root, arms, 2)
+        home = root / "home"
+        research(spec, home)
+        env = {**os.environ, "RATIOCINATOR_HOME": str(home)}
+        commands = {"python -c pass": [sys.executable, "-c", "pass"],
+                    "ratiocinator validate": [*ratiocinator_cli(), "validate", str(spec)],
+                    "ratiocinator status": [*ratiocinator_cli(), "status", "noop"]}
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(max(rounds, 5)):
+            for name, argv in commands.items():
+                started = time.perf_counter()
+                subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+                times[name].append(time.perf_counter() - started)
+    floor = statistics.median(times["python -c pass"])
+    print(f"commands on a finished {arms}-arm study, median of {max(rounds, 5)} alternating rounds")
+    for name, ts in times.items():
+        print(f"  {name + ':':<26}{statistics.median(ts):7.3f} s   (interpreter start-up {floor:.3f} s; target ≤ 0.3)")
+
+
 def main(arms: int = 200, concurrencies: tuple[int, ...] = (2, 8), rounds: int = 3) -> None:
     if shutil.which("xargs") is None:
         raise SystemExit("xargs is needed for the side-by-side comparison")
+    bench_commands(arms, rounds)
     for i, concurrency in enumerate(concurrencies):
         result = bench_end_to_end(arms, concurrency, rounds, time_report=i == 0)
         print_result(result, arms, rounds)
