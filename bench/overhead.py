@@ -4,10 +4,13 @@
    invocations through `xargs -P` at the same concurrency. Prints the wall-clock ratio
    (target ≤ 1.15).
 2. One runner printing 1,000,000 `METRICS:` lines: orchestrator wall time relative to
-   the same runner writing to /dev/null, and the orchestrator's peak RSS (target:
-   bounded, under 200 MB).
+   the same runner writing to /dev/null (target ≤ 1.5), and the orchestrator's peak RSS
+   (target: bounded, under 200 MB).
+3. End to end (bench/end_to_end.py): the whole `ratiocinator research` command on the
+   peers' workload against `xargs -P` at concurrency 2 and 8, with its phases (start-up,
+   runs, report) and the report of 200 arms timed alone; Optuna and Hydra when installed.
 
-Usage: python bench/overhead.py [--arms 200] [--concurrency 2] [--lines 1000000]
+Usage: python bench/overhead.py [--arms 200] [--concurrency 2] [--lines 1000000] [--no-end-to-end]
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the whole research command (bench/end_to_end.py)")
     parser.add_argument("--chatty-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chatty_child:
@@ -170,6 +175,10 @@ def main() -> None:
         raise SystemExit("xargs is needed for the side-by-side comparison")
     bench_noop(args.arms, args.concurrency, args.rounds)
     bench_chatty(args.lines)
+    if args.end_to_end:
+        from end_to_end import main as end_to_end  # this script's own folder is on sys.path
+
+        end_to_end(args.arms, (args.concurrency, 8) if args.concurrency != 8 else (8,), args.rounds)
 
 
 if __name__ == "__main__":

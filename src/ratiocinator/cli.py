@@ -26,7 +26,6 @@ from rich.table import Table
 
 from ratiocinator.data.probe import summary as data_summary
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
-from ratiocinator.execution.progress import LiveProgress, PlainProgress
 from ratiocinator.knob_listing import knob_table, split_knobs
 from ratiocinator.pipeline import (
     Paths,
@@ -422,6 +421,8 @@ def research(
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     interactive = sys.stdout.isatty()
+    from ratiocinator.execution.progress import LiveProgress, PlainProgress  # rich's live panel: research only
+
     progress = LiveProgress() if interactive else PlainProgress()
     job = Research(loaded, state.home, progress=progress, new=new, check=not skip_check, llm_review=llm_review,
                    replay_from=replay)

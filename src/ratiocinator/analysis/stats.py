@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
+
+from ratiocinator.analysis.lazy import scipy_stats as stats
 
 __all__ = [
     "BOOTSTRAP_MIN_N",
@@ -53,8 +54,12 @@ BOOTSTRAP_RESAMPLES = 4999
 _ANOVA_KIND = "type II sums of squares, OLS with treatment coding"
 # Bound on resampled values held in memory at once by the bootstrap (n * batch).
 _BOOTSTRAP_CELLS = 1 << 20
-# scipy >= 1.15 names the seed argument `rng`; older releases only know `random_state`.
-_BOOTSTRAP_RNG_ARG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+
+
+def _bootstrap_rng_arg() -> str:
+    """scipy >= 1.15 names the seed argument `rng`; older releases only know `random_state`."""
+    return "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+
 # A residual sum of squares below n * (factor * eps * max|y|)^2 is rounding, not
 # error: an exact fit must read as "no residual", not as a huge F.
 _RSS_ROUNDING_FACTOR = 1e3
@@ -420,7 +425,7 @@ def _bootstrap_interval(x: FloatArray, confidence: float, seed: int) -> Interval
     methods: tuple[tuple[Literal["BCa", "percentile"], str], ...] = (
         ("BCa", "bootstrap-bca"), ("percentile", "bootstrap-percentile"))
     for method, label in methods:
-        seed_arg: dict[str, Any] = {_BOOTSTRAP_RNG_ARG: np.random.default_rng(seed)}  # a fresh generator per method
+        seed_arg: dict[str, Any] = {_bootstrap_rng_arg(): np.random.default_rng(seed)}  # a fresh generator per method
         with warnings.catch_warnings():
             # BCa warns before returning NaN; the NaN is handled by falling back.
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)

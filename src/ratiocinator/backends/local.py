@@ -40,6 +40,7 @@ from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
 
 CHUNK = 1 << 16
+PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
 
 
 class LocalRunHandle(RunHandle):
@@ -47,10 +48,11 @@ class LocalRunHandle(RunHandle):
     a stray grandchild still holds its pipes open (asyncio's own subprocess
     transport only reports exit once every pipe has closed)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None,
+                 pid_start: int | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.pid_start = process_start_time(proc.pid)
+        self.pid_start = pid_start if pid_start is not None else process_start_time(proc.pid)
         self._copy = copy  # (cached checkout, this run's working copy), removed once the run succeeded
         self.workdir = copy[1] if copy else None
         self._exited = asyncio.get_running_loop().create_future()
@@ -124,7 +126,7 @@ class LocalRunHandle(RunHandle):
         if self._copy is not None and self.proc.poll() == 0:  # a failed run's copy stays, to look at
             checkout, copy = self._copy
             self._copy = None
-            await asyncio.to_thread(ws.drop_working_copy, checkout, copy)
+            await asyncio.to_thread(ws.drop_working_copy, checkout, copy, prune=False)  # pruned at release
 
 
 class LocalBackend(Backend):
@@ -140,6 +142,8 @@ class LocalBackend(Backend):
     def __init__(self, home: Path) -> None:
         self.home = home
         self._checkout: Path | None = None  # the prepared (cached) checkout: runs get copies of it
+        self._copy_inputs: tuple[list[str], list[str]] | None = None  # its LFS files and untracked entries
+        self._copies_made = 0
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
         return compare_local(loaded.spec.hardware, probe_machine(self.home))
@@ -191,7 +195,7 @@ class LocalBackend(Backend):
             await asyncio.to_thread(
                 ws.run_verify, checkout, spec.deps.verify, {**inherited, **env}, timeout_s=spec.download_timeout_s
             )
-        self._checkout = Path(checkout).resolve()
+        self._checkout, self._copy_inputs = Path(checkout).resolve(), None
         started = time.monotonic()  # the data: in place (local), or fetched once into the home's cache
         copy = await asyncio.to_thread(prepared_copy, loaded, self.home)
         if copy is None:
@@ -220,20 +224,39 @@ class LocalBackend(Backend):
             )
         except OSError as exc:
             raise launch_failure(request.argv, exc) from None
+        pid_start = process_start_time(proc.pid)
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
-            Supervisor.watch(proc.pid, process_start_time(proc.pid), request.timeout_s)
-        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None)
+            Supervisor.watch(proc.pid, pid_start, request.timeout_s)
+        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None,
+                              pid_start)
 
     async def _working_copy(self, dest: Path) -> Path:
         """The run's own copy of the prepared commit (see `repo.workspace.working_copy`)."""
         assert self._checkout is not None
+        checkout = self._checkout
         try:
-            return await asyncio.to_thread(ws.working_copy, self._checkout, dest)
+            if self._copy_inputs is None:  # listed once: runs never write the cached checkout
+                self._copy_inputs = await asyncio.to_thread(
+                    lambda: (ws.lfs_files(checkout), ws.untracked_entries(checkout)))
+            lfs, untracked = self._copy_inputs
+            self._copies_made += 1
+            # Dropped copies leave git records that are pruned in batches: git names each new worktree
+            # past the existing ones, so thousands of stale records would slow every add.
+            prune = self._copies_made % PRUNE_EVERY == 0
+
+            def make() -> Path:
+                if prune:
+                    ws.prune_working_copies(checkout)
+                return ws.working_copy(checkout, dest, lfs, untracked)
+
+            return await asyncio.to_thread(make)
         except (WorkspaceError, OSError) as exc:
             raise LaunchFailure(f"could not make the run's working copy: {exc}", transient=True) from None
 
     async def release(self, host: Host) -> None:
-        """Nothing is rented locally."""
+        """Nothing is rented locally; git forgets the working copies the runs dropped."""
+        if self._checkout is not None:
+            await asyncio.to_thread(ws.prune_working_copies, self._checkout)
 
     def oom_kills(self, host: Host) -> int | None:
         return oom_kill_count()

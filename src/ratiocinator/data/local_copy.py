@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from ratiocinator.data import hf, rsync
 from ratiocinator.data.download import digest_text, fetch, file_name, is_archive, unpack
 from ratiocinator.data.manifest import Manifest, make_read_only, scan
@@ -169,6 +167,8 @@ def _url_copy(loaded: LoadedSpec, root: Path, deadline: float) -> LocalCopy:
         staging = folder / "tree.partial"
         _remove(staging)
         staging.mkdir(parents=True)
+        import httpx  # only when something is fetched: not on every command's start-up
+
         with httpx.Client() as client:
             for url, expected, name in zip(urls, checksums, names, strict=True):
                 try:

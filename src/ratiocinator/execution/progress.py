@@ -4,7 +4,7 @@ On a terminal: a live rich panel with a bar of runs done out of planned and an E
 measured run times, spend against ``max_dollars``, the best arm so far (mean ± CI once it has two
 runs), a per-arm table with the latest streamed metric of the runs in flight, and failures by
 class. Elsewhere (CI, a log file): one plain line per event carrying the same facts
-(``done 11/27``, ETA, best so far), so nothing is lost to cursor tricks.
+(``done 11/27``, ETA, best so far, about a second old at most), so nothing is lost to cursor tricks.
 
 Both read the experiment's state from the ledger (read-only, ``analysis.live``), the same state
 the web dashboard shows, rather than keeping counts of their own that could drift from it.
@@ -30,6 +30,8 @@ from ratiocinator.execution.executor import ProgressSink, RunResult
 from ratiocinator.store.ledger import Ledger
 
 STATE_MAX_AGE_S = 1.0  # the live panel re-reads the ledger at most this often
+# ...and, for a big study whose read takes long, at most this share of the orchestrator's time.
+STATE_READ_SHARE = 0.02
 MAX_ARM_ROWS = 12  # a bigger design shows its running and best arms, and says how many more there are
 
 
@@ -37,11 +39,13 @@ class _Watch:
     """The experiment's live state, re-read from a read-only ledger at most once a second (or on demand)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # state_after_finish holds it across state()
         self._ledger: Ledger | None = None
         self._experiment_id: str | None = None
         self._state: LiveState | None = None
         self._read_at = 0.0
+        self._max_age = STATE_MAX_AGE_S
+        self.finished_since_read = 0
 
     def open(self, ledger_path: Path, experiment_id: str) -> None:
         with self._lock:
@@ -55,13 +59,30 @@ class _Watch:
         with self._lock:
             if self._ledger is None or self._experiment_id is None:
                 return None
-            if fresh or self._state is None or time.monotonic() - self._read_at >= STATE_MAX_AGE_S:
+            if fresh or self._state is None or time.monotonic() - self._read_at >= self._max_age:
+                started = time.monotonic()
                 try:
                     self._state = live_state(self._ledger, self._experiment_id)
                 except sqlite3.Error:  # a display never stops a study: show the last state, read again later
                     return self._state
                 self._read_at = time.monotonic()
+                self._max_age = max(STATE_MAX_AGE_S, (self._read_at - started) / STATE_READ_SHARE)
+                self.finished_since_read = 0
             return self._state
+
+    def state_after_finish(self) -> LiveState | None:
+        """The state for a run's finish line: re-read at most once a second, and for what may be the last run.
+
+        Reading the whole experiment costs O(runs) (tens of ms at 200 arms); doing it on every finish made the
+        orchestrator's per-run cost grow with the study. Between reads a line carries the standing of the last
+        read, at most STATE_MAX_AGE_S old (longer where a read is slow: see STATE_READ_SHARE); the study's final
+        line is always fresh.
+        """
+        with self._lock:
+            self.finished_since_read += 1
+            prior = self._state
+            last = prior is not None and prior.done + self.finished_since_read >= prior.planned
+            return self.state(fresh=last)
 
     def close(self) -> None:
         with self._lock:
@@ -139,7 +160,7 @@ class PlainProgress(ProgressSink):
         self.console.print(f"[{self.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}", markup=False)
 
     def run_finished(self, result: RunResult) -> None:
-        state = self.watched.state(fresh=True)
+        state = self.watched.state_after_finish()
         standing = summary_line(state) if state is not None else f"${self.spent:.4f} spent"
         self.console.print(f"[{self.elapsed()}] {_describe(result)} — {standing}", markup=False)
 
@@ -222,7 +243,7 @@ class LiveProgress(PlainProgress):
         pass  # the panel shows runs in flight
 
     def run_finished(self, result: RunResult) -> None:
-        self.watched.state(fresh=True)
+        self.watched.state_after_finish()
         style = "green" if result.status == "succeeded" else "red"
         self.console.print(Text(f"[{self.elapsed()}] {_describe(result)}", style=style))
 

@@ -160,11 +160,21 @@ def lfs_files(checkout: Path) -> list[str]:
     return [line for line in listed.stdout.splitlines() if line.strip()]
 
 
-def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None) -> Path:
+def untracked_entries(checkout: Path) -> list[str]:
+    """The untracked top-level entries the deps steps left in the checkout (data, build outputs)."""
+    others = _git(["ls-files", "--others", "--directory", "--no-empty-directory", "-z"], cwd=checkout).stdout
+    return sorted({p.split("/", 1)[0] for p in others.split("\0") if p})
+
+
+def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None,
+                 untracked: Iterable[str] | None = None) -> Path:
     """A run's own working copy of the cached checkout's commit, at ``dest``: a git worktree (tracked
     files written afresh, git's objects shared), the content of files under Git LFS copied in, and the
     untracked top-level entries the deps steps left in the checkout (data) linked, not copied. The
-    cached checkout is never written by a run, and concurrent runs never share a file."""
+    cached checkout is never written by a run, and concurrent runs never share a file.
+
+    ``lfs`` and ``untracked`` may be given when known (``lfs_files``, ``untracked_entries``): the
+    checkout does not change while its runs go, so a backend lists them once rather than per run."""
     checkout = Path(checkout).resolve()
     with _worktrees_locked(checkout):
         _git_ok(["-c", "core.hooksPath=/dev/null", "worktree", "add", "--detach", "--quiet", "--force", "--",
@@ -172,21 +182,33 @@ def working_copy(checkout: Path, dest: Path, lfs: Iterable[str] | None = None) -
                 extra_env={"GIT_LFS_SKIP_SMUDGE": "1"})
     for name in lfs_files(checkout) if lfs is None else lfs:
         shutil.copyfile(checkout / name, dest / name)
-    others = _git(["ls-files", "--others", "--directory", "--no-empty-directory", "-z"], cwd=checkout).stdout
-    for entry in {p.split("/", 1)[0] for p in others.split("\0") if p}:
+    for entry in untracked_entries(checkout) if untracked is None else untracked:
         if not (dest / entry).exists():
             (dest / entry).symlink_to(checkout / entry)
     return dest
 
 
-def drop_working_copy(checkout: Path, dest: Path) -> None:
-    """Remove a run's working copy (and git's record of it); what is left of a failed removal is pruned later."""
+def drop_working_copy(checkout: Path, dest: Path, *, prune: bool = True) -> None:
+    """Remove a run's working copy (and git's record of it); what is left of a failed removal is pruned later.
+
+    With ``prune=False`` only the files go, without starting git: the stale record costs nothing until
+    ``prune_working_copies`` (a backend that drops many copies prunes once, when it is done)."""
     checkout = Path(checkout).resolve()
+    if not prune:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
     with _worktrees_locked(checkout):
         _git(["worktree", "remove", "--force", "--force", str(dest)], cwd=checkout)
         if dest.exists():
             shutil.rmtree(dest, ignore_errors=True)
             _git(["worktree", "prune"], cwd=checkout)
+
+
+def prune_working_copies(checkout: Path) -> None:
+    """Forget the records of working copies whose files are gone."""
+    checkout = Path(checkout).resolve()
+    with _worktrees_locked(checkout):
+        _git(["worktree", "prune"], cwd=checkout)
 
 
 @contextmanager

@@ -8,7 +8,9 @@ removed so nothing stale sits beside the new paper.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +38,7 @@ DOCUMENTS = {"paper.md": "md", "paper.html": "html", "paper.tex": "tex",
 FACTS_FILE = "facts.json"
 LATEX_ENGINE = "pdflatex"
 LATEX_TIMEOUT_S = 180
+PDF_CACHE = ".pdf-cache"  # the last PDF built from each .tex, by a hash of its inputs
 # Files of earlier report layouts and of figures that may not be drawn this time.
 _OWNED_GLOBS = ("fig_*.png", "fig_*.pdf", "paper.pdf", "paper.log", "appendix.pdf", "appendix.log", "report.md",
                 "report.html")
@@ -164,11 +167,56 @@ def aggregated_metrics(inference: Inference) -> dict[str, Any]:
     }
 
 
+def _pdf_inputs_key(tex: Path, engine: str) -> str:
+    """What the PDF is made of: the engine, the .tex and every figure beside it (figures are byte-stable)."""
+    digest = hashlib.sha256(f"{engine}\0{tex.name}\0".encode())
+    digest.update(tex.read_bytes())
+    for figure in sorted(tex.parent.glob("fig_*")):
+        digest.update(f"\0{figure.name}\0".encode())
+        digest.update(figure.read_bytes())
+    return digest.hexdigest()[:32]
+
+
 def build_pdf(tex: Path) -> tuple[Path | None, str]:
-    """Compile ``paper.tex`` next to its figures; (pdf path, note). Never raises for a LaTeX failure."""
+    """Compile ``paper.tex`` next to its figures; (pdf path, note). Never raises for a LaTeX failure.
+
+    Two LaTeX passes take seconds; a report rewritten with nothing changed (a resumed study, ``report``
+    run again) reuses the PDF last built from the same inputs, kept under ``PDF_CACHE``.
+    """
     engine = shutil.which(LATEX_ENGINE)
     if engine is None:
         return None, f"no PDF: {LATEX_ENGINE} is not installed; paper.tex compiles with any TeX Live"
+    cache = tex.parent / PDF_CACHE
+    key = _pdf_inputs_key(tex, engine)
+    cached_pdf, cached_log = cache / f"{tex.stem}-{key}.pdf", cache / f"{tex.stem}-{key}.log"
+    if cached_pdf.is_file() and cached_log.is_file():
+        _share(cached_log, tex.with_suffix(".log"))
+        _share(cached_pdf, tex.with_suffix(".pdf"))
+        return tex.with_suffix(".pdf"), f"built with {LATEX_ENGINE} (unchanged since the last build: reused)"
+    tex.with_suffix(".log").unlink(missing_ok=True)  # may be the cache's link: the build writes a new file
+    built = _compile_pdf(tex, engine)
+    if built[0] is not None:
+        cache.mkdir(exist_ok=True)
+        for stale in cache.glob(f"{tex.stem}-*"):
+            stale.unlink()
+        _share(tex.with_suffix(".log"), cached_log)
+        _share(tex.with_suffix(".pdf"), cached_pdf)  # last: a cached PDF always has its log
+    return built
+
+
+def _share(src: Path, dest: Path) -> None:
+    """``dest`` atomically becomes ``src``'s content: a hard link (the cache costs no disk space; files here
+    are only ever replaced, never written in place), a copy where links are refused."""
+    part = dest.with_name(f".{dest.name}.part")
+    part.unlink(missing_ok=True)
+    try:
+        os.link(src, part)
+    except OSError:
+        shutil.copyfile(src, part)
+    os.replace(part, dest)
+
+
+def _compile_pdf(tex: Path, engine: str) -> tuple[Path | None, str]:
     with tempfile.TemporaryDirectory(prefix="ratiocinator-tex-") as build:
         command = [engine, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape",
                    f"-output-directory={build}", tex.name]
