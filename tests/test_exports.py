@@ -168,7 +168,8 @@ def test_runs_csv_columns_and_values_round_trip(exported: Exported, tmp_path: Pa
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
-    metrics = ["grad_norm", "loss", "memory_gb", "note_len", "peak_vram_mb", "score", "step", "tag_len"]
+    # "step" is the points' step index, not a metric of its own
+    metrics = ["grad_norm", "loss", "memory_gb", "note_len", "peak_vram_mb", "score", "tag_len"]
     assert reader.fieldnames == [*RUN_COLUMNS, "knob.MODE", "knob.NOTE", "knob.WIDTH", "factor.WIDTH", "args",
                                  *(f"metric.{m}" for m in metrics)]
     assert [int(row["run_id"]) for row in rows] == [r.id for r in exported.runs]

@@ -256,7 +256,7 @@ def test_json_line_step_key_preference(payload, step):
     ("payload", "names"),
     [
         ('{"step": 5, "epoch": 2, "loss": 1}', {"epoch", "loss"}),  # epoch is a series over the steps
-        ('{"epoch": 2, "iter": 9, "loss": 1}', {"iter", "loss"}),  # epoch is the step
+        ('{"epoch": 2, "iter": 9, "loss": 1}', {"epoch", "iter", "loss"}),  # epoch is the step, and a metric too
         ('{"step": 1.5, "loss": 1}', {"loss"}),  # "step" is never a metric name
         ('{"val": {"step": 4}, "loss": 1}', {"val/step", "loss"}),
     ],

@@ -40,8 +40,8 @@ PROTOCOLS = ("json_line", "key_value", "regex")
 
 _MAX_PROBLEMS = 20
 MAX_METRIC_NAMES = 10_000  # distinct names per run: a million made-up names would cost the ledger 150 MB
-# Step keys of a json_line object, in order of preference. The first one holding an integer is the
-# step of the line's points and not a point itself; a top-level "step" is never a metric.
+# Step keys of a json_line object, in order of preference: the first one holding an integer is the
+# step of the line's points. A top-level "step" is never a metric; "epoch" and the others stay metrics too.
 _STEP_KEYS = ("step", "epoch", "iter", "iteration")
 _NONFINITE_STRINGS = frozenset({"nan", "inf", "-inf"})
 # raw_decode skips json.loads' wrapper, a large share of the cost of a short object.
@@ -229,11 +229,11 @@ class _JsonLineParser(MetricParser):
         if type(obj) is not dict:
             self._note(f"{prefix} payload is not a JSON object: {payload[:40]!r}")
             return []
-        step = step_key = None
+        step = None
         for key in _STEP_KEYS:
             candidate = obj.get(key)
             if type(candidate) is int:
-                step, step_key = candidate, key
+                step = candidate
                 break
         points: list[MetricPoint] = []
         try:
@@ -241,8 +241,8 @@ class _JsonLineParser(MetricParser):
         except RecursionError:
             self._note(f"{prefix} payload is nested too deeply")
             return []
-        if step_key is not None or "step" in obj:  # the step index is the points' step, never a metric of its own
-            points = [p for p in points if p.name != step_key and p.name != "step"]
+        if "step" in obj:  # "step" is the points' step index, never a metric of its own (an epoch may be both)
+            points = [p for p in points if p.name != "step"]
         points = self._capped(points)
         if points:
             self._seq += 1

@@ -491,6 +491,7 @@ class _Writer:
             ("Code", f"{spec.runner_script} in {self.repository()} at commit"
                      f" {experiment.commit_sha or 'not recorded'}"),
             *self.host_rows(),
+            *([("Data", self.data_line())] if spec.data.source != "none" else []),
             ("Readiness review", self.readiness()),
         ]
         blocks: list[Block] = [
