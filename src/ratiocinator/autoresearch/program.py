@@ -40,7 +40,7 @@ from pydantic import (
 from ratiocinator.errors import SpecError
 from ratiocinator.execution.metrics import compile_pattern
 from ratiocinator.llm.config import LlmConfig
-from ratiocinator.spec.models import Hardware, RaySettings, SshHost, VastConfig, check_pass_env
+from ratiocinator.spec.models import Hardware, RaySettings, SshHost, VastConfig, check_backend_settings, check_pass_env
 from ratiocinator.spec.source import Loc, format_validation_error, line_for, read_mapping
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -217,14 +217,7 @@ class Program(_Strict):
 
     def _check_backend(self) -> None:
         """The backend settings as a spec checks them, plus what a program says elsewhere."""
-        if self.backend == "ssh" and not self.hosts:
-            raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
-        if self.backend != "ssh" and self.hosts:
-            raise ValueError("hosts: is only used with backend: ssh")
-        if self.backend != "vast" and self.vast is not None:
-            raise ValueError("vast: is only used with backend: vast")
-        if self.backend != "ray" and self.ray_address:
-            raise ValueError("ray_address: is only used with backend: ray")
+        check_backend_settings(self.backend, hosts=self.hosts, vast=self.vast, ray_address=self.ray_address)
         if self.hardware.price_per_hour:
             raise ValueError("hardware.price_per_hour: a program sets price_per_hour at its top level")
         if self.hardware.num_gpus:

@@ -28,6 +28,7 @@ import difflib
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
@@ -526,6 +527,19 @@ class Search(_Strict):
         return value
 
 
+def check_backend_settings(backend: str, *, hosts: Sequence[object], vast: object | None,
+                           ray_address: str | None) -> None:
+    """Each backend's own settings only with that backend (a spec's and an autoresearch program's)."""
+    if backend == "ssh" and not hosts:
+        raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
+    if backend != "ssh" and hosts:
+        raise ValueError("hosts: is only used with backend: ssh")
+    if backend != "vast" and vast is not None:
+        raise ValueError("vast: is only used with backend: vast")
+    if backend != "ray" and ray_address:
+        raise ValueError("ray_address: is only used with backend: ray")
+
+
 class Spec(_Strict):
     """A research spec (seed fields first, then extensions)."""
 
@@ -683,14 +697,7 @@ class Spec(_Strict):
                              " value, ...}")
         if self.seed_env and any(self.seed_env in arm.env for arm in self.arms):
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; arms must not set it")
-        if self.backend == "ssh" and not self.hosts:
-            raise ValueError("backend: ssh needs hosts: [{host: ..., user: ...}, ...]")
-        if self.backend != "ssh" and self.hosts:
-            raise ValueError("hosts: is only used with backend: ssh")
-        if self.backend != "vast" and self.vast is not None:
-            raise ValueError("vast: is only used with backend: vast")
-        if self.backend != "ray" and self.ray_address:
-            raise ValueError("ray_address: is only used with backend: ray")
+        check_backend_settings(self.backend, hosts=self.hosts, vast=self.vast, ray_address=self.ray_address)
         if self.seed_env and self.seed_env in self.factors:
             raise ValueError(f"seed_env '{self.seed_env}' is set per replicate; it cannot also be a factor")
         if self.seed_env and self.seed_env in self.env:
