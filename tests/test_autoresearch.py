@@ -313,7 +313,8 @@ def test_resume_after_kill_and_sigterm_loses_and_duplicates_nothing(lab: Lab) ->
     program = lab.program("r", patches=patches, timeout_s=30)
 
     first = lab.popen("autoresearch", str(program))
-    slow = wait_for(lambda: running_attempt(lab, "r", "02-slow.patch"), what="the first slow run")
+    # The baseline runs first; on a busy machine that can take longer than the default wait.
+    slow = wait_for(lambda: running_attempt(lab, "r", "02-slow.patch"), timeout=120, what="the first slow run")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     orphans = [int(p) for p in (lab.root / "pids").read_text().split()]
