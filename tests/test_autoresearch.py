@@ -426,6 +426,58 @@ def test_program_errors_name_file_and_line(lab: Lab) -> None:
         load_program(path)
 
 
+OVERLAPPING_AGENT = """
+import os, pathlib, re
+turns = pathlib.Path(os.environ["AR_TURNS"])
+turn = len(turns.read_text().splitlines()) + 1 if turns.exists() else 1
+prompt = pathlib.Path(os.environ["RATIOCINATOR_PROMPT_FILE"]).read_text()
+(turns.parent / f"prompt-{turn}.md").write_text(prompt)
+config = pathlib.Path("config.py")
+text = config.read_text()
+depth = re.search(r"DEPTH = (\\d+)", text).group(1)
+with turns.open("a") as log:
+    log.write(f"{turn} DEPTH={depth}\\n")
+if turn == 1:
+    config.write_text(text.replace("DEPTH = 4", "DEPTH = 5"))
+    print("HYPOTHESIS: one more layer fits better")
+elif turn == 2:
+    config.write_text(text.replace("WIDTH = 64", "WIDTH = 128"))
+    print("HYPOTHESIS: twice the width fits better")
+else:
+    pathlib.Path(os.environ["RATIOCINATOR_GIVE_UP_FILE"]).write_text("two ideas were all it had")
+"""
+
+
+@pytest.mark.subprocess
+def test_an_agents_turn_overlaps_its_previous_attempts_measuring(lab: Lab) -> None:
+    script = lab.root / "agent.py"
+    script.write_text(OVERLAPPING_AGENT)
+    turns = lab.root / "turns.txt"
+    program = lab.program("ovl", agent={"kind": "command", "command": f"{sys.executable} {script}"}, timeout_s=30)
+    outcome = lab.run(program, AR_TRAIN_SLEEP="2", AR_TURNS=str(turns))
+    assert outcome.exit_code == 0 and "the agent gave up: two ideas were all it had" in outcome.reason
+
+    base, first, second = lab.attempts("ovl")
+    assert (first.status, second.status) == ("keep", "keep")
+    # The second turn began while the first attempt was still measured: it saw the old depth, and was
+    # told what was running so as not to repeat it.
+    assert turns.read_text().splitlines()[:2] == ["1 DEPTH=4", "2 DEPTH=4"]
+    assert second.started_at < first.ended_at  # recorded (after its turn) before the first was decided
+    assert "## Being measured now" in (lab.root / "prompt-2.md").read_text()
+    assert "#1: one more layer fits better" in (lab.root / "prompt-2.md").read_text()
+    # Its predecessor was kept meanwhile: it was rebased onto that keep before its only measurement.
+    assert "before it was measured, rebased onto it" in second.reason and len(second.values) == 1
+    assert lab.repo.git("rev-parse", f"{second.commit_sha}^") == first.commit_sha
+    assert lab.kept_history("ovl") == [first.commit_sha, second.commit_sha]
+    final = lab.repo.git("show", "autoresearch/ovl:config.py")
+    assert "DEPTH = 5" in final and "WIDTH = 128" in final
+    # The agent's worktree ends at the best; the measuring one has its own branch (hosts fetch commits by ref).
+    worker = Git(lab.home / "autoresearch" / "ovl" / "worker-0")
+    assert worker.head() == second.commit_sha and worker.current_branch() == "autoresearch/ovl-w0"
+    assert Git(lab.home / "autoresearch" / "ovl" / "measure-0").current_branch() == "autoresearch/ovl-w0-measure"
+    assert base.status == "baseline"
+
+
 # -- parallel workers ------------------------------------------------------------------------------
 
 
@@ -512,7 +564,8 @@ def test_command_agent_edits_states_its_hypothesis_and_gives_up(lab: Lab) -> Non
     (lab.repo.path / "val.txt").write_text("held-out data")  # untracked data, shared into the worktree by `link`
     program = lab.program("cmd", agent={"kind": "command", "command": f"{sys.executable} {script} # {{prompt_file}}"},
                           instructions="Lower val_bpb by changing the depth.", link=["val.txt"],
-                          protected=["prepare.py", "evaluate.py", "val.txt"], results_tsv_in_repo=True)
+                          protected=["prepare.py", "evaluate.py", "val.txt"], results_tsv_in_repo=True,
+                          overlap=False)  # each turn reads the depth its predecessor's result left
     outcome = lab.run(program)
     assert outcome.exit_code == 0 and "the agent gave up: depth 6 is the optimum" in outcome.reason
     attempts = lab.attempts("cmd")

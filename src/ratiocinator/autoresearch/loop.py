@@ -14,6 +14,13 @@ there, since the combination is a different program. A conflict discards it with
 reason. Every attempt — kept, discarded, crashed, violating, interrupted — is in the
 ledger with its full diff before anything runs.
 
+With ``overlap`` (command and LLM agents), a worker's agent starts its next turn as soon as
+its attempt is committed, while that attempt is measured from a second worktree
+(``measure-<i>``, on branch ``autoresearch/<tag>-w<i>-measure``): the worker's GPU slot runs while the agent thinks.
+The next attempt then starts from the best as it was; if its predecessor was kept meanwhile,
+it is rebased onto the new best before it is measured (a conflict discards it). At most one
+attempt per worker is measured at a time, so each slot still runs one run.
+
 Stops on max_iterations, max_dollars, the agent giving up (or failing repeatedly),
 Ctrl-C or SIGTERM (the live run's process group is killed and the attempt recorded as
 ``interrupted``; exit 130), and resumes from the ledger after any of them, ``kill -9``
@@ -275,8 +282,9 @@ class AutoResearch:
 
     def _create(self, store: Store) -> Session:
         program = self.program
-        taken = [b for b in [program.branch, *(program.worker_branch(i) for i in range(program.workers))]
-                 if self.repo.branch_exists(b)]
+        branches = [program.branch, *(program.worker_branch(i) for i in range(program.workers))]
+        branches += [program.measure_branch(i) for i in range(program.workers)] if program.overlaps else []
+        taken = [b for b in branches if self.repo.branch_exists(b)]
         if taken:
             raise UsageError(
                 f"branch '{taken[0]}' already exists in {self.loaded.repo}, but the ledger at {self.home} has no"
@@ -360,6 +368,9 @@ class AutoResearch:
             tree = self.repo.ensure_worktree(self.dir / f"worker-{i}", program.worker_branch(i), at)
             self.worktree(i).reset_hard(at)
             self._link(tree.cwd)
+            if program.overlaps:
+                self._link(self.repo.ensure_worktree(self.measure_dir(i), program.measure_branch(i), at).cwd)
+                self.measure_tree(i).reset_hard(at)
         actual = protected_hashes(self.dir / "worker-0", program.protected)
         if session.status == "setup":
             store.update_session(session.id, protected=actual, status="running")
@@ -458,7 +469,11 @@ class AutoResearch:
         _Worker(self, worker).run()
 
     def _claim_turn(self, store: Store) -> None:
-        """Count one more attempt in flight, or stop when max_iterations or max_dollars says so."""
+        """Count one more agent turn in flight, or stop when max_iterations or max_dollars says so.
+
+        A claimed turn counts until its attempt is in the ledger (``_release_turn`` then, under the
+        same lock), so an attempt is never counted twice, nor a turn not at all.
+        """
         assert self.session is not None
         with self.shared.lock:
             if self.shared.stop.is_set():
@@ -518,6 +533,13 @@ class AutoResearch:
     def worktree(self, worker: int) -> Git:
         """Git in a worker's worktree; linked data stays untouched by clean and out of every commit."""
         return Git(self.dir / f"worker-{worker}", self.environ, keep=self.program.link)
+
+    def measure_dir(self, worker: int) -> Path:
+        return self.dir / f"measure-{worker}"
+
+    def measure_tree(self, worker: int) -> Git:
+        """Git in the worktree where a worker's attempts are measured while its agent edits the next one."""
+        return Git(self.measure_dir(worker), self.environ, keep=self.program.link)
 
     @property
     def runs(self) -> Engine:
@@ -603,8 +625,23 @@ class _Runs:
         return outcome
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """An attempt committed and ready to measure: ``commit`` built on ``base`` (the best when the agent began)."""
+
+    attempt: Attempt
+    commit: str
+    base: str
+
+
 class _Worker:
-    """One worker's loop in its own worktree and thread, with its own ledger connection."""
+    """One worker's loop in its own worktree and thread, with its own ledger connection.
+
+    Sequentially: the agent edits, the attempt is committed and measured, then the next turn.
+    With the program's overlap, each committed attempt is measured in a thread of its own (in
+    the worker's measuring worktree) while the agent already works on the next one; the worker
+    waits for that measurement before it hands over the next, and before it ends.
+    """
 
     def __init__(self, session: AutoResearch, worker: int) -> None:
         self.s = session
@@ -613,7 +650,9 @@ class _Worker:
         self.git = session.worktree(worker)
         self.branch = self.program.worker_branch(worker)
         self.failures = AgentFailures(self.program.agent.max_failures)
-        self.current: Attempt | None = None  # the attempt in progress, finished here if an error cuts it short
+        self.current: Attempt | None = None  # the attempt being made, finished here if an error cuts it short
+        self.measuring: threading.Event | None = None  # set when the attempt measured behind the agent is decided
+        self.claimed = False  # a turn counted in flight whose attempt is not in the ledger yet
 
     def run(self) -> None:
         store = Store(Ledger(Paths(self.s.home).ledger))
@@ -621,32 +660,81 @@ class _Worker:
             agent = self.s.make_agent(self.worker, store)
             while True:
                 self.s._claim_turn(store)
+                self.claimed = True
                 try:
-                    self._attempt(store, agent)
+                    candidate = self._propose(store, agent)
+                    if candidate is not None and self.program.overlaps:
+                        self._wait_for_measuring()  # one run per slot: the previous attempt is decided first
+                        self._measure_behind(candidate)
+                    elif candidate is not None:
+                        self._evaluate(store, candidate, self.git)
                 except _Stop:
                     raise
                 except BaseException as exc:
                     self._cut_short(store, exc)
                     raise
                 finally:
-                    self.s._release_turn()
+                    if self.claimed:  # the turn ended without an attempt
+                        self.claimed = False
+                        self.s._release_turn()
         finally:
-            store.close()
+            try:
+                self._wait_for_measuring()
+            finally:
+                store.close()
+
+    def _wait_for_measuring(self) -> None:
+        """Until the attempt measured behind the agent is decided (a stop kills its run, so this ends)."""
+        done, self.measuring = self.measuring, None
+        while done is not None and not done.wait(0.1):
+            pass
+
+    def _measure_behind(self, candidate: _Candidate) -> None:
+        """Measure ``candidate`` in the worker's measuring worktree, in a thread, while the agent goes on.
+
+        The thread has its own ledger connection and is guarded like a worker: a stop or an error
+        there stops the session the same way.
+        """
+        self.current = None  # from here the measuring thread answers for the attempt
+        done = threading.Event()
+
+        def measure() -> None:
+            store = Store(Ledger(Paths(self.s.home).ledger))
+            git = self.s.measure_tree(self.worker)
+            try:
+                git.reset_hard(candidate.commit)
+                self._evaluate(store, candidate, git)
+            except _Stop:
+                raise
+            except BaseException as exc:
+                self._record_cut_short(store, candidate.attempt, exc, git)
+                raise
+            finally:
+                store.close()
+
+        self.measuring = done
+        threading.Thread(target=self.s._guarded(measure, done), name=f"autoresearch-measure-{self.worker}",
+                         daemon=True).start()
 
     def _cut_short(self, store: Store, exc: BaseException) -> None:
         """An error (or a Ctrl-C killing a git command) mid-attempt: record the attempt rather than leave it running."""
         attempt, self.current = self.current, None
-        if attempt is None or store.attempt(attempt.id).status != "running":
+        if attempt is not None:
+            self._record_cut_short(store, attempt, exc, self.git)
+
+    def _record_cut_short(self, store: Store, attempt: Attempt, exc: BaseException, git: Git) -> None:
+        if store.attempt(attempt.id).status != "running":
             return
         interrupted = self.s.shared.stop.is_set()
         reason = "the session stopped during this attempt" if interrupted else f"the loop failed: {exc}"
         store.finish_attempt(attempt.id, status="interrupted" if interrupted else "crash", reason=reason)
         try:
-            self.git.reset_hard(attempt.parent_commit)
+            git.reset_hard(attempt.parent_commit)
         except GitError:
             pass  # the error being reported matters more than a tidy worktree; the next start resets it
 
-    def _attempt(self, store: Store, agent: Agent) -> None:
+    def _propose(self, store: Store, agent: Agent) -> _Candidate | None:
+        """The agent's turn up to a commit; None when the attempt ended without one (a crash or a violation)."""
         s, program = self.s, self.program
         assert s.session is not None
         with s.shared.lock:
@@ -691,17 +779,22 @@ class _Worker:
         self.git.stage_all()
         changes = self.git.staged_changes(parent)
         diff = self.git.staged_diff(parent)
-        attempt = store.add_attempt(s.session.id, worker=self.worker, parent=parent, hypothesis=proposal.hypothesis,
-                                    diff=diff, agent_ref=proposal.ref, agent_s=agent_s)
+        with s.shared.lock:  # recorded and no longer in flight at once, for _claim_turn's count
+            attempt = store.add_attempt(s.session.id, worker=self.worker, parent=parent,
+                                        hypothesis=proposal.hypothesis, diff=diff, agent_ref=proposal.ref,
+                                        agent_s=agent_s)
+            self.claimed = False
+            s._release_turn()
         self.current = attempt
         if llm_charge is not None:
             store.settle(llm_charge, proposal.cost, attempt_id=attempt.id)
         error = proposal.error or (None if changes else "the agent made no change")
         if error is not None and self.failures.record(error):
-            self._end(store, attempt, "crash", error, parent)
+            self._end(store, attempt, "crash", error, parent, self.git)
             raise _Stop(f"the agent failed {self.failures.count} times in a row (last: {error})", failed=True)
         if error is not None:
-            return self._end(store, attempt, "crash", error, parent)
+            self._end(store, attempt, "crash", error, parent, self.git)
+            return None
         self.failures.record(None)
         verdict = check_edit(changes, editable=program.editable, protected=program.protected,
                              expected=s.session.protected, actual=protected_hashes(self.git.cwd, program.protected))
@@ -710,20 +803,40 @@ class _Worker:
         if not verdict.ok:
             snapshot = self.git.snapshot(parent, f"[violation] {message}")
             store.update_attempt(attempt.id, commit_sha=snapshot)
-            return self._end(store, attempt, "violation", verdict.summary, parent)
+            self._end(store, attempt, "violation", verdict.summary, parent, self.git)
+            return None
         try:
             commit = self.git.commit(message)
         except GitError as exc:
-            return self._end(store, attempt, "crash", f"git commit failed: {exc.message}", parent)
+            self._end(store, attempt, "crash", f"git commit failed: {exc.message}", parent, self.git)
+            return None
         store.update_attempt(attempt.id, commit_sha=commit)
-        self._evaluate(store, store.attempt(attempt.id), commit, parent)
+        return _Candidate(store.attempt(attempt.id), commit, parent)
 
-    def _evaluate(self, store: Store, attempt: Attempt, commit: str, base: str) -> None:
-        """Run to a decision; integrate with a best kept meanwhile, up to MAX_INTEGRATION_ROUNDS times."""
+    def _evaluate(self, store: Store, candidate: _Candidate, git: Git) -> None:
+        """Run to a decision in ``git``'s worktree (at the commit); integrate with a best kept meanwhile, up to
+        MAX_INTEGRATION_ROUNDS times.
+
+        A best kept before the first run (the attempt's predecessor, when the agent's turn overlapped
+        its measuring) is integrated at once: there are no numbers yet to judge the candidate by.
+        """
         s = self.s
         assert s.session is not None
-        runs = _Runs(s, store, attempt, worker=self.worker, git=self.git)
+        attempt, commit, base = candidate.attempt, candidate.commit, candidate.base
+        runs = _Runs(s, store, attempt, worker=self.worker, git=git)
         notes: list[str] = []
+        with s.shared.lock:
+            first = s._best(store)
+        assert first is not None and first.commit_sha is not None
+        if first.commit_sha != base:
+            newer = first.commit_sha
+            notes.append(f"the best moved to {newer[:7]} before it was measured, {s.program.integrate}d onto it")
+            combined = self._integrate(git, attempt, commit, newer)
+            if combined is None:
+                return self._end(store, attempt, "discard",
+                                 f"conflicts with {newer[:7]}, kept while it was being made", newer, git)
+            commit, base = combined, newer
+            store.update_attempt(attempt.id, commit_sha=commit)
         for _ in range(MAX_INTEGRATION_ROUNDS + 1):
             with s.shared.lock:
                 snapshot = s._best(store)
@@ -734,7 +847,7 @@ class _Worker:
                 outcome = runs.once(len(values))
                 if outcome.status != "ok":
                     status = "crash" if outcome.status == "crash" else "interrupted"
-                    self._end(store, attempt, status, "; ".join([*notes, outcome.reason]), base, values=values)
+                    self._end(store, attempt, status, "; ".join([*notes, outcome.reason]), base, git, values=values)
                     if outcome.status == "over_budget":
                         raise _Stop(outcome.reason, everyone=True)
                     if status == "interrupted":
@@ -746,40 +859,47 @@ class _Worker:
                 if decision.action != "rerun":
                     break
             if not decision.keep:  # the best only improves, so a discard against an older best stands
-                return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base, values=values)
+                return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base, git,
+                                 values=values)
             with s.shared.lock:
                 current = s._best(store)
                 assert current is not None and current.commit_sha is not None
                 decision = s.decide(values, current)
                 if not decision.keep:
-                    return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base,
+                    return self._end(store, attempt, "discard", "; ".join([*notes, decision.reason]), base, git,
                                      values=values)
                 if current.commit_sha == base:
                     store.finish_attempt(attempt.id, status="keep", reason="; ".join([*notes, decision.reason]),
                                          best_of=s.session.id, values=values, metric=statistics.fmean(values))
                     if not s.repo.move_branch(s.program.branch, commit, base):
                         raise GitError(f"branch {s.program.branch} moved outside the loop while keeping {commit[:12]}")
-                    self.current = None
+                    if self.current is not None and self.current.id == attempt.id:
+                        self.current = None
                     s._say_attempt(store.attempt(attempt.id))
                     s._write_outputs(store)
-                    self.git.reset_hard(commit)
+                    git.reset_hard(commit)
                     return
                 newer = current.commit_sha
             # Another worker kept a commit while this one ran: combine, then measure the combination.
             notes.append(f"{statistics.fmean(values):.6f} on {base[:7]}; the best moved to {newer[:7]},"
                          f" {s.program.integrate}d onto it")
-            combined = (self.git.rebase_onto(commit, newer) if s.program.integrate == "rebase"
-                        else self.git.merge_into(commit, newer,
-                                                 f"merge autoresearch attempt {attempt.iteration} onto the best"))
+            combined = self._integrate(git, attempt, commit, newer)
             if combined is None:
                 return self._end(store, attempt, "discard",
                                  f"conflicts with {newer[:7]}, kept by another worker meanwhile",
-                                 base, values=values)
+                                 base, git, values=values)
             commit, base = combined, newer
             store.update_attempt(attempt.id, commit_sha=commit)
-        self._end(store, attempt, "discard", f"the best moved {MAX_INTEGRATION_ROUNDS} times during evaluation", base)
+        self._end(store, attempt, "discard", f"the best moved {MAX_INTEGRATION_ROUNDS} times during evaluation", base,
+                  git)
 
-    def _end(self, store: Store, attempt: Attempt, status: str, reason: str, reset_to: str,
+    def _integrate(self, git: Git, attempt: Attempt, commit: str, onto: str) -> str | None:
+        """``commit`` combined with the newer best ``onto`` (rebased or merged, per the program); None on conflict."""
+        if self.s.program.integrate == "rebase":
+            return git.rebase_onto(commit, onto)
+        return git.merge_into(commit, onto, f"merge autoresearch attempt {attempt.iteration} onto the best")
+
+    def _end(self, store: Store, attempt: Attempt, status: str, reason: str, reset_to: str, git: Git,
              values: list[float] | None = None) -> None:
         fields: dict[str, Any] = {}
         if values is not None:
@@ -787,8 +907,9 @@ class _Worker:
             if values and status == "discard":
                 fields["metric"] = statistics.fmean(values)
         store.finish_attempt(attempt.id, status=status, reason=reason, **fields)
-        self.current = None
-        self.git.reset_hard(reset_to)
+        if self.current is not None and self.current.id == attempt.id:
+            self.current = None
+        git.reset_hard(reset_to)
         self.s._say_attempt(store.attempt(attempt.id))
         self.s._write_outputs(store)
 

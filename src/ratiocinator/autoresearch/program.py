@@ -155,6 +155,8 @@ class Program(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
     workers: int = Field(1, ge=1, le=64)
     integrate: Literal["rebase", "merge"] = "rebase"
+    overlap: bool = Field(True, description="a worker's agent starts its next turn while its previous attempt is"
+                                            " measured (command and llm agents; a patches agent takes no time)")
     gpus_per_worker: int = Field(0, ge=0)
     results_tsv_in_repo: bool = False
     llm: LlmConfig | None = None
@@ -249,6 +251,18 @@ class Program(_Strict):
 
     def worker_branch(self, worker: int) -> str:
         return f"autoresearch/{self.tag}-w{worker}"
+
+    def measure_branch(self, worker: int) -> str:
+        """Where a worker's attempt is measured (and integrated) while its agent edits the next, with overlap.
+
+        A branch, not a detached HEAD: remote hosts fetch the commits they run by ref.
+        """
+        return f"autoresearch/{self.tag}-w{worker}-measure"
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether agents' turns overlap their previous attempts' runs: only an agent whose turn takes time gains."""
+        return self.overlap and self.agent.kind != "patches"
 
 
 @dataclass(frozen=True)

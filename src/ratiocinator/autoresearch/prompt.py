@@ -41,6 +41,10 @@ def build_prompt(loaded: LoadedProgram, *, attempts: Sequence[Attempt], best: At
           "- Prefer simple changes: a tiny gain that adds a lot of code is not worth keeping.",
         "## Results so far\n" + _table(attempts, metric.name),
     ]
+    measuring = [a for a in attempts if a.status == "running" and not a.is_baseline and a.commit_sha]
+    if measuring:
+        sections.append("## Being measured now\nThese attempts are running; their results are not in yet, so do not"
+                        " repeat them:\n" + "\n".join(f"- #{a.iteration}: {a.hypothesis}" for a in measuring))
     if files is not None:
         sections.append("## The editable files\n" + (files or "(none tracked yet)"))
         sections.append("## Your reply\nOne JSON object: `hypothesis` (one sentence: the change and why it should"
