@@ -137,6 +137,9 @@ def test_two_workers_rent_two_instances_of_one_model_and_reuse_them(lab: Lab, ss
 
 
 def slow_program(lab: Lab, vast: VastServer, sshd: Sshd, tag: str) -> Path:
+    # Renting again (boot included) takes longer than a patch turn even on a busy machine, so each
+    # orchestrator holds its one instance between attempts: the rents counted below are the rule's.
+    vast.fake.boot_s = 5
     hang = (PATCHES / "04-hang.patch").read_text()
     patches = lab.patches(tag, "01", extra={"02-slow.patch": hang.replace("# prefetch", "# slow: prefetch"),
                                             "03-wider.patch": (PATCHES / "07-wider.patch").read_text()})
