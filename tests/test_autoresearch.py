@@ -448,34 +448,40 @@ else:
 """
 
 
-@pytest.mark.subprocess
-def test_an_agents_turn_overlaps_its_previous_attempts_measuring(lab: Lab) -> None:
+def assert_turns_overlap_runs(lab: Lab, tag: str, **fields: object) -> None:
+    """OVERLAPPING_AGENT's session: its second turn is made while the first attempt is measured."""
     script = lab.root / "agent.py"
     script.write_text(OVERLAPPING_AGENT)
-    turns = lab.root / "turns.txt"
-    program = lab.program("ovl", agent={"kind": "command", "command": f"{sys.executable} {script}"}, timeout_s=30)
+    turns = lab.root / f"{tag}-turns" / "turns.txt"
+    turns.parent.mkdir()
+    program = lab.program(tag, agent={"kind": "command", "command": f"{sys.executable} {script}"}, timeout_s=30,
+                          **fields)
     outcome = lab.run(program, AR_TRAIN_SLEEP="2", AR_TURNS=str(turns))
-    assert outcome.exit_code == 0 and "the agent gave up: two ideas were all it had" in outcome.reason
+    assert outcome.exit_code == 0 and "the agent gave up: two ideas were all it had" in outcome.reason, outcome.reason
 
-    base, first, second = lab.attempts("ovl")
-    assert (first.status, second.status) == ("keep", "keep")
+    base, first, second = lab.attempts(tag)
+    assert (base.status, first.status, second.status) == ("baseline", "keep", "keep")
     # The second turn began while the first attempt was still measured: it saw the old depth, and was
     # told what was running so as not to repeat it.
     assert turns.read_text().splitlines()[:2] == ["1 DEPTH=4", "2 DEPTH=4"]
     assert second.started_at < first.ended_at  # recorded (after its turn) before the first was decided
-    assert "## Being measured now" in (lab.root / "prompt-2.md").read_text()
-    assert "#1: one more layer fits better" in (lab.root / "prompt-2.md").read_text()
+    prompt = (turns.parent / "prompt-2.md").read_text()
+    assert "## Being measured now" in prompt and "#1: one more layer fits better" in prompt
     # Its predecessor was kept meanwhile: it was rebased onto that keep before its only measurement.
     assert "before it was measured, rebased onto it" in second.reason and len(second.values) == 1
     assert lab.repo.git("rev-parse", f"{second.commit_sha}^") == first.commit_sha
-    assert lab.kept_history("ovl") == [first.commit_sha, second.commit_sha]
-    final = lab.repo.git("show", "autoresearch/ovl:config.py")
+    assert lab.kept_history(tag) == [first.commit_sha, second.commit_sha]
+    final = lab.repo.git("show", f"autoresearch/{tag}:config.py")
     assert "DEPTH = 5" in final and "WIDTH = 128" in final
     # The agent's worktree ends at the best; the measuring one has its own branch (hosts fetch commits by ref).
-    worker = Git(lab.home / "autoresearch" / "ovl" / "worker-0")
-    assert worker.head() == second.commit_sha and worker.current_branch() == "autoresearch/ovl-w0"
-    assert Git(lab.home / "autoresearch" / "ovl" / "measure-0").current_branch() == "autoresearch/ovl-w0-measure"
-    assert base.status == "baseline"
+    worker = Git(lab.home / "autoresearch" / tag / "worker-0")
+    assert worker.head() == second.commit_sha and worker.current_branch() == f"autoresearch/{tag}-w0"
+    assert Git(lab.home / "autoresearch" / tag / "measure-0").current_branch() == f"autoresearch/{tag}-w0-measure"
+
+
+@pytest.mark.subprocess
+def test_an_agents_turn_overlaps_its_previous_attempts_measuring(lab: Lab) -> None:
+    assert_turns_overlap_runs(lab, "ovl")
 
 
 # -- parallel workers ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from ratiocinator.errors import BackendError
 from ratiocinator.store.ledger import Ledger
 from raycluster import RayCluster
 from sshd import Sshd
-from test_autoresearch import PATCHES, Lab, new_lab, running_attempt, wait_for
+from test_autoresearch import PATCHES, Lab, assert_turns_overlap_runs, new_lab, running_attempt, wait_for
 
 pytestmark = pytest.mark.subprocess  # every session here starts its runs (and the local twin's)
 
@@ -76,6 +76,12 @@ def test_patch_loop_over_ray_decides_as_the_local_loop(lab: Lab, ray_cluster: Ra
     assert_same_as_local(lab, "overray", backend={
         "backend": "ray", "ray_address": ray_cluster.address,
         "ray": {"num_cpus_per_run": 1, "workdir": str(lab.root / "ray-nodes"), "schedule_timeout_s": 240}})
+
+
+def test_an_agents_turn_overlaps_its_previous_attempts_run_over_ssh(lab: Lab, sshd: Sshd) -> None:
+    # The rebased commit the host runs lives on the measuring branch, which the host fetches by ref.
+    assert_turns_overlap_runs(lab, "ovlssh", backend="ssh", hosts=[ssh_host(sshd, lab.root)])
+    assert all(a.host and a.host.startswith("ssh:") for a in lab.attempts("ovlssh"))
 
 
 def test_program_backend_settings_are_checked_like_a_specs(lab: Lab) -> None:
