@@ -248,7 +248,7 @@ class _Writer:
             rows.append(tuple(cells))
         metric = self.metric.name
         header = ["Stretch", "Commit", metric, "Attempts", "Runs + LLM" if llm else "Runs"]
-        header += ["LLM turns, no attempt"] if llm else []
+        header += ["Empty turns"] if llm else []
         header += ["Instances"] if rented else []
         header += ["Total"] + (["$/unit"] if divided else [])
         return [Heading("Cost", 1), Paragraph(self._cost_text(llm, rented, divided)),
@@ -301,7 +301,7 @@ class _Writer:
                 " rejected edits that led to it and the keep itself (their runs"
                 + (" and LLM turns" if llm else "") + ")"]
         if llm:
-            text[-1] += ", the LLM turns in that stretch that made no attempt"
+            text[-1] += ", the LLM turns in that stretch that made no attempt (empty turns)"
         if rented:
             text[-1] += (", and the rented instances' time in it (boot, the agent's turns, the runs: each ended"
                          " instance's settled cost spread evenly over its lifetime; an instance still live counts"
