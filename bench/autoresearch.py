@@ -5,22 +5,31 @@ experiment) and prints `val_bpb:` from `config.py`; a `kind: command` agent slee
 seconds (the model's turn) and then sets one number in `config.py` at random. Each session runs
 ``--attempts`` agent attempts, through the same engine, ledger and git worktrees as a real
 session, on SSH hosts on loopback (``--backend ssh``, the default: a real sshd on 127.0.0.1, one
-slot per worker, each run shipped as a bundle into its own working copy there) or on this
-machine (``--backend local``); the figures come from the session's ledger:
+slot per worker, each run shipped as a bundle into its own working copy there), on this
+machine (``--backend local``), or on instances rented from a simulated market (``--backend vast``:
+the tests' fake Vast.ai API on loopback, its machines priced as bench/market.py's market draws
+them, each instance's SSH endpoint the loopback sshd; each worker rents one, boots, ships its
+commits, and destroys it when the session ends). The figures come from the session's ledger:
 
 * attempts per hour: agent attempts / the session's wall time (the baseline included);
-* billed-idle share: of the time the workers' GPUs are held (workers × wall), the part no
-  training script was running on them (agent turns, git, shipping the commit, the baseline's
-  wait) — what a rented GPU per worker bills for nothing;
+* billed-idle share: of the time the workers' GPUs are billed, the part no training script was
+  running on them (agent turns, git, shipping the commit, the baseline's wait, with vast also
+  boot and setup). ssh and local take the GPUs as held for the whole session (workers × wall);
+  vast bills each instance from the rent call to its destruction (the ledger's instance rows);
 * overhead per run: the ledger's run time (launch request to exit: shipping the commit and
   making the run's working copy included) minus the script's own time;
-* cost per attempt: GPUs held × ``--price`` $/h ÷ attempts, plus ``--llm-cost`` per agent turn.
+* cost per attempt: ssh and local: GPUs held × ``--price`` $/h ÷ attempts; vast: the
+  instances' settled charges in the ledger ÷ attempts; plus ``--llm-cost`` per agent turn.
+
+With vast, nothing may be left rented: after each session the bench counts the fake's live
+instances (the "left live" column, 0 when the session gave every instance back) and reaps
+whatever the ledger knows may still be live, as ``ratiocinator instances --reap`` does.
 
 The one-worker session is the sequential loop (think, run, decide, repeat); the ratios are each
 session's attempts per hour over it. Prints the machine, one row per worker count.
 
 Usage: python bench/autoresearch.py [--attempts 12] [--think-s 2] [--run-s 2] [--workers 1,2,4]
-                                   [--backend ssh|local]
+                                   [--backend ssh|local|vast] [--boot-s 0] [--seed 1]
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import contextlib
 import getpass
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -42,10 +52,14 @@ import yaml
 
 from ratiocinator.autoresearch import AutoResearch, load_program
 from ratiocinator.autoresearch.store import Store
+from ratiocinator.store import instances as inst
 from ratiocinator.store.ledger import Ledger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from market import PRICE_RANGE, offer_prices  # noqa: E402 - the simulated market's prices
 from sshd import Sshd, free_port, keygen  # noqa: E402 - the tests' loopback sshd
+from vastserver import API_KEY, FakeVast, VastServer, offer  # noqa: E402 - the tests' fake Vast.ai API
 
 TRAIN = """\
 import time
@@ -82,8 +96,9 @@ def make_repo(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def loopback_sshd(root: Path) -> Iterator[Sshd]:
-    """A real sshd on 127.0.0.1 with its own keys (as the tests start one)."""
+def loopback_sshd(root: Path, machines: int = 1) -> Iterator[Sshd]:
+    """A real sshd on loopback with its own keys (as the tests start one), listening on ``machines`` addresses
+    (127.0.0.1, .2, ...) so each rented instance can have an endpoint of its own."""
     binary = os.environ.get("RATIOCINATOR_SSHD", "/usr/sbin/sshd")
     if not os.access(binary, os.X_OK):
         raise SystemExit(f"--backend ssh needs an OpenSSH server ({binary}); install openssh-server or use"
@@ -95,7 +110,7 @@ def loopback_sshd(root: Path) -> Iterator[Sshd]:
     keygen(client_key, "bench client key")
     (root / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
     server = Sshd(binary=binary, root=root, port=free_port(), user=getpass.getuser(), client_key=client_key,
-                  host_key=host_key)
+                  host_key=host_key, addresses=tuple(f"127.0.0.{k}" for k in range(1, max(machines, 1) + 1)))
     server.write_config()
     server.start()
     try:
@@ -104,7 +119,49 @@ def loopback_sshd(root: Path) -> Iterator[Sshd]:
         server.stop()
 
 
-def backend_fields(server: Sshd | None, root: Path, workers: int) -> dict[str, Any]:
+class Market:
+    """The tests' fake Vast.ai API on loopback, offering two machines per worker at the simulated market's prices
+    (one GPU model, so the session's workers rent the cheapest); its instances answer SSH on the loopback sshd."""
+
+    def __init__(self, sshd: Sshd, *, machines: int, boot_s: float, seed: int) -> None:
+        prices = offer_prices(random.Random(seed), machines)
+        self.sshd = sshd
+        self.server = VastServer(FakeVast(
+            ssh_port=sshd.port, authorized_keys=sshd.root / "authorized_keys", boot_s=boot_s,
+            offers=[offer(k + 1, "RTX_4090", round(price, 3)) for k, price in enumerate(prices)],
+            ssh_hosts=sshd.addresses))
+
+    def fields(self, root: Path) -> dict[str, Any]:
+        return {"backend": "vast", "vast": {"base_url": self.server.url, "ssh_user": self.sshd.user,
+                                            "workdir": str(root / "remote"), "boot_timeout_s": 120,
+                                            "setup_allowance_s": 60, "api_backoff_s": 0.05,
+                                            "destroy_confirm_s": 10}}
+
+    def env(self) -> dict[str, str]:
+        return {"VAST_API_KEY": API_KEY, "VAST_API_URL": self.server.url}
+
+    def live(self) -> int:
+        return len(self.server.fake.live())
+
+    def reap(self, home: Path) -> None:
+        """Destroy what the home's ledger knows may be live (``instances --reap``), and say if any is left."""
+        from ratiocinator.backends.vast.api import VastApi
+        from ratiocinator.backends.vast.reaper import reap
+
+        ledger = home / "ledger.db"
+        if ledger.exists():
+            with contextlib.closing(Ledger(ledger)) as opened:
+                reap(opened, VastApi(API_KEY, self.server.url))
+        if self.live():
+            raise SystemExit(f"{self.live()} instance(s) of the fake market are still live after the reap")
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def backend_fields(server: Sshd | None, market: Market | None, root: Path, workers: int) -> dict[str, Any]:
+    if market is not None:
+        return market.fields(root)
     if server is None:
         return {}
     known = root / "known_hosts"
@@ -114,7 +171,8 @@ def backend_fields(server: Sshd | None, root: Path, workers: int) -> dict[str, A
                                          "workdir": str(root / "remote"), "slots": workers}]}
 
 
-def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, server: Sshd | None) -> dict[str, float]:
+def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, server: Sshd | None,
+            market: Market | None) -> dict[str, float]:
     agent = root / "agent.py"
     agent.write_text(AGENT)
     tag = f"w{workers}"
@@ -124,12 +182,18 @@ def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, serv
         "metric": "val_bpb", "budget_s": args.run_s, "timeout_s": args.run_s * 10 + 30, "workers": workers,
         "max_iterations": args.attempts, "pass_env": ["BENCH_*"], "secondary_metrics": ["train_s"],
         "agent": {"kind": "command", "command": f"{sys.executable} {agent}"},
-        **backend_fields(server, root, workers)}))
-    env = {**os.environ, **GIT_ENV, "BENCH_RUN_S": str(args.run_s), "BENCH_THINK_S": str(args.think_s)}
+        **backend_fields(server, market, root, workers)}))
+    env = {**os.environ, **GIT_ENV, "BENCH_RUN_S": str(args.run_s), "BENCH_THINK_S": str(args.think_s),
+           **(market.env() if market is not None else {})}
     home = root / "home"
     started = time.monotonic()
-    outcome = AutoResearch(load_program(program), home, environ=env).run()
-    wall = time.monotonic() - started
+    try:
+        outcome = AutoResearch(load_program(program), home, environ=env).run()
+        wall = time.monotonic() - started
+        left_live = market.live() if market is not None else 0  # what the session itself did not give back
+    finally:
+        if market is not None:
+            market.reap(home)
     if outcome.exit_code != 0:
         raise SystemExit(f"the {workers}-worker session failed: {outcome.reason}")
     store = Store(Ledger(home / "ledger.db"))
@@ -137,15 +201,26 @@ def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, serv
         found = store.session_by_tag(tag)
         assert found is not None
         attempts = store.attempts(found.id)
+        rented = inst.rows(store.ledger, ar_session_id=found.id)
+        (instance_usd,) = store.db.execute(
+            "SELECT COALESCE(SUM(settled), 0) FROM ar_charges WHERE session_id = ? AND kind = 'instance'"
+            " AND state = 'settled'", (found.id,)).fetchone()
     finally:
         store.close()
     agent_attempts = sum(1 for a in attempts if not a.is_baseline)
     training = [t for a in attempts for t in a.secondary.get("train_s", [])]
     measuring = sum(training)
-    held = workers * wall
+    if market is not None:
+        if any(r.destroyed_at is None or r.cost is None for r in rented):
+            raise SystemExit(f"the {workers}-worker session left an instance unsettled in the ledger")
+        billed = sum((r.destroyed_at or r.created_at) - r.created_at for r in rented)
+        compute = float(instance_usd)
+    else:
+        billed = workers * wall  # a GPU per worker, held for the whole session
+        compute = billed / 3600 * args.price
     return {"workers": workers, "attempts": agent_attempts, "wall_s": wall,
-            "per_hour": agent_attempts / wall * 3600, "idle_share": 1 - measuring / held,
-            "compute_per_attempt": held / 3600 * args.price / agent_attempts,
+            "per_hour": agent_attempts / wall * 3600, "billed_s": billed, "idle_share": 1 - measuring / billed,
+            "compute_per_attempt": compute / agent_attempts, "rented": len(rented), "left_live": left_live,
             "kept": sum(1 for a in attempts if a.status == "keep"),
             "overhead_s": (sum(a.run_s for a in attempts) - measuring) / max(len(training), 1)}
 
@@ -156,31 +231,51 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=2.0, help="the agent's turn, seconds")
     parser.add_argument("--run-s", type=float, default=2.0, help="one run, seconds")
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
-    parser.add_argument("--price", type=float, default=2.0, help="$/h of one worker's GPU")
+    parser.add_argument("--price", type=float, default=2.0, help="$/h of one worker's GPU (ssh and local)")
     parser.add_argument("--llm-cost", type=float, default=0.05, help="$ per agent turn")
-    parser.add_argument("--backend", choices=("ssh", "local"), default="ssh",
-                        help="where the runs go: SSH hosts on loopback, or this machine")
+    parser.add_argument("--backend", choices=("ssh", "local", "vast"), default="ssh",
+                        help="where the runs go: SSH hosts on loopback, this machine, or instances rented from the"
+                             " simulated market")
+    parser.add_argument("--boot-s", type=float, default=0.0,
+                        help="vast: an instance's boot, rent to running (the backend polls every 5 s)")
+    parser.add_argument("--seed", type=int, default=1, help="vast: the market's draw of prices")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
+    vast = args.backend == "vast"
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    where = {"ssh": " (an sshd on 127.0.0.1), one slot per worker", "local": ", one slot per worker",
+             "vast": f" (the fake Vast.ai API on loopback: {2 * max(counts)} machines at ${PRICE_RANGE[0]:g}-"
+                     f"{PRICE_RANGE[1]:g}/h drawn with seed {args.seed}, boot {args.boot_s:g} s), an instance per"
+                     " worker"}[args.backend]
+    price = "instances at their market price" if vast else f"${args.price:g}/h per worker GPU"
     print(f"{args.attempts} attempts per session; agent turn {args.think_s:g} s, run {args.run_s:g} s; "
-          f"${args.price:g}/h per worker GPU, ${args.llm_cost:g} per agent turn; {args.backend} backend"
-          + (" (an sshd on 127.0.0.1)" if args.backend == "ssh" else "") + ", one slot per worker")
+          f"{price}, ${args.llm_cost:g} per agent turn; {args.backend} backend{where}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-autoresearch-") as tmp, contextlib.ExitStack() as stack:
-        server = stack.enter_context(loopback_sshd(Path(tmp) / "sshd")) if args.backend == "ssh" else None
+        server = (stack.enter_context(loopback_sshd(Path(tmp) / "sshd", max(counts) if vast else 1))
+                  if args.backend in ("ssh", "vast") else None)
+        market = None
+        if vast:
+            assert server is not None
+            market = Market(server, machines=2 * max(counts), boot_s=args.boot_s, seed=args.seed)
+            stack.callback(market.close)
         for workers in counts:
             root = Path(tmp) / f"w{workers}"
             root.mkdir()
-            rows.append(session(root, make_repo(root), workers, args, server))
+            rows.append(session(root, make_repo(root), workers, args, server, market))
     base = next((r for r in rows if r["workers"] == 1), rows[0])
-    print(f"{'workers':>7} {'attempts':>8} {'wall s':>7} {'attempts/h':>10} {'vs 1 worker':>11} {'billed idle':>11}"
-          f" {'$/attempt (GPU)':>15} {'$/attempt (+LLM)':>16} {'overhead/run s':>14} {'kept':>4}")
+    print(f"{'workers':>7} {'attempts':>8} {'wall s':>7} {'attempts/h':>10} {'vs 1 worker':>11}"
+          + (f" {'rented':>6} {'billed s':>8}" if vast else "")
+          + f" {'billed idle':>11} {'$/attempt (GPU)':>15} {'$/attempt (+LLM)':>16} {'overhead/run s':>14} {'kept':>4}"
+          + (f" {'left live':>9}" if vast else ""))
     for r in rows:
         print(f"{r['workers']:>7} {r['attempts']:>8} {r['wall_s']:>7.1f} {r['per_hour']:>10.0f}"
-              f" {r['per_hour'] / base['per_hour']:>10.2f}x {r['idle_share']:>10.0%}"
-              f" {r['compute_per_attempt']:>15.4f} {r['compute_per_attempt'] + args.llm_cost:>16.4f}"
-              f" {r['overhead_s']:>14.2f} {r['kept']:>4}")
+              f" {r['per_hour'] / base['per_hour']:>10.2f}x"
+              + (f" {r['rented']:>6} {r['billed_s']:>8.1f}" if vast else "")
+              + f" {r['idle_share']:>10.0%}"
+              f" {r['compute_per_attempt']:>15.5f} {r['compute_per_attempt'] + args.llm_cost:>16.5f}"
+              f" {r['overhead_s']:>14.2f} {r['kept']:>4}"
+              + (f" {r['left_live']:>9}" if vast else ""))
 
 
 if __name__ == "__main__":

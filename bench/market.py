@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import NOOP_RUNNER, make_repo, write_spec  # noqa: E402 - the bench's shared helpers
 
 STORAGE_DPH = 0.10 * 50 / (30 * 24)
+PRICE_RANGE = (0.25, 0.60)  # $/h of one machine on offer (RTX 3090/4090, on-demand)
 
 
 @dataclass
@@ -99,9 +100,14 @@ class Draws:
         return self.prices[k]
 
 
+def offer_prices(rng: random.Random, machines: int) -> list[float]:
+    """What the market asks for each of ``machines`` machines, $/h, cheapest first (the offer search's order)."""
+    return sorted(rng.uniform(*PRICE_RANGE) for _ in range(machines))
+
+
 def draw(rng: random.Random, arms: list[str], args: argparse.Namespace) -> Draws:
     runs = {arm: rng.uniform(*args.run_min) * 60 for arm in arms}
-    prices = sorted(rng.uniform(0.25, 0.60) for _ in range(len(arms) * 2))
+    prices = offer_prices(rng, len(arms) * 2)
     rentals = [(rng.uniform(*args.boot), rng.uniform(*args.setup)) for _ in range(len(arms) * 2)]
     return Draws(runs, prices, rentals)
 

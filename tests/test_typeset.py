@@ -230,6 +230,19 @@ def test_an_autoresearch_report_typesets(tmp_path: Path) -> None:
     assert pdf is not None, note
     words = assert_typeset(directory, "report", ("floor", "confidence", "unmodified"))
     assert "try change 11" in words.replace("\n", " ")
+    assert "Cost: none." in words  # it spent nothing: a note, no table of zeros
+
+
+@pytest.mark.latex
+@needs_tools
+def test_an_autoresearch_report_with_a_cost_table_typesets(tmp_path: Path) -> None:
+    from test_autoresearch_costs import costed_session
+
+    directory, _ = costed_session(tmp_path)
+    pdf, note = build_pdf(directory / "report.tex")
+    assert pdf is not None, note
+    words = assert_typeset(directory, "report", ("diffs", "stretch"))
+    assert "after keep #4" in words and "Empty" in words  # the cost table, header and rows
 
 
 def test_number_columns_align_on_the_decimal_point_and_text_columns_wrap() -> None:

@@ -10,7 +10,7 @@ and what was spent after the last keep are given apart.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ratiocinator.autoresearch.store import Attempt, Session, Store
@@ -21,14 +21,23 @@ from ratiocinator.store import instances as inst
 class Stretch:
     """The money spent in one stretch of a session (to a keep, or after the last one)."""
 
-    attempts: int  # attempts that ended in it (the keep included)
+    attempt_ids: tuple[int, ...]  # attempts that ended in it (the keep included)
     attempts_usd: float  # their runs and LLM turns
     llm_turns_usd: float  # LLM turns that made no attempt
     instances_usd: float  # rented instances' time in it
 
     @property
+    def attempts(self) -> int:
+        return len(self.attempt_ids)
+
+    @property
     def total_usd(self) -> float:
         return self.attempts_usd + self.llm_turns_usd + self.instances_usd
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "attempt_ids": list(self.attempt_ids), "attempts_usd": self.attempts_usd,
+                "llm_turns_usd": self.llm_turns_usd, "instances_usd": self.instances_usd,
+                "total_usd": self.total_usd}
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,24 @@ class KeptCost:
     commit: str | None
     metric: float | None
     previous_metric: float | None  # the best it improved on
+    previous_attempt_id: int | None  # the attempt that measured it (the baseline, or the previous keep)
     spent: Stretch
 
     def to_json(self) -> dict[str, Any]:
         return {"attempt_id": self.attempt_id, "iteration": self.iteration, "commit": self.commit,
                 "metric": self.metric, "previous_metric": self.previous_metric,
-                **asdict(self.spent), "total_usd": self.spent.total_usd}
+                "previous_attempt_id": self.previous_attempt_id, **self.spent.to_json()}
+
+
+@dataclass(frozen=True)
+class SessionCosts:
+    """Each keep's stretch, the stretches around them, what is still reserved, and how many instances were rented."""
+
+    kept: list[KeptCost]
+    baseline: Stretch
+    after_last_keep: Stretch
+    reserved: float
+    instances: int
 
 
 def _instance_spend(rows: list[inst.InstanceRow], start: float, end: float) -> float:
@@ -70,38 +91,43 @@ def kept_costs(store: Store, session: Session, attempts: list[Attempt]) -> tuple
         " AND state = 'settled'", (session.id,))]
 
     def stretch(done: list[Attempt], start: float, end: float) -> Stretch:
-        return Stretch(attempts=len(done), attempts_usd=sum(a.cost for a in done),
+        return Stretch(attempt_ids=tuple(a.id for a in done), attempts_usd=sum(a.cost for a in done),
                        llm_turns_usd=sum(amount for at, amount in loose if start <= at < end),
                        instances_usd=_instance_spend(rows, start, end))
 
     start = session.created_at
     pending: list[Attempt] = []
-    baseline = Stretch(0, 0.0, 0.0, 0.0)
+    baseline = Stretch((), 0.0, 0.0, 0.0)
     kept: list[KeptCost] = []
-    best: float | None = None
+    best: Attempt | None = None
     for a in finished:
         pending.append(a)
         end = a.ended_at or start
         if a.status == "baseline":
-            baseline, best = stretch(pending, start, end), a.metric
+            baseline = stretch(pending, start, end)
         elif a.status == "keep":
-            kept.append(KeptCost(a.id, a.iteration, a.commit_sha, a.metric, best, stretch(pending, start, end)))
-            best = a.metric
+            kept.append(KeptCost(a.id, a.iteration, a.commit_sha, a.metric, best.metric if best else None,
+                                 best.id if best else None, stretch(pending, start, end)))
         else:
             continue
-        start, pending = end, []
+        start, pending, best = end, [], a
     after = stretch(pending, start, float("inf"))
     return kept, baseline, after
+
+
+def session_costs(store: Store, session: Session, attempts: list[Attempt]) -> SessionCosts:
+    """What the session's report states about money (the settled total is read with ``store.money`` beside it)."""
+    kept, baseline, after = kept_costs(store, session, attempts)
+    _, reserved = store.money(session.id)
+    return SessionCosts(kept, baseline, after, reserved, len(inst.rows(store.ledger, ar_session_id=session.id)))
 
 
 def costs_record(store: Store, session: Session, attempts: list[Attempt]) -> dict[str, Any]:
     """``autoresearch-log --json``'s ``costs``: per keep, and the stretches around them."""
     kept, baseline, after = kept_costs(store, session, attempts)
     spent, reserved = store.money(session.id)
-    return {"kept": [k.to_json() for k in kept],
-            "baseline": {**asdict(baseline), "total_usd": baseline.total_usd},
-            "after_last_keep": {**asdict(after), "total_usd": after.total_usd},
-            "spent_usd": spent, "reserved_usd": reserved}
+    return {"kept": [k.to_json() for k in kept], "baseline": baseline.to_json(),
+            "after_last_keep": after.to_json(), "spent_usd": spent, "reserved_usd": reserved}
 
 
-__all__ = ["KeptCost", "Stretch", "costs_record", "kept_costs"]
+__all__ = ["KeptCost", "SessionCosts", "Stretch", "costs_record", "kept_costs", "session_costs"]

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ratiocinator.autoresearch.program import Program
-from ratiocinator.autoresearch.store import Attempt, Session
+from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.report.exports import write_atomic
+from ratiocinator.store.ledger import Ledger
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -143,13 +144,14 @@ def draw_progress(attempts: Sequence[Attempt], program: Program, *, floor: float
 
 
 def write_outputs(directory: Path, session: Session, attempts: Sequence[Attempt], program: Program, *,
-                  floor: float | None, spent: float, repo_copy: Path | None = None,
-                  ledger: Path | None = None) -> None:
+                  floor: float | None, spent: float, ledger: Path, repo_copy: Path | None = None) -> None:
     """results.tsv, progress.png and the report (report.md, .html, .tex, facts.json), each written atomically.
 
+    The report's cost section is read from ``ledger`` (its charges and rented instances).
     The PDF is left to the command line, once the session has ended (``build_pdf`` on
     report.tex): pdflatex takes seconds, which an attempt every few minutes should not pay.
     """
+    from ratiocinator.autoresearch.costs import session_costs
     from ratiocinator.autoresearch.session_report import FACTS_FILE, facts_document, progress_caption, render_session
     from ratiocinator.report.exports import json_records
     from ratiocinator.report.figures import Drawing, render
@@ -162,7 +164,12 @@ def write_outputs(directory: Path, session: Session, attempts: Sequence[Attempt]
                               progress_caption(program)))
     write_atomic(directory / PLOT_NAME, progress.png)
     write_atomic(directory / f"{progress.stem}.pdf", progress.pdf)
-    report, rendered = render_session(session, attempts, program, spent=spent, progress=progress)
+    store = Store(Ledger(ledger, read_only=True))
+    try:
+        costs = session_costs(store, session, list(attempts))
+    finally:
+        store.close()
+    report, rendered = render_session(session, attempts, program, spent=spent, costs=costs, progress=progress)
     for name, text in rendered.items():
         write_atomic(directory / name, text)
     head, facts = facts_document(session, report, rendered, ledger)

@@ -6,7 +6,9 @@ fact whose "runs" are the ledger's attempt ids: the baseline, the best, the keep
 rate, the noise floor and every attempt's metric. ``facts.json`` beside them lets
 ``ratiocinator verify`` rebuild the facts from the ledger and compare, exactly as
 for a study's paper. The report reads only the ledger (session, attempts, charges),
-so verify rebuilds it from the same rows.
+so verify rebuilds it from the same rows. Its cost section says what each kept
+improvement cost (`~ratiocinator.autoresearch.costs`), each dollar a fact whose
+attempts are the stretch that paid it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ratiocinator.autoresearch.costs import KeptCost, SessionCosts, Stretch, session_costs
 from ratiocinator.autoresearch.decide import noise_floor
 from ratiocinator.autoresearch.program import Program
 from ratiocinator.autoresearch.store import Attempt, Session, Store
@@ -46,6 +49,19 @@ STATUSES = ("keep", "discard", "crash", "violation", "interrupted")
 
 
 @dataclass(frozen=True)
+class _StretchRow:
+    """A row of the cost table: a stretch of the session and what it cost."""
+
+    key: str  # its facts' key: cost.<key>.total_usd
+    name: str
+    commit: str
+    change: str  # the metric from -> to, as facts
+    called: str  # how the facts' labels name it
+    spent: Stretch
+    kept: KeptCost | None = None  # the keep that ended it
+
+
+@dataclass(frozen=True)
 class SessionReport:
     title: str
     blocks: tuple[Block, ...]
@@ -66,12 +82,13 @@ def session_floor(attempts: Sequence[Attempt], program: Program) -> float | None
 
 
 def build_session_report(session: Session, attempts: Sequence[Attempt], program: Program, *, spent: float,
-                         progress: FigureFile | None = None) -> SessionReport:
-    return _Writer(session, attempts, program, spent).build(progress)
+                         costs: SessionCosts, progress: FigureFile | None = None) -> SessionReport:
+    return _Writer(session, attempts, program, spent, costs).build(progress)
 
 
 class _Writer:
-    def __init__(self, session: Session, attempts: Sequence[Attempt], program: Program, spent: float) -> None:
+    def __init__(self, session: Session, attempts: Sequence[Attempt], program: Program, spent: float,
+                 costs: SessionCosts) -> None:
         self.session = session
         self.program = program
         self.metric = program.metric
@@ -81,6 +98,7 @@ class _Writer:
         self.best = next((a for a in self.done if a.id == session.best_attempt), self.baseline)
         self.floor = session_floor(attempts, program)
         self.spent = spent
+        self.costs = costs
         self.book = FactBook(unit="attempt")
 
     def value(self, key: str, value: float | None, label: str, ids: Sequence[int]) -> str:
@@ -89,9 +107,18 @@ class _Writer:
     def count(self, key: str, n: int, label: str, ids: Sequence[int]) -> str:
         return self.book.cite(key, n, Kind.COUNT, label, ids)
 
+    def money(self, key: str, dollars: float | None, label: str, ids: Sequence[int]) -> str:
+        return self.book.cite(key, dollars, Kind.MONEY, label, ids)
+
+    def attempt_metric(self, a: Attempt) -> str:
+        runs = "the mean of its runs" if len(a.values) > 1 else "its run"
+        return self.value(f"attempt[{a.id}].{self.metric.name}", a.metric,
+                          f"{self.metric.name} of attempt {a.iteration} ({runs})", [a.id])
+
     def build(self, progress: FigureFile | None) -> SessionReport:
         blocks: list[Block] = [Abstract(self.abstract()), *self.setup()]
         blocks += [Heading("Progress", 1), Figure(progress)] if progress is not None else []
+        blocks += self.cost() if not self.cost_is_empty() else []
         blocks += self.attempt_table()
         blocks += self.appendix()
         return SessionReport(f"Autoresearch {self.session.tag}", tuple(blocks), self.book)
@@ -170,8 +197,7 @@ class _Writer:
 
     def setup(self) -> list[Block]:
         s, p = self.session, self.program
-        spend = self.book.cite("spent", self.spent, Kind.MONEY, "dollars spent on compute and LLM calls (settled)",
-                               [a.id for a in self.done if a.cost])
+        spend = self.spent_fact()
         rows = [
             ("Repository", s.repo), ("Branch", f"{s.branch} (from {s.base_branch} at {s.base_commit})"),
             ("Program", f"{s.program_path} (sha256 {s.program_sha256})"),
@@ -181,15 +207,116 @@ class _Writer:
             ("Spend", spend + (f" of a {p.max_dollars:g} dollar limit" if p.max_dollars is not None else "")),
             ("Status", s.status + (f" ({s.reason})" if s.reason else "")),
         ]
-        return [Heading("Session", 1), Fields(tuple(rows))]
+        blocks: list[Block] = [Heading("Session", 1), Fields(tuple(rows))]
+        if self.cost_is_empty():
+            blocks.append(Paragraph("Cost: none. The runs were free, no LLM turn was paid for and nothing was rented,"
+                                    " so there is no cost section."))
+        return blocks
+
+    # -- money ----------------------------------------------------------------------------
+
+    def spent_fact(self) -> str:
+        return self.money("spent", self.spent, "dollars spent on compute and LLM calls (settled)",
+                          [a.id for a in self.done if a.cost])
+
+    def cost_is_empty(self) -> bool:
+        """A free session: nothing spent or reserved and nothing rented (a note replaces the cost section)."""
+        return self.spent == 0 and self.costs.reserved == 0 and self.costs.instances == 0
+
+    def cost(self) -> list[Block]:
+        stretches = self._stretches()
+        llm = self.program.agent.kind == "llm" or any(s.spent.llm_turns_usd for s in stretches)
+        rented = self.costs.instances > 0 or any(s.spent.instances_usd for s in stretches)
+        divided = any(self._gain(k) is not None for k in self.costs.kept)
+        rows = []
+        for s in stretches:
+            money, ids, key = s.spent, s.spent.attempt_ids, f"cost.{s.key}"
+            cells = [s.name, s.commit, s.change,
+                     self.count(f"{key}.attempts", money.attempts, f"attempts that ended in {s.called}", ids),
+                     self.money(f"{key}.attempts_usd", money.attempts_usd,
+                                f"dollars of the runs and LLM turns of the attempts in {s.called}", ids)]
+            if llm:
+                cells.append(self.money(f"{key}.llm_turns_usd", money.llm_turns_usd,
+                                        f"dollars of LLM turns that made no attempt, in {s.called}", ids))
+            if rented:
+                cells.append(self.money(f"{key}.instances_usd", money.instances_usd,
+                                        f"dollars of rented instances' time in {s.called} (each ended instance's"
+                                        " settled cost spread evenly over its lifetime)", ids))
+            cells.append(self.money(f"{key}.total_usd", money.total_usd, f"dollars spent in {s.called}", ids))
+            if divided:
+                cells.append(self._per_unit(s.kept) if s.kept is not None else "—")
+            rows.append(tuple(cells))
+        metric = self.metric.name
+        header = ["Stretch", "Commit", metric, "Attempts", "Runs + LLM" if llm else "Runs"]
+        header += ["Empty turns"] if llm else []
+        header += ["Instances"] if rented else []
+        header += ["Total"] + (["$/unit"] if divided else [])
+        return [Heading("Cost", 1), Paragraph(self._cost_text(llm, rented, divided)),
+                Table(tuple(header), tuple(rows))]
+
+    def _stretches(self) -> list[_StretchRow]:
+        """The baseline's stretch, each keep's, and the one after the last keep, as the cost table's rows."""
+        costs, by_id = self.costs, {a.id: a for a in self.done}
+
+        def metric_of(attempt_id: int | None) -> str:
+            a = by_id.get(attempt_id) if attempt_id is not None else None
+            return self.attempt_metric(a) if a is not None else "—"
+
+        base = self.baseline
+        rows = [_StretchRow("baseline", "baseline", self.session.base_commit[:7],
+                            metric_of(base.id if base is not None else None),
+                            "the baseline's stretch (from the session's start)", costs.baseline)]
+        for k in costs.kept:
+            rows.append(_StretchRow(f"keep[{k.attempt_id}]", f"keep #{k.iteration}", (k.commit or "")[:7],
+                                    f"{metric_of(k.previous_attempt_id)} → {metric_of(k.attempt_id)}",
+                                    f"the stretch that ended with keep #{k.iteration}", k.spent, k))
+        last = f"keep #{costs.kept[-1].iteration}" if costs.kept else "the baseline"
+        rows.append(_StretchRow("after_last_keep", f"after {last}", "—", "—", f"the stretch after {last}",
+                                costs.after_last_keep))
+        return rows
+
+    def _gain(self, k: KeptCost) -> float | None:
+        """A keep's improvement over the best it replaced, positive when better (None where there is none)."""
+        if k.metric is None or k.previous_metric is None or k.previous_attempt_id is None:
+            return None
+        gain = k.previous_metric - k.metric if self.metric.lower_is_better else k.metric - k.previous_metric
+        return gain if gain > 0 else None
+
+    def _per_unit(self, k: KeptCost) -> str:
+        """Dollars per unit of improvement over the previous best (a dash where there is no improvement)."""
+        gain = self._gain(k)
+        if gain is None or k.previous_attempt_id is None:
+            return "—"
+        return self.money(f"cost.keep[{k.attempt_id}].per_unit", k.spent.total_usd / gain,
+                          f"dollars spent in the stretch that ended with keep #{k.iteration} per unit of"
+                          f" {self.metric.name} it improved", [*k.spent.attempt_ids, k.previous_attempt_id])
+
+    def _cost_text(self, llm: bool, rented: bool, per_unit: bool) -> str:
+        p = self.program
+        limit = f" of a {p.max_dollars:g} dollar limit" if p.max_dollars is not None else ""
+        reserved = self.money("reserved", self.costs.reserved, "dollars still reserved (runs, LLM turns and rented"
+                              " instances not yet settled)", [])
+        text = [f"Spent {self.spent_fact()}{limit} (settled charges); {reserved} is still reserved.",
+                "A kept improvement is paid for by every attempt since the previous keep: the discards, crashes and"
+                " rejected edits that led to it and the keep itself (their runs"
+                + (" and LLM turns" if llm else "") + ")"]
+        if llm:
+            text[-1] += ", the LLM turns in that stretch that made no attempt (empty turns)"
+        if rented:
+            text[-1] += (", and the rented instances' time in it (boot, the agent's turns, the runs: each ended"
+                         " instance's settled cost spread evenly over its lifetime; an instance still live counts"
+                         " once it is settled)")
+        text[-1] += ". The baseline's stretch and what was spent after the last keep are rows of their own."
+        if per_unit:
+            text.append(f"A keep's {self.metric.name} goes from the best it replaced to its own; $/unit divides"
+                        f" its stretch's total by that improvement, in dollars per unit of {self.metric.name}.")
+        return " ".join(text)
 
     def attempt_table(self) -> list[Block]:
         metric = self.metric.name
         rows = []
         for a in self.done:
-            runs = "the mean of its runs" if len(a.values) > 1 else "its run"
-            value = self.value(f"attempt[{a.id}].{metric}", a.metric, f"{metric} of attempt {a.iteration} ({runs})",
-                               [a.id])
+            value = self.attempt_metric(a)
             spread = ""
             if len(a.values) > 1:
                 sd = self.value(f"attempt[{a.id}].sd", statistics.stdev(a.values),
@@ -225,9 +352,9 @@ def progress_caption(program: Program) -> str:
 
 
 def render_session(session: Session, attempts: Sequence[Attempt], program: Program, *, spent: float,
-                   progress: FigureFile | None) -> tuple[SessionReport, dict[str, str]]:
+                   costs: SessionCosts, progress: FigureFile | None) -> tuple[SessionReport, dict[str, str]]:
     """The report and its three renderings, keyed by file name."""
-    report = build_session_report(session, attempts, program, spent=spent, progress=progress)
+    report = build_session_report(session, attempts, program, spent=spent, costs=costs, progress=progress)
     return report, {
         "report.md": render_markdown(report.title, report.blocks, report.book),
         "report.html": render_html(report.title, report.blocks, report.book),
@@ -255,5 +382,7 @@ def rebuilt_book(store: Store, tag: str) -> FactBook | None:
     if session is None:
         return None
     spent, _ = store.money(session.id)
-    return build_session_report(session, store.attempts(session.id), session_program(session), spent=spent).book
+    attempts = store.attempts(session.id)
+    return build_session_report(session, attempts, session_program(session), spent=spent,
+                                costs=session_costs(store, session, attempts)).book
 
