@@ -91,6 +91,7 @@ def test_one_worker_reuses_one_instance_and_decides_as_the_local_loop(lab: Lab, 
                                                                      vast: VastServer) -> None:
     # Every attempt ships its own commit to the same instance: a run of an older commit would measure the
     # baseline again, and the decisions would differ from the local loop's.
+    vast.fake.boot_s = 5  # renting again outlasts a patch turn, even on a busy machine: the instance is held
     assert_same_as_local(lab, "overvast", backend=rented(lab, vast, sshd), VAST_API_KEY=API_KEY)
     assert len(rents(vast)) == 1 and vast.fake.live() == []
     session_id, (row,), charges, (spent, reserved) = session_money(lab, "overvast")
@@ -112,10 +113,14 @@ def test_one_worker_reuses_one_instance_and_decides_as_the_local_loop(lab: Lab, 
     assert all(k["instances_usd"] > 0 and k["total_usd"] == k["instances_usd"] for k in kept)  # no LLM, $0 runs
     stretches = [costs["baseline"], *kept, costs["after_last_keep"]]
     assert sum(s["total_usd"] for s in stretches) == pytest.approx(spent) == pytest.approx(costs["spent_usd"])
+    # The final report was written after the instance was paid for: every dollar in it verifies.
+    checked = lab.cli("verify", str(lab.home / "autoresearch" / "overvast"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.mark.subprocess  # the session starts its runs
 def test_two_workers_rent_two_instances_of_one_model_and_reuse_them(lab: Lab, sshd: Sshd, vast: VastServer) -> None:
+    vast.fake.boot_s = 5  # renting again outlasts a patch turn, even on a busy machine: each instance is held
     patches = lab.patches("parallel", "01", "02", "06", "07")
     program = lab.program("vastpar", patches=patches, workers=2, gpus_per_worker=1, timeout_s=20,
                           **rented(lab, vast, sshd))

@@ -155,12 +155,21 @@ class AutoResearch:
         try:
             with self._session_lock():
                 self.engine = Engine(self.loaded, self.home, self.environ)
-                return self._run(store)
+                try:
+                    return self._run(store)
+                finally:
+                    self._close_engine(store)
         finally:
-            if self.engine is not None:
-                for problem in self.engine.close():
-                    self._say(problem)
             store.close()
+
+    def _close_engine(self, store: Store) -> None:
+        """Give rented instances back; when that settled money, write the outputs again so the report shows it."""
+        assert self.engine is not None
+        before = None if self.session is None else store.money(self.session.id)
+        for problem in self.engine.close():
+            self._say(problem)
+        if self.session is not None and store.money(self.session.id) != before:
+            self._write_outputs(store)
 
     @contextmanager
     def _session_lock(self) -> Iterator[None]:
