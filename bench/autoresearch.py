@@ -1,4 +1,5 @@
-"""Autoresearch throughput: attempts per hour with 1, 2 and 4 workers against the one-worker loop.
+"""Autoresearch throughput: attempts per hour with 1, 2 and 4 workers, turns overlapping runs or not,
+against the one-worker sequential loop.
 
 A throwaway git repository holds a `train.py` that sleeps ``--run-s`` seconds (the fixed-budget
 experiment) and prints `val_bpb:` from `config.py`; a `kind: command` agent sleeps ``--think-s``
@@ -18,6 +19,8 @@ commits, and destroys it when the session ends). The figures come from the sessi
   vast bills each instance from the rent call to its destruction (the ledger's instance rows);
 * overhead per run: the ledger's run time (launch request to exit: shipping the commit and
   making the run's working copy included) minus the script's own time;
+* unrun: attempts that never ran (with overlap, mostly an edit that conflicts with the keep
+  made while it was being written: this agent always edits the same line);
 * cost per attempt: ssh and local: GPUs held × ``--price`` $/h ÷ attempts; vast: the
   instances' settled charges in the ledger ÷ attempts; plus ``--llm-cost`` per agent turn.
 
@@ -25,11 +28,13 @@ With vast, nothing may be left rented: after each session the bench counts the f
 instances (the "left live" column, 0 when the session gave every instance back) and reaps
 whatever the ledger knows may still be live, as ``ratiocinator instances --reap`` does.
 
-The one-worker session is the sequential loop (think, run, decide, repeat); the ratios are each
-session's attempts per hour over it. Prints the machine, one row per worker count.
+Each worker count runs twice by default (``--overlap both``): sequentially (``overlap: false``:
+think, run, decide, repeat) and with each agent turn overlapping the worker's previous attempt's
+runs (``overlap: true``, the default for command agents). The ratios are each session's attempts
+per hour over the one-worker sequential loop's. Prints the machine, one row per session.
 
 Usage: python bench/autoresearch.py [--attempts 12] [--think-s 2] [--run-s 2] [--workers 1,2,4]
-                                   [--backend ssh|local|vast] [--boot-s 0] [--seed 1]
+                                   [--overlap both|on|off] [--backend ssh|local|vast] [--boot-s 0] [--seed 1]
 """
 
 from __future__ import annotations
@@ -171,15 +176,16 @@ def backend_fields(server: Sshd | None, market: Market | None, root: Path, worke
                                          "workdir": str(root / "remote"), "slots": workers}]}
 
 
-def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, server: Sshd | None,
-            market: Market | None) -> dict[str, float]:
+def session(root: Path, repo: Path, workers: int, overlap: bool, args: argparse.Namespace, server: Sshd | None,
+            market: Market | None) -> dict[str, Any]:
     agent = root / "agent.py"
     agent.write_text(AGENT)
-    tag = f"w{workers}"
+    tag = f"w{workers}-{'overlap' if overlap else 'sequential'}"
     program = root / f"{tag}.yaml"
     program.write_text(yaml.safe_dump({
         "repo": str(repo), "tag": tag, "editable": ["config.py"], "run": f"{sys.executable} train.py",
         "metric": "val_bpb", "budget_s": args.run_s, "timeout_s": args.run_s * 10 + 30, "workers": workers,
+        "overlap": overlap,
         "max_iterations": args.attempts, "pass_env": ["BENCH_*"], "secondary_metrics": ["train_s"],
         "agent": {"kind": "command", "command": f"{sys.executable} {agent}"},
         **backend_fields(server, market, root, workers)}))
@@ -218,10 +224,11 @@ def session(root: Path, repo: Path, workers: int, args: argparse.Namespace, serv
     else:
         billed = workers * wall  # a GPU per worker, held for the whole session
         compute = billed / 3600 * args.price
-    return {"workers": workers, "attempts": agent_attempts, "wall_s": wall,
+    return {"workers": workers, "overlap": overlap, "attempts": agent_attempts, "wall_s": wall,
             "per_hour": agent_attempts / wall * 3600, "billed_s": billed, "idle_share": 1 - measuring / billed,
             "compute_per_attempt": compute / agent_attempts, "rented": len(rented), "left_live": left_live,
             "kept": sum(1 for a in attempts if a.status == "keep"),
+            "unrun": sum(1 for a in attempts if not a.is_baseline and not a.values),
             "overhead_s": (sum(a.run_s for a in attempts) - measuring) / max(len(training), 1)}
 
 
@@ -231,6 +238,8 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=2.0, help="the agent's turn, seconds")
     parser.add_argument("--run-s", type=float, default=2.0, help="one run, seconds")
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
+    parser.add_argument("--overlap", choices=("both", "on", "off"), default="both",
+                        help="agent turns overlapping the previous attempt's runs: each count both ways, or one")
     parser.add_argument("--price", type=float, default=2.0, help="$/h of one worker's GPU (ssh and local)")
     parser.add_argument("--llm-cost", type=float, default=0.05, help="$ per agent turn")
     parser.add_argument("--backend", choices=("ssh", "local", "vast"), default="ssh",
@@ -259,22 +268,25 @@ def main() -> None:
             assert server is not None
             market = Market(server, machines=2 * max(counts), boot_s=args.boot_s, seed=args.seed)
             stack.callback(market.close)
+        modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
         for workers in counts:
-            root = Path(tmp) / f"w{workers}"
-            root.mkdir()
-            rows.append(session(root, make_repo(root), workers, args, server, market))
-    base = next((r for r in rows if r["workers"] == 1), rows[0])
-    print(f"{'workers':>7} {'attempts':>8} {'wall s':>7} {'attempts/h':>10} {'vs 1 worker':>11}"
+            for overlap in modes:
+                root = Path(tmp) / f"w{workers}-{overlap}"
+                root.mkdir()
+                rows.append(session(root, make_repo(root), workers, overlap, args, server, market))
+    base = next((r for r in rows if r["workers"] == 1 and not r["overlap"]), rows[0])
+    print(f"{'workers':>7} {'overlap':>7} {'attempts':>8} {'wall s':>7} {'attempts/h':>10} {'vs 1 seq.':>10}"
           + (f" {'rented':>6} {'billed s':>8}" if vast else "")
-          + f" {'billed idle':>11} {'$/attempt (GPU)':>15} {'$/attempt (+LLM)':>16} {'overhead/run s':>14} {'kept':>4}"
+          + f" {'billed idle':>11} {'$/attempt (GPU)':>15} {'$/attempt (+LLM)':>16} {'overhead/run s':>14}"
+          f" {'kept':>4} {'unrun':>5}"
           + (f" {'left live':>9}" if vast else ""))
     for r in rows:
-        print(f"{r['workers']:>7} {r['attempts']:>8} {r['wall_s']:>7.1f} {r['per_hour']:>10.0f}"
-              f" {r['per_hour'] / base['per_hour']:>10.2f}x"
+        print(f"{r['workers']:>7} {'yes' if r['overlap'] else 'no':>7} {r['attempts']:>8} {r['wall_s']:>7.1f}"
+              f" {r['per_hour']:>10.0f} {r['per_hour'] / base['per_hour']:>9.2f}x"
               + (f" {r['rented']:>6} {r['billed_s']:>8.1f}" if vast else "")
               + f" {r['idle_share']:>10.0%}"
               f" {r['compute_per_attempt']:>15.5f} {r['compute_per_attempt'] + args.llm_cost:>16.5f}"
-              f" {r['overhead_s']:>14.2f} {r['kept']:>4}"
+              f" {r['overhead_s']:>14.2f} {r['kept']:>4} {r['unrun']:>5}"
               + (f" {r['left_live']:>9}" if vast else ""))
 
 
