@@ -23,7 +23,7 @@ import functools
 import io
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
@@ -1251,17 +1251,48 @@ def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | No
 # -- all of them -----------------------------------------------------------------------
 
 
+def all_drawings(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                 curves: Sequence[str] | None = None) -> list[Drawing]:
+    """The figures the data supports, in paper order (goal, curves, main effects, interaction, cost), not yet
+    rendered: drawing is quick, rendering is most of a figure's time."""
+    drawings = [
+        draw_goal(inference),
+        *draw_curve_figures(ledger, inference, runs, metrics=curves),
+        draw_main_effects(inference),
+        draw_interaction(inference),
+        draw_cost(inference, _with_instance_shares(ledger, inference, runs)),
+    ]
+    return [d for d in drawings if d is not None]
+
+
 def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
                 curves: Sequence[str] | None = None) -> list[FigureFile]:
-    """The figures the data supports, in paper order: goal, curves, main effects, interaction, cost."""
-    figures = [
-        goal_figure(inference),
-        *curve_figures(ledger, inference, runs, metrics=curves),
-        main_effects_figure(inference),
-        interaction_figure(inference),
-        cost_figure(inference, _with_instance_shares(ledger, inference, runs)),
-    ]
-    return [f for f in figures if f is not None]
+    """The figures the data supports, rendered, in paper order (see ``all_drawings``)."""
+    return [render(d) for d in all_drawings(ledger, inference, runs, curves=curves)]
+
+
+class RenderedOnRead(Mapping[str, FigureFile]):
+    """Drawings by stem that render when first read: a figure the paper leaves out (the cost
+    figure of a free study) costs its drawing only, never its PNG and PDF."""
+
+    def __init__(self, drawings: Sequence[Drawing]) -> None:
+        self._drawings = {d.stem: d for d in drawings}
+        self._files: dict[str, FigureFile] = {}
+
+    def __getitem__(self, stem: str) -> FigureFile:
+        if stem not in self._files:
+            self._files[stem] = render(self._drawings[stem])
+        return self._files[stem]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._drawings)
+
+    def __len__(self) -> int:
+        return len(self._drawings)
+
+    def rendered(self) -> list[FigureFile]:
+        """The figures read so far, in the drawings' order."""
+        return [self._files[stem] for stem in self._drawings if stem in self._files]
 
 
 def _with_instance_shares(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> Sequence[RunRow]:

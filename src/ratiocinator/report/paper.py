@@ -14,7 +14,7 @@ import os
 import re
 import shlex
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from ratiocinator.report.document import (
     clean,
 )
 from ratiocinator.report.facts import MISSING, FactBook, Kind
-from ratiocinator.report.figures import FigureFile, all_figures
+from ratiocinator.report.figures import FigureFile, RenderedOnRead, all_drawings
 from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
 from ratiocinator.report.verdicts import abstract_sentence, conclusion, evidence, expectation
 from ratiocinator.spec.hypotheses import Hypothesis
@@ -107,11 +107,12 @@ def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[
 def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
-    drawn = tuple(all_figures(ledger, inference, runs, curves=spec.report.curves)) if figures else ()
-    blocks, appendix = w.build({f.stem: f for f in drawn})
+    drawn = RenderedOnRead(all_drawings(ledger, inference, runs, curves=spec.report.curves) if figures else [])
+    blocks, appendix = w.build(drawn)
     shown = {b.file.stem for b in (*blocks, *appendix) if isinstance(b, Figure)}
-    drawn = tuple(f for f in drawn if f.stem in shown)  # a figure of a dropped section (a $0 cost) is not written
-    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn,
+    # A figure of a dropped section (a $0 cost) is never rendered, nor written.
+    rendered = tuple(f for f in drawn.rendered() if f.stem in shown)
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, rendered,
                  tuple(appendix), w.judgements)
 
 
@@ -251,7 +252,7 @@ class _Writer:
 
     # -- the document ---------------------------------------------------------------------
 
-    def build(self, figures: dict[str, FigureFile]) -> tuple[list[Block], list[Block]]:
+    def build(self, figures: Mapping[str, FigureFile]) -> tuple[list[Block], list[Block]]:
         """The paper (short: what a reviewer reads) and its appendix (every detail, every number's runs)."""
         self.figures = figures
         self.judgements = judge_hypotheses(stated_hypotheses(self.spec, self.ledger, self.experiment.id), self.inf,
@@ -601,7 +602,7 @@ class _Writer:
         return blocks
 
     def curve_figures(self) -> list[FigureFile]:
-        return [f for stem, f in self.figures.items() if stem.startswith("fig_curves")]
+        return [self.figures[stem] for stem in self.figures if stem.startswith("fig_curves")]  # reads render
 
     def more_curves(self) -> list[Block]:
         """Every learning-curve figure after the first, which the main text shows."""
