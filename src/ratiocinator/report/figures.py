@@ -925,6 +925,14 @@ def curve_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], 
 # -- main effects ---------------------------------------------------------------------
 
 
+def _tick_step(labels: Sequence[str], spacing_in: float, fontsize: float = 8.0) -> int:
+    """Label every ``step``-th tick: tick labels tilted by 30° overlap when neighbours sit closer than twice
+    a label's height, and two hundred overlapping labels are a grey smear (and the slowest part to draw)."""
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    needed = 2 * lines * fontsize / 72 * 1.25
+    return max(1, math.ceil(needed / spacing_in - 1e-9))
+
+
 @_styled
 def draw_main_effects(inference: Inference) -> Drawing | None:
     """One panel per factor: each level's mean goal value with its CI, levels in spec order."""
@@ -939,7 +947,7 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
     nrows = math.ceil(len(effects) / ncols)
     most_levels = max(len(e.levels) for e in effects)
     panel_width = max(2.6, 0.9 + 0.55 * most_levels)
-    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=True)
+    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=len(effects) > 1)  # spaces panels: not one
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
     single = False
     for k, effect in enumerate(effects):
@@ -959,8 +967,9 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
             single = True
             ax.plot([i for i, _ in without], [d.mean for _, d in without], "o", color=PALETTE[0], markersize=5)
         tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
-                      rotation_mode="anchor" if tilt else "default")
+        step = _tick_step(labels, ax.get_position().width * fig.get_size_inches()[0] / len(labels)) if tilt else 1
+        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=30 if tilt else 0,
+                      ha="right" if tilt else "center", rotation_mode="anchor" if tilt else "default")
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_title(wrap_label(effect.factor, 30, 2) + (" *" if effect.significant else ""))
         ax.grid(axis="y", alpha=0.3)
