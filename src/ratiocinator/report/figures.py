@@ -22,8 +22,13 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
+import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
@@ -152,23 +157,97 @@ def _styled(draw: Callable[P, R]) -> Callable[P, R]:
 def render(drawing: Drawing) -> FigureFile:
     """PNG (dpi 100) and vector PDF of one drawing, both cropped to their content."""
     fig = drawing.figure
-    canvas = FigureCanvasAgg(fig)
     with _style():
         # One layout pass finds the content's box for both files (text layout is the slow
         # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
-        fig.set_dpi(FIGURE_DPI)
-        if fig.get_layout_engine() is not None:  # panels are placed at draw time...
-            fig.draw_without_rendering()
-            fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
-        box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
-        png, pdf = io.BytesIO(), io.BytesIO()
-        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
-                    pil_kwargs={"compress_level": PNG_COMPRESSION})
-        # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
-        fig.savefig(pdf, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+        box = _content_box(fig)
+        png = _png(fig, box)
+        pdf = _pdf(fig, box)
         regions = tuple(_region(ax, corners, text, box) for ax, corners, text in drawing.hover)
     fig.clear()
-    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue(), regions)
+    return FigureFile(drawing.stem, drawing.caption, png, pdf, regions)
+
+
+def render_all(drawings: Sequence[Drawing]) -> list[FigureFile]:
+    """Every drawing rendered, as ``render`` does, with the PDFs made by a forked process beside this one.
+
+    The two halves take about as long (the PDF side also imports matplotlib's PDF backend), so a
+    second core halves the figures' time. Each side lays the figure out itself: layout is
+    deterministic, so both find the same box and the files are byte for byte those of ``render``.
+    Where forking is unsafe or pays nothing (see ``_can_fork``), or the child fails, this process
+    renders everything itself.
+    """
+    if not drawings or not _can_fork():
+        return [render(d) for d in drawings]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the PDFs, pickled down the pipe; it never returns to the caller
+        status = 1
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump([_pdf_of(d) for d in drawings], pipe)
+            status = 0
+        finally:
+            os._exit(status)  # whatever happened, the child must not run on as the caller
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            pngs = [_png_of(d) for d in drawings]
+            made = pipe.read()
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+    pdfs: list[bytes] = pickle.loads(made) if status == 0 else [_pdf_of(d) for d in drawings]
+    for drawing in drawings:
+        drawing.figure.clear()
+    return [FigureFile(d.stem, d.caption, png, pdf, regions)
+            for d, (png, regions), pdf in zip(drawings, pngs, pdfs, strict=True)]
+
+
+def _can_fork() -> bool:
+    """Whether a forked process may render beside this one: on Linux (macOS' system libraries are not
+    fork-safe), with a second core to run on, and no other thread, whose locks a fork would copy
+    in whatever state they are."""
+    return sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1 and threading.active_count() == 1
+
+
+def _png_of(drawing: Drawing) -> tuple[bytes, tuple[tuple[float, float, float, float, str], ...]]:
+    with _style():
+        box = _content_box(drawing.figure)
+        png = _png(drawing.figure, box)
+        return png, tuple(_region(ax, corners, text, box) for ax, corners, text in drawing.hover)
+
+
+def _pdf_of(drawing: Drawing) -> bytes:
+    with _style():
+        return _pdf(drawing.figure, _content_box(drawing.figure))
+
+
+def _content_box(fig: Figure) -> Any:
+    """The box (inches) both files are cropped to: the figure's content, padded."""
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(FIGURE_DPI)
+    if fig.get_layout_engine() is not None:  # panels are placed at draw time...
+        fig.draw_without_rendering()
+        fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
+    return fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+
+
+def _png(fig: Figure, box: Any) -> bytes:
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
+                pil_kwargs={"compress_level": PNG_COMPRESSION})
+    return out.getvalue()
+
+
+def _pdf(fig: Figure, box: Any) -> bytes:
+    out = io.BytesIO()
+    # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
+    fig.savefig(out, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+    return out.getvalue()
 
 
 def _region(ax: Any, corners: tuple[float, float, float, float], text: str,
@@ -1277,31 +1356,7 @@ def all_drawings(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *
 def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
                 curves: Sequence[str] | None = None) -> list[FigureFile]:
     """The figures the data supports, rendered, in paper order (see ``all_drawings``)."""
-    return [render(d) for d in all_drawings(ledger, inference, runs, curves=curves)]
-
-
-class RenderedOnRead(Mapping[str, FigureFile]):
-    """Drawings by stem that render when first read: a figure the paper leaves out (the cost
-    figure of a free study) costs its drawing only, never its PNG and PDF."""
-
-    def __init__(self, drawings: Sequence[Drawing]) -> None:
-        self._drawings = {d.stem: d for d in drawings}
-        self._files: dict[str, FigureFile] = {}
-
-    def __getitem__(self, stem: str) -> FigureFile:
-        if stem not in self._files:
-            self._files[stem] = render(self._drawings[stem])
-        return self._files[stem]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._drawings)
-
-    def __len__(self) -> int:
-        return len(self._drawings)
-
-    def rendered(self) -> list[FigureFile]:
-        """The figures read so far, in the drawings' order."""
-        return [self._files[stem] for stem in self._drawings if stem in self._files]
+    return render_all(all_drawings(ledger, inference, runs, curves=curves))
 
 
 def _with_instance_shares(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> Sequence[RunRow]:

@@ -53,7 +53,7 @@ from ratiocinator.report.document import (
     clean,
 )
 from ratiocinator.report.facts import MISSING, FactBook, Kind
-from ratiocinator.report.figures import FigureFile, RenderedOnRead, all_drawings
+from ratiocinator.report.figures import COST_STEM, FigureFile, all_drawings, render_all
 from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
 from ratiocinator.report.verdicts import abstract_sentence, conclusion, evidence, expectation
 from ratiocinator.spec.hypotheses import Hypothesis
@@ -107,12 +107,14 @@ def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[
 def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
-    drawn = RenderedOnRead(all_drawings(ledger, inference, runs, curves=spec.report.curves) if figures else [])
-    blocks, appendix = w.build(drawn)
+    drawings = all_drawings(ledger, inference, runs, curves=spec.report.curves) if figures else []
+    if w.cost_is_empty():  # a free study's paper has no cost section: its figure is not worth rendering
+        drawings = [d for d in drawings if d.stem != COST_STEM]
+    drawn = render_all(drawings)
+    blocks, appendix = w.build({f.stem: f for f in drawn})
     shown = {b.file.stem for b in (*blocks, *appendix) if isinstance(b, Figure)}
-    # A figure of a dropped section (a $0 cost) is never rendered, nor written.
-    rendered = tuple(f for f in drawn.rendered() if f.stem in shown)
-    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, rendered,
+    drawn = [f for f in drawn if f.stem in shown]  # a figure of a dropped section is not written
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, tuple(drawn),
                  tuple(appendix), w.judgements)
 
 
@@ -602,7 +604,7 @@ class _Writer:
         return blocks
 
     def curve_figures(self) -> list[FigureFile]:
-        return [self.figures[stem] for stem in self.figures if stem.startswith("fig_curves")]  # reads render
+        return [f for stem, f in self.figures.items() if stem.startswith("fig_curves")]
 
     def more_curves(self) -> list[Block]:
         """Every learning-curve figure after the first, which the main text shows."""
