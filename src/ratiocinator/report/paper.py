@@ -10,6 +10,7 @@ the same facts.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -60,6 +61,7 @@ from ratiocinator.spec.hypotheses import Hypothesis
 from ratiocinator.spec.models import Spec
 from ratiocinator.store import instances
 from ratiocinator.store.ledger import Experiment, Ledger, RunRow
+from ratiocinator.store.records import ReadinessRecord
 
 LOG_TAIL_LINES = 20
 # Only the end of a log is read, so a multi-gigabyte log costs no more than a small one.
@@ -513,9 +515,14 @@ class _Writer:
             blocks.append(Bullets(tuple(notes)))
         return blocks
 
+    @functools.cached_property
+    def _readiness_verdicts(self) -> list[ReadinessRecord]:
+        """Read once: every arm's command asks whether runs are seeded, and each read parses every event."""
+        return self.ledger.readiness_verdicts(self.experiment.id)
+
     def seeding(self) -> tuple[str, str]:
         """Whether the runner reads its seed, as the readiness review found: (state, one line)."""
-        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        verdicts = self._readiness_verdicts
         check = next((c for v in reversed(verdicts) for c in v.checks if c.get("name") == "seed"), None)
         if check is None:
             where = f" (in {self.spec.seed_env} and RATIOCINATOR_SEED)" if self.spec.seed_env else \
@@ -530,7 +537,7 @@ class _Writer:
 
     def readiness(self) -> str:
         """What the pre-run review found, from its ledger event (or that it was skipped)."""
-        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        verdicts = self._readiness_verdicts
         if not verdicts:
             return "not recorded"
         last = verdicts[-1]
