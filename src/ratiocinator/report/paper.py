@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,7 @@ class _Writer:
 
     # -- the document ---------------------------------------------------------------------
 
-    def build(self, figures: Mapping[str, FigureFile]) -> tuple[list[Block], list[Block]]:
+    def build(self, figures: dict[str, FigureFile]) -> tuple[list[Block], list[Block]]:
         """The paper (short: what a reviewer reads) and its appendix (every detail, every number's runs)."""
         self.figures = figures
         self.judgements = judge_hypotheses(stated_hypotheses(self.spec, self.ledger, self.experiment.id), self.inf,
