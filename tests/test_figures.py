@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -389,6 +390,66 @@ def test_main_effects_wraps_many_factors_into_rows(tmp_path: Path) -> None:
     assert drawing is not None
     assert sum(ax.get_visible() for ax in drawing.figure.axes) == 5
     assert len(drawing.figure.axes) == 8  # 2 rows of 4, the last 3 hidden
+
+
+def grid_book(tmp_path: Path) -> Book:
+    """Two crossed factors with replicates: every figure, the interaction's hover regions included."""
+    lrs, widths = ("0.1", "0.3", "1.0"), ("64", "256")
+    grid = [PlannedArm(name=f"lr={lr},width={w}", env={"LR": lr, "W": w}, factors={"lr": lr, "width": w})
+            for lr in lrs for w in widths]
+    book = Book(tmp_path, grid)
+    rng = np.random.default_rng(0)
+    for arm in grid:
+        for _ in range(3):
+            final = 0.5 + 0.1 * lrs.index(arm.factors["lr"]) + rng.normal(0, 0.01)
+            book.run(arm.name, final, curve=curve(final))
+    return book
+
+
+def test_render_all_in_two_processes_gives_the_files_of_render(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    book = grid_book(tmp_path)
+    inference = book.inference()
+    alone = [render(d) for d in figures.all_drawings(book.ledger, inference, book.runs)]
+    monkeypatch.setattr(figures, "_can_fork", lambda: True)  # a test runner's threads would rule the fork out
+    together = figures.render_all(figures.all_drawings(book.ledger, inference, book.runs))
+    assert [f.stem for f in together] == ["fig_goal", "fig_curves", "fig_main_effects", "fig_interaction", "fig_cost"]
+    assert together == alone  # the same bytes, captions and hover regions
+    assert together[3].regions
+
+
+def test_render_all_renders_the_pdfs_itself_when_its_child_fails(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    inference = planted(tmp_path).inference()
+    first, second = draw_goal(inference), draw_goal(inference)
+    assert first is not None and second is not None
+    alone = render(first)
+    parent, pdf_of = os.getpid(), figures._pdf_of
+
+    def fails_in_the_child(drawing: figures.Drawing) -> bytes:
+        if os.getpid() != parent:
+            raise RuntimeError("a child that cannot render")
+        return pdf_of(drawing)
+
+    monkeypatch.setattr(figures, "_can_fork", lambda: True)
+    monkeypatch.setattr(figures, "_pdf_of", fails_in_the_child)
+    assert figures.render_all([second]) == [alone]
+
+
+def test_a_factor_of_many_levels_labels_every_kth_level(tmp_path: Path) -> None:
+    levels = [str(i) for i in range(200)]
+    grid = [PlannedArm(name=f"k={k}", env={"K": k}, factors={"k": k}) for k in levels]
+    book = Book(tmp_path, grid)
+    for i, arm in enumerate(grid):
+        book.run(arm.name, float(i))
+    drawing = draw_main_effects(book.inference())
+    assert drawing is not None
+    ax = drawing.figure.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    step = int(ax.get_xticks()[1])
+    assert 1 < step < 20 and labels == levels[::step]
+    assert ax.get_xticks().tolist() == list(range(0, 200, step))
+    assert_files(render(drawing), "fig_main_effects")
 
 
 # -- scale and labels ----------------------------------------------------------------------

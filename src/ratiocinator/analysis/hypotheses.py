@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
-from scipy import stats as sps
 
 from ratiocinator.analysis.inference import (
     ALPHA,
@@ -38,6 +37,7 @@ from ratiocinator.analysis.inference import (
     judge,
     noise_floor,
 )
+from ratiocinator.analysis.lazy import scipy_stats as sps
 from ratiocinator.analysis.stats import Comparison, describe, holm, welch
 from ratiocinator.analysis.summary import ArmSummary, metric_stats
 from ratiocinator.spec.hypotheses import (

@@ -365,28 +365,44 @@ def _tex_char(ch: str) -> str:
     return rf"\texttt{{U+{ord(ch):04X}}}" if escaped == ch and _TEX_UNSUPPORTED.match(ch) else escaped
 
 
+class _TexChars(dict[int, str]):
+    """``_tex_char`` as a ``str.translate`` table, filled in as characters are first met."""
+
+    def __missing__(self, code: int) -> str:
+        self[code] = escaped = _tex_char(chr(code))
+        return escaped
+
+
+_TEX_TABLE = _TexChars()
+_TEX_WORDS = re.compile(r"(\S+)")
+
+
 def tex_escape(text: str) -> str:
     """Text for LaTeX: specials escaped, minus signs as minus signs, long words given places to break."""
-    text = _TEX_NEGATIVE.sub("\u2212", clean(text))
+    parts = _TEX_WORDS.split(_TEX_NEGATIVE.sub("\u2212", clean(text)))  # spaces, word, spaces, word, ..., spaces
+    return "".join(_tex_word(part) if i % 2 else part.translate(_TEX_TABLE) for i, part in enumerate(parts))
+
+
+def _tex_word(word: str) -> str:
+    """One word (no white space) for LaTeX, with places to break (see ``tex_escape``)."""
+    if _TEX_BREAK_AFTER.isdisjoint(word) and (len(word) < _TEX_WORD_CHARS or not any(c.isdigit() for c in word)):
+        return word.translate(_TEX_TABLE)  # the common case: nothing to break
     out: list[str] = []
-    word, digits = 0, False
-    for ch in text:
-        out.append(_tex_char(ch))
-        if ch.isspace():
-            word, digits = 0, False
-            continue
-        word += 1
+    length, digits = 0, False
+    for ch in word:
+        out.append(_TEX_TABLE[ord(ch)])
+        length += 1
         digits = digits or ch.isdigit()
         # A long English word is hyphenated by TeX; a long run of letters and digits (a hash) is not.
-        if ch in _TEX_BREAK_AFTER or (digits and word >= _TEX_WORD_CHARS):
+        if ch in _TEX_BREAK_AFTER or (digits and length >= _TEX_WORD_CHARS):
             out.append(_TEX_BREAK)
-            word, digits = 0, False
+            length, digits = 0, False
     return "".join(out)
 
 
 def tex_number(text: str) -> str:
     """A displayed number for LaTeX: unbreakable, its minus sign a math minus."""
-    return "".join(_tex_char(ch) for ch in _TEX_NEGATIVE.sub("\u2212", clean(text)))
+    return _TEX_NEGATIVE.sub("\u2212", clean(text)).translate(_TEX_TABLE)
 
 
 def _tex_unescape(text: str) -> str:
@@ -442,10 +458,21 @@ _LINE_PT = 483.0 * 0.95
 _TEXT_MIN_EM = 5.0
 MEASURED_CELLS = 8
 _WORD_BREAK = re.compile(r"[\s,=/_;:]+")
+_DECIMAL_POINT = re.compile(r"\d\.\d")
+
+
+class _Ems(dict[str, float]):
+    """``_EM``, where a character not listed counts as a capital."""
+
+    def __missing__(self, ch: str) -> float:
+        return _CAPITAL_EM
+
+
+_EM_OF = _Ems(_EM)
 
 
 def _width_pt(text: str, size: float, *, bold: bool = False) -> float:
-    return sum(_EM.get(ch, _CAPITAL_EM) for ch in text) * size * (_BOLD if bold else 1.0)
+    return sum(map(_EM_OF.__getitem__, text)) * size * (_BOLD if bold else 1.0)
 
 
 def _longest_word_pt(text: str, size: float, *, bold: bool = False) -> float:
@@ -454,7 +481,7 @@ def _longest_word_pt(text: str, size: float, *, bold: bool = False) -> float:
 
 def _decimal_tail(text: str) -> str:
     """What follows the first decimal point of a number cell (with the point), or ''."""
-    match = re.search(r"\d\.\d", text)
+    match = _DECIMAL_POINT.search(text)
     return text[match.start() + 1 :] if match else ""
 
 

@@ -22,7 +22,12 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
+import pickle
 import re
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -152,23 +157,97 @@ def _styled(draw: Callable[P, R]) -> Callable[P, R]:
 def render(drawing: Drawing) -> FigureFile:
     """PNG (dpi 100) and vector PDF of one drawing, both cropped to their content."""
     fig = drawing.figure
-    canvas = FigureCanvasAgg(fig)
     with _style():
         # One layout pass finds the content's box for both files (text layout is the slow
         # part of a figure with a hundred labels); matplotlib's "tight" would redo it per file.
-        fig.set_dpi(FIGURE_DPI)
-        if fig.get_layout_engine() is not None:  # panels are placed at draw time...
-            fig.draw_without_rendering()
-            fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
-        box = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
-        png, pdf = io.BytesIO(), io.BytesIO()
-        fig.savefig(png, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
-                    pil_kwargs={"compress_level": PNG_COMPRESSION})
-        # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
-        fig.savefig(pdf, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+        box = _content_box(fig)
+        png = _png(fig, box)
+        pdf = _pdf(fig, box)
         regions = tuple(_region(ax, corners, text, box) for ax, corners, text in drawing.hover)
     fig.clear()
-    return FigureFile(drawing.stem, drawing.caption, png.getvalue(), pdf.getvalue(), regions)
+    return FigureFile(drawing.stem, drawing.caption, png, pdf, regions)
+
+
+def render_all(drawings: Sequence[Drawing]) -> list[FigureFile]:
+    """Every drawing rendered, as ``render`` does, with the PDFs made by a forked process beside this one.
+
+    The two halves take about as long (the PDF side also imports matplotlib's PDF backend), so a
+    second core halves the figures' time. Each side lays the figure out itself: layout is
+    deterministic, so both find the same box and the files are byte for byte those of ``render``.
+    Where forking is unsafe or pays nothing (see ``_can_fork``), or the child fails, this process
+    renders everything itself.
+    """
+    if not drawings or not _can_fork():
+        return [render(d) for d in drawings]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the PDFs, pickled down the pipe; it never returns to the caller
+        status = 1
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump([_pdf_of(d) for d in drawings], pipe)
+            status = 0
+        finally:
+            os._exit(status)  # whatever happened, the child must not run on as the caller
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            pngs = [_png_of(d) for d in drawings]
+            made = pipe.read()
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+    pdfs: list[bytes] = pickle.loads(made) if status == 0 else [_pdf_of(d) for d in drawings]
+    for drawing in drawings:
+        drawing.figure.clear()
+    return [FigureFile(d.stem, d.caption, png, pdf, regions)
+            for d, (png, regions), pdf in zip(drawings, pngs, pdfs, strict=True)]
+
+
+def _can_fork() -> bool:
+    """Whether a forked process may render beside this one: on Linux (macOS' system libraries are not
+    fork-safe), with a second core to run on, and no other thread, whose locks a fork would copy
+    in whatever state they are."""
+    return sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1 and threading.active_count() == 1
+
+
+def _png_of(drawing: Drawing) -> tuple[bytes, tuple[tuple[float, float, float, float, str], ...]]:
+    with _style():
+        box = _content_box(drawing.figure)
+        png = _png(drawing.figure, box)
+        return png, tuple(_region(ax, corners, text, box) for ax, corners, text in drawing.hover)
+
+
+def _pdf_of(drawing: Drawing) -> bytes:
+    with _style():
+        return _pdf(drawing.figure, _content_box(drawing.figure))
+
+
+def _content_box(fig: Figure) -> Any:
+    """The box (inches) both files are cropped to: the figure's content, padded."""
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(FIGURE_DPI)
+    if fig.get_layout_engine() is not None:  # panels are placed at draw time...
+        fig.draw_without_rendering()
+        fig.set_layout_engine(None)  # ...once: each save would place them again (they keep their places)
+    return fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+
+
+def _png(fig: Figure, box: Any) -> bytes:
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata={"Software": None},
+                pil_kwargs={"compress_level": PNG_COMPRESSION})
+    return out.getvalue()
+
+
+def _pdf(fig: Figure, box: Any) -> bytes:
+    out = io.BytesIO()
+    # dpi only sets the resolution of rasterized artists (dense dots); everything else stays vector.
+    fig.savefig(out, format="pdf", dpi=RASTER_DPI, bbox_inches=box, metadata={"CreationDate": None})
+    return out.getvalue()
 
 
 def _region(ax: Any, corners: tuple[float, float, float, float], text: str,
@@ -925,6 +1004,14 @@ def curve_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], 
 # -- main effects ---------------------------------------------------------------------
 
 
+def _tick_step(labels: Sequence[str], spacing_in: float, fontsize: float = 8.0) -> int:
+    """Label every ``step``-th tick: tick labels tilted by 30° overlap when neighbours sit closer than twice
+    a label's height, and two hundred overlapping labels are a grey smear (and the slowest part to draw)."""
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    needed = 2 * lines * fontsize / 72 * 1.25
+    return max(1, math.ceil(needed / spacing_in - 1e-9))
+
+
 @_styled
 def draw_main_effects(inference: Inference) -> Drawing | None:
     """One panel per factor: each level's mean goal value with its CI, levels in spec order."""
@@ -939,7 +1026,7 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
     nrows = math.ceil(len(effects) / ncols)
     most_levels = max(len(e.levels) for e in effects)
     panel_width = max(2.6, 0.9 + 0.55 * most_levels)
-    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=True)
+    fig = _new_figure(ncols * panel_width, 3.2 * nrows, constrained=len(effects) > 1)  # spaces panels: not one
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
     single = False
     for k, effect in enumerate(effects):
@@ -959,8 +1046,9 @@ def draw_main_effects(inference: Inference) -> Drawing | None:
             single = True
             ax.plot([i for i, _ in without], [d.mean for _, d in without], "o", color=PALETTE[0], markersize=5)
         tilt = len(labels) > 5 or any(len(line) > 6 for label in labels for line in label.split("\n"))
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
-                      rotation_mode="anchor" if tilt else "default")
+        step = _tick_step(labels, ax.get_position().width * fig.get_size_inches()[0] / len(labels)) if tilt else 1
+        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=30 if tilt else 0,
+                      ha="right" if tilt else "center", rotation_mode="anchor" if tilt else "default")
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_title(wrap_label(effect.factor, 30, 2) + (" *" if effect.significant else ""))
         ax.grid(axis="y", alpha=0.3)
@@ -1251,17 +1339,24 @@ def cost_figure(inference: Inference, runs: Sequence[RunRow]) -> FigureFile | No
 # -- all of them -----------------------------------------------------------------------
 
 
+def all_drawings(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
+                 curves: Sequence[str] | None = None) -> list[Drawing]:
+    """The figures the data supports, in paper order (goal, curves, main effects, interaction, cost), not yet
+    rendered: drawing is quick, rendering is most of a figure's time."""
+    drawings = [
+        draw_goal(inference),
+        *draw_curve_figures(ledger, inference, runs, metrics=curves),
+        draw_main_effects(inference),
+        draw_interaction(inference),
+        draw_cost(inference, _with_instance_shares(ledger, inference, runs)),
+    ]
+    return [d for d in drawings if d is not None]
+
+
 def all_figures(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
                 curves: Sequence[str] | None = None) -> list[FigureFile]:
-    """The figures the data supports, in paper order: goal, curves, main effects, interaction, cost."""
-    figures = [
-        goal_figure(inference),
-        *curve_figures(ledger, inference, runs, metrics=curves),
-        main_effects_figure(inference),
-        interaction_figure(inference),
-        cost_figure(inference, _with_instance_shares(ledger, inference, runs)),
-    ]
-    return [f for f in figures if f is not None]
+    """The figures the data supports, rendered, in paper order (see ``all_drawings``)."""
+    return render_all(all_drawings(ledger, inference, runs, curves=curves))
 
 
 def _with_instance_shares(ledger: Ledger, inference: Inference, runs: Sequence[RunRow]) -> Sequence[RunRow]:

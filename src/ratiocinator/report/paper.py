@@ -10,6 +10,7 @@ the same facts.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -53,13 +54,14 @@ from ratiocinator.report.document import (
     clean,
 )
 from ratiocinator.report.facts import MISSING, FactBook, Kind
-from ratiocinator.report.figures import FigureFile, all_figures
+from ratiocinator.report.figures import COST_STEM, FigureFile, all_drawings, render_all
 from ratiocinator.report.narrative import check_narrative, config_numbers, recorded_narrative
 from ratiocinator.report.verdicts import abstract_sentence, conclusion, evidence, expectation
 from ratiocinator.spec.hypotheses import Hypothesis
 from ratiocinator.spec.models import Spec
 from ratiocinator.store import instances
 from ratiocinator.store.ledger import Experiment, Ledger, RunRow
+from ratiocinator.store.records import ReadinessRecord
 
 LOG_TAIL_LINES = 20
 # Only the end of a log is read, so a multi-gigabyte log costs no more than a small one.
@@ -107,11 +109,14 @@ def analyse(ledger: Ledger, experiment_id: str) -> tuple[Experiment, Spec, list[
 def build_paper(ledger: Ledger, experiment_id: str, *, figures: bool = True) -> Paper:
     experiment, spec, runs, finals, inference = analyse(ledger, experiment_id)
     w = _Writer(ledger, experiment, spec, runs, inference)
-    drawn = tuple(all_figures(ledger, inference, runs, curves=spec.report.curves)) if figures else ()
+    drawings = all_drawings(ledger, inference, runs, curves=spec.report.curves) if figures else []
+    if w.cost_is_empty():  # a free study's paper has no cost section: its figure is not worth rendering
+        drawings = [d for d in drawings if d.stem != COST_STEM]
+    drawn = render_all(drawings)
     blocks, appendix = w.build({f.stem: f for f in drawn})
     shown = {b.file.stem for b in (*blocks, *appendix) if isinstance(b, Figure)}
-    drawn = tuple(f for f in drawn if f.stem in shown)  # a figure of a dropped section (a $0 cost) is not written
-    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, drawn,
+    drawn = [f for f in drawn if f.stem in shown]  # a figure of a dropped section is not written
+    return Paper(experiment, spec, spec.title, tuple(blocks), w.book, inference, tuple(runs), finals, tuple(drawn),
                  tuple(appendix), w.judgements)
 
 
@@ -510,9 +515,14 @@ class _Writer:
             blocks.append(Bullets(tuple(notes)))
         return blocks
 
+    @functools.cached_property
+    def _readiness_verdicts(self) -> list[ReadinessRecord]:
+        """Read once: every arm's command asks whether runs are seeded, and each read parses every event."""
+        return self.ledger.readiness_verdicts(self.experiment.id)
+
     def seeding(self) -> tuple[str, str]:
         """Whether the runner reads its seed, as the readiness review found: (state, one line)."""
-        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        verdicts = self._readiness_verdicts
         check = next((c for v in reversed(verdicts) for c in v.checks if c.get("name") == "seed"), None)
         if check is None:
             where = f" (in {self.spec.seed_env} and RATIOCINATOR_SEED)" if self.spec.seed_env else \
@@ -527,7 +537,7 @@ class _Writer:
 
     def readiness(self) -> str:
         """What the pre-run review found, from its ledger event (or that it was skipped)."""
-        verdicts = self.ledger.readiness_verdicts(self.experiment.id)
+        verdicts = self._readiness_verdicts
         if not verdicts:
             return "not recorded"
         last = verdicts[-1]
