@@ -145,6 +145,7 @@ class LocalBackend(Backend):
         self._checkout: Path | None = None  # the prepared (cached) checkout: runs get copies of it
         self._copy_inputs: tuple[list[str], list[str]] | None = None  # its LFS files and untracked entries
         self._spares: SpareCopies | None = None  # clean copies of it that finished runs handed on
+        self._checkout_names: dict[str, tuple[Path | None, bool]] = {}  # cwd -> (checkout then, whether it is it)
         self._copies_made = 0
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
@@ -219,7 +220,7 @@ class LocalBackend(Backend):
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
         argv, cwd, copy = request.argv, request.cwd, None
-        if self._checkout is not None and Path(request.cwd).resolve() == self._checkout:
+        if self._checkout is not None and self._is_checkout(request.cwd):
             copy = await self._working_copy(request.log_dir / "work")
             argv, cwd = _moved(argv, self._checkout, copy.path), copy.path
             env = _moved_env(env, self._checkout, copy.path)
@@ -234,6 +235,13 @@ class LocalBackend(Backend):
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
             Supervisor.watch(proc.pid, pid_start, request.timeout_s)
         return LocalRunHandle(proc, copy, pid_start)
+
+    def _is_checkout(self, cwd: Path | str) -> bool:
+        """Whether ``cwd`` names the prepared checkout; each name is resolved once (runs share one)."""
+        known = self._checkout_names.get(str(cwd))
+        if known is None or known[0] != self._checkout:
+            known = self._checkout_names[str(cwd)] = (self._checkout, Path(cwd).resolve() == self._checkout)
+        return known[1]
 
     async def _working_copy(self, dest: Path) -> _RunCopy:
         """The run's own copy of the prepared commit: a clean one a finished run handed on (see `repo.copies`),

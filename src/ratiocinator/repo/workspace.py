@@ -218,7 +218,7 @@ def move_working_copy(checkout: Path, copy: Path, dest: Path) -> None:
             raise OSError(f"{copy / '.git'} is not an absolute git worktree link")
         os.rename(copy, dest)
         tmp = record / "gitdir.tmp"
-        tmp.write_text(f"{Path(dest).resolve() / '.git'}\n")
+        tmp.write_text(f"{os.path.join(os.path.abspath(dest), '.git')}\n")
         os.replace(tmp, record / "gitdir")
 
 
