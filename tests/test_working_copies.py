@@ -1,10 +1,16 @@
-"""Runs' working copies made from lists taken once, and dropped without a git process per run."""
+"""Runs' working copies made from lists taken once, dropped without a git process per run, and handed on
+to the next run of the same commit when a run left them as they were made."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from gitrepo import GitRepo
+import pytest
+
+from gitrepo import GitRepo, git
+from ratiocinator.repo.copies import SPARE_PREFIX, SpareCopies, snapshot
 from ratiocinator.repo.workspace import (
     drop_working_copy,
     lfs_files,
@@ -39,3 +45,66 @@ def test_copies_from_listed_inputs_are_isolated_and_dropped_records_are_pruned_i
     prune_working_copies(repo.path)
     assert len(records(repo.path)) == 1 and (again / "train.py").exists()
     assert repo.git("status", "--porcelain") == ""  # the checkout itself stays pristine
+
+
+def _study_checkout(tmp_path: Path) -> GitRepo:
+    repo = GitRepo(tmp_path / "checkout")
+    repo.commit({"train.py": "import helper\nprint(helper.VALUE)\n", "helper.py": "VALUE = 1\n"}, "first")
+    return repo
+
+
+@pytest.mark.subprocess
+def test_a_clean_copy_moves_to_the_next_run_and_stays_a_git_worktree(tmp_path: Path) -> None:
+    repo = _study_checkout(tmp_path)
+    runs = tmp_path / "runs"
+    spares = SpareCopies(repo.path.resolve())
+    first = working_copy(repo.path, runs / "1" / "work", [], [])
+    seen = snapshot(first)
+    subprocess.run([sys.executable, "train.py"], cwd=first, check=True, capture_output=True)  # writes __pycache__
+    assert spares.put_back(first, seen) and not first.exists() and len(spares) == 1
+
+    (runs / "2").mkdir()
+    assert spares.take(runs / "2" / "work") == seen and len(spares) == 0
+    second = runs / "2" / "work"
+    assert (second / "train.py").read_text().startswith("import helper")
+    git("worktree", "prune", cwd=repo.path)  # git's record follows the copy: a prune keeps it
+    assert git("rev-parse", "HEAD", cwd=second) == repo.git("rev-parse", "HEAD")
+    assert git("status", "--porcelain", cwd=second) == ""
+    assert str(second.resolve()) in repo.git("worktree", "list", "--porcelain")
+    assert spares.take(runs / "3" / "work") is None  # none left: the next run gets a fresh one
+
+
+def test_a_copy_the_run_changed_is_deleted_not_handed_on(tmp_path: Path) -> None:
+    repo = _study_checkout(tmp_path)
+    spares = SpareCopies(repo.path.resolve())
+    edited = working_copy(repo.path, tmp_path / "runs" / "1" / "work", [], [])
+    seen = snapshot(edited)
+    (edited / "helper.py").write_text("VALUE = 2\n")
+    assert not spares.put_back(edited, seen) and not edited.exists()
+    added = working_copy(repo.path, tmp_path / "runs" / "2" / "work", [], [])
+    seen = snapshot(added)
+    (added / "checkpoints").mkdir()
+    assert not spares.put_back(added, seen) and not added.exists()
+    assert len(spares) == 0 and len(records(repo.path)) == 2  # records pruned later, in one go
+
+
+def test_spares_go_at_close_and_a_killed_process_s_spares_go_with_the_next_one(tmp_path: Path) -> None:
+    repo = _study_checkout(tmp_path)
+    runs = tmp_path / "runs"
+    spares = SpareCopies(repo.path.resolve())
+    copy = working_copy(repo.path, runs / "1" / "work", [], [])
+    assert spares.put_back(copy, snapshot(copy))
+    (folder,) = runs.glob(SPARE_PREFIX + "*")
+    abandoned = runs / (SPARE_PREFIX + "gone")  # what a process killed with kill -9 left: its lock is free
+    (abandoned / "1").mkdir(parents=True)
+    (abandoned / ".owner.lock").touch()
+
+    later = SpareCopies(repo.path.resolve())
+    other = working_copy(repo.path, runs / "2" / "work", [], [])
+    assert later.put_back(other, snapshot(other))
+    assert not abandoned.exists() and folder.exists()  # a live process's spares are left alone
+    spares.close()
+    later.close()
+    assert not list(runs.glob(SPARE_PREFIX + "*"))
+    late = working_copy(repo.path, runs / "3" / "work", [], [])
+    assert not spares.put_back(late, snapshot(late)) and not late.exists()  # closed: deleted, not kept

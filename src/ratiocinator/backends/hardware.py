@@ -7,6 +7,7 @@ including the ones a local machine cannot honour (image, bandwidth, $/hour).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -137,29 +138,42 @@ def oom_kill_count() -> int:
 
     Only ever compared with an earlier reading: an increase while a run was alive, and the
     run dying of SIGKILL, means the OOM killer took it. Unreadable counters count as 0.
+    Read before every run, so the files to read are found once per process.
     """
-    total = _counter(Path("/proc/vmstat"), "oom_kill")
+    return sum(_counter(path) for path in _oom_counters())
+
+
+@functools.cache
+def _oom_counters() -> tuple[Path, ...]:
+    """/proc/vmstat and this process's memory cgroup's counter (v2 ``memory.events``, v1 ``memory.oom_control``)."""
+    found = [Path("/proc/vmstat")]
     try:
         cgroups = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return total
+        return tuple(found)
     for line in cgroups:
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         relative = path.lstrip("/")
         if hierarchy == "0" and not controllers:  # cgroup v2: subtree events
-            total += _counter(Path("/sys/fs/cgroup") / relative / "memory.events", "oom_kill")
+            found.append(Path("/sys/fs/cgroup") / relative / "memory.events")
         elif "memory" in controllers.split(","):  # cgroup v1
-            total += _counter(Path("/sys/fs/cgroup/memory") / relative / "memory.oom_control", "oom_kill")
-    return total
+            found.append(Path("/sys/fs/cgroup/memory") / relative / "memory.oom_control")
+    return tuple(found)
 
 
-def _counter(path: Path, name: str) -> int:
+def _counter(path: Path, name: bytes = b"oom_kill") -> int:
     try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
+        with open(path, "rb") as fh:
+            data = b"\n" + fh.read()
+    except OSError:
+        return 0
+    at = data.find(b"\n" + name + b" ")
+    if at < 0:
+        return 0
+    start = at + len(name) + 2
+    end = data.find(b"\n", start)
+    try:
+        return int(data[start:] if end < 0 else data[start:end])
+    except ValueError:
+        return 0

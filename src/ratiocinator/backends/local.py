@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ratiocinator.execution import contract
 from ratiocinator.execution.environment import probe_environment
 from ratiocinator.execution.supervisor import Supervisor
 from ratiocinator.repo import workspace as ws
+from ratiocinator.repo.copies import Snapshot, SpareCopies, snapshot
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
 
@@ -48,13 +50,13 @@ class LocalRunHandle(RunHandle):
     a stray grandchild still holds its pipes open (asyncio's own subprocess
     transport only reports exit once every pipe has closed)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], copy: tuple[Path, Path] | None = None,
+    def __init__(self, proc: subprocess.Popen[bytes], copy: _RunCopy | None = None,
                  pid_start: int | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.pid_start = pid_start if pid_start is not None else process_start_time(proc.pid)
-        self._copy = copy  # (cached checkout, this run's working copy), removed once the run succeeded
-        self.workdir = copy[1] if copy else None
+        self._copy = copy  # this run's working copy, handed on (or removed) once the run succeeded
+        self.workdir = copy.path if copy else None
         self._exited = asyncio.get_running_loop().create_future()
         self._watch_exit()
 
@@ -124,9 +126,8 @@ class LocalRunHandle(RunHandle):
     async def reap_strays(self) -> None:
         kill_group(self.proc.pid, signal.SIGKILL)
         if self._copy is not None and self.proc.poll() == 0:  # a failed run's copy stays, to look at
-            checkout, copy = self._copy
-            self._copy = None
-            await asyncio.to_thread(ws.drop_working_copy, checkout, copy, prune=False)  # pruned at release
+            copy, self._copy = self._copy, None
+            await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen)  # kept for the next run when clean
 
 
 class LocalBackend(Backend):
@@ -143,6 +144,8 @@ class LocalBackend(Backend):
         self.home = home
         self._checkout: Path | None = None  # the prepared (cached) checkout: runs get copies of it
         self._copy_inputs: tuple[list[str], list[str]] | None = None  # its LFS files and untracked entries
+        self._spares: SpareCopies | None = None  # clean copies of it that finished runs handed on
+        self._checkout_names: dict[str, tuple[Path | None, bool]] = {}  # cwd -> (checkout then, whether it is it)
         self._copies_made = 0
 
     def check_hardware(self, loaded: LoadedSpec) -> list[HardwareFinding]:
@@ -195,6 +198,9 @@ class LocalBackend(Backend):
             await asyncio.to_thread(
                 ws.run_verify, checkout, spec.deps.verify, {**inherited, **env}, timeout_s=spec.download_timeout_s
             )
+        if self._spares is not None and self._spares.checkout != Path(checkout).resolve():
+            await asyncio.to_thread(self._spares.close)  # copies of another commit
+            self._spares = None
         self._checkout, self._copy_inputs = Path(checkout).resolve(), None
         started = time.monotonic()  # the data: in place (local), or fetched once into the home's cache
         copy = await asyncio.to_thread(prepared_copy, loaded, self.home)
@@ -214,9 +220,10 @@ class LocalBackend(Backend):
         if request.slot.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, request.slot.gpus))
         argv, cwd, copy = request.argv, request.cwd, None
-        if self._checkout is not None and Path(request.cwd).resolve() == self._checkout:
+        if self._checkout is not None and self._is_checkout(request.cwd):
             copy = await self._working_copy(request.log_dir / "work")
-            argv, cwd, env = _moved(argv, self._checkout, copy), copy, _moved_env(env, self._checkout, copy)
+            argv, cwd = _moved(argv, self._checkout, copy.path), copy.path
+            env = _moved_env(env, self._checkout, copy.path)
         try:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -227,13 +234,27 @@ class LocalBackend(Backend):
         pid_start = process_start_time(proc.pid)
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
             Supervisor.watch(proc.pid, pid_start, request.timeout_s)
-        return LocalRunHandle(proc, (self._checkout, copy) if copy is not None and self._checkout else None,
-                              pid_start)
+        return LocalRunHandle(proc, copy, pid_start)
 
-    async def _working_copy(self, dest: Path) -> Path:
-        """The run's own copy of the prepared commit (see `repo.workspace.working_copy`)."""
+    def _is_checkout(self, cwd: Path | str) -> bool:
+        """Whether ``cwd`` names the prepared checkout; each name is resolved once (runs share one)."""
+        known = self._checkout_names.get(str(cwd))
+        if known is None or known[0] != self._checkout:
+            known = self._checkout_names[str(cwd)] = (self._checkout, Path(cwd).resolve() == self._checkout)
+        return known[1]
+
+    async def _working_copy(self, dest: Path) -> _RunCopy:
+        """The run's own copy of the prepared commit: a clean one a finished run handed on (see `repo.copies`),
+        else a new one (see `repo.workspace.working_copy`)."""
         assert self._checkout is not None
         checkout = self._checkout
+        if self._spares is None:
+            self._spares = SpareCopies(checkout)
+        spares = self._spares
+        if len(spares):
+            seen = await asyncio.to_thread(spares.take, dest)
+            if seen is not None:
+                return _RunCopy(dest, spares, seen)
         try:
             if self._copy_inputs is None:  # listed once: runs never write the cached checkout
                 self._copy_inputs = await asyncio.to_thread(
@@ -244,17 +265,21 @@ class LocalBackend(Backend):
             # past the existing ones, so thousands of stale records would slow every add.
             prune = self._copies_made % PRUNE_EVERY == 0
 
-            def make() -> Path:
+            def make() -> _RunCopy:
                 if prune:
                     ws.prune_working_copies(checkout)
-                return ws.working_copy(checkout, dest, lfs, untracked)
+                made = ws.working_copy(checkout, dest, lfs, untracked)
+                return _RunCopy(made, spares, snapshot(made))
 
             return await asyncio.to_thread(make)
         except (WorkspaceError, OSError) as exc:
             raise LaunchFailure(f"could not make the run's working copy: {exc}", transient=True) from None
 
     async def release(self, host: Host) -> None:
-        """Nothing is rented locally; git forgets the working copies the runs dropped."""
+        """Nothing is rented locally; the spare copies go, and git forgets the working copies the runs dropped."""
+        if self._spares is not None:
+            await asyncio.to_thread(self._spares.close)
+            self._spares = None
         if self._checkout is not None:
             await asyncio.to_thread(ws.prune_working_copies, self._checkout)
 
@@ -266,6 +291,15 @@ class LocalBackend(Backend):
         if alive_start is not None and pid_start is not None and alive_start != pid_start:
             return False  # the PID now belongs to an unrelated process
         return kill_group(pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class _RunCopy:
+    """A run's working copy, what it held when the run started, and where it goes back when the run succeeds."""
+
+    path: Path
+    spares: SpareCopies
+    seen: Snapshot | None
 
 
 def _moved(argv: tuple[str, ...], old: Path, new: Path) -> tuple[str, ...]:

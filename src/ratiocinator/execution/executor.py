@@ -12,11 +12,11 @@ runs all fail with one deterministic class, nothing more is launched.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -535,7 +535,8 @@ class Executor:
         self.started_at.pop(run_id, None)
         if diagnosis is None:
             assert exit_info is not None
-            oom_after = self.backend.oom_kills(self.host)
+            # Only a SIGKILL is ever put down to the OOM killer: other endings need no second reading.
+            oom_after = self.backend.oom_kills(self.host) if exit_info.signal == signal.SIGKILL else oom_before
             run_dir = self.runs_dir / str(run_id)
             diagnosis = diagnose(RunEvidence(
                 exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out,
@@ -595,7 +596,7 @@ class RunOutcome:
         """Write it atomically; a disk too full for even this leaves the run to be run again on resume."""
         tmp = run_dir / (self.FILE + ".tmp")
         try:
-            tmp.write_text(json.dumps(dataclasses.asdict(self), default=str, allow_nan=True))
+            tmp.write_text(json.dumps(vars(self), default=str, allow_nan=True))  # its fields hold plain data
             os.replace(tmp, run_dir / self.FILE)
         except OSError:
             tmp.unlink(missing_ok=True)

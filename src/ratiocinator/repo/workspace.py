@@ -204,6 +204,24 @@ def drop_working_copy(checkout: Path, dest: Path, *, prune: bool = True) -> None
             _git(["worktree", "prune"], cwd=checkout)
 
 
+def move_working_copy(checkout: Path, copy: Path, dest: Path) -> None:
+    """Rename a working copy to ``dest`` (on the same file system) and point git's record of it there.
+
+    The record's back link (``worktrees/<id>/gitdir``) is what ``git worktree prune`` checks: left naming
+    the old place, a prune would drop the record and the moved copy would stop being a git worktree.
+    Both happen under the worktrees lock, which every prune here holds too."""
+    checkout = Path(checkout).resolve()
+    with _worktrees_locked(checkout):
+        link = (copy / ".git").read_text().strip()
+        record = Path(link.removeprefix("gitdir:").strip())
+        if not link.startswith("gitdir:") or not record.is_absolute():  # a relative link would break on the move
+            raise OSError(f"{copy / '.git'} is not an absolute git worktree link")
+        os.rename(copy, dest)
+        tmp = record / "gitdir.tmp"
+        tmp.write_text(f"{os.path.join(os.path.abspath(dest), '.git')}\n")
+        os.replace(tmp, record / "gitdir")
+
+
 def prune_working_copies(checkout: Path) -> None:
     """Forget the records of working copies whose files are gone."""
     checkout = Path(checkout).resolve()

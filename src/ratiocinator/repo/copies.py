@@ -1,0 +1,149 @@
+"""Runs' working copies handed on to the next run of the same commit instead of being made afresh.
+
+Making a working copy starts git and writes every tracked file; for short runs that costs more than
+the run itself. A run that exits 0 and leaves its copy exactly as it found it (the same entries, each
+file and link with the same inode, mode, size, mtime and ctime) hands the copy on: it waits in this
+process's spare folder next to the run directories, and the next run's copy is that folder renamed
+to the new run's ``work``. So a run's copy is always at its own run directory's ``work`` while it runs,
+as a fresh one would be; a copy found changed is deleted as before, and the next run gets a fresh one.
+
+``__pycache__`` folders are left out of the comparison: Python writes them on import and checks
+them against each source's size and mtime before use, and a reused copy's sources are the same files.
+
+Spares live in a folder held under an ``flock`` by the process that made it; a folder whose lock is
+free belongs to a process that is gone (killed with ``kill -9``) and is deleted by the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO
+
+from ratiocinator.repo import workspace as ws
+
+SPARE_PREFIX = ".spare-copies-"
+LOCK_NAME = ".owner.lock"
+IGNORED_DIRS = frozenset({"__pycache__"})
+
+Snapshot = dict[str, tuple[int, ...]]
+
+
+def snapshot(copy: Path) -> Snapshot | None:
+    """Every entry under ``copy`` with what changes when it is written; None when some entry cannot be read.
+
+    Folders are compared by the entries in them (their mtime moves whenever Python writes a cache)."""
+    found: Snapshot = {}
+    pending = [(str(copy), "")]
+    try:
+        while pending:
+            folder, prefix = pending.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    info = entry.stat(follow_symlinks=False)
+                    name = prefix + entry.name
+                    if stat.S_ISDIR(info.st_mode):
+                        if entry.name in IGNORED_DIRS:
+                            continue
+                        found[name] = (info.st_mode, info.st_ino)
+                        pending.append((entry.path, name + "/"))
+                    else:
+                        found[name] = (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    except OSError:
+        return None
+    return found
+
+
+class SpareCopies:
+    """Clean working copies of one cached checkout, waiting for the next run; one instance per process and checkout.
+
+    `take` and `put_back` run in worker threads (their file system work); the list of spares is
+    guarded by a lock, so a copy is never handed to two runs."""
+
+    def __init__(self, checkout: Path) -> None:
+        self.checkout = checkout
+        self._lock = threading.Lock()
+        self._spares: list[tuple[Path, Snapshot]] = []
+        self._folders: dict[Path, tuple[Path, IO[str]]] = {}  # runs' parent folder -> (spare folder, its held lock)
+        self._closed = False
+        self._made = 0
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def take(self, dest: Path) -> Snapshot | None:
+        """Move a spare copy to ``dest`` and return its snapshot; None when there is none to take."""
+        while True:
+            with self._lock:
+                if not self._spares:
+                    return None
+                spare, seen = self._spares.pop()
+            try:
+                ws.move_working_copy(self.checkout, spare, dest)
+            except OSError:  # another file system, say: that spare is of no use
+                shutil.rmtree(spare, ignore_errors=True)
+                shutil.rmtree(dest, ignore_errors=True)  # the run's fresh copy goes there
+                continue
+            return seen
+
+    def put_back(self, copy: Path, seen: Snapshot | None) -> bool:
+        """Keep ``copy`` for a later run when it is as it was made (``seen``); otherwise delete it. True when kept."""
+        if seen is not None and not self._closed and snapshot(copy) == seen:
+            with self._lock:
+                folder = None if self._closed else self._folder(copy.parent.parent)
+                if folder is not None:
+                    self._made += 1
+                    spare = folder / str(self._made)
+                    try:
+                        ws.move_working_copy(self.checkout, copy, spare)
+                    except OSError:
+                        pass
+                    else:
+                        self._spares.append((spare, seen))
+                        return True
+        ws.drop_working_copy(self.checkout, copy, prune=False)  # pruned at the backend's release
+        return False
+
+    def close(self) -> None:
+        """Delete every spare and the spare folders; copies handed back later are deleted instead of kept."""
+        with self._lock:
+            self._closed = True
+            spares, self._spares = self._spares, []
+            folders, self._folders = self._folders, {}
+        for spare, _ in spares:
+            shutil.rmtree(spare, ignore_errors=True)
+        for folder, held in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+            held.close()
+
+    def _folder(self, parent: Path) -> Path | None:
+        """This process's spare folder beside the run directories in ``parent`` (made once; the caller locks)."""
+        known = self._folders.get(parent)
+        if known is not None:
+            return known[0]
+        try:
+            _remove_abandoned(parent)
+            folder = Path(tempfile.mkdtemp(prefix=SPARE_PREFIX, dir=parent))
+            held = open(folder / LOCK_NAME, "w")
+        except OSError:
+            return None
+        fcntl.flock(held, fcntl.LOCK_EX)
+        self._folders[parent] = (folder, held)
+        return folder
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Spare folders whose owner is gone (its lock is free): what a killed process left behind."""
+    for folder in parent.glob(SPARE_PREFIX + "*"):
+        try:
+            with open(folder / LOCK_NAME) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held (a live process's), or its owner is making it this instant
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
