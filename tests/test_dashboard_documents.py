@@ -9,14 +9,18 @@ from liveledger import ledger_with_runs
 from ratiocinator.dashboard import documents
 from ratiocinator.dashboard.documents import CurveCursor, experiment_document, experiments_document
 from ratiocinator.execution.metrics import MetricPoint
+from ratiocinator.pipeline import experiment_lock
 from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.paths import Paths
 from ratiocinator.store.views import curve_metric
 
 
 def test_experiment_document_holds_the_grid_goal_failures_and_decisions(tmp_path: Path) -> None:
     ledger_with_runs(tmp_path / "ledger.db")
     watcher = Ledger(tmp_path / "ledger.db", read_only=True)
-    doc = experiment_document(watcher, "live-1", tmp_path)
+    with experiment_lock(Paths(tmp_path).lock("live-1")):  # its orchestrator is alive
+        doc = experiment_document(watcher, "live-1", tmp_path)
+        listed = experiments_document(watcher)["experiments"]
     json.dumps(doc, allow_nan=False)  # what the page receives is strict JSON
     assert (doc["planned"], doc["done"], doc["running"], doc["best"]) == (6, 4, 1, "a")
     # b's oom failure is not transient: that replicate is done, without a value
@@ -30,9 +34,22 @@ def test_experiment_document_holds_the_grid_goal_failures_and_decisions(tmp_path
                                  "replicates": 3}]
     assert doc["paper"] is None and doc["metrics"] == ["score"] and doc["curve_metric"] == "score"
     assert doc["budget"] == 2.5
-    listed = experiments_document(watcher)["experiments"]
     assert [(e["id"], e["done"], e["planned"], e["running"], e["reserved"]) for e in listed] == [
         ("live-1", 4, 6, 1, 0.5)]
+
+
+def test_a_running_experiment_whose_orchestrator_died_shows_its_runs_as_orphaned(tmp_path: Path) -> None:
+    ledger, _, _ = ledger_with_runs(tmp_path / "ledger.db")
+    ledger.update_experiment("live-1", status="running")
+    watcher = Ledger(tmp_path / "ledger.db", read_only=True)
+    with experiment_lock(Paths(tmp_path).lock("live-1")):
+        pass  # an orchestrator ran it and is gone (its lock file stays; nobody holds it)
+    doc = experiment_document(watcher, "live-1", tmp_path)
+    assert (doc["status"], doc["running"], doc["orphaned"], doc["eta_s"]) == ("orphaned", 0, 1, None)
+    assert "the same command (ratiocinator research SPEC) resumes it" in doc["note"]
+    assert [r["status"] for r in doc["runs"]][-1] == "orphaned"
+    (listed,) = experiments_document(watcher)["experiments"]
+    assert (listed["status"], listed["running"], listed["orphaned"]) == ("orphaned", 0, 1)
 
 
 def test_curve_cursor_sends_each_point_once_and_thins_a_long_first_send(tmp_path: Path, monkeypatch) -> None:

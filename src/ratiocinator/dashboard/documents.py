@@ -16,11 +16,23 @@ from ratiocinator.analysis.live import LiveState, live_state
 from ratiocinator.autoresearch.program import Metric
 from ratiocinator.autoresearch.store import MEASURED, Attempt, Session, Store
 from ratiocinator.store.ledger import Ledger, RunRow
+from ratiocinator.store.liveness import lock_held
 from ratiocinator.store.paths import Paths
+from ratiocinator.store.records import RunStatus
 from ratiocinator.store.views import Point, curve_metric, overviews, points_after, points_per_run
 
 MAX_DIFF_BYTES = 200_000  # a diff past this is cut on the page (the ledger keeps all of it)
 MAX_FIRST_POINTS = 5_000  # a long series reaches a page thinned to about this many points, then grows point by point
+
+
+ORPHANED = "orphaned"  # the ledger says running, but the orchestrator that would finish it is gone
+ORPHANED_NOTE = ("the orchestrator stopped without finishing (killed, or its machine lost): the runs shown as"
+                 " orphaned are not being watched; the same command ({command}) resumes it")
+
+
+def _gone(status: str, lock: Path) -> bool:
+    """A running experiment or session whose orchestrator holds no lock any more."""
+    return status == "running" and not lock_held(lock)
 
 
 def _num(value: float | None) -> float | None:
@@ -29,15 +41,19 @@ def _num(value: float | None) -> float | None:
 
 
 def experiments_document(ledger: Ledger) -> dict[str, Any]:
+    paths = Paths(ledger.path.parent)
     rows = []
     for v in overviews(ledger):
         e = v.experiment
+        gone = _gone(e.status, paths.lock(e.id))
         rows.append({
-            "id": e.id, "name": e.name, "status": e.status, "note": e.note, "backend": e.backend,
-            "created_at": e.created_at, "updated_at": e.updated_at,
+            "id": e.id, "name": e.name, "status": ORPHANED if gone else e.status,
+            "note": ORPHANED_NOTE.format(command="ratiocinator research SPEC") if gone else e.note,
+            "backend": e.backend, "created_at": e.created_at, "updated_at": e.updated_at,
             "goal": v.goal.metric if v.goal else None, "maximize": v.goal.maximize if v.goal else None,
             "budget": v.goal.max_dollars if v.goal else None, "spent": v.spent, "reserved": v.reserved,
-            "planned": v.planned, "done": v.done, "running": v.running, "status_counts": v.status_counts,
+            "planned": v.planned, "done": v.done, "running": 0 if gone else v.running,
+            "orphaned": v.running if gone else 0, "status_counts": v.status_counts,
         })
     return {"experiments": rows, "sessions": [_session_row(s, Store(ledger)) for s in _sessions(ledger)]}
 
@@ -47,10 +63,15 @@ def _sessions(ledger: Ledger) -> list[Session]:
     return [store.session(int(r[0])) for r in ledger.db.execute("SELECT id FROM ar_sessions ORDER BY id DESC")]
 
 
+def _session_gone(session: Session, ledger: Ledger) -> bool:
+    return _gone(session.status, Paths(ledger.path.parent).autoresearch(session.tag) / "lock")
+
+
 def _session_row(session: Session, store: Store) -> dict[str, Any]:
     attempts = store.attempts(session.id)
     spent, _ = store.money(session.id)
-    return {"tag": session.tag, "status": session.status, "reason": session.reason, "attempts": len(attempts),
+    status = ORPHANED if _session_gone(session, store.ledger) else session.status
+    return {"tag": session.tag, "status": status, "reason": session.reason, "attempts": len(attempts),
             "kept": sum(a.status == "keep" for a in attempts), "spent": spent, "updated_at": session.updated_at}
 
 
@@ -74,16 +95,23 @@ def experiment_document(ledger: Ledger, experiment_id: str, home: Path) -> dict[
     finals = ledger.run_metrics(experiment_id)
     paper = Paths(home).report(experiment_id) / "paper.html"
     counts = points_per_run(ledger, experiment_id)
+    gone = _gone(e.status, Paths(home).lock(e.id))
+    runs = [_run(r, goal, finals) for r in ledger.runs(experiment_id)]
+    if gone:
+        runs = [{**r, "status": ORPHANED} if r["status"] == RunStatus.RUNNING else r for r in runs]
     return {
-        "id": e.id, "name": e.name, "status": e.status, "note": e.note, "backend": e.backend, "commit": e.commit_sha,
+        "id": e.id, "name": e.name, "status": ORPHANED if gone else e.status,
+        "note": ORPHANED_NOTE.format(command="ratiocinator research SPEC") if gone else e.note,
+        "backend": e.backend, "commit": e.commit_sha,
         "goal": goal, "maximize": v.goal.maximize if v.goal else None,
         "budget": v.goal.max_dollars if v.goal else None, "spent": v.spent, "reserved": v.reserved,
-        "planned": state.planned, "done": state.done, "running": len(state.running), "eta_s": _num(state.eta_s),
+        "planned": state.planned, "done": state.done, "running": 0 if gone else len(state.running),
+        "orphaned": len(state.running) if gone else 0, "eta_s": None if gone else _num(state.eta_s),
         "best": state.best.name if state.best else None, "failures": state.failures,
         "arms": [{"name": a.name, "baseline": a.is_baseline, "planned": a.planned, "done": a.done,
                   "running": a.running, "failed": a.failed, "n": a.n, "mean": _num(a.mean),
                   "ci": [_num(a.ci.low), _num(a.ci.high)] if a.ci else None} for a in state.arms],
-        "runs": [_run(r, goal, finals) for r in ledger.runs(experiment_id)],
+        "runs": runs,
         "readiness": [{"commit": r.commit, "skipped": r.skipped, "ready": r.is_code_ready, "issue": r.code_issue,
                        "checks": [{"name": c.get("name"), "status": c.get("status"), "summary": c.get("summary")}
                                   for c in r.checks]}
@@ -159,8 +187,14 @@ def session_document(ledger: Ledger, tag: str) -> dict[str, Any]:
         if a.status in ("baseline", "keep") and a.metric is not None and math.isfinite(a.metric):
             current = a.metric if current is None or (a.metric < current if lower else a.metric > current) else current
         best.append(current)
-    return {"tag": session.tag, "status": session.status, "reason": session.reason, "repo": session.repo,
+    gone = _session_gone(session, ledger)
+    shown = [_attempt(a) for a in attempts]
+    if gone:
+        shown = [{**a, "status": ORPHANED} if a["status"] == "running" else a for a in shown]
+    return {"tag": session.tag, "status": ORPHANED if gone else session.status,
+            "reason": ORPHANED_NOTE.format(command="ratiocinator autoresearch PROGRAM") if gone else session.reason,
+            "repo": session.repo,
             "branch": session.branch, "base_commit": session.base_commit, "best_commit": session.best_commit,
             "metric": metric.name if metric else None, "direction": metric.direction if metric else None,
             "spent": spent, "reserved": reserved, "measured": list(MEASURED),
-            "attempts": [_attempt(a) for a in attempts], "best": best}
+            "attempts": shown, "best": best}

@@ -216,7 +216,7 @@ function experimentPage() {
 function sessionPage() {
   const tag = decodeURIComponent(location.pathname.split("/").pop());
   const colors = {baseline: "#6e7781", keep: "#1a7f37", discard: "#bf8700", crash: "#cf222e", violation: "#cf222e",
-                  interrupted: "#6e7781", running: "#0969da"};
+                  interrupted: "#6e7781", running: "#0969da", orphaned: "#9a6700"};
   listen(`/api/autoresearch/${encodeURIComponent(tag)}/stream`, {session: doc => {
     document.getElementById("title").textContent = doc.tag;
     const kept = doc.attempts.filter(a => a.status === "keep").length;
