@@ -46,7 +46,7 @@ def test_a_running_experiment_whose_orchestrator_died_shows_its_runs_as_orphaned
         pass  # an orchestrator ran it and is gone (its lock file stays; nobody holds it)
     doc = experiment_document(watcher, "live-1", tmp_path)
     assert (doc["status"], doc["running"], doc["orphaned"], doc["eta_s"]) == ("orphaned", 0, 1, None)
-    assert "the same command (ratiocinator research SPEC) resumes it" in doc["note"]
+    assert "the same command (ratiocinator research s.yaml) resumes it" in doc["note"]
     assert [r["status"] for r in doc["runs"]][-1] == "orphaned"
     (listed,) = experiments_document(watcher)["experiments"]
     assert (listed["status"], listed["running"], listed["orphaned"]) == ("orphaned", 0, 1)

@@ -48,7 +48,7 @@ def experiments_document(ledger: Ledger) -> dict[str, Any]:
         gone = _gone(e.status, paths.lock(e.id))
         rows.append({
             "id": e.id, "name": e.name, "status": ORPHANED if gone else e.status,
-            "note": ORPHANED_NOTE.format(command="ratiocinator research SPEC") if gone else e.note,
+            "note": ORPHANED_NOTE.format(command=f"ratiocinator research {e.spec_path}") if gone else e.note,
             "backend": e.backend, "created_at": e.created_at, "updated_at": e.updated_at,
             "goal": v.goal.metric if v.goal else None, "maximize": v.goal.maximize if v.goal else None,
             "budget": v.goal.max_dollars if v.goal else None, "spent": v.spent, "reserved": v.reserved,
@@ -101,7 +101,7 @@ def experiment_document(ledger: Ledger, experiment_id: str, home: Path) -> dict[
         runs = [{**r, "status": ORPHANED} if r["status"] == RunStatus.RUNNING else r for r in runs]
     return {
         "id": e.id, "name": e.name, "status": ORPHANED if gone else e.status,
-        "note": ORPHANED_NOTE.format(command="ratiocinator research SPEC") if gone else e.note,
+        "note": ORPHANED_NOTE.format(command=f"ratiocinator research {e.spec_path}") if gone else e.note,
         "backend": e.backend, "commit": e.commit_sha,
         "goal": goal, "maximize": v.goal.maximize if v.goal else None,
         "budget": v.goal.max_dollars if v.goal else None, "spent": v.spent, "reserved": v.reserved,
@@ -191,9 +191,9 @@ def session_document(ledger: Ledger, tag: str) -> dict[str, Any]:
     shown = [_attempt(a) for a in attempts]
     if gone:
         shown = [{**a, "status": ORPHANED} if a["status"] == "running" else a for a in shown]
+    resume = f"ratiocinator autoresearch {session.program_path}"
     return {"tag": session.tag, "status": ORPHANED if gone else session.status,
-            "reason": ORPHANED_NOTE.format(command="ratiocinator autoresearch PROGRAM") if gone else session.reason,
-            "repo": session.repo,
+            "reason": ORPHANED_NOTE.format(command=resume) if gone else session.reason, "repo": session.repo,
             "branch": session.branch, "base_commit": session.base_commit, "best_commit": session.best_commit,
             "metric": metric.name if metric else None, "direction": metric.direction if metric else None,
             "spent": spent, "reserved": reserved, "measured": list(MEASURED),
