@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ratiocinator.errors import UsageError, machine_fault
+from ratiocinator.execution.metrics import PointBatch
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
 SCHEMA_VERSION = 8
@@ -637,6 +638,10 @@ class Ledger:
     @staticmethod
     def _insert_points(db: sqlite3.Connection, run_id: int, points: Iterable[Any]) -> None:
         grouped: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        if isinstance(points, PointBatch):  # already in columns
+            grouped = {name: (seqs, [NO_STEP if step is None else step for step in steps], values)
+                       for name, (seqs, steps, values) in points.series.items()}
+            points = ()
         for p in points:
             series = grouped.get(p.name)
             if series is None:
