@@ -193,7 +193,8 @@ def bench_chatty(lines: int, rounds: int) -> None:
     row("runner → orchestrator:", lambda p: f"{o[p]:.3f} s")
     row("points in the ledger:", lambda p: f"{int(ours[p][-1]['points']):,}")
     row("ratio:", lambda p: f"{o[p] / t[p]:.2f}", "  (target ≤ 1.5)")
-    row("  each round:", lambda p: " ".join(f"{r['elapsed'] / a:.2f}" for r, a in zip(ours[p], alone[p], strict=True)))
+    row("  each round:", lambda p: " " + " ".join(f"{r['elapsed'] / a:.2f}"
+                                                  for r, a in zip(ours[p], alone[p], strict=True)))
     row("orchestrator peak RSS:", lambda p: f"{max(r['peak_mb'] for r in ours[p]):.0f} MB", "  (target < 200 MB)")
 
 

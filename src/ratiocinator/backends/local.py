@@ -7,6 +7,7 @@ GPU slot through ``CUDA_VISIBLE_DEVICES``, and an argv that no shell ever parses
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -40,6 +41,8 @@ from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
 
 CHUNK = 1 << 16
+JOINED_CHUNK = 1 << 20  # at most this much output of one stream is handed on at once
+PIPE_BYTES = 1 << 18  # the child's output pipes (4 times the default): room to go on printing while a chunk is parsed
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
 
 
@@ -79,10 +82,13 @@ class LocalRunHandle(RunHandle):
         loop.add_reader(pidfd, readable)
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """The child's output as it comes; chunks of one stream that queued up while the reader was busy
+        come joined (up to `JOINED_CHUNK`), so a chatty runner costs fewer, larger chunks."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(maxsize=64)
 
         async def pump(name: Stream, pipe: Any) -> None:
+            widen_pipe(pipe.fileno())
             reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
             transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
             try:
@@ -96,12 +102,22 @@ class LocalRunHandle(RunHandle):
                  asyncio.create_task(pump("stderr", self.proc.stderr))]
         open_streams = 2
         try:
+            taken: list[tuple[Stream, bytes] | None] = []  # off the queue, not yet handled
             while open_streams:
-                item = await queue.get()
+                item = taken.pop() if taken else await queue.get()
                 if item is None:
                     open_streams -= 1
-                else:
-                    yield item
+                    continue
+                name, chunk = item
+                parts, size = [chunk], len(chunk)
+                while size < JOINED_CHUNK and not queue.empty():
+                    following = queue.get_nowait()
+                    if following is None or following[0] != name:
+                        taken.append(following)
+                        break
+                    parts.append(following[1])
+                    size += len(following[1])
+                yield name, chunk if len(parts) == 1 else b"".join(parts)
         finally:
             for task in tasks:
                 task.cancel()
@@ -266,6 +282,15 @@ class LocalBackend(Backend):
         if alive_start is not None and pid_start is not None and alive_start != pid_start:
             return False  # the PID now belongs to an unrelated process
         return kill_group(pid, signal.SIGKILL)
+
+
+def widen_pipe(fd: int) -> None:
+    """Give the pipe `PIPE_BYTES` of room (Linux), so a runner printing fast seldom waits for the reader
+    to drain it; where that is refused (over the system's limit), the pipe keeps its size."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass
 
 
 def _moved(argv: tuple[str, ...], old: Path, new: Path) -> tuple[str, ...]:
