@@ -647,7 +647,9 @@ class _KeyValueParser(MetricParser):
         if fresh and len(known) + len(fresh) > MAX_METRIC_NAMES:  # at the cap: line by line, as `feed_line`
             for name, value in zip(names, values, strict=True):
                 self._lineno += 1
-                if self._capped([_point(name, value, None, self._seq)]):
+                kept = self._capped([_point(name, value, None, self._seq)])
+                if kept:
+                    batch.add_points(kept)
                     self._seq += 1
             return
         known.update(fresh)
