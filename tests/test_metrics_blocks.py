@@ -217,6 +217,15 @@ def test_json_line_edge_values_in_lines_of_a_learnt_shape() -> None:
         assert_same("json_line", [warm[:1000], warm[1000:], *cut(mixed, rng, 2000)])
 
 
+def test_json_line_a_learnt_shape_followed_by_more_on_its_line_is_no_match() -> None:
+    rng = random.Random(8)
+    warm = "".join(f"{train_line(i)}\n" for i in range(60)).encode()
+    for tail in (" trailing", "}", ",", "  ", "\x0c", "\u2028", " METRICS: {}", '{"x": 1}'):
+        lines = [train_line(i) + (tail if i % 3 == 0 else "") for i in range(300)]
+        data = "".join(f"{line}\n" for line in lines).encode()
+        assert_same("json_line", [warm, *cut(data, rng, 3000)])
+
+
 def test_json_line_blocks_read_the_common_shape_in_bulk() -> None:
     chunks = [("\n".join(train_line(i) for i in range(k * 100, k * 100 + 100)) + "\n").encode() for k in range(5)]
     got, parser, _ = by_blocks("json_line", chunks)

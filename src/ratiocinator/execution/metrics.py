@@ -410,13 +410,16 @@ class _JsonLineParser(MetricParser):
             self._feed_learning(lines[1:] + "\n", batch)
             return
         shape = self._shapes[depth]
-        parts = shape.regex.split(lines)
         stride = len(shape.captures) + 1
+        parts = shape.regex.split(lines)
+        gaps = parts[::stride]  # gaps[i]: the lines before match i; gaps[matches]: those after the last
+        if any(gap[0] != "\n" for gap in gaps[1:] if gap):  # a match stopped short of its line's end
+            parts = shape.whole_lines.split(lines)
+            gaps = parts[::stride]
         matches = len(parts) // stride
         if not matches:
             self._feed_shaped(lines, batch, depth + 1)
             return
-        gaps = parts[::stride]  # gaps[i]: the lines before match i; gaps[matches]: those after the last
         start = 0
         if any(gaps):
             for index in [i for i, gap in enumerate(gaps) if gap]:
@@ -495,20 +498,23 @@ class _JsonShape:
     """One shape of json_line line: its keys in order, its nesting, its spacing, and the kind of
     each value.
 
-    ``regex`` matches a line of this shape led by its '\\n' (and followed by the next one, or the
-    end) as `feed_line` reads it: the prefix, then a JSON object whose leaves are each pinned to a
+    ``whole_lines`` matches a line of this shape led by its '\\n' (and followed by the next one, or
+    the end) as `feed_line` reads it: the prefix, then a JSON object whose leaves are each pinned to a
     token kind (any number, a float only, an int step, a non-finite string, or a value that is no
     point), so that every line it matches decodes to the same keys, the same step key and the
     same points. Spacing is the sample line's, kept literal: a regex with few variable parts scans
-    fast, and a runner prints every line of a kind alike. Its groups capture the values;
-    ``captures`` names the point each one is (None: the step alone), and ``step`` is the index of
-    the group holding the lines' step.
+    fast, and a runner prints every line of a kind alike. ``regex`` is the same without looking
+    past the line's end, which makes it faster: a match it finds is a whole line unless the text
+    after it goes on without a '\\n'. Their groups capture the values; ``captures`` names the
+    point each one is (None: the step alone), and ``step`` is the index of the group holding
+    the lines' step.
     """
 
-    __slots__ = ("regex", "captures", "step")
+    __slots__ = ("regex", "whole_lines", "captures", "step")
 
-    def __init__(self, regex: re.Pattern[str], captures: list[str | None], step: int | None) -> None:
-        self.regex = regex
+    def __init__(self, body: str, captures: list[str | None], step: int | None) -> None:
+        self.regex = re.compile(f"\\n{body}")
+        self.whole_lines = re.compile(f"\\n{body}(?=\\n|\\Z)")
         self.captures = captures
         self.step = step
 
@@ -543,8 +549,8 @@ class _JsonShape:
         spacing = iter(sample.group(f"_w{i}") for i in range(sample.re.groups - len(captures)))
         body = "".join(re.escape(next(spacing)) if piece is None else piece for piece in pieces)
         step = next((int_steps[key] for key in _STEP_KEYS if key in int_steps), None)
-        shape = cls(re.compile(f"\\n{body}(?=\\n|\\Z)"), captures, step)
-        match = shape.regex.fullmatch("\n" + line)
+        shape = cls(body, captures, step)
+        match = shape.whole_lines.fullmatch("\n" + line)
         if match is None:
             return None
         groups = match.groups()
