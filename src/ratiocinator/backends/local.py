@@ -40,8 +40,7 @@ from ratiocinator.repo import workspace as ws
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
 
-CHUNK = 1 << 16
-JOINED_CHUNK = 1 << 20  # at most this much output of one stream is handed on at once
+READ_BYTES = 1 << 20  # at most this much of one stream is read and handed on at once
 PIPE_BYTES = 1 << 18  # the child's output pipes (4 times the default): room to go on printing while a chunk is parsed
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
 
@@ -82,46 +81,26 @@ class LocalRunHandle(RunHandle):
         loop.add_reader(pidfd, readable)
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
-        """The child's output as it comes; chunks of one stream that queued up while the reader was busy
-        come joined (up to `JOINED_CHUNK`), so a chatty runner costs fewer, larger chunks."""
+        """The child's output, read when the consumer asks for more: all that waits in a ready pipe (up to
+        `READ_BYTES`) at once. While the consumer parses a chunk, nothing reads; the pipe fills instead
+        (`PIPE_BYTES`), so a chatty runner costs few, large chunks and the parsing thread keeps the GIL."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(maxsize=64)
-
-        async def pump(name: Stream, pipe: Any) -> None:
+        pipes: dict[Stream, Any] = {"stdout": self.proc.stdout, "stderr": self.proc.stderr}
+        for pipe in pipes.values():
+            os.set_blocking(pipe.fileno(), False)
             widen_pipe(pipe.fileno())
-            reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
-            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
-            try:
-                while chunk := await reader.read(CHUNK):
-                    await queue.put((name, chunk))
-            finally:
-                transport.close()
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)),
-                 asyncio.create_task(pump("stderr", self.proc.stderr))]
-        open_streams = 2
         try:
-            taken: list[tuple[Stream, bytes] | None] = []  # off the queue, not yet handled
-            while open_streams:
-                item = taken.pop() if taken else await queue.get()
-                if item is None:
-                    open_streams -= 1
-                    continue
-                name, chunk = item
-                parts, size = [chunk], len(chunk)
-                while size < JOINED_CHUNK and not queue.empty():
-                    following = queue.get_nowait()
-                    if following is None or following[0] != name:
-                        taken.append(following)
-                        break
-                    parts.append(following[1])
-                    size += len(following[1])
-                yield name, chunk if len(parts) == 1 else b"".join(parts)
+            while pipes:
+                ready = await _readable(loop, pipes)
+                for name in ready:  # every stream that is ready: neither starves the other
+                    chunk, ended = read_available(pipes[name].fileno())
+                    if chunk:
+                        yield name, chunk
+                    if ended:
+                        pipes.pop(name).close()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for pipe in pipes.values():
+                pipe.close()
 
     async def wait(self) -> ExitInfo:
         await asyncio.shield(self._exited)
@@ -284,9 +263,45 @@ class LocalBackend(Backend):
         return kill_group(pid, signal.SIGKILL)
 
 
+async def _readable(loop: asyncio.AbstractEventLoop, pipes: dict[Stream, Any]) -> list[Stream]:
+    """The streams whose pipes have something to read (or have ended), once one has."""
+    ready: list[Stream] = []
+    woken = loop.create_future()
+
+    def readable(name: Stream) -> None:
+        ready.append(name)
+        if not woken.done():
+            woken.set_result(None)
+
+    for name, pipe in pipes.items():
+        loop.add_reader(pipe.fileno(), readable, name)
+    try:
+        await woken
+    finally:
+        for pipe in pipes.values():
+            loop.remove_reader(pipe.fileno())
+    return ready
+
+
+def read_available(fd: int) -> tuple[bytes, bool]:
+    """What a non-blocking pipe holds now, up to `READ_BYTES`, and whether it has ended (EOF)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < READ_BYTES:
+        try:
+            data = os.read(fd, READ_BYTES - size)
+        except BlockingIOError:
+            break
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
 def widen_pipe(fd: int) -> None:
-    """Give the pipe `PIPE_BYTES` of room (Linux), so a runner printing fast seldom waits for the reader
-    to drain it; where that is refused (over the system's limit), the pipe keeps its size."""
+    """Give the pipe `PIPE_BYTES` of room (Linux), so a runner printing fast seldom waits while a chunk is
+    parsed; where that is refused (over the system's limit for pipes), the pipe keeps its size."""
     try:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
     except OSError:
