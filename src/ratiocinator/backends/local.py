@@ -42,9 +42,12 @@ from ratiocinator.store.paths import Paths
 
 READ_BYTES = 1 << 20  # at most this much of one stream is read and handed on at once
 PIPE_BYTES = 1 << 18  # the child's output pipes (4 times the default): room to go on printing while a chunk is parsed
-# After a small chunk, reading waits this long for more: a runner printing fast costs a few hundred chunks a
-# second, not one per write (each chunk has a fixed cost: a wake-up, a thread hand-off), for 2 ms more latency.
+# After a chunk of a busy stream smaller than GATHER_BELOW, reading waits this long for more: a runner printing
+# fast costs a few hundred chunks a second, not one per write (each chunk has a fixed cost: a wake-up, a thread
+# hand-off), for 2 ms more latency. A chunk under GATHER_FROM (a few lines) is no sign of a busy stream, and a
+# run that prints a line now and then must not wait at its end.
 GATHER_S = 0.002
+GATHER_FROM = 1 << 12
 GATHER_BELOW = 1 << 16
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
 
@@ -88,7 +91,7 @@ class LocalRunHandle(RunHandle):
         """The child's output, read when the consumer asks for more: all that waits in a ready pipe (up to
         `READ_BYTES`) at once. While the consumer parses a chunk, nothing reads; the pipe fills instead
         (`PIPE_BYTES`), so a chatty runner costs few, large chunks and the parsing thread keeps the GIL.
-        After a small chunk, output gathers for `GATHER_S` before the next read."""
+        After a small chunk of a busy stream, output gathers for `GATHER_S` before the next read."""
         loop = asyncio.get_running_loop()
         pipes: dict[Stream, Any] = {"stdout": self.proc.stdout, "stderr": self.proc.stderr}
         for pipe in pipes.values():
@@ -99,12 +102,12 @@ class LocalRunHandle(RunHandle):
                 ready = await _readable(loop, pipes)
                 for name in ready:  # every stream that is ready: neither starves the other
                     chunk, ended = read_available(pipes[name].fileno())
-                    if chunk:
-                        yield name, chunk
-                        if len(chunk) < GATHER_BELOW:  # the consumer keeps up: let output gather a moment
-                            await asyncio.sleep(GATHER_S)
                     if ended:
                         pipes.pop(name).close()
+                    if chunk:
+                        yield name, chunk
+                        if not ended and GATHER_FROM <= len(chunk) < GATHER_BELOW:  # a busy stream, and the
+                            await asyncio.sleep(GATHER_S)  # consumer keeps up: let its output gather a moment
         finally:
             for pipe in pipes.values():
                 pipe.close()
