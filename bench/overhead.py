@@ -3,14 +3,15 @@
 1. 200 no-op arms through the local backend's executor against the same 200 runner
    invocations through `xargs -P` at the same concurrency. Prints the wall-clock ratio
    (target ≤ 1.15).
-2. One runner printing 1,000,000 `METRICS:` lines: orchestrator wall time relative to
+2. One runner printing 1,000,000 metric lines, under each of the json_line (`METRICS:`
+   lines) and key_value (`loss: 0.5` lines) protocols: orchestrator wall time relative to
    the same runner writing to /dev/null (target ≤ 1.5), and the orchestrator's peak RSS
-   (target: bounded, under 200 MB).
+   (target: bounded, under 200 MB); median of --rounds alternating rounds.
 3. End to end (bench/end_to_end.py): the whole `ratiocinator research` command on the
    peers' workload against `xargs -P` at concurrency 2 and 8, with its phases (start-up,
    runs, report) and the report of 200 arms timed alone; Optuna and Hydra when installed.
 
-Usage: python bench/overhead.py [--arms 200] [--concurrency 2] [--lines 1000000] [--no-end-to-end]
+Usage: python bench/overhead.py [--arms 200] [--concurrency 2] [--lines 1000000] [--no-noop] [--no-end-to-end]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ratiocinator.backends.base import Workspace
@@ -47,6 +49,16 @@ for i in range(n):
 out.write('METRICS: {"score": 1.0}\\n')
 out.flush()
 """
+CHATTY_KEY_VALUE_RUNNER = """#!/usr/bin/env python3
+import os, sys
+n = int(os.environ.get("LINES", "1000000"))
+out = sys.stdout
+for i in range(n):
+    out.write('loss: %.6f\\n' % (1.0 / (i + 1)))
+out.write('score: 1.0\\n')
+out.flush()
+"""
+CHATTY_RUNNERS = {"json_line": CHATTY_RUNNER, "key_value": CHATTY_KEY_VALUE_RUNNER}
 
 
 def make_repo(root: Path, script: str) -> Path:
@@ -61,12 +73,14 @@ def make_repo(root: Path, script: str) -> Path:
     return repo
 
 
-def write_spec(root: Path, repo: Path, factors: dict[str, list[int]], concurrency: int, timeout_s: float = 600) -> Path:
+def write_spec(root: Path, repo: Path, factors: dict[str, list[int]], concurrency: int, timeout_s: float = 600,
+               protocol: str = "json_line") -> Path:
     spec = root / "bench.yaml"
     lines = [
         "name: bench", "topic: orchestrator overhead", "goal_metric: score", "maximize: true",
         f"repo_url: {repo}", "repo_branch: main", "runner_script: run.sh", "replicates: 1",
-        f"concurrency: {concurrency}", f"train_timeout_s: {timeout_s}", "factors:",
+        f"concurrency: {concurrency}", f"train_timeout_s: {timeout_s}", f"metrics: {{protocol: {protocol}}}",
+        "factors:",
     ]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in factors.items()]
     spec.write_text("\n".join(lines) + "\n")
@@ -129,33 +143,59 @@ def bench_noop(arms: int, concurrency: int, rounds: int) -> None:
     print(f"  ratio: {o / t:.3f}  (target ≤ 1.15)")
 
 
-def chatty_child(lines: int) -> None:
+def chatty_child(lines: int, protocol: str) -> None:
     """Run in a fresh process so ru_maxrss is the orchestrator's own peak."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repo = make_repo(root, CHATTY_RUNNER)
-        spec = write_spec(root, repo, {"LINES": [lines]}, 1)
+        repo = make_repo(root, CHATTY_RUNNERS[protocol])
+        spec = write_spec(root, repo, {"LINES": [lines]}, 1, protocol=protocol)
         elapsed, ok = asyncio.run(run_executor(spec, root / "home", goal="score"))
         points = Ledger(root / "home" / "ledger.db").db.execute("SELECT SUM(n) FROM metric_chunks").fetchone()[0]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"elapsed": elapsed, "peak_mb": peak_mb, "points": points, "ok": ok}))
 
 
-def bench_chatty(lines: int) -> None:
+def runner_alone(lines: int, protocol: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        repo = make_repo(Path(tmp), CHATTY_RUNNER)
+        repo = make_repo(Path(tmp), CHATTY_RUNNERS[protocol])
         started = time.perf_counter()
         subprocess.run([str(repo / "run.sh")], env={**os.environ, "LINES": str(lines)}, stdout=subprocess.DEVNULL,
                        check=True)
-        alone = time.perf_counter() - started
-    child = subprocess.run([sys.executable, __file__, "--chatty-child", str(lines)], capture_output=True, text=True,
-                           check=True)
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"chatty runner: {lines:,} METRICS lines (2 metrics each)")
-    print(f"  runner → /dev/null:        {alone:7.3f} s")
-    print(f"  runner → orchestrator:     {result['elapsed']:7.3f} s   ({result['points']:,} points in the ledger)")
-    print(f"  ratio: {result['elapsed'] / alone:.2f}")
-    print(f"  orchestrator peak RSS: {result['peak_mb']:.0f} MB  (target < 200 MB)")
+        return time.perf_counter() - started
+
+
+def runner_orchestrated(lines: int, protocol: str) -> dict[str, float]:
+    child = subprocess.run([sys.executable, __file__, "--chatty-child", str(lines), "--chatty-protocol", protocol],
+                           capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
+    if result["ok"] != 1 or result["points"] != lines + 1:
+        raise SystemExit(f"{protocol}: the chatty run did not succeed with every point: {result}")
+    return result
+
+
+def bench_chatty(lines: int, rounds: int) -> None:
+    protocols = tuple(CHATTY_RUNNERS)
+    alone: dict[str, list[float]] = {p: [] for p in protocols}
+    ours: dict[str, list[dict[str, float]]] = {p: [] for p in protocols}
+    for _ in range(rounds):  # A B A B: the box's load falls on both sides alike
+        for protocol in protocols:
+            alone[protocol].append(runner_alone(lines, protocol))
+            ours[protocol].append(runner_orchestrated(lines, protocol))
+
+    def row(label: str, cell: Callable[[str], str], note: str = "") -> None:
+        print(f"  {label:<26}" + "".join(f"{cell(p):>14}" for p in protocols) + note)
+
+    t = {p: statistics.median(alone[p]) for p in protocols}
+    o = {p: statistics.median(r["elapsed"] for r in ours[p]) for p in protocols}
+    print(f"chatty runner: {lines:,} metric lines, median of {rounds} alternating rounds")
+    row("", lambda p: p)
+    row("runner → /dev/null:", lambda p: f"{t[p]:.3f} s")
+    row("runner → orchestrator:", lambda p: f"{o[p]:.3f} s")
+    row("points in the ledger:", lambda p: f"{int(ours[p][-1]['points']):,}")
+    row("ratio:", lambda p: f"{o[p] / t[p]:.2f}", "  (target ≤ 1.5)")
+    row("  each round:", lambda p: " " + " ".join(f"{r['elapsed'] / a:.2f}"
+                                                  for r, a in zip(ours[p], alone[p], strict=True)))
+    row("orchestrator peak RSS:", lambda p: f"{max(r['peak_mb'] for r in ours[p]):.0f} MB", "  (target < 200 MB)")
 
 
 def main() -> None:
@@ -166,15 +206,19 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the whole research command (bench/end_to_end.py)")
+    parser.add_argument("--noop", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the no-op arms against xargs -P")
     parser.add_argument("--chatty-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--chatty-protocol", default="json_line", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chatty_child:
-        chatty_child(args.chatty_child)
+        chatty_child(args.chatty_child, args.chatty_protocol)
         return
     if shutil.which("xargs") is None:
         raise SystemExit("xargs is needed for the side-by-side comparison")
-    bench_noop(args.arms, args.concurrency, args.rounds)
-    bench_chatty(args.lines)
+    if args.noop:
+        bench_noop(args.arms, args.concurrency, args.rounds)
+    bench_chatty(args.lines, args.rounds)
     if args.end_to_end:
         from end_to_end import main as end_to_end  # this script's own folder is on sys.path
 

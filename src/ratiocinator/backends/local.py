@@ -7,6 +7,7 @@ GPU slot through ``CUDA_VISIBLE_DEVICES``, and an argv that no shell ever parses
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -41,7 +42,15 @@ from ratiocinator.repo.copies import Snapshot, SpareCopies, snapshot
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.paths import Paths
 
-CHUNK = 1 << 16
+READ_BYTES = 1 << 20  # at most this much of one stream is read and handed on at once
+PIPE_BYTES = 1 << 18  # the child's output pipes (4 times the default): room to go on printing while a chunk is parsed
+# After a chunk of a busy stream smaller than GATHER_BELOW, reading waits this long for more: a runner printing
+# fast costs a few hundred chunks a second, not one per write (each chunk has a fixed cost: a wake-up, a thread
+# hand-off), for 2 ms more latency. A chunk under GATHER_FROM (a few lines) is no sign of a busy stream, and a
+# run that prints a line now and then must not wait at its end.
+GATHER_S = 0.002
+GATHER_FROM = 1 << 12
+GATHER_BELOW = 1 << 16
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
 
 
@@ -81,33 +90,29 @@ class LocalRunHandle(RunHandle):
         loop.add_reader(pidfd, readable)
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """The child's output, read when the consumer asks for more: all that waits in a ready pipe (up to
+        `READ_BYTES`) at once. While the consumer parses a chunk, nothing reads; the pipe fills instead
+        (`PIPE_BYTES`), so a chatty runner costs few, large chunks and the parsing thread keeps the GIL.
+        After a small chunk of a busy stream, output gathers for `GATHER_S` before the next read."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue(maxsize=64)
-
-        async def pump(name: Stream, pipe: Any) -> None:
-            reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
-            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
-            try:
-                while chunk := await reader.read(CHUNK):
-                    await queue.put((name, chunk))
-            finally:
-                transport.close()
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump("stdout", self.proc.stdout)),
-                 asyncio.create_task(pump("stderr", self.proc.stderr))]
-        open_streams = 2
+        pipes: dict[Stream, Any] = {"stdout": self.proc.stdout, "stderr": self.proc.stderr}
+        for pipe in pipes.values():
+            os.set_blocking(pipe.fileno(), False)
+            widen_pipe(pipe.fileno())
         try:
-            while open_streams:
-                item = await queue.get()
-                if item is None:
-                    open_streams -= 1
-                else:
-                    yield item
+            while pipes:
+                ready = await _readable(loop, pipes)
+                for name in ready:  # every stream that is ready: neither starves the other
+                    chunk, ended = read_available(pipes[name].fileno())
+                    if ended:
+                        pipes.pop(name).close()
+                    if chunk:
+                        yield name, chunk
+                        if not ended and GATHER_FROM <= len(chunk) < GATHER_BELOW:  # a busy stream, and the
+                            await asyncio.sleep(GATHER_S)  # consumer keeps up: let its output gather a moment
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for pipe in pipes.values():
+                pipe.close()
 
     async def wait(self) -> ExitInfo:
         await asyncio.shield(self._exited)
@@ -300,6 +305,51 @@ class _RunCopy:
     path: Path
     spares: SpareCopies
     seen: Snapshot | None
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, pipes: dict[Stream, Any]) -> list[Stream]:
+    """The streams whose pipes have something to read (or have ended), once one has."""
+    ready: list[Stream] = []
+    woken = loop.create_future()
+
+    def readable(name: Stream) -> None:
+        ready.append(name)
+        if not woken.done():
+            woken.set_result(None)
+
+    for name, pipe in pipes.items():
+        loop.add_reader(pipe.fileno(), readable, name)
+    try:
+        await woken
+    finally:
+        for pipe in pipes.values():
+            loop.remove_reader(pipe.fileno())
+    return ready
+
+
+def read_available(fd: int) -> tuple[bytes, bool]:
+    """What a non-blocking pipe holds now, up to `READ_BYTES`, and whether it has ended (EOF)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < READ_BYTES:
+        try:
+            data = os.read(fd, READ_BYTES - size)
+        except BlockingIOError:
+            break
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
+def widen_pipe(fd: int) -> None:
+    """Give the pipe `PIPE_BYTES` of room (Linux), so a runner printing fast seldom waits while a chunk is
+    parsed; where that is refused (over the system's limit for pipes), the pipe keeps its size."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass
 
 
 def _moved(argv: tuple[str, ...], old: Path, new: Path) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
 from ratiocinator.execution.contract import runner_environment
 from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
-from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricPoint, MetricSummary, make_parser
+from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricSummary, PointBatch, make_parser
 from ratiocinator.planning.plan import Plan, PlannedRun
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost
@@ -632,7 +632,7 @@ class _RunStream:
         self.summary = MetricSummary()
         self.splitters: dict[Stream, LineSplitter] = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         self.logs = logs
-        self.pending: list[MetricPoint] = []
+        self.pending = PointBatch()
         self.last_flush = time.monotonic()
 
     async def consume(self, handle: RunHandle) -> None:
@@ -643,28 +643,22 @@ class _RunStream:
             async for name, chunk in handle.output():
                 self._take(await asyncio.to_thread(self._ingest, name, chunk))
             for splitter in self.splitters.values():
-                self._take(self._parse(splitter.flush()))
+                for line in splitter.flush():
+                    self._take(self.parser.feed_block(line + "\n"))
         finally:
             ticker.cancel()
 
-    def _ingest(self, name: Stream, chunk: bytes) -> list[MetricPoint]:
+    def _ingest(self, name: Stream, chunk: bytes) -> PointBatch:
         """In a worker thread: the chunk into its log, its lines into points."""
         log = self.logs[name]
         log.write(chunk)
         log.flush()
-        return self._parse(self.splitters[name].feed(chunk))
+        return self.parser.feed_block(self.splitters[name].feed_block(chunk))
 
-    def _parse(self, lines: list[str]) -> list[MetricPoint]:
-        feed = self.parser.feed_line
-        points: list[MetricPoint] = []
-        for line in lines:
-            found = feed(line)
-            if found:
-                points.extend(found)
-        return points
-
-    def _take(self, points: list[MetricPoint]) -> None:
-        if points:
+    def _take(self, points: PointBatch) -> None:
+        if not self.pending:
+            self.pending = points
+        elif points:
             self.pending.extend(points)
         if self.pending and (len(self.pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S):
             self._flush_points()
@@ -683,11 +677,11 @@ class _RunStream:
             self.ledger.add_points(self.run_id, points)
         self.last_flush = time.monotonic()
 
-    def drain(self) -> list[MetricPoint]:
+    def drain(self) -> PointBatch:
         """Points not yet in the ledger, counted into the summary; the caller records them."""
-        points, self.pending = self.pending, []
+        points, self.pending = self.pending, PointBatch()
         if points:
-            self.summary.add(points)
+            self.summary.add_batch(points)
         return points
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ratiocinator.errors import UsageError, machine_fault
+from ratiocinator.execution.metrics import PointBatch
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
 SCHEMA_VERSION = 8
@@ -636,14 +637,12 @@ class Ledger:
 
     @staticmethod
     def _insert_points(db: sqlite3.Connection, run_id: int, points: Iterable[Any]) -> None:
-        grouped: dict[str, tuple[list[int], list[int], list[float]]] = {}
-        for p in points:
-            series = grouped.get(p.name)
-            if series is None:
-                series = grouped[p.name] = ([], [], [])
-            series[0].append(p.seq)
-            series[1].append(NO_STEP if p.step is None else p.step)
-            series[2].append(p.value)
+        grouped: Mapping[str, tuple[list[int], list[int] | np.ndarray, list[float]]]
+        if isinstance(points, PointBatch):  # already in columns
+            grouped = {name: (seqs, _step_column(steps), values)
+                       for name, (seqs, steps, values) in points.series.items()}
+        else:
+            grouped = _grouped(points)
         if grouped:
             db.executemany(
                 "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals)"
@@ -939,3 +938,24 @@ class Ledger:
             (experiment_id,),
         ).fetchone()
         return float(row[0]), float(row[1])
+
+
+def _grouped(points: Iterable[Any]) -> dict[str, tuple[list[int], list[int], list[float]]]:
+    """Points (objects with name, seq, step, value) as columns per name, NO_STEP for no step."""
+    grouped: dict[str, tuple[list[int], list[int], list[float]]] = {}
+    for p in points:
+        series = grouped.get(p.name)
+        if series is None:
+            series = grouped[p.name] = ([], [], [])
+        series[0].append(p.seq)
+        series[1].append(NO_STEP if p.step is None else p.step)
+        series[2].append(p.value)
+    return grouped
+
+
+def _step_column(steps: list[int | None]) -> np.ndarray:
+    """A batch's steps as stored, NO_STEP for none; a series often has a step on every point, or on none."""
+    missing = steps.count(None)
+    if missing == len(steps):
+        return np.full(len(steps), NO_STEP, "<i8")
+    return np.asarray([NO_STEP if step is None else step for step in steps] if missing else steps, "<i8")
