@@ -343,13 +343,14 @@ class Research:
         budget = Budget(ledger, exp_id, spec.max_dollars)
         price = host.price_per_hour
         llm = self._llm_session(ledger, exp_id)
+        environments: asyncio.Task[None] | None = None
         try:
             self.progress.message("preparing the workspace (clone, deps, verify" + (", data)" if data else ")"))
             workspace = await record_staging(data, self.loaded, backend, host, ledger, budget,
                                              backend.prepare(host, self.loaded, commit))
-            for found in await backend.environments(host, workspace, self.loaded):  # per machine, for the paper
-                described = {"host": host.name, "slots": [s.label for s in host.slots], **found}
-                ledger.event(exp_id, "environment", f"environment of {described['host']}", **described)
+            # The paper's record of the software (an interpreter start and every installed package's metadata,
+            # a few tenths of a second): no run needs it, so it is read while the first runs start.
+            environments = asyncio.create_task(self._record_environments(ledger, exp_id, backend, host, workspace))
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env: dict[str, str] = {}  # the data directory comes with the workspace: each host's own copy
             status, note = ExperimentStatus.COMPLETED, ""
@@ -397,7 +398,11 @@ class Research:
                     status, note = ExperimentStatus.STOPPED, f"stopped: {degenerate}"
                     self.progress.message(note)
                     break
+            await environments  # in the ledger before the machines go back and the report reads it
         finally:
+            if environments is not None:  # stopped by an error or a signal: the probe is not waited for
+                environments.cancel()
+                await asyncio.gather(environments, return_exceptions=True)
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
         if llm is not None and ledger.runs(exp_id, status=RunStatus.SUCCEEDED):
@@ -405,6 +410,12 @@ class Research:
         report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
+
+    async def _record_environments(self, ledger: Ledger, exp_id: str, backend: Backend, host: Host,
+                                   workspace: Workspace) -> None:
+        for found in await backend.environments(host, workspace, self.loaded):  # per machine, for the paper
+            described = {"host": host.name, "slots": [s.label for s in host.slots], **found}
+            ledger.event(exp_id, "environment", f"environment of {described['host']}", **described)
 
     def plan_first_iteration(self) -> tuple[str, Plan, Decision]:
         """Decide iteration 1 now (an LLM design) and record it, so `research` later runs exactly this plan."""
@@ -494,8 +505,6 @@ class Research:
                       host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str],
                       llm: LlmSession | None) -> str | None:
         """The readiness review before the first paid run; why the code is not ready, or None."""
-        from ratiocinator.check.readiness import review
-
         if not self.check:
             ledger.record_readiness(exp_id, ReadinessRecord(commit, skipped=True, is_code_ready=False),
                                     "the readiness review was skipped (--skip-check)", level="warning")
@@ -515,6 +524,8 @@ class Research:
             self.progress.message(f"readiness review: reusing the review that passed at commit {commit[:12]} with the"
                                   " same arms and settings (no smoke runs repeated)")
             return None
+        from ratiocinator.check.readiness import review  # the static checks' parsers: only for a review that runs
+
         self.progress.message("readiness review: static checks, smoke runs, cross-arm comparison")
         arms = len({(tuple(sorted(a.env.items())), tuple(a.args)) for a in plan.arms})
         smoke_s = self.spec.check.smoke_timeout_s
