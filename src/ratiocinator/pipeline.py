@@ -27,8 +27,6 @@ from ratiocinator.check.memory import remembered_pass, review_key
 from ratiocinator.data.staging import fetch_before_renting, record_staging
 from ratiocinator.errors import BackendError, DataError, PlanError, UsageError, WorkspaceError
 from ratiocinator.execution.contract import inherited_env, runner_argv
-from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink, RunOutcome
-from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
 from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider, require_sdk
 from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
@@ -162,6 +160,8 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
     """Runs left ``running`` by a dead orchestrator: a run that finished but whose record the ledger could not
     take (a full disk) is recorded from its ``outcome.json``; the others' leftovers are killed, and they are
     marked interrupted (to run again); money is settled. Returns how many will run again."""
+    from ratiocinator.execution.executor import RunOutcome
+
     count = 0
     now = time.time()
     for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
@@ -192,6 +192,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
 
 
 if TYPE_CHECKING:
+    from ratiocinator.execution.executor import ExecutionSummary, ProgressSink
     from ratiocinator.report.publish import ReportFiles
 
 
@@ -379,6 +380,8 @@ class Research:
                         break
                 self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates,"
                                       f" {len(pending)} runs to go")
+                from ratiocinator.execution.executor import Executor  # `validate`, `plan` and `check` never run
+
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
                     experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
@@ -565,6 +568,8 @@ class Research:
 
 def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str | None:
     """Fail every run of arms that differ yet report one identical goal value; say why, or None."""
+    from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
+
     metrics = ledger.run_metrics(experiment_id)
     arms = {a.name: a for a in ledger.arms(experiment_id)}
     by_arm: dict[str, list[tuple[int, float]]] = {}
