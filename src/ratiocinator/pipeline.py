@@ -221,6 +221,8 @@ class Research:
                  planner: Planner | None = None, check: bool = True, llm_review: bool = True,
                  backend: Backend | None = None, replay_from: str | None = None,
                  environ: dict[str, str] | None = None) -> None:
+        from ratiocinator.execution.executor import ProgressSink  # the executor loads for the commands that plan
+
         self.loaded = loaded
         self.spec = loaded.spec
         self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
