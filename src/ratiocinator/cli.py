@@ -2,6 +2,10 @@
 
 Exit codes: 0 done, 1 the work failed (checks, all runs), 2 usage or spec error,
 130 interrupted. A user error prints what, where and how to fix it — never a traceback.
+
+Each command imports the modules it uses inside its function: every command starts this module,
+and `--help`, `status` or `validate` should not wait for the pipeline, numpy or the report stack
+(tests/test_cli_startup.py names any heavy library that comes back).
 """
 
 from __future__ import annotations

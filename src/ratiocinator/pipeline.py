@@ -221,7 +221,8 @@ class Research:
                  planner: Planner | None = None, check: bool = True, llm_review: bool = True,
                  backend: Backend | None = None, replay_from: str | None = None,
                  environ: dict[str, str] | None = None) -> None:
-        from ratiocinator.execution.executor import ProgressSink  # the executor loads for the commands that plan
+        # The executor loads with a Research: `validate`, `knobs` and `check` import this module and run nothing.
+        from ratiocinator.execution.executor import ProgressSink
 
         self.loaded = loaded
         self.spec = loaded.spec
@@ -382,7 +383,7 @@ class Research:
                         break
                 self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates,"
                                       f" {len(pending)} runs to go")
-                from ratiocinator.execution.executor import Executor  # `validate`, `plan` and `check` never run
+                from ratiocinator.execution.executor import Executor  # loaded with the Research (see __init__)
 
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
