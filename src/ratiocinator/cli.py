@@ -2,6 +2,10 @@
 
 Exit codes: 0 done, 1 the work failed (checks, all runs), 2 usage or spec error,
 130 interrupted. A user error prints what, where and how to fix it — never a traceback.
+
+Each command imports the modules it uses inside its function: every command starts this module,
+and `--help`, `status` or `validate` should not wait for the pipeline, numpy or the report stack
+(tests/test_cli_startup.py names any heavy library that comes back).
 """
 
 from __future__ import annotations
@@ -19,35 +23,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ratiocinator.data.probe import summary as data_summary
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
-from ratiocinator.knob_listing import knob_table, split_knobs
-from ratiocinator.pipeline import (
-    Paths,
-    Research,
-    backend_price,
-    check_spec,
-    inspect_code,
-    make_backend,
-    plan_summary,
-    uncommitted_warning,
-)
-from ratiocinator.planning.plan import constants, find_ignored_knobs, own_knobs, plan_iteration, refuse_ignored_knobs
-from ratiocinator.repo.workspace import LfsContentMissing
-from ratiocinator.spec.advice import absolute_deps_paths, backend_advice
-from ratiocinator.spec.models import LoadedSpec, load_spec
-from ratiocinator.store.ledger import Ledger
+from ratiocinator.store.paths import Paths
 from ratiocinator.store.records import RunStatus
 from ratiocinator.text_tables import print_fitted
 
-if TYPE_CHECKING:  # the report stack (scipy, matplotlib) loads only for commands that use it
+if TYPE_CHECKING:  # each command imports what it uses: the spec's models, the pipeline, the report stack
     from ratiocinator.check.readiness import Readiness
     from ratiocinator.report.publish import ReportFiles
+    from ratiocinator.spec.models import LoadedSpec
+    from ratiocinator.store.ledger import Ledger
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -119,6 +108,8 @@ def main_options(
 
 def _warn_uncommitted(loaded: LoadedSpec) -> None:
     """Say (on stderr) which local edits the runs will not see: they run the commit, not the working tree."""
+    from ratiocinator.pipeline import uncommitted_warning
+
     warning = uncommitted_warning(loaded, Paths(state.home))
     if warning:
         err.print(f"[yellow]{escape(warning)}[/]")
@@ -132,6 +123,12 @@ WideOption = Annotated[bool, typer.Option("--wide", help="full knob names in arm
 @friendly
 def validate(spec: SpecArg) -> None:
     """Parse and check a spec; summarise it (exit 2 on errors)."""
+    from ratiocinator.data.probe import summary as data_summary
+    from ratiocinator.pipeline import make_backend
+    from ratiocinator.planning.plan import constants
+    from ratiocinator.spec.advice import absolute_deps_paths, backend_advice
+    from ratiocinator.spec.models import load_spec
+
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     s = loaded.spec
@@ -176,6 +173,8 @@ def validate(spec: SpecArg) -> None:
 
 
 def _arms_line(loaded: Any) -> str:
+    from ratiocinator.planning.plan import plan_iteration
+
     s = loaded.spec
     if not s.arms and not s.factors:
         if s.search is not None:
@@ -200,6 +199,16 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
     Without arms or factors in the spec and with an LLM configured, the LLM designs them
     now; the design is recorded, and `research` runs exactly that plan.
     """
+    from ratiocinator.pipeline import Research, backend_price, inspect_code, make_backend, plan_summary
+    from ratiocinator.planning.plan import (
+        constants,
+        find_ignored_knobs,
+        own_knobs,
+        plan_iteration,
+        refuse_ignored_knobs,
+    )
+    from ratiocinator.spec.models import load_spec
+
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     job = Research(loaded, state.home)
@@ -295,6 +304,11 @@ def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json", help="ma
 @friendly
 def knobs(spec: SpecArg) -> None:
     """The knobs the runner reads (environment variables and flags), with defaults."""
+    from ratiocinator.knob_listing import knob_table, split_knobs
+    from ratiocinator.pipeline import inspect_code
+    from ratiocinator.repo.workspace import LfsContentMissing
+    from ratiocinator.spec.models import load_spec
+
     loaded = load_spec(spec)
     try:
         code = inspect_code(loaded, Paths(state.home))
@@ -327,6 +341,9 @@ def check(
                                       help="add the configured LLM's review (claims verified)")] = True,
 ) -> None:
     """Readiness review: static checks, smoke runs, cross-arm comparison. Exit 0 ready, 1 not ready."""
+    from ratiocinator.pipeline import check_spec
+    from ratiocinator.spec.models import load_spec
+
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     say = (lambda m: err.print(m, markup=False)) if as_json else (lambda m: out.print(m, markup=False))
@@ -418,6 +435,9 @@ def research(
         "--replay", metavar="EXP", help="answer every LLM call from EXP's recorded calls (no network)")] = None,
 ) -> None:
     """The whole pipeline: check, plan, prepare, run every arm, record, report. Resumable."""
+    from ratiocinator.pipeline import Research
+    from ratiocinator.spec.models import load_spec
+
     loaded = load_spec(spec)
     _warn_uncommitted(loaded)
     interactive = sys.stdout.isatty()
@@ -688,6 +708,7 @@ def _ledger_for(recorded: dict) -> Ledger:
     """The --home ledger if it holds the experiment (or session), else the ledger the report was written from."""
     from ratiocinator.autoresearch.session_report import SESSION_KEY
     from ratiocinator.autoresearch.store import Store
+    from ratiocinator.store.ledger import Ledger
 
     candidates = [Paths(state.home).ledger]
     if recorded.get("ledger"):
@@ -775,6 +796,8 @@ def _mean_ci(goal: Any) -> str:
 
 
 def _ledger() -> Ledger:
+    from ratiocinator.store.ledger import Ledger
+
     path = Paths(state.home).ledger
     if not path.exists():
         raise UsageError(f"no ledger at {path}", hint="run `ratiocinator research SPEC` first, or pass --home")
@@ -782,6 +805,8 @@ def _ledger() -> Ledger:
 
 
 def _goal(spec_text: str) -> str | None:
+    import yaml
+
     try:
         data = yaml.safe_load(spec_text)
     except yaml.YAMLError:

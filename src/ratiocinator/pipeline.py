@@ -27,8 +27,6 @@ from ratiocinator.check.memory import remembered_pass, review_key
 from ratiocinator.data.staging import fetch_before_renting, record_staging
 from ratiocinator.errors import BackendError, DataError, PlanError, UsageError, WorkspaceError
 from ratiocinator.execution.contract import inherited_env, runner_argv
-from ratiocinator.execution.executor import ExecutionSummary, Executor, ProgressSink, RunOutcome
-from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
 from ratiocinator.llm.config import LlmConfig, llm_from_env
 from ratiocinator.llm.providers import LlmError, LlmUnavailable, estimate_cost, make_provider, require_sdk
 from ratiocinator.llm.session import LlmBudgetExceeded, LlmSession, RecordingProvider
@@ -162,6 +160,8 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
     """Runs left ``running`` by a dead orchestrator: a run that finished but whose record the ledger could not
     take (a full disk) is recorded from its ``outcome.json``; the others' leftovers are killed, and they are
     marked interrupted (to run again); money is settled. Returns how many will run again."""
+    from ratiocinator.execution.executor import RunOutcome
+
     count = 0
     now = time.time()
     for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
@@ -192,6 +192,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
 
 
 if TYPE_CHECKING:
+    from ratiocinator.execution.executor import ExecutionSummary, ProgressSink
     from ratiocinator.report.publish import ReportFiles
 
 
@@ -220,6 +221,9 @@ class Research:
                  planner: Planner | None = None, check: bool = True, llm_review: bool = True,
                  backend: Backend | None = None, replay_from: str | None = None,
                  environ: dict[str, str] | None = None) -> None:
+        # The executor loads with a Research: `validate`, `knobs` and `check` import this module and run nothing.
+        from ratiocinator.execution.executor import ProgressSink
+
         self.loaded = loaded
         self.spec = loaded.spec
         self.paths = Paths(Path(home).expanduser().resolve())  # runners start elsewhere: no relative paths
@@ -343,13 +347,14 @@ class Research:
         budget = Budget(ledger, exp_id, spec.max_dollars)
         price = host.price_per_hour
         llm = self._llm_session(ledger, exp_id)
+        environments: asyncio.Task[None] | None = None
         try:
             self.progress.message("preparing the workspace (clone, deps, verify" + (", data)" if data else ")"))
             workspace = await record_staging(data, self.loaded, backend, host, ledger, budget,
                                              backend.prepare(host, self.loaded, commit))
-            for found in await backend.environments(host, workspace, self.loaded):  # per machine, for the paper
-                described = {"host": host.name, "slots": [s.label for s in host.slots], **found}
-                ledger.event(exp_id, "environment", f"environment of {described['host']}", **described)
+            # The paper's record of the software (an interpreter start and every installed package's metadata,
+            # a few tenths of a second): no run needs it, so it is read while the first runs start.
+            environments = asyncio.create_task(self._record_environments(ledger, exp_id, backend, host, workspace))
             argv = runner_argv(workspace.checkout, spec.runner_script, "python")
             extra_env: dict[str, str] = {}  # the data directory comes with the workspace: each host's own copy
             status, note = ExperimentStatus.COMPLETED, ""
@@ -378,6 +383,8 @@ class Research:
                         break
                 self.progress.message(f"iteration {iteration}: {len(plan.arms)} arms × {plan.replicates} replicates,"
                                       f" {len(pending)} runs to go")
+                from ratiocinator.execution.executor import Executor  # loaded with the Research (see __init__)
+
                 executor = Executor(
                     ledger=ledger, backend=backend, host=host, workspace=workspace, loaded=self.loaded, plan=plan,
                     experiment_id=exp_id, commit=commit, arm_ids=arm_ids, argv=argv, runs_dir=self.paths.runs(exp_id),
@@ -397,7 +404,11 @@ class Research:
                     status, note = ExperimentStatus.STOPPED, f"stopped: {degenerate}"
                     self.progress.message(note)
                     break
+            await environments  # in the ledger before the machines go back and the report reads it
         finally:
+            if environments is not None:  # stopped by an error or a signal: the probe is not waited for
+                environments.cancel()
+                await asyncio.gather(environments, return_exceptions=True)
             await backend.release(host)
         ledger.update_experiment(exp_id, status=status, note=note)
         if llm is not None and ledger.runs(exp_id, status=RunStatus.SUCCEEDED):
@@ -405,6 +416,12 @@ class Research:
         report = _write_report(ledger, exp_id, self.paths.report(exp_id)) if ledger.runs(exp_id) else None
         succeeded, failed = _counts(ledger, exp_id)
         return ResearchOutcome(exp_id, status, report, succeeded, failed, note)
+
+    async def _record_environments(self, ledger: Ledger, exp_id: str, backend: Backend, host: Host,
+                                   workspace: Workspace) -> None:
+        for found in await backend.environments(host, workspace, self.loaded):  # per machine, for the paper
+            described = {"host": host.name, "slots": [s.label for s in host.slots], **found}
+            ledger.event(exp_id, "environment", f"environment of {described['host']}", **described)
 
     def plan_first_iteration(self) -> tuple[str, Plan, Decision]:
         """Decide iteration 1 now (an LLM design) and record it, so `research` later runs exactly this plan."""
@@ -494,8 +511,6 @@ class Research:
                       host: Host, workspace: Workspace, argv: tuple[str, ...], extra_env: dict[str, str],
                       llm: LlmSession | None) -> str | None:
         """The readiness review before the first paid run; why the code is not ready, or None."""
-        from ratiocinator.check.readiness import review
-
         if not self.check:
             ledger.record_readiness(exp_id, ReadinessRecord(commit, skipped=True, is_code_ready=False),
                                     "the readiness review was skipped (--skip-check)", level="warning")
@@ -515,6 +530,8 @@ class Research:
             self.progress.message(f"readiness review: reusing the review that passed at commit {commit[:12]} with the"
                                   " same arms and settings (no smoke runs repeated)")
             return None
+        from ratiocinator.check.readiness import review  # the static checks' parsers: only for a review that runs
+
         self.progress.message("readiness review: static checks, smoke runs, cross-arm comparison")
         arms = len({(tuple(sorted(a.env.items())), tuple(a.args)) for a in plan.arms})
         smoke_s = self.spec.check.smoke_timeout_s
@@ -554,6 +571,8 @@ class Research:
 
 def flag_constant_metric(ledger: Ledger, experiment_id: str, goal: str) -> str | None:
     """Fail every run of arms that differ yet report one identical goal value; say why, or None."""
+    from ratiocinator.execution.failures import ArmOutcome, Failure, constant_across_arms
+
     metrics = ledger.run_metrics(experiment_id)
     arms = {a.name: a for a in ledger.arms(experiment_id)}
     by_arm: dict[str, list[tuple[int, float]]] = {}

@@ -11,12 +11,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ratiocinator.analysis.stats import Interval, describe
-from ratiocinator.analysis.summary import summarize_experiment
-from ratiocinator.store.ledger import Ledger, RunRow
 from ratiocinator.store.records import TERMINAL, RunStatus
-from ratiocinator.store.views import ExperimentOverview, LastPoint, last_points, overview, planned_replicates
+
+if TYPE_CHECKING:  # numpy comes with them: `research` reaches its first run without it (see `live_state`)
+    from ratiocinator.analysis.stats import Interval
+    from ratiocinator.store.ledger import Ledger, RunRow
+    from ratiocinator.store.views import ExperimentOverview, LastPoint
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,10 @@ def eta_seconds(durations: Sequence[float], remaining: int, running_elapsed: Seq
 
 
 def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) -> LiveState:
+    from ratiocinator.analysis.stats import describe
+    from ratiocinator.analysis.summary import summarize_experiment
+    from ratiocinator.store.views import last_points, overview, planned_replicates
+
     now = time.time() if now is None else now
     experiment = ledger.experiment(experiment_id)
     view = overview(ledger, experiment)

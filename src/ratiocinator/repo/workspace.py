@@ -35,9 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
 from ratiocinator.errors import WorkspaceError
 from ratiocinator.execution import contract
 
@@ -489,6 +486,8 @@ def filter_requirements(path: Path, exclude: Iterable[str], *, root: Path | None
     filtered) and ``-c`` paths made absolute, because the filtered copy lives in
     another directory and pip resolves those paths against the file that names them.
     """
+    from packaging.utils import canonicalize_name
+
     root = Path(root if root is not None else Path(path).parent).resolve()
     excluded = {canonicalize_name(n.strip()) for n in exclude}
     return "".join(_filtered_lines(within(root, Path(path).resolve(), "deps.requirements"), excluded, set(), root))
@@ -526,6 +525,10 @@ def _filtered_lines(path: Path, excluded: AbstractSet[str], seen: set[Path], roo
 
 def _requirement_name(content: str) -> str | None:
     """The normalised project name of a requirement line; None for paths, URLs and the like."""
+    # packaging's requirement parser compiles its grammar on import (about 0.03 s): only for a filtered file
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         return canonicalize_name(Requirement(re.split(r"\s+-", content, maxsplit=1)[0]).name)
     except InvalidRequirement:

@@ -18,13 +18,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.execution.metrics import PointBatch
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
+
+if TYPE_CHECKING:  # numpy loads on the first metric series written or read, not on every command's start
+    import numpy as np
 
 SCHEMA_VERSION = 8
 
@@ -290,7 +291,7 @@ def _upgrades(db: sqlite3.Connection, version: int) -> str:
 # A non-finite float is stored as NULL in REAL columns; `finite` keeps the flag and
 # the textual value survives in the run's log.
 MONEY_EPSILON = 1e-9
-NO_STEP = np.iinfo(np.int64).min
+NO_STEP = -(2**63)  # the smallest int64: no step
 # Ledgers written before the json_line parser stopped it also hold each line's step index as a
 # metric named "step" (a series and a final value): readers skip that name, so old ledgers read as new.
 STEP_NAME = "step"
@@ -637,6 +638,8 @@ class Ledger:
 
     @staticmethod
     def _insert_points(db: sqlite3.Connection, run_id: int, points: Iterable[Any]) -> None:
+        import numpy as np
+
         grouped: Mapping[str, tuple[list[int], list[int] | np.ndarray, list[float]]]
         if isinstance(points, PointBatch):  # already in columns
             grouped = {name: (seqs, _step_column(steps), values)
@@ -738,6 +741,8 @@ class Ledger:
 
     def series(self, run_id: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(seq, step, value) arrays of one metric of one run, in order; step is NO_STEP where absent."""
+        import numpy as np
+
         rows = self.db.execute(
             "SELECT seqs, steps, vals FROM metric_chunks WHERE run_id = ? AND name = ? ORDER BY first_seq",
             (run_id, name)
@@ -751,6 +756,8 @@ class Ledger:
 
     def points(self, run_id: int, name: str) -> list[tuple[int, int | None, float | None]]:
         """(seq, step, value) of one metric of one run, in order; non-finite values as None."""
+        import numpy as np
+
         seqs, steps, vals = self.series(run_id, name)
         return [
             (int(q), None if t == NO_STEP else int(t), float(v) if np.isfinite(v) else None)
@@ -955,6 +962,8 @@ def _grouped(points: Iterable[Any]) -> dict[str, tuple[list[int], list[int], lis
 
 def _step_column(steps: list[int | None]) -> np.ndarray:
     """A batch's steps as stored, NO_STEP for none; a series often has a step on every point, or on none."""
+    import numpy as np
+
     missing = steps.count(None)
     if missing == len(steps):
         return np.full(len(steps), NO_STEP, "<i8")
