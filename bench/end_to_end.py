@@ -94,9 +94,14 @@ def make_study(root: Path, arms: int, concurrency: int) -> Path:
 
 
 def same_python_env() -> dict[str, str]:
-    """`python` on PATH is this interpreter, so the runner's `python noop_arm.py` matches xargs'."""
+    """`python` on PATH is this interpreter, so the runner's `python noop_arm.py` matches xargs'.
+
+    Bytecode caching stays on as on a user's machine: with PYTHONDONTWRITEBYTECODE set (some CI
+    images set it) every command would compile the package's sources again at each start."""
     bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def ratiocinator_cli() -> list[str]:
@@ -118,7 +123,7 @@ def research(spec: Path, home: Path) -> Phases:
 
 
 def report_alone(home: Path, *, pdf: bool) -> float:
-    env = {**os.environ, "RATIOCINATOR_HOME": str(home)}
+    env = {**same_python_env(), "RATIOCINATOR_HOME": str(home)}
     started = time.perf_counter()
     subprocess.run([*ratiocinator_cli(), "report", "noop", "--pdf" if pdf else "--no-pdf"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
@@ -227,7 +232,7 @@ def bench_commands(arms: int, rounds: int) -> None:
         spec = make_study(root, arms, 2)
         home = root / "home"
         research(spec, home)
-        env = {**os.environ, "RATIOCINATOR_HOME": str(home)}
+        env = {**same_python_env(), "RATIOCINATOR_HOME": str(home)}
         commands = {"python -c pass": [sys.executable, "-c", "pass"],
                     "ratiocinator validate": [*ratiocinator_cli(), "validate", str(spec)],
                     "ratiocinator status": [*ratiocinator_cli(), "status", "noop"]}
