@@ -41,3 +41,24 @@ def test_a_lock_is_held_while_its_holder_lives_and_free_after_a_kill_9(tmp_path:
     assert lock.read_text().startswith("pid ")  # the dead holder's file stays, and says nothing alive
     with open(lock) as taker:
         fcntl.flock(taker, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the next orchestrator takes it at once
+
+
+def test_status_shows_a_running_experiment_whose_orchestrator_died_as_orphaned(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from liveledger import ledger_with_runs
+    from ratiocinator.cli import app
+    from ratiocinator.pipeline import experiment_lock
+    from ratiocinator.store.paths import Paths
+
+    ledger, exp_id, _ = ledger_with_runs(tmp_path / "ledger.db")
+    ledger.update_experiment(exp_id, status="running")
+    with experiment_lock(Paths(tmp_path).lock(exp_id)):  # alive: its runs are running
+        alive = CliRunner().invoke(app, ["--home", str(tmp_path), "status", exp_id])
+    assert alive.exit_code == 0 and "orphaned" not in alive.output and "running" in alive.output
+    dead = CliRunner().invoke(app, ["--home", str(tmp_path), "status", exp_id])
+    assert dead.exit_code == 0, dead.output
+    assert f"{exp_id} orphaned" in dead.output and "the same command (ratiocinator research s.yaml)" in dead.output
+    assert "orphaned" in dead.output.split("why")[1]  # the run left running, in the table
+    listed = CliRunner().invoke(app, ["--home", str(tmp_path), "status"])
+    assert listed.exit_code == 0 and "orphaned" in listed.output

@@ -462,7 +462,10 @@ def research(
 def status(experiment: Annotated[str | None, typer.Argument(help="experiment id, id prefix or name")] = None,
            wide: WideOption = False) -> None:
     """Experiments and their runs, from the ledger."""
+    from ratiocinator.store.liveness import ORPHANED, ORPHANED_NOTE, orphaned
+
     ledger = _ledger()
+    paths = Paths(ledger.path.parent)
     if experiment is None:
         table = Table(box=None, pad_edge=False)
         table.add_column("experiment", overflow="fold")  # what the user types next: never cut
@@ -472,7 +475,8 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
             runs = ledger.runs(exp.id)
             spent, _ = ledger.money(exp.id)
             table.add_row(
-                exp.id, exp.status, str(sum(r.status == RunStatus.SUCCEEDED for r in runs)),
+                exp.id, ORPHANED if orphaned(exp.status, paths.lock(exp.id)) else exp.status,
+                str(sum(r.status == RunStatus.SUCCEEDED for r in runs)),
                 str(sum(r.status == RunStatus.FAILED for r in runs)),
                 str(sum(r.status == RunStatus.RUNNING for r in runs)),
                 f"${spent:.4f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(exp.updated_at)),
@@ -482,9 +486,12 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
         return
     exp = ledger.find_experiment(experiment)
     spent, reserved = ledger.money(exp.id)
-    out.print(f"[bold]{exp.id}[/bold] {exp.status} — commit {(exp.commit_sha or '?')[:12]}, ${spent:.4f} spent,"
-              f" ${reserved:.4f} reserved")
-    if exp.note:
+    gone = orphaned(exp.status, paths.lock(exp.id))
+    out.print(f"[bold]{exp.id}[/bold] {ORPHANED if gone else exp.status} — commit {(exp.commit_sha or '?')[:12]},"
+              f" ${spent:.4f} spent, ${reserved:.4f} reserved")
+    if gone:
+        out.print(ORPHANED_NOTE.format(command=f"ratiocinator research {exp.spec_path}"), markup=False)
+    elif exp.note:
         out.print(exp.note, markup=False)
     goal = _goal(exp.spec_text)
     metrics = ledger.run_metrics(exp.id)
@@ -499,8 +506,12 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
             shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
             color = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red", RunStatus.RUNNING: "cyan",
                      RunStatus.INTERRUPTED: "yellow"}.get(RunStatus(r.status), "")
+            shown_status = r.status
+            if gone and r.status == RunStatus.RUNNING:
+                color, shown_status = "yellow", ORPHANED
             why = f"{r.failure}: {r.reason}" if r.failure else r.reason
-            table.add_row(str(r.id), escape(label(r.arm)), str(r.replicate), str(r.attempt), f"[{color}]{r.status}[/]",
+            table.add_row(str(r.id), escape(label(r.arm)), str(r.replicate), str(r.attempt),
+                          f"[{color}]{shown_status}[/]",
                           shown, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", escape(why[:100]))
         return table
 

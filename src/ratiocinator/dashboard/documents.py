@@ -16,23 +16,13 @@ from ratiocinator.analysis.live import LiveState, live_state
 from ratiocinator.autoresearch.program import Metric
 from ratiocinator.autoresearch.store import MEASURED, Attempt, Session, Store
 from ratiocinator.store.ledger import Ledger, RunRow
-from ratiocinator.store.liveness import lock_held
+from ratiocinator.store.liveness import ORPHANED, ORPHANED_NOTE, orphaned
 from ratiocinator.store.paths import Paths
 from ratiocinator.store.records import RunStatus
 from ratiocinator.store.views import Point, curve_metric, overviews, points_after, points_per_run
 
 MAX_DIFF_BYTES = 200_000  # a diff past this is cut on the page (the ledger keeps all of it)
 MAX_FIRST_POINTS = 5_000  # a long series reaches a page thinned to about this many points, then grows point by point
-
-
-ORPHANED = "orphaned"  # the ledger says running, but the orchestrator that would finish it is gone
-ORPHANED_NOTE = ("the orchestrator stopped without finishing (killed, or its machine lost): the runs shown as"
-                 " orphaned are not being watched; the same command ({command}) resumes it")
-
-
-def _gone(status: str, lock: Path) -> bool:
-    """A running experiment or session whose orchestrator holds no lock any more."""
-    return status == "running" and not lock_held(lock)
 
 
 def _num(value: float | None) -> float | None:
@@ -45,7 +35,7 @@ def experiments_document(ledger: Ledger) -> dict[str, Any]:
     rows = []
     for v in overviews(ledger):
         e = v.experiment
-        gone = _gone(e.status, paths.lock(e.id))
+        gone = orphaned(e.status, paths.lock(e.id))
         rows.append({
             "id": e.id, "name": e.name, "status": ORPHANED if gone else e.status,
             "note": ORPHANED_NOTE.format(command=f"ratiocinator research {e.spec_path}") if gone else e.note,
@@ -63,14 +53,14 @@ def _sessions(ledger: Ledger) -> list[Session]:
     return [store.session(int(r[0])) for r in ledger.db.execute("SELECT id FROM ar_sessions ORDER BY id DESC")]
 
 
-def _session_gone(session: Session, ledger: Ledger) -> bool:
-    return _gone(session.status, Paths(ledger.path.parent).autoresearch(session.tag) / "lock")
+def _sessionorphaned(session: Session, ledger: Ledger) -> bool:
+    return orphaned(session.status, Paths(ledger.path.parent).autoresearch(session.tag) / "lock")
 
 
 def _session_row(session: Session, store: Store) -> dict[str, Any]:
     attempts = store.attempts(session.id)
     spent, _ = store.money(session.id)
-    status = ORPHANED if _session_gone(session, store.ledger) else session.status
+    status = ORPHANED if _sessionorphaned(session, store.ledger) else session.status
     return {"tag": session.tag, "status": status, "reason": session.reason, "attempts": len(attempts),
             "kept": sum(a.status == "keep" for a in attempts), "spent": spent, "updated_at": session.updated_at}
 
@@ -95,7 +85,7 @@ def experiment_document(ledger: Ledger, experiment_id: str, home: Path) -> dict[
     finals = ledger.run_metrics(experiment_id)
     paper = Paths(home).report(experiment_id) / "paper.html"
     counts = points_per_run(ledger, experiment_id)
-    gone = _gone(e.status, Paths(home).lock(e.id))
+    gone = orphaned(e.status, Paths(home).lock(e.id))
     runs = [_run(r, goal, finals) for r in ledger.runs(experiment_id)]
     if gone:
         runs = [{**r, "status": ORPHANED} if r["status"] == RunStatus.RUNNING else r for r in runs]
@@ -187,7 +177,7 @@ def session_document(ledger: Ledger, tag: str) -> dict[str, Any]:
         if a.status in ("baseline", "keep") and a.metric is not None and math.isfinite(a.metric):
             current = a.metric if current is None or (a.metric < current if lower else a.metric > current) else current
         best.append(current)
-    gone = _session_gone(session, ledger)
+    gone = _sessionorphaned(session, ledger)
     shown = [_attempt(a) for a in attempts]
     if gone:
         shown = [{**a, "status": ORPHANED} if a["status"] == "running" else a for a in shown]

@@ -60,4 +60,14 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
-__all__ = ["lock_held"]
+ORPHANED = "orphaned"  # what a reader shows for "running" when the orchestrator that would finish it is gone
+ORPHANED_NOTE = ("the orchestrator stopped without finishing (killed, or its machine lost): the runs shown as"
+                 " orphaned are not being watched; the same command ({command}) resumes it")
+
+
+def orphaned(status: str, lock: Path) -> bool:
+    """A running experiment or session whose orchestrator holds its lock no more."""
+    return status == "running" and not lock_held(lock)
+
+
+__all__ = ["ORPHANED", "ORPHANED_NOTE", "lock_held", "orphaned"]
