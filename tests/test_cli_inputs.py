@@ -54,6 +54,8 @@ def test_read_commands_on_a_hostile_home_end_in_a_clear_error(hostile: dict[str,
     assert code in (1, 2), output
     assert output.startswith("error: "), output
     assert "Traceback" not in output
+    if home_kind == "file":
+        assert "the home is a file, not a folder" in output, output
 
 
 @pytest.mark.parametrize("home_kind", ["file", "below_file", "long"])

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from ratiocinator.errors import UsageError
 from ratiocinator.extras import require
 from ratiocinator.store.ledger import Ledger
-from ratiocinator.store.paths import Paths
+from ratiocinator.store.paths import Paths, no_ledger
 
 if TYPE_CHECKING:
     from ratiocinator.check.readiness import Readiness
@@ -345,9 +345,8 @@ class Home:
         if self._ledger is None:
             path = Paths(self.path).ledger
             if not path.exists():
-                raise UsageError(f"no ledger at {path}",
-                                 hint="run a study first (Home.research or `ratiocinator research SPEC`),"
-                                      " or open the home it ran in")
+                raise no_ledger(path, hint="run a study first (Home.research or `ratiocinator research SPEC`),"
+                                           " or open the home it ran in")
             self._ledger = Ledger(path)
         return self._ledger
 

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ratiocinator.errors import BackendError, RatiocinatorError, UsageError, machine_fault, path_fault
-from ratiocinator.store.paths import Paths
+from ratiocinator.store.paths import Paths, no_ledger
 from ratiocinator.store.records import RunStatus
 from ratiocinator.text_tables import print_fitted
 
@@ -811,7 +811,7 @@ def _ledger() -> Ledger:
 
     path = Paths(state.home).ledger
     if not path.exists():
-        raise UsageError(f"no ledger at {path}", hint="run `ratiocinator research SPEC` first, or pass --home")
+        raise no_ledger(path)
     return Ledger(path)
 
 

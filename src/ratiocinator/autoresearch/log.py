@@ -19,14 +19,14 @@ from ratiocinator.autoresearch.program import LoadedProgram
 from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.errors import UsageError
 from ratiocinator.store.ledger import Ledger
-from ratiocinator.store.paths import Paths
+from ratiocinator.store.paths import Paths, no_ledger
 
 
 def open_session(loaded: LoadedProgram, home: Path) -> tuple[Store, Session]:
     """The program's session in the ledger at ``home`` (a UsageError when there is none)."""
     path = Paths(home).ledger
     if not path.exists():
-        raise UsageError(f"no ledger at {path}", hint="run `ratiocinator autoresearch PROGRAM` first, or pass --home")
+        raise no_ledger(path, hint="run `ratiocinator autoresearch PROGRAM` first, or pass --home")
     store = Store(Ledger(path))
     session = store.session_by_tag(loaded.program.tag)
     if session is None:

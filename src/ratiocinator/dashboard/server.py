@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ratiocinator.errors import UsageError
-from ratiocinator.store.paths import Paths
+from ratiocinator.store.paths import Paths, no_ledger
 
 HOST = "127.0.0.1"  # the ledger holds prompts, diffs and paths: never served beyond this machine
 EXTRA_MODULES = ("uvicorn", "starlette", "plotly")
@@ -33,7 +33,7 @@ def serve(home: Path, port: int, *, on_ready: Callable[[str], None] | None = Non
     require_extra()
     ledger = Paths(home).ledger
     if not ledger.is_file():
-        raise UsageError(f"no ledger at {ledger}", hint="run `ratiocinator research SPEC` first, or pass --home")
+        raise no_ledger(ledger)
     import uvicorn
 
     from ratiocinator.dashboard.app import create_app

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.execution.metrics import PointBatch
+from ratiocinator.store.paths import no_ledger
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
 if TYPE_CHECKING:  # numpy loads on the first metric series written or read, not on every command's start
@@ -406,7 +407,7 @@ class Ledger:
         self.read_only = read_only
         self._home_id: str | None = None
         if read_only and not self.path.is_file():
-            raise UsageError(f"no ledger at {self.path}", hint="run `ratiocinator research SPEC` first, or pass --home")
+            raise no_ledger(self.path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ratiocinator.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -60,3 +62,12 @@ class Paths:
     def backend(self, name: str) -> Path:
         """A backend's own files (a rented instance's key pair, its pinned host keys)."""
         return self.home / name
+
+
+def no_ledger(ledger: Path, *, hint: str = "run `ratiocinator research SPEC` first, or pass --home") -> UsageError:
+    """The error for a ledger that is not there, saying so plainly when the home itself is a file."""
+    home = ledger.parent
+    if home.exists() and not home.is_dir():
+        return UsageError(f"{home}: the home is a file, not a folder",
+                          hint="pass --home (or RATIOCINATOR_HOME) a folder; it holds the ledger and every run's files")
+    return UsageError(f"no ledger at {ledger}", hint=hint)
