@@ -142,6 +142,29 @@ def test_full_experiment_reuses_one_instance_and_destroys_it(sshd: Sshd, vast: V
     assert by_key[f"instance[{row.id}].cost"]["value"] == pytest.approx(row.cost)
 
 
+@pytest.mark.latex  # the research writes its paper
+def test_an_offer_taken_between_search_and_rent_is_replaced_and_costs_nothing(sshd: Sshd, vast: VastServer,
+                                                                              study: Study) -> None:
+    # On a live market another renter can take the cheapest offer after our search: the provider
+    # answers 404 no_such_ask, nothing is rented, and the next cheapest offer that fits is rented.
+    vast.fake.offers.append(offer(3, dph=0.45))
+    vast.fake.taken_by_others = {1}
+    spec = _spec(study, arms=[{"name": "only", "env": {"BONUS": 10}}])
+    outcome = Research(load_spec(spec), study.home, backend=_backend(vast, sshd, study), check=False).run()
+    assert outcome.status == "completed", outcome.message
+    fake = vast.fake
+    assert [p for m, p in fake.calls if m == "PUT"] == ["/api/v0/asks/1/", "/api/v0/asks/3/"]
+    assert fake.live() == [] and len(fake.destroyed) == 1
+    ledger = study.ledger()
+    exp = ledger.experiments()[-1]
+    taken, used = inst.rows(ledger)
+    assert (taken.provider_id, taken.state, taken.cost) == (None, "destroyed", 0.0) and "was taken" in taken.note
+    assert used.state == "destroyed" and used.provider_id == str(fake.destroyed[0]) and used.cost
+    spent, reserved = ledger.money(exp.id)
+    assert reserved == 0 and spent == pytest.approx(used.cost)  # the taken offer cost nothing
+    assert any(e["kind"] == "instance_offer_taken" for e in ledger.events(exp.id))
+
+
 def test_no_matching_offer_rents_nothing(sshd: Sshd, vast: VastServer, study: Study) -> None:
     spec = _spec(study, hardware={"gpu": "H100_SXM", "num_gpus": 1})
     backend = _backend(vast, sshd, study)

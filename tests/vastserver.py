@@ -82,6 +82,7 @@ class FakeVast:
     ssh_port: int
     offers: list[dict[str, Any]] = field(default_factory=lambda: [offer(1, dph=0.40), offer(2, "A100", 1.10)])
     boot_s: float = 0.2
+    taken_by_others: set[int] = field(default_factory=set)  # offers someone else rents just before our rent call
     billing_fails: bool = False
     instances: dict[int, dict[str, Any]] = field(default_factory=dict)
     destroyed: list[int] = field(default_factory=list)
@@ -221,6 +222,9 @@ class FakeVast:
             return 200, {"offers": sorted(found, key=lambda o: o["dph_total"])}
         if (m := re.fullmatch(r"/api/v0/asks/(\d+)/", path)) and method == "PUT":
             o = next((o for o in self.offers if o["id"] == int(m.group(1))), None)
+            if o is not None and o["id"] in self.taken_by_others:  # another renter was faster
+                self.taken_by_others.discard(o["id"])
+                o["rented"] = True
             if o is None or o["rented"]:
                 return 404, {"success": False, "error": "no_such_ask"}
             deadline = re.search(r"RC_DEADLINE=(\d+)", body.get("onstart", ""))

@@ -71,6 +71,19 @@ class BillingUnavailable(Exception):
     """The billing endpoint failed: costs fall back to lifetime × price, and say so."""
 
 
+class OfferTaken(VastError):
+    """The offer was rented by someone else between our search and our rent (HTTP 404 ``no_such_ask``):
+    nothing was rented or paid, and another offer may be tried."""
+
+
+class _Refused(VastError):
+    """An HTTP error answer that is neither transient nor about the key; ``code`` says which."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class _Transient(VastError):
     """A failure worth another try. ``sent``: the request may have reached the provider (its effect is unknown)."""
 
@@ -193,7 +206,7 @@ class VastApi:
         if code == 404 and missing_ok:
             return None
         if code >= 400:
-            raise VastError(f"Vast.ai API {where} answered HTTP {code}: {text[:300]}")
+            raise _Refused(f"Vast.ai API {where} answered HTTP {code}: {text[:300]}", code=code)
         if reply is None and text:
             raise VastError(f"Vast.ai API {where} answered non-JSON: {text[:200]}")
         return reply
@@ -233,6 +246,12 @@ class VastApi:
                         raise
         except _Transient as exc:
             raise _exhausted(exc) from None
+        except _Refused as exc:
+            if exc.code == 404:  # the provider's "no_such_ask": the offer is gone from the market
+                raise OfferTaken(f"offer {offer_id} was taken before it could be rented ({exc.message})") from None
+            raise
+        if isinstance(reply, dict) and reply.get("error") == "no_such_ask":
+            raise OfferTaken(f"offer {offer_id} was taken before it could be rented: {json.dumps(reply)[:200]}")
         if not isinstance(reply, dict) or not reply.get("success") or reply.get("new_contract") is None:
             raise VastError(f"renting offer {offer_id} failed: {json.dumps(reply)[:300]}",
                             hint="the offer may have been taken; searching again picks another")
@@ -336,5 +355,5 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-__all__ = ["DEFAULT_BASE_URL", "STILL_BILLING_DOWN", "BillingUnavailable", "RetryPolicy", "VastApi", "VastAuthError",
-           "VastError", "is_gone", "v1_root"]
+__all__ = ["DEFAULT_BASE_URL", "STILL_BILLING_DOWN", "BillingUnavailable", "OfferTaken", "RetryPolicy", "VastApi",
+           "VastAuthError", "VastError", "is_gone", "v1_root"]

@@ -54,6 +54,7 @@ from ratiocinator.backends.vast import reaper
 from ratiocinator.backends.vast.api import (
     DEFAULT_BASE_URL,
     STILL_BILLING_DOWN,
+    OfferTaken,
     RetryPolicy,
     VastApi,
     is_gone,
@@ -67,6 +68,7 @@ from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.paths import Paths
 
 DEFAULT_DISK_GB = 32.0  # an instance's disk when the spec sets no hardware.disk_gb
+RENT_TRIES = 3  # offers tried for one instance when other renters take them first
 
 
 @dataclass(frozen=True)
@@ -478,12 +480,13 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         await self._pick(loaded, n)
         return self.gpu_model
 
-    async def _pick(self, loaded: LoadedSpec, n: int) -> list[dict[str, Any]]:
-        """The ``n`` offers to rent (one GPU model: the experiment's, once chosen)."""
+    async def _pick(self, loaded: LoadedSpec, n: int, *, besides: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+        """The ``n`` offers to rent (one GPU model: the experiment's, once chosen), none of ``besides``."""
         query = offer_query(loaded, self.settings)
         if self.gpu_model is not None and not self.settings.allow_mixed_gpus:
             query["gpu_name"] = {"eq": self.gpu_model}
-        offers = [o for o in await asyncio.to_thread(self.api.search_offers, query) if matches(o, query)]
+        offers = [o for o in await asyncio.to_thread(self.api.search_offers, query)
+                  if matches(o, query) and int(o["id"]) not in besides]
         picked = pick_offers(offers, n, self.settings.allow_mixed_gpus)
         if not picked:
             raise BackendError(f"no Vast.ai offer matches the spec's hardware ({len(offers)} offer(s)"
@@ -510,6 +513,29 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
 
     async def _rent(self, loaded: LoadedSpec, exp_id: str | None, offer: dict[str, Any], ttl: float, disk: float,
                     batch: list[_Rented]) -> None:
+        """Rent ``offer``, or, when another renter takes it first, the next cheapest offer that fits.
+
+        On a live market an offer can go between our search and our rent; the provider answers
+        ``no_such_ask`` and nothing is rented or paid. Up to RENT_TRIES offers are tried; the GPU
+        model stays the experiment's once any of its instances was rented.
+        """
+        tried: set[int] = set()
+        for _ in range(RENT_TRIES - 1):
+            try:
+                return await self._rent_offer(loaded, exp_id, offer, ttl, disk, batch)
+            except OfferTaken as exc:
+                tried.add(int(offer["id"]))
+                self.notes.append(f"{exc.message}; renting another offer")
+                if exp_id is not None:
+                    self.ledger.event(exp_id, "instance_offer_taken", exc.message, level="warning")
+                if not any(r.provider_id for r in self.rented):
+                    self.gpu_model = None  # nothing rented yet: the cheapest model that fits may change too
+                taken = tried | {int(r.offer["id"]) for r in self.rented}
+                (offer,) = await self._pick(loaded, 1, besides=frozenset(taken))
+        await self._rent_offer(loaded, exp_id, offer, ttl, disk, batch)
+
+    async def _rent_offer(self, loaded: LoadedSpec, exp_id: str | None, offer: dict[str, Any], ttl: float,
+                          disk: float, batch: list[_Rented]) -> None:
         dph = float(offer["dph_total"])
         worst = (dph + self.storage_dph) * ttl / 3600.0
         charge = self.budget.reserve(worst, kind="instance",
@@ -527,7 +553,13 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         body = {"client_id": "me", "image": loaded.spec.hardware.image or "pytorch/pytorch:latest", "disk": disk,
                 "onstart": watchdog(deadline, row.label, deadline_file(self.settings.workdir)), "runtype": "ssh",
                 "label": row.label}
-        rented.provider_id = str(await asyncio.to_thread(self.api.rent, int(offer["id"]), body))
+        try:
+            rented.provider_id = str(await asyncio.to_thread(self.api.rent, int(offer["id"]), body))
+        except OfferTaken as exc:
+            await asyncio.to_thread(self._never_rented, rented, exc.message)
+            self.rented.remove(rented)
+            batch.remove(rented)
+            raise
         inst.update(self.ledger, row.id, provider_id=rented.provider_id, state="booting")
         pub = self.ssh_key().with_suffix(".pub").read_text()
         await asyncio.to_thread(self.api.attach_ssh_key, rented.provider_id, pub)
@@ -837,6 +869,12 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
         for rented in batch:
             with self._destroy_lock:  # two worker threads (a give-back, a cancelled rental) never settle one twice
                 self._destroy_one(rented, why)
+
+    def _never_rented(self, rented: _Rented, why: str) -> None:
+        """A row whose offer was taken before the rent: nothing existed, so it closes at $0 (its reservation freed)."""
+        row = inst.get(self.ledger, rented.row_id)
+        inst.update(self.ledger, row.id, state="destroyed", destroyed_at=row.created_at, note=why)
+        reaper.settle(self.ledger, inst.get(self.ledger, row.id), None, end=row.created_at)
 
     def _destroy_one(self, rented: _Rented, why: str) -> None:
         try:
