@@ -207,7 +207,8 @@ def session(root: Path, repo: Path, workers: int, overlap: bool, args: argparse.
         found = store.session_by_tag(tag)
         assert found is not None
         attempts = store.attempts(found.id)
-        rented = inst.rows(store.ledger, ar_session_id=found.id)
+        # Rows of offers another renter took first were never rented (no provider id, $0): not counted.
+        rented = [r for r in inst.rows(store.ledger, ar_session_id=found.id) if r.provider_id]
         (instance_usd,) = store.db.execute(
             "SELECT COALESCE(SUM(settled), 0) FROM ar_charges WHERE session_id = ? AND kind = 'instance'"
             " AND state = 'settled'", (found.id,)).fetchone()
