@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import os
 import platform
 import random
@@ -63,7 +62,7 @@ from ratiocinator.store.ledger import Ledger
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from market import PRICE_RANGE, offer_prices  # noqa: E402 - the simulated market's prices
-from sshd import Sshd, free_port, keygen  # noqa: E402 - the tests' loopback sshd
+from sshd import Sshd, running_sshd  # noqa: E402 - the tests' loopback sshd
 from vastserver import API_KEY, FakeVast, VastServer, offer  # noqa: E402 - the tests' fake Vast.ai API
 
 TRAIN = """\
@@ -109,19 +108,9 @@ def loopback_sshd(root: Path, machines: int = 1) -> Iterator[Sshd]:
         raise SystemExit(f"--backend ssh needs an OpenSSH server ({binary}); install openssh-server or use"
                          " --backend local")
     root.mkdir()
-    root.chmod(0o755)
-    host_key, client_key = root / "host_ed25519", root / "client_ed25519"
-    keygen(host_key, "bench host key")
-    keygen(client_key, "bench client key")
-    (root / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
-    server = Sshd(binary=binary, root=root, port=free_port(), user=getpass.getuser(), client_key=client_key,
-                  host_key=host_key, addresses=tuple(f"127.0.0.{k}" for k in range(1, max(machines, 1) + 1)))
-    server.write_config()
-    server.start()
-    try:
+    with running_sshd(binary, root, "bench",
+                      addresses=tuple(f"127.0.0.{k}" for k in range(1, max(machines, 1) + 1))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Market:

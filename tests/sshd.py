@@ -8,6 +8,7 @@ is not installed the tests skip with the reason, unless ``RATIOCINATOR_REQUIRE_S
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,20 +148,26 @@ class Sshd:
         return f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n"
 
 
-@pytest.fixture
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    binary = require_sshd()
-    root = tmp_path_factory.mktemp("sshd")
+@contextlib.contextmanager
+def running_sshd(binary: str, root: Path, who: str, **fields: Any) -> Iterator[Sshd]:
+    """An sshd in ``root`` (an existing folder) with fresh host and client keys named for ``who``, stopped at the
+    end; ``fields``: further Sshd settings (``addresses``)."""
     root.chmod(0o755)
     host_key, client_key = root / "host_ed25519", root / "client_ed25519"
-    keygen(host_key, "test host key")
-    keygen(client_key, "test client key")
+    keygen(host_key, f"{who} host key")
+    keygen(client_key, f"{who} client key")
     (root / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
     server = Sshd(binary=binary, root=root, port=free_port(), user=getpass.getuser(), client_key=client_key,
-                  host_key=host_key)
+                  host_key=host_key, **fields)
     server.write_config()
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    with running_sshd(require_sshd(), tmp_path_factory.mktemp("sshd"), "test") as server:
+        yield server

@@ -33,7 +33,7 @@ from ratiocinator.report.document import (
     Heading,
     Paragraph,
     Table,
-    fact_occurrences,
+    fact_counts,
     render_html,
     render_latex,
     render_markdown,
@@ -364,12 +364,7 @@ def render_session(session: Session, attempts: Sequence[Attempt], program: Progr
 
 def facts_document(session: Session, report: SessionReport, rendered: dict[str, str],
                    ledger: Path | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    occurrences: dict[str, dict[str, int]] = {}
-    for name, text in rendered.items():
-        counts: dict[str, int] = {}
-        for fid, _ in fact_occurrences(DOCUMENTS[name], text):
-            counts[fid] = counts.get(fid, 0) + 1
-        occurrences[name] = counts
+    occurrences = fact_counts(rendered, DOCUMENTS)
     head: dict[str, Any] = {SESSION_KEY: session.tag, "documents": occurrences}
     if ledger is not None:
         head["ledger"] = str(Path(ledger).resolve())

@@ -13,7 +13,8 @@ import abc
 import base64
 import html
 import re
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -695,6 +696,13 @@ def render_latex(title: str, blocks: Sequence[Block], book: FactBook, facts_in: 
 
 
 # -- reading facts back ----------------------------------------------------------------
+
+
+def fact_counts(rendered: Mapping[str, str], formats: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """How often each fact appears in each rendered document (named as in ``formats``, file -> format):
+    what ``verify`` later expects to find again."""
+    return {name: dict(Counter(fid for fid, _ in fact_occurrences(formats[name], text)))
+            for name, text in rendered.items()}
 
 
 def fact_occurrences(fmt: str, text: str) -> list[tuple[str, str]]:

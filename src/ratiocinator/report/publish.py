@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ratiocinator.analysis.inference import Inference
-from ratiocinator.report.document import fact_occurrences, render_html, render_latex, render_markdown
+from ratiocinator.report.document import fact_counts, render_html, render_latex, render_markdown
 from ratiocinator.report.exports import (
     LedgerRows,
     json_records,
@@ -102,12 +102,7 @@ def write_report(ledger: Ledger, experiment_id: str, out_dir: Path, *, pdf: bool
 def _facts_document(ledger: Ledger, paper: Paper,
                     rendered: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every fact, and how often each appears in each document, for ``verify``."""
-    occurrences: dict[str, dict[str, int]] = {}
-    for name, text in rendered.items():
-        counts: dict[str, int] = {}
-        for fid, _ in fact_occurrences(DOCUMENTS[name], text):
-            counts[fid] = counts.get(fid, 0) + 1
-        occurrences[name] = counts
+    occurrences = fact_counts(rendered, DOCUMENTS)
     head = {
         "experiment_id": paper.experiment.id,
         "ledger": str(ledger.path.resolve()),
