@@ -408,6 +408,17 @@ def test_the_ledger_stores_a_batch_as_it_stores_its_points(tmp_path) -> None:  #
     assert math.copysign(1, ledger.series(first, "other")[2][0]) == -1
 
 
+def test_a_step_past_64_bits_is_no_step_and_the_ledger_stores_the_points(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ledger = build(tmp_path)
+    run = [r.id for r in ledger.runs(EXPERIMENT) if "loss" not in ledger.point_names(r.id)][0]
+    data = b'METRICS: {"step": 99999999999999999999, "loss": 0.5}\nMETRICS: {"step": 3, "loss": 0.25}\n'
+    batch, parser, _ = by_blocks("json_line", [data])
+    assert parser.problem_count == 1 and "does not fit a 64-bit integer" in parser.problems[0]
+    assert batch.series["loss"][1] == [None, 3]
+    ledger.add_points(run, batch)  # this raised OverflowError when the step was kept
+    assert ledger.points(run, "loss") == [(0, None, 0.5), (1, 3, 0.25)]
+
+
 def test_shapes_decode_what_json_decodes() -> None:
     # The shape's number tokens, read by float() and int(), give what json gives for every spelling
     # a shape accepts, including those at the edges of its patterns.

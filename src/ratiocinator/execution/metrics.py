@@ -49,6 +49,7 @@ MAX_METRIC_NAMES = 10_000  # distinct names per run: a million made-up names wou
 # Step keys of a json_line object, in order of preference: the first one holding an integer is the
 # step of the line's points. A top-level "step" is never a metric; "epoch" and the others stay metrics too.
 _STEP_KEYS = ("step", "epoch", "iter", "iteration")
+_STEP_MIN, _STEP_MAX = -(2**63) + 1, 2**63 - 1  # the ledger's int64 steps (the smallest means none)
 _NONFINITE_STRINGS = frozenset({"nan", "inf", "-inf"})
 # raw_decode skips json.loads' wrapper, a large share of the cost of a short object.
 _decode_json = json.JSONDecoder().raw_decode
@@ -375,6 +376,9 @@ class _JsonLineParser(MetricParser):
         for key in _STEP_KEYS:
             candidate = obj.get(key)
             if type(candidate) is int:
+                if not _STEP_MIN <= candidate <= _STEP_MAX:
+                    self._note(f"{prefix} {key} {candidate} does not fit a 64-bit integer: its points have no step")
+                    break
                 step = candidate
                 break
         points: list[MetricPoint] = []

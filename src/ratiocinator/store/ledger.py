@@ -12,20 +12,22 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ratiocinator.errors import UsageError, machine_fault
 from ratiocinator.execution.metrics import PointBatch
 from ratiocinator.store.paths import no_ledger
 from ratiocinator.store.records import DataRecord, DecisionRecord, EventKind, ReadinessRecord
 
-if TYPE_CHECKING:  # numpy loads on the first metric series written or read, not on every command's start
+if TYPE_CHECKING:  # numpy loads on the first metric series read: not at a command's start, nor to write points
     import numpy as np
 
 SCHEMA_VERSION = 8
@@ -639,12 +641,8 @@ class Ledger:
 
     @staticmethod
     def _insert_points(db: sqlite3.Connection, run_id: int, points: Iterable[Any]) -> None:
-        import numpy as np
-
-        grouped: Mapping[str, tuple[list[int], list[int] | np.ndarray, list[float]]]
         if isinstance(points, PointBatch):  # already in columns
-            grouped = {name: (seqs, _step_column(steps), values)
-                       for name, (seqs, steps, values) in points.series.items()}
+            grouped: Mapping[str, tuple[list[int], Sequence[int | None], list[float]]] = points.series
         else:
             grouped = _grouped(points)
         if grouped:
@@ -652,8 +650,8 @@ class Ledger:
                 "INSERT INTO metric_chunks (run_id, name, first_seq, n, seqs, steps, vals)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (run_id, name, seqs[0], len(seqs), np.asarray(seqs, "<i8").tobytes(),
-                     np.asarray(steps, "<i8").tobytes(), np.asarray(vals, "<f8").tobytes())
+                    (run_id, name, seqs[0], len(seqs), _int64_bytes(seqs), _int64_bytes(_step_column(steps)),
+                     _float64_bytes(vals))
                     for name, (seqs, steps, vals) in grouped.items()
                 ),
             )
@@ -961,11 +959,25 @@ def _grouped(points: Iterable[Any]) -> dict[str, tuple[list[int], list[int], lis
     return grouped
 
 
-def _step_column(steps: list[int | None]) -> np.ndarray:
+def _step_column(steps: Sequence[int | None]) -> Sequence[int]:
     """A batch's steps as stored, NO_STEP for none; a series often has a step on every point, or on none."""
-    import numpy as np
-
     missing = steps.count(None)
     if missing == len(steps):
-        return np.full(len(steps), NO_STEP, "<i8")
-    return np.asarray([NO_STEP if step is None else step for step in steps] if missing else steps, "<i8")
+        return [NO_STEP] * len(steps)
+    return [NO_STEP if step is None else step for step in steps] if missing else cast("Sequence[int]", steps)
+
+
+def _int64_bytes(column: Sequence[int]) -> bytes:
+    """A column as little-endian int64, the stored form (the standard library's array: no numpy on the
+    write path, so a study that only runs never imports it)."""
+    packed = array("q", column)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _float64_bytes(column: Sequence[float]) -> bytes:
+    packed = array("d", column)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
