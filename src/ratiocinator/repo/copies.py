@@ -68,7 +68,8 @@ class SpareCopies:
     def __init__(self, checkout: Path) -> None:
         self.checkout = checkout
         self._lock = threading.Lock()
-        self._spares: list[tuple[Path, Snapshot]] = []
+        self._spares: list[tuple[Path, Snapshot, Path]] = []  # (copy, its snapshot, its git record)
+        self._mover: ws.WorkingCopyMover | None = None
         self._folders: dict[Path, tuple[Path, IO[str]]] = {}  # runs' parent folder -> (spare folder, its held lock)
         self._closed = False
         self._made = 0
@@ -80,16 +81,17 @@ class SpareCopies:
         """Move a spare copy to ``dest`` and return its snapshot; None when there is none to take."""
         while True:
             with self._lock:
-                if not self._spares:
+                if not self._spares or self._mover is None:
                     return None
-                spare, seen = self._spares.pop()
-            try:
-                ws.move_working_copy(self.checkout, spare, dest)
-            except OSError:  # another file system, say: that spare is of no use
-                shutil.rmtree(spare, ignore_errors=True)
-                shutil.rmtree(dest, ignore_errors=True)  # the run's fresh copy goes there
-                continue
-            return seen
+                spare, seen, record = self._spares.pop()
+                try:
+                    self._mover.move(spare, dest, record)
+                except OSError:  # another file system, say: that spare is of no use
+                    pass
+                else:
+                    return seen
+            shutil.rmtree(spare, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)  # the run's fresh copy goes there
 
     def put_back(self, copy: Path, seen: Snapshot | None) -> bool:
         """Keep ``copy`` for a later run when it is as it was made (``seen``); otherwise delete it. True when kept."""
@@ -100,11 +102,14 @@ class SpareCopies:
                     self._made += 1
                     spare = folder / str(self._made)
                     try:
-                        ws.move_working_copy(self.checkout, copy, spare)
+                        record = ws.WorkingCopyMover.record(copy)
+                        if self._mover is None:
+                            self._mover = ws.WorkingCopyMover(self.checkout)
+                        self._mover.move(copy, spare, record)
                     except OSError:
                         pass
                     else:
-                        self._spares.append((spare, seen))
+                        self._spares.append((spare, seen, record))
                         return True
         ws.drop_working_copy(self.checkout, copy, prune=False)  # pruned at the backend's release
         return False
@@ -115,7 +120,10 @@ class SpareCopies:
             self._closed = True
             spares, self._spares = self._spares, []
             folders, self._folders = self._folders, {}
-        for spare, _ in spares:
+            mover, self._mover = self._mover, None
+        if mover is not None:
+            mover.close()
+        for spare, _, _ in spares:
             shutil.rmtree(spare, ignore_errors=True)
         for folder, held in folders.values():
             shutil.rmtree(folder, ignore_errors=True)

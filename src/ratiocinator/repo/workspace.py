@@ -40,6 +40,7 @@ from ratiocinator.execution import contract
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 FILTERED_REQUIREMENTS = "requirements.filtered.txt"
+WORKTREES_LOCK = "ratiocinator-worktrees.lock"  # held while git's worktree records change
 
 _FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -202,21 +203,55 @@ def drop_working_copy(checkout: Path, dest: Path, *, prune: bool = True) -> None
 
 
 def move_working_copy(checkout: Path, copy: Path, dest: Path) -> None:
-    """Rename a working copy to ``dest`` (on the same file system) and point git's record of it there.
+    """Rename a working copy to ``dest`` (on the same file system) and point git's record of it there."""
+    with WorkingCopyMover(checkout) as mover:
+        mover.move(copy, dest, mover.record(copy))
 
-    The record's back link (``worktrees/<id>/gitdir``) is what ``git worktree prune`` checks: left naming
-    the old place, a prune would drop the record and the moved copy would stop being a git worktree.
-    Both happen under the worktrees lock, which every prune here holds too."""
-    checkout = Path(checkout).resolve()
-    with _worktrees_locked(checkout):
+
+class WorkingCopyMover:
+    """Moves one checkout's working copies about (see `repo.copies`, which moves one twice per run).
+
+    A move renames the copy and rewrites its record's back link (``worktrees/<id>/gitdir``), which is what
+    ``git worktree prune`` checks: left naming the old place, a prune would drop the record and the moved
+    copy would stop being a git worktree. Both happen under the worktrees lock, which every prune here
+    holds too. The lock file stays open and each copy's record is read once (`record`), so a move costs a
+    rename and one small write in place: creating files is what is slow on some file systems."""
+
+    def __init__(self, checkout: Path) -> None:
+        self.checkout = Path(checkout).resolve()
+        self._lock = open(self.checkout / ".git" / WORKTREES_LOCK, "w")
+
+    def __enter__(self) -> WorkingCopyMover:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def record(copy: Path) -> Path:
+        """Git's record of the working copy at ``copy`` (its ``.git`` file names it)."""
         link = (copy / ".git").read_text().strip()
         record = Path(link.removeprefix("gitdir:").strip())
         if not link.startswith("gitdir:") or not record.is_absolute():  # a relative link would break on the move
             raise OSError(f"{copy / '.git'} is not an absolute git worktree link")
-        os.rename(copy, dest)
-        tmp = record / "gitdir.tmp"
-        tmp.write_text(f"{os.path.join(os.path.abspath(dest), '.git')}\n")
-        os.replace(tmp, record / "gitdir")
+        return record
+
+    def move(self, copy: Path, dest: Path, record: Path) -> None:
+        """Rename ``copy`` (whose git record is ``record``) to ``dest``; OSError when that cannot be done."""
+        back_link = f"{os.path.join(os.path.abspath(dest), '.git')}\n".encode()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            os.rename(copy, dest)
+            fd = os.open(record / "gitdir", os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, back_link)
+            finally:
+                os.close(fd)
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._lock.close()
 
 
 def prune_working_copies(checkout: Path) -> None:
@@ -230,7 +265,7 @@ def prune_working_copies(checkout: Path) -> None:
 def _worktrees_locked(checkout: Path) -> Iterator[None]:
     """Git changes a repository's worktree records one at a time: adding one while another is removed (two
     runs of one experiment, one starting as another ends) fails on git's own lock files."""
-    with open(checkout / ".git" / "ratiocinator-worktrees.lock", "w") as lock:
+    with open(checkout / ".git" / WORKTREES_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
