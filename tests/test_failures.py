@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 from pathlib import Path
 
@@ -11,13 +12,17 @@ from conftest import Study
 from ratiocinator.backends.base import Host, LaunchFailure, LaunchRequest, RunHandle
 from ratiocinator.backends.local import LocalBackend
 from ratiocinator.execution.failures import (
+    LOG_HEAD_BYTES,
+    LOG_TAIL_BYTES,
     ArmOutcome,
     Failure,
     Frame,
+    LogExcerpt,
     RunEvidence,
     constant_across_arms,
     diagnose,
     last_exception,
+    read_log,
     user_frame,
 )
 from ratiocinator.pipeline import Research
@@ -318,3 +323,24 @@ def test_constant_across_arms(values: tuple[float, ...], flagged: bool) -> None:
     assert (constant_across_arms(arms, "score") is not None) is flagged
     same_config = [ArmOutcome(f"arm{i}", (("K", "1"),), ((i, 0.5),)) for i in range(4)]
     assert constant_across_arms(same_config, "score") is None
+
+
+def test_the_excerpt_kept_while_a_log_is_written_is_what_reading_the_log_gives(tmp_path: Path) -> None:
+    """The executor diagnoses from the excerpt it keeps; `read_log` reads the file. Both must agree at
+    every length around the point where the log is cut, for chunks cut anywhere, in any encoding."""
+    rng = random.Random(7)
+    whole = LOG_HEAD_BYTES + LOG_TAIL_BYTES
+    lengths = [0, 1, 100, LOG_HEAD_BYTES, whole - 1, whole, whole + 1, 3 * whole] + [rng.randint(0, 4 * whole)
+                                                                                     for _ in range(20)]
+    for length in lengths:
+        data = bytes(rng.choice(b"ab\n\xc3\xa9\xff") for _ in range(length))
+        excerpt = LogExcerpt()
+        i = 0
+        while i < length:
+            size = rng.choice([1, 7, 4096, LOG_HEAD_BYTES + 3, 1 << 20])
+            excerpt.add(data[i:i + size])
+            i += size
+        log = tmp_path / f"{length}.log"
+        log.write_bytes(data)
+        assert excerpt.text() == read_log(log), length
+        assert excerpt.size == length

@@ -52,6 +52,10 @@ GATHER_S = 0.002
 GATHER_FROM = 1 << 12
 GATHER_BELOW = 1 << 16
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
+# A finished run's copy of at most this many entries is checked (one stat each) on the event loop; a bigger
+# one in a worker thread. A copy found changed is deleted, so the bound also caps that.
+INLINE_COPY_ENTRIES = 64
+FIRST_READ_BYTES = 1 << 16  # a pipe's first read of a wake-up: most hold a few lines (a 1 MiB buffer costs a mmap)
 
 
 class LocalRunHandle(RunHandle):
@@ -132,7 +136,10 @@ class LocalRunHandle(RunHandle):
         kill_group(self.proc.pid, signal.SIGKILL)
         if self._copy is not None and self.proc.poll() == 0:  # a failed run's copy stays, to look at
             copy, self._copy = self._copy, None
-            await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen)  # kept for the next run when clean
+            if copy.seen is not None and len(copy.seen) <= INLINE_COPY_ENTRIES:  # a few stat calls: cheaper here
+                copy.spares.put_back(copy.path, copy.seen)  # kept for the next run when clean
+            else:
+                await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen)
 
 
 class LocalBackend(Backend):
@@ -257,7 +264,7 @@ class LocalBackend(Backend):
             self._spares = SpareCopies(checkout)
         spares = self._spares
         if len(spares):
-            seen = await asyncio.to_thread(spares.take, dest)
+            seen = spares.take(dest)  # a rename and a small write: cheaper than a worker thread
             if seen is not None:
                 return _RunCopy(dest, spares, seen)
         try:
@@ -328,19 +335,24 @@ async def _readable(loop: asyncio.AbstractEventLoop, pipes: dict[Stream, Any]) -
 
 
 def read_available(fd: int) -> tuple[bytes, bool]:
-    """What a non-blocking pipe holds now, up to `READ_BYTES`, and whether it has ended (EOF)."""
+    """What a non-blocking pipe holds now, up to `READ_BYTES`, and whether it has ended (EOF).
+
+    A read that returns less than it asked for has emptied the pipe: no further read is tried."""
     parts: list[bytes] = []
     size = 0
     while size < READ_BYTES:
+        wanted = min(READ_BYTES - size, READ_BYTES if parts else FIRST_READ_BYTES)
         try:
-            data = os.read(fd, READ_BYTES - size)
+            data = os.read(fd, wanted)
         except BlockingIOError:
             break
         if not data:
             return b"".join(parts), True
         parts.append(data)
         size += len(data)
-    return b"".join(parts), False
+        if len(data) < wanted:
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts), False
 
 
 def widen_pipe(fd: int) -> None:

@@ -38,7 +38,7 @@ from ratiocinator.backends.base import (
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
 from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
 from ratiocinator.execution.contract import runner_environment
-from ratiocinator.execution.failures import Diagnosis, Failure, RunEvidence, diagnose, read_log
+from ratiocinator.execution.failures import Diagnosis, Failure, LogExcerpt, RunEvidence, diagnose
 from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricSummary, PointBatch, make_parser
 from ratiocinator.planning.plan import Plan, PlannedRun
 from ratiocinator.spec.models import LoadedSpec
@@ -48,6 +48,10 @@ from ratiocinator.store.records import TERMINAL, RunStatus
 
 POINT_BATCH = 5000
 POINT_FLUSH_S = 1.0
+# A chunk of output this small is logged and parsed on the event loop (well under a millisecond): handing
+# it to a worker thread costs more than that. Bigger chunks (a flood, a megabyte line) go to a thread.
+INLINE_CHUNK_BYTES = 16 * 1024
+MONEY_REPORT_S = 0.25  # the display's spend is read from the ledger at most this often while runs come and go
 IDLE_CHECK_S = 15.0  # how often idle billed slots are weighed again while the last runs go on
 
 
@@ -149,6 +153,7 @@ class Executor:
             r.failure for r in ledger.runs(experiment_id) if r.status in TERMINAL and not r.transient
         ][: self.policy.stop_after]
         self.early_stop: str | None = None
+        self._money_reported = -math.inf
 
     async def run(self, pending: list[PlannedRun]) -> ExecutionSummary:
         """Launch ``pending`` on free slots until done, the budget says stop, or failures say stop.
@@ -257,6 +262,7 @@ class Executor:
                     idle_check()
             summary.results.extend(await asyncio.gather(*launched))
             await asyncio.gather(*self._giving_back)
+            self._report_money(now=True)
         except BaseException:
             for unfinished in [*launched, *retries]:
                 unfinished.cancel()
@@ -402,8 +408,12 @@ class Executor:
             self.ledger.event(self.experiment_id, "early_stop", self.early_stop, level="error", failure=failure)
             self.progress.message(self.early_stop)
 
-    def _report_money(self) -> None:
-        self.progress.money(*self.budget.spent_and_reserved())
+    def _report_money(self, *, now: bool = False) -> None:
+        """The spend for the display: read from the ledger at most every `MONEY_REPORT_S`, or ``now``."""
+        moment = time.monotonic()
+        if now or moment - self._money_reported >= MONEY_REPORT_S:
+            self._money_reported = moment
+            self.progress.money(*self.budget.spent_and_reserved())
 
     async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int) -> RunResult:
         arm = self.plan.arm(planned.arm)
@@ -426,9 +436,7 @@ class Executor:
                 self.live[other] = True
         run_dir = self.runs_dir / str(run_id)
         out_dir = run_dir / "out"
-        # Directory and file creation can take milliseconds on some filesystems; off the loop,
-        # they overlap with other runs instead of serialising every launch.
-        logs = await asyncio.to_thread(_open_run_dir, run_dir, out_dir)
+        logs = _open_run_dir(run_dir, out_dir)  # a worker thread would cost more than the few files it makes
         env = runner_environment(
             self.base_env, self.workspace, arm.env,
             arm=arm.name, run_id=run_id, seed=planned.seed, seed_env=self.spec.seed_env,
@@ -537,11 +545,10 @@ class Executor:
             assert exit_info is not None
             # Only a SIGKILL is ever put down to the OOM killer: other endings need no second reading.
             oom_after = self.backend.oom_kills(self.host) if exit_info.signal == signal.SIGKILL else oom_before
-            run_dir = self.runs_dir / str(run_id)
             diagnosis = diagnose(RunEvidence(
                 exit_code=exit_info.exit_code, signal=exit_info.signal, timed_out=timed_out,
                 timeout_s=self.spec.train_timeout_s, goal=goal, final=final,
-                stdout=read_log(run_dir / "stdout.log"), stderr=read_log(run_dir / "stderr.log"),
+                stdout=stream.excerpts["stdout"].text(), stderr=stream.excerpts["stderr"].text(),
                 checkout=self._workdirs.pop(run_id, self.workspace.checkout), shared_host=shared,
                 oom_kills=(oom_after - oom_before) if oom_before is not None and oom_after is not None else 0,
                 malformed_metric_lines=stream.parser.problem_count, dropped_metric_names=stream.parser.dropped_names,
@@ -631,17 +638,21 @@ class _RunStream:
         self.parser = parser
         self.summary = MetricSummary()
         self.splitters: dict[Stream, LineSplitter] = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.excerpts: dict[Stream, LogExcerpt] = {"stdout": LogExcerpt(), "stderr": LogExcerpt()}  # for diagnosis
         self.logs = logs
         self.pending = PointBatch()
         self.last_flush = time.monotonic()
 
     async def consume(self, handle: RunHandle) -> None:
-        """Log, split and parse each chunk in a worker thread, so no output (a megabyte line, a flood)
-        holds the event loop that enforces timeouts and signals; points reach the ledger from the loop."""
+        """Log, split and parse each chunk; a big one in a worker thread, so no output (a megabyte line, a
+        flood) holds the event loop that enforces timeouts and signals. Points reach the ledger from the loop."""
         ticker = asyncio.create_task(self._flush_quiet_runs())
         try:
             async for name, chunk in handle.output():
-                self._take(await asyncio.to_thread(self._ingest, name, chunk))
+                if len(chunk) <= INLINE_CHUNK_BYTES:
+                    self._take(self._ingest(name, chunk))
+                else:
+                    self._take(await asyncio.to_thread(self._ingest, name, chunk))
             for splitter in self.splitters.values():
                 for line in splitter.flush():
                     self._take(self.parser.feed_block(line + "\n"))
@@ -649,10 +660,11 @@ class _RunStream:
             ticker.cancel()
 
     def _ingest(self, name: Stream, chunk: bytes) -> PointBatch:
-        """In a worker thread: the chunk into its log, its lines into points."""
+        """The chunk into its log (and the excerpt diagnosis reads), its lines into points."""
         log = self.logs[name]
         log.write(chunk)
         log.flush()
+        self.excerpts[name].add(chunk)
         return self.parser.feed_block(self.splitters[name].feed_block(chunk))
 
     def _take(self, points: PointBatch) -> None:

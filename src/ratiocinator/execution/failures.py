@@ -107,17 +107,52 @@ def read_log(path: Path, *, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYT
     try:
         with open(path, "rb") as fh:
             size = fh.seek(0, 2)
+            fh.seek(0)
             if size <= head + tail:
-                fh.seek(0)
-                data = fh.read()
-            else:
-                fh.seek(0)
-                first = fh.read(head)
-                fh.seek(size - tail)
-                last = fh.read(tail)
-                data = first.rsplit(b"\n", 1)[0] + b"\n[... log truncated ...]\n" + last.split(b"\n", 1)[-1]
+                return _excerpt(fh.read(), b"")
+            first = fh.read(head)
+            fh.seek(size - tail)
+            return _excerpt(first, fh.read(tail))
     except OSError:
         return ""
+
+
+class LogExcerpt:
+    """What `read_log` would read from a log, kept while the log is written: its start and its end.
+
+    The executor sees every byte a run prints on its way to the log file, so its diagnosis needs no
+    second reading of the files."""
+
+    __slots__ = ("head", "tail", "size", "_head_bytes", "_tail_bytes")
+
+    def __init__(self, *, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYTES) -> None:
+        self.head = bytearray()  # the whole log while it is short; its first ``head`` bytes after
+        self.tail = b""  # once the log is longer than ``head + tail``: its last ``tail`` bytes
+        self.size = 0
+        self._head_bytes, self._tail_bytes = head, tail
+
+    def add(self, chunk: bytes) -> None:
+        limit = self._head_bytes + self._tail_bytes
+        if self.size > limit:
+            self.tail = (self.tail + chunk)[-self._tail_bytes:]
+        elif self.size + len(chunk) <= limit:
+            self.head += chunk
+        else:  # the log outgrows the whole: what is kept splits into its start and its end
+            self.head += chunk
+            self.tail = bytes(self.head[self._head_bytes:][-self._tail_bytes:])
+            del self.head[self._head_bytes:]
+        self.size += len(chunk)
+
+    def text(self) -> str:
+        return _excerpt(bytes(self.head), self.tail)
+
+
+def _excerpt(first: bytes, last: bytes) -> str:
+    """A log's text: all of it (``first``), or its start and end cut at whole lines (with ``last``)."""
+    if last:
+        data = first.rsplit(b"\n", 1)[0] + b"\n[... log truncated ...]\n" + last.split(b"\n", 1)[-1]
+    else:
+        data = first
     return data.decode("utf-8", errors="replace")
 
 

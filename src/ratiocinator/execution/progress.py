@@ -157,18 +157,28 @@ class PlainProgress(ProgressSink):
         self.watched.close()
 
     def run_started(self, run_id: int, arm: str, replicate: int, slot: Slot) -> None:
-        self.console.print(f"[{self.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}", markup=False)
+        self._line(f"[{self.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}")
 
     def run_finished(self, result: RunResult) -> None:
         state = self.watched.state_after_finish()
         standing = summary_line(state) if state is not None else f"${self.spent:.4f} spent"
-        self.console.print(f"[{self.elapsed()}] {_describe(result)} — {standing}", markup=False)
+        self._line(f"[{self.elapsed()}] {_describe(result)} — {standing}")
 
     def money(self, spent: float, reserved: float) -> None:
         self.spent, self.reserved = spent, reserved
 
     def message(self, text: str) -> None:
-        self.console.print(f"[{self.elapsed()}] {text}", markup=False)
+        self._line(f"[{self.elapsed()}] {text}")
+
+    def _line(self, text: str) -> None:
+        """One plain line, written as it is: two a run, so rich's rendering (tens of µs each) is skipped
+        unless the output cannot encode it."""
+        file = self.console.file
+        try:
+            file.write(text + "\n")
+            file.flush()
+        except UnicodeEncodeError:
+            self.console.print(text, markup=False)
 
 
 class LiveProgress(PlainProgress):
