@@ -215,7 +215,9 @@ class WorkingCopyMover:
     ``git worktree prune`` checks: left naming the old place, a prune would drop the record and the moved
     copy would stop being a git worktree. Both happen under the worktrees lock, which every prune here
     holds too. The lock file stays open and each copy's record is read once (`record`), so a move costs a
-    rename and one small write in place: creating files is what is slow on some file systems."""
+    rename and one small write in place. The back link is overwritten, never truncated: a shorter path is
+    padded with newlines, which git strips. (Creating a file costs 0.1 ms on some file systems, and ext4
+    flushes a file truncated to nothing when it is closed: about 1 ms while runs write their logs.)"""
 
     def __init__(self, checkout: Path) -> None:
         self.checkout = Path(checkout).resolve()
@@ -242,9 +244,9 @@ class WorkingCopyMover:
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             os.rename(copy, dest)
-            fd = os.open(record / "gitdir", os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(record / "gitdir", os.O_WRONLY)
             try:
-                os.write(fd, back_link)
+                os.pwrite(fd, back_link.ljust(os.fstat(fd).st_size, b"\n"), 0)
             finally:
                 os.close(fd)
         finally:
