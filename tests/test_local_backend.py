@@ -16,7 +16,7 @@ import pytest
 from conftest import Study
 from ratiocinator.backends.hardware import MachineFacts, compare_local
 from ratiocinator.backends.local import LocalBackend
-from ratiocinator.backends.process import process_start_time
+from ratiocinator.backends.process import process_start_time, spawn_timed
 from ratiocinator.spec.models import Hardware
 
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
@@ -115,3 +115,27 @@ def test_orphan_killer_never_kills_a_reused_pid() -> None:
         assert proc.wait(timeout=5) == -9
     finally:
         proc.kill()
+
+
+def test_the_start_time_known_from_the_clock_is_the_one_proc_reports() -> None:
+    """A run's identity (its start time) comes from the boot clock around the spawn when that reads one
+    tick; a spawn across a tick's edge reads /proc instead. Either way it must be what /proc says."""
+    from_clock = from_proc = 0
+    for i in range(120):
+        slow = i % 4 == 0  # spawns that take longer than a tick (10 ms): the clock cannot tell, /proc is read
+
+        def spawn(slow: bool = slow) -> subprocess.Popen[bytes]:
+            made = subprocess.Popen(["sleep", "5"], start_new_session=True)
+            if slow:
+                time.sleep(0.011)
+            return made
+
+        proc, start = spawn_timed(spawn, lambda made: made.pid)
+        try:
+            assert start is not None and start == process_start_time(proc.pid)
+            from_proc += slow
+            from_clock += not slow
+        finally:
+            proc.kill()
+            proc.wait()
+    assert from_clock and from_proc

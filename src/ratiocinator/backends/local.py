@@ -31,7 +31,7 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.backends.hardware import compare_local, oom_kill_count, probe_machine
-from ratiocinator.backends.process import kill_group, launch_failure, process_start_time
+from ratiocinator.backends.process import kill_group, launch_failure, process_start_time, spawn_timed
 from ratiocinator.data.local_copy import prepared_copy
 from ratiocinator.errors import BackendError, WorkspaceError
 from ratiocinator.execution import contract
@@ -237,13 +237,12 @@ class LocalBackend(Backend):
             argv, cwd = _moved(argv, self._checkout, copy.path), copy.path
             env = _moved_env(env, self._checkout, copy.path)
         try:
-            proc = subprocess.Popen(
+            proc, pid_start = spawn_timed(lambda: subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            )
+            ), lambda made: made.pid)
         except OSError as exc:
             raise launch_failure(request.argv, exc) from None
-        pid_start = process_start_time(proc.pid)
         if request.timeout_s is not None:  # the hard timeout holds even if this orchestrator is killed
             Supervisor.watch(proc.pid, pid_start, request.timeout_s)
         return LocalRunHandle(proc, copy, pid_start)
