@@ -57,6 +57,9 @@ def test_live_state_reads_planned_done_best_failures_and_the_latest_point(tmp_pa
     line = summary_line(state)
     assert line.startswith("done 4/6, running 1, ETA ")
     assert "best a score 1.5 ± " in line and "of $2.50" in line and "failures oom 1" in line
+    # Between two reads, a line counts the runs seen to finish since the last one (never past what is planned).
+    assert summary_line(state, finished_since=1).startswith("done 5/6, ")
+    assert summary_line(state, finished_since=9).startswith("done 6/6, ")
 
 
 def test_a_read_only_ledger_reads_while_another_writes_and_refuses_every_write(tmp_path: Path) -> None:

@@ -112,14 +112,14 @@ def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) 
         described = {a.name: describe(a.metrics[goal.metric].values, bootstrap=False) for a in summary.arms}
     else:
         described = {}
+    done_by_arm = Counter(a for a, _ in terminal)
+    running_by_arm = Counter(r.arm_id for r in runs if r.status == RunStatus.RUNNING)
+    failed_by_arm = Counter(r.arm_id for r in runs if r.status == RunStatus.FAILED)
     for arm in arms:
-        mine = [r for r in runs if r.arm_id == arm.id]
         d = described.get(arm.name)
         state = ArmState(
             name=arm.name, is_baseline=arm.is_baseline, planned=planned.get(arm.name, 0),
-            done=sum(1 for a, _ in terminal if a == arm.name),
-            running=sum(r.status == RunStatus.RUNNING for r in mine),
-            failed=sum(r.status == RunStatus.FAILED for r in mine),
+            done=done_by_arm[arm.name], running=running_by_arm[arm.id], failed=failed_by_arm[arm.id],
             n=d.n if d else 0, mean=d.mean if d else None, ci=d.ci if d else None,
         )
         states.append(state)

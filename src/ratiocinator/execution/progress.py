@@ -70,7 +70,7 @@ class _Watch:
                 self.finished_since_read = 0
             return self._state
 
-    def state_after_finish(self) -> LiveState | None:
+    def state_after_finish(self, *, for_good: bool = True) -> LiveState | None:
         """The state for a run's finish line: re-read at most once a second, and for what may be the last run.
 
         Reading the whole experiment costs O(runs) (tens of ms at 200 arms); doing it on every finish made the
@@ -79,7 +79,7 @@ class _Watch:
         line is always fresh.
         """
         with self._lock:
-            self.finished_since_read += 1
+            self.finished_since_read += for_good  # a transient failure runs again: not done yet
             prior = self._state
             last = prior is not None and prior.done + self.finished_since_read >= prior.planned
             return self.state(fresh=last)
@@ -123,9 +123,13 @@ def _point(run: LiveRun) -> str:
     return f"{run.last.metric}={value}" + (f"@{p.step}" if p.step is not None else "")
 
 
-def summary_line(state: LiveState) -> str:
-    """``done 11/27, running 2, ETA 0:00:14, best d1_w64 val_r2 0.61 ± 0.02 (n=3), $0.0000 spent of $0.00``."""
-    parts = [f"done {state.done}/{state.planned}", f"running {len(state.running)}", f"ETA {clock(state.eta_s)}",
+def summary_line(state: LiveState, *, finished_since: int = 0) -> str:
+    """``done 11/27, running 2, ETA 0:00:14, best d1_w64 val_r2 0.61 ± 0.02 (n=3), $0.0000 spent of $0.00``.
+
+    ``finished_since``: runs seen to finish after ``state`` was read, counted into "done" (the rest of the
+    line is the standing as read)."""
+    done = min(state.done + finished_since, state.planned)
+    parts = [f"done {done}/{state.planned}", f"running {len(state.running)}", f"ETA {clock(state.eta_s)}",
              _best(state), _money(state)]
     if state.failures:
         parts.append(f"failures {_failures(state)}")
@@ -160,8 +164,9 @@ class PlainProgress(ProgressSink):
         self._line(f"[{self.elapsed()}] run {run_id} {arm} #{replicate} started on {slot.label}")
 
     def run_finished(self, result: RunResult) -> None:
-        state = self.watched.state_after_finish()
-        standing = summary_line(state) if state is not None else f"${self.spent:.4f} spent"
+        state = self.watched.state_after_finish(for_good=not result.transient)
+        standing = summary_line(state, finished_since=self.watched.finished_since_read) if state is not None \
+            else f"${self.spent:.4f} spent"
         self._line(f"[{self.elapsed()}] {_describe(result)} — {standing}")
 
     def money(self, spent: float, reserved: float) -> None:
@@ -253,7 +258,7 @@ class LiveProgress(PlainProgress):
         pass  # the panel shows runs in flight
 
     def run_finished(self, result: RunResult) -> None:
-        self.watched.state_after_finish()
+        self.watched.state_after_finish(for_good=not result.transient)
         style = "green" if result.status == "succeeded" else "red"
         self.console.print(Text(f"[{self.elapsed()}] {_describe(result)}", style=style))
 
