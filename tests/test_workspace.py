@@ -87,6 +87,24 @@ def test_subdirectory_of_a_repo_names_the_top_level(upstream: GitRepo) -> None:
     assert caught.value.hint == f"set repo_url to {upstream.path}"
 
 
+def test_a_repository_confirmed_once_is_not_asked_again_until_it_changes(
+        upstream: GitRepo, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from ratiocinator.repo import workspace
+    asked: list[list[str]] = []
+    real_git = workspace._git
+    monkeypatch.setattr(workspace, "_git", lambda args, **kw: asked.append(args) or real_git(args, **kw))
+    assert resolve_repo_url(str(upstream.path), upstream.path) == str(upstream.path)
+    first = len(asked)
+    assert first == 2
+    assert resolve_repo_url(str(upstream.path), upstream.path) == str(upstream.path)
+    assert len(asked) == first  # a command resolves its spec's repo_url several times: git is asked once
+    shutil.rmtree(upstream.path / ".git")  # the repository goes: the next call asks git, and says so
+    with pytest.raises(WorkspaceError, match="not a git repository"):
+        resolve_repo_url(str(upstream.path), upstream.path)
+
+
 # --------------------------------------------------------------------------- resolve_commit
 
 

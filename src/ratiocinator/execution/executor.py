@@ -625,7 +625,11 @@ def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]
 
 
 def _open_run_dir(run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
-    out_dir.mkdir(parents=True)
+    try:
+        os.mkdir(run_dir)
+    except FileNotFoundError:  # the experiment's first run: its runs folder too
+        run_dir.mkdir(parents=True)
+    os.mkdir(out_dir)
     return {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
 
 

@@ -80,6 +80,9 @@ def resolve_repo_url(repo_url: str, spec_dir: Path) -> str:
             hint="give a git URL (https://..., git@host:path, file://...) or a path to a local "
             "git repository, relative to the spec file's directory",
         )
+    marker = _repository_marker(path)
+    if marker is not None and _CONFIRMED_TOPLEVELS.get(path) == marker:
+        return str(path)
     bare = _git(["rev-parse", "--is-bare-repository"], cwd=path)
     if bare.returncode != 0:
         raise WorkspaceError(
@@ -95,7 +98,26 @@ def resolve_repo_url(repo_url: str, spec_dir: Path) -> str:
             f"repo_url {repo_url!r} points to {path}, which is inside a git repository but not its top level",
             hint=f"set repo_url to {toplevel}" if toplevel else "set repo_url to the repository's top level",
         )
+    if marker is not None:
+        _CONFIRMED_TOPLEVELS[path] = marker
     return str(path)
+
+
+# Repositories confirmed as a top level in this process, with their marker (see `_repository_marker`) at the
+# time: a command resolves one spec's repo_url several times (validate, plan, prepare), two git processes each.
+_CONFIRMED_TOPLEVELS: dict[Path, tuple[int, int]] = {}
+
+
+def _repository_marker(path: Path) -> tuple[int, int] | None:
+    """What changes when the repository at ``path`` is made, moved or removed (and not when git writes in
+    it): its ``.git``'s (or a bare repository's ``HEAD``'s) device and inode; None when neither exists."""
+    for name in (".git", "HEAD"):
+        try:
+            info = os.stat(path / name)
+        except OSError:
+            continue
+        return info.st_dev, info.st_ino
+    return None
 
 
 def resolve_commit(repo_url: str, ref: str, cache_dir: Path, *, timeout_s: float = 600) -> str:
