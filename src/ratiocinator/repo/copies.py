@@ -62,8 +62,8 @@ def snapshot(copy: Path) -> Snapshot | None:
 class SpareCopies:
     """Clean working copies of one cached checkout, waiting for the next run; one instance per process and checkout.
 
-    `take` and `put_back` run in worker threads (their file system work); the list of spares is
-    guarded by a lock, so a copy is never handed to two runs."""
+    `take` and `put_back` may run in worker threads (a big copy's check is one stat per file); the list
+    of spares is guarded by a lock, so a copy is never handed to two runs."""
 
     def __init__(self, checkout: Path) -> None:
         self.checkout = checkout
