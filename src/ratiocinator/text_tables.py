@@ -85,10 +85,10 @@ def fitted_table(console: Console, build: Callable[[Callable[[str], str]], Table
     """The table ``build(label)`` makes, where ``label`` shortens knob names only when the table would
     not fit the console otherwise; with the legend to print under it (None when names are whole)."""
     table = build(str)
-    if wide or fits(console, table):
+    if wide:
         return table, None
     abbreviations = KnobAbbreviations.of(texts)
-    if not abbreviations:
+    if not abbreviations or fits(console, table):  # nothing to shorten: no need to measure (a pass over every cell)
         return table, None
     return build(abbreviations.short), abbreviations.legend() + " (--wide shows full names)"
 
@@ -98,7 +98,7 @@ def print_fitted(console: Console, build: Callable[[Callable[[str], str]], Table
     """The fitted table and its legend; with ``wide``, the table at its natural width, one line per row
     (the terminal wraps it, a pipe or file keeps it whole)."""
     table, legend = fitted_table(console, build, list(texts), wide=wide)
-    natural = Measurement.get(console, console.options.update_width(UNBOUNDED), table).maximum
+    natural = Measurement.get(console, console.options.update_width(UNBOUNDED), table).maximum if wide else 0
     if wide and natural > console.width:
         Console(file=console.file, width=natural, color_system=console.color_system,  # type: ignore[arg-type]  # the name it reports
                 force_terminal=console.is_terminal, highlight=False).print(table)
