@@ -127,3 +127,16 @@ def test_quickstart_under_a_pseudo_terminal_shows_runs_done_of_27_and_an_eta(tmp
     assert re.search(r"ETA \d:\d\d:\d\d", screen), screen[-3000:]
     assert re.search(r"best DEPTH=\d,WIDTH=\d+ val_r2 0\.\d+ ± ", screen), screen[-3000:]
     assert "running (latest point)" in screen and re.search(r"val_r2=0\.\d+@\d+", screen)
+
+
+def test_a_plain_line_to_an_output_that_cannot_encode_it_is_written_with_replacements() -> None:
+    import io
+
+    from rich.console import Console
+
+    from ratiocinator.execution.progress import PlainProgress
+
+    raw = io.BytesIO()
+    log = io.TextIOWrapper(raw, encoding="ascii")  # a log opened as ASCII: "—" and "é" cannot be written
+    PlainProgress(Console(file=log, highlight=False, soft_wrap=True)).message("run 3 — K=é succeeded")
+    assert raw.getvalue().decode().endswith("] run 3 ? K=? succeeded\n")

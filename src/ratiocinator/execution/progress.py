@@ -176,14 +176,16 @@ class PlainProgress(ProgressSink):
         self._line(f"[{self.elapsed()}] {text}")
 
     def _line(self, text: str) -> None:
-        """One plain line, written as it is: two a run, so rich's rendering (tens of µs each) is skipped
-        unless the output cannot encode it."""
+        """One plain line, written as it is (two a run: rich's rendering would cost tens of µs each). An
+        output that cannot encode a character (a log opened as ASCII) gets a ``?`` in its place."""
         file = self.console.file
+        line = text + "\n"
         try:
-            file.write(text + "\n")
-            file.flush()
+            file.write(line)
         except UnicodeEncodeError:
-            self.console.print(text, markup=False)
+            encoding = getattr(file, "encoding", None) or "ascii"
+            file.write(line.encode(encoding, "replace").decode(encoding))
+        file.flush()
 
 
 class LiveProgress(PlainProgress):
