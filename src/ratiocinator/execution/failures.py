@@ -133,8 +133,9 @@ class LogExcerpt:
 
     def add(self, chunk: bytes) -> None:
         limit = self._head_bytes + self._tail_bytes
-        if self.size > limit:
-            self.tail = (self.tail + chunk)[-self._tail_bytes:]
+        if self.size > limit:  # a chunk as long as the end kept replaces it without copying the chunk whole
+            self.tail = chunk[-self._tail_bytes:] if len(chunk) >= self._tail_bytes \
+                else (self.tail + chunk)[-self._tail_bytes:]
         elif self.size + len(chunk) <= limit:
             self.head += chunk
         else:  # the log outgrows the whole: what is kept splits into its start and its end
