@@ -303,6 +303,13 @@ def test_curves_never_drop_an_arm_past_the_palette(tmp_path: Path) -> None:
     for ax, name in zip(panels, names, strict=True):  # each arm drawn, with the baseline behind the others
         assert len(ax.lines) == (1 if name == "arm5" else 2)
     assert "One panel per arm (12 arms)" in drawing.caption and "baseline's mean curve in grey" in drawing.caption
+    # "on shared axes": every panel shows the same limits, which hold every panel's curves and bands...
+    assert len({(ax.get_xlim(), ax.get_ylim()) for ax in panels}) == 1
+    low, high = panels[0].get_ylim()
+    assert all(low <= y <= high for ax in panels for line in ax.lines for y in line.get_ydata())
+    # ...and only the outer panels label their ticks (5 columns: the first column, the last row filled below)
+    labelled_y = [ax.get_title() for ax in panels if any(t.get_visible() for t in ax.get_yticklabels())]
+    assert labelled_y == ["arm0", "arm5 (baseline)", "arm10"]
     assert_no_result_numbers(drawing.caption, counts=[12])
     colors = arm_colors(inference)
     assert set(colors.values()) == {figures.PALETTE[0], figures.PALETTE[1]} and colors["arm5"] == figures.PALETTE[1]
