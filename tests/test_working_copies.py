@@ -108,3 +108,19 @@ def test_spares_go_at_close_and_a_killed_process_s_spares_go_with_the_next_one(t
     assert not list(runs.glob(SPARE_PREFIX + "*"))
     late = working_copy(repo.path, runs / "3" / "work", [], [])
     assert not spares.put_back(late, snapshot(late)) and not late.exists()  # closed: deleted, not kept
+
+
+def test_a_copy_the_run_filled_is_found_changed_without_listing_it_all(tmp_path: Path) -> None:
+    repo = _study_checkout(tmp_path)
+    spares = SpareCopies(repo.path.resolve())
+    filled = working_copy(repo.path, tmp_path / "runs" / "1" / "work", [], [])
+    seen = snapshot(filled)
+    assert seen is not None
+    (filled / "checkpoints").mkdir()
+    for i in range(500):  # what a run may write into its working directory
+        (filled / "checkpoints" / f"{i}.pt").write_bytes(b"x")
+    assert snapshot(filled, limit=len(seen)) is None  # stops once past what the copy held
+    assert len(snapshot(filled) or {}) == len(seen) + 501
+    assert not spares.keep(filled, seen) and filled.exists()  # not kept: the caller deletes it (off the loop)
+    spares.drop(filled)
+    assert not filled.exists() and len(spares) == 0

@@ -52,8 +52,8 @@ GATHER_S = 0.002
 GATHER_FROM = 1 << 12
 GATHER_BELOW = 1 << 16
 PRUNE_EVERY = 64  # runs' working copies between two `git worktree prune`s
-# A finished run's copy of at most this many entries is checked (one stat each) on the event loop; a bigger
-# one in a worker thread. A copy found changed is deleted, so the bound also caps that.
+# A finished run's copy made with at most this many entries is checked (one stat each, stopping past that
+# many) on the event loop; a bigger one in a worker thread, as is deleting a copy the run changed.
 INLINE_COPY_ENTRIES = 64
 FIRST_READ_BYTES = 1 << 16  # a pipe's first read of a wake-up: most hold a few lines (a 1 MiB buffer costs a mmap)
 
@@ -136,8 +136,11 @@ class LocalRunHandle(RunHandle):
         kill_group(self.proc.pid, signal.SIGKILL)
         if self._copy is not None and self.proc.poll() == 0:  # a failed run's copy stays, to look at
             copy, self._copy = self._copy, None
-            if copy.seen is not None and len(copy.seen) <= INLINE_COPY_ENTRIES:  # a few stat calls: cheaper here
-                copy.spares.put_back(copy.path, copy.seen)  # kept for the next run when clean
+            # Kept for the next run when clean. A small copy is checked here (a few stat calls, cheaper than a
+            # worker thread); deleting a changed one (it may hold all a run wrote) goes to a thread.
+            if copy.seen is not None and len(copy.seen) <= INLINE_COPY_ENTRIES:
+                if not copy.spares.keep(copy.path, copy.seen):
+                    await asyncio.to_thread(copy.spares.drop, copy.path)
             else:
                 await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen)
 

@@ -34,8 +34,9 @@ IGNORED_DIRS = frozenset({"__pycache__"})
 Snapshot = dict[str, tuple[int, ...]]
 
 
-def snapshot(copy: Path) -> Snapshot | None:
-    """Every entry under ``copy`` with what changes when it is written; None when some entry cannot be read.
+def snapshot(copy: Path, *, limit: int | None = None) -> Snapshot | None:
+    """Every entry under ``copy`` with what changes when it is written; None when some entry cannot be read,
+    or when there are more than ``limit`` of them.
 
     Folders are compared by the entries in them (their mtime moves whenever Python writes a cache)."""
     found: Snapshot = {}
@@ -54,6 +55,8 @@ def snapshot(copy: Path) -> Snapshot | None:
                         pending.append((entry.path, name + "/"))
                     else:
                         found[name] = (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+                    if limit is not None and len(found) > limit:
+                        return None
     except OSError:
         return None
     return found
@@ -95,24 +98,35 @@ class SpareCopies:
 
     def put_back(self, copy: Path, seen: Snapshot | None) -> bool:
         """Keep ``copy`` for a later run when it is as it was made (``seen``); otherwise delete it. True when kept."""
-        if seen is not None and not self._closed and snapshot(copy) == seen:
-            with self._lock:
-                folder = None if self._closed else self._folder(copy.parent.parent)
-                if folder is not None:
-                    self._made += 1
-                    spare = folder / str(self._made)
-                    try:
-                        record = ws.WorkingCopyMover.record(copy)
-                        if self._mover is None:
-                            self._mover = ws.WorkingCopyMover(self.checkout)
-                        self._mover.move(copy, spare, record)
-                    except OSError:
-                        pass
-                    else:
-                        self._spares.append((spare, seen, record))
-                        return True
-        ws.drop_working_copy(self.checkout, copy, prune=False)  # pruned at the backend's release
+        if self.keep(copy, seen):
+            return True
+        self.drop(copy)
         return False
+
+    def keep(self, copy: Path, seen: Snapshot | None) -> bool:
+        """Keep ``copy`` for a later run when it is as it was made (``seen``); True when kept. Its cost is
+        bounded by ``seen``: a copy holding more entries than that is found changed without listing the rest."""
+        if seen is None or self._closed or snapshot(copy, limit=len(seen)) != seen:
+            return False
+        with self._lock:
+            folder = None if self._closed else self._folder(copy.parent.parent)
+            if folder is None:
+                return False
+            self._made += 1
+            spare = folder / str(self._made)
+            try:
+                record = ws.WorkingCopyMover.record(copy)
+                if self._mover is None:
+                    self._mover = ws.WorkingCopyMover(self.checkout)
+                self._mover.move(copy, spare, record)
+            except OSError:
+                return False
+            self._spares.append((spare, seen, record))
+            return True
+
+    def drop(self, copy: Path) -> None:
+        """Delete a copy not kept (however much the run wrote into it)."""
+        ws.drop_working_copy(self.checkout, copy, prune=False)  # pruned at the backend's release
 
     def close(self) -> None:
         """Delete every spare and the spare folders; copies handed back later are deleted instead of kept."""
