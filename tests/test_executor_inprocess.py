@@ -140,6 +140,28 @@ def test_every_run_ends_in_one_terminal_row_with_its_metrics_and_cost(rig) -> No
     r.check_books()
 
 
+def test_run_files_are_made_in_a_worker_thread_while_making_them_is_slow(
+        rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    made_on: list[bool] = []  # per run: whether its files were made on the event loop's thread
+    real = executor_module._make_run_files
+
+    def slow_then_fast(run_dir: Path, out_dir: Path):  # type: ignore[no-untyped-def]
+        made_on.append(threading.current_thread() is threading.main_thread())
+        logs, _ = real(run_dir, out_dir)
+        return logs, 0.05 if len(made_on) <= 2 else 0.0  # a network file system for the first two runs
+
+    monkeypatch.setattr(executor_module, "_make_run_files", slow_then_fast)
+    r = rig(MemoryBackend(_steps), factors={"K": [1, 2, 3, 4, 5]}, concurrency=1)
+    summary = r.run()
+    assert [x.status for x in summary.results] == ["succeeded"] * 5
+    # the first run's files on the loop (slow: the next in a thread), the second's in a thread (slow again),
+    # the third's in a thread (fast: the fourth back on the loop)
+    assert made_on == [True, False, False, True, True]
+    r.check_books()
+
+
 def test_metric_points_reach_the_ledger_while_the_run_is_alive(rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(executor_module, "POINT_FLUSH_S", 0.05)
     r = rig(MemoryBackend(Script(stdout=[metrics(step=1, loss=3.0), metrics(score=1)], seconds=0.9)))

@@ -52,6 +52,7 @@ POINT_FLUSH_S = 1.0
 # it to a worker thread costs more than that. Bigger chunks (a flood, a megabyte line) go to a thread.
 INLINE_CHUNK_BYTES = 16 * 1024
 MONEY_REPORT_S = 0.25  # the display's spend is read from the ledger at most this often while runs come and go
+SLOW_FILES_S = 0.002  # making a run's folders and logs took longer: a slow (network) file system
 IDLE_CHECK_S = 15.0  # how often idle billed slots are weighed again while the last runs go on
 
 
@@ -154,6 +155,7 @@ class Executor:
         ][: self.policy.stop_after]
         self.early_stop: str | None = None
         self._money_reported = -math.inf
+        self._slow_files = False  # making the last run's files took long: the next run's are made in a thread
 
     async def run(self, pending: list[PlannedRun]) -> ExecutionSummary:
         """Launch ``pending`` on free slots until done, the budget says stop, or failures say stop.
@@ -415,6 +417,17 @@ class Executor:
             self._money_reported = moment
             self.progress.money(*self.budget.spent_and_reserved())
 
+    async def _open_run_dir(self, run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
+        """The run's folder, its out folder and its two logs: made here, where that takes a fraction of a
+        millisecond (a worker thread's hand-off would cost more), or in a worker thread while making the last
+        run's took longer than `SLOW_FILES_S` (a network file system), so launches overlap, not wait in turn."""
+        if self._slow_files:
+            logs, took = await asyncio.to_thread(_make_run_files, run_dir, out_dir)
+        else:
+            logs, took = _make_run_files(run_dir, out_dir)
+        self._slow_files = took > SLOW_FILES_S
+        return logs
+
     async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int) -> RunResult:
         arm = self.plan.arm(planned.arm)
         run_id = self.ledger.start_run(
@@ -436,7 +449,7 @@ class Executor:
                 self.live[other] = True
         run_dir = self.runs_dir / str(run_id)
         out_dir = run_dir / "out"
-        logs = _open_run_dir(run_dir, out_dir)  # a worker thread would cost more than the few files it makes
+        logs = await self._open_run_dir(run_dir, out_dir)
         env = runner_environment(
             self.base_env, self.workspace, arm.env,
             arm=arm.name, run_id=run_id, seed=planned.seed, seed_env=self.spec.seed_env,
@@ -624,13 +637,16 @@ def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]
     return items
 
 
-def _open_run_dir(run_dir: Path, out_dir: Path) -> dict[str, BinaryIO]:
+def _make_run_files(run_dir: Path, out_dir: Path) -> tuple[dict[str, BinaryIO], float]:
+    """The run's folders and open logs, and how long making them took (seconds)."""
+    started = time.perf_counter()
     try:
         os.mkdir(run_dir)
     except FileNotFoundError:  # the experiment's first run: its runs folder too
         run_dir.mkdir(parents=True)
     os.mkdir(out_dir)
-    return {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+    logs: dict[str, BinaryIO] = {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
+    return logs, time.perf_counter() - started
 
 
 class _RunStream:
