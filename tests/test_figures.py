@@ -307,9 +307,14 @@ def test_curves_never_drop_an_arm_past_the_palette(tmp_path: Path) -> None:
     assert len({(ax.get_xlim(), ax.get_ylim()) for ax in panels}) == 1
     low, high = panels[0].get_ylim()
     assert all(low <= y <= high for ax in panels for line in ax.lines for y in line.get_ydata())
-    # ...and only the outer panels label their ticks (5 columns: the first column, the last row filled below)
-    labelled_y = [ax.get_title() for ax in panels if any(t.get_visible() for t in ax.get_yticklabels())]
-    assert labelled_y == ["arm0", "arm5 (baseline)", "arm10"]
+    # ...and only the outer panels label their ticks: 5 columns, so y on arm0, arm5 and arm10; x on the lowest
+    # panel of each column (the last row holds arm10 and arm11: arm7, arm8 and arm9 have nothing below them)
+    def labelled(ticks: str) -> list[str]:
+        return [ax.get_title() for ax in panels
+                if any(t.get_visible() for t in getattr(ax, f"get_{ticks}ticklabels")())]
+
+    assert labelled("y") == ["arm0", "arm5 (baseline)", "arm10"]
+    assert labelled("x") == ["arm7", "arm8", "arm9", "arm10", "arm11"]
     assert_no_result_numbers(drawing.caption, counts=[12])
     colors = arm_colors(inference)
     assert set(colors.values()) == {figures.PALETTE[0], figures.PALETTE[1]} and colors["arm5"] == figures.PALETTE[1]

@@ -968,7 +968,7 @@ def _small_multiple_curves(inference: Inference, panel: tuple[str, ...], loaded:
     for i in range(len(arms), nrows * ncols):
         axes[i // ncols][i % ncols].set_visible(False)
     panels = [axes[i // ncols][i % ncols] for i in range(len(arms))]
-    _same_axes(panels)
+    _same_axes(panels, ncols)
     limits = _late_limits(drawn) if drawn else None
     if limits is not None:
         for ax in panels:
@@ -989,9 +989,9 @@ def _small_multiple_curves(inference: Inference, panel: tuple[str, ...], loaded:
     return Drawing(CURVES_STEM if k == 0 else f"{CURVES_STEM}_{k + 1}", fig, caption + _late_note(limits is not None))
 
 
-def _same_axes(panels: Sequence[Any]) -> None:
+def _same_axes(panels: Sequence[Any], ncols: int) -> None:
     """Every panel's limits fit all panels' data (as sharing the axes would), and only the outer panels
-    label their ticks."""
+    label their ticks: the first column its y ticks, the lowest panel of each column its x ticks."""
     bounds = [ax.dataLim for ax in panels if np.all(np.isfinite(ax.dataLim.get_points()))]
     if bounds:
         corners = [(min(b.x0 for b in bounds), min(b.y0 for b in bounds)),
@@ -999,8 +999,10 @@ def _same_axes(panels: Sequence[Any]) -> None:
         for ax in panels:
             ax.update_datalim(corners)
             ax.autoscale_view()
-    for ax in panels:
+    for i, ax in enumerate(panels):
         ax.label_outer()
+        if i + ncols >= len(panels):  # nothing drawn below it (a short last row): its x ticks say the steps
+            ax.tick_params(axis="x", labelbottom=True)
 
 
 def draw_curves(ledger: Ledger, inference: Inference, runs: Sequence[RunRow], *,
