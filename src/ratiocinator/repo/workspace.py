@@ -239,7 +239,8 @@ class WorkingCopyMover:
     holds too. The lock file stays open and each copy's record is read once (`record`), so a move costs a
     rename and one small write in place. The back link is overwritten, never truncated: a shorter path is
     padded with newlines, which git strips. (Creating a file costs 0.1 ms on some file systems, and ext4
-    flushes a file truncated to nothing when it is closed: about 1 ms while runs write their logs.)"""
+    starts writing a file truncated to nothing back to disk when it is closed: about 1 ms a move while runs
+    write their logs.)"""
 
     def __init__(self, checkout: Path) -> None:
         self.checkout = Path(checkout).resolve()
@@ -266,11 +267,15 @@ class WorkingCopyMover:
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             os.rename(copy, dest)
-            fd = os.open(record / "gitdir", os.O_WRONLY)
             try:
-                os.pwrite(fd, back_link.ljust(os.fstat(fd).st_size, b"\n"), 0)
-            finally:
-                os.close(fd)
+                fd = os.open(record / "gitdir", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, back_link.ljust(os.fstat(fd).st_size, b"\n"), 0)
+                finally:
+                    os.close(fd)
+            except OSError:
+                os.rename(dest, copy)  # the copy stays where its record says it is
+                raise
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
 
