@@ -45,7 +45,8 @@ class _Watch:
         self._state: LiveState | None = None
         self._read_at = 0.0
         self._max_age = STATE_MAX_AGE_S
-        self.finished_since_read = 0
+        self.finished_since_read = 0  # runs seen to finish since the last read (a read is due when they may be all)
+        self.done_since_read = 0  # of those, the ones done for good (a "done" count between reads)
 
     def open(self, ledger_path: Path, experiment_id: str) -> None:
         with self._lock:
@@ -67,7 +68,7 @@ class _Watch:
                     return self._state
                 self._read_at = time.monotonic()
                 self._max_age = max(STATE_MAX_AGE_S, (self._read_at - started) / STATE_READ_SHARE)
-                self.finished_since_read = 0
+                self.finished_since_read = self.done_since_read = 0
             return self._state
 
     def state_after_finish(self, *, for_good: bool = True) -> LiveState | None:
@@ -79,7 +80,8 @@ class _Watch:
         line is always fresh.
         """
         with self._lock:
-            self.finished_since_read += for_good  # a transient failure runs again: not done yet
+            self.finished_since_read += 1
+            self.done_since_read += for_good  # a transient failure runs again: not done yet
             prior = self._state
             last = prior is not None and prior.done + self.finished_since_read >= prior.planned
             return self.state(fresh=last)
@@ -165,7 +167,7 @@ class PlainProgress(ProgressSink):
 
     def run_finished(self, result: RunResult) -> None:
         state = self.watched.state_after_finish(for_good=not result.transient)
-        standing = summary_line(state, finished_since=self.watched.finished_since_read) if state is not None \
+        standing = summary_line(state, finished_since=self.watched.done_since_read) if state is not None \
             else f"${self.spent:.4f} spent"
         self._line(f"[{self.elapsed()}] {_describe(result)} — {standing}")
 
