@@ -642,8 +642,10 @@ def _make_run_files(run_dir: Path, out_dir: Path) -> tuple[dict[str, BinaryIO], 
     started = time.perf_counter()
     try:
         os.mkdir(run_dir)
+    except FileExistsError:
+        pass
     except FileNotFoundError:  # the experiment's first run: its runs folder too
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
     os.mkdir(out_dir)
     logs: dict[str, BinaryIO] = {name: open(run_dir / f"{name}.log", "wb") for name in ("stdout", "stderr")}
     return logs, time.perf_counter() - started
