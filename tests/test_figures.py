@@ -358,14 +358,8 @@ def test_the_y_axis_fits_late_training(tmp_path: Path) -> None:
 
 
 def test_factorial_design_gives_one_panel_per_factor(tmp_path: Path) -> None:
-    lrs, widths = ("0.1", "0.3", "1.0"), ("64", "256")
-    grid = [PlannedArm(name=f"lr={lr},width={w}", env={"LR": lr, "W": w}, factors={"lr": lr, "width": w})
-            for lr in lrs for w in widths]
-    book = Book(tmp_path, grid)
-    rng = np.random.default_rng(0)
-    for arm in grid:
-        for _ in range(3):
-            book.run(arm.name, 0.5 + 0.1 * lrs.index(arm.factors["lr"]) + rng.normal(0, 0.01))
+    lrs, widths = GRID_LRS, GRID_WIDTHS
+    book = grid_book(tmp_path, curves=False)
     inference = book.inference()
     assert inference.factors is not None
     drawing = draw_main_effects(inference)
@@ -404,17 +398,20 @@ def test_main_effects_wraps_many_factors_into_rows(tmp_path: Path) -> None:
     assert len(drawing.figure.axes) == 8  # 2 rows of 4, the last 3 hidden
 
 
-def grid_book(tmp_path: Path) -> Book:
-    """Two crossed factors with replicates: every figure, the interaction's hover regions included."""
-    lrs, widths = ("0.1", "0.3", "1.0"), ("64", "256")
+GRID_LRS, GRID_WIDTHS = ("0.1", "0.3", "1.0"), ("64", "256")
+
+
+def grid_book(tmp_path: Path, *, curves: bool = True) -> Book:
+    """Two crossed factors with replicates, lr with a planted effect: every figure (learning curves only
+    with ``curves``), the interaction's hover regions included."""
     grid = [PlannedArm(name=f"lr={lr},width={w}", env={"LR": lr, "W": w}, factors={"lr": lr, "width": w})
-            for lr in lrs for w in widths]
+            for lr in GRID_LRS for w in GRID_WIDTHS]
     book = Book(tmp_path, grid)
     rng = np.random.default_rng(0)
     for arm in grid:
         for _ in range(3):
-            final = 0.5 + 0.1 * lrs.index(arm.factors["lr"]) + rng.normal(0, 0.01)
-            book.run(arm.name, final, curve=curve(final))
+            final = 0.5 + 0.1 * GRID_LRS.index(arm.factors["lr"]) + rng.normal(0, 0.01)
+            book.run(arm.name, final, curve=curve(final) if curves else ())
     return book
 
 
