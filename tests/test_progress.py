@@ -18,6 +18,8 @@ import pytest
 from conftest import Study
 from liveledger import ledger_with_runs
 from ratiocinator.analysis.live import eta_seconds, live_state, peak_parallel
+from ratiocinator.analysis.stats import describe
+from ratiocinator.analysis.summary import summarize_experiment
 from ratiocinator.errors import UsageError
 from ratiocinator.execution.progress import summary_line
 from ratiocinator.store.ledger import Ledger
@@ -60,6 +62,39 @@ def test_live_state_reads_planned_done_best_failures_and_the_latest_point(tmp_pa
     # Between two reads, a line counts the runs seen to finish since the last one (never past what is planned).
     assert summary_line(state, finished_since=1).startswith("done 5/6, ")
     assert summary_line(state, finished_since=9).startswith("done 6/6, ")
+
+
+def test_the_live_standing_is_the_reports_goal_statistics_arm_by_arm(tmp_path: Path) -> None:
+    """NaN and infinite finals, failed, interrupted and running attempts, other metrics: the live view's n,
+    mean and t interval per arm are the report's summary of the goal metric, number for number."""
+    from small_ledger import EXPERIMENT, build
+
+    ledger = build(tmp_path)
+    state = live_state(ledger, EXPERIMENT)
+    summary = summarize_experiment(EXPERIMENT, ledger.arms(EXPERIMENT), ledger.runs(EXPERIMENT),
+                                   ledger.run_metrics(EXPERIMENT), goal_metric="score", maximize=True)
+    for arm in state.arms:
+        values = summary.arm(arm.name).metrics["score"].values
+        expected = describe(values, bootstrap=False)
+        assert (arm.n, arm.mean, arm.ci) == (expected.n, expected.mean, expected.ci), arm.name
+    assert [arm.n for arm in state.arms] == [2, 0]  # b succeeded once, ending on NaN: no value, as in the report
+    assert state.best is not None and state.best.name == summary.best_arm
+
+
+@pytest.mark.subprocess
+def test_a_sweep_of_one_replicate_per_arm_is_watched_without_loading_numpy(tmp_path: Path) -> None:
+    """numpy and scipy take about 0.1 s to load, which a short study would pay inside its run phase; one
+    value per arm needs neither (an interval takes two)."""
+    ledger, exp_id, live = ledger_with_runs(tmp_path / "ledger.db")
+    ledger.db.execute("DELETE FROM run_metrics WHERE run_id IN (SELECT id FROM runs WHERE replicate = 1)")
+    ledger.db.commit()
+    script = ("import sys; from pathlib import Path; from ratiocinator.analysis.live import live_state;"
+              " from ratiocinator.store.ledger import Ledger;"
+              f" state = live_state(Ledger(Path({str(tmp_path / 'ledger.db')!r}), read_only=True), {exp_id!r});"
+              " print(state.best.name, state.best.mean, state.best.n, state.running[0].last.point.value,"
+              " 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["a", "1.0", "1", "0.75", "False"]
 
 
 def test_a_read_only_ledger_reads_while_another_writes_and_refuses_every_write(tmp_path: Path) -> None:

@@ -7,15 +7,16 @@ The terminal progress and the web dashboard both show this one state, so they ne
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ratiocinator.store.records import TERMINAL, RunStatus
 
-if TYPE_CHECKING:  # numpy comes with them: `research` reaches its first run without it (see `live_state`)
+if TYPE_CHECKING:  # numpy comes with stats: it is loaded only once an arm has two values (see `_standing`)
     from ratiocinator.analysis.stats import Interval
     from ratiocinator.store.ledger import Ledger, RunRow
     from ratiocinator.store.views import ExperimentOverview, LastPoint
@@ -90,9 +91,34 @@ def eta_seconds(durations: Sequence[float], remaining: int, running_elapsed: Seq
     return (in_flight + queued * mean) / max(parallel, 1)
 
 
-def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) -> LiveState:
+def _goal_values(runs: Sequence[RunRow], finals: Mapping[int, Mapping[str, tuple[float | None, bool]]],
+                metric: str) -> dict[int, list[float]]:
+    """Each arm's finite final values of ``metric`` from its succeeded runs, in run order: what the report's
+    summary averages (`analysis.summary.metric_stats`), gathered for the one metric a live view shows."""
+    values: dict[int, list[float]] = {}
+    for run in runs:
+        if run.status != RunStatus.SUCCEEDED:
+            continue
+        value, finite = finals.get(run.id, {}).get(metric, (None, False))
+        if finite and value is not None and math.isfinite(value):
+            values.setdefault(run.arm_id, []).append(float(value))
+    return values
+
+
+def _standing(values: Sequence[float]) -> tuple[int, float | None, Interval | None]:
+    """(n, mean, t interval) of one arm's goal values. One value is its own mean and has no interval, so a
+    sweep of one replicate per arm is watched without loading numpy and scipy (about 0.1 s, which a short
+    study would pay inside its run phase); the first arm with two values loads them."""
+    if len(values) < 2:
+        return len(values), (values[0] if values else None), None
     from ratiocinator.analysis.stats import describe
-    from ratiocinator.analysis.summary import summarize_experiment
+
+    # The t interval only: a bootstrap on every refresh would cost more than it tells a watcher.
+    d = describe(values, bootstrap=False)
+    return d.n, d.mean, d.ci
+
+
+def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) -> LiveState:
     from ratiocinator.store.views import last_points, overview, planned_replicates
 
     now = time.time() if now is None else now
@@ -105,22 +131,16 @@ def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) 
     terminal = ledger.terminal_replicates(experiment_id, goal.max_attempts if goal else 1)
     states: list[ArmState] = []
     best: ArmState | None = None
-    if goal is not None:
-        summary = summarize_experiment(experiment_id, arms, runs, ledger.run_metrics(experiment_id),
-                                       goal_metric=goal.metric, maximize=goal.maximize)
-        # The t interval only: a bootstrap on every refresh would cost more than it tells a watcher.
-        described = {a.name: describe(a.metrics[goal.metric].values, bootstrap=False) for a in summary.arms}
-    else:
-        described = {}
+    values = _goal_values(runs, ledger.run_metrics(experiment_id, goal.metric), goal.metric) if goal else {}
     done_by_arm = Counter(a for a, _ in terminal)
     running_by_arm = Counter(r.arm_id for r in runs if r.status == RunStatus.RUNNING)
     failed_by_arm = Counter(r.arm_id for r in runs if r.status == RunStatus.FAILED)
     for arm in arms:
-        d = described.get(arm.name)
+        n, mean, ci = _standing(values.get(arm.id, ()))
         state = ArmState(
             name=arm.name, is_baseline=arm.is_baseline, planned=planned.get(arm.name, 0),
             done=done_by_arm[arm.name], running=running_by_arm[arm.id], failed=failed_by_arm[arm.id],
-            n=d.n if d else 0, mean=d.mean if d else None, ci=d.ci if d else None,
+            n=n, mean=mean, ci=ci,
         )
         states.append(state)
         if state.mean is not None and goal is not None and (

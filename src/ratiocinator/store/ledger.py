@@ -727,13 +727,14 @@ class Ledger:
                 (failure, reason, json.dumps(evidence, sort_keys=True, default=str), run_id),
             )
 
-    def run_metrics(self, experiment_id: str) -> dict[int, dict[str, tuple[float | None, bool]]]:
-        """{run_id: {metric: (value or None if non-finite, finite)}}."""
+    def run_metrics(self, experiment_id: str,
+                    name: str | None = None) -> dict[int, dict[str, tuple[float | None, bool]]]:
+        """{run_id: {metric: (value or None if non-finite, finite)}}; only metric ``name`` where given."""
         out: dict[int, dict[str, tuple[float | None, bool]]] = {}
         for r in self.db.execute(
             "SELECT m.run_id, m.name, m.value, m.finite FROM run_metrics m JOIN runs ON runs.id = m.run_id"
-            " WHERE runs.experiment_id = ? AND m.name != ?",
-            (experiment_id, STEP_NAME),
+            " WHERE runs.experiment_id = ? AND m.name != ?" + (" AND m.name = ?" if name is not None else ""),
+            (experiment_id, STEP_NAME) if name is None else (experiment_id, STEP_NAME, name),
         ):
             out.setdefault(r["run_id"], {})[r["name"]] = (r["value"], bool(r["finite"]))
         return out

@@ -8,17 +8,27 @@ budget and retry policy come from there, so a view needs nothing but the ledger.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import numpy as np
 import yaml
 from pydantic import ValidationError
 
 from ratiocinator.spec.models import Spec
 from ratiocinator.store.ledger import NO_STEP, STEP_NAME, Experiment, Ledger
 from ratiocinator.store.records import RunStatus
+
+if TYPE_CHECKING:  # numpy only for whole series: a live read of the latest points goes without it
+    import numpy as np
+
+# libyaml's parser where PyYAML was built with it: a stored spec (read again for its goal on every live
+# view) parses several times faster. The data is the same; only a spec being edited needs the pure-Python
+# reader's line marks (see spec.source).
+_StoredSpecLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class Goal:
 @lru_cache(maxsize=256)
 def _goal_of_text(spec_text: str) -> Goal | None:
     try:
-        spec = Spec.model_validate(yaml.safe_load(spec_text))
+        spec = Spec.model_validate(yaml.load(spec_text, Loader=_StoredSpecLoader))
     except (yaml.YAMLError, ValidationError, TypeError):
         return None
     return Goal(spec.goal_metric, spec.maximize, spec.max_dollars, spec.failure_policy.max_attempts, spec.design)
@@ -109,9 +119,19 @@ class LastPoint:
     point: Point
 
 
+def _point(seq: int, step: int, value: float) -> Point:
+    return Point(int(seq), None if step == NO_STEP else int(step), float(value) if math.isfinite(value) else None)
+
+
 def _points(seqs: np.ndarray, steps: np.ndarray, vals: np.ndarray) -> list[Point]:
-    return [Point(int(q), None if t == NO_STEP else int(t), float(v) if np.isfinite(v) else None)
-            for q, t, v in zip(seqs, steps, vals, strict=True)]
+    return [_point(q, t, v) for q, t, v in zip(seqs, steps, vals, strict=True)]
+
+
+def _last_point(seqs: bytes, steps: bytes, vals: bytes) -> Point:
+    """The last point of a stored chunk (little-endian int64, int64, float64 columns), read without numpy."""
+    (seq,), (step,), (value,) = (struct.unpack_from(fmt, blob, len(blob) - 8)
+                                 for fmt, blob in (("<q", seqs), ("<q", steps), ("<d", vals)))
+    return _point(seq, step, value)
 
 
 def last_points(ledger: Ledger, run_ids: Iterable[int], metric: str | None = None) -> dict[int, LastPoint]:
@@ -126,8 +146,7 @@ def last_points(ledger: Ledger, run_ids: Iterable[int], metric: str | None = Non
                                     " ORDER BY first_seq + n DESC LIMIT 1", (run_id, STEP_NAME)).fetchone()
         if row is None:
             continue
-        arrays = (np.frombuffer(row[i], dtype=dt) for i, dt in ((1, "<i8"), (2, "<i8"), (3, "<f8")))
-        out[run_id] = LastPoint(run_id, str(row[0]), _points(*arrays)[-1])
+        out[run_id] = LastPoint(run_id, str(row[0]), _last_point(row[1], row[2], row[3]))
     return out
 
 
@@ -138,6 +157,8 @@ def points_after(ledger: Ledger, run_id: int, metric: str, after_seq: int = -1) 
         " ORDER BY first_seq", (run_id, metric, after_seq)).fetchall()
     if not rows:
         return []
+    import numpy as np
+
     seqs, steps, vals = (np.concatenate([np.frombuffer(r[i], dtype=dt) for r in rows])
                          for i, dt in enumerate(("<i8", "<i8", "<f8")))
     keep = seqs > after_seq
