@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ratiocinator.report.facts import FactBook, provenance, split
+from ratiocinator.report.facts import FACT_OPEN, FactBook, provenance, split
 
 if TYPE_CHECKING:
     from ratiocinator.report.figures import FigureFile
@@ -77,12 +77,16 @@ Block = Heading | Abstract | Paragraph | Bullets | Fields | Table | Figure | Cod
 
 def clean(text: str) -> str:
     """Printable text: terminal escapes and control characters removed, line ends unified."""
+    if text.isprintable():  # the common case, one pass in C: no escape, control character or line end
+        return text
     text = _ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     return _CONTROL.sub("", text)
 
 
 def _with_facts(text: str, book: FactBook, escape: Callable[[str], str], token: Callable[[str, str, str], str]) -> str:
     """Escape the text parts, render the fact parts with ``token(id, text, provenance)``."""
+    if FACT_OPEN not in text:  # most cells of a big table cite nothing
+        return escape(text)
     out = []
     for i, part in enumerate(split(text)):
         if i % 2 == 0:

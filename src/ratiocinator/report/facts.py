@@ -86,6 +86,7 @@ class Fact:
 
 # Placeholders live in block text between two private-use characters no user text has.
 _OPEN, _CLOSE = "\ue000", "\ue001"
+FACT_OPEN = _OPEN  # no fact is cited in a text without it
 PLACEHOLDER = re.compile(f"{_OPEN}(f[0-9]+){_CLOSE}")
 MISSING = "—"
 
