@@ -347,7 +347,9 @@ class _JsonLineParser(MetricParser):
         self._shapes: list[_JsonShape] | None = (
             [] if prefix == prefix.lstrip() and "\n" not in prefix and "\r" not in prefix else None
         )
-        self._patience = 0  # metric lines read one by one before the next try at learning a shape
+        # Metric lines read one by one before the next try at learning a shape. Not the first: many runners
+        # print one metric line (their result) and nothing after, and learning costs more than reading it.
+        self._patience = 1
         self._waited = 0
         self._learnt = False  # a shape was tried in this block
 
