@@ -664,11 +664,13 @@ class _RunStream:
         self.logs = logs
         self.pending = PointBatch()
         self.last_flush = time.monotonic()
+        self._ticker: asyncio.TimerHandle | None = None
 
     async def consume(self, handle: RunHandle) -> None:
         """Log, split and parse each chunk; a big one in a worker thread, so no output (a megabyte line, a
         flood) holds the event loop that enforces timeouts and signals. Points reach the ledger from the loop."""
-        ticker = asyncio.create_task(self._flush_quiet_runs())
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(POINT_FLUSH_S, self._flush_if_quiet, loop)
         try:
             async for name, chunk in handle.output():
                 if len(chunk) <= INLINE_CHUNK_BYTES:
@@ -679,7 +681,8 @@ class _RunStream:
                 for line in splitter.flush():
                     self._take(self.parser.feed_block(line + "\n"))
         finally:
-            ticker.cancel()
+            if self._ticker is not None:
+                self._ticker.cancel()
 
     def _ingest(self, name: Stream, chunk: bytes) -> PointBatch:
         """The chunk into its log (and the excerpt diagnosis reads), its lines into points."""
@@ -697,12 +700,12 @@ class _RunStream:
         if self.pending and (len(self.pending) >= POINT_BATCH or time.monotonic() - self.last_flush > POINT_FLUSH_S):
             self._flush_points()
 
-    async def _flush_quiet_runs(self) -> None:
-        """A run that prints a metric and then works silently for an hour still shows it within a second."""
-        while True:
-            await asyncio.sleep(POINT_FLUSH_S)
-            if self.pending and time.monotonic() - self.last_flush >= POINT_FLUSH_S:
-                self._flush_points()
+    def _flush_if_quiet(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A run that prints a metric and then works silently for an hour still shows it within a second.
+        A timer, not a task: a run of a few milliseconds would pay more for a task than for its output."""
+        self._ticker = loop.call_later(POINT_FLUSH_S, self._flush_if_quiet, loop)
+        if self.pending and time.monotonic() - self.last_flush >= POINT_FLUSH_S:
+            self._flush_points()
 
     def _flush_points(self) -> None:
         """Mid-run: points reach the ledger while the run is alive (a crash keeps them)."""
