@@ -119,16 +119,16 @@ def _standing(values: Sequence[float]) -> tuple[int, float | None, Interval | No
 
 
 def live_state(ledger: Ledger, experiment_id: str, *, now: float | None = None) -> LiveState:
-    from ratiocinator.store.views import last_points, overview, planned_replicates
+    from ratiocinator.store.views import goal_of, last_points, overview, planned_replicates
 
     now = time.time() if now is None else now
     experiment = ledger.experiment(experiment_id)
-    view = overview(ledger, experiment)
-    goal = view.goal
-    runs = ledger.runs(experiment_id)
-    arms = ledger.arms(experiment_id)
+    goal = goal_of(experiment)
     planned = planned_replicates(ledger, experiment_id)
     terminal = ledger.terminal_replicates(experiment_id, goal.max_attempts if goal else 1)
+    view = overview(ledger, experiment, planned=planned, done=terminal)
+    runs = ledger.runs(experiment_id)
+    arms = ledger.arms(experiment_id)
     states: list[ArmState] = []
     best: ArmState | None = None
     values = _goal_values(runs, ledger.run_metrics(experiment_id, goal.metric), goal.metric) if goal else {}

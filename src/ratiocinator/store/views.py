@@ -87,13 +87,18 @@ class ExperimentOverview:
         return self.status_counts.get(RunStatus.RUNNING, 0)
 
 
-def overview(ledger: Ledger, experiment: Experiment) -> ExperimentOverview:
+def overview(ledger: Ledger, experiment: Experiment, *, planned: dict[str, int] | None = None,
+             done: set[tuple[str, int]] | None = None) -> ExperimentOverview:
+    """``planned`` (`planned_replicates`) and ``done`` (the ledger's `terminal_replicates`) where the caller
+    has read them already."""
     goal = goal_of(experiment)
     spent, reserved = ledger.money(experiment.id)
     counts = {str(r[0]): int(r[1]) for r in ledger.db.execute(
         "SELECT status, COUNT(*) FROM runs WHERE experiment_id = ? GROUP BY status", (experiment.id,))}
-    planned = planned_replicates(ledger, experiment.id)
-    done = ledger.terminal_replicates(experiment.id, goal.max_attempts if goal else 1)
+    if planned is None:
+        planned = planned_replicates(ledger, experiment.id)
+    if done is None:
+        done = ledger.terminal_replicates(experiment.id, goal.max_attempts if goal else 1)
     return ExperimentOverview(experiment, goal, spent, reserved, counts, sum(planned.values()),
                               sum(1 for arm, _ in done if arm in planned) if planned else len(done))
 
