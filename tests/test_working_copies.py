@@ -12,6 +12,7 @@ import pytest
 from gitrepo import GitRepo, git
 from ratiocinator.repo.copies import SPARE_PREFIX, SpareCopies, snapshot
 from ratiocinator.repo.workspace import (
+    WorkingCopyMover,
     drop_working_copy,
     lfs_files,
     prune_working_copies,
@@ -64,14 +65,20 @@ def test_a_clean_copy_moves_to_the_next_run_and_stays_a_git_worktree(tmp_path: P
     assert spares.put_back(first, seen) and not first.exists() and len(spares) == 1
 
     (runs / "2").mkdir()
-    assert spares.take(runs / "2" / "work") == seen and len(spares) == 0
+    taken = spares.take(runs / "2" / "work")
+    assert taken is not None and taken[0] == seen and len(spares) == 0
     second = runs / "2" / "work"
     assert (second / "train.py").read_text().startswith("import helper")
     git("worktree", "prune", cwd=repo.path)  # git's record follows the copy: a prune keeps it
     assert git("rev-parse", "HEAD", cwd=second) == repo.git("rev-parse", "HEAD")
     assert git("status", "--porcelain", cwd=second) == ""
     assert str(second.resolve()) in repo.git("worktree", "list", "--porcelain")
-    assert spares.take(runs / "3" / "work") is None  # none left: the next run gets a fresh one
+    assert taken[1] == WorkingCopyMover.record(second)  # its git record travels with it: kept without reading it
+    assert spares.put_back(second, seen, taken[1]) and len(spares) == 1
+    (runs / "3").mkdir()
+    third = runs / "3" / "work"
+    assert spares.take(third) is not None and git("rev-parse", "HEAD", cwd=third) == repo.git("rev-parse", "HEAD")
+    assert spares.take(runs / "4" / "work") is None  # none left: the next run gets a fresh one
 
 
 def test_a_copy_the_run_changed_is_deleted_not_handed_on(tmp_path: Path) -> None:

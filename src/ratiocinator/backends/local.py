@@ -139,10 +139,10 @@ class LocalRunHandle(RunHandle):
             # Kept for the next run when clean. A small copy is checked here (a few stat calls, cheaper than a
             # worker thread); deleting a changed one (it may hold all a run wrote) goes to a thread.
             if copy.seen is not None and len(copy.seen) <= INLINE_COPY_ENTRIES:
-                if not copy.spares.keep(copy.path, copy.seen):
+                if not copy.spares.keep(copy.path, copy.seen, copy.record):
                     await asyncio.to_thread(copy.spares.drop, copy.path)
             else:
-                await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen)
+                await asyncio.to_thread(copy.spares.put_back, copy.path, copy.seen, copy.record)
 
 
 class LocalBackend(Backend):
@@ -266,9 +266,9 @@ class LocalBackend(Backend):
             self._spares = SpareCopies(checkout)
         spares = self._spares
         if len(spares):
-            seen = spares.take(dest)  # a rename and a small write: cheaper than a worker thread
-            if seen is not None:
-                return _RunCopy(dest, spares, seen)
+            taken = spares.take(dest)  # a rename and a small write: cheaper than a worker thread
+            if taken is not None:
+                return _RunCopy(dest, spares, *taken)
         try:
             if self._copy_inputs is None:  # listed once: runs never write the cached checkout
                 self._copy_inputs = await asyncio.to_thread(
@@ -314,6 +314,7 @@ class _RunCopy:
     path: Path
     spares: SpareCopies
     seen: Snapshot | None
+    record: Path | None = None  # its git record, where known (read from its .git file when it is kept)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, pipes: dict[Stream, Any]) -> list[Stream]:

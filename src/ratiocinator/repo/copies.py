@@ -80,8 +80,9 @@ class SpareCopies:
     def __len__(self) -> int:
         return len(self._spares)
 
-    def take(self, dest: Path) -> Snapshot | None:
-        """Move a spare copy to ``dest`` and return its snapshot; None when there is none to take."""
+    def take(self, dest: Path) -> tuple[Snapshot, Path] | None:
+        """Move a spare copy to ``dest``; its snapshot and git record (hand both back to `keep`), or None when
+        there is none to take."""
         while True:
             with self._lock:
                 if not self._spares or self._mover is None:
@@ -92,20 +93,21 @@ class SpareCopies:
                 except OSError:  # another file system, say: that spare is of no use
                     pass
                 else:
-                    return seen
+                    return seen, record
             shutil.rmtree(spare, ignore_errors=True)
             shutil.rmtree(dest, ignore_errors=True)  # the run's fresh copy goes there
 
-    def put_back(self, copy: Path, seen: Snapshot | None) -> bool:
+    def put_back(self, copy: Path, seen: Snapshot | None, record: Path | None = None) -> bool:
         """Keep ``copy`` for a later run when it is as it was made (``seen``); otherwise delete it. True when kept."""
-        if self.keep(copy, seen):
+        if self.keep(copy, seen, record):
             return True
         self.drop(copy)
         return False
 
-    def keep(self, copy: Path, seen: Snapshot | None) -> bool:
+    def keep(self, copy: Path, seen: Snapshot | None, record: Path | None = None) -> bool:
         """Keep ``copy`` for a later run when it is as it was made (``seen``); True when kept. Its cost is
-        bounded by ``seen``: a copy holding more entries than that is found changed without listing the rest."""
+        bounded by ``seen``: a copy holding more entries than that is found changed without listing the rest.
+        ``record``: its git record as `take` gave it (a copy made afresh has it read from its ``.git`` file)."""
         if seen is None or self._closed or snapshot(copy, limit=len(seen)) != seen:
             return False
         with self._lock:
@@ -115,7 +117,8 @@ class SpareCopies:
             self._made += 1
             spare = folder / str(self._made)
             try:
-                record = ws.WorkingCopyMover.record(copy)
+                if record is None:
+                    record = ws.WorkingCopyMover.record(copy)
                 if self._mover is None:
                     self._mover = ws.WorkingCopyMover(self.checkout)
                 self._mover.move(copy, spare, record)
