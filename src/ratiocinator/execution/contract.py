@@ -27,8 +27,10 @@ import fnmatch
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ratiocinator.backends.base import Workspace
+if TYPE_CHECKING:  # the backends (and asyncio) are not needed to name the contract: a report reads it too
+    from ratiocinator.backends.base import Workspace
 
 PREFIX = "RATIOCINATOR_"
 ARM = "RATIOCINATOR_ARM"
