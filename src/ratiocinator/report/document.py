@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import functools
 import html
 import re
 from collections import Counter
@@ -477,7 +478,13 @@ _EM_OF = _Ems(_EM)
 
 
 def _width_pt(text: str, size: float, *, bold: bool = False) -> float:
-    return sum(map(_EM_OF.__getitem__, text)) * size * (_BOLD if bold else 1.0)
+    return _ems(text) * size * (_BOLD if bold else 1.0)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ems(text: str) -> float:
+    """The estimated width of ``text`` in em: a table's cells are measured at every font size it tries."""
+    return sum(map(_EM_OF.__getitem__, text))
 
 
 def _longest_word_pt(text: str, size: float, *, bold: bool = False) -> float:
