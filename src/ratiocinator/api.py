@@ -406,8 +406,10 @@ class Home:
 def _goal_metric(spec_text: str) -> str | None:
     import yaml
 
+    from ratiocinator.spec.source import load_stored
+
     try:
-        data = yaml.safe_load(spec_text)
+        data = load_stored(spec_text)
     except yaml.YAMLError:
         return None
     goal = data.get("goal_metric") if isinstance(data, dict) else None

@@ -818,8 +818,10 @@ def _ledger() -> Ledger:
 def _goal(spec_text: str) -> str | None:
     import yaml
 
+    from ratiocinator.spec.source import load_stored
+
     try:
-        data = yaml.safe_load(spec_text)
+        data = load_stored(spec_text)
     except yaml.YAMLError:
         return None
     return data.get("goal_metric") if isinstance(data, dict) else None

@@ -44,8 +44,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ratiocinator.autoresearch.agents import (
     LOOP_DIR,
     Agent,
@@ -70,6 +68,7 @@ from ratiocinator.autoresearch.store import Attempt, Session, Store
 from ratiocinator.errors import RatiocinatorError, SpecError, UsageError
 from ratiocinator.llm.config import llm_from_env
 from ratiocinator.llm.providers import Completion, LlmUnavailable, require_sdk
+from ratiocinator.spec.source import load_stored
 from ratiocinator.store.budget import run_cost, run_worst_case
 from ratiocinator.store.ledger import Ledger
 from ratiocinator.store.paths import Paths
@@ -355,7 +354,7 @@ class AutoResearch:
 
     def _refuse_changed_metric(self, session: Session) -> None:
         try:
-            old = Program.model_validate(yaml.safe_load(session.program_text))
+            old = Program.model_validate(load_stored(session.program_text))
         except Exception:  # noqa: BLE001 - an older program that no longer validates cannot be compared
             return
         now = self.program

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ratiocinator.autoresearch.costs import KeptCost, SessionCosts, Stretch, session_costs
 from ratiocinator.autoresearch.decide import noise_floor
 from ratiocinator.autoresearch.program import Program
@@ -40,6 +38,7 @@ from ratiocinator.report.document import (
 )
 from ratiocinator.report.facts import FactBook, Kind
 from ratiocinator.report.figures import FigureFile
+from ratiocinator.spec.source import load_stored
 
 DOCUMENTS = {"report.md": "md", "report.html": "html", "report.tex": "tex"}
 FACTS_FILE = "facts.json"
@@ -70,7 +69,7 @@ class SessionReport:
 
 def session_program(session: Session) -> Program:
     """The program the session last ran under, from the text the ledger stores with it."""
-    return Program.model_validate(yaml.safe_load(session.program_text))
+    return Program.model_validate(load_stored(session.program_text))
 
 
 def session_floor(attempts: Sequence[Attempt], program: Program) -> float | None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ratiocinator.analysis.live import LiveState, live_state
 from ratiocinator.autoresearch.program import Metric
 from ratiocinator.autoresearch.store import MEASURED, Attempt, Session, Store
+from ratiocinator.spec.source import load_stored
 from ratiocinator.store.ledger import Ledger, RunRow
 from ratiocinator.store.liveness import ORPHANED, ORPHANED_NOTE, orphaned
 from ratiocinator.store.paths import Paths
@@ -148,7 +149,7 @@ class CurveCursor:
 
 def _metric_of(session: Session) -> Metric | None:
     try:
-        data = yaml.safe_load(session.program_text)
+        data = load_stored(session.program_text)
         return Metric.model_validate(data["metric"]) if isinstance(data, dict) and "metric" in data else None
     except (yaml.YAMLError, ValidationError):
         return None

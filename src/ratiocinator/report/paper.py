@@ -59,6 +59,7 @@ from ratiocinator.report.narrative import check_narrative, config_numbers, recor
 from ratiocinator.report.verdicts import abstract_sentence, conclusion, evidence, expectation
 from ratiocinator.spec.hypotheses import Hypothesis
 from ratiocinator.spec.models import Spec
+from ratiocinator.spec.source import load_stored
 from ratiocinator.store import instances
 from ratiocinator.store.ledger import Experiment, Ledger, RunRow
 from ratiocinator.store.records import ReadinessRecord
@@ -90,7 +91,7 @@ class Paper:
 def experiment_spec(experiment: Experiment) -> Spec:
     """The spec the experiment ran under, re-validated from the text stored with it."""
     try:
-        return Spec.model_validate(yaml.safe_load(experiment.spec_text))
+        return Spec.model_validate(load_stored(experiment.spec_text))
     except (yaml.YAMLError, ValidationError) as exc:
         raise SpecError(f"experiment {experiment.id}: its stored spec no longer validates: {exc}") from None
 

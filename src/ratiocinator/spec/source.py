@@ -30,6 +30,9 @@ from ratiocinator.errors import SpecError
 Loc = tuple[str | int, ...]
 
 MAX_BYTES = 1 << 20  # a spec or program is a page of YAML; a megabyte is not one
+# libyaml's parser where PyYAML was built with it: the same data, several times faster than the pure-Python
+# reader. Text the ledger stores was read with line marks on its way in; reading it again needs none.
+_STORED_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 64  # nesting of mappings and lists
 MAX_NODES = 100_000  # nodes once every alias is expanded: what validation would walk
 
@@ -46,6 +49,12 @@ class _LineLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {str(shown)[:40]!r} as {node.tag.rsplit(':', 1)[-1]} ({str(exc)[:80]})",
                 node.start_mark) from None
+
+
+def load_stored(text: str) -> Any:
+    """A YAML document the ledger stores (a spec or program read and validated before), as plain data;
+    ``yaml.YAMLError`` when it does not parse."""
+    return yaml.load(text, Loader=_STORED_LOADER)
 
 
 def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dict[Loc, int]]:

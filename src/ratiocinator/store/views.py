@@ -19,16 +19,12 @@ import yaml
 from pydantic import ValidationError
 
 from ratiocinator.spec.models import Spec
+from ratiocinator.spec.source import load_stored
 from ratiocinator.store.ledger import NO_STEP, STEP_NAME, Experiment, Ledger
 from ratiocinator.store.records import RunStatus
 
 if TYPE_CHECKING:  # numpy only for whole series: a live read of the latest points goes without it
     import numpy as np
-
-# libyaml's parser where PyYAML was built with it: a stored spec (read again for its goal on every live
-# view) parses several times faster. The data is the same; only a spec being edited needs the pure-Python
-# reader's line marks (see spec.source).
-_StoredSpecLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class Goal:
 @lru_cache(maxsize=256)
 def _goal_of_text(spec_text: str) -> Goal | None:
     try:
-        spec = Spec.model_validate(yaml.load(spec_text, Loader=_StoredSpecLoader))
+        spec = Spec.model_validate(load_stored(spec_text))
     except (yaml.YAMLError, ValidationError, TypeError):
         return None
     return Goal(spec.goal_metric, spec.maximize, spec.max_dollars, spec.failure_policy.max_attempts, spec.design)
