@@ -97,6 +97,38 @@ def test_a_sweep_of_one_replicate_per_arm_is_watched_without_loading_numpy(tmp_p
     assert out.split() == ["a", "1.0", "1", "0.75", "False"]
 
 
+def test_one_slow_read_does_not_hold_the_standing_still(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first read loads the modules it needs, and the first interval loads numpy: one slow read must not
+    set how long the standing stays as read (a 22-second quickstart showed its first standing to the end).
+    Two slow reads in a row are a big study's, and space the next one out to keep reading to its share."""
+    from ratiocinator.execution import progress
+
+    ledger_with_runs(tmp_path / "ledger.db")
+    reads = 0
+
+    def slow_reads(ledger: Ledger, experiment_id: str) -> object:
+        nonlocal reads
+        reads += 1
+        time.sleep(0.5 if reads in (1, 3, 4) else 0.0)
+        return live_state(ledger, experiment_id)
+
+    monkeypatch.setattr(progress, "live_state", slow_reads)
+    monkeypatch.setattr(progress, "STATE_MAX_AGE_S", 0.1)
+    monkeypatch.setattr(progress, "STATE_READ_SHARE", 0.5)  # reads of 0.5 s hold the standing 1 s
+    watch = progress._Watch()
+    watch.open(tmp_path / "ledger.db", "live-1")
+    seen = []
+    try:
+        for _ in range(5):
+            watch.state()
+            seen.append(reads)
+            time.sleep(0.15)
+        assert seen == [1, 2, 3, 4, 4]  # slow, quick, slow, slow: only after the second slow one in a row a wait
+        assert watch.state(fresh=True) is not None and reads == 5  # the final line reads regardless
+    finally:
+        watch.close()
+
+
 def test_a_read_only_ledger_reads_while_another_writes_and_refuses_every_write(tmp_path: Path) -> None:
     ledger, exp_id, live = ledger_with_runs(tmp_path / "ledger.db")
     watcher = Ledger(tmp_path / "ledger.db", read_only=True)

@@ -45,6 +45,7 @@ class _Watch:
         self._state: LiveState | None = None
         self._read_at = 0.0
         self._max_age = STATE_MAX_AGE_S
+        self._last_took: float | None = None  # how long the last read took (None before the first since `open`)
         self.finished_since_read = 0  # runs seen to finish since the last read (a read is due when they may be all)
         self.done_since_read = 0  # of those, the ones done for good (a "done" count between reads)
 
@@ -54,7 +55,7 @@ class _Watch:
                 self._ledger.close()
             self._ledger = Ledger(ledger_path, read_only=True)
             self._experiment_id = experiment_id
-            self._state, self._read_at = None, 0.0
+            self._state, self._read_at, self._last_took, self._max_age = None, 0.0, None, STATE_MAX_AGE_S
 
     def state(self, *, fresh: bool = False) -> LiveState | None:
         with self._lock:
@@ -67,7 +68,13 @@ class _Watch:
                 except sqlite3.Error:  # a display never stops a study: show the last state, read again later
                     return self._state
                 self._read_at = time.monotonic()
-                self._max_age = max(STATE_MAX_AGE_S, (self._read_at - started) / STATE_READ_SHARE)
+                # The share goes by the faster of the last two reads: one slow read (the first, or the one
+                # that loads numpy for the first interval) would otherwise hold a short study's standing
+                # still to its end. Two slow reads in a row are a big study's.
+                took = self._read_at - started
+                timed = 0.0 if self._last_took is None else min(took, self._last_took)
+                self._last_took = took
+                self._max_age = max(STATE_MAX_AGE_S, timed / STATE_READ_SHARE)
                 self.finished_since_read = self.done_since_read = 0
             return self._state
 
