@@ -30,11 +30,11 @@ from ratiocinator.errors import SpecError
 Loc = tuple[str | int, ...]
 
 MAX_BYTES = 1 << 20  # a spec or program is a page of YAML; a megabyte is not one
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 100_000  # nodes once every alias is expanded: what validation would walk
 # libyaml's parser where PyYAML was built with it: the same data, several times faster than the pure-Python
 # reader. Text the ledger stores was read with line marks on its way in; reading it again needs none.
 _STORED_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-MAX_DEPTH = 64  # nesting of mappings and lists
-MAX_NODES = 100_000  # nodes once every alias is expanded: what validation would walk
 
 
 class _LineLoader(yaml.SafeLoader):
