@@ -69,6 +69,7 @@ def test_validate_loads_no_heavy_library(study: Study, tmp_path: Path) -> None:
 
 @pytest.mark.subprocess
 def test_status_loads_no_heavy_library_nor_the_spec_models(tmp_path: Path) -> None:
+    """Nor pydantic: the goal comes from the stored spec as plain YAML, and the CLI's parser needs none."""
     small_ledger.build(tmp_path / "home").close()
     for args in (["status"], ["status", small_ledger.EXPERIMENT]):
         code, modules = _loaded(tmp_path, "--home", str(tmp_path / "home"), *args)
@@ -76,6 +77,7 @@ def test_status_loads_no_heavy_library_nor_the_spec_models(tmp_path: Path) -> No
         assert "ratiocinator.store.ledger" in modules
         assert _heavy(modules) == []
         assert "ratiocinator.spec.models" not in modules and "ratiocinator.pipeline" not in modules
+        assert not any(m.split(".")[0] == "pydantic" for m in modules)
 
 
 @pytest.mark.subprocess

@@ -19,13 +19,15 @@ import difflib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
 from ratiocinator.errors import SpecError
+
+if TYPE_CHECKING:  # pydantic is only needed once a spec fails validation; `status` reads stored specs without it
+    from pydantic import BaseModel, ValidationError
+    from pydantic_core import ErrorDetails
 
 Loc = tuple[str | int, ...]
 
@@ -257,6 +259,8 @@ def _valid_keys(model: type[BaseModel], loc: Iterable[str | int]) -> list[str]:
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel inside an annotation like ``X | None`` or ``list[X]``."""
+    from pydantic import BaseModel
+
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
