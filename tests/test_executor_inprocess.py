@@ -324,3 +324,45 @@ def test_cancelling_the_executor_marks_live_runs_interrupted(rig) -> None:
     # an interrupted run does not count as done: a resume runs it again
     assert r.ledger.terminal_replicates("exp", 3) == set()
     r.check_books()
+
+
+@pytest.mark.parametrize("price", [0.0, 36.0])
+def test_a_free_host_starts_the_next_run_before_recording_the_last(rig, monkeypatch: pytest.MonkeyPatch,
+                                                                   price: float) -> None:
+    """The slot goes back once a run's outcome is decided and in its outcome.json, so on a free host the next
+    run starts while the ledger records the last; on a paid host the last charge is settled first, and the
+    next reservation sees it."""
+    r = rig(MemoryBackend(Script(stdout=[metrics(score=1.0)])), factors={"K": [1, 2, 3]}, concurrency=1,
+            hardware={"price_per_hour": price}, max_dollars=100, train_timeout_s=60)
+    launches_when_recorded: list[int] = []
+    finish_run = r.ledger.finish_run
+
+    def recording(run_id: int, **fields: object) -> None:
+        assert (r.study.home / "runs" / "exp" / str(run_id) / "outcome.json").is_file()
+        launches_when_recorded.append(len(r.backend.launches))
+        finish_run(run_id, **fields)
+
+    monkeypatch.setattr(r.ledger, "finish_run", recording)
+    summary = r.run()
+    assert [x.status for x in summary.results] == ["succeeded"] * 3
+    assert launches_when_recorded == ([2, 3, 3] if price == 0 else [1, 2, 3])
+    assert r.backend.slot_clashes == [] and r.backend.peak_live == 1
+    r.check_books()
+
+
+def test_an_interruption_as_the_next_run_starts_keeps_the_finished_run(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the moment between a run handing its slot on and its ledger record: the run is recorded as
+    it ended, and only the run cut short is run again by a resume."""
+    r = rig(MemoryBackend(Script(stdout=[metrics(score=1.0)])), factors={"K": [1, 2]}, concurrency=1)
+    put = executor_module.SlotPool.put
+
+    def put_and_interrupt(pool: executor_module.SlotPool, slot: object) -> None:
+        put(pool, slot)
+        r.backend.interrupt()
+
+    monkeypatch.setattr(executor_module.SlotPool, "put", put_and_interrupt)
+    with pytest.raises(asyncio.CancelledError):
+        r.run()
+    assert [(x.arm, x.status) for x in r.runs()] == [("K=1", "succeeded")]
+    assert r.ledger.terminal_replicates("exp", 1) == {("K=1", 0)}
+    r.check_books()

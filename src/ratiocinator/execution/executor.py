@@ -103,6 +103,15 @@ WAKE = _Wake()
 MAX_RETRY_BACKOFF_S = 300.0
 
 
+@dataclass
+class _Lease:
+    """A slot lent to one run; it goes back once: when the run's outcome is safe on disk (a free host),
+    or when the run's task ends."""
+
+    slot: Slot
+    returned: bool = False
+
+
 class Executor:
     def __init__(
         self,
@@ -180,13 +189,20 @@ class Executor:
         def idle_check() -> None:
             self._give_back_idle(pool, queued=open_runs - live, stopping=stopping or bool(self.early_stop))
 
-        def ended(task: asyncio.Task[RunResult], planned: PlannedRun, slot: Slot) -> None:
-            nonlocal open_runs, live
+        def hand_back(lease: _Lease) -> None:
+            nonlocal live
+            if lease.returned:
+                return
+            lease.returned = True
             live -= 1
-            if self._usable(slot):
-                pool.put(slot)
+            if self._usable(lease.slot):
+                pool.put(lease.slot)
             else:
-                pool.drop(slot)
+                pool.drop(lease.slot)
+
+        def ended(task: asyncio.Task[RunResult], planned: PlannedRun, lease: _Lease) -> None:
+            nonlocal open_runs
+            hand_back(lease)
             if task.cancelled():
                 return
             if (error := task.exception()) is not None:
@@ -255,9 +271,10 @@ class Executor:
                     idle_check()
                     break
                 assert slot is not None
-                task = asyncio.create_task(self._run_one(planned, slot, stop))
+                lease = _Lease(slot)
+                task = asyncio.create_task(self._run_one(planned, slot, stop, functools.partial(hand_back, lease)))
                 live += 1
-                task.add_done_callback(functools.partial(ended, planned=planned, slot=slot))
+                task.add_done_callback(functools.partial(ended, planned=planned, lease=lease))
                 launched.append(task)
                 self._report_money()
                 if work.empty():
@@ -428,7 +445,11 @@ class Executor:
         self._slow_files = took > SLOW_FILES_S
         return logs
 
-    async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int) -> RunResult:
+    async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int,
+                       hand_back: Callable[[], None] | None = None) -> RunResult:
+        """One run, from its ledger row to its recorded outcome. ``hand_back`` returns the slot early: on a
+        free host, once the outcome is decided and in ``outcome.json``, the next run starts while the ledger
+        records this one (for a short run, the record takes about as long as the next launch)."""
         arm = self.plan.arm(planned.arm)
         run_id = self.ledger.start_run(
             experiment_id=self.experiment_id,
@@ -487,7 +508,7 @@ class Executor:
                 lost = Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
                                  transient=exc.transient)
                 return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, lost)
-            return self._finish(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
+            decided = self._decide(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
         except asyncio.CancelledError:
             if handle is not None:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
@@ -498,6 +519,19 @@ class Executor:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
             self._interrupted(run_id, charge, stream, started, f"stopped: {exc.message}")
             raise
+        # The budget is untouched by the order of this run's settling and the next one's reservation only where
+        # runs cost nothing; elsewhere the slot waits for the settled charge (and a paid run is long anyway).
+        if hand_back is not None and self.host.price_per_hour == 0:
+            hand_back()
+            try:
+                # Two turns of the loop: the launch loop takes the slot and reserves, then the next run's task
+                # starts its process; only then is this run's record written.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._record(decided)  # it finished: an interruption now must not turn it into a rerun
+                raise
+        return self._record(decided)
 
     def _interrupted(self, run_id: int, charge: int, stream: _RunStream, started: float, reason: str) -> None:
         """The run ends unfinished (a resume runs it again as a new attempt)."""
@@ -547,6 +581,24 @@ class Executor:
         oom_before: int | None,
         diagnosis: Diagnosis | None = None,
     ) -> RunResult:
+        return self._record(self._decide(planned, arm, run_id, charge, started, stream, exit_info, timed_out,
+                                         oom_before, diagnosis))
+
+    def _decide(
+        self,
+        planned: PlannedRun,
+        arm: str,
+        run_id: int,
+        charge: int,
+        started: float,
+        stream: _RunStream,
+        exit_info: ExitInfo | None,
+        timed_out: bool,
+        oom_before: int | None,
+        diagnosis: Diagnosis | None = None,
+    ) -> _Decided:
+        """The run's outcome, diagnosed, kept in ``outcome.json`` (from there a resume records it should the
+        orchestrator die before the ledger does) and counted for the early stop; not yet in the ledger."""
         stream.close()
         leftover = stream.drain()
         ended = time.time()
@@ -576,15 +628,30 @@ class Executor:
             evidence=diagnosis.to_json() if failure else {}, transient=diagnosis.transient,
         )
         outcome.save(self.runs_dir / str(run_id))  # survives a ledger write the disk refuses (see `reconcile`)
-        self.ledger.finish_run(run_id, points=leftover, settle_charge=charge, **outcome.ledger_fields())
         value = final.get(goal)
         result = RunResult(run_id, arm, planned.replicate, status, failure, diagnosis.reason,
                            value if value is not None and math.isfinite(value) and not failure else None,
                            diagnosis.transient)
         self._note_outcome(result)
+        return _Decided(result, outcome, leftover)
+
+    def _record(self, decided: _Decided) -> RunResult:
+        """The decided outcome into the ledger (its points, its charge settled), then the progress line."""
+        result, outcome = decided.result, decided.outcome
+        self.ledger.finish_run(result.run_id, points=decided.points, settle_charge=outcome.charge,
+                               **outcome.ledger_fields())
         self.progress.run_finished(result)
         self._report_money()
         return result
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """A finished run's outcome, decided and on disk, waiting for its ledger record."""
+
+    result: RunResult
+    outcome: RunOutcome
+    points: PointBatch
 
 
 @dataclass(frozen=True)
