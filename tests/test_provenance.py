@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,13 @@ def test_the_runs_environment_is_read_with_their_own_interpreter(tmp_path: Path)
     assert found["requirements"] == {"numpy": np.__version__, "not-installed-pkg": None}
     assert requirement_names(tmp_path / "missing.txt") == []
     assert probe_environment(tmp_path, {"PATH": str(tmp_path)}, None) is None  # no interpreter: nothing recorded
+
+
+@pytest.mark.skipif(shutil.which("nice") is None or os.nice(0) != 0, reason="needs nice(1), from niceness 0")
+def test_the_environment_probe_takes_only_cpu_the_runs_leave_idle(tmp_path: Path) -> None:
+    """It reads every package's metadata while the first runs start: at the lowest priority."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\necho "{\\"niceness\\": $(nice)}"\n')
+    (bin_dir / "python").chmod(0o755)
+    assert probe_environment(tmp_path, {"PATH": f"{bin_dir}{os.pathsep}{os.defpath}"}, None) == {"niceness": 19}
