@@ -1,18 +1,21 @@
 """Whatever a user types on the command line (a home that is a file, a name too long for the file
 system, a spec that is a folder, a device or a named pipe nobody writes, an experiment id like a
-path), every command ends in its output or in a clear error with exit code 1 or 2: never a
+path, an output encoding without our characters), every command ends in its output or in a clear error with exit code 1 or 2: never a
 traceback, never a freeze.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import small_ledger
 from ratiocinator.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +78,18 @@ def test_a_spec_that_is_not_a_spec_file_is_refused_quickly(hostile: dict[str, Pa
     assert output.startswith(f"error: {spec}"), output
     assert elapsed < 10, f"{command} {spec_kind} took {elapsed:.1f}s"
     assert not (tmp_path / "ledger.db").exists(), "a refused spec must not create a ledger"
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_narrow_output_encoding_shows_a_question_mark_not_a_traceback(tmp_path: Path, encoding: str) -> None:
+    """An ASCII-only or Latin-1 terminal (``PYTHONIOENCODING``, an old locale) gets every line, with ``?``
+    for the characters it cannot show."""
+    small_ledger.build(tmp_path / "home").close()
+    done = subprocess.run([sys.executable, "-m", "ratiocinator", "--home", str(tmp_path / "home"), "status",
+                           small_ledger.EXPERIMENT], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"Traceback" not in done.stderr
+    first = done.stdout.decode(encoding).splitlines()[0]
+    assert first.startswith(small_ledger.EXPERIMENT) and " ? commit " in first

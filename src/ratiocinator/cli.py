@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import io
 import json
 import sqlite3
 import sys
@@ -980,7 +981,19 @@ def autoresearch_log(
         store.close()
 
 
+def _tolerate_narrow_encodings() -> None:
+    """On a terminal or pipe whose encoding lacks a character we print (an ASCII-only ``PYTHONIOENCODING``,
+    a Latin-1 locale), that character shows as ``?`` instead of a traceback after a finished study."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            try:
+                "—…→×✓".encode(stream.encoding)
+            except (UnicodeEncodeError, LookupError):
+                stream.reconfigure(errors="replace")
+
+
 def main() -> None:
+    _tolerate_narrow_encodings()
     try:
         app()
     finally:
