@@ -37,6 +37,9 @@ MAX_NODES = 100_000  # nodes once every alias is expanded: what validation would
 # libyaml's parser where PyYAML was built with it: the same data, several times faster than the pure-Python
 # reader. Text the ledger stores was read with line marks on its way in; reading it again needs none.
 _STORED_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Composing the node tree (with every node's line) is the slow half of reading a spec; libyaml does it
+# several times faster. Construction stays in Python (`_LineLoader`), where its errors get their line.
+_COMPOSER = _STORED_LOADER
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -91,9 +94,13 @@ def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dic
 def load_yaml_with_lines(text: str, path: Path) -> tuple[Any, dict[Loc, int]]:
     """Parse ``text`` and return (data, {location path: 1-based line})."""
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
+        node = yaml.compose(text, Loader=_COMPOSER)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{_where(path, exc)}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc)
+        if "nesting depth" in problem:  # libyaml's own limit, far above ours
+            raise SpecError(f"{_where(path, exc)}: the YAML nests too deeply to read (more than {MAX_DEPTH} levels"
+                            " are refused)") from None
+        raise SpecError(f"{_where(path, exc)}: not valid YAML: {problem}") from None
     except RecursionError:
         raise SpecError(f"{path}: the YAML nests too deeply to read (more than {MAX_DEPTH} levels are refused)"
                         ) from None
