@@ -34,12 +34,10 @@ Loc = tuple[str | int, ...]
 MAX_BYTES = 1 << 20  # a spec or program is a page of YAML; a megabyte is not one
 MAX_DEPTH = 64  # nesting of mappings and lists
 MAX_NODES = 100_000  # nodes once every alias is expanded: what validation would walk
-# libyaml's parser where PyYAML was built with it: the same data, several times faster than the pure-Python
-# reader. Text the ledger stores was read with line marks on its way in; reading it again needs none.
-_STORED_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# Composing the node tree (with every node's line) is the slow half of reading a spec; libyaml does it
-# several times faster. Construction stays in Python (`_LineLoader`), where its errors get their line.
-_COMPOSER = _STORED_LOADER
+# libyaml's parser where PyYAML was built with it: the same nodes and data, several times faster than the
+# pure-Python reader. It composes a spec's node tree (with every node's line); construction stays in Python
+# (`_LineLoader`), where its errors get their line. Text the ledger stores is read with it whole.
+_LIBYAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -59,7 +57,7 @@ class _LineLoader(yaml.SafeLoader):
 def load_stored(text: str) -> Any:
     """A YAML document the ledger stores (a spec or program read and validated before), as plain data;
     ``yaml.YAMLError`` when it does not parse."""
-    return yaml.load(text, Loader=_STORED_LOADER)
+    return yaml.load(text, Loader=_LIBYAML)
 
 
 def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dict[Loc, int]]:
@@ -94,7 +92,7 @@ def read_mapping(path: Path, what: str) -> tuple[bytes, str, dict[str, Any], dic
 def load_yaml_with_lines(text: str, path: Path) -> tuple[Any, dict[Loc, int]]:
     """Parse ``text`` and return (data, {location path: 1-based line})."""
     try:
-        node = yaml.compose(text, Loader=_COMPOSER)
+        node = yaml.compose(text, Loader=_LIBYAML)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc)
         if "nesting depth" in problem:  # libyaml's own limit, far above ours
