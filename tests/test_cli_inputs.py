@@ -1,7 +1,7 @@
 """Whatever a user types on the command line (a home that is a file, a name too long for the file
 system, a spec that is a folder, a device or a named pipe nobody writes, an experiment id like a
-path, an output encoding without our characters), every command ends in its output or in a clear error with exit code 1 or 2: never a
-traceback, never a freeze.
+path, an output encoding without our characters), every command ends in its output or in a clear
+error with exit code 1 or 2: never a traceback, never a freeze.
 """
 
 from __future__ import annotations
