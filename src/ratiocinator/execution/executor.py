@@ -295,6 +295,14 @@ class Executor:
         return summary
 
     @property
+    def _hands_back_early(self) -> bool:
+        """Whether a finished run's slot may go to the next run before the ledger records it: where runs cost
+        nothing and slots are not rented. Elsewhere the order of this run's settling and the next reservation
+        would move the budget, and an early slot would reach the rented capacity's bookkeeping (idle slots,
+        machines still booting) before the run it held had ended there; those runs are long anyway."""
+        return self.host.price_per_hour == 0 and self.elastic is None and self.deadlines is None
+
+    @property
     def _idle_billed(self) -> bool:
         return self.elastic is not None and self.elastic.idle_billed
 
@@ -519,9 +527,7 @@ class Executor:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
             self._interrupted(run_id, charge, stream, started, f"stopped: {exc.message}")
             raise
-        # The budget is untouched by the order of this run's settling and the next one's reservation only where
-        # runs cost nothing; elsewhere the slot waits for the settled charge (and a paid run is long anyway).
-        if hand_back is not None and self.host.price_per_hour == 0:
+        if hand_back is not None and self._hands_back_early:
             hand_back()
             try:
                 # Two turns of the loop: the launch loop takes the slot and reserves, then the next run's task
