@@ -105,8 +105,8 @@ MAX_RETRY_BACKOFF_S = 300.0
 
 @dataclass
 class _Lease:
-    """A slot lent to one run; it goes back once: when the run's outcome is safe on disk (a free host),
-    or when the run's task ends."""
+    """A slot lent to one run; it goes back once: when the run's outcome is safe on disk (see
+    `Executor._hands_back_early`), or when the run's task ends."""
 
     slot: Slot
     returned: bool = False
@@ -455,9 +455,9 @@ class Executor:
 
     async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int,
                        hand_back: Callable[[], None] | None = None) -> RunResult:
-        """One run, from its ledger row to its recorded outcome. ``hand_back`` returns the slot early: on a
-        free host, once the outcome is decided and in ``outcome.json``, the next run starts while the ledger
-        records this one (for a short run, the record takes about as long as the next launch)."""
+        """One run, from its ledger row to its recorded outcome. ``hand_back`` returns the slot early (see
+        `_hands_back_early`): once the outcome is decided and in ``outcome.json``, the next run starts while the
+        ledger records this one (for a short run, the record takes about as long as the next launch)."""
         arm = self.plan.arm(planned.arm)
         run_id = self.ledger.start_run(
             experiment_id=self.experiment_id,
@@ -506,7 +506,8 @@ class Executor:
                     f"could not start the runner: {exc}", (str(exc)[:300],),
                     transient=exc.transient if isinstance(exc, LaunchFailure) else True,
                 )
-                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, cause)
+                return self._record(self._decide(planned, arm.name, run_id, charge, started, stream, None, False,
+                                                 oom_before, cause))
             self.ledger.set_run_process(run_id, handle.pid or 0, handle.pid_start)
             if handle.workdir is not None:  # its own working copy: tracebacks point there
                 self._workdirs[run_id] = handle.workdir
@@ -515,7 +516,8 @@ class Executor:
             except LaunchFailure as exc:  # the backend lost the run's host mid-run
                 lost = Diagnosis(Failure(exc.failure), f"lost the run's host: {exc}", (str(exc)[:300],),
                                  transient=exc.transient)
-                return self._finish(planned, arm.name, run_id, charge, started, stream, None, False, oom_before, lost)
+                return self._record(self._decide(planned, arm.name, run_id, charge, started, stream, None, False,
+                                                 oom_before, lost))
             decided = self._decide(planned, arm.name, run_id, charge, started, stream, exit_info, timed_out, oom_before)
         except asyncio.CancelledError:
             if handle is not None:
@@ -573,22 +575,6 @@ class Executor:
         await handle.reap_strays()
         await consumer
         return exit_info, timed_out
-
-    def _finish(
-        self,
-        planned: PlannedRun,
-        arm: str,
-        run_id: int,
-        charge: int,
-        started: float,
-        stream: _RunStream,
-        exit_info: ExitInfo | None,
-        timed_out: bool,
-        oom_before: int | None,
-        diagnosis: Diagnosis | None = None,
-    ) -> RunResult:
-        return self._record(self._decide(planned, arm, run_id, charge, started, stream, exit_info, timed_out,
-                                         oom_before, diagnosis))
 
     def _decide(
         self,
