@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # each command imports what it uses: the spec's models, the p
     from ratiocinator.check.readiness import Readiness
     from ratiocinator.report.publish import ReportFiles
     from ratiocinator.spec.models import LoadedSpec
-    from ratiocinator.store.ledger import Ledger
+    from ratiocinator.store.ledger import Ledger, RunRow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Autonomous ML research: spec → arms → budgeted runs → ledger → report.")
@@ -49,6 +49,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 MAX_MISMATCHES_SHOWN = 50
 RUNS_METRICS_SHOWN = 6
+# `status` of a bigger study lists its running runs, its latest failures and its latest runs, up to this many
+# rows (a table of 10,000 runs takes seconds to lay out and scrolls past what matters); `runs` lists every run.
+STATUS_RUNS_SHOWN = 50
+STATUS_FAILURES_SHOWN = 20
 
 
 class _State:
@@ -499,11 +503,13 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
     metrics = ledger.run_metrics(exp.id)
     runs = ledger.runs(exp.id)
 
+    listed = _status_runs(runs)
+
     def runs_table(label: Callable[[str], str]) -> Table:
         table = Table(box=None, pad_edge=False)
         for col in ("run", "arm", "rep", "try", "status", goal or "goal", "time", "why"):
             table.add_column(col, overflow="fold" if col == "arm" else "ellipsis")
-        for r in runs:
+        for r in listed:
             value, finite = metrics.get(r.id, {}).get(goal, (None, True)) if goal else (None, True)
             shown = "-" if goal not in metrics.get(r.id, {}) else (f"{value:.6g}" if finite else "non-finite")
             color = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red", RunStatus.RUNNING: "cyan",
@@ -517,12 +523,32 @@ def status(experiment: Annotated[str | None, typer.Argument(help="experiment id,
                           shown, f"{r.duration_s:.1f}s" if r.duration_s is not None else "-", escape(why[:100]))
         return table
 
-    print_fitted(out, runs_table, {r.arm for r in runs}, wide=wide)
-    classes = Counter(r.failure for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED and r.failure)
+    print_fitted(out, runs_table, {r.arm for r in listed}, wide=wide)
+    if len(listed) < len(runs):
+        counts = Counter(r.status for r in runs)
+        out.print(f"{len(runs):,} runs: " + ", ".join(f"{n:,} {name}" for name, n in counts.most_common())
+                  + f"; {len(runs) - len(listed):,} not shown here (`ratiocinator runs {exp.id}` lists every one)",
+                  markup=False)
+    classes = Counter(r.failure for r in runs if r.status == RunStatus.FAILED and r.failure)
     if classes:
-        retried = sum(r.transient for r in ledger.runs(exp.id) if r.status == RunStatus.FAILED)
+        retried = sum(r.transient for r in runs if r.status == RunStatus.FAILED)
         out.print("failures by class: " + ", ".join(f"{name} {n}" for name, n in classes.most_common())
                   + (f" ({retried} transient, retried)" if retried else ""), markup=False)
+
+
+def _status_runs(runs: list[RunRow]) -> list[RunRow]:
+    """The runs `status` lists, in run order: all of them up to `STATUS_RUNS_SHOWN`; past that, every running
+    run, then the latest failures (up to `STATUS_FAILURES_SHOWN`), then the latest runs, up to the limit."""
+    if len(runs) <= STATUS_RUNS_SHOWN:
+        return runs
+    keep = {r.id for r in runs if r.status == RunStatus.RUNNING}
+    failures = [r.id for r in reversed(runs) if r.status == RunStatus.FAILED]
+    keep.update(failures[:max(0, min(STATUS_FAILURES_SHOWN, STATUS_RUNS_SHOWN - len(keep)))])
+    for r in reversed(runs):
+        if len(keep) >= STATUS_RUNS_SHOWN:
+            break
+        keep.add(r.id)
+    return [r for r in runs if r.id in keep]
 
 
 @app.command()
