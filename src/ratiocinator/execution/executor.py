@@ -272,7 +272,8 @@ class Executor:
                     break
                 assert slot is not None
                 lease = _Lease(slot)
-                task = asyncio.create_task(self._run_one(planned, slot, stop, functools.partial(hand_back, lease)))
+                early = functools.partial(hand_back, lease) if self._hands_back_early else None
+                task = asyncio.create_task(self._run_one(planned, slot, stop, early))
                 live += 1
                 task.add_done_callback(functools.partial(ended, planned=planned, lease=lease))
                 launched.append(task)
@@ -455,9 +456,10 @@ class Executor:
 
     async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int,
                        hand_back: Callable[[], None] | None = None) -> RunResult:
-        """One run, from its ledger row to its recorded outcome. ``hand_back`` returns the slot early (see
-        `_hands_back_early`): once the outcome is decided and in ``outcome.json``, the next run starts while the
-        ledger records this one (for a short run, the record takes about as long as the next launch)."""
+        """One run, from its ledger row to its recorded outcome. ``hand_back``, where given (see
+        `_hands_back_early`), returns the slot early: once the outcome is decided and in ``outcome.json``, the
+        next run starts while the ledger records this one (for a short run, the record takes about as long as
+        the next launch)."""
         arm = self.plan.arm(planned.arm)
         run_id = self.ledger.start_run(
             experiment_id=self.experiment_id,
@@ -529,7 +531,7 @@ class Executor:
                 await asyncio.shield(handle.cancel(grace_s=2.0))
             self._interrupted(run_id, charge, stream, started, f"stopped: {exc.message}")
             raise
-        if hand_back is not None and self._hands_back_early:
+        if hand_back is not None:
             hand_back()
             try:
                 # Two turns of the loop: the launch loop takes the slot and reserves, then the next run's task

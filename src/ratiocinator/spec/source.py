@@ -41,8 +41,8 @@ _LIBYAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that keeps the node tree so marks survive construction, and whose constructors'
-    own failures (a malformed ``!!timestamp``, an integer past Python's digit limit) carry the line."""
+    """Builds the data from a composed node tree (see `_LIBYAML`); its constructors' own failures (a malformed
+    ``!!timestamp``, an integer past Python's digit limit) carry the node's line."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
