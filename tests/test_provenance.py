@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -41,6 +42,10 @@ def test_the_runs_environment_is_read_with_their_own_interpreter(tmp_path: Path)
     assert found is not None
     assert found["python"] == platform.python_version() and found["implementation"] == "CPython"
     assert f"numpy=={np.__version__}" in found["packages"] and len(found["freeze_sha256"]) == 64
+    # Read from each distribution's metadata headers: the same list its full parse gives.
+    parsed = {f"{d.metadata['Name'].lower()}=={d.version}" for d in importlib.metadata.distributions()
+              if d.metadata['Name']}
+    assert found["packages"] == sorted(parsed)
     assert found["requirements"] == {"numpy": np.__version__, "not-installed-pkg": None}
     assert requirement_names(tmp_path / "missing.txt") == []
     assert probe_environment(tmp_path, {"PATH": str(tmp_path)}, None) is None  # no interpreter: nothing recorded

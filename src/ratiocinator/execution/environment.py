@@ -22,10 +22,20 @@ from typing import Any
 PROBE_TIMEOUT_S = 60.0
 
 # Runs inside the runs' interpreter on the runs' host: standard library only (the GPU from nvidia-smi there).
+# Each distribution's name and version come from its metadata's header lines: `Distribution.metadata` parses
+# the whole file (long descriptions and all) as an email message, three times the CPU in a big environment.
 PROBE = r"""# ratiocinator environment probe
 import hashlib, importlib.metadata as md, json, platform, re, shutil, subprocess, sys
-packages = sorted({f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in md.distributions()
-                   if d.metadata['Name']})
+def name_version(dist):
+    fields = {}
+    for line in (dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "").splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        if key in ("Name", "Version") and key not in fields:
+            fields[key] = value.strip()
+    return fields.get("Name"), fields.get("Version")
+packages = sorted({f"{name.lower()}=={version}" for name, version in map(name_version, md.distributions()) if name})
 found = {
     "python": platform.python_version(), "implementation": platform.python_implementation(),
     "platform": f"{platform.system()} {platform.release()} {platform.machine()}", "node": platform.node(),
