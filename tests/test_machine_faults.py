@@ -17,7 +17,7 @@ import pytest
 
 from conftest import Study
 from ratiocinator.backends.local import LocalBackend
-from ratiocinator.execution.executor import RunOutcome
+from ratiocinator.execution.outcomes import RunOutcome
 from ratiocinator.pipeline import Research, reconcile
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store.ledger import Ledger

@@ -160,7 +160,7 @@ def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_pe
     """Runs left ``running`` by a dead orchestrator: a run that finished but whose record the ledger could not
     take (a full disk) is recorded from its ``outcome.json``; the others' leftovers are killed, and they are
     marked interrupted (to run again); money is settled. Returns how many will run again."""
-    from ratiocinator.execution.executor import RunOutcome
+    from ratiocinator.execution.outcomes import RunOutcome
 
     count = 0
     now = time.time()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ratiocinator.backends.base import (
     Backend,
@@ -40,6 +39,7 @@ from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_gi
 from ratiocinator.execution.contract import runner_environment
 from ratiocinator.execution.failures import Diagnosis, Failure, LogExcerpt, RunEvidence, diagnose
 from ratiocinator.execution.metrics import LineSplitter, MetricParser, MetricSummary, PointBatch, make_parser
+from ratiocinator.execution.outcomes import RunOutcome
 from ratiocinator.planning.plan import Plan, PlannedRun
 from ratiocinator.spec.models import LoadedSpec
 from ratiocinator.store.budget import Budget, run_cost
@@ -646,49 +646,6 @@ class _Decided:
     result: RunResult
     outcome: RunOutcome
     points: PointBatch
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """A finished run's terminal record, also kept as ``outcome.json`` in its run directory: when the
-    ledger cannot take it (a full disk), a resume records it from there instead of running it again."""
-
-    status: str
-    failure: str | None
-    reason: str
-    exit_code: int | None
-    signal: int | None
-    final: dict[str, float]
-    counts: dict[str, int]
-    cost: float
-    ended_at: float
-    charge: int
-    evidence: dict[str, Any]
-    transient: bool
-
-    FILE = "outcome.json"
-
-    def ledger_fields(self) -> dict[str, Any]:
-        return {"status": self.status, "failure": self.failure, "reason": self.reason, "exit_code": self.exit_code,
-                "signal": self.signal, "final": self.final, "counts": self.counts, "cost": self.cost,
-                "ended_at": self.ended_at, "evidence": self.evidence, "transient": self.transient}
-
-    def save(self, run_dir: Path) -> None:
-        """Write it atomically; a disk too full for even this leaves the run to be run again on resume."""
-        tmp = run_dir / (self.FILE + ".tmp")
-        try:
-            tmp.write_text(json.dumps(vars(self), default=str, allow_nan=True))  # its fields hold plain data
-            os.replace(tmp, run_dir / self.FILE)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunOutcome | None:
-        try:
-            data = json.loads((run_dir / cls.FILE).read_text())
-            return cls(**data)
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 def _drain(queue: asyncio.Queue[PlannedRun | _Wake]) -> list[PlannedRun | _Wake]:
