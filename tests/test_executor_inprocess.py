@@ -19,6 +19,7 @@ from conftest import Study
 from memory_backend import Launch, MemoryBackend, Script, metrics
 from ratiocinator.backends.base import LaunchFailure, Workspace
 from ratiocinator.execution import executor as executor_module
+from ratiocinator.execution import outcomes
 from ratiocinator.execution.executor import ExecutionSummary, Executor
 from ratiocinator.planning.plan import Plan, PlannedRun, plan_iteration
 from ratiocinator.spec.models import LoadedSpec, load_spec
@@ -329,7 +330,7 @@ def test_cancelling_the_executor_marks_live_runs_interrupted(rig) -> None:
 @pytest.mark.parametrize("price", [0.0, 36.0])
 def test_a_free_host_starts_the_next_run_before_recording_the_last(rig, monkeypatch: pytest.MonkeyPatch,
                                                                    price: float) -> None:
-    """The slot goes back once a run's outcome is decided and in its outcome.json, so on a free host the next
+    """The slot goes back once a run's outcome is decided and in the outcome journal, so on a free host the next
     run starts while the ledger records the last; on a paid host the last charge is settled first, and the
     next reservation sees it."""
     r = rig(MemoryBackend(Script(stdout=[metrics(score=1.0)])), factors={"K": [1, 2, 3]}, concurrency=1,
@@ -341,7 +342,7 @@ def test_a_free_host_starts_the_next_run_before_recording_the_last(rig, monkeypa
     finish_run = r.ledger.finish_run
 
     def recording(run_id: int, **fields: object) -> None:
-        assert (r.study.home / "runs" / "exp" / str(run_id) / "outcome.json").is_file()
+        assert run_id in outcomes.kept(r.study.home / "runs" / "exp")
         launches_when_recorded.append(len(r.backend.launches))
         finish_run(run_id, **fields)
 

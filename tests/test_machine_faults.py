@@ -7,6 +7,7 @@ The read-only and full-disk cases mount a small tmpfs (root only; skipped elsewh
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import Study
 from ratiocinator.backends.local import LocalBackend
-from ratiocinator.execution.outcomes import RunOutcome
+from ratiocinator.execution import outcomes
 from ratiocinator.pipeline import Research, reconcile
 from ratiocinator.spec.models import load_spec
 from ratiocinator.store.ledger import Ledger
@@ -109,7 +110,7 @@ def test_a_full_disk_is_a_clear_error_and_a_finished_run_never_runs_again(
 
 
 @pytest.mark.latex
-def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_its_outcome_file(
+def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_the_outcome_journal(
         study: Study, tmp_path: Path) -> None:
     spec, env = _study(study, tmp_path)
     os.environ["INVOCATION_LOG"] = env["INVOCATION_LOG"]
@@ -121,7 +122,7 @@ def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_its_outcome_
     ledger = study.ledger()
     exp = ledger.experiments()[-1]
     run = ledger.runs(exp.id)[0]
-    recorded = RunOutcome.load(Path(run.log_dir))
+    recorded = outcomes.kept(Path(run.log_dir).parent).get(run.id)
     assert recorded is not None and recorded.status == run.status and recorded.final["score"] == 1
     # As if the disk had refused the completion: the ledger still says running.
     ledger.db.execute("UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?", (run.id,))
@@ -131,6 +132,15 @@ def test_a_run_whose_completion_the_ledger_refused_is_recorded_from_its_outcome_
     fixed = ledger.run(run.id)
     assert fixed.status == "succeeded" and ledger.run_metrics(exp.id)[run.id]["score"][0] == 1
     assert any(e["kind"] == "recovered" for e in ledger.events(exp.id))
+    # A study an earlier version left so kept the outcome in the run's folder: it is recorded from there.
+    journal = Path(run.log_dir).parent / outcomes.JOURNAL
+    legacy = next(json.loads(line) for line in journal.read_text().splitlines() if json.loads(line)["run_id"] == run.id)
+    del legacy["run_id"]
+    journal.unlink()
+    (Path(run.log_dir) / outcomes.LEGACY_FILE).write_text(json.dumps(legacy))
+    ledger.db.execute("UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?", (run.id,))
+    assert reconcile(ledger, LocalBackend(study.home), ledger.experiment(exp.id), 0.0, 30) == 0
+    assert ledger.run(run.id).status == "succeeded"
 
 
 @pytest.mark.subprocess

@@ -133,5 +133,5 @@ def _read_only_fs(path: str) -> bool:
 
 _HOME_HINT = ("make the home writable (chmod/chown it, or remount it read-write) or pass another --home;"
               " what is recorded stays as it is, and the same command resumes")
-_FULL_HINT = ("free some space and run the same command again: finished runs are kept (their outcome is also in"
-              " each run's outcome.json) and nothing recorded is lost")
+_FULL_HINT = ("free some space and run the same command again: finished runs are kept (their outcomes are also in"
+              " runs/<experiment>/outcomes.jsonl) and nothing recorded is lost")

@@ -158,18 +158,24 @@ def experiment_lock(path: Path) -> Iterator[None]:
 
 def reconcile(ledger: Ledger, backend: Backend, experiment: Experiment, price_per_hour: float, timeout_s: float) -> int:
     """Runs left ``running`` by a dead orchestrator: a run that finished but whose record the ledger could not
-    take (a full disk) is recorded from its ``outcome.json``; the others' leftovers are killed, and they are
-    marked interrupted (to run again); money is settled. Returns how many will run again."""
-    from ratiocinator.execution.outcomes import RunOutcome
+    take (a full disk) is recorded from the experiment's outcome journal; the others' leftovers are killed, and
+    they are marked interrupted (to run again); money is settled. Returns how many will run again."""
+    from ratiocinator.execution import outcomes
 
     count = 0
     now = time.time()
+    journals: dict[Path, dict[int, outcomes.RunOutcome]] = {}  # runs folder -> the outcomes it keeps
     for run in ledger.runs(experiment.id, status=RunStatus.RUNNING):
-        finished = RunOutcome.load(Path(run.log_dir)) if run.log_dir else None
+        finished = None
+        if run.log_dir:
+            run_dir = Path(run.log_dir)
+            if run_dir.parent not in journals:
+                journals[run_dir.parent] = outcomes.kept(run_dir.parent)
+            finished = journals[run_dir.parent].get(run.id) or outcomes.kept_in_run_folder(run_dir)
         if finished is not None:
             ledger.finish_run(run.id, settle_charge=finished.charge, **finished.ledger_fields())
             ledger.event(experiment.id, "recovered", f"run {run.id} finished ({finished.status}) before the"
-                         " orchestrator could record it; recorded from its outcome.json", run_id=run.id)
+                         " orchestrator could record it; recorded from the outcome it left", run_id=run.id)
             continue
         killed = backend.kill_orphan(run.pid, run.pid_start) if run.pid else False
         elapsed = now - run.started_at

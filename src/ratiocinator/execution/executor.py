@@ -35,6 +35,7 @@ from ratiocinator.backends.base import (
     Workspace,
 )
 from ratiocinator.errors import BackendError, BudgetError, CredentialsError
+from ratiocinator.execution import outcomes
 from ratiocinator.execution.capacity import SlotPool, expected_wait_s, should_give_back
 from ratiocinator.execution.contract import runner_environment
 from ratiocinator.execution.failures import Diagnosis, Failure, LogExcerpt, RunEvidence, diagnose
@@ -457,7 +458,7 @@ class Executor:
     async def _run_one(self, planned: PlannedRun, slot: Slot, charge: int,
                        hand_back: Callable[[], None] | None = None) -> RunResult:
         """One run, from its ledger row to its recorded outcome. ``hand_back``, where given (see
-        `_hands_back_early`), returns the slot early: once the outcome is decided and in ``outcome.json``, the
+        `_hands_back_early`), returns the slot early: once the outcome is decided and in the outcome journal, the
         next run starts while the ledger records this one (for a short run, the record takes about as long as
         the next launch)."""
         arm = self.plan.arm(planned.arm)
@@ -591,8 +592,9 @@ class Executor:
         oom_before: int | None,
         diagnosis: Diagnosis | None = None,
     ) -> _Decided:
-        """The run's outcome, diagnosed, kept in ``outcome.json`` (from there a resume records it should the
-        orchestrator die before the ledger does) and counted for the early stop; not yet in the ledger."""
+        """The run's outcome, diagnosed, kept in the experiment's outcome journal (from there a resume records
+        it should the orchestrator die before the ledger does) and counted for the early stop; not yet in the
+        ledger."""
         stream.close()
         leftover = stream.drain()
         ended = time.time()
@@ -621,7 +623,7 @@ class Executor:
             final=dict(final), counts=dict(stream.summary.counts), cost=cost, ended_at=ended, charge=charge,
             evidence=diagnosis.to_json() if failure else {}, transient=diagnosis.transient,
         )
-        outcome.save(self.runs_dir / str(run_id))  # survives a ledger write the disk refuses (see `reconcile`)
+        outcomes.keep(self.runs_dir, run_id, outcome)  # survives a ledger write the disk refuses (see `reconcile`)
         value = final.get(goal)
         result = RunResult(run_id, arm, planned.replicate, status, failure, diagnosis.reason,
                            value if value is not None and math.isfinite(value) and not failure else None,
