@@ -8,6 +8,7 @@ repository. Each test takes well under a second.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -100,6 +101,21 @@ def rig(study: Study):
     yield make
     for r in made:
         r.ledger.close()
+
+
+def test_the_collector_leaves_out_what_existed_before_the_runs_only_while_they_run(rig) -> None:
+    """What existed before the runs (the CLI, every library) is left out of full collections while runs run,
+    and collected as before afterwards: a Python caller's process is left as it was."""
+    frozen: list[int] = []
+
+    def script(launch: Launch) -> Script:
+        frozen.append(gc.get_freeze_count())
+        return Script(stdout=[metrics(score=1.0)])
+
+    r = rig(MemoryBackend(script), factors={"K": [1, 2]})
+    gc.unfreeze()  # as in a caller that never froze anything
+    r.run()
+    assert len(frozen) == 2 and min(frozen) > 1000 and gc.get_freeze_count() == 0
 
 
 def _steps(launch: Launch) -> Script:
