@@ -189,6 +189,41 @@ def _acquire_only(backend: VastBackend, spec: Path, study: Study) -> tuple[Ledge
     return ledger, exp.id
 
 
+def test_arrivals_stopped_twice_at_once_are_noted_once(vast: VastServer, study: Study) -> None:
+    """A second stop while the first is still cancelling (its rentals destroying what they rented) finds
+    nothing coming: one `arrivals_stopped` event, and a replenish would not count those instances."""
+    import asyncio
+
+    from ratiocinator.pipeline import open_experiment
+
+    backend = VastBackend(study.home, settings=VastSettings(base_url=vast.url), api_key=API_KEY)
+    ledger = study.ledger()
+    loaded = load_spec(_spec(study))
+    exp, _ = open_experiment(ledger, loaded, new=True)
+    backend.attach(Budget(ledger, exp.id, loaded.spec.max_dollars))
+
+    async def renting() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # destroying what it rented
+            raise
+
+    async def go() -> tuple[int, int]:
+        backend._arrivals[asyncio.create_task(renting())] = 2
+        await asyncio.sleep(0)
+        before = backend.arriving()
+        first = asyncio.create_task(backend.stop_arrivals("no work left"))
+        await asyncio.sleep(0.05)
+        during = backend.arriving()
+        await asyncio.gather(first, backend.stop_arrivals("no work left"))
+        return before, during
+
+    assert asyncio.run(go()) == (2, 0)
+    (stopped,) = _events(ledger, exp.id, "arrivals_stopped")
+    assert stopped["data"]["instances"] == 2
+
+
 def test_boot_timeout_destroys_the_instance(sshd: Sshd, vast: VastServer, study: Study) -> None:
     vast.fake.boot_s = math.inf
     backend = _backend(vast, sshd, study, boot_timeout_s=1.0)

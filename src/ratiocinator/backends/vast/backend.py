@@ -694,7 +694,8 @@ class VastBackend(Backend, ElasticCapacity, InstanceDeadlines):
             raise
 
     def arriving(self) -> int:
-        return sum(n for task, n in self._arrivals.items() if not task.done())
+        """Instances still coming up; a rental being cancelled (destroying what it rented) brings none."""
+        return sum(n for task, n in self._arrivals.items() if not task.done() and not task.cancelling())
 
     async def stop_arrivals(self, why: str) -> None:
         coming = self.arriving()
