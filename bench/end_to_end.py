@@ -14,7 +14,9 @@ the PDF when pdflatex is installed (nothing changed, so that build can be skippe
 ``validate`` and ``status`` are timed beside the bare interpreter starting.
 
 Optuna (in-memory storage) and Hydra (joblib launcher) run the same arms when they are
-installed; they are optional peers, never installed by the project's test extra.
+installed; they are optional peers, never installed by the project's test extra. A bare asyncio
+driver (each arm spawned with its pipes and read to its end, nothing kept) always runs too: the
+floor of any orchestrator built on an asyncio event loop.
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ def objective(trial):
     return float(out.split("METRICS:")[1].split(":")[1].strip(" }\\n"))
 study = optuna.create_study(sampler=optuna.samplers.GridSampler({"K": list(range(arms))}))
 study.optimize(objective, n_trials=arms, n_jobs=jobs)
+"""
+
+# The floor of any asyncio orchestrator: each arm spawned with its pipes and read to the end; nothing is kept.
+ASYNCIO_DRIVER = """
+import asyncio, os, subprocess, sys
+arms, jobs, script = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+async def main():
+    gate = asyncio.Semaphore(jobs)
+    async def one(k):
+        async with gate:
+            proc = await asyncio.create_subprocess_exec(sys.executable, script, env={**os.environ, "K": str(k)},
+                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, _ = await proc.communicate()
+            return float(out.decode().split("METRICS:")[1].split(":")[1].strip(" }\\n"))
+    await asyncio.gather(*(one(k) for k in range(arms)))
+asyncio.run(main())
 """
 
 HYDRA_APP = """
@@ -147,13 +165,22 @@ def xargs(repo: Path, arms: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def optuna_time(root: Path, arms: int, concurrency: int) -> float:
-    driver = root / "optuna_driver.py"
-    driver.write_text(OPTUNA_DRIVER)
+def driver_time(root: Path, source: str, arms: int, concurrency: int) -> float:
+    """A driver script's wall time: it is given the arm count, the concurrency and the arm's script."""
+    driver = root / "driver.py"
+    driver.write_text(source)
     started = time.perf_counter()
     subprocess.run([sys.executable, str(driver), str(arms), str(concurrency), str(root / "repo" / "noop_arm.py")],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def optuna_time(root: Path, arms: int, concurrency: int) -> float:
+    return driver_time(root, OPTUNA_DRIVER, arms, concurrency)
+
+
+def asyncio_time(root: Path, arms: int, concurrency: int) -> float:
+    return driver_time(root, ASYNCIO_DRIVER, arms, concurrency)
 
 
 def hydra_time(root: Path, arms: int, concurrency: int) -> float:
@@ -184,13 +211,14 @@ class Result:
 
 def bench_end_to_end(arms: int, concurrency: int, rounds: int, *, time_report: bool) -> Result:
     """`rounds` alternating rounds of xargs then research (then the peers); medians of each."""
-    peers = [name for name, check in (("Optuna in-memory", installed("optuna")),
-                                      ("Hydra joblib", installed("hydra", "hydra_plugins.hydra_joblib_launcher")))
-             if check]
+    timers = {name: timer for name, timer, present in (
+        ("bare asyncio loop", asyncio_time, True),
+        ("Optuna in-memory", optuna_time, installed("optuna")),
+        ("Hydra joblib", hydra_time, installed("hydra", "hydra_plugins.hydra_joblib_launcher"))) if present}
     xs: list[float] = []
     ours: list[Phases] = []
     startup_cached: list[float] = []
-    theirs: dict[str, list[float]] = {name: [] for name in peers}
+    theirs: dict[str, list[float]] = {name: [] for name in timers}
     report_no_pdf: list[float] = []
     report_pdf: list[float] = []
     for _ in range(rounds):
@@ -202,10 +230,8 @@ def bench_end_to_end(arms: int, concurrency: int, rounds: int, *, time_report: b
             if ok != arms:
                 raise SystemExit(f"only {ok} of {arms} no-op runs succeeded")
             ours.append(phases)
-            if "Optuna in-memory" in theirs:
-                theirs["Optuna in-memory"].append(optuna_time(root, arms, concurrency))
-            if "Hydra joblib" in theirs:
-                theirs["Hydra joblib"].append(hydra_time(root, arms, concurrency))
+            for name, times in theirs.items():
+                times.append(timers[name](root, arms, concurrency))
             if time_report:
                 report_no_pdf.append(report_alone(root / "home", pdf=False))
                 if shutil.which("pdflatex"):
