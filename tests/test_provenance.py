@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -34,6 +34,13 @@ def test_a_local_repository_is_named_by_its_remote_without_credentials(tmp_path:
     assert public_url("git@example.org:lab/study.git") == "git@example.org:lab/study.git"
 
 
+FULL_PARSE = """
+import importlib.metadata as md, json
+print(json.dumps(sorted({f"{d.metadata['Name'].lower()}=={d.version}" for d in md.distributions()
+                         if d.metadata['Name']})))
+"""
+
+
 @pytest.mark.subprocess
 def test_the_runs_environment_is_read_with_their_own_interpreter(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("# pinned\nnumpy>=1.20  # arrays\n-r other.txt\nnot-installed-pkg==1\n")
@@ -42,10 +49,10 @@ def test_the_runs_environment_is_read_with_their_own_interpreter(tmp_path: Path)
     assert found is not None
     assert found["python"] == platform.python_version() and found["implementation"] == "CPython"
     assert f"numpy=={np.__version__}" in found["packages"] and len(found["freeze_sha256"]) == 64
-    # Read from each distribution's metadata headers: the same list its full parse gives.
-    parsed = {f"{d.metadata['Name'].lower()}=={d.version}" for d in importlib.metadata.distributions()
-              if d.metadata['Name']}
-    assert found["packages"] == sorted(parsed)
+    # Read from each distribution's metadata headers: the same list a full parse of each file gives there.
+    parsed = subprocess.run(["python", "-c", FULL_PARSE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            check=True).stdout
+    assert found["packages"] == json.loads(parsed)
     assert found["requirements"] == {"numpy": np.__version__, "not-installed-pkg": None}
     assert requirement_names(tmp_path / "missing.txt") == []
     assert probe_environment(tmp_path, {"PATH": str(tmp_path)}, None) is None  # no interpreter: nothing recorded
