@@ -65,7 +65,8 @@ from test_outcome_journal import outcome
 from ratiocinator.execution import outcomes
 folder = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
-resource.setrlimit(resource.RLIMIT_FSIZE, ((folder / outcomes.JOURNAL).stat().st_size + 20, resource.RLIM_INFINITY))
+limit = (folder / outcomes.JOURNAL).stat().st_size + 20
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 outcomes.keep(folder, 2, outcome())  # 20 bytes of its line fit
 outcomes.keep(folder, 3, outcome())  # nothing fits
 """

@@ -4,9 +4,9 @@ instead of being run again.
 
 They are appended to one journal per experiment, ``runs/<experiment>/outcomes.jsonl``, a JSON line per
 run. A file per run cost a create and a rename: 0.2-0.3 ms of kernel time a run on some file systems (ext4
-on a VM), as much as the rest of a run's files, where an append to a file that exists costs 8 µs. A write
-that returned is in the kernel's hands, so a ``kill -9`` loses none; a line torn by a crash of the machine
-(or a full disk) is skipped when read, and the next append starts on a new line.
+on a VM), where an append to a file that exists costs 8 µs. A write that returned is in the kernel's hands,
+so a ``kill -9`` loses none; a line torn by a crash of the machine (or a full disk) is skipped when read,
+and the next append starts on a new line.
 """
 
 from __future__ import annotations
