@@ -129,16 +129,17 @@ def print_fitted(console: Console, build: Callable[[Callable[[str], str]], Table
 def _print_plain(console: Console, table: Table, build: Callable[[Callable[[str], str]], Table],
                  texts: list[str], *, wide: bool) -> None:
     """``table`` as plain columns two spaces apart, as rich lays out a borderless table whose cells fit."""
-    header, rows = _plain_cells(table)
-    widths, legend = _widths(header, rows), None
+    columns, legend = _plain_columns(table), None
+    widths = [max(map(cell_len, column)) for column in columns]
     if not wide and sum(widths) + 2 * (len(widths) - 1) > console.width:
         abbreviations = KnobAbbreviations.of(texts)
         if abbreviations:
-            header, rows = _plain_cells(build(abbreviations.short))
-            widths, legend = _widths(header, rows), abbreviations.legend() + " (--wide shows full names)"
+            columns = _plain_columns(build(abbreviations.short))
+            widths = [max(map(cell_len, column)) for column in columns]
+            legend = abbreviations.legend() + " (--wide shows full names)"
     justify = [column.justify for column in table.columns]
 
-    def line(cells: list[str]) -> str:
+    def line(cells: tuple[str, ...]) -> str:
         laid = []
         for cell, width, how in zip(cells, widths, justify, strict=True):
             room = width - cell_len(cell)
@@ -146,6 +147,7 @@ def _print_plain(console: Console, table: Table, build: Callable[[Callable[[str]
                         " " * (room // 2) + cell + " " * (room - room // 2) if how == "center" else cell + " " * room)
         return "  ".join(laid).rstrip()
 
+    header, *rows = zip(*columns, strict=True)
     console.print(Text(line(header), style="table.header"), soft_wrap=True)
     console.file.write("".join(line(row) + "\n" for row in rows))
     console.file.flush()
@@ -153,15 +155,10 @@ def _print_plain(console: Console, table: Table, build: Callable[[Callable[[str]
         console.print(legend, markup=False, highlight=False, soft_wrap=False)
 
 
-def _plain_cells(table: Table) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of a table of markup strings, as the text they show."""
+def _plain_columns(table: Table) -> list[list[str]]:
+    """Each column of a table of markup strings, its header first, as the text it shows."""
     def plain(cell: object) -> str:
         text = cell if isinstance(cell, str) else str(cell)
         return Text.from_markup(text).plain if "[" in text else text
 
-    columns = [[plain(cell) for cell in column.cells] for column in table.columns]
-    return [plain(column.header) for column in table.columns], [list(row) for row in zip(*columns, strict=True)]
-
-
-def _widths(header: list[str], rows: list[list[str]]) -> list[int]:
-    return [max(map(cell_len, column)) for column in zip(header, *rows, strict=True)]
+    return [[plain(column.header), *map(plain, column.cells)] for column in table.columns]
